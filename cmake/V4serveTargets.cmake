@@ -1,0 +1,42 @@
+# Helpers that give every v4serve target the same warnings, sanitizers and test registration.
+
+set(V4SERVE_WARNINGS -Wall -Wextra -Wno-unused-parameter -Wno-missing-field-initializers)
+if(V4SERVE_WERROR)
+  list(APPEND V4SERVE_WARNINGS -Werror)
+endif()
+if(CMAKE_CXX_COMPILER_ID STREQUAL "Clang")
+  list(APPEND V4SERVE_WARNINGS -Wthread-safety)
+endif()
+
+if(V4SERVE_SANITIZE)
+  add_compile_options(-fsanitize=${V4SERVE_SANITIZE} -fno-omit-frame-pointer -fno-sanitize-recover=all)
+  add_link_options(-fsanitize=${V4SERVE_SANITIZE})
+endif()
+
+# Applies project warnings to a C++ target (never to generated protobuf code).
+function(v4serve_warnings target)
+  target_compile_options(${target} PRIVATE $<$<COMPILE_LANGUAGE:CXX>:${V4SERVE_WARNINGS}>)
+endfunction()
+
+# v4serve_library(NAME SOURCES ... DEPS ...): one library per top-level folder, public headers at the folder's top.
+function(v4serve_library name)
+  cmake_parse_arguments(ARG "" "" "SOURCES;DEPS;PRIVATE_DEPS" ${ARGN})
+  add_library(${name} STATIC ${ARG_SOURCES})
+  target_include_directories(${name} PUBLIC ${PROJECT_SOURCE_DIR})
+  target_link_libraries(${name} PUBLIC ${ARG_DEPS} PRIVATE ${ARG_PRIVATE_DEPS})
+  v4serve_warnings(${name})
+endfunction()
+
+# v4serve_test(NAME SOURCES ... DEPS ... LABELS ... [TIMEOUT s]): a GoogleTest binary registered with ctest.
+function(v4serve_test name)
+  cmake_parse_arguments(ARG "" "TIMEOUT" "SOURCES;DEPS;LABELS" ${ARGN})
+  add_executable(${name} ${ARG_SOURCES})
+  target_link_libraries(${name} PRIVATE ${ARG_DEPS} GTest::gmock GTest::gtest_main)
+  v4serve_warnings(${name})
+  if(NOT ARG_TIMEOUT)
+    set(ARG_TIMEOUT 300)
+  endif()
+  add_test(NAME ${name} COMMAND ${name})
+  set_tests_properties(${name} PROPERTIES LABELS "${ARG_LABELS}" TIMEOUT ${ARG_TIMEOUT}
+    ENVIRONMENT "V4SERVE_SOURCE_DIR=${PROJECT_SOURCE_DIR};V4SERVE_BINARY_DIR=${PROJECT_BINARY_DIR}")
+endfunction()
