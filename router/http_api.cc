@@ -1,0 +1,81 @@
+#include "router/http_api.h"
+
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "nlohmann/json.hpp"
+#include "services/logging.h"
+#include "services/status_mapping.h"
+
+namespace v4serve::router {
+namespace {
+
+constexpr char kJson[] = "application/json";
+
+}  // namespace
+
+HttpApi::HttpApi(RouterBackend* backend, services::MetricsRegistry* metrics)
+    : backend_(backend),
+      metrics_(metrics),
+      requests_(&prometheus::BuildCounter()
+                     .Name("v4serve_http_requests_total")
+                     .Help("HTTP requests answered by the router, by route and status code.")
+                     .Register(metrics->registry())) {}
+
+void HttpApi::Reply(const HttpRequest& req, HttpResponder& responder, int status,
+                    const std::string& content_type, std::string body) {
+  std::string route = req.path.rfind("/v1/", 0) == 0 || req.path == "/healthz" || req.path == "/readyz" ||
+                              req.path == "/metrics"
+                          ? req.path
+                          : "other";
+  requests_->Add({{"route", route}, {"code", absl::StrCat(status)}}).Increment();
+  responder.Respond(status, content_type, std::move(body));
+}
+
+void HttpApi::ReplyError(const HttpRequest& req, HttpResponder& responder, const absl::Status& status) {
+  int code = services::ToHttpError(status).http_status;
+  // 503 is the normal answer while nothing is served (readiness probes poll it): not a warning.
+  if (code >= 500 && code != 503) {
+    V4LOG(WARNING).With("request_id", req.request_id).With("path", req.path).With("status", status)
+        << "request failed";
+  }
+  Reply(req, responder, code, kJson, services::OpenAiErrorJson(status));
+}
+
+void HttpApi::Handle(HttpRequest req, std::shared_ptr<HttpResponder> responder) {
+  const bool get = req.method == "GET" || req.method == "HEAD";
+  if (req.path == "/healthz" && get) {
+    return Reply(req, *responder, 200, kJson, R"({"status":"ok"})");
+  }
+  if (req.path == "/readyz" && get) {
+    absl::Status ready = backend_->Ready();
+    if (!ready.ok()) return ReplyError(req, *responder, absl::UnavailableError(ready.message()));
+    return Reply(req, *responder, 200, kJson, R"({"status":"ready"})");
+  }
+  if (req.path == "/metrics" && get) {
+    return Reply(req, *responder, 200, "text/plain; version=0.0.4", metrics_->Serialize());
+  }
+  if (req.path == "/v1/models" && get) {
+    nlohmann::json out = {{"object", "list"}, {"data", nlohmann::json::array()}};
+    for (const std::string& id : backend_->ModelIds()) {
+      out["data"].push_back({{"id", id}, {"object", "model"}, {"created", 0}, {"owned_by", "v4serve"}});
+    }
+    return Reply(req, *responder, 200, kJson, out.dump());
+  }
+  if (req.path == "/v1/chat/completions" || req.path == "/v1/completions") {
+    if (req.method != "POST") {
+      return ReplyError(
+          req, *responder,
+          absl::InvalidArgumentError(absl::StrCat(req.path, " accepts POST, not ", req.method)));
+    }
+    absl::Status ready = backend_->Ready();
+    if (!ready.ok()) return ReplyError(req, *responder, absl::UnavailableError(ready.message()));
+    return ReplyError(req, *responder,
+                      absl::UnimplementedError("completions are served once disaggregated serving lands"));
+  }
+  ReplyError(req, *responder,
+             absl::NotFoundError(absl::StrCat("no route for ", req.method, " ", req.path,
+                                              "; see /v1/models, /v1/chat/completions, /v1/completions")));
+}
+
+}  // namespace v4serve::router

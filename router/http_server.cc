@@ -1,0 +1,356 @@
+#include "router/http_server.h"
+
+#include <deque>
+#include <optional>
+#include <utility>
+
+#include "absl/strings/ascii.h"
+#include "absl/strings/str_cat.h"
+#include "absl/synchronization/mutex.h"
+#include "boost/asio.hpp"
+#include "boost/beast/core.hpp"
+#include "boost/beast/http.hpp"
+#include "services/logging.h"
+#include "services/request_id.h"
+#include "services/status_mapping.h"
+
+namespace v4serve::router {
+
+namespace beast = boost::beast;
+namespace http = boost::beast::http;
+namespace net = boost::asio;
+using tcp = boost::asio::ip::tcp;
+
+absl::Status HttpServerOptions::Validate() const {
+  if (port < 0 || port > 65535)
+    return absl::InvalidArgumentError(absl::StrCat("http_port ", port, " out of range"));
+  if (io_threads < 1 || io_threads > 256)
+    return absl::InvalidArgumentError("http_threads must be in [1, 256]");
+  if (max_body_bytes < 1024) return absl::InvalidArgumentError("max_body_bytes must be at least 1024");
+  if (read_timeout <= absl::ZeroDuration())
+    return absl::InvalidArgumentError("http_read_timeout must be positive");
+  return absl::OkStatus();
+}
+
+std::string HttpRequest::Header(const std::string& lower_name) const {
+  auto it = headers.find(lower_name);
+  return it == headers.end() ? std::string() : it->second;
+}
+
+struct HttpServer::Impl {
+  explicit Impl(const HttpServerOptions& o, HttpHandler* h) : options(o), handler(h), acceptor(ioc) {}
+
+  void Accept();
+  void RequestStarted() { in_flight.fetch_add(1); }
+  void RequestEnded() {
+    absl::MutexLock lock(&mu);
+    in_flight.fetch_sub(1);
+  }
+
+  HttpServerOptions options;
+  HttpHandler* handler;
+  net::io_context ioc;
+  tcp::acceptor acceptor;
+  std::vector<std::thread> threads;
+  std::atomic<int> in_flight{0};
+  std::atomic<bool> draining{false};
+  absl::Mutex mu;  // lets FinishInFlight wait on in_flight
+  int port = 0;
+};
+
+namespace {
+
+std::string StatusLine(int status) {
+  return absl::StrCat("HTTP/1.1 ", status, " ",
+                      std::string(http::obsolete_reason(static_cast<http::status>(status))), "\r\n");
+}
+
+class Session : public std::enable_shared_from_this<Session> {
+ public:
+  Session(tcp::socket socket, HttpServer::Impl* server) : stream_(std::move(socket)), server_(server) {}
+
+  void Start() {
+    net::dispatch(stream_.get_executor(), [self = shared_from_this()] { self->DoRead(); });
+  }
+
+  // --- called through Responder, always on the strand ---
+  void Respond(int status, const std::string& content_type, std::string body) {
+    if (ended_) return;
+    ended_ = true;
+    server_->RequestEnded();
+    if (gone_) return Close();
+    std::string out = StatusLine(status);
+    absl::StrAppend(&out, "Content-Type: ", content_type, "\r\nContent-Length: ", body.size(),
+                    "\r\nX-Request-Id: ", request_id_, "\r\n", KeepAliveHeader(), "\r\n");
+    out += body;
+    Enqueue(std::move(out));
+  }
+  void StartStream(int status, const std::string& content_type) {
+    if (ended_ || streaming_) return;
+    streaming_ = true;
+    if (gone_) return;
+    std::string out = StatusLine(status);
+    absl::StrAppend(&out, "Content-Type: ", content_type,
+                    "\r\nCache-Control: no-cache\r\nTransfer-Encoding: chunked\r\nX-Request-Id: ",
+                    request_id_, "\r\n", KeepAliveHeader(), "\r\n");
+    Enqueue(std::move(out));
+  }
+  void Write(std::string chunk) {
+    if (ended_ || !streaming_ || gone_ || chunk.empty()) return;
+    std::string out = absl::StrCat(absl::Hex(chunk.size()), "\r\n");
+    out += chunk;
+    out += "\r\n";
+    Enqueue(std::move(out));
+  }
+  void EndStream() {
+    if (ended_) return;
+    ended_ = true;
+    server_->RequestEnded();
+    if (gone_) return Close();
+    if (!streaming_) StartStream(200, "text/plain");
+    Enqueue("0\r\n\r\n");
+  }
+  void OnClientGone(std::function<void()> callback) {
+    if (gone_) {
+      callback();
+      return;
+    }
+    gone_callbacks_.push_back(std::move(callback));
+  }
+  net::any_io_executor executor() { return stream_.get_executor(); }
+
+ private:
+  std::string KeepAliveHeader() const {
+    return keep_alive_ && !server_->draining.load() ? "Connection: keep-alive\r\n" : "Connection: close\r\n";
+  }
+
+  void DoRead() {
+    if (server_->draining.load()) return Close();
+    parser_.emplace();
+    parser_->body_limit(static_cast<uint64_t>(server_->options.max_body_bytes));
+    parser_->header_limit(64 * 1024);
+    stream_.expires_after(
+        std::chrono::microseconds(absl::ToInt64Microseconds(server_->options.read_timeout)));
+    http::async_read(stream_, buffer_, *parser_,
+                     [self = shared_from_this()](beast::error_code ec, size_t) { self->OnRead(ec); });
+  }
+
+  void OnRead(beast::error_code ec) {
+    if (ec == http::error::end_of_stream || ec == beast::error::timeout ||
+        ec == net::error::operation_aborted) {
+      return Close();
+    }
+    if (ec == http::error::body_limit) {
+      return FailEarly(services::PayloadTooLargeError(absl::StrCat(
+          "request body is larger than the limit of ", server_->options.max_body_bytes, " bytes")));
+    }
+    if (ec) {
+      if (ec == net::error::eof || ec == net::error::connection_reset) return Close();
+      return FailEarly(absl::InvalidArgumentError(absl::StrCat("malformed HTTP request: ", ec.message())));
+    }
+    stream_.expires_never();
+    http::request<http::string_body> msg = parser_->release();
+    HttpRequest req;
+    req.method = std::string(msg.method_string());
+    req.target = std::string(msg.target());
+    req.path = req.target.substr(0, req.target.find('?'));
+    for (const auto& field : msg) {
+      req.headers[absl::AsciiStrToLower(std::string(field.name_string()))] = std::string(field.value());
+    }
+    req.body = std::move(msg.body());
+    std::string given = req.Header("x-request-id");
+    req.request_id = services::IsValidRequestId(given) ? given : services::NewRequestId();
+    request_id_ = req.request_id;
+    keep_alive_ = msg.keep_alive();
+    ended_ = streaming_ = gone_ = false;
+    gone_callbacks_.clear();
+    server_->RequestStarted();
+    WatchForDisconnect();
+    server_->handler->Handle(std::move(req), MakeResponder());
+  }
+
+  // An error found before a handler saw the request: answer it and close the connection.
+  void FailEarly(const absl::Status& status) {
+    request_id_ = services::NewRequestId();
+    keep_alive_ = false;
+    ended_ = true;
+    services::HttpError e = services::ToHttpError(status);
+    std::string body = services::OpenAiErrorJson(status);
+    std::string out = StatusLine(e.http_status);
+    absl::StrAppend(&out, "Content-Type: application/json\r\nContent-Length: ", body.size(),
+                    "\r\nConnection: close\r\n\r\n", body);
+    Enqueue(std::move(out));
+  }
+
+  // While a response is open the client sends nothing (no pipelining from SSE clients); the socket
+  // becoming readable with no bytes means it closed.
+  void WatchForDisconnect() {
+    stream_.socket().async_wait(
+        tcp::socket::wait_read,
+        net::bind_executor(stream_.get_executor(), [self = shared_from_this()](beast::error_code ec) {
+          if (self->ended_ && self->queue_.empty()) return;
+          beast::error_code ignored;
+          if (ec || self->stream_.socket().available(ignored) == 0) self->MarkGone();
+        }));
+  }
+
+  void MarkGone() {
+    if (gone_) return;
+    gone_ = true;
+    std::vector<std::function<void()>> callbacks;
+    callbacks.swap(gone_callbacks_);
+    for (auto& cb : callbacks) cb();
+  }
+
+  void Enqueue(std::string data) {
+    queue_.push_back(std::move(data));
+    if (queue_.size() == 1) WriteFront();
+  }
+
+  void WriteFront() {
+    net::async_write(stream_, net::buffer(queue_.front()),
+                     [self = shared_from_this()](beast::error_code ec, size_t) { self->OnWrite(ec); });
+  }
+
+  void OnWrite(beast::error_code ec) {
+    if (ec) {
+      queue_.clear();
+      MarkGone();
+      return Close();
+    }
+    queue_.pop_front();
+    if (!queue_.empty()) return WriteFront();
+    if (!ended_) return;  // streaming: more chunks will come
+    if (keep_alive_ && !gone_) return DoRead();
+    Close();
+  }
+
+  void Close() {
+    MarkGone();
+    beast::error_code ignored;
+    stream_.socket().shutdown(tcp::socket::shutdown_both, ignored);
+    stream_.socket().close(ignored);
+  }
+
+  std::shared_ptr<HttpResponder> MakeResponder();
+
+  beast::tcp_stream stream_;
+  beast::flat_buffer buffer_;
+  std::optional<http::request_parser<http::string_body>> parser_;
+  HttpServer::Impl* server_;
+  std::deque<std::string> queue_;
+  std::vector<std::function<void()>> gone_callbacks_;
+  std::string request_id_;
+  bool keep_alive_ = false;
+  bool ended_ = true;
+  bool streaming_ = false;
+  bool gone_ = false;
+};
+
+// Forwards to the Session on its strand, so handlers may respond from any thread.
+class SessionResponder : public HttpResponder {
+ public:
+  explicit SessionResponder(std::shared_ptr<Session> s) : session_(std::move(s)) {}
+  ~SessionResponder() override {
+    // A handler that dropped its responder without answering must not leak the request.
+    net::post(session_->executor(), [s = session_] {
+      s->Respond(
+          500, "application/json",
+          services::OpenAiErrorJson(absl::InternalError("the request was dropped without a response")));
+    });
+  }
+  void Respond(int status, const std::string& content_type, std::string body) override {
+    net::post(session_->executor(), [s = session_, status, content_type, body = std::move(body)]() mutable {
+      s->Respond(status, content_type, std::move(body));
+    });
+  }
+  void StartStream(int status, const std::string& content_type) override {
+    net::post(session_->executor(),
+              [s = session_, status, content_type] { s->StartStream(status, content_type); });
+  }
+  void Write(std::string chunk) override {
+    net::post(session_->executor(),
+              [s = session_, chunk = std::move(chunk)]() mutable { s->Write(std::move(chunk)); });
+  }
+  void EndStream() override {
+    net::post(session_->executor(), [s = session_] { s->EndStream(); });
+  }
+  void OnClientGone(std::function<void()> callback) override {
+    net::post(session_->executor(),
+              [s = session_, cb = std::move(callback)]() mutable { s->OnClientGone(std::move(cb)); });
+  }
+
+ private:
+  std::shared_ptr<Session> session_;
+};
+
+std::shared_ptr<HttpResponder> Session::MakeResponder() {
+  return std::make_shared<SessionResponder>(shared_from_this());
+}
+
+}  // namespace
+
+void HttpServer::Impl::Accept() {
+  acceptor.async_accept(net::make_strand(ioc), [this](beast::error_code ec, tcp::socket socket) {
+    if (ec) {
+      if (ec == net::error::operation_aborted || !acceptor.is_open()) return;
+      V4LOG(WARNING).With("error", ec.message()) << "accept failed";
+    } else {
+      socket.set_option(tcp::no_delay(true));
+      std::make_shared<Session>(std::move(socket), this)->Start();
+    }
+    if (!draining.load()) Accept();
+  });
+}
+
+absl::StatusOr<std::unique_ptr<HttpServer>> HttpServer::Start(const HttpServerOptions& options,
+                                                              HttpHandler* handler) {
+  if (absl::Status st = options.Validate(); !st.ok()) return st;
+  auto impl = std::make_unique<Impl>(options, handler);
+  beast::error_code ec;
+  net::ip::address address = net::ip::make_address(options.host, ec);
+  if (ec)
+    return absl::InvalidArgumentError(absl::StrCat("http_host '", options.host, "' is not an IP address"));
+  tcp::endpoint endpoint(address, static_cast<uint16_t>(options.port));
+  impl->acceptor.open(endpoint.protocol(), ec);
+  if (!ec) impl->acceptor.set_option(net::socket_base::reuse_address(true), ec);
+  if (!ec) impl->acceptor.bind(endpoint, ec);
+  if (!ec) impl->acceptor.listen(net::socket_base::max_listen_connections, ec);
+  if (ec) {
+    return absl::UnavailableError(
+        absl::StrCat("cannot listen for HTTP on ", options.host, ":", options.port, ": ", ec.message()));
+  }
+  impl->port = impl->acceptor.local_endpoint().port();
+  impl->Accept();
+  for (int i = 0; i < options.io_threads; ++i) {
+    impl->threads.emplace_back([io = &impl->ioc] { io->run(); });
+  }
+  return std::unique_ptr<HttpServer>(new HttpServer(std::move(impl)));
+}
+
+HttpServer::HttpServer(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+
+HttpServer::~HttpServer() {
+  StopAccepting();
+  impl_->ioc.stop();
+  for (std::thread& t : impl_->threads) t.join();
+}
+
+int HttpServer::port() const { return impl_->port; }
+int HttpServer::in_flight() const { return impl_->in_flight.load(); }
+
+void HttpServer::StopAccepting() {
+  if (impl_->draining.exchange(true)) return;
+  net::post(impl_->acceptor.get_executor(), [impl = impl_.get()] {
+    beast::error_code ignored;
+    impl->acceptor.close(ignored);
+  });
+}
+
+void HttpServer::FinishInFlight(absl::Time deadline) {
+  absl::MutexLock lock(&impl_->mu);
+  auto idle = [impl = impl_.get()] { return impl->in_flight.load() == 0; };
+  impl_->mu.AwaitWithDeadline(absl::Condition(&idle), deadline);
+}
+
+}  // namespace v4serve::router

@@ -1,0 +1,28 @@
+#include "router/router.h"
+#include "services/cli/common.h"
+#include "services/cli/subcommands.h"
+
+namespace v4serve::cli {
+
+int RunRouterCommand(const Context& ctx, const std::vector<std::string>& args) {
+  router::RouterOptions o;
+  o.process.grpc.port = 50051;
+  services::LogOptions log;
+  services::FlagSet flags("v4serve router",
+                          "The front door: OpenAI-compatible HTTP (/v1/chat/completions, /v1/completions, "
+                          "/v1/models, /healthz, /readyz, /metrics) and gRPC Inference.");
+  flags.Add("http_host", &o.http.host, "Address for the HTTP API.");
+  flags.Add("http_port", &o.http.port, "HTTP port; 0 picks a free one (see --ready_file).");
+  flags.Add("http_threads", &o.http.io_threads, "HTTP I/O threads (each serves many connections).");
+  flags.Add("max_body_bytes", &o.http.max_body_bytes, "Largest HTTP request body; larger gets 413.");
+  flags.Add("http_read_timeout", &o.http.read_timeout, "Idle keep-alive and slow-body timeout.");
+  flags.Add("prefill_workers", &o.prefill_workers, "Prefill workers, host:port, comma-separated.");
+  flags.Add("decode_workers", &o.decode_workers, "Decode workers, host:port, comma-separated.");
+  services::AddServerFlags(flags, &o.process);
+  services::AddLogFlags(flags, &log);
+  if (std::optional<int> code = ParseFlags(flags, args)) return *code;
+  if (!SetUpLogging(log, "router")) return 2;
+  return ExitCode(router::RunRouter(o, ctx.shutdown), "router");
+}
+
+}  // namespace v4serve::cli

@@ -1,0 +1,24 @@
+#include "services/worker_options.h"
+
+#include <filesystem>
+
+#include "absl/strings/str_cat.h"
+#include "services/status_macros.h"
+
+namespace v4serve::services {
+
+absl::Status WorkerOptions::Validate() const {
+  if (model_dir.empty()) return absl::InvalidArgumentError("--model: a model directory is required");
+  std::error_code ec;
+  if (!std::filesystem::is_regular_file(std::filesystem::path(model_dir) / "config.json", ec)) {
+    return absl::InvalidArgumentError(absl::StrCat("--model: no config.json in '", model_dir, "'"));
+  }
+  return process.Validate();
+}
+
+void AddWorkerFlags(FlagSet& flags, WorkerOptions* o) {
+  flags.Add("model", &o->model_dir, "Checkpoint directory (config.json, *.safetensors, tokenizer.json).");
+  AddServerFlags(flags, &o->process);
+}
+
+}  // namespace v4serve::services

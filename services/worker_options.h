@@ -1,0 +1,25 @@
+// Options every worker role (prefill, decode) shares, with their flags.
+#ifndef V4SERVE_SERVICES_WORKER_OPTIONS_H_
+#define V4SERVE_SERVICES_WORKER_OPTIONS_H_
+
+#include <string>
+
+#include "absl/status/status.h"
+#include "services/flags.h"
+#include "services/server_process.h"
+
+namespace v4serve::services {
+
+struct WorkerOptions {
+  std::string model_dir;  // a checkpoint directory with config.json
+  ServerProcessOptions process;
+
+  // INVALID_ARGUMENT naming --model when it is empty or has no config.json.
+  absl::Status Validate() const;
+};
+
+void AddWorkerFlags(FlagSet& flags, WorkerOptions* options);
+
+}  // namespace v4serve::services
+
+#endif  // V4SERVE_SERVICES_WORKER_OPTIONS_H_

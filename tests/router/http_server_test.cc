@@ -1,0 +1,166 @@
+#include "router/http_server.h"
+
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+
+#include <thread>
+
+#include "absl/synchronization/mutex.h"
+#include "absl/synchronization/notification.h"
+#include "nlohmann/json.hpp"
+#include "tests/testing/http_client.h"
+
+namespace v4serve::router {
+namespace {
+
+using ::testing::HasSubstr;
+using testing::HttpCall;
+using testing::HttpConnection;
+
+// Answers by path; /hold keeps the responder for the test to finish later.
+class TestHandler : public HttpHandler {
+ public:
+  void Handle(HttpRequest req, std::shared_ptr<HttpResponder> r) override {
+    if (req.path == "/echo") {
+      r->Respond(200, "text/plain", req.method + " " + req.target + " " + req.body);
+    } else if (req.path == "/stream") {
+      r->StartStream(200, "text/event-stream");
+      for (const char* part : {"data: a\n\n", "data: b\n\n", "data: [DONE]\n\n"}) r->Write(part);
+      r->EndStream();
+    } else if (req.path == "/hold") {
+      r->StartStream(200, "text/event-stream");
+      r->OnClientGone([this] { gone.Notify(); });
+      absl::MutexLock lock(&mu);
+      held = r;
+    } else if (req.path == "/drop") {
+      // returns without answering: the server must still answer
+    } else {
+      r->Respond(404, "text/plain", "no");
+    }
+  }
+  std::shared_ptr<HttpResponder> TakeHeld() {
+    absl::MutexLock lock(&mu);
+    mu.Await(absl::Condition(
+        +[](std::shared_ptr<HttpResponder>* h) { return *h != nullptr; }, &held));
+    return std::move(held);
+  }
+  absl::Mutex mu;
+  std::shared_ptr<HttpResponder> held ABSL_GUARDED_BY(mu);
+  absl::Notification gone;
+};
+
+class HttpServerTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    HttpServerOptions o;
+    o.host = "127.0.0.1";
+    o.port = 0;
+    o.max_body_bytes = 1024;
+    auto s = HttpServer::Start(o, &handler_);
+    ASSERT_TRUE(s.ok()) << s.status();
+    server_ = std::move(*s);
+  }
+  TestHandler handler_;
+  std::unique_ptr<HttpServer> server_;
+};
+
+TEST_F(HttpServerTest, KeepAliveServesSeveralRequestsOnOneConnection) {
+  auto conn = HttpConnection::Connect(server_->port());
+  ASSERT_TRUE(conn.ok());
+  for (int i = 0; i < 3; ++i) {
+    auto r = (*conn)->Call("POST", "/echo?i=" + std::to_string(i), "body");
+    ASSERT_TRUE(r.ok()) << r.status();
+    EXPECT_EQ(r->status, 200);
+    EXPECT_EQ(r->body, "POST /echo?i=" + std::to_string(i) + " body");
+    EXPECT_EQ(r->headers["x-request-id"].rfind("req-", 0), 0u);
+  }
+}
+
+TEST_F(HttpServerTest, ValidRequestIdIsEchoed) {
+  auto r = HttpCall(server_->port(), "GET", "/echo", "", {{"X-Request-Id", "client-42"}});
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(r->headers["x-request-id"], "client-42");
+}
+
+TEST_F(HttpServerTest, StreamsChunksInOrder) {
+  auto conn = HttpConnection::Connect(server_->port());
+  ASSERT_TRUE(conn.ok());
+  ASSERT_EQ(*(*conn)->StartRequest("POST", "/stream", "{}"), 200);
+  std::string all;
+  for (int i = 0; i < 100; ++i) {
+    auto chunk = (*conn)->ReadChunk();
+    ASSERT_TRUE(chunk.ok()) << chunk.status();
+    if (chunk->empty()) break;
+    all += *chunk;
+  }
+  EXPECT_EQ(all, "data: a\n\ndata: b\n\ndata: [DONE]\n\n");
+}
+
+TEST_F(HttpServerTest, OversizedBodyGets413InOpenAiFormat) {
+  auto r = HttpCall(server_->port(), "POST", "/echo", std::string(4096, 'x'));
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(r->status, 413);
+  auto j = nlohmann::json::parse(r->body);
+  EXPECT_EQ(j["error"]["code"], "too_large");
+  EXPECT_THAT(j["error"]["message"].get<std::string>(), HasSubstr("1024"));
+}
+
+TEST_F(HttpServerTest, MalformedRequestGets400AndClose) {
+  auto conn = HttpConnection::Connect(server_->port());
+  ASSERT_TRUE(conn.ok());
+  auto raw = (*conn)->SendRaw("NOT HTTP AT ALL\x01\r\n\r\n");
+  ASSERT_TRUE(raw.ok()) << raw.status();
+  EXPECT_THAT(*raw, HasSubstr("HTTP/1.1 400"));
+  EXPECT_THAT(*raw, HasSubstr("invalid_request_error"));
+}
+
+TEST_F(HttpServerTest, DroppedResponderStillAnswers) {
+  auto r = HttpCall(server_->port(), "GET", "/drop");
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(r->status, 500);
+  EXPECT_EQ(server_->in_flight(), 0);
+}
+
+TEST_F(HttpServerTest, ClientDisconnectIsReported) {
+  auto conn = HttpConnection::Connect(server_->port());
+  ASSERT_TRUE(conn.ok());
+  ASSERT_EQ(*(*conn)->StartRequest("POST", "/hold", "{}"), 200);
+  std::shared_ptr<HttpResponder> held = handler_.TakeHeld();
+  EXPECT_EQ(server_->in_flight(), 1);
+  (*conn)->Close();
+  EXPECT_TRUE(handler_.gone.WaitForNotificationWithTimeout(absl::Seconds(10)));
+  held->EndStream();
+  held.reset();
+  server_->FinishInFlight(absl::Now() + absl::Seconds(10));
+  EXPECT_EQ(server_->in_flight(), 0);
+}
+
+TEST_F(HttpServerTest, DrainStopsAcceptingAndWaitsForInFlight) {
+  auto conn = HttpConnection::Connect(server_->port());
+  ASSERT_TRUE(conn.ok());
+  ASSERT_EQ(*(*conn)->StartRequest("POST", "/hold", "{}"), 200);
+  std::shared_ptr<HttpResponder> held = handler_.TakeHeld();
+  server_->StopAccepting();
+  absl::Notification drained;
+  std::thread waiter([&] {
+    server_->FinishInFlight(absl::Now() + absl::Seconds(30));
+    drained.Notify();
+  });
+  EXPECT_FALSE(drained.WaitForNotificationWithTimeout(absl::Milliseconds(100)));
+  auto late = HttpCall(server_->port(), "GET", "/echo", "", {}, absl::Seconds(2));
+  EXPECT_FALSE(late.ok() && late->status == 200) << "a drained server must not take new requests";
+  held->Write("data: last\n\n");
+  held->EndStream();
+  EXPECT_TRUE(drained.WaitForNotificationWithTimeout(absl::Seconds(10)));
+  waiter.join();
+  std::string tail;
+  for (int i = 0; i < 100; ++i) {
+    auto chunk = (*conn)->ReadChunk();
+    if (!chunk.ok() || chunk->empty()) break;
+    tail += *chunk;
+  }
+  EXPECT_THAT(tail, HasSubstr("data: last"));
+}
+
+}  // namespace
+}  // namespace v4serve::router
