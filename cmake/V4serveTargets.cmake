@@ -40,3 +40,24 @@ function(v4serve_test name)
   set_tests_properties(${name} PROPERTIES LABELS "${ARG_LABELS}" TIMEOUT ${ARG_TIMEOUT}
     ENVIRONMENT "V4SERVE_SOURCE_DIR=${PROJECT_SOURCE_DIR};V4SERVE_BINARY_DIR=${PROJECT_BINARY_DIR}")
 endfunction()
+
+# v4serve_fuzz(NAME SOURCES ... DEPS ... [CORPUS dir]): SOURCES define LLVMFuzzerTestOneInput.
+# Always builds NAME_replay, a ctest (label fuzz) that runs the entry point over the seed corpus and a
+# few thousand seeded random mutations of it, so every build exercises the target. With V4SERVE_FUZZ=ON
+# (clang preset) also builds NAME, a libFuzzer binary for long runs (docs/FUZZING.md).
+function(v4serve_fuzz name)
+  cmake_parse_arguments(ARG "" "CORPUS" "SOURCES;DEPS" ${ARGN})
+  add_executable(${name}_replay ${ARG_SOURCES} ${PROJECT_SOURCE_DIR}/tests/testing/fuzz_replay_main.cc)
+  target_link_libraries(${name}_replay PRIVATE ${ARG_DEPS})
+  target_include_directories(${name}_replay PRIVATE ${PROJECT_SOURCE_DIR})
+  v4serve_warnings(${name}_replay)
+  add_test(NAME ${name}_replay COMMAND ${name}_replay ${ARG_CORPUS})
+  set_tests_properties(${name}_replay PROPERTIES LABELS "fuzz;unit" TIMEOUT 300)
+  if(V4SERVE_FUZZ)
+    add_executable(${name} ${ARG_SOURCES})
+    target_link_libraries(${name} PRIVATE ${ARG_DEPS})
+    target_include_directories(${name} PRIVATE ${PROJECT_SOURCE_DIR})
+    target_compile_options(${name} PRIVATE -fsanitize=fuzzer,address,undefined)
+    target_link_options(${name} PRIVATE -fsanitize=fuzzer,address,undefined)
+  endif()
+endfunction()

@@ -27,7 +27,7 @@ FlagSet::FlagSet(std::string command, std::string summary)
 
 void FlagSet::AddFlag(Flag flag) { flags_.push_back(std::move(flag)); }
 
-void FlagSet::Add(std::string name, std::string* target, std::string help) {
+void FlagSet::Add(const std::string& name, std::string* target, std::string help) {
   AddFlag({name, std::move(help), "string", absl::StrCat("\"", *target, "\""), false,
            [target](absl::string_view v) {
              *target = std::string(v);
@@ -35,33 +35,33 @@ void FlagSet::Add(std::string name, std::string* target, std::string help) {
            }});
 }
 
-void FlagSet::Add(std::string name, int* target, std::string help) {
+void FlagSet::Add(const std::string& name, int* target, std::string help) {
   AddFlag({name, std::move(help), "int", absl::StrCat(*target), false, [target, name](absl::string_view v) {
              return absl::SimpleAtoi(v, target) ? absl::OkStatus() : BadValue(name, v, "an integer");
            }});
 }
 
-void FlagSet::Add(std::string name, int64_t* target, std::string help) {
+void FlagSet::Add(const std::string& name, int64_t* target, std::string help) {
   AddFlag({name, std::move(help), "int64", absl::StrCat(*target), false, [target, name](absl::string_view v) {
              return absl::SimpleAtoi(v, target) ? absl::OkStatus() : BadValue(name, v, "an integer");
            }});
 }
 
-void FlagSet::Add(std::string name, double* target, std::string help) {
+void FlagSet::Add(const std::string& name, double* target, std::string help) {
   AddFlag(
       {name, std::move(help), "double", absl::StrCat(*target), false, [target, name](absl::string_view v) {
          return absl::SimpleAtod(v, target) ? absl::OkStatus() : BadValue(name, v, "a number");
        }});
 }
 
-void FlagSet::Add(std::string name, bool* target, std::string help) {
+void FlagSet::Add(const std::string& name, bool* target, std::string help) {
   AddFlag(
       {name, std::move(help), "bool", *target ? "true" : "false", true, [target, name](absl::string_view v) {
          return absl::SimpleAtob(v, target) ? absl::OkStatus() : BadValue(name, v, "true or false");
        }});
 }
 
-void FlagSet::Add(std::string name, absl::Duration* target, std::string help) {
+void FlagSet::Add(const std::string& name, absl::Duration* target, std::string help) {
   AddFlag({name, std::move(help), "duration", absl::FormatDuration(*target), false,
            [target, name](absl::string_view v) {
              return absl::ParseDuration(v, target) ? absl::OkStatus()
@@ -69,7 +69,7 @@ void FlagSet::Add(std::string name, absl::Duration* target, std::string help) {
            }});
 }
 
-void FlagSet::Add(std::string name, std::vector<std::string>* target, std::string help) {
+void FlagSet::Add(const std::string& name, std::vector<std::string>* target, std::string help) {
   AddFlag({name, std::move(help), "list", absl::StrCat("\"", absl::StrJoin(*target, ","), "\""), false,
            [target](absl::string_view v) {
              for (absl::string_view part : absl::StrSplit(v, ',', absl::SkipWhitespace())) {

@@ -23,14 +23,14 @@ class FlagSet {
   // `command` is e.g. "v4serve router"; `summary` one line shown at the top of --help.
   FlagSet(std::string command, std::string summary);
 
-  void Add(std::string name, std::string* target, std::string help);
-  void Add(std::string name, int* target, std::string help);
-  void Add(std::string name, int64_t* target, std::string help);
-  void Add(std::string name, double* target, std::string help);
-  void Add(std::string name, bool* target, std::string help);
-  void Add(std::string name, absl::Duration* target, std::string help);  // e.g. 30s, 500ms, 2m
+  void Add(const std::string& name, std::string* target, std::string help);
+  void Add(const std::string& name, int* target, std::string help);
+  void Add(const std::string& name, int64_t* target, std::string help);
+  void Add(const std::string& name, double* target, std::string help);
+  void Add(const std::string& name, bool* target, std::string help);
+  void Add(const std::string& name, absl::Duration* target, std::string help);  // e.g. 30s, 500ms, 2m
   // Comma-separated list; each occurrence appends.
-  void Add(std::string name, std::vector<std::string>* target, std::string help);
+  void Add(const std::string& name, std::vector<std::string>* target, std::string help);
 
   // Parses args (without the program and subcommand names). Unknown flags, missing or malformed values
   // are INVALID_ARGUMENT naming the flag. Non-flag arguments are collected in positional().
