@@ -12,24 +12,15 @@
 namespace v4serve::router {
 namespace {
 
-// Until worker discovery and health checking land (disaggregated serving), the router knows its workers
-// only from flags and reports that nothing is served without them.
-class StaticWorkers : public RouterBackend {
+// The HTTP and gRPC front ends see the workers through this.
+class PoolBackend : public RouterBackend {
  public:
-  explicit StaticWorkers(const RouterOptions& o) : options_(o) {}
-  absl::Status Ready() const override {
-    if (options_.decode_workers.empty()) {
-      return absl::UnavailableError(
-          "no model is loaded: this router has no decode workers (start `v4serve decode --model DIR` and "
-          "pass "
-          "--decode_workers, or run `v4serve up`)");
-    }
-    return absl::UnavailableError("worker health checking is not available in this build");
-  }
+  explicit PoolBackend(WorkerPool* pool) : pool_(pool) {}
+  absl::Status Ready() const override { return pool_->Ready(); }
   std::vector<std::string> ModelIds() const override { return {}; }
 
  private:
-  const RouterOptions& options_;
+  WorkerPool* pool_;
 };
 
 }  // namespace
@@ -37,21 +28,16 @@ class StaticWorkers : public RouterBackend {
 absl::Status RouterOptions::Validate() const {
   RETURN_IF_ERROR(http.Validate());
   RETURN_IF_ERROR(process.Validate());
-  for (const std::string& w : prefill_workers) {
-    if (w.find(':') == std::string::npos)
-      return absl::InvalidArgumentError(absl::StrCat("prefill_workers: '", w, "' is not host:port"));
-  }
-  for (const std::string& w : decode_workers) {
-    if (w.find(':') == std::string::npos)
-      return absl::InvalidArgumentError(absl::StrCat("decode_workers: '", w, "' is not host:port"));
-  }
-  return absl::OkStatus();
+  RETURN_IF_ERROR(workers.Validate());
+  return MakeRoutingPolicy(routing_policy).status();
 }
 
 absl::Status RunRouter(const RouterOptions& options, services::ShutdownSignal* shutdown) {
   RETURN_IF_ERROR(options.Validate());
   services::MetricsRegistry metrics("router");
-  StaticWorkers backend(options);
+  ASSIGN_OR_RETURN(std::unique_ptr<RoutingPolicy> policy, MakeRoutingPolicy(options.routing_policy));
+  ASSIGN_OR_RETURN(std::unique_ptr<WorkerPool> pool, WorkerPool::Start(options.workers, policy.get()));
+  PoolBackend backend(pool.get());
   HttpApi api(&backend, &metrics);
   InferenceService inference(&backend);
   ASSIGN_OR_RETURN(

@@ -8,6 +8,7 @@
 
 #include "absl/status/status.h"
 #include "router/http_server.h"
+#include "router/worker_pool.h"
 #include "services/server_process.h"
 #include "services/shutdown.h"
 
@@ -16,9 +17,10 @@ namespace v4serve::router {
 struct RouterOptions {
   HttpServerOptions http;
   services::ServerProcessOptions process;
-  // Worker addresses (host:port). Empty means no model is served yet; /readyz says so.
-  std::vector<std::string> prefill_workers;
-  std::vector<std::string> decode_workers;
+  // Worker names (host:port; a DNS name may stand for every pod of a headless Service). With no decode
+  // worker nothing is served; /readyz says so.
+  WorkerPoolOptions workers;
+  std::string routing_policy = "least_loaded";
 
   absl::Status Validate() const;
 };

@@ -16,8 +16,16 @@ int RunRouterCommand(const Context& ctx, const std::vector<std::string>& args) {
   flags.Add("http_threads", &o.http.io_threads, "HTTP I/O threads (each serves many connections).");
   flags.Add("max_body_bytes", &o.http.max_body_bytes, "Largest HTTP request body; larger gets 413.");
   flags.Add("http_read_timeout", &o.http.read_timeout, "Idle keep-alive and slow-body timeout.");
-  flags.Add("prefill_workers", &o.prefill_workers, "Prefill workers, host:port, comma-separated.");
-  flags.Add("decode_workers", &o.decode_workers, "Decode workers, host:port, comma-separated.");
+  flags.Add(
+      "prefill_workers", &o.workers.prefill_targets,
+      "Prefill workers, host:port, comma-separated; a DNS name stands for every address it resolves to.");
+  flags.Add(
+      "decode_workers", &o.workers.decode_targets,
+      "Decode workers, host:port, comma-separated; a DNS name stands for every address it resolves to.");
+  flags.Add("worker_health_interval", &o.workers.health_interval,
+            "How often workers are re-resolved and checked.");
+  flags.Add("worker_health_timeout", &o.workers.health_timeout, "Deadline of one worker health check.");
+  flags.Add("routing_policy", &o.routing_policy, "How a worker is chosen per request: least_loaded.");
   services::AddServerFlags(flags, &o.process);
   services::AddLogFlags(flags, &log);
   if (std::optional<int> code = ParseFlags(flags, args)) return *code;

@@ -1,0 +1,236 @@
+#include "router/openai_request.h"
+
+#include <cmath>
+#include <limits>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "services/status_macros.h"
+
+namespace v4serve::router {
+namespace {
+
+using Json = nlohmann::ordered_json;
+
+absl::Status Bad(const std::string& field, const std::string& why) {
+  return absl::InvalidArgumentError(absl::StrCat(field, ": ", why));
+}
+
+const char* TypeName(const Json& v) {
+  if (v.is_null()) return "null";
+  if (v.is_boolean()) return "a boolean";
+  if (v.is_number()) return "a number";
+  if (v.is_string()) return "a string";
+  if (v.is_array()) return "an array";
+  return "an object";
+}
+
+// Reads an optional number field into `out`, checking [lo, hi].
+absl::Status Number(const Json& body, const char* key, double lo, double hi, float* out) {
+  auto it = body.find(key);
+  if (it == body.end() || it->is_null()) return absl::OkStatus();
+  if (!it->is_number()) return Bad(key, absl::StrCat("must be a number, not ", TypeName(*it)));
+  double v = it->get<double>();
+  if (!std::isfinite(v) || v < lo || v > hi) return Bad(key, absl::StrCat("must be in [", lo, ", ", hi, "]"));
+  *out = static_cast<float>(v);
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::optional<int64_t>> Integer(const Json& body, const char* key, int64_t lo, int64_t hi) {
+  auto it = body.find(key);
+  if (it == body.end() || it->is_null()) return std::optional<int64_t>();
+  bool integral = it->is_number_integer() ||
+                  (it->is_number_float() && std::floor(it->get<double>()) == it->get<double>());
+  if (!integral) return Bad(key, absl::StrCat("must be an integer, not ", TypeName(*it)));
+  double d = it->get<double>();
+  if (d < static_cast<double>(lo) || d > static_cast<double>(hi)) {
+    return Bad(key, absl::StrCat("must be in [", lo, ", ", hi, "]"));
+  }
+  return std::optional<int64_t>(it->is_number_unsigned() ? static_cast<int64_t>(it->get<uint64_t>())
+                                                         : it->get<int64_t>());
+}
+
+absl::Status Bool(const Json& body, const char* key, bool* out) {
+  auto it = body.find(key);
+  if (it == body.end() || it->is_null()) return absl::OkStatus();
+  if (!it->is_boolean()) return Bad(key, absl::StrCat("must be a boolean, not ", TypeName(*it)));
+  *out = it->get<bool>();
+  return absl::OkStatus();
+}
+
+absl::Status String(const Json& body, const char* key, std::string* out) {
+  auto it = body.find(key);
+  if (it == body.end() || it->is_null()) return absl::OkStatus();
+  if (!it->is_string()) return Bad(key, absl::StrCat("must be a string, not ", TypeName(*it)));
+  *out = it->get<std::string>();
+  return absl::OkStatus();
+}
+
+absl::Status ParseStop(const Json& body, std::vector<std::string>* out) {
+  auto it = body.find("stop");
+  if (it == body.end() || it->is_null()) return absl::OkStatus();
+  if (it->is_string()) {
+    if (!it->get<std::string>().empty()) out->push_back(it->get<std::string>());
+    return absl::OkStatus();
+  }
+  if (!it->is_array()) return Bad("stop", "must be a string or an array of strings");
+  if (it->size() > 4) return Bad("stop", "at most 4 stop sequences");
+  for (size_t i = 0; i < it->size(); ++i) {
+    if (!(*it)[i].is_string()) return Bad(absl::StrCat("stop[", i, "]"), "must be a string");
+    if (!(*it)[i].get<std::string>().empty()) out->push_back((*it)[i].get<std::string>());
+  }
+  return absl::OkStatus();
+}
+
+absl::Status ParseReasoning(const Json& body, ReasoningMode* out) {
+  // OpenAI's `reasoning_effort` ("none" | "minimal" | "low" | "medium" | "high" | "max") or DeepSeek-style
+  // `thinking: {"type": "enabled"|"disabled"}`.
+  std::string effort;
+  RETURN_IF_ERROR(String(body, "reasoning_effort", &effort));
+  if (!effort.empty()) {
+    if (effort == "none" || effort == "minimal") {
+      *out = ReasoningMode::kNonThink;
+    } else if (effort == "low" || effort == "medium" || effort == "high") {
+      *out = ReasoningMode::kThinkHigh;
+    } else if (effort == "max" || effort == "xhigh") {
+      *out = ReasoningMode::kThinkMax;
+    } else {
+      return Bad("reasoning_effort", "must be one of none, minimal, low, medium, high, max");
+    }
+  }
+  auto it = body.find("thinking");
+  if (it != body.end() && !it->is_null()) {
+    if (!it->is_object() || !it->contains("type") || !(*it)["type"].is_string()) {
+      return Bad("thinking", "must be an object {\"type\": \"enabled\" | \"disabled\"}");
+    }
+    std::string type = (*it)["type"].get<std::string>();
+    if (type == "enabled") {
+      if (*out == ReasoningMode::kNonThink) *out = ReasoningMode::kThinkHigh;
+    } else if (type == "disabled") {
+      *out = ReasoningMode::kNonThink;
+    } else {
+      return Bad("thinking.type", "must be \"enabled\" or \"disabled\"");
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::Status ParseSampling(const Json& body, int32_t max_n, SamplingRequest* s) {
+  RETURN_IF_ERROR(Number(body, "temperature", 0, 2, &s->temperature));
+  RETURN_IF_ERROR(Number(body, "top_p", 0, 1, &s->top_p));
+  if (s->top_p <= 0) return Bad("top_p", "must be in (0, 1]");
+  RETURN_IF_ERROR(Number(body, "min_p", 0, 1, &s->min_p));
+  RETURN_IF_ERROR(Number(body, "presence_penalty", -2, 2, &s->presence_penalty));
+  RETURN_IF_ERROR(Number(body, "frequency_penalty", -2, 2, &s->frequency_penalty));
+  RETURN_IF_ERROR(Number(body, "repetition_penalty", 0.01, 10, &s->repetition_penalty));
+  ASSIGN_OR_RETURN(std::optional<int64_t> top_k, Integer(body, "top_k", 0, 1 << 20));
+  if (top_k) s->top_k = static_cast<int32_t>(*top_k);
+  auto seed_it = body.find("seed");
+  if (seed_it != body.end() && !seed_it->is_null()) {
+    if (!seed_it->is_number_integer()) return Bad("seed", "must be an integer");
+    s->seed = seed_it->is_number_unsigned() ? seed_it->get<uint64_t>()
+                                            : static_cast<uint64_t>(seed_it->get<int64_t>());
+  }
+  ASSIGN_OR_RETURN(std::optional<int64_t> max_tokens, Integer(body, "max_tokens", 1, 1 << 24));
+  ASSIGN_OR_RETURN(std::optional<int64_t> max_completion, Integer(body, "max_completion_tokens", 1, 1 << 24));
+  if (max_completion) max_tokens = max_completion;
+  if (max_tokens) s->max_tokens = static_cast<int32_t>(*max_tokens);
+  ASSIGN_OR_RETURN(std::optional<int64_t> n, Integer(body, "n", 1, max_n));
+  if (n) s->n = static_cast<int32_t>(*n);
+  RETURN_IF_ERROR(ParseStop(body, &s->stop));
+  RETURN_IF_ERROR(Bool(body, "ignore_eos", &s->ignore_eos));
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+absl::StatusOr<OpenAiRequest> ParseOpenAiRequest(Endpoint endpoint, const std::string& body_text,
+                                                 int32_t max_n) {
+  Json body = Json::parse(body_text, nullptr, /*allow_exceptions=*/false);
+  if (body.is_discarded()) return absl::InvalidArgumentError("body: is not valid JSON");
+  if (!body.is_object()) return absl::InvalidArgumentError("body: must be a JSON object");
+  OpenAiRequest req;
+  req.endpoint = endpoint;
+  RETURN_IF_ERROR(String(body, "model", &req.model));
+  RETURN_IF_ERROR(Bool(body, "stream", &req.stream));
+  if (auto it = body.find("stream_options"); it != body.end() && !it->is_null()) {
+    if (!it->is_object()) return Bad("stream_options", "must be an object");
+    if (!req.stream) return Bad("stream_options", "is only allowed with stream: true");
+    RETURN_IF_ERROR(Bool(*it, "include_usage", &req.include_usage));
+  }
+  RETURN_IF_ERROR(ParseSampling(body, max_n, &req.sampling));
+  if (endpoint == Endpoint::kChatCompletions) {
+    RETURN_IF_ERROR(Bool(body, "logprobs", &req.sampling.logprobs));
+    ASSIGN_OR_RETURN(std::optional<int64_t> top, Integer(body, "top_logprobs", 0, 20));
+    if (top) {
+      if (!req.sampling.logprobs && *top > 0) return Bad("top_logprobs", "requires logprobs: true");
+      req.sampling.top_logprobs = static_cast<int32_t>(*top);
+    }
+  } else {
+    ASSIGN_OR_RETURN(std::optional<int64_t> lp, Integer(body, "logprobs", 0, 5));
+    if (lp) {
+      req.sampling.logprobs = true;
+      req.sampling.top_logprobs = static_cast<int32_t>(*lp);
+    }
+  }
+  RETURN_IF_ERROR(ParseReasoning(body, &req.reasoning));
+  if (auto it = body.find("v4serve"); it != body.end() && !it->is_null()) {
+    if (!it->is_object()) return Bad("v4serve", "must be an object");
+    RETURN_IF_ERROR(String(*it, "cache_handle", &req.cache_handle));
+    RETURN_IF_ERROR(String(*it, "quick_instruction", &req.quick_instruction));
+  }
+  for (const char* unsupported : {"functions", "function_call", "audio", "modalities", "prediction",
+                                  "logit_bias", "web_search_options", "best_of", "suffix"}) {
+    if (auto it = body.find(unsupported); it != body.end() && !it->is_null()) {
+      return Bad(unsupported, "is not supported by this server");
+    }
+  }
+  if (endpoint == Endpoint::kChatCompletions) {
+    auto m = body.find("messages");
+    if (m == body.end()) return Bad("messages", "is required");
+    if (!m->is_array() || m->empty()) return Bad("messages", "must be a non-empty array");
+    for (size_t i = 0; i < m->size(); ++i) {
+      const Json& msg = (*m)[i];
+      if (!msg.is_object()) return Bad(absl::StrCat("messages[", i, "]"), "must be an object");
+      if (!msg.contains("role") || !msg["role"].is_string()) {
+        return Bad(absl::StrCat("messages[", i, "].role"), "is required and must be a string");
+      }
+    }
+    req.messages = *m;
+    if (auto t = body.find("tools"); t != body.end() && !t->is_null()) {
+      if (!t->is_array()) return Bad("tools", "must be an array");
+      req.tools = *t;
+    }
+    if (auto tc = body.find("tool_choice"); tc != body.end() && !tc->is_null()) {
+      bool ok = (tc->is_string() && (*tc == "none" || *tc == "auto" || *tc == "required")) ||
+                (tc->is_object() && tc->contains("function"));
+      if (!ok)
+        return Bad("tool_choice", "must be \"none\", \"auto\", \"required\" or {\"type\":\"function\",...}");
+      req.tool_choice = *tc;
+    }
+  } else {
+    auto p = body.find("prompt");
+    if (p == body.end() || p->is_null()) return Bad("prompt", "is required");
+    if (p->is_string()) {
+      req.prompt_text = p->get<std::string>();
+    } else if (p->is_array() && !p->empty() && (*p)[0].is_number_integer()) {
+      std::vector<int32_t> ids;
+      for (size_t i = 0; i < p->size(); ++i) {
+        if (!(*p)[i].is_number_integer() || (*p)[i].get<int64_t>() < 0 ||
+            (*p)[i].get<int64_t>() > std::numeric_limits<int32_t>::max()) {
+          return Bad(absl::StrCat("prompt[", i, "]"), "must be a token id (a non-negative integer)");
+        }
+        ids.push_back((*p)[i].get<int32_t>());
+      }
+      req.prompt_ids = std::move(ids);
+    } else if (p->is_array() && p->size() == 1 && (*p)[0].is_string()) {
+      req.prompt_text = (*p)[0].get<std::string>();
+    } else {
+      return Bad("prompt", "must be a string, an array of one string, or an array of token ids");
+    }
+    RETURN_IF_ERROR(Bool(body, "echo", &req.echo));
+  }
+  return req;
+}
+
+}  // namespace v4serve::router
