@@ -5,6 +5,8 @@
 #include <cstdio>
 #include <cstdlib>
 
+#include "model/internal/tokenizer_unicode.h"
+
 namespace v4serve::model::internal {
 namespace {
 
@@ -55,6 +57,11 @@ void AppendPyFloat(double x, std::string& out) {
 }  // namespace
 
 void AppendPyJsonString(std::string_view s, std::string& out) {
+  std::string clean;
+  if (ValidUtf8Prefix(s) != s.size()) {  // never emit invalid JSON, even for text the model garbled
+    AppendUtf8Lossy(s, clean);
+    s = clean;
+  }
   out += '"';
   for (char ch : s) {
     const auto c = static_cast<unsigned char>(ch);

@@ -16,7 +16,7 @@ namespace v4serve::model::internal {
 // repr (shortest round-trip; exponent form below 1e-4 and from 1e16). Object keys keep their order.
 std::string PyJsonDumps(const nlohmann::ordered_json& value);
 void AppendPyJson(const nlohmann::ordered_json& value, std::string& out);
-// json.dumps of a string.
+// json.dumps of a string (ill-formed UTF-8 is replaced by U+FFFD so the output is always valid JSON).
 void AppendPyJsonString(std::string_view s, std::string& out);
 
 // Python's bool(value): null, false, 0, 0.0, "", [] and {} are false.
