@@ -4,7 +4,7 @@
 Same normalizer (empty Sequence), pre-tokenizer (three Isolated Splits + ByteLevel without regex),
 BPE model and ByteLevel decoder as DeepSeek's released tokenizer.json; merges are written as
 "left right" strings like DeepSeek's file. The training text is the files given on the command line
-(deterministic order); the default is what tools/tokenizer/README.md lists.
+(deterministic order); docs/TOKENIZER.md lists the files used for the committed one.
 
 Usage: .venv/bin/python tools/tokenizer/train_tokenizer.py --vocab-size 4096 \
            --out tests/model/testdata/tokenizer/tokenizer.json FILE...
