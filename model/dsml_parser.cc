@@ -97,7 +97,8 @@ std::string ArgumentsJson(const std::vector<std::pair<std::string, std::pair<std
     internal::AppendPyJsonString(args[i].first, out);
     out += ": ";
     const auto& [value, is_string] = args[i].second;
-    if (!is_string && nlohmann::json::accept(value)) {
+    // nlohmann stops at a NUL byte, so "true\0junk" would pass accept(); no JSON text contains one.
+    if (!is_string && value.find('\0') == std::string::npos && nlohmann::json::accept(value)) {
       out += value;
     } else {
       internal::AppendPyJsonString(value, out);

@@ -33,8 +33,12 @@ absl::Status ValidateToolCalls(const ChatJson& calls, const std::string& path) {
     const ChatJson& arguments = Get(function, "arguments");
     if (!arguments.is_string())
       return Invalid(at + ".function.arguments", "must be a string holding a JSON object");
-    const ChatJson parsed = ChatJson::parse(arguments.get_ref<const std::string&>(), nullptr, false);
-    if (parsed.is_discarded()) return Invalid(at + ".function.arguments", "is not valid JSON");
+    const std::string& text = arguments.get_ref<const std::string&>();
+    const ChatJson parsed = ChatJson::parse(text, nullptr, false);
+    // nlohmann stops at a NUL byte; a JSON text never contains one.
+    if (parsed.is_discarded() || text.find('\0') != std::string::npos) {
+      return Invalid(at + ".function.arguments", "is not valid JSON");
+    }
     if (!parsed.is_object()) return Invalid(at + ".function.arguments", "is not a JSON object");
   }
   return absl::OkStatus();

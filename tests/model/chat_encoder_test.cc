@@ -106,6 +106,8 @@ TEST(ChatEncoderTest, ErrorsNameTheField) {
       {R"([{"role": "user", "content": "x", "task": "summarize"}])", "null", "messages[0].task"},
       {R"([{"role": "assistant", "content": "", "tool_calls": [{"function": {"name": "f", "arguments": "{bad"}}]}])",
        "null", "messages[0].tool_calls[0].function.arguments: is not valid JSON"},
+      {R"([{"role": "assistant", "content": "", "tool_calls": [{"function": {"name": "f", "arguments": "{}\u0000x"}}]}])",
+       "null", "messages[0].tool_calls[0].function.arguments: is not valid JSON"},
       {R"([{"role": "assistant", "content": "", "tool_calls": [{"function": {"name": "f", "arguments": "[1]"}}]}])",
        "null", "messages[0].tool_calls[0].function.arguments: is not a JSON object"},
       {R"([{"role": "assistant", "content": "", "tool_calls": [{"function": {"name": "f", "arguments": {}}}]}])",
