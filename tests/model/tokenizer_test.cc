@@ -190,6 +190,29 @@ TEST(TokenizerLoadTest, RejectsOtherPipelinesNamingTheComponent) {
   EXPECT_THAT(Tokenizer::LoadFromJson(j.dump()).status().message(), HasSubstr("model.merges[7]"));
 }
 
+TEST(TokenizerLoadTest, ManyAddedTokensMatchLeftmostLongest) {
+  // DeepSeek's files carry ~800 added tokens sharing the "<｜" prefix (placeholders). Expected ids from HF
+  // tokenizers 0.23.3 with the same tokens added (add_special_tokens, normalized=False).
+  auto j = FixtureJson();
+  auto add = [&](const std::string& content, int id) {
+    j["added_tokens"].push_back({{"id", id},
+                                 {"content", content},
+                                 {"single_word", false},
+                                 {"lstrip", false},
+                                 {"rstrip", false},
+                                 {"normalized", false},
+                                 {"special", true}});
+  };
+  add("<｜User｜>X", 4096);
+  for (int i = 0; i < 800; ++i) add("<｜place▁holder▁no▁" + std::to_string(i) + "｜>", 4097 + i);
+  auto tok = Tokenizer::LoadFromJson(j.dump());
+  ASSERT_TRUE(tok.ok()) << tok.status();
+  EXPECT_EQ((*tok)->Encode("a<｜User｜>X<｜User｜>Y<｜place▁holder▁no▁12｜><｜place▁holder▁no▁1"),
+            (std::vector<TokenId>{67,  4096, 4080, 59,  4109, 30,  174, 124, 253, 773, 161, 247,
+                                  226, 640,  78,   460, 161,  247, 226, 573, 161, 247, 226, 19}));
+  EXPECT_EQ((*tok)->vocab_size(), 4897);
+}
+
 TEST(TokenizerLoadTest, AcceptsMergesWrittenAsPairs) {
   // Newer tokenizers versions write merges as ["left", "right"]; both spellings must give the same ids.
   auto j = FixtureJson();
