@@ -5,7 +5,9 @@
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
+#include <atomic>
 #include <sstream>
+#include <thread>
 
 #include "absl/strings/escaping.h"
 #include "model/internal/tokenizer_unicode.h"
@@ -68,6 +70,23 @@ TEST_F(TokenizerTest, IdsMatchHfTokenizersOnCorpus) {
     matched += ids == c.ids;
   }
   std::printf("ids identical to HF tokenizers on %zu/%zu corpus cases\n", matched, cases.size());
+}
+
+TEST_F(TokenizerTest, ConcurrentEncodesAgree) {
+  // One Tokenizer serves every request thread (scratch buffers are thread-local).
+  const auto cases = LoadCorpus();
+  std::vector<std::thread> threads;
+  std::atomic<int> mismatches{0};
+  for (int t = 0; t < 4; ++t) {
+    threads.emplace_back([&, t] {
+      for (size_t i = t; i < cases.size() * 2; i += 4) {
+        const auto& c = cases[i % cases.size()];
+        if (tokenizer_->Encode(c.bytes) != c.ids) ++mismatches;
+      }
+    });
+  }
+  for (auto& th : threads) th.join();
+  EXPECT_EQ(mismatches.load(), 0);
 }
 
 TEST_F(TokenizerTest, DecodeMatchesHfTokenizers) {
