@@ -161,6 +161,44 @@ TEST_F(ModelGoldenTest, StateSurvivesSerialization) {
   EXPECT_FALSE(DeserializeSequenceState(model_->config(), bytes.substr(0, bytes.size() - 3)).ok());
 }
 
+// Real pruning: top-k 4 of up to 27 entries. The golden keeps only positions before the first near-tie of
+// indexer scores at the top-k boundary (tools/golden/make_pruning_golden.py), where tie-breaking cannot
+// matter.
+TEST_F(ModelGoldenTest, TopKPruningMatchesTransformers) {
+  std::ifstream in(TinyDir() + "/golden_topk4.json");
+  ASSERT_TRUE(in.good());
+  std::stringstream ss;
+  ss << in.rdbuf();
+  nlohmann::json fx = nlohmann::json::parse(ss.str())["fixtures"]["pruned"];
+  absl::StatusOr<ModelConfig> config = LoadModelConfig(TinyDir());
+  ASSERT_TRUE(config.ok());
+  config->index_topk = fx["index_topk"].get<int64_t>();
+  absl::StatusOr<std::unique_ptr<Checkpoint>> ckpt = Checkpoint::Open(TinyDir());
+  ASSERT_TRUE(ckpt.ok());
+  absl::StatusOr<std::unique_ptr<Model>> pruned = Model::FromCheckpoint(*config, **ckpt, ModelOptions{});
+  ASSERT_TRUE(pruned.ok()) << pruned.status();
+  const std::vector<int32_t> prompt = fx["prompt"].get<std::vector<int32_t>>();
+  const std::vector<int64_t> positions = fx["positions"].get<std::vector<int64_t>>();
+  const auto want = fx["logits"].get<std::vector<std::vector<float>>>();
+  ASSERT_GT(positions.back(), 4 * config->index_topk + 3);  // Some queries really prune.
+  SequenceState st = (*pruned)->NewState();
+  absl::StatusOr<std::vector<float>> logits = (*pruned)->Prefill(&st, prompt, /*all_logits=*/true);
+  ASSERT_TRUE(logits.ok());
+  const int64_t vocab = config->vocab_size;
+  double worst = 0;
+  for (size_t i = 0; i < positions.size(); ++i) {
+    const double e = RelError(&(*logits)[positions[i] * vocab], want[i]);
+    worst = std::max(worst, e);
+    EXPECT_LT(e, 1e-4) << "position " << positions[i];
+  }
+  std::printf("top-k 4 pruning, %zu positions up to %lld: worst relative logit error %.3g\n", positions.size(),
+              static_cast<long long>(positions.back()), worst);
+  // With full selection the same positions differ: the pruning is real.
+  SequenceState full = model_->NewState();
+  absl::StatusOr<std::vector<float>> unpruned = model_->Prefill(&full, prompt, true);
+  EXPECT_GT(RelError(&(*unpruned)[positions.back() * vocab], want.back()), 1e-3);
+}
+
 TEST_F(ModelGoldenTest, BadInputsAreErrors) {
   SequenceState st = model_->NewState();
   EXPECT_FALSE(model_->Prefill(&st, std::vector<int32_t>{}).ok());
