@@ -20,14 +20,13 @@ import v4_checkpoint
 LAYER_NAMES = {0: "sliding_attention", 4: "compressed_sparse_attention", 16: "heavily_compressed_attention"}
 
 
-def tiny_config(index_topk):
-    ratios = [0, 4, 16, 4]
+def tiny_config(index_topk, ratios=(0, 4, 16, 4), mlp=("hash_moe", "moe", "moe", "moe")):
     return DeepseekV4Config(
-        vocab_size=512, hidden_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=1,
+        vocab_size=512, hidden_size=256, num_hidden_layers=len(ratios), num_attention_heads=4, num_key_value_heads=1,
         head_dim=128, partial_rotary_factor=0.5, q_lora_rank=128, o_groups=2, o_lora_rank=64, sliding_window=16,
         layer_types=[LAYER_NAMES[r] for r in ratios],
         compress_rates={"compressed_sparse_attention": 4, "heavily_compressed_attention": 16},
-        mlp_layer_types=["hash_moe", "moe", "moe", "moe"], index_n_heads=4, index_head_dim=128,
+        mlp_layer_types=list(mlp), index_n_heads=4, index_head_dim=128,
         index_topk=index_topk, moe_intermediate_size=128, n_routed_experts=8, n_shared_experts=1,
         num_experts_per_tok=2, routed_scaling_factor=1.5, scoring_func="sqrtsoftplus", swiglu_limit=10.0,
         hc_mult=4, hc_sinkhorn_iters=20, hc_eps=1e-6, rms_norm_eps=1e-6, rope_theta=10000.0,
@@ -70,6 +69,27 @@ def randomize(model, seed):
             b.copy_(torch.stack(rows))
 
 
+def add_mtp(tensors, seed):
+    """One MTP block (window-only attention, score-routed MoE) in the released naming, from a one-layer
+    random model, plus e_proj/h_proj (FP8) and enorm/hnorm. transformers has no MTP; the MTP golden comes
+    from tools/golden/v4_reference.py."""
+    one = DeepseekV4ForCausalLM(tiny_config(512, ratios=(0,), mlp=("moe",))).float().eval()
+    randomize(one, seed + 7)
+    mt, _ = v4_checkpoint.released_tensors(one, quantize=True)
+    for k, v in mt.items():
+        if k.startswith("layers.0."):
+            tensors["mtp.0." + k[len("layers.0."):]] = v
+        elif k.startswith("hc_head_") or k == "norm.weight":
+            tensors["mtp.0." + k] = v
+    g = torch.Generator().manual_seed(seed + 8)
+    d = one.config.hidden_size
+    for name in ("e_proj", "h_proj"):
+        q, sc, _ = v4_checkpoint.quantize_fp8(torch.randn(d, d, generator=g) / d ** 0.5)
+        tensors[f"mtp.0.{name}.weight"], tensors[f"mtp.0.{name}.scale"] = q, sc.view(torch.float8_e8m0fnu)
+    for name in ("enorm", "hnorm"):
+        tensors[f"mtp.0.{name}.weight"] = (1.0 + 0.1 * torch.randn(d, generator=g)).to(torch.bfloat16)
+
+
 @torch.no_grad()
 def full_logits(model, ids):
     return model(torch.tensor([ids]), use_cache=False).logits[0].float()
@@ -99,6 +119,7 @@ def main():
     model.config._attn_implementation = "eager"
     randomize(model, args.seed)
     tensors, back = v4_checkpoint.released_tensors(model, quantize=True)
+    add_mtp(tensors, args.seed)
     sd = model.state_dict()
     missing = set(sd) - set(back) - {k for k in sd if k.endswith("tid2eid")}
     assert not missing, missing
@@ -109,9 +130,9 @@ def main():
     cfg = model.config.to_dict()
     released_cfg = {
         "architectures": ["DeepseekV4ForCausalLM"], "model_type": "deepseek_v4", "vocab_size": 512,
-        "hidden_size": 256, "num_hidden_layers": 4, "num_nextn_predict_layers": 0, "num_attention_heads": 4,
+        "hidden_size": 256, "num_hidden_layers": 4, "num_nextn_predict_layers": 1, "num_attention_heads": 4,
         "num_key_value_heads": 1, "head_dim": 128, "qk_rope_head_dim": 64, "q_lora_rank": 128, "o_groups": 2,
-        "o_lora_rank": 64, "sliding_window": 16, "compress_ratios": [0, 4, 16, 4], "compress_rope_theta": 160000,
+        "o_lora_rank": 64, "sliding_window": 16, "compress_ratios": [0, 4, 16, 4, 0], "compress_rope_theta": 160000,
         "rope_theta": 10000,
         "rope_scaling": {"type": "yarn", "factor": 16, "original_max_position_embeddings": 65536, "beta_fast": 32,
                          "beta_slow": 1},
