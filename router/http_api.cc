@@ -70,8 +70,8 @@ void HttpApi::Handle(HttpRequest req, std::shared_ptr<HttpResponder> responder) 
     }
     absl::Status ready = backend_->Ready();
     if (!ready.ok()) return ReplyError(req, *responder, absl::UnavailableError(ready.message()));
-    return ReplyError(req, *responder,
-                      absl::UnimplementedError("completions are served once disaggregated serving lands"));
+    return backend_->Complete(
+        req.path == "/v1/completions" ? Endpoint::kCompletions : Endpoint::kChatCompletions, req, responder);
   }
   ReplyError(req, *responder,
              absl::NotFoundError(absl::StrCat("no route for ", req.method, " ", req.path,

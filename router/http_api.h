@@ -11,6 +11,7 @@
 #include "prometheus/counter.h"
 #include "prometheus/histogram.h"
 #include "router/http_server.h"
+#include "router/openai_request.h"
 #include "services/metrics.h"
 
 namespace v4serve::router {
@@ -23,6 +24,9 @@ class RouterBackend {
   virtual absl::Status Ready() const = 0;
   // The served model ids (empty when none is loaded).
   virtual std::vector<std::string> ModelIds() const = 0;
+  // Parses, validates, encodes and runs one completion; answers through `responder` (errors included).
+  virtual void Complete(Endpoint endpoint, const HttpRequest& request,
+                        std::shared_ptr<HttpResponder> responder) = 0;
 };
 
 class HttpApi : public HttpHandler {

@@ -3,24 +3,58 @@
 #include <memory>
 
 #include "absl/strings/str_cat.h"
+#include "router/completion_call.h"
 #include "router/http_api.h"
 #include "router/inference_service.h"
+#include "router/served_model.h"
 #include "services/logging.h"
 #include "services/metrics.h"
 #include "services/status_macros.h"
+#include "services/status_mapping.h"
 
 namespace v4serve::router {
 namespace {
 
-// The HTTP and gRPC front ends see the workers through this.
-class PoolBackend : public RouterBackend {
+// What the HTTP and gRPC front ends call: the served model (tokenizer, limits) and the worker pool.
+class ServingBackend : public RouterBackend {
  public:
-  explicit PoolBackend(WorkerPool* pool) : pool_(pool) {}
-  absl::Status Ready() const override { return pool_->Ready(); }
-  std::vector<std::string> ModelIds() const override { return {}; }
+  ServingBackend(const ServedModel* model, WorkerPool* pool, absl::Duration request_timeout)
+      : model_(model), pool_(pool), completion_{model, pool, request_timeout} {}
+
+  absl::Status Ready() const override {
+    if (model_ == nullptr) {
+      return absl::UnavailableError(
+          "no model is loaded: start the router with --model DIR (or run `v4serve up`)");
+    }
+    return pool_->Ready();
+  }
+  std::vector<std::string> ModelIds() const override {
+    if (model_ == nullptr) return {};
+    return {model_->id()};
+  }
+
+  void Complete(Endpoint endpoint, const HttpRequest& http,
+                std::shared_ptr<HttpResponder> responder) override {
+    absl::StatusOr<OpenAiRequest> req = ParseOpenAiRequest(endpoint, http.body);
+    absl::Status st = req.status();
+    if (st.ok() && !req->model.empty() && req->model != model_->id()) {
+      st = absl::NotFoundError(absl::StrCat("model: '", req->model,
+                                            "' is not served here; this router serves '", model_->id(),
+                                            "' (see /v1/models)"));
+    }
+    absl::StatusOr<EncodedPrompt> prompt = st.ok() ? model_->Encode(*req) : absl::StatusOr<EncodedPrompt>(st);
+    if (!prompt.ok()) {
+      responder->Respond(services::ToHttpError(prompt.status()).http_status, "application/json",
+                         services::OpenAiErrorJson(prompt.status()));
+      return;
+    }
+    StartCompletion(completion_, std::move(*req), std::move(*prompt), http.request_id, std::move(responder));
+  }
 
  private:
+  const ServedModel* model_;
   WorkerPool* pool_;
+  CompletionContext completion_;
 };
 
 }  // namespace
@@ -29,6 +63,8 @@ absl::Status RouterOptions::Validate() const {
   RETURN_IF_ERROR(http.Validate());
   RETURN_IF_ERROR(process.Validate());
   RETURN_IF_ERROR(workers.Validate());
+  if (request_timeout <= absl::ZeroDuration())
+    return absl::InvalidArgumentError("request_timeout must be positive");
   return MakeRoutingPolicy(routing_policy).status();
 }
 
@@ -37,7 +73,11 @@ absl::Status RunRouter(const RouterOptions& options, services::ShutdownSignal* s
   services::MetricsRegistry metrics("router");
   ASSIGN_OR_RETURN(std::unique_ptr<RoutingPolicy> policy, MakeRoutingPolicy(options.routing_policy));
   ASSIGN_OR_RETURN(std::unique_ptr<WorkerPool> pool, WorkerPool::Start(options.workers, policy.get()));
-  PoolBackend backend(pool.get());
+  std::unique_ptr<ServedModel> model;
+  if (!options.model_dir.empty()) {
+    ASSIGN_OR_RETURN(model, ServedModel::Load(options.model_dir, options.served_model_name));
+  }
+  ServingBackend backend(model.get(), pool.get(), options.request_timeout);
   HttpApi api(&backend, &metrics);
   InferenceService inference(&backend);
   ASSIGN_OR_RETURN(

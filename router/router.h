@@ -21,6 +21,10 @@ struct RouterOptions {
   // worker nothing is served; /readyz says so.
   WorkerPoolOptions workers;
   std::string routing_policy = "least_loaded";
+  // The served model: its config.json and tokenizer.json (the router tokenizes; workers hold the weights).
+  std::string model_dir;
+  std::string served_model_name;  // default: the model directory's name
+  absl::Duration request_timeout = absl::Minutes(10);
 
   absl::Status Validate() const;
 };

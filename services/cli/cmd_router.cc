@@ -25,6 +25,11 @@ int RunRouterCommand(const Context& ctx, const std::vector<std::string>& args) {
   flags.Add("worker_health_interval", &o.workers.health_interval,
             "How often workers are re-resolved and checked.");
   flags.Add("worker_health_timeout", &o.workers.health_timeout, "Deadline of one worker health check.");
+  flags.Add("model", &o.model_dir,
+            "Model directory: its config.json and tokenizer.json (the router tokenizes).");
+  flags.Add("served_model_name", &o.served_model_name,
+            "Model id clients use (default: the directory's name).");
+  flags.Add("request_timeout", &o.request_timeout, "Deadline of one completion on the workers.");
   flags.Add("routing_policy", &o.routing_policy, "How a worker is chosen per request: least_loaded.");
   services::AddServerFlags(flags, &o.process);
   services::AddLogFlags(flags, &log);

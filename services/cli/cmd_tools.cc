@@ -1,8 +1,11 @@
 // Offline subcommands: version, generate, bench, kv, convert.
 #include <cstdio>
 
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
 #include "model/device.h"
+#include "model/generate.h"
 #include "services/build_info.h"
 #include "services/cli/common.h"
 #include "services/cli/subcommands.h"
@@ -30,15 +33,42 @@ int RunVersionCommand(const Context&, const std::vector<std::string>& args) {
 }
 
 int RunGenerateCommand(const Context&, const std::vector<std::string>& args) {
-  std::string model_dir, prompt_ids;
-  int max_tokens = 32;
-  double temperature = 0;
-  services::FlagSet flags("v4serve generate", "Generate offline from a model directory on this machine.");
-  flags.Add("model", &model_dir, "Checkpoint directory.");
+  std::string model_dir;
+  std::vector<std::string> prompt_ids;
+  model::SamplingOptions sampling;
+  int64_t seed = 0;
+  services::FlagSet flags(
+      "v4serve generate",
+      "Generate offline on this machine's CPU from a checkpoint directory; prints the new ids.");
+  flags.Add("model", &model_dir, "Checkpoint directory (config.json + safetensors).");
   flags.Add("prompt_ids", &prompt_ids, "Prompt token ids, comma-separated.");
-  flags.Add("max_tokens", &max_tokens, "Tokens to generate.");
+  flags.Add("max_tokens", &sampling.max_new_tokens, "Tokens to generate at most (stops earlier at EOS).");
+  double temperature = 0, top_p = 1;
   flags.Add("temperature", &temperature, "0 = greedy.");
-  return NotInThisBuild(args, flags, "offline generation (it needs the model core)");
+  flags.Add("top_k", &sampling.top_k, "Sample among the k most likely tokens; 0 = off.");
+  flags.Add("top_p", &top_p, "Nucleus mass in (0, 1].");
+  flags.Add("seed", &seed, "Random seed for sampling (same seed, same output).");
+  if (std::optional<int> code = ParseFlags(flags, args)) return *code;
+  if (model_dir.empty())
+    return ExitCode(absl::InvalidArgumentError("--model: a checkpoint directory is required"), "generate");
+  std::vector<int32_t> ids;
+  for (const std::string& s : prompt_ids) {
+    int32_t id = 0;
+    if (!absl::SimpleAtoi(s, &id) || id < 0) {
+      return ExitCode(absl::InvalidArgumentError(absl::StrCat("--prompt_ids: '", s, "' is not a token id")),
+                      "generate");
+    }
+    ids.push_back(id);
+  }
+  if (ids.empty())
+    return ExitCode(absl::InvalidArgumentError("--prompt_ids: at least one id is required"), "generate");
+  sampling.temperature = static_cast<float>(temperature);
+  sampling.top_p = static_cast<float>(top_p);
+  sampling.seed = static_cast<uint64_t>(seed);
+  absl::StatusOr<std::vector<int32_t>> out = model::GenerateFromDir(model_dir, ids, sampling);
+  if (!out.ok()) return ExitCode(out.status(), "generate");
+  std::printf("%s\n", absl::StrJoin(*out, ",").c_str());
+  return 0;
 }
 
 int RunBenchCommand(const Context&, const std::vector<std::string>& args) {
@@ -64,7 +94,17 @@ int RunConvertCommand(const Context&, const std::vector<std::string>& args) {
   services::FlagSet flags("v4serve convert",
                           "Inspect or convert a checkpoint: `v4serve convert --inspect DIR`.");
   flags.Add("inspect", &inspect, "Print config, parameter counts and KV bytes per token of this checkpoint.");
-  return NotInThisBuild(args, flags, "checkpoint inspection (it needs the model core)");
+  if (std::optional<int> code = ParseFlags(flags, args)) return *code;
+  if (inspect.empty()) {
+    return ExitCode(
+        absl::InvalidArgumentError("--inspect: a checkpoint directory is required (conversion and "
+                                   "quantization of checkpoints are not in this build yet)"),
+        "convert");
+  }
+  absl::StatusOr<std::string> text = model::DescribeCheckpoint(inspect);
+  if (!text.ok()) return ExitCode(text.status(), "convert");
+  std::fputs(text->c_str(), stdout);
+  return 0;
 }
 
 }  // namespace v4serve::cli

@@ -131,6 +131,7 @@ absl::Status RunUp(const Context& ctx, const UpOptions& o) {
     std::vector<std::string> argv = {ctx.self_exe, "router", absl::StrCat("--http_host=", o.host),
                                      absl::StrCat("--http_port=", o.http_port),
                                      absl::StrCat("--grpc_port=", o.grpc_port)};
+    if (have_model) argv.push_back("--model=" + o.model_dir);
     if (!prefill_workers.empty()) argv.push_back("--prefill_workers=" + absl::StrJoin(prefill_workers, ","));
     if (!decode_workers.empty()) argv.push_back("--decode_workers=" + absl::StrJoin(decode_workers, ","));
     for (auto& f : CommonFlags(o)) argv.push_back(f);

@@ -3,6 +3,7 @@
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
+#include "absl/strings/str_cat.h"
 #include "grpcpp/create_channel.h"
 #include "services/grpc_server.h"
 #include "tests/testing/http_client.h"
@@ -128,6 +129,50 @@ TEST(CliE2eTest, UsageErrorsAreClearAndHelpWorksForEveryCommand) {
   EXPECT_EQ(RunV4serve({"version"}, &out), 0);
   EXPECT_THAT(out, HasSubstr("v4serve 0.1.0"));
   EXPECT_THAT(out, HasSubstr("cuda: "));
+}
+
+std::string TinyModelDir() { return std::string(V4SERVE_TEST_SOURCE_DIR) + "/tests/model/testdata/tiny_v4"; }
+
+nlohmann::json ReadJson(const std::string& path) {
+  absl::StatusOr<std::string> text = services::ReadFileToString(path);
+  EXPECT_TRUE(text.ok()) << text.status();
+  return nlohmann::json::parse(text.value_or("null"));
+}
+
+// `v4serve generate` on the tiny checkpoint (FP8 + MXFP4 weights) continues the prompt exactly as
+// transformers' DeepseekV4ForCausalLM did when the golden was made (tools/golden/make_goldens.py).
+TEST(CliE2eTest, GenerateMatchesTheTransformersGolden) {
+  nlohmann::json fx = ReadJson(TinyModelDir() + "/golden.json")["fixtures"]["short"];
+  int eos = ReadJson(TinyModelDir() + "/config.json")["eos_token_id"].get<int>();
+  std::vector<int> want;
+  for (int id : fx["greedy"].get<std::vector<int>>()) {
+    want.push_back(id);
+    if (id == eos) break;
+  }
+  std::string ids;
+  for (int id : fx["prompt"].get<std::vector<int>>()) absl::StrAppend(&ids, ids.empty() ? "" : ",", id);
+  std::string out;
+  ASSERT_EQ(RunV4serve({"generate", "--model=" + TinyModelDir(), "--prompt_ids=" + ids,
+                        "--max_tokens=" + std::to_string(want.size())},
+                       &out),
+            0)
+      << out;
+  std::string want_text;
+  for (int id : want) absl::StrAppend(&want_text, want_text.empty() ? "" : ",", id);
+  EXPECT_THAT(out, HasSubstr(want_text + "\n"));
+}
+
+TEST(CliE2eTest, ConvertInspectDescribesTheCheckpointAndRejectsBadDirs) {
+  std::string out;
+  ASSERT_EQ(RunV4serve({"convert", "--inspect=" + TinyModelDir()}, &out), 0) << out;
+  EXPECT_THAT(out, HasSubstr("param"));
+  EXPECT_THAT(out, HasSubstr("KV"));
+  out.clear();
+  EXPECT_NE(RunV4serve({"convert", "--inspect=/nonexistent-dir"}, &out), 0);
+  EXPECT_THAT(out, HasSubstr("/nonexistent-dir"));
+  out.clear();
+  EXPECT_EQ(RunV4serve({"generate", "--model=" + TinyModelDir(), "--prompt_ids=1,x"}, &out), 2);
+  EXPECT_THAT(out, HasSubstr("--prompt_ids: 'x' is not a token id"));
 }
 
 }  // namespace

@@ -1,0 +1,309 @@
+#include "router/completion_call.h"
+
+#include <vector>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/strings/str_cat.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/time/clock.h"
+#include "router/choice_stream.h"
+#include "router/openai_response.h"
+#include "services/logging.h"
+#include "services/request_id.h"
+#include "services/status_mapping.h"
+#include "v4serve/v1/inference.grpc.pb.h"
+
+namespace v4serve::router {
+namespace {
+
+v1::GenerateRequest ToWorkerRequest(const OpenAiRequest& req, const EncodedPrompt& prompt,
+                                    const std::string& model) {
+  v1::GenerateRequest out;
+  out.set_model(model);
+  out.mutable_token_ids()->mutable_ids()->Add(prompt.ids.begin(), prompt.ids.end());
+  v1::SamplingParams* s = out.mutable_sampling();
+  const SamplingRequest& in = req.sampling;
+  s->set_temperature(in.temperature);
+  s->set_top_p(in.top_p);
+  s->set_top_k(in.top_k);
+  s->set_min_p(in.min_p);
+  s->set_presence_penalty(in.presence_penalty);
+  s->set_frequency_penalty(in.frequency_penalty);
+  s->set_repetition_penalty(in.repetition_penalty);
+  if (in.seed) s->set_seed(*in.seed);
+  if (in.max_tokens) s->set_max_tokens(*in.max_tokens);
+  s->set_n(in.n);
+  s->set_logprobs(in.logprobs);
+  s->set_top_logprobs(in.top_logprobs);
+  s->set_ignore_eos(in.ignore_eos);
+  // Stop strings are matched here on text; the worker stops on EOS and on token ids.
+  return out;
+}
+
+class Call;
+
+// One attempt on one worker: a gRPC client stream reactor that frees itself in OnDone.
+class Attempt : public grpc::ClientReadReactor<v1::GenerateResponse> {
+ public:
+  Attempt(std::shared_ptr<Call> call, WorkerLease lease) : call_(std::move(call)), lease_(std::move(lease)) {}
+  void Begin(const v1::GenerateRequest& request, const std::string& request_id, absl::Time deadline);
+  void Cancel() { ctx_.TryCancel(); }
+  void OnReadDone(bool ok) override;
+  void OnDone(const grpc::Status& status) override;
+
+ private:
+  std::shared_ptr<Call> call_;
+  WorkerLease lease_;
+  grpc::ClientContext ctx_;
+  v1::GenerateRequest request_;
+  v1::GenerateResponse response_;
+  std::unique_ptr<v1::Inference::Stub> stub_;
+};
+
+class Call : public std::enable_shared_from_this<Call> {
+ public:
+  Call(const CompletionContext& ctx, OpenAiRequest req, EncodedPrompt prompt, std::string request_id,
+       std::shared_ptr<HttpResponder> responder)
+      : ctx_(ctx),
+        req_(std::move(req)),
+        prompt_(std::move(prompt)),
+        request_id_(std::move(request_id)),
+        responder_(std::move(responder)),
+        builder_(
+            req_.endpoint,
+            absl::StrCat(req_.endpoint == Endpoint::kChatCompletions ? "chatcmpl-" : "cmpl-", request_id_),
+            ctx.model->id(), absl::ToUnixSeconds(absl::Now()), req_.sampling.n),
+        deadline_(absl::Now() + ctx.request_timeout) {
+    for (int32_t i = 0; i < req_.sampling.n; ++i) {
+      choices_.push_back(std::make_unique<ChoiceStream>(
+          ctx.model->tokenizer(),
+          ChoiceStreamOptions{
+              .index = i,
+              .thinking = prompt_.thinking,
+              .chat = req_.endpoint == Endpoint::kChatCompletions,
+              .stop = req_.sampling.stop,
+              .logprobs = req_.sampling.logprobs,
+              .tool_call_id_prefix = "call_" + services::NewRequestId().substr(4, 12) + "_"}));
+      done_.push_back(false);
+    }
+    worker_request_ = ToWorkerRequest(req_, prompt_, ctx.model->id());
+  }
+
+  void Start() {
+    std::weak_ptr<Call> weak = shared_from_this();
+    responder_->OnClientGone([weak] {
+      if (auto self = weak.lock()) self->ClientGone();
+    });
+    NextAttempt(absl::OkStatus());
+  }
+
+  // --- from the attempt's reactor (serialized per attempt; attempts never overlap) ---
+  void OnMessage(const v1::GenerateResponse& m) {
+    if (m.has_usage()) usage_ = m.usage();
+    if (m.choice_index() < 0 || m.choice_index() >= static_cast<int>(choices_.size())) return;
+    int i = m.choice_index();
+    ChoiceStream& choice = *choices_[i];
+    for (const v1::GeneratedToken& t : m.tokens()) {
+      if (done_[i]) break;
+      std::vector<std::pair<model::TokenId, float>> top;
+      for (const v1::TokenLogprob& lp : t.top_logprobs()) top.emplace_back(lp.token_id(), lp.logprob());
+      absl::StatusOr<ChoiceEvent> e = choice.Push(t.token_id(), t.logprob(), top);
+      if (!e.ok()) {
+        Fail(absl::InternalError(absl::StrCat("worker sent a bad token: ", e.status().message())));
+        return;
+      }
+      Emit(*e);
+      if (choice.stopped()) {
+        CloseChoice(i, Finish::kStop);
+        stopped_here_ = true;
+      }
+    }
+    if (!done_[i] && m.finish_reason() != v1::FINISH_REASON_UNSPECIFIED) {
+      CloseChoice(i, m.finish_reason() == v1::FINISH_REASON_LENGTH ? Finish::kLength : Finish::kStop);
+    }
+    // A stop string matched here: once no choice wants more, stop the worker's generation.
+    if (stopped_here_ && AllDone()) CancelAttempt();
+  }
+
+  void OnAttemptDone(const std::string& worker, const absl::Status& status) {
+    {
+      absl::MutexLock lock(&mu_);
+      attempt_ = nullptr;
+    }
+    if (AllDone() || failed_) return Complete();
+    if (status.ok()) {
+      for (size_t i = 0; i < choices_.size(); ++i) CloseChoice(static_cast<int>(i), Finish::kStop);
+      return Complete();
+    }
+    bool client_gone;
+    {
+      absl::MutexLock lock(&mu_);
+      client_gone = client_gone_;
+    }
+    if (client_gone) return Complete();
+    bool worker_gone = status.code() == absl::StatusCode::kUnavailable;
+    if (worker_gone) ctx_.pool->ReportFailure(WorkerRole::kDecode, worker, status);
+    if (worker_gone && !sent_anything_ && attempts_ < ctx_.max_attempts) {
+      V4LOG(WARNING).With("request_id", request_id_).With("worker", worker).With("status", status)
+          << "retrying on another worker";
+      return NextAttempt(status);
+    }
+    Fail(status);
+    Complete();
+  }
+
+ private:
+  void NextAttempt(const absl::Status& previous) {
+    ++attempts_;
+    RoutingContext rc{.prompt_tokens = static_cast<int64_t>(prompt_.ids.size())};
+    absl::StatusOr<WorkerLease> lease = ctx_.pool->Pick(WorkerRole::kDecode, rc);
+    if (!lease.ok()) {
+      Fail(previous.ok() ? lease.status()
+                         : absl::UnavailableError(
+                               absl::StrCat(lease.status().message(), " (after: ", previous.message(), ")")));
+      return Complete();
+    }
+    auto* attempt = new Attempt(shared_from_this(), std::move(*lease));
+    {
+      absl::MutexLock lock(&mu_);
+      attempt_ = attempt;
+      if (client_gone_) attempt->Cancel();
+    }
+    attempt->Begin(worker_request_, request_id_, deadline_);
+  }
+
+  void ClientGone() {
+    absl::MutexLock lock(&mu_);
+    client_gone_ = true;
+    if (attempt_ != nullptr) attempt_->Cancel();
+  }
+
+  void CancelAttempt() {
+    absl::MutexLock lock(&mu_);
+    if (attempt_ != nullptr) attempt_->Cancel();
+  }
+
+  bool AllDone() const {
+    for (bool d : done_) {
+      if (!d) return false;
+    }
+    return true;
+  }
+
+  void CloseChoice(int i, Finish reason) {
+    if (done_[i]) return;
+    done_[i] = true;
+    Emit(choices_[i]->Close(reason));
+  }
+
+  void Emit(const ChoiceEvent& e) {
+    if (!req_.stream) {
+      builder_.Accumulate(e);
+      return;
+    }
+    std::string chunk = builder_.StreamChunk(e);
+    if (chunk.empty()) return;
+    if (!sent_anything_) responder_->StartStream(200, "text/event-stream");
+    sent_anything_ = true;
+    responder_->Write(std::move(chunk));
+  }
+
+  void Fail(const absl::Status& status) {
+    if (failed_) return;
+    failed_ = true;
+    error_ = status;
+  }
+
+  UsageOut Usage() const {
+    UsageOut u;
+    u.prompt_tokens =
+        usage_.prompt_tokens() > 0 ? usage_.prompt_tokens() : static_cast<int32_t>(prompt_.ids.size());
+    u.cached_prompt_tokens = usage_.cached_prompt_tokens();
+    for (const auto& c : choices_) {
+      u.completion_tokens += c->completion_tokens();
+      u.reasoning_tokens += c->reasoning_tokens();
+    }
+    return u;
+  }
+
+  // Sends what is owed to the client exactly once.
+  void Complete() {
+    if (completed_) return;
+    completed_ = true;
+    if (failed_) {
+      V4LOG(WARNING).With("request_id", request_id_).With("status", error_) << "completion failed";
+      if (sent_anything_) {
+        responder_->Write("data: " + services::OpenAiErrorJson(error_) + "\n\n");
+        responder_->EndStream();
+      } else {
+        responder_->Respond(services::ToHttpError(error_).http_status, "application/json",
+                            services::OpenAiErrorJson(error_));
+      }
+      return;
+    }
+    if (req_.stream) {
+      if (!sent_anything_) responder_->StartStream(200, "text/event-stream");
+      responder_->Write(builder_.StreamEnd(Usage(), req_.include_usage));
+      responder_->EndStream();
+    } else {
+      responder_->Respond(200, "application/json", builder_.Body(Usage()));
+    }
+  }
+
+  const CompletionContext ctx_;
+  const OpenAiRequest req_;
+  const EncodedPrompt prompt_;
+  const std::string request_id_;
+  std::shared_ptr<HttpResponder> responder_;
+  ResponseBuilder builder_;
+  const absl::Time deadline_;
+  v1::GenerateRequest worker_request_;
+  std::vector<std::unique_ptr<ChoiceStream>> choices_;
+  std::vector<bool> done_;
+  v1::Usage usage_;
+  int attempts_ = 0;
+  bool stopped_here_ = false;
+  bool sent_anything_ = false;
+  bool failed_ = false;
+  bool completed_ = false;
+  absl::Status error_;
+  absl::Mutex mu_;  // guards the current attempt against ClientGone from an HTTP thread
+  Attempt* attempt_ ABSL_GUARDED_BY(mu_) = nullptr;
+  bool client_gone_ ABSL_GUARDED_BY(mu_) = false;
+};
+
+void Attempt::Begin(const v1::GenerateRequest& request, const std::string& request_id, absl::Time deadline) {
+  request_ = request;
+  services::AttachRequestId(ctx_, request_id);
+  ctx_.set_deadline(absl::ToChronoTime(deadline));
+  stub_ = v1::Inference::NewStub(lease_.channel());
+  stub_->async()->Generate(&ctx_, &request_, this);
+  StartRead(&response_);
+  StartCall();
+}
+
+void Attempt::OnReadDone(bool ok) {
+  if (!ok) return;  // the stream ended; OnDone follows
+  call_->OnMessage(response_);
+  StartRead(&response_);
+}
+
+void Attempt::OnDone(const grpc::Status& status) {
+  std::shared_ptr<Call> call = std::move(call_);
+  std::string worker = lease_.address();
+  lease_ = WorkerLease();
+  absl::Status st = services::FromGrpcStatus(status);
+  delete this;
+  call->OnAttemptDone(worker, st);
+}
+
+}  // namespace
+
+void StartCompletion(const CompletionContext& context, OpenAiRequest request, EncodedPrompt prompt,
+                     std::string request_id, std::shared_ptr<HttpResponder> responder) {
+  std::make_shared<Call>(context, std::move(request), std::move(prompt), std::move(request_id),
+                         std::move(responder))
+      ->Start();
+}
+
+}  // namespace v4serve::router

@@ -1,0 +1,83 @@
+#include "router/served_model.h"
+
+#include <filesystem>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "model/config.h"
+#include "services/status_macros.h"
+
+namespace v4serve::router {
+
+ServedModel::ServedModel(std::string id, std::unique_ptr<model::Tokenizer> tokenizer,
+                         int64_t max_context_tokens, int32_t eos_id)
+    : id_(std::move(id)),
+      tokenizer_(std::move(tokenizer)),
+      max_context_tokens_(max_context_tokens),
+      eos_id_(eos_id) {}
+
+absl::StatusOr<std::unique_ptr<ServedModel>> ServedModel::Load(const std::string& dir,
+                                                               const std::string& id) {
+  ASSIGN_OR_RETURN(model::ModelConfig config, model::LoadModelConfig(dir));
+  std::string tok_path = (std::filesystem::path(dir) / "tokenizer.json").string();
+  absl::StatusOr<std::unique_ptr<model::Tokenizer>> tok = model::Tokenizer::LoadFromFile(tok_path);
+  if (!tok.ok()) {
+    return absl::Status(tok.status().code(),
+                        absl::StrCat("--model: ", tok_path, ": ", tok.status().message()));
+  }
+  if ((*tok)->vocab_size() > config.vocab_size) {
+    return absl::InvalidArgumentError(absl::StrCat("--model: tokenizer.json has ", (*tok)->vocab_size(),
+                                                   " ids but config.json's vocab_size is ",
+                                                   config.vocab_size));
+  }
+  std::string name = id.empty() ? std::filesystem::path(dir).lexically_normal().filename().string() : id;
+  if (name.empty()) name = std::filesystem::path(dir).lexically_normal().parent_path().filename().string();
+  return std::make_unique<ServedModel>(name, std::move(*tok), config.max_position_embeddings,
+                                       static_cast<int32_t>(config.eos_token_id));
+}
+
+absl::StatusOr<EncodedPrompt> ServedModel::Encode(const OpenAiRequest& req) const {
+  EncodedPrompt out;
+  const char* field = "prompt";
+  if (req.endpoint == Endpoint::kChatCompletions) {
+    field = "messages";
+    model::ChatEncodeOptions o;
+    o.thinking_mode = req.reasoning == ReasoningMode::kNonThink ? model::ThinkingMode::kChat
+                                                                : model::ThinkingMode::kThinking;
+    o.reasoning_effort = req.reasoning == ReasoningMode::kThinkMax    ? model::ReasoningEffort::kMax
+                         : req.reasoning == ReasoningMode::kThinkHigh ? model::ReasoningEffort::kHigh
+                                                                      : model::ReasoningEffort::kDefault;
+    out.thinking = o.thinking_mode == model::ThinkingMode::kThinking;
+    model::ChatEncoder encoder(*tokenizer_);
+    ASSIGN_OR_RETURN(model::ChatEncoder::Prompt prompt, encoder.Encode(req.messages, req.tools, o));
+    out.ids = std::move(prompt.ids);
+  } else if (req.prompt_ids) {
+    for (size_t i = 0; i < req.prompt_ids->size(); ++i) {
+      if ((*req.prompt_ids)[i] >= tokenizer_->vocab_size()) {
+        return absl::InvalidArgumentError(absl::StrCat("prompt[", i, "]: token id ", (*req.prompt_ids)[i],
+                                                       " is outside the vocabulary of ",
+                                                       tokenizer_->vocab_size()));
+      }
+    }
+    out.ids = *req.prompt_ids;
+  } else {
+    std::optional<model::TokenId> bos = tokenizer_->TokenToId("<｜begin▁of▁sentence｜>");
+    if (bos) out.ids.push_back(*bos);
+    std::vector<model::TokenId> text = tokenizer_->Encode(req.prompt_text.value_or(""));
+    out.ids.insert(out.ids.end(), text.begin(), text.end());
+  }
+  if (out.ids.empty()) return absl::InvalidArgumentError(absl::StrCat(field, ": the prompt is empty"));
+  int64_t room = max_context_tokens_ - static_cast<int64_t>(out.ids.size());
+  if (max_context_tokens_ > 0 && room < 1) {
+    return absl::InvalidArgumentError(absl::StrCat(field, ": the prompt has ", out.ids.size(),
+                                                   " tokens; this model's context is ", max_context_tokens_));
+  }
+  if (max_context_tokens_ > 0 && req.sampling.max_tokens && *req.sampling.max_tokens > room) {
+    return absl::InvalidArgumentError(absl::StrCat("max_tokens: ", *req.sampling.max_tokens,
+                                                   " plus the prompt's ", out.ids.size(),
+                                                   " tokens exceeds the context of ", max_context_tokens_));
+  }
+  return out;
+}
+
+}  // namespace v4serve::router

@@ -1,0 +1,235 @@
+// The router's OpenAI API through the real `v4serve router` binary, in front of fake decode workers that
+// stream scripted completions: request validation, chat encoding, streaming vs non-streaming, tool calls,
+// stop strings, n > 1, retry when a worker dies, and cancellation when the client goes away.
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+
+#include <filesystem>
+#include <fstream>
+
+#include "absl/strings/match.h"
+#include "absl/strings/str_split.h"
+#include "model/chat_encoder.h"
+#include "model/tokenizer.h"
+#include "nlohmann/json.hpp"
+#include "services/grpc_server.h"
+#include "tests/testing/fake_worker.h"
+#include "tests/testing/http_client.h"
+#include "tests/testing/v4serve_process.h"
+
+namespace v4serve {
+namespace {
+
+using testing::FakeWorker;
+using ::testing::HasSubstr;
+using testing::HttpCall;
+using testing::HttpConnection;
+using testing::TempDir;
+using testing::V4serveProcess;
+using Json = nlohmann::json;
+
+const std::string kSource = V4SERVE_TEST_SOURCE_DIR;
+const std::string kTokenizer = kSource + "/tests/model/testdata/tokenizer/tokenizer.json";
+
+const model::Tokenizer& Tok() {
+  static auto* tok = model::Tokenizer::LoadFromFile(kTokenizer).value().release();
+  return *tok;
+}
+
+std::vector<int32_t> Ids(const std::string& text) { return Tok().Encode(text); }
+
+// A model directory for the router: the tiny V4 config (vocabulary widened to the test tokenizer's 4,096
+// ids, context 512) and the test tokenizer.
+std::string MakeModelDir(const TempDir& dir) {
+  std::string model = dir.path() + "/tiny-chat";
+  std::filesystem::create_directories(model);
+  std::ifstream in(kSource + "/tests/model/testdata/tiny_v4/config.json");
+  Json config = Json::parse(in);
+  config["vocab_size"] = 4096;
+  config["max_position_embeddings"] = 512;
+  std::ofstream(model + "/config.json") << config.dump();
+  std::filesystem::copy_file(kTokenizer, model + "/tokenizer.json");
+  return model;
+}
+
+class CompletionsE2eTest : public ::testing::Test {
+ protected:
+  void StartRouter(const std::vector<FakeWorker*>& workers) {
+    std::string list;
+    for (FakeWorker* w : workers) list += (list.empty() ? "" : ",") + w->address();
+    auto r = V4serveProcess::Start({"router", "--host=127.0.0.1", "--http_host=127.0.0.1", "--http_port=0",
+                                    "--grpc_port=0", "--model=" + MakeModelDir(dir_),
+                                    "--decode_workers=" + list, "--worker_health_interval=100ms"});
+    ASSERT_TRUE(r.ok()) << r.status();
+    router_ = std::move(*r);
+    // Ready once a worker's health check passed.
+    absl::Time deadline = absl::Now() + absl::Seconds(20);
+    while (absl::Now() < deadline) {
+      auto ready = HttpCall(port(), "GET", "/readyz");
+      if (ready.ok() && ready->status == 200) return;
+      absl::SleepFor(absl::Milliseconds(20));
+    }
+    FAIL() << "router never became ready";
+  }
+  int port() const { return router_->port("http_port"); }
+  Json Post(const std::string& path, const Json& body, int want_status = 200) {
+    auto r = HttpCall(port(), "POST", path, body.dump());
+    EXPECT_TRUE(r.ok()) << r.status();
+    if (!r.ok()) return Json();
+    EXPECT_EQ(r->status, want_status) << r->body;
+    return Json::parse(r->body, nullptr, false);
+  }
+
+  TempDir dir_;
+  std::unique_ptr<V4serveProcess> router_;
+};
+
+const Json kHi = Json::array({{{"role", "user"}, {"content", "Hi"}}});
+
+TEST_F(CompletionsE2eTest, ChatNonStreamingEncodesThePromptAndReturnsTheCompletion) {
+  FakeWorker worker(Ids("Hello there!\n\nHow can I help?<｜end▁of▁sentence｜>"));
+  StartRouter({&worker});
+  Json body = Post("/v1/chat/completions",
+                   {{"model", "tiny-chat"}, {"messages", kHi}, {"temperature", 0}, {"seed", 3}});
+  EXPECT_EQ(body["object"], "chat.completion");
+  EXPECT_EQ(body["model"], "tiny-chat");
+  EXPECT_EQ(body["choices"][0]["message"]["role"], "assistant");
+  EXPECT_EQ(body["choices"][0]["message"]["content"], "Hello there!\n\nHow can I help?");
+  EXPECT_EQ(body["choices"][0]["finish_reason"], "stop");
+  EXPECT_EQ(body["usage"]["prompt_tokens"], 7);
+  EXPECT_GT(body["usage"]["completion_tokens"].get<int>(), 3);
+  // The worker got exactly V4's chat encoding of the messages, and the sampling parameters.
+  model::ChatEncoder encoder(Tok());
+  auto prompt = encoder.Encode(nlohmann::ordered_json(kHi), nlohmann::ordered_json(), {});
+  ASSERT_TRUE(prompt.ok());
+  v1::GenerateRequest got = worker.last_request();
+  EXPECT_EQ(std::vector<int32_t>(got.token_ids().ids().begin(), got.token_ids().ids().end()), prompt->ids);
+  EXPECT_EQ(got.sampling().temperature(), 0.0f);
+  EXPECT_EQ(got.sampling().seed(), 3u);
+}
+
+TEST_F(CompletionsE2eTest, StreamingAgreesWithNonStreaming) {
+  FakeWorker worker(Ids("Streaming works, 中文 and emoji 🙂 too.<｜end▁of▁sentence｜>"));
+  StartRouter({&worker});
+  Json whole = Post("/v1/chat/completions", {{"messages", kHi}});
+  auto conn = HttpConnection::Connect(port());
+  ASSERT_TRUE(conn.ok());
+  Json req = {{"messages", kHi}, {"stream", true}, {"stream_options", {{"include_usage", true}}}};
+  ASSERT_EQ(*(*conn)->StartRequest("POST", "/v1/chat/completions", req.dump()), 200);
+  std::string sse;
+  for (int i = 0; i < 1000; ++i) {
+    auto chunk = (*conn)->ReadChunk();
+    ASSERT_TRUE(chunk.ok()) << chunk.status();
+    if (chunk->empty()) break;
+    sse += *chunk;
+  }
+  ASSERT_TRUE(absl::EndsWith(sse, "data: [DONE]\n\n")) << sse;
+  std::string content;
+  Json usage;
+  for (absl::string_view block : absl::StrSplit(sse, "\n\n", absl::SkipEmpty())) {
+    if (block == "data: [DONE]") continue;
+    Json ev = Json::parse(std::string(block.substr(6)));
+    if (ev.contains("usage") && !ev["usage"].is_null()) usage = ev["usage"];
+    for (const Json& c : ev["choices"]) {
+      if (c["delta"].contains("content")) content += c["delta"]["content"].get<std::string>();
+    }
+  }
+  EXPECT_EQ(content, whole["choices"][0]["message"]["content"].get<std::string>());
+  EXPECT_EQ(content, "Streaming works, 中文 and emoji 🙂 too.");
+  EXPECT_EQ(usage["completion_tokens"], whole["usage"]["completion_tokens"]);
+}
+
+TEST_F(CompletionsE2eTest, ToolCallsReasoningAndSeveralChoices) {
+  FakeWorker worker(
+      Ids("Need weather.</think>\n\n<｜DSML｜tool_calls>\n<｜DSML｜invoke name=\"get_weather\">\n"
+          "<｜DSML｜parameter name=\"city\" string=\"true\">Beijing</｜DSML｜parameter>\n"
+          "</｜DSML｜invoke>\n</｜DSML｜tool_calls><｜end▁of▁sentence｜>"));
+  StartRouter({&worker});
+  Json tools = Json::array(
+      {{{"type", "function"},
+        {"function",
+         {{"name", "get_weather"},
+          {"parameters", {{"type", "object"}, {"properties", {{"city", {{"type", "string"}}}}}}}}}}});
+  Json body = Post("/v1/chat/completions",
+                   {{"messages", kHi}, {"tools", tools}, {"reasoning_effort", "high"}, {"n", 2}});
+  ASSERT_EQ(body["choices"].size(), 2u);
+  for (const Json& choice : body["choices"]) {
+    EXPECT_EQ(choice["finish_reason"], "tool_calls");
+    EXPECT_EQ(choice["message"]["reasoning_content"], "Need weather.");
+    const Json& call = choice["message"]["tool_calls"][0];
+    EXPECT_EQ(call["type"], "function");
+    EXPECT_EQ(call["function"]["name"], "get_weather");
+    EXPECT_EQ(Json::parse(call["function"]["arguments"].get<std::string>()), Json({{"city", "Beijing"}}));
+    EXPECT_TRUE(absl::StartsWith(call["id"].get<std::string>(), "call_"));
+  }
+  EXPECT_EQ(worker.last_request().sampling().n(), 2);
+}
+
+TEST_F(CompletionsE2eTest, StopStringsEndTheAnswerAndCancelTheWorker) {
+  FakeWorker worker(Ids("Hello there! General Kenobi.<｜end▁of▁sentence｜>"));
+  worker.HangAfter(8);  // would never finish on its own
+  StartRouter({&worker});
+  Json body = Post("/v1/completions", {{"prompt", "Say hello"}, {"stop", "there"}});
+  EXPECT_EQ(body["object"], "text_completion");
+  EXPECT_EQ(body["choices"][0]["text"], "Hello ");
+  EXPECT_EQ(body["choices"][0]["finish_reason"], "stop");
+  EXPECT_TRUE(worker.WaitForCancellations(1, absl::Seconds(10)));
+}
+
+TEST_F(CompletionsE2eTest, BadRequestsGetOpenAiErrors) {
+  FakeWorker worker(Ids("x"));
+  StartRouter({&worker});
+  Json e = Post("/v1/chat/completions", {{"messages", kHi}, {"temperature", 5}}, 400);
+  EXPECT_EQ(e["error"]["param"], "temperature");
+  e = Post("/v1/chat/completions", {{"messages", Json::array({{{"role", "wizard"}, {"content", "x"}}})}},
+           400);
+  EXPECT_THAT(e["error"]["message"].get<std::string>(), HasSubstr("messages[0]"));
+  e = Post("/v1/chat/completions", {{"model", "gpt-4"}, {"messages", kHi}}, 404);
+  EXPECT_THAT(e["error"]["message"].get<std::string>(), HasSubstr("tiny-chat"));
+  e = Post("/v1/chat/completions", {{"messages", kHi}, {"max_tokens", 100000}}, 400);
+  EXPECT_EQ(e["error"]["param"], "max_tokens");
+  e = Post("/v1/completions", {{"prompt", std::string(3000, 'a') + " end"}}, 400);
+  EXPECT_THAT(e["error"]["message"].get<std::string>(), HasSubstr("context"));
+  auto raw = HttpCall(port(), "POST", "/v1/chat/completions", "{not json");
+  ASSERT_TRUE(raw.ok());
+  EXPECT_EQ(raw->status, 400);
+  EXPECT_EQ(worker.requests(), 0) << "invalid requests must not reach a worker";
+}
+
+TEST_F(CompletionsE2eTest, ADyingWorkerIsRetriedElsewhereAndDropped) {
+  FakeWorker bad(Ids("never")), good(Ids("Fine.<｜end▁of▁sentence｜>"));
+  bad.FailRequests(true);
+  StartRouter({&bad, &good});
+  for (int i = 0; i < 4; ++i) {
+    Json body = Post("/v1/chat/completions", {{"messages", kHi}});
+    EXPECT_EQ(body["choices"][0]["message"]["content"], "Fine.");
+  }
+  EXPECT_LE(bad.requests(), 2) << "a failed worker leaves routing until its next good health check";
+  EXPECT_EQ(good.requests(), 4);
+}
+
+TEST_F(CompletionsE2eTest, NoHealthyWorkerIs503) {
+  FakeWorker worker(Ids("x"));
+  StartRouter({&worker});
+  worker.FailRequests(true);
+  Json e = Post("/v1/chat/completions", {{"messages", kHi}}, 503);
+  EXPECT_EQ(e["error"]["type"], "service_unavailable_error");
+}
+
+TEST_F(CompletionsE2eTest, ClientDisconnectCancelsTheWorkerCall) {
+  FakeWorker worker(Ids("one two three four five six seven eight nine ten<｜end▁of▁sentence｜>"));
+  worker.HangAfter(3);
+  StartRouter({&worker});
+  auto conn = HttpConnection::Connect(port());
+  ASSERT_TRUE(conn.ok());
+  Json req = {{"messages", kHi}, {"stream", true}};
+  ASSERT_EQ(*(*conn)->StartRequest("POST", "/v1/chat/completions", req.dump()), 200);
+  auto first = (*conn)->ReadChunk();
+  ASSERT_TRUE(first.ok() && !first->empty());
+  (*conn)->Close();
+  EXPECT_TRUE(worker.WaitForCancellations(1, absl::Seconds(10)));
+  EXPECT_EQ(router_->Terminate(absl::Seconds(20)), 0) << "no request may be left hanging at shutdown";
+}
+
+}  // namespace
+}  // namespace v4serve
