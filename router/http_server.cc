@@ -74,7 +74,7 @@ class Session : public std::enable_shared_from_this<Session> {
   }
 
   // --- called through Responder, always on the strand ---
-  void Respond(int status, const std::string& content_type, std::string body) {
+  void Respond(int status, const std::string& content_type, const std::string& body) {
     if (ended_) return;
     ended_ = true;
     server_->RequestEnded();
@@ -95,7 +95,7 @@ class Session : public std::enable_shared_from_this<Session> {
                     request_id_, "\r\n", KeepAliveHeader(), "\r\n");
     Enqueue(std::move(out));
   }
-  void Write(std::string chunk) {
+  void Write(const std::string& chunk) {
     if (ended_ || !streaming_ || gone_ || chunk.empty()) return;
     std::string out = absl::StrCat(absl::Hex(chunk.size()), "\r\n");
     out += chunk;

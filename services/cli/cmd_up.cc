@@ -63,9 +63,10 @@ absl::StatusOr<Role> StartRole(const std::string& name, std::vector<std::string>
         if (!j.is_discarded()) return Role{std::move(child), std::move(j)};
       }
     }
-    if (absl::Now() > deadline)
+    if (absl::Now() > deadline) {
       return absl::DeadlineExceededError(
           absl::StrCat(name, " did not start within ", absl::FormatDuration(timeout)));
+    }
     if (!shutdown->WaitUntil(absl::Now() + absl::Milliseconds(50)).empty()) {
       return absl::CancelledError("interrupted while starting");
     }
@@ -158,9 +159,10 @@ absl::Status RunUp(const Context& ctx, const UpOptions& o) {
   absl::Time deadline = absl::Now() + o.drain_timeout + absl::Seconds(5);
   for (auto it = roles.rbegin(); it != roles.rend(); ++it) {
     int code = it->process->Stop(deadline);
-    if (code != 0 && status.ok())
+    if (code != 0 && status.ok()) {
       status = absl::InternalError(
           absl::StrCat(it->process->name(), " exited with status ", code, " while stopping"));
+    }
   }
   if (!o.ready_file.empty()) fs::remove(o.ready_file, ec);
   fs::remove_all(run_dir, ec);
