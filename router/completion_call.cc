@@ -63,16 +63,12 @@ class Attempt : public grpc::ClientReadReactor<v1::GenerateResponse> {
 class Call : public std::enable_shared_from_this<Call> {
  public:
   Call(const CompletionContext& ctx, OpenAiRequest req, EncodedPrompt prompt, std::string request_id,
-       std::shared_ptr<HttpResponder> responder)
+       std::unique_ptr<CompletionSink> sink)
       : ctx_(ctx),
         req_(std::move(req)),
         prompt_(std::move(prompt)),
         request_id_(std::move(request_id)),
-        responder_(std::move(responder)),
-        builder_(
-            req_.endpoint,
-            absl::StrCat(req_.endpoint == Endpoint::kChatCompletions ? "chatcmpl-" : "cmpl-", request_id_),
-            ctx.model->id(), absl::ToUnixSeconds(absl::Now()), req_.sampling.n),
+        sink_(std::move(sink)),
         deadline_(absl::Now() + ctx.request_timeout) {
     for (int32_t i = 0; i < req_.sampling.n; ++i) {
       choices_.push_back(std::make_unique<ChoiceStream>(
@@ -91,7 +87,7 @@ class Call : public std::enable_shared_from_this<Call> {
 
   void Start() {
     std::weak_ptr<Call> weak = shared_from_this();
-    responder_->OnClientGone([weak] {
+    sink_->OnClientGone([weak] {
       if (auto self = weak.lock()) self->ClientGone();
     });
     NextAttempt(absl::OkStatus());
@@ -112,7 +108,7 @@ class Call : public std::enable_shared_from_this<Call> {
         Fail(absl::InternalError(absl::StrCat("worker sent a bad token: ", e.status().message())));
         return;
       }
-      Emit(*e);
+      sink_->Event(*e, &t);
       if (choice.stopped()) {
         CloseChoice(i, Finish::kStop);
         stopped_here_ = true;
@@ -143,7 +139,7 @@ class Call : public std::enable_shared_from_this<Call> {
     if (client_gone) return Complete();
     bool worker_gone = status.code() == absl::StatusCode::kUnavailable;
     if (worker_gone) ctx_.pool->ReportFailure(WorkerRole::kDecode, worker, status);
-    if (worker_gone && !sent_anything_ && attempts_ < ctx_.max_attempts) {
+    if (worker_gone && !sink_->sent_anything() && attempts_ < ctx_.max_attempts) {
       V4LOG(WARNING).With("request_id", request_id_).With("worker", worker).With("status", status)
           << "retrying on another worker";
       return NextAttempt(status);
@@ -193,19 +189,7 @@ class Call : public std::enable_shared_from_this<Call> {
   void CloseChoice(int i, Finish reason) {
     if (done_[i]) return;
     done_[i] = true;
-    Emit(choices_[i]->Close(reason));
-  }
-
-  void Emit(const ChoiceEvent& e) {
-    if (!req_.stream) {
-      builder_.Accumulate(e);
-      return;
-    }
-    std::string chunk = builder_.StreamChunk(e);
-    if (chunk.empty()) return;
-    if (!sent_anything_) responder_->StartStream(200, "text/event-stream");
-    sent_anything_ = true;
-    responder_->Write(std::move(chunk));
+    sink_->Event(choices_[i]->Close(reason), nullptr);
   }
 
   void Fail(const absl::Status& status) {
@@ -232,21 +216,9 @@ class Call : public std::enable_shared_from_this<Call> {
     completed_ = true;
     if (failed_) {
       V4LOG(WARNING).With("request_id", request_id_).With("status", error_) << "completion failed";
-      if (sent_anything_) {
-        responder_->Write("data: " + services::OpenAiErrorJson(error_) + "\n\n");
-        responder_->EndStream();
-      } else {
-        responder_->Respond(services::ToHttpError(error_).http_status, "application/json",
-                            services::OpenAiErrorJson(error_));
-      }
-      return;
-    }
-    if (req_.stream) {
-      if (!sent_anything_) responder_->StartStream(200, "text/event-stream");
-      responder_->Write(builder_.StreamEnd(Usage(), req_.include_usage));
-      responder_->EndStream();
+      sink_->Error(error_);
     } else {
-      responder_->Respond(200, "application/json", builder_.Body(Usage()));
+      sink_->End(Usage());
     }
   }
 
@@ -254,8 +226,7 @@ class Call : public std::enable_shared_from_this<Call> {
   const OpenAiRequest req_;
   const EncodedPrompt prompt_;
   const std::string request_id_;
-  std::shared_ptr<HttpResponder> responder_;
-  ResponseBuilder builder_;
+  std::unique_ptr<CompletionSink> sink_;
   const absl::Time deadline_;
   v1::GenerateRequest worker_request_;
   std::vector<std::unique_ptr<ChoiceStream>> choices_;
@@ -263,7 +234,6 @@ class Call : public std::enable_shared_from_this<Call> {
   v1::Usage usage_;
   int attempts_ = 0;
   bool stopped_here_ = false;
-  bool sent_anything_ = false;
   bool failed_ = false;
   bool completed_ = false;
   absl::Status error_;
@@ -297,12 +267,76 @@ void Attempt::OnDone(const grpc::Status& status) {
   call->OnAttemptDone(worker, st);
 }
 
+// OpenAI over HTTP: SSE chunks while streaming, else one JSON body at the end.
+class HttpSink : public CompletionSink {
+ public:
+  HttpSink(const OpenAiRequest& req, const std::string& model_id, const std::string& request_id,
+           std::shared_ptr<HttpResponder> responder)
+      : stream_(req.stream),
+        include_usage_(req.include_usage),
+        responder_(std::move(responder)),
+        builder_(req.endpoint,
+                 absl::StrCat(req.endpoint == Endpoint::kChatCompletions ? "chatcmpl-" : "cmpl-", request_id),
+                 model_id, absl::ToUnixSeconds(absl::Now()), req.sampling.n) {}
+
+  void Event(const ChoiceEvent& e, const v1::GeneratedToken*) override {
+    if (!stream_) {
+      builder_.Accumulate(e);
+      return;
+    }
+    std::string chunk = builder_.StreamChunk(e);
+    if (chunk.empty()) return;
+    StartOnce();
+    responder_->Write(std::move(chunk));
+  }
+  void End(const UsageOut& usage) override {
+    if (!stream_) {
+      responder_->Respond(200, "application/json", builder_.Body(usage));
+      return;
+    }
+    StartOnce();
+    responder_->Write(builder_.StreamEnd(usage, include_usage_));
+    responder_->EndStream();
+  }
+  void Error(const absl::Status& status) override {
+    if (sent_) {
+      responder_->Write("data: " + services::OpenAiErrorJson(status) + "\n\n");
+      responder_->EndStream();
+    } else {
+      responder_->Respond(services::ToHttpError(status).http_status, "application/json",
+                          services::OpenAiErrorJson(status));
+    }
+  }
+  void OnClientGone(std::function<void()> callback) override {
+    responder_->OnClientGone(std::move(callback));
+  }
+  bool sent_anything() const override { return sent_; }
+
+ private:
+  void StartOnce() {
+    if (!sent_) responder_->StartStream(200, "text/event-stream");
+    sent_ = true;
+  }
+
+  const bool stream_;
+  const bool include_usage_;
+  std::shared_ptr<HttpResponder> responder_;
+  ResponseBuilder builder_;
+  bool sent_ = false;
+};
+
 }  // namespace
 
+std::unique_ptr<CompletionSink> MakeHttpSink(const OpenAiRequest& request, const std::string& model_id,
+                                             const std::string& request_id,
+                                             std::shared_ptr<HttpResponder> responder) {
+  return std::make_unique<HttpSink>(request, model_id, request_id, std::move(responder));
+}
+
 void StartCompletion(const CompletionContext& context, OpenAiRequest request, EncodedPrompt prompt,
-                     std::string request_id, std::shared_ptr<HttpResponder> responder) {
+                     std::string request_id, std::unique_ptr<CompletionSink> sink) {
   std::make_shared<Call>(context, std::move(request), std::move(prompt), std::move(request_id),
-                         std::move(responder))
+                         std::move(sink))
       ->Start();
 }
 

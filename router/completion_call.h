@@ -12,16 +12,39 @@
 #ifndef V4SERVE_ROUTER_COMPLETION_CALL_H_
 #define V4SERVE_ROUTER_COMPLETION_CALL_H_
 
+#include <functional>
 #include <memory>
 #include <string>
 
 #include "absl/time/time.h"
 #include "router/http_server.h"
 #include "router/openai_request.h"
+#include "router/openai_response.h"
 #include "router/served_model.h"
 #include "router/worker_pool.h"
+#include "v4serve/v1/inference.pb.h"
 
 namespace v4serve::router {
+
+// Where a completion's output goes: an HTTP response (SSE or one JSON body) or a gRPC stream.
+// Called from one thread at a time (the worker stream's callbacks), never after End() or Error().
+class CompletionSink {
+ public:
+  virtual ~CompletionSink() = default;
+  // One step of one choice: the parsed event and the worker's token behind it (null for a closing event).
+  virtual void Event(const ChoiceEvent& event, const v1::GeneratedToken* token) = 0;
+  virtual void End(const UsageOut& usage) = 0;
+  virtual void Error(const absl::Status& status) = 0;
+  // `callback` runs (on any thread) if the client goes away before End/Error.
+  virtual void OnClientGone(std::function<void()> callback) = 0;
+  // Whether anything reached the client (then a failed worker can no longer be retried silently).
+  virtual bool sent_anything() const = 0;
+};
+
+// The HTTP sink: OpenAI SSE chunks or one JSON body, through the router's HttpResponder.
+std::unique_ptr<CompletionSink> MakeHttpSink(const OpenAiRequest& request, const std::string& model_id,
+                                             const std::string& request_id,
+                                             std::shared_ptr<HttpResponder> responder);
 
 struct CompletionContext {
   const ServedModel* model;  // must outlive every call
@@ -31,7 +54,7 @@ struct CompletionContext {
 };
 
 void StartCompletion(const CompletionContext& context, OpenAiRequest request, EncodedPrompt prompt,
-                     std::string request_id, std::shared_ptr<HttpResponder> responder);
+                     std::string request_id, std::unique_ptr<CompletionSink> sink);
 
 }  // namespace v4serve::router
 

@@ -70,8 +70,13 @@ void HttpApi::Handle(HttpRequest req, std::shared_ptr<HttpResponder> responder) 
     }
     absl::Status ready = backend_->Ready();
     if (!ready.ok()) return ReplyError(req, *responder, absl::UnavailableError(ready.message()));
-    return backend_->Complete(
-        req.path == "/v1/completions" ? Endpoint::kCompletions : Endpoint::kChatCompletions, req, responder);
+    Endpoint endpoint = req.path == "/v1/completions" ? Endpoint::kCompletions : Endpoint::kChatCompletions;
+    absl::StatusOr<OpenAiRequest> parsed = ParseOpenAiRequest(endpoint, req.body);
+    if (!parsed.ok()) return ReplyError(req, *responder, parsed.status());
+    std::vector<std::string> ids = backend_->ModelIds();
+    std::unique_ptr<CompletionSink> sink =
+        MakeHttpSink(*parsed, ids.empty() ? "" : ids.front(), req.request_id, std::move(responder));
+    return backend_->Start(std::move(*parsed), req.request_id, std::move(sink));
   }
   ReplyError(req, *responder,
              absl::NotFoundError(absl::StrCat("no route for ", req.method, " ", req.path,

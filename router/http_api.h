@@ -10,6 +10,7 @@
 #include "absl/status/status.h"
 #include "prometheus/counter.h"
 #include "prometheus/histogram.h"
+#include "router/completion_call.h"
 #include "router/http_server.h"
 #include "router/openai_request.h"
 #include "services/metrics.h"
@@ -24,9 +25,9 @@ class RouterBackend {
   virtual absl::Status Ready() const = 0;
   // The served model ids (empty when none is loaded).
   virtual std::vector<std::string> ModelIds() const = 0;
-  // Parses, validates, encodes and runs one completion; answers through `responder` (errors included).
-  virtual void Complete(Endpoint endpoint, const HttpRequest& request,
-                        std::shared_ptr<HttpResponder> responder) = 0;
+  // Checks the model, encodes and runs one completion; its output and any error go to `sink`.
+  virtual void Start(OpenAiRequest request, const std::string& request_id,
+                     std::unique_ptr<CompletionSink> sink) = 0;
 };
 
 class HttpApi : public HttpHandler {

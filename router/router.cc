@@ -33,22 +33,17 @@ class ServingBackend : public RouterBackend {
     return {model_->id()};
   }
 
-  void Complete(Endpoint endpoint, const HttpRequest& http,
-                std::shared_ptr<HttpResponder> responder) override {
-    absl::StatusOr<OpenAiRequest> req = ParseOpenAiRequest(endpoint, http.body);
-    absl::Status st = req.status();
-    if (st.ok() && !req->model.empty() && req->model != model_->id()) {
-      st = absl::NotFoundError(absl::StrCat("model: '", req->model,
+  void Start(OpenAiRequest req, const std::string& request_id,
+             std::unique_ptr<CompletionSink> sink) override {
+    absl::Status st;
+    if (!req.model.empty() && req.model != model_->id()) {
+      st = absl::NotFoundError(absl::StrCat("model: '", req.model,
                                             "' is not served here; this router serves '", model_->id(),
                                             "' (see /v1/models)"));
     }
-    absl::StatusOr<EncodedPrompt> prompt = st.ok() ? model_->Encode(*req) : absl::StatusOr<EncodedPrompt>(st);
-    if (!prompt.ok()) {
-      responder->Respond(services::ToHttpError(prompt.status()).http_status, "application/json",
-                         services::OpenAiErrorJson(prompt.status()));
-      return;
-    }
-    StartCompletion(completion_, std::move(*req), std::move(*prompt), http.request_id, std::move(responder));
+    absl::StatusOr<EncodedPrompt> prompt = st.ok() ? model_->Encode(req) : absl::StatusOr<EncodedPrompt>(st);
+    if (!prompt.ok()) return sink->Error(prompt.status());
+    StartCompletion(completion_, std::move(req), std::move(*prompt), request_id, std::move(sink));
   }
 
  private:

@@ -9,6 +9,7 @@
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_split.h"
+#include "grpcpp/create_channel.h"
 #include "model/chat_encoder.h"
 #include "model/tokenizer.h"
 #include "nlohmann/json.hpp"
@@ -16,6 +17,7 @@
 #include "tests/testing/fake_worker.h"
 #include "tests/testing/http_client.h"
 #include "tests/testing/v4serve_process.h"
+#include "v4serve/v1/inference.grpc.pb.h"
 
 namespace v4serve {
 namespace {
@@ -229,6 +231,61 @@ TEST_F(CompletionsE2eTest, ClientDisconnectCancelsTheWorkerCall) {
   (*conn)->Close();
   EXPECT_TRUE(worker.WaitForCancellations(1, absl::Seconds(10)));
   EXPECT_EQ(router_->Terminate(absl::Seconds(20)), 0) << "no request may be left hanging at shutdown";
+}
+
+}  // namespace
+}  // namespace v4serve
+
+namespace v4serve {
+namespace {
+
+// The router's public gRPC Inference.Generate runs the same pipeline: chat_json in, text and tool calls out.
+TEST_F(CompletionsE2eTest, GrpcGenerateStreamsTextAndToolCalls) {
+  FakeWorker worker(
+      Ids("Need weather.</think>\n\n<｜DSML｜tool_calls>\n<｜DSML｜invoke name=\"get_weather\">\n"
+          "<｜DSML｜parameter name=\"city\" string=\"true\">Oslo</｜DSML｜parameter>\n"
+          "</｜DSML｜invoke>\n</｜DSML｜tool_calls><｜end▁of▁sentence｜>"));
+  StartRouter({&worker});
+  auto channel = grpc::CreateChannel("127.0.0.1:" + std::to_string(router_->port("grpc_port")),
+                                     grpc::InsecureChannelCredentials());
+  v1::Inference::Stub stub(channel);
+  v1::GenerateRequest req;
+  req.set_chat_json(R"({"messages": [{"role": "user", "content": "Weather in Oslo?"}]})");
+  req.set_reasoning_mode(v1::REASONING_MODE_THINK_HIGH);
+  req.set_stream_text(true);
+  grpc::ClientContext ctx;
+  auto reader = stub.Generate(&ctx, req);
+  v1::GenerateResponse msg;
+  std::string reasoning;
+  std::vector<v1::ToolCall> calls;
+  int tokens = 0;
+  v1::FinishReason finish = v1::FINISH_REASON_UNSPECIFIED;
+  v1::Usage usage;
+  while (reader->Read(&msg)) {
+    reasoning += msg.reasoning_delta();
+    tokens += msg.tokens_size();
+    for (const auto& c : msg.tool_calls()) calls.push_back(c);
+    if (msg.finish_reason() != v1::FINISH_REASON_UNSPECIFIED) finish = msg.finish_reason();
+    if (msg.has_usage()) usage = msg.usage();
+  }
+  ASSERT_TRUE(reader->Finish().ok());
+  EXPECT_EQ(reasoning, "Need weather.");
+  ASSERT_EQ(calls.size(), 1u);
+  EXPECT_EQ(calls[0].name(), "get_weather");
+  EXPECT_EQ(Json::parse(calls[0].arguments()), Json({{"city", "Oslo"}}));
+  EXPECT_EQ(finish, v1::FINISH_REASON_TOOL_CALLS);
+  EXPECT_EQ(usage.completion_tokens(), tokens);
+
+  grpc::ClientContext bad_ctx;
+  v1::GenerateRequest bad;
+  bad.set_text("x");
+  bad.mutable_sampling()->set_temperature(7);
+  auto bad_reader = stub.Generate(&bad_ctx, bad);
+  while (bad_reader->Read(&msg)) {
+  }
+  grpc::Status st = bad_reader->Finish();
+  EXPECT_EQ(st.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_THAT(st.error_message(), HasSubstr("sampling.temperature"));
 }
 
 }  // namespace
