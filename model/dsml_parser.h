@@ -72,6 +72,7 @@ class DsmlParser {
 
   State state_;
   std::string buffer_;  // undecided text of the current state (for kToolBlock: the block after its marker)
+  size_t block_scanned_ = 0;  // kToolBlock: bytes of buffer_ already searched for the closing tag
   int tool_calls_emitted_ = 0;
 };
 

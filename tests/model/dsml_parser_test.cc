@@ -149,6 +149,21 @@ TEST(DsmlParserTest, MalformedDsmlIsReturnedAsContent) {
   }
 }
 
+TEST(DsmlParserTest, LongToolArgumentStreamedInSmallPieces) {
+  // A tool call writing a 1 MB file, fed 4 bytes at a time, must parse (and in linear time).
+  const std::string value(1 << 20, 'x');
+  const std::string text =
+      "\n\n<｜DSML｜tool_calls>\n<｜DSML｜invoke name=\"write\">\n<｜DSML｜parameter name=\"data\" "
+      "string=\"true\">" +
+      value + "</｜DSML｜parameter>\n</｜DSML｜invoke>\n</｜DSML｜tool_calls>";
+  std::vector<std::string> chunks;
+  for (size_t pos = 0; pos < text.size(); pos += 4) chunks.push_back(text.substr(pos, 4));
+  const auto m = ParseChunked(chunks, {});
+  ASSERT_EQ(m.tool_calls.size(), 1u);
+  EXPECT_EQ(m.tool_calls[0].arguments, "{\"data\": \"" + value + "\"}");
+  EXPECT_EQ(m.content, "");
+}
+
 TEST(DsmlParserTest, NonJsonValueOfNonStringParameterIsQuoted) {
   const auto m = DsmlParser::ParseCompletion(
       "\n\n<｜DSML｜tool_calls>\n<｜DSML｜invoke name=\"f\">\n<｜DSML｜parameter name=\"n\" "
