@@ -58,7 +58,7 @@ class DsmlParser {
   // Ends the stream: flushes held-back text (an unclosed DSML block becomes content).
   std::vector<ChatDelta> Finish();
 
-  // Whether "<｜end▁of▁sentence｜>" was seen.
+  // Whether "<｜end▁of▁sentence｜>" was seen or Finish() was called; later Push() calls return nothing.
   bool finished() const { return state_ == State::kDone; }
 
   // Push(text) + Finish() collected into one message.
