@@ -36,11 +36,13 @@ int FuzzDsmlParser(const uint8_t* data, size_t size) {
   }
   for (size_t i = 0; i < whole.tool_calls.size(); ++i) {
     if (streamed.tool_calls[i].arguments != whole.tool_calls[i].arguments) std::abort();
-    const auto args = nlohmann::json::parse(whole.tool_calls[i].arguments, nullptr, /*allow_exceptions=*/false);
+    const auto args =
+        nlohmann::json::parse(whole.tool_calls[i].arguments, nullptr, /*allow_exceptions=*/false);
     if (args.is_discarded() || !args.is_object()) std::abort();
   }
   // Without markers the parser must hand the text back unchanged.
-  const bool plain = text.find("｜DSML｜") == std::string_view::npos && text.find("</think>") == std::string_view::npos &&
+  const bool plain = text.find("｜DSML｜") == std::string_view::npos &&
+                     text.find("</think>") == std::string_view::npos &&
                      text.find("<｜end▁of▁sentence｜>") == std::string_view::npos;
   if (plain) {
     const std::string& all = options.thinking ? whole.reasoning_content : whole.content;
