@@ -140,7 +140,7 @@ bool ParseDsmlToolCallBlock(std::string_view text, std::vector<DsmlToolCall>& ca
       for (const auto& a : args) {
         if (a.first == name) return false;  // duplicate parameter
       }
-      args.push_back({std::move(name), {std::move(value), is_string}});
+      args.emplace_back(std::move(name), std::make_pair(std::move(value), is_string));
       r = ReadUntil(text, pos, kInInvoke);
       if (r.before != ">\n") return false;
     }
