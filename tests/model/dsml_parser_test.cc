@@ -118,24 +118,24 @@ TEST(DsmlParserTest, ContentIsReleasedAsSoonAsNoMarkerCanStart) {
 }
 
 TEST(DsmlParserTest, MalformedDsmlIsReturnedAsContent) {
+  // Each case is one std::string (parenthesized so the literal pieces are not taken for a missing comma).
   const std::string bad[] = {
       // misspelled attribute
-      "Hi\n\n<｜DSML｜tool_calls>\n<｜DSML｜invoke nam=\"f\">\n</｜DSML｜invoke>\n</｜DSML｜tool_calls>",
+      ("Hi\n\n<｜DSML｜tool_calls>\n<｜DSML｜invoke nam=\"f\">\n</｜DSML｜invoke>\n</｜DSML｜tool_calls>"),
       // not the tool_calls tag
-      "Hi\n\n<｜DSML｜tool_callsX>\n</｜DSML｜tool_calls>",
+      ("Hi\n\n<｜DSML｜tool_callsX>\n</｜DSML｜tool_calls>"),
       // duplicate parameter
-      "\n\n<｜DSML｜tool_calls>\n<｜DSML｜invoke name=\"f\">\n<｜DSML｜parameter name=\"a\" "
-      "string=\"true\">1</｜DSML｜"
-      "parameter>\n<｜DSML｜parameter name=\"a\" "
-      "string=\"true\">2</｜DSML｜parameter>\n</｜DSML｜invoke>\n</｜DSML｜"
-      "tool_calls>",
+      ("\n\n<｜DSML｜tool_calls>\n<｜DSML｜invoke name=\"f\">\n"
+       "<｜DSML｜parameter name=\"a\" string=\"true\">1</｜DSML｜parameter>\n"
+       "<｜DSML｜parameter name=\"a\" "
+       "string=\"true\">2</｜DSML｜parameter>\n</｜DSML｜invoke>\n</｜DSML｜tool_calls>"),
       // string attribute neither true nor false
-      "\n\n<｜DSML｜tool_calls>\n<｜DSML｜invoke name=\"f\">\n<｜DSML｜parameter name=\"a\" "
-      "string=\"yes\">1</｜DSML｜"
-      "parameter>\n</｜DSML｜invoke>\n</｜DSML｜tool_calls>",
+      ("\n\n<｜DSML｜tool_calls>\n<｜DSML｜invoke name=\"f\">\n"
+       "<｜DSML｜parameter name=\"a\" "
+       "string=\"yes\">1</｜DSML｜parameter>\n</｜DSML｜invoke>\n</｜DSML｜tool_calls>"),
       // never closed (e.g. max_tokens reached)
-      "Partial\n\n<｜DSML｜tool_calls>\n<｜DSML｜invoke name=\"f\">\n<｜DSML｜parameter name=\"a\" "
-      "string=\"true\">1",
+      ("Partial\n\n<｜DSML｜tool_calls>\n<｜DSML｜invoke name=\"f\">\n<｜DSML｜parameter name=\"a\" "
+       "string=\"true\">1"),
   };
   for (const std::string& text : bad) {
     const auto m = DsmlParser::ParseCompletion(text, {.thinking = false});

@@ -17,8 +17,8 @@ int FuzzDsmlParser(const uint8_t* data, size_t size) {
   const ParsedAssistantMessage whole = DsmlParser::ParseCompletion(text, options);
   DsmlParser parser(options);
   ParsedAssistantMessage streamed;
-  auto collect = [&](std::vector<ChatDelta> deltas) {
-    for (auto& d : deltas) {
+  auto collect = [&](const std::vector<ChatDelta>& deltas) {
+    for (const auto& d : deltas) {
       if (d.kind == ChatDelta::Kind::kReasoning) streamed.reasoning_content += d.text;
       if (d.kind == ChatDelta::Kind::kContent) streamed.content += d.text;
       if (d.kind == ChatDelta::Kind::kToolCall) {
