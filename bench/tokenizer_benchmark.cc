@@ -119,6 +119,7 @@ void BM_DsmlParserStreaming(benchmark::State& state) {
   const Tokenizer& tok = Tok();
   const auto ids = tok.Encode(Text());
   std::vector<std::string> pieces;
+  pieces.reserve(ids.size());
   v4serve::model::StreamingDecoder decoder(tok, {});
   for (auto id : ids) pieces.push_back(*decoder.Push(id));
   for (auto _ : state) {

@@ -140,7 +140,7 @@ bool ParseDsmlToolCallBlock(std::string_view text, std::vector<DsmlToolCall>& ca
       for (const auto& a : args) {
         if (a.first == name) return false;  // duplicate parameter
       }
-      args.push_back({std::move(name), {std::move(value), is_string}});
+      args.emplace_back(std::move(name), std::make_pair(std::move(value), is_string));
       r = ReadUntil(text, pos, kInInvoke);
       if (r.before != ">\n") return false;
     }
@@ -173,7 +173,10 @@ void DsmlParser::Step(bool final, std::vector<ChatDelta>& out) {
     if (state_ == State::kToolBlock) {
       // The block must open with ">\n"; anything else is not DSML.
       const bool bad_start = (buf.size() >= 1 && buf[0] != '>') || (buf.size() >= 2 && buf[1] != '\n');
-      const size_t end = buf.find(kBlockEnd);
+      // Resume the search where the last one stopped, so a long block fed token by token stays linear.
+      const size_t from = block_scanned_ > kBlockEnd.size() ? block_scanned_ - kBlockEnd.size() : 0;
+      const size_t end = buf.find(kBlockEnd, from);
+      block_scanned_ = buf.size();
       if (!bad_start && end == std::string_view::npos && !final) return;
       std::vector<DsmlToolCall> calls;
       const size_t block_len = end == std::string_view::npos ? buf.size() : end + kBlockEnd.size();
@@ -206,6 +209,7 @@ void DsmlParser::Step(bool final, std::vector<ChatDelta>& out) {
       Emit(kind, buf.substr(0, at_marker), out);
       buffer_.erase(0, at_marker + marker.size());
       state_ = reasoning ? State::kContent : State::kToolBlock;
+      block_scanned_ = 0;
       continue;
     }
     const size_t hold =

@@ -58,7 +58,7 @@ class DsmlParser {
   // Ends the stream: flushes held-back text (an unclosed DSML block becomes content).
   std::vector<ChatDelta> Finish();
 
-  // Whether "<｜end▁of▁sentence｜>" was seen.
+  // Whether "<｜end▁of▁sentence｜>" was seen or Finish() was called; later Push() calls return nothing.
   bool finished() const { return state_ == State::kDone; }
 
   // Push(text) + Finish() collected into one message.
@@ -72,6 +72,7 @@ class DsmlParser {
 
   State state_;
   std::string buffer_;  // undecided text of the current state (for kToolBlock: the block after its marker)
+  size_t block_scanned_ = 0;  // kToolBlock: bytes of buffer_ already searched for the closing tag
   int tool_calls_emitted_ = 0;
 };
 

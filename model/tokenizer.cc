@@ -19,6 +19,14 @@ Tokenizer::~Tokenizer() = default;
 
 void Tokenizer::EncodeOrdinaryValid(std::string_view text, std::vector<TokenId>& out) const {
   if (text.empty()) return;
+  // Piece offsets are 32-bit: cut (far) oversized input at character boundaries so it stays memory-safe.
+  constexpr size_t kMaxChunk = size_t{1} << 30;
+  while (text.size() > kMaxChunk) {
+    size_t cut = kMaxChunk;
+    while ((static_cast<unsigned char>(text[cut]) & 0xC0) == 0x80) --cut;
+    EncodeOrdinaryValid(text.substr(0, cut), out);
+    text.remove_prefix(cut);
+  }
   thread_local internal::PreTokenizerScratch scratch;
   thread_local std::vector<internal::PieceSpan> pieces;
   internal::PreTokenize(text, scratch, pieces);

@@ -54,7 +54,8 @@ class Tokenizer {
 
   // Encodes `text`. Added tokens written in the text (special ones such as "<｜User｜>" included) become
   // their ids, like HF. Ill-formed UTF-8 is first replaced by U+FFFD per maximal ill-formed subpart
-  // (Python's bytes.decode("utf-8", "replace")), so any byte string is accepted.
+  // (Python's bytes.decode("utf-8", "replace")), so any byte string is accepted. Text beyond 1 GiB is
+  // tokenized in 1 GiB parts (32-bit offsets inside); request bodies are limited far below that.
   std::vector<TokenId> Encode(std::string_view text) const;
   // Like Encode but added-token strings are tokenized as ordinary text: use it for untrusted text that
   // must not be able to inject control tokens.

@@ -80,7 +80,7 @@ absl::Status CheckNormalizer(const Json& root) {
 
 absl::Status CheckPreTokenizer(const Json& root) {
   auto it = root.find("pre_tokenizer");
-  const absl::Status unsupported = absl::UnimplementedError(
+  absl::Status unsupported = absl::UnimplementedError(
       "pre_tokenizer: only DeepSeek V3/V4's Sequence of three Isolated Splits and ByteLevel(use_regex=false) "
       "is supported");
   if (it == root.end() || !it->is_object() || StrField(*it, "type") != "Sequence") return unsupported;
@@ -169,12 +169,13 @@ void TokenizerLoader::SetToken(Tokenizer& tok, int32_t id, const std::string& sp
   for (size_t pos = 0; pos < spelling.size() && all_mapped;) {
     size_t len = 1;
     const auto b0 = static_cast<unsigned char>(spelling[pos]);
-    if (b0 >= 0xF0)
+    if (b0 >= 0xF0) {
       len = 4;
-    else if (b0 >= 0xE0)
+    } else if (b0 >= 0xE0) {
       len = 3;
-    else if (b0 >= 0xC0)
+    } else if (b0 >= 0xC0) {
       len = 2;
+    }
     auto it = kCharToByte.find(spelling.substr(pos, len));
     if (it == kCharToByte.end()) {
       all_mapped = false;
@@ -279,8 +280,8 @@ absl::Status TokenizerLoader::LoadAddedTokens(const Json& root, Tokenizer& tok) 
       tok.added_tokens_.push_back(std::move(added));
     }
   }
-  tok.normalized_matcher_ = std::make_unique<internal::AddedTokenMatcher>(std::move(normalized));
-  tok.non_normalized_matcher_ = std::make_unique<internal::AddedTokenMatcher>(std::move(non_normalized));
+  tok.normalized_matcher_ = std::make_unique<internal::AddedTokenMatcher>(normalized);
+  tok.non_normalized_matcher_ = std::make_unique<internal::AddedTokenMatcher>(non_normalized);
   return absl::OkStatus();
 }
 

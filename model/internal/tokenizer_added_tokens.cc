@@ -2,7 +2,7 @@
 
 namespace v4serve::model::internal {
 
-AddedTokenMatcher::AddedTokenMatcher(std::vector<std::pair<std::string, int32_t>> tokens) {
+AddedTokenMatcher::AddedTokenMatcher(const std::vector<std::pair<std::string, int32_t>>& tokens) {
   root_child_.fill(-1);
   nodes_.emplace_back();
   for (const auto& [content, id] : tokens) {

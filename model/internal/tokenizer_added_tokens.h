@@ -20,7 +20,7 @@ class AddedTokenMatcher {
     int32_t id;
   };
 
-  explicit AddedTokenMatcher(std::vector<std::pair<std::string, int32_t>> tokens);
+  explicit AddedTokenMatcher(const std::vector<std::pair<std::string, int32_t>>& tokens);
 
   bool empty() const { return token_count_ == 0; }
   // The leftmost match at or after `from`, the longest one at that position; false when none.

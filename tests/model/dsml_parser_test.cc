@@ -118,24 +118,24 @@ TEST(DsmlParserTest, ContentIsReleasedAsSoonAsNoMarkerCanStart) {
 }
 
 TEST(DsmlParserTest, MalformedDsmlIsReturnedAsContent) {
+  // Each case is one std::string (parenthesized so the literal pieces are not taken for a missing comma).
   const std::string bad[] = {
       // misspelled attribute
-      "Hi\n\n<｜DSML｜tool_calls>\n<｜DSML｜invoke nam=\"f\">\n</｜DSML｜invoke>\n</｜DSML｜tool_calls>",
+      ("Hi\n\n<｜DSML｜tool_calls>\n<｜DSML｜invoke nam=\"f\">\n</｜DSML｜invoke>\n</｜DSML｜tool_calls>"),
       // not the tool_calls tag
-      "Hi\n\n<｜DSML｜tool_callsX>\n</｜DSML｜tool_calls>",
+      ("Hi\n\n<｜DSML｜tool_callsX>\n</｜DSML｜tool_calls>"),
       // duplicate parameter
-      "\n\n<｜DSML｜tool_calls>\n<｜DSML｜invoke name=\"f\">\n<｜DSML｜parameter name=\"a\" "
-      "string=\"true\">1</｜DSML｜"
-      "parameter>\n<｜DSML｜parameter name=\"a\" "
-      "string=\"true\">2</｜DSML｜parameter>\n</｜DSML｜invoke>\n</｜DSML｜"
-      "tool_calls>",
+      ("\n\n<｜DSML｜tool_calls>\n<｜DSML｜invoke name=\"f\">\n"
+       "<｜DSML｜parameter name=\"a\" string=\"true\">1</｜DSML｜parameter>\n"
+       "<｜DSML｜parameter name=\"a\" "
+       "string=\"true\">2</｜DSML｜parameter>\n</｜DSML｜invoke>\n</｜DSML｜tool_calls>"),
       // string attribute neither true nor false
-      "\n\n<｜DSML｜tool_calls>\n<｜DSML｜invoke name=\"f\">\n<｜DSML｜parameter name=\"a\" "
-      "string=\"yes\">1</｜DSML｜"
-      "parameter>\n</｜DSML｜invoke>\n</｜DSML｜tool_calls>",
+      ("\n\n<｜DSML｜tool_calls>\n<｜DSML｜invoke name=\"f\">\n"
+       "<｜DSML｜parameter name=\"a\" "
+       "string=\"yes\">1</｜DSML｜parameter>\n</｜DSML｜invoke>\n</｜DSML｜tool_calls>"),
       // never closed (e.g. max_tokens reached)
-      "Partial\n\n<｜DSML｜tool_calls>\n<｜DSML｜invoke name=\"f\">\n<｜DSML｜parameter name=\"a\" "
-      "string=\"true\">1",
+      ("Partial\n\n<｜DSML｜tool_calls>\n<｜DSML｜invoke name=\"f\">\n<｜DSML｜parameter name=\"a\" "
+       "string=\"true\">1"),
   };
   for (const std::string& text : bad) {
     const auto m = DsmlParser::ParseCompletion(text, {.thinking = false});
@@ -147,6 +147,21 @@ TEST(DsmlParserTest, MalformedDsmlIsReturnedAsContent) {
       EXPECT_TRUE(s.tool_calls.empty());
     }
   }
+}
+
+TEST(DsmlParserTest, LongToolArgumentStreamedInSmallPieces) {
+  // A tool call writing a 1 MB file, fed 4 bytes at a time, must parse (and in linear time).
+  const std::string value(1 << 20, 'x');
+  const std::string text =
+      "\n\n<｜DSML｜tool_calls>\n<｜DSML｜invoke name=\"write\">\n<｜DSML｜parameter name=\"data\" "
+      "string=\"true\">" +
+      value + "</｜DSML｜parameter>\n</｜DSML｜invoke>\n</｜DSML｜tool_calls>";
+  std::vector<std::string> chunks;
+  for (size_t pos = 0; pos < text.size(); pos += 4) chunks.push_back(text.substr(pos, 4));
+  const auto m = ParseChunked(chunks, {});
+  ASSERT_EQ(m.tool_calls.size(), 1u);
+  EXPECT_EQ(m.tool_calls[0].arguments, "{\"data\": \"" + value + "\"}");
+  EXPECT_EQ(m.content, "");
 }
 
 TEST(DsmlParserTest, NonJsonValueOfNonStringParameterIsQuoted) {

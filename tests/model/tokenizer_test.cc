@@ -76,6 +76,7 @@ TEST_F(TokenizerTest, ConcurrentEncodesAgree) {
   // One Tokenizer serves every request thread (scratch buffers are thread-local).
   const auto cases = LoadCorpus();
   std::vector<std::thread> threads;
+  threads.reserve(4);
   std::atomic<int> mismatches{0};
   for (int t = 0; t < 4; ++t) {
     threads.emplace_back([&, t] {

@@ -17,8 +17,8 @@ int FuzzDsmlParser(const uint8_t* data, size_t size) {
   const ParsedAssistantMessage whole = DsmlParser::ParseCompletion(text, options);
   DsmlParser parser(options);
   ParsedAssistantMessage streamed;
-  auto collect = [&](std::vector<ChatDelta> deltas) {
-    for (auto& d : deltas) {
+  auto collect = [&](const std::vector<ChatDelta>& deltas) {
+    for (const auto& d : deltas) {
       if (d.kind == ChatDelta::Kind::kReasoning) streamed.reasoning_content += d.text;
       if (d.kind == ChatDelta::Kind::kContent) streamed.content += d.text;
       if (d.kind == ChatDelta::Kind::kToolCall) {
@@ -36,11 +36,13 @@ int FuzzDsmlParser(const uint8_t* data, size_t size) {
   }
   for (size_t i = 0; i < whole.tool_calls.size(); ++i) {
     if (streamed.tool_calls[i].arguments != whole.tool_calls[i].arguments) std::abort();
-    const auto args = nlohmann::json::parse(whole.tool_calls[i].arguments, nullptr, /*allow_exceptions=*/false);
+    const auto args =
+        nlohmann::json::parse(whole.tool_calls[i].arguments, nullptr, /*allow_exceptions=*/false);
     if (args.is_discarded() || !args.is_object()) std::abort();
   }
   // Without markers the parser must hand the text back unchanged.
-  const bool plain = text.find("｜DSML｜") == std::string_view::npos && text.find("</think>") == std::string_view::npos &&
+  const bool plain = text.find("｜DSML｜") == std::string_view::npos &&
+                     text.find("</think>") == std::string_view::npos &&
                      text.find("<｜end▁of▁sentence｜>") == std::string_view::npos;
   if (plain) {
     const std::string& all = options.thinking ? whole.reasoning_content : whole.content;

@@ -13,7 +13,8 @@ namespace {
 
 size_t RunCorpus(const std::string& target, int (*fn)(const uint8_t*, size_t)) {
   const std::filesystem::path dir =
-      std::filesystem::path(testing::TestDataPath("")).parent_path().parent_path() / "fuzz" / "corpus" / target;
+      std::filesystem::path(testing::TestDataPath("")).parent_path().parent_path() / "fuzz" / "corpus" /
+      target;
   size_t n = 0;
   for (const auto& entry : std::filesystem::directory_iterator(dir)) {
     const std::string bytes = testing::ReadFileOrDie(entry.path().string());

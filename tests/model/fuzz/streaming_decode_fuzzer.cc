@@ -14,8 +14,8 @@ namespace {
 const Tokenizer& TestTokenizer() {
   static const Tokenizer* tok = [] {
     const char* root = std::getenv("V4SERVE_SOURCE_DIR");
-    const std::string path =
-        std::string(root != nullptr ? root : V4SERVE_TEST_SOURCE_DIR) + "/tests/model/testdata/tokenizer/tokenizer.json";
+    const std::string path = std::string(root != nullptr ? root : V4SERVE_TEST_SOURCE_DIR) +
+                             "/tests/model/testdata/tokenizer/tokenizer.json";
     auto t = Tokenizer::LoadFromFile(path);
     if (!t.ok()) {
       std::fprintf(stderr, "%s\n", t.status().ToString().c_str());
