@@ -1,0 +1,61 @@
+#include "model/cpu/compressor.h"
+
+#include <cmath>
+#include <limits>
+
+namespace v4serve::model::cpu {
+
+bool CompressorPush(const CompressorWeights& w, const RopeTable& rope, int64_t rope_dim, double eps,
+                    const float* kv, const float* score, int64_t pos, CompressorState* s,
+                    std::vector<float>* entries) {
+  const int64_t m = s->ratio, width = s->width, coff = s->overlap ? 2 : 1, row = coff * width;
+  const int64_t slot = pos % m;
+  for (int64_t f = 0; f < row; ++f) {
+    s->kv[slot * row + f] = kv[f];
+    s->score[slot * row + f] = score[f] + w.ape[slot * row + f];
+  }
+  s->filled = slot + 1;
+  if (slot + 1 < m) return false;
+
+  // Pool per feature with a softmax over the window's slots. Overlap: the first half of the features of
+  // the previous window's m slots, then the second half of the current window's m slots.
+  std::vector<float> entry(static_cast<size_t>(width));
+  std::vector<float> sc, vals;
+  for (int64_t f = 0; f < width; ++f) {
+    sc.clear();
+    vals.clear();
+    if (s->overlap && s->has_prev) {
+      for (int64_t j = 0; j < m; ++j) {
+        sc.push_back(s->prev_score[j * row + f]);
+        vals.push_back(s->prev_kv[j * row + f]);
+      }
+    }
+    const int64_t off = s->overlap ? width : 0;
+    for (int64_t j = 0; j < m; ++j) {
+      sc.push_back(s->score[j * row + off + f]);
+      vals.push_back(s->kv[j * row + off + f]);
+    }
+    float mx = -std::numeric_limits<float>::infinity();
+    for (float v : sc) mx = std::max(mx, v);
+    float denom = 0;
+    for (float& v : sc) {
+      v = std::exp(v - mx);
+      denom += v;
+    }
+    float acc = 0;
+    for (size_t j = 0; j < sc.size(); ++j) acc += (sc[j] / denom) * vals[j];
+    entry[f] = acc;
+  }
+  RmsNorm(entry.data(), 1, width, w.norm.data(), eps);
+  rope.Apply(entry.data() + width - rope_dim, pos + 1 - m, /*inverse=*/false);
+  entries->insert(entries->end(), entry.begin(), entry.end());
+  if (s->overlap) {
+    s->prev_kv = s->kv;
+    s->prev_score = s->score;
+    s->has_prev = true;
+  }
+  s->filled = 0;
+  return true;
+}
+
+}  // namespace v4serve::model::cpu

@@ -1,0 +1,81 @@
+#include "model/cpu/moe.h"
+
+#include <algorithm>
+#include <cmath>
+
+#include "model/cpu/attention.h"
+#include "model/cpu/ops.h"
+
+namespace v4serve::model::cpu {
+namespace {
+
+float Score(const std::string& func, float logit) {
+  if (func == "sigmoid") return Sigmoid(logit);
+  // softplus with the same overflow guard as torch (threshold 20).
+  const float sp = logit > 20.0f ? logit : std::log1p(std::exp(logit));
+  return std::sqrt(sp);
+}
+
+// SwiGLU expert on `n` rows: out = w2(silu(min(w1 x, L)) * clamp(w3 x, -L, L)).
+void Expert(const ModelConfig& c, const ExpertWeights& e, const float* x, int64_t n,
+            std::vector<float>* out) {
+  const int64_t d = c.hidden_size, inter = c.moe_intermediate_size;
+  const float lim = static_cast<float>(c.swiglu_limit);
+  std::vector<float> g, u;
+  MatmulWt(x, n, d, e.w1.data(), inter, &g);
+  MatmulWt(x, n, d, e.w3.data(), inter, &u);
+  for (size_t i = 0; i < g.size(); ++i) {
+    float gate = g[i], up = u[i];
+    if (lim > 0) {
+      gate = std::min(gate, lim);
+      up = std::clamp(up, -lim, lim);
+    }
+    g[i] = Silu(gate) * up;
+  }
+  MatmulWt(g.data(), n, inter, e.w2.data(), d, out);
+}
+
+}  // namespace
+
+void MoeForward(const ModelConfig& c, const BlockWeights& w, bool hash, const float* x, const int32_t* tokens,
+                int64_t rows, std::vector<float>* out) {
+  const int64_t d = c.hidden_size, ne = c.n_routed_experts, k = c.num_experts_per_tok;
+  std::vector<float> logits;
+  MatmulWt(x, rows, d, w.gate.data(), ne, &logits);
+  // Per expert: the rows routed to it and their weights.
+  std::vector<std::vector<int64_t>> rows_of(static_cast<size_t>(ne));
+  std::vector<std::vector<float>> weight_of(static_cast<size_t>(ne));
+  std::vector<float> scores(static_cast<size_t>(ne)), biased(static_cast<size_t>(ne));
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t e = 0; e < ne; ++e) {
+      scores[e] = Score(c.scoring_func, logits[r * ne + e]);
+      biased[e] = scores[e] + (w.gate_bias.empty() ? 0.0f : w.gate_bias[e]);
+    }
+    std::vector<int64_t> sel;
+    if (hash) {
+      for (int64_t j = 0; j < k; ++j) sel.push_back(w.tid2eid[static_cast<size_t>(tokens[r]) * k + j]);
+    } else {
+      sel = TopKIndices(biased, k);
+    }
+    float sum = 0;
+    for (int64_t e : sel) sum += scores[e];
+    for (int64_t e : sel) {
+      rows_of[e].push_back(r);
+      weight_of[e].push_back(scores[e] / sum * static_cast<float>(c.routed_scaling_factor));
+    }
+  }
+  Expert(c, w.shared, x, rows, out);
+  std::vector<float> xin, y;
+  for (int64_t e = 0; e < ne; ++e) {
+    const auto& rs = rows_of[e];
+    if (rs.empty()) continue;
+    xin.resize(rs.size() * d);
+    for (size_t i = 0; i < rs.size(); ++i) std::copy(x + rs[i] * d, x + (rs[i] + 1) * d, &xin[i * d]);
+    Expert(c, w.experts[e], xin.data(), static_cast<int64_t>(rs.size()), &y);
+    for (size_t i = 0; i < rs.size(); ++i) {
+      for (int64_t j = 0; j < d; ++j) (*out)[rs[i] * d + j] += weight_of[e][i] * y[i * d + j];
+    }
+  }
+}
+
+}  // namespace v4serve::model::cpu

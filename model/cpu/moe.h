@@ -1,0 +1,20 @@
+// The MoE sub-block: hash (tid2eid) or score routing (sqrt-softplus + bias for selection only), routed
+// experts with clamped SwiGLU, and the shared expert.
+#ifndef V4SERVE_MODEL_CPU_MOE_H_
+#define V4SERVE_MODEL_CPU_MOE_H_
+
+#include <cstdint>
+#include <vector>
+
+#include "model/config.h"
+#include "model/cpu/weights.h"
+
+namespace v4serve::model::cpu {
+
+// `x` [rows, D] (ffn_norm'd), `tokens` [rows] (for hash routing); writes `out` [rows, D].
+void MoeForward(const ModelConfig& c, const BlockWeights& w, bool hash, const float* x, const int32_t* tokens,
+                int64_t rows, std::vector<float>* out);
+
+}  // namespace v4serve::model::cpu
+
+#endif  // V4SERVE_MODEL_CPU_MOE_H_

@@ -1,0 +1,124 @@
+#include "model/model.h"
+
+#include <algorithm>
+
+#include "absl/strings/str_cat.h"
+#include "model/cpu/attention.h"
+#include "model/cpu/mhc.h"
+#include "model/cpu/moe.h"
+#include "model/cpu/ops.h"
+#include "model/cpu/weights.h"
+#include "services/status_macros.h"
+
+namespace v4serve::model {
+
+Model::Model(ModelConfig config, std::unique_ptr<cpu::ModelWeights> weights)
+    : config_(std::move(config)), weights_(std::move(weights)) {
+  rope_main_ = std::make_unique<cpu::RopeTable>(
+      cpu::MakeRopeTable(config_.qk_rope_head_dim, config_.rope_theta, nullptr));
+  rope_compress_ = std::make_unique<cpu::RopeTable>(
+      cpu::MakeRopeTable(config_.qk_rope_head_dim, config_.compress_rope_theta, &config_.rope_scaling));
+}
+
+Model::~Model() = default;
+
+absl::StatusOr<std::unique_ptr<Model>> Model::Load(const std::string& dir, const ModelOptions& options) {
+  ASSIGN_OR_RETURN(ModelConfig config, LoadModelConfig(dir));
+  ASSIGN_OR_RETURN(std::unique_ptr<Checkpoint> ckpt, Checkpoint::Open(dir));
+  return FromCheckpoint(config, *ckpt, options);
+}
+
+absl::StatusOr<std::unique_ptr<Model>> Model::FromCheckpoint(const ModelConfig& config,
+                                                             const Checkpoint& ckpt,
+                                                             const ModelOptions& options) {
+  if (options.mode != NumericMode::kExact) {
+    return absl::UnimplementedError(
+        "the faithful numeric mode is not implemented yet; use NumericMode::kExact");
+  }
+  RETURN_IF_ERROR(ValidateModelConfig(config));
+  ASSIGN_OR_RETURN(std::unique_ptr<cpu::ModelWeights> w, cpu::LoadWeights(config, ckpt, options.load_mtp));
+  return std::unique_ptr<Model>(new Model(config, std::move(w)));
+}
+
+absl::StatusOr<std::vector<float>> Model::Prefill(SequenceState* state, absl::Span<const int32_t> tokens,
+                                                  bool all_logits) const {
+  if (tokens.empty()) return absl::InvalidArgumentError("Prefill needs at least one token");
+  std::vector<int64_t> rows;
+  if (all_logits) {
+    for (size_t i = 0; i < tokens.size(); ++i) rows.push_back(static_cast<int64_t>(i));
+  } else {
+    rows.push_back(static_cast<int64_t>(tokens.size()) - 1);
+  }
+  return Forward({Seq{state, 0, static_cast<int64_t>(tokens.size())}}, tokens, rows);
+}
+
+absl::StatusOr<std::vector<float>> Model::Decode(absl::Span<SequenceState* const> states,
+                                                 absl::Span<const int32_t> tokens) const {
+  if (states.size() != tokens.size() || states.empty()) {
+    return absl::InvalidArgumentError("Decode needs one token per state and at least one state");
+  }
+  std::vector<Seq> seqs;
+  std::vector<int64_t> rows;
+  for (size_t i = 0; i < states.size(); ++i) {
+    for (size_t j = 0; j < i; ++j) {
+      if (states[i] == states[j]) return absl::InvalidArgumentError("Decode got the same state twice");
+    }
+    seqs.push_back(Seq{states[i], static_cast<int64_t>(i), 1});
+    rows.push_back(static_cast<int64_t>(i));
+  }
+  return Forward(seqs, tokens, rows);
+}
+
+absl::StatusOr<std::vector<float>> Model::Forward(const std::vector<Seq>& seqs,
+                                                  absl::Span<const int32_t> tokens,
+                                                  const std::vector<int64_t>& logit_rows) const {
+  const ModelConfig& c = config_;
+  const int64_t n = static_cast<int64_t>(tokens.size()), d = c.hidden_size, hc = c.hc_mult;
+  for (int32_t t : tokens) {
+    if (t < 0 || t >= c.vocab_size)
+      return absl::InvalidArgumentError(absl::StrCat("token id ", t, " out of range"));
+  }
+  for (const Seq& s : seqs) {
+    if (s.state->layers.size() != static_cast<size_t>(c.num_hidden_layers)) {
+      return absl::InvalidArgumentError("sequence state does not belong to this model (layer count)");
+    }
+  }
+  // Embedding, copied into every stream.
+  std::vector<float> streams(static_cast<size_t>(n * hc * d));
+  for (int64_t t = 0; t < n; ++t) {
+    const float* e = &weights_->embed[static_cast<size_t>(tokens[t]) * d];
+    for (int64_t j = 0; j < hc; ++j) std::copy(e, e + d, &streams[(t * hc + j) * d]);
+  }
+  std::vector<float> collapsed, sub_out;
+  std::vector<cpu::HcMix> mixes;
+  const cpu::LayerRopes ropes{rope_main_.get(), rope_compress_.get()};
+  for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
+    const cpu::BlockWeights& w = weights_->layers[l];
+    cpu::HcPre(c, w.hc_attn, streams.data(), n, &collapsed, &mixes);
+    cpu::RmsNorm(collapsed.data(), n, d, w.attn_norm.data(), c.rms_norm_eps);
+    std::vector<cpu::Segment> segs;
+    for (const Seq& s : seqs) segs.push_back({&s.state->layers[l], s.state->position, s.begin, s.count});
+    cpu::AttentionForward(c, w, l, ropes, collapsed.data(), n, segs, &sub_out);
+    cpu::HcPost(c, mixes, sub_out.data(), n, streams.data());
+
+    cpu::HcPre(c, w.hc_ffn, streams.data(), n, &collapsed, &mixes);
+    cpu::RmsNorm(collapsed.data(), n, d, w.ffn_norm.data(), c.rms_norm_eps);
+    cpu::MoeForward(c, w, c.is_hash_layer(l), collapsed.data(), tokens.data(), n, &sub_out);
+    cpu::HcPost(c, mixes, sub_out.data(), n, streams.data());
+  }
+  for (const Seq& s : seqs) s.state->position += s.count;
+
+  // Final collapse, norm and head for the requested rows only.
+  std::vector<float> picked(logit_rows.size() * hc * d);
+  for (size_t i = 0; i < logit_rows.size(); ++i) {
+    std::copy(&streams[logit_rows[i] * hc * d], &streams[(logit_rows[i] + 1) * hc * d], &picked[i * hc * d]);
+  }
+  std::vector<float> hidden, logits;
+  const int64_t m = static_cast<int64_t>(logit_rows.size());
+  cpu::HcHead(c, weights_->hc_head, picked.data(), m, &hidden);
+  cpu::RmsNorm(hidden.data(), m, d, weights_->norm.data(), c.rms_norm_eps);
+  cpu::MatmulWt(hidden.data(), m, d, weights_->head.data(), c.vocab_size, &logits);
+  return logits;
+}
+
+}  // namespace v4serve::model

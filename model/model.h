@@ -1,0 +1,82 @@
+// DeepSeek-V4 forward pass on CPU (FP32).
+//
+// Two entry points share one SequenceState per sequence:
+//   Prefill: run a chunk of tokens of one sequence after what its state already holds;
+//   Decode:  run one token for each of a batch of sequences.
+// Both advance the states in place. Prefill in chunks of any size leaves the same state and logits as
+// one prefill of the whole prompt.
+//
+// Numeric modes (MODEL.md "Precision the reference simulates"): kExact is FP32 without fake quantization
+// and is implemented; kFaithful (FP8/FP4/BF16 rounding as DeepSeek's code) is not yet, and Load refuses
+// it with UNIMPLEMENTED rather than silently computing something else.
+//
+// Thread-safety: a Model is immutable after Load; calls are externally synchronized (one forward call at
+// a time, because they share the process-wide matmul thread pool). The caller owns the states.
+#ifndef V4SERVE_MODEL_MODEL_H_
+#define V4SERVE_MODEL_MODEL_H_
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "absl/types/span.h"
+#include "model/config.h"
+#include "model/safetensors.h"
+#include "model/sequence_state.h"
+
+namespace v4serve::model {
+
+namespace cpu {
+struct ModelWeights;
+struct RopeTable;
+}  // namespace cpu
+
+enum class NumericMode { kExact, kFaithful };
+
+struct ModelOptions {
+  NumericMode mode = NumericMode::kExact;
+  bool load_mtp = false;  // Load the MTP weights too (not used by Prefill/Decode).
+};
+
+class Model {
+ public:
+  // Loads config.json and the safetensors checkpoint in `dir`.
+  static absl::StatusOr<std::unique_ptr<Model>> Load(const std::string& dir, const ModelOptions& options);
+  static absl::StatusOr<std::unique_ptr<Model>> FromCheckpoint(const ModelConfig& config,
+                                                               const Checkpoint& ckpt,
+                                                               const ModelOptions& options);
+  ~Model();
+
+  const ModelConfig& config() const { return config_; }
+  SequenceState NewState() const { return NewSequenceState(config_); }
+
+  // Runs `tokens` (non-empty) after the state's tokens. Returns logits [vocab] of the last token, or
+  // [tokens.size(), vocab] when `all_logits`. On error the state is unchanged only for argument errors
+  // (bad token id, empty chunk), which are checked before any work.
+  absl::StatusOr<std::vector<float>> Prefill(SequenceState* state, absl::Span<const int32_t> tokens,
+                                             bool all_logits = false) const;
+
+  // One token per sequence: states[i] consumes tokens[i]. Returns logits [batch, vocab]. States must be
+  // distinct.
+  absl::StatusOr<std::vector<float>> Decode(absl::Span<SequenceState* const> states,
+                                            absl::Span<const int32_t> tokens) const;
+
+ private:
+  struct Seq {
+    SequenceState* state;
+    int64_t begin, count;
+  };
+  Model(ModelConfig config, std::unique_ptr<cpu::ModelWeights> weights);
+  absl::StatusOr<std::vector<float>> Forward(const std::vector<Seq>& seqs, absl::Span<const int32_t> tokens,
+                                             const std::vector<int64_t>& logit_rows) const;
+
+  ModelConfig config_;
+  std::unique_ptr<cpu::ModelWeights> weights_;
+  std::unique_ptr<cpu::RopeTable> rope_main_, rope_compress_;
+};
+
+}  // namespace v4serve::model
+
+#endif  // V4SERVE_MODEL_MODEL_H_

@@ -1,0 +1,214 @@
+// The CPU forward pass against goldens from transformers' DeepseekV4ForCausalLM (tools/golden), on the
+// tiny V4 of MODEL.md stored in the released format (FP8 weights, MXFP4 routed experts).
+#include <cmath>
+#include <cstdlib>
+#include <fstream>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "gtest/gtest.h"
+#include "model/model.h"
+#include "model/sequence_state.h"
+#include "nlohmann/json.hpp"
+
+namespace v4serve::model {
+namespace {
+
+std::string TinyDir() {
+  const char* src = std::getenv("V4SERVE_SOURCE_DIR");
+  return std::string(src ? src : ".") + "/tests/model/testdata/tiny_v4";
+}
+
+struct Fixture {
+  std::string name;
+  std::vector<int32_t> prompt;
+  std::vector<int64_t> positions;
+  std::vector<std::vector<float>> logits;
+  std::vector<int32_t> greedy;
+};
+
+class ModelGoldenTest : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() {
+    absl::StatusOr<std::unique_ptr<Model>> m = Model::Load(TinyDir(), ModelOptions{});
+    ASSERT_TRUE(m.ok()) << m.status();
+    model_ = m->release();
+    std::ifstream in(TinyDir() + "/golden.json");
+    ASSERT_TRUE(in.good());
+    std::stringstream ss;
+    ss << in.rdbuf();
+    nlohmann::json j = nlohmann::json::parse(ss.str());
+    for (auto& [name, fx] : j["fixtures"].items()) {
+      Fixture f;
+      f.name = name;
+      f.prompt = fx["prompt"].get<std::vector<int32_t>>();
+      f.positions = fx["positions"].get<std::vector<int64_t>>();
+      f.logits = fx["logits"].get<std::vector<std::vector<float>>>();
+      f.greedy = fx["greedy"].get<std::vector<int32_t>>();
+      fixtures_.push_back(f);
+    }
+  }
+  static void TearDownTestSuite() { delete model_; }
+
+  static Model* model_;
+  static std::vector<Fixture> fixtures_;
+};
+
+Model* ModelGoldenTest::model_ = nullptr;
+std::vector<Fixture> ModelGoldenTest::fixtures_;
+
+// max |a - b| / max |b| over one row of logits.
+double RelError(const float* got, const std::vector<float>& want) {
+  double num = 0, den = 0;
+  for (size_t i = 0; i < want.size(); ++i) {
+    num = std::max(num, std::fabs(static_cast<double>(got[i]) - want[i]));
+    den = std::max(den, std::fabs(static_cast<double>(want[i])));
+  }
+  return num / den;
+}
+
+int32_t Argmax(const float* v, int64_t n) {
+  int32_t best = 0;
+  for (int64_t i = 1; i < n; ++i) {
+    if (v[i] > v[best]) best = static_cast<int32_t>(i);
+  }
+  return best;
+}
+
+TEST_F(ModelGoldenTest, FixturesIncludeALongPrompt) {
+  ASSERT_EQ(fixtures_.size(), 2u);
+  size_t longest = 0;
+  for (const Fixture& f : fixtures_) longest = std::max(longest, f.prompt.size());
+  EXPECT_GE(longest, 1024u);
+}
+
+TEST_F(ModelGoldenTest, ExactLogitsMatchTransformers) {
+  const int64_t vocab = model_->config().vocab_size;
+  for (const Fixture& f : fixtures_) {
+    SequenceState st = model_->NewState();
+    absl::StatusOr<std::vector<float>> logits = model_->Prefill(&st, f.prompt, /*all_logits=*/true);
+    ASSERT_TRUE(logits.ok()) << logits.status();
+    double worst = 0;
+    for (size_t i = 0; i < f.positions.size(); ++i) {
+      const double e = RelError(&(*logits)[f.positions[i] * vocab], f.logits[i]);
+      worst = std::max(worst, e);
+      EXPECT_LT(e, 1e-4) << f.name << " position " << f.positions[i];
+    }
+    std::printf("%s (%zu tokens): worst relative logit error %.3g\n", f.name.c_str(), f.prompt.size(), worst);
+  }
+}
+
+TEST_F(ModelGoldenTest, GreedyDecodeMatchesTransformersForBothFixturesInOneBatch) {
+  const int64_t vocab = model_->config().vocab_size;
+  std::vector<SequenceState> states;
+  std::vector<int32_t> next;
+  for (const Fixture& f : fixtures_) {
+    states.push_back(model_->NewState());
+    absl::StatusOr<std::vector<float>> l = model_->Prefill(&states.back(), f.prompt);
+    ASSERT_TRUE(l.ok()) << l.status();
+    next.push_back(Argmax(l->data(), vocab));
+  }
+  std::vector<SequenceState*> ptrs;
+  for (SequenceState& s : states) ptrs.push_back(&s);
+  std::vector<std::vector<int32_t>> got(fixtures_.size());
+  size_t steps = 0;
+  for (const Fixture& f : fixtures_) steps = std::max(steps, f.greedy.size());
+  for (size_t step = 0; step < steps; ++step) {
+    for (size_t i = 0; i < next.size(); ++i) got[i].push_back(next[i]);
+    if (step + 1 == steps) break;
+    absl::StatusOr<std::vector<float>> l = model_->Decode(ptrs, next);
+    ASSERT_TRUE(l.ok()) << l.status();
+    for (size_t i = 0; i < next.size(); ++i) next[i] = Argmax(&(*l)[i * vocab], vocab);
+  }
+  for (size_t i = 0; i < fixtures_.size(); ++i) {
+    ASSERT_GE(fixtures_[i].greedy.size(), 64u) << fixtures_[i].name;
+    got[i].resize(fixtures_[i].greedy.size());
+    EXPECT_EQ(got[i], fixtures_[i].greedy) << fixtures_[i].name;
+    EXPECT_EQ(states[i].position, static_cast<int64_t>(fixtures_[i].prompt.size() + steps - 1));
+  }
+}
+
+TEST_F(ModelGoldenTest, ChunkedPrefillEqualsOneShot) {
+  const Fixture& f = fixtures_[0].prompt.size() > fixtures_[1].prompt.size() ? fixtures_[1] : fixtures_[0];
+  SequenceState one = model_->NewState();
+  absl::StatusOr<std::vector<float>> want = model_->Prefill(&one, f.prompt);
+  ASSERT_TRUE(want.ok());
+  for (size_t chunk : {size_t{1}, size_t{3}, size_t{16}, size_t{37}, size_t{100}}) {
+    SequenceState st = model_->NewState();
+    absl::StatusOr<std::vector<float>> got;
+    for (size_t b = 0; b < f.prompt.size(); b += chunk) {
+      const size_t e = std::min(f.prompt.size(), b + chunk);
+      got = model_->Prefill(&st, absl::MakeConstSpan(f.prompt).subspan(b, e - b));
+      ASSERT_TRUE(got.ok());
+    }
+    EXPECT_EQ(*got, *want) << "chunk " << chunk;
+    EXPECT_TRUE(st == one) << "chunk " << chunk;
+  }
+}
+
+TEST_F(ModelGoldenTest, StateSurvivesSerialization) {
+  const Fixture& f = fixtures_[0];
+  SequenceState a = model_->NewState();
+  ASSERT_TRUE(model_->Prefill(&a, absl::MakeConstSpan(f.prompt).subspan(0, 99)).ok());
+  const std::string bytes = SerializeSequenceState(a);
+  absl::StatusOr<SequenceState> b = DeserializeSequenceState(model_->config(), bytes);
+  ASSERT_TRUE(b.ok()) << b.status();
+  EXPECT_TRUE(*b == a);
+  absl::StatusOr<std::vector<float>> la = model_->Prefill(&a, absl::MakeConstSpan(f.prompt).subspan(99, 20));
+  absl::StatusOr<std::vector<float>> lb = model_->Prefill(&*b, absl::MakeConstSpan(f.prompt).subspan(99, 20));
+  EXPECT_EQ(*la, *lb);
+  EXPECT_FALSE(DeserializeSequenceState(model_->config(), bytes.substr(0, bytes.size() - 3)).ok());
+}
+
+// Real pruning: top-k 4 of up to 27 entries. The golden keeps only positions before the first near-tie of
+// indexer scores at the top-k boundary (tools/golden/make_pruning_golden.py), where tie-breaking cannot
+// matter.
+TEST_F(ModelGoldenTest, TopKPruningMatchesTransformers) {
+  std::ifstream in(TinyDir() + "/golden_topk4.json");
+  ASSERT_TRUE(in.good());
+  std::stringstream ss;
+  ss << in.rdbuf();
+  nlohmann::json fx = nlohmann::json::parse(ss.str())["fixtures"]["pruned"];
+  absl::StatusOr<ModelConfig> config = LoadModelConfig(TinyDir());
+  ASSERT_TRUE(config.ok());
+  config->index_topk = fx["index_topk"].get<int64_t>();
+  absl::StatusOr<std::unique_ptr<Checkpoint>> ckpt = Checkpoint::Open(TinyDir());
+  ASSERT_TRUE(ckpt.ok());
+  absl::StatusOr<std::unique_ptr<Model>> pruned = Model::FromCheckpoint(*config, **ckpt, ModelOptions{});
+  ASSERT_TRUE(pruned.ok()) << pruned.status();
+  const std::vector<int32_t> prompt = fx["prompt"].get<std::vector<int32_t>>();
+  const std::vector<int64_t> positions = fx["positions"].get<std::vector<int64_t>>();
+  const auto want = fx["logits"].get<std::vector<std::vector<float>>>();
+  ASSERT_GT(positions.back(), 4 * config->index_topk + 3);  // Some queries really prune.
+  SequenceState st = (*pruned)->NewState();
+  absl::StatusOr<std::vector<float>> logits = (*pruned)->Prefill(&st, prompt, /*all_logits=*/true);
+  ASSERT_TRUE(logits.ok());
+  const int64_t vocab = config->vocab_size;
+  double worst = 0;
+  for (size_t i = 0; i < positions.size(); ++i) {
+    const double e = RelError(&(*logits)[positions[i] * vocab], want[i]);
+    worst = std::max(worst, e);
+    EXPECT_LT(e, 1e-4) << "position " << positions[i];
+  }
+  std::printf("top-k 4 pruning, %zu positions up to %lld: worst relative logit error %.3g\n", positions.size(),
+              static_cast<long long>(positions.back()), worst);
+  // With full selection the same positions differ: the pruning is real.
+  SequenceState full = model_->NewState();
+  absl::StatusOr<std::vector<float>> unpruned = model_->Prefill(&full, prompt, true);
+  EXPECT_GT(RelError(&(*unpruned)[positions.back() * vocab], want.back()), 1e-3);
+}
+
+TEST_F(ModelGoldenTest, BadInputsAreErrors) {
+  SequenceState st = model_->NewState();
+  EXPECT_FALSE(model_->Prefill(&st, std::vector<int32_t>{}).ok());
+  EXPECT_FALSE(model_->Prefill(&st, std::vector<int32_t>{5, 100000}).ok());
+  EXPECT_EQ(st.position, 0);
+  EXPECT_FALSE(model_->Decode(std::vector<SequenceState*>{&st, &st}, std::vector<int32_t>{1, 2}).ok());
+  ModelOptions faithful;
+  faithful.mode = NumericMode::kFaithful;
+  EXPECT_EQ(Model::Load(TinyDir(), faithful).status().code(), absl::StatusCode::kUnimplemented);
+}
+
+}  // namespace
+}  // namespace v4serve::model
