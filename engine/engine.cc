@@ -115,6 +115,12 @@ absl::Status Engine::Cancel(const std::string& request_id) {
   return absl::OkStatus();
 }
 
+void Engine::CancelAll() {
+  std::vector<std::string> ids;
+  for (const auto& [id, seqs] : requests_) ids.push_back(id);
+  for (const std::string& id : ids) Cancel(id).IgnoreError();
+}
+
 void Engine::Finish(Sequence* seq, FinishReason reason, absl::Status status) {
   scheduler_.Remove(seq);
   ++stats_.finished_sequences;

@@ -78,6 +78,8 @@ class Engine {
   // Cancels a request: its sequences leave the queues and free their blocks now, each reporting
   // kCancelled. NOT_FOUND when no such live request.
   absl::Status Cancel(const std::string& request_id);
+  // Cancels every live request (shutdown).
+  void CancelAll();
   // Runs one scheduling step (prefill chunks + one batched decode). Returns an error only if the model
   // fails (then the step's sequences finish with kError).
   absl::Status Step();
