@@ -69,6 +69,9 @@ class KvCacheManager {
   // Drops the sequence's block references and state (finish, cancel or recompute-preemption).
   void Release(Sequence* seq);
 
+  // The pool, for fault-injection tests (corrupting stored blocks).
+  kvstore::BlockPool* mutable_pool_for_testing() { return &pool_; }
+
  private:
   absl::StatusOr<kvstore::BlockId> AllocateEvicting();
 
