@@ -145,6 +145,7 @@ absl::StatusOr<KvBlock> DecodeKvBlock(const KvLayout& layout, absl::string_view 
         absl::StrCat("KV block format version ", version, ", want ", kKvBlockFormatVersion));
   }
   KV_RETURN_IF_ERROR(r.Get(&flags, "flags"));
+  if ((flags & ~uint16_t{1}) != 0) return absl::DataLossError("KV block has unknown flags");
   uint64_t fingerprint = 0;
   KV_RETURN_IF_ERROR(r.Get(&fingerprint, "fingerprint"));
   if (fingerprint != layout.model_fingerprint) {
