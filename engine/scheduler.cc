@@ -47,19 +47,22 @@ Sequence* Scheduler::PreemptLatest() {
   ++total_preemptions_;
   // Swap keeps the computed state when host memory allows; a sequence still prefilling its prompt
   // holds little worth keeping, so it is recomputed (its completed blocks stay in the prefix cache).
-  const int64_t state_bytes_estimate = static_cast<int64_t>(victim->state.position) * 1024 + (1 << 16);
-  if (options_.preemption == PreemptionMode::kSwap && victim->pending() == 1 &&
-      swap_bytes_ + state_bytes_estimate <= options_.swap_space_bytes) {
-    kv_->SwapOut(victim);
-    swap_bytes_ += static_cast<int64_t>(victim->swapped_state.size());
-    victim->status = SequenceStatus::kSwapped;
-    ++total_swap_outs_;
-    Requeue(&swapped_, victim);
+  if (options_.preemption == PreemptionMode::kSwap && victim->pending() == 1) {
+    kv_->SwapOut(victim);  // Serializes the state, then frees the blocks.
+    const int64_t bytes = static_cast<int64_t>(victim->swapped_state.size());
+    if (swap_bytes_ + bytes <= options_.swap_space_bytes) {
+      swap_bytes_ += bytes;
+      victim->status = SequenceStatus::kSwapped;
+      ++total_swap_outs_;
+      Requeue(&swapped_, victim);
+      return victim;
+    }
+    std::string().swap(victim->swapped_state);  // Over the host budget: recompute instead.
   } else {
     kv_->Release(victim);
-    victim->status = SequenceStatus::kWaiting;
-    Requeue(&waiting_, victim);
   }
+  victim->status = SequenceStatus::kWaiting;
+  Requeue(&waiting_, victim);
   return victim;
 }
 

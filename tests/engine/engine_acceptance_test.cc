@@ -16,8 +16,10 @@ using testing::ReferenceGreedy;
 using testing::RunToCompletion;
 using testing::TinyModel;
 
-std::unique_ptr<Engine> MakeEngine(int64_t num_blocks, int64_t step_tokens, PreemptionMode mode) {
+std::unique_ptr<Engine> MakeEngine(int64_t num_blocks, int64_t step_tokens, PreemptionMode mode,
+                                   int64_t swap_bytes = int64_t{1} << 30) {
   EngineOptions o;
+  o.scheduler.swap_space_bytes = swap_bytes;
   o.kv.num_blocks = num_blocks;
   o.scheduler.max_step_tokens = step_tokens;
   o.scheduler.preemption = mode;
@@ -81,7 +83,7 @@ TEST(EngineAcceptanceTest, SharedPrefixComputesOnlyTheTailAndMatches) {
   EXPECT_EQ(got.Tokens("c"), got.Tokens("b"));
 }
 
-void RunOverCapacity(PreemptionMode mode) {
+void RunOverCapacity(PreemptionMode mode, int64_t swap_bytes = int64_t{1} << 30) {
   std::mt19937 rng(13);
   // 12 requests of 2-3 blocks each at their end, on a pool of 8 blocks: at most ~3 fit at once.
   std::vector<std::vector<int32_t>> prompts;
@@ -90,14 +92,14 @@ void RunOverCapacity(PreemptionMode mode) {
     prompts.push_back(RandomTokens(&rng, 100 + static_cast<int64_t>(rng() % 150)));
     max_tokens.push_back(static_cast<int32_t>(20 + rng() % 40));
   }
-  std::unique_ptr<Engine> engine = MakeEngine(8, 256, mode);
+  std::unique_ptr<Engine> engine = MakeEngine(8, 256, mode, swap_bytes);
   Collected got;
   for (int i = 0; i < 12; ++i) {
     ASSERT_TRUE(engine->Submit(GreedyRequest("r" + std::to_string(i), prompts[i], max_tokens[i], &got)).ok());
   }
   RunToCompletion(engine.get());
   EXPECT_GT(engine->stats().preemptions, 0);
-  if (mode == PreemptionMode::kSwap) {
+  if (mode == PreemptionMode::kSwap && swap_bytes > 0) {
     EXPECT_GT(engine->stats().swap_outs, 0);
   } else {
     EXPECT_EQ(engine->stats().swap_outs, 0);
@@ -117,6 +119,10 @@ TEST(EngineAcceptanceTest, MoreRequestsThanKvCapacityAllCompleteByRecompute) {
 
 TEST(EngineAcceptanceTest, MoreRequestsThanKvCapacityAllCompleteBySwap) {
   RunOverCapacity(PreemptionMode::kSwap);
+}
+
+TEST(EngineAcceptanceTest, SwapWithoutHostSpaceFallsBackToRecompute) {
+  RunOverCapacity(PreemptionMode::kSwap, /*swap_bytes=*/0);
 }
 
 }  // namespace
