@@ -9,6 +9,11 @@ namespace v4serve::engine {
 absl::Status SchedulerOptions::Validate() const {
   if (max_step_tokens <= 0) return absl::InvalidArgumentError("max_step_tokens must be positive");
   if (max_running <= 0) return absl::InvalidArgumentError("max_running must be positive");
+  if (max_step_tokens < max_running) {
+    // Otherwise the latest-arrived decoders could be skipped every step (starved).
+    return absl::InvalidArgumentError(
+        "max_step_tokens must be >= max_running: every running sequence decodes each step");
+  }
   if (swap_space_bytes < 0) return absl::InvalidArgumentError("swap_space_bytes must be >= 0");
   return absl::OkStatus();
 }

@@ -30,7 +30,7 @@ namespace v4serve::engine {
 enum class PreemptionMode { kRecompute, kSwap };
 
 struct SchedulerOptions {
-  int64_t max_step_tokens = 512;  // Prefill + decode tokens per step.
+  int64_t max_step_tokens = 512;  // Prefill + decode tokens per step; >= max_running.
   int64_t max_running = 64;       // Running sequences (the decode batch cap).
   PreemptionMode preemption = PreemptionMode::kRecompute;
   int64_t swap_space_bytes = int64_t{1} << 30;  // kSwap: host bytes for swapped states.

@@ -172,6 +172,16 @@ TEST(KvCacheManagerTest, CorruptCachedBlockIsAMissNotWrongOutput) {
   kv.Release(&again);
 }
 
+TEST(EngineTest, OptionsAreValidatedOnce) {
+  EngineOptions o;
+  o.scheduler.max_step_tokens = 8;  // Fewer than max_running (64): decoders could starve.
+  EXPECT_THAT(Engine::Create(&TinyModel(), o).status().message(), HasSubstr("max_step_tokens"));
+  o = EngineOptions();
+  o.kv.num_blocks = 0;
+  EXPECT_EQ(Engine::Create(&TinyModel(), o).status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(Engine::Create(nullptr, EngineOptions()).status().code(), absl::StatusCode::kInvalidArgument);
+}
+
 TEST(EngineTest, ChunkedPrefillRespectsTheStepBudget) {
   std::mt19937 rng(8);
   EngineOptions o;
