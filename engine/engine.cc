@@ -94,7 +94,11 @@ absl::Status Engine::Submit(EngineRequest request) {
     seq->arrival_time = now;
     seq->last_token_time = absl::InfinitePast();
     stats_.prompt_tokens += prompt_len;
-    scheduler_.Add(seq.get());
+    if (i == 0) {
+      scheduler_.Add(seq.get());
+    } else {
+      seqs.front()->forks.push_back(seq.get());
+    }
     seqs.push_back(std::move(seq));
   }
   UpdateGauges();
@@ -108,7 +112,6 @@ absl::Status Engine::Cancel(const std::string& request_id) {
   requests_.erase(it);
   for (auto& seq : seqs) {
     if (seq->status == SequenceStatus::kFinished) continue;
-    ++stats_.cancelled_sequences;
     Finish(seq.get(), FinishReason::kCancelled);
   }
   UpdateGauges();
@@ -122,8 +125,15 @@ void Engine::CancelAll() {
 }
 
 void Engine::Finish(Sequence* seq, FinishReason reason, absl::Status status) {
+  // Choices that never forked end with their parent (error or cancel before the prompt was computed).
+  std::vector<Sequence*> forks = std::move(seq->forks);
+  seq->forks.clear();
+  for (Sequence* child : forks) {
+    if (child->status != SequenceStatus::kFinished) Finish(child, reason, status);
+  }
   scheduler_.Remove(seq);
   ++stats_.finished_sequences;
+  if (reason == FinishReason::kCancelled) ++stats_.cancelled_sequences;
   SequenceOutput out;
   out.request_id = seq->request_id;
   out.choice_index = seq->choice_index;
@@ -136,6 +146,24 @@ void Engine::Finish(Sequence* seq, FinishReason reason, absl::Status status) {
 }
 
 void Engine::Emit(Sequence* seq, absl::Span<const float> logits) {
+  if (!seq->forks.empty()) {
+    // The prompt is computed: the other choices start from this state and sample their first token
+    // from the same logits with their own samplers.
+    std::vector<Sequence*> forks = std::move(seq->forks);
+    seq->forks.clear();
+    for (Sequence* child : forks) {
+      if (child->status == SequenceStatus::kFinished) continue;
+      child->cached_prompt_tokens = seq->cached_prompt_tokens;
+      if (kv_.Fork(*seq, child).ok()) {
+        if (scheduler_.AddRunning(child)) {
+          Emit(child, logits);
+          continue;
+        }
+        kv_.Release(child);
+      }
+      scheduler_.Add(child);  // No room to fork now: it waits and reuses the prompt's cached blocks.
+    }
+  }
   SampledToken token = seq->sampler->Sample(logits);
   seq->tokens.push_back(token.id);
   ++stats_.generated_tokens;

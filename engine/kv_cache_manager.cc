@@ -168,6 +168,34 @@ void KvCacheManager::OnBlockBoundary(Sequence* seq) {
   seq->cached_blocks = index + 1;
 }
 
+absl::Status KvCacheManager::Fork(const Sequence& parent, Sequence* child) {
+  const size_t full = static_cast<size_t>(parent.state.position / block_tokens());
+  std::vector<BlockId> blocks;
+  auto undo = [&] {
+    for (BlockId b : blocks) pool_.Unref(b).IgnoreError();
+  };
+  for (size_t i = 0; i < full && i < parent.blocks.size(); ++i) {
+    absl::Status s = pool_.Ref(parent.blocks[i]);
+    if (!s.ok()) {
+      undo();
+      return s;
+    }
+    blocks.push_back(parent.blocks[i]);
+  }
+  while (static_cast<int64_t>(blocks.size()) < BlocksFor(static_cast<int64_t>(child->tokens.size()))) {
+    absl::StatusOr<BlockId> id = AllocateEvicting();
+    if (!id.ok()) {
+      undo();
+      return id.status();
+    }
+    blocks.push_back(*id);
+  }
+  child->blocks = std::move(blocks);
+  child->cached_blocks = std::min<int32_t>(parent.cached_blocks, static_cast<int32_t>(full));
+  child->state = parent.state;
+  return absl::OkStatus();
+}
+
 void KvCacheManager::Release(Sequence* seq) {
   for (BlockId b : seq->blocks) pool_.Unref(b).IgnoreError();
   seq->blocks.clear();

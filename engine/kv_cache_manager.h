@@ -66,6 +66,11 @@ class KvCacheManager {
   // block size). Failures are logged and leave the block uncached (correct, just slower).
   void OnBlockBoundary(Sequence* seq);
 
+  // Makes `child` a copy of `parent` (whose state has consumed its prompt): the same state, references
+  // to the parent's complete blocks, its own block for the incomplete tail. RESOURCE_EXHAUSTED
+  // (nothing changed) when that block does not fit.
+  absl::Status Fork(const Sequence& parent, Sequence* child);
+
   // Drops the sequence's block references and state (finish, cancel or recompute-preemption).
   void Release(Sequence* seq);
 

@@ -27,6 +27,13 @@ void Scheduler::Add(Sequence* seq) {
   Requeue(&waiting_, seq);
 }
 
+bool Scheduler::AddRunning(Sequence* seq) {
+  if (static_cast<int64_t>(running_.size()) >= options_.max_running) return false;
+  seq->status = SequenceStatus::kRunning;
+  running_.insert(std::upper_bound(running_.begin(), running_.end(), seq, Earlier), seq);
+  return true;
+}
+
 void Scheduler::Requeue(std::deque<Sequence*>* q, Sequence* seq) {
   q->insert(std::upper_bound(q->begin(), q->end(), seq, Earlier), seq);
 }

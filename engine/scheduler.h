@@ -57,6 +57,9 @@ class Scheduler {
 
   // Queues a new sequence (status kWaiting).
   void Add(Sequence* seq);
+  // Adds a sequence that already has its state and blocks (a fork) to the running set. False (and
+  // nothing changed) when the running set is full.
+  bool AddRunning(Sequence* seq);
   // Plans one step; admits and preempts as described above.
   StepPlan Schedule();
   // Removes a sequence (finished or cancelled) and frees its blocks.

@@ -60,6 +60,10 @@ struct Sequence {
   // Blocks [0, cached_blocks) are in the prefix cache (restored from it or published by this sequence).
   int32_t cached_blocks = 0;
   std::string swapped_state;  // kSwapped: the serialized state.
+  // n > 1: the other choices of the request, not yet scheduled. They fork from this sequence once its
+  // prompt is computed (sharing its complete blocks and copying its state), so the prompt is computed
+  // once per request, not once per choice.
+  std::vector<Sequence*> forks;
 
   int32_t cached_prompt_tokens = -1;  // Set at the first admission.
   int32_t preemptions = 0;

@@ -172,6 +172,52 @@ TEST(KvCacheManagerTest, CorruptCachedBlockIsAMissNotWrongOutput) {
   kv.Release(&again);
 }
 
+TEST(EngineTest, ChoicesOfOneRequestShareOnePromptComputation) {
+  std::mt19937 rng(23);
+  const std::vector<int32_t> prompt = RandomTokens(&rng, 200);
+  EngineOptions o;
+  o.kv.num_blocks = 16;
+  auto engine = Engine::Create(&TinyModel(), o);
+  ASSERT_TRUE(engine.ok());
+  Collected got;
+  EngineRequest greedy = GreedyRequest("g", prompt, 5, &got);
+  greedy.sampling.n = 4;
+  ASSERT_TRUE((*engine)->Submit(std::move(greedy)).ok());
+  RunToCompletion(engine->get());
+  EXPECT_EQ((*engine)->stats().prefill_tokens_computed, 200);  // Once, not four times.
+  const std::vector<int32_t> ref = ReferenceGreedy(prompt, 5);
+  for (int32_t c = 0; c < 4; ++c) {
+    EXPECT_EQ(got.Tokens("g", c), ref) << c;
+    ASSERT_NE(got.Final("g", c), nullptr);
+    EXPECT_EQ(got.Final("g", c)->finish, FinishReason::kLength);
+  }
+  // Sampled choices differ from each other and are reproducible by seed.
+  auto sampled = [&](const std::string& id) {
+    EngineRequest r = GreedyRequest(id, prompt, 8, &got);
+    r.sampling.n = 3;
+    r.sampling.temperature = 1.5f;
+    r.sampling.seed = 5;
+    EXPECT_TRUE((*engine)->Submit(std::move(r)).ok());
+    RunToCompletion(engine->get());
+    return std::vector<std::vector<int32_t>>{got.Tokens(id, 0), got.Tokens(id, 1), got.Tokens(id, 2)};
+  };
+  const auto a = sampled("s1"), b = sampled("s2");
+  EXPECT_EQ(a, b);
+  EXPECT_NE(a[0], a[1]);
+  EXPECT_NE(a[1], a[2]);
+  // Cancelling before the prompt is computed ends every choice.
+  EngineRequest c = GreedyRequest("c", prompt, 5, &got);
+  c.sampling.n = 3;
+  ASSERT_TRUE((*engine)->Submit(std::move(c)).ok());
+  ASSERT_TRUE((*engine)->Cancel("c").ok());
+  for (int32_t i = 0; i < 3; ++i) {
+    ASSERT_NE(got.Final("c", i), nullptr) << i;
+    EXPECT_EQ(got.Final("c", i)->finish, FinishReason::kCancelled);
+  }
+  EXPECT_FALSE((*engine)->HasWork());
+  EXPECT_EQ((*engine)->stats().cancelled_sequences, 3);
+}
+
 TEST(EngineTest, OptionsAreValidatedOnce) {
   EngineOptions o;
   o.scheduler.max_step_tokens = 8;  // Fewer than max_running (64): decoders could starve.
