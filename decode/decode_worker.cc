@@ -1,6 +1,15 @@
 #include "decode/decode_worker.h"
 
+#include <filesystem>
+#include <memory>
+
+#include "decode/generate_service.h"
+#include "engine/engine.h"
+#include "engine/engine_loop.h"
+#include "engine/engine_metrics.h"
+#include "engine/state_blocks.h"
 #include "model/device.h"
+#include "model/model.h"
 #include "services/logging.h"
 #include "services/metrics.h"
 #include "services/server_process.h"
@@ -8,15 +17,71 @@
 
 namespace v4serve::decode {
 
-absl::Status RunDecodeWorker(const services::WorkerOptions& options, services::ShutdownSignal* shutdown) {
+absl::Status DecodeWorkerOptions::Validate() const {
+  RETURN_IF_ERROR(worker.Validate());
+  if (kv_blocks <= 0) return absl::InvalidArgumentError("--kv_blocks must be positive");
+  if (max_step_tokens <= 0) return absl::InvalidArgumentError("--max_step_tokens must be positive");
+  if (max_running <= 0) return absl::InvalidArgumentError("--max_running must be positive");
+  if (preemption != "recompute" && preemption != "swap") {
+    return absl::InvalidArgumentError("--preemption must be 'recompute' or 'swap'");
+  }
+  if (swap_space_mb < 0) return absl::InvalidArgumentError("--swap_space_mb must be >= 0");
+  if (max_model_len < 0) return absl::InvalidArgumentError("--max_model_len must be >= 0");
+  return absl::OkStatus();
+}
+
+void AddDecodeWorkerFlags(services::FlagSet& flags, DecodeWorkerOptions* o) {
+  services::AddWorkerFlags(flags, &o->worker);
+  flags.Add("colocated", &o->colocated,
+            "Prefill and decode in this process and serve Inference.Generate (token ids) directly.");
+  flags.Add("kv_blocks", &o->kv_blocks, "KV pool capacity in 128-token blocks (colocated).");
+  flags.Add("max_step_tokens", &o->max_step_tokens, "Prefill + decode tokens per engine step (colocated).");
+  flags.Add("max_running", &o->max_running, "Most sequences running at once (colocated).");
+  flags.Add("preemption", &o->preemption, "When KV memory runs out: 'recompute' or 'swap' (colocated).");
+  flags.Add("swap_space_mb", &o->swap_space_mb, "Host memory for swapped sequence states (colocated).");
+  flags.Add("prefix_cache", &o->prefix_cache, "Reuse cached prefix blocks (colocated).");
+  flags.Add("max_model_len", &o->max_model_len, "Prompt + output token cap; 0 = the model's (colocated).");
+}
+
+absl::Status RunDecodeWorker(const DecodeWorkerOptions& options, services::ShutdownSignal* shutdown) {
   RETURN_IF_ERROR(options.Validate());
   services::MetricsRegistry metrics("decode");
-  services::ServerProcessOptions process = options.process;
+  services::ServerProcessOptions process = options.worker.process;
   process.accelerators = model::DescribeAccelerators();
+  if (!options.colocated) {
+    ASSIGN_OR_RETURN(std::unique_ptr<services::ServerProcess> server,
+                     services::ServerProcess::Start("decode", process, {}, &metrics, shutdown));
+    V4LOG(INFO).With("model", options.worker.model_dir)
+        << "decode worker up (health and admin only; --colocated serves Generate, disaggregated decode "
+           "awaits the KV transfer)";
+    return server->Run();
+  }
+  const std::string& dir = options.worker.model_dir;
+  ASSIGN_OR_RETURN(std::unique_ptr<model::Model> model, model::Model::Load(dir, model::ModelOptions()));
+  engine::EngineOptions eo;
+  eo.kv.num_blocks = options.kv_blocks;
+  eo.kv.enable_prefix_cache = options.prefix_cache;
+  eo.scheduler.max_step_tokens = options.max_step_tokens;
+  eo.scheduler.max_running = options.max_running;
+  eo.scheduler.preemption =
+      options.preemption == "swap" ? engine::PreemptionMode::kSwap : engine::PreemptionMode::kRecompute;
+  eo.scheduler.swap_space_bytes = options.swap_space_mb << 20;
+  eo.max_model_len =
+      options.max_model_len > 0 ? options.max_model_len : model->config().max_position_embeddings;
+  ASSIGN_OR_RETURN(eo.model_fingerprint, engine::ModelFingerprint(dir));
+  GenerateServiceOptions so;
+  so.model_id = std::filesystem::path(dir).lexically_normal().filename().string();
+  if (so.model_id.empty())
+    so.model_id = std::filesystem::path(dir).lexically_normal().parent_path().filename().string();
+  so.max_total_tokens = std::min<int64_t>(eo.max_model_len, options.kv_blocks * 128);
+  ASSIGN_OR_RETURN(std::unique_ptr<engine::Engine> engine, engine::Engine::Create(model.get(), eo));
+  engine::EngineMetrics engine_metrics(metrics.registry());
+  engine::EngineLoop loop(std::move(engine), &engine_metrics);
+  GenerateService service(&loop, so);
   ASSIGN_OR_RETURN(std::unique_ptr<services::ServerProcess> server,
-                   services::ServerProcess::Start("decode", process, {}, &metrics, shutdown));
-  V4LOG(INFO).With("model", options.model_dir).With("accelerators", process.accelerators)
-      << "decode worker up (health and admin only: the decode engine arrives with the inference engine)";
+                   services::ServerProcess::Start("decode", process, {&service}, &metrics, shutdown));
+  V4LOG(INFO).With("model", dir).With("model_id", so.model_id).With("kv_blocks", options.kv_blocks)
+      << "colocated worker serving Inference.Generate";
   return server->Run();
 }
 

@@ -1,15 +1,40 @@
 // `v4serve decode`: a decode worker (docs/ARCHITECTURE.md, request flow step 4).
+//
+// With --colocated the worker loads the model and serves Inference.Generate itself from one engine
+// (engine/engine.h: prefill and decode in one process). Without it the worker only serves health and
+// admin: disaggregated decode needs the KV transfer from prefill workers, which is a later issue.
 #ifndef V4SERVE_DECODE_DECODE_WORKER_H_
 #define V4SERVE_DECODE_DECODE_WORKER_H_
 
+#include <cstdint>
+#include <string>
+
 #include "absl/status/status.h"
+#include "services/flags.h"
 #include "services/shutdown.h"
 #include "services/worker_options.h"
 
 namespace v4serve::decode {
 
+struct DecodeWorkerOptions {
+  services::WorkerOptions worker;
+  bool colocated = false;
+  int64_t kv_blocks = 512;               // KV pool capacity, in 128-token blocks.
+  int64_t max_step_tokens = 512;         // Prefill + decode tokens per engine step.
+  int64_t max_running = 64;              // Running sequences (decode batch cap).
+  std::string preemption = "recompute";  // "recompute" or "swap".
+  int64_t swap_space_mb = 1024;          // Host memory for swapped states.
+  bool prefix_cache = true;
+  int64_t max_model_len = 0;  // 0 = the model's max_position_embeddings.
+
+  // INVALID_ARGUMENT naming the flag.
+  absl::Status Validate() const;
+};
+
+void AddDecodeWorkerFlags(services::FlagSet& flags, DecodeWorkerOptions* options);
+
 // Serves until `shutdown` triggers, then drains. OK means a clean exit.
-absl::Status RunDecodeWorker(const services::WorkerOptions& options, services::ShutdownSignal* shutdown);
+absl::Status RunDecodeWorker(const DecodeWorkerOptions& options, services::ShutdownSignal* shutdown);
 
 }  // namespace v4serve::decode
 

@@ -61,7 +61,7 @@ class Parser {
           absl::StrCat("sequence state: ", what, " has ", n, " values, expected ", want));
     if (b_.size() < n * sizeof(float)) return absl::DataLossError("sequence state truncated");
     v->resize(n);
-    std::memcpy(v->data(), b_.data(), n * sizeof(float));
+    if (n > 0) std::memcpy(v->data(), b_.data(), n * sizeof(float));  // data() may be null when empty.
     b_.remove_prefix(n * sizeof(float));
     return absl::OkStatus();
   }

@@ -31,9 +31,17 @@ int RunPrefillCommand(const Context& ctx, const std::vector<std::string>& args) 
 }
 
 int RunDecodeCommand(const Context& ctx, const std::vector<std::string>& args) {
-  return RunWorker(ctx, args, "decode", 50071,
-                   "A decode worker: continuous batching, sampling and streaming of generated tokens.",
-                   decode::RunDecodeWorker);
+  decode::DecodeWorkerOptions o;
+  o.worker.process.grpc.port = 50071;
+  services::LogOptions log;
+  services::FlagSet flags("v4serve decode",
+                          "A decode worker: continuous batching, sampling and streaming of generated tokens "
+                          "(--colocated: prefill too, serving Inference.Generate).");
+  decode::AddDecodeWorkerFlags(flags, &o);
+  services::AddLogFlags(flags, &log);
+  if (std::optional<int> code = ParseFlags(flags, args)) return *code;
+  if (!SetUpLogging(log, "decode")) return 2;
+  return ExitCode(decode::RunDecodeWorker(o, ctx.shutdown), "decode");
 }
 
 int RunKvStoreCommand(const Context& ctx, const std::vector<std::string>& args) {

@@ -1,0 +1,260 @@
+#include "engine/engine.h"
+
+#include <algorithm>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "engine/state_blocks.h"
+#include "services/logging.h"
+#include "services/status_macros.h"
+
+namespace v4serve::engine {
+
+absl::Status EngineOptions::Validate() const {
+  RETURN_IF_ERROR(kv.Validate());
+  RETURN_IF_ERROR(scheduler.Validate());
+  if (max_model_len < 0) return absl::InvalidArgumentError("max_model_len must be >= 0");
+  if (!now) return absl::InvalidArgumentError("EngineOptions.now must be set");
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const model::Model* model, EngineOptions options) {
+  if (model == nullptr) return absl::InvalidArgumentError("Engine needs a model");
+  RETURN_IF_ERROR(options.Validate());
+  if (options.max_model_len == 0) options.max_model_len = model->config().max_position_embeddings;
+  ASSIGN_OR_RETURN(kvstore::KvLayout layout, KvLayoutFor(model->config(), options.model_fingerprint));
+  return std::unique_ptr<Engine>(new Engine(model, std::move(options), std::move(layout)));
+}
+
+Engine::Engine(const model::Model* model, EngineOptions options, kvstore::KvLayout layout)
+    : model_(model),
+      options_(std::move(options)),
+      kv_(model->config(), std::move(layout), options_.kv),
+      scheduler_(options_.scheduler, &kv_) {
+  UpdateGauges();
+}
+
+Engine::~Engine() {
+  for (auto& [id, seqs] : requests_) {
+    for (auto& seq : seqs) {
+      if (seq->status != SequenceStatus::kFinished) scheduler_.Remove(seq.get());
+    }
+  }
+}
+
+absl::Status Engine::Submit(EngineRequest request) {
+  const model::ModelConfig& c = model_->config();
+  RETURN_IF_ERROR(request.sampling.Validate(c.vocab_size));
+  if (request.prompt.empty()) return absl::InvalidArgumentError("prompt must not be empty");
+  for (int32_t t : request.prompt) {
+    if (t < 0 || t >= c.vocab_size) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("prompt token id ", t, " outside [0, ", c.vocab_size, ")"));
+    }
+  }
+  const int64_t prompt_len = static_cast<int64_t>(request.prompt.size());
+  if (prompt_len >= options_.max_model_len) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "prompt of ", prompt_len, " tokens leaves no room under max_model_len ", options_.max_model_len));
+  }
+  const int64_t max_total =
+      std::min<int64_t>(prompt_len + request.sampling.max_tokens, options_.max_model_len);
+  if (kv_.BlocksFor(max_total) > kv_.blocks_total()) {
+    return absl::InvalidArgumentError(absl::StrCat("prompt + max_tokens (", max_total,
+                                                   " tokens) exceeds the KV pool (", kv_.blocks_total(),
+                                                   " blocks of ", kv_.block_tokens(), ")"));
+  }
+  if (requests_.contains(request.request_id)) {
+    return absl::AlreadyExistsError(absl::StrCat("request ", request.request_id, " is already running"));
+  }
+  uint64_t seed;
+  if (request.sampling.seed.has_value()) {
+    seed = *request.sampling.seed;
+  } else {
+    seed_state_ += 0x9E3779B97F4A7C15ull;
+    seed = seed_state_;
+  }
+  if (!request.sampling.ignore_eos)
+    request.sampling.stop_token_ids.push_back(static_cast<int32_t>(c.eos_token_id));
+  std::vector<std::unique_ptr<Sequence>>& seqs = requests_[request.request_id];
+  const absl::Time now = options_.now();
+  for (int32_t i = 0; i < request.sampling.n; ++i) {
+    auto seq = std::make_unique<Sequence>();
+    seq->seq_id = next_seq_id_++;
+    seq->request_id = request.request_id;
+    seq->choice_index = i;
+    seq->arrival = next_arrival_++;
+    seq->tenant_salt = request.tenant_salt;
+    seq->tokens = request.prompt;
+    seq->prompt_len = static_cast<int32_t>(prompt_len);
+    seq->params = request.sampling;
+    seq->sampler = std::make_unique<Sampler>(request.sampling, seed + static_cast<uint64_t>(i));
+    seq->sampler->AddPromptTokens(request.prompt);
+    seq->on_output = request.on_output;
+    seq->arrival_time = now;
+    seq->last_token_time = absl::InfinitePast();
+    stats_.prompt_tokens += prompt_len;
+    if (i == 0) {
+      scheduler_.Add(seq.get());
+    } else {
+      seqs.front()->forks.push_back(seq.get());
+    }
+    seqs.push_back(std::move(seq));
+  }
+  UpdateGauges();
+  return absl::OkStatus();
+}
+
+absl::Status Engine::Cancel(const std::string& request_id) {
+  auto it = requests_.find(request_id);
+  if (it == requests_.end()) return absl::NotFoundError(absl::StrCat("no live request ", request_id));
+  std::vector<std::unique_ptr<Sequence>> seqs = std::move(it->second);
+  requests_.erase(it);
+  for (auto& seq : seqs) {
+    if (seq->status == SequenceStatus::kFinished) continue;
+    Finish(seq.get(), FinishReason::kCancelled);
+  }
+  UpdateGauges();
+  return absl::OkStatus();
+}
+
+void Engine::CancelAll() {
+  std::vector<std::string> ids;
+  for (const auto& [id, seqs] : requests_) ids.push_back(id);
+  for (const std::string& id : ids) Cancel(id).IgnoreError();
+}
+
+void Engine::Finish(Sequence* seq, FinishReason reason, absl::Status status) {
+  // Choices that never forked end with their parent (error or cancel before the prompt was computed).
+  std::vector<Sequence*> forks = std::move(seq->forks);
+  seq->forks.clear();
+  for (Sequence* child : forks) {
+    if (child->status != SequenceStatus::kFinished) Finish(child, reason, status);
+  }
+  scheduler_.Remove(seq);
+  ++stats_.finished_sequences;
+  if (reason == FinishReason::kCancelled) ++stats_.cancelled_sequences;
+  SequenceOutput out;
+  out.request_id = seq->request_id;
+  out.choice_index = seq->choice_index;
+  out.finish = reason;
+  out.status = std::move(status);
+  out.prompt_tokens = seq->prompt_len;
+  out.completion_tokens = seq->generated();
+  out.cached_prompt_tokens = std::max(seq->cached_prompt_tokens, 0);
+  if (seq->on_output) seq->on_output(out);
+}
+
+void Engine::Emit(Sequence* seq, absl::Span<const float> logits) {
+  if (!seq->forks.empty()) {
+    // The prompt is computed: the other choices start from this state and sample their first token
+    // from the same logits with their own samplers.
+    std::vector<Sequence*> forks = std::move(seq->forks);
+    seq->forks.clear();
+    for (Sequence* child : forks) {
+      if (child->status == SequenceStatus::kFinished) continue;
+      child->cached_prompt_tokens = seq->cached_prompt_tokens;
+      if (kv_.Fork(*seq, child).ok()) {
+        if (scheduler_.AddRunning(child)) {
+          Emit(child, logits);
+          continue;
+        }
+        kv_.Release(child);
+      }
+      scheduler_.Add(child);  // No room to fork now: it waits and reuses the prompt's cached blocks.
+    }
+  }
+  SampledToken token = seq->sampler->Sample(logits);
+  seq->tokens.push_back(token.id);
+  ++stats_.generated_tokens;
+  const absl::Time now = options_.now();
+  if (seq->last_token_time == absl::InfinitePast()) {
+    stats_.ttft_s.push_back(absl::ToDoubleSeconds(now - seq->arrival_time));
+  } else {
+    stats_.inter_token_s.push_back(absl::ToDoubleSeconds(now - seq->last_token_time));
+  }
+  seq->last_token_time = now;
+  const int32_t id = token.id;
+  SequenceOutput out;
+  out.request_id = seq->request_id;
+  out.choice_index = seq->choice_index;
+  out.token = std::move(token);
+  if (seq->on_output) seq->on_output(out);
+  const std::vector<int32_t>& stops = seq->params.stop_token_ids;
+  if (std::find(stops.begin(), stops.end(), id) != stops.end()) {
+    Finish(seq, FinishReason::kStop);
+  } else if (seq->generated() >= seq->params.max_tokens ||
+             static_cast<int64_t>(seq->tokens.size()) >= options_.max_model_len) {
+    Finish(seq, FinishReason::kLength);
+  }
+}
+
+absl::Status Engine::Step() {
+  StepPlan plan = scheduler_.Schedule();
+  ++stats_.steps;
+  stats_.preemptions += plan.preempted;
+  stats_.prefix_hit_tokens += plan.admitted_cached_tokens;
+  absl::Status result;
+  for (const PrefillChunk& chunk : plan.prefill) {
+    Sequence* seq = chunk.seq;
+    if (seq->status != SequenceStatus::kRunning) continue;  // Finished by an earlier error.
+    const int64_t pos = seq->state.position;
+    absl::StatusOr<std::vector<float>> logits = model_->Prefill(
+        &seq->state, absl::MakeConstSpan(seq->tokens)
+                         .subspan(static_cast<size_t>(pos), static_cast<size_t>(chunk.tokens)));
+    if (!logits.ok()) {
+      V4LOG(ERROR).With("request_id", seq->request_id).With("status", logits.status()) << "prefill failed";
+      Finish(seq, FinishReason::kError, logits.status());
+      result = logits.status();
+      continue;
+    }
+    stats_.prefill_tokens_computed += chunk.tokens;
+    kv_.OnBlockBoundary(seq);
+    if (seq->pending() == 0) Emit(seq, *logits);
+  }
+  if (!plan.decode.empty()) {
+    std::vector<model::SequenceState*> states;
+    std::vector<int32_t> tokens;
+    for (Sequence* seq : plan.decode) {
+      states.push_back(&seq->state);
+      tokens.push_back(seq->tokens.back());
+    }
+    absl::StatusOr<std::vector<float>> logits = model_->Decode(states, tokens);
+    if (!logits.ok()) {
+      V4LOG(ERROR).With("status", logits.status()) << "decode failed";
+      for (Sequence* seq : plan.decode) Finish(seq, FinishReason::kError, logits.status());
+      result = logits.status();
+    } else {
+      stats_.decode_tokens_computed += static_cast<int64_t>(plan.decode.size());
+      const size_t vocab = static_cast<size_t>(model_->config().vocab_size);
+      for (size_t i = 0; i < plan.decode.size(); ++i) {
+        kv_.OnBlockBoundary(plan.decode[i]);
+        Emit(plan.decode[i], absl::MakeConstSpan(*logits).subspan(i * vocab, vocab));
+      }
+    }
+  }
+  // Forget requests whose every choice finished.
+  for (auto it = requests_.begin(); it != requests_.end();) {
+    const bool done = std::all_of(it->second.begin(), it->second.end(),
+                                  [](const auto& s) { return s->status == SequenceStatus::kFinished; });
+    if (done) {
+      requests_.erase(it++);
+    } else {
+      ++it;
+    }
+  }
+  UpdateGauges();
+  return result;
+}
+
+void Engine::UpdateGauges() {
+  stats_.running = scheduler_.num_running();
+  stats_.waiting = scheduler_.num_waiting() - scheduler_.num_swapped();
+  stats_.swapped = scheduler_.num_swapped();
+  stats_.swap_outs = scheduler_.total_swap_outs();
+  stats_.kv_blocks_used = kv_.blocks_used();
+  stats_.kv_blocks_free = kv_.blocks_free();
+  stats_.kv_blocks_cached = kv_.blocks_cached();
+}
+
+}  // namespace v4serve::engine

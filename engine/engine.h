@@ -1,0 +1,112 @@
+// The inference engine: serves many concurrent sequences on one model::Model with continuous batching,
+// chunked prefill, prefix reuse and preemption. Both worker roles are built from it; the colocated
+// decode worker (decode/) serves Inference.Generate straight from it.
+//
+// Composition (one reason to change each): Scheduler (what runs this step), KvCacheManager (blocks,
+// prefix cache), Sampler (per-sequence token choice), EngineStats (counters), and this class, which
+// runs a plan on the model and applies stop rules.
+//
+// Engine is externally synchronized: one thread calls Submit/Cancel/Step (EngineLoop, engine_loop.h,
+// owns that thread in servers; tests call Step directly). Output callbacks run inside Submit/Cancel/Step.
+// The model must outlive the engine.
+#ifndef V4SERVE_ENGINE_ENGINE_H_
+#define V4SERVE_ENGINE_ENGINE_H_
+
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/container/flat_hash_map.h"
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/time/time.h"
+#include "engine/kv_cache_manager.h"
+#include "engine/sampler.h"
+#include "engine/scheduler.h"
+#include "engine/sequence.h"
+#include "model/model.h"
+
+namespace v4serve::engine {
+
+struct EngineOptions {
+  KvCacheOptions kv;
+  SchedulerOptions scheduler;
+  uint64_t model_fingerprint = 0;  // Part of every block hash (engine/state_blocks.h ModelFingerprint).
+  int64_t max_model_len = 0;       // Prompt + output tokens; 0 = the model's max_position_embeddings.
+  std::function<absl::Time()> now = absl::Now;  // Clock (tests inject one).
+
+  absl::Status Validate() const;
+};
+
+struct EngineRequest {
+  std::string request_id;  // Unique among live requests.
+  std::vector<int32_t> prompt;
+  SamplingParams sampling;
+  uint64_t tenant_salt = 0;  // Prefixes are shared only within a tenant.
+  OutputCallback on_output;  // One call per new token and one finishing call per choice.
+};
+
+// Monotonic counters and the latest gauges, for metrics and tests.
+struct EngineStats {
+  int64_t steps = 0;
+  int64_t prompt_tokens = 0;            // Prompt tokens of admitted requests (each choice counts).
+  int64_t prefix_hit_tokens = 0;        // Tokens restored from the prefix cache instead of computed.
+  int64_t prefill_tokens_computed = 0;  // Tokens run through Model::Prefill.
+  int64_t decode_tokens_computed = 0;   // Tokens run through Model::Decode.
+  int64_t generated_tokens = 0;
+  int64_t preemptions = 0;
+  int64_t swap_outs = 0;  // Preemptions that kept the state in host memory.
+  int64_t finished_sequences = 0;
+  int64_t cancelled_sequences = 0;
+  int64_t running = 0, waiting = 0, swapped = 0;
+  int64_t kv_blocks_used = 0, kv_blocks_free = 0, kv_blocks_cached = 0;
+  // Observations since the last TakeLatencies(): time to first token and between tokens, seconds.
+  std::vector<double> ttft_s, inter_token_s;
+};
+
+class Engine {
+ public:
+  // `model` must outlive the engine.
+  static absl::StatusOr<std::unique_ptr<Engine>> Create(const model::Model* model, EngineOptions options);
+  ~Engine();
+
+  // Validates and queues a request. INVALID_ARGUMENT (bad sampling, empty prompt, token ids out of
+  // range, too long for the model or for the whole KV pool); ALREADY_EXISTS for a live request id.
+  absl::Status Submit(EngineRequest request);
+  // Cancels a request: its sequences leave the queues and free their blocks now, each reporting
+  // kCancelled. NOT_FOUND when no such live request.
+  absl::Status Cancel(const std::string& request_id);
+  // Cancels every live request (shutdown).
+  void CancelAll();
+  // Runs one scheduling step (prefill chunks + one batched decode). Returns an error only if the model
+  // fails (then the step's sequences finish with kError).
+  absl::Status Step();
+  bool HasWork() const { return !scheduler_.idle(); }
+
+  const EngineStats& stats() const { return stats_; }
+  EngineStats* mutable_stats() { return &stats_; }
+  const model::ModelConfig& config() const { return model_->config(); }
+
+ private:
+  Engine(const model::Model* model, EngineOptions options, kvstore::KvLayout layout);
+  // Samples from `logits` for `seq`, emits the token and finishes the sequence on a stop rule.
+  void Emit(Sequence* seq, absl::Span<const float> logits);
+  void Finish(Sequence* seq, FinishReason reason, absl::Status status = absl::OkStatus());
+  void UpdateGauges();
+
+  const model::Model* const model_;
+  const EngineOptions options_;
+  KvCacheManager kv_;
+  Scheduler scheduler_;
+  absl::flat_hash_map<std::string, std::vector<std::unique_ptr<Sequence>>> requests_;
+  uint64_t next_arrival_ = 0;
+  int64_t next_seq_id_ = 0;
+  uint64_t seed_state_ = 0x853C49E6748FEA9Bull;
+  EngineStats stats_;
+};
+
+}  // namespace v4serve::engine
+
+#endif  // V4SERVE_ENGINE_ENGINE_H_

@@ -1,0 +1,206 @@
+#include "engine/kv_cache_manager.h"
+
+#include <algorithm>
+#include <utility>
+
+#include "engine/state_blocks.h"
+#include "services/logging.h"
+#include "services/status_macros.h"
+
+namespace v4serve::engine {
+
+using kvstore::BlockHash;
+using kvstore::BlockId;
+using kvstore::KvBlock;
+
+absl::Status KvCacheOptions::Validate() const {
+  if (num_blocks <= 0) return absl::InvalidArgumentError("kv num_blocks must be positive");
+  return absl::OkStatus();
+}
+
+KvCacheManager::KvCacheManager(const model::ModelConfig& config, kvstore::KvLayout layout,
+                               const KvCacheOptions& options)
+    : config_(config),
+      layout_(std::move(layout)),
+      options_(options),
+      pool_(options.num_blocks),
+      cache_(&pool_) {}
+
+KvCacheManager::~KvCacheManager() = default;
+
+absl::StatusOr<BlockId> KvCacheManager::AllocateEvicting() {
+  absl::StatusOr<BlockId> id = pool_.Allocate();
+  if (id.ok() || cache_.Evict(1) == 0) return id;
+  return pool_.Allocate();
+}
+
+absl::StatusOr<int64_t> KvCacheManager::Admit(Sequence* seq) {
+  const int64_t n_tokens = static_cast<int64_t>(seq->tokens.size());
+  std::vector<BlockId> blocks;
+  std::vector<KvBlock> restored;
+  if (options_.enable_prefix_cache && n_tokens > 1) {
+    // At least one token must be computed to get the logits that pick the next token.
+    const int64_t max_blocks = (n_tokens - 1) / block_tokens();
+    const std::vector<BlockHash> hashes = kvstore::BlockHashChain(
+        absl::MakeConstSpan(seq->tokens).subspan(0, static_cast<size_t>(max_blocks * block_tokens())),
+        block_tokens(), layout_.model_fingerprint, seq->tenant_salt);
+    const std::vector<BlockId> hit = cache_.Acquire(hashes);
+    for (size_t i = 0; i < hit.size(); ++i) {
+      absl::StatusOr<std::string> bytes = pool_.Get(hit[i]);
+      absl::StatusOr<KvBlock> block =
+          bytes.ok() ? kvstore::DecodeKvBlock(layout_, *bytes) : absl::StatusOr<KvBlock>(bytes.status());
+      const bool same_tokens =
+          block.ok() && block->block_index == static_cast<int32_t>(i) &&
+          std::equal(block->tokens.begin(), block->tokens.end(), seq->tokens.begin() + i * block_tokens());
+      if (!same_tokens) {
+        V4LOG(WARNING).With("block", hit[i]).With("status", block.status().ToString())
+            << "cached KV block unusable; recomputing from here";
+        if (!block.ok()) cache_.Erase(hashes[i]);
+        for (size_t j = i; j < hit.size(); ++j) pool_.Unref(hit[j]).IgnoreError();
+        break;
+      }
+      blocks.push_back(hit[i]);
+      restored.push_back(*std::move(block));
+    }
+  }
+  model::SequenceState state;
+  if (!restored.empty()) {
+    absl::StatusOr<model::SequenceState> s = RestoreState(config_, layout_, restored);
+    if (s.ok()) {
+      state = *std::move(s);
+    } else {
+      V4LOG(WARNING).With("status", s.status().ToString()) << "cached prefix does not restore; recomputing";
+      for (BlockId b : blocks) pool_.Unref(b).IgnoreError();
+      blocks.clear();
+      restored.clear();
+    }
+  }
+  if (restored.empty()) state = model::NewSequenceState(config_);
+  const int64_t reused = static_cast<int64_t>(restored.size());
+  while (static_cast<int64_t>(blocks.size()) < BlocksFor(n_tokens)) {
+    absl::StatusOr<BlockId> id = AllocateEvicting();
+    if (!id.ok()) {
+      for (BlockId b : blocks) pool_.Unref(b).IgnoreError();
+      return id.status();
+    }
+    blocks.push_back(*id);
+  }
+  seq->blocks = std::move(blocks);
+  seq->cached_blocks = static_cast<int32_t>(reused);
+  seq->state = std::move(state);
+  return reused * block_tokens();
+}
+
+absl::Status KvCacheManager::SwapIn(Sequence* seq) {
+  ASSIGN_OR_RETURN(model::SequenceState state, model::DeserializeSequenceState(config_, seq->swapped_state));
+  std::vector<BlockId> blocks;
+  while (static_cast<int64_t>(blocks.size()) < BlocksFor(static_cast<int64_t>(seq->tokens.size()))) {
+    absl::StatusOr<BlockId> id = AllocateEvicting();
+    if (!id.ok()) {
+      for (BlockId b : blocks) pool_.Unref(b).IgnoreError();
+      return id.status();
+    }
+    blocks.push_back(*id);
+  }
+  seq->blocks = std::move(blocks);
+  seq->state = std::move(state);
+  // The swapped-in copies are not the cached blocks: republish nothing before the current position.
+  seq->cached_blocks = static_cast<int32_t>(seq->state.position / block_tokens());
+  std::string().swap(seq->swapped_state);
+  return absl::OkStatus();
+}
+
+void KvCacheManager::SwapOut(Sequence* seq) {
+  seq->swapped_state = model::SerializeSequenceState(seq->state);
+  Release(seq);
+}
+
+absl::Status KvCacheManager::Grow(Sequence* seq, int64_t tokens) {
+  const size_t want = static_cast<size_t>(BlocksFor(tokens));
+  std::vector<BlockId> added;
+  while (seq->blocks.size() + added.size() < want) {
+    absl::StatusOr<BlockId> id = AllocateEvicting();
+    if (!id.ok()) {
+      for (BlockId b : added) pool_.Unref(b).IgnoreError();
+      return id.status();
+    }
+    added.push_back(*id);
+  }
+  seq->blocks.insert(seq->blocks.end(), added.begin(), added.end());
+  return absl::OkStatus();
+}
+
+void KvCacheManager::OnBlockBoundary(Sequence* seq) {
+  if (!options_.enable_prefix_cache) return;
+  const int64_t pos = seq->state.position;
+  if (pos == 0 || pos % block_tokens() != 0) return;
+  const int32_t index = static_cast<int32_t>(pos / block_tokens()) - 1;
+  if (index < seq->cached_blocks || index >= static_cast<int32_t>(seq->blocks.size())) return;
+  if (index != seq->cached_blocks) {
+    // An earlier block is not cached (publication failed, or restored from swap): the chain has a gap,
+    // and later hashes would name prefixes the cache cannot serve. Stop publishing for this sequence.
+    return;
+  }
+  const std::vector<BlockHash> hashes =
+      kvstore::BlockHashChain(absl::MakeConstSpan(seq->tokens).subspan(0, static_cast<size_t>(pos)),
+                              block_tokens(), layout_.model_fingerprint, seq->tenant_salt);
+  const BlockHash hash = hashes.back();
+  absl::StatusOr<KvBlock> block = ExtractBlock(
+      config_, layout_, seq->state, index,
+      absl::MakeConstSpan(seq->tokens).subspan(static_cast<size_t>(index) * block_tokens(), block_tokens()),
+      hash);
+  absl::StatusOr<std::string> bytes =
+      block.ok() ? kvstore::EncodeKvBlock(layout_, *block) : absl::StatusOr<std::string>(block.status());
+  const BlockId mine = seq->blocks[static_cast<size_t>(index)];
+  absl::Status put = bytes.ok() ? pool_.Put(mine, *std::move(bytes)) : bytes.status();
+  if (!put.ok()) {
+    V4LOG(WARNING).With("status", put.ToString()) << "KV block not published";
+    return;
+  }
+  if (!cache_.Insert(hash, mine)) {
+    // Another sequence published the same prefix first: share its block and free ours.
+    std::vector<BlockId> theirs = cache_.Acquire(absl::MakeConstSpan(&hash, 1));
+    if (theirs.size() == 1) {
+      pool_.Unref(mine).IgnoreError();
+      seq->blocks[static_cast<size_t>(index)] = theirs[0];
+    }
+  }
+  seq->cached_blocks = index + 1;
+}
+
+absl::Status KvCacheManager::Fork(const Sequence& parent, Sequence* child) {
+  const size_t full = static_cast<size_t>(parent.state.position / block_tokens());
+  std::vector<BlockId> blocks;
+  auto undo = [&] {
+    for (BlockId b : blocks) pool_.Unref(b).IgnoreError();
+  };
+  for (size_t i = 0; i < full && i < parent.blocks.size(); ++i) {
+    absl::Status s = pool_.Ref(parent.blocks[i]);
+    if (!s.ok()) {
+      undo();
+      return s;
+    }
+    blocks.push_back(parent.blocks[i]);
+  }
+  while (static_cast<int64_t>(blocks.size()) < BlocksFor(static_cast<int64_t>(child->tokens.size()))) {
+    absl::StatusOr<BlockId> id = AllocateEvicting();
+    if (!id.ok()) {
+      undo();
+      return id.status();
+    }
+    blocks.push_back(*id);
+  }
+  child->blocks = std::move(blocks);
+  child->cached_blocks = std::min<int32_t>(parent.cached_blocks, static_cast<int32_t>(full));
+  child->state = parent.state;
+  return absl::OkStatus();
+}
+
+void KvCacheManager::Release(Sequence* seq) {
+  for (BlockId b : seq->blocks) pool_.Unref(b).IgnoreError();
+  seq->blocks.clear();
+  seq->cached_blocks = 0;
+  seq->state = model::SequenceState();
+}
+
+}  // namespace v4serve::engine

@@ -1,0 +1,92 @@
+// The engine's KV memory: block tables of running sequences on a refcounted BlockPool, prefix reuse
+// through the PrefixCache, and publication of each completed block (entries + boundary state) so later
+// requests with the same prefix (same model, same tenant) skip recomputing it.
+//
+// Memory accounting is by 128-token blocks: a running sequence holds ceil(tokens / 128) blocks, shared
+// prefix blocks count once. The model's forward pass reads the sequence's SequenceState (its
+// contiguous per-layer arrays); a completed block's encoded bytes live in its pool slot, which is what
+// the prefix cache serves and what a transfer or the disk tier would carry.
+//
+// Reuse is exact: a block is reused only with its end boundary's sliding-window state (MODEL.md), and
+// only if its stored tokens equal the request's (a hash collision or a corrupt block is a miss).
+//
+// Externally synchronized (the engine's thread). The config must outlive it.
+#ifndef V4SERVE_ENGINE_KV_CACHE_MANAGER_H_
+#define V4SERVE_ENGINE_KV_CACHE_MANAGER_H_
+
+#include <cstdint>
+#include <memory>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "engine/sequence.h"
+#include "kvstore/block_pool.h"
+#include "kvstore/kv_block.h"
+#include "kvstore/prefix_cache.h"
+#include "model/config.h"
+
+namespace v4serve::engine {
+
+struct KvCacheOptions {
+  int64_t num_blocks = 256;  // Pool capacity in blocks.
+  bool enable_prefix_cache = true;
+
+  absl::Status Validate() const;
+};
+
+class KvCacheManager {
+ public:
+  KvCacheManager(const model::ModelConfig& config, kvstore::KvLayout layout, const KvCacheOptions& options);
+  ~KvCacheManager();
+
+  int32_t block_tokens() const { return layout_.block_tokens; }
+  int64_t blocks_total() const { return pool_.capacity(); }
+  int64_t blocks_used() const { return pool_.blocks_used(); }
+  int64_t blocks_free() const { return pool_.blocks_free(); }
+  int64_t blocks_cached() const { return cache_.size(); }
+  int64_t BlocksFor(int64_t tokens) const { return (tokens + block_tokens() - 1) / block_tokens(); }
+
+  // Gives a waiting sequence its state and blocks for all its known tokens: restores the longest cached
+  // prefix (leaving at least one token to compute), then allocates the rest, evicting unreferenced
+  // cached blocks as needed. Returns the tokens restored from the cache. RESOURCE_EXHAUSTED when the
+  // blocks do not fit; then nothing changed.
+  absl::StatusOr<int64_t> Admit(Sequence* seq);
+
+  // Gives a swapped sequence back its blocks and state. RESOURCE_EXHAUSTED (nothing changed) or
+  // DATA_LOSS (the swapped bytes do not decode; the caller recomputes).
+  absl::Status SwapIn(Sequence* seq);
+  // Serializes the state to host memory and frees the blocks.
+  void SwapOut(Sequence* seq);
+
+  // Makes sure the block table covers `tokens` tokens. RESOURCE_EXHAUSTED when no block is free even
+  // after evicting (nothing changed).
+  absl::Status Grow(Sequence* seq, int64_t tokens);
+
+  // Publishes the block that the state just completed (call when state.position is a multiple of the
+  // block size). Failures are logged and leave the block uncached (correct, just slower).
+  void OnBlockBoundary(Sequence* seq);
+
+  // Makes `child` a copy of `parent` (whose state has consumed its prompt): the same state, references
+  // to the parent's complete blocks, its own block for the incomplete tail. RESOURCE_EXHAUSTED
+  // (nothing changed) when that block does not fit.
+  absl::Status Fork(const Sequence& parent, Sequence* child);
+
+  // Drops the sequence's block references and state (finish, cancel or recompute-preemption).
+  void Release(Sequence* seq);
+
+  // The pool, for fault-injection tests (corrupting stored blocks).
+  kvstore::BlockPool* mutable_pool_for_testing() { return &pool_; }
+
+ private:
+  absl::StatusOr<kvstore::BlockId> AllocateEvicting();
+
+  const model::ModelConfig& config_;
+  const kvstore::KvLayout layout_;
+  const KvCacheOptions options_;
+  kvstore::BlockPool pool_;
+  kvstore::PrefixCache cache_;
+};
+
+}  // namespace v4serve::engine
+
+#endif  // V4SERVE_ENGINE_KV_CACHE_MANAGER_H_

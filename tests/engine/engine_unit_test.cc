@@ -1,0 +1,299 @@
+// Unit tests of the engine's parts: sampling, exact block round trips of the model state, the KV cache
+// manager's handling of corrupt cached blocks, chunked prefill under the step budget, stop rules,
+// cancellation and request validation.
+#include <cmath>
+#include <random>
+
+#include "engine/engine.h"
+#include "engine/kv_cache_manager.h"
+#include "engine/sampler.h"
+#include "engine/state_blocks.h"
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+#include "tests/engine/engine_test_util.h"
+
+namespace v4serve::engine {
+namespace {
+
+using testing::Collected;
+using testing::GreedyRequest;
+using ::testing::HasSubstr;
+using testing::RandomTokens;
+using testing::ReferenceGreedy;
+using testing::RunToCompletion;
+using testing::TinyModel;
+
+TEST(SamplerTest, GreedyTakesLowestIdOnTiesAndReportsLogprobs) {
+  SamplingParams p;
+  p.top_logprobs = 2;
+  Sampler s(p, 1);
+  std::vector<float> logits = {1.0f, 3.0f, 3.0f, 0.0f};
+  SampledToken t = s.Sample(logits);
+  EXPECT_EQ(t.id, 1);
+  ASSERT_EQ(t.top.size(), 2u);
+  EXPECT_EQ(t.top[0].first, 1);
+  EXPECT_EQ(t.top[1].first, 2);
+  double total = 0;
+  for (float x : logits) total += std::exp(x - 3.0);
+  EXPECT_NEAR(t.logprob, -std::log(total), 1e-5);
+}
+
+TEST(SamplerTest, SeedReproducesAndFiltersCut) {
+  std::vector<float> logits = {2.0f, 1.9f, 1.8f, -5.0f, 1.7f, -9.0f};
+  SamplingParams p;
+  p.temperature = 1.0f;
+  p.top_k = 3;
+  Sampler a(p, 9), b(p, 9);
+  std::vector<int32_t> sa, sb;
+  for (int i = 0; i < 300; ++i) {
+    sa.push_back(a.Sample(logits).id);
+    sb.push_back(b.Sample(logits).id);
+  }
+  EXPECT_EQ(sa, sb);
+  for (int32_t t : sa) EXPECT_LT(t, 3);
+  EXPECT_GT(std::count(sa.begin(), sa.end(), 2), 0);
+  // min_p 0.95 keeps only tokens within 5% of the best: just token 0.
+  p.top_k = 0;
+  p.min_p = 0.95f;
+  Sampler m(p, 3);
+  for (int i = 0; i < 50; ++i) EXPECT_EQ(m.Sample(logits).id, 0);
+  // top_p tiny keeps only the best.
+  p.min_p = 0;
+  p.top_p = 0.01f;
+  Sampler tp(p, 3);
+  for (int i = 0; i < 50; ++i) EXPECT_EQ(tp.Sample(logits).id, 0);
+}
+
+TEST(SamplerTest, PenaltiesSteerAwayFromRepeats) {
+  std::vector<float> logits = {2.0f, 1.5f, 1.0f};
+  SamplingParams p;
+  p.repetition_penalty = 2.0f;  // Prompt token 0: 2.0 -> 1.0, below token 1.
+  Sampler r(p, 0);
+  const int32_t prompt[] = {0};
+  r.AddPromptTokens(prompt);
+  EXPECT_EQ(r.Sample(logits).id, 1);
+  p = SamplingParams();
+  p.frequency_penalty = 0.3f;  // Each emission of the best lowers it by 0.3.
+  Sampler f(p, 0);
+  std::vector<int32_t> got;
+  for (int i = 0; i < 4; ++i) got.push_back(f.Sample(logits).id);
+  EXPECT_EQ(got, (std::vector<int32_t>{0, 0, 1, 0}));
+  p = SamplingParams();
+  p.presence_penalty = 0.6f;  // Once emitted, a token loses 0.6 once.
+  Sampler pr(p, 0);
+  got.clear();
+  for (int i = 0; i < 3; ++i) got.push_back(pr.Sample(logits).id);
+  EXPECT_EQ(got, (std::vector<int32_t>{0, 1, 0}));
+}
+
+TEST(SamplerTest, ValidateNamesTheField) {
+  SamplingParams p;
+  p.top_p = 0;
+  EXPECT_THAT(p.Validate(512).message(), HasSubstr("top_p"));
+  p = SamplingParams();
+  p.stop_token_ids = {600};
+  EXPECT_THAT(p.Validate(512).message(), HasSubstr("stop_token_ids"));
+  p = SamplingParams();
+  p.n = 0;
+  EXPECT_THAT(p.Validate(512).message(), HasSubstr("n"));
+}
+
+TEST(StateBlocksTest, StateRestoredFromBlocksIsBitIdentical) {
+  const model::Model& m = TinyModel();
+  std::mt19937 rng(3);
+  const std::vector<int32_t> tokens = RandomTokens(&rng, 384);
+  auto layout = KvLayoutFor(m.config(), 5);
+  ASSERT_TRUE(layout.ok()) << layout.status();
+  std::vector<kvstore::KvBlock> blocks;
+  model::SequenceState s = m.NewState();
+  for (int b = 0; b < 3; ++b) {
+    ASSERT_TRUE(m.Prefill(&s, absl::MakeConstSpan(tokens).subspan(b * 128, 128)).ok());
+    auto block =
+        ExtractBlock(m.config(), *layout, s, b, absl::MakeConstSpan(tokens).subspan(b * 128, 128), 0);
+    ASSERT_TRUE(block.ok()) << block.status();
+    // Through the codec, as the cache stores it.
+    auto decoded = kvstore::DecodeKvBlock(*layout, *kvstore::EncodeKvBlock(*layout, *block));
+    ASSERT_TRUE(decoded.ok()) << decoded.status();
+    blocks.push_back(*decoded);
+  }
+  auto restored = RestoreState(m.config(), *layout, blocks);
+  ASSERT_TRUE(restored.ok()) << restored.status();
+  EXPECT_TRUE(*restored == s);
+  // And it continues exactly: the same logits for the next chunk.
+  const int32_t next[] = {7, 8, 9};
+  auto a = m.Prefill(&s, next);
+  auto b = m.Prefill(&*restored, next);
+  ASSERT_TRUE(a.ok() && b.ok());
+  EXPECT_EQ(*a, *b);
+  blocks[1].block_index = 5;
+  EXPECT_FALSE(RestoreState(m.config(), *layout, blocks).ok());
+}
+
+TEST(KvCacheManagerTest, CorruptCachedBlockIsAMissNotWrongOutput) {
+  std::mt19937 rng(5);
+  std::vector<int32_t> prompt = RandomTokens(&rng, 300);
+  EngineOptions o;
+  o.kv.num_blocks = 16;
+  auto engine = Engine::Create(&TinyModel(), o);
+  ASSERT_TRUE(engine.ok());
+  Collected got;
+  ASSERT_TRUE((*engine)->Submit(GreedyRequest("a", prompt, 4, &got)).ok());
+  RunToCompletion(engine->get());
+  EXPECT_EQ((*engine)->stats().kv_blocks_cached, 2);
+
+  // The same through a KvCacheManager whose stored bytes we corrupt.
+  auto layout = KvLayoutFor(TinyModel().config(), 0);
+  KvCacheOptions ko;
+  ko.num_blocks = 8;
+  KvCacheManager kv(TinyModel().config(), *layout, ko);
+  Sequence first;
+  first.tokens = prompt;
+  ASSERT_TRUE(kv.Admit(&first).ok());
+  for (int b = 0; b < 2; ++b) {
+    ASSERT_TRUE(TinyModel().Prefill(&first.state, absl::MakeConstSpan(prompt).subspan(b * 128, 128)).ok());
+    kv.OnBlockBoundary(&first);
+  }
+  EXPECT_EQ(first.cached_blocks, 2);
+  EXPECT_EQ(kv.blocks_cached(), 2);
+  kvstore::BlockPool* pool = kv.mutable_pool_for_testing();
+  const kvstore::BlockId second_block = first.blocks[1];
+  std::string bytes = *pool->Get(second_block);
+  bytes[bytes.size() / 2] ^= 0x40;
+  ASSERT_TRUE(pool->Put(second_block, bytes).ok());
+  kv.Release(&first);
+
+  Sequence again;
+  again.tokens = prompt;
+  auto cached = kv.Admit(&again);
+  ASSERT_TRUE(cached.ok());
+  EXPECT_EQ(*cached, 128);  // Block 0 is good, block 1 fails its checksum and is recomputed.
+  EXPECT_EQ(again.state.position, 128);
+  EXPECT_EQ(kv.blocks_cached(), 1);  // The corrupt block left the cache.
+  kv.Release(&again);
+}
+
+TEST(EngineTest, ChoicesOfOneRequestShareOnePromptComputation) {
+  std::mt19937 rng(23);
+  const std::vector<int32_t> prompt = RandomTokens(&rng, 200);
+  EngineOptions o;
+  o.kv.num_blocks = 16;
+  auto engine = Engine::Create(&TinyModel(), o);
+  ASSERT_TRUE(engine.ok());
+  Collected got;
+  EngineRequest greedy = GreedyRequest("g", prompt, 5, &got);
+  greedy.sampling.n = 4;
+  ASSERT_TRUE((*engine)->Submit(std::move(greedy)).ok());
+  RunToCompletion(engine->get());
+  EXPECT_EQ((*engine)->stats().prefill_tokens_computed, 200);  // Once, not four times.
+  const std::vector<int32_t> ref = ReferenceGreedy(prompt, 5);
+  for (int32_t c = 0; c < 4; ++c) {
+    EXPECT_EQ(got.Tokens("g", c), ref) << c;
+    ASSERT_NE(got.Final("g", c), nullptr);
+    EXPECT_EQ(got.Final("g", c)->finish, FinishReason::kLength);
+  }
+  // Sampled choices differ from each other and are reproducible by seed.
+  auto sampled = [&](const std::string& id) {
+    EngineRequest r = GreedyRequest(id, prompt, 8, &got);
+    r.sampling.n = 3;
+    r.sampling.temperature = 1.5f;
+    r.sampling.seed = 5;
+    EXPECT_TRUE((*engine)->Submit(std::move(r)).ok());
+    RunToCompletion(engine->get());
+    return std::vector<std::vector<int32_t>>{got.Tokens(id, 0), got.Tokens(id, 1), got.Tokens(id, 2)};
+  };
+  const auto a = sampled("s1"), b = sampled("s2");
+  EXPECT_EQ(a, b);
+  EXPECT_NE(a[0], a[1]);
+  EXPECT_NE(a[1], a[2]);
+  // Cancelling before the prompt is computed ends every choice.
+  EngineRequest c = GreedyRequest("c", prompt, 5, &got);
+  c.sampling.n = 3;
+  ASSERT_TRUE((*engine)->Submit(std::move(c)).ok());
+  ASSERT_TRUE((*engine)->Cancel("c").ok());
+  for (int32_t i = 0; i < 3; ++i) {
+    ASSERT_NE(got.Final("c", i), nullptr) << i;
+    EXPECT_EQ(got.Final("c", i)->finish, FinishReason::kCancelled);
+  }
+  EXPECT_FALSE((*engine)->HasWork());
+  EXPECT_EQ((*engine)->stats().cancelled_sequences, 3);
+}
+
+TEST(EngineTest, OptionsAreValidatedOnce) {
+  EngineOptions o;
+  o.scheduler.max_step_tokens = 8;  // Fewer than max_running (64): decoders could starve.
+  EXPECT_THAT(Engine::Create(&TinyModel(), o).status().message(), HasSubstr("max_step_tokens"));
+  o = EngineOptions();
+  o.kv.num_blocks = 0;
+  EXPECT_EQ(Engine::Create(&TinyModel(), o).status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(Engine::Create(nullptr, EngineOptions()).status().code(), absl::StatusCode::kInvalidArgument);
+}
+
+TEST(EngineTest, ChunkedPrefillRespectsTheStepBudget) {
+  std::mt19937 rng(8);
+  EngineOptions o;
+  o.kv.num_blocks = 16;
+  o.scheduler.max_step_tokens = 64;
+  auto engine = Engine::Create(&TinyModel(), o);
+  ASSERT_TRUE(engine.ok());
+  Collected got;
+  std::vector<int32_t> p1 = RandomTokens(&rng, 300), p2 = RandomTokens(&rng, 90);
+  ASSERT_TRUE((*engine)->Submit(GreedyRequest("a", p1, 5, &got)).ok());
+  ASSERT_TRUE((*engine)->Submit(GreedyRequest("b", p2, 5, &got)).ok());
+  int64_t steps = 0;
+  while ((*engine)->HasWork()) {
+    const int64_t before =
+        (*engine)->stats().prefill_tokens_computed + (*engine)->stats().decode_tokens_computed;
+    ASSERT_TRUE((*engine)->Step().ok());
+    const int64_t after =
+        (*engine)->stats().prefill_tokens_computed + (*engine)->stats().decode_tokens_computed;
+    EXPECT_LE(after - before, 64);
+    ASSERT_LT(++steps, 1000);
+  }
+  EXPECT_GE(steps, 390 / 64);
+  EXPECT_EQ(got.Tokens("a"), ReferenceGreedy(p1, 5));
+  EXPECT_EQ(got.Tokens("b"), ReferenceGreedy(p2, 5));
+}
+
+TEST(EngineTest, StopTokenCancelAndValidation) {
+  std::mt19937 rng(21);
+  const std::vector<int32_t> prompt = RandomTokens(&rng, 60);
+  const std::vector<int32_t> ref = ReferenceGreedy(prompt, 6);
+  EngineOptions o;
+  o.kv.num_blocks = 8;
+  auto engine = Engine::Create(&TinyModel(), o);
+  ASSERT_TRUE(engine.ok());
+  Engine& e = **engine;
+  Collected got;
+  // Stops after emitting the stop token (the reference's third token).
+  EngineRequest stop = GreedyRequest("stop", prompt, 6, &got);
+  stop.sampling.stop_token_ids = {ref[2]};
+  ASSERT_TRUE(e.Submit(std::move(stop)).ok());
+  RunToCompletion(&e);
+  const size_t first = static_cast<size_t>(std::find(ref.begin(), ref.end(), ref[2]) - ref.begin());
+  EXPECT_EQ(got.Tokens("stop"), std::vector<int32_t>(ref.begin(), ref.begin() + first + 1));
+  EXPECT_EQ(got.Final("stop")->finish, FinishReason::kStop);
+
+  // Cancel frees the blocks at once.
+  const int64_t cached = e.stats().kv_blocks_cached;
+  ASSERT_TRUE(e.Submit(GreedyRequest("long", RandomTokens(&rng, 200), 500, &got)).ok());
+  for (int i = 0; i < 3; ++i) ASSERT_TRUE(e.Step().ok());
+  EXPECT_GT(e.stats().kv_blocks_used, e.stats().kv_blocks_cached);
+  ASSERT_TRUE(e.Cancel("long").ok());
+  EXPECT_EQ(e.stats().running, 0);
+  EXPECT_EQ(e.stats().kv_blocks_used, e.stats().kv_blocks_cached);
+  EXPECT_GE(e.stats().kv_blocks_cached, cached);
+  EXPECT_EQ(got.Final("long")->finish, FinishReason::kCancelled);
+  EXPECT_FALSE(e.HasWork());
+  EXPECT_EQ(e.Cancel("long").code(), absl::StatusCode::kNotFound);
+
+  // Requests that could never fit are refused, not left to hang.
+  EXPECT_EQ(e.Submit(GreedyRequest("huge", prompt, 8 * 128, &got)).code(),
+            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(e.Submit(GreedyRequest("bad", {5, 700}, 3, &got)).code(), absl::StatusCode::kInvalidArgument);
+  ASSERT_TRUE(e.Submit(GreedyRequest("dup", prompt, 3, &got)).ok());
+  EXPECT_EQ(e.Submit(GreedyRequest("dup", prompt, 3, &got)).code(), absl::StatusCode::kAlreadyExists);
+  RunToCompletion(&e);
+}
+
+}  // namespace
+}  // namespace v4serve::engine
