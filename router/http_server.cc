@@ -164,6 +164,7 @@ class Session : public std::enable_shared_from_this<Session> {
     keep_alive_ = msg.keep_alive();
     ended_ = streaming_ = gone_ = false;
     gone_callbacks_.clear();
+    ++generation_;
     server_->RequestStarted();
     WatchForDisconnect();
     server_->handler->Handle(std::move(req), MakeResponder());
@@ -184,14 +185,17 @@ class Session : public std::enable_shared_from_this<Session> {
 
   // While a response is open the client sends nothing (no pipelining from SSE clients); the socket
   // becoming readable with no bytes means it closed.
+  // A wait left over from an earlier request on this keep-alive connection must not judge the current
+  // one (its read may have consumed the bytes that woke the wait), hence the request generation.
   void WatchForDisconnect() {
     stream_.socket().async_wait(
         tcp::socket::wait_read,
-        net::bind_executor(stream_.get_executor(), [self = shared_from_this()](beast::error_code ec) {
-          if (self->ended_ && self->queue_.empty()) return;
-          beast::error_code ignored;
-          if (ec || self->stream_.socket().available(ignored) == 0) self->MarkGone();
-        }));
+        net::bind_executor(stream_.get_executor(),
+                           [self = shared_from_this(), gen = generation_](beast::error_code ec) {
+                             if (gen != self->generation_ || (self->ended_ && self->queue_.empty())) return;
+                             beast::error_code ignored;
+                             if (ec || self->stream_.socket().available(ignored) == 0) self->MarkGone();
+                           }));
   }
 
   void MarkGone() {
@@ -245,6 +249,7 @@ class Session : public std::enable_shared_from_this<Session> {
   bool ended_ = true;
   bool streaming_ = false;
   bool gone_ = false;
+  uint64_t generation_ = 0;  // requests started on this connection
 };
 
 // Forwards to the Session on its strand, so handlers may respond from any thread.

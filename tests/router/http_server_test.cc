@@ -76,6 +76,18 @@ TEST_F(HttpServerTest, KeepAliveServesSeveralRequestsOnOneConnection) {
   }
 }
 
+// Regression: a disconnect watch left from request N once judged request N+1 on the same connection as
+// abandoned, so the client saw the connection close without a response (seen with the openai SDK).
+TEST_F(HttpServerTest, ManyRequestsOnOneKeepAliveConnectionAllGetAnswers) {
+  auto conn = HttpConnection::Connect(server_->port());
+  ASSERT_TRUE(conn.ok());
+  for (int i = 0; i < 2000; ++i) {
+    auto r = (*conn)->Call(i % 2 ? "POST" : "GET", "/echo", i % 2 ? "x" : "");
+    ASSERT_TRUE(r.ok()) << "request " << i << ": " << r.status();
+    ASSERT_EQ(r->status, 200);
+  }
+}
+
 TEST_F(HttpServerTest, ValidRequestIdIsEchoed) {
   auto r = HttpCall(server_->port(), "GET", "/echo", "", {{"X-Request-Id", "client-42"}});
   ASSERT_TRUE(r.ok()) << r.status();
