@@ -3,9 +3,8 @@
 #include <algorithm>
 
 #include "absl/strings/str_cat.h"
-#include "model/cpu/attention.h"
+#include "model/cpu/block.h"
 #include "model/cpu/mhc.h"
-#include "model/cpu/moe.h"
 #include "model/cpu/ops.h"
 #include "model/cpu/weights.h"
 #include "services/status_macros.h"
@@ -31,13 +30,11 @@ absl::StatusOr<std::unique_ptr<Model>> Model::Load(const std::string& dir, const
 absl::StatusOr<std::unique_ptr<Model>> Model::FromCheckpoint(const ModelConfig& config,
                                                              const Checkpoint& ckpt,
                                                              const ModelOptions& options) {
-  if (options.mode != NumericMode::kExact) {
-    return absl::UnimplementedError(
-        "the faithful numeric mode is not implemented yet; use NumericMode::kExact");
-  }
   RETURN_IF_ERROR(ValidateModelConfig(config));
   ASSIGN_OR_RETURN(std::unique_ptr<cpu::ModelWeights> w, cpu::LoadWeights(config, ckpt, options.load_mtp));
-  return std::unique_ptr<Model>(new Model(config, std::move(w)));
+  std::unique_ptr<Model> m(new Model(config, std::move(w)));
+  m->faithful_ = options.mode == NumericMode::kFaithful;
+  return m;
 }
 
 absl::StatusOr<std::vector<float>> Model::Prefill(SequenceState* state, absl::Span<const int32_t> tokens,
@@ -89,22 +86,13 @@ absl::StatusOr<std::vector<float>> Model::Forward(const std::vector<Seq>& seqs,
     const float* e = &weights_->embed[static_cast<size_t>(tokens[t]) * d];
     for (int64_t j = 0; j < hc; ++j) std::copy(e, e + d, &streams[(t * hc + j) * d]);
   }
-  std::vector<float> collapsed, sub_out;
-  std::vector<cpu::HcMix> mixes;
   const cpu::LayerRopes ropes{rope_main_.get(), rope_compress_.get()};
+  const cpu::Numerics num{faithful_};
   for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
-    const cpu::BlockWeights& w = weights_->layers[l];
-    cpu::HcPre(c, w.hc_attn, streams.data(), n, &collapsed, &mixes);
-    cpu::RmsNorm(collapsed.data(), n, d, w.attn_norm.data(), c.rms_norm_eps);
     std::vector<cpu::Segment> segs;
     for (const Seq& s : seqs) segs.push_back({&s.state->layers[l], s.state->position, s.begin, s.count});
-    cpu::AttentionForward(c, w, l, ropes, collapsed.data(), n, segs, &sub_out);
-    cpu::HcPost(c, mixes, sub_out.data(), n, streams.data());
-
-    cpu::HcPre(c, w.hc_ffn, streams.data(), n, &collapsed, &mixes);
-    cpu::RmsNorm(collapsed.data(), n, d, w.ffn_norm.data(), c.rms_norm_eps);
-    cpu::MoeForward(c, w, c.is_hash_layer(l), collapsed.data(), tokens.data(), n, &sub_out);
-    cpu::HcPost(c, mixes, sub_out.data(), n, streams.data());
+    cpu::BlockForward(c, num, weights_->layers[l], l, c.is_hash_layer(l), ropes, tokens.data(), n, segs,
+                      streams.data());
   }
   for (const Seq& s : seqs) s.state->position += s.count;
 
@@ -115,8 +103,9 @@ absl::StatusOr<std::vector<float>> Model::Forward(const std::vector<Seq>& seqs,
   }
   std::vector<float> hidden, logits;
   const int64_t m = static_cast<int64_t>(logit_rows.size());
-  cpu::HcHead(c, weights_->hc_head, picked.data(), m, &hidden);
+  cpu::HcHead(c, num, weights_->hc_head, picked.data(), m, &hidden);
   cpu::RmsNorm(hidden.data(), m, d, weights_->norm.data(), c.rms_norm_eps);
+  num.Bf(&hidden);
   cpu::MatmulWt(hidden.data(), m, d, weights_->head.data(), c.vocab_size, &logits);
   return logits;
 }

@@ -7,8 +7,9 @@
 // one prefill of the whole prompt.
 //
 // Numeric modes (MODEL.md "Precision the reference simulates"): kExact is FP32 without fake quantization
-// and is implemented; kFaithful (FP8/FP4/BF16 rounding as DeepSeek's code) is not yet, and Load refuses
-// it with UNIMPLEMENTED rather than silently computing something else.
+// (matches transformers); kFaithful rounds as DeepSeek's inference code does (BF16 activations between
+// ops, FP8 inputs of FP8/FP4-stored GEMMs, FP8 window/compressed KV on the non-RoPE dims, Hadamard + FP4
+// indexer vectors) and matches tools/golden/v4_reference.py. Serving uses kFaithful.
 //
 // Thread-safety: a Model is immutable after Load; calls are externally synchronized (one forward call at
 // a time, because they share the process-wide matmul thread pool). The caller owns the states.
@@ -75,6 +76,7 @@ class Model {
   ModelConfig config_;
   std::unique_ptr<cpu::ModelWeights> weights_;
   std::unique_ptr<cpu::RopeTable> rope_main_, rope_compress_;
+  bool faithful_ = false;
 };
 
 }  // namespace v4serve::model
