@@ -30,15 +30,17 @@
 namespace v4serve::model {
 
 namespace cpu {
+struct HcWeights;
 struct ModelWeights;
 struct RopeTable;
+struct Tensor;
 }  // namespace cpu
 
 enum class NumericMode { kExact, kFaithful };
 
 struct ModelOptions {
   NumericMode mode = NumericMode::kExact;
-  bool load_mtp = false;  // Load the MTP weights too (not used by Prefill/Decode).
+  bool load_mtp = false;  // Load the MTP weights too (needed by MtpDraft).
 };
 
 class Model {
@@ -56,13 +58,25 @@ class Model {
   // Runs `tokens` (non-empty) after the state's tokens. Returns logits [vocab] of the last token, or
   // [tokens.size(), vocab] when `all_logits`. On error the state is unchanged only for argument errors
   // (bad token id, empty chunk), which are checked before any work.
+  // When `final_streams` is set it receives the main model's last mHC streams [tokens, hc_mult, hidden]
+  // (the MTP input).
   absl::StatusOr<std::vector<float>> Prefill(SequenceState* state, absl::Span<const int32_t> tokens,
-                                             bool all_logits = false) const;
+                                             bool all_logits = false,
+                                             std::vector<float>* final_streams = nullptr) const;
 
   // One token per sequence: states[i] consumes tokens[i]. Returns logits [batch, vocab]. States must be
   // distinct.
   absl::StatusOr<std::vector<float>> Decode(absl::Span<SequenceState* const> states,
-                                            absl::Span<const int32_t> tokens) const;
+                                            absl::Span<const int32_t> tokens,
+                                            std::vector<float>* final_streams = nullptr) const;
+
+  // MTP draft logits [n, vocab] of one sequence: row t combines the main model's final streams at position
+  // state->mtp_position + t (`streams`, [n, hc_mult, hidden], from Prefill/Decode) with the embedding of the
+  // token that follows that position (`next_tokens`, [n]) and predicts the token after it. Advances the
+  // MTP window state by n positions. Needs ModelOptions::load_mtp and an MTP layer in the config.
+  absl::StatusOr<std::vector<float>> MtpDraft(SequenceState* state, absl::Span<const float> streams,
+                                              absl::Span<const int32_t> next_tokens,
+                                              int64_t mtp_index = 0) const;
 
  private:
   struct Seq {
@@ -71,7 +85,11 @@ class Model {
   };
   Model(ModelConfig config, std::unique_ptr<cpu::ModelWeights> weights);
   absl::StatusOr<std::vector<float>> Forward(const std::vector<Seq>& seqs, absl::Span<const int32_t> tokens,
-                                             const std::vector<int64_t>& logit_rows) const;
+                                             const std::vector<int64_t>& logit_rows,
+                                             std::vector<float>* final_streams) const;
+  // hc_head + norm + LM head for `m` rows of streams.
+  std::vector<float> Logits(const float* streams, int64_t m, const cpu::HcWeights& hc_head,
+                            const cpu::Tensor& norm) const;
 
   ModelConfig config_;
   std::unique_ptr<cpu::ModelWeights> weights_;

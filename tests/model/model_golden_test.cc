@@ -264,6 +264,74 @@ TEST_F(ModelGoldenTest, FaithfulModeTracksTheDeepSeekStyleReference) {
   EXPECT_EQ(checked, 2);
 }
 
+// MTP (absent from transformers) against tools/golden/v4_reference.py: exact mode within 1e-4; the
+// faithful mode closer to the faithful reference than the exact mode is. Drafting in two chunks equals one.
+TEST_F(ModelGoldenTest, MtpMatchesTheReference) {
+  std::ifstream in(TinyDir() + "/golden_reference.json");
+  ASSERT_TRUE(in.good());
+  std::stringstream ss;
+  ss << in.rdbuf();
+  nlohmann::json j = nlohmann::json::parse(ss.str());
+  for (const NumericMode mode : {NumericMode::kExact, NumericMode::kFaithful}) {
+    ModelOptions options;
+    options.mode = mode;
+    options.load_mtp = true;
+    absl::StatusOr<std::unique_ptr<Model>> m = Model::Load(TinyDir(), options);
+    ASSERT_TRUE(m.ok()) << m.status();
+    const int64_t vocab = (*m)->config().vocab_size;
+    for (const char* fixture : {"short", "long"}) {
+      const std::string name = std::string(fixture) + (mode == NumericMode::kExact ? "_exact" : "_faithful");
+      const nlohmann::json& fx = j["fixtures"][name];
+      const std::vector<int32_t> prompt = fx["prompt"].get<std::vector<int32_t>>();
+      const std::vector<int64_t> positions = fx["mtp_positions"].get<std::vector<int64_t>>();
+      const auto want = fx["mtp_logits"].get<std::vector<std::vector<float>>>();
+      SequenceState st = (*m)->NewState();
+      std::vector<float> streams;
+      ASSERT_TRUE((*m)->Prefill(&st, prompt, false, &streams).ok());
+      const int64_t n = static_cast<int64_t>(prompt.size()) - 1,
+                    row = (*m)->config().hc_mult * (*m)->config().hidden_size;
+      const std::vector<int32_t> next(prompt.begin() + 1, prompt.end());
+      absl::StatusOr<std::vector<float>> draft =
+          (*m)->MtpDraft(&st, absl::MakeConstSpan(streams).subspan(0, n * row), next);
+      ASSERT_TRUE(draft.ok()) << draft.status();
+      EXPECT_EQ(st.mtp_position, n);
+      double worst = 0, d2 = 0, r2 = 0;
+      for (size_t i = 0; i < positions.size(); ++i) {
+        const float* got = &(*draft)[positions[i] * vocab];
+        worst = std::max(worst, RelError(got, want[i]));
+        for (int64_t v = 0; v < vocab; ++v) {
+          d2 += (got[v] - want[i][v]) * (got[v] - want[i][v]);
+          r2 += want[i][v] * want[i][v];
+        }
+      }
+      if (mode == NumericMode::kExact) {
+        EXPECT_LT(worst, 1e-4) << name;
+        // Two chunks give the same drafts as one.
+        SequenceState st2 = (*m)->NewState();
+        ASSERT_TRUE((*m)->Prefill(&st2, prompt).ok());
+        const int64_t half = n / 2;
+        auto a = (*m)->MtpDraft(&st2, absl::MakeConstSpan(streams).subspan(0, half * row),
+                                absl::MakeConstSpan(next).subspan(0, half));
+        auto b = (*m)->MtpDraft(&st2, absl::MakeConstSpan(streams).subspan(half * row, (n - half) * row),
+                                absl::MakeConstSpan(next).subspan(half));
+        ASSERT_TRUE(a.ok() && b.ok());
+        a->insert(a->end(), b->begin(), b->end());
+        EXPECT_EQ(*a, *draft);
+      } else {
+        EXPECT_LT(std::sqrt(d2 / r2), 0.2) << name;
+      }
+      std::printf("MTP %s: worst relative logit error %.3g (norm-relative %.3g)\n", name.c_str(), worst,
+                  std::sqrt(d2 / r2));
+    }
+  }
+  ModelOptions no_mtp;
+  absl::StatusOr<std::unique_ptr<Model>> plain = Model::Load(TinyDir(), no_mtp);
+  SequenceState st = (*plain)->NewState();
+  std::vector<float> s(static_cast<size_t>((*plain)->config().hc_mult * (*plain)->config().hidden_size));
+  EXPECT_EQ((*plain)->MtpDraft(&st, s, std::vector<int32_t>{3}).status().code(),
+            absl::StatusCode::kFailedPrecondition);
+}
+
 TEST_F(ModelGoldenTest, BadInputsAreErrors) {
   SequenceState st = model_->NewState();
   EXPECT_FALSE(model_->Prefill(&st, std::vector<int32_t>{}).ok());
