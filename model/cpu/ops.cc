@@ -10,6 +10,10 @@
 namespace v4serve::model::cpu {
 namespace {
 
+// Set on pool threads (and on the caller while it runs a job): a nested ParallelFor runs inline instead of
+// waiting for the pool it is running on.
+thread_local bool in_pool_job = false;
+
 // A fixed pool; one job at a time (guarded by job_mu_).
 class Pool {
  public:
@@ -46,9 +50,13 @@ class Pool {
 
  private:
   void Work() {
+    in_pool_job = true;
     for (;;) {
       const int64_t i = next_.fetch_add(1);
-      if (i >= chunks_) return;
+      if (i >= chunks_) {
+        in_pool_job = false;
+        return;
+      }
       (*fn_)(i);
       std::lock_guard<std::mutex> l(mu_);
       if (--pending_ == 0) done_cv_.notify_all();
@@ -91,7 +99,7 @@ void ParallelFor(int64_t n, int64_t min_chunk, const std::function<void(int64_t,
   Pool& pool = GlobalPool();
   const int64_t chunks =
       std::min<int64_t>(pool.size() * 4, std::max<int64_t>(1, n / std::max<int64_t>(1, min_chunk)));
-  if (chunks <= 1) {
+  if (chunks <= 1 || in_pool_job) {
     fn(0, n);
     return;
   }
