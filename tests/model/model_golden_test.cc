@@ -147,6 +147,26 @@ TEST_F(ModelGoldenTest, ChunkedPrefillEqualsOneShot) {
   }
 }
 
+TEST_F(ModelGoldenTest, FaithfulChunkedPrefillEqualsOneShot) {
+  ModelOptions options;
+  options.mode = NumericMode::kFaithful;
+  absl::StatusOr<std::unique_ptr<Model>> faithful = Model::Load(TinyDir(), options);
+  ASSERT_TRUE(faithful.ok());
+  std::vector<int32_t> prompt(fixtures_[0].prompt.begin(), fixtures_[0].prompt.begin() + 90);
+  SequenceState one = (*faithful)->NewState();
+  absl::StatusOr<std::vector<float>> want = (*faithful)->Prefill(&one, prompt);
+  ASSERT_TRUE(want.ok());
+  SequenceState st = (*faithful)->NewState();
+  absl::StatusOr<std::vector<float>> got;
+  for (size_t b = 0; b < prompt.size(); b += 13) {
+    got = (*faithful)->Prefill(
+        &st, absl::MakeConstSpan(prompt).subspan(b, std::min<size_t>(13, prompt.size() - b)));
+    ASSERT_TRUE(got.ok());
+  }
+  EXPECT_EQ(*got, *want);
+  EXPECT_TRUE(st == one);
+}
+
 TEST_F(ModelGoldenTest, StateSurvivesSerialization) {
   const Fixture& f = fixtures_[0];
   SequenceState a = model_->NewState();
