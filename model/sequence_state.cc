@@ -31,7 +31,7 @@ class Writer {
   void U64(uint64_t v) { out_.append(reinterpret_cast<const char*>(&v), 8); }
   void Floats(const std::vector<float>& v) {
     U64(v.size());
-    out_.append(reinterpret_cast<const char*>(v.data()), v.size() * sizeof(float));
+    if (!v.empty()) out_.append(reinterpret_cast<const char*>(v.data()), v.size() * sizeof(float));
   }
   void Compressor(const CompressorState& c) {
     U64(static_cast<uint64_t>(c.filled));
@@ -61,7 +61,7 @@ class Parser {
           absl::StrCat("sequence state: ", what, " has ", n, " values, expected ", want));
     if (b_.size() < n * sizeof(float)) return absl::DataLossError("sequence state truncated");
     v->resize(n);
-    std::memcpy(v->data(), b_.data(), n * sizeof(float));
+    if (n > 0) std::memcpy(v->data(), b_.data(), n * sizeof(float));
     b_.remove_prefix(n * sizeof(float));
     return absl::OkStatus();
   }
