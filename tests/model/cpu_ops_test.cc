@@ -22,6 +22,18 @@ TEST(CpuOpsTest, ParallelForCoversEveryIndexOnceAndNests) {
   for (auto& h : hits) ASSERT_EQ(h.load(), 1);
 }
 
+// Many short jobs back to back: a worker still leaving one job must never run a chunk of the next one
+// (each index exactly once per job; the tsan preset checks the pool's synchronization).
+TEST(CpuOpsTest, BackToBackJobsRunEveryChunkOnce) {
+  std::vector<std::atomic<int>> hits(16);
+  for (int job = 0; job < 3000; ++job) {
+    ParallelFor(16, 1, [&](int64_t b, int64_t e) {
+      for (int64_t i = b; i < e; ++i) hits[i]++;
+    });
+  }
+  for (auto& h : hits) EXPECT_EQ(h.load(), 3000);
+}
+
 TEST(CpuOpsTest, MatmulMatchesNaive) {
   const int64_t m = 3, in = 37, out = 50;
   std::vector<float> x(m * in), w(out * in), y;
