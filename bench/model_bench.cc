@@ -29,9 +29,15 @@ std::string SourceDir() {
   return s ? s : V4SERVE_SOURCE_DIR_DEFAULT;
 }
 
-const Model& TinyModel() {
-  static const Model* m = [] {
-    auto r = Model::Load(SourceDir() + "/tests/model/testdata/tiny_v4", ModelOptions{});
+const Model& TinyModel(NumericMode mode = NumericMode::kExact) {
+  static const Model* exact = nullptr;
+  static const Model* faithful = nullptr;
+  const Model*& m = mode == NumericMode::kExact ? exact : faithful;
+  if (m != nullptr) return *m;
+  m = [mode] {
+    ModelOptions options;
+    options.mode = mode;
+    auto r = Model::Load(SourceDir() + "/tests/model/testdata/tiny_v4", options);
     if (!r.ok()) {
       std::fprintf(stderr, "%s\n", std::string(r.status().message()).c_str());
       std::abort();
@@ -139,6 +145,8 @@ void Decode(benchmark::State& state, const Model& m) {
 
 void BM_TinyPrefill(benchmark::State& s) { Prefill(s, TinyModel()); }
 void BM_TinyDecode(benchmark::State& s) { Decode(s, TinyModel()); }
+void BM_TinyPrefillFaithful(benchmark::State& s) { Prefill(s, TinyModel(NumericMode::kFaithful)); }
+void BM_TinyDecodeFaithful(benchmark::State& s) { Decode(s, TinyModel(NumericMode::kFaithful)); }
 void BM_FlashLayerPrefill(benchmark::State& s) { Prefill(s, FlashLayerModel()); }
 void BM_FlashLayerDecode(benchmark::State& s) { Decode(s, FlashLayerModel()); }
 
@@ -157,6 +165,8 @@ void BM_MatmulBaseline(benchmark::State& state) {
 BENCHMARK(BM_MatmulBaseline)->Arg(1)->Arg(64)->Unit(benchmark::kMillisecond)->UseRealTime();
 BENCHMARK(BM_TinyPrefill)->Arg(128)->Arg(1024)->Unit(benchmark::kMillisecond)->UseRealTime();
 BENCHMARK(BM_TinyDecode)->Args({256, 1})->Args({256, 8})->Unit(benchmark::kMillisecond)->UseRealTime();
+BENCHMARK(BM_TinyPrefillFaithful)->Arg(1024)->Unit(benchmark::kMillisecond)->UseRealTime();
+BENCHMARK(BM_TinyDecodeFaithful)->Args({256, 1})->Unit(benchmark::kMillisecond)->UseRealTime();
 BENCHMARK(BM_FlashLayerPrefill)->Arg(256)->Unit(benchmark::kMillisecond)->UseRealTime()->Iterations(2);
 BENCHMARK(BM_FlashLayerDecode)->Args({256, 1})->Args({256, 8})->Unit(benchmark::kMillisecond)->UseRealTime();
 

@@ -35,8 +35,9 @@ absl::StatusOr<std::vector<int32_t>> Generate(const Model& model, absl::Span<con
 
 absl::StatusOr<std::vector<int32_t>> GenerateFromDir(const std::string& model_dir,
                                                      absl::Span<const int32_t> prompt_ids,
-                                                     SamplingOptions options) {
-  ASSIGN_OR_RETURN(std::unique_ptr<Model> model, Model::Load(model_dir, ModelOptions{}));
+                                                     SamplingOptions options,
+                                                     const ModelOptions& model_options) {
+  ASSIGN_OR_RETURN(std::unique_ptr<Model> model, Model::Load(model_dir, model_options));
   if (options.stop_ids.empty())
     options.stop_ids.push_back(static_cast<int32_t>(model->config().eos_token_id));
   return Generate(*model, prompt_ids, options);

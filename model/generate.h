@@ -20,11 +20,12 @@ namespace v4serve::model {
 absl::StatusOr<std::vector<int32_t>> Generate(const Model& model, absl::Span<const int32_t> prompt_ids,
                                               const SamplingOptions& options);
 
-// Loads the model in `model_dir` (exact numeric mode) and runs Generate. Stop ids default to the config's
-// EOS when options.stop_ids is empty.
+// Loads the model in `model_dir` with `model_options` (numeric mode) and runs Generate. Stop ids default to
+// the config's EOS when options.stop_ids is empty.
 absl::StatusOr<std::vector<int32_t>> GenerateFromDir(const std::string& model_dir,
                                                      absl::Span<const int32_t> prompt_ids,
-                                                     SamplingOptions options);
+                                                     SamplingOptions options,
+                                                     const ModelOptions& model_options = ModelOptions{});
 
 // Config, parameter counts (total, active per token), KV bytes per token, and the checkpoint's tensors
 // checked against the layout the config implies (missing / unexpected names, stored bytes per dtype).

@@ -3,9 +3,8 @@
 #include <algorithm>
 
 #include "absl/strings/str_cat.h"
-#include "model/cpu/attention.h"
+#include "model/cpu/block.h"
 #include "model/cpu/mhc.h"
-#include "model/cpu/moe.h"
 #include "model/cpu/ops.h"
 #include "model/cpu/weights.h"
 #include "services/status_macros.h"
@@ -31,17 +30,15 @@ absl::StatusOr<std::unique_ptr<Model>> Model::Load(const std::string& dir, const
 absl::StatusOr<std::unique_ptr<Model>> Model::FromCheckpoint(const ModelConfig& config,
                                                              const Checkpoint& ckpt,
                                                              const ModelOptions& options) {
-  if (options.mode != NumericMode::kExact) {
-    return absl::UnimplementedError(
-        "the faithful numeric mode is not implemented yet; use NumericMode::kExact");
-  }
   RETURN_IF_ERROR(ValidateModelConfig(config));
   ASSIGN_OR_RETURN(std::unique_ptr<cpu::ModelWeights> w, cpu::LoadWeights(config, ckpt, options.load_mtp));
-  return std::unique_ptr<Model>(new Model(config, std::move(w)));
+  std::unique_ptr<Model> m(new Model(config, std::move(w)));
+  m->faithful_ = options.mode == NumericMode::kFaithful;
+  return m;
 }
 
 absl::StatusOr<std::vector<float>> Model::Prefill(SequenceState* state, absl::Span<const int32_t> tokens,
-                                                  bool all_logits) const {
+                                                  bool all_logits, std::vector<float>* final_streams) const {
   if (tokens.empty()) return absl::InvalidArgumentError("Prefill needs at least one token");
   std::vector<int64_t> rows;
   if (all_logits) {
@@ -49,11 +46,12 @@ absl::StatusOr<std::vector<float>> Model::Prefill(SequenceState* state, absl::Sp
   } else {
     rows.push_back(static_cast<int64_t>(tokens.size()) - 1);
   }
-  return Forward({Seq{state, 0, static_cast<int64_t>(tokens.size())}}, tokens, rows);
+  return Forward({Seq{state, 0, static_cast<int64_t>(tokens.size())}}, tokens, rows, final_streams);
 }
 
 absl::StatusOr<std::vector<float>> Model::Decode(absl::Span<SequenceState* const> states,
-                                                 absl::Span<const int32_t> tokens) const {
+                                                 absl::Span<const int32_t> tokens,
+                                                 std::vector<float>* final_streams) const {
   if (states.size() != tokens.size() || states.empty()) {
     return absl::InvalidArgumentError("Decode needs one token per state and at least one state");
   }
@@ -66,12 +64,13 @@ absl::StatusOr<std::vector<float>> Model::Decode(absl::Span<SequenceState* const
     seqs.push_back(Seq{states[i], static_cast<int64_t>(i), 1});
     rows.push_back(static_cast<int64_t>(i));
   }
-  return Forward(seqs, tokens, rows);
+  return Forward(seqs, tokens, rows, final_streams);
 }
 
 absl::StatusOr<std::vector<float>> Model::Forward(const std::vector<Seq>& seqs,
                                                   absl::Span<const int32_t> tokens,
-                                                  const std::vector<int64_t>& logit_rows) const {
+                                                  const std::vector<int64_t>& logit_rows,
+                                                  std::vector<float>* final_streams) const {
   const ModelConfig& c = config_;
   const int64_t n = static_cast<int64_t>(tokens.size()), d = c.hidden_size, hc = c.hc_mult;
   for (int32_t t : tokens) {
@@ -89,22 +88,13 @@ absl::StatusOr<std::vector<float>> Model::Forward(const std::vector<Seq>& seqs,
     const float* e = &weights_->embed[static_cast<size_t>(tokens[t]) * d];
     for (int64_t j = 0; j < hc; ++j) std::copy(e, e + d, &streams[(t * hc + j) * d]);
   }
-  std::vector<float> collapsed, sub_out;
-  std::vector<cpu::HcMix> mixes;
   const cpu::LayerRopes ropes{rope_main_.get(), rope_compress_.get()};
+  const cpu::Numerics num{faithful_};
   for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
-    const cpu::BlockWeights& w = weights_->layers[l];
-    cpu::HcPre(c, w.hc_attn, streams.data(), n, &collapsed, &mixes);
-    cpu::RmsNorm(collapsed.data(), n, d, w.attn_norm.data(), c.rms_norm_eps);
     std::vector<cpu::Segment> segs;
     for (const Seq& s : seqs) segs.push_back({&s.state->layers[l], s.state->position, s.begin, s.count});
-    cpu::AttentionForward(c, w, l, ropes, collapsed.data(), n, segs, &sub_out);
-    cpu::HcPost(c, mixes, sub_out.data(), n, streams.data());
-
-    cpu::HcPre(c, w.hc_ffn, streams.data(), n, &collapsed, &mixes);
-    cpu::RmsNorm(collapsed.data(), n, d, w.ffn_norm.data(), c.rms_norm_eps);
-    cpu::MoeForward(c, w, c.is_hash_layer(l), collapsed.data(), tokens.data(), n, &sub_out);
-    cpu::HcPost(c, mixes, sub_out.data(), n, streams.data());
+    cpu::BlockForward(c, num, weights_->layers[l], l, c.is_hash_layer(l), ropes, tokens.data(), n, segs,
+                      streams.data());
   }
   for (const Seq& s : seqs) s.state->position += s.count;
 
@@ -113,12 +103,69 @@ absl::StatusOr<std::vector<float>> Model::Forward(const std::vector<Seq>& seqs,
   for (size_t i = 0; i < logit_rows.size(); ++i) {
     std::copy(&streams[logit_rows[i] * hc * d], &streams[(logit_rows[i] + 1) * hc * d], &picked[i * hc * d]);
   }
-  std::vector<float> hidden, logits;
-  const int64_t m = static_cast<int64_t>(logit_rows.size());
-  cpu::HcHead(c, weights_->hc_head, picked.data(), m, &hidden);
-  cpu::RmsNorm(hidden.data(), m, d, weights_->norm.data(), c.rms_norm_eps);
-  cpu::MatmulWt(hidden.data(), m, d, weights_->head.data(), c.vocab_size, &logits);
+  std::vector<float> logits =
+      Logits(picked.data(), static_cast<int64_t>(logit_rows.size()), weights_->hc_head, weights_->norm);
+  if (final_streams != nullptr) *final_streams = std::move(streams);
   return logits;
+}
+
+std::vector<float> Model::Logits(const float* streams, int64_t m, const cpu::HcWeights& hc_head,
+                                 const cpu::Tensor& norm) const {
+  const cpu::Numerics num{faithful_};
+  std::vector<float> hidden, logits;
+  cpu::HcHead(config_, num, hc_head, streams, m, &hidden);
+  cpu::RmsNorm(hidden.data(), m, config_.hidden_size, norm.data(), config_.rms_norm_eps);
+  num.Bf(&hidden);
+  cpu::MatmulWt(hidden.data(), m, config_.hidden_size, weights_->head.data(), config_.vocab_size, &logits);
+  return logits;
+}
+
+absl::StatusOr<std::vector<float>> Model::MtpDraft(SequenceState* state, absl::Span<const float> streams,
+                                                   absl::Span<const int32_t> next_tokens,
+                                                   int64_t mtp_index) const {
+  const ModelConfig& c = config_;
+  const int64_t n = static_cast<int64_t>(next_tokens.size()), d = c.hidden_size, hc = c.hc_mult;
+  if (mtp_index < 0 || mtp_index >= static_cast<int64_t>(weights_->mtp.size())) {
+    return absl::FailedPreconditionError(
+        "MTP weights not loaded (ModelOptions::load_mtp) or no such MTP layer");
+  }
+  if (n == 0 || static_cast<int64_t>(streams.size()) != n * hc * d) {
+    return absl::InvalidArgumentError("MtpDraft needs [n, hc_mult, hidden] streams for n > 0 next tokens");
+  }
+  if (state->mtp_layers.size() != static_cast<size_t>(c.num_nextn_predict_layers)) {
+    return absl::InvalidArgumentError("sequence state has no MTP layer state");
+  }
+  for (int32_t t : next_tokens) {
+    if (t < 0 || t >= c.vocab_size)
+      return absl::InvalidArgumentError(absl::StrCat("token id ", t, " out of range"));
+  }
+  const cpu::MtpWeights& w = weights_->mtp[mtp_index];
+  const cpu::Numerics num{faithful_};
+  // e_proj(enorm(embed(next))) broadcast over the streams + h_proj(hnorm(streams)).
+  std::vector<float> e(static_cast<size_t>(n * d)), hn(streams.begin(), streams.end()), pe, ph;
+  for (int64_t t = 0; t < n; ++t) {
+    const float* row = &weights_->embed[static_cast<size_t>(next_tokens[t]) * d];
+    std::copy(row, row + d, &e[t * d]);
+  }
+  num.Bf(&e);
+  cpu::RmsNorm(e.data(), n, d, w.enorm.data(), c.rms_norm_eps);
+  num.Bf(&e);
+  cpu::RmsNorm(hn.data(), n * hc, d, w.hnorm.data(), c.rms_norm_eps);
+  num.Bf(&hn);
+  num.Linear(e.data(), n, d, w.e_proj, d, &pe);
+  num.Linear(hn.data(), n * hc, d, w.h_proj, d, &ph);
+  for (int64_t t = 0; t < n; ++t) {
+    for (int64_t j = 0; j < hc; ++j) {
+      for (int64_t i = 0; i < d; ++i) ph[(t * hc + j) * d + i] += pe[t * d + i];
+    }
+  }
+  num.Bf(&ph);
+  const cpu::LayerRopes ropes{rope_main_.get(), rope_compress_.get()};
+  const int64_t layer = c.num_hidden_layers + mtp_index;
+  cpu::BlockForward(c, num, w.block, layer, /*hash=*/false, ropes, next_tokens.data(), n,
+                    {cpu::Segment{&state->mtp_layers[mtp_index], state->mtp_position, 0, n}}, ph.data());
+  state->mtp_position += n;
+  return Logits(ph.data(), n, w.hc_head, w.norm);
 }
 
 }  // namespace v4serve::model

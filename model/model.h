@@ -7,8 +7,9 @@
 // one prefill of the whole prompt.
 //
 // Numeric modes (MODEL.md "Precision the reference simulates"): kExact is FP32 without fake quantization
-// and is implemented; kFaithful (FP8/FP4/BF16 rounding as DeepSeek's code) is not yet, and Load refuses
-// it with UNIMPLEMENTED rather than silently computing something else.
+// (matches transformers); kFaithful rounds as DeepSeek's inference code does (BF16 activations between
+// ops, FP8 inputs of FP8/FP4-stored GEMMs, FP8 window/compressed KV on the non-RoPE dims, Hadamard + FP4
+// indexer vectors) and matches tools/golden/v4_reference.py. Serving uses kFaithful.
 //
 // Thread-safety: a Model is immutable after Load; calls are externally synchronized (one forward call at
 // a time, because they share the process-wide matmul thread pool). The caller owns the states.
@@ -29,15 +30,17 @@
 namespace v4serve::model {
 
 namespace cpu {
+struct HcWeights;
 struct ModelWeights;
 struct RopeTable;
+struct Tensor;
 }  // namespace cpu
 
 enum class NumericMode { kExact, kFaithful };
 
 struct ModelOptions {
   NumericMode mode = NumericMode::kExact;
-  bool load_mtp = false;  // Load the MTP weights too (not used by Prefill/Decode).
+  bool load_mtp = false;  // Load the MTP weights too (needed by MtpDraft).
 };
 
 class Model {
@@ -55,13 +58,25 @@ class Model {
   // Runs `tokens` (non-empty) after the state's tokens. Returns logits [vocab] of the last token, or
   // [tokens.size(), vocab] when `all_logits`. On error the state is unchanged only for argument errors
   // (bad token id, empty chunk), which are checked before any work.
+  // When `final_streams` is set it receives the main model's last mHC streams [tokens, hc_mult, hidden]
+  // (the MTP input).
   absl::StatusOr<std::vector<float>> Prefill(SequenceState* state, absl::Span<const int32_t> tokens,
-                                             bool all_logits = false) const;
+                                             bool all_logits = false,
+                                             std::vector<float>* final_streams = nullptr) const;
 
   // One token per sequence: states[i] consumes tokens[i]. Returns logits [batch, vocab]. States must be
   // distinct.
   absl::StatusOr<std::vector<float>> Decode(absl::Span<SequenceState* const> states,
-                                            absl::Span<const int32_t> tokens) const;
+                                            absl::Span<const int32_t> tokens,
+                                            std::vector<float>* final_streams = nullptr) const;
+
+  // MTP draft logits [n, vocab] of one sequence: row t combines the main model's final streams at position
+  // state->mtp_position + t (`streams`, [n, hc_mult, hidden], from Prefill/Decode) with the embedding of the
+  // token that follows that position (`next_tokens`, [n]) and predicts the token after it. Advances the
+  // MTP window state by n positions. Needs ModelOptions::load_mtp and an MTP layer in the config.
+  absl::StatusOr<std::vector<float>> MtpDraft(SequenceState* state, absl::Span<const float> streams,
+                                              absl::Span<const int32_t> next_tokens,
+                                              int64_t mtp_index = 0) const;
 
  private:
   struct Seq {
@@ -70,11 +85,16 @@ class Model {
   };
   Model(ModelConfig config, std::unique_ptr<cpu::ModelWeights> weights);
   absl::StatusOr<std::vector<float>> Forward(const std::vector<Seq>& seqs, absl::Span<const int32_t> tokens,
-                                             const std::vector<int64_t>& logit_rows) const;
+                                             const std::vector<int64_t>& logit_rows,
+                                             std::vector<float>* final_streams) const;
+  // hc_head + norm + LM head for `m` rows of streams.
+  std::vector<float> Logits(const float* streams, int64_t m, const cpu::HcWeights& hc_head,
+                            const cpu::Tensor& norm) const;
 
   ModelConfig config_;
   std::unique_ptr<cpu::ModelWeights> weights_;
   std::unique_ptr<cpu::RopeTable> rope_main_, rope_compress_;
+  bool faithful_ = false;
 };
 
 }  // namespace v4serve::model

@@ -31,7 +31,7 @@ class Writer {
   void U64(uint64_t v) { out_.append(reinterpret_cast<const char*>(&v), 8); }
   void Floats(const std::vector<float>& v) {
     U64(v.size());
-    out_.append(reinterpret_cast<const char*>(v.data()), v.size() * sizeof(float));
+    if (!v.empty()) out_.append(reinterpret_cast<const char*>(v.data()), v.size() * sizeof(float));
   }
   void Compressor(const CompressorState& c) {
     U64(static_cast<uint64_t>(c.filled));
@@ -96,6 +96,9 @@ SequenceState NewSequenceState(const ModelConfig& c) {
     if (ratio > 0) ls.compressor = NewCompressor(ratio, c.head_dim);
     if (ratio == 4) ls.indexer_compressor = NewCompressor(ratio, c.index_head_dim);
   }
+  s.mtp_layers.resize(static_cast<size_t>(c.num_nextn_predict_layers));
+  for (AttentionLayerState& ls : s.mtp_layers)
+    ls.window.assign(static_cast<size_t>(c.sliding_window * c.head_dim), 0.0f);
   return s;
 }
 
@@ -111,6 +114,9 @@ std::string SerializeSequenceState(const SequenceState& s) {
     w.Floats(l.entries);
     w.Floats(l.indexer_keys);
   }
+  w.U64(static_cast<uint64_t>(s.mtp_position));
+  w.U64(s.mtp_layers.size());
+  for (const AttentionLayerState& l : s.mtp_layers) w.Floats(l.window);
   return std::move(w.out_);
 }
 
@@ -134,6 +140,12 @@ absl::StatusOr<SequenceState> DeserializeSequenceState(const ModelConfig& c, std
     RETURN_IF_ERROR(p.Floats(ratio == 4 ? n * static_cast<size_t>(c.index_head_dim) : 0, &ls.indexer_keys,
                              "indexer keys"));
   }
+  ASSIGN_OR_RETURN(uint64_t mtp_pos, p.U64());
+  ASSIGN_OR_RETURN(uint64_t n_mtp, p.U64());
+  if (n_mtp != s.mtp_layers.size()) return absl::DataLossError("sequence state MTP layer count mismatch");
+  s.mtp_position = static_cast<int64_t>(mtp_pos);
+  for (AttentionLayerState& ls : s.mtp_layers)
+    RETURN_IF_ERROR(p.Floats(ls.window.size(), &ls.window, "MTP window"));
   if (!p.done()) return absl::DataLossError("trailing bytes after sequence state");
   return s;
 }

@@ -44,7 +44,10 @@ struct AttentionLayerState {
 
 struct SequenceState {
   int64_t position = 0;                     // Tokens consumed so far.
-  std::vector<AttentionLayerState> layers;  // Main layers only.
+  std::vector<AttentionLayerState> layers;  // Main layers.
+  // MTP blocks (window-only attention): their own window rings, fed by Model::MtpDraft.
+  int64_t mtp_position = 0;
+  std::vector<AttentionLayerState> mtp_layers;
 
   bool operator==(const SequenceState&) const = default;
 };

@@ -5,6 +5,7 @@
 #include <numeric>
 
 #include "model/cpu/compressor.h"
+#include "model/numeric_formats.h"
 
 namespace v4serve::model::cpu {
 
@@ -43,9 +44,9 @@ void AttendHead(const float* q, const std::vector<const float*>& keys, int64_t h
 
 }  // namespace
 
-void AttentionForward(const ModelConfig& c, const BlockWeights& w, int64_t layer, const LayerRopes& ropes,
-                      const float* x, int64_t rows, const std::vector<Segment>& segments,
-                      std::vector<float>* out) {
+void AttentionForward(const ModelConfig& c, const Numerics& num, const BlockWeights& w, int64_t layer,
+                      const LayerRopes& ropes, const float* x, int64_t rows,
+                      const std::vector<Segment>& segments, std::vector<float>* out) {
   const int64_t d = c.hidden_size, h = c.num_attention_heads, hd = c.head_dim, rd = c.qk_rope_head_dim;
   const int64_t win = c.sliding_window, ratio = c.compress_ratios[static_cast<size_t>(layer)];
   const bool csa = ratio == 4;
@@ -54,12 +55,25 @@ void AttentionForward(const ModelConfig& c, const BlockWeights& w, int64_t layer
 
   // Projections for every row of the batch.
   std::vector<float> qr, q, kv;
-  MatmulWt(x, rows, d, w.wq_a.data(), c.q_lora_rank, &qr);
+  num.Linear(x, rows, d, w.wq_a, c.q_lora_rank, &qr);
   RmsNorm(qr.data(), rows, c.q_lora_rank, w.q_norm.data(), eps);
-  MatmulWt(qr.data(), rows, c.q_lora_rank, w.wq_b.data(), h * hd, &q);
-  RmsNorm(q.data(), rows * h, hd, nullptr, eps);
-  MatmulWt(x, rows, d, w.wkv.data(), hd, &kv);
+  num.Bf(&qr);
+  num.Linear(qr.data(), rows, c.q_lora_rank, w.wq_b, h * hd, &q);
+  if (num.faithful) {  // DeepSeek normalizes q in BF16: mean of squares, rsqrt and product each rounded.
+    for (int64_t i = 0; i < rows * h; ++i) {
+      float* v = &q[i * hd];
+      double ss = 0;
+      for (int64_t j = 0; j < hd; ++j) ss += RoundToBf16(v[j] * v[j]);
+      const float ms = RoundToBf16(static_cast<float>(ss / static_cast<double>(hd)));
+      const float r = RoundToBf16(1.0f / std::sqrt(ms + static_cast<float>(eps)));
+      for (int64_t j = 0; j < hd; ++j) v[j] = RoundToBf16(v[j] * r);
+    }
+  } else {
+    RmsNorm(q.data(), rows * h, hd, nullptr, eps);
+  }
+  num.Linear(x, rows, d, w.wkv, hd, &kv);
   RmsNorm(kv.data(), rows, hd, w.kv_norm.data(), eps);
+  num.Bf(&kv);
   std::vector<float> ckv, cscore, iq, iw, ikv, iscore;
   const int64_t coff = csa ? 2 : 1, ih = c.index_n_heads, id = c.index_head_dim;
   if (ratio > 0) {
@@ -67,8 +81,8 @@ void AttentionForward(const ModelConfig& c, const BlockWeights& w, int64_t layer
     MatmulWt(x, rows, d, w.compressor.wgate.data(), coff * hd, &cscore);
   }
   if (csa) {
-    MatmulWt(qr.data(), rows, c.q_lora_rank, w.indexer_wq_b.data(), ih * id, &iq);
-    MatmulWt(x, rows, d, w.indexer_weights.data(), ih, &iw);
+    num.Linear(qr.data(), rows, c.q_lora_rank, w.indexer_wq_b, ih * id, &iq);
+    num.Linear(x, rows, d, w.indexer_weights, ih, &iw);
     MatmulWt(x, rows, d, w.indexer_compressor.wkv.data(), coff * id, &ikv);
     MatmulWt(x, rows, d, w.indexer_compressor.wgate.data(), coff * id, &iscore);
   }
@@ -84,18 +98,29 @@ void AttentionForward(const ModelConfig& c, const BlockWeights& w, int64_t layer
       const int64_t r = seg.begin + t, pos = seg.pos0 + t;
       for (int64_t hh = 0; hh < h; ++hh) rope.Apply(&q[(r * h + hh) * hd + hd - rd], pos, false);
       rope.Apply(&kv[r * hd + hd - rd], pos, false);
+      num.Bf(&q[r * h * hd], h * hd);
+      num.Bf(&kv[r * hd], hd);
+      num.Fp8Blocks(&kv[r * hd], 1, hd, hd - rd, 64);
       if (csa) {
         for (int64_t hh = 0; hh < ih; ++hh) rope.Apply(&iq[(r * ih + hh) * id + id - rd], pos, false);
+        num.Bf(&iq[r * ih * id], ih * id);
+        if (num.faithful) {
+          HadamardRows(&iq[r * ih * id], ih, id);
+          num.Bf(&iq[r * ih * id], ih * id);
+          num.Fp4Blocks(&iq[r * ih * id], ih, id, 32);
+        }
+        for (int64_t hh = 0; hh < ih; ++hh) iw[r * ih + hh] *= iscale;
+        num.Bf(&iw[r * ih], ih);
       }
     }
     // Compressors, token by token (entries become visible to queries at or after their last token).
     for (int64_t t = 0; t < seg.count && ratio > 0; ++t) {
       const int64_t r = seg.begin + t, pos = seg.pos0 + t;
-      CompressorPush(w.compressor, rope, rd, eps, &ckv[r * coff * hd], &cscore[r * coff * hd], pos,
-                     &st.compressor, &st.entries);
+      CompressorPush(w.compressor, rope, rd, eps, num, /*indexer=*/false, &ckv[r * coff * hd],
+                     &cscore[r * coff * hd], pos, &st.compressor, &st.entries);
       if (csa) {
-        CompressorPush(w.indexer_compressor, rope, rd, eps, &ikv[r * coff * id], &iscore[r * coff * id], pos,
-                       &st.indexer_compressor, &st.indexer_keys);
+        CompressorPush(w.indexer_compressor, rope, rd, eps, num, /*indexer=*/true, &ikv[r * coff * id],
+                       &iscore[r * coff * id], pos, &st.indexer_compressor, &st.indexer_keys);
       }
     }
     // Window keys: the ring's earlier tokens, then this segment's.
@@ -124,9 +149,10 @@ void AttentionForward(const ModelConfig& c, const BlockWeights& w, int64_t layer
                 const float* qi = &iq[(r * ih + hh) * id];
                 float dot = 0;
                 for (int64_t i = 0; i < id; ++i) dot += qi[i] * k[i];
-                acc += std::max(dot, 0.0f) * (iw[r * ih + hh] * iscale);
+                if (num.faithful) dot = RoundToBf16(dot);
+                acc += std::max(dot, 0.0f) * iw[r * ih + hh];
               }
-              sc[s] = acc;
+              sc[s] = num.faithful ? RoundToBf16(acc) : acc;
             }
             for (int64_t s : TopKIndices(sc, c.index_topk)) keys.push_back(&st.entries[s * hd]);
           }
@@ -134,7 +160,9 @@ void AttentionForward(const ModelConfig& c, const BlockWeights& w, int64_t layer
         for (int64_t hh = 0; hh < h; ++hh) {
           float* oh = &o[(r * h + hh) * hd];
           AttendHead(&q[(r * h + hh) * hd], keys, hd, scale, w.attn_sink[hh], oh);
+          num.Bf(oh, hd);
           rope.Apply(oh + hd - rd, pos, /*inverse=*/true);
+          num.Bf(oh, hd);
         }
       }
     });
@@ -160,7 +188,8 @@ void AttentionForward(const ModelConfig& c, const BlockWeights& w, int64_t layer
       }
     }
   });
-  MatmulWt(mid.data(), rows, g * rank, w.wo_b.data(), d, out);
+  num.Bf(&mid);
+  num.Linear(mid.data(), rows, g * rank, w.wo_b, d, out);
 }
 
 }  // namespace v4serve::model::cpu

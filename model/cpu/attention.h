@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "model/config.h"
+#include "model/cpu/numerics.h"
 #include "model/cpu/ops.h"
 #include "model/cpu/weights.h"
 #include "model/sequence_state.h"
@@ -25,9 +26,9 @@ struct LayerRopes {
 };
 
 // `x` [rows, D] is the attn_norm'd collapsed input; writes `out` [rows, D].
-void AttentionForward(const ModelConfig& c, const BlockWeights& w, int64_t layer, const LayerRopes& ropes,
-                      const float* x, int64_t rows, const std::vector<Segment>& segments,
-                      std::vector<float>* out);
+void AttentionForward(const ModelConfig& c, const Numerics& num, const BlockWeights& w, int64_t layer,
+                      const LayerRopes& ropes, const float* x, int64_t rows,
+                      const std::vector<Segment>& segments, std::vector<float>* out);
 
 // Top-k of `scores` [n] (largest first); ties go to the lower index. Deterministic.
 std::vector<int64_t> TopKIndices(const std::vector<float>& scores, int64_t k);

@@ -6,8 +6,8 @@
 namespace v4serve::model::cpu {
 
 bool CompressorPush(const CompressorWeights& w, const RopeTable& rope, int64_t rope_dim, double eps,
-                    const float* kv, const float* score, int64_t pos, CompressorState* s,
-                    std::vector<float>* entries) {
+                    const Numerics& num, bool indexer, const float* kv, const float* score, int64_t pos,
+                    CompressorState* s, std::vector<float>* entries) {
   const int64_t m = s->ratio, width = s->width, coff = s->overlap ? 2 : 1, row = coff * width;
   const int64_t slot = pos % m;
   for (int64_t f = 0; f < row; ++f) {
@@ -46,8 +46,20 @@ bool CompressorPush(const CompressorWeights& w, const RopeTable& rope, int64_t r
     for (size_t j = 0; j < sc.size(); ++j) acc += (sc[j] / denom) * vals[j];
     entry[f] = acc;
   }
+  num.Bf(&entry);
   RmsNorm(entry.data(), 1, width, w.norm.data(), eps);
+  num.Bf(&entry);
   rope.Apply(entry.data() + width - rope_dim, pos + 1 - m, /*inverse=*/false);
+  num.Bf(&entry);
+  if (indexer) {
+    if (num.faithful) {
+      HadamardRows(entry.data(), 1, width);
+      num.Bf(&entry);
+      num.Fp4Blocks(entry.data(), 1, width, 32);
+    }
+  } else {
+    num.Fp8Blocks(entry.data(), 1, width, width - rope_dim, 64);
+  }
   entries->insert(entries->end(), entry.begin(), entry.end());
   if (s->overlap) {
     s->prev_kv = s->kv;

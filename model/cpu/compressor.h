@@ -6,6 +6,7 @@
 
 #include <vector>
 
+#include "model/cpu/numerics.h"
 #include "model/cpu/ops.h"
 #include "model/cpu/weights.h"
 #include "model/sequence_state.h"
@@ -15,9 +16,11 @@ namespace v4serve::model::cpu {
 // `kv` and `score` are the token's wkv/wgate projections (coff*width each); `pos` its position. When the
 // token completes a window, writes the entry (pooled, RMSNorm'd with w.norm, RoPE'd at the window's first
 // position) to `entries` (appended) and returns true.
+// `indexer`: finished keys go through the Hadamard rotation and FP4 (faithful mode); attention entries
+// through FP8 on the non-RoPE dims.
 bool CompressorPush(const CompressorWeights& w, const RopeTable& rope, int64_t rope_dim, double eps,
-                    const float* kv, const float* score, int64_t pos, CompressorState* state,
-                    std::vector<float>* entries);
+                    const Numerics& num, bool indexer, const float* kv, const float* score, int64_t pos,
+                    CompressorState* state, std::vector<float>* entries);
 
 }  // namespace v4serve::model::cpu
 

@@ -22,7 +22,7 @@ void Mixes(const float* fn, int64_t outs, const float* x, int64_t len, double ep
 
 }  // namespace
 
-void HcPre(const ModelConfig& c, const HcWeights& w, const float* streams, int64_t n,
+void HcPre(const ModelConfig& c, const Numerics& num, const HcWeights& w, const float* streams, int64_t n,
            std::vector<float>* collapsed, std::vector<HcMix>* mixes) {
   const int64_t hc = c.hc_mult, d = c.hidden_size, mix = (2 + hc) * hc;
   const float eps = static_cast<float>(c.hc_eps);
@@ -75,12 +75,13 @@ void HcPre(const ModelConfig& c, const HcWeights& w, const float* streams, int64
       for (int64_t j = 0; j < hc; ++j) {
         for (int64_t i = 0; i < d; ++i) y[i] += pre[j] * x[j * d + i];
       }
+      num.Bf(y, d);
     }
   });
 }
 
-void HcPost(const ModelConfig& c, const std::vector<HcMix>& mixes, const float* out, int64_t n,
-            float* streams) {
+void HcPost(const ModelConfig& c, const Numerics& num, const std::vector<HcMix>& mixes, const float* out,
+            int64_t n, float* streams) {
   const int64_t hc = c.hc_mult, d = c.hidden_size;
   ParallelFor(n, 1, [&](int64_t b, int64_t e) {
     std::vector<float> res(static_cast<size_t>(hc * d));
@@ -94,12 +95,13 @@ void HcPost(const ModelConfig& c, const std::vector<HcMix>& mixes, const float* 
           res[k * d + i] = acc;
         }
       }
+      num.Bf(&res);
       std::copy(res.begin(), res.end(), x);
     }
   });
 }
 
-void HcHead(const ModelConfig& c, const HcWeights& w, const float* streams, int64_t n,
+void HcHead(const ModelConfig& c, const Numerics& num, const HcWeights& w, const float* streams, int64_t n,
             std::vector<float>* out) {
   const int64_t hc = c.hc_mult, d = c.hidden_size;
   out->assign(static_cast<size_t>(n * d), 0.0f);
@@ -112,6 +114,7 @@ void HcHead(const ModelConfig& c, const HcWeights& w, const float* streams, int6
       for (int64_t i = 0; i < d; ++i) (*out)[t * d + i] += pre * x[j * d + i];
     }
   }
+  num.Bf(out);
 }
 
 }  // namespace v4serve::model::cpu

@@ -5,6 +5,7 @@
 #include <vector>
 
 #include "model/config.h"
+#include "model/cpu/numerics.h"
 #include "model/cpu/weights.h"
 
 namespace v4serve::model::cpu {
@@ -17,15 +18,15 @@ struct HcMix {
 
 // For `n` tokens of streams [n, hc, D]: writes the collapsed sub-block inputs [n, D] and each token's
 // post/comb mixes (Sinkhorn-Knopp projected).
-void HcPre(const ModelConfig& c, const HcWeights& w, const float* streams, int64_t n,
+void HcPre(const ModelConfig& c, const Numerics& num, const HcWeights& w, const float* streams, int64_t n,
            std::vector<float>* collapsed, std::vector<HcMix>* mixes);
 
 // streams[k] = post_k * out + sum_j comb[j][k] * streams[j], in place, for n tokens.
-void HcPost(const ModelConfig& c, const std::vector<HcMix>& mixes, const float* out, int64_t n,
-            float* streams);
+void HcPost(const ModelConfig& c, const Numerics& num, const std::vector<HcMix>& mixes, const float* out,
+            int64_t n, float* streams);
 
 // Final collapse with sigmoid weights (hc_head): [n, hc, D] -> [n, D].
-void HcHead(const ModelConfig& c, const HcWeights& w, const float* streams, int64_t n,
+void HcHead(const ModelConfig& c, const Numerics& num, const HcWeights& w, const float* streams, int64_t n,
             std::vector<float>* out);
 
 }  // namespace v4serve::model::cpu

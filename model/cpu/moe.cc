@@ -17,28 +17,30 @@ float Score(const std::string& func, float logit) {
 }
 
 // SwiGLU expert on `n` rows: out = w2(silu(min(w1 x, L)) * clamp(w3 x, -L, L)).
-void Expert(const ModelConfig& c, const ExpertWeights& e, const float* x, int64_t n,
-            std::vector<float>* out) {
+// The routing weight (one per row, or null) multiplies before w2, as in DeepSeek's code.
+void Expert(const ModelConfig& c, const Numerics& num, const ExpertWeights& e, const float* x, int64_t n,
+            const float* row_weight, std::vector<float>* out) {
   const int64_t d = c.hidden_size, inter = c.moe_intermediate_size;
   const float lim = static_cast<float>(c.swiglu_limit);
   std::vector<float> g, u;
-  MatmulWt(x, n, d, e.w1.data(), inter, &g);
-  MatmulWt(x, n, d, e.w3.data(), inter, &u);
+  num.Linear(x, n, d, e.w1, inter, &g);
+  num.Linear(x, n, d, e.w3, inter, &u);
   for (size_t i = 0; i < g.size(); ++i) {
     float gate = g[i], up = u[i];
     if (lim > 0) {
       gate = std::min(gate, lim);
       up = std::clamp(up, -lim, lim);
     }
-    g[i] = Silu(gate) * up;
+    g[i] = Silu(gate) * up * (row_weight ? row_weight[i / inter] : 1.0f);
   }
-  MatmulWt(g.data(), n, inter, e.w2.data(), d, out);
+  num.Bf(&g);
+  num.Linear(g.data(), n, inter, e.w2, d, out);
 }
 
 }  // namespace
 
-void MoeForward(const ModelConfig& c, const BlockWeights& w, bool hash, const float* x, const int32_t* tokens,
-                int64_t rows, std::vector<float>* out) {
+void MoeForward(const ModelConfig& c, const Numerics& num, const BlockWeights& w, bool hash, const float* x,
+                const int32_t* tokens, int64_t rows, std::vector<float>* out) {
   const int64_t d = c.hidden_size, ne = c.n_routed_experts, k = c.num_experts_per_tok;
   std::vector<float> logits;
   MatmulWt(x, rows, d, w.gate.data(), ne, &logits);
@@ -64,18 +66,19 @@ void MoeForward(const ModelConfig& c, const BlockWeights& w, bool hash, const fl
       weight_of[e].push_back(scores[e] / sum * static_cast<float>(c.routed_scaling_factor));
     }
   }
-  Expert(c, w.shared, x, rows, out);
+  Expert(c, num, w.shared, x, rows, nullptr, out);
   std::vector<float> xin, y;
   for (int64_t e = 0; e < ne; ++e) {
     const auto& rs = rows_of[e];
     if (rs.empty()) continue;
     xin.resize(rs.size() * d);
     for (size_t i = 0; i < rs.size(); ++i) std::copy(x + rs[i] * d, x + (rs[i] + 1) * d, &xin[i * d]);
-    Expert(c, w.experts[e], xin.data(), static_cast<int64_t>(rs.size()), &y);
+    Expert(c, num, w.experts[e], xin.data(), static_cast<int64_t>(rs.size()), weight_of[e].data(), &y);
     for (size_t i = 0; i < rs.size(); ++i) {
-      for (int64_t j = 0; j < d; ++j) (*out)[rs[i] * d + j] += weight_of[e][i] * y[i * d + j];
+      for (int64_t j = 0; j < d; ++j) (*out)[rs[i] * d + j] += y[i * d + j];
     }
   }
+  num.Bf(out);
 }
 
 }  // namespace v4serve::model::cpu

@@ -7,13 +7,14 @@
 #include <vector>
 
 #include "model/config.h"
+#include "model/cpu/numerics.h"
 #include "model/cpu/weights.h"
 
 namespace v4serve::model::cpu {
 
 // `x` [rows, D] (ffn_norm'd), `tokens` [rows] (for hash routing); writes `out` [rows, D].
-void MoeForward(const ModelConfig& c, const BlockWeights& w, bool hash, const float* x, const int32_t* tokens,
-                int64_t rows, std::vector<float>* out);
+void MoeForward(const ModelConfig& c, const Numerics& num, const BlockWeights& w, bool hash, const float* x,
+                const int32_t* tokens, int64_t rows, std::vector<float>* out);
 
 }  // namespace v4serve::model::cpu
 

@@ -4,13 +4,29 @@
 #include <atomic>
 #include <cmath>
 #include <condition_variable>
+#include <memory>
 #include <mutex>
 #include <thread>
 
 namespace v4serve::model::cpu {
 namespace {
 
-// A fixed pool; one job at a time (guarded by job_mu_).
+// Set on pool threads (and on the caller while it runs a job): a nested ParallelFor runs inline instead of
+// waiting for the pool it is running on.
+thread_local bool in_pool_job = false;
+
+// One ParallelFor call. Workers hold it by shared_ptr, so a worker that is still leaving an old job never
+// touches the next one.
+struct Job {
+  const std::function<void(int64_t)>* fn = nullptr;
+  int64_t chunks = 0;
+  std::atomic<int64_t> next{0};
+  std::atomic<int64_t> pending{0};
+  std::mutex mu;
+  std::condition_variable done;
+};
+
+// A fixed pool; one job at a time (job_mu_ serializes callers).
 class Pool {
  public:
   Pool() {
@@ -28,53 +44,60 @@ class Pool {
   int64_t size() const { return static_cast<int64_t>(threads_.size()) + 1; }
 
   void Run(int64_t chunks, const std::function<void(int64_t)>& fn) {
-    std::lock_guard<std::mutex> job(job_mu_);
+    std::lock_guard<std::mutex> serialize(job_mu_);
+    auto job = std::make_shared<Job>();
+    job->fn = &fn;
+    job->chunks = chunks;
+    job->pending.store(chunks);
     {
       std::lock_guard<std::mutex> l(mu_);
-      fn_ = &fn;
-      chunks_ = chunks;
-      next_.store(0);
-      pending_ = chunks;
+      job_ = job;
       ++generation_;
     }
     cv_.notify_all();
-    Work();
-    std::unique_lock<std::mutex> l(mu_);
-    done_cv_.wait(l, [this] { return pending_ == 0; });
-    fn_ = nullptr;
+    Work(*job);
+    {
+      std::unique_lock<std::mutex> l(job->mu);
+      job->done.wait(l, [&] { return job->pending.load() == 0; });
+    }
+    std::lock_guard<std::mutex> l(mu_);
+    job_.reset();
   }
 
  private:
-  void Work() {
+  static void Work(Job& job) {
+    in_pool_job = true;
     for (;;) {
-      const int64_t i = next_.fetch_add(1);
-      if (i >= chunks_) return;
-      (*fn_)(i);
-      std::lock_guard<std::mutex> l(mu_);
-      if (--pending_ == 0) done_cv_.notify_all();
+      const int64_t i = job.next.fetch_add(1);
+      if (i >= job.chunks) break;
+      (*job.fn)(i);
+      if (job.pending.fetch_sub(1) == 1) {
+        std::lock_guard<std::mutex> l(job.mu);
+        job.done.notify_all();
+      }
     }
+    in_pool_job = false;
   }
   void Loop() {
     uint64_t seen = 0;
     for (;;) {
+      std::shared_ptr<Job> job;
       {
         std::unique_lock<std::mutex> l(mu_);
-        cv_.wait(l, [&] { return stop_ || (generation_ != seen && fn_ != nullptr); });
+        cv_.wait(l, [&] { return stop_ || (generation_ != seen && job_ != nullptr); });
         if (stop_) return;
         seen = generation_;
+        job = job_;
       }
-      Work();
+      Work(*job);
     }
   }
 
   std::mutex job_mu_;
-  std::mutex mu_;
-  std::condition_variable cv_, done_cv_;
+  std::mutex mu_;  // Guards job_, generation_, stop_.
+  std::condition_variable cv_;
   std::vector<std::thread> threads_;
-  const std::function<void(int64_t)>* fn_ = nullptr;
-  int64_t chunks_ = 0;
-  std::atomic<int64_t> next_{0};
-  int64_t pending_ = 0;
+  std::shared_ptr<Job> job_;
   uint64_t generation_ = 0;
   bool stop_ = false;
 };
@@ -91,7 +114,7 @@ void ParallelFor(int64_t n, int64_t min_chunk, const std::function<void(int64_t,
   Pool& pool = GlobalPool();
   const int64_t chunks =
       std::min<int64_t>(pool.size() * 4, std::max<int64_t>(1, n / std::max<int64_t>(1, min_chunk)));
-  if (chunks <= 1) {
+  if (chunks <= 1 || in_pool_job) {
     fn(0, n);
     return;
   }

@@ -11,7 +11,11 @@ class Reader {
   Reader(const ModelConfig& c, const Checkpoint& ckpt) : c_(c), ckpt_(ckpt) {}
 
   absl::Status Read(const std::string& name, std::vector<int64_t> shape, Tensor* out) {
-    ASSIGN_OR_RETURN(*out, ckpt_.ReadFloat(name, shape));
+    ASSIGN_OR_RETURN(std::vector<float> v, ckpt_.ReadFloat(name, shape));
+    *out = Tensor(std::move(v));
+    ASSIGN_OR_RETURN(TensorView view, ckpt_.Get(name));
+    out->quantized = view.info->dtype == DType::kF8E4M3 || view.info->dtype == DType::kI8 ||
+                     view.info->dtype == DType::kU8;
     return absl::OkStatus();
   }
 

@@ -13,7 +13,14 @@
 
 namespace v4serve::model::cpu {
 
-using Tensor = std::vector<float>;
+// FP32 values plus whether the checkpoint stored them quantized (FP8 or MXFP4): in the faithful numeric
+// mode the input of such a weight's GEMM is rounded through FP8, as DeepSeek's linear() does.
+struct Tensor : std::vector<float> {
+  using std::vector<float>::vector;
+  Tensor() = default;
+  Tensor(std::vector<float>&& v) : std::vector<float>(std::move(v)) {}  // NOLINT: implicit by design.
+  bool quantized = false;
+};
 
 struct HcWeights {
   Tensor fn, base, scale;  // [(2+hc)*hc, hc*D], [(2+hc)*hc], [3] (head: [hc, hc*D], [hc], [1]).

@@ -153,6 +153,26 @@ TEST(ConfigTest, BadFieldsNameTheField) {
   }
 }
 
+// The config transformers itself writes (save_pretrained of the tiny V4 used for the goldens) parses to the
+// same model as the released-format config.json of that checkpoint, except for MTP (transformers has none).
+TEST(ConfigTest, TransformersSavedConfigMatchesTheReleasedOne) {
+  absl::StatusOr<ModelConfig> hf = ParseModelConfig(TestData("tiny_v4_transformers_config.json"));
+  ASSERT_TRUE(hf.ok()) << hf.status();
+  absl::StatusOr<ModelConfig> rel = ParseModelConfig(TestData("tiny_v4/config.json"));
+  ASSERT_TRUE(rel.ok()) << rel.status();
+  EXPECT_EQ(hf->compress_ratios, (std::vector<int64_t>{0, 4, 16, 4}));
+  EXPECT_EQ(rel->compress_ratios, (std::vector<int64_t>{0, 4, 16, 4, 0}));
+  EXPECT_EQ(hf->num_hash_layers, rel->num_hash_layers);
+  EXPECT_EQ(hf->qk_rope_head_dim, rel->qk_rope_head_dim);
+  EXPECT_EQ(hf->rope_scaling.original_max_position_embeddings, rel->rope_scaling.original_max_position_embeddings);
+  EXPECT_DOUBLE_EQ(hf->rope_scaling.factor, rel->rope_scaling.factor);
+  EXPECT_DOUBLE_EQ(hf->compress_rope_theta, rel->compress_rope_theta);
+  EXPECT_DOUBLE_EQ(hf->rope_theta, rel->rope_theta);
+  EXPECT_EQ(hf->index_topk, rel->index_topk);
+  EXPECT_EQ(hf->o_groups, rel->o_groups);
+  EXPECT_EQ(hf->num_nextn_predict_layers, 0);
+}
+
 TEST(ConfigTest, RejectsNonJson) {
   EXPECT_FALSE(ParseModelConfig("{not json").ok());
   EXPECT_FALSE(ParseModelConfig("[1,2]").ok());

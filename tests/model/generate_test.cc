@@ -33,6 +33,23 @@ TEST(GenerateTest, GreedyFromDirMatchesTheGolden) {
   EXPECT_EQ(*got, want);
 }
 
+TEST(GenerateTest, FaithfulGenerationFromDirRunsAndStopsAtTheStopId) {
+  SamplingOptions o;
+  o.max_new_tokens = 8;
+  ModelOptions faithful;
+  faithful.mode = NumericMode::kFaithful;
+  absl::StatusOr<std::vector<int32_t>> all =
+      GenerateFromDir(TinyDir(), std::vector<int32_t>{0, 17, 99, 3}, o, faithful);
+  ASSERT_TRUE(all.ok()) << all.status();
+  ASSERT_EQ(all->size(), 8u);
+  o.stop_ids = {(*all)[2]};
+  absl::StatusOr<std::vector<int32_t>> stopped =
+      GenerateFromDir(TinyDir(), std::vector<int32_t>{0, 17, 99, 3}, o, faithful);
+  ASSERT_TRUE(stopped.ok());
+  ASSERT_LE(stopped->size(), 3u);
+  EXPECT_EQ(stopped->back(), (*all)[2]);
+}
+
 TEST(GenerateTest, SamplingIsDeterministicPerSeedAndRespectsTopK) {
   std::vector<float> logits = {0.0f, 3.0f, 2.9f, -1.0f, 2.8f};
   SamplingOptions o;

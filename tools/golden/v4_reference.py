@@ -304,7 +304,7 @@ class Reference:
         qr = self.rmsnorm(self.linear(x, p + "attn.wq_a.weight"), p + "attn.q_norm.weight")
         q = self.linear(qr, p + "attn.wq_b.weight").view(-1, h, hd)
         if self.n.faithful:
-            ms = self.n.bf(q.square().mean(-1, keepdim=True))
+            ms = self.n.bf(self.n.bf(q.square()).mean(-1, keepdim=True))
             q = self.n.bf(q * self.n.bf(torch.rsqrt(ms + self.eps)))
         else:
             q = q * torch.rsqrt(q.square().mean(-1, keepdim=True) + self.eps)
