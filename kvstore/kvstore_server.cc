@@ -1,5 +1,6 @@
 #include "kvstore/kvstore_server.h"
 
+#include <filesystem>
 #include <memory>
 
 #include "absl/strings/str_cat.h"
@@ -19,6 +20,12 @@ absl::Status KvStoreServerOptions::Validate() const {
 
 absl::Status RunKvStoreServer(const KvStoreServerOptions& options, services::ShutdownSignal* shutdown) {
   RETURN_IF_ERROR(options.Validate());
+  std::error_code ec;
+  std::filesystem::create_directories(options.db_path, ec);  // RocksDB creates only the last level
+  if (ec) {
+    return absl::PermissionDeniedError(
+        absl::StrCat("--db_path: cannot create ", options.db_path, ": ", ec.message()));
+  }
   rocksdb::Options db_options;
   db_options.create_if_missing = true;
   rocksdb::DB* raw = nullptr;

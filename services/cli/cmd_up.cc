@@ -1,5 +1,5 @@
-// `v4serve up`: the all-in-one local cluster. Starts kvstore, prefill, decode and router as child
-// processes of this binary on loopback, waits until each serves, prints how to use it, and stops them
+// `v4serve up`: the all-in-one local cluster. Starts kvstore, a (colocated) decode worker and the router as
+// child processes of this binary on loopback, waits until each serves, prints how to use it, and stops them
 // all (router first, so in-flight requests drain) on SIGTERM/SIGINT or when any of them dies.
 #include <cstdio>
 #include <cstdlib>
@@ -79,6 +79,8 @@ std::vector<std::string> CommonFlags(const UpOptions& o) {
 }
 
 void PrintBanner(const UpOptions& o, int http_port, int grpc_port, bool have_model) {
+  // The router serves the model under its directory's name (router --served_model_name).
+  std::string model_id = fs::path(o.model_dir).lexically_normal().filename().string();
   std::string base = absl::StrCat("http://", o.host, ":", http_port);
   std::printf("\nv4serve is up: %s  (gRPC Inference on %s:%d)\n", base.c_str(), o.host.c_str(), grpc_port);
   if (!have_model) {
@@ -91,13 +93,13 @@ void PrintBanner(const UpOptions& o, int http_port, int grpc_port, bool have_mod
     std::printf(
         "\nTry it:\n"
         "  curl %s/v1/chat/completions -H 'Content-Type: application/json' \\\n"
-        "    -d '{\"model\":\"v4serve\",\"messages\":[{\"role\":\"user\",\"content\":\"What is "
+        "    -d '{\"model\":\"%s\",\"messages\":[{\"role\":\"user\",\"content\":\"What is "
         "12+30?\"}]}'\n\n"
         "  python3 -c \"from openai import OpenAI; c=OpenAI(base_url='%s/v1', api_key='none'); "
-        "print(c.chat.completions.create(model='v4serve', messages=[{'role':'user','content':'What is "
+        "print(c.chat.completions.create(model='%s', messages=[{'role':'user','content':'What is "
         "12+30?'}])"
         ".choices[0].message.content)\"\n\n",
-        base.c_str(), base.c_str());
+        base.c_str(), model_id.c_str(), base.c_str(), model_id.c_str());
   }
   std::printf("Stop with Ctrl-C (drains in-flight requests).\n");
   std::fflush(stdout);
@@ -120,8 +122,11 @@ absl::Status RunUp(const Context& ctx, const UpOptions& o) {
       for (auto& f : CommonFlags(o)) kv.push_back(f);
       ASSIGN_OR_RETURN(Role kvstore, StartRole("kvstore", kv, run_dir, o.start_timeout, ctx.shutdown));
       roles.push_back(std::move(kvstore));
-      for (std::string role : {"prefill", "decode"}) {
-        std::vector<std::string> argv = {ctx.self_exe, role, "--grpc_port=0", "--model=" + o.model_dir};
+      // Until KV transfer between prefill and decode lands, the decode worker runs colocated (it prefills
+      // itself); a prefill worker would only answer health checks.
+      for (std::string role : {"decode"}) {
+        std::vector<std::string> argv = {ctx.self_exe, role, "--grpc_port=0", "--model=" + o.model_dir,
+                                         "--colocated"};
         for (auto& f : CommonFlags(o)) argv.push_back(f);
         ASSIGN_OR_RETURN(Role r, StartRole(role, argv, run_dir, o.start_timeout, ctx.shutdown));
         std::string addr = absl::StrCat(o.host, ":", r.ready["grpc_port"].get<int>());
