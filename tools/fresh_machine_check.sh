@@ -20,6 +20,9 @@ mount -t proc proc "$ROOT_DIR/proc"
 mount --rbind /dev "$ROOT_DIR/dev"
 mount --rbind /sys "$ROOT_DIR/sys"
 cp /etc/resolv.conf "$ROOT_DIR/etc/resolv.conf"
+# debootstrap's minbase root has no /etc/hosts, which every installed or containerised Debian has (the
+# installer or the container runtime writes it); without it "localhost" does not resolve.
+[ -f "$ROOT_DIR/etc/hosts" ] || printf '127.0.0.1\tlocalhost\n::1\t\tlocalhost ip6-localhost ip6-loopback\n' > "$ROOT_DIR/etc/hosts"
 # Hosts whose TLS traffic is intercepted need their CA bundle for pip inside the root.
 cp /etc/ssl/certs/ca-certificates.crt "$ROOT_DIR/host-ca.crt"
 
