@@ -59,7 +59,10 @@ class GenerateStream : public grpc::ServerWriteReactor<v1::GenerateResponse> {
   engine::OutputCallback Callback() {
     return [link = link_](const engine::SequenceOutput& out) {
       absl::MutexLock l(&link->mu);
-      if (link->stream != nullptr) link->stream->OnOutputLocked(out);
+      GenerateStream* stream = link->stream;
+      if (stream == nullptr) return;
+      stream->link_->mu.AssertHeld();  // the same mutex as link->mu; tells -Wthread-safety so
+      stream->OnOutputLocked(out);
     };
   }
 
