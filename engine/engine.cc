@@ -23,6 +23,17 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const model::Model* model
   RETURN_IF_ERROR(options.Validate());
   if (options.max_model_len == 0) options.max_model_len = model->config().max_position_embeddings;
   ASSIGN_OR_RETURN(kvstore::KvLayout layout, KvLayoutFor(model->config(), options.model_fingerprint));
+  if (options.mtp) {
+    // A draft on a zero stream checks that the MTP layer exists and its weights are loaded.
+    const model::ModelConfig& c = model->config();
+    model::SequenceState probe = model->NewState();
+    const std::vector<float> zeros(static_cast<size_t>(c.hc_mult * c.hidden_size), 0.0f);
+    absl::StatusOr<std::vector<float>> draft = model->MtpDraft(&probe, zeros, std::vector<int32_t>{0});
+    if (!draft.ok()) {
+      return absl::FailedPreconditionError(
+          absl::StrCat("EngineOptions.mtp needs a model with MTP weights loaded: ", draft.status().message()));
+    }
+  }
   return std::unique_ptr<Engine>(new Engine(model, std::move(options), std::move(layout)));
 }
 
@@ -199,9 +210,11 @@ absl::Status Engine::Step() {
     Sequence* seq = chunk.seq;
     if (seq->status != SequenceStatus::kRunning) continue;  // Finished by an earlier error.
     const int64_t pos = seq->state.position;
+    std::vector<float> streams;
     absl::StatusOr<std::vector<float>> logits = model_->Prefill(
-        &seq->state, absl::MakeConstSpan(seq->tokens)
-                         .subspan(static_cast<size_t>(pos), static_cast<size_t>(chunk.tokens)));
+        &seq->state,
+        absl::MakeConstSpan(seq->tokens).subspan(static_cast<size_t>(pos), static_cast<size_t>(chunk.tokens)),
+        /*all_logits=*/false, MtpActive(*seq) ? &streams : nullptr);
     if (!logits.ok()) {
       V4LOG(ERROR).With("request_id", seq->request_id).With("status", logits.status()) << "prefill failed";
       Finish(seq, FinishReason::kError, logits.status());
@@ -211,25 +224,41 @@ absl::Status Engine::Step() {
     stats_.prefill_tokens_computed += chunk.tokens;
     kv_.OnBlockBoundary(seq);
     if (seq->pending() == 0) Emit(seq, *logits);
+    UpdateDraft(seq, pos, streams);
   }
-  if (!plan.decode.empty()) {
+  // Sequences with a verifiable MTP draft run [last token, draft] alone; the rest decode as one batch.
+  std::vector<Sequence*> decode;
+  for (Sequence* seq : plan.decode) {
+    if (!CanSpeculate(*seq)) {
+      decode.push_back(seq);
+    } else if (absl::Status s = SpeculativeDecode(seq); !s.ok()) {
+      result = s;
+    }
+  }
+  if (!decode.empty()) {
     std::vector<model::SequenceState*> states;
     std::vector<int32_t> tokens;
-    for (Sequence* seq : plan.decode) {
+    bool any_mtp = false;
+    for (Sequence* seq : decode) {
       states.push_back(&seq->state);
       tokens.push_back(seq->tokens.back());
+      any_mtp = any_mtp || MtpActive(*seq);
     }
-    absl::StatusOr<std::vector<float>> logits = model_->Decode(states, tokens);
+    std::vector<float> streams;
+    absl::StatusOr<std::vector<float>> logits = model_->Decode(states, tokens, any_mtp ? &streams : nullptr);
     if (!logits.ok()) {
       V4LOG(ERROR).With("status", logits.status()) << "decode failed";
-      for (Sequence* seq : plan.decode) Finish(seq, FinishReason::kError, logits.status());
+      for (Sequence* seq : decode) Finish(seq, FinishReason::kError, logits.status());
       result = logits.status();
     } else {
-      stats_.decode_tokens_computed += static_cast<int64_t>(plan.decode.size());
+      stats_.decode_tokens_computed += static_cast<int64_t>(decode.size());
       const size_t vocab = static_cast<size_t>(model_->config().vocab_size);
-      for (size_t i = 0; i < plan.decode.size(); ++i) {
-        kv_.OnBlockBoundary(plan.decode[i]);
-        Emit(plan.decode[i], absl::MakeConstSpan(*logits).subspan(i * vocab, vocab));
+      const size_t row = streams.size() / decode.size();
+      for (size_t i = 0; i < decode.size(); ++i) {
+        const int64_t pos = decode[i]->state.position - 1;
+        kv_.OnBlockBoundary(decode[i]);
+        Emit(decode[i], absl::MakeConstSpan(*logits).subspan(i * vocab, vocab));
+        if (any_mtp) UpdateDraft(decode[i], pos, absl::MakeConstSpan(streams).subspan(i * row, row));
       }
     }
   }

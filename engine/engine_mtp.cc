@@ -1,0 +1,101 @@
+// MTP speculative decoding (EngineOptions::mtp). Per greedy sequence, after each forward step the MTP
+// layer drafts the token after the one just emitted; the next step runs [last token, draft] as one
+// 2-token Prefill. Row 0's logits give the true next token (sampled by the sequence's own sampler, so
+// penalties and logprobs are as without MTP); if it equals the draft, row 1 gives one more token (two
+// tokens from one forward). Otherwise the draft's effect on the state is undone exactly
+// (model/state_rollback.h) and only row 0's token is emitted. The output is identical either way.
+#include <algorithm>
+#include <cstddef>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "engine/engine.h"
+#include "model/state_rollback.h"
+#include "services/logging.h"
+
+namespace v4serve::engine {
+
+bool Engine::MtpActive(const Sequence& seq) const {
+  return options_.mtp && seq.params.temperature == 0.0f;
+}
+
+bool Engine::CanSpeculate(const Sequence& seq) const {
+  if (!MtpActive(seq) || seq.draft_for != static_cast<int64_t>(seq.tokens.size())) return false;
+  if (seq.pending() != 1) return false;
+  // The verify step must not cross a block boundary after the last token: the KV cache manager publishes
+  // blocks at the exact boundary state, and the sequence's blocks are reserved for one more token.
+  if ((seq.state.position + 1) % kv_.block_tokens() == 0) return false;
+  return seq.state.position + 2 < options_.max_model_len;
+}
+
+absl::Status Engine::SpeculativeDecode(Sequence* seq) {
+  const int64_t p = seq->state.position;
+  const int32_t draft = seq->draft;
+  seq->draft_for = -1;
+  absl::StatusOr<model::TokenUndo> undo = model::SaveTokenUndo(model_->config(), seq->state, p + 1);
+  std::vector<float> streams;
+  absl::StatusOr<std::vector<float>> logits =
+      undo.ok() ? model_->Prefill(&seq->state, std::vector<int32_t>{seq->tokens.back(), draft},
+                                  /*all_logits=*/true, &streams)
+                : absl::StatusOr<std::vector<float>>(undo.status());
+  if (!logits.ok()) {
+    V4LOG(ERROR).With("request_id", seq->request_id).With("status", logits.status()) << "MTP verify failed";
+    Finish(seq, FinishReason::kError, logits.status());
+    return logits.status();
+  }
+  stats_.decode_tokens_computed += 2;
+  ++stats_.mtp_draft_tokens;
+  const size_t vocab = static_cast<size_t>(model_->config().vocab_size);
+  const size_t row = streams.size() / 2;
+  const absl::Span<const float> all(*logits);
+  Emit(seq, all.subspan(0, vocab));
+  const bool accepted = seq->tokens[static_cast<size_t>(p + 1)] == draft;
+  if (accepted) {
+    ++stats_.mtp_accepted_tokens;
+  } else {
+    ++stats_.mtp_rejected_tokens;
+  }
+  if (seq->status != SequenceStatus::kRunning) return absl::OkStatus();  // Finished on its first token.
+  if (accepted) {
+    kv_.OnBlockBoundary(seq);
+    Emit(seq, all.subspan(vocab, vocab));
+    UpdateDraft(seq, p, streams);
+    return absl::OkStatus();
+  }
+  if (absl::Status s = model::UndoLastToken(*undo, &seq->state); !s.ok()) {
+    Finish(seq, FinishReason::kError, s);
+    return s;
+  }
+  kv_.OnBlockBoundary(seq);
+  UpdateDraft(seq, p, absl::MakeConstSpan(streams).subspan(0, row));
+  return absl::OkStatus();
+}
+
+void Engine::UpdateDraft(Sequence* seq, int64_t first, absl::Span<const float> streams) {
+  if (!MtpActive(*seq) || seq->status != SequenceStatus::kRunning) return;
+  const model::ModelConfig& c = model_->config();
+  const int64_t n = static_cast<int64_t>(streams.size()) / (c.hc_mult * c.hidden_size);
+  if (n == 0 || static_cast<int64_t>(seq->tokens.size()) < first + n + 1) return;
+  if (seq->state.mtp_position != first) {
+    // The MTP window did not see the positions before `first` (restored from the prefix cache, or the
+    // state was recomputed): restart it here. Only the quality of the next few drafts suffers.
+    seq->state.mtp_layers = model_->NewState().mtp_layers;
+    seq->state.mtp_position = first;
+  }
+  const absl::Span<const int32_t> next =
+      absl::MakeConstSpan(seq->tokens).subspan(static_cast<size_t>(first + 1), static_cast<size_t>(n));
+  absl::StatusOr<std::vector<float>> logits = model_->MtpDraft(&seq->state, streams, next);
+  if (!logits.ok()) {
+    V4LOG(WARNING).With("request_id", seq->request_id).With("status", logits.status())
+        << "MTP draft failed; the sequence decodes without drafts";
+    seq->draft_for = -1;
+    return;
+  }
+  const size_t vocab = static_cast<size_t>(c.vocab_size);
+  const auto last = logits->end() - static_cast<std::ptrdiff_t>(vocab);
+  seq->draft = static_cast<int32_t>(std::max_element(last, logits->end()) - last);
+  seq->draft_for = first + n + 1;
+  if (options_.mtp_draft_hook_for_testing) seq->draft = options_.mtp_draft_hook_for_testing(*seq, seq->draft);
+}
+
+}  // namespace v4serve::engine
