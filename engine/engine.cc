@@ -1,6 +1,7 @@
 #include "engine/engine.h"
 
 #include <algorithm>
+#include <optional>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
@@ -226,39 +227,52 @@ absl::Status Engine::Step() {
     if (seq->pending() == 0) Emit(seq, *logits);
     UpdateDraft(seq, pos, streams);
   }
-  // Sequences with a verifiable MTP draft run [last token, draft] alone; the rest decode as one batch.
-  std::vector<Sequence*> decode;
-  for (Sequence* seq : plan.decode) {
-    if (!CanSpeculate(*seq)) {
-      decode.push_back(seq);
-    } else if (absl::Status s = SpeculativeDecode(seq); !s.ok()) {
-      result = s;
-    }
-  }
-  if (!decode.empty()) {
+  if (!plan.decode.empty()) {
+    // One forward for the batch: [last token] per sequence, or [last token, MTP draft] for one that
+    // verifies a draft this step (engine_mtp.cc).
+    const size_t n = plan.decode.size();
     std::vector<model::SequenceState*> states;
+    std::vector<int64_t> counts;
     std::vector<int32_t> tokens;
+    std::vector<std::optional<model::TokenUndo>> undos(n);
     bool any_mtp = false;
-    for (Sequence* seq : decode) {
+    for (size_t i = 0; i < n; ++i) {
+      Sequence* seq = plan.decode[i];
       states.push_back(&seq->state);
       tokens.push_back(seq->tokens.back());
+      undos[i] = PrepareVerify(seq);
+      if (undos[i].has_value()) tokens.push_back(seq->draft);
+      counts.push_back(undos[i].has_value() ? 2 : 1);
       any_mtp = any_mtp || MtpActive(*seq);
     }
     std::vector<float> streams;
-    absl::StatusOr<std::vector<float>> logits = model_->Decode(states, tokens, any_mtp ? &streams : nullptr);
+    absl::StatusOr<std::vector<float>> logits =
+        model_->DecodeChunks(states, counts, tokens, any_mtp ? &streams : nullptr);
     if (!logits.ok()) {
       V4LOG(ERROR).With("status", logits.status()) << "decode failed";
-      for (Sequence* seq : decode) Finish(seq, FinishReason::kError, logits.status());
+      for (Sequence* seq : plan.decode) Finish(seq, FinishReason::kError, logits.status());
       result = logits.status();
     } else {
-      stats_.decode_tokens_computed += static_cast<int64_t>(decode.size());
+      stats_.decode_tokens_computed += static_cast<int64_t>(tokens.size());
       const size_t vocab = static_cast<size_t>(model_->config().vocab_size);
-      const size_t row = streams.size() / decode.size();
-      for (size_t i = 0; i < decode.size(); ++i) {
-        const int64_t pos = decode[i]->state.position - 1;
-        kv_.OnBlockBoundary(decode[i]);
-        Emit(decode[i], absl::MakeConstSpan(*logits).subspan(i * vocab, vocab));
-        if (any_mtp) UpdateDraft(decode[i], pos, absl::MakeConstSpan(streams).subspan(i * row, row));
+      const size_t row = streams.size() / tokens.size();
+      size_t r = 0;
+      for (size_t i = 0; i < n; ++i) {
+        Sequence* seq = plan.decode[i];
+        const size_t k = static_cast<size_t>(counts[i]);
+        const int64_t pos = seq->state.position - counts[i];
+        const absl::Span<const float> seq_logits = absl::MakeConstSpan(*logits).subspan(r * vocab, k * vocab);
+        const absl::Span<const float> seq_streams =
+            any_mtp ? absl::MakeConstSpan(streams).subspan(r * row, k * row) : absl::Span<const float>();
+        r += k;
+        if (undos[i].has_value()) {
+          if (absl::Status s = FinishVerify(seq, tokens[r - 1], *undos[i], seq_logits, seq_streams); !s.ok())
+            result = s;
+          continue;
+        }
+        kv_.OnBlockBoundary(seq);
+        Emit(seq, seq_logits);
+        UpdateDraft(seq, pos, seq_streams);
       }
     }
   }

@@ -15,6 +15,7 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -27,6 +28,7 @@
 #include "engine/scheduler.h"
 #include "engine/sequence.h"
 #include "model/model.h"
+#include "model/state_rollback.h"
 
 namespace v4serve::engine {
 
@@ -104,10 +106,14 @@ class Engine {
   void Emit(Sequence* seq, absl::Span<const float> logits);
   void Finish(Sequence* seq, FinishReason reason, absl::Status status = absl::OkStatus());
   void UpdateGauges();
-  // MTP (engine_mtp.cc). Whether `seq` verifies its draft this step instead of a plain decode.
+  // MTP (engine_mtp.cc). When `seq` verifies its draft this step: consumes the draft and returns what
+  // undoes the draft token in the state; nullopt for a plain decode.
+  std::optional<model::TokenUndo> PrepareVerify(Sequence* seq);
+  // After the forward ran [last token, `draft`] (2 rows of logits and streams): emits 1 or 2 tokens and
+  // rolls a rejected draft back.
+  absl::Status FinishVerify(Sequence* seq, int32_t draft, const model::TokenUndo& undo,
+                            absl::Span<const float> logits, absl::Span<const float> streams);
   bool CanSpeculate(const Sequence& seq) const;
-  // Runs [last token, draft] through the model, emits 1 or 2 tokens, rolls a rejected draft back.
-  absl::Status SpeculativeDecode(Sequence* seq);
   // Feeds the MTP layer the main model's final streams of positions [first, first + n) (`streams`,
   // n rows) with the tokens that follow them, and keeps the last row's argmax as the next draft.
   void UpdateDraft(Sequence* seq, int64_t first, absl::Span<const float> streams);

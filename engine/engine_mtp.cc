@@ -1,11 +1,14 @@
 // MTP speculative decoding (EngineOptions::mtp). Per greedy sequence, after each forward step the MTP
-// layer drafts the token after the one just emitted; the next step runs [last token, draft] as one
-// 2-token Prefill. Row 0's logits give the true next token (sampled by the sequence's own sampler, so
-// penalties and logprobs are as without MTP); if it equals the draft, row 1 gives one more token (two
-// tokens from one forward). Otherwise the draft's effect on the state is undone exactly
-// (model/state_rollback.h) and only row 0's token is emitted. The output is identical either way.
+// layer drafts the token after the one just emitted; the next step runs [last token, draft] as a 2-token
+// chunk in the step's one batched forward (Model::DecodeChunks, next to the other sequences' decodes).
+// Row 0's logits give the true next token (sampled by the sequence's own sampler, so penalties and
+// logprobs are as without MTP); if it equals the draft, row 1 gives one more token (two tokens from one
+// forward). Otherwise the draft's effect on the state is undone exactly (model/state_rollback.h) and
+// only row 0's token is emitted. The output is identical either way.
 #include <algorithm>
 #include <cstddef>
+#include <optional>
+#include <utility>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
@@ -28,27 +31,24 @@ bool Engine::CanSpeculate(const Sequence& seq) const {
   return seq.state.position + 2 < options_.max_model_len;
 }
 
-absl::Status Engine::SpeculativeDecode(Sequence* seq) {
-  const int64_t p = seq->state.position;
-  const int32_t draft = seq->draft;
-  seq->draft_for = -1;
-  absl::StatusOr<model::TokenUndo> undo = model::SaveTokenUndo(model_->config(), seq->state, p + 1);
-  std::vector<float> streams;
-  absl::StatusOr<std::vector<float>> logits =
-      undo.ok() ? model_->Prefill(&seq->state, std::vector<int32_t>{seq->tokens.back(), draft},
-                                  /*all_logits=*/true, &streams)
-                : absl::StatusOr<std::vector<float>>(undo.status());
-  if (!logits.ok()) {
-    V4LOG(ERROR).With("request_id", seq->request_id).With("status", logits.status()) << "MTP verify failed";
-    Finish(seq, FinishReason::kError, logits.status());
-    return logits.status();
+std::optional<model::TokenUndo> Engine::PrepareVerify(Sequence* seq) {
+  if (!CanSpeculate(*seq)) return std::nullopt;
+  seq->draft_for = -1;  // Consumed by this step either way.
+  absl::StatusOr<model::TokenUndo> undo = model::SaveTokenUndo(model_->config(), seq->state, seq->state.position + 1);
+  if (!undo.ok()) {
+    V4LOG(WARNING).With("request_id", seq->request_id).With("status", undo.status())
+        << "MTP draft not verifiable; plain decode";
+    return std::nullopt;
   }
-  stats_.decode_tokens_computed += 2;
+  return *std::move(undo);
+}
+
+absl::Status Engine::FinishVerify(Sequence* seq, int32_t draft, const model::TokenUndo& undo,
+                                  absl::Span<const float> logits, absl::Span<const float> streams) {
+  const int64_t p = seq->state.position - 2;
   ++stats_.mtp_draft_tokens;
   const size_t vocab = static_cast<size_t>(model_->config().vocab_size);
-  const size_t row = streams.size() / 2;
-  const absl::Span<const float> all(*logits);
-  Emit(seq, all.subspan(0, vocab));
+  Emit(seq, logits.subspan(0, vocab));
   const bool accepted = seq->tokens[static_cast<size_t>(p + 1)] == draft;
   if (accepted) {
     ++stats_.mtp_accepted_tokens;
@@ -58,16 +58,16 @@ absl::Status Engine::SpeculativeDecode(Sequence* seq) {
   if (seq->status != SequenceStatus::kRunning) return absl::OkStatus();  // Finished on its first token.
   if (accepted) {
     kv_.OnBlockBoundary(seq);
-    Emit(seq, all.subspan(vocab, vocab));
+    Emit(seq, logits.subspan(vocab, vocab));
     UpdateDraft(seq, p, streams);
     return absl::OkStatus();
   }
-  if (absl::Status s = model::UndoLastToken(*undo, &seq->state); !s.ok()) {
+  if (absl::Status s = model::UndoLastToken(undo, &seq->state); !s.ok()) {
     Finish(seq, FinishReason::kError, s);
     return s;
   }
   kv_.OnBlockBoundary(seq);
-  UpdateDraft(seq, p, absl::MakeConstSpan(streams).subspan(0, row));
+  UpdateDraft(seq, p, streams.subspan(0, streams.size() / 2));
   return absl::OkStatus();
 }
 

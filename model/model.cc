@@ -67,6 +67,31 @@ absl::StatusOr<std::vector<float>> Model::Decode(absl::Span<SequenceState* const
   return Forward(seqs, tokens, rows, final_streams);
 }
 
+absl::StatusOr<std::vector<float>> Model::DecodeChunks(absl::Span<SequenceState* const> states,
+                                                       absl::Span<const int64_t> counts,
+                                                       absl::Span<const int32_t> tokens,
+                                                       std::vector<float>* final_streams) const {
+  if (states.size() != counts.size() || states.empty()) {
+    return absl::InvalidArgumentError("DecodeChunks needs one count per state and at least one state");
+  }
+  std::vector<Seq> seqs;
+  int64_t begin = 0;
+  for (size_t i = 0; i < states.size(); ++i) {
+    if (counts[i] < 1) return absl::InvalidArgumentError("DecodeChunks needs chunks of at least one token");
+    for (size_t j = 0; j < i; ++j) {
+      if (states[i] == states[j]) return absl::InvalidArgumentError("DecodeChunks got the same state twice");
+    }
+    seqs.push_back(Seq{states[i], begin, counts[i]});
+    begin += counts[i];
+  }
+  if (begin != static_cast<int64_t>(tokens.size())) {
+    return absl::InvalidArgumentError("DecodeChunks: counts do not add up to the tokens");
+  }
+  std::vector<int64_t> rows(tokens.size());
+  for (size_t i = 0; i < rows.size(); ++i) rows[i] = static_cast<int64_t>(i);
+  return Forward(seqs, tokens, rows, final_streams);
+}
+
 absl::StatusOr<std::vector<float>> Model::Forward(const std::vector<Seq>& seqs,
                                                   absl::Span<const int32_t> tokens,
                                                   const std::vector<int64_t>& logit_rows,
