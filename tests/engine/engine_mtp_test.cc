@@ -62,6 +62,31 @@ TEST(TokenUndoTest, UndoingTheLastTokenGivesTheStateThatNeverSawIt) {
   EXPECT_FALSE(model::UndoLastToken(*undo, &s).ok());
 }
 
+TEST(DecodeChunksTest, ChunksOfSeveralSequencesMatchOneByOne) {
+  const model::Model& m = TinyModel();
+  std::mt19937 rng(9);
+  const std::vector<int32_t> a = RandomTokens(&rng, 21), b = RandomTokens(&rng, 40), next = RandomTokens(&rng, 3);
+  model::SequenceState sa = m.NewState(), sb = m.NewState();
+  ASSERT_TRUE(m.Prefill(&sa, a).ok());
+  ASSERT_TRUE(m.Prefill(&sb, b).ok());
+  model::SequenceState ra = sa, rb = sb;
+  std::vector<float> streams;
+  absl::StatusOr<std::vector<float>> got = m.DecodeChunks(std::vector<model::SequenceState*>{&sa, &sb},
+                                                          std::vector<int64_t>{2, 1}, next, &streams);
+  ASSERT_TRUE(got.ok()) << got.status();
+  absl::StatusOr<std::vector<float>> want_a =
+      m.Prefill(&ra, absl::MakeConstSpan(next).subspan(0, 2), /*all_logits=*/true);
+  absl::StatusOr<std::vector<float>> want_b = m.Decode(std::vector<model::SequenceState*>{&rb}, {next[2]});
+  ASSERT_TRUE(want_a.ok() && want_b.ok());
+  std::vector<float> want = *want_a;
+  want.insert(want.end(), want_b->begin(), want_b->end());
+  EXPECT_EQ(*got, want);
+  EXPECT_TRUE(sa == ra);
+  EXPECT_TRUE(sb == rb);
+  EXPECT_EQ(streams.size(), static_cast<size_t>(3 * m.config().hc_mult * m.config().hidden_size));
+  EXPECT_FALSE(m.DecodeChunks(std::vector<model::SequenceState*>{&sa}, std::vector<int64_t>{2}, {1}).ok());
+}
+
 struct Case {
   std::string id;
   std::vector<int32_t> prompt;
