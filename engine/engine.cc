@@ -226,6 +226,7 @@ absl::Status Engine::Step() {
     kv_.OnBlockBoundary(seq);
     if (seq->pending() == 0) Emit(seq, *logits);
     UpdateDraft(seq, pos, streams);
+    FlushDrafts();
   }
   if (!plan.decode.empty()) {
     // One forward for the batch: [last token] per sequence, or [last token, MTP draft] for one that
@@ -274,6 +275,7 @@ absl::Status Engine::Step() {
         Emit(seq, seq_logits);
         UpdateDraft(seq, pos, seq_streams);
       }
+      FlushDrafts();  // While `streams` lives.
     }
   }
   // Forget requests whose every choice finished.

@@ -114,9 +114,17 @@ class Engine {
   absl::Status FinishVerify(Sequence* seq, int32_t draft, const model::TokenUndo& undo,
                             absl::Span<const float> logits, absl::Span<const float> streams);
   bool CanSpeculate(const Sequence& seq) const;
-  // Feeds the MTP layer the main model's final streams of positions [first, first + n) (`streams`,
-  // n rows) with the tokens that follow them, and keeps the last row's argmax as the next draft.
+  // Queues feeding the MTP layer the main model's final streams of positions [first, first + n)
+  // (`streams`, n rows, which must stay alive until FlushDrafts) with the tokens that follow them.
   void UpdateDraft(Sequence* seq, int64_t first, absl::Span<const float> streams);
+  // Runs the queued drafts in one MtpDraftBatch; each sequence's last row's argmax is its next draft.
+  void FlushDrafts();
+  struct PendingDraft {
+    Sequence* seq;
+    int64_t first;
+    absl::Span<const float> streams;
+  };
+  std::vector<PendingDraft> pending_drafts_;
   bool MtpActive(const Sequence& seq) const;
 
   const model::Model* const model_;

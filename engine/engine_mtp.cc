@@ -73,29 +73,55 @@ absl::Status Engine::FinishVerify(Sequence* seq, int32_t draft, const model::Tok
 
 void Engine::UpdateDraft(Sequence* seq, int64_t first, absl::Span<const float> streams) {
   if (!MtpActive(*seq) || seq->status != SequenceStatus::kRunning) return;
+  pending_drafts_.push_back(PendingDraft{seq, first, streams});
+}
+
+void Engine::FlushDrafts() {
+  std::vector<PendingDraft> pending = std::move(pending_drafts_);
+  pending_drafts_.clear();
   const model::ModelConfig& c = model_->config();
-  const int64_t n = static_cast<int64_t>(streams.size()) / (c.hc_mult * c.hidden_size);
-  if (n == 0 || static_cast<int64_t>(seq->tokens.size()) < first + n + 1) return;
-  if (seq->state.mtp_position != first) {
-    // The MTP window did not see the positions before `first` (restored from the prefix cache, or the
-    // state was recomputed): restart it here. Only the quality of the next few drafts suffers.
-    seq->state.mtp_layers = model_->NewState().mtp_layers;
-    seq->state.mtp_position = first;
+  const int64_t row = c.hc_mult * c.hidden_size;
+  std::vector<Sequence*> seqs;
+  std::vector<model::SequenceState*> states;
+  std::vector<int64_t> counts;
+  std::vector<float> streams;
+  std::vector<int32_t> next;
+  for (const PendingDraft& d : pending) {
+    Sequence* seq = d.seq;
+    const int64_t n = static_cast<int64_t>(d.streams.size()) / row;
+    if (seq->status != SequenceStatus::kRunning || n == 0 ||
+        static_cast<int64_t>(seq->tokens.size()) < d.first + n + 1) {
+      continue;
+    }
+    if (seq->state.mtp_position != d.first) {
+      // The MTP window did not see the positions before `first` (restored from the prefix cache, or the
+      // state was recomputed): restart it here. Only the quality of the next few drafts suffers.
+      seq->state.mtp_layers = model_->NewState().mtp_layers;
+      seq->state.mtp_position = d.first;
+    }
+    seqs.push_back(seq);
+    states.push_back(&seq->state);
+    counts.push_back(n);
+    streams.insert(streams.end(), d.streams.begin(), d.streams.end());
+    next.insert(next.end(), seq->tokens.begin() + d.first + 1, seq->tokens.begin() + d.first + n + 1);
   }
-  const absl::Span<const int32_t> next =
-      absl::MakeConstSpan(seq->tokens).subspan(static_cast<size_t>(first + 1), static_cast<size_t>(n));
-  absl::StatusOr<std::vector<float>> logits = model_->MtpDraft(&seq->state, streams, next);
+  if (seqs.empty()) return;
+  absl::StatusOr<std::vector<float>> logits = model_->MtpDraftBatch(states, counts, streams, next);
   if (!logits.ok()) {
-    V4LOG(WARNING).With("request_id", seq->request_id).With("status", logits.status())
-        << "MTP draft failed; the sequence decodes without drafts";
-    seq->draft_for = -1;
+    V4LOG(WARNING).With("status", logits.status()) << "MTP draft failed; these sequences decode without one";
+    for (Sequence* seq : seqs) seq->draft_for = -1;
     return;
   }
   const size_t vocab = static_cast<size_t>(c.vocab_size);
-  const auto last = logits->end() - static_cast<std::ptrdiff_t>(vocab);
-  seq->draft = static_cast<int32_t>(std::max_element(last, logits->end()) - last);
-  seq->draft_for = first + n + 1;
-  if (options_.mtp_draft_hook_for_testing) seq->draft = options_.mtp_draft_hook_for_testing(*seq, seq->draft);
+  size_t end = 0;
+  for (size_t i = 0; i < seqs.size(); ++i) {
+    Sequence* seq = seqs[i];
+    end += static_cast<size_t>(counts[i]);
+    const auto last = logits->begin() + static_cast<std::ptrdiff_t>((end - 1) * vocab);
+    seq->draft = static_cast<int32_t>(std::max_element(last, last + static_cast<std::ptrdiff_t>(vocab)) - last);
+    seq->draft_for = seq->state.mtp_position + 1;
+    if (options_.mtp_draft_hook_for_testing) seq->draft = options_.mtp_draft_hook_for_testing(*seq, seq->draft);
+  }
 }
 
 }  // namespace v4serve::engine

@@ -148,6 +148,16 @@ std::vector<float> Model::Logits(const float* streams, int64_t m, const cpu::HcW
 absl::StatusOr<std::vector<float>> Model::MtpDraft(SequenceState* state, absl::Span<const float> streams,
                                                    absl::Span<const int32_t> next_tokens,
                                                    int64_t mtp_index) const {
+  const int64_t n = static_cast<int64_t>(next_tokens.size());
+  return MtpDraftBatch(absl::MakeConstSpan(&state, 1), absl::MakeConstSpan(&n, 1), streams, next_tokens,
+                       mtp_index);
+}
+
+absl::StatusOr<std::vector<float>> Model::MtpDraftBatch(absl::Span<SequenceState* const> states,
+                                                        absl::Span<const int64_t> counts,
+                                                        absl::Span<const float> streams,
+                                                        absl::Span<const int32_t> next_tokens,
+                                                        int64_t mtp_index) const {
   const ModelConfig& c = config_;
   const int64_t n = static_cast<int64_t>(next_tokens.size()), d = c.hidden_size, hc = c.hc_mult;
   if (mtp_index < 0 || mtp_index >= static_cast<int64_t>(weights_->mtp.size())) {
@@ -157,9 +167,23 @@ absl::StatusOr<std::vector<float>> Model::MtpDraft(SequenceState* state, absl::S
   if (n == 0 || static_cast<int64_t>(streams.size()) != n * hc * d) {
     return absl::InvalidArgumentError("MtpDraft needs [n, hc_mult, hidden] streams for n > 0 next tokens");
   }
-  if (state->mtp_layers.size() != static_cast<size_t>(c.num_nextn_predict_layers)) {
-    return absl::InvalidArgumentError("sequence state has no MTP layer state");
+  if (states.empty() || states.size() != counts.size()) {
+    return absl::InvalidArgumentError("MtpDraftBatch needs one count per state and at least one state");
   }
+  std::vector<cpu::Segment> segs;
+  int64_t begin = 0;
+  for (size_t i = 0; i < states.size(); ++i) {
+    if (states[i]->mtp_layers.size() != static_cast<size_t>(c.num_nextn_predict_layers)) {
+      return absl::InvalidArgumentError("sequence state has no MTP layer state");
+    }
+    if (counts[i] < 1) return absl::InvalidArgumentError("MtpDraftBatch needs counts >= 1");
+    for (size_t j = 0; j < i; ++j) {
+      if (states[i] == states[j]) return absl::InvalidArgumentError("MtpDraftBatch got the same state twice");
+    }
+    segs.push_back(cpu::Segment{&states[i]->mtp_layers[mtp_index], states[i]->mtp_position, begin, counts[i]});
+    begin += counts[i];
+  }
+  if (begin != n) return absl::InvalidArgumentError("MtpDraftBatch: counts do not add up to the tokens");
   for (int32_t t : next_tokens) {
     if (t < 0 || t >= c.vocab_size)
       return absl::InvalidArgumentError(absl::StrCat("token id ", t, " out of range"));
@@ -187,9 +211,8 @@ absl::StatusOr<std::vector<float>> Model::MtpDraft(SequenceState* state, absl::S
   num.Bf(&ph);
   const cpu::LayerRopes ropes{rope_main_.get(), rope_compress_.get()};
   const int64_t layer = c.num_hidden_layers + mtp_index;
-  cpu::BlockForward(c, num, w.block, layer, /*hash=*/false, ropes, next_tokens.data(), n,
-                    {cpu::Segment{&state->mtp_layers[mtp_index], state->mtp_position, 0, n}}, ph.data());
-  state->mtp_position += n;
+  cpu::BlockForward(c, num, w.block, layer, /*hash=*/false, ropes, next_tokens.data(), n, segs, ph.data());
+  for (size_t i = 0; i < states.size(); ++i) states[i]->mtp_position += counts[i];
   return Logits(ph.data(), n, w.hc_head, w.norm);
 }
 

@@ -85,6 +85,13 @@ class Model {
   absl::StatusOr<std::vector<float>> MtpDraft(SequenceState* state, absl::Span<const float> streams,
                                               absl::Span<const int32_t> next_tokens,
                                               int64_t mtp_index = 0) const;
+  // MtpDraft for several sequences in one pass: states[i] takes counts[i] (>= 1) rows of `streams` and
+  // `next_tokens`, in order. Returns [sum counts, vocab]; each state's rows equal its own MtpDraft.
+  absl::StatusOr<std::vector<float>> MtpDraftBatch(absl::Span<SequenceState* const> states,
+                                                   absl::Span<const int64_t> counts,
+                                                   absl::Span<const float> streams,
+                                                   absl::Span<const int32_t> next_tokens,
+                                                   int64_t mtp_index = 0) const;
 
  private:
   struct Seq {

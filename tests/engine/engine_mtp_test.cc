@@ -87,6 +87,39 @@ TEST(DecodeChunksTest, ChunksOfSeveralSequencesMatchOneByOne) {
   EXPECT_FALSE(m.DecodeChunks(std::vector<model::SequenceState*>{&sa}, std::vector<int64_t>{2}, {1}).ok());
 }
 
+TEST(MtpDraftBatchTest, BatchedDraftsMatchOneByOne) {
+  const model::Model& m = TinyMtpModel();
+  std::mt19937 rng(13);
+  const std::vector<int32_t> a = RandomTokens(&rng, 30), b = RandomTokens(&rng, 9);
+  const int64_t row = m.config().hc_mult * m.config().hidden_size;
+  model::SequenceState sa = m.NewState(), sb = m.NewState();
+  std::vector<float> fa, fb;
+  ASSERT_TRUE(m.Prefill(&sa, a, false, &fa).ok());
+  ASSERT_TRUE(m.Prefill(&sb, b, false, &fb).ok());
+  // Feed a's first 20 positions first, so the two states sit at different MTP positions.
+  const std::vector<int32_t> next_a(a.begin() + 1, a.end()), next_b(b.begin() + 1, b.end());
+  ASSERT_TRUE(m.MtpDraft(&sa, absl::MakeConstSpan(fa).subspan(0, 20 * row),
+                         absl::MakeConstSpan(next_a).subspan(0, 20))
+                  .ok());
+  model::SequenceState ra = sa, rb = sb;
+  auto want_a = m.MtpDraft(&ra, absl::MakeConstSpan(fa).subspan(20 * row, 9 * row),
+                           absl::MakeConstSpan(next_a).subspan(20, 9));
+  auto want_b = m.MtpDraft(&rb, absl::MakeConstSpan(fb).subspan(0, 8 * row), next_b);
+  ASSERT_TRUE(want_a.ok() && want_b.ok());
+  std::vector<float> streams(fa.begin() + 20 * row, fa.begin() + 29 * row);
+  streams.insert(streams.end(), fb.begin(), fb.begin() + 8 * row);
+  std::vector<int32_t> next(next_a.begin() + 20, next_a.end());
+  next.insert(next.end(), next_b.begin(), next_b.end());
+  auto got = m.MtpDraftBatch(std::vector<model::SequenceState*>{&sa, &sb}, std::vector<int64_t>{9, 8}, streams,
+                             next);
+  ASSERT_TRUE(got.ok()) << got.status();
+  std::vector<float> want = *want_a;
+  want.insert(want.end(), want_b->begin(), want_b->end());
+  EXPECT_EQ(*got, want);
+  EXPECT_TRUE(sa == ra);
+  EXPECT_TRUE(sb == rb);
+}
+
 struct Case {
   std::string id;
   std::vector<int32_t> prompt;
