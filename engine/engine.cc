@@ -31,8 +31,8 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const model::Model* model
     const std::vector<float> zeros(static_cast<size_t>(c.hc_mult * c.hidden_size), 0.0f);
     absl::StatusOr<std::vector<float>> draft = model->MtpDraft(&probe, zeros, std::vector<int32_t>{0});
     if (!draft.ok()) {
-      return absl::FailedPreconditionError(
-          absl::StrCat("EngineOptions.mtp needs a model with MTP weights loaded: ", draft.status().message()));
+      return absl::FailedPreconditionError(absl::StrCat(
+          "EngineOptions.mtp needs a model with MTP weights loaded: ", draft.status().message()));
     }
   }
   return std::unique_ptr<Engine>(new Engine(model, std::move(options), std::move(layout)));

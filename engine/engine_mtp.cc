@@ -18,9 +18,7 @@
 
 namespace v4serve::engine {
 
-bool Engine::MtpActive(const Sequence& seq) const {
-  return options_.mtp && seq.params.temperature == 0.0f;
-}
+bool Engine::MtpActive(const Sequence& seq) const { return options_.mtp && seq.params.temperature == 0.0f; }
 
 bool Engine::CanSpeculate(const Sequence& seq) const {
   if (!MtpActive(seq) || seq.draft_for != static_cast<int64_t>(seq.tokens.size())) return false;
@@ -34,7 +32,8 @@ bool Engine::CanSpeculate(const Sequence& seq) const {
 std::optional<model::TokenUndo> Engine::PrepareVerify(Sequence* seq) {
   if (!CanSpeculate(*seq)) return std::nullopt;
   seq->draft_for = -1;  // Consumed by this step either way.
-  absl::StatusOr<model::TokenUndo> undo = model::SaveTokenUndo(model_->config(), seq->state, seq->state.position + 1);
+  absl::StatusOr<model::TokenUndo> undo =
+      model::SaveTokenUndo(model_->config(), seq->state, seq->state.position + 1);
   if (!undo.ok()) {
     V4LOG(WARNING).With("request_id", seq->request_id).With("status", undo.status())
         << "MTP draft not verifiable; plain decode";
@@ -118,9 +117,11 @@ void Engine::FlushDrafts() {
     Sequence* seq = seqs[i];
     end += static_cast<size_t>(counts[i]);
     const auto last = logits->begin() + static_cast<std::ptrdiff_t>((end - 1) * vocab);
-    seq->draft = static_cast<int32_t>(std::max_element(last, last + static_cast<std::ptrdiff_t>(vocab)) - last);
+    seq->draft =
+        static_cast<int32_t>(std::max_element(last, last + static_cast<std::ptrdiff_t>(vocab)) - last);
     seq->draft_for = seq->state.mtp_position + 1;
-    if (options_.mtp_draft_hook_for_testing) seq->draft = options_.mtp_draft_hook_for_testing(*seq, seq->draft);
+    if (options_.mtp_draft_hook_for_testing)
+      seq->draft = options_.mtp_draft_hook_for_testing(*seq, seq->draft);
   }
 }
 

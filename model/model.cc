@@ -180,7 +180,8 @@ absl::StatusOr<std::vector<float>> Model::MtpDraftBatch(absl::Span<SequenceState
     for (size_t j = 0; j < i; ++j) {
       if (states[i] == states[j]) return absl::InvalidArgumentError("MtpDraftBatch got the same state twice");
     }
-    segs.push_back(cpu::Segment{&states[i]->mtp_layers[mtp_index], states[i]->mtp_position, begin, counts[i]});
+    segs.push_back(
+        cpu::Segment{&states[i]->mtp_layers[mtp_index], states[i]->mtp_position, begin, counts[i]});
     begin += counts[i];
   }
   if (begin != n) return absl::InvalidArgumentError("MtpDraftBatch: counts do not add up to the tokens");

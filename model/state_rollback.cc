@@ -45,8 +45,8 @@ bool UndoCompressor(const TokenUndo::Compressor& u, int64_t q, CompressorState* 
 absl::StatusOr<TokenUndo> SaveTokenUndo(const ModelConfig& config, const SequenceState& state,
                                         int64_t position) {
   if (position < state.position || position > state.position + 1) {
-    return absl::InvalidArgumentError(absl::StrCat("token undo for position ", position,
-                                                   " taken on a state at ", state.position));
+    return absl::InvalidArgumentError(
+        absl::StrCat("token undo for position ", position, " taken on a state at ", state.position));
   }
   TokenUndo undo;
   undo.position = position;
@@ -69,8 +69,8 @@ absl::StatusOr<TokenUndo> SaveTokenUndo(const ModelConfig& config, const Sequenc
 
 absl::Status UndoLastToken(const TokenUndo& undo, SequenceState* state) {
   if (state->position != undo.position + 1 || undo.layers.size() != state->layers.size()) {
-    return absl::FailedPreconditionError(absl::StrCat("token undo for position ", undo.position,
-                                                      " applied to a state at ", state->position));
+    return absl::FailedPreconditionError(
+        absl::StrCat("token undo for position ", undo.position, " applied to a state at ", state->position));
   }
   for (size_t l = 0; l < state->layers.size(); ++l) {
     AttentionLayerState& ls = state->layers[l];

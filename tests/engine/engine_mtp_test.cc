@@ -65,7 +65,8 @@ TEST(TokenUndoTest, UndoingTheLastTokenGivesTheStateThatNeverSawIt) {
 TEST(DecodeChunksTest, ChunksOfSeveralSequencesMatchOneByOne) {
   const model::Model& m = TinyModel();
   std::mt19937 rng(9);
-  const std::vector<int32_t> a = RandomTokens(&rng, 21), b = RandomTokens(&rng, 40), next = RandomTokens(&rng, 3);
+  const std::vector<int32_t> a = RandomTokens(&rng, 21), b = RandomTokens(&rng, 40),
+                             next = RandomTokens(&rng, 3);
   model::SequenceState sa = m.NewState(), sb = m.NewState();
   ASSERT_TRUE(m.Prefill(&sa, a).ok());
   ASSERT_TRUE(m.Prefill(&sb, b).ok());
@@ -110,8 +111,8 @@ TEST(MtpDraftBatchTest, BatchedDraftsMatchOneByOne) {
   streams.insert(streams.end(), fb.begin(), fb.begin() + 8 * row);
   std::vector<int32_t> next(next_a.begin() + 20, next_a.end());
   next.insert(next.end(), next_b.begin(), next_b.end());
-  auto got = m.MtpDraftBatch(std::vector<model::SequenceState*>{&sa, &sb}, std::vector<int64_t>{9, 8}, streams,
-                             next);
+  auto got = m.MtpDraftBatch(std::vector<model::SequenceState*>{&sa, &sb}, std::vector<int64_t>{9, 8},
+                             streams, next);
   ASSERT_TRUE(got.ok()) << got.status();
   std::vector<float> want = *want_a;
   want.insert(want.end(), want_b->begin(), want_b->end());
@@ -131,7 +132,8 @@ std::vector<Case> Cases() {
   std::mt19937 rng(17);
   std::vector<Case> cases;
   // 100 + 40 and 250 + 40 cross a 128-token block boundary while decoding.
-  const std::vector<std::pair<int64_t, int32_t>> shapes = {{3, 40}, {37, 33}, {100, 40}, {200, 12}, {250, 40}};
+  const std::vector<std::pair<int64_t, int32_t>> shapes = {
+      {3, 40}, {37, 33}, {100, 40}, {200, 12}, {250, 40}};
   for (size_t i = 0; i < shapes.size(); ++i) {
     Case c{"r" + std::to_string(i), RandomTokens(&rng, shapes[i].first), shapes[i].second, {}};
     c.want = ReferenceGreedy(c.prompt, c.max_tokens);
@@ -218,11 +220,12 @@ TEST(EngineMtpTest, AcceptedDraftsEmitTwoTokensPerStepAndStayExact) {
   ExpectReference(cases, mixed, "mixed");
   EXPECT_GT(mixed.stats.mtp_accepted_tokens, 30);
   EXPECT_GT(mixed.stats.mtp_rejected_tokens, 10);
-  std::printf("all drafts right: %lld accepted, %lld steps (%lld without MTP); every third wrong: %lld "
-              "accepted, %lld rejected, %lld steps\n",
-              static_cast<long long>(all.stats.mtp_accepted_tokens), static_cast<long long>(all.stats.steps),
-              static_cast<long long>(off.stats.steps), static_cast<long long>(mixed.stats.mtp_accepted_tokens),
-              static_cast<long long>(mixed.stats.mtp_rejected_tokens), static_cast<long long>(mixed.stats.steps));
+  std::printf(
+      "all drafts right: %lld accepted, %lld steps (%lld without MTP); every third wrong: %lld "
+      "accepted, %lld rejected, %lld steps\n",
+      static_cast<long long>(all.stats.mtp_accepted_tokens), static_cast<long long>(all.stats.steps),
+      static_cast<long long>(off.stats.steps), static_cast<long long>(mixed.stats.mtp_accepted_tokens),
+      static_cast<long long>(mixed.stats.mtp_rejected_tokens), static_cast<long long>(mixed.stats.steps));
 }
 
 TEST(EngineMtpTest, PreemptionAndPrefixReuseKeepMtpOutputExact) {
