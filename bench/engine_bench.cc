@@ -24,7 +24,9 @@ std::string SourceDir() {
 
 const model::Model& TinyModel() {
   static const model::Model* m = [] {
-    auto r = model::Model::Load(SourceDir() + "/tests/model/testdata/tiny_v4", model::ModelOptions{});
+    model::ModelOptions mo;
+    mo.load_mtp = true;  // For the MTP cases of BM_EngineDecode; the main forward is the same.
+    auto r = model::Model::Load(SourceDir() + "/tests/model/testdata/tiny_v4", mo);
     if (!r.ok()) {
       std::fprintf(stderr, "%s\n", std::string(r.status().message()).c_str());
       std::abort();
@@ -40,8 +42,9 @@ std::vector<int32_t> Tokens(std::mt19937* rng, int n) {
   return t;
 }
 
-std::unique_ptr<Engine> MakeEngine() {
+std::unique_ptr<Engine> MakeEngine(bool mtp = false) {
   EngineOptions o;
+  o.mtp = mtp;
   o.kv.num_blocks = 512;
   o.scheduler.max_step_tokens = 2048;
   o.scheduler.max_running = 256;
@@ -62,11 +65,12 @@ EngineRequest Greedy(const std::string& id, std::vector<int32_t> prompt, int max
 
 void BM_EngineDecode(benchmark::State& state) {
   const int batch = static_cast<int>(state.range(0));
+  const bool mtp = state.range(1) == 1;
   constexpr int kDecodeTokens = 32;
   std::mt19937 rng(1);
-  int64_t decoded = 0;
+  int64_t decoded = 0, drafts = 0, accepted = 0;
   for (auto _ : state) {
-    std::unique_ptr<Engine> e = MakeEngine();
+    std::unique_ptr<Engine> e = MakeEngine(mtp);
     int64_t tokens = 0;
     for (int i = 0; i < batch; ++i) {
       if (!e->Submit(Greedy("r" + std::to_string(i), Tokens(&rng, 64), kDecodeTokens + 1, &tokens)).ok()) {
@@ -82,16 +86,24 @@ void BM_EngineDecode(benchmark::State& state) {
     }
     state.SetIterationTime(std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
     decoded += tokens - batch;
+    drafts += e->stats().mtp_draft_tokens;
+    accepted += e->stats().mtp_accepted_tokens;
   }
   state.SetItemsProcessed(decoded);
   state.counters["batch"] = batch;
+  state.counters["mtp_acceptance"] = drafts > 0 ? static_cast<double>(accepted) / drafts : 0.0;
 }
+// Args: batch, MTP (0 off, 1 on: greedy drafts verified one sequence per 2-token prefill).
 BENCHMARK(BM_EngineDecode)
-    ->Arg(1)
-    ->Arg(4)
-    ->Arg(16)
-    ->Arg(32)
-    ->Arg(64)
+    ->ArgNames({"batch", "mtp"})
+    ->Args({1, 0})
+    ->Args({4, 0})
+    ->Args({16, 0})
+    ->Args({32, 0})
+    ->Args({64, 0})
+    ->Args({1, 1})
+    ->Args({4, 1})
+    ->Args({16, 1})
     ->UseManualTime()
     ->Unit(benchmark::kMillisecond);
 

@@ -41,6 +41,9 @@ void AddDecodeWorkerFlags(services::FlagSet& flags, DecodeWorkerOptions* o) {
   flags.Add("swap_space_mb", &o->swap_space_mb, "Host memory for swapped sequence states (colocated).");
   flags.Add("prefix_cache", &o->prefix_cache, "Reuse cached prefix blocks (colocated).");
   flags.Add("max_model_len", &o->max_model_len, "Prompt + output token cap; 0 = the model's (colocated).");
+  flags.Add("mtp", &o->mtp,
+            "MTP speculative decoding for greedy requests: draft one token with the checkpoint's MTP layer, "
+            "verify it in the next step; same output (colocated).");
 }
 
 absl::Status RunDecodeWorker(const DecodeWorkerOptions& options, services::ShutdownSignal* shutdown) {
@@ -57,8 +60,11 @@ absl::Status RunDecodeWorker(const DecodeWorkerOptions& options, services::Shutd
     return server->Run();
   }
   const std::string& dir = options.worker.model_dir;
-  ASSIGN_OR_RETURN(std::unique_ptr<model::Model> model, model::Model::Load(dir, model::ModelOptions()));
+  model::ModelOptions mo;
+  mo.load_mtp = options.mtp;
+  ASSIGN_OR_RETURN(std::unique_ptr<model::Model> model, model::Model::Load(dir, mo));
   engine::EngineOptions eo;
+  eo.mtp = options.mtp;
   eo.kv.num_blocks = options.kv_blocks;
   eo.kv.enable_prefix_cache = options.prefix_cache;
   eo.scheduler.max_step_tokens = options.max_step_tokens;

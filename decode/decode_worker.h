@@ -26,6 +26,7 @@ struct DecodeWorkerOptions {
   int64_t swap_space_mb = 1024;          // Host memory for swapped states.
   bool prefix_cache = true;
   int64_t max_model_len = 0;  // 0 = the model's max_position_embeddings.
+  bool mtp = false;           // MTP speculative decoding of greedy requests (loads the MTP weights).
 
   // INVALID_ARGUMENT naming the flag.
   absl::Status Validate() const;

@@ -1,6 +1,7 @@
 #include "engine/engine.h"
 
 #include <algorithm>
+#include <optional>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
@@ -23,6 +24,17 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const model::Model* model
   RETURN_IF_ERROR(options.Validate());
   if (options.max_model_len == 0) options.max_model_len = model->config().max_position_embeddings;
   ASSIGN_OR_RETURN(kvstore::KvLayout layout, KvLayoutFor(model->config(), options.model_fingerprint));
+  if (options.mtp) {
+    // A draft on a zero stream checks that the MTP layer exists and its weights are loaded.
+    const model::ModelConfig& c = model->config();
+    model::SequenceState probe = model->NewState();
+    const std::vector<float> zeros(static_cast<size_t>(c.hc_mult * c.hidden_size), 0.0f);
+    absl::StatusOr<std::vector<float>> draft = model->MtpDraft(&probe, zeros, std::vector<int32_t>{0});
+    if (!draft.ok()) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "EngineOptions.mtp needs a model with MTP weights loaded: ", draft.status().message()));
+    }
+  }
   return std::unique_ptr<Engine>(new Engine(model, std::move(options), std::move(layout)));
 }
 
@@ -199,9 +211,11 @@ absl::Status Engine::Step() {
     Sequence* seq = chunk.seq;
     if (seq->status != SequenceStatus::kRunning) continue;  // Finished by an earlier error.
     const int64_t pos = seq->state.position;
+    std::vector<float> streams;
     absl::StatusOr<std::vector<float>> logits = model_->Prefill(
-        &seq->state, absl::MakeConstSpan(seq->tokens)
-                         .subspan(static_cast<size_t>(pos), static_cast<size_t>(chunk.tokens)));
+        &seq->state,
+        absl::MakeConstSpan(seq->tokens).subspan(static_cast<size_t>(pos), static_cast<size_t>(chunk.tokens)),
+        /*all_logits=*/false, MtpActive(*seq) ? &streams : nullptr);
     if (!logits.ok()) {
       V4LOG(ERROR).With("request_id", seq->request_id).With("status", logits.status()) << "prefill failed";
       Finish(seq, FinishReason::kError, logits.status());
@@ -211,26 +225,57 @@ absl::Status Engine::Step() {
     stats_.prefill_tokens_computed += chunk.tokens;
     kv_.OnBlockBoundary(seq);
     if (seq->pending() == 0) Emit(seq, *logits);
+    UpdateDraft(seq, pos, streams);
+    FlushDrafts();
   }
   if (!plan.decode.empty()) {
+    // One forward for the batch: [last token] per sequence, or [last token, MTP draft] for one that
+    // verifies a draft this step (engine_mtp.cc).
+    const size_t n = plan.decode.size();
     std::vector<model::SequenceState*> states;
+    std::vector<int64_t> counts;
     std::vector<int32_t> tokens;
-    for (Sequence* seq : plan.decode) {
+    std::vector<std::optional<model::TokenUndo>> undos(n);
+    bool any_mtp = false;
+    for (size_t i = 0; i < n; ++i) {
+      Sequence* seq = plan.decode[i];
       states.push_back(&seq->state);
       tokens.push_back(seq->tokens.back());
+      undos[i] = PrepareVerify(seq);
+      if (undos[i].has_value()) tokens.push_back(seq->draft);
+      counts.push_back(undos[i].has_value() ? 2 : 1);
+      any_mtp = any_mtp || MtpActive(*seq);
     }
-    absl::StatusOr<std::vector<float>> logits = model_->Decode(states, tokens);
+    std::vector<float> streams;
+    absl::StatusOr<std::vector<float>> logits =
+        model_->DecodeChunks(states, counts, tokens, any_mtp ? &streams : nullptr);
     if (!logits.ok()) {
       V4LOG(ERROR).With("status", logits.status()) << "decode failed";
       for (Sequence* seq : plan.decode) Finish(seq, FinishReason::kError, logits.status());
       result = logits.status();
     } else {
-      stats_.decode_tokens_computed += static_cast<int64_t>(plan.decode.size());
+      stats_.decode_tokens_computed += static_cast<int64_t>(tokens.size());
       const size_t vocab = static_cast<size_t>(model_->config().vocab_size);
-      for (size_t i = 0; i < plan.decode.size(); ++i) {
-        kv_.OnBlockBoundary(plan.decode[i]);
-        Emit(plan.decode[i], absl::MakeConstSpan(*logits).subspan(i * vocab, vocab));
+      const size_t row = streams.size() / tokens.size();
+      size_t r = 0;
+      for (size_t i = 0; i < n; ++i) {
+        Sequence* seq = plan.decode[i];
+        const size_t k = static_cast<size_t>(counts[i]);
+        const int64_t pos = seq->state.position - counts[i];
+        const absl::Span<const float> seq_logits = absl::MakeConstSpan(*logits).subspan(r * vocab, k * vocab);
+        const absl::Span<const float> seq_streams =
+            any_mtp ? absl::MakeConstSpan(streams).subspan(r * row, k * row) : absl::Span<const float>();
+        r += k;
+        if (undos[i].has_value()) {
+          if (absl::Status s = FinishVerify(seq, tokens[r - 1], *undos[i], seq_logits, seq_streams); !s.ok())
+            result = s;
+          continue;
+        }
+        kv_.OnBlockBoundary(seq);
+        Emit(seq, seq_logits);
+        UpdateDraft(seq, pos, seq_streams);
       }
+      FlushDrafts();  // While `streams` lives.
     }
   }
   // Forget requests whose every choice finished.

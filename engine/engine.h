@@ -15,6 +15,7 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -27,6 +28,7 @@
 #include "engine/scheduler.h"
 #include "engine/sequence.h"
 #include "model/model.h"
+#include "model/state_rollback.h"
 
 namespace v4serve::engine {
 
@@ -36,6 +38,13 @@ struct EngineOptions {
   uint64_t model_fingerprint = 0;  // Part of every block hash (engine/state_blocks.h ModelFingerprint).
   int64_t max_model_len = 0;       // Prompt + output tokens; 0 = the model's max_position_embeddings.
   std::function<absl::Time()> now = absl::Now;  // Clock (tests inject one).
+  // MTP speculative decoding (engine/engine_mtp.cc): greedy sequences draft one token with the model's
+  // MTP layer after each step and verify it in the next (a 2-token Prefill); output is unchanged. Needs
+  // a model loaded with ModelOptions::load_mtp. Sampled sequences (temperature > 0) decode normally.
+  bool mtp = false;
+  // Tests only: sees each MTP draft (`seq.draft_for` is the index it predicts) and returns the draft to
+  // verify, e.g. the known next token, so that acceptance paths are exercised on random weights.
+  std::function<int32_t(const Sequence& seq, int32_t draft)> mtp_draft_hook_for_testing;
 
   absl::Status Validate() const;
 };
@@ -58,6 +67,8 @@ struct EngineStats {
   int64_t generated_tokens = 0;
   int64_t preemptions = 0;
   int64_t swap_outs = 0;  // Preemptions that kept the state in host memory.
+  // MTP: drafts verified = accepted + rejected (a draft whose sequence ends first is not counted).
+  int64_t mtp_draft_tokens = 0, mtp_accepted_tokens = 0, mtp_rejected_tokens = 0;
   int64_t finished_sequences = 0;
   int64_t cancelled_sequences = 0;
   int64_t running = 0, waiting = 0, swapped = 0;
@@ -95,6 +106,26 @@ class Engine {
   void Emit(Sequence* seq, absl::Span<const float> logits);
   void Finish(Sequence* seq, FinishReason reason, absl::Status status = absl::OkStatus());
   void UpdateGauges();
+  // MTP (engine_mtp.cc). When `seq` verifies its draft this step: consumes the draft and returns what
+  // undoes the draft token in the state; nullopt for a plain decode.
+  std::optional<model::TokenUndo> PrepareVerify(Sequence* seq);
+  // After the forward ran [last token, `draft`] (2 rows of logits and streams): emits 1 or 2 tokens and
+  // rolls a rejected draft back.
+  absl::Status FinishVerify(Sequence* seq, int32_t draft, const model::TokenUndo& undo,
+                            absl::Span<const float> logits, absl::Span<const float> streams);
+  bool CanSpeculate(const Sequence& seq) const;
+  // Queues feeding the MTP layer the main model's final streams of positions [first, first + n)
+  // (`streams`, n rows, which must stay alive until FlushDrafts) with the tokens that follow them.
+  void UpdateDraft(Sequence* seq, int64_t first, absl::Span<const float> streams);
+  // Runs the queued drafts in one MtpDraftBatch; each sequence's last row's argmax is its next draft.
+  void FlushDrafts();
+  struct PendingDraft {
+    Sequence* seq;
+    int64_t first;
+    absl::Span<const float> streams;
+  };
+  std::vector<PendingDraft> pending_drafts_;
+  bool MtpActive(const Sequence& seq) const;
 
   const model::Model* const model_;
   const EngineOptions options_;

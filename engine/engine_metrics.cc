@@ -35,6 +35,12 @@ EngineMetrics::EngineMetrics(prometheus::Registry& r)
       generated_tokens_(MakeCounter(r, "v4serve_engine_generated_tokens_total", "Tokens generated.")),
       preemptions_(MakeCounter(r, "v4serve_engine_preemptions_total", "Sequences preempted for KV memory.")),
       steps_(MakeCounter(r, "v4serve_engine_steps_total", "Engine scheduling steps.")),
+      mtp_draft_tokens_(MakeCounter(r, "v4serve_engine_mtp_draft_tokens_total",
+                                    "MTP draft tokens verified (accepted + rejected).")),
+      mtp_accepted_tokens_(MakeCounter(r, "v4serve_engine_mtp_accepted_tokens_total",
+                                       "MTP draft tokens the model's own choice confirmed.")),
+      mtp_acceptance_rate_(MakeGauge(r, "v4serve_engine_mtp_acceptance_rate",
+                                     "Accepted / verified MTP drafts since start (0 before the first).")),
       ttft_(MakeHistogram(r, "v4serve_engine_time_to_first_token_seconds", "Arrival to first token.")),
       inter_token_(
           MakeHistogram(r, "v4serve_engine_inter_token_seconds", "Time between a sequence's tokens.")) {}
@@ -50,6 +56,12 @@ void EngineMetrics::Update(EngineStats* s, absl::Time now) {
   generated_tokens_.Increment(static_cast<double>(s->generated_tokens - last_.generated_tokens));
   preemptions_.Increment(static_cast<double>(s->preemptions - last_.preemptions));
   steps_.Increment(static_cast<double>(s->steps - last_.steps));
+  mtp_draft_tokens_.Increment(static_cast<double>(s->mtp_draft_tokens - last_.mtp_draft_tokens));
+  mtp_accepted_tokens_.Increment(static_cast<double>(s->mtp_accepted_tokens - last_.mtp_accepted_tokens));
+  if (s->mtp_draft_tokens > 0) {
+    mtp_acceptance_rate_.Set(static_cast<double>(s->mtp_accepted_tokens) /
+                             static_cast<double>(s->mtp_draft_tokens));
+  }
   for (double v : s->ttft_s) ttft_.Observe(v);
   for (double v : s->inter_token_s) inter_token_.Observe(v);
   s->ttft_s.clear();

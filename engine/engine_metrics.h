@@ -1,5 +1,6 @@
 // Prometheus metrics of an engine: running/waiting sequences, KV blocks used/free/cached, prefix hit
-// tokens, computed and generated tokens, preemptions, tokens/s, TTFT and inter-token histograms.
+// tokens, computed and generated tokens, preemptions, tokens/s, TTFT and inter-token histograms, MTP
+// drafted/accepted tokens and acceptance rate.
 //
 // Fed with EngineStats after each step by the one thread that drives the engine (EngineLoop);
 // prometheus-cpp makes reading (scraping) safe from any thread. The registry must outlive it.
@@ -36,6 +37,9 @@ class EngineMetrics {
   prometheus::Counter& generated_tokens_;
   prometheus::Counter& preemptions_;
   prometheus::Counter& steps_;
+  prometheus::Counter& mtp_draft_tokens_;
+  prometheus::Counter& mtp_accepted_tokens_;
+  prometheus::Gauge& mtp_acceptance_rate_;
   prometheus::Histogram& ttft_;
   prometheus::Histogram& inter_token_;
   EngineStats last_;

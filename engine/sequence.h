@@ -60,6 +60,9 @@ struct Sequence {
   // Blocks [0, cached_blocks) are in the prefix cache (restored from it or published by this sequence).
   int32_t cached_blocks = 0;
   std::string swapped_state;  // kSwapped: the serialized state.
+  // MTP: the drafted id of tokens[draft_for] (used only while draft_for == tokens.size()).
+  int32_t draft = -1;
+  int64_t draft_for = -1;
   // n > 1: the other choices of the request, not yet scheduled. They fork from this sequence once its
   // prompt is computed (sharing its complete blocks and copying its state), so the prompt is computed
   // once per request, not once per choice.

@@ -67,6 +67,31 @@ absl::StatusOr<std::vector<float>> Model::Decode(absl::Span<SequenceState* const
   return Forward(seqs, tokens, rows, final_streams);
 }
 
+absl::StatusOr<std::vector<float>> Model::DecodeChunks(absl::Span<SequenceState* const> states,
+                                                       absl::Span<const int64_t> counts,
+                                                       absl::Span<const int32_t> tokens,
+                                                       std::vector<float>* final_streams) const {
+  if (states.size() != counts.size() || states.empty()) {
+    return absl::InvalidArgumentError("DecodeChunks needs one count per state and at least one state");
+  }
+  std::vector<Seq> seqs;
+  int64_t begin = 0;
+  for (size_t i = 0; i < states.size(); ++i) {
+    if (counts[i] < 1) return absl::InvalidArgumentError("DecodeChunks needs chunks of at least one token");
+    for (size_t j = 0; j < i; ++j) {
+      if (states[i] == states[j]) return absl::InvalidArgumentError("DecodeChunks got the same state twice");
+    }
+    seqs.push_back(Seq{states[i], begin, counts[i]});
+    begin += counts[i];
+  }
+  if (begin != static_cast<int64_t>(tokens.size())) {
+    return absl::InvalidArgumentError("DecodeChunks: counts do not add up to the tokens");
+  }
+  std::vector<int64_t> rows(tokens.size());
+  for (size_t i = 0; i < rows.size(); ++i) rows[i] = static_cast<int64_t>(i);
+  return Forward(seqs, tokens, rows, final_streams);
+}
+
 absl::StatusOr<std::vector<float>> Model::Forward(const std::vector<Seq>& seqs,
                                                   absl::Span<const int32_t> tokens,
                                                   const std::vector<int64_t>& logit_rows,
@@ -123,6 +148,16 @@ std::vector<float> Model::Logits(const float* streams, int64_t m, const cpu::HcW
 absl::StatusOr<std::vector<float>> Model::MtpDraft(SequenceState* state, absl::Span<const float> streams,
                                                    absl::Span<const int32_t> next_tokens,
                                                    int64_t mtp_index) const {
+  const int64_t n = static_cast<int64_t>(next_tokens.size());
+  return MtpDraftBatch(absl::MakeConstSpan(&state, 1), absl::MakeConstSpan(&n, 1), streams, next_tokens,
+                       mtp_index);
+}
+
+absl::StatusOr<std::vector<float>> Model::MtpDraftBatch(absl::Span<SequenceState* const> states,
+                                                        absl::Span<const int64_t> counts,
+                                                        absl::Span<const float> streams,
+                                                        absl::Span<const int32_t> next_tokens,
+                                                        int64_t mtp_index) const {
   const ModelConfig& c = config_;
   const int64_t n = static_cast<int64_t>(next_tokens.size()), d = c.hidden_size, hc = c.hc_mult;
   if (mtp_index < 0 || mtp_index >= static_cast<int64_t>(weights_->mtp.size())) {
@@ -132,9 +167,24 @@ absl::StatusOr<std::vector<float>> Model::MtpDraft(SequenceState* state, absl::S
   if (n == 0 || static_cast<int64_t>(streams.size()) != n * hc * d) {
     return absl::InvalidArgumentError("MtpDraft needs [n, hc_mult, hidden] streams for n > 0 next tokens");
   }
-  if (state->mtp_layers.size() != static_cast<size_t>(c.num_nextn_predict_layers)) {
-    return absl::InvalidArgumentError("sequence state has no MTP layer state");
+  if (states.empty() || states.size() != counts.size()) {
+    return absl::InvalidArgumentError("MtpDraftBatch needs one count per state and at least one state");
   }
+  std::vector<cpu::Segment> segs;
+  int64_t begin = 0;
+  for (size_t i = 0; i < states.size(); ++i) {
+    if (states[i]->mtp_layers.size() != static_cast<size_t>(c.num_nextn_predict_layers)) {
+      return absl::InvalidArgumentError("sequence state has no MTP layer state");
+    }
+    if (counts[i] < 1) return absl::InvalidArgumentError("MtpDraftBatch needs counts >= 1");
+    for (size_t j = 0; j < i; ++j) {
+      if (states[i] == states[j]) return absl::InvalidArgumentError("MtpDraftBatch got the same state twice");
+    }
+    segs.push_back(
+        cpu::Segment{&states[i]->mtp_layers[mtp_index], states[i]->mtp_position, begin, counts[i]});
+    begin += counts[i];
+  }
+  if (begin != n) return absl::InvalidArgumentError("MtpDraftBatch: counts do not add up to the tokens");
   for (int32_t t : next_tokens) {
     if (t < 0 || t >= c.vocab_size)
       return absl::InvalidArgumentError(absl::StrCat("token id ", t, " out of range"));
@@ -162,9 +212,8 @@ absl::StatusOr<std::vector<float>> Model::MtpDraft(SequenceState* state, absl::S
   num.Bf(&ph);
   const cpu::LayerRopes ropes{rope_main_.get(), rope_compress_.get()};
   const int64_t layer = c.num_hidden_layers + mtp_index;
-  cpu::BlockForward(c, num, w.block, layer, /*hash=*/false, ropes, next_tokens.data(), n,
-                    {cpu::Segment{&state->mtp_layers[mtp_index], state->mtp_position, 0, n}}, ph.data());
-  state->mtp_position += n;
+  cpu::BlockForward(c, num, w.block, layer, /*hash=*/false, ropes, next_tokens.data(), n, segs, ph.data());
+  for (size_t i = 0; i < states.size(); ++i) states[i]->mtp_position += counts[i];
   return Logits(ph.data(), n, w.hc_head, w.norm);
 }
 

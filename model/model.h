@@ -70,6 +70,14 @@ class Model {
                                             absl::Span<const int32_t> tokens,
                                             std::vector<float>* final_streams = nullptr) const;
 
+  // Several sequences, each consuming its own chunk: states[i] consumes counts[i] (>= 1) tokens, taken in
+  // order from `tokens` (size = sum of counts). Returns logits of every token [tokens.size(), vocab].
+  // One forward for the batch (the engine verifies MTP drafts of many sequences with 2-token chunks).
+  absl::StatusOr<std::vector<float>> DecodeChunks(absl::Span<SequenceState* const> states,
+                                                  absl::Span<const int64_t> counts,
+                                                  absl::Span<const int32_t> tokens,
+                                                  std::vector<float>* final_streams = nullptr) const;
+
   // MTP draft logits [n, vocab] of one sequence: row t combines the main model's final streams at position
   // state->mtp_position + t (`streams`, [n, hc_mult, hidden], from Prefill/Decode) with the embedding of the
   // token that follows that position (`next_tokens`, [n]) and predicts the token after it. Advances the
@@ -77,6 +85,13 @@ class Model {
   absl::StatusOr<std::vector<float>> MtpDraft(SequenceState* state, absl::Span<const float> streams,
                                               absl::Span<const int32_t> next_tokens,
                                               int64_t mtp_index = 0) const;
+  // MtpDraft for several sequences in one pass: states[i] takes counts[i] (>= 1) rows of `streams` and
+  // `next_tokens`, in order. Returns [sum counts, vocab]; each state's rows equal its own MtpDraft.
+  absl::StatusOr<std::vector<float>> MtpDraftBatch(absl::Span<SequenceState* const> states,
+                                                   absl::Span<const int64_t> counts,
+                                                   absl::Span<const float> streams,
+                                                   absl::Span<const int32_t> next_tokens,
+                                                   int64_t mtp_index = 0) const;
 
  private:
   struct Seq {

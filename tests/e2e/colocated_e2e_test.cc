@@ -79,11 +79,13 @@ double MetricValue(const std::string& text, const std::string& name) {
 
 class ColocatedE2eTest : public ::testing::Test {
  protected:
+  virtual std::vector<std::string> ExtraFlags() const { return {}; }
   void SetUp() override {
-    auto p = V4serveProcess::Start(
-        {"decode", "--colocated", "--model=" + TinyDir(), "--host=127.0.0.1", "--grpc_port=0",
-         "--metrics_port=0", "--metrics_host=127.0.0.1", "--kv_blocks=64"},
-        absl::Seconds(120));
+    std::vector<std::string> args = {"decode",         "--colocated",    "--model=" + TinyDir(),
+                                     "--host=127.0.0.1", "--grpc_port=0", "--metrics_port=0",
+                                     "--metrics_host=127.0.0.1", "--kv_blocks=64"};
+    for (const std::string& f : ExtraFlags()) args.push_back(f);
+    auto p = V4serveProcess::Start(args, absl::Seconds(120));
     ASSERT_TRUE(p.ok()) << p.status();
     process_ = *std::move(p);
     stub_ = v1::Inference::NewStub(grpc::CreateChannel(
@@ -211,6 +213,37 @@ TEST_F(ColocatedE2eTest, BadRequestsGetClearErrorsAndCancelFreesTheSequence) {
   EXPECT_LT(MetricValue(metrics, "v4serve_engine_generated_tokens_total"), 4000);
   EXPECT_EQ(MetricValue(metrics, "v4serve_engine_kv_blocks_used"),
             MetricValue(metrics, "v4serve_engine_kv_blocks_cached"));
+}
+
+// `--mtp`: the same greedy tokens as the golden, with drafts verified and the MTP families exported.
+class ColocatedMtpE2eTest : public ColocatedE2eTest {
+ protected:
+  std::vector<std::string> ExtraFlags() const override { return {"--mtp"}; }
+};
+
+TEST_F(ColocatedMtpE2eTest, GreedyStreamsMatchTheGoldenWithMtp) {
+  nlohmann::json fx = Golden();
+  const std::vector<int32_t> prompt = fx["prompt"].get<std::vector<int32_t>>();
+  std::vector<int32_t> want = fx["greedy"].get<std::vector<int32_t>>();
+  want.resize(16);
+  std::vector<StreamResult> results(3);
+  std::vector<std::thread> threads;
+  for (int i = 0; i < 3; ++i) {
+    threads.emplace_back([&, i] { results[i] = Generate(*stub_, GreedyRequest(prompt, 16)); });
+  }
+  for (auto& t : threads) t.join();
+  for (const StreamResult& r : results) {
+    ASSERT_TRUE(r.status.ok()) << r.status.error_message();
+    EXPECT_EQ(r.tokens, want);
+  }
+  const std::string metrics = MetricsWhenIdle();
+  const double drafts = MetricValue(metrics, "v4serve_engine_mtp_draft_tokens_total");
+  const double accepted = MetricValue(metrics, "v4serve_engine_mtp_accepted_tokens_total");
+  const double rate = MetricValue(metrics, "v4serve_engine_mtp_acceptance_rate");
+  EXPECT_GT(drafts, 0);
+  EXPECT_GE(accepted, 0);
+  EXPECT_LE(accepted, drafts);
+  EXPECT_NEAR(rate, accepted / drafts, 1e-9);
 }
 
 }  // namespace
