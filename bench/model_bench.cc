@@ -137,6 +137,7 @@ void Decode(benchmark::State& state, const Model& m) {
     (void)m.Prefill(&states.back(), Tokens(state.range(0), m.config().vocab_size));
   }
   std::vector<SequenceState*> ptrs;
+  ptrs.reserve(states.size());
   for (auto& s : states) ptrs.push_back(&s);
   std::vector<int32_t> next(static_cast<size_t>(batch), 5);
   for (auto _ : state) benchmark::DoNotOptimize(m.Decode(ptrs, next));

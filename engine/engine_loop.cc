@@ -25,12 +25,12 @@ EngineLoop::~EngineLoop() {
 
 void EngineLoop::Submit(EngineRequest request) {
   absl::MutexLock l(&mu_);
-  inbox_.push_back(std::move(request));
+  inbox_.emplace_back(std::move(request));
 }
 
 void EngineLoop::Cancel(const std::string& request_id) {
   absl::MutexLock l(&mu_);
-  inbox_.push_back(CancelOp{request_id});
+  inbox_.emplace_back(CancelOp{request_id});
 }
 
 EngineStats EngineLoop::Stats() const {

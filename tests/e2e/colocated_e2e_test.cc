@@ -81,9 +81,9 @@ class ColocatedE2eTest : public ::testing::Test {
  protected:
   virtual std::vector<std::string> ExtraFlags() const { return {}; }
   void SetUp() override {
-    std::vector<std::string> args = {"decode",         "--colocated",    "--model=" + TinyDir(),
-                                     "--host=127.0.0.1", "--grpc_port=0", "--metrics_port=0",
-                                     "--metrics_host=127.0.0.1", "--kv_blocks=64"};
+    std::vector<std::string> args = {
+        "decode",        "--colocated",      "--model=" + TinyDir(),     "--host=127.0.0.1",
+        "--grpc_port=0", "--metrics_port=0", "--metrics_host=127.0.0.1", "--kv_blocks=64"};
     for (const std::string& f : ExtraFlags()) args.push_back(f);
     auto p = V4serveProcess::Start(args, absl::Seconds(120));
     ASSERT_TRUE(p.ok()) << p.status();

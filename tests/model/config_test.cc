@@ -164,7 +164,8 @@ TEST(ConfigTest, TransformersSavedConfigMatchesTheReleasedOne) {
   EXPECT_EQ(rel->compress_ratios, (std::vector<int64_t>{0, 4, 16, 4, 0}));
   EXPECT_EQ(hf->num_hash_layers, rel->num_hash_layers);
   EXPECT_EQ(hf->qk_rope_head_dim, rel->qk_rope_head_dim);
-  EXPECT_EQ(hf->rope_scaling.original_max_position_embeddings, rel->rope_scaling.original_max_position_embeddings);
+  EXPECT_EQ(hf->rope_scaling.original_max_position_embeddings,
+            rel->rope_scaling.original_max_position_embeddings);
   EXPECT_DOUBLE_EQ(hf->rope_scaling.factor, rel->rope_scaling.factor);
   EXPECT_DOUBLE_EQ(hf->compress_rope_theta, rel->compress_rope_theta);
   EXPECT_DOUBLE_EQ(hf->rope_theta, rel->rope_theta);
