@@ -14,7 +14,8 @@ void AppendBlockTensors(const ModelConfig& c, const std::string& prefix, int64_t
                         std::vector<TensorSpec>* out) {
   const int64_t d = c.hidden_size, hc = c.hc_mult, h = c.num_attention_heads, hd = c.head_dim;
   const int64_t mix = (2 + hc) * hc;
-  auto add = [&](std::string name, std::vector<int64_t> shape, bool routed = false, bool is_int = false) {
+  auto add = [&](const std::string& name, std::vector<int64_t> shape, bool routed = false,
+                 bool is_int = false) {
     out->push_back(TensorSpec{prefix + name, std::move(shape), routed, mtp, is_int});
   };
   add("attn_norm.weight", {d});

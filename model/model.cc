@@ -117,6 +117,7 @@ absl::StatusOr<std::vector<float>> Model::Forward(const std::vector<Seq>& seqs,
   const cpu::Numerics num{faithful_};
   for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
     std::vector<cpu::Segment> segs;
+    segs.reserve(seqs.size());
     for (const Seq& s : seqs) segs.push_back({&s.state->layers[l], s.state->position, s.begin, s.count});
     cpu::BlockForward(c, num, weights_->layers[l], l, c.is_hash_layer(l), ropes, tokens.data(), n, segs,
                       streams.data());

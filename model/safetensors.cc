@@ -130,6 +130,7 @@ absl::StatusOr<std::vector<TensorInfo>> ParseSafetensorsHeader(std::string_view 
     out.push_back(std::move(t));
   }
   std::vector<const TensorInfo*> by_offset;
+  by_offset.reserve(out.size());
   for (const TensorInfo& t : out) by_offset.push_back(&t);
   std::sort(by_offset.begin(), by_offset.end(), [](const TensorInfo* a, const TensorInfo* b) {
     return a->begin != b->begin ? a->begin < b->begin : a->end < b->end;

@@ -143,9 +143,10 @@ absl::StatusOr<std::vector<int32_t>> Checkpoint::ReadInt(std::string_view name,
       case DType::kI16:
         out[i] = Load<int16_t>(v.data + 2 * i);
         break;
-      case DType::kI8:
-        out[i] = static_cast<int8_t>(v.data[i]);
-        break;
+      case DType::kI8: {
+        const int byte = static_cast<unsigned char>(v.data[i]);  // two's complement int8
+        out[i] = byte >= 128 ? byte - 256 : byte;
+      } break;
       case DType::kU8:
         out[i] = v.data[i];
         break;

@@ -56,9 +56,10 @@ class Parser {
   }
   absl::Status Floats(size_t want, std::vector<float>* v, const char* what) {
     ASSIGN_OR_RETURN(uint64_t n, U64());
-    if (n != want)
+    if (n != want) {
       return absl::DataLossError(
           absl::StrCat("sequence state: ", what, " has ", n, " values, expected ", want));
+    }
     if (b_.size() < n * sizeof(float)) return absl::DataLossError("sequence state truncated");
     v->resize(n);
     if (n > 0) std::memcpy(v->data(), b_.data(), n * sizeof(float));  // data() may be null when empty.

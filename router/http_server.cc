@@ -266,7 +266,7 @@ class SessionResponder : public HttpResponder {
   }
   void Respond(int status, const std::string& content_type, std::string body) override {
     net::post(session_->executor(), [s = session_, status, content_type, body = std::move(body)]() mutable {
-      s->Respond(status, content_type, std::move(body));
+      s->Respond(status, content_type, body);
     });
   }
   void StartStream(int status, const std::string& content_type) override {
@@ -274,8 +274,7 @@ class SessionResponder : public HttpResponder {
               [s = session_, status, content_type] { s->StartStream(status, content_type); });
   }
   void Write(std::string chunk) override {
-    net::post(session_->executor(),
-              [s = session_, chunk = std::move(chunk)]() mutable { s->Write(std::move(chunk)); });
+    net::post(session_->executor(), [s = session_, chunk = std::move(chunk)] { s->Write(chunk); });
   }
   void EndStream() override {
     net::post(session_->executor(), [s = session_] { s->EndStream(); });

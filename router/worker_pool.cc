@@ -175,7 +175,7 @@ void WorkerPool::Refresh() {
     call->stub = grpc::health::v1::Health::NewStub(channels[i]);
     call->ctx.set_deadline(absl::ToChronoTime(absl::Now() + options_.health_timeout));
     Call* c = call.get();
-    c->stub->async()->Check(&c->ctx, &c->req, &c->resp, [c, i, &results, &pending](grpc::Status st) {
+    c->stub->async()->Check(&c->ctx, &c->req, &c->resp, [c, i, &results, &pending](const grpc::Status& st) {
       if (!st.ok()) {
         results[i] = absl::UnavailableError(absl::StrCat("health check: ", st.error_message()));
       } else if (c->resp.status() != grpc::health::v1::HealthCheckResponse::SERVING) {

@@ -10,7 +10,7 @@ class Reader {
  public:
   Reader(const ModelConfig& c, const Checkpoint& ckpt) : c_(c), ckpt_(ckpt) {}
 
-  absl::Status Read(const std::string& name, std::vector<int64_t> shape, Tensor* out) {
+  absl::Status Read(const std::string& name, const std::vector<int64_t>& shape, Tensor* out) {
     ASSIGN_OR_RETURN(std::vector<float> v, ckpt_.ReadFloat(name, shape));
     *out = Tensor(std::move(v));
     ASSIGN_OR_RETURN(TensorView view, ckpt_.Get(name));

@@ -124,6 +124,7 @@ TEST_F(ColocatedE2eTest, ConcurrentGreedyStreamsMatchTheGoldenAndReuseThePrefix)
   want.resize(16);
   std::vector<StreamResult> results(4);
   std::vector<std::thread> threads;
+  threads.reserve(4);
   for (int i = 0; i < 4; ++i) {
     threads.emplace_back([&, i] { results[i] = Generate(*stub_, GreedyRequest(prompt, 16)); });
   }
@@ -154,6 +155,7 @@ TEST_F(ColocatedE2eTest, ConcurrentGreedyStreamsMatchTheGoldenAndReuseThePrefix)
 
 TEST_F(ColocatedE2eTest, SeededSamplingIsReproducibleAndNChoicesStream) {
   std::vector<int32_t> prompt;
+  prompt.reserve(40);
   for (int i = 0; i < 40; ++i) prompt.push_back(2 + (i * 37) % 500);
   v1::GenerateRequest req = GreedyRequest(prompt, 12);
   req.mutable_sampling()->set_temperature(1.0f);
@@ -228,6 +230,7 @@ TEST_F(ColocatedMtpE2eTest, GreedyStreamsMatchTheGoldenWithMtp) {
   want.resize(16);
   std::vector<StreamResult> results(3);
   std::vector<std::thread> threads;
+  threads.reserve(3);
   for (int i = 0; i < 3; ++i) {
     threads.emplace_back([&, i] { results[i] = Generate(*stub_, GreedyRequest(prompt, 16)); });
   }

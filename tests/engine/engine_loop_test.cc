@@ -57,10 +57,12 @@ std::unique_ptr<Engine> MakeEngine() {
 TEST(EngineLoopTest, ConcurrentSubmittersGetReferenceTokensAndCancelWorks) {
   std::mt19937 rng(17);
   std::vector<std::vector<int32_t>> prompts;
+  prompts.reserve(8);
   for (int i = 0; i < 8; ++i) prompts.push_back(RandomTokens(&rng, 20 + static_cast<int64_t>(rng() % 100)));
   EngineLoop loop(MakeEngine(), nullptr);
   std::vector<Result> results(8);
   std::vector<std::thread> threads;
+  threads.reserve(8);
   for (int i = 0; i < 8; ++i) {
     threads.emplace_back(
         [&, i] { loop.Submit(Request("r" + std::to_string(i), prompts[i], 6, &results[i])); });

@@ -191,7 +191,7 @@ TEST(EngineMtpTest, GreedyOutputIsTheSameWithAndWithoutMtp) {
 }
 
 // Drafts replaced by the reference's next token when `right(index)`, so both paths run on random weights.
-EngineOptions OracleOptions(const std::vector<Case>& cases, std::function<bool(int64_t)> right) {
+EngineOptions OracleOptions(const std::vector<Case>& cases, const std::function<bool(int64_t)>& right) {
   auto want = std::make_shared<std::map<std::string, const Case*>>();
   auto owned = std::make_shared<std::vector<Case>>(cases);
   for (const Case& c : *owned) (*want)[c.id] = &c;

@@ -76,6 +76,7 @@ TEST(SamplerTest, PenaltiesSteerAwayFromRepeats) {
   p.frequency_penalty = 0.3f;  // Each emission of the best lowers it by 0.3.
   Sampler f(p, 0);
   std::vector<int32_t> got;
+  got.reserve(4);
   for (int i = 0; i < 4; ++i) got.push_back(f.Sample(logits).id);
   EXPECT_EQ(got, (std::vector<int32_t>{0, 0, 1, 0}));
   p = SamplingParams();

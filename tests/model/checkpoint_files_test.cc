@@ -62,6 +62,7 @@ class CheckpointFilesTest : public ::testing::Test {
 std::vector<float> LastLogits(const Model& m) {
   SequenceState st = m.NewState();
   std::vector<int32_t> prompt;
+  prompt.reserve(40);
   for (int i = 0; i < 40; ++i) prompt.push_back(2 + (i * 37) % 500);
   return *m.Prefill(&st, prompt);
 }

@@ -110,6 +110,7 @@ TEST_F(ModelGoldenTest, GreedyDecodeMatchesTransformersForBothFixturesInOneBatch
     next.push_back(Argmax(l->data(), vocab));
   }
   std::vector<SequenceState*> ptrs;
+  ptrs.reserve(states.size());
   for (SequenceState& s : states) ptrs.push_back(&s);
   std::vector<std::vector<int32_t>> got(fixtures_.size());
   size_t steps = 0;

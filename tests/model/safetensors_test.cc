@@ -93,6 +93,7 @@ TEST_F(SafetensorsTest, ReadsEveryWeightFormat) {
   // BF16 [2,3].
   std::vector<float> want_bf16 = {1.5f, -2.0f, 0.25f, 3.0f, -0.125f, 8.0f};
   std::vector<uint16_t> bf16;
+  bf16.reserve(want_bf16.size());
   for (float f : want_bf16) bf16.push_back(FloatToBf16(f));
   // FP8 [256, 128] with 2x1 tiles.
   const int64_t r8 = 256, c8 = 128;

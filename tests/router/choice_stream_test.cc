@@ -4,6 +4,7 @@
 #include <gtest/gtest.h>
 
 #include <fstream>
+#include <utility>
 
 #include "nlohmann/json.hpp"
 
@@ -28,7 +29,7 @@ struct Collected {
 
 Collected RunStream(const std::string& completion, ChoiceStreamOptions options) {
   const model::Tokenizer& tok = TestTokenizer();
-  ChoiceStream stream(tok, options);
+  ChoiceStream stream(tok, std::move(options));
   Collected c;
   auto add = [&](const ChoiceEvent& e) {
     c.reasoning += e.reasoning;

@@ -73,7 +73,7 @@ class Stream : public grpc::ServerWriteReactor<v1::GenerateResponse> {
 
 class Failed : public grpc::ServerWriteReactor<v1::GenerateResponse> {
  public:
-  explicit Failed(grpc::Status st) { Finish(st); }
+  explicit Failed(const grpc::Status& st) { Finish(st); }
   void OnDone() override { delete this; }
 };
 
