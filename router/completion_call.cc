@@ -47,14 +47,15 @@ class Attempt : public grpc::ClientReadReactor<v1::GenerateResponse> {
  public:
   Attempt(std::shared_ptr<Call> call, WorkerLease lease) : call_(std::move(call)), lease_(std::move(lease)) {}
   void Begin(const v1::GenerateRequest& request, const std::string& request_id, absl::Time deadline);
-  void Cancel() { ctx_.TryCancel(); }
+  // Shared so that a cancel from another thread never touches a freed context (the attempt deletes itself).
+  const std::shared_ptr<grpc::ClientContext>& context() const { return ctx_; }
   void OnReadDone(bool ok) override;
   void OnDone(const grpc::Status& status) override;
 
  private:
   std::shared_ptr<Call> call_;
   WorkerLease lease_;
-  grpc::ClientContext ctx_;
+  std::shared_ptr<grpc::ClientContext> ctx_ = std::make_shared<grpc::ClientContext>();
   v1::GenerateRequest request_;
   v1::GenerateResponse response_;
   std::unique_ptr<v1::Inference::Stub> stub_;
@@ -124,7 +125,7 @@ class Call : public std::enable_shared_from_this<Call> {
   void OnAttemptDone(const std::string& worker, const absl::Status& status) {
     {
       absl::MutexLock lock(&mu_);
-      attempt_ = nullptr;
+      attempt_ctx_ = nullptr;
     }
     if (AllDone() || failed_) return Complete();
     if (status.ok()) {
@@ -160,23 +161,34 @@ class Call : public std::enable_shared_from_this<Call> {
       return Complete();
     }
     auto* attempt = new Attempt(shared_from_this(), std::move(*lease));
+    bool cancel_now;
     {
       absl::MutexLock lock(&mu_);
-      attempt_ = attempt;
-      if (client_gone_) attempt->Cancel();
+      attempt_ctx_ = attempt->context();
+      cancel_now = client_gone_;
     }
+    if (cancel_now) attempt->context()->TryCancel();  // TryCancel before the call starts cancels it at start
     attempt->Begin(worker_request_, request_id_, deadline_);
   }
 
+  // TryCancel may run the attempt's OnDone inline, which takes mu_: never call it with mu_ held.
   void ClientGone() {
-    absl::MutexLock lock(&mu_);
-    client_gone_ = true;
-    if (attempt_ != nullptr) attempt_->Cancel();
+    std::shared_ptr<grpc::ClientContext> ctx;
+    {
+      absl::MutexLock lock(&mu_);
+      client_gone_ = true;
+      ctx = attempt_ctx_;
+    }
+    if (ctx) ctx->TryCancel();
   }
 
   void CancelAttempt() {
-    absl::MutexLock lock(&mu_);
-    if (attempt_ != nullptr) attempt_->Cancel();
+    std::shared_ptr<grpc::ClientContext> ctx;
+    {
+      absl::MutexLock lock(&mu_);
+      ctx = attempt_ctx_;
+    }
+    if (ctx) ctx->TryCancel();
   }
 
   bool AllDone() const {
@@ -237,17 +249,17 @@ class Call : public std::enable_shared_from_this<Call> {
   bool failed_ = false;
   bool completed_ = false;
   absl::Status error_;
-  absl::Mutex mu_;  // guards the current attempt against ClientGone from an HTTP thread
-  Attempt* attempt_ ABSL_GUARDED_BY(mu_) = nullptr;
+  absl::Mutex mu_;  // guards the attempt in flight against ClientGone from an HTTP thread
+  std::shared_ptr<grpc::ClientContext> attempt_ctx_ ABSL_GUARDED_BY(mu_);  // of the attempt in flight
   bool client_gone_ ABSL_GUARDED_BY(mu_) = false;
 };
 
 void Attempt::Begin(const v1::GenerateRequest& request, const std::string& request_id, absl::Time deadline) {
   request_ = request;
-  services::AttachRequestId(ctx_, request_id);
-  ctx_.set_deadline(absl::ToChronoTime(deadline));
+  services::AttachRequestId(*ctx_, request_id);
+  ctx_->set_deadline(absl::ToChronoTime(deadline));
   stub_ = v1::Inference::NewStub(lease_.channel());
-  stub_->async()->Generate(&ctx_, &request_, this);
+  stub_->async()->Generate(ctx_.get(), &request_, this);
   StartRead(&response_);
   StartCall();
 }

@@ -31,14 +31,14 @@ class GenerateStream : public grpc::ServerWriteReactor<v1::GenerateResponse> {
     if (!writing_) Finish(final_);
   }
   void SetOnCancel(std::function<void()> cb) {
-    absl::MutexLock lock(&mu_);
-    if (cancelled_) {
-      mu_.Unlock();
-      cb();
-      mu_.Lock();
-      return;
+    {
+      absl::MutexLock lock(&mu_);
+      if (!cancelled_) {
+        on_cancel_ = std::move(cb);
+        return;
+      }
     }
-    on_cancel_ = std::move(cb);
+    cb();  // already cancelled: run it now, outside the lock
   }
   void OnWriteDone(bool ok) override {
     absl::MutexLock lock(&mu_);
