@@ -77,31 +77,30 @@ absl::StatusOr<int64_t> KvCacheManager::Admit(Sequence* seq) {
   }
   if (restored.empty()) state = model::NewSequenceState(config_);
   const int64_t reused = static_cast<int64_t>(restored.size());
-  while (static_cast<int64_t>(blocks.size()) < BlocksFor(n_tokens)) {
-    absl::StatusOr<BlockId> id = AllocateEvicting();
-    if (!id.ok()) {
-      for (BlockId b : blocks) pool_.Unref(b).IgnoreError();
-      return id.status();
-    }
-    blocks.push_back(*id);
-  }
+  RETURN_IF_ERROR(AllocateUpTo(&blocks, BlocksFor(n_tokens)));
   seq->blocks = std::move(blocks);
   seq->cached_blocks = static_cast<int32_t>(reused);
   seq->state = std::move(state);
   return reused * block_tokens();
 }
 
+absl::Status KvCacheManager::AllocateUpTo(std::vector<BlockId>* blocks, int64_t count) {
+  while (static_cast<int64_t>(blocks->size()) < count) {
+    absl::StatusOr<BlockId> id = AllocateEvicting();
+    if (!id.ok()) {
+      for (BlockId b : *blocks) pool_.Unref(b).IgnoreError();
+      blocks->clear();
+      return id.status();
+    }
+    blocks->push_back(*id);
+  }
+  return absl::OkStatus();
+}
+
 absl::Status KvCacheManager::SwapIn(Sequence* seq) {
   ASSIGN_OR_RETURN(model::SequenceState state, model::DeserializeSequenceState(config_, seq->swapped_state));
   std::vector<BlockId> blocks;
-  while (static_cast<int64_t>(blocks.size()) < BlocksFor(static_cast<int64_t>(seq->tokens.size()))) {
-    absl::StatusOr<BlockId> id = AllocateEvicting();
-    if (!id.ok()) {
-      for (BlockId b : blocks) pool_.Unref(b).IgnoreError();
-      return id.status();
-    }
-    blocks.push_back(*id);
-  }
+  RETURN_IF_ERROR(AllocateUpTo(&blocks, BlocksFor(static_cast<int64_t>(seq->tokens.size()))));
   seq->blocks = std::move(blocks);
   seq->state = std::move(state);
   // The swapped-in copies are not the cached blocks: republish nothing before the current position.

@@ -79,6 +79,8 @@ class KvCacheManager {
 
  private:
   absl::StatusOr<kvstore::BlockId> AllocateEvicting();
+  // Grows `blocks` to `count` blocks; on failure unrefs every block in `blocks` (the caller owns none).
+  absl::Status AllocateUpTo(std::vector<kvstore::BlockId>* blocks, int64_t count);
 
   const model::ModelConfig& config_;
   const kvstore::KvLayout layout_;

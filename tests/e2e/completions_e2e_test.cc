@@ -59,9 +59,10 @@ class CompletionsE2eTest : public ::testing::Test {
   void StartRouter(const std::vector<FakeWorker*>& workers, const std::string& health_interval = "100ms") {
     std::string list;
     for (FakeWorker* w : workers) list += (list.empty() ? "" : ",") + w->address();
-    auto r = V4serveProcess::Start({"router", "--host=127.0.0.1", "--http_host=127.0.0.1", "--http_port=0",
-                                    "--grpc_port=0", "--model=" + MakeModelDir(dir_),
-                                    "--decode_workers=" + list, "--worker_health_interval=" + health_interval});
+    auto r =
+        V4serveProcess::Start({"router", "--host=127.0.0.1", "--http_host=127.0.0.1", "--http_port=0",
+                               "--grpc_port=0", "--model=" + MakeModelDir(dir_), "--decode_workers=" + list,
+                               "--worker_health_interval=" + health_interval});
     ASSERT_TRUE(r.ok()) << r.status();
     router_ = std::move(*r);
     // Ready once a worker's health check passed.
