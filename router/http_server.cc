@@ -118,6 +118,7 @@ class Session : public std::enable_shared_from_this<Session> {
     gone_callbacks_.push_back(std::move(callback));
   }
   net::any_io_executor executor() { return stream_.get_executor(); }
+  uint64_t generation() const { return generation_; }  // strand only
 
  private:
   std::string KeepAliveHeader() const {
@@ -253,43 +254,52 @@ class Session : public std::enable_shared_from_this<Session> {
 };
 
 // Forwards to the Session on its strand, so handlers may respond from any thread.
+// Forwards to the Session on its strand, so handlers may respond from any thread. Bound to the request it
+// was made for: on a keep-alive connection a late call (or the destructor's fallback answer) from an earlier
+// request's responder must not touch the request being served now.
 class SessionResponder : public HttpResponder {
  public:
-  explicit SessionResponder(std::shared_ptr<Session> s) : session_(std::move(s)) {}
+  SessionResponder(std::shared_ptr<Session> s, uint64_t generation)
+      : session_(std::move(s)), generation_(generation) {}
   ~SessionResponder() override {
     // A handler that dropped its responder without answering must not leak the request.
-    net::post(session_->executor(), [s = session_] {
-      s->Respond(
-          500, "application/json",
-          services::OpenAiErrorJson(absl::InternalError("the request was dropped without a response")));
+    Post([](Session& s) {
+      s.Respond(500, "application/json",
+                services::OpenAiErrorJson(absl::InternalError("the request was dropped without a response")));
     });
   }
   void Respond(int status, const std::string& content_type, std::string body) override {
-    net::post(session_->executor(), [s = session_, status, content_type, body = std::move(body)]() mutable {
-      s->Respond(status, content_type, body);
+    Post([status, content_type, body = std::move(body)](Session& s) {
+      s.Respond(status, content_type, body);
     });
   }
   void StartStream(int status, const std::string& content_type) override {
-    net::post(session_->executor(),
-              [s = session_, status, content_type] { s->StartStream(status, content_type); });
+    Post([status, content_type](Session& s) { s.StartStream(status, content_type); });
   }
   void Write(std::string chunk) override {
-    net::post(session_->executor(), [s = session_, chunk = std::move(chunk)] { s->Write(chunk); });
+    Post([chunk = std::move(chunk)](Session& s) { s.Write(chunk); });
   }
   void EndStream() override {
-    net::post(session_->executor(), [s = session_] { s->EndStream(); });
+    Post([](Session& s) { s.EndStream(); });
   }
   void OnClientGone(std::function<void()> callback) override {
-    net::post(session_->executor(),
-              [s = session_, cb = std::move(callback)]() mutable { s->OnClientGone(std::move(cb)); });
+    Post([cb = std::move(callback)](Session& s) mutable { s.OnClientGone(std::move(cb)); });
   }
 
  private:
+  template <typename F>
+  void Post(F f) {
+    net::post(session_->executor(), [s = session_, gen = generation_, f = std::move(f)]() mutable {
+      if (s->generation() == gen) f(*s);
+    });
+  }
+
   std::shared_ptr<Session> session_;
+  const uint64_t generation_;
 };
 
 std::shared_ptr<HttpResponder> Session::MakeResponder() {
-  return std::make_shared<SessionResponder>(shared_from_this());
+  return std::make_shared<SessionResponder>(shared_from_this(), generation_);
 }
 
 }  // namespace

@@ -32,6 +32,11 @@ class TestHandler : public HttpHandler {
       r->OnClientGone([this] { gone.Notify(); });
       absl::MutexLock lock(&mu);
       held = r;
+    } else if (req.path == "/late") {
+      // Answers now but keeps the responder: it is released later, during another request.
+      r->Respond(200, "text/plain", "first");
+      absl::MutexLock lock(&mu);
+      late = r;
     } else if (req.path == "/drop") {
       // returns without answering: the server must still answer
     } else {
@@ -46,6 +51,7 @@ class TestHandler : public HttpHandler {
   }
   absl::Mutex mu;
   std::shared_ptr<HttpResponder> held ABSL_GUARDED_BY(mu);
+  std::shared_ptr<HttpResponder> late ABSL_GUARDED_BY(mu);
   absl::Notification gone;
 };
 
@@ -86,6 +92,35 @@ TEST_F(HttpServerTest, ManyRequestsOnOneKeepAliveConnectionAllGetAnswers) {
     ASSERT_TRUE(r.ok()) << "request " << i << ": " << r.status();
     ASSERT_EQ(r->status, 200);
   }
+}
+
+// Regression: a responder released after its request ended (its destructor posts a fallback 500) once
+// answered the next request on the same keep-alive connection instead.
+TEST_F(HttpServerTest, ALateResponderCannotAnswerTheNextRequest) {
+  auto conn = HttpConnection::Connect(server_->port());
+  ASSERT_TRUE(conn.ok());
+  auto first = (*conn)->Call("GET", "/late");
+  ASSERT_TRUE(first.ok());
+  EXPECT_EQ(first->body, "first");
+  ASSERT_EQ(*(*conn)->StartRequest("POST", "/hold", "{}"), 200);
+  std::shared_ptr<HttpResponder> held = handler_.TakeHeld();
+  {
+    absl::MutexLock lock(&handler_.mu);
+    handler_.late.reset();  // the first request's responder dies now, mid second request
+  }
+  held->Write("data: second\n\n");
+  held->EndStream();
+  std::string body;
+  for (int i = 0; i < 100; ++i) {
+    auto chunk = (*conn)->ReadChunk();
+    ASSERT_TRUE(chunk.ok()) << chunk.status();
+    if (chunk->empty()) break;
+    body += *chunk;
+  }
+  EXPECT_EQ(body, "data: second\n\n");
+  auto third = (*conn)->Call("GET", "/echo");
+  ASSERT_TRUE(third.ok()) << third.status();
+  EXPECT_EQ(third->status, 200);
 }
 
 TEST_F(HttpServerTest, ValidRequestIdIsEchoed) {
