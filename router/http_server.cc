@@ -1,5 +1,8 @@
 #include "router/http_server.h"
 
+#include <sys/socket.h>
+
+#include <cerrno>
 #include <deque>
 #include <optional>
 #include <utility>
@@ -187,16 +190,23 @@ class Session : public std::enable_shared_from_this<Session> {
   // While a response is open the client sends nothing (no pipelining from SSE clients); the socket
   // becoming readable with no bytes means it closed.
   // A wait left over from an earlier request on this keep-alive connection must not judge the current
-  // one (its read may have consumed the bytes that woke the wait), hence the request generation.
+  // one, hence the request generation. Asio may also report readiness that is gone by the time the handler
+  // runs (edge-triggered epoll), so the socket is asked directly: recv(MSG_PEEK) returning 0 is the peer's
+  // close, EAGAIN a spurious wake-up (wait again), data a pipelined request (stop watching).
   void WatchForDisconnect() {
     stream_.socket().async_wait(
         tcp::socket::wait_read,
-        net::bind_executor(stream_.get_executor(),
-                           [self = shared_from_this(), gen = generation_](beast::error_code ec) {
-                             if (gen != self->generation_ || (self->ended_ && self->queue_.empty())) return;
-                             beast::error_code ignored;
-                             if (ec || self->stream_.socket().available(ignored) == 0) self->MarkGone();
-                           }));
+        net::bind_executor(
+            stream_.get_executor(), [self = shared_from_this(), gen = generation_](beast::error_code ec) {
+              if (gen != self->generation_ || (self->ended_ && self->queue_.empty())) return;
+              if (ec == net::error::operation_aborted) return;  // we are closing the socket ourselves
+              if (ec) return self->MarkGone();
+              char byte;
+              ssize_t n = ::recv(self->stream_.socket().native_handle(), &byte, 1, MSG_PEEK | MSG_DONTWAIT);
+              if (n == 0 || (n < 0 && errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR))
+                return self->MarkGone();
+              if (n < 0) self->WatchForDisconnect();
+            }));
   }
 
   void MarkGone() {
