@@ -4,9 +4,6 @@
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
-#include <filesystem>
-#include <fstream>
-
 #include "absl/strings/match.h"
 #include "absl/strings/str_split.h"
 #include "grpcpp/create_channel.h"
@@ -40,20 +37,6 @@ const model::Tokenizer& Tok() {
 
 std::vector<int32_t> Ids(const std::string& text) { return Tok().Encode(text); }
 
-// A model directory for the router: the tiny V4 config (vocabulary widened to the test tokenizer's 4,096
-// ids, context 512) and the test tokenizer.
-std::string MakeModelDir(const TempDir& dir) {
-  std::string model = dir.path() + "/tiny-chat";
-  std::filesystem::create_directories(model);
-  std::ifstream in(kSource + "/tests/model/testdata/tiny_v4/config.json");
-  Json config = Json::parse(in);
-  config["vocab_size"] = 4096;
-  config["max_position_embeddings"] = 512;
-  std::ofstream(model + "/config.json") << config.dump();
-  std::filesystem::copy_file(kTokenizer, model + "/tokenizer.json");
-  return model;
-}
-
 class CompletionsE2eTest : public ::testing::Test {
  protected:
   void StartRouter(const std::vector<FakeWorker*>& workers, const std::string& health_interval = "100ms") {
@@ -61,18 +44,11 @@ class CompletionsE2eTest : public ::testing::Test {
     for (FakeWorker* w : workers) list += (list.empty() ? "" : ",") + w->address();
     auto r =
         V4serveProcess::Start({"router", "--host=127.0.0.1", "--http_host=127.0.0.1", "--http_port=0",
-                               "--grpc_port=0", "--model=" + MakeModelDir(dir_), "--decode_workers=" + list,
-                               "--worker_health_interval=" + health_interval});
+                               "--grpc_port=0", "--model=" + testing::MakeTestChatModelDir(dir_),
+                               "--decode_workers=" + list, "--worker_health_interval=" + health_interval});
     ASSERT_TRUE(r.ok()) << r.status();
     router_ = std::move(*r);
-    // Ready once a worker's health check passed.
-    absl::Time deadline = absl::Now() + absl::Seconds(20);
-    while (absl::Now() < deadline) {
-      auto ready = HttpCall(port(), "GET", "/readyz");
-      if (ready.ok() && ready->status == 200) return;
-      absl::SleepFor(absl::Milliseconds(20));
-    }
-    FAIL() << "router never became ready";
+    ASSERT_TRUE(testing::WaitUntilReady(port(), absl::Seconds(20)).ok());
   }
   int port() const { return router_->port("http_port"); }
   Json Post(const std::string& path, const Json& body, int want_status = 200) {

@@ -6,7 +6,6 @@
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>
-#include <fstream>
 
 #include "model/tokenizer.h"
 #include "nlohmann/json.hpp"
@@ -40,34 +39,18 @@ TEST(OpenAiSdkE2eTest, ChatStreamingToolCallsAndErrors) {
                         : "Hello there!\n\nHow can I help?<｜end▁of▁sentence｜>");
   });
   testing::TempDir dir;
-  std::string model = dir.path() + "/tiny-chat";
-  std::filesystem::create_directories(model);
-  std::ifstream in(kSource + "/tests/model/testdata/tiny_v4/config.json");
-  nlohmann::json config = nlohmann::json::parse(in);
-  config["vocab_size"] = 4096;
-  std::ofstream(model + "/config.json") << config.dump();
-  std::filesystem::copy_file(kSource + "/tests/model/testdata/tokenizer/tokenizer.json",
-                             model + "/tokenizer.json");
+  std::string model = testing::MakeTestChatModelDir(dir);
   auto router = testing::V4serveProcess::Start(
       {"router", "--host=127.0.0.1", "--http_host=127.0.0.1", "--http_port=0", "--grpc_port=0",
        "--model=" + model, "--decode_workers=" + worker.address(), "--worker_health_interval=100ms"});
   ASSERT_TRUE(router.ok()) << router.status();
   int port = (*router)->port("http_port");
-  absl::Time deadline = absl::Now() + absl::Seconds(20);
-  while (absl::Now() < deadline) {
-    auto ready = testing::HttpCall(port, "GET", "/readyz");
-    if (ready.ok() && ready->status == 200) break;
-    absl::SleepFor(absl::Milliseconds(20));
-  }
-  std::string cmd = python + " " + kSource +
-                    "/tests/e2e/openai_sdk_test.py http://127.0.0.1:" + std::to_string(port) + "/v1 2>&1";
-  FILE* f = popen(cmd.c_str(), "r");
-  ASSERT_NE(f, nullptr);
+  ASSERT_TRUE(testing::WaitUntilReady(port, absl::Seconds(20)).ok());
   std::string out;
-  char buf[4096];
-  size_t n;
-  while ((n = fread(buf, 1, sizeof(buf), f)) > 0) out.append(buf, n);
-  int status = pclose(f);
+  int status = testing::RunCommand(
+      python + " " + kSource + "/tests/e2e/openai_sdk_test.py http://127.0.0.1:" + std::to_string(port) +
+          "/v1",
+      &out);
   EXPECT_EQ(status, 0) << out;
   EXPECT_THAT(out, ::testing::HasSubstr("all checks passed")) << out;
   EXPECT_EQ((*router)->Terminate(absl::Seconds(20)), 0);

@@ -5,11 +5,13 @@
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>
+#include <fstream>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "absl/time/clock.h"
 #include "services/grpc_server.h"
+#include "tests/testing/http_client.h"
 
 namespace v4serve::testing {
 
@@ -70,7 +72,34 @@ int V4serveProcess::Terminate(absl::Duration timeout) { return child_->Stop(absl
 int RunV4serve(const std::vector<std::string>& args, std::string* output) {
   std::string cmd = V4serveBinary();
   for (const std::string& a : args) absl::StrAppend(&cmd, " '", a, "'");
-  absl::StrAppend(&cmd, " 2>&1");
+  return RunCommand(cmd, output);
+}
+
+std::string MakeTestChatModelDir(const TempDir& dir) {
+  const std::string source = V4SERVE_TEST_SOURCE_DIR;
+  std::string model = dir.path() + "/tiny-chat";
+  fs::create_directories(model);
+  std::ifstream in(source + "/tests/model/testdata/tiny_v4/config.json");
+  nlohmann::json config = nlohmann::json::parse(in);
+  config["vocab_size"] = 4096;
+  config["max_position_embeddings"] = 512;
+  std::ofstream(model + "/config.json") << config.dump();
+  fs::copy_file(source + "/tests/model/testdata/tokenizer/tokenizer.json", model + "/tokenizer.json");
+  return model;
+}
+
+absl::Status WaitUntilReady(int http_port, absl::Duration timeout) {
+  absl::Time deadline = absl::Now() + timeout;
+  while (absl::Now() < deadline) {
+    absl::StatusOr<HttpResult> ready = HttpCall(http_port, "GET", "/readyz");
+    if (ready.ok() && ready->status == 200) return absl::OkStatus();
+    absl::SleepFor(absl::Milliseconds(20));
+  }
+  return absl::DeadlineExceededError("the router never became ready");
+}
+
+int RunCommand(const std::string& command, std::string* output) {
+  std::string cmd = command + " 2>&1";
   FILE* f = popen(cmd.c_str(), "r");
   if (f == nullptr) return -1;
   char buf[4096];

@@ -47,8 +47,18 @@ class V4serveProcess {
   nlohmann::json ready_;
 };
 
+// Runs a shell command to completion; returns its exit status, stdout+stderr in `output`.
+int RunCommand(const std::string& command, std::string* output);
+
 // Runs `v4serve <args...>` to completion; returns its exit status, stdout+stderr in `output`.
 int RunV4serve(const std::vector<std::string>& args, std::string* output);
+
+// A model directory for router tests, `dir`/tiny-chat: the tiny V4 config with its vocabulary widened to the
+// 4,096-id test tokenizer (context 512), and that tokenizer. Returns its path.
+std::string MakeTestChatModelDir(const TempDir& dir);
+
+// Polls the router's GET /readyz until it answers 200 (a decode worker passed its health check) or `timeout`.
+absl::Status WaitUntilReady(int http_port, absl::Duration timeout);
 
 }  // namespace v4serve::testing
 
