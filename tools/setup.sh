@@ -14,7 +14,7 @@ VENV="$ROOT/.venv"
 
 # Debian 12 packages known to build together (../shared/docs/TOOLCHAIN.md, docs/BUILD.md).
 APT_PACKAGES=(
-  build-essential cmake ninja-build git pkg-config ca-certificates curl openssl procps
+  build-essential cmake ninja-build ccache git pkg-config ca-certificates curl openssl procps
   libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler libabsl-dev
   librocksdb-dev prometheus-cpp-dev libgtest-dev libgmock-dev libbenchmark-dev
   nlohmann-json3-dev libboost1.81-dev python3 python3-venv python3-pip
