@@ -204,8 +204,7 @@ absl::StatusOr<engine::EngineRequest> ToEngineRequest(const v1::GenerateRequest&
   p.n = s.n() == 0 ? 1 : s.n();
   p.top_logprobs = s.top_logprobs();
   p.logprobs = s.logprobs();
-  r.tenant_salt =
-      request.tenant().empty() ? 0 : kvstore::StableHash64(request.tenant().data(), request.tenant().size());
+  r.tenant_salt = kvstore::TenantSalt(request.tenant());
   return r;
 }
 
