@@ -1,4 +1,4 @@
-// `v4serve up`: the all-in-one local cluster. Starts kvstore, a (colocated) decode worker and the router as
+// `v4serve up`: the all-in-one local cluster. Starts kvstore, a prefill worker, a decode worker and the router as
 // child processes of this binary on loopback, waits until each serves, prints how to use it, and stops them
 // all (router first, so in-flight requests drain) on SIGTERM/SIGINT or when any of them dies.
 #include <cstdio>
@@ -122,11 +122,11 @@ absl::Status RunUp(const Context& ctx, const UpOptions& o) {
       for (auto& f : CommonFlags(o)) kv.push_back(f);
       ASSIGN_OR_RETURN(Role kvstore, StartRole("kvstore", kv, run_dir, o.start_timeout, ctx.shutdown));
       roles.push_back(std::move(kvstore));
-      // Until KV transfer between prefill and decode lands, the decode worker runs colocated (it prefills
-      // itself); a prefill worker would only answer health checks.
-      for (std::string role : {"decode"}) {
-        std::vector<std::string> argv = {ctx.self_exe, role, "--grpc_port=0", "--model=" + o.model_dir,
-                                         "--colocated"};
+      // Disaggregated: the router sends each request to the decode worker naming the prefill worker,
+      // which computes the prompt and pushes its KV to the decode worker over gRPC.
+      for (std::string role : {"prefill", "decode"}) {
+        std::vector<std::string> argv = {ctx.self_exe, role, "--grpc_port=0", "--model=" + o.model_dir};
+        if (role == "decode") argv.push_back("--advertise_host=" + o.host);
         for (auto& f : CommonFlags(o)) argv.push_back(f);
         ASSIGN_OR_RETURN(Role r, StartRole(role, argv, run_dir, o.start_timeout, ctx.shutdown));
         std::string addr = absl::StrCat(o.host, ":", r.ready["grpc_port"].get<int>());
