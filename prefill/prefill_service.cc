@@ -8,6 +8,7 @@
 #include "engine/kv_transfer_codec.h"
 #include "engine/sampler.h"
 #include "engine/sampling_proto.h"
+#include "engine/state_blocks.h"
 #include "grpcpp/create_channel.h"
 #include "kvstore/transfer/grpc_kv_transport.h"
 #include "kvstore/transfer/kv_transfer.h"
@@ -21,10 +22,7 @@ namespace v4serve::prefill {
 absl::Status PrefillServiceOptions::Validate() const {
   if (max_concurrent <= 0) return absl::InvalidArgumentError("--max_concurrent_prefills must be positive");
   if (max_queued < 0) return absl::InvalidArgumentError("--max_queued_prefills must be >= 0");
-  if (chunk_tokens <= 0 || chunk_tokens % kvstore::kDefaultBlockTokens != 0) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("--prefill_chunk_tokens must be a positive multiple of ", kvstore::kDefaultBlockTokens));
-  }
+  if (prefix_cache_blocks < 0) return absl::InvalidArgumentError("--prefix_cache_blocks must be >= 0");
   if (layers_per_chunk <= 0) return absl::InvalidArgumentError("--kv_layers_per_chunk must be positive");
   if (transfer_timeout <= absl::ZeroDuration()) return absl::InvalidArgumentError("--kv_transfer_timeout_ms must be positive");
   return absl::OkStatus();
@@ -69,6 +67,15 @@ PrefillService::PrefillService(const model::Model* model, kvstore::KvLayout layo
                  .Help("Prompt tokens computed.")
                  .Register(*metrics)
                  .Add({});
+  cached_tokens_ = &prometheus::BuildCounter()
+                        .Name("v4serve_prefill_prefix_hit_tokens_total")
+                        .Help("Prompt tokens restored from the prefill worker's prefix cache instead of computed.")
+                        .Register(*metrics)
+                        .Add({});
+  if (options_.prefix_cache_blocks > 0) {
+    pool_ = std::make_unique<kvstore::BlockPool>(options_.prefix_cache_blocks);
+    cache_ = std::make_unique<kvstore::PrefixCache>(pool_.get());
+  }
   in_flight_ = &prometheus::BuildGauge()
                     .Name("v4serve_prefill_in_flight")
                     .Help("Prefill requests computing or queued.")
@@ -253,11 +260,17 @@ absl::Status PrefillService::Compute(Job* job) {
   model::SequenceState state = model_->NewState();
   const int64_t n = static_cast<int64_t>(prompt.size());
   const int64_t bt = layout_.block_tokens;
+  const uint64_t salt =
+      req.tenant().empty() ? 0 : kvstore::StableHash64(req.tenant().data(), req.tenant().size());
+  const std::vector<kvstore::BlockHash> hashes =
+      kvstore::BlockHashChain(prompt, static_cast<int32_t>(bt), layout_.model_fingerprint, salt);
+  const int64_t restored = RestorePrefix(prompt, hashes, &state);
+  cached_tokens_->Increment(static_cast<double>(restored * bt));
   std::vector<float> logits;
   int64_t sent_blocks = 0;
-  for (int64_t pos = 0; pos < n;) {
+  for (int64_t pos = restored * bt; pos < n;) {
     if (job->Cancelled()) return abort(absl::CancelledError("prefill cancelled by the decode worker"));
-    const int64_t len = std::min(options_.chunk_tokens, n - pos);
+    const int64_t len = std::min(bt - pos % bt, n - pos);
     {
       absl::MutexLock l(&model_mu_);
       absl::StatusOr<std::vector<float>> out =
@@ -268,6 +281,11 @@ absl::Status PrefillService::Compute(Job* job) {
     }
     pos += len;
     tokens_->Increment(static_cast<double>(len));
+    if (pos % bt == 0) {
+      CacheBlock(state, static_cast<int32_t>(pos / bt - 1),
+                 absl::MakeConstSpan(prompt).subspan(static_cast<size_t>(pos - bt), static_cast<size_t>(bt)),
+                 hashes[static_cast<size_t>(pos / bt - 1)]);
+    }
     // Ship every block this chunk completed while the next chunk computes.
     for (; sent_blocks < pos / bt; ++sent_blocks) {
       absl::StatusOr<std::vector<kvstore::KvTransferChunk>> chunks = engine::EncodeBlockChunks(
@@ -300,11 +318,55 @@ absl::Status PrefillService::Compute(Job* job) {
     top->set_token_id(id);
     top->set_logprob(lp);
   }
-  resp->set_cached_prompt_tokens(0);
+  resp->set_cached_prompt_tokens(static_cast<int32_t>(restored * bt));
   resp->set_kv_bytes_sent(sender->bytes_sent());
   V4LOG(DEBUG).With("request_id", job->request_id).With("prompt_tokens", n).With("kv_bytes", sender->bytes_sent())
       << "prefilled";
   return absl::OkStatus();
+}
+
+int64_t PrefillService::RestorePrefix(absl::Span<const int32_t> prompt, absl::Span<const kvstore::BlockHash> hashes,
+                                      model::SequenceState* state) {
+  if (cache_ == nullptr || prompt.size() < 2) return 0;
+  const size_t max_blocks = (prompt.size() - 1) / static_cast<size_t>(layout_.block_tokens);
+  const std::vector<kvstore::BlockId> hit = cache_->Acquire(hashes.subspan(0, std::min(max_blocks, hashes.size())));
+  std::vector<kvstore::KvBlock> blocks;
+  for (size_t i = 0; i < hit.size(); ++i) {
+    absl::StatusOr<std::string> bytes = pool_->Get(hit[i]);
+    absl::StatusOr<kvstore::KvBlock> b =
+        bytes.ok() ? kvstore::DecodeKvBlock(layout_, *bytes) : absl::StatusOr<kvstore::KvBlock>(bytes.status());
+    if (!b.ok() || b->block_index != static_cast<int32_t>(i) ||
+        !std::equal(b->tokens.begin(), b->tokens.end(), prompt.begin() + i * layout_.block_tokens)) {
+      if (!b.ok()) cache_->Erase(hashes[i]);
+      break;
+    }
+    blocks.push_back(*std::move(b));
+  }
+  for (kvstore::BlockId id : hit) pool_->Unref(id).IgnoreError();
+  if (blocks.empty()) return 0;
+  absl::StatusOr<model::SequenceState> s = engine::RestoreState(model_->config(), layout_, blocks);
+  if (!s.ok()) {
+    V4LOG(WARNING).With("status", s.status()) << "cached prefix does not restore; computing it";
+    return 0;
+  }
+  *state = *std::move(s);
+  return static_cast<int64_t>(blocks.size());
+}
+
+void PrefillService::CacheBlock(const model::SequenceState& state, int32_t index, absl::Span<const int32_t> tokens,
+                                kvstore::BlockHash hash) {
+  if (cache_ == nullptr) return;
+  absl::StatusOr<kvstore::KvBlock> b = engine::ExtractBlock(model_->config(), layout_, state, index, tokens, hash);
+  absl::StatusOr<std::string> bytes = b.ok() ? kvstore::EncodeKvBlock(layout_, *b) : absl::StatusOr<std::string>(b.status());
+  if (!bytes.ok()) {
+    V4LOG(WARNING).With("status", bytes.status()) << "KV block not cached";
+    return;
+  }
+  absl::StatusOr<kvstore::BlockId> id = pool_->Allocate();
+  if (!id.ok() && cache_->Evict(1) > 0) id = pool_->Allocate();
+  if (!id.ok()) return;  // Every cached block is in use: skip caching this one.
+  if (pool_->Put(*id, *std::move(bytes)).ok()) cache_->Insert(hash, *id);
+  pool_->Unref(*id).IgnoreError();  // The cache holds its own reference (or none: freed).
 }
 
 grpc::ServerUnaryReactor* PrefillService::Cancel(grpc::CallbackServerContext* ctx, const v1::CancelRequest* request,

@@ -1,7 +1,12 @@
 // Worker.Prefill served by a prefill worker (docs/KV_TRANSFER.md): computes a prompt chunk by chunk with
-// model::Model::Prefill, sends each completed 128-token block's compressed entries (per layer group) to
-// the decode worker's reservation as soon as the chunk that completed it is computed, then the final
-// sliding-window/compressor state, and answers with the first token sampled with the request's params.
+// model::Model::Prefill (one 128-token block per call, so every block ends on its exact boundary state),
+// sends each completed block's compressed entries (per layer group) to the decode worker's reservation as
+// soon as it is computed, then the final sliding-window/compressor state, and answers with the first
+// token sampled with the request's params and seed.
+//
+// Prefix reuse: completed blocks (with their boundary state) go into a prefix cache (kvstore's block pool
+// and hash-chain cache, as in the engine); a prompt that shares whole blocks with an earlier one of the
+// same tenant restores them instead of computing them, and reports them as cached_prompt_tokens.
 //
 // Concurrency: at most `max_concurrent` requests compute at once (their chunks interleave on the one
 // model, whose forward calls are serialized); up to `max_queued` more wait; beyond that Prefill answers
@@ -23,7 +28,9 @@
 #include "absl/container/flat_hash_map.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
+#include "kvstore/block_pool.h"
 #include "kvstore/kv_block.h"
+#include "kvstore/prefix_cache.h"
 #include "kvstore/transfer/nccl_kv_transport.h"
 #include "model/model.h"
 #include "prometheus/counter.h"
@@ -37,7 +44,7 @@ namespace v4serve::prefill {
 struct PrefillServiceOptions {
   int32_t max_concurrent = 4;   // Requests computing at once.
   int32_t max_queued = 16;      // Requests waiting for a slot; more are refused (RESOURCE_EXHAUSTED).
-  int64_t chunk_tokens = 512;   // Tokens per Model::Prefill call; a multiple of the 128-token block.
+  int64_t prefix_cache_blocks = 256;  // Blocks kept for prefix reuse; 0 = off.
   int32_t layers_per_chunk = 1;  // Compressed layers per KV chunk.
   absl::Duration transfer_timeout = absl::Seconds(60);  // Handshake + KV push, per request.
   services::TlsOptions peer_tls;  // To reach decode workers (PushKv, Handshake).
@@ -66,10 +73,19 @@ class PrefillService final : public v1::Worker::CallbackService {
   absl::StatusOr<std::unique_ptr<kvstore::KvSender>> StartSender(Job* job);
   std::shared_ptr<grpc::Channel> ChannelTo(const std::string& address);
 
+  // Restores the longest cached prefix of `prompt` (leaving >= 1 token to compute); the state and the
+  // number of blocks restored.
+  int64_t RestorePrefix(absl::Span<const int32_t> prompt, absl::Span<const kvstore::BlockHash> hashes,
+                        model::SequenceState* state);
+  void CacheBlock(const model::SequenceState& state, int32_t index, absl::Span<const int32_t> tokens,
+                  kvstore::BlockHash hash);
+
   const model::Model* const model_;
   const kvstore::KvLayout layout_;
   const PrefillServiceOptions options_;
   absl::Mutex model_mu_;  // Forward calls on the model are serialized.
+  std::unique_ptr<kvstore::BlockPool> pool_;      // Null when prefix reuse is off.
+  std::unique_ptr<kvstore::PrefixCache> cache_;
   absl::Mutex mu_;
   absl::flat_hash_map<std::string, std::shared_ptr<Job>> jobs_ ABSL_GUARDED_BY(mu_);  // By request id.
   absl::flat_hash_map<std::string, std::shared_ptr<grpc::Channel>> channels_ ABSL_GUARDED_BY(mu_);
@@ -83,6 +99,7 @@ class PrefillService final : public v1::Worker::CallbackService {
   prometheus::Family<prometheus::Counter>* requests_;
   prometheus::Counter* kv_bytes_;
   prometheus::Counter* tokens_;
+  prometheus::Counter* cached_tokens_;
   prometheus::Gauge* in_flight_;
 };
 

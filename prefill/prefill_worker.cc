@@ -32,8 +32,8 @@ void AddPrefillWorkerFlags(services::FlagSet& flags, PrefillWorkerOptions* o) {
   flags.Add("max_concurrent_prefills", &o->service.max_concurrent, "Prefill requests computing at once.");
   flags.Add("max_queued_prefills", &o->service.max_queued,
             "Prefill requests waiting for a slot; more are refused with RESOURCE_EXHAUSTED.");
-  flags.Add("prefill_chunk_tokens", &o->service.chunk_tokens,
-            "Tokens per forward call (a multiple of 128); each completed block's KV is sent after its chunk.");
+  flags.Add("prefix_cache_blocks", &o->service.prefix_cache_blocks,
+            "128-token blocks kept for prefix reuse (0 = off); a repeated prefix is restored, not computed.");
   flags.Add("kv_layers_per_chunk", &o->service.layers_per_chunk, "Compressed layers per KV transfer chunk.");
   flags.Add("kv_transfer_timeout_ms", &o->transfer_timeout_ms, "Handshake + KV push limit per request.");
   flags.Add("kv_transport", &o->kv_transport,
