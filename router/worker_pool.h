@@ -73,6 +73,7 @@ class WorkerPool {
   absl::Status Ready() const;
   // Waits until Ready() or `deadline`.
   absl::Status AwaitReady(absl::Time deadline) const;
+  bool has_prefill_targets() const { return !options_.prefill_targets.empty(); }
   bool has_targets() const { return !options_.decode_targets.empty() || !options_.prefill_targets.empty(); }
 
  private:
