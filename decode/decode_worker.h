@@ -27,6 +27,14 @@ struct DecodeWorkerOptions {
   bool prefix_cache = true;
   int64_t max_model_len = 0;  // 0 = the model's max_position_embeddings.
   bool mtp = false;           // MTP speculative decoding of greedy requests (loads the MTP weights).
+  // Tiered KV store (docs/KV_STORE.md): the node's shared `v4serve kvstore` (host:port), or an
+  // in-process store in `kv_dir` (colocated); at most one. SWA policy and tier capacities.
+  std::string kvstore;
+  std::string kv_dir;
+  std::string swa_policy = "full";
+  int64_t swa_checkpoint_tokens = 4096;
+  int64_t kv_host_mb = 4096;
+  int64_t kv_disk_mb = 65536;
 
   // INVALID_ARGUMENT naming the flag.
   absl::Status Validate() const;
