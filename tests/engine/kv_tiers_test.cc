@@ -8,6 +8,8 @@
 #include "engine/engine.h"
 #include "engine/state_blocks.h"
 #include "gtest/gtest.h"
+#include "grpcpp/grpcpp.h"
+#include "kvstore/kvstore_service.h"
 #include "kvstore/tiered_store.h"
 #include "tests/engine/engine_test_util.h"
 
@@ -157,6 +159,68 @@ TEST_P(PolicyReuseTest, OutputAfterReuseEqualsOutputWithoutCache) {
     // Window-state records exactly where the policy keeps them.
     const kvstore::DiskTierStats ds = s->disk()->Stats();
     EXPECT_EQ(ds.window_states, policy == SwaPolicy::kFull ? 3 : policy == SwaPolicy::kPeriodic ? 1 : 0);
+  }
+  std::filesystem::remove_all(dir);
+}
+
+// The same through the `v4serve kvstore` gRPC service: two engines share one store over the network,
+// and the store restarts (a new process would do the same: open the directory, rebuild the index).
+TEST_P(PolicyReuseTest, ThroughTheKvstoreServiceAndAfterItsRestart) {
+  const SwaPolicy policy = GetParam();
+  std::mt19937 rng(200 + static_cast<int>(policy));
+  const std::vector<int32_t> shared = RandomTokens(&rng, 384);
+  std::vector<int32_t> first = shared, second = shared;
+  for (int32_t t : RandomTokens(&rng, 33)) first.push_back(t);
+  for (int32_t t : RandomTokens(&rng, 21)) second.push_back(t);
+  const std::vector<int32_t> want = ReferenceGreedy(second, 5);
+  const std::string dir = TempDir(std::string("svc_") + SwaPolicyName(policy));
+  kvstore::TieredStoreOptions so;
+  so.disk_path = dir;
+  struct Node {
+    std::unique_ptr<kvstore::TieredStore> store;
+    std::unique_ptr<kvstore::KvStoreService> service;
+    std::unique_ptr<grpc::Server> server;
+    std::shared_ptr<kvstore::GrpcKvStoreClient> client;
+    ~Node() {
+      client.reset();
+      if (server) server->Shutdown();
+      server.reset();
+      service.reset();
+      if (store) store->Flush();
+    }
+  };
+  auto start = [&](Node* n) {
+    auto store = kvstore::TieredStore::Open(so);
+    ASSERT_TRUE(store.ok()) << store.status();
+    n->store = std::move(*store);
+    n->service = std::make_unique<kvstore::KvStoreService>(n->store.get(), "kvstore");
+    grpc::ServerBuilder b;
+    int port = 0;
+    b.AddListeningPort("127.0.0.1:0", grpc::InsecureServerCredentials(), &port);
+    b.RegisterService(n->service.get());
+    n->server = b.BuildAndStart();
+    ASSERT_NE(n->server, nullptr);
+    n->client = std::make_shared<kvstore::GrpcKvStoreClient>(
+        grpc::CreateChannel("127.0.0.1:" + std::to_string(port), grpc::InsecureChannelCredentials()));
+  };
+  {
+    Node node;
+    start(&node);
+    RunResult a = RunOnce(first, policy, node.client, 2);
+    EXPECT_EQ(a.tokens, ReferenceGreedy(first, 2));
+    node.client->Flush();
+    node.store->Flush();
+    RunResult b = RunOnce(second, policy, node.client, 5);
+    EXPECT_EQ(b.tokens, want) << "through the service";
+    EXPECT_EQ(b.stats.kv_store_hit_tokens, 384);
+  }
+  {
+    Node node;  // Restarted store.
+    start(&node);
+    EXPECT_EQ(node.store->stats().disk_blocks, 3);
+    RunResult c = RunOnce(second, policy, node.client, 5);
+    EXPECT_EQ(c.tokens, want) << "through the service after its restart";
+    EXPECT_EQ(c.stats.kv_store_hit_tokens, 384);
   }
   std::filesystem::remove_all(dir);
 }
