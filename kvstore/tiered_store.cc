@@ -165,6 +165,7 @@ absl::StatusOr<std::unique_ptr<DiskTier>> DiskTier::Open(const DiskTierOptions& 
   blocks_cf.min_blob_size = options.min_blob_bytes;
   blocks_cf.enable_blob_garbage_collection = true;
   blocks_cf.blob_compression_type = rocksdb::kNoCompression;  // FP32 entries barely compress.
+  blocks_cf.write_buffer_size = 32 << 20;                      // Flushes (and blob files) every 32 MiB.
   rocksdb::ColumnFamilyOptions state_cf = blocks_cf;
   rocksdb::ColumnFamilyOptions meta_cf;
   std::vector<rocksdb::ColumnFamilyDescriptor> cfs = {
