@@ -36,6 +36,7 @@
 
 #include "absl/base/thread_annotations.h"
 #include "absl/container/flat_hash_map.h"
+#include "absl/container/flat_hash_set.h"
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
@@ -163,7 +164,8 @@ struct TieredStoreOptions {
   std::string disk_path;                   // Empty = no disk tier.
   int64_t disk_capacity_bytes = 64LL << 30;
   int32_t write_queue_blocks = 1024;       // Write-behind queue bound.
-  int32_t prefetch_blocks = 64;            // Most blocks one Lookup prefetches from disk.
+  int32_t prefetch_blocks = 256;           // Most blocks one Lookup prefetches from disk (32k tokens).
+  int32_t prefetch_threads = 4;            // Parallel disk reads of prefetches (queue depth).
   bool blob_files = true;
 
   absl::Status Validate() const;
@@ -232,9 +234,13 @@ class TieredStore final : public KvStoreClient {
   absl::CondVar qcv_, idle_cv_;
   std::deque<Job> writes_ ABSL_GUARDED_BY(qmu_);
   std::deque<Job> prefetches_ ABSL_GUARDED_BY(qmu_);
+  // Keys queued or being read by a prefetcher: a Get of one waits for it instead of reading it twice.
+  absl::flat_hash_set<std::string> prefetching_ ABSL_GUARDED_BY(qmu_);
+  absl::CondVar prefetch_cv_;
   int64_t in_flight_ ABSL_GUARDED_BY(qmu_) = 0;
   bool stop_ ABSL_GUARDED_BY(qmu_) = false;
-  std::thread writer_, prefetcher_;
+  std::thread writer_;
+  std::vector<std::thread> prefetchers_;
 
   absl::Mutex sub_mu_;
   std::vector<std::pair<int64_t, std::function<void(const StoreEvent&)>>> subscribers_ ABSL_GUARDED_BY(sub_mu_);
