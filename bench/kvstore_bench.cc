@@ -42,7 +42,9 @@ namespace {
 namespace fs = std::filesystem;
 using Clock = std::chrono::steady_clock;
 
-double Seconds(Clock::time_point a, Clock::time_point b) { return std::chrono::duration<double>(b - a).count(); }
+double Seconds(Clock::time_point a, Clock::time_point b) {
+  return std::chrono::duration<double>(b - a).count();
+}
 
 void Die(const absl::Status& s) {
   std::fprintf(stderr, "kvstore_bench: %s\n", s.ToString().c_str());
@@ -87,7 +89,8 @@ void WriteRawFile(const std::string& file, int64_t bytes) {
   for (auto& c : buf) c = static_cast<char>(rng());
   int fd = ::open(file.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
   for (int64_t done = 0; done < bytes; done += static_cast<int64_t>(buf.size())) {
-    if (::write(fd, buf.data(), buf.size()) != static_cast<ssize_t>(buf.size())) Die(absl::InternalError("write"));
+    if (::write(fd, buf.data(), buf.size()) != static_cast<ssize_t>(buf.size()))
+      Die(absl::InternalError("write"));
   }
   ::fsync(fd);
   ::close(fd);
@@ -185,7 +188,8 @@ double TieredRead(const std::string& dir, const std::vector<uint64_t>& hashes) {
   int64_t got = 0;
   const auto start = Clock::now();
   auto found = (*store)->Lookup(scope, hashes);
-  if (!found.ok() || found->matched != static_cast<int32_t>(hashes.size())) Die(absl::InternalError("lookup"));
+  if (!found.ok() || found->matched != static_cast<int32_t>(hashes.size()))
+    Die(absl::InternalError("lookup"));
   for (uint64_t h : hashes) {
     auto sb = (*store)->Get(scope, h, false);
     if (!sb.ok()) Die(sb.status());
@@ -261,7 +265,8 @@ int Main(int argc, char** argv) {
   int64_t disk_mib = 1024, block_kib = 1024, prefix_tokens = 32768, checkpoint_tokens = 4096;
   int threads = 4, rounds = 3;
   bool skip_ttft = false;
-  services::FlagSet flags("v4serve_kvstore_bench", "Tiered KV store: disk throughput, bytes per token, TTFT.");
+  services::FlagSet flags("v4serve_kvstore_bench",
+                          "Tiered KV store: disk throughput, bytes per token, TTFT.");
   flags.Add("dir", &dir, "Scratch directory on the disk to measure (removed afterwards).");
   flags.Add("disk_mib", &disk_mib, "Bytes written and read back for the throughput comparison.");
   flags.Add("block_kib", &block_kib, "Block size for the throughput comparison.");
@@ -299,8 +304,8 @@ int Main(int argc, char** argv) {
   std::printf("| raw sequential file, 1 reader (1 MiB preads) | %.0f | 100%% |\n", raw);
   std::printf("| raw sequential file, %d readers | %.0f | %.0f%% |\n", threads, Median(rawn),
               100 * Median(rawn) / raw);
-  std::printf("| disk tier: DiskTier::Get in chain order, 1 reader, CRC verified | %.0f | %.0f%% |\n", Median(tier1),
-              100 * Median(tier1) / raw);
+  std::printf("| disk tier: DiskTier::Get in chain order, 1 reader, CRC verified | %.0f | %.0f%% |\n",
+              Median(tier1), 100 * Median(tier1) / raw);
   std::printf("| disk tier as the engine reads: Lookup (prefetch, 4 threads) + Get | %.0f | %.0f%% |\n",
               Median(tiered), 100 * Median(tiered) / raw);
   std::printf("(store directory after compaction: %lld bytes for %lld payload bytes)\n\n", (long long)on_disk,
@@ -317,16 +322,21 @@ int Main(int argc, char** argv) {
     auto layout = engine::KvLayoutFor(*config, 1);
     if (!layout.ok()) Die(layout.status());
     const double entries = static_cast<double>(layout->PayloadBytes());
-    const double state = static_cast<double>(model::SerializeSequenceState(model::NewSequenceState(*config)).size());
-    const double ring = static_cast<double>(config->num_hidden_layers * config->sliding_window * config->head_dim * 4);
+    const double state =
+        static_cast<double>(model::SerializeSequenceState(model::NewSequenceState(*config)).size());
+    const double ring =
+        static_cast<double>(config->num_hidden_layers * config->sliding_window * config->head_dim * 4);
     std::printf("## Bytes per token, V4-Flash layout (computed, FP32 block format, 128-token blocks)\n");
-    std::printf("compressed entries + indexer keys per block: %.0f B; window state per boundary: %.0f B; "
-                "state / entries = %.1fx; the window rings alone: %.0f B = %.1fx (report: ~8x at its storage "
-                "precision)\n",
-                entries, state, state / entries, ring, ring / entries);
-    std::printf("| policy | bytes/token |\n|---|---|\n| full | %.0f |\n| periodic (%lld) | %.0f |\n| zero | %.0f |\n\n",
-                (entries + state) / 128, (long long)checkpoint_tokens, entries / 128 + state / checkpoint_tokens,
-                entries / 128);
+    std::printf(
+        "compressed entries + indexer keys per block: %.0f B; window state per boundary: %.0f B; "
+        "state / entries = %.1fx; the window rings alone: %.0f B = %.1fx (report: ~8x at its storage "
+        "precision)\n",
+        entries, state, state / entries, ring, ring / entries);
+    std::printf(
+        "| policy | bytes/token |\n|---|---|\n| full | %.0f |\n| periodic (%lld) | %.0f |\n| zero | %.0f "
+        "|\n\n",
+        (entries + state) / 128, (long long)checkpoint_tokens, entries / 128 + state / checkpoint_tokens,
+        entries / 128);
   }
 
   // 2b + 3. Tiny V4: store per policy, TTFT cold / host / disk.
@@ -342,9 +352,11 @@ int Main(int argc, char** argv) {
   const Ttft cold = RunRequest(m, query, engine::SwaPolicy::kFull, checkpoint_tokens, nullptr);
   std::printf("cold prefill TTFT: %.3f s (%lld tokens computed)\n\n", cold.seconds,
               (long long)cold.stats.prefill_tokens_computed);
-  std::printf("| policy | bytes/token on disk (blocks + states) | state/entries | TTFT host | TTFT disk | "
-              "host / cold | disk / cold | recomputed | same tokens |\n|---|---|---|---|---|---|---|---|---|\n");
-  for (engine::SwaPolicy policy : {engine::SwaPolicy::kFull, engine::SwaPolicy::kPeriodic, engine::SwaPolicy::kZero}) {
+  std::printf(
+      "| policy | bytes/token on disk (blocks + states) | state/entries | TTFT host | TTFT disk | "
+      "host / cold | disk / cold | recomputed | same tokens |\n|---|---|---|---|---|---|---|---|---|\n");
+  for (engine::SwaPolicy policy :
+       {engine::SwaPolicy::kFull, engine::SwaPolicy::kPeriodic, engine::SwaPolicy::kZero}) {
     const std::string pdir = dir + "/" + engine::SwaPolicyName(policy);
     fs::remove_all(pdir);
     kvstore::TieredStoreOptions so;
@@ -375,9 +387,10 @@ int Main(int argc, char** argv) {
                                    (static_cast<double>(ds.block_bytes) / ds.blocks)
                              : 0.0;
     std::printf("| %s | %.0f (dir %.0f) | %.2fx | %.3f s | %.3f s | %.1f%% | %.1f%% | %lld | %s |\n",
-                engine::SwaPolicyName(policy), per_token, static_cast<double>(ds.bytes_on_disk) / prefix_tokens,
-                ratio, host.seconds, disk.seconds, 100 * host.seconds / cold.seconds,
-                100 * disk.seconds / cold.seconds, (long long)host.stats.kv_recomputed_tokens,
+                engine::SwaPolicyName(policy), per_token,
+                static_cast<double>(ds.bytes_on_disk) / prefix_tokens, ratio, host.seconds, disk.seconds,
+                100 * host.seconds / cold.seconds, 100 * disk.seconds / cold.seconds,
+                (long long)host.stats.kv_recomputed_tokens,
                 host.tokens == cold.tokens && disk.tokens == cold.tokens ? "yes" : "NO");
     std::fflush(stdout);
     fs::remove_all(pdir);

@@ -30,11 +30,13 @@ absl::Status DecodeWorkerOptions::Validate() const {
   if (swap_space_mb < 0) return absl::InvalidArgumentError("--swap_space_mb must be >= 0");
   if (max_model_len < 0) return absl::InvalidArgumentError("--max_model_len must be >= 0");
   if (!kvstore.empty() && !kv_dir.empty()) {
-    return absl::InvalidArgumentError("--kvstore and --kv_dir: give one (a shared store, or an in-process one)");
+    return absl::InvalidArgumentError(
+        "--kvstore and --kv_dir: give one (a shared store, or an in-process one)");
   }
   absl::StatusOr<engine::SwaPolicy> policy = engine::ParseSwaPolicy(swa_policy);
   if (!policy.ok()) return policy.status();
-  if (*policy == engine::SwaPolicy::kPeriodic && (swa_checkpoint_tokens <= 0 || swa_checkpoint_tokens % 128 != 0)) {
+  if (*policy == engine::SwaPolicy::kPeriodic &&
+      (swa_checkpoint_tokens <= 0 || swa_checkpoint_tokens % 128 != 0)) {
     return absl::InvalidArgumentError("--swa_checkpoint_tokens must be a positive multiple of 128");
   }
   if (kv_host_mb <= 0) return absl::InvalidArgumentError("--kv_host_mb must be positive");
@@ -124,9 +126,12 @@ absl::Status RunDecodeWorker(const DecodeWorkerOptions& options, services::Shutd
   GenerateService service(&loop, so);
   ASSIGN_OR_RETURN(std::unique_ptr<services::ServerProcess> server,
                    services::ServerProcess::Start("decode", process, {&service}, &metrics, shutdown));
-  V4LOG(INFO).With("model", dir).With("model_id", so.model_id).With("kv_blocks", options.kv_blocks)
-      .With("swa_policy", options.swa_policy)
-      .With("kvstore", !options.kvstore.empty() ? options.kvstore : options.kv_dir)
+  V4LOG(INFO)
+          .With("model", dir)
+          .With("model_id", so.model_id)
+          .With("kv_blocks", options.kv_blocks)
+          .With("swa_policy", options.swa_policy)
+          .With("kvstore", !options.kvstore.empty() ? options.kvstore : options.kv_dir)
       << "colocated worker serving Inference.Generate";
   return server->Run();
 }

@@ -19,9 +19,9 @@ absl::Status KvCacheOptions::Validate() const {
   if (num_blocks <= 0) return absl::InvalidArgumentError("kv num_blocks must be positive");
   if (swa_policy == SwaPolicy::kPeriodic &&
       (swa_checkpoint_tokens <= 0 || swa_checkpoint_tokens % kvstore::kDefaultBlockTokens != 0)) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("--swa_checkpoint_tokens must be a positive multiple of ", kvstore::kDefaultBlockTokens,
-                     ", not ", swa_checkpoint_tokens));
+    return absl::InvalidArgumentError(absl::StrCat("--swa_checkpoint_tokens must be a positive multiple of ",
+                                                   kvstore::kDefaultBlockTokens, ", not ",
+                                                   swa_checkpoint_tokens));
   }
   return absl::OkStatus();
 }
@@ -178,8 +178,8 @@ void KvCacheManager::OnBlockBoundary(Sequence* seq) {
       absl::MakeConstSpan(seq->tokens).subspan(static_cast<size_t>(index) * block_tokens(), block_tokens()),
       hash);
   if (block.ok()) {
-    const bool keep_state = KeepsWindowState(options_.swa_policy, options_.swa_checkpoint_tokens, index,
-                                             block_tokens());
+    const bool keep_state =
+        KeepsWindowState(options_.swa_policy, options_.swa_checkpoint_tokens, index, block_tokens());
     if (options_.store != nullptr) WriteBehind(*seq, *block, keep_state);
     if (!keep_state) block->boundary_state.clear();
   }
@@ -254,8 +254,8 @@ void KvCacheManager::WriteBehind(const Sequence& seq, const KvBlock& block, bool
   out.index = block.block_index;
   out.block = *std::move(bytes);
   if (keep_state && !state.empty()) {
-    out.window_state = kvstore::EncodeWindowState(
-        kvstore::WindowState{layout_.model_fingerprint, block.block_hash, block.block_index, std::move(state)});
+    out.window_state = kvstore::EncodeWindowState(kvstore::WindowState{
+        layout_.model_fingerprint, block.block_hash, block.block_index, std::move(state)});
   }
   options_.store->PutAsync(kvstore::StoreScope{layout_.model_fingerprint, seq.tenant_salt}, std::move(out));
 }

@@ -146,7 +146,8 @@ const char* SwaPolicyName(SwaPolicy policy) {
   return "full";
 }
 
-bool KeepsWindowState(SwaPolicy policy, int64_t checkpoint_tokens, int32_t block_index, int32_t block_tokens) {
+bool KeepsWindowState(SwaPolicy policy, int64_t checkpoint_tokens, int32_t block_index,
+                      int32_t block_tokens) {
   switch (policy) {
     case SwaPolicy::kFull:
       return true;

@@ -21,10 +21,10 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
 #include "absl/types/span.h"
 #include "kvstore/kv_block.h"
 #include "kvstore/prefix_cache.h"
-#include "absl/strings/string_view.h"
 #include "model/config.h"
 #include "model/model.h"
 #include "model/sequence_state.h"

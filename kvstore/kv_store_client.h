@@ -43,9 +43,9 @@ struct StoredBlock {
 };
 
 struct LookupResult {
-  int32_t matched = 0;                   // hashes[0..matched) are present (blocks; state may be absent).
-  std::vector<Tier> tiers;               // Where each matched block was found.
-  std::vector<bool> has_window_state;    // Whether a window-state checkpoint is stored for it.
+  int32_t matched = 0;                 // hashes[0..matched) are present (blocks; state may be absent).
+  std::vector<Tier> tiers;             // Where each matched block was found.
+  std::vector<bool> has_window_state;  // Whether a window-state checkpoint is stored for it.
 };
 
 class KvStoreClient {

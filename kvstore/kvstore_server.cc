@@ -33,10 +33,11 @@ class StoreMetrics {
     Count("v4serve_kvstore_get_misses_total", "Gets that found no verified block.", "", s.get_misses);
     Count("v4serve_kvstore_lookup_hit_blocks_total", "Blocks matched by Lookups.", "", s.lookup_hit_blocks);
     Count("v4serve_kvstore_puts_total", "Blocks offered to the store.", "", s.puts);
-    Count("v4serve_kvstore_put_drops_total", "Disk writes dropped because the write-behind queue was full.", "",
-          s.put_drops);
+    Count("v4serve_kvstore_put_drops_total", "Disk writes dropped because the write-behind queue was full.",
+          "", s.put_drops);
     Count("v4serve_kvstore_put_errors_total", "Disk writes that failed.", "", s.put_errors);
-    Count("v4serve_kvstore_prefetched_total", "Blocks prefetched from disk into host memory.", "", s.prefetched);
+    Count("v4serve_kvstore_prefetched_total", "Blocks prefetched from disk into host memory.", "",
+          s.prefetched);
     Count("v4serve_kvstore_checksum_failures_total",
           "Blocks that failed verification on read (served as misses and dropped).", "", s.checksum_failures);
     Count("v4serve_kvstore_evictions_total", "Blocks evicted, per tier.", "host", s.evicted_host);
@@ -99,8 +100,9 @@ absl::Status RunKvStoreServer(const KvStoreServerOptions& options, services::Shu
   KvStoreService service(store.get(), "");
   StoreMetrics store_metrics(metrics.registry());
   store_metrics.Update(store->stats(), 0);
-  ASSIGN_OR_RETURN(std::unique_ptr<services::ServerProcess> server,
-                   services::ServerProcess::Start("kvstore", options.process, {&service}, &metrics, shutdown));
+  ASSIGN_OR_RETURN(
+      std::unique_ptr<services::ServerProcess> server,
+      services::ServerProcess::Start("kvstore", options.process, {&service}, &metrics, shutdown));
   service.set_holder(absl::StrCat(options.process.grpc.host, ":", server->grpc_port()));
   V4LOG(INFO).With("db_path", options.db_path).With("blocks", store->stats().disk_blocks)
       << "kvstore opened (index rebuilt)";

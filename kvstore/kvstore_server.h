@@ -13,9 +13,9 @@
 namespace v4serve::kvstore {
 
 struct KvStoreServerOptions {
-  std::string db_path;  // RocksDB directory; created when missing
-  int64_t host_mb = 4096;     // Host-memory tier capacity.
-  int64_t disk_mb = 65536;    // Disk tier capacity (block + window-state bytes).
+  std::string db_path;      // RocksDB directory; created when missing
+  int64_t host_mb = 4096;   // Host-memory tier capacity.
+  int64_t disk_mb = 65536;  // Disk tier capacity (block + window-state bytes).
   int32_t write_queue_blocks = 1024;
   bool blob_files = true;
   services::ServerProcessOptions process;

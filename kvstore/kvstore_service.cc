@@ -130,7 +130,8 @@ class EventStream : public grpc::ServerWriteReactor<v1::KvEvent> {
 
 }  // namespace
 
-grpc::ServerUnaryReactor* KvStoreService::Get(grpc::CallbackServerContext* ctx, const v1::GetBlockRequest* request,
+grpc::ServerUnaryReactor* KvStoreService::Get(grpc::CallbackServerContext* ctx,
+                                              const v1::GetBlockRequest* request,
                                               v1::GetBlockResponse* response) {
   grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
   uint64_t hash = 0;
@@ -160,7 +161,8 @@ grpc::ServerUnaryReactor* KvStoreService::Get(grpc::CallbackServerContext* ctx, 
   return reactor;
 }
 
-grpc::ServerUnaryReactor* KvStoreService::Put(grpc::CallbackServerContext* ctx, const v1::PutBlockRequest* request,
+grpc::ServerUnaryReactor* KvStoreService::Put(grpc::CallbackServerContext* ctx,
+                                              const v1::PutBlockRequest* request,
                                               v1::PutBlockResponse* response) {
   grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
   uint64_t hash = 0, fingerprint = 0;
@@ -197,7 +199,8 @@ grpc::ServerUnaryReactor* KvStoreService::Put(grpc::CallbackServerContext* ctx, 
   return reactor;
 }
 
-grpc::ServerUnaryReactor* KvStoreService::Lookup(grpc::CallbackServerContext* ctx, const v1::LookupRequest* request,
+grpc::ServerUnaryReactor* KvStoreService::Lookup(grpc::CallbackServerContext* ctx,
+                                                 const v1::LookupRequest* request,
                                                  v1::LookupResponse* response) {
   grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
   std::vector<uint64_t> chain;
@@ -230,7 +233,7 @@ grpc::ServerUnaryReactor* KvStoreService::Lookup(grpc::CallbackServerContext* ct
 }
 
 grpc::ServerWriteReactor<v1::KvEvent>* KvStoreService::Events(grpc::CallbackServerContext* ctx,
-                                                             const v1::KvEventsRequest* request) {
+                                                              const v1::KvEventsRequest* request) {
   return new EventStream(store_, holder_, &events_dropped_);
 }
 
@@ -255,12 +258,14 @@ bool GrpcKvStoreClient::Unavailable() {
 }
 
 void GrpcKvStoreClient::NoteFailure(const grpc::Status& st) {
-  if (st.error_code() == grpc::StatusCode::UNAVAILABLE || st.error_code() == grpc::StatusCode::DEADLINE_EXCEEDED) {
+  if (st.error_code() == grpc::StatusCode::UNAVAILABLE ||
+      st.error_code() == grpc::StatusCode::DEADLINE_EXCEEDED) {
     unavailable_until_ns_.store(absl::ToUnixNanos(absl::Now() + options_.backoff));
   }
 }
 
-absl::StatusOr<LookupResult> GrpcKvStoreClient::Lookup(const StoreScope& scope, absl::Span<const uint64_t> hashes) {
+absl::StatusOr<LookupResult> GrpcKvStoreClient::Lookup(const StoreScope& scope,
+                                                       absl::Span<const uint64_t> hashes) {
   if (Unavailable()) return absl::UnavailableError("kvstore unavailable (backing off after a failed call)");
   v1::LookupRequest req;
   req.set_model_fingerprint(scope.model_fingerprint);
@@ -278,7 +283,10 @@ absl::StatusOr<LookupResult> GrpcKvStoreClient::Lookup(const StoreScope& scope, 
   r.matched = std::min<int32_t>(resp.matched_blocks(), static_cast<int32_t>(hashes.size()));
   for (int32_t i = 0; i < r.matched; ++i) {
     const std::string& t = i < resp.tiers_size() ? resp.tiers(i) : std::string();
-    r.tiers.push_back(t == "device" ? Tier::kDevice : t == "host" ? Tier::kHost : t == "disk" ? Tier::kDisk : Tier::kNone);
+    r.tiers.push_back(t == "device" ? Tier::kDevice
+                      : t == "host" ? Tier::kHost
+                      : t == "disk" ? Tier::kDisk
+                                    : Tier::kNone);
     r.has_window_state.push_back(i < resp.has_window_state_size() && resp.has_window_state(i));
   }
   return r;
@@ -300,7 +308,8 @@ absl::StatusOr<StoredBlock> GrpcKvStoreClient::Get(const StoreScope& scope, uint
   }
   // Verified again here: the bytes crossed a network.
   absl::Status ok = VerifyBlockBytes(resp.payload(), scope.model_fingerprint, hash);
-  if (!ok.ok()) return absl::NotFoundError(absl::StrCat("block from the store failed verification: ", ok.message()));
+  if (!ok.ok())
+    return absl::NotFoundError(absl::StrCat("block from the store failed verification: ", ok.message()));
   StoredBlock b;
   b.hash = hash;
   b.index = static_cast<int32_t>(resp.block().index());

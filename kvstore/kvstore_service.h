@@ -48,7 +48,7 @@ class KvStoreService final : public v1::KvStore::CallbackService {
   grpc::ServerUnaryReactor* Lookup(grpc::CallbackServerContext* ctx, const v1::LookupRequest* request,
                                    v1::LookupResponse* response) override;
   grpc::ServerWriteReactor<v1::KvEvent>* Events(grpc::CallbackServerContext* ctx,
-                                               const v1::KvEventsRequest* request) override;
+                                                const v1::KvEventsRequest* request) override;
 
   int64_t events_dropped() const { return events_dropped_.load(); }
 

@@ -64,9 +64,9 @@ absl::Status DecodeStoreKey(absl::string_view key, StoreScope* scope, uint64_t* 
     return absl::InvalidArgumentError(absl::StrCat("KV store key of ", key.size(), " bytes, want 25"));
   }
   if (static_cast<uint8_t>(key[0]) != kStoreKeyVersion) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("KV store key version ", static_cast<int>(static_cast<uint8_t>(key[0])), ", want ",
-                     static_cast<int>(kStoreKeyVersion)));
+    return absl::InvalidArgumentError(absl::StrCat("KV store key version ",
+                                                   static_cast<int>(static_cast<uint8_t>(key[0])), ", want ",
+                                                   static_cast<int>(kStoreKeyVersion)));
   }
   scope->model_fingerprint = GetBe64(key.data() + 1);
   scope->tenant_salt = GetBe64(key.data() + 9);
@@ -78,7 +78,8 @@ absl::Status VerifyBlockBytes(absl::string_view bytes, uint64_t model_fingerprin
   // magic 4 | version 2 | flags 2 | fingerprint 8 | hash 8 ... | crc 4
   if (bytes.size() < 24 + 4) return absl::DataLossError("KV block too short");
   const uint32_t stored = GetLe<uint32_t>(bytes.data() + bytes.size() - 4);
-  if (Crc32c(0, bytes.data(), bytes.size() - 4) != stored) return absl::DataLossError("KV block checksum mismatch");
+  if (Crc32c(0, bytes.data(), bytes.size() - 4) != stored)
+    return absl::DataLossError("KV block checksum mismatch");
   if (std::memcmp(bytes.data(), "V4KB", 4) != 0) return absl::DataLossError("not a KV block (bad magic)");
   if (GetLe<uint16_t>(bytes.data() + 4) != kKvBlockFormatVersion) {
     return absl::FailedPreconditionError("KV block of another format version");
@@ -122,7 +123,8 @@ absl::StatusOr<WindowState> DecodeWindowState(absl::string_view bytes) {
   ws.hash = GetLe<uint64_t>(bytes.data() + 16);
   ws.index = static_cast<int32_t>(GetLe<uint32_t>(bytes.data() + 24));
   const uint64_t len = GetLe<uint64_t>(bytes.data() + 28);
-  if (len != bytes.size() - kWsHeader - 4) return absl::DataLossError("window-state length disagrees with its size");
+  if (len != bytes.size() - kWsHeader - 4)
+    return absl::DataLossError("window-state length disagrees with its size");
   ws.state.assign(bytes.data() + kWsHeader, len);
   return ws;
 }

@@ -165,7 +165,7 @@ absl::StatusOr<std::unique_ptr<DiskTier>> DiskTier::Open(const DiskTierOptions& 
   blocks_cf.min_blob_size = options.min_blob_bytes;
   blocks_cf.enable_blob_garbage_collection = true;
   blocks_cf.blob_compression_type = rocksdb::kNoCompression;  // FP32 entries barely compress.
-  blocks_cf.write_buffer_size = 32 << 20;                      // Flushes (and blob files) every 32 MiB.
+  blocks_cf.write_buffer_size = 32 << 20;                     // Flushes (and blob files) every 32 MiB.
   rocksdb::ColumnFamilyOptions state_cf = blocks_cf;
   rocksdb::ColumnFamilyOptions meta_cf;
   std::vector<rocksdb::ColumnFamilyDescriptor> cfs = {
@@ -178,7 +178,8 @@ absl::StatusOr<std::unique_ptr<DiskTier>> DiskTier::Open(const DiskTierOptions& 
                            ? rocksdb::DB::OpenForReadOnly(db_options, options.path, cfs, &t->handles_, &raw)
                            : rocksdb::DB::Open(db_options, options.path, cfs, &t->handles_, &raw);
   if (!st.ok()) {
-    return absl::UnavailableError(absl::StrCat("cannot open KV store at ", options.path, ": ", st.ToString()));
+    return absl::UnavailableError(
+        absl::StrCat("cannot open KV store at ", options.path, ": ", st.ToString()));
   }
   t->db_.reset(raw);
   std::string format;
@@ -189,9 +190,8 @@ absl::StatusOr<std::unique_ptr<DiskTier>> DiskTier::Open(const DiskTierOptions& 
   }
   if (!st.ok() && !st.IsNotFound()) return FromRocks(st, "reading the store's format record");
   if (st.ok() && format != kFormatValue) {
-    return absl::FailedPreconditionError(
-        absl::StrCat("KV store at ", options.path, " has format '", format, "', this build reads '",
-                     kFormatValue, "'"));
+    return absl::FailedPreconditionError(absl::StrCat("KV store at ", options.path, " has format '", format,
+                                                      "', this build reads '", kFormatValue, "'"));
   }
   RETURN_IF_ERROR(t->RebuildIndex());
   return t;
@@ -361,8 +361,8 @@ absl::StatusOr<std::vector<std::string>> DiskTier::Put(const std::string& key, c
     batch.Delete(handles_[kStateCf], key);
   }
   batch.Put(handles_[kMetaCf], key,
-            EncodeMeta(static_cast<int64_t>(block.block.size()), static_cast<int64_t>(block.window_state.size()),
-                       block.index, seq));
+            EncodeMeta(static_cast<int64_t>(block.block.size()),
+                       static_cast<int64_t>(block.window_state.size()), block.index, seq));
   // One atomic batch: after a crash the block, its state and its meta record are all there or none is.
   absl::Status w = FromRocks(db_->Write(rocksdb::WriteOptions(), &batch), "writing a KV block");
   if (!w.ok()) return w;
@@ -539,7 +539,8 @@ absl::StatusOr<LookupResult> TieredStore::Lookup(const StoreScope& scope, absl::
       where = Tier::kHost;
     } else if (disk_ != nullptr && disk_->Contains(key, &state)) {
       where = Tier::kDisk;
-      if (static_cast<int32_t>(to_prefetch.size()) < options_.prefetch_blocks) to_prefetch.emplace_back(key, h);
+      if (static_cast<int32_t>(to_prefetch.size()) < options_.prefetch_blocks)
+        to_prefetch.emplace_back(key, h);
     } else {
       break;
     }

@@ -99,19 +99,19 @@ class MemoryTier final : public BlockTier {
 };
 
 struct DiskTierOptions {
-  std::string path;                  // RocksDB directory (created when missing unless read_only).
+  std::string path;  // RocksDB directory (created when missing unless read_only).
   int64_t capacity_bytes = 64LL << 30;
-  bool read_only = false;            // `v4serve kv stats|verify` on a store another process may hold.
-  bool blob_files = true;            // Block values in BlobDB files (enable_blob_files).
-  uint64_t min_blob_bytes = 4096;    // Values at least this large go to blob files.
+  bool read_only = false;          // `v4serve kv stats|verify` on a store another process may hold.
+  bool blob_files = true;          // Block values in BlobDB files (enable_blob_files).
+  uint64_t min_blob_bytes = 4096;  // Values at least this large go to blob files.
 };
 
 struct DiskTierStats {
   int64_t blocks = 0;
   int64_t window_states = 0;
-  int64_t block_bytes = 0;   // Sum of block values (uncompressed sizes as stored).
-  int64_t state_bytes = 0;   // Sum of window-state values.
-  int64_t bytes_on_disk = 0; // SST + blob + WAL files in the directory.
+  int64_t block_bytes = 0;    // Sum of block values (uncompressed sizes as stored).
+  int64_t state_bytes = 0;    // Sum of window-state values.
+  int64_t bytes_on_disk = 0;  // SST + blob + WAL files in the directory.
   std::vector<std::pair<uint64_t, int64_t>> blocks_per_model;  // (fingerprint, blocks).
 };
 
@@ -159,13 +159,13 @@ class DiskTier {
 };
 
 struct TieredStoreOptions {
-  int64_t device_capacity_bytes = 0;       // 0 = no device tier (the engine's own pool is it).
+  int64_t device_capacity_bytes = 0;  // 0 = no device tier (the engine's own pool is it).
   int64_t host_capacity_bytes = 4LL << 30;
-  std::string disk_path;                   // Empty = no disk tier.
+  std::string disk_path;  // Empty = no disk tier.
   int64_t disk_capacity_bytes = 64LL << 30;
-  int32_t write_queue_blocks = 1024;       // Write-behind queue bound.
-  int32_t prefetch_blocks = 256;           // Most blocks one Lookup prefetches from disk (32k tokens).
-  int32_t prefetch_threads = 4;            // Parallel disk reads of prefetches (queue depth).
+  int32_t write_queue_blocks = 1024;  // Write-behind queue bound.
+  int32_t prefetch_blocks = 256;      // Most blocks one Lookup prefetches from disk (32k tokens).
+  int32_t prefetch_threads = 4;       // Parallel disk reads of prefetches (queue depth).
   bool blob_files = true;
 
   absl::Status Validate() const;
@@ -243,7 +243,8 @@ class TieredStore final : public KvStoreClient {
   std::vector<std::thread> prefetchers_;
 
   absl::Mutex sub_mu_;
-  std::vector<std::pair<int64_t, std::function<void(const StoreEvent&)>>> subscribers_ ABSL_GUARDED_BY(sub_mu_);
+  std::vector<std::pair<int64_t, std::function<void(const StoreEvent&)>>> subscribers_
+      ABSL_GUARDED_BY(sub_mu_);
   int64_t next_sub_ ABSL_GUARDED_BY(sub_mu_) = 0;
 
   mutable std::atomic<int64_t> lookups_{0}, lookup_hit_blocks_{0}, gets_{0}, get_hits_device_{0},

@@ -121,12 +121,15 @@ absl::Status RunUp(const Context& ctx, const UpOptions& o) {
                                      "--db_path=" + data_dir + "/kvstore"};
       for (auto& f : CommonFlags(o)) kv.push_back(f);
       ASSIGN_OR_RETURN(Role kvstore, StartRole("kvstore", kv, run_dir, o.start_timeout, ctx.shutdown));
+      // The workers share prefix KV through it (docs/KV_STORE.md).
+      const std::string kvstore_addr = absl::StrCat(o.host, ":", kvstore.ready["grpc_port"].get<int>());
       roles.push_back(std::move(kvstore));
       // Until KV transfer between prefill and decode lands, the decode worker runs colocated (it prefills
       // itself); a prefill worker would only answer health checks.
       for (std::string role : {"decode"}) {
-        std::vector<std::string> argv = {ctx.self_exe, role, "--grpc_port=0", "--model=" + o.model_dir,
-                                         "--colocated"};
+        std::vector<std::string> argv = {ctx.self_exe,    role,
+                                         "--grpc_port=0", "--model=" + o.model_dir,
+                                         "--colocated",   "--kvstore=" + kvstore_addr};
         for (auto& f : CommonFlags(o)) argv.push_back(f);
         ASSIGN_OR_RETURN(Role r, StartRole(role, argv, run_dir, o.start_timeout, ctx.shutdown));
         std::string addr = absl::StrCat(o.host, ":", r.ready["grpc_port"].get<int>());

@@ -122,7 +122,8 @@ TEST(KvstoreKillTest, KillDuringWritesNeverServesACorruptBlock) {
   RunV4serve({"kv", "stats", "--dir=" + db}, &stats);
   std::printf(
       "kill -9 test: %d kills, %lld restarts opened (slowest %s), %lld puts acknowledged, %llu blocks "
-      "attempted; re-reads after restarts: %lld served exactly, %lld missing (lost in the crash), %lld corrupt\nkv verify: %s%s",
+      "attempted; re-reads after restarts: %lld served exactly, %lld missing (lost in the crash), %lld "
+      "corrupt\nkv verify: %s%s",
       iterations, static_cast<long long>(restarts), absl::FormatDuration(open_max).c_str(),
       static_cast<long long>(acked_total), static_cast<unsigned long long>(next_hash - 1),
       static_cast<long long>(served_total), static_cast<long long>(lost_total),

@@ -7,8 +7,8 @@
 
 #include "engine/engine.h"
 #include "engine/state_blocks.h"
-#include "gtest/gtest.h"
 #include "grpcpp/grpcpp.h"
+#include "gtest/gtest.h"
 #include "kvstore/kvstore_service.h"
 #include "kvstore/tiered_store.h"
 #include "tests/engine/engine_test_util.h"
@@ -25,15 +25,16 @@ using testing::TinyModel;
 
 std::string TempDir(const std::string& name) {
   const char* t = std::getenv("TEST_TMPDIR");
-  std::string dir = std::string(t ? t : "/tmp") + "/v4serve_kv_tiers_" + name + "_" + std::to_string(getpid());
+  std::string dir =
+      std::string(t ? t : "/tmp") + "/v4serve_kv_tiers_" + name + "_" + std::to_string(getpid());
   std::filesystem::remove_all(dir);
   return dir;
 }
 
 // Blocks 0..n-1 of `tokens` as the cache would hold them under `policy` (state only where kept).
-std::vector<kvstore::KvBlock> PolicyBlocks(const kvstore::KvLayout& layout, const std::vector<int32_t>& tokens,
-                                           int n, SwaPolicy policy, int64_t interval,
-                                           model::SequenceState* final_state) {
+std::vector<kvstore::KvBlock> PolicyBlocks(const kvstore::KvLayout& layout,
+                                           const std::vector<int32_t>& tokens, int n, SwaPolicy policy,
+                                           int64_t interval, model::SequenceState* final_state) {
   const model::Model& m = TinyModel();
   model::SequenceState s = m.NewState();
   std::vector<kvstore::KvBlock> blocks;
@@ -62,14 +63,15 @@ TEST(SwaPolicyTest, RecomputationRebuildsTheExactState) {
   };
   // Tiny model: 4 layers x window 16 -> receptive field 80 tokens, inside the last block.
   const Case cases[] = {{SwaPolicy::kFull, 0, 3, 0},
-                        {SwaPolicy::kPeriodic, 256, 3, 128},   // Checkpoint after block 1, recompute block 2.
-                        {SwaPolicy::kPeriodic, 256, 5, 128},   // Checkpoint after block 3.
-                        {SwaPolicy::kZero, 0, 5, 128},         // Fresh window one block back.
-                        {SwaPolicy::kZero, 0, 1, 128}};        // Shorter than a block + field: from 0.
+                        {SwaPolicy::kPeriodic, 256, 3, 128},  // Checkpoint after block 1, recompute block 2.
+                        {SwaPolicy::kPeriodic, 256, 5, 128},  // Checkpoint after block 3.
+                        {SwaPolicy::kZero, 0, 5, 128},        // Fresh window one block back.
+                        {SwaPolicy::kZero, 0, 1, 128}};       // Shorter than a block + field: from 0.
   for (const Case& c : cases) {
     SCOPED_TRACE(std::string(SwaPolicyName(c.policy)) + " blocks=" + std::to_string(c.blocks));
     model::SequenceState truth;
-    std::vector<kvstore::KvBlock> blocks = PolicyBlocks(*layout, tokens, c.blocks, c.policy, c.interval, &truth);
+    std::vector<kvstore::KvBlock> blocks =
+        PolicyBlocks(*layout, tokens, c.blocks, c.policy, c.interval, &truth);
     int64_t recomputed = -1;
     auto restored = RestoreWithRecompute(m, *layout, blocks, &recomputed);
     ASSERT_TRUE(restored.ok()) << restored.status();

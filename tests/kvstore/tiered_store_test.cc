@@ -2,15 +2,16 @@
 // LRU eviction and pinning per tier, read-through from disk with promotion and prefetch, checksum
 // failures as misses plus a metric, the index rebuilt after a restart, tenants and models kept apart,
 // and the service's Get / Put / Lookup / Events with bad input rejected.
+#include "kvstore/tiered_store.h"
+
 #include <filesystem>
 #include <thread>
 
 #include "absl/synchronization/notification.h"
-#include "gtest/gtest.h"
 #include "grpcpp/grpcpp.h"
+#include "gtest/gtest.h"
 #include "kvstore/kvstore_service.h"
 #include "kvstore/store_format.h"
-#include "kvstore/tiered_store.h"
 #include "rocksdb/db.h"
 #include "tests/kvstore/kv_store_test_util.h"
 
@@ -178,10 +179,8 @@ TEST(TieredStoreTest, CorruptBytesOnDiskAreAMissAndAMetricNeverServed) {
   }
   {
     // Damage block 11's bytes and block 12's window state behind the store's back.
-    std::vector<rocksdb::ColumnFamilyDescriptor> cfs = {{rocksdb::kDefaultColumnFamilyName, {}},
-                                                        {"blocks", {}},
-                                                        {"window_state", {}},
-                                                        {"meta", {}}};
+    std::vector<rocksdb::ColumnFamilyDescriptor> cfs = {
+        {rocksdb::kDefaultColumnFamilyName, {}}, {"blocks", {}}, {"window_state", {}}, {"meta", {}}};
     std::vector<rocksdb::ColumnFamilyHandle*> h;
     rocksdb::DB* db = nullptr;
     ASSERT_TRUE(rocksdb::DB::Open(rocksdb::DBOptions(), dir, cfs, &h, &db).ok());
@@ -232,7 +231,8 @@ TEST(TieredStoreTest, DiskCapacityEvictsOldestAndReportsIt) {
   ASSERT_TRUE(store.ok());
   std::atomic<int> evicted_disk{0};
   (*store)->Subscribe([&](const StoreEvent& e) {
-    if (e.kind == StoreEvent::Kind::kEvicted && e.tier == Tier::kDisk) evicted_disk += static_cast<int>(e.hashes.size());
+    if (e.kind == StoreEvent::Kind::kEvicted && e.tier == Tier::kDisk)
+      evicted_disk += static_cast<int>(e.hashes.size());
   });
   for (int i = 0; i < 6; ++i) {
     (*store)->PutAsync(scope, MakeBlock(layout, 100 + i, i, false));
