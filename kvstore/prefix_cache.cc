@@ -64,7 +64,7 @@ uint64_t TenantSalt(absl::string_view tenant) {
 
 std::string BlockHashBytes(BlockHash hash) {
   std::string out(8, '\0');
-  for (int b = 0; b < 8; ++b) out[b] = static_cast<char>(static_cast<uint8_t>(hash >> (8 * b)));
+  for (int b = 0; b < 8; ++b) out[b] = static_cast<char>(static_cast<uint8_t>(hash >> (8 * (7 - b))));
   return out;
 }
 
@@ -74,7 +74,7 @@ absl::StatusOr<BlockHash> BlockHashFromBytes(absl::string_view bytes) {
         absl::StrCat("block hash: expected 8 bytes, got ", bytes.size()));
   }
   BlockHash h = 0;
-  for (int b = 0; b < 8; ++b) h |= static_cast<BlockHash>(static_cast<uint8_t>(bytes[b])) << (8 * b);
+  for (int b = 0; b < 8; ++b) h = (h << 8) | static_cast<uint8_t>(bytes[b]);
   return h;
 }
 

@@ -43,7 +43,8 @@ std::vector<BlockHash> BlockHashChain(absl::Span<const int32_t> tokens, int32_t 
 uint64_t StableHash64(const void* data, size_t n, uint64_t seed = 0);
 // The salt of a tenant's hash chains: 0 for the default (empty) tenant, else StableHash64 of the name.
 uint64_t TenantSalt(absl::string_view tenant);
-// A hash as it travels in proto BlockId.hash: 8 bytes, little-endian.
+// A hash (or a model fingerprint) as it travels in proto bytes fields (BlockId.hash): 8 bytes, big-endian,
+// the order of the store keys (kvstore/store_format.h).
 std::string BlockHashBytes(BlockHash hash);
 // INVALID_ARGUMENT unless `bytes` is 8 bytes long.
 absl::StatusOr<BlockHash> BlockHashFromBytes(absl::string_view bytes);
