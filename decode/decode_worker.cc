@@ -131,6 +131,9 @@ absl::Status RunDecodeWorker(const DecodeWorkerOptions& options, services::Shutd
   eo.max_model_len =
       options.max_model_len > 0 ? options.max_model_len : model->config().max_position_embeddings;
   ASSIGN_OR_RETURN(eo.model_fingerprint, engine::ModelFingerprint(dir));
+  // What the prefix cache holds, streamed to routers (Worker.KvEvents) for prefix-aware routing.
+  kvstore::KvEventHub kv_events(eo.model_fingerprint, kvstore::kDefaultBlockTokens);
+  if (options.prefix_cache) eo.kv.events = &kv_events;
   GenerateServiceOptions so;
   so.model_id = std::filesystem::path(dir).lexically_normal().filename().string();
   if (so.model_id.empty())
@@ -150,6 +153,7 @@ absl::Status RunDecodeWorker(const DecodeWorkerOptions& options, services::Shutd
   dso.reservation_capacity_tokens = options.kv_blocks * kvstore::kDefaultBlockTokens;
   dso.max_chunk_bytes = static_cast<uint32_t>(options.kv_max_chunk_bytes);
   dso.peer_tls = process.grpc.tls;
+  dso.kv_events = options.prefix_cache ? &kv_events : nullptr;
   std::unique_ptr<kvstore::NcclApi> nccl;
   if (options.kv_transport == "nccl") {
     ASSIGN_OR_RETURN(nccl, kvstore::MakeCudaNccl(static_cast<int>(options.gpu)));
@@ -161,6 +165,8 @@ absl::Status RunDecodeWorker(const DecodeWorkerOptions& options, services::Shutd
   ASSIGN_OR_RETURN(std::unique_ptr<services::ServerProcess> server,
                    services::ServerProcess::Start("decode", process, {&service, &decode}, &metrics, shutdown));
   decode.SetAdvertisedAddress(absl::StrCat(options.advertise_host, ":", server->grpc_port()));
+  services::CloseOnDrain close_events([&kv_events] { kv_events.Close(); });  // end the event streams first
+  server->AddDrainable(&close_events);
   V4LOG(INFO).With("model", dir).With("model_id", so.model_id).With("kv_blocks", options.kv_blocks)
           .With("kv_transport", options.kv_transport)
           .With("swa_policy", options.swa_policy)

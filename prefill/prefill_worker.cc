@@ -62,9 +62,13 @@ absl::Status RunPrefillWorker(const PrefillWorkerOptions& options, services::Shu
     senders = std::make_unique<kvstore::NcclKvSenders>(nccl.get(), no);
     so.nccl = senders.get();
   }
+  kvstore::KvEventHub kv_events(fingerprint, layout.block_tokens);
+  so.kv_events = &kv_events;
   PrefillService service(model.get(), std::move(layout), so, &metrics.registry());
   ASSIGN_OR_RETURN(std::unique_ptr<services::ServerProcess> server,
                    services::ServerProcess::Start("prefill", process, {&service}, &metrics, shutdown));
+  services::CloseOnDrain close_events([&kv_events] { kv_events.Close(); });  // end the event streams first
+  server->AddDrainable(&close_events);
   V4LOG(INFO).With("model", dir).With("accelerators", process.accelerators).With("kv_transport", options.kv_transport)
       << "prefill worker serving Worker.Prefill";
   return server->Run();
