@@ -131,6 +131,7 @@ std::vector<Decoded> DecodeGreedy(const Model& m, const std::vector<std::vector<
     if (step + 1 == steps) break;
     if (batched) {
       std::vector<SequenceState*> ptrs;
+      ptrs.reserve(states.size());
       for (SequenceState& s : states) ptrs.push_back(&s);
       absl::StatusOr<std::vector<float>> l = m.Decode(ptrs, next);
       EXPECT_TRUE(l.ok()) << l.status();
