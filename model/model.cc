@@ -142,7 +142,7 @@ std::vector<float> Model::Logits(const float* streams, int64_t m, const cpu::HcW
   cpu::HcHead(config_, num, hc_head, streams, m, &hidden);
   cpu::RmsNorm(hidden.data(), m, config_.hidden_size, norm.data(), config_.rms_norm_eps);
   num.Bf(&hidden);
-  cpu::MatmulWt(hidden.data(), m, config_.hidden_size, weights_->head.data(), config_.vocab_size, &logits);
+  num.Matmul(hidden.data(), m, config_.hidden_size, weights_->head.data(), config_.vocab_size, &logits);
   return logits;
 }
 
