@@ -6,7 +6,9 @@
 //   prefill (8k, 32k tokens): achieved FLOP/s (GEMMs + attention + indexer) / cuBLASLt's best dense FP8
 //     GEMM (and BF16 GEMM) over a few large square shapes.
 // Usage: v4serve_cuda_bench [--layers=2] [--context=512] [--prefill=8192,32768] [--batches=1,8,64]
-//                           [--weights=bf16|fp32] [--steps=10]
+//                           [--weights=bf16|fp32] [--experts=fp4|bf16] [--steps=10]
+// (--experts=fp4: MXFP4 routed experts, as V4 ships them; other weights BF16 except the FP32 ones the
+// backend keeps: mHC mixes, router gate, compressor projections.)
 // Prints a Markdown table (docs/PERFORMANCE.md holds the last one).
 #include <cublasLt.h>
 #include <cuda_fp8.h>
@@ -168,9 +170,20 @@ double Seconds(std::chrono::steady_clock::time_point a) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - a).count();
 }
 
+// With V4SERVE_CUDA_PROFILE=1: where the last Forward's wall time went.
+void PrintPhases(const ForwardBackend& be) {
+  auto c = cuda::LastForwardCounters(be);
+  if (!c.ok()) return;
+  const double total = c->s_mhc + c->s_attn_proj + c->s_attn_host + c->s_attn_kernels + c->s_attn_out + c->s_moe + c->s_head;
+  if (total <= 0) return;
+  std::printf("    phases (ms): mhc+norm %.2f, attn proj %.2f, attn host %.2f, attn kernels %.2f, attn out %.2f, moe %.2f, head %.2f\n",
+              c->s_mhc * 1e3, c->s_attn_proj * 1e3, c->s_attn_host * 1e3, c->s_attn_kernels * 1e3, c->s_attn_out * 1e3,
+              c->s_moe * 1e3, c->s_head * 1e3);
+}
+
 int Main(int argc, char** argv) {
   int64_t layers = 2, context = 512, steps = 10;
-  std::string prefill = "8192,32768", batches = "1,8,64", weights = "bf16";
+  std::string prefill = "8192,32768", batches = "1,8,64", weights = "bf16", experts = "fp4";
   const char* src = std::getenv("V4SERVE_SOURCE_DIR");
   std::string config_path = std::string(src ? src : V4SERVE_SOURCE_DIR_DEFAULT) + "/tests/model/testdata/v4_flash_config.json";
   for (int i = 1; i < argc; ++i) {
@@ -185,6 +198,7 @@ int Main(int argc, char** argv) {
     else if (const char* v = val("prefill")) prefill = v;
     else if (const char* v = val("batches")) batches = v;
     else if (const char* v = val("weights")) weights = v;
+    else if (const char* v = val("experts")) experts = v;
     else if (const char* v = val("config")) config_path = v;
     else {
       std::fprintf(stderr, "unknown flag %s\n", argv[i]);
@@ -203,6 +217,7 @@ int Main(int argc, char** argv) {
   for (int64_t l = 0; l < layers; ++l) ratios.push_back(l % 2 == 0 ? 4 : 128);  // CSA, HCA, CSA, ...
   j["compress_ratios"] = ratios;
   j["num_hash_layers"] = 0;
+  j["expert_dtype"] = experts == "fp4" ? "fp4" : "bf16";  // V4 ships MXFP4 routed experts.
   absl::StatusOr<ModelConfig> config = ParseModelConfig(j.dump());
   if (!config.ok()) {
     std::fprintf(stderr, "%s\n", std::string(config.status().message()).c_str());
@@ -229,8 +244,9 @@ int Main(int argc, char** argv) {
     std::fprintf(stderr, "%s\n", std::string(be.status().message()).c_str());
     return 1;
   }
-  std::printf("stack: %lld layers (CSA/HCA alternating, score routing), %s; built in %.1f s\n",
-              static_cast<long long>(layers), (*be)->Describe().c_str(), Seconds(t0));
+  std::printf("stack: %lld layers (CSA/HCA alternating, score routing), %s experts, %s; built in %.1f s\n",
+              static_cast<long long>(layers), experts == "fp4" ? "MXFP4" : "BF16", (*be)->Describe().c_str(),
+              Seconds(t0));
   std::fflush(stdout);
   const int64_t vocab = config->vocab_size;
   std::vector<std::string> rows;
@@ -287,6 +303,7 @@ int Main(int argc, char** argv) {
                   static_cast<long long>(experts), bytes / t / 1e9, 100.0 * bytes / t / copy_bw);
     (void)flops;
     rows.push_back(line);
+    PrintPhases(**be);
     std::printf("%s\n", line);
     std::fflush(stdout);
   }
@@ -313,6 +330,7 @@ int Main(int argc, char** argv) {
                   100.0 * flops / t / bf16);
     rows.push_back(line);
     std::printf("%s\n", line);
+    PrintPhases(**be);
     std::fflush(stdout);
   }
   std::printf("\n| what | time | throughput | moved / computed | achieved | ratio |\n|---|---|---|---|---|---|\n");

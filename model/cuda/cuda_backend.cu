@@ -5,7 +5,9 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <string>
@@ -83,13 +85,48 @@ class Buf {
   int64_t n_ = 0, cap_ = 0;
 };
 
-// A weight matrix [out, in] (row-major, as checkpoints store it), FP32 or BF16.
+// A weight matrix [out, in] (row-major, as checkpoints store it): FP32, BF16, or MXFP4 (`fp4`: e2m1 codes
+// two per byte in `p`, one e8m0 scale per 32 elements of a row in `scales`).
 struct Mat {
   void* p = nullptr;
   int64_t out = 0, in = 0;
   bool bf16 = false;
-  int64_t bytes() const { return out * in * (bf16 ? 2 : 4); }
+  bool fp4 = false;
+  uint8_t* scales = nullptr;
+  int64_t bytes() const { return fp4 ? out * in / 2 + out * in / 32 : out * in * (bf16 ? 2 : 4); }
 };
+
+// Host FP32 rows -> MXFP4 with the smallest power-of-two scale per block of 32 (amax / 6 rounded up), so
+// values that came from an MXFP4 checkpoint convert back exactly.
+void QuantizeMxfp4(const float* v, int64_t n, uint8_t* codes, uint8_t* scales) {
+  static constexpr float kGrid[8] = {0.0f, 0.5f, 1.0f, 1.5f, 2.0f, 3.0f, 4.0f, 6.0f};
+  for (int64_t b = 0; b < n / 32; ++b) {
+    const float* x = v + b * 32;
+    float amax = 0;
+    for (int j = 0; j < 32; ++j) amax = std::max(amax, std::fabs(x[j]));
+    int e = -127;
+    if (amax > 0) {
+      int ex = 0;
+      const float m = std::frexp(amax / 6.0f, &ex);
+      e = std::clamp(m == 0.5f ? ex - 1 : ex, -127, 127);
+    }
+    scales[b] = static_cast<uint8_t>(e + 127);
+    const float s = std::ldexp(1.0f, e);
+    for (int j = 0; j < 32; j += 2) {
+      uint8_t pair = 0;
+      for (int h = 0; h < 2; ++h) {
+        const float q = x[j + h] / s;
+        int best = 0;
+        for (int g = 1; g < 8; ++g) {
+          if (std::fabs(std::fabs(q) - kGrid[g]) < std::fabs(std::fabs(q) - kGrid[best])) best = g;
+        }
+        const uint8_t code = static_cast<uint8_t>(best | (q < 0 && best != 0 ? 8 : 0));
+        pair |= static_cast<uint8_t>(code << (4 * h));
+      }
+      codes[b * 16 + j / 2] = pair;
+    }
+  }
+}
 
 struct HcW {
   Mat fn;  // Always FP32: the mixes feed Sinkhorn and sigmoid gates.
@@ -148,7 +185,8 @@ class CudaBackend final : public ForwardBackend {
                                              absl::Span<const int64_t> logit_rows,
                                              std::vector<float>* final_streams) const override;
 
-  const ForwardCounters& counters() const { return counters_; }
+  // The last Forward's counters; the experts' share is read back from the device here.
+  absl::StatusOr<ForwardCounters> Counters() const;
 
   // y[m, out] = x[m, in] W^T (x rows of stride ldx, y rows of stride ldy), FP32 out.
   absl::Status Linear(const float* x, int64_t m, const Mat& w, float* y) const;
@@ -158,16 +196,22 @@ class CudaBackend final : public ForwardBackend {
 
  private:
   absl::Status PutVec(const float* host, int64_t n, WInit init, float** p);
+  absl::Status PutFp4(const float* host, int64_t out, int64_t in, Mat* m);
   absl::Status LoadLayer(const cpu::BlockWeights* b, int64_t layer, LayerW* l);
   absl::Status HcPre(const HcW& w, const float* streams, int64_t n, float* collapsed, float* post,
                      float* comb) const;
   absl::Status Attention(const LayerW& w, int64_t layer, absl::Span<const ForwardSegment> segments,
                          const float* x, int64_t n, float* out) const;
-  absl::Status Moe(const LayerW& w, bool hash, const float* x, const int32_t* d_tokens, int64_t n,
-                   float* out) const;
-  absl::Status ExpertGemm(const Mat& w, int64_t ne, const float* xin, const std::vector<int32_t>& g_expert,
-                          const std::vector<int32_t>& g_off, const std::vector<int32_t>& g_cnt,
-                          int64_t max_cnt, float* y) const;
+  absl::Status Moe(const LayerW& w, int64_t layer, bool hash, const float* x, const int32_t* d_tokens,
+                   int64_t n, float* out) const;
+  // Expert GEMMs over slots grouped by expert. Device path: GroupedGemv over all experts with the device's
+  // counts and starts. Host path: cuBLAS per expert with host counts.
+  absl::Status ExpertGemmDevice(const Mat& w, int64_t groups, const float* xin, const int32_t* active,
+                                const int32_t* n_active, const int32_t* d_start, const int32_t* d_count,
+                                float* y) const;
+  absl::Status ExpertGemmHost(const Mat& w, const float* xin, const std::vector<int32_t>& g_expert,
+                              const std::vector<int32_t>& g_off, const std::vector<int32_t>& g_cnt, float* y) const;
+  bool GemvFits(const Mat& w) const { return w.in % (w.fp4 ? 32 : w.bf16 ? 256 : 128) == 0; }
   absl::Status Sync() const { return CudaStatus(cudaStreamSynchronize(stream_), "cudaStreamSynchronize", __FILE__, __LINE__); }
   void CountGemm(const Mat& w, int64_t m) const {
     counters_.weight_bytes += w.bytes();
@@ -191,7 +235,36 @@ class CudaBackend final : public ForwardBackend {
   uint64_t seed_ = 0;
   mutable std::unique_ptr<Buf<__nv_bfloat16>> act_bf16_;  // Scratch for BF16 GEMM inputs.
   mutable ForwardCounters counters_;
+  int32_t* touched_ = nullptr;  // [layers, experts]: rows each expert got in the last Forward.
+  bool profile_ = false;
+  mutable std::chrono::steady_clock::time_point mark_;
+  // Profiling: synchronizes and adds the wall time since the last mark to `*slot`.
+  absl::Status Mark(double* slot) const {
+    if (!profile_) return absl::OkStatus();
+    RETURN_IF_ERROR(Sync());
+    const auto now = std::chrono::steady_clock::now();
+    *slot += std::chrono::duration<double>(now - mark_).count();
+    mark_ = now;
+    return absl::OkStatus();
+  }
 };
+
+absl::StatusOr<ForwardCounters> CudaBackend::Counters() const {
+  ForwardCounters c = counters_;
+  const int64_t ne = c_.n_routed_experts, d = c_.hidden_size, inter = c_.moe_intermediate_size;
+  std::vector<int32_t> t(static_cast<size_t>(c_.num_hidden_layers * ne));
+  V4_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(t.data(), touched_, t.size() * 4, cudaMemcpyDeviceToHost, stream_));
+  RETURN_IF_ERROR(Sync());
+  const bool fp4 = bf16_ && c_.expert_dtype == "fp4";
+  const int64_t expert_bytes = fp4 ? 3 * d * inter / 2 + 3 * d * inter / 32 : 3 * d * inter * (bf16_ ? 2 : 4);
+  for (int32_t rows : t) {
+    if (rows == 0) continue;
+    ++c.experts_touched;
+    c.weight_bytes += expert_bytes;
+    c.gemm_flops += 2.0 * rows * 3 * d * inter;
+  }
+  return c;
+}
 
 absl::Status CudaBackend::Put(const float* host, int64_t out, int64_t in, bool bf16, WInit init, Mat* m) {
   m->out = out;
@@ -213,6 +286,32 @@ absl::Status CudaBackend::Put(const float* host, int64_t out, int64_t in, bool b
     const float scale = init == WInit::kRandom ? 1.0f / std::sqrt(static_cast<float>(in)) : 0.0f;
     k::RandomFill<<<1024, 256, 0, stream_>>>(m->p, bf16, n, ++seed_, scale);
     V4_LAUNCH_CHECK(RandomFill);
+  }
+  return absl::OkStatus();
+}
+
+absl::Status CudaBackend::PutFp4(const float* host, int64_t out, int64_t in, Mat* m) {
+  if (in % 32 != 0) return absl::InvalidArgumentError("MXFP4 weights need rows of a multiple of 32");
+  m->out = out;
+  m->in = in;
+  m->fp4 = true;
+  const int64_t n = out * in;
+  V4_CUDA_RETURN_IF_ERROR(cudaMalloc(&m->p, n / 2));
+  allocs_.push_back(m->p);
+  V4_CUDA_RETURN_IF_ERROR(cudaMalloc(&m->scales, n / 32));
+  allocs_.push_back(m->scales);
+  weight_bytes_ += m->bytes();
+  if (host != nullptr) {
+    std::vector<uint8_t> codes(static_cast<size_t>(n / 2)), sc(static_cast<size_t>(n / 32));
+    QuantizeMxfp4(host, n, codes.data(), sc.data());
+    V4_CUDA_RETURN_IF_ERROR(cudaMemcpy(m->p, codes.data(), codes.size(), cudaMemcpyHostToDevice));
+    V4_CUDA_RETURN_IF_ERROR(cudaMemcpy(m->scales, sc.data(), sc.size(), cudaMemcpyHostToDevice));
+  } else {
+    // Random codes (|value| 2.1 on average) with a scale that gives about N(0, 1/in) weights.
+    k::RandomBytes<<<1024, 256, 0, stream_>>>(static_cast<uint8_t*>(m->p), n / 2, ++seed_);
+    V4_LAUNCH_CHECK(RandomBytes);
+    const int e = static_cast<int>(std::lround(std::log2(1.0 / (std::sqrt(static_cast<double>(in)) * 2.5))));
+    V4_CUDA_RETURN_IF_ERROR(cudaMemsetAsync(m->scales, e + 127, n / 32, stream_));
   }
   return absl::OkStatus();
 }
@@ -300,15 +399,17 @@ absl::Status CudaBackend::LoadLayer(const cpu::BlockWeights* b, int64_t layer, L
     RETURN_IF_ERROR(vec(b ? &b->gate_bias : nullptr, ne, WInit::kRandom, &l->gate_bias));
   }
   // Experts stacked so that one pointer and an expert index address any of them.
+  // MXFP4 routed experts when the checkpoint has them and the backend is not in its FP32 mode.
+  const bool fp4 = bf16_ && c.expert_dtype == "fp4";
   auto stack = [&](int which, int64_t out, int64_t in, Mat* dst) -> absl::Status {
-    if (b == nullptr) return Put(nullptr, ne * out, in, bf16_, WInit::kRandom, dst);
+    if (b == nullptr) return fp4 ? PutFp4(nullptr, ne * out, in, dst) : Put(nullptr, ne * out, in, bf16_, WInit::kRandom, dst);
     std::vector<float> all(static_cast<size_t>(ne * out * in));
     for (int64_t e = 0; e < ne; ++e) {
       const cpu::ExpertWeights& ew = b->experts[static_cast<size_t>(e)];
       const cpu::Tensor& t = which == 1 ? ew.w1 : which == 3 ? ew.w3 : ew.w2;
       std::copy(t.begin(), t.end(), all.begin() + e * out * in);
     }
-    return Put(all.data(), ne * out, in, bf16_, WInit::kHost, dst);
+    return fp4 ? PutFp4(all.data(), ne * out, in, dst) : Put(all.data(), ne * out, in, bf16_, WInit::kHost, dst);
   };
   RETURN_IF_ERROR(stack(1, inter, d, &l->w1));
   RETURN_IF_ERROR(stack(3, inter, d, &l->w3));
@@ -326,7 +427,6 @@ absl::Status CudaBackend::InitRuntime() {
   cudaDeviceProp prop{};
   V4_CUDA_RETURN_IF_ERROR(cudaGetDeviceProperties(&prop, dev));
   gpu_name_ = prop.name;
-  smem_optin_ = prop.sharedMemPerBlockOptin;
   V4_CUDA_RETURN_IF_ERROR(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
   V4_CUBLAS_RETURN_IF_ERROR(cublasCreate(&blas_));
   V4_CUBLAS_RETURN_IF_ERROR(cublasSetStream(blas_, stream_));
@@ -338,10 +438,15 @@ absl::Status CudaBackend::InitRuntime() {
   uint64_t keep = std::numeric_limits<uint64_t>::max();  // Keep freed scratch for the next step.
   V4_CUDA_RETURN_IF_ERROR(cudaMemPoolSetAttribute(pool, cudaMemPoolAttrReleaseThreshold, &keep));
   act_bf16_ = std::make_unique<Buf<__nv_bfloat16>>(stream_);
+  // Dynamic shared memory may take what the kernel's static shared memory leaves of the opt-in limit.
+  cudaFuncAttributes fa{};
+  V4_CUDA_RETURN_IF_ERROR(cudaFuncGetAttributes(&fa, k::Attention));
+  smem_optin_ = prop.sharedMemPerBlockOptin - fa.sharedSizeBytes;
   V4_CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(k::Attention, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                               prop.sharedMemPerBlockOptin));
+                                               static_cast<int>(smem_optin_)));
+  V4_CUDA_RETURN_IF_ERROR(cudaFuncGetAttributes(&fa, k::IndexerScores));
   V4_CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(k::IndexerScores, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                               prop.sharedMemPerBlockOptin));
+                                               static_cast<int>(prop.sharedMemPerBlockOptin - fa.sharedSizeBytes)));
   return absl::OkStatus();
 }
 
@@ -351,6 +456,8 @@ absl::Status CudaBackend::Init(const cpu::ModelWeights* w, const cpu::RopeTable*
   seed_ = seed;
   if (c.hc_mult > k::kMaxHc) return absl::InvalidArgumentError("hc_mult above the CUDA backend's bound");
   RETURN_IF_ERROR(InitRuntime());
+  const char* prof = std::getenv("V4SERVE_CUDA_PROFILE");
+  profile_ = prof != nullptr && std::string(prof) == "1";
 
   rope_main_ = rope_main ? *rope_main : cpu::MakeRopeTable(c.qk_rope_head_dim, c.rope_theta, nullptr);
   rope_comp_ = rope_comp ? *rope_comp
@@ -374,6 +481,9 @@ absl::Status CudaBackend::Init(const cpu::ModelWeights* w, const cpu::RopeTable*
   RETURN_IF_ERROR(Put(w ? w->hc_head.fn.data() : nullptr, hc, hc * d, false, wi, &hc_head_.fn));
   RETURN_IF_ERROR(PutVec(w ? w->hc_head.base.data() : nullptr, hc, w ? WInit::kHost : WInit::kRandom, &hc_head_.base));
   RETURN_IF_ERROR(PutVec(w ? w->hc_head.scale.data() : nullptr, 1, w ? WInit::kHost : WInit::kRandom, &hc_head_.scale));
+  V4_CUDA_RETURN_IF_ERROR(cudaMalloc(&touched_, std::max<int64_t>(1, c.num_hidden_layers * c.n_routed_experts) * 4));
+  allocs_.push_back(touched_);
+  if (c.num_experts_per_tok > 64) return absl::InvalidArgumentError("num_experts_per_tok above 64");
   layers_.resize(static_cast<size_t>(c.num_hidden_layers));
   for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
     RETURN_IF_ERROR(LoadLayer(w ? &w->layers[static_cast<size_t>(l)] : nullptr, l, &layers_[static_cast<size_t>(l)]));
@@ -430,7 +540,7 @@ absl::Status CudaBackend::HcPre(const HcW& w, const float* streams, int64_t n, f
 absl::Status CudaBackend::Attention(const LayerW& w, int64_t layer, absl::Span<const ForwardSegment> segments,
                                     const float* x, int64_t n, float* out) const {
   const ModelConfig& c = c_;
-  const int64_t d = c.hidden_size, h = c.num_attention_heads, hd = c.head_dim, rd = c.qk_rope_head_dim;
+  const int64_t h = c.num_attention_heads, hd = c.head_dim, rd = c.qk_rope_head_dim;
   const int64_t win = c.sliding_window, ratio = c.compress_ratios[static_cast<size_t>(layer)];
   const bool csa = ratio == 4;
   const int64_t coff = csa ? 2 : 1, ih = c.index_n_heads, id = c.index_head_dim;
@@ -488,6 +598,7 @@ absl::Status CudaBackend::Attention(const LayerW& w, int64_t layer, absl::Span<c
     k::Scale<<<Blocks(n * ih, 256), 256, 0, s>>>(iw.get(), n * ih, iscale);
     V4_LAUNCH_CHECK(Scale);
   }
+  RETURN_IF_ERROR(Mark(&counters_.s_attn_proj));
   // The compressors run on the host over the states (cheap, sequential per token); their inputs come back.
   std::vector<float> h_ckv, h_cscore, h_ikv, h_iscore;
   if (ratio > 0) {
@@ -567,9 +678,9 @@ absl::Status CudaBackend::Attention(const LayerW& w, int64_t layer, absl::Span<c
       }
       eo += n_ent;
     }
-    RETURN_IF_ERROR(Sync());  // The ring staging buffer is reused per segment: keep the copies ordered.
-  }
+  }  // Pageable uploads are staged before cudaMemcpyAsync returns, so `ring` may be reused at once.
   counters_.kv_bytes += (wk_rows * hd + ek_rows * hd + (csa ? ek_rows * id : 0)) * 4;
+  RETURN_IF_ERROR(Mark(&counters_.s_attn_host));
   Buf<int64_t> d_ws(s), d_wc(s), d_eb(s), d_vis(s);
   RETURN_IF_ERROR(d_ws.Upload(win_start));
   RETURN_IF_ERROR(d_wc.Upload(win_cnt));
@@ -596,7 +707,7 @@ absl::Status CudaBackend::Attention(const LayerW& w, int64_t layer, absl::Span<c
     return absl::UnimplementedError(absl::StrCat("attention over ", max_keys, " keys exceeds shared memory"));
   }
   const bool use_entries = ratio > 0 && max_vis > 0;
-  k::Attention<<<n * h, 128, smem, s>>>(q.get(), wk.get(), ek.get(), d_ws.get(), d_wc.get(),
+  k::Attention<<<n * h, 256, smem, s>>>(q.get(), wk.get(), ek.get(), d_ws.get(), d_wc.get(),
                                         use_entries ? d_eb.get() : nullptr, d_vis.get(),
                                         csa && use_entries ? sel.get() : nullptr, sel_cnt.get(), c.index_topk,
                                         w.attn_sink, h, hd, 1.0f / std::sqrt(static_cast<float>(hd)), o.get());
@@ -626,49 +737,64 @@ absl::Status CudaBackend::Attention(const LayerW& w, int64_t layer, absl::Span<c
       std::copy(&rows[r * hd], &rows[(r + 1) * hd], &st.window[(p % win) * hd]);
     }
   }
+  RETURN_IF_ERROR(Mark(&counters_.s_attn_kernels));
   // Grouped low-rank output projection, then wo_b.
   const int64_t g = c.o_groups, rank = c.o_lora_rank, gin = h * hd / g;
   Buf<float> mid(s);
   RETURN_IF_ERROR(mid.Alloc(n * g * rank));
   RETURN_IF_ERROR(LinearBatched(o.get(), n, h * hd, gin, w.wo_a, g, g * rank, mid.get()));
-  return Linear(mid.get(), n, w.wo_b, out);  // Scratch is freed in stream order.
+  RETURN_IF_ERROR(Linear(mid.get(), n, w.wo_b, out));  // Scratch is freed in stream order.
+  return Mark(&counters_.s_attn_out);
 }
 
-absl::Status CudaBackend::ExpertGemm(const Mat& w, int64_t ne, const float* xin, const std::vector<int32_t>& g_expert,
-                                     const std::vector<int32_t>& g_off, const std::vector<int32_t>& g_cnt,
-                                     int64_t max_cnt, float* y) const {
+absl::Status CudaBackend::ExpertGemmDevice(const Mat& w, int64_t groups, const float* xin, const int32_t* active,
+                                           const int32_t* n_active, const int32_t* d_start, const int32_t* d_count,
+                                           float* y) const {
+  const dim3 grid(static_cast<unsigned>(groups), static_cast<unsigned>(Blocks(w.out, 8)));
+  if (w.fp4) {
+    k::GroupedGemv<k::kMxfp4><<<grid, 256, 0, stream_>>>(xin, w.p, active, n_active, d_start, d_count, w.in, w.out,
+                                                         y, w.scales);
+  } else if (w.bf16) {
+    k::GroupedGemv<k::kBf16><<<grid, 256, 0, stream_>>>(xin, w.p, active, n_active, d_start, d_count, w.in, w.out,
+                                                        y, nullptr);
+  } else {
+    k::GroupedGemv<k::kF32><<<grid, 256, 0, stream_>>>(xin, w.p, active, n_active, d_start, d_count, w.in, w.out,
+                                                       y, nullptr);
+  }
+  V4_LAUNCH_CHECK(GroupedGemv);
+  return absl::OkStatus();
+}
+
+absl::Status CudaBackend::ExpertGemmHost(const Mat& w, const float* xin, const std::vector<int32_t>& g_expert,
+                                         const std::vector<int32_t>& g_off, const std::vector<int32_t>& g_cnt,
+                                         float* y) const {
   const int64_t out = w.out, in = w.in;
   const int64_t groups = static_cast<int64_t>(g_expert.size());
-  counters_.weight_bytes += groups * out * in * (w.bf16 ? 2 : 4);
-  for (int32_t cnt : g_cnt) counters_.gemm_flops += 2.0 * cnt * out * in;
-  if (max_cnt <= k::kMaxGroupRows && in % (w.bf16 ? 256 : 128) == 0) {
-    // One launch for every expert: memory-bound decode.
-    Buf<int32_t> de(stream_), doff(stream_), dcnt(stream_);
-    RETURN_IF_ERROR(de.Upload(g_expert));
-    RETURN_IF_ERROR(doff.Upload(g_off));
-    RETURN_IF_ERROR(dcnt.Upload(g_cnt));
-    const dim3 grid(static_cast<unsigned>(groups), static_cast<unsigned>(Blocks(out, 8)));
-    if (w.bf16) {
-      k::GroupedGemv<true><<<grid, 256, 0, stream_>>>(xin, w.p, de.get(), doff.get(), dcnt.get(), in, out, y);
-    } else {
-      k::GroupedGemv<false><<<grid, 256, 0, stream_>>>(xin, w.p, de.get(), doff.get(), dcnt.get(), in, out, y);
-    }
-    V4_LAUNCH_CHECK(GroupedGemv);
-    return absl::OkStatus();  // Buffers are freed in stream order; pageable uploads were staged already.
-  }
+  if (groups == 0) return absl::OkStatus();
   const float alpha = 1.0f, beta = 0.0f;
-  const cudaDataType_t type = w.bf16 ? CUDA_R_16BF : CUDA_R_32F;
+  const bool lowp = w.bf16 || w.fp4;  // MXFP4 experts are dequantized to BF16 per expert, then cuBLAS.
+  const cudaDataType_t type = lowp ? CUDA_R_16BF : CUDA_R_32F;
   const void* x = xin;
-  if (w.bf16) {
+  Buf<__nv_bfloat16> wdq(stream_);
+  if (w.fp4) RETURN_IF_ERROR(wdq.Alloc(out * in));
+  if (lowp) {
     const int64_t rows = g_off.back() + g_cnt.back();
     RETURN_IF_ERROR(act_bf16_->Alloc(rows * in));
     k::ToBf16<<<Blocks(rows * in, 256), 256, 0, stream_>>>(xin, rows * in, act_bf16_->get());
     V4_LAUNCH_CHECK(ToBf16);
     x = act_bf16_->get();
   }
-  const int64_t esz = w.bf16 ? 2 : 4;
+  const int64_t esz = lowp ? 2 : 4;
   for (int64_t gi = 0; gi < groups; ++gi) {
     const char* wp = static_cast<const char*>(w.p) + g_expert[gi] * out * in * esz;
+    if (w.fp4) {
+      const int64_t blocks = out * in / 32;
+      k::Mxfp4ToBf16<<<Blocks(blocks, 256), 256, 0, stream_>>>(
+          static_cast<const uint8_t*>(w.p) + g_expert[gi] * out * in / 2, w.scales + g_expert[gi] * blocks, blocks,
+          wdq.get());
+      V4_LAUNCH_CHECK(Mxfp4ToBf16);
+      wp = reinterpret_cast<const char*>(wdq.get());
+    }
     const char* xp = static_cast<const char*>(x) + static_cast<int64_t>(g_off[gi]) * in * esz;
     V4_CUBLAS_RETURN_IF_ERROR(cublasGemmEx(blas_, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(out), g_cnt[gi],
                                            static_cast<int>(in), &alpha, wp, type, static_cast<int>(in), xp, type,
@@ -676,12 +802,11 @@ absl::Status CudaBackend::ExpertGemm(const Mat& w, int64_t ne, const float* xin,
                                            CUDA_R_32F, static_cast<int>(out), CUBLAS_COMPUTE_32F,
                                            CUBLAS_GEMM_DEFAULT));
   }
-  (void)ne;
   return absl::OkStatus();
 }
 
-absl::Status CudaBackend::Moe(const LayerW& w, bool hash, const float* x, const int32_t* d_tokens, int64_t n,
-                              float* out) const {
+absl::Status CudaBackend::Moe(const LayerW& w, int64_t layer, bool hash, const float* x, const int32_t* d_tokens,
+                              int64_t n, float* out) const {
   const ModelConfig& c = c_;
   const int64_t d = c.hidden_size, ne = c.n_routed_experts, kk = c.num_experts_per_tok,
                 inter = c.moe_intermediate_size;
@@ -706,7 +831,42 @@ absl::Status CudaBackend::Moe(const LayerW& w, bool hash, const float* x, const 
   k::SwiGlu<<<Blocks(n * inter, 256), 256, 0, s>>>(g.get(), u.get(), n, inter, nullptr, lim);
   V4_LAUNCH_CHECK(SwiGlu);
   RETURN_IF_ERROR(Linear(g.get(), n, w.s2, out));
-  // Token permutation: slots grouped by expert (rows in order within an expert).
+  const int64_t slots = n * kk;
+  int32_t* touched = touched_ + layer * ne;
+  if (slots <= 2048 && GemvFits(w.w1) && GemvFits(w.w2)) {
+    // Decode-sized: permutation and expert GEMVs on the device, no host round trip.
+    Buf<int32_t> cnt(s), start(s), perm(s), row_slots(s), active(s), n_active(s);
+    Buf<float> slot_w(s), xin(s), eg(s), eu(s), ey(s);
+    RETURN_IF_ERROR(cnt.Alloc(ne));
+    RETURN_IF_ERROR(start.Alloc(ne));
+    RETURN_IF_ERROR(perm.Alloc(slots));
+    RETURN_IF_ERROR(row_slots.Alloc(slots));
+    RETURN_IF_ERROR(slot_w.Alloc(slots));
+    RETURN_IF_ERROR(active.Alloc(ne));
+    RETURN_IF_ERROR(n_active.Alloc(1));
+    k::Permute<<<1, 256, 2 * ne * 4, s>>>(sel.get(), wts.get(), n, kk, ne, cnt.get(), start.get(), perm.get(),
+                                          slot_w.get(), row_slots.get(), touched, active.get(), n_active.get());
+    V4_LAUNCH_CHECK(Permute);
+    RETURN_IF_ERROR(xin.Alloc(slots * d));
+    k::GatherRows<<<slots, 256, 0, s>>>(x, perm.get(), d, xin.get());
+    V4_LAUNCH_CHECK(GatherRows);
+    RETURN_IF_ERROR(eg.Alloc(slots * inter));
+    RETURN_IF_ERROR(eu.Alloc(slots * inter));
+    RETURN_IF_ERROR(ey.Alloc(slots * d));
+    const int64_t groups = std::min(ne, slots);  // At most this many experts have rows.
+    RETURN_IF_ERROR(ExpertGemmDevice(w.w1, groups, xin.get(), active.get(), n_active.get(), start.get(), cnt.get(),
+                                     eg.get()));
+    RETURN_IF_ERROR(ExpertGemmDevice(w.w3, groups, xin.get(), active.get(), n_active.get(), start.get(), cnt.get(),
+                                     eu.get()));
+    k::SwiGlu<<<Blocks(slots * inter, 256), 256, 0, s>>>(eg.get(), eu.get(), slots, inter, slot_w.get(), lim);
+    V4_LAUNCH_CHECK(SwiGlu);
+    RETURN_IF_ERROR(ExpertGemmDevice(w.w2, groups, eg.get(), active.get(), n_active.get(), start.get(), cnt.get(),
+                                     ey.get()));
+    k::CombineExperts<<<n, 256, 0, s>>>(out, ey.get(), row_slots.get(), kk, d);
+    V4_LAUNCH_CHECK(CombineExperts);
+    return absl::OkStatus();
+  }
+  // Token permutation on the host: slots grouped by expert (rows in order within an expert).
   std::vector<int32_t> h_sel;
   std::vector<float> h_wts;
   RETURN_IF_ERROR(sel.Download(&h_sel));
@@ -735,16 +895,13 @@ absl::Status CudaBackend::Moe(const LayerW& w, bool hash, const float* x, const 
     for (int64_t j = 0; j < kk; ++j) row_slots[r * kk + j] = mine[j].second;
   }
   std::vector<int32_t> g_expert, g_off, g_cnt;
-  int64_t max_cnt = 0;
   for (int64_t e = 0; e < ne; ++e) {
     if (count[e] == 0) continue;
     g_expert.push_back(static_cast<int32_t>(e));
     g_off.push_back(start[e]);
     g_cnt.push_back(count[e]);
-    max_cnt = std::max<int64_t>(max_cnt, count[e]);
   }
-  counters_.experts_touched += static_cast<int64_t>(g_expert.size());
-  const int64_t slots = n * kk;
+  V4_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(touched, count.data(), ne * 4, cudaMemcpyHostToDevice, s));
   Buf<int32_t> d_perm(s), d_row_slots(s);
   Buf<float> d_slot_w(s), xin(s), eg(s), eu(s), ey(s);
   RETURN_IF_ERROR(d_perm.Upload(perm));
@@ -756,11 +913,11 @@ absl::Status CudaBackend::Moe(const LayerW& w, bool hash, const float* x, const 
   RETURN_IF_ERROR(eg.Alloc(slots * inter));
   RETURN_IF_ERROR(eu.Alloc(slots * inter));
   RETURN_IF_ERROR(ey.Alloc(slots * d));
-  RETURN_IF_ERROR(ExpertGemm(w.w1, ne, xin.get(), g_expert, g_off, g_cnt, max_cnt, eg.get()));
-  RETURN_IF_ERROR(ExpertGemm(w.w3, ne, xin.get(), g_expert, g_off, g_cnt, max_cnt, eu.get()));
+  RETURN_IF_ERROR(ExpertGemmHost(w.w1, xin.get(), g_expert, g_off, g_cnt, eg.get()));
+  RETURN_IF_ERROR(ExpertGemmHost(w.w3, xin.get(), g_expert, g_off, g_cnt, eu.get()));
   k::SwiGlu<<<Blocks(slots * inter, 256), 256, 0, s>>>(eg.get(), eu.get(), slots, inter, d_slot_w.get(), lim);
   V4_LAUNCH_CHECK(SwiGlu);
-  RETURN_IF_ERROR(ExpertGemm(w.w2, ne, eg.get(), g_expert, g_off, g_cnt, max_cnt, ey.get()));
+  RETURN_IF_ERROR(ExpertGemmHost(w.w2, eg.get(), g_expert, g_off, g_cnt, ey.get()));
   k::CombineExperts<<<n, 256, 0, s>>>(out, ey.get(), d_row_slots.get(), kk, d);
   V4_LAUNCH_CHECK(CombineExperts);
   return absl::OkStatus();  // Pageable uploads are staged before cudaMemcpyAsync returns.
@@ -774,6 +931,7 @@ absl::StatusOr<std::vector<float>> CudaBackend::Forward(absl::Span<const Forward
   const int64_t n = static_cast<int64_t>(tokens.size()), d = c.hidden_size, hc = c.hc_mult;
   counters_ = ForwardCounters{};
   cudaStream_t s = stream_;
+  V4_CUDA_RETURN_IF_ERROR(cudaMemsetAsync(touched_, 0, c.num_hidden_layers * c.n_routed_experts * 4, s));
   Buf<int32_t> d_tok(s);
   RETURN_IF_ERROR(d_tok.Upload(tokens.data(), n));
   Buf<float> streams(s), collapsed(s), sub(s), post(s), comb(s);
@@ -784,11 +942,16 @@ absl::StatusOr<std::vector<float>> CudaBackend::Forward(absl::Span<const Forward
   RETURN_IF_ERROR(comb.Alloc(n * hc * hc));
   k::Embed<<<n, 256, 0, s>>>(d_tok.get(), embed_.p, embed_.bf16, hc, d, streams.get());
   V4_LAUNCH_CHECK(Embed);
+  if (profile_) {
+    RETURN_IF_ERROR(Sync());
+    mark_ = std::chrono::steady_clock::now();
+  }
   for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
     const LayerW& w = layers_[static_cast<size_t>(l)];
     RETURN_IF_ERROR(HcPre(w.hc_attn, streams.get(), n, collapsed.get(), post.get(), comb.get()));
     k::RmsNorm<<<n, 256, 0, s>>>(collapsed.get(), d, w.attn_norm, c.rms_norm_eps);
     V4_LAUNCH_CHECK(RmsNorm);
+    RETURN_IF_ERROR(Mark(&counters_.s_mhc));
     RETURN_IF_ERROR(Attention(w, l, segments, collapsed.get(), n, sub.get()));
     k::HcPost<<<Blocks(n * d, 256), 256, 0, s>>>(streams.get(), sub.get(), post.get(), comb.get(), n,
                                                   static_cast<int>(hc), d);
@@ -796,11 +959,14 @@ absl::StatusOr<std::vector<float>> CudaBackend::Forward(absl::Span<const Forward
     RETURN_IF_ERROR(HcPre(w.hc_ffn, streams.get(), n, collapsed.get(), post.get(), comb.get()));
     k::RmsNorm<<<n, 256, 0, s>>>(collapsed.get(), d, w.ffn_norm, c.rms_norm_eps);
     V4_LAUNCH_CHECK(RmsNorm);
-    RETURN_IF_ERROR(Moe(w, c.is_hash_layer(l), collapsed.get(), d_tok.get(), n, sub.get()));
+    RETURN_IF_ERROR(Mark(&counters_.s_mhc));
+    RETURN_IF_ERROR(Moe(w, l, c.is_hash_layer(l), collapsed.get(), d_tok.get(), n, sub.get()));
+    RETURN_IF_ERROR(Mark(&counters_.s_moe));
     k::HcPost<<<Blocks(n * d, 256), 256, 0, s>>>(streams.get(), sub.get(), post.get(), comb.get(), n,
                                                   static_cast<int>(hc), d);
     V4_LAUNCH_CHECK(HcPost);
     counters_.activation_bytes += n * hc * d * 4 * 6;  // Two sites: read for the mixes, read + write post.
+    RETURN_IF_ERROR(Mark(&counters_.s_mhc));
   }
   for (const ForwardSegment& seg : segments) seg.state->position += seg.count;
   // Final collapse, norm and head for the requested rows.
@@ -828,6 +994,7 @@ absl::StatusOr<std::vector<float>> CudaBackend::Forward(absl::Span<const Forward
   RETURN_IF_ERROR(logits.Download(&out));
   if (final_streams != nullptr) RETURN_IF_ERROR(streams.Download(final_streams));
   RETURN_IF_ERROR(Sync());
+  RETURN_IF_ERROR(Mark(&counters_.s_head));
   return out;
 }
 
@@ -856,7 +1023,7 @@ absl::StatusOr<std::unique_ptr<ForwardBackend>> MakeRandomCudaBackend(const Mode
 absl::StatusOr<ForwardCounters> LastForwardCounters(const ForwardBackend& backend) {
   const auto* b = dynamic_cast<const CudaBackend*>(&backend);
   if (b == nullptr) return absl::FailedPreconditionError("not a CUDA backend");
-  return b->counters();
+  return b->Counters();
 }
 
 absl::StatusOr<std::vector<int32_t>> ArgmaxRows(const std::vector<float>& logits, int64_t rows, int64_t cols) {

@@ -50,6 +50,11 @@ struct ForwardCounters {
   double gemm_flops = 0;        // 2*m*n*k over every GEMM.
   double attention_flops = 0;   // QK and PV products, indexer scores.
   int64_t experts_touched = 0;  // Distinct (layer, expert) pairs with at least one row.
+  // Wall seconds per phase, filled only when V4SERVE_CUDA_PROFILE=1 was set at load (the backend then
+  // synchronizes at each phase boundary, which itself costs time): mHC + norms, attention projections,
+  // host side of attention (compressor, key staging), attention kernels (indexer, top-k, attention, ring),
+  // output projection, MoE, final head.
+  double s_mhc = 0, s_attn_proj = 0, s_attn_host = 0, s_attn_kernels = 0, s_attn_out = 0, s_moe = 0, s_head = 0;
 };
 // FAILED_PRECONDITION when `backend` is not a CUDA backend.
 absl::StatusOr<ForwardCounters> LastForwardCounters(const ForwardBackend& backend);

@@ -332,9 +332,11 @@ __global__ void Attention(const float* q, const float* wk, const float* ek, cons
   den = BlockSumD(den);  // Synchronizes, so the exponentials are visible below.
   const float denom = static_cast<float>(den) + expf(sk - mx);
   float* ov = o + (r * h + hh) * hd;
+  const float inv_denom = 1.0f / denom;
   for (int64_t i = threadIdx.x; i < hd; i += blockDim.x) {
     float acc = 0;
-    for (int64_t j = 0; j < nk; ++j) acc += (logits[j] / denom) * key(j)[i];
+#pragma unroll 8
+    for (int64_t j = 0; j < nk; ++j) acc += (logits[j] * inv_denom) * key(j)[i];
     ov[i] = acc;
   }
 }
@@ -410,23 +412,68 @@ __global__ void CombineExperts(float* out, const float* y, const int32_t* row_sl
   }
 }
 
-// Grouped GEMV for decode-sized expert groups: y[off_g + c, o] = xin[off_g + c, :] · W_{e_g}[o, :] for the
-// c < cnt_g (<= kMaxGroupRows) rows of group g. Grid (groups, ceil(out / warps)); a warp per output row,
-// 16-byte weight loads, the group's rows accumulated in registers. W_e = w + e * out * in.
-template <bool kBf16>
-__global__ void GroupedGemv(const float* xin, const void* w, const int32_t* g_expert, const int32_t* g_off,
-                            const int32_t* g_cnt, int64_t in, int64_t out, float* y) {
+// Grouped GEMV for decode-sized expert groups: y[start_e + c, o] = xin[start_e + c, :] · W_e[o, :] for the
+// c < count_e rows of each active expert e = active[g], g < *n_active (blocks past it return at once).
+// Grid (>= n_active, ceil(out / warps)); a warp per output row, 16-byte weight loads unrolled so several are
+// in flight, up to kMaxGroupRows rows accumulated in registers per pass over the weight row (more rows take
+// more passes, from L2). W_e = w + e * out * in.
+// MXFP4 (e2m1 codes, two per byte, element 2i in the low nibble; one e8m0 scale per 32 elements) decoded
+// from bits: no table lookups.
+__device__ __forceinline__ float Fp4Value(uint32_t code) {
+  const uint32_t e = (code >> 1) & 3u, m = code & 1u;
+  const float mag = e ? __int_as_float(static_cast<int>(((e + 126u) << 23) | (m << 22))) : 0.5f * static_cast<float>(m);
+  return (code & 8u) ? -mag : mag;
+}
+
+enum WeightKind { kF32 = 0, kBf16 = 1, kMxfp4 = 2 };
+
+template <int kKind>
+__global__ void GroupedGemv(const float* xin, const void* w, const int32_t* active, const int32_t* n_active,
+                            const int32_t* start, const int32_t* count, int64_t in, int64_t out, float* y,
+                            const uint8_t* scales) {
   const int g = blockIdx.x;
+  if (g >= *n_active) return;
   const int warps = blockDim.x / 32, lane = threadIdx.x % 32;
   const int64_t o = static_cast<int64_t>(blockIdx.y) * warps + threadIdx.x / 32;
   if (o >= out) return;
-  const int64_t e = g_expert[g], off = g_off[g];
-  const int cnt = g_cnt[g];
+  const int64_t e = active[g], off = start[e];
+  const int total = count[e];
+  for (int c0 = 0; c0 < total; c0 += kMaxGroupRows) {
+  const int cnt = min(kMaxGroupRows, total - c0);
+  const float* xrows = xin + c0 * in;
+  float* yrows = y + c0 * out;
   float acc[kMaxGroupRows];
 #pragma unroll
   for (int c = 0; c < kMaxGroupRows; ++c) acc[c] = 0;
-  if constexpr (kBf16) {
+  if constexpr (kKind == kMxfp4) {
+    // A lane takes whole blocks of 32: 16 code bytes (one 16-byte load) and their scale.
+    const uint8_t* wr = static_cast<const uint8_t*>(w) + (e * out + o) * (in / 2);
+    const uint8_t* sr = scales + (e * out + o) * (in / 32);
+#pragma unroll 2
+    for (int64_t i = lane * 32; i < in; i += 32 * 32) {
+      const uint4 raw = *reinterpret_cast<const uint4*>(wr + i / 2);
+      const float sc = __int_as_float(static_cast<int>(static_cast<uint32_t>(sr[i / 32]) << 23));
+      float wv[32];
+      const uint32_t words[4] = {raw.x, raw.y, raw.z, raw.w};
+#pragma unroll
+      for (int q = 0; q < 32; ++q) wv[q] = Fp4Value((words[q / 8] >> (4 * (q % 8))) & 15u);
+#pragma unroll
+      for (int c = 0; c < kMaxGroupRows; ++c) {
+        if (c < cnt) {
+          const float4* xv = reinterpret_cast<const float4*>(xrows + (off + c) * in + i);
+          float part = 0;
+#pragma unroll
+          for (int q = 0; q < 8; ++q) {
+            const float4 a = xv[q];
+            part += a.x * wv[4 * q] + a.y * wv[4 * q + 1] + a.z * wv[4 * q + 2] + a.w * wv[4 * q + 3];
+          }
+          acc[c] += part * sc;
+        }
+      }
+    }
+  } else if constexpr (kKind == kBf16) {
     const __nv_bfloat16* wr = static_cast<const __nv_bfloat16*>(w) + (e * out + o) * in;
+#pragma unroll 4
     for (int64_t i = lane * 8; i < in; i += 32 * 8) {
       const uint4 raw = *reinterpret_cast<const uint4*>(wr + i);
       const __nv_bfloat162* p2 = reinterpret_cast<const __nv_bfloat162*>(&raw);
@@ -440,7 +487,7 @@ __global__ void GroupedGemv(const float* xin, const void* w, const int32_t* g_ex
 #pragma unroll
       for (int c = 0; c < kMaxGroupRows; ++c) {
         if (c < cnt) {
-          const float4* xv = reinterpret_cast<const float4*>(xin + (off + c) * in + i);
+          const float4* xv = reinterpret_cast<const float4*>(xrows + (off + c) * in + i);
           const float4 a = xv[0], b = xv[1];
           acc[c] += a.x * wv[0] + a.y * wv[1] + a.z * wv[2] + a.w * wv[3] + b.x * wv[4] + b.y * wv[5] +
                     b.z * wv[6] + b.w * wv[7];
@@ -449,12 +496,13 @@ __global__ void GroupedGemv(const float* xin, const void* w, const int32_t* g_ex
     }
   } else {
     const float* wr = static_cast<const float*>(w) + (e * out + o) * in;
+#pragma unroll 4
     for (int64_t i = lane * 4; i < in; i += 32 * 4) {
       const float4 wv = *reinterpret_cast<const float4*>(wr + i);
 #pragma unroll
       for (int c = 0; c < kMaxGroupRows; ++c) {
         if (c < cnt) {
-          const float4 a = *reinterpret_cast<const float4*>(xin + (off + c) * in + i);
+          const float4 a = *reinterpret_cast<const float4*>(xrows + (off + c) * in + i);
           acc[c] += a.x * wv.x + a.y * wv.y + a.z * wv.z + a.w * wv.w;
         }
       }
@@ -463,7 +511,79 @@ __global__ void GroupedGemv(const float* xin, const void* w, const int32_t* g_ex
 #pragma unroll
   for (int c = 0; c < kMaxGroupRows; ++c) {
     const float s = WarpSum(acc[c]);
-    if (lane == 0 && c < cnt) y[(off + c) * out + o] = s;
+    if (lane == 0 && c < cnt) yrows[(off + c) * out + o] = s;
+  }
+  }
+}
+
+// Token permutation on the device for decode-sized batches (one block, slots = rows * k <= a few
+// thousand): per-expert counts and starts, slots grouped by expert with rows in order inside an expert
+// (the CPU's order), each slot's row and routing weight, and each row's slots sorted by expert.
+// `touched` (may be null) receives the counts too, for the benchmark's byte accounting.
+// `active` lists the experts with rows (ascending), `n_active` their number.
+__global__ void Permute(const int32_t* sel, const float* wts, int64_t rows, int64_t k, int64_t ne, int32_t* count,
+                        int32_t* start, int32_t* perm, float* slot_w, int32_t* row_slots, int32_t* touched,
+                        int32_t* active, int32_t* n_active) {
+  extern __shared__ int32_t psh[];
+  int32_t* cnt = psh;
+  int32_t* fill = psh + ne;
+  for (int64_t e = threadIdx.x; e < ne; e += blockDim.x) cnt[e] = 0;
+  __syncthreads();
+  for (int64_t i = threadIdx.x; i < rows * k; i += blockDim.x) atomicAdd(&cnt[sel[i]], 1);
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    int32_t run = 0, na = 0;
+    for (int64_t e = 0; e < ne; ++e) {
+      fill[e] = run;
+      run += cnt[e];
+      if (cnt[e] > 0) active[na++] = static_cast<int32_t>(e);
+    }
+    *n_active = na;
+  }
+  __syncthreads();
+  for (int64_t e = threadIdx.x; e < ne; e += blockDim.x) {
+    count[e] = cnt[e];
+    start[e] = fill[e];
+    if (touched) touched[e] = cnt[e];
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {  // In row order, so rows stay ordered inside each expert.
+    for (int64_t i = 0; i < rows * k; ++i) {
+      const int32_t slot = fill[sel[i]]++;
+      perm[slot] = static_cast<int32_t>(i / k);
+      slot_w[slot] = wts[i];
+      row_slots[i] = slot;
+    }
+  }
+  __syncthreads();
+  for (int64_t r = threadIdx.x; r < rows; r += blockDim.x) {  // Insertion sort of each row's slots by expert.
+    int32_t* rs = row_slots + r * k;
+    const int32_t* es = sel + r * k;
+    int32_t ex[64];
+    for (int64_t j = 0; j < k; ++j) ex[j] = es[j];
+    for (int64_t j = 1; j < k; ++j) {
+      const int32_t ke = ex[j], ks = rs[j];
+      int64_t p = j - 1;
+      while (p >= 0 && ex[p] > ke) {
+        ex[p + 1] = ex[p];
+        rs[p + 1] = rs[p];
+        --p;
+      }
+      ex[p + 1] = ke;
+      rs[p + 1] = ks;
+    }
+  }
+}
+
+// MXFP4 rows -> BF16 (prefill: the active experts are dequantized for cuBLAS). One thread per 32-block.
+__global__ void Mxfp4ToBf16(const uint8_t* codes, const uint8_t* scales, int64_t blocks, __nv_bfloat16* out) {
+  const int64_t b = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (b >= blocks) return;
+  const float sc = __int_as_float(static_cast<int>(static_cast<uint32_t>(scales[b]) << 23));
+  for (int q = 0; q < 16; ++q) {
+    const uint32_t byte = codes[b * 16 + q];
+    out[b * 32 + 2 * q] = __float2bfloat16_rn(Fp4Value(byte & 15u) * sc);
+    out[b * 32 + 2 * q + 1] = __float2bfloat16_rn(Fp4Value(byte >> 4) * sc);
   }
 }
 
@@ -515,6 +635,14 @@ __global__ void RandomFill(void* p, bool bf16, int64_t n, uint64_t seed, float s
     } else {
       static_cast<float*>(p)[i] = v;
     }
+  }
+}
+
+// Uniform random bytes (benchmark MXFP4 codes).
+__global__ void RandomBytes(uint8_t* p, int64_t n, uint64_t seed) {
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    p[i] = static_cast<uint8_t>(Hash32(seed * 0x9e3779b97f4a7c15ull + i) >> 24);
   }
 }
 

@@ -5,9 +5,13 @@
 // differs only in summation order (cuBLAS vs the CPU's 4-way dot products, block reductions) and in the last
 // bit of expf/cosf; relative L2 errors of such differences are ~1e-6 per op and stay far below 1e-4 after 4
 // layers, while a logic error (wrong key, wrong expert, wrong position) moves the logits by O(1). BF16
-// weights (kBf16) round weights and GEMM inputs to 8 mantissa bits (~4e-3 relative per GEMM), so the
-// logits are compared at 5e-2 (greedy tokens of a random-weight model may flip on near-ties there).
+// weights (kBf16) round the GEMM inputs to 8 mantissa bits (tiny_v4's weights are BF16/FP8/FP4 in the
+// checkpoint, so they convert exactly), and a random-weight network amplifies such rounding from layer to
+// layer: there the yardstick is the CPU's faithful mode, which rounds activations to BF16 (and more) as
+// DeepSeek's kernels do. BF16 logits and states must stay within max(5e-2, 2 x the faithful mode's distance
+// from the exact reference) at every step; greedy tokens may flip on near-ties.
 #include <cmath>
+#include <cstdio>
 #include <cstdlib>
 #include <random>
 
@@ -141,7 +145,7 @@ TEST(CudaKernelTest, ArgmaxRowsTakesTheLowestIndexOnTies) {
 }
 
 struct Pair {
-  std::unique_ptr<Model> cpu, gpu;
+  std::unique_ptr<Model> cpu, gpu, faithful;
 };
 
 Pair LoadPair(CudaWeights format, int64_t index_topk = 0) {
@@ -153,6 +157,10 @@ Pair LoadPair(CudaWeights format, int64_t index_topk = 0) {
   ModelOptions co, go;
   go.device = Device::kCuda;
   go.cuda_weights = format;
+  ModelOptions fo;
+  fo.mode = NumericMode::kFaithful;
+  auto f = Model::FromCheckpoint(*config, **ckpt, fo);
+  EXPECT_TRUE(f.ok()) << f.status();
   auto c = Model::FromCheckpoint(*config, **ckpt, co);
   auto g = Model::FromCheckpoint(*config, **ckpt, go);
   EXPECT_TRUE(c.ok()) << c.status();
@@ -160,6 +168,7 @@ Pair LoadPair(CudaWeights format, int64_t index_topk = 0) {
   Pair p;
   if (c.ok()) p.cpu = std::move(*c);
   if (g.ok()) p.gpu = std::move(*g);
+  if (f.ok()) p.faithful = std::move(*f);
   return p;
 }
 
@@ -192,39 +201,60 @@ void CompareModel(CudaWeights format, int64_t index_topk, double tol, bool same_
   ASSERT_TRUE(p.cpu && p.gpu);
   EXPECT_EQ(p.gpu->backend().device(), Device::kCuda) << p.gpu->backend().Describe();
   const int64_t vocab = p.cpu->config().vocab_size;
-  std::vector<SequenceState> cs, gs;
-  const std::vector<int64_t> lens = {70, 33, 101};
+  std::vector<SequenceState> cs, gs, fs;
+  // The tolerance of one comparison: `tol`, or for low-precision weights twice the faithful CPU's distance.
+  double worst = 0, worst_faithful = 0;  // Largest logit distances seen, printed for docs/PERFORMANCE.md.
+  auto limit = [&](double faithful_dist) { return same_tokens ? tol : std::max(tol, 2 * faithful_dist); };
+  auto note = [&](const std::vector<float>& g, const std::vector<float>& c, double fd) {
+    worst = std::max(worst, RelL2(g, c));
+    worst_faithful = std::max(worst_faithful, fd);
+  };
+  // The 1100-token sequence's first chunk routes more than 2048 (token, expert) slots: the prefill path
+  // (permutation on the host, cuBLAS per expert); the others take the device permutation and grouped GEMV.
+  const std::vector<int64_t> lens = {70, 33, 101, 1100};
   for (size_t i = 0; i < lens.size(); ++i) {
-    SequenceState c = p.cpu->NewState(), g = p.gpu->NewState();
+    SequenceState c = p.cpu->NewState(), g = p.gpu->NewState(), f = p.faithful->NewState();
     const std::vector<int32_t> prompt = Prompt(lens[i], static_cast<uint32_t>(10 + i));
-    // Chunks of 29 tokens: chunk borders fall inside compression windows.
-    for (int64_t b = 0; b < lens[i]; b += 29) {
-      const int64_t e = std::min<int64_t>(lens[i], b + 29);
+    // Chunks of 29 tokens (borders fall inside compression windows); 1030 + 70 for the long one.
+    const int64_t step = lens[i] > 1000 ? 1030 : 29;
+    for (int64_t b = 0; b < lens[i]; b += step) {
+      const int64_t e = std::min<int64_t>(lens[i], b + step);
       absl::Span<const int32_t> chunk(&prompt[b], static_cast<size_t>(e - b));
       auto lc = p.cpu->Prefill(&c, chunk, /*all_logits=*/true);
       auto lg = p.gpu->Prefill(&g, chunk, /*all_logits=*/true);
+      auto lf = p.faithful->Prefill(&f, chunk, /*all_logits=*/true);
       ASSERT_TRUE(lc.ok()) << lc.status();
       ASSERT_TRUE(lg.ok()) << lg.status();
-      EXPECT_LT(RelL2(*lg, *lc), tol) << "prefill seq " << i << " chunk at " << b;
+      ASSERT_TRUE(lf.ok()) << lf.status();
+      const double fd = RelL2(*lf, *lc);
+      note(*lg, *lc, fd);
+      EXPECT_LT(RelL2(*lg, *lc), limit(fd)) << "prefill seq " << i << " chunk at " << b << " (faithful " << fd << ")";
     }
-    EXPECT_LT(StateRelL2(g, c), tol) << "state after prefill, seq " << i;
+    const double fsd = StateRelL2(f, c);
+    EXPECT_LT(StateRelL2(g, c), limit(fsd)) << "state after prefill, seq " << i << " (faithful " << fsd << ")";
     cs.push_back(std::move(c));
     gs.push_back(std::move(g));
+    fs.push_back(std::move(f));
   }
-  std::vector<int32_t> next = {5, 77, 301};
+  std::vector<int32_t> next = {5, 77, 301, 42};
   for (int step = 0; step < 6; ++step) {
-    std::vector<SequenceState*> cp, gp;
+    std::vector<SequenceState*> cp, gp, fp;
     for (size_t i = 0; i < cs.size(); ++i) {
       cp.push_back(&cs[i]);
       gp.push_back(&gs[i]);
+      fp.push_back(&fs[i]);
     }
-    std::vector<float> cstreams, gstreams;
+    std::vector<float> cstreams, gstreams, fstreams;
     auto lc = p.cpu->Decode(cp, next, &cstreams);
     auto lg = p.gpu->Decode(gp, next, &gstreams);
+    auto lf = p.faithful->Decode(fp, next, &fstreams);
     ASSERT_TRUE(lc.ok()) << lc.status();
     ASSERT_TRUE(lg.ok()) << lg.status();
-    EXPECT_LT(RelL2(*lg, *lc), tol) << "decode step " << step;
-    EXPECT_LT(RelL2(gstreams, cstreams), tol) << "final streams, decode step " << step;
+    ASSERT_TRUE(lf.ok()) << lf.status();
+    const double fd = RelL2(*lf, *lc), fsd = RelL2(fstreams, cstreams);
+    note(*lg, *lc, fd);
+    EXPECT_LT(RelL2(*lg, *lc), limit(fd)) << "decode step " << step << " (faithful " << fd << ")";
+    EXPECT_LT(RelL2(gstreams, cstreams), limit(fsd)) << "final streams, decode step " << step;
     // Greedy tokens agree (sampled on the device for the GPU model).
     absl::StatusOr<std::vector<int32_t>> gtok = cuda::ArgmaxRows(*lg, static_cast<int64_t>(next.size()), vocab);
     ASSERT_TRUE(gtok.ok()) << gtok.status();
@@ -237,7 +267,12 @@ void CompareModel(CudaWeights format, int64_t index_topk, double tol, bool same_
       next[i] = ctok;
     }
   }
-  for (size_t i = 0; i < cs.size(); ++i) EXPECT_LT(StateRelL2(gs[i], cs[i]), tol) << "final state " << i;
+  std::printf("logits rel. L2 vs the exact CPU: largest %.3g (this backend), %.3g (CPU faithful mode)\n", worst,
+              worst_faithful);
+  for (size_t i = 0; i < cs.size(); ++i) {
+    const double fsd = StateRelL2(fs[i], cs[i]);
+    EXPECT_LT(StateRelL2(gs[i], cs[i]), limit(fsd)) << "final state " << i << " (faithful " << fsd << ")";
+  }
 }
 
 TEST(CudaModelTest, Fp32WeightsMatchTheCpuReference) {
