@@ -3,6 +3,7 @@
 #include <cublas_v2.h>
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
+#include <dlfcn.h>
 
 #include <algorithm>
 #include <chrono>
@@ -43,6 +44,51 @@ absl::Status CublasStatus(cublasStatus_t s, const char* call, const char* file, 
 #define V4_LAUNCH_CHECK(name) V4_CUDA_RETURN_IF_ERROR(cudaGetLastError())
 
 int64_t Blocks(int64_t n, int64_t t) { return (n + t - 1) / t; }
+
+// cuBLAS is opened at run time, when the first CUDA backend is made, not linked: libcublasLt's 94 KB of
+// initial TLS, when loaded at process start, made civetweb's (prometheus-cpp's) thread creation fail in
+// every v4serve process, GPU or not. Opened with dlopen its TLS is allocated per thread on first use.
+struct CublasApi {
+  decltype(&cublasCreate_v2) create = nullptr;
+  decltype(&cublasDestroy_v2) destroy = nullptr;
+  decltype(&cublasSetStream_v2) set_stream = nullptr;
+  decltype(&cublasSetMathMode) set_math_mode = nullptr;
+  // The C entry points (C++ also sees inline overloads taking cudaDataType as the compute type).
+  cublasStatus_t (*gemm)(cublasHandle_t, cublasOperation_t, cublasOperation_t, int, int, int, const void*,
+                         const void*, cudaDataType, int, const void*, cudaDataType, int, const void*, void*,
+                         cudaDataType, int, cublasComputeType_t, cublasGemmAlgo_t) = nullptr;
+  cublasStatus_t (*gemm_strided_batched)(cublasHandle_t, cublasOperation_t, cublasOperation_t, int, int, int,
+                                         const void*, const void*, cudaDataType, int, long long, const void*,
+                                         cudaDataType, int, long long, const void*, void*, cudaDataType, int,
+                                         long long, int, cublasComputeType_t, cublasGemmAlgo_t) = nullptr;
+};
+
+absl::StatusOr<const CublasApi*> Cublas() {
+  static const absl::StatusOr<CublasApi>* api = [] {
+    const std::string name = absl::StrCat("libcublas.so.", CUBLAS_VER_MAJOR);
+    void* h = dlopen(name.c_str(), RTLD_NOW | RTLD_LOCAL);
+    if (h == nullptr) {
+      return new absl::StatusOr<CublasApi>(
+          absl::UnavailableError(absl::StrCat("cannot load ", name, ": ", dlerror())));
+    }
+    CublasApi a;
+    bool ok = true;
+    auto sym = [&](auto* fn, const char* n) {
+      *fn = reinterpret_cast<std::remove_reference_t<decltype(*fn)>>(dlsym(h, n));
+      ok &= *fn != nullptr;
+    };
+    sym(&a.create, "cublasCreate_v2");
+    sym(&a.destroy, "cublasDestroy_v2");
+    sym(&a.set_stream, "cublasSetStream_v2");
+    sym(&a.set_math_mode, "cublasSetMathMode");
+    sym(&a.gemm, "cublasGemmEx");
+    sym(&a.gemm_strided_batched, "cublasGemmStridedBatchedEx");
+    if (!ok) return new absl::StatusOr<CublasApi>(absl::UnavailableError(absl::StrCat(name, " lacks a symbol")));
+    return new absl::StatusOr<CublasApi>(a);
+  }();
+  if (!api->ok()) return api->status();
+  return &**api;
+}
 
 // A stream-ordered device buffer (cudaMallocAsync; freed on the same stream).
 template <class T>
@@ -163,7 +209,7 @@ class CudaBackend final : public ForwardBackend {
     act_bf16_.reset();  // Frees on stream_, which must still exist.
     if (stream_ != nullptr) cudaStreamSynchronize(stream_);
     for (void* p : allocs_) cudaFree(p);
-    if (blas_ != nullptr) cublasDestroy(blas_);
+    if (blas_ != nullptr) blas_api_->destroy(blas_);
     if (stream_ != nullptr) cudaStreamDestroy(stream_);
   }
 
@@ -226,6 +272,7 @@ class CudaBackend final : public ForwardBackend {
   std::vector<void*> allocs_;
   cudaStream_t stream_ = nullptr;
   cublasHandle_t blas_ = nullptr;
+  const CublasApi* blas_api_ = nullptr;
   cpu::RopeTable rope_main_, rope_comp_;
   float *inv_main_ = nullptr, *inv_comp_ = nullptr;
   Mat embed_, head_;
@@ -428,11 +475,12 @@ absl::Status CudaBackend::InitRuntime() {
   V4_CUDA_RETURN_IF_ERROR(cudaGetDeviceProperties(&prop, dev));
   gpu_name_ = prop.name;
   V4_CUDA_RETURN_IF_ERROR(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
-  V4_CUBLAS_RETURN_IF_ERROR(cublasCreate(&blas_));
-  V4_CUBLAS_RETURN_IF_ERROR(cublasSetStream(blas_, stream_));
+  ASSIGN_OR_RETURN(blas_api_, Cublas());
+  V4_CUBLAS_RETURN_IF_ERROR(blas_api_->create(&blas_));
+  V4_CUBLAS_RETURN_IF_ERROR(blas_api_->set_stream(blas_, stream_));
   // CUBLAS_COMPUTE_32F under the default math mode keeps FP32 GEMMs in FP32 (no TF32), so the FP32 mode can
   // be compared with the CPU tightly, and BF16 GEMMs still use the tensor cores.
-  V4_CUBLAS_RETURN_IF_ERROR(cublasSetMathMode(blas_, CUBLAS_DEFAULT_MATH));
+  V4_CUBLAS_RETURN_IF_ERROR(blas_api_->set_math_mode(blas_, CUBLAS_DEFAULT_MATH));
   cudaMemPool_t pool;
   V4_CUDA_RETURN_IF_ERROR(cudaDeviceGetDefaultMemPool(&pool, dev));
   uint64_t keep = std::numeric_limits<uint64_t>::max();  // Keep freed scratch for the next step.
@@ -513,7 +561,7 @@ absl::Status CudaBackend::LinearBatched(const float* x, int64_t m, int64_t ldx, 
     xin = act_bf16_->get();
     type = CUDA_R_16BF;
   }
-  V4_CUBLAS_RETURN_IF_ERROR(cublasGemmStridedBatchedEx(
+  V4_CUBLAS_RETURN_IF_ERROR(blas_api_->gemm_strided_batched(
       blas_, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(out), static_cast<int>(m), static_cast<int>(in), &alpha,
       w.p, type, static_cast<int>(in), out * in, xin, type, static_cast<int>(ldx), stride_x, &beta, y, CUDA_R_32F,
       static_cast<int>(ldy), out, static_cast<int>(groups), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
@@ -796,7 +844,7 @@ absl::Status CudaBackend::ExpertGemmHost(const Mat& w, const float* xin, const s
       wp = reinterpret_cast<const char*>(wdq.get());
     }
     const char* xp = static_cast<const char*>(x) + static_cast<int64_t>(g_off[gi]) * in * esz;
-    V4_CUBLAS_RETURN_IF_ERROR(cublasGemmEx(blas_, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(out), g_cnt[gi],
+    V4_CUBLAS_RETURN_IF_ERROR(blas_api_->gemm(blas_, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(out), g_cnt[gi],
                                            static_cast<int>(in), &alpha, wp, type, static_cast<int>(in), xp, type,
                                            static_cast<int>(in), &beta, y + static_cast<int64_t>(g_off[gi]) * out,
                                            CUDA_R_32F, static_cast<int>(out), CUBLAS_COMPUTE_32F,
