@@ -33,21 +33,22 @@
 namespace v4serve::model {
 namespace {
 
-#define CK(call)                                                                               \
-  do {                                                                                         \
-    cudaError_t e_ = (call);                                                                   \
-    if (e_ != cudaSuccess) {                                                                   \
+#define CK(call)                                                                                          \
+  do {                                                                                                    \
+    cudaError_t e_ = (call);                                                                              \
+    if (e_ != cudaSuccess) {                                                                              \
       std::fprintf(stderr, "%s failed: %s (%s:%d)\n", #call, cudaGetErrorString(e_), __FILE__, __LINE__); \
-      std::exit(1);                                                                            \
-    }                                                                                          \
+      std::exit(1);                                                                                       \
+    }                                                                                                     \
   } while (0)
-#define CKL(call)                                                                               \
-  do {                                                                                          \
-    cublasStatus_t s_ = (call);                                                                 \
-    if (s_ != CUBLAS_STATUS_SUCCESS) {                                                          \
-      std::fprintf(stderr, "%s failed: cuBLAS status %d (%s:%d)\n", #call, static_cast<int>(s_), __FILE__, __LINE__); \
-      return -1.0;                                                                              \
-    }                                                                                           \
+#define CKL(call)                                                                                          \
+  do {                                                                                                     \
+    cublasStatus_t s_ = (call);                                                                            \
+    if (s_ != CUBLAS_STATUS_SUCCESS) {                                                                     \
+      std::fprintf(stderr, "%s failed: cuBLAS status %d (%s:%d)\n", #call, static_cast<int>(s_), __FILE__, \
+                   __LINE__);                                                                              \
+      return -1.0;                                                                                         \
+    }                                                                                                      \
   } while (0)
 
 double Median(std::vector<double> v) {
@@ -96,7 +97,8 @@ double GemmFlops(int m, int n, int k, bool fp8) {
     uint32_t x = 12345;
     for (size_t i = 0; i < h.size(); ++i) {
       x = x * 1664525u + 1013904223u;
-      h[i] = fp8 ? static_cast<uint8_t>((x >> 24) & 0xbf) : static_cast<uint8_t>(i % 2 ? 0x3c | ((x >> 31) << 7) : x >> 24);
+      h[i] = fp8 ? static_cast<uint8_t>((x >> 24) & 0xbf)
+                 : static_cast<uint8_t>(i % 2 ? 0x3c | ((x >> 31) << 7) : x >> 24);
     }
     CK(cudaMemcpy(A, h.data(), static_cast<size_t>(m) * k * ea, cudaMemcpyHostToDevice));
     CK(cudaMemcpy(B, h.data(), static_cast<size_t>(k) * n * ea, cudaMemcpyHostToDevice));
@@ -128,8 +130,8 @@ double GemmFlops(int m, int n, int k, bool fp8) {
     bool ok = true;
     for (int i = 0; i < 13 && ok; ++i) {
       CK(cudaEventRecord(e0));
-      ok = cublasLtMatmul(lt, op, &alpha, A, la, B, lb, &beta, D, ld, D, ld, &heur[a].algo, ws, ws_bytes, 0) ==
-           CUBLAS_STATUS_SUCCESS;
+      ok = cublasLtMatmul(lt, op, &alpha, A, la, B, lb, &beta, D, ld, D, ld, &heur[a].algo, ws, ws_bytes,
+                          0) == CUBLAS_STATUS_SUCCESS;
       CK(cudaEventRecord(e1));
       CK(cudaEventSynchronize(e1));
       float ms = 0;
@@ -174,32 +176,44 @@ double Seconds(std::chrono::steady_clock::time_point a) {
 void PrintPhases(const ForwardBackend& be) {
   auto c = cuda::LastForwardCounters(be);
   if (!c.ok()) return;
-  const double total = c->s_mhc + c->s_attn_proj + c->s_attn_host + c->s_attn_kernels + c->s_attn_out + c->s_moe + c->s_head;
+  const double total =
+      c->s_mhc + c->s_attn_proj + c->s_attn_host + c->s_attn_kernels + c->s_attn_out + c->s_moe + c->s_head;
   if (total <= 0) return;
-  std::printf("    phases (ms): mhc+norm %.2f, attn proj %.2f, attn host %.2f, attn kernels %.2f, attn out %.2f, moe %.2f, head %.2f\n",
-              c->s_mhc * 1e3, c->s_attn_proj * 1e3, c->s_attn_host * 1e3, c->s_attn_kernels * 1e3, c->s_attn_out * 1e3,
-              c->s_moe * 1e3, c->s_head * 1e3);
+  std::printf(
+      "    phases (ms): mhc+norm %.2f, attn proj %.2f, attn host %.2f, attn kernels %.2f, attn out %.2f, moe "
+      "%.2f, head %.2f\n",
+      c->s_mhc * 1e3, c->s_attn_proj * 1e3, c->s_attn_host * 1e3, c->s_attn_kernels * 1e3,
+      c->s_attn_out * 1e3, c->s_moe * 1e3, c->s_head * 1e3);
 }
 
 int Main(int argc, char** argv) {
   int64_t layers = 2, context = 512, steps = 10;
   std::string prefill = "8192,32768", batches = "1,8,64", weights = "bf16", experts = "fp4";
   const char* src = std::getenv("V4SERVE_SOURCE_DIR");
-  std::string config_path = std::string(src ? src : V4SERVE_SOURCE_DIR_DEFAULT) + "/tests/model/testdata/v4_flash_config.json";
+  std::string config_path =
+      std::string(src ? src : V4SERVE_SOURCE_DIR_DEFAULT) + "/tests/model/testdata/v4_flash_config.json";
   for (int i = 1; i < argc; ++i) {
     std::string a = argv[i];
     auto val = [&](const char* name) -> const char* {
       const std::string p = std::string("--") + name + "=";
       return a.rfind(p, 0) == 0 ? argv[i] + p.size() : nullptr;
     };
-    if (const char* v = val("layers")) layers = std::atoll(v);
-    else if (const char* v = val("context")) context = std::atoll(v);
-    else if (const char* v = val("steps")) steps = std::atoll(v);
-    else if (const char* v = val("prefill")) prefill = v;
-    else if (const char* v = val("batches")) batches = v;
-    else if (const char* v = val("weights")) weights = v;
-    else if (const char* v = val("experts")) experts = v;
-    else if (const char* v = val("config")) config_path = v;
+    if (const char* v = val("layers"))
+      layers = std::atoll(v);
+    else if (const char* v = val("context"))
+      context = std::atoll(v);
+    else if (const char* v = val("steps"))
+      steps = std::atoll(v);
+    else if (const char* v = val("prefill"))
+      prefill = v;
+    else if (const char* v = val("batches"))
+      batches = v;
+    else if (const char* v = val("weights"))
+      weights = v;
+    else if (const char* v = val("experts"))
+      experts = v;
+    else if (const char* v = val("config"))
+      config_path = v;
     else {
       std::fprintf(stderr, "unknown flag %s\n", argv[i]);
       return 2;
@@ -234,8 +248,10 @@ int Main(int argc, char** argv) {
     fp8 = std::max(fp8, GemmFlops(s, s, s, true));
     bf16 = std::max(bf16, GemmFlops(s, s, s, false));
   }
-  std::printf("GPU: %s; device copy %.0f GB/s (read + write); cuBLASLt best dense FP8 %.0f TFLOP/s, BF16 %.0f TFLOP/s\n",
-              prop.name, copy_bw / 1e9, fp8 / 1e12, bf16 / 1e12);
+  std::printf(
+      "GPU: %s; device copy %.0f GB/s (read + write); cuBLASLt best dense FP8 %.0f TFLOP/s, BF16 %.0f "
+      "TFLOP/s\n",
+      prop.name, copy_bw / 1e9, fp8 / 1e12, bf16 / 1e12);
   std::fflush(stdout);
 
   auto t0 = std::chrono::steady_clock::now();
@@ -298,7 +314,8 @@ int Main(int argc, char** argv) {
     const double t = Median(times);
     char line[512];
     std::snprintf(line, sizeof(line),
-                  "| decode step, batch %lld, context %lld | %.2f ms | %.0f tok/s | %.2f GB (%lld experts) | %.0f GB/s | **%.1f%%** of copy bw |",
+                  "| decode step, batch %lld, context %lld | %.2f ms | %.0f tok/s | %.2f GB (%lld experts) | "
+                  "%.0f GB/s | **%.1f%%** of copy bw |",
                   static_cast<long long>(b), static_cast<long long>(context), t * 1e3, b / t, bytes / 1e9,
                   static_cast<long long>(experts), bytes / t / 1e9, 100.0 * bytes / t / copy_bw);
     (void)flops;
@@ -318,22 +335,25 @@ int Main(int argc, char** argv) {
     auto r = (*be)->Forward(segs, toks, last, nullptr);
     const double t = Seconds(ts);
     if (!r.ok()) {
-      std::fprintf(stderr, "prefill %lld: %s\n", static_cast<long long>(n), std::string(r.status().message()).c_str());
+      std::fprintf(stderr, "prefill %lld: %s\n", static_cast<long long>(n),
+                   std::string(r.status().message()).c_str());
       continue;
     }
     auto c = cuda::LastForwardCounters(**be);
     const double flops = c->gemm_flops + c->attention_flops;
     char line[512];
     std::snprintf(line, sizeof(line),
-                  "| prefill %lld tokens | %.1f ms | %.0f tok/s | %.1f TFLOP | %.1f TFLOP/s | **%.1f%%** of FP8 GEMM (%.1f%% of BF16) |",
-                  static_cast<long long>(n), t * 1e3, n / t, flops / 1e12, flops / t / 1e12, 100.0 * flops / t / fp8,
-                  100.0 * flops / t / bf16);
+                  "| prefill %lld tokens | %.1f ms | %.0f tok/s | %.1f TFLOP | %.1f TFLOP/s | **%.1f%%** of "
+                  "FP8 GEMM (%.1f%% of BF16) |",
+                  static_cast<long long>(n), t * 1e3, n / t, flops / 1e12, flops / t / 1e12,
+                  100.0 * flops / t / fp8, 100.0 * flops / t / bf16);
     rows.push_back(line);
     std::printf("%s\n", line);
     PrintPhases(**be);
     std::fflush(stdout);
   }
-  std::printf("\n| what | time | throughput | moved / computed | achieved | ratio |\n|---|---|---|---|---|---|\n");
+  std::printf(
+      "\n| what | time | throughput | moved / computed | achieved | ratio |\n|---|---|---|---|---|---|\n");
   for (const std::string& r : rows) std::printf("%s\n", r.c_str());
   return 0;
 }

@@ -21,9 +21,10 @@ absl::Status WorkerOptions::Validate() const {
 
 void AddWorkerFlags(FlagSet& flags, WorkerOptions* o) {
   flags.Add("model", &o->model_dir, "Checkpoint directory (config.json, *.safetensors, tokenizer.json).");
-  flags.Add("device", &o->device,
-            "Where the model runs: auto (CUDA when this binary has it and a GPU is visible, else the CPU), cpu "
-            "or cuda (fails without a GPU).");
+  flags.Add(
+      "device", &o->device,
+      "Where the model runs: auto (CUDA when this binary has it and a GPU is visible, else the CPU), cpu "
+      "or cuda (fails without a GPU).");
   AddServerFlags(flags, &o->process);
 }
 

@@ -1,5 +1,3 @@
-#include "model/cuda/cuda_backend.h"
-
 #include <cublas_v2.h>
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
@@ -19,6 +17,7 @@
 #include "model/cpu/numerics.h"
 #include "model/cpu/ops.h"
 #include "model/cpu/weights.h"
+#include "model/cuda/cuda_backend.h"
 #include "model/cuda/cuda_check.h"
 #include "model/cuda/cuda_device.h"
 #include "model/cuda/cuda_kernels.cuh"
@@ -35,10 +34,10 @@ absl::Status CublasStatus(cublasStatus_t s, const char* call, const char* file, 
   return absl::InternalError(
       absl::StrCat(call, " failed at ", file, ":", line, ": cuBLAS status ", static_cast<int>(s)));
 }
-#define V4_CUBLAS_RETURN_IF_ERROR(call)                                                  \
-  do {                                                                                   \
+#define V4_CUBLAS_RETURN_IF_ERROR(call)                                                 \
+  do {                                                                                  \
     ::absl::Status v4_cublas_status_ = CublasStatus((call), #call, __FILE__, __LINE__); \
-    if (!v4_cublas_status_.ok()) return v4_cublas_status_;                               \
+    if (!v4_cublas_status_.ok()) return v4_cublas_status_;                              \
   } while (false)
 // After a kernel launch: a launch error (bad configuration) or an earlier asynchronous fault.
 #define V4_LAUNCH_CHECK(name) V4_CUDA_RETURN_IF_ERROR(cudaGetLastError())
@@ -83,7 +82,8 @@ absl::StatusOr<const CublasApi*> Cublas() {
     sym(&a.set_math_mode, "cublasSetMathMode");
     sym(&a.gemm, "cublasGemmEx");
     sym(&a.gemm_strided_batched, "cublasGemmStridedBatchedEx");
-    if (!ok) return new absl::StatusOr<CublasApi>(absl::UnavailableError(absl::StrCat(name, " lacks a symbol")));
+    if (!ok)
+      return new absl::StatusOr<CublasApi>(absl::UnavailableError(absl::StrCat(name, " lacks a symbol")));
     return new absl::StatusOr<CublasApi>(a);
   }();
   if (!api->ok()) return api->status();
@@ -107,7 +107,8 @@ class Buf {
     }
     if (p_ != nullptr) cudaFreeAsync(p_, s_);
     p_ = nullptr;
-    V4_CUDA_RETURN_IF_ERROR(cudaMallocAsync(reinterpret_cast<void**>(&p_), std::max<int64_t>(1, n) * sizeof(T), s_));
+    V4_CUDA_RETURN_IF_ERROR(
+        cudaMallocAsync(reinterpret_cast<void**>(&p_), std::max<int64_t>(1, n) * sizeof(T), s_));
     cap_ = n_ = n;
     return absl::OkStatus();
   }
@@ -119,7 +120,8 @@ class Buf {
   absl::Status Upload(const std::vector<T>& h) { return Upload(h.data(), static_cast<int64_t>(h.size())); }
   absl::Status Download(std::vector<T>* h) const {
     h->resize(static_cast<size_t>(n_));
-    if (n_ > 0) V4_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(h->data(), p_, n_ * sizeof(T), cudaMemcpyDeviceToHost, s_));
+    if (n_ > 0)
+      V4_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(h->data(), p_, n_ * sizeof(T), cudaMemcpyDeviceToHost, s_));
     return absl::OkStatus();
   }
   T* get() const { return p_; }
@@ -181,8 +183,8 @@ struct HcW {
 };
 
 struct CompW {
-  Mat wkv, wgate;                   // FP32: the compressor's pooled entries are sensitive.
-  cpu::CompressorWeights host;      // ape and norm, for the host-side compressor.
+  Mat wkv, wgate;               // FP32: the compressor's pooled entries are sensitive.
+  cpu::CompressorWeights host;  // ape and norm, for the host-side compressor.
 };
 
 struct LayerW {
@@ -219,8 +221,8 @@ class CudaBackend final : public ForwardBackend {
                            static_cast<double>(weight_bytes_) / (1ull << 30));
   }
 
-  absl::Status Init(const cpu::ModelWeights* w, const cpu::RopeTable* rope_main, const cpu::RopeTable* rope_comp,
-                    uint64_t seed);
+  absl::Status Init(const cpu::ModelWeights* w, const cpu::RopeTable* rope_main,
+                    const cpu::RopeTable* rope_comp, uint64_t seed);
   // Stream, cuBLAS handle, memory pool and kernel attributes (Init calls it).
   absl::Status InitRuntime();
   // Uploads (or, with host null, draws) a weight matrix.
@@ -256,9 +258,12 @@ class CudaBackend final : public ForwardBackend {
                                 const int32_t* n_active, const int32_t* d_start, const int32_t* d_count,
                                 float* y) const;
   absl::Status ExpertGemmHost(const Mat& w, const float* xin, const std::vector<int32_t>& g_expert,
-                              const std::vector<int32_t>& g_off, const std::vector<int32_t>& g_cnt, float* y) const;
+                              const std::vector<int32_t>& g_off, const std::vector<int32_t>& g_cnt,
+                              float* y) const;
   bool GemvFits(const Mat& w) const { return w.in % (w.fp4 ? 32 : w.bf16 ? 256 : 128) == 0; }
-  absl::Status Sync() const { return CudaStatus(cudaStreamSynchronize(stream_), "cudaStreamSynchronize", __FILE__, __LINE__); }
+  absl::Status Sync() const {
+    return CudaStatus(cudaStreamSynchronize(stream_), "cudaStreamSynchronize", __FILE__, __LINE__);
+  }
   void CountGemm(const Mat& w, int64_t m) const {
     counters_.weight_bytes += w.bytes();
     counters_.gemm_flops += 2.0 * static_cast<double>(m) * static_cast<double>(w.out * w.in);
@@ -404,7 +409,8 @@ absl::Status CudaBackend::LoadLayer(const cpu::BlockWeights* b, int64_t layer, L
   RETURN_IF_ERROR(Put(P(b ? &b->wq_b : nullptr), h * hd, c.q_lora_rank, bf16_, wi, &l->wq_b));
   RETURN_IF_ERROR(Put(P(b ? &b->wkv : nullptr), hd, d, bf16_, wi, &l->wkv));
   RETURN_IF_ERROR(vec(b ? &b->kv_norm : nullptr, hd, WInit::kOnes, &l->kv_norm));
-  RETURN_IF_ERROR(Put(P(b ? &b->wo_a : nullptr), c.o_groups * c.o_lora_rank, h * hd / c.o_groups, bf16_, wi, &l->wo_a));
+  RETURN_IF_ERROR(
+      Put(P(b ? &b->wo_a : nullptr), c.o_groups * c.o_lora_rank, h * hd / c.o_groups, bf16_, wi, &l->wo_a));
   RETURN_IF_ERROR(Put(P(b ? &b->wo_b : nullptr), d, c.o_groups * c.o_lora_rank, bf16_, wi, &l->wo_b));
   const int64_t ratio = c.compress_ratios[static_cast<size_t>(layer)];
   auto comp = [&](const cpu::CompressorWeights* src, int64_t width, CompW* dst) -> absl::Status {
@@ -416,7 +422,8 @@ absl::Status CudaBackend::LoadLayer(const cpu::BlockWeights* b, int64_t layer, L
       dst->host.norm = src->norm;
     } else {
       dst->host.ape.assign(static_cast<size_t>(ratio * coff * width), 0.0f);
-      for (size_t i = 0; i < dst->host.ape.size(); ++i) dst->host.ape[i] = 0.05f * std::cos(static_cast<float>(i));
+      for (size_t i = 0; i < dst->host.ape.size(); ++i)
+        dst->host.ape[i] = 0.05f * std::cos(static_cast<float>(i));
       dst->host.norm.assign(static_cast<size_t>(width), 1.0f);
     }
     return absl::OkStatus();
@@ -425,7 +432,8 @@ absl::Status CudaBackend::LoadLayer(const cpu::BlockWeights* b, int64_t layer, L
   if (ratio == 4) {
     RETURN_IF_ERROR(Put(P(b ? &b->indexer_wq_b : nullptr), c.index_n_heads * c.index_head_dim, c.q_lora_rank,
                         bf16_, wi, &l->indexer_wq_b));
-    RETURN_IF_ERROR(Put(P(b ? &b->indexer_weights : nullptr), c.index_n_heads, d, bf16_, wi, &l->indexer_weights));
+    RETURN_IF_ERROR(
+        Put(P(b ? &b->indexer_weights : nullptr), c.index_n_heads, d, bf16_, wi, &l->indexer_weights));
     RETURN_IF_ERROR(comp(b ? &b->indexer_compressor : nullptr, c.index_head_dim, &l->indexer_compressor));
   }
   const int64_t ne = c.n_routed_experts, inter = c.moe_intermediate_size;
@@ -449,14 +457,17 @@ absl::Status CudaBackend::LoadLayer(const cpu::BlockWeights* b, int64_t layer, L
   // MXFP4 routed experts when the checkpoint has them and the backend is not in its FP32 mode.
   const bool fp4 = bf16_ && c.expert_dtype == "fp4";
   auto stack = [&](int which, int64_t out, int64_t in, Mat* dst) -> absl::Status {
-    if (b == nullptr) return fp4 ? PutFp4(nullptr, ne * out, in, dst) : Put(nullptr, ne * out, in, bf16_, WInit::kRandom, dst);
+    if (b == nullptr)
+      return fp4 ? PutFp4(nullptr, ne * out, in, dst)
+                 : Put(nullptr, ne * out, in, bf16_, WInit::kRandom, dst);
     std::vector<float> all(static_cast<size_t>(ne * out * in));
     for (int64_t e = 0; e < ne; ++e) {
       const cpu::ExpertWeights& ew = b->experts[static_cast<size_t>(e)];
       const cpu::Tensor& t = which == 1 ? ew.w1 : which == 3 ? ew.w3 : ew.w2;
       std::copy(t.begin(), t.end(), all.begin() + e * out * in);
     }
-    return fp4 ? PutFp4(all.data(), ne * out, in, dst) : Put(all.data(), ne * out, in, bf16_, WInit::kHost, dst);
+    return fp4 ? PutFp4(all.data(), ne * out, in, dst)
+               : Put(all.data(), ne * out, in, bf16_, WInit::kHost, dst);
   };
   RETURN_IF_ERROR(stack(1, inter, d, &l->w1));
   RETURN_IF_ERROR(stack(3, inter, d, &l->w3));
@@ -493,8 +504,9 @@ absl::Status CudaBackend::InitRuntime() {
   V4_CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(k::Attention, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                                static_cast<int>(smem_optin_)));
   V4_CUDA_RETURN_IF_ERROR(cudaFuncGetAttributes(&fa, k::IndexerScores));
-  V4_CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(k::IndexerScores, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                               static_cast<int>(prop.sharedMemPerBlockOptin - fa.sharedSizeBytes)));
+  V4_CUDA_RETURN_IF_ERROR(
+      cudaFuncSetAttribute(k::IndexerScores, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                           static_cast<int>(prop.sharedMemPerBlockOptin - fa.sharedSizeBytes)));
   return absl::OkStatus();
 }
 
@@ -508,18 +520,20 @@ absl::Status CudaBackend::Init(const cpu::ModelWeights* w, const cpu::RopeTable*
   profile_ = prof != nullptr && std::string(prof) == "1";
 
   rope_main_ = rope_main ? *rope_main : cpu::MakeRopeTable(c.qk_rope_head_dim, c.rope_theta, nullptr);
-  rope_comp_ = rope_comp ? *rope_comp
-                         : cpu::MakeRopeTable(c.qk_rope_head_dim, c.compress_rope_theta, &c.rope_scaling);
+  rope_comp_ =
+      rope_comp ? *rope_comp : cpu::MakeRopeTable(c.qk_rope_head_dim, c.compress_rope_theta, &c.rope_scaling);
   for (int which = 0; which < 2; ++which) {
     const cpu::RopeTable& t = which == 0 ? rope_main_ : rope_comp_;
     std::vector<float> f(t.inv_freq.size());
     for (size_t i = 0; i < f.size(); ++i) f[i] = static_cast<float>(t.inv_freq[i]);
-    RETURN_IF_ERROR(PutVec(f.data(), static_cast<int64_t>(f.size()), WInit::kHost, which == 0 ? &inv_main_ : &inv_comp_));
+    RETURN_IF_ERROR(
+        PutVec(f.data(), static_cast<int64_t>(f.size()), WInit::kHost, which == 0 ? &inv_main_ : &inv_comp_));
   }
   const int64_t d = c.hidden_size, hc = c.hc_mult;
   const WInit wi = w ? WInit::kHost : WInit::kRandom;
   // The embedding is a gather, not a GEMM: FP32 in the FP32 mode, BF16 otherwise.
-  RETURN_IF_ERROR(Put(w ? w->embed.data() : nullptr, c.vocab_size, d, bf16_, w ? WInit::kHost : WInit::kRandom, &embed_));
+  RETURN_IF_ERROR(
+      Put(w ? w->embed.data() : nullptr, c.vocab_size, d, bf16_, w ? WInit::kHost : WInit::kRandom, &embed_));
   if (w == nullptr) {  // Unit-variance embeddings, like a trained model's residual stream scale.
     k::RandomFill<<<1024, 256, 0, stream_>>>(embed_.p, bf16_, c.vocab_size * d, ++seed_, 1.0f);
     V4_LAUNCH_CHECK(RandomFill);
@@ -527,14 +541,18 @@ absl::Status CudaBackend::Init(const cpu::ModelWeights* w, const cpu::RopeTable*
   RETURN_IF_ERROR(Put(w ? w->head.data() : nullptr, c.vocab_size, d, bf16_, wi, &head_));
   RETURN_IF_ERROR(PutVec(w ? w->norm.data() : nullptr, d, w ? WInit::kHost : WInit::kOnes, &norm_));
   RETURN_IF_ERROR(Put(w ? w->hc_head.fn.data() : nullptr, hc, hc * d, false, wi, &hc_head_.fn));
-  RETURN_IF_ERROR(PutVec(w ? w->hc_head.base.data() : nullptr, hc, w ? WInit::kHost : WInit::kRandom, &hc_head_.base));
-  RETURN_IF_ERROR(PutVec(w ? w->hc_head.scale.data() : nullptr, 1, w ? WInit::kHost : WInit::kRandom, &hc_head_.scale));
-  V4_CUDA_RETURN_IF_ERROR(cudaMalloc(&touched_, std::max<int64_t>(1, c.num_hidden_layers * c.n_routed_experts) * 4));
+  RETURN_IF_ERROR(
+      PutVec(w ? w->hc_head.base.data() : nullptr, hc, w ? WInit::kHost : WInit::kRandom, &hc_head_.base));
+  RETURN_IF_ERROR(
+      PutVec(w ? w->hc_head.scale.data() : nullptr, 1, w ? WInit::kHost : WInit::kRandom, &hc_head_.scale));
+  V4_CUDA_RETURN_IF_ERROR(
+      cudaMalloc(&touched_, std::max<int64_t>(1, c.num_hidden_layers * c.n_routed_experts) * 4));
   allocs_.push_back(touched_);
   if (c.num_experts_per_tok > 64) return absl::InvalidArgumentError("num_experts_per_tok above 64");
   layers_.resize(static_cast<size_t>(c.num_hidden_layers));
   for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
-    RETURN_IF_ERROR(LoadLayer(w ? &w->layers[static_cast<size_t>(l)] : nullptr, l, &layers_[static_cast<size_t>(l)]));
+    RETURN_IF_ERROR(
+        LoadLayer(w ? &w->layers[static_cast<size_t>(l)] : nullptr, l, &layers_[static_cast<size_t>(l)]));
   }
   return Sync();
 }
@@ -545,8 +563,8 @@ absl::Status CudaBackend::Linear(const float* x, int64_t m, const Mat& w, float*
 
 // Groups g < `groups`: y[:, g*out_g ...] (row stride ldy) = x[:, g*stride_x ...] (row stride ldx) W_g^T, with
 // W_g the g-th block of w.out / groups rows. Column-major view: Y^T = W · X^T.
-absl::Status CudaBackend::LinearBatched(const float* x, int64_t m, int64_t ldx, int64_t stride_x, const Mat& w,
-                                        int64_t groups, int64_t ldy, float* y) const {
+absl::Status CudaBackend::LinearBatched(const float* x, int64_t m, int64_t ldx, int64_t stride_x,
+                                        const Mat& w, int64_t groups, int64_t ldy, float* y) const {
   if (m == 0) return absl::OkStatus();
   const int64_t out = w.out / groups, in = w.in;
   CountGemm(w, m);
@@ -562,9 +580,10 @@ absl::Status CudaBackend::LinearBatched(const float* x, int64_t m, int64_t ldx, 
     type = CUDA_R_16BF;
   }
   V4_CUBLAS_RETURN_IF_ERROR(blas_api_->gemm_strided_batched(
-      blas_, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(out), static_cast<int>(m), static_cast<int>(in), &alpha,
-      w.p, type, static_cast<int>(in), out * in, xin, type, static_cast<int>(ldx), stride_x, &beta, y, CUDA_R_32F,
-      static_cast<int>(ldy), out, static_cast<int>(groups), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+      blas_, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(out), static_cast<int>(m), static_cast<int>(in),
+      &alpha, w.p, type, static_cast<int>(in), out * in, xin, type, static_cast<int>(ldx), stride_x, &beta, y,
+      CUDA_R_32F, static_cast<int>(ldy), out, static_cast<int>(groups), CUBLAS_COMPUTE_32F,
+      CUBLAS_GEMM_DEFAULT));
   return absl::OkStatus();
 }
 
@@ -579,8 +598,8 @@ absl::Status CudaBackend::HcPre(const HcW& w, const float* streams, int64_t n, f
   k::RowRsqrt<<<n, 256, 0, stream_>>>(streams, hc * d, c.rms_norm_eps, rs.get());
   V4_LAUNCH_CHECK(RowRsqrt);
   k::HcMix<<<n, 256, 0, stream_>>>(mixes.get(), rs.get(), w.base, w.scale, static_cast<int>(hc),
-                                   static_cast<int>(c.hc_sinkhorn_iters), static_cast<float>(c.hc_eps), streams, d,
-                                   collapsed, post, comb);
+                                   static_cast<int>(c.hc_sinkhorn_iters), static_cast<float>(c.hc_eps),
+                                   streams, d, collapsed, post, comb);
   V4_LAUNCH_CHECK(HcMix);
   return absl::OkStatus();
 }
@@ -633,13 +652,14 @@ absl::Status CudaBackend::Attention(const LayerW& w, int64_t layer, absl::Span<c
   }
   Buf<int64_t> d_pos(s);
   RETURN_IF_ERROR(d_pos.Upload(pos));
-  k::Rope<<<Blocks(n * h * rd / 2, 256), 256, 0, s>>>(q.get(), n * h, hd, hd - rd, rd, d_pos.get(), h, inv, false);
+  k::Rope<<<Blocks(n * h * rd / 2, 256), 256, 0, s>>>(q.get(), n * h, hd, hd - rd, rd, d_pos.get(), h, inv,
+                                                      false);
   V4_LAUNCH_CHECK(Rope);
   k::Rope<<<Blocks(n * rd / 2, 256), 256, 0, s>>>(kv.get(), n, hd, hd - rd, rd, d_pos.get(), 1, inv, false);
   V4_LAUNCH_CHECK(Rope);
   if (csa) {
-    k::Rope<<<Blocks(n * ih * rd / 2, 256), 256, 0, s>>>(iq.get(), n * ih, id, id - rd, rd, d_pos.get(), ih, inv,
-                                                           false);
+    k::Rope<<<Blocks(n * ih * rd / 2, 256), 256, 0, s>>>(iq.get(), n * ih, id, id - rd, rd, d_pos.get(), ih,
+                                                         inv, false);
     V4_LAUNCH_CHECK(Rope);
     const float iscale =
         static_cast<float>(1.0 / std::sqrt(static_cast<double>(id)) / std::sqrt(static_cast<double>(ih)));
@@ -709,8 +729,8 @@ absl::Status CudaBackend::Attention(const LayerW& w, int64_t layer, absl::Span<c
       }
       // Pageable host memory: the copy completes before cudaMemcpyAsync returns, so `ring` may be reused.
       if (prior > 0) {
-        V4_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(wk.get() + wo * hd, ring.data(), prior * hd * 4,
-                                                cudaMemcpyHostToDevice, s));
+        V4_CUDA_RETURN_IF_ERROR(
+            cudaMemcpyAsync(wk.get() + wo * hd, ring.data(), prior * hd * 4, cudaMemcpyHostToDevice, s));
       }
       V4_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(wk.get() + (wo + prior) * hd, kv.get() + seg.begin * hd,
                                               seg.count * hd * 4, cudaMemcpyDeviceToDevice, s));
@@ -755,16 +775,17 @@ absl::Status CudaBackend::Attention(const LayerW& w, int64_t layer, absl::Span<c
     return absl::UnimplementedError(absl::StrCat("attention over ", max_keys, " keys exceeds shared memory"));
   }
   const bool use_entries = ratio > 0 && max_vis > 0;
-  k::Attention<<<n * h, 256, smem, s>>>(q.get(), wk.get(), ek.get(), d_ws.get(), d_wc.get(),
-                                        use_entries ? d_eb.get() : nullptr, d_vis.get(),
-                                        csa && use_entries ? sel.get() : nullptr, sel_cnt.get(), c.index_topk,
-                                        w.attn_sink, h, hd, 1.0f / std::sqrt(static_cast<float>(hd)), o.get());
+  k::Attention<<<n * h, 256, smem, s>>>(
+      q.get(), wk.get(), ek.get(), d_ws.get(), d_wc.get(), use_entries ? d_eb.get() : nullptr, d_vis.get(),
+      csa && use_entries ? sel.get() : nullptr, sel_cnt.get(), c.index_topk, w.attn_sink, h, hd,
+      1.0f / std::sqrt(static_cast<float>(hd)), o.get());
   V4_LAUNCH_CHECK(Attention);
   for (int64_t r = 0; r < n; ++r) {
     const int64_t keys = win_cnt[r] + (csa ? std::min(vis[r], c.index_topk) : vis[r]);
     counters_.attention_flops += 4.0 * keys * hd * h;
   }
-  k::Rope<<<Blocks(n * h * rd / 2, 256), 256, 0, s>>>(o.get(), n * h, hd, hd - rd, rd, d_pos.get(), h, inv, true);
+  k::Rope<<<Blocks(n * h * rd / 2, 256), 256, 0, s>>>(o.get(), n * h, hd, hd - rd, rd, d_pos.get(), h, inv,
+                                                      true);
   V4_LAUNCH_CHECK(Rope);
   // Window rings take each segment's last `win` rows (one copy for a batch, the tail for one long chunk).
   std::vector<float> rows;
@@ -775,8 +796,8 @@ absl::Status CudaBackend::Attention(const LayerW& w, int64_t layer, absl::Span<c
   } else {
     rows.resize(static_cast<size_t>(n * hd));
   }
-  V4_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(rows.data(), kv.get() + rows_begin * hd, rows.size() * 4,
-                                          cudaMemcpyDeviceToHost, s));
+  V4_CUDA_RETURN_IF_ERROR(
+      cudaMemcpyAsync(rows.data(), kv.get() + rows_begin * hd, rows.size() * 4, cudaMemcpyDeviceToHost, s));
   RETURN_IF_ERROR(Sync());
   for (const ForwardSegment& seg : segments) {
     AttentionLayerState& st = seg.state->layers[static_cast<size_t>(layer)];
@@ -795,19 +816,22 @@ absl::Status CudaBackend::Attention(const LayerW& w, int64_t layer, absl::Span<c
   return Mark(&counters_.s_attn_out);
 }
 
-absl::Status CudaBackend::ExpertGemmDevice(const Mat& w, int64_t groups, const float* xin, const int32_t* active,
-                                           const int32_t* n_active, const int32_t* d_start, const int32_t* d_count,
-                                           float* y) const {
+absl::Status CudaBackend::ExpertGemmDevice(const Mat& w, int64_t groups, const float* xin,
+                                           const int32_t* active, const int32_t* n_active,
+                                           const int32_t* d_start, const int32_t* d_count, float* y) const {
   const dim3 grid(static_cast<unsigned>(groups), static_cast<unsigned>(Blocks(w.out, 8)));
   if (w.fp4) {
-    k::GroupedGemv<k::kMxfp4><<<grid, 256, 0, stream_>>>(xin, w.p, active, n_active, d_start, d_count, w.in, w.out,
-                                                         y, w.scales);
+    // 4 output rows per warp, 4 warps per block (168 registers a thread: 3 blocks per SM).
+    constexpr int kRows = 4;
+    const dim3 g4(static_cast<unsigned>(groups), static_cast<unsigned>(Blocks(w.out, 4 * kRows)));
+    k::GroupedGemvFp4<kRows><<<g4, 128, 0, stream_>>>(xin, static_cast<const uint8_t*>(w.p), w.scales, active,
+                                                      n_active, d_start, d_count, w.in, w.out, y);
   } else if (w.bf16) {
-    k::GroupedGemv<k::kBf16><<<grid, 256, 0, stream_>>>(xin, w.p, active, n_active, d_start, d_count, w.in, w.out,
-                                                        y, nullptr);
+    k::GroupedGemv<k::kBf16>
+        <<<grid, 256, 0, stream_>>>(xin, w.p, active, n_active, d_start, d_count, w.in, w.out, y);
   } else {
-    k::GroupedGemv<k::kF32><<<grid, 256, 0, stream_>>>(xin, w.p, active, n_active, d_start, d_count, w.in, w.out,
-                                                       y, nullptr);
+    k::GroupedGemv<k::kF32>
+        <<<grid, 256, 0, stream_>>>(xin, w.p, active, n_active, d_start, d_count, w.in, w.out, y);
   }
   V4_LAUNCH_CHECK(GroupedGemv);
   return absl::OkStatus();
@@ -838,23 +862,23 @@ absl::Status CudaBackend::ExpertGemmHost(const Mat& w, const float* xin, const s
     if (w.fp4) {
       const int64_t blocks = out * in / 32;
       k::Mxfp4ToBf16<<<Blocks(blocks, 256), 256, 0, stream_>>>(
-          static_cast<const uint8_t*>(w.p) + g_expert[gi] * out * in / 2, w.scales + g_expert[gi] * blocks, blocks,
-          wdq.get());
+          static_cast<const uint8_t*>(w.p) + g_expert[gi] * out * in / 2, w.scales + g_expert[gi] * blocks,
+          blocks, wdq.get());
       V4_LAUNCH_CHECK(Mxfp4ToBf16);
       wp = reinterpret_cast<const char*>(wdq.get());
     }
     const char* xp = static_cast<const char*>(x) + static_cast<int64_t>(g_off[gi]) * in * esz;
-    V4_CUBLAS_RETURN_IF_ERROR(blas_api_->gemm(blas_, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(out), g_cnt[gi],
-                                           static_cast<int>(in), &alpha, wp, type, static_cast<int>(in), xp, type,
-                                           static_cast<int>(in), &beta, y + static_cast<int64_t>(g_off[gi]) * out,
-                                           CUDA_R_32F, static_cast<int>(out), CUBLAS_COMPUTE_32F,
-                                           CUBLAS_GEMM_DEFAULT));
+    V4_CUBLAS_RETURN_IF_ERROR(
+        blas_api_->gemm(blas_, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(out), g_cnt[gi],
+                        static_cast<int>(in), &alpha, wp, type, static_cast<int>(in), xp, type,
+                        static_cast<int>(in), &beta, y + static_cast<int64_t>(g_off[gi]) * out, CUDA_R_32F,
+                        static_cast<int>(out), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
   }
   return absl::OkStatus();
 }
 
-absl::Status CudaBackend::Moe(const LayerW& w, int64_t layer, bool hash, const float* x, const int32_t* d_tokens,
-                              int64_t n, float* out) const {
+absl::Status CudaBackend::Moe(const LayerW& w, int64_t layer, bool hash, const float* x,
+                              const int32_t* d_tokens, int64_t n, float* out) const {
   const ModelConfig& c = c_;
   const int64_t d = c.hidden_size, ne = c.n_routed_experts, kk = c.num_experts_per_tok,
                 inter = c.moe_intermediate_size;
@@ -893,7 +917,8 @@ absl::Status CudaBackend::Moe(const LayerW& w, int64_t layer, bool hash, const f
     RETURN_IF_ERROR(active.Alloc(ne));
     RETURN_IF_ERROR(n_active.Alloc(1));
     k::Permute<<<1, 256, 2 * ne * 4, s>>>(sel.get(), wts.get(), n, kk, ne, cnt.get(), start.get(), perm.get(),
-                                          slot_w.get(), row_slots.get(), touched, active.get(), n_active.get());
+                                          slot_w.get(), row_slots.get(), touched, active.get(),
+                                          n_active.get());
     V4_LAUNCH_CHECK(Permute);
     RETURN_IF_ERROR(xin.Alloc(slots * d));
     k::GatherRows<<<slots, 256, 0, s>>>(x, perm.get(), d, xin.get());
@@ -902,14 +927,14 @@ absl::Status CudaBackend::Moe(const LayerW& w, int64_t layer, bool hash, const f
     RETURN_IF_ERROR(eu.Alloc(slots * inter));
     RETURN_IF_ERROR(ey.Alloc(slots * d));
     const int64_t groups = std::min(ne, slots);  // At most this many experts have rows.
-    RETURN_IF_ERROR(ExpertGemmDevice(w.w1, groups, xin.get(), active.get(), n_active.get(), start.get(), cnt.get(),
-                                     eg.get()));
-    RETURN_IF_ERROR(ExpertGemmDevice(w.w3, groups, xin.get(), active.get(), n_active.get(), start.get(), cnt.get(),
-                                     eu.get()));
+    RETURN_IF_ERROR(ExpertGemmDevice(w.w1, groups, xin.get(), active.get(), n_active.get(), start.get(),
+                                     cnt.get(), eg.get()));
+    RETURN_IF_ERROR(ExpertGemmDevice(w.w3, groups, xin.get(), active.get(), n_active.get(), start.get(),
+                                     cnt.get(), eu.get()));
     k::SwiGlu<<<Blocks(slots * inter, 256), 256, 0, s>>>(eg.get(), eu.get(), slots, inter, slot_w.get(), lim);
     V4_LAUNCH_CHECK(SwiGlu);
-    RETURN_IF_ERROR(ExpertGemmDevice(w.w2, groups, eg.get(), active.get(), n_active.get(), start.get(), cnt.get(),
-                                     ey.get()));
+    RETURN_IF_ERROR(ExpertGemmDevice(w.w2, groups, eg.get(), active.get(), n_active.get(), start.get(),
+                                     cnt.get(), ey.get()));
     k::CombineExperts<<<n, 256, 0, s>>>(out, ey.get(), row_slots.get(), kk, d);
     V4_LAUNCH_CHECK(CombineExperts);
     return absl::OkStatus();
@@ -1002,7 +1027,7 @@ absl::StatusOr<std::vector<float>> CudaBackend::Forward(absl::Span<const Forward
     RETURN_IF_ERROR(Mark(&counters_.s_mhc));
     RETURN_IF_ERROR(Attention(w, l, segments, collapsed.get(), n, sub.get()));
     k::HcPost<<<Blocks(n * d, 256), 256, 0, s>>>(streams.get(), sub.get(), post.get(), comb.get(), n,
-                                                  static_cast<int>(hc), d);
+                                                 static_cast<int>(hc), d);
     V4_LAUNCH_CHECK(HcPost);
     RETURN_IF_ERROR(HcPre(w.hc_ffn, streams.get(), n, collapsed.get(), post.get(), comb.get()));
     k::RmsNorm<<<n, 256, 0, s>>>(collapsed.get(), d, w.ffn_norm, c.rms_norm_eps);
@@ -1011,7 +1036,7 @@ absl::StatusOr<std::vector<float>> CudaBackend::Forward(absl::Span<const Forward
     RETURN_IF_ERROR(Moe(w, l, c.is_hash_layer(l), collapsed.get(), d_tok.get(), n, sub.get()));
     RETURN_IF_ERROR(Mark(&counters_.s_moe));
     k::HcPost<<<Blocks(n * d, 256), 256, 0, s>>>(streams.get(), sub.get(), post.get(), comb.get(), n,
-                                                  static_cast<int>(hc), d);
+                                                 static_cast<int>(hc), d);
     V4_LAUNCH_CHECK(HcPost);
     counters_.activation_bytes += n * hc * d * 4 * 6;  // Two sites: read for the mixes, read + write post.
     RETURN_IF_ERROR(Mark(&counters_.s_mhc));
@@ -1074,7 +1099,8 @@ absl::StatusOr<ForwardCounters> LastForwardCounters(const ForwardBackend& backen
   return b->Counters();
 }
 
-absl::StatusOr<std::vector<int32_t>> ArgmaxRows(const std::vector<float>& logits, int64_t rows, int64_t cols) {
+absl::StatusOr<std::vector<int32_t>> ArgmaxRows(const std::vector<float>& logits, int64_t rows,
+                                                int64_t cols) {
   if (rows * cols != static_cast<int64_t>(logits.size()) || rows <= 0 || cols <= 0) {
     return absl::InvalidArgumentError("ArgmaxRows: logits size is not rows * cols");
   }
@@ -1104,8 +1130,8 @@ absl::Status RmsNorm(std::vector<float>* x, int64_t rows, int64_t dim, const std
   return absl::OkStatus();
 }
 
-absl::StatusOr<std::vector<std::vector<int64_t>>> TopK(const std::vector<float>& scores, int64_t rows, int64_t n,
-                                                       int64_t kk) {
+absl::StatusOr<std::vector<std::vector<int64_t>>> TopK(const std::vector<float>& scores, int64_t rows,
+                                                       int64_t n, int64_t kk) {
   Buf<float> sc(nullptr);
   Buf<int64_t> nv(nullptr);
   Buf<int32_t> sel(nullptr), cnt(nullptr);
@@ -1154,8 +1180,8 @@ absl::Status Rope(std::vector<float>* x, int64_t rows, int64_t dim, int64_t rope
   RETURN_IF_ERROR(dx.Upload(*x));
   RETURN_IF_ERROR(df.Upload(f));
   RETURN_IF_ERROR(dp.Upload(positions));
-  k::Rope<<<Blocks(rows * rope_dim / 2, 256), 256>>>(dx.get(), rows, dim, dim - rope_dim, rope_dim, dp.get(), 1,
-                                                     df.get(), inverse);
+  k::Rope<<<Blocks(rows * rope_dim / 2, 256), 256>>>(dx.get(), rows, dim, dim - rope_dim, rope_dim, dp.get(),
+                                                     1, df.get(), inverse);
   V4_LAUNCH_CHECK(Rope);
   RETURN_IF_ERROR(dx.Download(x));
   V4_CUDA_RETURN_IF_ERROR(cudaDeviceSynchronize());

@@ -44,17 +44,18 @@ absl::StatusOr<std::unique_ptr<ForwardBackend>> MakeRandomCudaBackend(const Mode
 
 // What the last Forward of a CUDA backend moved and computed, counted from its shapes (for bench/).
 struct ForwardCounters {
-  int64_t weight_bytes = 0;     // Weight bytes the GEMMs read (each used matrix once; touched experts only).
-  int64_t kv_bytes = 0;         // Window/entry/indexer-key bytes the attention and indexer read.
-  int64_t activation_bytes = 0; // Bytes of the layer inputs/outputs (streams) read and written.
-  double gemm_flops = 0;        // 2*m*n*k over every GEMM.
-  double attention_flops = 0;   // QK and PV products, indexer scores.
-  int64_t experts_touched = 0;  // Distinct (layer, expert) pairs with at least one row.
+  int64_t weight_bytes = 0;      // Weight bytes the GEMMs read (each used matrix once; touched experts only).
+  int64_t kv_bytes = 0;          // Window/entry/indexer-key bytes the attention and indexer read.
+  int64_t activation_bytes = 0;  // Bytes of the layer inputs/outputs (streams) read and written.
+  double gemm_flops = 0;         // 2*m*n*k over every GEMM.
+  double attention_flops = 0;    // QK and PV products, indexer scores.
+  int64_t experts_touched = 0;   // Distinct (layer, expert) pairs with at least one row.
   // Wall seconds per phase, filled only when V4SERVE_CUDA_PROFILE=1 was set at load (the backend then
   // synchronizes at each phase boundary, which itself costs time): mHC + norms, attention projections,
   // host side of attention (compressor, key staging), attention kernels (indexer, top-k, attention, ring),
   // output projection, MoE, final head.
-  double s_mhc = 0, s_attn_proj = 0, s_attn_host = 0, s_attn_kernels = 0, s_attn_out = 0, s_moe = 0, s_head = 0;
+  double s_mhc = 0, s_attn_proj = 0, s_attn_host = 0, s_attn_kernels = 0, s_attn_out = 0, s_moe = 0,
+         s_head = 0;
 };
 // FAILED_PRECONDITION when `backend` is not a CUDA backend.
 absl::StatusOr<ForwardCounters> LastForwardCounters(const ForwardBackend& backend);

@@ -26,8 +26,8 @@ absl::Status RmsNorm(std::vector<float>*, int64_t, int64_t, const std::vector<fl
 absl::StatusOr<std::vector<std::vector<int64_t>>> TopK(const std::vector<float>&, int64_t, int64_t, int64_t) {
   return NotBuilt();
 }
-absl::StatusOr<std::vector<float>> Linear(const std::vector<float>&, int64_t, int64_t, const std::vector<float>&,
-                                          int64_t, CudaWeights) {
+absl::StatusOr<std::vector<float>> Linear(const std::vector<float>&, int64_t, int64_t,
+                                          const std::vector<float>&, int64_t, CudaWeights) {
   return NotBuilt();
 }
 absl::Status Rope(std::vector<float>*, int64_t, int64_t, int64_t, const std::vector<double>&,

@@ -88,8 +88,8 @@ __global__ void RowRsqrt(const float* x, int64_t len, double eps, float* rs) {
 // mHC pre-mix of one token per block: from the raw mixes (fn · x) and rs, the pre/post weights and the
 // Sinkhorn-projected comb matrix (cpu::HcPre), then collapsed = sum_j pre_j * x_j.
 __global__ void HcMix(const float* mixes, const float* rs, const float* base, const float* scale, int hc,
-                      int iters, float eps, const float* streams, int64_t d, float* collapsed, float* post_out,
-                      float* comb_out) {
+                      int iters, float eps, const float* streams, int64_t d, float* collapsed,
+                      float* post_out, float* comb_out) {
   const int64_t t = blockIdx.x;
   const int mix = (2 + hc) * hc;
   __shared__ float pre[kMaxHc];
@@ -173,8 +173,8 @@ __global__ void HcPost(float* streams, const float* out, const float* post, cons
 
 // Interleaved RoPE on the `rd` dims at offset `off` of each row of `stride`; row r is at
 // positions[r / rows_per_pos]. One thread per (row, pair).
-__global__ void Rope(float* x, int64_t rows, int64_t stride, int64_t off, int64_t rd, const int64_t* positions,
-                     int64_t rows_per_pos, const float* inv_freq, bool inverse) {
+__global__ void Rope(float* x, int64_t rows, int64_t stride, int64_t off, int64_t rd,
+                     const int64_t* positions, int64_t rows_per_pos, const float* inv_freq, bool inverse) {
   const int64_t half = rd / 2;
   const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (idx >= rows * half) return;
@@ -207,7 +207,8 @@ __global__ void IndexerScores(const float* iq, const float* iw, const float* ik,
   __syncthreads();
   const int warps = blockDim.x / 32, w = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int64_t n = vis[r];
-  for (int64_t s = static_cast<int64_t>(blockIdx.y) * warps + w; s < n; s += static_cast<int64_t>(gridDim.y) * warps) {
+  for (int64_t s = static_cast<int64_t>(blockIdx.y) * warps + w; s < n;
+       s += static_cast<int64_t>(gridDim.y) * warps) {
     const float* k = ik + (ent_base[r] + s) * id;
     float acc = 0;
     for (int64_t hh = 0; hh < ih; ++hh) {
@@ -230,7 +231,8 @@ __device__ __forceinline__ uint32_t FloatKey(float f) {
 // sel[r * k ...] and their count to cnt[r]. Ties at the threshold go to the lowest indices, as
 // cpu::TopKIndices. One block per row: a 32-step bisection on the order-preserving key finds the k-th
 // largest, then the entries above it and the first ties in index order are written.
-__global__ void TopK(const float* sc, int64_t ld, const int64_t* nvis, int64_t k, int32_t* sel, int32_t* cnt) {
+__global__ void TopK(const float* sc, int64_t ld, const int64_t* nvis, int64_t k, int32_t* sel,
+                     int32_t* cnt) {
   const int64_t r = blockIdx.x, n = nvis[r];
   const float* v = sc + r * ld;
   int32_t* out = sel + r * k;
@@ -421,16 +423,16 @@ __global__ void CombineExperts(float* out, const float* y, const int32_t* row_sl
 // from bits: no table lookups.
 __device__ __forceinline__ float Fp4Value(uint32_t code) {
   const uint32_t e = (code >> 1) & 3u, m = code & 1u;
-  const float mag = e ? __int_as_float(static_cast<int>(((e + 126u) << 23) | (m << 22))) : 0.5f * static_cast<float>(m);
+  const float mag =
+      e ? __int_as_float(static_cast<int>(((e + 126u) << 23) | (m << 22))) : 0.5f * static_cast<float>(m);
   return (code & 8u) ? -mag : mag;
 }
 
-enum WeightKind { kF32 = 0, kBf16 = 1, kMxfp4 = 2 };
+enum WeightKind { kF32 = 0, kBf16 = 1 };  // GroupedGemv's weight formats (MXFP4: GroupedGemvFp4).
 
 template <int kKind>
 __global__ void GroupedGemv(const float* xin, const void* w, const int32_t* active, const int32_t* n_active,
-                            const int32_t* start, const int32_t* count, int64_t in, int64_t out, float* y,
-                            const uint8_t* scales) {
+                            const int32_t* start, const int32_t* count, int64_t in, int64_t out, float* y) {
   const int g = blockIdx.x;
   if (g >= *n_active) return;
   const int warps = blockDim.x / 32, lane = threadIdx.x % 32;
@@ -439,84 +441,54 @@ __global__ void GroupedGemv(const float* xin, const void* w, const int32_t* acti
   const int64_t e = active[g], off = start[e];
   const int total = count[e];
   for (int c0 = 0; c0 < total; c0 += kMaxGroupRows) {
-  const int cnt = min(kMaxGroupRows, total - c0);
-  const float* xrows = xin + c0 * in;
-  float* yrows = y + c0 * out;
-  float acc[kMaxGroupRows];
+    const int cnt = min(kMaxGroupRows, total - c0);
+    const float* xrows = xin + c0 * in;
+    float* yrows = y + c0 * out;
+    float acc[kMaxGroupRows];
 #pragma unroll
-  for (int c = 0; c < kMaxGroupRows; ++c) acc[c] = 0;
-  if constexpr (kKind == kMxfp4) {
-    // A lane takes whole blocks of 32: 16 code bytes (one 16-byte load) and their scale. Values are decoded
-    // four at a time next to their use (few registers: more warps in flight), the block's partial sums
-    // scaled once.
-    const uint8_t* wr = static_cast<const uint8_t*>(w) + (e * out + o) * (in / 2);
-    const uint8_t* sr = scales + (e * out + o) * (in / 32);
+    for (int c = 0; c < kMaxGroupRows; ++c) acc[c] = 0;
+    if constexpr (kKind == kBf16) {
+      const __nv_bfloat16* wr = static_cast<const __nv_bfloat16*>(w) + (e * out + o) * in;
 #pragma unroll 4
-    for (int64_t i = lane * 32; i < in; i += 32 * 32) {
-      const uint4 raw = *reinterpret_cast<const uint4*>(wr + i / 2);
-      const float sc = __int_as_float(static_cast<int>(static_cast<uint32_t>(sr[i / 32]) << 23));
-      const uint32_t words[4] = {raw.x, raw.y, raw.z, raw.w};
-      float part[kMaxGroupRows];
+      for (int64_t i = lane * 8; i < in; i += 32 * 8) {
+        const uint4 raw = *reinterpret_cast<const uint4*>(wr + i);
+        const __nv_bfloat162* p2 = reinterpret_cast<const __nv_bfloat162*>(&raw);
+        float wv[8];
 #pragma unroll
-      for (int c = 0; c < kMaxGroupRows; ++c) part[c] = 0;
-#pragma unroll
-      for (int q = 0; q < 8; ++q) {  // Values 4q .. 4q+3: two bytes of word q/2.
-        const uint32_t bits = words[q / 2] >> (16 * (q % 2));
-        const float w0 = Fp4Value(bits & 15u), w1 = Fp4Value((bits >> 4) & 15u), w2 = Fp4Value((bits >> 8) & 15u),
-                    w3 = Fp4Value((bits >> 12) & 15u);
+        for (int q = 0; q < 4; ++q) {
+          const float2 f = __bfloat1622float2(p2[q]);
+          wv[2 * q] = f.x;
+          wv[2 * q + 1] = f.y;
+        }
 #pragma unroll
         for (int c = 0; c < kMaxGroupRows; ++c) {
           if (c < cnt) {
-            const float4 a = reinterpret_cast<const float4*>(xrows + (off + c) * in + i)[q];
-            part[c] += a.x * w0 + a.y * w1 + a.z * w2 + a.w * w3;
+            const float4* xv = reinterpret_cast<const float4*>(xrows + (off + c) * in + i);
+            const float4 a = xv[0], b = xv[1];
+            acc[c] += a.x * wv[0] + a.y * wv[1] + a.z * wv[2] + a.w * wv[3] + b.x * wv[4] + b.y * wv[5] +
+                      b.z * wv[6] + b.w * wv[7];
           }
         }
       }
-#pragma unroll
-      for (int c = 0; c < kMaxGroupRows; ++c) acc[c] += part[c] * sc;
-    }
-  } else if constexpr (kKind == kBf16) {
-    const __nv_bfloat16* wr = static_cast<const __nv_bfloat16*>(w) + (e * out + o) * in;
+    } else {
+      const float* wr = static_cast<const float*>(w) + (e * out + o) * in;
 #pragma unroll 4
-    for (int64_t i = lane * 8; i < in; i += 32 * 8) {
-      const uint4 raw = *reinterpret_cast<const uint4*>(wr + i);
-      const __nv_bfloat162* p2 = reinterpret_cast<const __nv_bfloat162*>(&raw);
-      float wv[8];
+      for (int64_t i = lane * 4; i < in; i += 32 * 4) {
+        const float4 wv = *reinterpret_cast<const float4*>(wr + i);
 #pragma unroll
-      for (int q = 0; q < 4; ++q) {
-        const float2 f = __bfloat1622float2(p2[q]);
-        wv[2 * q] = f.x;
-        wv[2 * q + 1] = f.y;
-      }
-#pragma unroll
-      for (int c = 0; c < kMaxGroupRows; ++c) {
-        if (c < cnt) {
-          const float4* xv = reinterpret_cast<const float4*>(xrows + (off + c) * in + i);
-          const float4 a = xv[0], b = xv[1];
-          acc[c] += a.x * wv[0] + a.y * wv[1] + a.z * wv[2] + a.w * wv[3] + b.x * wv[4] + b.y * wv[5] +
-                    b.z * wv[6] + b.w * wv[7];
+        for (int c = 0; c < kMaxGroupRows; ++c) {
+          if (c < cnt) {
+            const float4 a = *reinterpret_cast<const float4*>(xrows + (off + c) * in + i);
+            acc[c] += a.x * wv.x + a.y * wv.y + a.z * wv.z + a.w * wv.w;
+          }
         }
       }
     }
-  } else {
-    const float* wr = static_cast<const float*>(w) + (e * out + o) * in;
-#pragma unroll 4
-    for (int64_t i = lane * 4; i < in; i += 32 * 4) {
-      const float4 wv = *reinterpret_cast<const float4*>(wr + i);
 #pragma unroll
-      for (int c = 0; c < kMaxGroupRows; ++c) {
-        if (c < cnt) {
-          const float4 a = *reinterpret_cast<const float4*>(xrows + (off + c) * in + i);
-          acc[c] += a.x * wv.x + a.y * wv.y + a.z * wv.z + a.w * wv.w;
-        }
-      }
+    for (int c = 0; c < kMaxGroupRows; ++c) {
+      const float s = WarpSum(acc[c]);
+      if (lane == 0 && c < cnt) yrows[(off + c) * out + o] = s;
     }
-  }
-#pragma unroll
-  for (int c = 0; c < kMaxGroupRows; ++c) {
-    const float s = WarpSum(acc[c]);
-    if (lane == 0 && c < cnt) yrows[(off + c) * out + o] = s;
-  }
   }
 }
 
@@ -525,9 +497,9 @@ __global__ void GroupedGemv(const float* xin, const void* w, const int32_t* acti
 // (the CPU's order), each slot's row and routing weight, and each row's slots sorted by expert.
 // `touched` (may be null) receives the counts too, for the benchmark's byte accounting.
 // `active` lists the experts with rows (ascending), `n_active` their number.
-__global__ void Permute(const int32_t* sel, const float* wts, int64_t rows, int64_t k, int64_t ne, int32_t* count,
-                        int32_t* start, int32_t* perm, float* slot_w, int32_t* row_slots, int32_t* touched,
-                        int32_t* active, int32_t* n_active) {
+__global__ void Permute(const int32_t* sel, const float* wts, int64_t rows, int64_t k, int64_t ne,
+                        int32_t* count, int32_t* start, int32_t* perm, float* slot_w, int32_t* row_slots,
+                        int32_t* touched, int32_t* active, int32_t* n_active) {
   extern __shared__ int32_t psh[];
   int32_t* cnt = psh;
   int32_t* fill = psh + ne;
@@ -575,6 +547,74 @@ __global__ void Permute(const int32_t* sel, const float* wts, int64_t rows, int6
       }
       ex[p + 1] = ke;
       rs[p + 1] = ks;
+    }
+  }
+}
+
+__device__ __forceinline__ uint32_t Word(const uint4& v, int i) {
+  return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
+}
+
+// The MXFP4 grouped GEMV (same contract as GroupedGemv): a warp computes kRows consecutive output rows, so
+// each activation float4 it loads serves kRows weight rows (the one-row version re-read the activations from
+// L1 for every 16 bytes of weights), and kRows independent 16-byte weight loads are in flight per lane. A
+// lane takes whole 32-value blocks; values are decoded four at a time and pre-scaled by their block scale.
+template <int kRows>
+__global__ void GroupedGemvFp4(const float* xin, const uint8_t* w, const uint8_t* scales,
+                               const int32_t* active, const int32_t* n_active, const int32_t* start,
+                               const int32_t* count, int64_t in, int64_t out, float* y) {
+  const int g = blockIdx.x;
+  if (g >= *n_active) return;
+  const int warps = blockDim.x / 32, lane = threadIdx.x % 32;
+  const int64_t o0 = (static_cast<int64_t>(blockIdx.y) * warps + threadIdx.x / 32) * kRows;
+  if (o0 >= out) return;
+  const int64_t e = active[g], off = start[e], bpr = in / 32;
+  const int total = count[e];
+  for (int c0 = 0; c0 < total; c0 += kMaxGroupRows) {
+    const int cnt = min(kMaxGroupRows, total - c0);
+    const float* xr = xin + (off + c0) * in;
+    float acc[kRows][kMaxGroupRows];
+#pragma unroll
+    for (int r = 0; r < kRows; ++r) {
+#pragma unroll
+      for (int c = 0; c < kMaxGroupRows; ++c) acc[r][c] = 0;
+    }
+    for (int64_t b = lane; b < bpr; b += 32) {
+      uint4 raw[kRows];
+      float sc[kRows];
+#pragma unroll
+      for (int r = 0; r < kRows; ++r) {
+        const int64_t row = e * out + min(o0 + r, out - 1);  // Rows past the end are computed, not stored.
+        raw[r] = *reinterpret_cast<const uint4*>(w + row * (in / 2) + b * 16);
+        sc[r] = __int_as_float(static_cast<int>(static_cast<uint32_t>(scales[row * bpr + b]) << 23));
+      }
+#pragma unroll
+      for (int q = 0; q < 8; ++q) {
+        float wv[kRows][4];
+#pragma unroll
+        for (int r = 0; r < kRows; ++r) {
+          const uint32_t bits = Word(raw[r], q / 2) >> (16 * (q % 2));
+#pragma unroll
+          for (int t = 0; t < 4; ++t) wv[r][t] = Fp4Value((bits >> (4 * t)) & 15u) * sc[r];
+        }
+#pragma unroll
+        for (int c = 0; c < kMaxGroupRows; ++c) {
+          if (c < cnt) {
+            const float4 a = reinterpret_cast<const float4*>(xr + c * in + b * 32)[q];
+#pragma unroll
+            for (int r = 0; r < kRows; ++r)
+              acc[r][c] += a.x * wv[r][0] + a.y * wv[r][1] + a.z * wv[r][2] + a.w * wv[r][3];
+          }
+        }
+      }
+    }
+#pragma unroll
+    for (int r = 0; r < kRows; ++r) {
+#pragma unroll
+      for (int c = 0; c < kMaxGroupRows; ++c) {
+        const float v = WarpSum(acc[r][c]);
+        if (lane == 0 && c < cnt && o0 + r < out) y[(off + c0 + c) * out + o0 + r] = v;
+      }
     }
   }
 }
@@ -632,7 +672,8 @@ __global__ void RandomFill(void* p, bool bf16, int64_t n, uint64_t seed, float s
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     float s = 0;
-    for (int j = 0; j < 4; ++j) s += static_cast<float>(Hash32(seed * 0x9e3779b97f4a7c15ull + i * 4 + j)) * 2.3283064e-10f;
+    for (int j = 0; j < 4; ++j)
+      s += static_cast<float>(Hash32(seed * 0x9e3779b97f4a7c15ull + i * 4 + j)) * 2.3283064e-10f;
     const float v = (s - 2.0f) * 1.7320508f * scale;  // Sum of 4 U(0,1): mean 2, variance 1/3.
     if (bf16) {
       static_cast<__nv_bfloat16*>(p)[i] = __float2bfloat16_rn(v);

@@ -10,6 +10,8 @@
 // layer: there the yardstick is the CPU's faithful mode, which rounds activations to BF16 (and more) as
 // DeepSeek's kernels do. BF16 logits and states must stay within max(5e-2, 2 x the faithful mode's distance
 // from the exact reference) at every step; greedy tokens may flip on near-ties.
+#include "model/cuda/cuda_backend.h"
+
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -19,7 +21,6 @@
 #include "model/backend.h"
 #include "model/cpu/attention.h"
 #include "model/cpu/ops.h"
-#include "model/cuda/cuda_backend.h"
 #include "model/device.h"
 #include "model/model.h"
 #include "model/numeric_formats.h"
@@ -33,9 +34,9 @@ bool HaveGpu(std::string* why) {
   return d.ok() && *d == Device::kCuda;
 }
 
-#define SKIP_WITHOUT_GPU()                                                        \
-  do {                                                                            \
-    std::string why;                                                              \
+#define SKIP_WITHOUT_GPU()                                                          \
+  do {                                                                              \
+    std::string why;                                                                \
     if (!HaveGpu(&why)) GTEST_SKIP() << "no GPU, CUDA backend not tested: " << why; \
   } while (false)
 
@@ -186,7 +187,8 @@ double StateRelL2(const SequenceState& a, const SequenceState& b) {
   for (size_t l = 0; l < a.layers.size() && l < b.layers.size(); ++l) {
     EXPECT_EQ(a.layers[l].entries.size(), b.layers[l].entries.size()) << "layer " << l;
     worst = std::max(worst, RelL2(a.layers[l].window, b.layers[l].window));
-    if (!b.layers[l].entries.empty()) worst = std::max(worst, RelL2(a.layers[l].entries, b.layers[l].entries));
+    if (!b.layers[l].entries.empty())
+      worst = std::max(worst, RelL2(a.layers[l].entries, b.layers[l].entries));
     if (!b.layers[l].indexer_keys.empty()) {
       worst = std::max(worst, RelL2(a.layers[l].indexer_keys, b.layers[l].indexer_keys));
     }
@@ -228,10 +230,12 @@ void CompareModel(CudaWeights format, int64_t index_topk, double tol, bool same_
       ASSERT_TRUE(lf.ok()) << lf.status();
       const double fd = RelL2(*lf, *lc);
       note(*lg, *lc, fd);
-      EXPECT_LT(RelL2(*lg, *lc), limit(fd)) << "prefill seq " << i << " chunk at " << b << " (faithful " << fd << ")";
+      EXPECT_LT(RelL2(*lg, *lc), limit(fd))
+          << "prefill seq " << i << " chunk at " << b << " (faithful " << fd << ")";
     }
     const double fsd = StateRelL2(f, c);
-    EXPECT_LT(StateRelL2(g, c), limit(fsd)) << "state after prefill, seq " << i << " (faithful " << fsd << ")";
+    EXPECT_LT(StateRelL2(g, c), limit(fsd))
+        << "state after prefill, seq " << i << " (faithful " << fsd << ")";
     cs.push_back(std::move(c));
     gs.push_back(std::move(g));
     fs.push_back(std::move(f));
@@ -256,7 +260,8 @@ void CompareModel(CudaWeights format, int64_t index_topk, double tol, bool same_
     EXPECT_LT(RelL2(*lg, *lc), limit(fd)) << "decode step " << step << " (faithful " << fd << ")";
     EXPECT_LT(RelL2(gstreams, cstreams), limit(fsd)) << "final streams, decode step " << step;
     // Greedy tokens agree (sampled on the device for the GPU model).
-    absl::StatusOr<std::vector<int32_t>> gtok = cuda::ArgmaxRows(*lg, static_cast<int64_t>(next.size()), vocab);
+    absl::StatusOr<std::vector<int32_t>> gtok =
+        cuda::ArgmaxRows(*lg, static_cast<int64_t>(next.size()), vocab);
     ASSERT_TRUE(gtok.ok()) << gtok.status();
     for (size_t i = 0; i < next.size(); ++i) {
       const float* row = &(*lc)[i * vocab];
@@ -267,8 +272,8 @@ void CompareModel(CudaWeights format, int64_t index_topk, double tol, bool same_
       next[i] = ctok;
     }
   }
-  std::printf("logits rel. L2 vs the exact CPU: largest %.3g (this backend), %.3g (CPU faithful mode)\n", worst,
-              worst_faithful);
+  std::printf("logits rel. L2 vs the exact CPU: largest %.3g (this backend), %.3g (CPU faithful mode)\n",
+              worst, worst_faithful);
   for (size_t i = 0; i < cs.size(); ++i) {
     const double fsd = StateRelL2(fs[i], cs[i]);
     EXPECT_LT(StateRelL2(gs[i], cs[i]), limit(fsd)) << "final state " << i << " (faithful " << fsd << ")";
