@@ -217,7 +217,9 @@ class CudaBackend final : public ForwardBackend {
 
   Device device() const override { return Device::kCuda; }
   std::string Describe() const override {
-    return absl::StrFormat("cuda: %s, %s weights, %.1f GiB on device", gpu_name_, bf16_ ? "bf16" : "fp32",
+    const bool fp4 = bf16_ && c_.expert_dtype == "fp4";
+    return absl::StrFormat("cuda: %s, %s weights%s, %.2f GiB on device", gpu_name_, bf16_ ? "bf16" : "fp32",
+                           fp4 ? " (mxfp4 routed experts)" : "",
                            static_cast<double>(weight_bytes_) / (1ull << 30));
   }
 

@@ -311,5 +311,38 @@ TEST(CudaModelTest, AutoPicksCudaWithAGpuAndCudaFailsClearlyWithout) {
   EXPECT_EQ(*ParseDevice("cuda"), Device::kCuda);
 }
 
+// Runs everywhere: without a GPU, asking for CUDA is a clear UNAVAILABLE (auto falls back to the CPU); with
+// one, the model reports the CUDA backend.
+TEST(CudaModelTest, ExplicitCudaWithoutAGpuIsUnavailableAndAutoFallsBack) {
+  absl::StatusOr<ModelConfig> config = LoadModelConfig(TinyDir());
+  ASSERT_TRUE(config.ok()) << config.status();
+  absl::StatusOr<std::unique_ptr<Checkpoint>> ckpt = Checkpoint::Open(TinyDir());
+  ASSERT_TRUE(ckpt.ok()) << ckpt.status();
+  ModelOptions forced, automatic;
+  forced.device = Device::kCuda;
+  automatic.device = Device::kAuto;
+  auto f = Model::FromCheckpoint(*config, **ckpt, forced);
+  auto a = Model::FromCheckpoint(*config, **ckpt, automatic);
+  ASSERT_TRUE(a.ok()) << a.status();
+  std::string why;
+  if (HaveGpu(&why)) {
+    ASSERT_TRUE(f.ok()) << f.status();
+    EXPECT_EQ((*f)->backend().device(), Device::kCuda);
+    EXPECT_EQ((*a)->backend().device(), Device::kCuda);
+  } else {
+    EXPECT_EQ(f.status().code(), absl::StatusCode::kUnavailable) << f.status();
+    EXPECT_NE(f.status().message().find("--device=cuda"), std::string::npos) << f.status();
+    EXPECT_EQ((*a)->backend().device(), Device::kCpu);
+    EXPECT_EQ((*a)->backend().Describe(), "cpu: fp32, exact");
+  }
+  // The faithful mode has no CUDA implementation: explicit CUDA refuses, auto stays on the CPU.
+  forced.mode = automatic.mode = NumericMode::kFaithful;
+  auto ff = Model::FromCheckpoint(*config, **ckpt, forced);
+  EXPECT_FALSE(ff.ok());
+  auto af = Model::FromCheckpoint(*config, **ckpt, automatic);
+  ASSERT_TRUE(af.ok()) << af.status();
+  EXPECT_EQ((*af)->backend().device(), Device::kCpu);
+}
+
 }  // namespace
 }  // namespace v4serve::model
