@@ -104,7 +104,9 @@ absl::Status RunDecodeWorker(const DecodeWorkerOptions& options, services::Shutd
   const std::string& dir = options.worker.model_dir;
   model::ModelOptions mo;
   mo.load_mtp = options.mtp;
+  ASSIGN_OR_RETURN(mo.device, model::ParseDevice(options.worker.device));
   ASSIGN_OR_RETURN(std::unique_ptr<model::Model> model, model::Model::Load(dir, mo));
+  V4LOG(INFO).With("device", options.worker.device) << "model runs on " << model->backend().Describe();
   engine::EngineOptions eo;
   eo.mtp = options.mtp;
   eo.kv.num_blocks = options.kv_blocks;
