@@ -47,7 +47,10 @@ absl::Status RunPrefillWorker(const PrefillWorkerOptions& options, services::Shu
   services::ServerProcessOptions process = options.worker.process;
   process.accelerators = model::DescribeAccelerators();
   const std::string& dir = options.worker.model_dir;
-  ASSIGN_OR_RETURN(std::unique_ptr<model::Model> model, model::Model::Load(dir, model::ModelOptions{}));
+  model::ModelOptions mo;
+  ASSIGN_OR_RETURN(mo.device, model::ParseDevice(options.worker.device));
+  ASSIGN_OR_RETURN(std::unique_ptr<model::Model> model, model::Model::Load(dir, mo));
+  V4LOG(INFO).With("device", options.worker.device) << "model runs on " << model->backend().Describe();
   ASSIGN_OR_RETURN(const uint64_t fingerprint, engine::ModelFingerprint(dir));
   ASSIGN_OR_RETURN(kvstore::KvLayout layout, engine::KvLayoutFor(model->config(), fingerprint));
   PrefillServiceOptions so = options.service;
