@@ -666,7 +666,11 @@ void TieredStore::WriterLoop() {
       writes_.pop_front();
     }
     Tier stored_in = Tier::kHost;
-    if (disk_ != nullptr) {
+    bool on_disk_state = false;
+    if (disk_ != nullptr && disk_->Contains(job.key, &on_disk_state) &&
+        (on_disk_state || job.block->window_state.empty())) {
+      stored_in = Tier::kDisk;  // Another writer stored the same prefix already: nothing to add.
+    } else if (disk_ != nullptr) {
       absl::StatusOr<std::vector<std::string>> evicted = disk_->Put(job.key, *job.block);
       if (evicted.ok()) {
         stored_in = Tier::kDisk;

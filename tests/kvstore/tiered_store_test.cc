@@ -102,6 +102,7 @@ TEST(TieredStoreTest, WriteBehindReadThroughRestartAndTenants) {
   o.disk_path = dir;
   o.host_capacity_bytes = 1 << 20;
   std::vector<StoredBlock> blocks;
+  blocks.reserve(6);
   for (int i = 0; i < 6; ++i) blocks.push_back(MakeBlock(layout, 1000 + i, i, i % 2 == 1));
   {
     auto store = TieredStore::Open(o);
@@ -249,6 +250,30 @@ TEST(TieredStoreTest, DiskCapacityEvictsOldestAndReportsIt) {
   std::filesystem::remove_all(dir);
 }
 
+TEST(TieredStoreTest, DeviceTierStandInIsFirstAndPinsHold) {
+  const KvLayout layout = SmallLayout(5);
+  const StoreScope scope{5, 0};
+  const StoredBlock proto = MakeBlock(layout, 1, 0, false);
+  TieredStoreOptions o;  // No disk: memory tiers only.
+  o.device_capacity_bytes = 2 * static_cast<int64_t>(proto.block.size());
+  o.host_capacity_bytes = 8 * static_cast<int64_t>(proto.block.size());
+  auto store = TieredStore::Open(o);
+  ASSERT_TRUE(store.ok());
+  (*store)->PutAsync(scope, MakeBlock(layout, 1, 0, false));
+  (*store)->Pin(scope, 1);
+  (*store)->PutAsync(scope, MakeBlock(layout, 2, 1, false));
+  (*store)->PutAsync(scope, MakeBlock(layout, 3, 2, false));  // Evicts 2 from the device (1 is pinned).
+  (*store)->Flush();
+  const uint64_t chain[] = {1, 2, 3};
+  auto found = (*store)->Lookup(scope, chain);
+  ASSERT_TRUE(found.ok());
+  ASSERT_EQ(found->matched, 3);
+  EXPECT_EQ(found->tiers, (std::vector<Tier>{Tier::kDevice, Tier::kHost, Tier::kDevice}));
+  EXPECT_TRUE((*store)->Get(scope, 2, false).ok());
+  EXPECT_EQ((*store)->stats().get_hits_host, 1);
+  (*store)->Unpin(scope, 1);
+}
+
 class ServiceTest : public ::testing::Test {
  protected:
   void SetUp() override {
@@ -292,6 +317,7 @@ TEST_F(ServiceTest, ClientPutLookupGetAndEvents) {
   const KvLayout layout = SmallLayout(77);
   const StoreScope scope{77, TenantSalt("acme", 0)};
   std::vector<StoredBlock> blocks;
+  blocks.reserve(3);
   for (int i = 0; i < 3; ++i) blocks.push_back(MakeBlock(layout, 500 + i, i, i == 1));
   std::this_thread::sleep_for(std::chrono::milliseconds(200));
   for (const StoredBlock& b : blocks) EXPECT_TRUE(client.PutAsync(scope, b));
