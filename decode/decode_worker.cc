@@ -3,7 +3,10 @@
 #include <filesystem>
 #include <memory>
 
+#include "absl/strings/str_cat.h"
+#include "decode/decode_service.h"
 #include "decode/generate_service.h"
+#include "kvstore/transfer/nccl_api.h"
 #include "engine/engine.h"
 #include "engine/engine_loop.h"
 #include "engine/engine_metrics.h"
@@ -29,6 +32,15 @@ absl::Status DecodeWorkerOptions::Validate() const {
   }
   if (swap_space_mb < 0) return absl::InvalidArgumentError("--swap_space_mb must be >= 0");
   if (max_model_len < 0) return absl::InvalidArgumentError("--max_model_len must be >= 0");
+  if (kv_transport != "grpc" && kv_transport != "nccl" && kv_transport != "in_process") {
+    return absl::InvalidArgumentError("--kv_transport must be 'grpc', 'nccl' or 'in_process'");
+  }
+  if (prefill_timeout_ms <= 0) return absl::InvalidArgumentError("--prefill_timeout_ms must be positive");
+  if (kv_reservation_timeout_ms <= 0) return absl::InvalidArgumentError("--kv_reservation_timeout_ms must be positive");
+  if (kv_max_chunk_bytes <= 0 || kv_max_chunk_bytes > (int64_t{1} << 31)) {
+    return absl::InvalidArgumentError("--kv_max_chunk_bytes must be in (0, 2^31]");
+  }
+  if (gpu < 0) return absl::InvalidArgumentError("--gpu must be >= 0");
   if (!kvstore.empty() && !kv_dir.empty()) {
     return absl::InvalidArgumentError(
         "--kvstore and --kv_dir: give one (a shared store, or an in-process one)");
@@ -47,7 +59,19 @@ absl::Status DecodeWorkerOptions::Validate() const {
 void AddDecodeWorkerFlags(services::FlagSet& flags, DecodeWorkerOptions* o) {
   services::AddWorkerFlags(flags, &o->worker);
   flags.Add("colocated", &o->colocated,
-            "Prefill and decode in this process and serve Inference.Generate (token ids) directly.");
+            "Kept for compatibility: the worker always serves Inference.Generate (prefilling itself) as well as "
+            "Worker.Decode.");
+  flags.Add("kv_transport", &o->kv_transport,
+            "How prefill workers send KV for Worker.Decode: 'grpc' (PushKv stream), 'nccl' (GPU to GPU, CUDA "
+            "build) or 'in_process' (a prefill service in this process).");
+  flags.Add("prefill_timeout_ms", &o->prefill_timeout_ms,
+            "Remote prefill + KV arrival limit; past it (or on any failure) the worker prefills itself.");
+  flags.Add("kv_reservation_timeout_ms", &o->kv_reservation_timeout_ms,
+            "Reserved KV room whose transfer never completes is freed after this.");
+  flags.Add("kv_max_chunk_bytes", &o->kv_max_chunk_bytes, "Largest NCCL send (KvTarget.max_chunk_bytes).");
+  flags.Add("advertise_host", &o->advertise_host,
+            "Host prefill workers reach this worker at for KV pushes; empty = the address the call came from.");
+  flags.Add("gpu", &o->gpu, "GPU of the NCCL KV transport.");
   flags.Add("kv_blocks", &o->kv_blocks, "KV pool capacity in 128-token blocks (colocated).");
   flags.Add("max_step_tokens", &o->max_step_tokens, "Prefill + decode tokens per engine step (colocated).");
   flags.Add("max_running", &o->max_running, "Most sequences running at once (colocated).");
@@ -77,18 +101,12 @@ absl::Status RunDecodeWorker(const DecodeWorkerOptions& options, services::Shutd
   services::MetricsRegistry metrics("decode");
   services::ServerProcessOptions process = options.worker.process;
   process.accelerators = model::DescribeAccelerators();
-  if (!options.colocated) {
-    ASSIGN_OR_RETURN(std::unique_ptr<services::ServerProcess> server,
-                     services::ServerProcess::Start("decode", process, {}, &metrics, shutdown));
-    V4LOG(INFO).With("model", options.worker.model_dir)
-        << "decode worker up (health and admin only; --colocated serves Generate, disaggregated decode "
-           "awaits the KV transfer)";
-    return server->Run();
-  }
   const std::string& dir = options.worker.model_dir;
   model::ModelOptions mo;
   mo.load_mtp = options.mtp;
+  ASSIGN_OR_RETURN(mo.device, model::ParseDevice(options.worker.device));
   ASSIGN_OR_RETURN(std::unique_ptr<model::Model> model, model::Model::Load(dir, mo));
+  V4LOG(INFO).With("device", options.worker.device) << "model runs on " << model->backend().Describe();
   engine::EngineOptions eo;
   eo.mtp = options.mtp;
   eo.kv.num_blocks = options.kv_blocks;
@@ -115,6 +133,9 @@ absl::Status RunDecodeWorker(const DecodeWorkerOptions& options, services::Shutd
   eo.max_model_len =
       options.max_model_len > 0 ? options.max_model_len : model->config().max_position_embeddings;
   ASSIGN_OR_RETURN(eo.model_fingerprint, engine::ModelFingerprint(dir));
+  // What the prefix cache holds, streamed to routers (Worker.KvEvents) for prefix-aware routing.
+  kvstore::KvEventHub kv_events(eo.model_fingerprint, kvstore::kDefaultBlockTokens);
+  if (options.prefix_cache) eo.kv.events = &kv_events;
   GenerateServiceOptions so;
   so.model_id = std::filesystem::path(dir).lexically_normal().filename().string();
   if (so.model_id.empty())
@@ -124,15 +145,35 @@ absl::Status RunDecodeWorker(const DecodeWorkerOptions& options, services::Shutd
   engine::EngineMetrics engine_metrics(metrics.registry());
   engine::EngineLoop loop(std::move(engine), &engine_metrics);
   GenerateService service(&loop, so);
+  DecodeServiceOptions dso;
+  dso.generate = so;
+  dso.transport = options.kv_transport == "nccl"         ? v1::KV_TRANSPORT_NCCL
+                  : options.kv_transport == "in_process" ? v1::KV_TRANSPORT_IN_PROCESS
+                                                         : v1::KV_TRANSPORT_GRPC;
+  dso.prefill_timeout = absl::Milliseconds(options.prefill_timeout_ms);
+  dso.reservation_timeout = absl::Milliseconds(options.kv_reservation_timeout_ms);
+  dso.reservation_capacity_tokens = options.kv_blocks * kvstore::kDefaultBlockTokens;
+  dso.max_chunk_bytes = static_cast<uint32_t>(options.kv_max_chunk_bytes);
+  dso.peer_tls = process.grpc.tls;
+  dso.kv_events = options.prefix_cache ? &kv_events : nullptr;
+  std::unique_ptr<kvstore::NcclApi> nccl;
+  if (options.kv_transport == "nccl") {
+    ASSIGN_OR_RETURN(nccl, kvstore::MakeCudaNccl(static_cast<int>(options.gpu)));
+    dso.nccl = nccl.get();
+    dso.nccl_options.op_timeout = dso.prefill_timeout;
+  }
+  ASSIGN_OR_RETURN(kvstore::KvLayout layout, engine::KvLayoutFor(model->config(), eo.model_fingerprint));
+  DecodeService decode(&loop, model->config(), std::move(layout), dso, &metrics.registry());
   ASSIGN_OR_RETURN(std::unique_ptr<services::ServerProcess> server,
-                   services::ServerProcess::Start("decode", process, {&service}, &metrics, shutdown));
-  V4LOG(INFO)
-          .With("model", dir)
-          .With("model_id", so.model_id)
-          .With("kv_blocks", options.kv_blocks)
+                   services::ServerProcess::Start("decode", process, {&service, &decode}, &metrics, shutdown));
+  decode.SetAdvertisedAddress(absl::StrCat(options.advertise_host, ":", server->grpc_port()));
+  services::CloseOnDrain close_events([&kv_events] { kv_events.Close(); });  // end the event streams first
+  server->AddDrainable(&close_events);
+  V4LOG(INFO).With("model", dir).With("model_id", so.model_id).With("kv_blocks", options.kv_blocks)
+          .With("kv_transport", options.kv_transport)
           .With("swa_policy", options.swa_policy)
           .With("kvstore", !options.kvstore.empty() ? options.kvstore : options.kv_dir)
-      << "colocated worker serving Inference.Generate";
+      << "decode worker serving Worker.Decode and Inference.Generate";
   return server->Run();
 }
 

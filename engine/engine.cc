@@ -54,31 +54,56 @@ Engine::~Engine() {
   }
 }
 
-absl::Status Engine::Submit(EngineRequest request) {
+absl::StatusOr<int64_t> Engine::Validate(EngineRequest* request) const {
   const model::ModelConfig& c = model_->config();
-  RETURN_IF_ERROR(request.sampling.Validate(c.vocab_size));
-  if (request.prompt.empty()) return absl::InvalidArgumentError("prompt must not be empty");
-  for (int32_t t : request.prompt) {
+  RETURN_IF_ERROR(request->sampling.Validate(c.vocab_size));
+  if (request->prompt.empty()) return absl::InvalidArgumentError("prompt must not be empty");
+  for (int32_t t : request->prompt) {
     if (t < 0 || t >= c.vocab_size) {
       return absl::InvalidArgumentError(
           absl::StrCat("prompt token id ", t, " outside [0, ", c.vocab_size, ")"));
     }
   }
-  const int64_t prompt_len = static_cast<int64_t>(request.prompt.size());
+  const int64_t prompt_len = static_cast<int64_t>(request->prompt.size());
   if (prompt_len >= options_.max_model_len) {
     return absl::InvalidArgumentError(absl::StrCat(
         "prompt of ", prompt_len, " tokens leaves no room under max_model_len ", options_.max_model_len));
   }
   const int64_t max_total =
-      std::min<int64_t>(prompt_len + request.sampling.max_tokens, options_.max_model_len);
+      std::min<int64_t>(prompt_len + request->sampling.max_tokens, options_.max_model_len);
   if (kv_.BlocksFor(max_total) > kv_.blocks_total()) {
     return absl::InvalidArgumentError(absl::StrCat("prompt + max_tokens (", max_total,
                                                    " tokens) exceeds the KV pool (", kv_.blocks_total(),
                                                    " blocks of ", kv_.block_tokens(), ")"));
   }
-  if (requests_.contains(request.request_id)) {
-    return absl::AlreadyExistsError(absl::StrCat("request ", request.request_id, " is already running"));
+  if (requests_.contains(request->request_id)) {
+    return absl::AlreadyExistsError(absl::StrCat("request ", request->request_id, " is already running"));
   }
+  return prompt_len;
+}
+
+std::unique_ptr<Sequence> Engine::NewSequence(const EngineRequest& request, int32_t choice, uint64_t seed) {
+  auto seq = std::make_unique<Sequence>();
+  seq->seq_id = next_seq_id_++;
+  seq->request_id = request.request_id;
+  seq->choice_index = choice;
+  seq->arrival = next_arrival_++;
+  seq->tenant_salt = request.tenant_salt;
+  seq->tokens = request.prompt;
+  seq->prompt_len = static_cast<int32_t>(request.prompt.size());
+  seq->params = request.sampling;
+  seq->sampler = std::make_unique<Sampler>(request.sampling, seed + static_cast<uint64_t>(choice));
+  seq->sampler->AddPromptTokens(request.prompt);
+  seq->on_output = request.on_output;
+  seq->arrival_time = options_.now();
+  seq->last_token_time = absl::InfinitePast();
+  stats_.prompt_tokens += seq->prompt_len;
+  return seq;
+}
+
+absl::Status Engine::Submit(EngineRequest request) {
+  ASSIGN_OR_RETURN(const int64_t prompt_len, Validate(&request));
+  (void)prompt_len;
   uint64_t seed;
   if (request.sampling.seed.has_value()) {
     seed = *request.sampling.seed;
@@ -87,31 +112,53 @@ absl::Status Engine::Submit(EngineRequest request) {
     seed = seed_state_;
   }
   if (!request.sampling.ignore_eos)
-    request.sampling.stop_token_ids.push_back(static_cast<int32_t>(c.eos_token_id));
+    request.sampling.stop_token_ids.push_back(static_cast<int32_t>(model_->config().eos_token_id));
   std::vector<std::unique_ptr<Sequence>>& seqs = requests_[request.request_id];
-  const absl::Time now = options_.now();
   for (int32_t i = 0; i < request.sampling.n; ++i) {
-    auto seq = std::make_unique<Sequence>();
-    seq->seq_id = next_seq_id_++;
-    seq->request_id = request.request_id;
-    seq->choice_index = i;
-    seq->arrival = next_arrival_++;
-    seq->tenant_salt = request.tenant_salt;
-    seq->tokens = request.prompt;
-    seq->prompt_len = static_cast<int32_t>(prompt_len);
-    seq->params = request.sampling;
-    seq->sampler = std::make_unique<Sampler>(request.sampling, seed + static_cast<uint64_t>(i));
-    seq->sampler->AddPromptTokens(request.prompt);
-    seq->on_output = request.on_output;
-    seq->arrival_time = now;
-    seq->last_token_time = absl::InfinitePast();
-    stats_.prompt_tokens += prompt_len;
+    std::unique_ptr<Sequence> seq = NewSequence(request, i, seed);
     if (i == 0) {
       scheduler_.Add(seq.get());
     } else {
       seqs.front()->forks.push_back(seq.get());
     }
     seqs.push_back(std::move(seq));
+  }
+  UpdateGauges();
+  return absl::OkStatus();
+}
+
+absl::Status Engine::SubmitPrefilled(EngineRequest request, model::SequenceState state, SampledToken first,
+                                     int32_t cached_prompt_tokens) {
+  ASSIGN_OR_RETURN(const int64_t prompt_len, Validate(&request));
+  if (request.sampling.n != 1) {
+    return absl::InvalidArgumentError("a request prefilled elsewhere has one choice (n = 1)");
+  }
+  if (state.position != prompt_len) {
+    return absl::InvalidArgumentError(absl::StrCat("the prefilled state is at position ", state.position,
+                                                   ", not at the end of the ", prompt_len, "-token prompt"));
+  }
+  if (first.id < 0 || first.id >= model_->config().vocab_size) {
+    return absl::InvalidArgumentError(absl::StrCat("first token id ", first.id, " outside the vocabulary"));
+  }
+  if (!request.sampling.seed.has_value()) {
+    seed_state_ += 0x9E3779B97F4A7C15ull;
+    request.sampling.seed = seed_state_;
+  }
+  if (!request.sampling.ignore_eos)
+    request.sampling.stop_token_ids.push_back(static_cast<int32_t>(model_->config().eos_token_id));
+  std::unique_ptr<Sequence> owned = NewSequence(request, 0, *request.sampling.seed);
+  Sequence* seq = owned.get();
+  seq->prefilled_elsewhere = true;
+  seq->cached_prompt_tokens = cached_prompt_tokens;
+  requests_[request.request_id].push_back(std::move(owned));
+  seq->sampler->RecordSampled(first.id);
+  seq->status = SequenceStatus::kWaiting;  // Not queued yet: EmitToken may finish it at once.
+  EmitToken(seq, std::move(first));
+  if (seq->status != SequenceStatus::kFinished) {
+    seq->swapped_state = model::SerializeSequenceState(state);
+    scheduler_.AddSwapped(seq);
+  } else {
+    requests_.erase(request.request_id);
   }
   UpdateGauges();
   return absl::OkStatus();
@@ -176,7 +223,10 @@ void Engine::Emit(Sequence* seq, absl::Span<const float> logits) {
       scheduler_.Add(child);  // No room to fork now: it waits and reuses the prompt's cached blocks.
     }
   }
-  SampledToken token = seq->sampler->Sample(logits);
+  EmitToken(seq, seq->sampler->Sample(logits));
+}
+
+void Engine::EmitToken(Sequence* seq, SampledToken token) {
   seq->tokens.push_back(token.id);
   ++stats_.generated_tokens;
   const absl::Time now = options_.now();

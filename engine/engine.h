@@ -89,6 +89,13 @@ class Engine {
   // Validates and queues a request. INVALID_ARGUMENT (bad sampling, empty prompt, token ids out of
   // range, too long for the model or for the whole KV pool); ALREADY_EXISTS for a live request id.
   absl::Status Submit(EngineRequest request);
+  // Queues a request whose prompt was computed elsewhere (a prefill worker): `state` has consumed exactly
+  // the prompt and `first` is the first output token, sampled there with the request's params and seed.
+  // The sequence reports `first` at once, then decodes from it; it is admitted like a swapped-out
+  // sequence (blocks allocated when they fit, FCFS). n must be 1. Errors as Submit, plus
+  // INVALID_ARGUMENT for a state that does not end the prompt or a bad first token.
+  absl::Status SubmitPrefilled(EngineRequest request, model::SequenceState state, SampledToken first,
+                               int32_t cached_prompt_tokens);
   // Cancels a request: its sequences leave the queues and free their blocks now, each reporting
   // kCancelled. NOT_FOUND when no such live request.
   absl::Status Cancel(const std::string& request_id);
@@ -107,6 +114,12 @@ class Engine {
   Engine(const model::Model* model, EngineOptions options, kvstore::KvLayout layout);
   // Samples from `logits` for `seq`, emits the token and finishes the sequence on a stop rule.
   void Emit(Sequence* seq, absl::Span<const float> logits);
+  // Appends a sampled token, reports it, and finishes the sequence on a stop rule.
+  void EmitToken(Sequence* seq, SampledToken token);
+  // Submit's checks; returns the prompt length.
+  absl::StatusOr<int64_t> Validate(EngineRequest* request) const;
+  // A new sequence (choice `choice` of `request`), counted in the stats.
+  std::unique_ptr<Sequence> NewSequence(const EngineRequest& request, int32_t choice, uint64_t seed);
   void Finish(Sequence* seq, FinishReason reason, absl::Status status = absl::OkStatus());
   void UpdateGauges();
   // MTP (engine_mtp.cc). When `seq` verifies its draft this step: consumes the draft and returns what

@@ -28,6 +28,12 @@ void EngineLoop::Submit(EngineRequest request) {
   inbox_.emplace_back(std::move(request));
 }
 
+void EngineLoop::SubmitPrefilled(EngineRequest request, model::SequenceState state, SampledToken first,
+                                 int32_t cached_prompt_tokens) {
+  absl::MutexLock l(&mu_);
+  inbox_.emplace_back(PrefilledOp{std::move(request), std::move(state), std::move(first), cached_prompt_tokens});
+}
+
 void EngineLoop::Cancel(const std::string& request_id) {
   absl::MutexLock l(&mu_);
   inbox_.emplace_back(CancelOp{request_id});
@@ -53,10 +59,15 @@ void EngineLoop::Run() {
       stop = stop_;
     }
     for (Op& op : ops) {
-      if (auto* req = std::get_if<EngineRequest>(&op)) {
+      EngineRequest* req = std::get_if<EngineRequest>(&op);
+      PrefilledOp* pre = std::get_if<PrefilledOp>(&op);
+      if (pre != nullptr) req = &pre->request;
+      if (req != nullptr) {
         OutputCallback cb = req->on_output;
         const std::string id = req->request_id;
-        absl::Status s = engine_->Submit(std::move(*req));
+        absl::Status s = pre != nullptr ? engine_->SubmitPrefilled(std::move(pre->request), std::move(pre->state),
+                                                                   std::move(pre->first), pre->cached_prompt_tokens)
+                                        : engine_->Submit(std::move(*req));
         if (!s.ok() && cb) {
           SequenceOutput out;
           out.request_id = id;

@@ -33,6 +33,9 @@ class EngineLoop {
   EngineLoop& operator=(const EngineLoop&) = delete;
 
   void Submit(EngineRequest request);
+  // Engine::SubmitPrefilled on the loop thread; errors reach the request's callback.
+  void SubmitPrefilled(EngineRequest request, model::SequenceState state, SampledToken first,
+                       int32_t cached_prompt_tokens);
   void Cancel(const std::string& request_id);
 
   // A copy of the engine's counters after the latest step.
@@ -44,7 +47,13 @@ class EngineLoop {
   struct CancelOp {
     std::string request_id;
   };
-  using Op = std::variant<EngineRequest, CancelOp>;
+  struct PrefilledOp {
+    EngineRequest request;
+    model::SequenceState state;
+    SampledToken first;
+    int32_t cached_prompt_tokens = 0;
+  };
+  using Op = std::variant<EngineRequest, CancelOp, PrefilledOp>;
   void Run();
 
   std::unique_ptr<Engine> engine_;  // Used by the loop thread only (config() is immutable).

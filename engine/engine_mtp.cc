@@ -18,7 +18,9 @@
 
 namespace v4serve::engine {
 
-bool Engine::MtpActive(const Sequence& seq) const { return options_.mtp && seq.params.temperature == 0.0f; }
+bool Engine::MtpActive(const Sequence& seq) const {
+  return options_.mtp && seq.params.temperature == 0.0f && !seq.prefilled_elsewhere;
+}
 
 bool Engine::CanSpeculate(const Sequence& seq) const {
   if (!MtpActive(seq) || seq.draft_for != static_cast<int64_t>(seq.tokens.size())) return false;

@@ -33,6 +33,12 @@ absl::Status SamplingParams::Validate(int64_t vocab_size) const {
 
 Sampler::Sampler(const SamplingParams& params, uint64_t seed) : params_(params), rng_(seed) {}
 
+void Sampler::RecordSampled(int32_t id) {
+  if (params_.temperature > 0.0f) rng_.discard(1);  // Sample draws exactly once when not greedy.
+  ++output_counts_[id];
+  if (params_.repetition_penalty != 1.0f) seen_[id] = true;
+}
+
 void Sampler::AddPromptTokens(absl::Span<const int32_t> tokens) {
   if (params_.repetition_penalty == 1.0f) return;
   for (int32_t t : tokens) seen_[t] = true;

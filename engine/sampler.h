@@ -61,6 +61,10 @@ class Sampler {
   void AddPromptTokens(absl::Span<const int32_t> tokens);
   // Picks the next token from `logits` [vocab] and records it as an output token.
   SampledToken Sample(absl::Span<const float> logits);
+  // Records a token that another worker's Sampler with the same params and seed picked as this
+  // sequence's next output (disaggregated prefill samples the first token): counts it for penalties and
+  // advances the random engine as Sample would have, so later draws equal a colocated run's.
+  void RecordSampled(int32_t id);
 
  private:
   SamplingParams params_;

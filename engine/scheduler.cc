@@ -34,6 +34,12 @@ bool Scheduler::AddRunning(Sequence* seq) {
   return true;
 }
 
+void Scheduler::AddSwapped(Sequence* seq) {
+  seq->status = SequenceStatus::kSwapped;
+  swap_bytes_ += static_cast<int64_t>(seq->swapped_state.size());
+  Requeue(&swapped_, seq);
+}
+
 void Scheduler::Requeue(std::deque<Sequence*>* q, Sequence* seq) {
   q->insert(std::upper_bound(q->begin(), q->end(), seq, Earlier), seq);
 }

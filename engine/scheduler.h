@@ -60,6 +60,9 @@ class Scheduler {
   // Adds a sequence that already has its state and blocks (a fork) to the running set. False (and
   // nothing changed) when the running set is full.
   bool AddRunning(Sequence* seq);
+  // Queues a sequence whose state waits serialized in `swapped_state` (status kSwapped): a sequence whose
+  // prompt was computed elsewhere is admitted exactly like one swapped out to host memory.
+  void AddSwapped(Sequence* seq);
   // Plans one step; admits and preempts as described above.
   StepPlan Schedule();
   // Removes a sequence (finished or cancelled) and frees its blocks.

@@ -69,6 +69,9 @@ struct Sequence {
   std::vector<Sequence*> forks;
 
   int32_t cached_prompt_tokens = -1;  // Set at the first admission.
+  // The prompt state came from a prefill worker (Engine::SubmitPrefilled): no MTP drafts (the MTP layer's
+  // state was not computed for the prompt).
+  bool prefilled_elsewhere = false;
   int32_t preemptions = 0;
   absl::Time arrival_time;
   absl::Time last_token_time;  // InfinitePast until the first token.

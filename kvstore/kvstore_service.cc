@@ -12,25 +12,17 @@
 namespace v4serve::kvstore {
 
 uint64_t TenantSalt(const std::string& tenant, uint64_t salt) {
-  if (salt != 0) return salt;
-  return tenant.empty() ? 0 : StableHash64(tenant.data(), tenant.size());
-}
-
-std::string HashToBytes(uint64_t hash) {
-  std::string out(8, '\0');
-  for (int i = 0; i < 8; ++i) out[static_cast<size_t>(i)] = static_cast<char>((hash >> (8 * (7 - i))) & 0xFF);
-  return out;
-}
-
-bool HashFromBytes(const std::string& bytes, uint64_t* hash) {
-  if (bytes.size() != 8) return false;
-  uint64_t h = 0;
-  for (char c : bytes) h = (h << 8) | static_cast<uint8_t>(c);
-  *hash = h;
-  return true;
+  return salt != 0 ? salt : TenantSalt(absl::string_view(tenant));
 }
 
 namespace {
+
+bool HashFromBytes(const std::string& bytes, uint64_t* hash) {
+  absl::StatusOr<BlockHash> h = BlockHashFromBytes(bytes);
+  if (!h.ok()) return false;
+  *hash = *h;
+  return true;
+}
 
 grpc::Status Invalid(const std::string& msg) { return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, msg); }
 
@@ -39,7 +31,7 @@ const char* const kHashError = "block id: hash must be 8 bytes (the 64-bit chain
 v1::KvEvent ToProto(const StoreEvent& e, const std::string& holder) {
   v1::KvEvent out;
   out.set_kind(e.kind == StoreEvent::Kind::kStored ? v1::KvEvent::KIND_STORED : v1::KvEvent::KIND_EVICTED);
-  for (uint64_t h : e.hashes) out.add_blocks()->set_hash(HashToBytes(h));
+  for (uint64_t h : e.hashes) out.add_blocks()->set_hash(BlockHashBytes(h));
   out.set_holder(holder);
   out.set_tier(TierName(e.tier));
   out.set_model_fingerprint(e.scope.model_fingerprint);
@@ -146,10 +138,10 @@ grpc::ServerUnaryReactor* KvStoreService::Get(grpc::CallbackServerContext* ctx,
     return reactor;
   }
   v1::BlockDescriptor* d = response->mutable_block();
-  d->mutable_id()->set_hash(HashToBytes(hash));
+  d->mutable_id()->set_hash(BlockHashBytes(hash));
   d->set_index(static_cast<uint32_t>(b->index));
   d->set_format_version(1);
-  d->set_model_fingerprint(HashToBytes(scope.model_fingerprint));
+  d->set_model_fingerprint(BlockHashBytes(scope.model_fingerprint));
   d->set_size_bytes(b->block.size());
   uint32_t crc = 0;
   std::memcpy(&crc, b->block.data() + b->block.size() - 4, 4);
@@ -270,7 +262,7 @@ absl::StatusOr<LookupResult> GrpcKvStoreClient::Lookup(const StoreScope& scope,
   v1::LookupRequest req;
   req.set_model_fingerprint(scope.model_fingerprint);
   req.set_tenant_salt(scope.tenant_salt);
-  for (uint64_t h : hashes) req.add_chain()->set_hash(HashToBytes(h));
+  for (uint64_t h : hashes) req.add_chain()->set_hash(BlockHashBytes(h));
   v1::LookupResponse resp;
   grpc::ClientContext ctx;
   ctx.set_deadline(absl::ToChronoTime(absl::Now() + options_.deadline));
@@ -294,7 +286,7 @@ absl::StatusOr<LookupResult> GrpcKvStoreClient::Lookup(const StoreScope& scope,
 
 absl::StatusOr<StoredBlock> GrpcKvStoreClient::Get(const StoreScope& scope, uint64_t hash, bool with_state) {
   v1::GetBlockRequest req;
-  req.mutable_id()->set_hash(HashToBytes(hash));
+  req.mutable_id()->set_hash(BlockHashBytes(hash));
   req.set_model_fingerprint(scope.model_fingerprint);
   req.set_tenant_salt(scope.tenant_salt);
   req.set_with_window_state(with_state);
@@ -344,10 +336,10 @@ void GrpcKvStoreClient::SenderLoop() {
     }
     v1::PutBlockRequest req;
     v1::BlockDescriptor* d = req.mutable_block();
-    d->mutable_id()->set_hash(HashToBytes(item.second.hash));
+    d->mutable_id()->set_hash(BlockHashBytes(item.second.hash));
     d->set_index(static_cast<uint32_t>(item.second.index));
     d->set_format_version(1);
-    d->set_model_fingerprint(HashToBytes(item.first.model_fingerprint));
+    d->set_model_fingerprint(BlockHashBytes(item.first.model_fingerprint));
     d->set_size_bytes(item.second.block.size());
     d->set_has_window_state(!item.second.window_state.empty());
     req.set_tenant_salt(item.first.tenant_salt);

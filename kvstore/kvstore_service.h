@@ -31,8 +31,6 @@ namespace v4serve::kvstore {
 
 // Salt of a request: `salt` when non-zero, else the stable hash of `tenant`, else 0.
 uint64_t TenantSalt(const std::string& tenant, uint64_t salt);
-std::string HashToBytes(uint64_t hash);
-bool HashFromBytes(const std::string& bytes, uint64_t* hash);
 
 class KvStoreService final : public v1::KvStore::CallbackService {
  public:

@@ -17,11 +17,14 @@
 
 #include <cstdint>
 #include <list>
+#include <string>
 #include <vector>
 
 #include "absl/base/thread_annotations.h"
 #include "absl/container/flat_hash_map.h"
 #include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/types/span.h"
 #include "kvstore/block_pool.h"
@@ -38,10 +41,21 @@ std::vector<BlockHash> BlockHashChain(absl::Span<const int32_t> tokens, int32_t 
                                       uint64_t model_fingerprint, uint64_t tenant_salt);
 // A stable 64-bit hash of bytes (tenant names to salts, checkpoint files to fingerprints).
 uint64_t StableHash64(const void* data, size_t n, uint64_t seed = 0);
+// The salt of a tenant's hash chains: 0 for the default (empty) tenant, else StableHash64 of the name.
+uint64_t TenantSalt(absl::string_view tenant);
+// A hash (or a model fingerprint) as it travels in proto bytes fields (BlockId.hash): 8 bytes, big-endian,
+// the order of the store keys (kvstore/store_format.h).
+std::string BlockHashBytes(BlockHash hash);
+// INVALID_ARGUMENT unless `bytes` is 8 bytes long.
+absl::StatusOr<BlockHash> BlockHashFromBytes(absl::string_view bytes);
+
+class KvEventHub;
 
 class PrefixCache {
  public:
-  explicit PrefixCache(BlockPool* pool) : pool_(pool) {}
+  // `events` (optional, must outlive the cache) hears of every block stored and evicted, for the routers
+  // that follow this holder (Worker.KvEvents).
+  explicit PrefixCache(BlockPool* pool, KvEventHub* events = nullptr) : pool_(pool), events_(events) {}
   ~PrefixCache();  // Drops the cache's references.
   PrefixCache(const PrefixCache&) = delete;
   PrefixCache& operator=(const PrefixCache&) = delete;
@@ -69,6 +83,7 @@ class PrefixCache {
     std::list<BlockHash>::iterator lru;  // Position in lru_ (front = least recently used).
   };
   BlockPool* const pool_;
+  KvEventHub* const events_;
   mutable absl::Mutex mu_;
   absl::flat_hash_map<BlockHash, Entry> map_ ABSL_GUARDED_BY(mu_);
   std::list<BlockHash> lru_ ABSL_GUARDED_BY(mu_);

@@ -1,5 +1,7 @@
 #include "router/completion_call.h"
 
+#include "kvstore/prefix_cache.h"
+
 #include <vector>
 
 #include "absl/base/thread_annotations.h"
@@ -12,6 +14,7 @@
 #include "services/request_id.h"
 #include "services/status_mapping.h"
 #include "v4serve/v1/inference.grpc.pb.h"
+#include "v4serve/v1/worker.grpc.pb.h"
 
 namespace v4serve::router {
 namespace {
@@ -20,6 +23,7 @@ v1::GenerateRequest ToWorkerRequest(const OpenAiRequest& req, const EncodedPromp
                                     const std::string& model) {
   v1::GenerateRequest out;
   out.set_model(model);
+  out.set_tenant(req.tenant);
   out.mutable_token_ids()->mutable_ids()->Add(prompt.ids.begin(), prompt.ids.end());
   v1::SamplingParams* s = out.mutable_sampling();
   const SamplingRequest& in = req.sampling;
@@ -45,7 +49,10 @@ class Call;
 // One attempt on one worker: a gRPC client stream reactor that frees itself in OnDone.
 class Attempt : public grpc::ClientReadReactor<v1::GenerateResponse> {
  public:
-  Attempt(std::shared_ptr<Call> call, WorkerLease lease) : call_(std::move(call)), lease_(std::move(lease)) {}
+  // With a `prefill` lease the attempt is disaggregated: Worker.Decode on the decode worker, naming the
+  // prefill worker; without one the decode worker prefills itself (Inference.Generate).
+  Attempt(std::shared_ptr<Call> call, WorkerLease lease, WorkerLease prefill)
+      : call_(std::move(call)), lease_(std::move(lease)), prefill_(std::move(prefill)) {}
   void Begin(const v1::GenerateRequest& request, const std::string& request_id, absl::Time deadline);
   // Shared so that a cancel from another thread never touches a freed context (the attempt deletes itself).
   const std::shared_ptr<grpc::ClientContext>& context() const { return ctx_; }
@@ -55,10 +62,13 @@ class Attempt : public grpc::ClientReadReactor<v1::GenerateResponse> {
  private:
   std::shared_ptr<Call> call_;
   WorkerLease lease_;
+  WorkerLease prefill_;
   std::shared_ptr<grpc::ClientContext> ctx_ = std::make_shared<grpc::ClientContext>();
   v1::GenerateRequest request_;
+  v1::DecodeRequest decode_request_;
   v1::GenerateResponse response_;
   std::unique_ptr<v1::Inference::Stub> stub_;
+  std::unique_ptr<v1::Worker::Stub> worker_stub_;
 };
 
 class Call : public std::enable_shared_from_this<Call> {
@@ -152,7 +162,10 @@ class Call : public std::enable_shared_from_this<Call> {
  private:
   void NextAttempt(const absl::Status& previous) {
     ++attempts_;
-    RoutingContext rc{.prompt_tokens = static_cast<int64_t>(prompt_.ids.size())};
+    RoutingContext rc{.prompt_tokens = static_cast<int64_t>(prompt_.ids.size()),
+                      .tenant = worker_request_.tenant(),
+                      .prompt = prompt_.ids,
+                      .tenant_salt = kvstore::TenantSalt(worker_request_.tenant())};
     absl::StatusOr<WorkerLease> lease = ctx_.pool->Pick(WorkerRole::kDecode, rc);
     if (!lease.ok()) {
       Fail(previous.ok() ? lease.status()
@@ -160,7 +173,13 @@ class Call : public std::enable_shared_from_this<Call> {
                                absl::StrCat(lease.status().message(), " (after: ", previous.message(), ")")));
       return Complete();
     }
-    auto* attempt = new Attempt(shared_from_this(), std::move(*lease));
+    // Disaggregated when a prefill worker is healthy; otherwise the decode worker prefills itself.
+    WorkerLease prefill;
+    if (ctx_.pool->has_prefill_targets()) {
+      absl::StatusOr<WorkerLease> p = ctx_.pool->Pick(WorkerRole::kPrefill, rc);
+      if (p.ok()) prefill = std::move(*p);
+    }
+    auto* attempt = new Attempt(shared_from_this(), std::move(*lease), std::move(prefill));
     bool cancel_now;
     {
       absl::MutexLock lock(&mu_);
@@ -258,8 +277,18 @@ void Attempt::Begin(const v1::GenerateRequest& request, const std::string& reque
   request_ = request;
   services::AttachRequestId(*ctx_, request_id);
   ctx_->set_deadline(absl::ToChronoTime(deadline));
-  stub_ = v1::Inference::NewStub(lease_.channel());
-  stub_->async()->Generate(ctx_.get(), &request_, this);
+  if (prefill_) {
+    decode_request_.set_request_id(request_id);
+    decode_request_.mutable_token_ids()->CopyFrom(request_.token_ids().ids());
+    decode_request_.set_tenant(request_.tenant());
+    *decode_request_.mutable_sampling() = request_.sampling();
+    decode_request_.set_prefill_worker(prefill_.address());
+    worker_stub_ = v1::Worker::NewStub(lease_.channel());
+    worker_stub_->async()->Decode(ctx_.get(), &decode_request_, this);
+  } else {
+    stub_ = v1::Inference::NewStub(lease_.channel());
+    stub_->async()->Generate(ctx_.get(), &request_, this);
+  }
   StartRead(&response_);
   StartCall();
 }
@@ -274,6 +303,7 @@ void Attempt::OnDone(const grpc::Status& status) {
   std::shared_ptr<Call> call = std::move(call_);
   std::string worker = lease_.address();
   lease_ = WorkerLease();
+  prefill_ = WorkerLease();
   absl::Status st = services::FromGrpcStatus(status);
   delete this;
   call->OnAttemptDone(worker, st);

@@ -67,10 +67,13 @@ class WorkerPool {
   void ReportFailure(WorkerRole role, const std::string& address, const absl::Status& status);
 
   std::vector<WorkerInfo> Snapshot() const;
+  // The channel to a known worker (null when the pool has none at `address`).
+  std::shared_ptr<grpc::Channel> Channel(const std::string& address) const;
   // OK when at least one decode worker is healthy (prefill workers are optional: decode can prefill).
   absl::Status Ready() const;
   // Waits until Ready() or `deadline`.
   absl::Status AwaitReady(absl::Time deadline) const;
+  bool has_prefill_targets() const { return !options_.prefill_targets.empty(); }
   bool has_targets() const { return !options_.decode_targets.empty() || !options_.prefill_targets.empty(); }
 
  private:

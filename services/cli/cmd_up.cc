@@ -1,4 +1,4 @@
-// `v4serve up`: the all-in-one local cluster. Starts kvstore, a (colocated) decode worker and the router as
+// `v4serve up`: the all-in-one local cluster. Starts kvstore, a prefill worker, a decode worker and the router as
 // child processes of this binary on loopback, waits until each serves, prints how to use it, and stops them
 // all (router first, so in-flight requests drain) on SIGTERM/SIGINT or when any of them dies.
 #include <cstdio>
@@ -116,6 +116,7 @@ absl::Status RunUp(const Context& ctx, const UpOptions& o) {
   std::vector<Role> roles;  // started in dependency order, stopped in reverse
   absl::Status status = [&]() -> absl::Status {
     std::vector<std::string> decode_workers, prefill_workers;
+    nlohmann::json workers = nlohmann::json::object();  // role -> {grpc_port, metrics_port}, for scripts
     if (have_model) {
       std::vector<std::string> kv = {ctx.self_exe, "kvstore", "--grpc_port=0",
                                      "--db_path=" + data_dir + "/kvstore"};
@@ -124,16 +125,21 @@ absl::Status RunUp(const Context& ctx, const UpOptions& o) {
       // The workers share prefix KV through it (docs/KV_STORE.md).
       const std::string kvstore_addr = absl::StrCat(o.host, ":", kvstore.ready["grpc_port"].get<int>());
       roles.push_back(std::move(kvstore));
-      // Until KV transfer between prefill and decode lands, the decode worker runs colocated (it prefills
-      // itself); a prefill worker would only answer health checks.
-      for (std::string role : {"decode"}) {
-        std::vector<std::string> argv = {ctx.self_exe,    role,
-                                         "--grpc_port=0", "--model=" + o.model_dir,
-                                         "--colocated",   "--kvstore=" + kvstore_addr};
+      // Disaggregated: the router sends each request to the decode worker naming the prefill worker,
+      // which computes the prompt and pushes its KV to the decode worker over gRPC. The decode worker's
+      // engine (its local prefills: fallback and Inference.Generate) reuses prefixes through the kvstore.
+      for (std::string role : {"prefill", "decode"}) {
+        std::vector<std::string> argv = {ctx.self_exe, role, "--grpc_port=0", "--model=" + o.model_dir,
+                                         "--metrics_port=0", "--metrics_host=" + o.host};
+        if (role == "decode") {
+          argv.push_back("--advertise_host=" + o.host);
+          argv.push_back("--kvstore=" + kvstore_addr);
+        }
         for (auto& f : CommonFlags(o)) argv.push_back(f);
         ASSIGN_OR_RETURN(Role r, StartRole(role, argv, run_dir, o.start_timeout, ctx.shutdown));
         std::string addr = absl::StrCat(o.host, ":", r.ready["grpc_port"].get<int>());
         (role == "prefill" ? prefill_workers : decode_workers).push_back(addr);
+        workers[role] = {{"grpc_port", r.ready["grpc_port"]}, {"metrics_port", r.ready["metrics_port"]}};
         roles.push_back(std::move(r));
       }
     }
@@ -148,7 +154,8 @@ absl::Status RunUp(const Context& ctx, const UpOptions& o) {
     int http_port = router.ready["http_port"].get<int>();
     int grpc_port = router.ready["grpc_port"].get<int>();
     nlohmann::json ready = {
-        {"pid", getpid()}, {"http_port", http_port}, {"grpc_port", grpc_port}, {"model_loaded", have_model}};
+        {"pid", getpid()}, {"http_port", http_port}, {"grpc_port", grpc_port}, {"model_loaded", have_model},
+        {"workers", workers}};
     roles.push_back(std::move(router));
     PrintBanner(o, http_port, grpc_port, have_model);
     if (!o.ready_file.empty())

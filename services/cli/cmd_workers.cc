@@ -6,28 +6,17 @@
 #include "services/worker_options.h"
 
 namespace v4serve::cli {
-namespace {
-
-template <typename RunFn>
-int RunWorker(const Context& ctx, const std::vector<std::string>& args, const std::string& role,
-              int default_port, const std::string& summary, RunFn run) {
-  services::WorkerOptions o;
-  o.process.grpc.port = default_port;
+int RunPrefillCommand(const Context& ctx, const std::vector<std::string>& args) {
+  prefill::PrefillWorkerOptions o;
+  o.worker.process.grpc.port = 50061;
   services::LogOptions log;
-  services::FlagSet flags("v4serve " + role, summary);
-  services::AddWorkerFlags(flags, &o);
+  services::FlagSet flags("v4serve prefill",
+                          "A prefill worker: computes prompt KV in chunks and pushes it to a decode worker.");
+  prefill::AddPrefillWorkerFlags(flags, &o);
   services::AddLogFlags(flags, &log);
   if (std::optional<int> code = ParseFlags(flags, args)) return *code;
-  if (!SetUpLogging(log, role)) return 2;
-  return ExitCode(run(o, ctx.shutdown), role);
-}
-
-}  // namespace
-
-int RunPrefillCommand(const Context& ctx, const std::vector<std::string>& args) {
-  return RunWorker(ctx, args, "prefill", 50061,
-                   "A prefill worker: computes prompt KV in chunks and pushes it to a decode worker.",
-                   prefill::RunPrefillWorker);
+  if (!SetUpLogging(log, "prefill")) return 2;
+  return ExitCode(prefill::RunPrefillWorker(o, ctx.shutdown), "prefill");
 }
 
 int RunDecodeCommand(const Context& ctx, const std::vector<std::string>& args) {

@@ -91,9 +91,9 @@ TEST(KvstoreKillTest, KillDuringWritesNeverServesACorruptBlock) {
           const uint64_t h = hashes.fetch_add(1);
           const StoredBlock b = testing::MakeBlock(layout, h, static_cast<int32_t>(h % 1000), h % 3 == 0);
           v1::PutBlockRequest req;
-          req.mutable_block()->mutable_id()->set_hash(HashToBytes(h));
+          req.mutable_block()->mutable_id()->set_hash(BlockHashBytes(h));
           req.mutable_block()->set_index(static_cast<uint32_t>(b.index));
-          req.mutable_block()->set_model_fingerprint(HashToBytes(kFingerprint));
+          req.mutable_block()->set_model_fingerprint(BlockHashBytes(kFingerprint));
           req.set_tenant_salt(scope.tenant_salt);
           req.set_payload(b.block);
           req.set_window_state(b.window_state);

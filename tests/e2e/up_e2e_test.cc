@@ -1,5 +1,5 @@
-// `v4serve up` on the tiny V4 checkpoint, end to end: router (tokenizer, OpenAI API) -> colocated decode
-// worker (engine + CPU model) -> text. The tokens must be the ones transformers' DeepseekV4ForCausalLM
+// `v4serve up` on the tiny V4 checkpoint, end to end: router (tokenizer, OpenAI API) -> decode worker ->
+// prefill worker (prompt KV pushed back over gRPC) -> decode worker (engine + CPU model) -> text. The tokens must be the ones transformers' DeepseekV4ForCausalLM
 // produced for the same weights and prompt (tests/model/testdata/tiny_v4/golden.json), so this checks
 // every layer of the serving path against an independent reference.
 #include <gmock/gmock.h>
@@ -77,6 +77,27 @@ TEST(UpE2eTest, ServesTheTinyModelAndMatchesTransformers) {
   EXPECT_EQ(text, want_text);
   EXPECT_GT(usage["prompt_tokens_details"]["cached_tokens"].get<int>(), 0)
       << "the repeat should hit the prefix cache";
+
+  // Both requests were disaggregated: the prefill worker computed the prompt (the repeat only its tail)
+  // and the decode worker received the KV; nothing fell back.
+  const Json& workers = (*up)->ready()["workers"];
+  auto metrics = [&](const char* role) {
+    auto m = testing::HttpCall(workers[role]["metrics_port"].get<int>(), "GET", "/metrics");
+    EXPECT_TRUE(m.ok()) << m.status();
+    return m.ok() ? m->body : std::string();
+  };
+  auto value = [](const std::string& text, const std::string& prefix) {
+    for (absl::string_view line : absl::StrSplit(text, '\n')) {
+      if (absl::StartsWith(line, prefix)) return std::stod(std::string(line.substr(line.rfind(' ') + 1)));
+    }
+    return -1.0;
+  };
+  const std::string pm = metrics("prefill"), dm = metrics("decode");
+  const double prompt_len = static_cast<double>(fx["prompt"].size());
+  EXPECT_EQ(value(pm, "v4serve_prefill_tokens_total "), 2 * prompt_len - 128);
+  EXPECT_EQ(value(pm, "v4serve_prefill_prefix_hit_tokens_total "), 128);
+  EXPECT_EQ(value(dm, "v4serve_decode_kv_transfers_total{result=\"ok\",transport=\"grpc\"} "), 2);
+  EXPECT_EQ(value(dm, "v4serve_decode_kv_fallbacks_total"), -1) << "no fallback was counted";
   EXPECT_EQ((*up)->Terminate(absl::Seconds(60)), 0);
 }
 

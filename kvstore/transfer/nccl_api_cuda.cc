@@ -1,0 +1,165 @@
+// The real NcclApi on NCCL and the CUDA runtime (built only with V4SERVE_CUDA). Each communicator owns a
+// non-blocking stream; host buffers are staged through device memory allocated on that stream
+// (cudaMallocAsync), so Send returns once the copy and the ncclSend are enqueued and compute goes on.
+// Communicators are created non-blocking (ncclConfig_t.blocking = 0) so that initialization and every
+// wait can time out and abort instead of hanging on a dead peer.
+#include <cuda_runtime.h>
+#include <nccl.h>
+
+#include <atomic>
+#include <cstring>
+#include <thread>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
+#include "kvstore/transfer/nccl_api.h"
+
+namespace v4serve::kvstore {
+namespace {
+
+static_assert(sizeof(ncclUniqueId) == kNcclUniqueIdBytes, "ncclUniqueId size changed");
+
+absl::Status CudaError(cudaError_t e, const char* what) {
+  return absl::InternalError(absl::StrCat(what, ": ", cudaGetErrorString(e)));
+}
+absl::Status NcclError(ncclResult_t r, const char* what) {
+  return absl::InternalError(absl::StrCat(what, ": ", ncclGetErrorString(r)));
+}
+
+// Waits for a non-blocking communicator's pending operation.
+absl::Status AwaitComm(ncclComm_t comm, absl::Time deadline, const char* what) {
+  while (true) {
+    ncclResult_t state = ncclSuccess;
+    ncclResult_t r = ncclCommGetAsyncError(comm, &state);
+    if (r != ncclSuccess) return NcclError(r, what);
+    if (state == ncclSuccess) return absl::OkStatus();
+    if (state != ncclInProgress) return NcclError(state, what);
+    if (absl::Now() >= deadline) return absl::DeadlineExceededError(absl::StrCat(what, ": timed out"));
+    std::this_thread::sleep_for(std::chrono::microseconds(200));
+  }
+}
+
+class CudaNcclComm final : public NcclComm {
+ public:
+  CudaNcclComm(int device, ncclComm_t comm, cudaStream_t stream, int rank)
+      : device_(device), comm_(comm), stream_(stream), rank_(rank) {}
+  ~CudaNcclComm() override {
+    Abort();
+    cudaSetDevice(device_);
+    cudaStreamDestroy(stream_);
+  }
+
+  int rank() const override { return rank_; }
+
+  absl::Status Send(const void* data, size_t bytes, int peer) override {
+    if (aborted_) return absl::AbortedError("NCCL communicator aborted");
+    if (bytes == 0) return absl::OkStatus();
+    cudaSetDevice(device_);
+    void* dev = nullptr;
+    if (cudaError_t e = cudaMallocAsync(&dev, bytes, stream_); e != cudaSuccess) return CudaError(e, "cudaMallocAsync");
+    // From pageable host memory the copy returns once the bytes are staged, so `data` may be reused.
+    if (cudaError_t e = cudaMemcpyAsync(dev, data, bytes, cudaMemcpyHostToDevice, stream_); e != cudaSuccess) {
+      return CudaError(e, "cudaMemcpyAsync H2D");
+    }
+    ncclResult_t r = ncclSend(dev, bytes, ncclUint8, peer, comm_, stream_);
+    if (r != ncclSuccess && r != ncclInProgress) return NcclError(r, "ncclSend");
+    cudaFreeAsync(dev, stream_);
+    return absl::OkStatus();
+  }
+
+  absl::Status Recv(void* data, size_t bytes, int peer) override {
+    if (aborted_) return absl::AbortedError("NCCL communicator aborted");
+    if (bytes == 0) return absl::OkStatus();
+    cudaSetDevice(device_);
+    void* dev = nullptr;
+    if (cudaError_t e = cudaMallocAsync(&dev, bytes, stream_); e != cudaSuccess) return CudaError(e, "cudaMallocAsync");
+    ncclResult_t r = ncclRecv(dev, bytes, ncclUint8, peer, comm_, stream_);
+    if (r != ncclSuccess && r != ncclInProgress) return NcclError(r, "ncclRecv");
+    if (cudaError_t e = cudaMemcpyAsync(data, dev, bytes, cudaMemcpyDeviceToHost, stream_); e != cudaSuccess) {
+      return CudaError(e, "cudaMemcpyAsync D2H");
+    }
+    cudaFreeAsync(dev, stream_);
+    return absl::OkStatus();
+  }
+
+  absl::Status StreamSync(absl::Duration timeout) override {
+    const absl::Time deadline = absl::Now() + timeout;
+    cudaSetDevice(device_);
+    while (true) {
+      if (aborted_) return absl::AbortedError("NCCL communicator aborted");
+      cudaError_t e = cudaStreamQuery(stream_);
+      if (e == cudaSuccess) return absl::OkStatus();
+      if (e != cudaErrorNotReady) return CudaError(e, "KV stream");
+      ncclResult_t state = ncclSuccess;
+      ncclCommGetAsyncError(comm_, &state);
+      if (state != ncclSuccess && state != ncclInProgress) return NcclError(state, "NCCL communicator");
+      if (absl::Now() >= deadline) return absl::DeadlineExceededError("NCCL KV operation timed out");
+      std::this_thread::sleep_for(std::chrono::microseconds(100));
+    }
+  }
+
+  void Abort() override {
+    if (aborted_.exchange(true)) return;
+    ncclCommAbort(comm_);
+  }
+
+ private:
+  const int device_;
+  ncclComm_t comm_;
+  cudaStream_t stream_;
+  const int rank_;
+  std::atomic<bool> aborted_{false};
+};
+
+class CudaNccl final : public NcclApi {
+ public:
+  explicit CudaNccl(int device) : device_(device) {}
+
+  absl::StatusOr<std::string> GetUniqueId() override {
+    ncclUniqueId id;
+    if (ncclResult_t r = ncclGetUniqueId(&id); r != ncclSuccess) return NcclError(r, "ncclGetUniqueId");
+    return std::string(reinterpret_cast<const char*>(&id), sizeof(id));
+  }
+
+  absl::StatusOr<std::unique_ptr<NcclComm>> CommInitRank(int nranks, const std::string& unique_id, int rank,
+                                                         absl::Duration timeout) override {
+    if (unique_id.size() != sizeof(ncclUniqueId)) return absl::InvalidArgumentError("NCCL unique id has the wrong size");
+    ncclUniqueId id;
+    std::memcpy(&id, unique_id.data(), sizeof(id));
+    if (cudaError_t e = cudaSetDevice(device_); e != cudaSuccess) return CudaError(e, "cudaSetDevice");
+    ncclConfig_t config = NCCL_CONFIG_INITIALIZER;
+    config.blocking = 0;
+    ncclComm_t comm = nullptr;
+    ncclResult_t r = ncclCommInitRankConfig(&comm, nranks, id, rank, &config);
+    if (r != ncclSuccess && r != ncclInProgress) return NcclError(r, "ncclCommInitRankConfig");
+    if (absl::Status s = AwaitComm(comm, absl::Now() + timeout, "ncclCommInitRank"); !s.ok()) {
+      ncclCommAbort(comm);
+      return s;
+    }
+    cudaStream_t stream;
+    if (cudaError_t e = cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking); e != cudaSuccess) {
+      ncclCommAbort(comm);
+      return CudaError(e, "cudaStreamCreate");
+    }
+    return std::unique_ptr<NcclComm>(new CudaNcclComm(device_, comm, stream, rank));
+  }
+
+ private:
+  const int device_;
+};
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<NcclApi>> MakeCudaNccl(int device) {
+  int count = 0;
+  if (cudaError_t e = cudaGetDeviceCount(&count); e != cudaSuccess || count == 0) {
+    return absl::FailedPreconditionError("the NCCL KV transport needs a GPU; none is visible");
+  }
+  if (device < 0 || device >= count) {
+    return absl::InvalidArgumentError(absl::StrCat("GPU ", device, " does not exist (", count, " visible)"));
+  }
+  return std::unique_ptr<NcclApi>(new CudaNccl(device));
+}
+
+}  // namespace v4serve::kvstore
