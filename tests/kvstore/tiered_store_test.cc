@@ -382,8 +382,10 @@ TEST_F(ServiceTest, BadInputIsInvalidArgumentAndNothingIsStored) {
   grpc::Status st = put(BlockHashBytes(600), BlockHashBytes(77), bad);
   EXPECT_EQ(st.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
   EXPECT_NE(st.error_message().find("checksum"), std::string::npos) << st.error_message();
-  EXPECT_EQ(put(BlockHashBytes(601), BlockHashBytes(77), b.block).error_code(), grpc::StatusCode::INVALID_ARGUMENT);
-  EXPECT_EQ(put(BlockHashBytes(600), BlockHashBytes(78), b.block).error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_EQ(put(BlockHashBytes(601), BlockHashBytes(77), b.block).error_code(),
+            grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_EQ(put(BlockHashBytes(600), BlockHashBytes(78), b.block).error_code(),
+            grpc::StatusCode::INVALID_ARGUMENT);
   EXPECT_TRUE(put(BlockHashBytes(600), BlockHashBytes(77), b.block).ok());
   store_->Flush();
   EXPECT_EQ(store_->stats().disk_blocks, 1);
