@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cstring>
 #include <filesystem>
+#include <tuple>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
@@ -136,6 +137,11 @@ int64_t MemoryTier::bytes() const {
 int64_t MemoryTier::blocks() const {
   absl::MutexLock l(&mu_);
   return static_cast<int64_t>(map_.size());
+}
+
+std::vector<std::string> MemoryTier::Keys() const {
+  absl::MutexLock l(&mu_);
+  return std::vector<std::string>(lru_.begin(), lru_.end());
 }
 
 // ------------------------------------------------------------------------------------------------ disk
@@ -447,6 +453,11 @@ int64_t DiskTier::blocks() const {
   return static_cast<int64_t>(index_.size());
 }
 
+std::vector<std::string> DiskTier::Keys() const {
+  absl::MutexLock l(&mu_);
+  return std::vector<std::string>(lru_.begin(), lru_.end());
+}
+
 int64_t DiskTier::index_bytes() const {
   absl::MutexLock l(&mu_);
   return bytes_;
@@ -747,6 +758,35 @@ int64_t TieredStore::Subscribe(std::function<void(const StoreEvent&)> fn) {
 void TieredStore::Unsubscribe(int64_t id) {
   absl::MutexLock l(&sub_mu_);
   std::erase_if(subscribers_, [id](const auto& s) { return s.first == id; });
+}
+
+std::vector<StoreEvent> TieredStore::Snapshot() const {
+  absl::flat_hash_map<std::string, Tier> where;
+  if (device_ != nullptr) {
+    for (std::string& k : device_->Keys()) where[std::move(k)] = Tier::kDevice;
+  }
+  for (std::string& k : host_->Keys()) where[std::move(k)] = Tier::kHost;
+  if (disk_ != nullptr) {
+    for (std::string& k : disk_->Keys()) where[std::move(k)] = Tier::kDisk;
+  }
+  std::vector<StoreEvent> out;
+  absl::flat_hash_map<std::tuple<uint64_t, uint64_t, int>, size_t> index;
+  for (const auto& [key, tier] : where) {
+    StoreScope scope;
+    uint64_t hash = 0;
+    if (!DecodeStoreKey(key, &scope, &hash).ok()) continue;
+    auto [it, fresh] = index.try_emplace(
+        std::make_tuple(scope.model_fingerprint, scope.tenant_salt, static_cast<int>(tier)), out.size());
+    if (fresh) {
+      StoreEvent e;
+      e.kind = StoreEvent::Kind::kStored;
+      e.scope = scope;
+      e.tier = tier;
+      out.push_back(std::move(e));
+    }
+    out[it->second].hashes.push_back(hash);
+  }
+  return out;
 }
 
 TieredStoreStats TieredStore::stats() const {

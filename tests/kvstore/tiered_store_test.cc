@@ -5,6 +5,8 @@
 #include "kvstore/tiered_store.h"
 
 #include <filesystem>
+#include <map>
+#include <set>
 #include <thread>
 
 #include "absl/synchronization/notification.h"
@@ -313,14 +315,17 @@ TEST_F(ServiceTest, ClientPutLookupGetAndEvents) {
   v1::KvEventsRequest er;
   er.set_subscriber("router");
   auto reader = stub->Events(&events_ctx, er);
-  // Wait until the subscription is live: Events has no first message, so poll with a probe block.
+  // The first message is the snapshot (of an empty store): once it arrived, the subscription is live.
+  v1::KvEvent ev;
+  ASSERT_TRUE(reader->Read(&ev));
+  EXPECT_TRUE(ev.snapshot());
+  EXPECT_EQ(ev.blocks_size(), 0);
   GrpcKvStoreClient client(channel_);
   const KvLayout layout = SmallLayout(77);
   const StoreScope scope{77, TenantSalt("acme", 0)};
   std::vector<StoredBlock> blocks;
   blocks.reserve(3);
   for (int i = 0; i < 3; ++i) blocks.push_back(MakeBlock(layout, 500 + i, i, i == 1));
-  std::this_thread::sleep_for(std::chrono::milliseconds(200));
   for (const StoredBlock& b : blocks) EXPECT_TRUE(client.PutAsync(scope, b));
   client.Flush();
   store_->Flush();
@@ -346,8 +351,8 @@ TEST_F(ServiceTest, ClientPutLookupGetAndEvents) {
   EXPECT_EQ(resp.tiers(0), "host");
 
   int stored = 0;
-  v1::KvEvent ev;
   while (stored < 3 && reader->Read(&ev)) {
+    EXPECT_FALSE(ev.snapshot());
     EXPECT_EQ(ev.kind(), v1::KvEvent::KIND_STORED);
     EXPECT_EQ(ev.holder(), "test:1");
     EXPECT_EQ(ev.model_fingerprint(), 77u);
@@ -358,6 +363,40 @@ TEST_F(ServiceTest, ClientPutLookupGetAndEvents) {
   events_ctx.TryCancel();
   v1::KvEvent rest;
   while (reader->Read(&rest)) {
+  }
+  reader->Finish().IgnoreError();
+}
+
+TEST_F(ServiceTest, EventsStartWithASnapshotOfWhatIsHeld) {
+  const KvLayout layout = SmallLayout(77);
+  const StoreScope a{77, 1}, b{77, 2};
+  store_->PutAsync(a, MakeBlock(layout, 700, 0, false));
+  store_->PutAsync(a, MakeBlock(layout, 701, 1, true));
+  store_->PutAsync(b, MakeBlock(layout, 900, 0, false));
+  store_->Flush();
+  auto stub = v1::KvStore::NewStub(channel_);
+  grpc::ClientContext ctx;
+  auto reader = stub->Events(&ctx, v1::KvEventsRequest());
+  std::map<uint64_t, std::set<uint64_t>> held;  // salt -> hashes
+  v1::KvEvent ev;
+  for (int i = 0; i < 2; ++i) {
+    ASSERT_TRUE(reader->Read(&ev));
+    EXPECT_TRUE(ev.snapshot());
+    EXPECT_EQ(ev.kind(), v1::KvEvent::KIND_STORED);
+    EXPECT_EQ(ev.tier(), "disk");
+    EXPECT_EQ(ev.block_tokens(), 128u);
+    for (const v1::BlockId& id : ev.blocks()) held[ev.tenant_salt()].insert(*BlockHashFromBytes(id.hash()));
+  }
+  EXPECT_EQ(held[1], (std::set<uint64_t>{700, 701}));
+  EXPECT_EQ(held[2], (std::set<uint64_t>{900}));
+  // Then changes, in order.
+  store_->PutAsync(a, MakeBlock(layout, 702, 2, false));
+  ASSERT_TRUE(reader->Read(&ev));
+  EXPECT_FALSE(ev.snapshot());
+  ASSERT_EQ(ev.blocks_size(), 1);
+  EXPECT_EQ(*BlockHashFromBytes(ev.blocks(0).hash()), 702u);
+  ctx.TryCancel();
+  while (reader->Read(&ev)) {
   }
   reader->Finish().IgnoreError();
 }
