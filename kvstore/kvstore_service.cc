@@ -1,9 +1,11 @@
 #include "kvstore/kvstore_service.h"
 
+#include <algorithm>
 #include <cstring>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
+#include "kvstore/kv_block.h"
 #include "kvstore/prefix_cache.h"
 #include "kvstore/store_format.h"
 #include "services/logging.h"
@@ -28,8 +30,10 @@ grpc::Status Invalid(const std::string& msg) { return grpc::Status(grpc::StatusC
 
 const char* const kHashError = "block id: hash must be 8 bytes (the 64-bit chain hash, big-endian)";
 
-v1::KvEvent ToProto(const StoreEvent& e, const std::string& holder) {
+v1::KvEvent ToProto(const StoreEvent& e, const std::string& holder, bool snapshot = false) {
   v1::KvEvent out;
+  out.set_snapshot(snapshot);
+  out.set_block_tokens(static_cast<uint32_t>(kDefaultBlockTokens));
   out.set_kind(e.kind == StoreEvent::Kind::kStored ? v1::KvEvent::KIND_STORED : v1::KvEvent::KIND_EVICTED);
   for (uint64_t h : e.hashes) out.add_blocks()->set_hash(BlockHashBytes(h));
   out.set_holder(holder);
@@ -62,6 +66,24 @@ class EventStream : public grpc::ServerWriteReactor<v1::KvEvent> {
       link->stream->link_->mu.AssertHeld();
       link->stream->PushLocked(e);
     });
+    // The snapshot goes first (KvEvent.snapshot): taken after subscribing, so every later change is in
+    // the queue behind it; a change between the two is in both, which is harmless (stored and evicted
+    // are idempotent).
+    std::vector<StoreEvent> snapshot = store_->Snapshot();
+    absl::MutexLock l(&link_->mu);
+    std::deque<v1::KvEvent> first;
+    for (const StoreEvent& e : snapshot) first.push_back(ToProto(e, holder_, /*snapshot=*/true));
+    if (first.empty()) {
+      v1::KvEvent empty;
+      empty.set_kind(v1::KvEvent::KIND_STORED);
+      empty.set_snapshot(true);
+      empty.set_holder(holder_);
+      empty.set_block_tokens(static_cast<uint32_t>(kDefaultBlockTokens));
+      first.push_back(std::move(empty));
+    }
+    queue_.insert(queue_.begin(), std::make_move_iterator(first.begin()),
+                  std::make_move_iterator(first.end()));
+    PumpLocked();
   }
   void OnWriteDone(bool ok) override {
     absl::MutexLock l(&link_->mu);
@@ -94,8 +116,10 @@ class EventStream : public grpc::ServerWriteReactor<v1::KvEvent> {
  private:
   void PushLocked(const StoreEvent& e) ABSL_EXCLUSIVE_LOCKS_REQUIRED(link_->mu) {
     if (finished_) return;
-    if (queue_.size() >= kMaxQueued) {
-      queue_.pop_front();
+    if (queue_.size() >= kMaxQueued) {  // Drop the oldest change; the snapshot is never dropped.
+      auto oldest =
+          std::find_if(queue_.begin(), queue_.end(), [](const v1::KvEvent& e) { return !e.snapshot(); });
+      if (oldest != queue_.end()) queue_.erase(oldest);
       dropped_->fetch_add(1);
     }
     queue_.push_back(ToProto(e, holder_));

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cstring>
 #include <filesystem>
+#include <tuple>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
@@ -138,6 +139,11 @@ int64_t MemoryTier::blocks() const {
   return static_cast<int64_t>(map_.size());
 }
 
+std::vector<std::string> MemoryTier::Keys() const {
+  absl::MutexLock l(&mu_);
+  return std::vector<std::string>(lru_.begin(), lru_.end());
+}
+
 // ------------------------------------------------------------------------------------------------ disk
 
 absl::StatusOr<std::unique_ptr<DiskTier>> DiskTier::Open(const DiskTierOptions& options) {
@@ -160,6 +166,9 @@ absl::StatusOr<std::unique_ptr<DiskTier>> DiskTier::Open(const DiskTierOptions& 
   // record instead of refusing to open.
   db_options.wal_recovery_mode = rocksdb::WALRecoveryMode::kPointInTimeRecovery;
   db_options.paranoid_checks = true;
+  // A prefix is read in chain order, which is write order within the blob files: let the kernel read
+  // ahead (RocksDB's default advises random access on every file it opens).
+  db_options.advise_random_on_open = false;
   rocksdb::ColumnFamilyOptions blocks_cf;
   blocks_cf.enable_blob_files = options.blob_files;
   blocks_cf.min_blob_size = options.min_blob_bytes;
@@ -444,6 +453,11 @@ int64_t DiskTier::blocks() const {
   return static_cast<int64_t>(index_.size());
 }
 
+std::vector<std::string> DiskTier::Keys() const {
+  absl::MutexLock l(&mu_);
+  return std::vector<std::string>(lru_.begin(), lru_.end());
+}
+
 int64_t DiskTier::index_bytes() const {
   absl::MutexLock l(&mu_);
   return bytes_;
@@ -666,7 +680,11 @@ void TieredStore::WriterLoop() {
       writes_.pop_front();
     }
     Tier stored_in = Tier::kHost;
-    if (disk_ != nullptr) {
+    bool on_disk_state = false;
+    if (disk_ != nullptr && disk_->Contains(job.key, &on_disk_state) &&
+        (on_disk_state || job.block->window_state.empty())) {
+      stored_in = Tier::kDisk;  // Another writer stored the same prefix already: nothing to add.
+    } else if (disk_ != nullptr) {
       absl::StatusOr<std::vector<std::string>> evicted = disk_->Put(job.key, *job.block);
       if (evicted.ok()) {
         stored_in = Tier::kDisk;
@@ -740,6 +758,35 @@ int64_t TieredStore::Subscribe(std::function<void(const StoreEvent&)> fn) {
 void TieredStore::Unsubscribe(int64_t id) {
   absl::MutexLock l(&sub_mu_);
   std::erase_if(subscribers_, [id](const auto& s) { return s.first == id; });
+}
+
+std::vector<StoreEvent> TieredStore::Snapshot() const {
+  absl::flat_hash_map<std::string, Tier> where;
+  if (device_ != nullptr) {
+    for (std::string& k : device_->Keys()) where[std::move(k)] = Tier::kDevice;
+  }
+  for (std::string& k : host_->Keys()) where[std::move(k)] = Tier::kHost;
+  if (disk_ != nullptr) {
+    for (std::string& k : disk_->Keys()) where[std::move(k)] = Tier::kDisk;
+  }
+  std::vector<StoreEvent> out;
+  absl::flat_hash_map<std::tuple<uint64_t, uint64_t, int>, size_t> index;
+  for (const auto& [key, tier] : where) {
+    StoreScope scope;
+    uint64_t hash = 0;
+    if (!DecodeStoreKey(key, &scope, &hash).ok()) continue;
+    auto [it, fresh] = index.try_emplace(
+        std::make_tuple(scope.model_fingerprint, scope.tenant_salt, static_cast<int>(tier)), out.size());
+    if (fresh) {
+      StoreEvent e;
+      e.kind = StoreEvent::Kind::kStored;
+      e.scope = scope;
+      e.tier = tier;
+      out.push_back(std::move(e));
+    }
+    out[it->second].hashes.push_back(hash);
+  }
+  return out;
 }
 
 TieredStoreStats TieredStore::stats() const {

@@ -68,6 +68,7 @@ class BlockTier {
   virtual void Unpin(const std::string& key) = 0;  // Drops one pin.
   virtual int64_t bytes() const = 0;
   virtual int64_t blocks() const = 0;
+  virtual std::vector<std::string> Keys() const = 0;
 };
 
 class MemoryTier final : public BlockTier {
@@ -81,6 +82,7 @@ class MemoryTier final : public BlockTier {
   void Unpin(const std::string& key) override;
   int64_t bytes() const override;
   int64_t blocks() const override;
+  std::vector<std::string> Keys() const override;
   int64_t capacity() const { return capacity_; }
 
  private:
@@ -135,6 +137,7 @@ class DiskTier {
   int64_t checksum_failures() const { return checksum_failures_.load(); }
   int64_t blocks() const;
   int64_t index_bytes() const;
+  std::vector<std::string> Keys() const;
 
  private:
   explicit DiskTier(DiskTierOptions options);
@@ -207,6 +210,11 @@ class TieredStore final : public KvStoreClient {
   // Returns an id for Unsubscribe.
   int64_t Subscribe(std::function<void(const StoreEvent&)> fn);
   void Unsubscribe(int64_t id);
+
+  // Everything held now: kStored events, one per (model, tenant scope, tier), each block under the
+  // lowest tier holding it (disk before host before device: the most durable copy). The Events stream
+  // sends it first.
+  std::vector<StoreEvent> Snapshot() const;
 
   TieredStoreStats stats() const;
   DiskTier* disk() { return disk_.get(); }

@@ -85,6 +85,7 @@ TEST(KvstoreKillTest, KillDuringWritesNeverServesACorruptBlock) {
     std::atomic<uint64_t> hashes{next_hash};
     auto stub = v1::KvStore::NewStub(channel);
     std::vector<std::thread> writers;
+    writers.reserve(3);
     for (int w = 0; w < 3; ++w) {
       writers.emplace_back([&] {
         while (!stop.load()) {

@@ -5,6 +5,8 @@
 #include "kvstore/tiered_store.h"
 
 #include <filesystem>
+#include <map>
+#include <set>
 #include <thread>
 
 #include "absl/synchronization/notification.h"
@@ -103,6 +105,7 @@ TEST(TieredStoreTest, WriteBehindReadThroughRestartAndTenants) {
   o.disk_path = dir;
   o.host_capacity_bytes = 1 << 20;
   std::vector<StoredBlock> blocks;
+  blocks.reserve(6);
   for (int i = 0; i < 6; ++i) blocks.push_back(MakeBlock(layout, 1000 + i, i, i % 2 == 1));
   {
     auto store = TieredStore::Open(o);
@@ -250,6 +253,30 @@ TEST(TieredStoreTest, DiskCapacityEvictsOldestAndReportsIt) {
   std::filesystem::remove_all(dir);
 }
 
+TEST(TieredStoreTest, DeviceTierStandInIsFirstAndPinsHold) {
+  const KvLayout layout = SmallLayout(5);
+  const StoreScope scope{5, 0};
+  const StoredBlock proto = MakeBlock(layout, 1, 0, false);
+  TieredStoreOptions o;  // No disk: memory tiers only.
+  o.device_capacity_bytes = 2 * static_cast<int64_t>(proto.block.size());
+  o.host_capacity_bytes = 8 * static_cast<int64_t>(proto.block.size());
+  auto store = TieredStore::Open(o);
+  ASSERT_TRUE(store.ok());
+  (*store)->PutAsync(scope, MakeBlock(layout, 1, 0, false));
+  (*store)->Pin(scope, 1);
+  (*store)->PutAsync(scope, MakeBlock(layout, 2, 1, false));
+  (*store)->PutAsync(scope, MakeBlock(layout, 3, 2, false));  // Evicts 2 from the device (1 is pinned).
+  (*store)->Flush();
+  const uint64_t chain[] = {1, 2, 3};
+  auto found = (*store)->Lookup(scope, chain);
+  ASSERT_TRUE(found.ok());
+  ASSERT_EQ(found->matched, 3);
+  EXPECT_EQ(found->tiers, (std::vector<Tier>{Tier::kDevice, Tier::kHost, Tier::kDevice}));
+  EXPECT_TRUE((*store)->Get(scope, 2, false).ok());
+  EXPECT_EQ((*store)->stats().get_hits_host, 1);
+  (*store)->Unpin(scope, 1);
+}
+
 class ServiceTest : public ::testing::Test {
  protected:
   void SetUp() override {
@@ -288,13 +315,17 @@ TEST_F(ServiceTest, ClientPutLookupGetAndEvents) {
   v1::KvEventsRequest er;
   er.set_subscriber("router");
   auto reader = stub->Events(&events_ctx, er);
-  // Wait until the subscription is live: Events has no first message, so poll with a probe block.
+  // The first message is the snapshot (of an empty store): once it arrived, the subscription is live.
+  v1::KvEvent ev;
+  ASSERT_TRUE(reader->Read(&ev));
+  EXPECT_TRUE(ev.snapshot());
+  EXPECT_EQ(ev.blocks_size(), 0);
   GrpcKvStoreClient client(channel_);
   const KvLayout layout = SmallLayout(77);
   const StoreScope scope{77, TenantSalt("acme", 0)};
   std::vector<StoredBlock> blocks;
+  blocks.reserve(3);
   for (int i = 0; i < 3; ++i) blocks.push_back(MakeBlock(layout, 500 + i, i, i == 1));
-  std::this_thread::sleep_for(std::chrono::milliseconds(200));
   for (const StoredBlock& b : blocks) EXPECT_TRUE(client.PutAsync(scope, b));
   client.Flush();
   store_->Flush();
@@ -320,8 +351,8 @@ TEST_F(ServiceTest, ClientPutLookupGetAndEvents) {
   EXPECT_EQ(resp.tiers(0), "host");
 
   int stored = 0;
-  v1::KvEvent ev;
   while (stored < 3 && reader->Read(&ev)) {
+    EXPECT_FALSE(ev.snapshot());
     EXPECT_EQ(ev.kind(), v1::KvEvent::KIND_STORED);
     EXPECT_EQ(ev.holder(), "test:1");
     EXPECT_EQ(ev.model_fingerprint(), 77u);
@@ -332,6 +363,40 @@ TEST_F(ServiceTest, ClientPutLookupGetAndEvents) {
   events_ctx.TryCancel();
   v1::KvEvent rest;
   while (reader->Read(&rest)) {
+  }
+  reader->Finish().IgnoreError();
+}
+
+TEST_F(ServiceTest, EventsStartWithASnapshotOfWhatIsHeld) {
+  const KvLayout layout = SmallLayout(77);
+  const StoreScope a{77, 1}, b{77, 2};
+  store_->PutAsync(a, MakeBlock(layout, 700, 0, false));
+  store_->PutAsync(a, MakeBlock(layout, 701, 1, true));
+  store_->PutAsync(b, MakeBlock(layout, 900, 0, false));
+  store_->Flush();
+  auto stub = v1::KvStore::NewStub(channel_);
+  grpc::ClientContext ctx;
+  auto reader = stub->Events(&ctx, v1::KvEventsRequest());
+  std::map<uint64_t, std::set<uint64_t>> held;  // salt -> hashes
+  v1::KvEvent ev;
+  for (int i = 0; i < 2; ++i) {
+    ASSERT_TRUE(reader->Read(&ev));
+    EXPECT_TRUE(ev.snapshot());
+    EXPECT_EQ(ev.kind(), v1::KvEvent::KIND_STORED);
+    EXPECT_EQ(ev.tier(), "disk");
+    EXPECT_EQ(ev.block_tokens(), 128u);
+    for (const v1::BlockId& id : ev.blocks()) held[ev.tenant_salt()].insert(*BlockHashFromBytes(id.hash()));
+  }
+  EXPECT_EQ(held[1], (std::set<uint64_t>{700, 701}));
+  EXPECT_EQ(held[2], (std::set<uint64_t>{900}));
+  // Then changes, in order.
+  store_->PutAsync(a, MakeBlock(layout, 702, 2, false));
+  ASSERT_TRUE(reader->Read(&ev));
+  EXPECT_FALSE(ev.snapshot());
+  ASSERT_EQ(ev.blocks_size(), 1);
+  EXPECT_EQ(*BlockHashFromBytes(ev.blocks(0).hash()), 702u);
+  ctx.TryCancel();
+  while (reader->Read(&ev)) {
   }
   reader->Finish().IgnoreError();
 }
@@ -356,8 +421,10 @@ TEST_F(ServiceTest, BadInputIsInvalidArgumentAndNothingIsStored) {
   grpc::Status st = put(BlockHashBytes(600), BlockHashBytes(77), bad);
   EXPECT_EQ(st.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
   EXPECT_NE(st.error_message().find("checksum"), std::string::npos) << st.error_message();
-  EXPECT_EQ(put(BlockHashBytes(601), BlockHashBytes(77), b.block).error_code(), grpc::StatusCode::INVALID_ARGUMENT);
-  EXPECT_EQ(put(BlockHashBytes(600), BlockHashBytes(78), b.block).error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_EQ(put(BlockHashBytes(601), BlockHashBytes(77), b.block).error_code(),
+            grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_EQ(put(BlockHashBytes(600), BlockHashBytes(78), b.block).error_code(),
+            grpc::StatusCode::INVALID_ARGUMENT);
   EXPECT_TRUE(put(BlockHashBytes(600), BlockHashBytes(77), b.block).ok());
   store_->Flush();
   EXPECT_EQ(store_->stats().disk_blocks, 1);
