@@ -75,7 +75,7 @@ def dsml_call(expression):
 
 
 # ---- single items: (question text, answer text, title text, meta) ------------------------------------------
-def recall_context(rng, n_tokens_target, n_records, tokens_per_word=1.0):
+def recall_context(rng, n_tokens_target, n_records, tokens_per_word=1.19):
     """Filler text of about n_tokens_target tokens with n_records 'key=value' records at random places."""
     keys = rng.sample(KEYS, n_records)
     values = [f"{rng.randrange(1000):03d}" for _ in keys]
@@ -211,3 +211,31 @@ def render_messages(messages, tools=None):
     if pending_results:
         out += USER + "\n\n".join(f"<tool_result>{r}</tool_result>" for r in pending_results)
     return out + ASSISTANT + THINK_END
+
+
+# ---- scoring (shared by the PyTorch evaluation and tools/eval) -------------------------------------------
+_DSML_RE = None
+
+
+def parse_dsml_calls(text):
+    """Tool calls in a completion's text (the subset the calculator uses): [{"name", "arguments"}]."""
+    import re
+    global _DSML_RE
+    if _DSML_RE is None:
+        _DSML_RE = (re.compile(r'<｜DSML｜invoke name="([^"]*)">(.*?)</｜DSML｜invoke>', re.S),
+                    re.compile(r'<｜DSML｜parameter name="([^"]*)" string="(true|false)">(.*?)</｜DSML｜parameter>',
+                               re.S))
+    calls = []
+    for name, body in _DSML_RE[0].findall(text):
+        args = {}
+        for pn, is_str, val in _DSML_RE[1].findall(body):
+            args[pn] = val if is_str == "true" else json.loads(val)
+        calls.append({"name": name, "arguments": args})
+    return calls
+
+
+def score(item, content, tool_calls):
+    """True when the model's answer is right. content: text; tool_calls: [{"name", "arguments": dict}]."""
+    if item["task"] == "tool_call":
+        return len(tool_calls) == 1 and tool_calls[0] == item["expect"]
+    return content.strip() == item["expect"]

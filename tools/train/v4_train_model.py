@@ -293,9 +293,11 @@ class TinyV4(nn.Module):
             mask = visible[None]
             if ratio == 4:
                 ih, idim = c["index_n_heads"], c["index_head_dim"]
-                ik = self.compress(x, a + "indexer.compressor.", ratio, idim, cos, sin)
-                iq = rope((qr @ self.w(a + "indexer.wq_b.weight").T).view(B, N, ih, idim).float(), cos, sin)
-                iw = (x @ self.w(a + "indexer.weights_proj.weight").T).float() * (idim ** -0.5 * ih ** -0.5)
+                # In training the indexer learns from its KL loss alone (its inputs are detached).
+                xi, qri = (x.detach(), qr.detach()) if self.training else (x, qr)
+                ik = self.compress(xi, a + "indexer.compressor.", ratio, idim, cos, sin)
+                iq = rope((qri @ self.w(a + "indexer.wq_b.weight").T).view(B, N, ih, idim).float(), cos, sin)
+                iw = (xi @ self.w(a + "indexer.weights_proj.weight").T).float() * (idim ** -0.5 * ih ** -0.5)
                 isc = torch.einsum("bnhd,bmd->bnhm", iq, ik).relu()
                 isc = (isc * iw.unsqueeze(-1)).sum(2)  # [B, N, M]
                 isc = isc.masked_fill(~visible[None], float("-inf"))
