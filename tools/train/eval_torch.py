@@ -34,12 +34,14 @@ def prompt_text(item):
     return tasks.render_messages(item["messages"], item.get("tools"))
 
 
-def evaluate(model, tok, dev, n_per_cell, lengths=(1024, 2048, 4096, 8192)):
+def evaluate(model, tok, dev, n_per_cell, lengths=(1024, 2048, 4096, 8192), only=None):
     model.eval()
     items = tasks.eval_items(EVAL_SEED, n_per_cell, lengths)
     cells = collections.defaultdict(lambda: [0, 0])
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if dev == "cuda" else torch.autocast("cpu", enabled=False)
     for it in items:
+        if only and it["task"] not in only:
+            continue
         ids = tok.encode(prompt_text(it), add_special_tokens=False).ids
         with amp:
             out = greedy(model, ids, MAX_NEW[it["task"]], 1, dev, model.cfg["sliding_window"])

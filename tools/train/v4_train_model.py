@@ -398,3 +398,22 @@ def _hc_head_init(params, p, lin, zeros, cfg):
     lin(f"{p}hc_head_fn", hc, hc * D, 0.02 * (hc * D) ** -0.5)
     params[f"{p}hc_head_scale"] = torch.ones(1)
     zeros(f"{p}hc_head_base", hc)
+
+
+def load_released_state(model, state):
+    """Inverse of TinyV4.state_for_export: {released name: tensor} (float, dequantized) into the model."""
+    c = model.cfg
+    with torch.no_grad():
+        for name in model.names:
+            p = model.w(name)
+            if ".experts.w" in name:
+                prefix, wn = name.rsplit(".", 1)
+                p.copy_(torch.stack([state[f"{prefix}.{e}.{wn}.weight"] for e in range(p.shape[0])]))
+            else:
+                p.copy_(state[name])
+        for l in range(c["num_hidden_layers"] + c.get("num_nextn_predict_layers", 0)):
+            p = f"layers.{l}." if l < c["num_hidden_layers"] else f"mtp.{l - c['num_hidden_layers']}."
+            if l < c["num_hash_layers"]:
+                getattr(model, f"tid2eid_{l}").copy_(state[p + "ffn.gate.tid2eid"])
+            else:
+                getattr(model, f"route_bias_{l}").copy_(state[p + "ffn.gate.bias"])
