@@ -1,8 +1,10 @@
 """Generated tasks for the tiny V4 model, rendered in V4's chat format (docs/TOKENIZER.md).
 
-Every task is a list of (text, supervised) pieces: the prompt pieces are rendered exactly as the router's
-ChatEncoder renders an OpenAI request (checked against tests/model/testdata/chat fixtures by
-tools/train/check_tasks.py), the supervised pieces are what the model must generate (answer + EOS).
+Every task is a list of (text, supervised) pieces: the prompt pieces are rendered as the router's
+ChatEncoder renders an OpenAI request (the templates follow tests/model/testdata/chat/chat_cases.jsonl:
+plain_chat, multi_turn_chat, tools_chat, tools_empty_system, task_title; on the 280 held-out items of
+tools/eval the router's prompt_tokens equal the token counts of render_messages() in every cell), the
+supervised pieces are what the model must generate (answer + EOS).
 
 Tasks
   recall      a haystack of filler words with key=value records; "What is the code of KEY?" -> VALUE.
