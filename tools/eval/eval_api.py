@@ -64,6 +64,15 @@ def run_item(base, model, it, timeout):
             "seconds": time.time() - t0, "got": content if not calls else calls}
 
 
+def build_items(seed, n, n_recall, lengths, wanted):
+    """The held-out items (tools/train/eval_torch.py --same-as-api builds the same list)."""
+    # Recall items come first in eval_items and are drawn per length; other tasks after, n each.
+    items = [it for it in tasks.eval_items(seed, n, lengths) if it["task"] != "recall" and it["task"] in wanted]
+    if "recall" in wanted and n_recall:
+        items = [it for it in tasks.eval_items(seed, n_recall, lengths) if it["task"] == "recall"] + items
+    return items
+
+
 def cell(it):
     return (it["task"], it["length"])
 
@@ -125,12 +134,7 @@ def main():
     if not args.base_url and not args.serve:
         ap.error("give --base-url or --serve")
     lengths = tuple(int(x) for x in args.lengths.split(",") if x)
-    wanted = set(args.tasks.split(","))
-    # Recall items come first in eval_items and are drawn per length; other tasks after, n each.
-    items = [it for it in tasks.eval_items(args.seed, args.n, lengths) if it["task"] != "recall"]
-    items = [it for it in items if it["task"] in wanted]
-    if "recall" in wanted and args.n_recall:
-        items = [it for it in tasks.eval_items(args.seed, args.n_recall, lengths) if it["task"] == "recall"] + items
+    items = build_items(args.seed, args.n, args.n_recall, lengths, set(args.tasks.split(",")))
     proc = None
     base = args.base_url
     if args.serve:
