@@ -1,8 +1,9 @@
 // Accuracy of the shipped trained model (models/tiny-v4) through the whole colocated serving path:
 // tools/eval/eval_api.py (standard-library Python) starts `v4serve up`, sends a small held-out set of
 // generated tasks concurrently through the OpenAI API (chat for arithmetic, recall and the calculator tool;
-// raw completions for <｜title｜>) and fails below the accuracy the trained model reaches (docs/TINY_MODEL.md).
-// Another serving path is one flag away: eval_api.py's --serve-arg passes flags to `v4serve up`.
+// raw completions for <｜title｜>) and fails below the accuracy the trained model reaches
+// (docs/TINY_MODEL.md). Another serving path is one flag away: eval_api.py's --serve-arg passes flags to
+// `v4serve up`.
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 

@@ -134,8 +134,8 @@ TEST(UpE2eTest, ServesTheShippedTrainedModelByDefault) {
 
   // The tool's result goes back as a tool message; the model answers with it.
   req["messages"].push_back(choice["message"]);
-  req["messages"].push_back({{"role", "tool"}, {"tool_call_id", choice["message"]["tool_calls"][0]["id"]},
-                             {"content", "185319"}});
+  req["messages"].push_back(
+      {{"role", "tool"}, {"tool_call_id", choice["message"]["tool_calls"][0]["id"]}, {"content", "185319"}});
   r = testing::HttpCall(port, "POST", "/v1/chat/completions", req.dump(), {}, absl::Seconds(120));
   ASSERT_TRUE(r.ok()) << r.status();
   ASSERT_EQ(r->status, 200) << r->body;

@@ -25,7 +25,8 @@ struct Item {
   std::string task, prompt, expect;
 };
 
-std::map<std::string, double> Accuracy(const Model& model, const Tokenizer& tok, const std::vector<Item>& items) {
+std::map<std::string, double> Accuracy(const Model& model, const Tokenizer& tok,
+                                       const std::vector<Item>& items) {
   std::map<std::string, std::pair<int, int>> cells;
   for (const Item& it : items) {
     SamplingOptions o;
@@ -64,7 +65,8 @@ TEST(TinyModelAccuracyTest, ShippedModelAnswersInExactAndFaithfulMode) {
     ASSERT_TRUE(model.ok()) << model.status();
     const std::string name = mode == NumericMode::kExact ? "exact" : "faithful";
     by_mode[name] = Accuracy(**model, **tok, items);
-    for (const auto& [task, a] : by_mode[name]) std::printf("%-9s %-12s %5.1f%%\n", name.c_str(), task.c_str(), 100 * a);
+    for (const auto& [task, a] : by_mode[name])
+      std::printf("%-9s %-12s %5.1f%%\n", name.c_str(), task.c_str(), 100 * a);
   }
   for (const char* mode : {"exact", "faithful"}) {
     // What the trained model reaches (docs/TINY_MODEL.md): tool calls and tool answers nearly always,
