@@ -1,4 +1,5 @@
-// Accuracy of the shipped trained model (models/tiny-v4) through the whole colocated serving path:
+// Accuracy of the shipped trained model (models/tiny-v4) through the whole serving path of `v4serve up`
+// (router -> prefill worker -> KV over gRPC -> decode worker):
 // tools/eval/eval_api.py (standard-library Python) starts `v4serve up`, sends a small held-out set of
 // generated tasks concurrently through the OpenAI API (chat for arithmetic, recall and the calculator tool;
 // raw completions for <｜title｜>) and fails below the accuracy the trained model reaches
@@ -16,11 +17,11 @@ namespace {
 
 const std::string kSource = V4SERVE_TEST_SOURCE_DIR;
 
-TEST(TinyModelE2eTest, HeldOutAccuracyThroughTheColocatedPath) {
+TEST(TinyModelE2eTest, HeldOutAccuracyThroughUp) {
   std::string out;
   int status = testing::RunCommand(
       "python3 " + kSource + "/tools/eval/eval_api.py --serve " + V4SERVE_BINARY + " --model " + kSource +
-          "/models/tiny-v4 --n 12 --n-recall 3 --lengths 1024 --concurrency 2 --label colocated"
+          "/models/tiny-v4 --n 12 --n-recall 3 --lengths 1024 --concurrency 2 --label up"
           " --require tool_call=0.9 --require tool_answer=0.9 --require title=0.3 2>&1",
       &out);
   std::printf("%s\n", out.c_str());

@@ -127,7 +127,7 @@ def main():
     ap.add_argument("--tasks", default="recall,arith,tool_call,tool_answer,title")
     ap.add_argument("--concurrency", type=int, default=4)
     ap.add_argument("--timeout", type=float, default=900)
-    ap.add_argument("--label", default="colocated", help="name of the serving path, for the table")
+    ap.add_argument("--label", default="up", help="name of the serving path, for the table")
     ap.add_argument("--json", help="write the results here")
     ap.add_argument("--require", action="append", default=[], help="task=min_accuracy (0..1); repeatable")
     args = ap.parse_args()
