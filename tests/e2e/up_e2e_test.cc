@@ -1,7 +1,11 @@
-// `v4serve up` on the tiny V4 checkpoint, end to end: router (tokenizer, OpenAI API) -> decode worker ->
-// prefill worker (prompt KV pushed back over gRPC) -> decode worker (engine + CPU model) -> text. The tokens must be the ones transformers' DeepseekV4ForCausalLM
-// produced for the same weights and prompt (tests/model/testdata/tiny_v4/golden.json), so this checks
-// every layer of the serving path against an independent reference.
+// `v4serve up` end to end: router (tokenizer, OpenAI API) -> decode worker -> prefill worker (prompt KV
+// pushed back over gRPC) -> decode worker (engine + CPU model) -> text.
+//  * On the random-weight test checkpoint, the tokens must be the ones transformers' DeepseekV4ForCausalLM
+//    produced for the same weights and prompt (tests/model/testdata/tiny_v4/golden.json), so this checks
+//    every layer of the serving path against an independent reference.
+//  * With no --model, `up` serves the shipped trained model (models/tiny-v4): it must call the calculator
+//    tool with the right arguments, answer from the tool's result and title a conversation through the
+//    <｜title｜> quick instruction. (tests/e2e/tiny_model_e2e_test.cc measures its accuracy.)
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
@@ -98,6 +102,57 @@ TEST(UpE2eTest, ServesTheTinyModelAndMatchesTransformers) {
   EXPECT_EQ(value(pm, "v4serve_prefill_prefix_hit_tokens_total "), 128);
   EXPECT_EQ(value(dm, "v4serve_decode_kv_transfers_total{result=\"ok\",transport=\"grpc\"} "), 2);
   EXPECT_EQ(value(dm, "v4serve_decode_kv_fallbacks_total"), -1) << "no fallback was counted";
+  EXPECT_EQ((*up)->Terminate(absl::Seconds(60)), 0);
+}
+
+TEST(UpE2eTest, ServesTheShippedTrainedModelByDefault) {
+  auto up = testing::V4serveProcess::Start({"up", "--http_port=0", "--grpc_port=0"}, absl::Seconds(120));
+  ASSERT_TRUE(up.ok()) << up.status();
+  ASSERT_TRUE((*up)->ready()["model_loaded"].get<bool>()) << "models/tiny-v4 should load by default";
+  int port = (*up)->port("http_port");
+  auto models = testing::HttpCall(port, "GET", "/v1/models");
+  ASSERT_TRUE(models.ok());
+  EXPECT_EQ(Json::parse(models->body)["data"][0]["id"], "tiny-v4");
+
+  Json tools = Json::parse(R"([{"type": "function", "function": {"name": "calculator",
+      "description": "Evaluate an arithmetic expression", "parameters": {"type": "object",
+      "properties": {"expression": {"type": "string"}}, "required": ["expression"]}}}])");
+  Json req = {{"model", "tiny-v4"},
+              {"messages", {{{"role", "user"}, {"content", "Use the calculator to compute 3141 * 59."}}}},
+              {"tools", tools},
+              {"max_tokens", 80},
+              {"temperature", 0}};
+  auto r = testing::HttpCall(port, "POST", "/v1/chat/completions", req.dump(), {}, absl::Seconds(120));
+  ASSERT_TRUE(r.ok()) << r.status();
+  ASSERT_EQ(r->status, 200) << r->body;
+  Json choice = Json::parse(r->body)["choices"][0];
+  EXPECT_EQ(choice["finish_reason"], "tool_calls") << r->body;
+  ASSERT_EQ(choice["message"]["tool_calls"].size(), 1u) << r->body;
+  Json call = choice["message"]["tool_calls"][0]["function"];
+  EXPECT_EQ(call["name"], "calculator");
+  EXPECT_EQ(Json::parse(call["arguments"].get<std::string>()), Json({{"expression", "3141 * 59"}}));
+
+  // The tool's result goes back as a tool message; the model answers with it.
+  req["messages"].push_back(choice["message"]);
+  req["messages"].push_back(
+      {{"role", "tool"}, {"tool_call_id", choice["message"]["tool_calls"][0]["id"]}, {"content", "185319"}});
+  r = testing::HttpCall(port, "POST", "/v1/chat/completions", req.dump(), {}, absl::Seconds(120));
+  ASSERT_TRUE(r.ok()) << r.status();
+  ASSERT_EQ(r->status, 200) << r->body;
+  EXPECT_EQ(Json::parse(r->body)["choices"][0]["message"]["content"], "The result is 185319.");
+
+  // <｜title｜> (a quick instruction): the chat API has no field for it yet, so the rendered conversation
+  // goes to /v1/completions as text (the router adds BOS and turns control-token strings into tokens).
+  Json title = {{"model", "tiny-v4"},
+                {"prompt",
+                 "<｜User｜>Use the calculator to compute 3141 * 59.<｜Assistant｜></think>The result is "
+                 "185319.<｜end▁of▁sentence｜><｜title｜>"},
+                {"max_tokens", 24},
+                {"temperature", 0}};
+  r = testing::HttpCall(port, "POST", "/v1/completions", title.dump(), {}, absl::Seconds(120));
+  ASSERT_TRUE(r.ok()) << r.status();
+  ASSERT_EQ(r->status, 200) << r->body;
+  EXPECT_EQ(Json::parse(r->body)["choices"][0]["text"], "Product of 3141 and 59");
   EXPECT_EQ((*up)->Terminate(absl::Seconds(60)), 0);
 }
 

@@ -1,0 +1,245 @@
+#!/usr/bin/env python3
+"""Trains the tiny DeepSeek-V4 (models/tiny-v4) on generated tasks (tools/train/tasks.py).
+
+One command, one seed (docs/TINY_MODEL.md):
+    python3 tools/train/train.py --out OUTDIR --seed 0
+writes OUTDIR/weights-*.safetensors (float32 master weights, in parts under 16 MB), OUTDIR/config.json,
+OUTDIR/train_log.jsonl and OUTDIR/eval_torch.json (held-out accuracy of the PyTorch model).
+tools/train/export.py turns the weights into the released checkpoint format.
+
+Schedule: `--steps` optimizer steps; with `--time-budget S` (seconds) the schedule's progress is
+max(step/steps, elapsed/S), so the whole schedule (warm-up, curriculum, cosine decay) fits into the
+budget on slower hardware; `--time-budget 0` makes the run depend on the seed alone.
+Curriculum: recall contexts grow from 256-512 tokens to 1k-8k tokens; every step also trains one batch of
+short conversations (arithmetic, calculator tool calls, <｜title｜>).
+Losses: next-token cross-entropy on what the assistant generates, 0.3 x the MTP block's (token after
+next), 0.1 x the lightning indexer's KL to the main attention (indexer parameters only).
+"""
+import argparse
+import json
+import math
+import os
+import random
+import sys
+import threading
+import queue
+import time
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+import tasks  # noqa: E402
+from v4_train_model import TinyV4  # noqa: E402
+
+ROOT = os.path.abspath(os.path.join(HERE, "..", ".."))
+TOKENIZER = os.path.join(ROOT, "models", "tiny-v4", "tokenizer.json")
+
+
+def model_config(vocab_size):
+    return {
+        "architectures": ["DeepseekV4ForCausalLM"], "model_type": "deepseek_v4",
+        "vocab_size": vocab_size, "hidden_size": 256, "num_hidden_layers": 4, "num_nextn_predict_layers": 1,
+        "num_attention_heads": 4, "num_key_value_heads": 1, "head_dim": 128, "qk_rope_head_dim": 64,
+        "q_lora_rank": 128, "o_groups": 2, "o_lora_rank": 64, "sliding_window": 128,
+        "compress_ratios": [0, 4, 128, 4, 0], "compress_rope_theta": 160000, "rope_theta": 10000,
+        "rope_scaling": {"type": "yarn", "factor": 16, "original_max_position_embeddings": 65536,
+                         "beta_fast": 32, "beta_slow": 1},
+        "max_position_embeddings": 16384, "index_n_heads": 4, "index_head_dim": 128, "index_topk": 128,
+        "moe_intermediate_size": 128, "n_routed_experts": 8, "n_shared_experts": 1, "num_experts_per_tok": 2,
+        "num_hash_layers": 1, "scoring_func": "sqrtsoftplus", "routed_scaling_factor": 1.5,
+        "norm_topk_prob": True, "topk_method": "noaux_tc", "swiglu_limit": 10.0, "hc_mult": 4,
+        "hc_sinkhorn_iters": 20, "hc_eps": 1e-6, "rms_norm_eps": 1e-6, "expert_dtype": "fp4",
+        "quantization_config": {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
+                                "scale_fmt": "ue8m0", "weight_block_size": [128, 128]},
+        "bos_token_id": 0, "eos_token_id": 1, "tie_word_embeddings": False, "hidden_act": "silu",
+    }
+
+
+class Encoder:
+    """Pieces -> (ids, supervised mask). Pieces meet at added tokens, so encoding them one by one gives
+    the ids of the whole text (checked on the first batches)."""
+
+    def __init__(self, path):
+        from tokenizers import Tokenizer
+        self.tok = Tokenizer.from_file(path)
+        self.checked = 0
+
+    def encode(self, convs):
+        flat = [p for c in convs for p, _ in c]
+        enc = self.tok.encode_batch(flat, add_special_tokens=False)
+        out, i = [], 0
+        for c in convs:
+            ids, sup = [], []
+            for _, s in c:
+                e = enc[i].ids
+                i += 1
+                ids += e
+                sup += [s] * len(e)
+            if self.checked < 20:
+                whole = self.tok.encode("".join(p for p, _ in c), add_special_tokens=False).ids
+                assert whole == ids, "piece-wise tokenization differs from the whole text's"
+                self.checked += 1
+            out.append((ids, sup))
+        return out
+
+
+def pad_batch(rows, mult, pad_id=2):
+    n = max(len(r[0]) for r in rows)
+    n = (n + mult - 1) // mult * mult
+    ids = torch.full((len(rows), n), pad_id, dtype=torch.long)
+    sup = torch.zeros(len(rows), n, dtype=torch.bool)
+    for i, (a, s) in enumerate(rows):
+        ids[i, :len(a)] = torch.tensor(a)
+        sup[i, :len(s)] = torch.tensor(s)
+    return ids, sup
+
+
+def recall_max_len(progress):
+    return 512 if progress < 0.15 else 2048 if progress < 0.35 else 4096 if progress < 0.5 else 8192
+
+
+def make_batches(rng, enc, progress, tokens_per_batch, window, short_rows=64):
+    lmax = recall_max_len(progress)
+    n = rng.randint(max(256, lmax // 4), lmax)
+    b = max(1, tokens_per_batch // max(n, 1024))
+    long_convs = [tasks.conv_recall(rng, n, 8) for _ in range(b)]
+    short = []
+    for _ in range(short_rows):
+        r = rng.random()
+        short.append(tasks.conv_title(rng) if r < 0.25 else
+                     tasks.conv_short(rng, rng.randint(4, 10), with_tools=r < 0.6))
+    return pad_batch(enc.encode(long_convs), window), pad_batch(enc.encode(short), window)
+
+
+def losses(model, ids, sup, want_kl):
+    nxt = torch.cat([ids[:, 1:], torch.full_like(ids[:, :1], 2)], 1)
+    logits, mtp, kls = model(ids, want_kl=want_kl, mtp_next_ids=nxt)
+    tgt1 = ids[:, 1:]
+    m1 = sup[:, 1:]
+    ce = torch.nn.functional.cross_entropy(logits[:, :-1][m1].float(), tgt1[m1])
+    m2 = sup[:, 2:]
+    ce2 = torch.nn.functional.cross_entropy(mtp[:, :-2][m2].float(), ids[:, 2:][m2])
+    kl = torch.stack(kls).mean() if kls else torch.zeros((), device=ids.device)
+    acc = (logits[:, :-1][m1].argmax(-1) == tgt1[m1]).float().mean()
+    return ce, ce2, kl, acc
+
+
+def save_weights(model, out_dir, cfg):
+    from safetensors.torch import save_file
+    state = {k: v.contiguous() for k, v in model.state_for_export().items()}
+    parts, cur, size = [], {}, 0
+    for k in sorted(state):
+        nbytes = state[k].numel() * state[k].element_size()
+        if cur and size + nbytes > 14 * 2 ** 20:
+            parts.append(cur)
+            cur, size = {}, 0
+        cur[k] = state[k]
+        size += nbytes
+    parts.append(cur)
+    for old in os.listdir(out_dir):
+        if old.startswith("weights-") and old.endswith(".safetensors"):
+            os.remove(os.path.join(out_dir, old))
+    for i, p in enumerate(parts):
+        save_file(p, os.path.join(out_dir, f"weights-{i}.safetensors"))
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+        json.dump(cfg, f, indent=1)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--steps", type=int, default=2500)
+    ap.add_argument("--time-budget", type=float, default=0, help="seconds; 0 = step-based schedule only")
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--tokens-per-batch", type=int, default=32768)
+    ap.add_argument("--short-rows", type=int, default=64, help="short conversations per step")
+    ap.add_argument("--tiny", action="store_true", help="CPU smoke test: small width, short contexts")
+    ap.add_argument("--eval-per-cell", type=int, default=50)
+    args = ap.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    torch.manual_seed(args.seed)
+    rng = random.Random(args.seed)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    enc = Encoder(TOKENIZER)
+    cfg = model_config(enc.tok.get_vocab_size())
+    if args.tiny:
+        cfg.update(hidden_size=128, q_lora_rank=64, o_lora_rank=32, n_routed_experts=4, sliding_window=32,
+                   index_topk=16, compress_ratios=[0, 4, 32, 4, 0])
+        global recall_max_len
+        recall_max_len = lambda p: 256  # noqa: E731
+    model = TinyV4(cfg, seed=args.seed).to(dev)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"parameters: {n_params / 1e6:.2f} M on {dev}", flush=True)
+    indexer = [p for n, p in model.params.items() if "__indexer__" in n]
+    others = [p for n, p in model.params.items() if "__indexer__" not in n]
+    opt = torch.optim.AdamW([{"params": others}, {"params": indexer}], lr=args.lr, betas=(0.9, 0.95),
+                            weight_decay=0.01)
+    log = open(os.path.join(args.out, "train_log.jsonl"), "w")
+    # Batches are made by a background thread (tokenization runs in Rust, mostly outside the GIL).
+    q = queue.Queue(maxsize=6)
+    progress_box = [0.0]
+
+    def producer():
+        prng = random.Random(args.seed + 1)
+        while True:
+            q.put(make_batches(prng, enc, progress_box[0], args.tokens_per_batch, cfg["sliding_window"],
+                               args.short_rows))
+
+    threading.Thread(target=producer, daemon=True).start()
+    t0 = time.time()
+    step = 0
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if dev == "cuda" else torch.autocast("cpu", enabled=False)
+    while True:
+        el = time.time() - t0
+        progress = max(step / args.steps, el / args.time_budget if args.time_budget else 0.0)
+        if progress >= 1.0:
+            break
+        progress_box[0] = progress
+        warm = min(1.0, step / 100)
+        lr = args.lr * warm * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+        for g in opt.param_groups:
+            g["lr"] = lr
+        (lids, lsup), (sids, ssup) = q.get()
+        model.train()
+        opt.zero_grad(set_to_none=True)
+        try:
+            with amp:
+                ce_l, mtp_l, kl_l, acc_l = losses(model, lids.to(dev), lsup.to(dev), True)
+            (ce_l + 0.3 * mtp_l + 0.1 * kl_l).backward()
+            with amp:
+                ce_s, mtp_s, kl_s, acc_s = losses(model, sids.to(dev), ssup.to(dev), False)
+            (ce_s + 0.3 * mtp_s).backward()
+        except torch.OutOfMemoryError:
+            args.tokens_per_batch //= 2
+            print(f"out of memory at {tuple(lids.shape)}: tokens per batch now {args.tokens_per_batch}", flush=True)
+            opt.zero_grad(set_to_none=True)
+            torch.cuda.empty_cache()
+            continue
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        model.update_route_bias(1e-3)
+        if step % 25 == 0:
+            rec = {"step": step, "t": round(time.time() - t0, 1), "progress": round(progress, 3), "lr": lr,
+                   "recall_len": lids.shape[1], "ce_recall": ce_l.item(), "acc_recall": acc_l.item(),
+                   "ce_short": ce_s.item(), "acc_short": acc_s.item(), "mtp": (mtp_l + mtp_s).item() / 2,
+                   "index_kl": kl_l.item()}
+            print(json.dumps(rec), flush=True)
+            log.write(json.dumps(rec) + "\n")
+            log.flush()
+        step += 1
+    print(f"trained {step} steps in {time.time() - t0:.0f} s", flush=True)
+    model.eval()
+    save_weights(model, args.out, cfg)
+    if args.eval_per_cell:
+        import eval_torch
+        res = eval_torch.evaluate(model, enc.tok, dev, args.eval_per_cell,
+                                  lengths=(256,) if args.tiny else (1024, 2048, 4096, 8192))
+        with open(os.path.join(args.out, "eval_torch.json"), "w") as f:
+            json.dump(res, f, indent=1)
+        print(eval_torch.table(res), flush=True)
+
+
+if __name__ == "__main__":
+    main()
