@@ -104,9 +104,10 @@ absl::Status RunDecodeWorker(const DecodeWorkerOptions& options, services::Shutd
   const std::string& dir = options.worker.model_dir;
   model::ModelOptions mo;
   mo.load_mtp = options.mtp;
-  ASSIGN_OR_RETURN(mo.device, model::ParseDevice(options.worker.device));
+  RETURN_IF_ERROR(model::SetServingNumerics(options.worker.device, options.worker.numerics, &mo));
   ASSIGN_OR_RETURN(std::unique_ptr<model::Model> model, model::Model::Load(dir, mo));
-  V4LOG(INFO).With("device", options.worker.device) << "model runs on " << model->backend().Describe();
+  V4LOG(INFO).With("device", options.worker.device).With("numerics", options.worker.numerics)
+      << "model runs " << (mo.mode == model::NumericMode::kFaithful ? "faithful" : "exact") << " on " << model->backend().Describe();
   engine::EngineOptions eo;
   eo.mtp = options.mtp;
   eo.kv.num_blocks = options.kv_blocks;

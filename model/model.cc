@@ -12,6 +12,33 @@
 
 namespace v4serve::model {
 
+absl::Status SetServingNumerics(absl::string_view device, absl::string_view numerics, ModelOptions* options) {
+  ASSIGN_OR_RETURN(const Device requested, ParseDevice(device));
+  if (numerics == "exact") {
+    options->mode = NumericMode::kExact;
+    options->device = requested;
+    return absl::OkStatus();
+  }
+  if (numerics == "faithful") {
+    if (requested == Device::kCuda) {
+      return absl::InvalidArgumentError(
+          "--numerics=faithful runs on the CPU only (the CUDA backend computes in its own precisions); "
+          "use --device=cpu, or --numerics=exact|auto on a GPU");
+    }
+    options->mode = NumericMode::kFaithful;
+    options->device = Device::kCpu;
+    return absl::OkStatus();
+  }
+  if (numerics != "auto") {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--numerics must be auto, faithful or exact, not '", numerics, "'"));
+  }
+  ASSIGN_OR_RETURN(const Device resolved, ResolveDevice(requested));
+  options->device = resolved;
+  options->mode = resolved == Device::kCuda ? NumericMode::kExact : NumericMode::kFaithful;
+  return absl::OkStatus();
+}
+
 // The CPU reference behind the backend interface: the FP32 forward pass of model/cpu.
 class CpuForwardBackend final : public ForwardBackend {
  public:

@@ -49,6 +49,13 @@ struct ModelOptions {
   CudaWeights cuda_weights = CudaWeights::kBf16;
 };
 
+// What the workers serve with (`--device`, `--numerics`): "faithful" simulates the released kernels'
+// FP8/FP4 rounding (CPU only), "exact" is FP32 on the CPU and the CUDA backend's own BF16/FP8/FP4 GEMMs on
+// a GPU; "auto" is faithful on the CPU and the CUDA backend where a GPU is visible (--device=auto|cuda).
+// Sets options->device and options->mode; INVALID_ARGUMENT naming the flag for a bad value or for
+// faithful on CUDA; UNAVAILABLE for --device=cuda without a GPU.
+absl::Status SetServingNumerics(absl::string_view device, absl::string_view numerics, ModelOptions* options);
+
 class Model {
  public:
   // Loads config.json and the safetensors checkpoint in `dir`.

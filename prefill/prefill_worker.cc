@@ -48,9 +48,10 @@ absl::Status RunPrefillWorker(const PrefillWorkerOptions& options, services::Shu
   process.accelerators = model::DescribeAccelerators();
   const std::string& dir = options.worker.model_dir;
   model::ModelOptions mo;
-  ASSIGN_OR_RETURN(mo.device, model::ParseDevice(options.worker.device));
+  RETURN_IF_ERROR(model::SetServingNumerics(options.worker.device, options.worker.numerics, &mo));
   ASSIGN_OR_RETURN(std::unique_ptr<model::Model> model, model::Model::Load(dir, mo));
-  V4LOG(INFO).With("device", options.worker.device) << "model runs on " << model->backend().Describe();
+  V4LOG(INFO).With("device", options.worker.device).With("numerics", options.worker.numerics)
+      << "model runs " << (mo.mode == model::NumericMode::kFaithful ? "faithful" : "exact") << " on " << model->backend().Describe();
   ASSIGN_OR_RETURN(const uint64_t fingerprint, engine::ModelFingerprint(dir));
   ASSIGN_OR_RETURN(kvstore::KvLayout layout, engine::KvLayoutFor(model->config(), fingerprint));
   PrefillServiceOptions so = options.service;

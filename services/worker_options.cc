@@ -12,6 +12,10 @@ absl::Status WorkerOptions::Validate() const {
   if (device != "auto" && device != "cpu" && device != "cuda") {
     return absl::InvalidArgumentError(absl::StrCat("--device must be auto, cpu or cuda, not '", device, "'"));
   }
+  if (numerics != "auto" && numerics != "faithful" && numerics != "exact") {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--numerics must be auto, faithful or exact, not '", numerics, "'"));
+  }
   std::error_code ec;
   if (!std::filesystem::is_regular_file(std::filesystem::path(model_dir) / "config.json", ec)) {
     return absl::InvalidArgumentError(absl::StrCat("--model: no config.json in '", model_dir, "'"));
@@ -25,6 +29,10 @@ void AddWorkerFlags(FlagSet& flags, WorkerOptions* o) {
       "device", &o->device,
       "Where the model runs: auto (CUDA when this binary has it and a GPU is visible, else the CPU), cpu "
       "or cuda (fails without a GPU).");
+  flags.Add("numerics", &o->numerics,
+            "Numeric mode: faithful (the released kernels' FP8/FP4 rounding, simulated on the CPU), exact "
+            "(FP32 on the CPU; the CUDA backend's own precisions on a GPU), or auto: faithful on the CPU, "
+            "the CUDA backend where a GPU is visible.");
   AddServerFlags(flags, &o->process);
 }
 

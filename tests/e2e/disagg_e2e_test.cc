@@ -1,6 +1,7 @@
 // Disaggregated serving end to end, with the real binaries on loopback: router -> decode worker
 // (Worker.Decode) -> prefill worker (Worker.Prefill) -> KV pushed back over gRPC -> decode continues.
-//   * greedy tokens equal transformers' golden tokens and the colocated path's, streaming and not;
+//   * greedy tokens equal the faithful PyTorch reference's golden tokens and the colocated path's, streaming
+//     and not;
 //   * a prefill worker killed with SIGKILL mid-request: every request completes through the decode
 //     worker's local-prefill fallback (or fails with a clear error) within 5 s, and the router keeps serving.
 #include <gmock/gmock.h>
@@ -166,8 +167,9 @@ class DisaggE2eTest : public ::testing::Test {
   std::unique_ptr<V4serveProcess> prefill_, decode_, disagg_router_, colocated_router_;
 };
 
-TEST_F(DisaggE2eTest, SameGreedyTokensAsTransformersAndTheColocatedPath) {
-  Json fx = ReadJson(kTiny + "/golden.json")["fixtures"]["short"];
+TEST_F(DisaggE2eTest, SameGreedyTokensAsTheFaithfulReferenceAndTheColocatedPath) {
+  // Faithful mode (what workers serve on the CPU) against the PyTorch reference's faithful greedy tokens.
+  Json fx = ReadJson(kTiny + "/golden_reference.json")["fixtures"]["short_faithful"];
   const std::vector<int32_t> prompt = fx["prompt"].get<std::vector<int32_t>>();  // 150 tokens: 1 block + tail.
   std::vector<int32_t> want = fx["greedy"].get<std::vector<int32_t>>();
   want.resize(16);

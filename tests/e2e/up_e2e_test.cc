@@ -1,8 +1,9 @@
 // `v4serve up` end to end: router (tokenizer, OpenAI API) -> decode worker -> prefill worker (prompt KV
 // pushed back over gRPC) -> decode worker (engine + CPU model) -> text.
-//  * On the random-weight test checkpoint, the tokens must be the ones transformers' DeepseekV4ForCausalLM
-//    produced for the same weights and prompt (tests/model/testdata/tiny_v4/golden.json), so this checks
-//    every layer of the serving path against an independent reference.
+//  * On the random-weight test checkpoint, the tokens must be the ones the PyTorch DeepSeek-style reference
+//    produced in faithful mode (what the workers serve on the CPU) for the same weights and prompt
+//    (tests/model/testdata/tiny_v4/golden_reference.json), so this checks every layer of the serving path
+//    against an independent reference.
 //  * With no --model, `up` serves the shipped trained model (models/tiny-v4): it must call the calculator
 //    tool with the right arguments, answer from the tool's result and title a conversation through the
 //    <｜title｜> quick instruction. (tests/e2e/tiny_model_e2e_test.cc measures its accuracy.)
@@ -25,8 +26,9 @@ const std::string kTiny = std::string(V4SERVE_TEST_SOURCE_DIR) + "/tests/model/t
 
 Json ReadJson(const std::string& path) { return Json::parse(services::ReadFileToString(path).value()); }
 
-TEST(UpE2eTest, ServesTheTinyModelAndMatchesTransformers) {
-  Json fx = ReadJson(kTiny + "/golden.json")["fixtures"]["short"];
+TEST(UpE2eTest, ServesTheTinyModelAndMatchesTheFaithfulReference) {
+  // Faithful mode (what workers serve on the CPU) against the PyTorch reference's faithful greedy tokens.
+  Json fx = ReadJson(kTiny + "/golden_reference.json")["fixtures"]["short_faithful"];
   int eos = ReadJson(kTiny + "/config.json")["eos_token_id"].get<int>();
   std::vector<int32_t> want;
   for (int id : fx["greedy"].get<std::vector<int>>()) {
