@@ -65,7 +65,8 @@ class KvEventHub {
   bool closed() const;
 
  private:
-  void Publish(KvEventBatch::Kind kind, absl::Span<const BlockHash> hashes) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void Publish(KvEventBatch::Kind kind, absl::Span<const BlockHash> hashes)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
   const uint64_t model_fingerprint_;
   const int32_t block_tokens_;

@@ -11,7 +11,8 @@ namespace v4serve::kvstore {
 
 v1::KvEvent ToKvEventProto(const KvEventHub& hub, const KvEventBatch& batch, const std::string& holder) {
   v1::KvEvent e;
-  e.set_kind(batch.kind == KvEventBatch::Kind::kStored ? v1::KvEvent::KIND_STORED : v1::KvEvent::KIND_EVICTED);
+  e.set_kind(batch.kind == KvEventBatch::Kind::kStored ? v1::KvEvent::KIND_STORED
+                                                       : v1::KvEvent::KIND_EVICTED);
   for (BlockHash h : batch.hashes) e.add_blocks()->set_hash(BlockHashBytes(h));
   e.set_holder(holder);
   e.set_tier("device");  // the worker's own cache (host memory on CPU workers)
@@ -51,7 +52,8 @@ class KvEventsReactor : public grpc::ServerWriteReactor<v1::KvEvent> {
       {
         absl::MutexLock l(&mu_);
         mu_.Await(absl::Condition(
-            +[](KvEventsReactor* r) ABSL_EXCLUSIVE_LOCKS_REQUIRED(r->mu_) { return !r->writing_ || r->broken_; },
+            +[](KvEventsReactor* r)
+                 ABSL_EXCLUSIVE_LOCKS_REQUIRED(r->mu_) { return !r->writing_ || r->broken_; },
             this));
         if (broken_) break;
       }

@@ -1,13 +1,12 @@
 #include "router/completion_call.h"
 
-#include "kvstore/prefix_cache.h"
-
 #include <vector>
 
 #include "absl/base/thread_annotations.h"
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/clock.h"
+#include "kvstore/prefix_cache.h"
 #include "router/choice_stream.h"
 #include "router/openai_response.h"
 #include "services/logging.h"

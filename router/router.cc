@@ -23,7 +23,9 @@ class TicketSink : public CompletionSink {
  public:
   TicketSink(std::unique_ptr<CompletionSink> inner, TenantTicket ticket)
       : inner_(std::move(inner)), ticket_(std::move(ticket)) {}
-  void Event(const ChoiceEvent& event, const v1::GeneratedToken* token) override { inner_->Event(event, token); }
+  void Event(const ChoiceEvent& event, const v1::GeneratedToken* token) override {
+    inner_->Event(event, token);
+  }
   void End(const UsageOut& usage) override { inner_->End(usage); }
   void Error(const absl::Status& status) override { inner_->Error(status); }
   void OnClientGone(std::function<void()> callback) override { inner_->OnClientGone(std::move(callback)); }

@@ -69,7 +69,7 @@ class PrefixAwarePolicy : public RoutingPolicy {
 };
 
 struct RoutingPolicyOptions {
-  std::string name = "least_loaded";  // least_loaded | prefix_aware
+  std::string name = "least_loaded";   // least_loaded | prefix_aware
   const PrefixIndex* index = nullptr;  // prefix_aware: required
   int64_t load_penalty_tokens = 1024;  // prefix_aware: cost of one in-flight request, in prompt tokens
 };

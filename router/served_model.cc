@@ -48,9 +48,9 @@ absl::StatusOr<nlohmann::ordered_json> WithQuickInstruction(const OpenAiRequest&
   const bool after_user = task == "action" || task == "query" || task == "authority" || task == "domain" ||
                           task == "read_url" || task == "extracted_url";
   if (!after_assistant && !after_user) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "v4serve.quick_instruction: unknown task '", task,
-        "' (expected title, action, query, authority, domain, read_url or extracted_url)"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("v4serve.quick_instruction: unknown task '", task,
+                     "' (expected title, action, query, authority, domain, read_url or extracted_url)"));
   }
   if (req.endpoint != Endpoint::kChatCompletions) {
     return absl::InvalidArgumentError("v4serve.quick_instruction: only /v1/chat/completions takes it");
@@ -59,8 +59,9 @@ absl::StatusOr<nlohmann::ordered_json> WithQuickInstruction(const OpenAiRequest&
   nlohmann::ordered_json& last = messages.back();
   const std::string role = last.value("role", "");
   if (after_assistant && role != "assistant") {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "v4serve.quick_instruction: '", task, "' follows an assistant turn; the last message is '", role, "'"));
+    return absl::InvalidArgumentError(absl::StrCat("v4serve.quick_instruction: '", task,
+                                                   "' follows an assistant turn; the last message is '", role,
+                                                   "'"));
   }
   if (after_user && role != "user") {
     return absl::InvalidArgumentError(absl::StrCat(

@@ -48,7 +48,8 @@ absl::StatusOr<std::unique_ptr<TenantRegistry>> TenantRegistry::Create(const std
   nlohmann::json doc = nlohmann::json::parse(ss.str(), nullptr, /*allow_exceptions=*/false);
   if (doc.is_discarded()) return Bad(keys_file, "is not valid JSON");
   if (!doc.is_object() || !doc.contains("keys") || !doc["keys"].is_array() || doc["keys"].empty()) {
-    return Bad(keys_file, "expected {\"keys\": [{\"key\": ..., \"tenant\": ...}, ...]} with at least one key");
+    return Bad(keys_file,
+               "expected {\"keys\": [{\"key\": ..., \"tenant\": ...}, ...]} with at least one key");
   }
   for (size_t i = 0; i < doc["keys"].size(); ++i) {
     const nlohmann::json& e = doc["keys"][i];
@@ -115,8 +116,8 @@ absl::StatusOr<TenantTicket> TenantRegistry::Admit(const std::string& tenant) {
   }
   const std::string who = tenant.empty() ? "the default tenant" : absl::StrCat("tenant '", tenant, "'");
   if (s.limits.max_concurrent > 0 && s.in_flight >= s.limits.max_concurrent) {
-    return absl::ResourceExhaustedError(absl::StrCat(who, " has ", s.in_flight,
-                                                     " requests in flight, its limit; retry when one ends"));
+    return absl::ResourceExhaustedError(
+        absl::StrCat(who, " has ", s.in_flight, " requests in flight, its limit; retry when one ends"));
   }
   if (s.limits.requests_per_minute > 0) {
     const double rate = s.limits.requests_per_minute / 60.0;  // per second

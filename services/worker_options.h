@@ -11,8 +11,8 @@
 namespace v4serve::services {
 
 struct WorkerOptions {
-  std::string model_dir;  // a checkpoint directory with config.json
-  std::string device = "auto";  // where the model runs: auto (CUDA when a GPU is visible), cpu or cuda
+  std::string model_dir;          // a checkpoint directory with config.json
+  std::string device = "auto";    // where the model runs: auto (CUDA when a GPU is visible), cpu or cuda
   std::string numerics = "auto";  // auto (faithful on the CPU), faithful or exact (model::SetServingNumerics)
   ServerProcessOptions process;
 

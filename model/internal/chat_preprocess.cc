@@ -91,9 +91,10 @@ absl::Status ValidateMessage(const ChatJson& msg, const std::string& at) {
   if (!task.is_null()) {
     if (!task.is_string() ||
         std::find(std::begin(kTasks), std::end(kTasks), task.get<std::string>()) == std::end(kTasks)) {
-      return Invalid(at + ".task",
-                     absl::StrCat("unknown task ", task.dump(),
-                                  " (expected action, query, authority, domain, title, read_url or extracted_url)"));
+      return Invalid(
+          at + ".task",
+          absl::StrCat("unknown task ", task.dump(),
+                       " (expected action, query, authority, domain, title, read_url or extracted_url)"));
     }
   }
   RETURN_IF_ERROR(ValidateTools(Get(msg, "tools"), at + ".tools"));

@@ -45,9 +45,14 @@ class CompletionsE2eTest : public ::testing::Test {
                    std::vector<std::string> extra_flags = {}) {
     std::string list;
     for (FakeWorker* w : workers) list += (list.empty() ? "" : ",") + w->address();
-    std::vector<std::string> args = {"router", "--host=127.0.0.1", "--http_host=127.0.0.1", "--http_port=0",
-                                     "--grpc_port=0", "--model=" + testing::MakeTestChatModelDir(dir_),
-                                     "--decode_workers=" + list, "--worker_health_interval=" + health_interval};
+    std::vector<std::string> args = {"router",
+                                     "--host=127.0.0.1",
+                                     "--http_host=127.0.0.1",
+                                     "--http_port=0",
+                                     "--grpc_port=0",
+                                     "--model=" + testing::MakeTestChatModelDir(dir_),
+                                     "--decode_workers=" + list,
+                                     "--worker_health_interval=" + health_interval};
     args.insert(args.end(), extra_flags.begin(), extra_flags.end());
     auto r = V4serveProcess::Start(args);
     ASSERT_TRUE(r.ok()) << r.status();
@@ -227,16 +232,19 @@ TEST_F(CompletionsE2eTest, ApiKeysNameTenantsAndLimitsAnswer429) {
 TEST_F(CompletionsE2eTest, QuickInstructionsAppendTheirTaskToken) {
   FakeWorker worker(Ids("A title<｜end▁of▁sentence｜>"));
   StartRouter({&worker});
-  const Json convo = Json::array({{{"role", "user"}, {"content", "Hi"}},
-                                  {{"role", "assistant"}, {"content", "Hello!"}}});
-  Json body = Post("/v1/chat/completions", {{"messages", convo}, {"v4serve", {{"quick_instruction", "title"}}}});
+  const Json convo =
+      Json::array({{{"role", "user"}, {"content", "Hi"}}, {{"role", "assistant"}, {"content", "Hello!"}}});
+  Json body =
+      Post("/v1/chat/completions", {{"messages", convo}, {"v4serve", {{"quick_instruction", "title"}}}});
   EXPECT_EQ(body["choices"][0]["message"]["content"], "A title");
   v1::GenerateRequest sent = worker.last_request();
   std::vector<int32_t> ids(sent.token_ids().ids().begin(), sent.token_ids().ids().end());
   // The conversation's own prompt, then the assistant turn's EOS and the title token: a cached prefix.
-  EXPECT_EQ(*Tok().Decode(ids),
-            "<｜begin▁of▁sentence｜><｜User｜>Hi<｜Assistant｜></think>Hello!<｜end▁of▁sentence｜><｜title｜>");
-  Json e = Post("/v1/chat/completions", {{"messages", kHi}, {"v4serve", {{"quick_instruction", "title"}}}}, 400);
+  EXPECT_EQ(
+      *Tok().Decode(ids),
+      "<｜begin▁of▁sentence｜><｜User｜>Hi<｜Assistant｜></think>Hello!<｜end▁of▁sentence｜><｜title｜>");
+  Json e =
+      Post("/v1/chat/completions", {{"messages", kHi}, {"v4serve", {{"quick_instruction", "title"}}}}, 400);
   EXPECT_EQ(e["error"]["param"], "v4serve.quick_instruction");
   e = Post("/v1/chat/completions", {{"messages", kHi}, {"v4serve", {{"quick_instruction", "poem"}}}}, 400);
   EXPECT_THAT(e["error"]["message"].get<std::string>(), HasSubstr("unknown task"));

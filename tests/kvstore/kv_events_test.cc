@@ -18,7 +18,7 @@ TEST(KvEventHubTest, SnapshotFirstThenChangesInOrder) {
   ASSERT_TRUE(sub->Next(&b, absl::ZeroDuration()));
   EXPECT_TRUE(b.snapshot);
   EXPECT_THAT(b.hashes, UnorderedElementsAre(1, 2));
-  hub.Stored(std::vector<BlockHash>{2, 3});  // 2 is already held: only 3 is news
+  hub.Stored(std::vector<BlockHash>{2, 3});   // 2 is already held: only 3 is news
   hub.Evicted(std::vector<BlockHash>{1, 9});  // 9 was never held
   ASSERT_TRUE(sub->Next(&b, absl::ZeroDuration()));
   EXPECT_EQ(b.kind, KvEventBatch::Kind::kStored);

@@ -28,10 +28,9 @@ TEST(TenantRegistryTest, WithoutKeysEveryoneIsTheDefaultTenant) {
 
 TEST(TenantRegistryTest, KeysNameTenants) {
   testing::TempDir dir;
-  auto r = TenantRegistry::Create(
-      WriteKeys(dir, R"({"keys": [{"key": "sk-acme-0001", "tenant": "acme"},
+  auto r = TenantRegistry::Create(WriteKeys(dir, R"({"keys": [{"key": "sk-acme-0001", "tenant": "acme"},
                                   {"key": "sk-beta-0001", "tenant": "beta"}]})"),
-      {});
+                                  {});
   ASSERT_TRUE(r.ok()) << r.status();
   EXPECT_EQ(*(*r)->Authenticate("Bearer sk-acme-0001"), "acme");
   EXPECT_EQ(*(*r)->Authenticate("Bearer sk-beta-0001 "), "beta");
@@ -44,21 +43,21 @@ TEST(TenantRegistryTest, MalformedFilesNameTheProblem) {
   testing::TempDir dir;
   EXPECT_THAT(TenantRegistry::Create(dir.path() + "/missing.json", {}).status().message(),
               HasSubstr("cannot be read"));
-  EXPECT_THAT(TenantRegistry::Create(WriteKeys(dir, "{"), {}).status().message(), HasSubstr("not valid JSON"));
+  EXPECT_THAT(TenantRegistry::Create(WriteKeys(dir, "{"), {}).status().message(),
+              HasSubstr("not valid JSON"));
   EXPECT_THAT(TenantRegistry::Create(WriteKeys(dir, R"({"keys": [{"key": "short", "tenant": "a"}]})"), {})
                   .status()
                   .message(),
               HasSubstr("keys[0].key"));
-  EXPECT_THAT(TenantRegistry::Create(WriteKeys(dir, R"({"keys": [{"key": "sk-12345678"}]})"), {})
-                  .status()
-                  .message(),
-              HasSubstr("keys[0].tenant"));
-  EXPECT_THAT(TenantRegistry::Create(
-                  WriteKeys(dir, R"({"keys": [{"key": "sk-12345678", "tenant": "a", "max_concurrent": -1}]})"),
-                  {})
-                  .status()
-                  .message(),
-              HasSubstr("max_concurrent"));
+  EXPECT_THAT(
+      TenantRegistry::Create(WriteKeys(dir, R"({"keys": [{"key": "sk-12345678"}]})"), {}).status().message(),
+      HasSubstr("keys[0].tenant"));
+  EXPECT_THAT(
+      TenantRegistry::Create(
+          WriteKeys(dir, R"({"keys": [{"key": "sk-12345678", "tenant": "a", "max_concurrent": -1}]})"), {})
+          .status()
+          .message(),
+      HasSubstr("max_concurrent"));
 }
 
 TEST(TenantRegistryTest, RateLimitRefillsOverTime) {
