@@ -1,8 +1,8 @@
 // Accuracy of the shipped trained model (models/tiny-v4) through the whole serving path of `v4serve up`
 // (router -> prefill worker -> KV over gRPC -> decode worker):
 // tools/eval/eval_api.py (standard-library Python) starts `v4serve up`, sends a small held-out set of
-// generated tasks concurrently through the OpenAI API (chat for arithmetic, recall and the calculator tool;
-// raw completions for <｜title｜>) and fails below the accuracy the trained model reaches
+// generated tasks concurrently through the OpenAI chat API (arithmetic, recall, the calculator tool, and
+// <｜title｜> through v4serve.quick_instruction) and fails below the accuracy the trained model reaches
 // (docs/TINY_MODEL.md). Another serving path is one flag away: eval_api.py's --serve-arg passes flags to
 // `v4serve up`.
 #include <gmock/gmock.h>

@@ -143,18 +143,19 @@ TEST(UpE2eTest, ServesTheShippedTrainedModelByDefault) {
   ASSERT_EQ(r->status, 200) << r->body;
   EXPECT_EQ(Json::parse(r->body)["choices"][0]["message"]["content"], "The result is 185319.");
 
-  // <｜title｜> (a quick instruction): the chat API has no field for it yet, so the rendered conversation
-  // goes to /v1/completions as text (the router adds BOS and turns control-token strings into tokens).
-  Json title = {{"model", "tiny-v4"},
-                {"prompt",
-                 "<｜User｜>Use the calculator to compute 3141 * 59.<｜Assistant｜></think>The result is "
-                 "185319.<｜end▁of▁sentence｜><｜title｜>"},
-                {"max_tokens", 24},
-                {"temperature", 0}};
-  r = testing::HttpCall(port, "POST", "/v1/completions", title.dump(), {}, absl::Seconds(120));
+  // <｜title｜> (a quick instruction, docs/API.md): the conversation with v4serve.quick_instruction; the
+  // router appends the task token after the assistant turn's end of sentence.
+  Json title = {
+      {"model", "tiny-v4"},
+      {"messages", Json::array({{{"role", "user"}, {"content", "Use the calculator to compute 3141 * 59."}},
+                                {{"role", "assistant"}, {"content", "The result is 185319."}}})},
+      {"v4serve", {{"quick_instruction", "title"}}},
+      {"max_tokens", 24},
+      {"temperature", 0}};
+  r = testing::HttpCall(port, "POST", "/v1/chat/completions", title.dump(), {}, absl::Seconds(120));
   ASSERT_TRUE(r.ok()) << r.status();
   ASSERT_EQ(r->status, 200) << r->body;
-  EXPECT_EQ(Json::parse(r->body)["choices"][0]["text"], "Product of 3141 and 59");
+  EXPECT_EQ(Json::parse(r->body)["choices"][0]["message"]["content"], "Product of 3141 and 59");
   EXPECT_EQ((*up)->Terminate(absl::Seconds(60)), 0);
 }
 

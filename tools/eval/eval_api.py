@@ -4,8 +4,8 @@
 The items are tools/train/tasks.py's eval_items (seed 12345 by default; training never sees that seed's
 stream): key-value recall at 1k-8k tokens of context, multi-digit arithmetic, a `calculator` tool call
 (the router's parsed `tool_calls` must hold exactly {"expression": "A * B"}), the answer after the tool's
-result, and <｜title｜> quick-instruction titles. Chat tasks go to /v1/chat/completions; titles go to
-/v1/completions with the rendered prompt text, since the chat API has no quick-instruction field.
+result, and <｜title｜> quick-instruction titles. Every task goes to /v1/chat/completions; titles send the
+finished exchange with `"v4serve": {"quick_instruction": "title"}` (docs/API.md).
 Requests run concurrently (--concurrency); greedy decoding (temperature 0).
 
 Either point it at a running router:
@@ -47,9 +47,10 @@ def post(base, path, body, timeout):
 def run_item(base, model, it, timeout):
     t0 = time.time()
     if it["task"] == "title":
-        r = post(base, "/v1/completions", {"model": model, "prompt": it["prompt"],
-                                           "max_tokens": MAX_TOKENS["title"], "temperature": 0}, timeout)
-        content, calls = r["choices"][0]["text"], []
+        r = post(base, "/v1/chat/completions", {"model": model, "messages": it["messages"],
+                                                "v4serve": {"quick_instruction": "title"},
+                                                "max_tokens": MAX_TOKENS["title"], "temperature": 0}, timeout)
+        content, calls = r["choices"][0]["message"].get("content") or "", []
     else:
         body = {"model": model, "messages": it["messages"], "max_tokens": MAX_TOKENS[it["task"]],
                 "temperature": 0}

@@ -189,8 +189,16 @@ def eval_items(seed, n_per_cell, recall_lengths=(1024, 2048, 4096, 8192)):
     for _ in range(n_per_cell):
         pieces = conv_title(rng)
         items.append({"task": "title", "length": 0, "prompt": pieces[0][0].removeprefix(BOS),
-                      "expect": pieces[1][0].removesuffix(EOS)})
+                      "messages": title_messages(pieces[0][0]), "expect": pieces[1][0].removesuffix(EOS)})
     return items
+
+
+def title_messages(prompt):
+    """The chat messages whose rendering plus <｜title｜> is `prompt` (a conv_title prompt): the router's
+    quick instruction (v4serve.quick_instruction = "title") appends the task token to exactly this."""
+    body = prompt.removeprefix(BOS).removesuffix(TITLE).removesuffix(EOS)
+    user, answer = body.removeprefix(USER).split(ASSISTANT + THINK_END, 1)
+    return [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
 
 
 def render_messages(messages, tools=None):
