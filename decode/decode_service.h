@@ -43,7 +43,7 @@ namespace v4serve::decode {
 
 struct DecodeServiceOptions {
   GenerateServiceOptions generate;
-  v1::KvTransport transport = v1::KV_TRANSPORT_GRPC;  // What this worker asks prefill workers to use.
+  v1::KvTransport transport = v1::KV_TRANSPORT_GRPC;       // What this worker asks prefill workers to use.
   absl::Duration prefill_timeout = absl::Seconds(60);      // Prefill call + KV arrival, per request.
   absl::Duration reservation_timeout = absl::Seconds(90);  // A reservation whose KV never completes is freed.
   int64_t reservation_capacity_tokens = 0;                 // Prompt tokens reserved at once (0 = no cap).
@@ -66,7 +66,8 @@ class DecodeService final : public v1::Worker::CallbackService {
 
   grpc::ServerWriteReactor<v1::GenerateResponse>* Decode(grpc::CallbackServerContext* ctx,
                                                          const v1::DecodeRequest* request) override;
-  grpc::ServerReadReactor<v1::KvChunk>* PushKv(grpc::CallbackServerContext* ctx, v1::KvTransferAck* ack) override;
+  grpc::ServerReadReactor<v1::KvChunk>* PushKv(grpc::CallbackServerContext* ctx,
+                                               v1::KvTransferAck* ack) override;
   grpc::ServerUnaryReactor* Handshake(grpc::CallbackServerContext* ctx, const v1::KvHandshake* request,
                                       v1::KvHandshakeReply* reply) override;
   grpc::ServerUnaryReactor* Cancel(grpc::CallbackServerContext* ctx, const v1::CancelRequest* request,

@@ -26,7 +26,8 @@ KvLayout SubLayout(const KvLayout& layout, size_t first, size_t count) {
 
 absl::StatusOr<std::vector<KvTransferChunk>> EncodeBlockChunks(const KvLayout& layout,
                                                                const model::SequenceState& state,
-                                                               int32_t block_index, absl::Span<const int32_t> tokens,
+                                                               int32_t block_index,
+                                                               absl::Span<const int32_t> tokens,
                                                                int32_t layers_per_chunk) {
   if (layers_per_chunk <= 0) return absl::InvalidArgumentError("layers_per_chunk must be positive");
   if (static_cast<int32_t>(tokens.size()) != layout.block_tokens) {
@@ -111,11 +112,12 @@ absl::StatusOr<model::SequenceState> AssembleTransferredState(const model::Model
     }
     if (c.num_tokens != bt || c.first_token % bt != 0 || c.num_layers == 0 ||
         c.first_layer + static_cast<uint64_t>(c.num_layers) > n_layers) {
-      return absl::DataLossError(absl::StrCat("KV chunk with a bad range: tokens ", c.first_token, "+", c.num_tokens,
-                                              ", layers ", c.first_layer, "+", c.num_layers));
+      return absl::DataLossError(absl::StrCat("KV chunk with a bad range: tokens ", c.first_token, "+",
+                                              c.num_tokens, ", layers ", c.first_layer, "+", c.num_layers));
     }
     const int64_t block = c.first_token / bt;
-    if (block >= n_blocks) return absl::DataLossError(absl::StrCat("KV chunk for block ", block, " past the prompt"));
+    if (block >= n_blocks)
+      return absl::DataLossError(absl::StrCat("KV chunk for block ", block, " past the prompt"));
     const KvLayout sub = SubLayout(layout, c.first_layer, c.num_layers);
     ASSIGN_OR_RETURN(KvBlock b, kvstore::DecodeKvBlock(sub, c.payload));
     if (b.block_index != block) return absl::DataLossError("KV chunk's block index disagrees with its range");

@@ -42,10 +42,9 @@ absl::StatusOr<kvstore::KvTransferChunk> EncodeWindowChunk(const kvstore::KvLayo
 // The state after `prompt`, from a transfer's chunks. DATA_LOSS when a block or layer is missing or
 // repeated, a chunk does not decode, its tokens are not the prompt's, or sizes disagree;
 // FAILED_PRECONDITION for blocks of another model (fingerprint).
-absl::StatusOr<model::SequenceState> AssembleTransferredState(const model::ModelConfig& config,
-                                                              const kvstore::KvLayout& layout,
-                                                              absl::Span<const int32_t> prompt,
-                                                              absl::Span<const kvstore::KvTransferChunk> chunks);
+absl::StatusOr<model::SequenceState> AssembleTransferredState(
+    const model::ModelConfig& config, const kvstore::KvLayout& layout, absl::Span<const int32_t> prompt,
+    absl::Span<const kvstore::KvTransferChunk> chunks);
 
 }  // namespace v4serve::engine
 

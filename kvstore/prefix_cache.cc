@@ -71,8 +71,7 @@ std::string BlockHashBytes(BlockHash hash) {
 
 absl::StatusOr<BlockHash> BlockHashFromBytes(absl::string_view bytes) {
   if (bytes.size() != 8) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("block hash: expected 8 bytes, got ", bytes.size()));
+    return absl::InvalidArgumentError(absl::StrCat("block hash: expected 8 bytes, got ", bytes.size()));
   }
   BlockHash h = 0;
   for (int b = 0; b < 8; ++b) h = (h << 8) | static_cast<uint8_t>(bytes[b]);

@@ -43,14 +43,14 @@
 namespace v4serve::prefill {
 
 struct PrefillServiceOptions {
-  int32_t max_concurrent = 4;   // Requests computing at once.
-  int32_t max_queued = 16;      // Requests waiting for a slot; more are refused (RESOURCE_EXHAUSTED).
+  int32_t max_concurrent = 4;         // Requests computing at once.
+  int32_t max_queued = 16;            // Requests waiting for a slot; more are refused (RESOURCE_EXHAUSTED).
   int64_t prefix_cache_blocks = 256;  // Blocks kept for prefix reuse; 0 = off.
-  int32_t layers_per_chunk = 1;  // Compressed layers per KV chunk.
+  int32_t layers_per_chunk = 1;       // Compressed layers per KV chunk.
   absl::Duration transfer_timeout = absl::Seconds(60);  // Handshake + KV push, per request.
-  services::TlsOptions peer_tls;  // To reach decode workers (PushKv, Handshake).
-  kvstore::NcclKvSenders* nccl = nullptr;  // Null: KV_TRANSPORT_NCCL targets are refused.
-  kvstore::KvEventHub* kv_events = nullptr;  // Told what the prefix cache holds (Worker.KvEvents).
+  services::TlsOptions peer_tls;                        // To reach decode workers (PushKv, Handshake).
+  kvstore::NcclKvSenders* nccl = nullptr;               // Null: KV_TRANSPORT_NCCL targets are refused.
+  kvstore::KvEventHub* kv_events = nullptr;             // Told what the prefix cache holds (Worker.KvEvents).
 
   absl::Status Validate() const;
 };
@@ -87,8 +87,8 @@ class PrefillService final : public v1::Worker::CallbackService {
   const model::Model* const model_;
   const kvstore::KvLayout layout_;
   const PrefillServiceOptions options_;
-  absl::Mutex model_mu_;  // Forward calls on the model are serialized.
-  std::unique_ptr<kvstore::BlockPool> pool_;      // Null when prefix reuse is off.
+  absl::Mutex model_mu_;                      // Forward calls on the model are serialized.
+  std::unique_ptr<kvstore::BlockPool> pool_;  // Null when prefix reuse is off.
   std::unique_ptr<kvstore::PrefixCache> cache_;
   absl::Mutex mu_;
   absl::flat_hash_map<std::string, std::shared_ptr<Job>> jobs_ ABSL_GUARDED_BY(mu_);  // By request id.

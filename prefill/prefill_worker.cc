@@ -16,7 +16,8 @@ namespace v4serve::prefill {
 
 absl::Status PrefillWorkerOptions::Validate() const {
   RETURN_IF_ERROR(worker.Validate());
-  if (transfer_timeout_ms <= 0) return absl::InvalidArgumentError("--kv_transfer_timeout_ms must be positive");
+  if (transfer_timeout_ms <= 0)
+    return absl::InvalidArgumentError("--kv_transfer_timeout_ms must be positive");
   PrefillServiceOptions s = service;
   s.transfer_timeout = absl::Milliseconds(transfer_timeout_ms);
   RETURN_IF_ERROR(s.Validate());
@@ -51,7 +52,8 @@ absl::Status RunPrefillWorker(const PrefillWorkerOptions& options, services::Shu
   RETURN_IF_ERROR(model::SetServingNumerics(options.worker.device, options.worker.numerics, &mo));
   ASSIGN_OR_RETURN(std::unique_ptr<model::Model> model, model::Model::Load(dir, mo));
   V4LOG(INFO).With("device", options.worker.device).With("numerics", options.worker.numerics)
-      << "model runs " << (mo.mode == model::NumericMode::kFaithful ? "faithful" : "exact") << " on " << model->backend().Describe();
+      << "model runs " << (mo.mode == model::NumericMode::kFaithful ? "faithful" : "exact") << " on "
+      << model->backend().Describe();
   ASSIGN_OR_RETURN(const uint64_t fingerprint, engine::ModelFingerprint(dir));
   ASSIGN_OR_RETURN(kvstore::KvLayout layout, engine::KvLayoutFor(model->config(), fingerprint));
   PrefillServiceOptions so = options.service;
@@ -73,7 +75,10 @@ absl::Status RunPrefillWorker(const PrefillWorkerOptions& options, services::Shu
                    services::ServerProcess::Start("prefill", process, {&service}, &metrics, shutdown));
   services::CloseOnDrain close_events([&kv_events] { kv_events.Close(); });  // end the event streams first
   server->AddDrainable(&close_events);
-  V4LOG(INFO).With("model", dir).With("accelerators", process.accelerators).With("kv_transport", options.kv_transport)
+  V4LOG(INFO)
+          .With("model", dir)
+          .With("accelerators", process.accelerators)
+          .With("kv_transport", options.kv_transport)
       << "prefill worker serving Worker.Prefill";
   return server->Run();
 }

@@ -18,7 +18,8 @@ class FakeNcclComm final : public NcclComm {
   absl::Status Send(const void* data, size_t bytes, int peer) override {
     absl::MutexLock l(&world_->mu_);
     if (group_->aborted) return absl::AbortedError("NCCL communicator aborted");
-    if (peer < 0 || peer >= group_->nranks || peer == rank_) return absl::InvalidArgumentError("bad peer rank");
+    if (peer < 0 || peer >= group_->nranks || peer == rank_)
+      return absl::InvalidArgumentError("bad peer rank");
     group_->queues[{rank_, peer}].emplace_back(static_cast<const char*>(data), bytes);
     ++world_->messages_sent;
     return absl::OkStatus();
@@ -27,7 +28,8 @@ class FakeNcclComm final : public NcclComm {
   absl::Status Recv(void* data, size_t bytes, int peer) override {
     absl::MutexLock l(&world_->mu_);
     if (group_->aborted) return absl::AbortedError("NCCL communicator aborted");
-    if (peer < 0 || peer >= group_->nranks || peer == rank_) return absl::InvalidArgumentError("bad peer rank");
+    if (peer < 0 || peer >= group_->nranks || peer == rank_)
+      return absl::InvalidArgumentError("bad peer rank");
     pending_.push_back(Pending{data, bytes, peer});
     return absl::OkStatus();
   }
@@ -38,9 +40,8 @@ class FakeNcclComm final : public NcclComm {
     while (!pending_.empty()) {
       const Pending p = pending_.front();
       std::deque<std::string>* q = &group_->queues[{p.peer, rank_}];
-      auto ready = [this, q]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(world_->mu_) {
-        return group_->aborted || !q->empty();
-      };
+      auto ready = [this, q]()
+                       ABSL_EXCLUSIVE_LOCKS_REQUIRED(world_->mu_) { return group_->aborted || !q->empty(); };
       if (!world_->mu_.AwaitWithDeadline(absl::Condition(&ready), deadline)) {
         return absl::DeadlineExceededError("NCCL receive did not complete in time");
       }
@@ -50,8 +51,8 @@ class FakeNcclComm final : public NcclComm {
       pending_.pop_front();
       if (msg.size() != p.bytes) {
         group_->aborted = true;  // A real mismatch corrupts the communicator.
-        return absl::InternalError(
-            absl::StrCat("NCCL send/recv size mismatch: sent ", msg.size(), " bytes, receive posted ", p.bytes));
+        return absl::InternalError(absl::StrCat("NCCL send/recv size mismatch: sent ", msg.size(),
+                                                " bytes, receive posted ", p.bytes));
       }
       if (p.bytes > 0) std::memcpy(p.data, msg.data(), p.bytes);
     }
@@ -89,9 +90,10 @@ absl::StatusOr<std::string> FakeNccl::GetUniqueId() {
   return id;
 }
 
-absl::StatusOr<std::unique_ptr<NcclComm>> FakeNccl::CommInitRank(int nranks, const std::string& unique_id, int rank,
-                                                                 absl::Duration timeout) {
-  if (unique_id.size() != kNcclUniqueIdBytes) return absl::InvalidArgumentError("NCCL unique id has the wrong size");
+absl::StatusOr<std::unique_ptr<NcclComm>> FakeNccl::CommInitRank(int nranks, const std::string& unique_id,
+                                                                 int rank, absl::Duration timeout) {
+  if (unique_id.size() != kNcclUniqueIdBytes)
+    return absl::InvalidArgumentError("NCCL unique id has the wrong size");
   if (nranks < 1 || rank < 0 || rank >= nranks) return absl::InvalidArgumentError("bad NCCL rank");
   const absl::Time deadline = absl::Now() + timeout;
   absl::MutexLock l(&world_->mu_);

@@ -11,7 +11,8 @@ namespace v4serve::kvstore {
 
 std::string FingerprintBytes(uint64_t fingerprint) {
   std::string out(8, '\0');
-  for (int i = 0; i < 8; ++i) out[static_cast<size_t>(i)] = static_cast<char>((fingerprint >> (8 * i)) & 0xFF);
+  for (int i = 0; i < 8; ++i)
+    out[static_cast<size_t>(i)] = static_cast<char>((fingerprint >> (8 * i)) & 0xFF);
   return out;
 }
 
@@ -24,8 +25,8 @@ v1::KvHandshakeReply AnswerHandshake(const KvReservations& reservations, const v
     return reply;
   };
   if (handshake.format_version() != kKvBlockFormatVersion) {
-    return refuse(absl::StrCat("KV block format version ", handshake.format_version(), " is not this worker's (",
-                               kKvBlockFormatVersion, ")"));
+    return refuse(absl::StrCat("KV block format version ", handshake.format_version(),
+                               " is not this worker's (", kKvBlockFormatVersion, ")"));
   }
   if (handshake.model_fingerprint() != FingerprintBytes(model_fingerprint)) {
     return refuse("model fingerprint differs: the prefill and decode workers serve different checkpoints");
@@ -41,10 +42,9 @@ v1::KvHandshakeReply AnswerHandshake(const KvReservations& reservations, const v
   return reply;
 }
 
-absl::StatusOr<std::unique_ptr<GrpcKvSender>> GrpcKvSender::Start(const std::shared_ptr<grpc::Channel>& channel,
-                                                                  const v1::KvHandshake& handshake,
-                                                                  const std::string& request_id,
-                                                                  absl::Time deadline) {
+absl::StatusOr<std::unique_ptr<GrpcKvSender>> GrpcKvSender::Start(
+    const std::shared_ptr<grpc::Channel>& channel, const v1::KvHandshake& handshake,
+    const std::string& request_id, absl::Time deadline) {
   std::unique_ptr<GrpcKvSender> s(new GrpcKvSender());
   s->reservation_id_ = handshake.reservation_id();
   s->stub_ = v1::Worker::NewStub(channel);
@@ -59,7 +59,8 @@ absl::StatusOr<std::unique_ptr<GrpcKvSender>> GrpcKvSender::Start(const std::sha
       return absl::Status(as.code(), absl::StrCat("KV handshake with the decode worker: ", as.message()));
     }
     if (!reply.accepted()) {
-      return absl::FailedPreconditionError(absl::StrCat("decode worker refused the KV transfer: ", reply.reason()));
+      return absl::FailedPreconditionError(
+          absl::StrCat("decode worker refused the KV transfer: ", reply.reason()));
     }
   }
   services::AttachRequestId(s->ctx_, request_id);
@@ -112,8 +113,8 @@ absl::Status GrpcKvSender::Finish() {
   status_ = Close();
   if (!status_.ok()) return status_;
   if (ack_.bytes_received() != bytes_) {
-    status_ = absl::DataLossError(absl::StrCat("decode worker acknowledged ", ack_.bytes_received(), " of ", bytes_,
-                                               " KV bytes"));
+    status_ = absl::DataLossError(
+        absl::StrCat("decode worker acknowledged ", ack_.bytes_received(), " of ", bytes_, " KV bytes"));
   }
   return status_;
 }
@@ -149,7 +150,8 @@ void PushKvReactor::OnReadDone(bool ok) {
   if (reservation_id_.empty()) reservation_id_ = chunk_.reservation_id();
   if (chunk_.reservation_id() != reservation_id_) {
     finished_ = true;
-    reservations_->Fail(reservation_id_, absl::InvalidArgumentError("one PushKv stream carried two reservations"));
+    reservations_->Fail(reservation_id_,
+                        absl::InvalidArgumentError("one PushKv stream carried two reservations"));
     Finish(grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, "one PushKv stream must carry one reservation"));
     return;
   }

@@ -35,7 +35,8 @@ class GrpcKvSender final : public KvSender {
   // the whole transfer; `request_id` travels as x-request-id.
   static absl::StatusOr<std::unique_ptr<GrpcKvSender>> Start(const std::shared_ptr<grpc::Channel>& channel,
                                                              const v1::KvHandshake& handshake,
-                                                             const std::string& request_id, absl::Time deadline);
+                                                             const std::string& request_id,
+                                                             absl::Time deadline);
   ~GrpcKvSender() override;
 
   absl::Status Send(KvTransferChunk chunk) override;

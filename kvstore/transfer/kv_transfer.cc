@@ -8,7 +8,7 @@
 namespace v4serve::kvstore {
 
 absl::StatusOr<std::string> KvReservations::Reserve(const std::string& request_id, int64_t tokens,
-                                                     absl::Time deadline) {
+                                                    absl::Time deadline) {
   if (tokens <= 0) return absl::InvalidArgumentError("a KV reservation needs at least one token");
   absl::MutexLock l(&mu_);
   SweepLocked();
@@ -41,7 +41,8 @@ absl::Status KvReservations::Deliver(const std::string& reservation_id, KvTransf
         absl::StrCat("no live KV reservation ", reservation_id, " (expired, cancelled or unknown)"));
   }
   Reservation& r = it->second;
-  if (!r.failure.ok()) return absl::FailedPreconditionError(absl::StrCat("transfer failed: ", r.failure.message()));
+  if (!r.failure.ok())
+    return absl::FailedPreconditionError(absl::StrCat("transfer failed: ", r.failure.message()));
   if (r.complete) return absl::FailedPreconditionError("chunk after the transfer's last chunk");
   r.result.bytes += chunk.payload.size();
   stats_.bytes_received += chunk.payload.size();
@@ -68,12 +69,14 @@ absl::Status KvReservations::Check(const std::string& reservation_id) const {
     return absl::NotFoundError(absl::StrCat("no live KV reservation ", reservation_id));
   }
   if (!it->second.failure.ok() || it->second.complete) {
-    return absl::FailedPreconditionError(absl::StrCat("KV reservation ", reservation_id, " takes no more chunks"));
+    return absl::FailedPreconditionError(
+        absl::StrCat("KV reservation ", reservation_id, " takes no more chunks"));
   }
   return absl::OkStatus();
 }
 
-absl::StatusOr<KvTransferResult> KvReservations::Await(const std::string& reservation_id, absl::Time deadline) {
+absl::StatusOr<KvTransferResult> KvReservations::Await(const std::string& reservation_id,
+                                                       absl::Time deadline) {
   absl::MutexLock l(&mu_);
   while (true) {
     auto it = live_.find(reservation_id);

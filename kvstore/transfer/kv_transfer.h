@@ -36,9 +36,9 @@ namespace v4serve::kvstore {
 
 // One unit of a transfer (mirrors v4serve.v1.KvChunk).
 struct KvTransferChunk {
-  uint32_t first_layer = 0;   // Index into the KV layout's layer set.
+  uint32_t first_layer = 0;  // Index into the KV layout's layer set.
   uint32_t num_layers = 0;
-  uint32_t first_token = 0;   // Sequence position of the first token the entries cover.
+  uint32_t first_token = 0;  // Sequence position of the first token the entries cover.
   uint32_t num_tokens = 0;
   bool window_state = false;  // The payload is the final window/compressor state, not block entries.
   bool last = false;          // The final chunk of the transfer.
@@ -63,7 +63,7 @@ class KvSender {
 };
 
 struct KvReservationsOptions {
-  int64_t capacity_tokens = 0;  // The most prompt tokens reserved at once (0 = unlimited).
+  int64_t capacity_tokens = 0;                  // The most prompt tokens reserved at once (0 = unlimited).
   int64_t max_chunk_bytes = int64_t{64} << 20;  // A bigger chunk is refused (INVALID_ARGUMENT).
 };
 

@@ -57,9 +57,11 @@ class CudaNcclComm final : public NcclComm {
     if (bytes == 0) return absl::OkStatus();
     cudaSetDevice(device_);
     void* dev = nullptr;
-    if (cudaError_t e = cudaMallocAsync(&dev, bytes, stream_); e != cudaSuccess) return CudaError(e, "cudaMallocAsync");
+    if (cudaError_t e = cudaMallocAsync(&dev, bytes, stream_); e != cudaSuccess)
+      return CudaError(e, "cudaMallocAsync");
     // From pageable host memory the copy returns once the bytes are staged, so `data` may be reused.
-    if (cudaError_t e = cudaMemcpyAsync(dev, data, bytes, cudaMemcpyHostToDevice, stream_); e != cudaSuccess) {
+    if (cudaError_t e = cudaMemcpyAsync(dev, data, bytes, cudaMemcpyHostToDevice, stream_);
+        e != cudaSuccess) {
       return CudaError(e, "cudaMemcpyAsync H2D");
     }
     ncclResult_t r = ncclSend(dev, bytes, ncclUint8, peer, comm_, stream_);
@@ -73,10 +75,12 @@ class CudaNcclComm final : public NcclComm {
     if (bytes == 0) return absl::OkStatus();
     cudaSetDevice(device_);
     void* dev = nullptr;
-    if (cudaError_t e = cudaMallocAsync(&dev, bytes, stream_); e != cudaSuccess) return CudaError(e, "cudaMallocAsync");
+    if (cudaError_t e = cudaMallocAsync(&dev, bytes, stream_); e != cudaSuccess)
+      return CudaError(e, "cudaMallocAsync");
     ncclResult_t r = ncclRecv(dev, bytes, ncclUint8, peer, comm_, stream_);
     if (r != ncclSuccess && r != ncclInProgress) return NcclError(r, "ncclRecv");
-    if (cudaError_t e = cudaMemcpyAsync(data, dev, bytes, cudaMemcpyDeviceToHost, stream_); e != cudaSuccess) {
+    if (cudaError_t e = cudaMemcpyAsync(data, dev, bytes, cudaMemcpyDeviceToHost, stream_);
+        e != cudaSuccess) {
       return CudaError(e, "cudaMemcpyAsync D2H");
     }
     cudaFreeAsync(dev, stream_);
@@ -124,7 +128,8 @@ class CudaNccl final : public NcclApi {
 
   absl::StatusOr<std::unique_ptr<NcclComm>> CommInitRank(int nranks, const std::string& unique_id, int rank,
                                                          absl::Duration timeout) override {
-    if (unique_id.size() != sizeof(ncclUniqueId)) return absl::InvalidArgumentError("NCCL unique id has the wrong size");
+    if (unique_id.size() != sizeof(ncclUniqueId))
+      return absl::InvalidArgumentError("NCCL unique id has the wrong size");
     ncclUniqueId id;
     std::memcpy(&id, unique_id.data(), sizeof(id));
     if (cudaError_t e = cudaSetDevice(device_); e != cudaSuccess) return CudaError(e, "cudaSetDevice");

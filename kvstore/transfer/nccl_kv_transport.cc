@@ -66,7 +66,8 @@ absl::StatusOr<NcclKvHeader> DecodeNcclKvHeader(const std::string& in) {
   h.piece_bytes = Get<uint32_t>(in, &off);
   const uint32_t n = Get<uint32_t>(in, &off);
   if (n == 0 || n > kNcclKvMaxReservationId) return absl::DataLossError("NCCL KV header: bad reservation id");
-  if (h.payload_bytes > 0 && h.piece_bytes == 0) return absl::DataLossError("NCCL KV header: zero piece size");
+  if (h.payload_bytes > 0 && h.piece_bytes == 0)
+    return absl::DataLossError("NCCL KV header: zero piece size");
   h.reservation_id.assign(in.data() + off, n);
   return h;
 }
@@ -107,8 +108,8 @@ absl::StatusOr<std::string> NcclKvReceiver::UniqueIdFor(const std::string& prefi
   if (it != pairs_.end()) return it->second->unique_id;
   absl::StatusOr<std::string> id = nccl_->GetUniqueId();
   if (!id.ok()) {
-    return absl::Status(id.status().code(), absl::StrCat("NCCL unique id for ", prefill_worker, ": ",
-                                                         id.status().message()));
+    return absl::Status(id.status().code(),
+                        absl::StrCat("NCCL unique id for ", prefill_worker, ": ", id.status().message()));
   }
   auto pair = std::make_shared<Pair>();
   pair->peer = prefill_worker;
@@ -131,7 +132,8 @@ void NcclKvReceiver::AbortPair(Pair* pair) {
 }
 
 void NcclKvReceiver::Receive(Pair* pair) {
-  absl::StatusOr<std::unique_ptr<NcclComm>> comm = nccl_->CommInitRank(2, pair->unique_id, 1, options_.init_timeout);
+  absl::StatusOr<std::unique_ptr<NcclComm>> comm =
+      nccl_->CommInitRank(2, pair->unique_id, 1, options_.init_timeout);
   absl::Status status = comm.status();
   NcclComm* c = nullptr;
   if (comm.ok()) {
@@ -150,8 +152,8 @@ void NcclKvReceiver::Receive(Pair* pair) {
         << "NCCL KV pair failed; the next request builds a new one";
   }
   for (const std::string& id : open) {
-    reservations_->Fail(id, absl::AbortedError(absl::StrCat("NCCL pair with ", pair->peer, " failed: ",
-                                                            status.message())));
+    reservations_->Fail(
+        id, absl::AbortedError(absl::StrCat("NCCL pair with ", pair->peer, " failed: ", status.message())));
   }
   {
     absl::MutexLock l(&mu_);
@@ -355,7 +357,8 @@ absl::StatusOr<std::unique_ptr<KvSender>> NcclKvSenders::Start(const std::string
   }
   absl::MutexLock pl(&pair->mu);
   if (!pair->failed && pair->comm == nullptr) {
-    absl::StatusOr<std::unique_ptr<NcclComm>> comm = nccl_->CommInitRank(2, unique_id, 0, options_.init_timeout);
+    absl::StatusOr<std::unique_ptr<NcclComm>> comm =
+        nccl_->CommInitRank(2, unique_id, 0, options_.init_timeout);
     if (!comm.ok()) {
       pair->failed = true;
       Drop(decode_worker, pair);

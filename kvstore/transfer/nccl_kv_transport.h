@@ -98,7 +98,8 @@ class NcclKvSenders {
 
   // A sender for `reservation_id` on the pair with `decode_worker` whose unique id is `unique_id`
   // (joining it as rank 0 when the id is new: this waits for the decode worker's rank 1).
-  absl::StatusOr<std::unique_ptr<KvSender>> Start(const std::string& decode_worker, const std::string& unique_id,
+  absl::StatusOr<std::unique_ptr<KvSender>> Start(const std::string& decode_worker,
+                                                  const std::string& unique_id,
                                                   const std::string& reservation_id, uint32_t piece_bytes);
   int live_pairs() const;
 

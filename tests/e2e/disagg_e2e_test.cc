@@ -148,8 +148,13 @@ class DisaggE2eTest : public ::testing::Test {
     ASSERT_TRUE(prefill_ && decode_);
     // Two routers on the same decode worker: one disaggregated, one colocated (no prefill workers).
     for (bool disagg : {true, false}) {
-      std::vector<std::string> r = {"router", "--model=" + kTiny, "--http_host=127.0.0.1", "--http_port=0",
-                                    "--grpc_port=0", "--host=127.0.0.1", "--decode_workers=" + Addr(*decode_)};
+      std::vector<std::string> r = {"router",
+                                    "--model=" + kTiny,
+                                    "--http_host=127.0.0.1",
+                                    "--http_port=0",
+                                    "--grpc_port=0",
+                                    "--host=127.0.0.1",
+                                    "--decode_workers=" + Addr(*decode_)};
       if (disagg) r.push_back("--prefill_workers=" + Addr(*prefill_));
       (disagg ? disagg_router_ : colocated_router_) = StartOrDie(r);
     }
@@ -170,7 +175,8 @@ class DisaggE2eTest : public ::testing::Test {
 TEST_F(DisaggE2eTest, SameGreedyTokensAsTheFaithfulReferenceAndTheColocatedPath) {
   // Faithful mode (what workers serve on the CPU) against the PyTorch reference's faithful greedy tokens.
   Json fx = ReadJson(kTiny + "/golden_reference.json")["fixtures"]["short_faithful"];
-  const std::vector<int32_t> prompt = fx["prompt"].get<std::vector<int32_t>>();  // 150 tokens: 1 block + tail.
+  const std::vector<int32_t> prompt =
+      fx["prompt"].get<std::vector<int32_t>>();  // 150 tokens: 1 block + tail.
   std::vector<int32_t> want = fx["greedy"].get<std::vector<int32_t>>();
   want.resize(16);
   Decoded remote = Decode(*decode_, prompt, 16, Addr(*prefill_));
@@ -205,7 +211,8 @@ TEST_F(DisaggE2eTest, SameGreedyTokensAsTheFaithfulReferenceAndTheColocatedPath)
     EXPECT_FALSE(disagg.text.empty());
   }
   const std::string after = Metrics(*decode_);
-  EXPECT_EQ(Metric(after, "v4serve_decode_kv_transfers_total", {"result=\"ok\""}) - before, 2 * prompts.size())
+  EXPECT_EQ(Metric(after, "v4serve_decode_kv_transfers_total", {"result=\"ok\""}) - before,
+            2 * prompts.size())
       << "every disaggregated request went through the prefill worker";
   EXPECT_EQ(Metric(after, "v4serve_decode_kv_fallbacks_total"), 0);
 }

@@ -47,12 +47,14 @@ Prefilled PrefillInChunks(const std::vector<int32_t>& prompt, int64_t chunk) {
   return p;
 }
 
-std::vector<kvstore::KvTransferChunk> Encode(const kvstore::KvLayout& layout, const model::SequenceState& state,
+std::vector<kvstore::KvTransferChunk> Encode(const kvstore::KvLayout& layout,
+                                             const model::SequenceState& state,
                                              const std::vector<int32_t>& prompt, int32_t layers_per_chunk) {
   std::vector<kvstore::KvTransferChunk> out;
   for (int32_t b = 0; b < static_cast<int32_t>(prompt.size()) / layout.block_tokens; ++b) {
     absl::StatusOr<std::vector<kvstore::KvTransferChunk>> c = EncodeBlockChunks(
-        layout, state, b, absl::MakeConstSpan(prompt).subspan(static_cast<size_t>(b) * 128, 128), layers_per_chunk);
+        layout, state, b, absl::MakeConstSpan(prompt).subspan(static_cast<size_t>(b) * 128, 128),
+        layers_per_chunk);
     EXPECT_TRUE(c.ok()) << c.status();
     out.insert(out.end(), c->begin(), c->end());
   }
@@ -139,7 +141,8 @@ TEST(SubmitPrefilledTest, GreedyDecodeFromATransferredStateMatchesTheReference) 
     // The decode worker's side.
     std::unique_ptr<Engine> engine = MakeEngine();
     Collected out;
-    ASSERT_TRUE(engine->SubmitPrefilled(GreedyRequest("r", prompt, 12, &out), *std::move(state), first, 0).ok());
+    ASSERT_TRUE(
+        engine->SubmitPrefilled(GreedyRequest("r", prompt, 12, &out), *std::move(state), first, 0).ok());
     RunToCompletion(engine.get());
     EXPECT_EQ(out.Tokens("r"), want) << "prompt of " << len;
     ASSERT_NE(out.Final("r"), nullptr);

@@ -77,7 +77,8 @@ TEST(KvReservationsTest, AwaitTimesOutWithoutFreeingAndSeesFailures) {
   KvReservations r(KvReservationsOptions{});
   absl::StatusOr<std::string> id = r.Reserve("req-1", 10, Far());
   ASSERT_TRUE(id.ok());
-  EXPECT_EQ(r.Await(*id, absl::Now() + absl::Milliseconds(30)).status().code(), absl::StatusCode::kDeadlineExceeded);
+  EXPECT_EQ(r.Await(*id, absl::Now() + absl::Milliseconds(30)).status().code(),
+            absl::StatusCode::kDeadlineExceeded);
   EXPECT_TRUE(r.Check(*id).ok());  // Still live: only its own deadline frees it.
   std::thread failer([&] {
     absl::SleepFor(absl::Milliseconds(20));
@@ -126,7 +127,8 @@ TEST(InProcessKvSenderTest, DeliversStraightIntoTheReservation) {
 class ReceiverService final : public v1::Worker::CallbackService {
  public:
   ReceiverService(KvReservations* r, uint64_t fingerprint) : r_(r), fingerprint_(fingerprint) {}
-  grpc::ServerReadReactor<v1::KvChunk>* PushKv(grpc::CallbackServerContext*, v1::KvTransferAck* ack) override {
+  grpc::ServerReadReactor<v1::KvChunk>* PushKv(grpc::CallbackServerContext*,
+                                               v1::KvTransferAck* ack) override {
     return new PushKvReactor(r_, ack);
   }
   grpc::ServerUnaryReactor* Handshake(grpc::CallbackServerContext* ctx, const v1::KvHandshake* req,
@@ -150,7 +152,8 @@ class GrpcKvTransportTest : public ::testing::Test {
     absl::StatusOr<std::unique_ptr<services::GrpcServer>> s = services::GrpcServer::Start(o, {&service_});
     ASSERT_TRUE(s.ok()) << s.status();
     server_ = std::move(*s);
-    channel_ = grpc::CreateChannel("127.0.0.1:" + std::to_string(server_->port()), grpc::InsecureChannelCredentials());
+    channel_ = grpc::CreateChannel("127.0.0.1:" + std::to_string(server_->port()),
+                                   grpc::InsecureChannelCredentials());
   }
   void TearDown() override { server_->Shutdown(absl::Now() + absl::Seconds(2)); }
 
@@ -172,10 +175,12 @@ class GrpcKvTransportTest : public ::testing::Test {
 TEST_F(GrpcKvTransportTest, StreamsEveryChunkAndIsAcknowledged) {
   absl::StatusOr<std::string> id = reservations_.Reserve("req-1", 1000, Far());
   ASSERT_TRUE(id.ok());
-  absl::StatusOr<std::unique_ptr<GrpcKvSender>> s = GrpcKvSender::Start(channel_, Handshake(*id), "req-1", Far());
+  absl::StatusOr<std::unique_ptr<GrpcKvSender>> s =
+      GrpcKvSender::Start(channel_, Handshake(*id), "req-1", Far());
   ASSERT_TRUE(s.ok()) << s.status();
   std::vector<KvTransferChunk> sent;
-  for (uint32_t b = 0; b < 7; ++b) sent.push_back(Chunk(b * 128, 1000 + b * 333, false, static_cast<char>('a' + b)));
+  for (uint32_t b = 0; b < 7; ++b)
+    sent.push_back(Chunk(b * 128, 1000 + b * 333, false, static_cast<char>('a' + b)));
   sent.push_back(Chunk(0, 0));  // A zero-length layer.
   sent.push_back(Chunk(896, 77, /*last=*/true));
   for (const KvTransferChunk& c : sent) ASSERT_TRUE((*s)->Send(c).ok());
@@ -199,7 +204,8 @@ TEST_F(GrpcKvTransportTest, HandshakeRefusesAnotherModelOrAnUnknownReservation) 
 
 TEST_F(GrpcKvTransportTest, ExpiredReservationFailsTheSender) {
   absl::StatusOr<std::string> id = reservations_.Reserve("req-1", 10, absl::Now() + absl::Milliseconds(300));
-  absl::StatusOr<std::unique_ptr<GrpcKvSender>> s = GrpcKvSender::Start(channel_, Handshake(*id), "req-1", Far());
+  absl::StatusOr<std::unique_ptr<GrpcKvSender>> s =
+      GrpcKvSender::Start(channel_, Handshake(*id), "req-1", Far());
   ASSERT_TRUE(s.ok()) << s.status();
   ASSERT_TRUE((*s)->Send(Chunk(0, 10)).ok());
   absl::SleepFor(absl::Milliseconds(400));
@@ -210,7 +216,8 @@ TEST_F(GrpcKvTransportTest, ExpiredReservationFailsTheSender) {
 
 TEST_F(GrpcKvTransportTest, AbortedSenderFailsTheReservation) {
   absl::StatusOr<std::string> id = reservations_.Reserve("req-1", 10, Far());
-  absl::StatusOr<std::unique_ptr<GrpcKvSender>> s = GrpcKvSender::Start(channel_, Handshake(*id), "req-1", Far());
+  absl::StatusOr<std::unique_ptr<GrpcKvSender>> s =
+      GrpcKvSender::Start(channel_, Handshake(*id), "req-1", Far());
   ASSERT_TRUE(s.ok());
   ASSERT_TRUE((*s)->Send(Chunk(0, 10)).ok());
   (*s)->Abort(absl::CancelledError("prefill cancelled"));
@@ -275,7 +282,8 @@ struct NcclPair {
   std::shared_ptr<FakeNcclWorld> world = std::make_shared<FakeNcclWorld>();
   FakeNccl decode_nccl{world}, prefill_nccl{world};
   KvReservations reservations{KvReservationsOptions{}};
-  NcclKvOptions options{.init_timeout = absl::Seconds(5), .op_timeout = absl::Seconds(5), .idle_timeout = absl::Seconds(30)};
+  NcclKvOptions options{
+      .init_timeout = absl::Seconds(5), .op_timeout = absl::Seconds(5), .idle_timeout = absl::Seconds(30)};
   NcclKvReceiver receiver{&decode_nccl, &reservations, options};
   NcclKvSenders senders{&prefill_nccl, options};
 };
@@ -292,11 +300,13 @@ TEST(NcclKvTransportTest, PairIsCreatedOnDemandAndCarriesChunkedTransfers) {
     absl::StatusOr<std::string> id = p.reservations.Reserve("req-" + std::to_string(r), 10000, Far());
     ASSERT_TRUE(id.ok());
     ids.push_back(*id);
-    absl::StatusOr<std::unique_ptr<KvSender>> s = p.senders.Start("decode-0:1", *uid, *id, /*piece_bytes=*/64);
+    absl::StatusOr<std::unique_ptr<KvSender>> s =
+        p.senders.Start("decode-0:1", *uid, *id, /*piece_bytes=*/64);
     ASSERT_TRUE(s.ok()) << s.status();
     // Many layers, sizes that are not multiples of the piece, zero-length layers.
     for (uint32_t layer = 0; layer < 61; ++layer) {
-      KvTransferChunk c = Chunk(128 * (layer % 3), (layer * 37 + r) % 300, false, static_cast<char>('A' + layer % 26));
+      KvTransferChunk c =
+          Chunk(128 * (layer % 3), (layer * 37 + r) % 300, false, static_cast<char>('A' + layer % 26));
       c.first_layer = layer;
       sent[r].push_back(c);
       ASSERT_TRUE((*s)->Send(c).ok());
@@ -377,7 +387,8 @@ TEST(NcclKvTransportTest, UniqueIdFailureAndBadTargetsAreClearErrors) {
   absl::StatusOr<std::string> uid = p.receiver.UniqueIdFor("prefill-0:1");
   EXPECT_EQ(uid.status().code(), absl::StatusCode::kUnavailable);
   EXPECT_THAT(uid.status().message(), HasSubstr("prefill-0:1"));
-  EXPECT_EQ(p.senders.Start("decode-0:1", "short", "kvr-1", 1024).status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(p.senders.Start("decode-0:1", "short", "kvr-1", 1024).status().code(),
+            absl::StatusCode::kInvalidArgument);
   EXPECT_EQ(p.senders.Start("decode-0:1", std::string(kNcclUniqueIdBytes, 'x'), std::string(300, 'r'), 1024)
                 .status()
                 .code(),
