@@ -10,8 +10,8 @@
 #include "kvstore/transfer/grpc_kv_transport.h"
 #include "services/logging.h"
 #include "services/request_id.h"
-#include "services/status_mapping.h"
 #include "services/status_macros.h"
+#include "services/status_mapping.h"
 
 namespace v4serve::decode {
 
@@ -23,7 +23,7 @@ struct DecodeService::Job {
   engine::EngineRequest request;
   absl::Mutex mu;
   bool cancelled ABSL_GUARDED_BY(mu) = false;
-  bool submitted ABSL_GUARDED_BY(mu) = false;  // The engine has it (EngineLoop::Cancel stops it).
+  bool submitted ABSL_GUARDED_BY(mu) = false;   // The engine has it (EngineLoop::Cancel stops it).
   std::string reservation ABSL_GUARDED_BY(mu);  // While the KV is awaited.
   std::shared_ptr<grpc::ClientContext> call ABSL_GUARDED_BY(mu);  // The Prefill call in flight.
 };
@@ -59,20 +59,23 @@ const char* FallbackReason(const absl::Status& s) {
 }
 }  // namespace
 
-DecodeService::DecodeService(engine::EngineLoop* loop, const model::ModelConfig& config, kvstore::KvLayout layout,
-                             DecodeServiceOptions options, prometheus::Registry* metrics)
+DecodeService::DecodeService(engine::EngineLoop* loop, const model::ModelConfig& config,
+                             kvstore::KvLayout layout, DecodeServiceOptions options,
+                             prometheus::Registry* metrics)
     : loop_(loop),
       config_(config),
       layout_(std::move(layout)),
       options_(std::move(options)),
       reservations_(kvstore::KvReservationsOptions{.capacity_tokens = options_.reservation_capacity_tokens}) {
   if (options_.nccl != nullptr) {
-    nccl_receiver_ = std::make_unique<kvstore::NcclKvReceiver>(options_.nccl, &reservations_, options_.nccl_options);
+    nccl_receiver_ =
+        std::make_unique<kvstore::NcclKvReceiver>(options_.nccl, &reservations_, options_.nccl_options);
   }
   fallbacks_ = &prometheus::BuildCounter()
                     .Name("v4serve_decode_kv_fallbacks_total")
-                    .Help("Requests whose remote prefill or KV transfer failed, so decode computed the prefill "
-                          "itself, by reason.")
+                    .Help(
+                        "Requests whose remote prefill or KV transfer failed, so decode computed the prefill "
+                        "itself, by reason.")
                     .Register(*metrics);
   transfers_ = &prometheus::BuildCounter()
                     .Name("v4serve_decode_kv_transfers_total")
@@ -145,7 +148,8 @@ std::shared_ptr<grpc::Channel> DecodeService::ChannelTo(const std::string& addre
   absl::MutexLock l(&mu_);
   std::shared_ptr<grpc::Channel>& ch = channels_[address];
   if (ch == nullptr) {
-    absl::StatusOr<std::shared_ptr<grpc::ChannelCredentials>> creds = services::MakeChannelCredentials(options_.peer_tls);
+    absl::StatusOr<std::shared_ptr<grpc::ChannelCredentials>> creds =
+        services::MakeChannelCredentials(options_.peer_tls);
     ch = grpc::CreateChannel(address, creds.ok() ? *creds : grpc::InsecureChannelCredentials());
   }
   return ch;
@@ -165,7 +169,8 @@ grpc::ServerWriteReactor<v1::GenerateResponse>* DecodeService::Decode(grpc::Call
   engine::EngineLoop* loop = loop_;
   if (request->prefill_worker().empty() || r->sampling.n != 1) {
     // Colocated: this worker prefills (n > 1 forks the prompt state inside the engine).
-    auto* stream = new GenerateStream(public_id, r->sampling.n, [loop, engine_id] { loop->Cancel(engine_id); });
+    auto* stream =
+        new GenerateStream(public_id, r->sampling.n, [loop, engine_id] { loop->Cancel(engine_id); });
     r->on_output = stream->Callback();
     loop_->Submit(*std::move(r));
     return stream;
@@ -247,7 +252,8 @@ absl::Status DecodeService::RemotePrefill(const std::shared_ptr<Job>& job) {
     absl::MutexLock l(&mu_);
     t->set_decode_worker(advertised_);
   }
-  if (t->decode_worker().empty()) return absl::FailedPreconditionError("decode worker has no advertised address");
+  if (t->decode_worker().empty())
+    return absl::FailedPreconditionError("decode worker has no advertised address");
   t->set_reservation_id(reservation);
   t->set_transport(options_.transport);
   t->set_max_chunk_bytes(options_.max_chunk_bytes);
@@ -283,19 +289,26 @@ absl::Status DecodeService::RemotePrefill(const std::shared_ptr<Job>& job) {
   engine::SampledToken first;
   first.id = resp.first_token().token_id();
   first.logprob = resp.first_token().logprob();
-  for (const v1::TokenLogprob& tl : resp.first_token().top_logprobs()) first.top.emplace_back(tl.token_id(), tl.logprob());
+  for (const v1::TokenLogprob& tl : resp.first_token().top_logprobs())
+    first.top.emplace_back(tl.token_id(), tl.logprob());
   absl::MutexLock l(&job->mu);
   if (job->cancelled) return absl::CancelledError("cancelled");
   job->submitted = true;
   loop_->SubmitPrefilled(job->request, std::move(state), std::move(first), resp.cached_prompt_tokens());
-  V4LOG(DEBUG).With("request_id", job->public_id).With("prefill_worker", job->prefill_worker).With("kv_bytes", kv.bytes)
+  V4LOG(DEBUG)
+          .With("request_id", job->public_id)
+          .With("prefill_worker", job->prefill_worker)
+          .With("kv_bytes", kv.bytes)
       << "KV received; decoding";
   return absl::OkStatus();
 }
 
 void DecodeService::Fallback(const std::shared_ptr<Job>& job, const absl::Status& why) {
   fallbacks_->Add({{"reason", FallbackReason(why)}}).Increment();
-  V4LOG(WARNING).With("request_id", job->public_id).With("prefill_worker", job->prefill_worker).With("status", why)
+  V4LOG(WARNING)
+          .With("request_id", job->public_id)
+          .With("prefill_worker", job->prefill_worker)
+          .With("status", why)
       << "remote prefill failed; computing the prefill here";
   absl::MutexLock l(&job->mu);
   if (job->cancelled || job->submitted) return;
@@ -329,11 +342,13 @@ void DecodeService::CancelJob(const std::shared_ptr<Job>& job) {
   }
 }
 
-grpc::ServerReadReactor<v1::KvChunk>* DecodeService::PushKv(grpc::CallbackServerContext*, v1::KvTransferAck* ack) {
+grpc::ServerReadReactor<v1::KvChunk>* DecodeService::PushKv(grpc::CallbackServerContext*,
+                                                            v1::KvTransferAck* ack) {
   return new kvstore::PushKvReactor(&reservations_, ack);
 }
 
-grpc::ServerUnaryReactor* DecodeService::Handshake(grpc::CallbackServerContext* ctx, const v1::KvHandshake* request,
+grpc::ServerUnaryReactor* DecodeService::Handshake(grpc::CallbackServerContext* ctx,
+                                                   const v1::KvHandshake* request,
                                                    v1::KvHandshakeReply* reply) {
   *reply = kvstore::AnswerHandshake(reservations_, *request, layout_.model_fingerprint);
   if (request->transport() == v1::KV_TRANSPORT_NCCL && nccl_receiver_ == nullptr) {
@@ -345,7 +360,8 @@ grpc::ServerUnaryReactor* DecodeService::Handshake(grpc::CallbackServerContext* 
   return reactor;
 }
 
-grpc::ServerUnaryReactor* DecodeService::Cancel(grpc::CallbackServerContext* ctx, const v1::CancelRequest* request,
+grpc::ServerUnaryReactor* DecodeService::Cancel(grpc::CallbackServerContext* ctx,
+                                                const v1::CancelRequest* request,
                                                 v1::CancelResponse* response) {
   std::shared_ptr<Job> job;
   {

@@ -6,11 +6,11 @@
 #include "absl/strings/str_cat.h"
 #include "decode/decode_service.h"
 #include "decode/generate_service.h"
-#include "kvstore/transfer/nccl_api.h"
 #include "engine/engine.h"
 #include "engine/engine_loop.h"
 #include "engine/engine_metrics.h"
 #include "engine/state_blocks.h"
+#include "kvstore/transfer/nccl_api.h"
 #include "model/device.h"
 #include "model/model.h"
 #include "services/logging.h"
@@ -34,7 +34,8 @@ absl::Status DecodeWorkerOptions::Validate() const {
     return absl::InvalidArgumentError("--kv_transport must be 'grpc', 'nccl' or 'in_process'");
   }
   if (prefill_timeout_ms <= 0) return absl::InvalidArgumentError("--prefill_timeout_ms must be positive");
-  if (kv_reservation_timeout_ms <= 0) return absl::InvalidArgumentError("--kv_reservation_timeout_ms must be positive");
+  if (kv_reservation_timeout_ms <= 0)
+    return absl::InvalidArgumentError("--kv_reservation_timeout_ms must be positive");
   if (kv_max_chunk_bytes <= 0 || kv_max_chunk_bytes > (int64_t{1} << 31)) {
     return absl::InvalidArgumentError("--kv_max_chunk_bytes must be in (0, 2^31]");
   }
@@ -44,9 +45,10 @@ absl::Status DecodeWorkerOptions::Validate() const {
 
 void AddDecodeWorkerFlags(services::FlagSet& flags, DecodeWorkerOptions* o) {
   services::AddWorkerFlags(flags, &o->worker);
-  flags.Add("colocated", &o->colocated,
-            "Kept for compatibility: the worker always serves Inference.Generate (prefilling itself) as well as "
-            "Worker.Decode.");
+  flags.Add(
+      "colocated", &o->colocated,
+      "Kept for compatibility: the worker always serves Inference.Generate (prefilling itself) as well as "
+      "Worker.Decode.");
   flags.Add("kv_transport", &o->kv_transport,
             "How prefill workers send KV for Worker.Decode: 'grpc' (PushKv stream), 'nccl' (GPU to GPU, CUDA "
             "build) or 'in_process' (a prefill service in this process).");
@@ -55,8 +57,9 @@ void AddDecodeWorkerFlags(services::FlagSet& flags, DecodeWorkerOptions* o) {
   flags.Add("kv_reservation_timeout_ms", &o->kv_reservation_timeout_ms,
             "Reserved KV room whose transfer never completes is freed after this.");
   flags.Add("kv_max_chunk_bytes", &o->kv_max_chunk_bytes, "Largest NCCL send (KvTarget.max_chunk_bytes).");
-  flags.Add("advertise_host", &o->advertise_host,
-            "Host prefill workers reach this worker at for KV pushes; empty = the address the call came from.");
+  flags.Add(
+      "advertise_host", &o->advertise_host,
+      "Host prefill workers reach this worker at for KV pushes; empty = the address the call came from.");
   flags.Add("gpu", &o->gpu, "GPU of the NCCL KV transport.");
   flags.Add("kv_blocks", &o->kv_blocks, "KV pool capacity in 128-token blocks (colocated).");
   flags.Add("max_step_tokens", &o->max_step_tokens, "Prefill + decode tokens per engine step (colocated).");
@@ -118,10 +121,14 @@ absl::Status RunDecodeWorker(const DecodeWorkerOptions& options, services::Shutd
   }
   ASSIGN_OR_RETURN(kvstore::KvLayout layout, engine::KvLayoutFor(model->config(), eo.model_fingerprint));
   DecodeService decode(&loop, model->config(), std::move(layout), dso, &metrics.registry());
-  ASSIGN_OR_RETURN(std::unique_ptr<services::ServerProcess> server,
-                   services::ServerProcess::Start("decode", process, {&service, &decode}, &metrics, shutdown));
+  ASSIGN_OR_RETURN(
+      std::unique_ptr<services::ServerProcess> server,
+      services::ServerProcess::Start("decode", process, {&service, &decode}, &metrics, shutdown));
   decode.SetAdvertisedAddress(absl::StrCat(options.advertise_host, ":", server->grpc_port()));
-  V4LOG(INFO).With("model", dir).With("model_id", so.model_id).With("kv_blocks", options.kv_blocks)
+  V4LOG(INFO)
+          .With("model", dir)
+          .With("model_id", so.model_id)
+          .With("kv_blocks", options.kv_blocks)
           .With("kv_transport", options.kv_transport)
       << "decode worker serving Worker.Decode and Inference.Generate";
   return server->Run();

@@ -19,7 +19,7 @@ namespace v4serve::decode {
 
 struct DecodeWorkerOptions {
   services::WorkerOptions worker;
-  bool colocated = false;  // Accepted for compatibility: Inference.Generate is always served.
+  bool colocated = false;                // Accepted for compatibility: Inference.Generate is always served.
   int64_t kv_blocks = 512;               // KV pool capacity, in 128-token blocks.
   int64_t max_step_tokens = 512;         // Prefill + decode tokens per engine step.
   int64_t max_running = 64;              // Running sequences (decode batch cap).
@@ -29,12 +29,12 @@ struct DecodeWorkerOptions {
   int64_t max_model_len = 0;  // 0 = the model's max_position_embeddings.
   bool mtp = false;           // MTP speculative decoding of greedy requests (loads the MTP weights).
   // Disaggregated decode (Worker.Decode).
-  std::string kv_transport = "grpc";        // "grpc", "nccl" or "in_process".
-  int64_t prefill_timeout_ms = 60000;       // Remote prefill + KV arrival; then decode prefills itself.
+  std::string kv_transport = "grpc";          // "grpc", "nccl" or "in_process".
+  int64_t prefill_timeout_ms = 60000;         // Remote prefill + KV arrival; then decode prefills itself.
   int64_t kv_reservation_timeout_ms = 90000;  // A reservation whose KV never completes is freed.
-  int64_t kv_max_chunk_bytes = 4 << 20;     // NCCL piece size (KvTarget.max_chunk_bytes).
-  std::string advertise_host;               // Host prefill workers push KV to; empty = the caller's view.
-  int64_t gpu = 0;                          // GPU of the NCCL transport.
+  int64_t kv_max_chunk_bytes = 4 << 20;       // NCCL piece size (KvTarget.max_chunk_bytes).
+  std::string advertise_host;                 // Host prefill workers push KV to; empty = the caller's view.
+  int64_t gpu = 0;                            // GPU of the NCCL transport.
 
   // INVALID_ARGUMENT naming the flag.
   absl::Status Validate() const;

@@ -1,7 +1,5 @@
 #include "decode/generate_service.h"
 
-#include "decode/generate_stream.h"
-
 #include <deque>
 #include <memory>
 #include <utility>
@@ -9,11 +7,12 @@
 #include "absl/base/thread_annotations.h"
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
+#include "decode/generate_stream.h"
 #include "engine/sampling_proto.h"
 #include "kvstore/prefix_cache.h"
-#include "services/status_macros.h"
 #include "services/logging.h"
 #include "services/request_id.h"
+#include "services/status_macros.h"
 #include "services/status_mapping.h"
 
 namespace v4serve::decode {

@@ -14,8 +14,8 @@
 #include "kvstore/transfer/kv_transfer.h"
 #include "services/logging.h"
 #include "services/request_id.h"
-#include "services/status_mapping.h"
 #include "services/status_macros.h"
+#include "services/status_mapping.h"
 
 namespace v4serve::prefill {
 
@@ -24,7 +24,8 @@ absl::Status PrefillServiceOptions::Validate() const {
   if (max_queued < 0) return absl::InvalidArgumentError("--max_queued_prefills must be >= 0");
   if (prefix_cache_blocks < 0) return absl::InvalidArgumentError("--prefix_cache_blocks must be >= 0");
   if (layers_per_chunk <= 0) return absl::InvalidArgumentError("--kv_layers_per_chunk must be positive");
-  if (transfer_timeout <= absl::ZeroDuration()) return absl::InvalidArgumentError("--kv_transfer_timeout_ms must be positive");
+  if (transfer_timeout <= absl::ZeroDuration())
+    return absl::InvalidArgumentError("--kv_transfer_timeout_ms must be positive");
   return absl::OkStatus();
 }
 
@@ -50,8 +51,8 @@ struct PrefillService::Job {
   bool Cancelled() const { return cancelled.load() || ctx->IsCancelled(); }
 };
 
-PrefillService::PrefillService(const model::Model* model, kvstore::KvLayout layout, PrefillServiceOptions options,
-                               prometheus::Registry* metrics)
+PrefillService::PrefillService(const model::Model* model, kvstore::KvLayout layout,
+                               PrefillServiceOptions options, prometheus::Registry* metrics)
     : model_(model), layout_(std::move(layout)), options_(std::move(options)) {
   requests_ = &prometheus::BuildCounter()
                    .Name("v4serve_prefill_requests_total")
@@ -67,11 +68,12 @@ PrefillService::PrefillService(const model::Model* model, kvstore::KvLayout layo
                  .Help("Prompt tokens computed.")
                  .Register(*metrics)
                  .Add({});
-  cached_tokens_ = &prometheus::BuildCounter()
-                        .Name("v4serve_prefill_prefix_hit_tokens_total")
-                        .Help("Prompt tokens restored from the prefill worker's prefix cache instead of computed.")
-                        .Register(*metrics)
-                        .Add({});
+  cached_tokens_ =
+      &prometheus::BuildCounter()
+           .Name("v4serve_prefill_prefix_hit_tokens_total")
+           .Help("Prompt tokens restored from the prefill worker's prefix cache instead of computed.")
+           .Register(*metrics)
+           .Add({});
   if (options_.prefix_cache_blocks > 0) {
     pool_ = std::make_unique<kvstore::BlockPool>(options_.prefix_cache_blocks);
     cache_ = std::make_unique<kvstore::PrefixCache>(pool_.get());
@@ -106,7 +108,8 @@ PrefillService::~PrefillService() {
   }
 }
 
-grpc::ServerUnaryReactor* PrefillService::Prefill(grpc::CallbackServerContext* ctx, const v1::PrefillRequest* request,
+grpc::ServerUnaryReactor* PrefillService::Prefill(grpc::CallbackServerContext* ctx,
+                                                  const v1::PrefillRequest* request,
                                                   v1::PrefillResponse* response) {
   grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
   auto fail = [&](const absl::Status& s, const char* result) {
@@ -114,10 +117,12 @@ grpc::ServerUnaryReactor* PrefillService::Prefill(grpc::CallbackServerContext* c
     reactor->Finish(services::ToGrpcStatus(s));
     return reactor;
   };
-  if (request->token_ids().empty()) return fail(absl::InvalidArgumentError("token_ids: the prompt is empty"), "error");
+  if (request->token_ids().empty())
+    return fail(absl::InvalidArgumentError("token_ids: the prompt is empty"), "error");
   for (int32_t t : request->token_ids()) {
     if (t < 0 || t >= model_->config().vocab_size) {
-      return fail(absl::InvalidArgumentError(absl::StrCat("token_ids: id ", t, " outside the vocabulary")), "error");
+      return fail(absl::InvalidArgumentError(absl::StrCat("token_ids: id ", t, " outside the vocabulary")),
+                  "error");
     }
   }
   if (!request->has_target() || request->target().reservation_id().empty()) {
@@ -142,15 +147,16 @@ grpc::ServerUnaryReactor* PrefillService::Prefill(grpc::CallbackServerContext* c
     finished_.clear();
     if (stopping_) return fail(absl::UnavailableError("prefill worker shutting down"), "rejected");
     if (running_ + queued_ >= options_.max_concurrent + options_.max_queued) {
-      return fail(absl::ResourceExhaustedError(absl::StrCat("prefill worker full: ", running_, " computing and ",
-                                                            queued_, " queued (--max_concurrent_prefills ",
-                                                            options_.max_concurrent, ", --max_queued_prefills ",
-                                                            options_.max_queued, ")")),
+      return fail(absl::ResourceExhaustedError(
+                      absl::StrCat("prefill worker full: ", running_, " computing and ", queued_,
+                                   " queued (--max_concurrent_prefills ", options_.max_concurrent,
+                                   ", --max_queued_prefills ", options_.max_queued, ")")),
                   "rejected");
     }
     if (jobs_.contains(job->request_id)) {
-      return fail(absl::AlreadyExistsError(absl::StrCat("request ", job->request_id, " is already prefilling")),
-                  "rejected");
+      return fail(
+          absl::AlreadyExistsError(absl::StrCat("request ", job->request_id, " is already prefilling")),
+          "rejected");
     }
     ++queued_;
     in_flight_->Increment();
@@ -169,7 +175,8 @@ void PrefillService::Run(const std::shared_ptr<Job>& job) {
     --queued_;
     ++running_;
   }
-  absl::Status s = job->Cancelled() ? absl::CancelledError("cancelled before it started") : Compute(job.get());
+  absl::Status s =
+      job->Cancelled() ? absl::CancelledError("cancelled before it started") : Compute(job.get());
   const char* result = s.ok() ? "ok" : (job->Cancelled() ? "cancelled" : "error");
   if (!s.ok() && !job->Cancelled()) {
     V4LOG(WARNING).With("request_id", job->request_id).With("status", s) << "prefill failed";
@@ -187,7 +194,8 @@ std::shared_ptr<grpc::Channel> PrefillService::ChannelTo(const std::string& addr
   absl::MutexLock l(&mu_);
   std::shared_ptr<grpc::Channel>& ch = channels_[address];
   if (ch == nullptr) {
-    absl::StatusOr<std::shared_ptr<grpc::ChannelCredentials>> creds = services::MakeChannelCredentials(options_.peer_tls);
+    absl::StatusOr<std::shared_ptr<grpc::ChannelCredentials>> creds =
+        services::MakeChannelCredentials(options_.peer_tls);
     grpc::ChannelArguments args;
     args.SetMaxSendMessageSize(-1);
     ch = grpc::CreateCustomChannel(address, creds.ok() ? *creds : grpc::InsecureChannelCredentials(), args);
@@ -201,8 +209,8 @@ absl::StatusOr<std::unique_ptr<kvstore::KvSender>> PrefillService::StartSender(J
   if (t.transport() == v1::KV_TRANSPORT_IN_PROCESS) {
     kvstore::KvReservations* r = kvstore::InProcessKvHub::Get().Find(t.decode_worker());
     if (r == nullptr) {
-      return absl::FailedPreconditionError(
-          absl::StrCat("in-process KV transport, but no decode worker ", t.decode_worker(), " in this process"));
+      return absl::FailedPreconditionError(absl::StrCat("in-process KV transport, but no decode worker ",
+                                                        t.decode_worker(), " in this process"));
     }
     RETURN_IF_ERROR(r->Check(t.reservation_id()));
     return std::unique_ptr<kvstore::KvSender>(new kvstore::InProcessKvSender(r, t.reservation_id()));
@@ -226,7 +234,8 @@ absl::StatusOr<std::unique_ptr<kvstore::KvSender>> PrefillService::StartSender(J
   }
   if (t.transport() == v1::KV_TRANSPORT_NCCL) {
     if (options_.nccl == nullptr) {
-      return absl::FailedPreconditionError("this prefill worker has no NCCL transport (start it with --kv_transport=nccl)");
+      return absl::FailedPreconditionError(
+          "this prefill worker has no NCCL transport (start it with --kv_transport=nccl)");
     }
     {  // The handshake checks format and model before the pair communicator is joined.
       auto stub = v1::Worker::NewStub(channel);
@@ -237,7 +246,8 @@ absl::StatusOr<std::unique_ptr<kvstore::KvSender>> PrefillService::StartSender(J
       grpc::Status st = stub->Handshake(&ctx, hs, &reply);
       if (!st.ok()) return services::FromGrpcStatus(st);
       if (!reply.accepted()) {
-        return absl::FailedPreconditionError(absl::StrCat("decode worker refused the KV transfer: ", reply.reason()));
+        return absl::FailedPreconditionError(
+            absl::StrCat("decode worker refused the KV transfer: ", reply.reason()));
       }
     }
     const uint32_t piece = t.max_chunk_bytes() > 0 ? t.max_chunk_bytes() : (4u << 20);
@@ -249,7 +259,8 @@ absl::StatusOr<std::unique_ptr<kvstore::KvSender>> PrefillService::StartSender(J
 absl::Status PrefillService::Compute(Job* job) {
   const v1::PrefillRequest& req = job->request;
   const std::vector<int32_t> prompt(req.token_ids().begin(), req.token_ids().end());
-  const int64_t room = std::max<int64_t>(1, model_->config().max_position_embeddings - static_cast<int64_t>(prompt.size()));
+  const int64_t room =
+      std::max<int64_t>(1, model_->config().max_position_embeddings - static_cast<int64_t>(prompt.size()));
   ASSIGN_OR_RETURN(engine::SamplingParams params, engine::SamplingFromProto(req.sampling(), room));
   RETURN_IF_ERROR(params.Validate(model_->config().vocab_size));
   ASSIGN_OR_RETURN(std::unique_ptr<kvstore::KvSender> sender, StartSender(job));
@@ -273,9 +284,9 @@ absl::Status PrefillService::Compute(Job* job) {
     const int64_t len = std::min(bt - pos % bt, n - pos);
     {
       absl::MutexLock l(&model_mu_);
-      absl::StatusOr<std::vector<float>> out =
-          model_->Prefill(&state, absl::MakeConstSpan(prompt).subspan(static_cast<size_t>(pos), static_cast<size_t>(len)),
-                          /*all_logits=*/false, nullptr);
+      absl::StatusOr<std::vector<float>> out = model_->Prefill(
+          &state, absl::MakeConstSpan(prompt).subspan(static_cast<size_t>(pos), static_cast<size_t>(len)),
+          /*all_logits=*/false, nullptr);
       if (!out.ok()) return abort(out.status());
       logits = *std::move(out);
     }
@@ -320,21 +331,26 @@ absl::Status PrefillService::Compute(Job* job) {
   }
   resp->set_cached_prompt_tokens(static_cast<int32_t>(restored * bt));
   resp->set_kv_bytes_sent(sender->bytes_sent());
-  V4LOG(DEBUG).With("request_id", job->request_id).With("prompt_tokens", n).With("kv_bytes", sender->bytes_sent())
+  V4LOG(DEBUG)
+          .With("request_id", job->request_id)
+          .With("prompt_tokens", n)
+          .With("kv_bytes", sender->bytes_sent())
       << "prefilled";
   return absl::OkStatus();
 }
 
-int64_t PrefillService::RestorePrefix(absl::Span<const int32_t> prompt, absl::Span<const kvstore::BlockHash> hashes,
+int64_t PrefillService::RestorePrefix(absl::Span<const int32_t> prompt,
+                                      absl::Span<const kvstore::BlockHash> hashes,
                                       model::SequenceState* state) {
   if (cache_ == nullptr || prompt.size() < 2) return 0;
   const size_t max_blocks = (prompt.size() - 1) / static_cast<size_t>(layout_.block_tokens);
-  const std::vector<kvstore::BlockId> hit = cache_->Acquire(hashes.subspan(0, std::min(max_blocks, hashes.size())));
+  const std::vector<kvstore::BlockId> hit =
+      cache_->Acquire(hashes.subspan(0, std::min(max_blocks, hashes.size())));
   std::vector<kvstore::KvBlock> blocks;
   for (size_t i = 0; i < hit.size(); ++i) {
     absl::StatusOr<std::string> bytes = pool_->Get(hit[i]);
-    absl::StatusOr<kvstore::KvBlock> b =
-        bytes.ok() ? kvstore::DecodeKvBlock(layout_, *bytes) : absl::StatusOr<kvstore::KvBlock>(bytes.status());
+    absl::StatusOr<kvstore::KvBlock> b = bytes.ok() ? kvstore::DecodeKvBlock(layout_, *bytes)
+                                                    : absl::StatusOr<kvstore::KvBlock>(bytes.status());
     if (!b.ok() || b->block_index != static_cast<int32_t>(i) ||
         !std::equal(b->tokens.begin(), b->tokens.end(), prompt.begin() + i * layout_.block_tokens)) {
       if (!b.ok()) cache_->Erase(hashes[i]);
@@ -353,11 +369,13 @@ int64_t PrefillService::RestorePrefix(absl::Span<const int32_t> prompt, absl::Sp
   return static_cast<int64_t>(blocks.size());
 }
 
-void PrefillService::CacheBlock(const model::SequenceState& state, int32_t index, absl::Span<const int32_t> tokens,
-                                kvstore::BlockHash hash) {
+void PrefillService::CacheBlock(const model::SequenceState& state, int32_t index,
+                                absl::Span<const int32_t> tokens, kvstore::BlockHash hash) {
   if (cache_ == nullptr) return;
-  absl::StatusOr<kvstore::KvBlock> b = engine::ExtractBlock(model_->config(), layout_, state, index, tokens, hash);
-  absl::StatusOr<std::string> bytes = b.ok() ? kvstore::EncodeKvBlock(layout_, *b) : absl::StatusOr<std::string>(b.status());
+  absl::StatusOr<kvstore::KvBlock> b =
+      engine::ExtractBlock(model_->config(), layout_, state, index, tokens, hash);
+  absl::StatusOr<std::string> bytes =
+      b.ok() ? kvstore::EncodeKvBlock(layout_, *b) : absl::StatusOr<std::string>(b.status());
   if (!bytes.ok()) {
     V4LOG(WARNING).With("status", bytes.status()) << "KV block not cached";
     return;
@@ -369,7 +387,8 @@ void PrefillService::CacheBlock(const model::SequenceState& state, int32_t index
   pool_->Unref(*id).IgnoreError();  // The cache holds its own reference (or none: freed).
 }
 
-grpc::ServerUnaryReactor* PrefillService::Cancel(grpc::CallbackServerContext* ctx, const v1::CancelRequest* request,
+grpc::ServerUnaryReactor* PrefillService::Cancel(grpc::CallbackServerContext* ctx,
+                                                 const v1::CancelRequest* request,
                                                  v1::CancelResponse* response) {
   {
     absl::MutexLock l(&mu_);

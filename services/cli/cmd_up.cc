@@ -1,6 +1,6 @@
-// `v4serve up`: the all-in-one local cluster. Starts kvstore, a prefill worker, a decode worker and the router as
-// child processes of this binary on loopback, waits until each serves, prints how to use it, and stops them
-// all (router first, so in-flight requests drain) on SIGTERM/SIGINT or when any of them dies.
+// `v4serve up`: the all-in-one local cluster. Starts kvstore, a prefill worker, a decode worker and the
+// router as child processes of this binary on loopback, waits until each serves, prints how to use it, and
+// stops them all (router first, so in-flight requests drain) on SIGTERM/SIGINT or when any of them dies.
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>
@@ -126,7 +126,8 @@ absl::Status RunUp(const Context& ctx, const UpOptions& o) {
       // Disaggregated: the router sends each request to the decode worker naming the prefill worker,
       // which computes the prompt and pushes its KV to the decode worker over gRPC.
       for (std::string role : {"prefill", "decode"}) {
-        std::vector<std::string> argv = {ctx.self_exe, role, "--grpc_port=0", "--model=" + o.model_dir,
+        std::vector<std::string> argv = {ctx.self_exe,       role,
+                                         "--grpc_port=0",    "--model=" + o.model_dir,
                                          "--metrics_port=0", "--metrics_host=" + o.host};
         if (role == "decode") argv.push_back("--advertise_host=" + o.host);
         for (auto& f : CommonFlags(o)) argv.push_back(f);
@@ -147,9 +148,11 @@ absl::Status RunUp(const Context& ctx, const UpOptions& o) {
     ASSIGN_OR_RETURN(Role router, StartRole("router", argv, run_dir, o.start_timeout, ctx.shutdown));
     int http_port = router.ready["http_port"].get<int>();
     int grpc_port = router.ready["grpc_port"].get<int>();
-    nlohmann::json ready = {
-        {"pid", getpid()}, {"http_port", http_port}, {"grpc_port", grpc_port}, {"model_loaded", have_model},
-        {"workers", workers}};
+    nlohmann::json ready = {{"pid", getpid()},
+                            {"http_port", http_port},
+                            {"grpc_port", grpc_port},
+                            {"model_loaded", have_model},
+                            {"workers", workers}};
     roles.push_back(std::move(router));
     PrintBanner(o, http_port, grpc_port, have_model);
     if (!o.ready_file.empty())

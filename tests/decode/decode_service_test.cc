@@ -81,7 +81,8 @@ class IncompletePrefill final : public v1::Worker::CallbackService {
       hs.set_format_version(kvstore::kKvBlockFormatVersion);
       hs.set_model_fingerprint(kvstore::FingerprintBytes(kFingerprint));
       hs.set_transport(v1::KV_TRANSPORT_GRPC);
-      auto channel = grpc::CreateChannel(peer + copy.target().decode_worker(), grpc::InsecureChannelCredentials());
+      auto channel =
+          grpc::CreateChannel(peer + copy.target().decode_worker(), grpc::InsecureChannelCredentials());
       auto s = kvstore::GrpcKvSender::Start(channel, hs, "incomplete", absl::Now() + absl::Seconds(10));
       if (s.ok()) {
         kvstore::KvTransferChunk c;
@@ -137,7 +138,8 @@ class DecodeServiceTest : public ::testing::Test {
       o.nccl = &decode_nccl_;
       o.nccl_options.init_timeout = absl::Seconds(5);
     }
-    decode_ = std::make_unique<DecodeService>(loop_.get(), TinyModel().config(), Layout(), o, &decode_metrics_);
+    decode_ =
+        std::make_unique<DecodeService>(loop_.get(), TinyModel().config(), Layout(), o, &decode_metrics_);
     services::GrpcServerOptions so;
     so.host = "127.0.0.1";
     auto d = services::GrpcServer::Start(so, {decode_.get()});
@@ -225,8 +227,11 @@ TEST_P(TransportTest, RemotePrefillGivesTheReferenceTokens) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Transports, TransportTest,
-                         ::testing::Values(v1::KV_TRANSPORT_IN_PROCESS, v1::KV_TRANSPORT_GRPC, v1::KV_TRANSPORT_NCCL),
-                         [](const auto& info) { return std::string(v1::KvTransport_Name(info.param)).substr(13); });
+                         ::testing::Values(v1::KV_TRANSPORT_IN_PROCESS, v1::KV_TRANSPORT_GRPC,
+                                           v1::KV_TRANSPORT_NCCL),
+                         [](const auto& info) {
+                           return std::string(v1::KvTransport_Name(info.param)).substr(13);
+                         });
 
 TEST_F(DecodeServiceTest, UnreachablePrefillWorkerFallsBackToALocalPrefill) {
   Start(v1::KV_TRANSPORT_GRPC);
