@@ -10,6 +10,8 @@
 #include "engine/engine_loop.h"
 #include "engine/engine_metrics.h"
 #include "engine/state_blocks.h"
+#include "kvstore/kvstore_service.h"
+#include "kvstore/tiered_store.h"
 #include "kvstore/transfer/nccl_api.h"
 #include "model/device.h"
 #include "model/model.h"
@@ -40,6 +42,18 @@ absl::Status DecodeWorkerOptions::Validate() const {
     return absl::InvalidArgumentError("--kv_max_chunk_bytes must be in (0, 2^31]");
   }
   if (gpu < 0) return absl::InvalidArgumentError("--gpu must be >= 0");
+  if (!kvstore.empty() && !kv_dir.empty()) {
+    return absl::InvalidArgumentError(
+        "--kvstore and --kv_dir: give one (a shared store, or an in-process one)");
+  }
+  absl::StatusOr<engine::SwaPolicy> policy = engine::ParseSwaPolicy(swa_policy);
+  if (!policy.ok()) return policy.status();
+  if (*policy == engine::SwaPolicy::kPeriodic &&
+      (swa_checkpoint_tokens <= 0 || swa_checkpoint_tokens % 128 != 0)) {
+    return absl::InvalidArgumentError("--swa_checkpoint_tokens must be a positive multiple of 128");
+  }
+  if (kv_host_mb <= 0) return absl::InvalidArgumentError("--kv_host_mb must be positive");
+  if (kv_disk_mb <= 0) return absl::InvalidArgumentError("--kv_disk_mb must be positive");
   return absl::OkStatus();
 }
 
@@ -68,6 +82,18 @@ void AddDecodeWorkerFlags(services::FlagSet& flags, DecodeWorkerOptions* o) {
   flags.Add("swap_space_mb", &o->swap_space_mb, "Host memory for swapped sequence states (colocated).");
   flags.Add("prefix_cache", &o->prefix_cache, "Reuse cached prefix blocks (colocated).");
   flags.Add("max_model_len", &o->max_model_len, "Prompt + output token cap; 0 = the model's (colocated).");
+  flags.Add("kvstore", &o->kvstore,
+            "host:port of the node's `v4serve kvstore`: share prefix KV with the node's other workers "
+            "(colocated).");
+  flags.Add("kv_dir", &o->kv_dir,
+            "An in-process tiered KV store (host memory + RocksDB in this directory) instead of --kvstore.");
+  flags.Add("swa_policy", &o->swa_policy,
+            "Sliding-window state kept with cached blocks: full (every block), periodic (every "
+            "--swa_checkpoint_tokens) or zero (none; recomputed exactly).");
+  flags.Add("swa_checkpoint_tokens", &o->swa_checkpoint_tokens,
+            "Checkpoint interval of --swa_policy=periodic, a multiple of 128.");
+  flags.Add("kv_host_mb", &o->kv_host_mb, "Host-memory tier capacity of the in-process store (--kv_dir).");
+  flags.Add("kv_disk_mb", &o->kv_disk_mb, "Disk tier capacity of the in-process store (--kv_dir).");
   flags.Add("mtp", &o->mtp,
             "MTP speculative decoding for greedy requests: draft one token with the checkpoint's MTP layer, "
             "verify it in the next step; same output (colocated).");
@@ -86,6 +112,20 @@ absl::Status RunDecodeWorker(const DecodeWorkerOptions& options, services::Shutd
   eo.mtp = options.mtp;
   eo.kv.num_blocks = options.kv_blocks;
   eo.kv.enable_prefix_cache = options.prefix_cache;
+  ASSIGN_OR_RETURN(eo.kv.swa_policy, engine::ParseSwaPolicy(options.swa_policy));
+  eo.kv.swa_checkpoint_tokens = options.swa_checkpoint_tokens;
+  if (!options.kvstore.empty()) {
+    ASSIGN_OR_RETURN(std::shared_ptr<grpc::ChannelCredentials> creds,
+                     services::MakeChannelCredentials(options.worker.process.grpc.tls));
+    eo.kv.store = std::make_shared<kvstore::GrpcKvStoreClient>(grpc::CreateChannel(options.kvstore, creds));
+  } else if (!options.kv_dir.empty()) {
+    kvstore::TieredStoreOptions to;
+    to.disk_path = options.kv_dir;
+    to.host_capacity_bytes = options.kv_host_mb << 20;
+    to.disk_capacity_bytes = options.kv_disk_mb << 20;
+    ASSIGN_OR_RETURN(std::unique_ptr<kvstore::TieredStore> store, kvstore::TieredStore::Open(to));
+    eo.kv.store = std::move(store);
+  }
   eo.scheduler.max_step_tokens = options.max_step_tokens;
   eo.scheduler.max_running = options.max_running;
   eo.scheduler.preemption =
@@ -130,6 +170,8 @@ absl::Status RunDecodeWorker(const DecodeWorkerOptions& options, services::Shutd
           .With("model_id", so.model_id)
           .With("kv_blocks", options.kv_blocks)
           .With("kv_transport", options.kv_transport)
+          .With("swa_policy", options.swa_policy)
+          .With("kvstore", !options.kvstore.empty() ? options.kvstore : options.kv_dir)
       << "decode worker serving Worker.Decode and Inference.Generate";
   return server->Run();
 }

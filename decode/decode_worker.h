@@ -35,6 +35,14 @@ struct DecodeWorkerOptions {
   int64_t kv_max_chunk_bytes = 4 << 20;       // NCCL piece size (KvTarget.max_chunk_bytes).
   std::string advertise_host;                 // Host prefill workers push KV to; empty = the caller's view.
   int64_t gpu = 0;                            // GPU of the NCCL transport.
+  // Tiered KV store (docs/KV_STORE.md): the node's shared `v4serve kvstore` (host:port), or an
+  // in-process store in `kv_dir` (colocated); at most one. SWA policy and tier capacities.
+  std::string kvstore;
+  std::string kv_dir;
+  std::string swa_policy = "full";
+  int64_t swa_checkpoint_tokens = 4096;
+  int64_t kv_host_mb = 4096;
+  int64_t kv_disk_mb = 65536;
 
   // INVALID_ARGUMENT naming the flag.
   absl::Status Validate() const;

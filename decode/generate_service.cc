@@ -36,8 +36,7 @@ absl::StatusOr<engine::EngineRequest> ToEngineRequest(const v1::GenerateRequest&
         "token_ids: prompt of ", r.prompt.size(), " tokens leaves no room under ", options.max_total_tokens));
   }
   ASSIGN_OR_RETURN(r.sampling, engine::SamplingFromProto(request.sampling(), room));
-  r.tenant_salt =
-      request.tenant().empty() ? 0 : kvstore::StableHash64(request.tenant().data(), request.tenant().size());
+  r.tenant_salt = kvstore::TenantSalt(request.tenant());
   return r;
 }
 

@@ -41,7 +41,7 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const model::Model* model
 Engine::Engine(const model::Model* model, EngineOptions options, kvstore::KvLayout layout)
     : model_(model),
       options_(std::move(options)),
-      kv_(model->config(), std::move(layout), options_.kv),
+      kv_(model->config(), std::move(layout), options_.kv, model),
       scheduler_(options_.scheduler, &kv_) {
   UpdateGauges();
 }
@@ -350,6 +350,8 @@ void Engine::UpdateGauges() {
   stats_.kv_blocks_used = kv_.blocks_used();
   stats_.kv_blocks_free = kv_.blocks_free();
   stats_.kv_blocks_cached = kv_.blocks_cached();
+  stats_.kv_recomputed_tokens = kv_.recomputed_tokens();
+  stats_.kv_store_hit_tokens = kv_.store_hit_tokens();
 }
 
 }  // namespace v4serve::engine

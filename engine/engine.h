@@ -73,6 +73,9 @@ struct EngineStats {
   int64_t cancelled_sequences = 0;
   int64_t running = 0, waiting = 0, swapped = 0;
   int64_t kv_blocks_used = 0, kv_blocks_free = 0, kv_blocks_cached = 0;
+  // Tiered store (kv_cache_manager.h): prefix tokens fetched from the store (host or disk), and tokens
+  // the SWA policy's exact recomputation ran (periodic / zero). Both monotonic.
+  int64_t kv_store_hit_tokens = 0, kv_recomputed_tokens = 0;
   // Observations since the last TakeLatencies(): time to first token and between tokens, seconds.
   std::vector<double> ttft_s, inter_token_s;
 };

@@ -3,7 +3,9 @@
 #include <algorithm>
 #include <utility>
 
+#include "absl/strings/str_cat.h"
 #include "engine/state_blocks.h"
+#include "kvstore/store_format.h"
 #include "services/logging.h"
 #include "services/status_macros.h"
 
@@ -15,12 +17,19 @@ using kvstore::KvBlock;
 
 absl::Status KvCacheOptions::Validate() const {
   if (num_blocks <= 0) return absl::InvalidArgumentError("kv num_blocks must be positive");
+  if (swa_policy == SwaPolicy::kPeriodic &&
+      (swa_checkpoint_tokens <= 0 || swa_checkpoint_tokens % kvstore::kDefaultBlockTokens != 0)) {
+    return absl::InvalidArgumentError(absl::StrCat("--swa_checkpoint_tokens must be a positive multiple of ",
+                                                   kvstore::kDefaultBlockTokens, ", not ",
+                                                   swa_checkpoint_tokens));
+  }
   return absl::OkStatus();
 }
 
 KvCacheManager::KvCacheManager(const model::ModelConfig& config, kvstore::KvLayout layout,
-                               const KvCacheOptions& options)
+                               const KvCacheOptions& options, const model::Model* model)
     : config_(config),
+      model_(model),
       layout_(std::move(layout)),
       options_(options),
       pool_(options.num_blocks),
@@ -63,9 +72,29 @@ absl::StatusOr<int64_t> KvCacheManager::Admit(Sequence* seq) {
       restored.push_back(*std::move(block));
     }
   }
+  if (options_.store != nullptr && options_.enable_prefix_cache &&
+      restored.size() < static_cast<size_t>(std::max<int64_t>(0, (n_tokens - 1) / block_tokens()))) {
+    const int64_t max_blocks = (n_tokens - 1) / block_tokens();
+    const std::vector<BlockHash> hashes = kvstore::BlockHashChain(
+        absl::MakeConstSpan(seq->tokens).subspan(0, static_cast<size_t>(max_blocks * block_tokens())),
+        block_tokens(), layout_.model_fingerprint, seq->tenant_salt);
+    FetchFromStore(*seq, hashes, &blocks, &restored);
+  }
+  if (!restored.empty() && restored.back().boundary_state.empty() && model_ == nullptr) {
+    // No model to recompute with: reuse up to the last block that carries its window state.
+    size_t keep = restored.size();
+    while (keep > 0 && restored[keep - 1].boundary_state.empty()) --keep;
+    for (size_t j = keep; j < blocks.size(); ++j) pool_.Unref(blocks[j]).IgnoreError();
+    blocks.resize(keep);
+    restored.resize(keep);
+  }
   model::SequenceState state;
   if (!restored.empty()) {
-    absl::StatusOr<model::SequenceState> s = RestoreState(config_, layout_, restored);
+    int64_t recomputed = 0;
+    absl::StatusOr<model::SequenceState> s =
+        model_ != nullptr ? RestoreWithRecompute(*model_, layout_, restored, &recomputed)
+                          : RestoreState(config_, layout_, restored);
+    recomputed_tokens_ += recomputed;
     if (s.ok()) {
       state = *std::move(s);
     } else {
@@ -148,6 +177,12 @@ void KvCacheManager::OnBlockBoundary(Sequence* seq) {
       config_, layout_, seq->state, index,
       absl::MakeConstSpan(seq->tokens).subspan(static_cast<size_t>(index) * block_tokens(), block_tokens()),
       hash);
+  if (block.ok()) {
+    const bool keep_state =
+        KeepsWindowState(options_.swa_policy, options_.swa_checkpoint_tokens, index, block_tokens());
+    if (options_.store != nullptr) WriteBehind(*seq, *block, keep_state);
+    if (!keep_state) block->boundary_state.clear();
+  }
   absl::StatusOr<std::string> bytes =
       block.ok() ? kvstore::EncodeKvBlock(layout_, *block) : absl::StatusOr<std::string>(block.status());
   const BlockId mine = seq->blocks[static_cast<size_t>(index)];
@@ -165,6 +200,64 @@ void KvCacheManager::OnBlockBoundary(Sequence* seq) {
     }
   }
   seq->cached_blocks = index + 1;
+}
+
+void KvCacheManager::FetchFromStore(const Sequence& seq, absl::Span<const BlockHash> hashes,
+                                    std::vector<BlockId>* blocks, std::vector<KvBlock>* restored) {
+  const kvstore::StoreScope scope{layout_.model_fingerprint, seq.tenant_salt};
+  const size_t have = blocks->size();
+  absl::StatusOr<kvstore::LookupResult> found = options_.store->Lookup(scope, hashes.subspan(have));
+  if (!found.ok()) {
+    V4LOG(WARNING).With("status", found.status().ToString()) << "KV store lookup failed; computing instead";
+    return;
+  }
+  for (int32_t k = 0; k < found->matched; ++k) {
+    const size_t i = have + static_cast<size_t>(k);
+    absl::StatusOr<kvstore::StoredBlock> stored = options_.store->Get(scope, hashes[i], /*with_state=*/true);
+    if (!stored.ok()) break;  // Evicted meanwhile, or failed verification (counted by the store).
+    absl::StatusOr<KvBlock> block = kvstore::DecodeKvBlock(layout_, stored->block);
+    if (!block.ok() || block->block_hash != hashes[i] || block->block_index != static_cast<int32_t>(i) ||
+        !std::equal(block->tokens.begin(), block->tokens.end(), seq.tokens.begin() + i * block_tokens())) {
+      V4LOG(WARNING).With("status", block.status().ToString()) << "stored KV block unusable; recomputing";
+      break;
+    }
+    if (!stored->window_state.empty()) {
+      absl::StatusOr<kvstore::WindowState> ws = kvstore::DecodeWindowState(stored->window_state);
+      // A state that does not match is ignored: the policy's recomputation rebuilds it exactly.
+      if (ws.ok() && ws->hash == hashes[i] && ws->index == static_cast<int32_t>(i) &&
+          ws->model_fingerprint == layout_.model_fingerprint) {
+        block->boundary_state = std::move(ws->state);
+      }
+    }
+    absl::StatusOr<BlockId> id = AllocateEvicting();
+    if (!id.ok()) break;
+    absl::StatusOr<std::string> bytes = kvstore::EncodeKvBlock(layout_, *block);
+    if (!bytes.ok() || !pool_.Put(*id, *std::move(bytes)).ok()) {
+      pool_.Unref(*id).IgnoreError();
+      break;
+    }
+    cache_.Insert(hashes[i], *id);  // Promoted to this process's tier (false: another copy is cached).
+    blocks->push_back(*id);
+    restored->push_back(*std::move(block));
+    store_hit_tokens_ += block_tokens();
+  }
+}
+
+void KvCacheManager::WriteBehind(const Sequence& seq, const KvBlock& block, bool keep_state) {
+  KvBlock entries_only = block;
+  std::string state = std::move(entries_only.boundary_state);
+  entries_only.boundary_state.clear();
+  absl::StatusOr<std::string> bytes = kvstore::EncodeKvBlock(layout_, entries_only);
+  if (!bytes.ok()) return;
+  kvstore::StoredBlock out;
+  out.hash = block.block_hash;
+  out.index = block.block_index;
+  out.block = *std::move(bytes);
+  if (keep_state && !state.empty()) {
+    out.window_state = kvstore::EncodeWindowState(kvstore::WindowState{
+        layout_.model_fingerprint, block.block_hash, block.block_index, std::move(state)});
+  }
+  options_.store->PutAsync(kvstore::StoreScope{layout_.model_fingerprint, seq.tenant_salt}, std::move(out));
 }
 
 absl::Status KvCacheManager::Fork(const Sequence& parent, Sequence* child) {

@@ -7,8 +7,15 @@
 // contiguous per-layer arrays); a completed block's encoded bytes live in its pool slot, which is what
 // the prefix cache serves and what a transfer or the disk tier would carry.
 //
-// Reuse is exact: a block is reused only with its end boundary's sliding-window state (MODEL.md), and
-// only if its stored tokens equal the request's (a hash collision or a corrupt block is a miss).
+// Reuse is exact: a block is reused only if its stored tokens equal the request's (a hash collision or a
+// corrupt block is a miss), and the sliding-window state at the reuse point is either stored with the
+// last reused block or recomputed exactly under the deployment's SWA policy (state_blocks.h
+// RestoreWithRecompute; MODEL.md).
+//
+// Tiers (docs/KV_STORE.md): the pool + prefix cache are this process's device tier. With a
+// KvStoreClient (options.store: the in-process TieredStore or the `v4serve kvstore` service) a prefix
+// that misses here is looked up there (host memory, then disk), fetched, verified and promoted into the
+// pool; every completed block is written behind to the store (never blocking the step).
 //
 // Externally synchronized (the engine's thread). The config must outlive it.
 #ifndef V4SERVE_ENGINE_KV_CACHE_MANAGER_H_
@@ -20,23 +27,35 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "engine/sequence.h"
+#include "engine/state_blocks.h"
 #include "kvstore/block_pool.h"
 #include "kvstore/kv_block.h"
+#include "kvstore/kv_store_client.h"
 #include "kvstore/prefix_cache.h"
 #include "model/config.h"
+#include "model/model.h"
 
 namespace v4serve::engine {
 
 struct KvCacheOptions {
   int64_t num_blocks = 256;  // Pool capacity in blocks.
   bool enable_prefix_cache = true;
+  // Which blocks keep their boundary window state (state_blocks.h); periodic checkpoints every
+  // `swa_checkpoint_tokens` tokens (a positive multiple of the block size).
+  SwaPolicy swa_policy = SwaPolicy::kFull;
+  int64_t swa_checkpoint_tokens = 4096;
+  // The node's tiered store (host memory + disk), shared with other workers; null = this process only.
+  std::shared_ptr<kvstore::KvStoreClient> store;
 
   absl::Status Validate() const;
 };
 
 class KvCacheManager {
  public:
-  KvCacheManager(const model::ModelConfig& config, kvstore::KvLayout layout, const KvCacheOptions& options);
+  // `model` runs the recomputation of the periodic and zero policies; without it (tests of the pool
+  // alone) reuse stops at the last block that carries window state.
+  KvCacheManager(const model::ModelConfig& config, kvstore::KvLayout layout, const KvCacheOptions& options,
+                 const model::Model* model = nullptr);
   ~KvCacheManager();
 
   int32_t block_tokens() const { return layout_.block_tokens; }
@@ -74,6 +93,11 @@ class KvCacheManager {
   // Drops the sequence's block references and state (finish, cancel or recompute-preemption).
   void Release(Sequence* seq);
 
+  // Tokens the SWA policy's exact recomputation ran through the model (periodic / zero), and prefix
+  // tokens restored from the store rather than this process's pool.
+  int64_t recomputed_tokens() const { return recomputed_tokens_; }
+  int64_t store_hit_tokens() const { return store_hit_tokens_; }
+
   // The pool, for fault-injection tests (corrupting stored blocks).
   kvstore::BlockPool* mutable_pool_for_testing() { return &pool_; }
 
@@ -82,7 +106,17 @@ class KvCacheManager {
   // Grows `blocks` to `count` blocks; on failure unrefs every block in `blocks` (the caller owns none).
   absl::Status AllocateUpTo(std::vector<kvstore::BlockId>* blocks, int64_t count);
 
+  // Blocks [have, want) of the chain from the store, verified and promoted into the pool (each with a
+  // pool reference for the caller, and cached). Stops at the first miss or bad block.
+  void FetchFromStore(const Sequence& seq, absl::Span<const kvstore::BlockHash> hashes,
+                      std::vector<kvstore::BlockId>* blocks, std::vector<kvstore::KvBlock>* restored);
+  // Publishes `block` (state included when the policy keeps it) to the store's write-behind queue.
+  void WriteBehind(const Sequence& seq, const kvstore::KvBlock& block, bool keep_state);
+
   const model::ModelConfig& config_;
+  const model::Model* const model_;
+  int64_t recomputed_tokens_ = 0;
+  int64_t store_hit_tokens_ = 0;
   const kvstore::KvLayout layout_;
   const KvCacheOptions options_;
   kvstore::BlockPool pool_;

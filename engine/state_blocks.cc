@@ -1,5 +1,6 @@
 #include "engine/state_blocks.h"
 
+#include <algorithm>
 #include <filesystem>
 #include <fstream>
 #include <sstream>
@@ -118,6 +119,135 @@ absl::StatusOr<model::SequenceState> RestoreState(const model::ModelConfig& conf
     }
   }
   state.position = static_cast<int64_t>(blocks.size()) * layout.block_tokens;
+  return state;
+}
+
+}  // namespace v4serve::engine
+
+namespace v4serve::engine {
+
+absl::StatusOr<SwaPolicy> ParseSwaPolicy(absl::string_view name) {
+  if (name == "full") return SwaPolicy::kFull;
+  if (name == "periodic") return SwaPolicy::kPeriodic;
+  if (name == "zero") return SwaPolicy::kZero;
+  return absl::InvalidArgumentError(
+      absl::StrCat("--swa_policy must be 'full', 'periodic' or 'zero', not '", name, "'"));
+}
+
+const char* SwaPolicyName(SwaPolicy policy) {
+  switch (policy) {
+    case SwaPolicy::kFull:
+      return "full";
+    case SwaPolicy::kPeriodic:
+      return "periodic";
+    case SwaPolicy::kZero:
+      return "zero";
+  }
+  return "full";
+}
+
+bool KeepsWindowState(SwaPolicy policy, int64_t checkpoint_tokens, int32_t block_index,
+                      int32_t block_tokens) {
+  switch (policy) {
+    case SwaPolicy::kFull:
+      return true;
+    case SwaPolicy::kPeriodic:
+      return checkpoint_tokens > 0 && (int64_t{block_index + 1} * block_tokens) % checkpoint_tokens == 0;
+    case SwaPolicy::kZero:
+      return false;
+  }
+  return true;
+}
+
+int64_t WindowReceptiveField(const model::ModelConfig& config) {
+  return (config.num_hidden_layers + 1) * config.sliding_window;
+}
+
+absl::StatusOr<model::SequenceState> RestoreWithRecompute(const model::Model& model, const KvLayout& layout,
+                                                          absl::Span<const KvBlock> blocks,
+                                                          int64_t* recomputed_tokens) {
+  *recomputed_tokens = 0;
+  if (blocks.empty()) return absl::InvalidArgumentError("RestoreWithRecompute needs at least one block");
+  const model::ModelConfig& config = model.config();
+  if (!blocks.back().boundary_state.empty()) return RestoreState(config, layout, blocks);
+  const int64_t n = static_cast<int64_t>(blocks.size());
+  const int64_t bt = layout.block_tokens;
+  const int64_t end = n * bt;
+  int64_t checkpoint = -1;  // Last block with window state.
+  for (int64_t i = n - 1; i >= 0; --i) {
+    if (!blocks[static_cast<size_t>(i)].boundary_state.empty()) {
+      checkpoint = i;
+      break;
+    }
+  }
+  const int64_t fresh_start = std::max<int64_t>(0, (end - WindowReceptiveField(config)) / bt);  // In blocks.
+  model::SequenceState state;
+  int64_t start = 0;  // In blocks.
+  if (checkpoint >= 0 && checkpoint + 1 >= fresh_start) {
+    start = checkpoint + 1;
+    ASSIGN_OR_RETURN(state, RestoreState(config, layout, blocks.subspan(0, static_cast<size_t>(start))));
+  } else {
+    start = fresh_start;
+    state = model::NewSequenceState(config);
+    for (int64_t i = 0; i < start; ++i) {
+      if (blocks[static_cast<size_t>(i)].block_index != static_cast<int32_t>(i)) {
+        return absl::DataLossError("blocks out of order");
+      }
+      for (size_t l = 0; l < layout.layers.size(); ++l) {
+        model::AttentionLayerState& ls = state.layers[static_cast<size_t>(layout.layers[l].layer)];
+        const KvBlock& b = blocks[static_cast<size_t>(i)];
+        ls.entries.insert(ls.entries.end(), b.entries[l].begin(), b.entries[l].end());
+        ls.indexer_keys.insert(ls.indexer_keys.end(), b.indexer_keys[l].begin(), b.indexer_keys[l].end());
+      }
+    }
+    state.position = start * bt;  // The window ring is empty: the receptive field makes that harmless.
+  }
+  for (int64_t i = start; i < n; ++i) {
+    if (blocks[static_cast<size_t>(i)].block_index != static_cast<int32_t>(i)) {
+      return absl::DataLossError("blocks out of order");
+    }
+  }
+  std::vector<int32_t> tokens;
+  tokens.reserve(static_cast<size_t>((n - start) * bt));
+  for (int64_t i = start; i < n; ++i) {
+    const std::vector<int32_t>& t = blocks[static_cast<size_t>(i)].tokens;
+    tokens.insert(tokens.end(), t.begin(), t.end());
+  }
+  // Replaces entries [from, count) of every compressed layer with the cached ones.
+  std::vector<int64_t> replaced(layout.layers.size());
+  for (size_t l = 0; l < layout.layers.size(); ++l) replaced[l] = start * layout.layers[l].entries_per_block;
+  auto use_cached_entries = [&]() -> absl::Status {
+    for (size_t l = 0; l < layout.layers.size(); ++l) {
+      const kvstore::KvLayerLayout& ll = layout.layers[l];
+      model::AttentionLayerState& ls = state.layers[static_cast<size_t>(ll.layer)];
+      const int64_t count = static_cast<int64_t>(ls.entries.size()) / ll.entry_width;
+      if (count > n * ll.entries_per_block) return absl::InternalError("recompute emitted too many entries");
+      for (int64_t e = replaced[l]; e < count; ++e) {
+        const KvBlock& b = blocks[static_cast<size_t>(e / ll.entries_per_block)];
+        const int64_t off = e % ll.entries_per_block;
+        std::copy_n(b.entries[l].begin() + off * ll.entry_width, ll.entry_width,
+                    ls.entries.begin() + e * ll.entry_width);
+        if (ll.indexer_width > 0) {
+          std::copy_n(b.indexer_keys[l].begin() + off * ll.indexer_width, ll.indexer_width,
+                      ls.indexer_keys.begin() + e * ll.indexer_width);
+        }
+      }
+      replaced[l] = count;
+    }
+    return absl::OkStatus();
+  };
+  const int64_t chunk = std::max<int64_t>(1, config.sliding_window / 2);
+  for (size_t at = 0; at < tokens.size(); at += static_cast<size_t>(chunk)) {
+    const size_t len = std::min(tokens.size() - at, static_cast<size_t>(chunk));
+    RETURN_IF_ERROR(model.Prefill(&state, absl::MakeConstSpan(tokens).subspan(at, len)).status());
+    RETURN_IF_ERROR(use_cached_entries());
+  }
+  for (size_t l = 0; l < layout.layers.size(); ++l) {
+    if (replaced[l] != n * layout.layers[l].entries_per_block) {
+      return absl::InternalError("recompute left a different number of compressed entries than cached");
+    }
+  }
+  *recomputed_tokens = static_cast<int64_t>(tokens.size());
   return state;
 }
 

@@ -3,6 +3,8 @@
 #include <cstring>
 #include <iterator>
 
+#include "absl/strings/str_cat.h"
+
 namespace v4serve::kvstore {
 namespace {
 
@@ -54,6 +56,26 @@ std::vector<BlockHash> BlockHashChain(absl::Span<const int32_t> tokens, int32_t 
     out.push_back(prev);
   }
   return out;
+}
+
+uint64_t TenantSalt(absl::string_view tenant) {
+  return tenant.empty() ? 0 : StableHash64(tenant.data(), tenant.size());
+}
+
+std::string BlockHashBytes(BlockHash hash) {
+  std::string out(8, '\0');
+  for (int b = 0; b < 8; ++b) out[b] = static_cast<char>(static_cast<uint8_t>(hash >> (8 * (7 - b))));
+  return out;
+}
+
+absl::StatusOr<BlockHash> BlockHashFromBytes(absl::string_view bytes) {
+  if (bytes.size() != 8) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("block hash: expected 8 bytes, got ", bytes.size()));
+  }
+  BlockHash h = 0;
+  for (int b = 0; b < 8; ++b) h = (h << 8) | static_cast<uint8_t>(bytes[b]);
+  return h;
 }
 
 PrefixCache::~PrefixCache() {

@@ -17,11 +17,14 @@
 
 #include <cstdint>
 #include <list>
+#include <string>
 #include <vector>
 
 #include "absl/base/thread_annotations.h"
 #include "absl/container/flat_hash_map.h"
 #include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/types/span.h"
 #include "kvstore/block_pool.h"
@@ -38,6 +41,13 @@ std::vector<BlockHash> BlockHashChain(absl::Span<const int32_t> tokens, int32_t 
                                       uint64_t model_fingerprint, uint64_t tenant_salt);
 // A stable 64-bit hash of bytes (tenant names to salts, checkpoint files to fingerprints).
 uint64_t StableHash64(const void* data, size_t n, uint64_t seed = 0);
+// The salt of a tenant's hash chains: 0 for the default (empty) tenant, else StableHash64 of the name.
+uint64_t TenantSalt(absl::string_view tenant);
+// A hash (or a model fingerprint) as it travels in proto bytes fields (BlockId.hash): 8 bytes, big-endian,
+// the order of the store keys (kvstore/store_format.h).
+std::string BlockHashBytes(BlockHash hash);
+// INVALID_ARGUMENT unless `bytes` is 8 bytes long.
+absl::StatusOr<BlockHash> BlockHashFromBytes(absl::string_view bytes);
 
 class PrefixCache {
  public:

@@ -41,6 +41,7 @@ const char* TaskToken(const std::string& task) {
   if (task == "authority") return "<｜authority｜>";
   if (task == "domain") return "<｜domain｜>";
   if (task == "title") return "<｜title｜>";
+  if (task == "extracted_url") return "<｜extracted_url｜>";
   return "<｜read_url｜>";  // "read_url"; ValidateMessages rejected anything else
 }
 

@@ -271,8 +271,7 @@ absl::Status PrefillService::Compute(Job* job) {
   model::SequenceState state = model_->NewState();
   const int64_t n = static_cast<int64_t>(prompt.size());
   const int64_t bt = layout_.block_tokens;
-  const uint64_t salt =
-      req.tenant().empty() ? 0 : kvstore::StableHash64(req.tenant().data(), req.tenant().size());
+  const uint64_t salt = kvstore::TenantSalt(req.tenant());
   const std::vector<kvstore::BlockHash> hashes =
       kvstore::BlockHashChain(prompt, static_cast<int32_t>(bt), layout_.model_fingerprint, salt);
   const int64_t restored = RestorePrefix(prompt, hashes, &state);

@@ -1,5 +1,7 @@
 #include "router/completion_call.h"
 
+#include "kvstore/prefix_cache.h"
+
 #include <vector>
 
 #include "absl/base/thread_annotations.h"
@@ -21,6 +23,7 @@ v1::GenerateRequest ToWorkerRequest(const OpenAiRequest& req, const EncodedPromp
                                     const std::string& model) {
   v1::GenerateRequest out;
   out.set_model(model);
+  out.set_tenant(req.tenant);
   out.mutable_token_ids()->mutable_ids()->Add(prompt.ids.begin(), prompt.ids.end());
   v1::SamplingParams* s = out.mutable_sampling();
   const SamplingRequest& in = req.sampling;
@@ -159,7 +162,10 @@ class Call : public std::enable_shared_from_this<Call> {
  private:
   void NextAttempt(const absl::Status& previous) {
     ++attempts_;
-    RoutingContext rc{.prompt_tokens = static_cast<int64_t>(prompt_.ids.size())};
+    RoutingContext rc{.prompt_tokens = static_cast<int64_t>(prompt_.ids.size()),
+                      .tenant = worker_request_.tenant(),
+                      .prompt = prompt_.ids,
+                      .tenant_salt = kvstore::TenantSalt(worker_request_.tenant())};
     absl::StatusOr<WorkerLease> lease = ctx_.pool->Pick(WorkerRole::kDecode, rc);
     if (!lease.ok()) {
       Fail(previous.ok() ? lease.status()

@@ -55,6 +55,11 @@ void HttpApi::Handle(HttpRequest req, std::shared_ptr<HttpResponder> responder) 
   if (req.path == "/metrics" && get) {
     return Reply(req, *responder, 200, "text/plain; version=0.0.4", metrics_->Serialize());
   }
+  absl::StatusOr<std::string> tenant;
+  if (req.path.rfind("/v1/", 0) == 0) {
+    tenant = backend_->Authenticate(req.Header("authorization"));
+    if (!tenant.ok()) return ReplyError(req, *responder, tenant.status());
+  }
   if (req.path == "/v1/models" && get) {
     nlohmann::json out = {{"object", "list"}, {"data", nlohmann::json::array()}};
     for (const std::string& id : backend_->ModelIds()) {
@@ -73,6 +78,7 @@ void HttpApi::Handle(HttpRequest req, std::shared_ptr<HttpResponder> responder) 
     Endpoint endpoint = req.path == "/v1/completions" ? Endpoint::kCompletions : Endpoint::kChatCompletions;
     absl::StatusOr<OpenAiRequest> parsed = ParseOpenAiRequest(endpoint, req.body);
     if (!parsed.ok()) return ReplyError(req, *responder, parsed.status());
+    parsed->tenant = *tenant;
     std::vector<std::string> ids = backend_->ModelIds();
     std::unique_ptr<CompletionSink> sink =
         MakeHttpSink(*parsed, ids.empty() ? "" : ids.front(), req.request_id, std::move(responder));

@@ -25,6 +25,9 @@ class RouterBackend {
   virtual absl::Status Ready() const = 0;
   // The served model ids (empty when none is loaded).
   virtual std::vector<std::string> ModelIds() const = 0;
+  // The tenant of a request from its Authorization value ("Bearer <key>"); UNAUTHENTICATED when keys are
+  // configured and it is missing or unknown (router/tenants.h).
+  virtual absl::StatusOr<std::string> Authenticate(absl::string_view authorization) const = 0;
   // Checks the model, encodes and runs one completion; its output and any error go to `sink`.
   virtual void Start(OpenAiRequest request, const std::string& request_id,
                      std::unique_ptr<CompletionSink> sink) = 0;

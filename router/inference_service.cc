@@ -243,6 +243,19 @@ absl::StatusOr<OpenAiRequest> FromGenerateRequest(const v1::GenerateRequest& in)
   return r;
 }
 
+namespace {
+
+// The caller's tenant from its "authorization" metadata ("Bearer <key>"), as HTTP does from the header.
+absl::StatusOr<std::string> AuthenticateCall(const RouterBackend& backend,
+                                             const grpc::CallbackServerContext& ctx) {
+  auto auth = ctx.client_metadata().find("authorization");
+  return backend.Authenticate(auth == ctx.client_metadata().end()
+                                  ? absl::string_view()
+                                  : absl::string_view(auth->second.data(), auth->second.size()));
+}
+
+}  // namespace
+
 grpc::ServerWriteReactor<v1::GenerateResponse>* InferenceService::Generate(
     grpc::CallbackServerContext* ctx, const v1::GenerateRequest* request) {
   auto* stream = new GenerateStream();
@@ -253,11 +266,17 @@ grpc::ServerWriteReactor<v1::GenerateResponse>* InferenceService::Generate(
     sink->Error(absl::UnavailableError(ready.message()));
     return stream;
   }
+  absl::StatusOr<std::string> tenant = AuthenticateCall(*backend_, *ctx);
+  if (!tenant.ok()) {
+    sink->Error(tenant.status());
+    return stream;
+  }
   absl::StatusOr<OpenAiRequest> req = FromGenerateRequest(*request);
   if (!req.ok()) {
     sink->Error(req.status());
     return stream;
   }
+  req->tenant = *tenant;
   backend_->Start(std::move(*req), request_id, std::move(sink));
   return stream;
 }
@@ -265,12 +284,17 @@ grpc::ServerWriteReactor<v1::GenerateResponse>* InferenceService::Generate(
 grpc::ServerUnaryReactor* InferenceService::ListModels(grpc::CallbackServerContext* ctx,
                                                        const v1::ListModelsRequest*,
                                                        v1::ListModelsResponse* response) {
+  grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
+  absl::StatusOr<std::string> tenant = AuthenticateCall(*backend_, *ctx);
+  if (!tenant.ok()) {
+    reactor->Finish(services::ToGrpcStatus(tenant.status()));
+    return reactor;
+  }
   for (const std::string& id : backend_->ModelIds()) {
     v1::ModelCard* card = response->add_models();
     card->set_id(id);
     card->set_owned_by("v4serve");
   }
-  grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
   reactor->Finish(grpc::Status::OK);
   return reactor;
 }

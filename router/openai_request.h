@@ -57,6 +57,8 @@ struct OpenAiRequest {
   // Quick instructions (docs/API.md): a cached conversation to continue and the task to append.
   std::string cache_handle;
   std::string quick_instruction;
+  // Set by the front end from the API key (router/tenants.h), never from the body.
+  std::string tenant;
 };
 
 // Parses a request body. `max_n` bounds `n` (choices per request).

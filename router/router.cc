@@ -6,7 +6,10 @@
 #include "router/completion_call.h"
 #include "router/http_api.h"
 #include "router/inference_service.h"
+#include "router/kv_event_subscriber.h"
+#include "router/prefix_index.h"
 #include "router/served_model.h"
+#include "router/tenants.h"
 #include "services/logging.h"
 #include "services/metrics.h"
 #include "services/status_macros.h"
@@ -15,11 +18,32 @@
 namespace v4serve::router {
 namespace {
 
-// What the HTTP and gRPC front ends call: the served model (tokenizer, limits) and the worker pool.
+// A sink that holds the request's tenant ticket (a concurrent slot) until the completion is over.
+class TicketSink : public CompletionSink {
+ public:
+  TicketSink(std::unique_ptr<CompletionSink> inner, TenantTicket ticket)
+      : inner_(std::move(inner)), ticket_(std::move(ticket)) {}
+  void Event(const ChoiceEvent& event, const v1::GeneratedToken* token) override { inner_->Event(event, token); }
+  void End(const UsageOut& usage) override { inner_->End(usage); }
+  void Error(const absl::Status& status) override { inner_->Error(status); }
+  void OnClientGone(std::function<void()> callback) override { inner_->OnClientGone(std::move(callback)); }
+  bool sent_anything() const override { return inner_->sent_anything(); }
+
+ private:
+  std::unique_ptr<CompletionSink> inner_;
+  TenantTicket ticket_;
+};
+
+// What the HTTP and gRPC front ends call: the served model (tokenizer, limits), tenants and the pool.
 class ServingBackend : public RouterBackend {
  public:
-  ServingBackend(const ServedModel* model, WorkerPool* pool, absl::Duration request_timeout)
-      : model_(model), pool_(pool), completion_{model, pool, request_timeout} {}
+  ServingBackend(const ServedModel* model, WorkerPool* pool, TenantRegistry* tenants,
+                 absl::Duration request_timeout)
+      : model_(model), pool_(pool), tenants_(tenants), completion_{model, pool, request_timeout} {}
+
+  absl::StatusOr<std::string> Authenticate(absl::string_view authorization) const override {
+    return tenants_->Authenticate(authorization);
+  }
 
   absl::Status Ready() const override {
     if (model_ == nullptr) {
@@ -43,12 +67,16 @@ class ServingBackend : public RouterBackend {
     }
     absl::StatusOr<EncodedPrompt> prompt = st.ok() ? model_->Encode(req) : absl::StatusOr<EncodedPrompt>(st);
     if (!prompt.ok()) return sink->Error(prompt.status());
-    StartCompletion(completion_, std::move(req), std::move(*prompt), request_id, std::move(sink));
+    absl::StatusOr<TenantTicket> ticket = tenants_->Admit(req.tenant);
+    if (!ticket.ok()) return sink->Error(ticket.status());
+    StartCompletion(completion_, std::move(req), std::move(*prompt), request_id,
+                    std::make_unique<TicketSink>(std::move(sink), std::move(*ticket)));
   }
 
  private:
   const ServedModel* model_;
   WorkerPool* pool_;
+  TenantRegistry* tenants_;
   CompletionContext completion_;
 };
 
@@ -60,19 +88,36 @@ absl::Status RouterOptions::Validate() const {
   RETURN_IF_ERROR(workers.Validate());
   if (request_timeout <= absl::ZeroDuration())
     return absl::InvalidArgumentError("request_timeout must be positive");
-  return MakeRoutingPolicy(routing_policy).status();
+  if (routing_load_penalty_tokens < 0) {
+    return absl::InvalidArgumentError("routing_load_penalty_tokens: must be >= 0");
+  }
+  if (default_limits.requests_per_minute < 0 || default_limits.max_concurrent < 0) {
+    return absl::InvalidArgumentError("requests_per_minute and max_concurrent_requests: must be >= 0");
+  }
+  return ValidateRoutingPolicyName(routing_policy);
 }
 
 absl::Status RunRouter(const RouterOptions& options, services::ShutdownSignal* shutdown) {
   RETURN_IF_ERROR(options.Validate());
   services::MetricsRegistry metrics("router");
-  ASSIGN_OR_RETURN(std::unique_ptr<RoutingPolicy> policy, MakeRoutingPolicy(options.routing_policy));
+  ASSIGN_OR_RETURN(std::unique_ptr<TenantRegistry> tenants,
+                   TenantRegistry::Create(options.api_keys_file, options.default_limits));
+  PrefixIndex prefix_index;
+  ASSIGN_OR_RETURN(std::unique_ptr<RoutingPolicy> policy,
+                   MakeRoutingPolicy({.name = options.routing_policy,
+                                      .index = &prefix_index,
+                                      .load_penalty_tokens = options.routing_load_penalty_tokens}));
   ASSIGN_OR_RETURN(std::unique_ptr<WorkerPool> pool, WorkerPool::Start(options.workers, policy.get()));
+  // The prefix index follows the workers' KV events only when a policy reads it.
+  std::unique_ptr<KvEventSubscriber> kv_events;
+  if (options.routing_policy == "prefix_aware") {
+    kv_events = std::make_unique<KvEventSubscriber>(pool.get(), &prefix_index);
+  }
   std::unique_ptr<ServedModel> model;
   if (!options.model_dir.empty()) {
     ASSIGN_OR_RETURN(model, ServedModel::Load(options.model_dir, options.served_model_name));
   }
-  ServingBackend backend(model.get(), pool.get(), options.request_timeout);
+  ServingBackend backend(model.get(), pool.get(), tenants.get(), options.request_timeout);
   HttpApi api(&backend, &metrics);
   InferenceService inference(&backend);
   ASSIGN_OR_RETURN(

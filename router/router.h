@@ -8,6 +8,7 @@
 
 #include "absl/status/status.h"
 #include "router/http_server.h"
+#include "router/tenants.h"
 #include "router/worker_pool.h"
 #include "services/server_process.h"
 #include "services/shutdown.h"
@@ -20,7 +21,11 @@ struct RouterOptions {
   // Worker names (host:port; a DNS name may stand for every pod of a headless Service). With no decode
   // worker nothing is served; /readyz says so.
   WorkerPoolOptions workers;
-  std::string routing_policy = "least_loaded";
+  std::string routing_policy = "least_loaded";  // least_loaded | prefix_aware
+  int64_t routing_load_penalty_tokens = 1024;   // prefix_aware: one in-flight request, in prompt tokens
+  // API keys and tenant limits (router/tenants.h); empty file = no authentication.
+  std::string api_keys_file;
+  TenantLimits default_limits;
   // The served model: its config.json and tokenizer.json (the router tokenizes; workers hold the weights).
   std::string model_dir;
   std::string served_model_name;  // default: the model directory's name

@@ -36,6 +36,43 @@ absl::StatusOr<std::unique_ptr<ServedModel>> ServedModel::Load(const std::string
                                        static_cast<int32_t>(config.eos_token_id));
 }
 
+absl::StatusOr<nlohmann::ordered_json> WithQuickInstruction(const OpenAiRequest& req) {
+  if (!req.cache_handle.empty()) {
+    return absl::InvalidArgumentError(
+        "v4serve.cache_handle: handles are not issued by this version; send the conversation's messages "
+        "with v4serve.quick_instruction (its cached prefix is found from the messages)");
+  }
+  if (req.quick_instruction.empty()) return req.messages;
+  const std::string& task = req.quick_instruction;
+  const bool after_assistant = task == "title";
+  const bool after_user = task == "action" || task == "query" || task == "authority" || task == "domain" ||
+                          task == "read_url" || task == "extracted_url";
+  if (!after_assistant && !after_user) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "v4serve.quick_instruction: unknown task '", task,
+        "' (expected title, action, query, authority, domain, read_url or extracted_url)"));
+  }
+  if (req.endpoint != Endpoint::kChatCompletions) {
+    return absl::InvalidArgumentError("v4serve.quick_instruction: only /v1/chat/completions takes it");
+  }
+  nlohmann::ordered_json messages = req.messages;
+  nlohmann::ordered_json& last = messages.back();
+  const std::string role = last.value("role", "");
+  if (after_assistant && role != "assistant") {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "v4serve.quick_instruction: '", task, "' follows an assistant turn; the last message is '", role, "'"));
+  }
+  if (after_user && role != "user") {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "v4serve.quick_instruction: '", task, "' follows a user turn; the last message is '", role, "'"));
+  }
+  if (last.contains("task")) {
+    return absl::InvalidArgumentError("v4serve.quick_instruction: the last message already has a task");
+  }
+  last["task"] = task;
+  return messages;
+}
+
 absl::StatusOr<EncodedPrompt> ServedModel::Encode(const OpenAiRequest& req) const {
   EncodedPrompt out;
   const char* field = "prompt";
@@ -49,7 +86,8 @@ absl::StatusOr<EncodedPrompt> ServedModel::Encode(const OpenAiRequest& req) cons
                                                                       : model::ReasoningEffort::kDefault;
     out.thinking = o.thinking_mode == model::ThinkingMode::kThinking;
     model::ChatEncoder encoder(*tokenizer_);
-    ASSIGN_OR_RETURN(model::ChatEncoder::Prompt prompt, encoder.Encode(req.messages, req.tools, o));
+    ASSIGN_OR_RETURN(nlohmann::ordered_json messages, WithQuickInstruction(req));
+    ASSIGN_OR_RETURN(model::ChatEncoder::Prompt prompt, encoder.Encode(messages, req.tools, o));
     out.ids = std::move(prompt.ids);
   } else if (req.prompt_ids) {
     for (size_t i = 0; i < req.prompt_ids->size(); ++i) {

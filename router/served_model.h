@@ -21,6 +21,12 @@ struct EncodedPrompt {
   bool thinking = false;  // the prompt ends with <think>: output starts as reasoning
 };
 
+// The request's messages with its quick instruction (v4serve.quick_instruction, docs/API.md) attached
+// as the last message's task, so that the chat encoder appends the task token where V4 expects it:
+// `title` after an assistant turn, the others after a user turn. INVALID_ARGUMENT naming the field for
+// an unknown task, a wrong last role, or a cache handle (not issued by this version).
+absl::StatusOr<nlohmann::ordered_json> WithQuickInstruction(const OpenAiRequest& request);
+
 class ServedModel {
  public:
   // Reads `dir`/config.json and `dir`/tokenizer.json. `id` defaults to the directory's name.

@@ -94,6 +94,14 @@ absl::StatusOr<std::unique_ptr<WorkerPool>> WorkerPool::Start(const WorkerPoolOp
   return pool;
 }
 
+std::shared_ptr<grpc::Channel> WorkerPool::Channel(const std::string& address) const {
+  absl::MutexLock lock(&mu_);
+  for (const Worker& w : workers_) {
+    if (w.info.address == address) return w.channel;
+  }
+  return nullptr;
+}
+
 WorkerPool::~WorkerPool() {
   {
     absl::MutexLock lock(&mu_);

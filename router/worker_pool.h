@@ -67,6 +67,8 @@ class WorkerPool {
   void ReportFailure(WorkerRole role, const std::string& address, const absl::Status& status);
 
   std::vector<WorkerInfo> Snapshot() const;
+  // The channel to a known worker (null when the pool has none at `address`).
+  std::shared_ptr<grpc::Channel> Channel(const std::string& address) const;
   // OK when at least one decode worker is healthy (prefill workers are optional: decode can prefill).
   absl::Status Ready() const;
   // Waits until Ready() or `deadline`.

@@ -11,7 +11,8 @@ namespace v4serve::model::internal {
 namespace {
 
 const char* const kRoles[] = {"system", "user", "assistant", "tool", "developer", "latest_reminder"};
-const char* const kTasks[] = {"action", "query", "authority", "domain", "title", "read_url"};
+// The reference's tasks plus extracted_url, whose token V4's tokenizer has (docs/TOKENIZER.md).
+const char* const kTasks[] = {"action", "query", "authority", "domain", "title", "read_url", "extracted_url"};
 
 absl::Status Invalid(const std::string& path, absl::string_view what) {
   return absl::InvalidArgumentError(absl::StrCat(path, ": ", what));
@@ -92,7 +93,7 @@ absl::Status ValidateMessage(const ChatJson& msg, const std::string& at) {
         std::find(std::begin(kTasks), std::end(kTasks), task.get<std::string>()) == std::end(kTasks)) {
       return Invalid(at + ".task",
                      absl::StrCat("unknown task ", task.dump(),
-                                  " (expected action, query, authority, domain, title or read_url)"));
+                                  " (expected action, query, authority, domain, title, read_url or extracted_url)"));
     }
   }
   RETURN_IF_ERROR(ValidateTools(Get(msg, "tools"), at + ".tools"));

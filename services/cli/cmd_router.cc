@@ -30,7 +30,17 @@ int RunRouterCommand(const Context& ctx, const std::vector<std::string>& args) {
   flags.Add("served_model_name", &o.served_model_name,
             "Model id clients use (default: the directory's name).");
   flags.Add("request_timeout", &o.request_timeout, "Deadline of one completion on the workers.");
-  flags.Add("routing_policy", &o.routing_policy, "How a worker is chosen per request: least_loaded.");
+  flags.Add("routing_policy", &o.routing_policy,
+            "How a worker is chosen per request: least_loaded, or prefix_aware (where the prompt's prefix "
+            "is cached, weighed against load; fed by the workers' KV events).");
+  flags.Add("routing_load_penalty_tokens", &o.routing_load_penalty_tokens,
+            "prefix_aware: what one request in flight on a worker costs, in prompt tokens to compute.");
+  flags.Add("api_keys_file", &o.api_keys_file,
+            "JSON file of API keys and their tenants and limits (docs/API.md); empty = no authentication.");
+  flags.Add("requests_per_minute", &o.default_limits.requests_per_minute,
+            "Per-tenant request rate limit (keys may set their own); 0 = unlimited. Over it: HTTP 429.");
+  flags.Add("max_concurrent_requests", &o.default_limits.max_concurrent,
+            "Per-tenant requests in flight (keys may set their own); 0 = unlimited. Over it: HTTP 429.");
   services::AddServerFlags(flags, &o.process);
   services::AddLogFlags(flags, &log);
   if (std::optional<int> code = ParseFlags(flags, args)) return *code;

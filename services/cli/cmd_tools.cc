@@ -4,6 +4,7 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "kvstore/tiered_store.h"
 #include "model/device.h"
 #include "model/generate.h"
 #include "services/build_info.h"
@@ -82,11 +83,59 @@ int RunBenchCommand(const Context&, const std::vector<std::string>& args) {
 }
 
 int RunKvCommand(const Context&, const std::vector<std::string>& args) {
-  std::string db_path;
-  services::FlagSet flags("v4serve kv",
-                          "Inspect a KV store: `v4serve kv stats|verify|compact --db_path DIR`.");
-  flags.Add("db_path", &db_path, "RocksDB directory of a kvstore.");
-  return NotInThisBuild(args, flags, "KV store inspection (it needs the tiered KV store)");
+  std::string dir;
+  bool repair = false;
+  services::FlagSet flags(
+      "v4serve kv",
+      "Inspect a KV store directory: `v4serve kv stats|verify|compact --dir DIR`.\n"
+      "  stats    blocks, window-state checkpoints and bytes (per column family and model)\n"
+      "  verify   read every block and window state and check its checksums; exit 1 if any\n"
+      "           is bad (--repair deletes them; needs the kvstore stopped)\n"
+      "  compact  compact every column family (needs the kvstore stopped)");
+  flags.Add("dir", &dir, "RocksDB directory of a kvstore (its --db_path).");
+  flags.Add("db_path", &dir, "Same as --dir.");
+  flags.Add("repair", &repair, "verify: delete blocks that fail verification.");
+  if (std::optional<int> code = ParseFlags(flags, args)) return *code;
+  const std::vector<std::string>& pos = flags.positional();
+  if (pos.size() != 1 || (pos[0] != "stats" && pos[0] != "verify" && pos[0] != "compact")) {
+    return ExitCode(absl::InvalidArgumentError("usage: v4serve kv stats|verify|compact --dir DIR"), "kv");
+  }
+  if (dir.empty())
+    return ExitCode(absl::InvalidArgumentError("--dir: the kvstore's directory is required"), "kv");
+  const std::string& cmd = pos[0];
+  kvstore::DiskTierOptions o;
+  o.path = dir;
+  o.read_only = cmd == "stats" || (cmd == "verify" && !repair);
+  absl::StatusOr<std::unique_ptr<kvstore::DiskTier>> disk = kvstore::DiskTier::Open(o);
+  if (!disk.ok()) return ExitCode(disk.status(), "kv");
+  if (cmd == "stats") {
+    const kvstore::DiskTierStats s = (*disk)->Stats();
+    std::printf(
+        "blocks: %lld\nwindow_states: %lld\nblock_bytes: %lld\nwindow_state_bytes: %lld\n"
+        "bytes_on_disk: %lld\n",
+        static_cast<long long>(s.blocks), static_cast<long long>(s.window_states),
+        static_cast<long long>(s.block_bytes), static_cast<long long>(s.state_bytes),
+        static_cast<long long>(s.bytes_on_disk));
+    if (s.blocks > 0) {
+      std::printf("bytes_per_block: %.1f\n", static_cast<double>(s.block_bytes + s.state_bytes) / s.blocks);
+    }
+    for (const auto& [fp, n] : s.blocks_per_model) {
+      std::printf("model %016llx: %lld blocks\n", static_cast<unsigned long long>(fp),
+                  static_cast<long long>(n));
+    }
+    return 0;
+  }
+  if (cmd == "verify") {
+    absl::StatusOr<std::pair<int64_t, int64_t>> r = (*disk)->Verify();
+    if (!r.ok()) return ExitCode(r.status(), "kv");
+    std::printf("verified: %lld good, %lld bad%s\n", static_cast<long long>(r->first),
+                static_cast<long long>(r->second), repair && r->second > 0 ? " (deleted)" : "");
+    return r->second == 0 ? 0 : 1;
+  }
+  absl::Status c = (*disk)->Compact();
+  if (!c.ok()) return ExitCode(c, "kv");
+  std::printf("compacted: %lld bytes on disk\n", static_cast<long long>((*disk)->Stats().bytes_on_disk));
+  return 0;
 }
 
 int RunConvertCommand(const Context&, const std::vector<std::string>& args) {

@@ -122,14 +122,20 @@ absl::Status RunUp(const Context& ctx, const UpOptions& o) {
                                      "--db_path=" + data_dir + "/kvstore"};
       for (auto& f : CommonFlags(o)) kv.push_back(f);
       ASSIGN_OR_RETURN(Role kvstore, StartRole("kvstore", kv, run_dir, o.start_timeout, ctx.shutdown));
+      // The workers share prefix KV through it (docs/KV_STORE.md).
+      const std::string kvstore_addr = absl::StrCat(o.host, ":", kvstore.ready["grpc_port"].get<int>());
       roles.push_back(std::move(kvstore));
       // Disaggregated: the router sends each request to the decode worker naming the prefill worker,
-      // which computes the prompt and pushes its KV to the decode worker over gRPC.
+      // which computes the prompt and pushes its KV to the decode worker over gRPC. The decode worker's
+      // engine (its local prefills: fallback and Inference.Generate) reuses prefixes through the kvstore.
       for (std::string role : {"prefill", "decode"}) {
         std::vector<std::string> argv = {ctx.self_exe,       role,
                                          "--grpc_port=0",    "--model=" + o.model_dir,
                                          "--metrics_port=0", "--metrics_host=" + o.host};
-        if (role == "decode") argv.push_back("--advertise_host=" + o.host);
+        if (role == "decode") {
+          argv.push_back("--advertise_host=" + o.host);
+          argv.push_back("--kvstore=" + kvstore_addr);
+        }
         for (auto& f : CommonFlags(o)) argv.push_back(f);
         ASSIGN_OR_RETURN(Role r, StartRole(role, argv, run_dir, o.start_timeout, ctx.shutdown));
         std::string addr = absl::StrCat(o.host, ":", r.ready["grpc_port"].get<int>());

@@ -37,9 +37,12 @@ int RunKvStoreCommand(const Context& ctx, const std::vector<std::string>& args) 
   kvstore::KvStoreServerOptions o;
   o.process.grpc.port = 50081;
   services::LogOptions log;
-  services::FlagSet flags("v4serve kvstore",
-                          "A node's persistent KV store: RocksDB on local disk, over gRPC.");
+  services::FlagSet flags(
+      "v4serve kvstore",
+      "A node's tiered KV store (host memory + RocksDB on local disk), shared by its workers over gRPC "
+      "(Get, Put, Lookup, Events).");
   flags.Add("db_path", &o.db_path, "RocksDB directory (created when missing).");
+  kvstore::AddKvStoreTierFlags(flags, &o);
   services::AddServerFlags(flags, &o.process);
   services::AddLogFlags(flags, &log);
   if (std::optional<int> code = ParseFlags(flags, args)) return *code;

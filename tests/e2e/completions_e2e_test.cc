@@ -4,6 +4,8 @@
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
+#include <fstream>
+
 #include "absl/strings/match.h"
 #include "absl/strings/str_split.h"
 #include "grpcpp/create_channel.h"
@@ -39,13 +41,15 @@ std::vector<int32_t> Ids(const std::string& text) { return Tok().Encode(text); }
 
 class CompletionsE2eTest : public ::testing::Test {
  protected:
-  void StartRouter(const std::vector<FakeWorker*>& workers, const std::string& health_interval = "100ms") {
+  void StartRouter(const std::vector<FakeWorker*>& workers, const std::string& health_interval = "100ms",
+                   std::vector<std::string> extra_flags = {}) {
     std::string list;
     for (FakeWorker* w : workers) list += (list.empty() ? "" : ",") + w->address();
-    auto r =
-        V4serveProcess::Start({"router", "--host=127.0.0.1", "--http_host=127.0.0.1", "--http_port=0",
-                               "--grpc_port=0", "--model=" + testing::MakeTestChatModelDir(dir_),
-                               "--decode_workers=" + list, "--worker_health_interval=" + health_interval});
+    std::vector<std::string> args = {"router", "--host=127.0.0.1", "--http_host=127.0.0.1", "--http_port=0",
+                                     "--grpc_port=0", "--model=" + testing::MakeTestChatModelDir(dir_),
+                                     "--decode_workers=" + list, "--worker_health_interval=" + health_interval};
+    args.insert(args.end(), extra_flags.begin(), extra_flags.end());
+    auto r = V4serveProcess::Start(args);
     ASSERT_TRUE(r.ok()) << r.status();
     router_ = std::move(*r);
     ASSERT_TRUE(testing::WaitUntilReady(port(), absl::Seconds(20)).ok());
@@ -186,6 +190,60 @@ TEST_F(CompletionsE2eTest, ADyingWorkerIsRetriedElsewhereAndDropped) {
   }
   EXPECT_EQ(bad.requests(), 1) << "a failed worker leaves routing until its next good health check";
   EXPECT_EQ(good.requests(), 4);
+}
+
+TEST_F(CompletionsE2eTest, ApiKeysNameTenantsAndLimitsAnswer429) {
+  FakeWorker worker(Ids("Fine.<｜end▁of▁sentence｜>"));
+  const std::string keys = dir_.path() + "/keys.json";
+  std::ofstream(keys) << R"({"keys": [{"key": "sk-acme-0001", "tenant": "acme", "requests_per_minute": 2},
+                                      {"key": "sk-beta-0001", "tenant": "beta"}]})";
+  StartRouter({&worker}, "100ms", {"--api_keys_file=" + keys});
+  const std::string body = Json{{"messages", kHi}}.dump();
+  auto r = HttpCall(port(), "POST", "/v1/chat/completions", body);
+  ASSERT_TRUE(r.ok());
+  EXPECT_EQ(r->status, 401) << r->body;
+  EXPECT_EQ(Json::parse(r->body)["error"]["code"], "invalid_api_key");
+  r = HttpCall(port(), "GET", "/v1/models", "", {{"Authorization", "Bearer wrong-key-123"}});
+  ASSERT_TRUE(r.ok());
+  EXPECT_EQ(r->status, 401);
+  EXPECT_EQ(worker.requests(), 0);
+  for (int i = 0; i < 2; ++i) {
+    r = HttpCall(port(), "POST", "/v1/chat/completions", body, {{"Authorization", "Bearer sk-acme-0001"}});
+    ASSERT_TRUE(r.ok());
+    EXPECT_EQ(r->status, 200) << r->body;
+  }
+  EXPECT_EQ(worker.last_request().tenant(), "acme") << "the tenant salts the workers' prefix cache";
+  r = HttpCall(port(), "POST", "/v1/chat/completions", body, {{"Authorization", "Bearer sk-acme-0001"}});
+  ASSERT_TRUE(r.ok());
+  EXPECT_EQ(r->status, 429) << r->body;
+  EXPECT_EQ(Json::parse(r->body)["error"]["type"], "rate_limit_error");
+  // Another tenant is not limited by acme's rate.
+  r = HttpCall(port(), "POST", "/v1/chat/completions", body, {{"Authorization", "Bearer sk-beta-0001"}});
+  ASSERT_TRUE(r.ok());
+  EXPECT_EQ(r->status, 200) << r->body;
+  EXPECT_EQ(worker.last_request().tenant(), "beta");
+}
+
+TEST_F(CompletionsE2eTest, QuickInstructionsAppendTheirTaskToken) {
+  FakeWorker worker(Ids("A title<｜end▁of▁sentence｜>"));
+  StartRouter({&worker});
+  const Json convo = Json::array({{{"role", "user"}, {"content", "Hi"}},
+                                  {{"role", "assistant"}, {"content", "Hello!"}}});
+  Json body = Post("/v1/chat/completions", {{"messages", convo}, {"v4serve", {{"quick_instruction", "title"}}}});
+  EXPECT_EQ(body["choices"][0]["message"]["content"], "A title");
+  v1::GenerateRequest sent = worker.last_request();
+  std::vector<int32_t> ids(sent.token_ids().ids().begin(), sent.token_ids().ids().end());
+  // The conversation's own prompt, then the assistant turn's EOS and the title token: a cached prefix.
+  EXPECT_EQ(*Tok().Decode(ids),
+            "<｜begin▁of▁sentence｜><｜User｜>Hi<｜Assistant｜></think>Hello!<｜end▁of▁sentence｜><｜title｜>");
+  Json e = Post("/v1/chat/completions", {{"messages", kHi}, {"v4serve", {{"quick_instruction", "title"}}}}, 400);
+  EXPECT_EQ(e["error"]["param"], "v4serve.quick_instruction");
+  e = Post("/v1/chat/completions", {{"messages", kHi}, {"v4serve", {{"quick_instruction", "poem"}}}}, 400);
+  EXPECT_THAT(e["error"]["message"].get<std::string>(), HasSubstr("unknown task"));
+  Post("/v1/chat/completions", {{"messages", kHi}, {"v4serve", {{"quick_instruction", "query"}}}});
+  sent = worker.last_request();
+  ids.assign(sent.token_ids().ids().begin(), sent.token_ids().ids().end());
+  EXPECT_EQ(*Tok().Decode(ids), "<｜begin▁of▁sentence｜><｜User｜>Hi<｜query｜>");
 }
 
 TEST_F(CompletionsE2eTest, NoHealthyWorkerIs503) {

@@ -38,6 +38,7 @@ KvBlock TestBlock(const KvLayout& layout, uint32_t seed) {
 TEST(Crc32cTest, KnownVectors) {
   EXPECT_EQ(Crc32c(0, "123456789", 9), 0xE3069283u);
   EXPECT_EQ(Crc32c(0, "", 0), 0u);
+  EXPECT_EQ(Crc32c(0, std::string(32, '\0').data(), 32), 0x8A9136AAu);  // RFC 3720 B.4.
   // Incremental equals one-shot.
   EXPECT_EQ(Crc32c(Crc32c(0, "12345", 5), "6789", 4), 0xE3069283u);
 }

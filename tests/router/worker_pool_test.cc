@@ -118,7 +118,8 @@ TEST(WorkerPoolTest, BadTargetsAreRejected) {
               HasSubstr("decode_workers: 'nohostport' is not host:port"));
   EXPECT_THAT(WorkerPool::Start(Options({}, {"h:99999"}), &policy).status().message(),
               HasSubstr("prefill_workers"));
-  EXPECT_THAT(MakeRoutingPolicy("random").status().message(), HasSubstr("--routing_policy"));
+  EXPECT_THAT(MakeRoutingPolicy({.name = "random"}).status().message(), HasSubstr("--routing_policy"));
+  EXPECT_THAT(MakeRoutingPolicy({.name = "prefix_aware"}).status().message(), HasSubstr("prefix index"));
 }
 
 }  // namespace
