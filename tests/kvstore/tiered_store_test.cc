@@ -11,6 +11,7 @@
 #include "grpcpp/grpcpp.h"
 #include "gtest/gtest.h"
 #include "kvstore/kvstore_service.h"
+#include "kvstore/prefix_cache.h"
 #include "kvstore/store_format.h"
 #include "rocksdb/db.h"
 #include "tests/kvstore/kv_store_test_util.h"
