@@ -16,6 +16,7 @@
 #include "grpcpp/grpcpp.h"
 #include "gtest/gtest.h"
 #include "kvstore/kvstore_service.h"
+#include "kvstore/prefix_cache.h"
 #include "tests/kvstore/kv_store_test_util.h"
 #include "tests/testing/v4serve_process.h"
 #include "v4serve/v1/kvstore.grpc.pb.h"
