@@ -163,7 +163,21 @@ void BM_MatmulBaseline(benchmark::State& state) {
                          benchmark::Counter::kIsRate);
 }
 
+// The faithful mode's GEMM (FP64 accumulation rounded once to FP32), for the F64/F32 ratio in one run.
+void BM_MatmulF64(benchmark::State& state) {
+  const int64_t m = state.range(0), k = 4096, n = 4096;
+  std::vector<float> x(static_cast<size_t>(m * k), 0.5f), w(static_cast<size_t>(n * k), 0.25f), y;
+  for (auto _ : state) {
+    cpu::MatmulWtF64(x.data(), m, k, w.data(), n, &y);
+    benchmark::DoNotOptimize(y.data());
+  }
+  state.counters["GFLOP/s"] =
+      benchmark::Counter(2.0 * static_cast<double>(m * k * n) * static_cast<double>(state.iterations()) / 1e9,
+                         benchmark::Counter::kIsRate);
+}
+
 BENCHMARK(BM_MatmulBaseline)->Arg(1)->Arg(64)->Unit(benchmark::kMillisecond)->UseRealTime();
+BENCHMARK(BM_MatmulF64)->Arg(1)->Arg(64)->Unit(benchmark::kMillisecond)->UseRealTime();
 BENCHMARK(BM_TinyPrefill)->Arg(128)->Arg(1024)->Unit(benchmark::kMillisecond)->UseRealTime();
 BENCHMARK(BM_TinyDecode)->Args({256, 1})->Args({256, 8})->Unit(benchmark::kMillisecond)->UseRealTime();
 BENCHMARK(BM_TinyPrefillFaithful)->Arg(1024)->Unit(benchmark::kMillisecond)->UseRealTime();

@@ -1,5 +1,7 @@
 #include "decode/decode_service.h"
 
+#include "kvstore/kv_events_stream.h"
+
 #include <utility>
 
 #include "absl/random/random.h"
@@ -389,6 +391,16 @@ grpc::ServerUnaryReactor* DecodeService::Stats(grpc::CallbackServerContext* ctx,
   grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
   reactor->Finish(grpc::Status::OK);
   return reactor;
+}
+
+grpc::ServerWriteReactor<v1::KvEvent>* DecodeService::KvEvents(grpc::CallbackServerContext*,
+                                                               const v1::KvEventsRequest*) {
+  std::string holder;
+  {
+    absl::MutexLock l(&mu_);
+    holder = advertised_;
+  }
+  return kvstore::StreamKvEvents(options_.kv_events, holder);
 }
 
 }  // namespace v4serve::decode

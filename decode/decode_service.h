@@ -29,6 +29,7 @@
 #include "decode/generate_service.h"
 #include "engine/engine_loop.h"
 #include "kvstore/kv_block.h"
+#include "kvstore/kv_events.h"
 #include "kvstore/transfer/kv_transfer.h"
 #include "kvstore/transfer/nccl_kv_transport.h"
 #include "model/config.h"
@@ -50,6 +51,7 @@ struct DecodeServiceOptions {
   services::TlsOptions peer_tls;                           // To reach prefill workers.
   kvstore::NcclApi* nccl = nullptr;                        // Required for KV_TRANSPORT_NCCL.
   kvstore::NcclKvOptions nccl_options;
+  kvstore::KvEventHub* kv_events = nullptr;  // The engine's prefix-cache events, for Worker.KvEvents.
 };
 
 class DecodeService final : public v1::Worker::CallbackService {
@@ -71,6 +73,8 @@ class DecodeService final : public v1::Worker::CallbackService {
                                    v1::CancelResponse* response) override;
   grpc::ServerUnaryReactor* Stats(grpc::CallbackServerContext* ctx, const v1::StatsRequest* request,
                                   v1::WorkerStats* response) override;
+  grpc::ServerWriteReactor<v1::KvEvent>* KvEvents(grpc::CallbackServerContext* ctx,
+                                                  const v1::KvEventsRequest* request) override;
 
   kvstore::KvReservations* reservations() { return &reservations_; }
 

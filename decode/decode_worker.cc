@@ -107,7 +107,9 @@ absl::Status RunDecodeWorker(const DecodeWorkerOptions& options, services::Shutd
   const std::string& dir = options.worker.model_dir;
   model::ModelOptions mo;
   mo.load_mtp = options.mtp;
+  ASSIGN_OR_RETURN(mo.device, model::ParseDevice(options.worker.device));
   ASSIGN_OR_RETURN(std::unique_ptr<model::Model> model, model::Model::Load(dir, mo));
+  V4LOG(INFO).With("device", options.worker.device) << "model runs on " << model->backend().Describe();
   engine::EngineOptions eo;
   eo.mtp = options.mtp;
   eo.kv.num_blocks = options.kv_blocks;
@@ -134,6 +136,9 @@ absl::Status RunDecodeWorker(const DecodeWorkerOptions& options, services::Shutd
   eo.max_model_len =
       options.max_model_len > 0 ? options.max_model_len : model->config().max_position_embeddings;
   ASSIGN_OR_RETURN(eo.model_fingerprint, engine::ModelFingerprint(dir));
+  // What the prefix cache holds, streamed to routers (Worker.KvEvents) for prefix-aware routing.
+  kvstore::KvEventHub kv_events(eo.model_fingerprint, kvstore::kDefaultBlockTokens);
+  if (options.prefix_cache) eo.kv.events = &kv_events;
   GenerateServiceOptions so;
   so.model_id = std::filesystem::path(dir).lexically_normal().filename().string();
   if (so.model_id.empty())
@@ -153,6 +158,7 @@ absl::Status RunDecodeWorker(const DecodeWorkerOptions& options, services::Shutd
   dso.reservation_capacity_tokens = options.kv_blocks * kvstore::kDefaultBlockTokens;
   dso.max_chunk_bytes = static_cast<uint32_t>(options.kv_max_chunk_bytes);
   dso.peer_tls = process.grpc.tls;
+  dso.kv_events = options.prefix_cache ? &kv_events : nullptr;
   std::unique_ptr<kvstore::NcclApi> nccl;
   if (options.kv_transport == "nccl") {
     ASSIGN_OR_RETURN(nccl, kvstore::MakeCudaNccl(static_cast<int>(options.gpu)));
@@ -165,6 +171,8 @@ absl::Status RunDecodeWorker(const DecodeWorkerOptions& options, services::Shutd
       std::unique_ptr<services::ServerProcess> server,
       services::ServerProcess::Start("decode", process, {&service, &decode}, &metrics, shutdown));
   decode.SetAdvertisedAddress(absl::StrCat(options.advertise_host, ":", server->grpc_port()));
+  services::CloseOnDrain close_events([&kv_events] { kv_events.Close(); });  // end the event streams first
+  server->AddDrainable(&close_events);
   V4LOG(INFO)
           .With("model", dir)
           .With("model_id", so.model_id)

@@ -33,7 +33,7 @@ KvCacheManager::KvCacheManager(const model::ModelConfig& config, kvstore::KvLayo
       layout_(std::move(layout)),
       options_(options),
       pool_(options.num_blocks),
-      cache_(&pool_) {}
+      cache_(&pool_, options.events) {}
 
 KvCacheManager::~KvCacheManager() = default;
 

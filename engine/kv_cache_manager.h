@@ -30,6 +30,7 @@
 #include "engine/state_blocks.h"
 #include "kvstore/block_pool.h"
 #include "kvstore/kv_block.h"
+#include "kvstore/kv_events.h"
 #include "kvstore/kv_store_client.h"
 #include "kvstore/prefix_cache.h"
 #include "model/config.h"
@@ -46,6 +47,9 @@ struct KvCacheOptions {
   int64_t swa_checkpoint_tokens = 4096;
   // The node's tiered store (host memory + disk), shared with other workers; null = this process only.
   std::shared_ptr<kvstore::KvStoreClient> store;
+  // Told of every block the prefix cache stores or evicts (Worker.KvEvents for prefix-aware routing);
+  // null = nobody listens. Must outlive the manager.
+  kvstore::KvEventHub* events = nullptr;
 
   absl::Status Validate() const;
 };

@@ -53,6 +53,11 @@ void KvEventHub::Close() {
   closed_ = true;
 }
 
+bool KvEventHub::closed() const {
+  absl::MutexLock l(&mu_);
+  return closed_;
+}
+
 KvEventHub::Subscription::~Subscription() {
   absl::MutexLock l(&hub_->mu_);
   std::erase(hub_->subscribers_, this);

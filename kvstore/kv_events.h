@@ -62,6 +62,7 @@ class KvEventHub {
   std::unique_ptr<Subscription> Subscribe();
   // Wakes every subscriber; Next returns false from now on (shutdown).
   void Close();
+  bool closed() const;
 
  private:
   void Publish(KvEventBatch::Kind kind, absl::Span<const BlockHash> hashes) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);

@@ -4,6 +4,7 @@
 #include <iterator>
 
 #include "absl/strings/str_cat.h"
+#include "kvstore/kv_events.h"
 
 namespace v4serve::kvstore {
 namespace {
@@ -97,38 +98,47 @@ std::vector<BlockId> PrefixCache::Acquire(absl::Span<const BlockHash> hashes) {
 }
 
 bool PrefixCache::Insert(BlockHash hash, BlockId id) {
-  absl::MutexLock l(&mu_);
-  if (map_.contains(hash)) return false;
-  if (!pool_->Ref(id).ok()) return false;
-  lru_.push_back(hash);
-  map_.emplace(hash, Entry{id, std::prev(lru_.end())});
+  {
+    absl::MutexLock l(&mu_);
+    if (map_.contains(hash)) return false;
+    if (!pool_->Ref(id).ok()) return false;
+    lru_.push_back(hash);
+    map_.emplace(hash, Entry{id, std::prev(lru_.end())});
+  }
+  if (events_ != nullptr) events_->Stored(absl::MakeConstSpan(&hash, 1));
   return true;
 }
 
 void PrefixCache::Erase(BlockHash hash) {
-  absl::MutexLock l(&mu_);
-  auto it = map_.find(hash);
-  if (it == map_.end()) return;
-  pool_->Unref(it->second.id).IgnoreError();
-  lru_.erase(it->second.lru);
-  map_.erase(it);
+  {
+    absl::MutexLock l(&mu_);
+    auto it = map_.find(hash);
+    if (it == map_.end()) return;
+    pool_->Unref(it->second.id).IgnoreError();
+    lru_.erase(it->second.lru);
+    map_.erase(it);
+  }
+  if (events_ != nullptr) events_->Evicted(absl::MakeConstSpan(&hash, 1));
 }
 
 int64_t PrefixCache::Evict(int64_t n) {
-  absl::MutexLock l(&mu_);
-  int64_t freed = 0;
-  for (auto it = lru_.begin(); it != lru_.end() && freed < n;) {
-    auto m = map_.find(*it);
-    if (pool_->refcount(m->second.id) == 1) {
-      pool_->Unref(m->second.id).IgnoreError();
-      map_.erase(m);
-      it = lru_.erase(it);
-      ++freed;
-    } else {
-      ++it;
+  std::vector<BlockHash> evicted;
+  {
+    absl::MutexLock l(&mu_);
+    for (auto it = lru_.begin(); it != lru_.end() && static_cast<int64_t>(evicted.size()) < n;) {
+      auto m = map_.find(*it);
+      if (pool_->refcount(m->second.id) == 1) {
+        pool_->Unref(m->second.id).IgnoreError();
+        evicted.push_back(*it);
+        map_.erase(m);
+        it = lru_.erase(it);
+      } else {
+        ++it;
+      }
     }
   }
-  return freed;
+  if (events_ != nullptr) events_->Evicted(evicted);
+  return static_cast<int64_t>(evicted.size());
 }
 
 int64_t PrefixCache::evictable() const {

@@ -49,9 +49,13 @@ std::string BlockHashBytes(BlockHash hash);
 // INVALID_ARGUMENT unless `bytes` is 8 bytes long.
 absl::StatusOr<BlockHash> BlockHashFromBytes(absl::string_view bytes);
 
+class KvEventHub;
+
 class PrefixCache {
  public:
-  explicit PrefixCache(BlockPool* pool) : pool_(pool) {}
+  // `events` (optional, must outlive the cache) hears of every block stored and evicted, for the routers
+  // that follow this holder (Worker.KvEvents).
+  explicit PrefixCache(BlockPool* pool, KvEventHub* events = nullptr) : pool_(pool), events_(events) {}
   ~PrefixCache();  // Drops the cache's references.
   PrefixCache(const PrefixCache&) = delete;
   PrefixCache& operator=(const PrefixCache&) = delete;
@@ -79,6 +83,7 @@ class PrefixCache {
     std::list<BlockHash>::iterator lru;  // Position in lru_ (front = least recently used).
   };
   BlockPool* const pool_;
+  KvEventHub* const events_;
   mutable absl::Mutex mu_;
   absl::flat_hash_map<BlockHash, Entry> map_ ABSL_GUARDED_BY(mu_);
   std::list<BlockHash> lru_ ABSL_GUARDED_BY(mu_);

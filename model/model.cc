@@ -7,9 +7,29 @@
 #include "model/cpu/mhc.h"
 #include "model/cpu/ops.h"
 #include "model/cpu/weights.h"
+#include "model/cuda/cuda_backend.h"
 #include "services/status_macros.h"
 
 namespace v4serve::model {
+
+// The CPU reference behind the backend interface: the FP32 forward pass of model/cpu.
+class CpuForwardBackend final : public ForwardBackend {
+ public:
+  explicit CpuForwardBackend(const Model* model) : model_(model) {}
+  Device device() const override { return Device::kCpu; }
+  std::string Describe() const override {
+    return model_->faithful_ ? "cpu: fp32, faithful rounding" : "cpu: fp32, exact";
+  }
+  absl::StatusOr<std::vector<float>> Forward(absl::Span<const ForwardSegment> segments,
+                                             absl::Span<const int32_t> tokens,
+                                             absl::Span<const int64_t> logit_rows,
+                                             std::vector<float>* final_streams) const override {
+    return model_->CpuForward(segments, tokens, logit_rows, final_streams);
+  }
+
+ private:
+  const Model* model_;
+};
 
 Model::Model(ModelConfig config, std::unique_ptr<cpu::ModelWeights> weights)
     : config_(std::move(config)), weights_(std::move(weights)) {
@@ -34,6 +54,19 @@ absl::StatusOr<std::unique_ptr<Model>> Model::FromCheckpoint(const ModelConfig& 
   ASSIGN_OR_RETURN(std::unique_ptr<cpu::ModelWeights> w, cpu::LoadWeights(config, ckpt, options.load_mtp));
   std::unique_ptr<Model> m(new Model(config, std::move(w)));
   m->faithful_ = options.mode == NumericMode::kFaithful;
+  ASSIGN_OR_RETURN(Device device, ResolveDevice(options.device));
+  if (device == Device::kCuda && m->faithful_) {
+    if (options.device == Device::kCuda) {
+      return absl::UnimplementedError("the CUDA backend runs the exact numeric mode only (not kFaithful)");
+    }
+    device = Device::kCpu;
+  }
+  if (device == Device::kCuda) {
+    ASSIGN_OR_RETURN(m->backend_, cuda::MakeCudaBackend(config, *m->weights_, *m->rope_main_,
+                                                        *m->rope_compress_, options.cuda_weights));
+  } else {
+    m->backend_ = std::make_unique<CpuForwardBackend>(m.get());
+  }
   return m;
 }
 
@@ -97,16 +130,26 @@ absl::StatusOr<std::vector<float>> Model::Forward(const std::vector<Seq>& seqs,
                                                   const std::vector<int64_t>& logit_rows,
                                                   std::vector<float>* final_streams) const {
   const ModelConfig& c = config_;
-  const int64_t n = static_cast<int64_t>(tokens.size()), d = c.hidden_size, hc = c.hc_mult;
   for (int32_t t : tokens) {
     if (t < 0 || t >= c.vocab_size)
       return absl::InvalidArgumentError(absl::StrCat("token id ", t, " out of range"));
   }
+  std::vector<ForwardSegment> segments;
   for (const Seq& s : seqs) {
     if (s.state->layers.size() != static_cast<size_t>(c.num_hidden_layers)) {
       return absl::InvalidArgumentError("sequence state does not belong to this model (layer count)");
     }
+    segments.push_back(ForwardSegment{s.state, s.begin, s.count});
   }
+  return backend_->Forward(segments, tokens, logit_rows, final_streams);
+}
+
+absl::StatusOr<std::vector<float>> Model::CpuForward(absl::Span<const ForwardSegment> seqs,
+                                                     absl::Span<const int32_t> tokens,
+                                                     absl::Span<const int64_t> logit_rows,
+                                                     std::vector<float>* final_streams) const {
+  const ModelConfig& c = config_;
+  const int64_t n = static_cast<int64_t>(tokens.size()), d = c.hidden_size, hc = c.hc_mult;
   // Embedding, copied into every stream.
   std::vector<float> streams(static_cast<size_t>(n * hc * d));
   for (int64_t t = 0; t < n; ++t) {
@@ -118,11 +161,13 @@ absl::StatusOr<std::vector<float>> Model::Forward(const std::vector<Seq>& seqs,
   for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
     std::vector<cpu::Segment> segs;
     segs.reserve(seqs.size());
-    for (const Seq& s : seqs) segs.push_back({&s.state->layers[l], s.state->position, s.begin, s.count});
+    for (const ForwardSegment& s : seqs) {
+      segs.push_back({&s.state->layers[l], s.state->position, s.begin, s.count});
+    }
     cpu::BlockForward(c, num, weights_->layers[l], l, c.is_hash_layer(l), ropes, tokens.data(), n, segs,
                       streams.data());
   }
-  for (const Seq& s : seqs) s.state->position += s.count;
+  for (const ForwardSegment& s : seqs) s.state->position += s.count;
 
   // Final collapse, norm and head for the requested rows only.
   std::vector<float> picked(logit_rows.size() * hc * d);
@@ -142,7 +187,7 @@ std::vector<float> Model::Logits(const float* streams, int64_t m, const cpu::HcW
   cpu::HcHead(config_, num, hc_head, streams, m, &hidden);
   cpu::RmsNorm(hidden.data(), m, config_.hidden_size, norm.data(), config_.rms_norm_eps);
   num.Bf(&hidden);
-  cpu::MatmulWt(hidden.data(), m, config_.hidden_size, weights_->head.data(), config_.vocab_size, &logits);
+  num.Matmul(hidden.data(), m, config_.hidden_size, weights_->head.data(), config_.vocab_size, &logits);
   return logits;
 }
 

@@ -23,6 +23,7 @@
 
 #include "absl/status/statusor.h"
 #include "absl/types/span.h"
+#include "model/backend.h"
 #include "model/config.h"
 #include "model/safetensors.h"
 #include "model/sequence_state.h"
@@ -41,6 +42,11 @@ enum class NumericMode { kExact, kFaithful };
 struct ModelOptions {
   NumericMode mode = NumericMode::kExact;
   bool load_mtp = false;  // Load the MTP weights too (needed by MtpDraft).
+  // Where Prefill/Decode/DecodeChunks run (model/backend.h). kAuto takes CUDA when a GPU is visible and the
+  // mode is kExact (the CUDA backend does not simulate the faithful rounding yet), else the CPU. MTP drafts
+  // run on the CPU either way.
+  Device device = Device::kCpu;
+  CudaWeights cuda_weights = CudaWeights::kBf16;
 };
 
 class Model {
@@ -54,6 +60,8 @@ class Model {
 
   const ModelConfig& config() const { return config_; }
   SequenceState NewState() const { return NewSequenceState(config_); }
+  // The backend that runs the main layers (CPU or CUDA).
+  const ForwardBackend& backend() const { return *backend_; }
 
   // Runs `tokens` (non-empty) after the state's tokens. Returns logits [vocab] of the last token, or
   // [tokens.size(), vocab] when `all_logits`. On error the state is unchanged only for argument errors
@@ -102,6 +110,12 @@ class Model {
   absl::StatusOr<std::vector<float>> Forward(const std::vector<Seq>& seqs, absl::Span<const int32_t> tokens,
                                              const std::vector<int64_t>& logit_rows,
                                              std::vector<float>* final_streams) const;
+  // The CPU backend's Forward (ForwardBackend contract).
+  friend class CpuForwardBackend;
+  absl::StatusOr<std::vector<float>> CpuForward(absl::Span<const ForwardSegment> seqs,
+                                                absl::Span<const int32_t> tokens,
+                                                absl::Span<const int64_t> logit_rows,
+                                                std::vector<float>* final_streams) const;
   // hc_head + norm + LM head for `m` rows of streams.
   std::vector<float> Logits(const float* streams, int64_t m, const cpu::HcWeights& hc_head,
                             const cpu::Tensor& norm) const;
@@ -110,6 +124,7 @@ class Model {
   std::unique_ptr<cpu::ModelWeights> weights_;
   std::unique_ptr<cpu::RopeTable> rope_main_, rope_compress_;
   bool faithful_ = false;
+  std::unique_ptr<ForwardBackend> backend_;
 };
 
 }  // namespace v4serve::model

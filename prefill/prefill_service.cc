@@ -1,5 +1,7 @@
 #include "prefill/prefill_service.h"
 
+#include "kvstore/kv_events_stream.h"
+
 #include <algorithm>
 #include <utility>
 
@@ -76,7 +78,7 @@ PrefillService::PrefillService(const model::Model* model, kvstore::KvLayout layo
            .Add({});
   if (options_.prefix_cache_blocks > 0) {
     pool_ = std::make_unique<kvstore::BlockPool>(options_.prefix_cache_blocks);
-    cache_ = std::make_unique<kvstore::PrefixCache>(pool_.get());
+    cache_ = std::make_unique<kvstore::PrefixCache>(pool_.get(), options_.kv_events);
   }
   in_flight_ = &prometheus::BuildGauge()
                     .Name("v4serve_prefill_in_flight")
@@ -412,6 +414,11 @@ grpc::ServerUnaryReactor* PrefillService::Stats(grpc::CallbackServerContext* ctx
   grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
   reactor->Finish(grpc::Status::OK);
   return reactor;
+}
+
+grpc::ServerWriteReactor<v1::KvEvent>* PrefillService::KvEvents(grpc::CallbackServerContext*,
+                                                                const v1::KvEventsRequest*) {
+  return kvstore::StreamKvEvents(cache_ != nullptr ? options_.kv_events : nullptr, "");
 }
 
 }  // namespace v4serve::prefill

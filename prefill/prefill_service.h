@@ -30,6 +30,7 @@
 #include "absl/time/time.h"
 #include "kvstore/block_pool.h"
 #include "kvstore/kv_block.h"
+#include "kvstore/kv_events.h"
 #include "kvstore/prefix_cache.h"
 #include "kvstore/transfer/nccl_kv_transport.h"
 #include "model/model.h"
@@ -49,6 +50,7 @@ struct PrefillServiceOptions {
   absl::Duration transfer_timeout = absl::Seconds(60);  // Handshake + KV push, per request.
   services::TlsOptions peer_tls;  // To reach decode workers (PushKv, Handshake).
   kvstore::NcclKvSenders* nccl = nullptr;  // Null: KV_TRANSPORT_NCCL targets are refused.
+  kvstore::KvEventHub* kv_events = nullptr;  // Told what the prefix cache holds (Worker.KvEvents).
 
   absl::Status Validate() const;
 };
@@ -65,6 +67,8 @@ class PrefillService final : public v1::Worker::CallbackService {
                                    v1::CancelResponse* response) override;
   grpc::ServerUnaryReactor* Stats(grpc::CallbackServerContext* ctx, const v1::StatsRequest* request,
                                   v1::WorkerStats* response) override;
+  grpc::ServerWriteReactor<v1::KvEvent>* KvEvents(grpc::CallbackServerContext* ctx,
+                                                  const v1::KvEventsRequest* request) override;
 
  private:
   struct Job;

@@ -47,7 +47,10 @@ absl::Status RunPrefillWorker(const PrefillWorkerOptions& options, services::Shu
   services::ServerProcessOptions process = options.worker.process;
   process.accelerators = model::DescribeAccelerators();
   const std::string& dir = options.worker.model_dir;
-  ASSIGN_OR_RETURN(std::unique_ptr<model::Model> model, model::Model::Load(dir, model::ModelOptions{}));
+  model::ModelOptions mo;
+  ASSIGN_OR_RETURN(mo.device, model::ParseDevice(options.worker.device));
+  ASSIGN_OR_RETURN(std::unique_ptr<model::Model> model, model::Model::Load(dir, mo));
+  V4LOG(INFO).With("device", options.worker.device) << "model runs on " << model->backend().Describe();
   ASSIGN_OR_RETURN(const uint64_t fingerprint, engine::ModelFingerprint(dir));
   ASSIGN_OR_RETURN(kvstore::KvLayout layout, engine::KvLayoutFor(model->config(), fingerprint));
   PrefillServiceOptions so = options.service;
@@ -62,9 +65,13 @@ absl::Status RunPrefillWorker(const PrefillWorkerOptions& options, services::Shu
     senders = std::make_unique<kvstore::NcclKvSenders>(nccl.get(), no);
     so.nccl = senders.get();
   }
+  kvstore::KvEventHub kv_events(fingerprint, layout.block_tokens);
+  so.kv_events = &kv_events;
   PrefillService service(model.get(), std::move(layout), so, &metrics.registry());
   ASSIGN_OR_RETURN(std::unique_ptr<services::ServerProcess> server,
                    services::ServerProcess::Start("prefill", process, {&service}, &metrics, shutdown));
+  services::CloseOnDrain close_events([&kv_events] { kv_events.Close(); });  // end the event streams first
+  server->AddDrainable(&close_events);
   V4LOG(INFO).With("model", dir).With("accelerators", process.accelerators).With("kv_transport", options.kv_transport)
       << "prefill worker serving Worker.Prefill";
   return server->Run();

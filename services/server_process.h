@@ -7,6 +7,7 @@
 #ifndef V4SERVE_SERVICES_SERVER_PROCESS_H_
 #define V4SERVE_SERVICES_SERVER_PROCESS_H_
 
+#include <functional>
 #include <map>
 #include <memory>
 #include <string>
@@ -50,6 +51,18 @@ class Drainable {
   virtual void StopAccepting() = 0;
   // Waits until in-flight work is done or `deadline` passes, then abandons what is left.
   virtual void FinishInFlight(absl::Time deadline) = 0;
+};
+
+// A Drainable that runs `stop` when draining begins (e.g. to end infinite server streams, which would
+// otherwise hold the gRPC shutdown until its deadline).
+class CloseOnDrain : public Drainable {
+ public:
+  explicit CloseOnDrain(std::function<void()> stop) : stop_(std::move(stop)) {}
+  void StopAccepting() override { stop_(); }
+  void FinishInFlight(absl::Time) override {}
+
+ private:
+  std::function<void()> stop_;
 };
 
 class ServerProcess {

@@ -12,6 +12,7 @@ namespace v4serve::services {
 
 struct WorkerOptions {
   std::string model_dir;  // a checkpoint directory with config.json
+  std::string device = "auto";  // where the model runs: auto (CUDA when a GPU is visible), cpu or cuda
   ServerProcessOptions process;
 
   // INVALID_ARGUMENT naming --model when it is empty or has no config.json.

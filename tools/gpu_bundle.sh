@@ -22,5 +22,6 @@ for b in "${bins[@]}"; do
     xargs -r -I{} cp -L -n {} .gpu/lib/
 done
 strip .gpu/* .gpu/lib/* 2>/dev/null || true
-grep -qx '/.gpu/' .git/info/exclude 2>/dev/null || echo '/.gpu/' >> .git/info/exclude
+exclude="$(git rev-parse --git-common-dir)/info/exclude"  # .git is a file in a worktree
+grep -qx '/.gpu/' "$exclude" 2>/dev/null || echo '/.gpu/' >> "$exclude"
 du -sh .gpu

@@ -42,6 +42,26 @@ void AttendHead(const float* q, const std::vector<const float*>& keys, int64_t h
   }
 }
 
+// The faithful mode's AttendHead: scores rounded once to FP32 from FP64 dot products (scaled in FP64);
+// the softmax with the sink and the weighted sum of the keys in FP64, each output rounded once to FP32.
+void AttendHeadF64(const float* q, const std::vector<const float*>& keys, int64_t hd, float sink, float* o) {
+  const double scale = 1.0 / std::sqrt(static_cast<double>(hd));
+  std::vector<double> e(keys.size());
+  float mx = sink;
+  for (size_t j = 0; j < keys.size(); ++j) {
+    const float logit = static_cast<float>(DotF64(q, keys[j], hd) * scale);
+    e[j] = logit;
+    mx = std::max(mx, logit);
+  }
+  double denom = std::exp(static_cast<double>(sink) - mx);
+  for (double& v : e) denom += (v = std::exp(v - mx));
+  std::vector<double> acc(static_cast<size_t>(hd), 0.0);
+  for (size_t j = 0; j < keys.size(); ++j) {
+    for (int64_t i = 0; i < hd; ++i) acc[i] += e[j] * keys[j][i];
+  }
+  for (int64_t i = 0; i < hd; ++i) o[i] = static_cast<float>(acc[i] / denom);
+}
+
 }  // namespace
 
 void AttentionForward(const ModelConfig& c, const Numerics& num, const BlockWeights& w, int64_t layer,
@@ -65,7 +85,7 @@ void AttentionForward(const ModelConfig& c, const Numerics& num, const BlockWeig
       double ss = 0;
       for (int64_t j = 0; j < hd; ++j) ss += RoundToBf16(v[j] * v[j]);
       const float ms = RoundToBf16(static_cast<float>(ss / static_cast<double>(hd)));
-      const float r = RoundToBf16(1.0f / std::sqrt(ms + static_cast<float>(eps)));
+      const float r = RoundToBf16(static_cast<float>(1.0 / std::sqrt(static_cast<double>(ms) + eps)));
       for (int64_t j = 0; j < hd; ++j) v[j] = RoundToBf16(v[j] * r);
     }
   } else {
@@ -77,14 +97,14 @@ void AttentionForward(const ModelConfig& c, const Numerics& num, const BlockWeig
   std::vector<float> ckv, cscore, iq, iw, ikv, iscore;
   const int64_t coff = csa ? 2 : 1, ih = c.index_n_heads, id = c.index_head_dim;
   if (ratio > 0) {
-    MatmulWt(x, rows, d, w.compressor.wkv.data(), coff * hd, &ckv);
-    MatmulWt(x, rows, d, w.compressor.wgate.data(), coff * hd, &cscore);
+    num.Matmul(x, rows, d, w.compressor.wkv.data(), coff * hd, &ckv);
+    num.Matmul(x, rows, d, w.compressor.wgate.data(), coff * hd, &cscore);
   }
   if (csa) {
     num.Linear(qr.data(), rows, c.q_lora_rank, w.indexer_wq_b, ih * id, &iq);
     num.Linear(x, rows, d, w.indexer_weights, ih, &iw);
-    MatmulWt(x, rows, d, w.indexer_compressor.wkv.data(), coff * id, &ikv);
-    MatmulWt(x, rows, d, w.indexer_compressor.wgate.data(), coff * id, &iscore);
+    num.Matmul(x, rows, d, w.indexer_compressor.wkv.data(), coff * id, &ikv);
+    num.Matmul(x, rows, d, w.indexer_compressor.wgate.data(), coff * id, &iscore);
   }
   std::vector<float> o(static_cast<size_t>(rows * h * hd));
   const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
@@ -96,13 +116,15 @@ void AttentionForward(const ModelConfig& c, const Numerics& num, const BlockWeig
     // RoPE at each token's position.
     for (int64_t t = 0; t < seg.count; ++t) {
       const int64_t r = seg.begin + t, pos = seg.pos0 + t;
-      for (int64_t hh = 0; hh < h; ++hh) rope.Apply(&q[(r * h + hh) * hd + hd - rd], pos, false);
-      rope.Apply(&kv[r * hd + hd - rd], pos, false);
+      for (int64_t hh = 0; hh < h; ++hh)
+        rope.Apply(&q[(r * h + hh) * hd + hd - rd], pos, false, num.faithful);
+      rope.Apply(&kv[r * hd + hd - rd], pos, false, num.faithful);
       num.Bf(&q[r * h * hd], h * hd);
       num.Bf(&kv[r * hd], hd);
       num.Fp8Blocks(&kv[r * hd], 1, hd, hd - rd, 64);
       if (csa) {
-        for (int64_t hh = 0; hh < ih; ++hh) rope.Apply(&iq[(r * ih + hh) * id + id - rd], pos, false);
+        for (int64_t hh = 0; hh < ih; ++hh)
+          rope.Apply(&iq[(r * ih + hh) * id + id - rd], pos, false, num.faithful);
         num.Bf(&iq[r * ih * id], ih * id);
         if (num.faithful) {
           HadamardRows(&iq[r * ih * id], ih, id);
@@ -144,24 +166,36 @@ void AttentionForward(const ModelConfig& c, const Numerics& num, const BlockWeig
             std::vector<float> sc(static_cast<size_t>(visible), 0.0f);
             for (int64_t s = 0; s < visible; ++s) {
               const float* k = &st.indexer_keys[s * id];
+              if (num.faithful) {  // BF16 scores from FP64 sums, each rounded once to FP32 first.
+                double acc = 0;
+                for (int64_t hh = 0; hh < ih; ++hh) {
+                  const float dot = RoundToBf16(static_cast<float>(DotF64(&iq[(r * ih + hh) * id], k, id)));
+                  acc += static_cast<double>(std::max(dot, 0.0f)) * iw[r * ih + hh];
+                }
+                sc[s] = RoundToBf16(static_cast<float>(acc));
+                continue;
+              }
               float acc = 0;
               for (int64_t hh = 0; hh < ih; ++hh) {
                 const float* qi = &iq[(r * ih + hh) * id];
                 float dot = 0;
                 for (int64_t i = 0; i < id; ++i) dot += qi[i] * k[i];
-                if (num.faithful) dot = RoundToBf16(dot);
                 acc += std::max(dot, 0.0f) * iw[r * ih + hh];
               }
-              sc[s] = num.faithful ? RoundToBf16(acc) : acc;
+              sc[s] = acc;
             }
             for (int64_t s : TopKIndices(sc, c.index_topk)) keys.push_back(&st.entries[s * hd]);
           }
         }
         for (int64_t hh = 0; hh < h; ++hh) {
           float* oh = &o[(r * h + hh) * hd];
-          AttendHead(&q[(r * h + hh) * hd], keys, hd, scale, w.attn_sink[hh], oh);
+          if (num.faithful) {
+            AttendHeadF64(&q[(r * h + hh) * hd], keys, hd, w.attn_sink[hh], oh);
+          } else {
+            AttendHead(&q[(r * h + hh) * hd], keys, hd, scale, w.attn_sink[hh], oh);
+          }
           num.Bf(oh, hd);
-          rope.Apply(oh + hd - rd, pos, /*inverse=*/true);
+          rope.Apply(oh + hd - rd, pos, /*inverse=*/true, num.faithful);
           num.Bf(oh, hd);
         }
       }
@@ -181,10 +215,7 @@ void AttentionForward(const ModelConfig& c, const Numerics& num, const BlockWeig
       const int64_t r = i / g, gi = i % g;
       const float* xin = &o[r * h * hd + gi * gin];
       for (int64_t k = 0; k < rank; ++k) {
-        const float* wr = &w.wo_a[(gi * rank + k) * gin];
-        float acc = 0;
-        for (int64_t j = 0; j < gin; ++j) acc += xin[j] * wr[j];
-        mid[(r * g + gi) * rank + k] = acc;
+        mid[(r * g + gi) * rank + k] = num.Dot(xin, &w.wo_a[(gi * rank + k) * gin], gin);
       }
     }
   });

@@ -1,5 +1,6 @@
 #include "model/cpu/compressor.h"
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 
@@ -37,6 +38,15 @@ bool CompressorPush(const CompressorWeights& w, const RopeTable& rope, int64_t r
     }
     float mx = -std::numeric_limits<float>::infinity();
     for (float v : sc) mx = std::max(mx, v);
+    if (num.faithful) {  // Softmax pooling in FP64, rounded once to FP32.
+      std::vector<double> e(sc.size());
+      double denom = 0;
+      for (size_t j = 0; j < sc.size(); ++j) denom += (e[j] = std::exp(static_cast<double>(sc[j]) - mx));
+      double acc = 0;
+      for (size_t j = 0; j < sc.size(); ++j) acc += (e[j] / denom) * vals[j];
+      entry[f] = static_cast<float>(acc);
+      continue;
+    }
     float denom = 0;
     for (float& v : sc) {
       v = std::exp(v - mx);
@@ -49,7 +59,7 @@ bool CompressorPush(const CompressorWeights& w, const RopeTable& rope, int64_t r
   num.Bf(&entry);
   RmsNorm(entry.data(), 1, width, w.norm.data(), eps);
   num.Bf(&entry);
-  rope.Apply(entry.data() + width - rope_dim, pos + 1 - m, /*inverse=*/false);
+  rope.Apply(entry.data() + width - rope_dim, pos + 1 - m, /*inverse=*/false, num.faithful);
   num.Bf(&entry);
   if (indexer) {
     if (num.faithful) {

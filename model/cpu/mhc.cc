@@ -1,5 +1,6 @@
 #include "model/cpu/mhc.h"
 
+#include <algorithm>
 #include <cmath>
 
 #include "model/cpu/ops.h"
@@ -8,16 +9,62 @@ namespace v4serve::model::cpu {
 namespace {
 
 // mixes[o] = (fn[o] · x) / rms(x) for the flattened streams x of one token.
-void Mixes(const float* fn, int64_t outs, const float* x, int64_t len, double eps, float* mixes) {
-  double ss = 0;
-  for (int64_t i = 0; i < len; ++i) ss += static_cast<double>(x[i]) * x[i];
+void Mixes(const Numerics& num, const float* fn, int64_t outs, const float* x, int64_t len, double eps,
+           float* mixes) {
+  const double ss = DotF64(x, x, len);
   const float rs = static_cast<float>(1.0 / std::sqrt(ss / static_cast<double>(len) + eps));
-  for (int64_t o = 0; o < outs; ++o) {
-    const float* f = fn + o * len;
-    float acc = 0;
-    for (int64_t i = 0; i < len; ++i) acc += f[i] * x[i];
-    mixes[o] = acc * rs;
+  for (int64_t o = 0; o < outs; ++o) mixes[o] = num.Dot(fn + o * len, x, len) * rs;
+}
+
+// y = Σ_j pre[j] · x[j] over the hc streams of one token (then BF16 in the faithful mode).
+void Collapse(const Numerics& num, const float* pre, const float* x, int64_t hc, int64_t d, float* y) {
+  if (num.faithful) {
+    for (int64_t i = 0; i < d; ++i) {
+      double acc = 0;
+      for (int64_t j = 0; j < hc; ++j) acc += static_cast<double>(pre[j]) * x[j * d + i];
+      y[i] = static_cast<float>(acc);
+    }
+  } else {
+    std::fill(y, y + d, 0.0f);
+    for (int64_t j = 0; j < hc; ++j) {
+      for (int64_t i = 0; i < d; ++i) y[i] += pre[j] * x[j * d + i];
+    }
   }
+  num.Bf(y, d);
+}
+
+// Faithful comb matrix: row softmax + eps and the Sinkhorn normalizations in FP64, rounded once to FP32.
+void SinkhornF64(const float* logits, int64_t hc, int64_t iters, double eps, float* comb) {
+  std::vector<double> cm(static_cast<size_t>(hc * hc));
+  for (int64_t j = 0; j < hc; ++j) {
+    float mx = -INFINITY;
+    for (int64_t k = 0; k < hc; ++k) mx = std::max(mx, logits[j * hc + k]);
+    double s = 0;
+    for (int64_t k = 0; k < hc; ++k) {
+      s += (cm[j * hc + k] = std::exp(static_cast<double>(logits[j * hc + k]) - mx));
+    }
+    for (int64_t k = 0; k < hc; ++k) cm[j * hc + k] = cm[j * hc + k] / s + eps;
+  }
+  auto col_norm = [&] {
+    for (int64_t k = 0; k < hc; ++k) {
+      double s = 0;
+      for (int64_t j = 0; j < hc; ++j) s += cm[j * hc + k];
+      for (int64_t j = 0; j < hc; ++j) cm[j * hc + k] /= (s + eps);
+    }
+  };
+  auto row_norm = [&] {
+    for (int64_t j = 0; j < hc; ++j) {
+      double s = 0;
+      for (int64_t k = 0; k < hc; ++k) s += cm[j * hc + k];
+      for (int64_t k = 0; k < hc; ++k) cm[j * hc + k] /= (s + eps);
+    }
+  };
+  col_norm();
+  for (int64_t it = 1; it < iters; ++it) {
+    row_norm();
+    col_norm();
+  }
+  for (int64_t i = 0; i < hc * hc; ++i) comb[i] = static_cast<float>(cm[i]);
 }
 
 }  // namespace
@@ -32,16 +79,22 @@ void HcPre(const ModelConfig& c, const Numerics& num, const HcWeights& w, const 
     std::vector<float> m(static_cast<size_t>(mix));
     for (int64_t t = b; t < e; ++t) {
       const float* x = streams + t * hc * d;
-      Mixes(w.fn.data(), mix, x, hc * d, c.rms_norm_eps, m.data());
+      Mixes(num, w.fn.data(), mix, x, hc * d, c.rms_norm_eps, m.data());
       HcMix& hm = (*mixes)[t];
       hm.post.resize(hc);
       hm.comb.resize(hc * hc);
       std::vector<float> pre(hc);
       for (int64_t j = 0; j < hc; ++j) {
-        pre[j] = Sigmoid(m[j] * w.scale[0] + w.base[j]) + eps;
-        hm.post[j] = 2.0f * Sigmoid(m[hc + j] * w.scale[1] + w.base[hc + j]);
+        pre[j] = num.Sigmoid(m[j] * w.scale[0] + w.base[j]) + eps;
+        hm.post[j] = 2.0f * num.Sigmoid(m[hc + j] * w.scale[1] + w.base[hc + j]);
       }
       float* cm = hm.comb.data();
+      if (num.faithful) {
+        for (int64_t j = 0; j < hc * hc; ++j) cm[j] = m[2 * hc + j] * w.scale[2] + w.base[2 * hc + j];
+        SinkhornF64(cm, hc, c.hc_sinkhorn_iters, c.hc_eps, cm);
+        Collapse(num, pre.data(), x, hc, d, collapsed->data() + t * d);
+        continue;
+      }
       for (int64_t j = 0; j < hc; ++j) {  // Row softmax (over k) + eps.
         float mx = -INFINITY;
         for (int64_t k = 0; k < hc; ++k) {
@@ -71,11 +124,7 @@ void HcPre(const ModelConfig& c, const Numerics& num, const HcWeights& w, const 
         row_norm();
         col_norm();
       }
-      float* y = collapsed->data() + t * d;
-      for (int64_t j = 0; j < hc; ++j) {
-        for (int64_t i = 0; i < d; ++i) y[i] += pre[j] * x[j * d + i];
-      }
-      num.Bf(y, d);
+      Collapse(num, pre.data(), x, hc, d, collapsed->data() + t * d);
     }
   });
 }
@@ -90,9 +139,15 @@ void HcPost(const ModelConfig& c, const Numerics& num, const std::vector<HcMix>&
       const HcMix& hm = mixes[t];
       for (int64_t k = 0; k < hc; ++k) {
         for (int64_t i = 0; i < d; ++i) {
-          float acc = hm.post[k] * out[t * d + i];
-          for (int64_t j = 0; j < hc; ++j) acc += hm.comb[j * hc + k] * x[j * d + i];
-          res[k * d + i] = acc;
+          if (num.faithful) {
+            double acc = static_cast<double>(hm.post[k]) * out[t * d + i];
+            for (int64_t j = 0; j < hc; ++j) acc += static_cast<double>(hm.comb[j * hc + k]) * x[j * d + i];
+            res[k * d + i] = static_cast<float>(acc);
+          } else {
+            float acc = hm.post[k] * out[t * d + i];
+            for (int64_t j = 0; j < hc; ++j) acc += hm.comb[j * hc + k] * x[j * d + i];
+            res[k * d + i] = acc;
+          }
         }
       }
       num.Bf(&res);
@@ -105,16 +160,15 @@ void HcHead(const ModelConfig& c, const Numerics& num, const HcWeights& w, const
             std::vector<float>* out) {
   const int64_t hc = c.hc_mult, d = c.hidden_size;
   out->assign(static_cast<size_t>(n * d), 0.0f);
-  std::vector<float> m(static_cast<size_t>(hc));
+  std::vector<float> m(static_cast<size_t>(hc)), pre(static_cast<size_t>(hc));
   for (int64_t t = 0; t < n; ++t) {
     const float* x = streams + t * hc * d;
-    Mixes(w.fn.data(), hc, x, hc * d, c.rms_norm_eps, m.data());
+    Mixes(num, w.fn.data(), hc, x, hc * d, c.rms_norm_eps, m.data());
     for (int64_t j = 0; j < hc; ++j) {
-      const float pre = Sigmoid(m[j] * w.scale[0] + w.base[j]) + static_cast<float>(c.hc_eps);
-      for (int64_t i = 0; i < d; ++i) (*out)[t * d + i] += pre * x[j * d + i];
+      pre[j] = num.Sigmoid(m[j] * w.scale[0] + w.base[j]) + static_cast<float>(c.hc_eps);
     }
+    Collapse(num, pre.data(), x, hc, d, out->data() + t * d);
   }
-  num.Bf(out);
 }
 
 }  // namespace v4serve::model::cpu

@@ -9,9 +9,13 @@
 namespace v4serve::model::cpu {
 namespace {
 
-float Score(const std::string& func, float logit) {
-  if (func == "sigmoid") return Sigmoid(logit);
-  // softplus with the same overflow guard as torch (threshold 20).
+float Score(const Numerics& num, const std::string& func, float logit) {
+  if (func == "sigmoid") return num.Sigmoid(logit);
+  // softplus with the same overflow guard as torch (threshold 20); FP64 in the faithful mode.
+  if (num.faithful) {
+    const double x = logit;
+    return static_cast<float>(std::sqrt(x > 20.0 ? x : std::log1p(std::exp(x))));
+  }
   const float sp = logit > 20.0f ? logit : std::log1p(std::exp(logit));
   return std::sqrt(sp);
 }
@@ -31,7 +35,7 @@ void Expert(const ModelConfig& c, const Numerics& num, const ExpertWeights& e, c
       gate = std::min(gate, lim);
       up = std::clamp(up, -lim, lim);
     }
-    g[i] = Silu(gate) * up * (row_weight ? row_weight[i / inter] : 1.0f);
+    g[i] = num.Silu(gate) * up * (row_weight ? row_weight[i / inter] : 1.0f);
   }
   num.Bf(&g);
   num.Linear(g.data(), n, inter, e.w2, d, out);
@@ -43,14 +47,14 @@ void MoeForward(const ModelConfig& c, const Numerics& num, const BlockWeights& w
                 const int32_t* tokens, int64_t rows, std::vector<float>* out) {
   const int64_t d = c.hidden_size, ne = c.n_routed_experts, k = c.num_experts_per_tok;
   std::vector<float> logits;
-  MatmulWt(x, rows, d, w.gate.data(), ne, &logits);
+  num.Matmul(x, rows, d, w.gate.data(), ne, &logits);
   // Per expert: the rows routed to it and their weights.
   std::vector<std::vector<int64_t>> rows_of(static_cast<size_t>(ne));
   std::vector<std::vector<float>> weight_of(static_cast<size_t>(ne));
   std::vector<float> scores(static_cast<size_t>(ne)), biased(static_cast<size_t>(ne));
   for (int64_t r = 0; r < rows; ++r) {
     for (int64_t e = 0; e < ne; ++e) {
-      scores[e] = Score(c.scoring_func, logits[r * ne + e]);
+      scores[e] = Score(num, c.scoring_func, logits[r * ne + e]);
       biased[e] = scores[e] + (w.gate_bias.empty() ? 0.0f : w.gate_bias[e]);
     }
     std::vector<int64_t> sel;
@@ -60,13 +64,22 @@ void MoeForward(const ModelConfig& c, const Numerics& num, const BlockWeights& w
       sel = TopKIndices(biased, k);
     }
     float sum = 0;
-    for (int64_t e : sel) sum += scores[e];
+    if (num.faithful) {
+      double s = 0;
+      for (int64_t e : sel) s += scores[e];
+      sum = static_cast<float>(s);
+    } else {
+      for (int64_t e : sel) sum += scores[e];
+    }
     for (int64_t e : sel) {
       rows_of[e].push_back(r);
       weight_of[e].push_back(scores[e] / sum * static_cast<float>(c.routed_scaling_factor));
     }
   }
   Expert(c, num, w.shared, x, rows, nullptr, out);
+  // The faithful mode sums the shared and routed outputs in FP64 and rounds once (order-independent).
+  std::vector<double> acc;
+  if (num.faithful) acc.assign(out->begin(), out->end());
   std::vector<float> xin, y;
   for (int64_t e = 0; e < ne; ++e) {
     const auto& rs = rows_of[e];
@@ -75,9 +88,17 @@ void MoeForward(const ModelConfig& c, const Numerics& num, const BlockWeights& w
     for (size_t i = 0; i < rs.size(); ++i) std::copy(x + rs[i] * d, x + (rs[i] + 1) * d, &xin[i * d]);
     Expert(c, num, w.experts[e], xin.data(), static_cast<int64_t>(rs.size()), weight_of[e].data(), &y);
     for (size_t i = 0; i < rs.size(); ++i) {
-      for (int64_t j = 0; j < d; ++j) (*out)[rs[i] * d + j] += y[i * d + j];
+      for (int64_t j = 0; j < d; ++j) {
+        if (num.faithful) {
+          acc[rs[i] * d + j] += y[i * d + j];
+        } else {
+          (*out)[rs[i] * d + j] += y[i * d + j];
+        }
+      }
     }
   }
+  if (num.faithful)
+    std::transform(acc.begin(), acc.end(), out->begin(), [](double v) { return static_cast<float>(v); });
   num.Bf(out);
 }
 

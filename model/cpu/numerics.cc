@@ -57,27 +57,60 @@ void Numerics::Linear(const float* x, int64_t m, int64_t in, const Tensor& w, in
   if (faithful && w.quantized) {
     std::vector<float> xq(x, x + m * in);
     Fp8Blocks(xq.data(), m, in, in, 128);
-    MatmulWt(xq.data(), m, in, w.data(), out, y);
+    Matmul(xq.data(), m, in, w.data(), out, y);
   } else {
-    MatmulWt(x, m, in, w.data(), out, y);
+    Matmul(x, m, in, w.data(), out, y);
   }
   Bf(y);
 }
 
+void Numerics::Matmul(const float* x, int64_t m, int64_t in, const float* w, int64_t out,
+                      std::vector<float>* y) const {
+  if (faithful) {
+    MatmulWtF64(x, m, in, w, out, y);
+  } else {
+    MatmulWt(x, m, in, w, out, y);
+  }
+}
+
+float Numerics::Dot(const float* a, const float* b, int64_t n) const {
+  if (faithful) return static_cast<float>(DotF64(a, b, n));
+  float acc = 0;
+  for (int64_t i = 0; i < n; ++i) acc += a[i] * b[i];
+  return acc;
+}
+
+float Numerics::Exp(float x) const {
+  return faithful ? static_cast<float>(std::exp(static_cast<double>(x))) : std::exp(x);
+}
+
+float Numerics::Sigmoid(float x) const {
+  if (!faithful) return cpu::Sigmoid(x);
+  return static_cast<float>(1.0 / (1.0 + std::exp(-static_cast<double>(x))));
+}
+
+float Numerics::Silu(float x) const {
+  if (!faithful) return cpu::Silu(x);
+  const double v = x;
+  return static_cast<float>(v / (1.0 + std::exp(-v)));
+}
+
 void HadamardRows(float* x, int64_t rows, int64_t dim) {
-  const float scale = 1.0f / std::sqrt(static_cast<float>(dim));
+  const double scale = 1.0 / std::sqrt(static_cast<double>(dim));
+  std::vector<double> v(static_cast<size_t>(dim));
   for (int64_t r = 0; r < rows; ++r) {
-    float* v = x + r * dim;
+    float* row = x + r * dim;
+    std::copy(row, row + dim, v.begin());
     for (int64_t h = 1; h < dim; h *= 2) {
       for (int64_t i = 0; i < dim; i += 2 * h) {
         for (int64_t j = i; j < i + h; ++j) {
-          const float a = v[j], b = v[j + h];
+          const double a = v[j], b = v[j + h];
           v[j] = a + b;
           v[j + h] = a - b;
         }
       }
     }
-    for (int64_t i = 0; i < dim; ++i) v[i] *= scale;
+    for (int64_t i = 0; i < dim; ++i) row[i] = static_cast<float>(v[i] * scale);
   }
 }
 

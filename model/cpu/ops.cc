@@ -149,6 +149,29 @@ void MatmulWt(const float* x, int64_t m, int64_t in, const float* w, int64_t out
   });
 }
 
+void MatmulWtF64(const float* x, int64_t m, int64_t in, const float* w, int64_t out, std::vector<float>* y) {
+  y->assign(static_cast<size_t>(m * out), 0.0f);
+  float* yp = y->data();
+  ParallelFor(out, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, in)), [&](int64_t b, int64_t e) {
+    for (int64_t o = b; o < e; ++o) {
+      const float* wr = w + o * in;
+      for (int64_t r = 0; r < m; ++r) {
+        const float* xr = x + r * in;
+        double acc0 = 0, acc1 = 0, acc2 = 0, acc3 = 0;
+        int64_t k = 0;
+        for (; k + 4 <= in; k += 4) {
+          acc0 += static_cast<double>(xr[k]) * wr[k];
+          acc1 += static_cast<double>(xr[k + 1]) * wr[k + 1];
+          acc2 += static_cast<double>(xr[k + 2]) * wr[k + 2];
+          acc3 += static_cast<double>(xr[k + 3]) * wr[k + 3];
+        }
+        for (; k < in; ++k) acc0 += static_cast<double>(xr[k]) * wr[k];
+        yp[r * out + o] = static_cast<float>((acc0 + acc1) + (acc2 + acc3));
+      }
+    }
+  });
+}
+
 void RmsNorm(float* x, int64_t rows, int64_t dim, const float* weight, double eps) {
   for (int64_t r = 0; r < rows; ++r) {
     float* v = x + r * dim;
@@ -163,7 +186,10 @@ RopeTable MakeRopeTable(int64_t rope_dim, double base, const RopeScaling* yarn) 
   RopeTable t;
   const int64_t half = rope_dim / 2;
   t.inv_freq.resize(static_cast<size_t>(half));
-  // Frequencies are computed in FP32 like both references (torch.arange(...).float()).
+  // Frequencies are computed in FP32 like DeepSeek's code and transformers (torch.arange(...).float()), in
+  // both modes: 1 / powf(base, 2i/d). glibc's powf and torch's FP32 pow give the same table for the tiny
+  // model's bases (tools/golden/v4_reference.py computes it the same way; the faithful golden test would
+  // see a difference), and an FP64 power would move exact mode away from transformers (3e-6 -> 1e-5).
   for (int64_t i = 0; i < half; ++i) {
     const float expo = static_cast<float>(2 * i) / static_cast<float>(rope_dim);
     t.inv_freq[i] = static_cast<double>(1.0f / std::pow(static_cast<float>(base), expo));
@@ -187,14 +213,22 @@ RopeTable MakeRopeTable(int64_t rope_dim, double base, const RopeScaling* yarn) 
   return t;
 }
 
-void RopeTable::Apply(float* x, int64_t pos, bool inverse) const {
+void RopeTable::Apply(float* x, int64_t pos, bool inverse, bool f64) const {
   for (size_t i = 0; i < inv_freq.size(); ++i) {
     // FP32 angle as the references compute it (position * inv_freq in float).
     const float ang = static_cast<float>(pos) * static_cast<float>(inv_freq[i]);
-    const float c = std::cos(ang), s = inverse ? -std::sin(ang) : std::sin(ang);
-    const float a = x[2 * i], b = x[2 * i + 1];
-    x[2 * i] = a * c - b * s;
-    x[2 * i + 1] = a * s + b * c;
+    if (f64) {  // cos, sin and the rotation in FP64, each result rounded once to FP32.
+      const double c = std::cos(static_cast<double>(ang)),
+                   s = inverse ? -std::sin(static_cast<double>(ang)) : std::sin(static_cast<double>(ang));
+      const double a = x[2 * i], b = x[2 * i + 1];
+      x[2 * i] = static_cast<float>(a * c - b * s);
+      x[2 * i + 1] = static_cast<float>(a * s + b * c);
+    } else {
+      const float c = std::cos(ang), s = inverse ? -std::sin(ang) : std::sin(ang);
+      const float a = x[2 * i], b = x[2 * i + 1];
+      x[2 * i] = a * c - b * s;
+      x[2 * i + 1] = a * s + b * c;
+    }
   }
 }
 

@@ -114,6 +114,13 @@ TEST(CliE2eTest, UsageErrorsAreClearAndHelpWorksForEveryCommand) {
   EXPECT_EQ(RunV4serve({"decode", "--grpc_port=0"}, &out), 2);
   EXPECT_THAT(out, HasSubstr("--model: a model directory is required"));
   out.clear();
+  EXPECT_EQ(RunV4serve({"decode",
+                        "--model=" + std::string(V4SERVE_TEST_SOURCE_DIR) + "/tests/model/testdata/tiny_v4",
+                        "--device=gpu"},
+                       &out),
+            2);
+  EXPECT_THAT(out, HasSubstr("--device must be auto, cpu or cuda, not 'gpu'"));
+  out.clear();
   EXPECT_EQ(RunV4serve({"router", "--http_port=-5"}, &out), 2);
   EXPECT_THAT(out, HasSubstr("http_port -5 out of range"));
   out.clear();

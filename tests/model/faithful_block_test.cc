@@ -1,7 +1,9 @@
 // Faithful numeric mode, one block at a time: each block of the tiny V4 gets the mHC streams that
 // tools/golden/v4_reference.py (DeepSeek-style rounding) fed it and must produce the reference's output
-// streams within 1e-2 (relative to the largest value). End to end the two implementations drift apart
-// through rounding flips (see make_layer_goldens.py); model_golden_test measures that drift.
+// streams. Both implementations accumulate in FP64 and round once to FP32 (docs/MODEL_NOTES.md,
+// "Order-independent accumulation"), so their BF16/FP8 roundings agree and the outputs are bit-identical
+// today; the bound (1e-4, norm-relative) leaves room for a rare FP64 tie only. This test localizes a
+// regression to a block; model_golden_test checks the faithful mode end to end.
 #include <cmath>
 #include <cstdlib>
 #include <string>
@@ -67,7 +69,7 @@ TEST(FaithfulBlockTest, EveryBlockMatchesTheReferenceGivenItsInput) {
                   faithful ? "faithful" : "exact", static_cast<long long>(l),
                   std::string(LayerKindName(c->layer_kind(l))).c_str(), num / den, max_diff / max_ref);
       if (faithful) {
-        EXPECT_LT(num / den, 1e-2) << "block " << l;
+        EXPECT_LT(num / den, 1e-4) << "block " << l;
       } else {
         // Without the rounding the block output is measurably different: the golden sees the rounding.
         EXPECT_GT(num / den, 1e-3) << "block " << l;

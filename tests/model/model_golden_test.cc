@@ -1,5 +1,6 @@
 // The CPU forward pass against goldens from transformers' DeepseekV4ForCausalLM (tools/golden), on the
 // tiny V4 of MODEL.md stored in the released format (FP8 weights, MXFP4 routed experts).
+#include <algorithm>
 #include <cmath>
 #include <cstdlib>
 #include <fstream>
@@ -99,34 +100,76 @@ TEST_F(ModelGoldenTest, ExactLogitsMatchTransformers) {
   }
 }
 
-TEST_F(ModelGoldenTest, GreedyDecodeMatchesTransformersForBothFixturesInOneBatch) {
-  const int64_t vocab = model_->config().vocab_size;
+// Greedy decoding of several prompts for `steps` tokens (the first is the prefill's argmax): one sequence
+// at a time, or all sequences in one Decode batch per step. Keeps the logits of the decode steps listed in
+// `record` (step s consumed token s - 1 and predicts token s).
+struct Decoded {
+  std::vector<int32_t> tokens;
+  std::vector<std::vector<float>> logits;  // One row per entry of `record`.
+};
+std::vector<Decoded> DecodeGreedy(const Model& m, const std::vector<std::vector<int32_t>>& prompts,
+                                  size_t steps, const std::vector<int64_t>& record, bool batched) {
+  const int64_t vocab = m.config().vocab_size;
   std::vector<SequenceState> states;
   std::vector<int32_t> next;
-  for (const Fixture& f : fixtures_) {
-    states.push_back(model_->NewState());
-    absl::StatusOr<std::vector<float>> l = model_->Prefill(&states.back(), f.prompt);
-    ASSERT_TRUE(l.ok()) << l.status();
+  for (const auto& prompt : prompts) {
+    states.push_back(m.NewState());
+    absl::StatusOr<std::vector<float>> l = m.Prefill(&states.back(), prompt);
+    EXPECT_TRUE(l.ok()) << l.status();
+    if (!l.ok()) return {};
     next.push_back(Argmax(l->data(), vocab));
   }
-  std::vector<SequenceState*> ptrs;
-  ptrs.reserve(states.size());
-  for (SequenceState& s : states) ptrs.push_back(&s);
-  std::vector<std::vector<int32_t>> got(fixtures_.size());
-  size_t steps = 0;
-  for (const Fixture& f : fixtures_) steps = std::max(steps, f.greedy.size());
+  std::vector<Decoded> out(prompts.size());
+  auto record_step = [&](size_t i, size_t step, const float* logits) {
+    if (std::find(record.begin(), record.end(), static_cast<int64_t>(step)) != record.end()) {
+      out[i].logits.emplace_back(logits, logits + vocab);
+    }
+    next[i] = Argmax(logits, vocab);
+  };
   for (size_t step = 0; step < steps; ++step) {
-    for (size_t i = 0; i < next.size(); ++i) got[i].push_back(next[i]);
+    for (size_t i = 0; i < next.size(); ++i) out[i].tokens.push_back(next[i]);
     if (step + 1 == steps) break;
-    absl::StatusOr<std::vector<float>> l = model_->Decode(ptrs, next);
-    ASSERT_TRUE(l.ok()) << l.status();
-    for (size_t i = 0; i < next.size(); ++i) next[i] = Argmax(&(*l)[i * vocab], vocab);
+    if (batched) {
+      std::vector<SequenceState*> ptrs;
+      ptrs.reserve(states.size());
+      for (SequenceState& s : states) ptrs.push_back(&s);
+      absl::StatusOr<std::vector<float>> l = m.Decode(ptrs, next);
+      EXPECT_TRUE(l.ok()) << l.status();
+      if (!l.ok()) return {};
+      for (size_t i = 0; i < next.size(); ++i) record_step(i, step + 1, &(*l)[i * vocab]);
+    } else {
+      for (size_t i = 0; i < next.size(); ++i) {
+        SequenceState* s = &states[i];
+        absl::StatusOr<std::vector<float>> l =
+            m.Decode(absl::MakeConstSpan(&s, 1), absl::MakeConstSpan(&next[i], 1));
+        EXPECT_TRUE(l.ok()) << l.status();
+        if (!l.ok()) return {};
+        record_step(i, step + 1, l->data());
+      }
+    }
   }
-  for (size_t i = 0; i < fixtures_.size(); ++i) {
-    ASSERT_GE(fixtures_[i].greedy.size(), 64u) << fixtures_[i].name;
-    got[i].resize(fixtures_[i].greedy.size());
-    EXPECT_EQ(got[i], fixtures_[i].greedy) << fixtures_[i].name;
-    EXPECT_EQ(states[i].position, static_cast<int64_t>(fixtures_[i].prompt.size() + steps - 1));
+  for (size_t i = 0; i < prompts.size(); ++i) {
+    EXPECT_EQ(states[i].position, static_cast<int64_t>(prompts[i].size() + steps - 1));
+  }
+  return out;
+}
+
+TEST_F(ModelGoldenTest, GreedyDecodeMatchesTransformersOneByOneAndBatched) {
+  std::vector<std::vector<int32_t>> prompts;
+  size_t steps = 0;
+  for (const Fixture& f : fixtures_) {
+    prompts.push_back(f.prompt);
+    ASSERT_GE(f.greedy.size(), 64u) << f.name;
+    steps = std::max(steps, f.greedy.size());
+  }
+  for (const bool batched : {false, true}) {
+    std::vector<Decoded> got = DecodeGreedy(*model_, prompts, steps, {}, batched);
+    ASSERT_EQ(got.size(), fixtures_.size());
+    for (size_t i = 0; i < fixtures_.size(); ++i) {
+      got[i].tokens.resize(fixtures_[i].greedy.size());
+      EXPECT_EQ(got[i].tokens, fixtures_[i].greedy)
+          << fixtures_[i].name << (batched ? " batched" : " one by one");
+    }
   }
 }
 
@@ -153,19 +196,21 @@ TEST_F(ModelGoldenTest, FaithfulChunkedPrefillEqualsOneShot) {
   options.mode = NumericMode::kFaithful;
   absl::StatusOr<std::unique_ptr<Model>> faithful = Model::Load(TinyDir(), options);
   ASSERT_TRUE(faithful.ok());
-  std::vector<int32_t> prompt(fixtures_[0].prompt.begin(), fixtures_[0].prompt.begin() + 90);
+  const Fixture& f = fixtures_[0].prompt.size() > fixtures_[1].prompt.size() ? fixtures_[1] : fixtures_[0];
   SequenceState one = (*faithful)->NewState();
-  absl::StatusOr<std::vector<float>> want = (*faithful)->Prefill(&one, prompt);
+  absl::StatusOr<std::vector<float>> want = (*faithful)->Prefill(&one, f.prompt);
   ASSERT_TRUE(want.ok());
-  SequenceState st = (*faithful)->NewState();
-  absl::StatusOr<std::vector<float>> got;
-  for (size_t b = 0; b < prompt.size(); b += 13) {
-    got = (*faithful)->Prefill(
-        &st, absl::MakeConstSpan(prompt).subspan(b, std::min<size_t>(13, prompt.size() - b)));
-    ASSERT_TRUE(got.ok());
+  for (size_t chunk : {size_t{1}, size_t{13}, size_t{37}}) {
+    SequenceState st = (*faithful)->NewState();
+    absl::StatusOr<std::vector<float>> got;
+    for (size_t b = 0; b < f.prompt.size(); b += chunk) {
+      got = (*faithful)->Prefill(
+          &st, absl::MakeConstSpan(f.prompt).subspan(b, std::min(chunk, f.prompt.size() - b)));
+      ASSERT_TRUE(got.ok());
+    }
+    EXPECT_EQ(*got, *want) << "chunk " << chunk;
+    EXPECT_TRUE(st == one) << "chunk " << chunk;
   }
-  EXPECT_EQ(*got, *want);
-  EXPECT_TRUE(st == one);
 }
 
 TEST_F(ModelGoldenTest, StateSurvivesSerialization) {
@@ -220,81 +265,105 @@ TEST_F(ModelGoldenTest, TopKPruningMatchesTransformers) {
   EXPECT_GT(RelError(&(*unpruned)[positions.back() * vocab], want.back()), 1e-3);
 }
 
-// Faithful mode end to end against tools/golden/v4_reference.py. Block by block the two agree within
-// 2e-3 (faithful_block_test); end to end, rounding flips compound (an FP32 last-bit difference becomes a
-// whole FP8 step of an element), so the bound here is relative: the faithful mode must be
-// closer to the faithful reference than the exact mode is, and the first greedy tokens must agree. How long
-// greedy decoding agrees is chaotic: 26 and 12 tokens with the current summation order in HcPost, 7 and 2
-// with another equally valid order.
-TEST_F(ModelGoldenTest, FaithfulModeTracksTheDeepSeekStyleReference) {
-  std::ifstream in(TinyDir() + "/golden_reference.json");
-  ASSERT_TRUE(in.good());
+nlohmann::json ReadJson(const std::string& path) {
+  std::ifstream in(path);
+  EXPECT_TRUE(in.good()) << path;
   std::stringstream ss;
   ss << in.rdbuf();
-  nlohmann::json j = nlohmann::json::parse(ss.str());
+  return nlohmann::json::parse(ss.str());
+}
+
+// ||got - want||_2 / ||want||_2 over one row of logits (printed next to RelError's max-norm version).
+double NormRelError(const float* got, const std::vector<float>& want) {
+  double d2 = 0, r2 = 0;
+  for (size_t i = 0; i < want.size(); ++i) {
+    d2 += (got[i] - static_cast<double>(want[i])) * (got[i] - static_cast<double>(want[i]));
+    r2 += static_cast<double>(want[i]) * want[i];
+  }
+  return std::sqrt(d2 / r2);
+}
+
+// Faithful mode end to end against tools/golden/v4_reference.py (DeepSeek-style rounding: FP8 GEMM inputs,
+// FP8 KV, Hadamard + FP4 indexer, BF16 between ops). Both implementations accumulate in FP64 and round once
+// to FP32 (docs/MODEL_NOTES.md, "Order-independent accumulation"), so their FP8/BF16 roundings agree and
+// the acceptance of issue 4 holds: at every checked prefill position and at the recorded decode steps the
+// logits are within 1e-2 in the max-norm relative error (max_i |got_i - ref_i| / max_i |ref_i|, as for
+// exact mode), and greedy decoding gives the same 64 tokens, one sequence at a time and both fixtures in one
+// batch.
+TEST_F(ModelGoldenTest, FaithfulModeMatchesTheDeepSeekStyleReference) {
+  nlohmann::json j = ReadJson(TinyDir() + "/golden_reference.json");
   ModelOptions options;
   options.mode = NumericMode::kFaithful;
   absl::StatusOr<std::unique_ptr<Model>> faithful = Model::Load(TinyDir(), options);
   ASSERT_TRUE(faithful.ok()) << faithful.status();
   const int64_t vocab = (*faithful)->config().vocab_size;
-  int checked = 0;
+  std::vector<std::string> names;
+  std::vector<std::vector<int32_t>> prompts, greedy;
+  std::vector<std::vector<std::vector<float>>> decode_logits;
+  std::vector<int64_t> decode_steps;
+  size_t longest = 0;
   for (auto& [name, fx] : j["fixtures"].items()) {
     if (name.find("_faithful") == std::string::npos) continue;
-    ++checked;
-    const std::vector<int32_t> prompt = fx["prompt"].get<std::vector<int32_t>>();
+    names.push_back(name);
+    prompts.push_back(fx["prompt"].get<std::vector<int32_t>>());
+    longest = std::max(longest, prompts.back().size());
     const std::vector<int64_t> positions = fx["positions"].get<std::vector<int64_t>>();
     const auto want = fx["logits"].get<std::vector<std::vector<float>>>();
-    const std::vector<int32_t> greedy = fx["greedy"].get<std::vector<int32_t>>();
-    ASSERT_GE(greedy.size(), 64u);
+    greedy.push_back(fx["greedy"].get<std::vector<int32_t>>());
+    ASSERT_GE(greedy.back().size(), 64u) << name;
+    decode_steps = fx["decode_steps"].get<std::vector<int64_t>>();
+    decode_logits.push_back(fx["decode_logits"].get<std::vector<std::vector<float>>>());
+    ASSERT_EQ(decode_logits.back().size(), decode_steps.size()) << name;
+    ASSERT_EQ(want.size(), positions.size()) << name;
+
     SequenceState st = (*faithful)->NewState(), st_exact = model_->NewState();
-    absl::StatusOr<std::vector<float>> logits = (*faithful)->Prefill(&st, prompt, /*all_logits=*/true);
-    absl::StatusOr<std::vector<float>> exact = model_->Prefill(&st_exact, prompt, /*all_logits=*/true);
+    absl::StatusOr<std::vector<float>> logits =
+        (*faithful)->Prefill(&st, prompts.back(), /*all_logits=*/true);
+    absl::StatusOr<std::vector<float>> exact =
+        model_->Prefill(&st_exact, prompts.back(), /*all_logits=*/true);
     ASSERT_TRUE(logits.ok() && exact.ok());
-    // Norm-relative errors over all checked positions.
-    double d_faithful = 0, d_exact = 0, ref = 0, worst_max = 0;
+    double worst = 0, worst_l2 = 0, exact_worst = 0;
     for (size_t i = 0; i < positions.size(); ++i) {
-      const float* f = &(*logits)[positions[i] * vocab];
-      const float* e = &(*exact)[positions[i] * vocab];
-      for (int64_t v = 0; v < vocab; ++v) {
-        d_faithful += (f[v] - want[i][v]) * (f[v] - want[i][v]);
-        d_exact += (e[v] - want[i][v]) * (e[v] - want[i][v]);
-        ref += want[i][v] * want[i][v];
-      }
-      worst_max = std::max(worst_max, RelError(f, want[i]));
+      const double e = RelError(&(*logits)[positions[i] * vocab], want[i]);
+      worst = std::max(worst, e);
+      worst_l2 = std::max(worst_l2, NormRelError(&(*logits)[positions[i] * vocab], want[i]));
+      exact_worst = std::max(exact_worst, RelError(&(*exact)[positions[i] * vocab], want[i]));
+      EXPECT_LT(e, 1e-2) << name << " position " << positions[i];
     }
-    const double rel_faithful = std::sqrt(d_faithful / ref), rel_exact = std::sqrt(d_exact / ref);
-    EXPECT_LT(rel_faithful, rel_exact) << name;
-    std::vector<int32_t> got;
-    int32_t next = Argmax(&(*logits)[(prompt.size() - 1) * vocab], vocab);
-    for (size_t step = 0; step < greedy.size(); ++step) {
-      got.push_back(next);
-      if (step + 1 == greedy.size()) break;
-      SequenceState* s = &st;
-      absl::StatusOr<std::vector<float>> l =
-          (*faithful)->Decode(absl::MakeConstSpan(&s, 1), absl::MakeConstSpan(&next, 1));
-      ASSERT_TRUE(l.ok());
-      next = Argmax(l->data(), vocab);
-    }
-    size_t agree = 0;
-    while (agree < got.size() && got[agree] == greedy[agree]) ++agree;
-    EXPECT_GE(agree, 2u) << name;
+    // The golden sees the rounding: exact mode is far from it.
+    EXPECT_GT(exact_worst, 1e-2) << name;
     std::printf(
-        "faithful %s: logits relative error %.3g (max element %.3g), exact mode %.3g; greedy agrees for %zu "
-        "of "
-        "%zu tokens\n",
-        name.c_str(), rel_faithful, worst_max, rel_exact, agree, greedy.size());
+        "faithful %s (%zu tokens, %zu positions): worst relative logit error %.3g (L2 %.3g); exact mode "
+        "%.3g\n",
+        name.c_str(), prompts.back().size(), positions.size(), worst, worst_l2, exact_worst);
   }
-  EXPECT_EQ(checked, 2);
+  ASSERT_EQ(names.size(), 2u);
+  EXPECT_GE(longest, 1024u);
+  for (const bool batched : {false, true}) {
+    std::vector<Decoded> got = DecodeGreedy(**faithful, prompts, greedy[0].size(), decode_steps, batched);
+    ASSERT_EQ(got.size(), names.size());
+    for (size_t i = 0; i < names.size(); ++i) {
+      const char* how = batched ? "batched" : "one by one";
+      EXPECT_EQ(got[i].tokens, greedy[i]) << names[i] << " " << how;
+      size_t agree = 0;
+      while (agree < got[i].tokens.size() && got[i].tokens[agree] == greedy[i][agree]) ++agree;
+      ASSERT_EQ(got[i].logits.size(), decode_steps.size());
+      double worst = 0;
+      for (size_t k = 0; k < decode_steps.size(); ++k) {
+        const double e = RelError(got[i].logits[k].data(), decode_logits[i][k]);
+        worst = std::max(worst, e);
+        EXPECT_LT(e, 1e-2) << names[i] << " " << how << " decode step " << decode_steps[k];
+      }
+      std::printf("faithful %s, %s: greedy agrees for %zu of %zu tokens; decode-step logits worst %.3g\n",
+                  names[i].c_str(), how, agree, greedy[i].size(), worst);
+    }
+  }
 }
 
-// MTP (absent from transformers) against tools/golden/v4_reference.py: exact mode within 1e-4; the
-// faithful mode closer to the faithful reference than the exact mode is. Drafting in two chunks equals one.
+// MTP (absent from transformers) against tools/golden/v4_reference.py: within 1e-4 in exact mode and 1e-2
+// in faithful mode (max-norm relative error). Drafting in two chunks equals one.
 TEST_F(ModelGoldenTest, MtpMatchesTheReference) {
-  std::ifstream in(TinyDir() + "/golden_reference.json");
-  ASSERT_TRUE(in.good());
-  std::stringstream ss;
-  ss << in.rdbuf();
-  nlohmann::json j = nlohmann::json::parse(ss.str());
+  nlohmann::json j = ReadJson(TinyDir() + "/golden_reference.json");
   for (const NumericMode mode : {NumericMode::kExact, NumericMode::kFaithful}) {
     ModelOptions options;
     options.mode = mode;
@@ -318,33 +387,26 @@ TEST_F(ModelGoldenTest, MtpMatchesTheReference) {
           (*m)->MtpDraft(&st, absl::MakeConstSpan(streams).subspan(0, n * row), next);
       ASSERT_TRUE(draft.ok()) << draft.status();
       EXPECT_EQ(st.mtp_position, n);
-      double worst = 0, d2 = 0, r2 = 0;
+      double worst = 0, worst_l2 = 0;
       for (size_t i = 0; i < positions.size(); ++i) {
         const float* got = &(*draft)[positions[i] * vocab];
-        worst = std::max(worst, RelError(got, want[i]));
-        for (int64_t v = 0; v < vocab; ++v) {
-          d2 += (got[v] - want[i][v]) * (got[v] - want[i][v]);
-          r2 += want[i][v] * want[i][v];
-        }
+        const double e = RelError(got, want[i]);
+        worst = std::max(worst, e);
+        worst_l2 = std::max(worst_l2, NormRelError(got, want[i]));
+        EXPECT_LT(e, mode == NumericMode::kExact ? 1e-4 : 1e-2) << name << " position " << positions[i];
       }
-      if (mode == NumericMode::kExact) {
-        EXPECT_LT(worst, 1e-4) << name;
-        // Two chunks give the same drafts as one.
-        SequenceState st2 = (*m)->NewState();
-        ASSERT_TRUE((*m)->Prefill(&st2, prompt).ok());
-        const int64_t half = n / 2;
-        auto a = (*m)->MtpDraft(&st2, absl::MakeConstSpan(streams).subspan(0, half * row),
-                                absl::MakeConstSpan(next).subspan(0, half));
-        auto b = (*m)->MtpDraft(&st2, absl::MakeConstSpan(streams).subspan(half * row, (n - half) * row),
-                                absl::MakeConstSpan(next).subspan(half));
-        ASSERT_TRUE(a.ok() && b.ok());
-        a->insert(a->end(), b->begin(), b->end());
-        EXPECT_EQ(*a, *draft);
-      } else {
-        EXPECT_LT(std::sqrt(d2 / r2), 0.2) << name;
-      }
-      std::printf("MTP %s: worst relative logit error %.3g (norm-relative %.3g)\n", name.c_str(), worst,
-                  std::sqrt(d2 / r2));
+      // Two chunks give the same drafts as one.
+      SequenceState st2 = (*m)->NewState();
+      ASSERT_TRUE((*m)->Prefill(&st2, prompt).ok());
+      const int64_t half = n / 2;
+      auto a = (*m)->MtpDraft(&st2, absl::MakeConstSpan(streams).subspan(0, half * row),
+                              absl::MakeConstSpan(next).subspan(0, half));
+      auto b = (*m)->MtpDraft(&st2, absl::MakeConstSpan(streams).subspan(half * row, (n - half) * row),
+                              absl::MakeConstSpan(next).subspan(half));
+      ASSERT_TRUE(a.ok() && b.ok());
+      a->insert(a->end(), b->begin(), b->end());
+      EXPECT_EQ(*a, *draft) << name;
+      std::printf("MTP %s: worst relative logit error %.3g (L2 %.3g)\n", name.c_str(), worst, worst_l2);
     }
   }
   ModelOptions no_mtp;

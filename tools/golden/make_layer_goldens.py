@@ -1,9 +1,8 @@
 """Per-layer goldens of the faithful mode: the mHC streams entering and leaving every block of the tiny V4
 for a 48-token prompt (prefill), from v4_reference.py. A test that feeds each block the reference's input
-checks the faithful rounding of one block at a time. End to end, two faithful implementations drift apart:
-quantization turns a difference in the last bit of an FP32 sum into a whole FP8 step (6%) of an element,
-and such flips compound over positions and layers; this golden isolates one block so that 1e-2 is a fair
-bound.
+checks the faithful rounding of one block at a time, which localizes a regression to a block. (Without
+order-independent FP64 accumulation in both implementations, a last-bit difference of an FP32 sum becomes
+a whole FP8 step of an element and such flips compound end to end; with it the blocks agree bit for bit.)
 
     .venv/bin/python tools/golden/make_layer_goldens.py --dir tests/model/testdata/tiny_v4 \
         --out tests/model/testdata/tiny_v4_layers

@@ -6,12 +6,30 @@ within 1e-4 and identical greedy tokens, through DeepSeek's prefill + one-token 
     .venv/bin/python tools/golden/make_ref_goldens.py --dir tests/model/testdata/tiny_v4
 """
 import argparse
+import ctypes
+import ctypes.util
 import json
 import os
 
 import torch
 
 from v4_reference import Reference
+
+DECODE_STEPS = (1, 16, 32, 63)  # decode steps whose logits the golden keeps
+
+
+def check_rope_tables(ref):
+    """The C++ side computes the RoPE frequencies as 1.0f / powf(base, 2i/d) with the C library; the
+    reference's FP32 torch table must have the same bits, or the faithful goldens could not be matched."""
+    libm = ctypes.CDLL(ctypes.util.find_library("m"))
+    libm.powf.restype, libm.powf.argtypes = ctypes.c_float, [ctypes.c_float, ctypes.c_float]
+    c = ref.cfg
+    dim = c["qk_rope_head_dim"]
+    for base in (c["rope_theta"], c["compress_rope_theta"]):
+        expo = torch.arange(0, dim, 2, dtype=torch.float32) / dim
+        want = torch.tensor([1.0 / libm.powf(base, float(e)) for e in expo.tolist()], dtype=torch.float32)
+        got = 1.0 / (base ** expo)
+        assert torch.equal(got, want), f"torch and libm disagree on the RoPE table of base {base}"
 
 
 def rel_err(a, b):
@@ -27,15 +45,21 @@ def run(ref, prompt, positions, steps, with_mtp):
         mtp = ref.mtp(streams[:-1], prompt[1:], st)
         out["mtp_positions"] = [p for p in positions if p < len(prompt) - 1]
         out["mtp_logits"] = [[round(float(v), 6) for v in mtp[p]] for p in out["mtp_positions"]]
-    greedy = []
+    # Greedy decoding one token at a time; decode_logits[i] are the logits of decode step
+    # decode_steps[i] (the step that consumed greedy[s - 1] and predicts greedy[s]).
+    greedy, decode_logits = [], []
+    decode_steps = [s for s in DECODE_STEPS if s < steps]
     nxt = int(logits[-1].argmax())
     for _ in range(steps):
         greedy.append(nxt)
         if len(greedy) == steps:
             break
         logits, _ = ref.forward([nxt], st)
+        if len(greedy) in decode_steps:
+            decode_logits.append([round(float(v), 6) for v in logits[-1]])
         nxt = int(logits[-1].argmax())
     out["greedy"] = greedy
+    out["decode_steps"], out["decode_logits"] = decode_steps, decode_logits
     return out, logits
 
 
@@ -49,6 +73,7 @@ def main():
     torch.set_grad_enabled(False)
 
     exact = Reference(args.dir, faithful=False)
+    check_rope_tables(exact)
     for name, fx in hf.items():
         out, _ = run(exact, fx["prompt"], fx["positions"], len(fx["greedy"]), False)
         err = max(rel_err(torch.tensor(a), torch.tensor(b)) for a, b in zip(out["logits"], fx["logits"]))

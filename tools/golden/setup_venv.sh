@@ -1,6 +1,5 @@
 #!/usr/bin/env bash
-# Creates the golden-generation virtualenv at the repository root (.venv, gitignored) from PyPI.
+# The golden-generation tools run in the project's one virtualenv (.venv, gitignored), which also holds the
+# test requirements (the openai SDK e2e test uses it): tools/setup.sh makes and updates it.
 set -euo pipefail
-root="$(cd "$(dirname "$0")/../.." && pwd)"
-python3 -m venv "$root/.venv"
-"$root/.venv/bin/pip" install -r "$root/tools/golden/requirements.txt"
+exec "$(cd "$(dirname "$0")/../.." && pwd)/tools/setup.sh" golden

@@ -7,7 +7,12 @@ It reads a checkpoint in the released format and runs in two numeric modes:
               FP8/FP4 GEMM rounded through FP8 e4m3 in blocks of 128 with power-of-two scales, window and
               compressed KV rounded through FP8 on the non-RoPE dims in blocks of 64, indexer queries and
               keys rotated by a 128-point Hadamard transform and rounded through FP4 e2m1 in blocks of 32,
-              FP32 for the compressor, router, mHC mixing, attention softmax and LM head.
+              FP32 values for the compressor, router, mHC mixing, attention softmax and LM head.
+In both modes every dot product, sum and transcendental is evaluated in FP64 and rounded once to FP32
+("order-independent accumulation", docs/MODEL_NOTES.md): FP32 x FP32 products are exact in FP64 and the FP64
+sum's own error almost never reaches the FP32 rounding, so each result is the correctly rounded FP32 value
+whatever the summation order or the kernel (MKL, libm, vectorized exp...). The C++ faithful mode does the
+same, which makes the FP8/BF16 roundings of the two implementations agree.
 Like DeepSeek's code it has a prefill path (the whole prompt at once, start position 0) and a decode path
 (one token at a time with explicit compressor state), and an MTP block. Unlike DeepSeek's code, every
 sequence starts from a fresh state (DeepSeek's compressors keep state across prompts).
@@ -23,6 +28,25 @@ from safetensors.torch import load_file
 from model_loader import dequantized
 
 BF16 = torch.bfloat16
+F64 = torch.float64
+
+
+def mm(a, b):
+    """a @ b in FP64 (exact products of FP32 values), rounded once to FP32."""
+    return (a.double() @ b.double()).float()
+
+
+def sigmoid64(x):
+    return torch.sigmoid(x.double()).float()
+
+
+def silu64(x):
+    return F.silu(x.double()).float()
+
+
+def rsqrt64(mean_square, eps):
+    """1/sqrt(mean_square + eps) in FP64 (mean_square an FP64 tensor), rounded once to FP32."""
+    return (1.0 / torch.sqrt(mean_square + eps)).float()
 
 
 def pow2_ceil_scale(amax, qmax):
@@ -73,10 +97,12 @@ def hadamard(x):
     h = torch.ones(1, 1)
     while h.shape[0] < n:
         h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
-    return x @ h * n ** -0.5
+    return (x.double() @ h.double() * (1.0 / math.sqrt(n))).float()
 
 
 def rope_freqs(dim, base, yarn):
+    # FP32 like DeepSeek's code (the only transcendental left in FP32: a constant table, identical to
+    # glibc's 1.0f / powf(base, 2i/d) that the C++ side computes).
     freqs = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
     if yarn is not None:
         factor, orig, beta_fast, beta_slow = yarn
@@ -96,15 +122,15 @@ def rope_freqs(dim, base, yarn):
 def rope(x, pos, freqs, inverse=False):
     """Interleaved RoPE on the last 2*len(freqs) dims of x [..., n, (heads,) d] at positions pos [n]."""
     rd = 2 * freqs.numel()
-    ang = pos.float()[:, None] * freqs[None, :]  # [n, rd/2]
-    cos, sin = torch.cos(ang), torch.sin(ang)
+    ang = pos.float()[:, None] * freqs[None, :]  # [n, rd/2], FP32 angles; cos, sin and rotation in FP64
+    cos, sin = torch.cos(ang.double()), torch.sin(ang.double())
     if inverse:
         sin = -sin
     while cos.dim() < x.dim():
         cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
-    r = x[..., -rd:].float()
+    r = x[..., -rd:].double()
     a, b = r[..., 0::2], r[..., 1::2]
-    out = torch.stack([a * cos - b * sin, a * sin + b * cos], -1).flatten(-2)
+    out = torch.stack([a * cos - b * sin, a * sin + b * cos], -1).flatten(-2).float()
     return torch.cat([x[..., :-rd], out.to(x.dtype)], -1)
 
 
@@ -130,11 +156,11 @@ class Reference:
         """y = x W^T. FP8/FP4-stored weights take an FP8-quantized input (blocks of 128); outputs BF16."""
         if name in self.quantized:
             x = self.n.fp8_blocks(x, 128)
-        return self.n.bf(x.float() @ self.w[name].T)
+        return self.n.bf(mm(x, self.w[name].T))
 
     def rmsnorm(self, x, weight_name=None):
         x = x.float()
-        y = x * torch.rsqrt(x.square().mean(-1, keepdim=True) + self.eps)
+        y = x * rsqrt64(x.double().square().mean(-1, keepdim=True), self.eps)
         if weight_name is not None:
             y = self.w[weight_name] * y
         return self.n.bf(y)
@@ -147,32 +173,34 @@ class Reference:
         c = self.cfg
         hc = c["hc_mult"]
         flat = x.flatten(-2).float()
-        rs = torch.rsqrt(flat.square().mean(-1, keepdim=True) + self.eps)
-        mixes = (flat @ self.w[f"{p}hc_{part}_fn"].T) * rs
+        rs = rsqrt64(flat.double().square().mean(-1, keepdim=True), self.eps)
+        mixes = mm(flat, self.w[f"{p}hc_{part}_fn"].T) * rs
         scale, base = self.w[f"{p}hc_{part}_scale"], self.w[f"{p}hc_{part}_base"]
         eps = c["hc_eps"]
-        pre = torch.sigmoid(mixes[..., :hc] * scale[0] + base[:hc]) + eps
-        post = 2 * torch.sigmoid(mixes[..., hc:2 * hc] * scale[1] + base[hc:2 * hc])
+        pre = sigmoid64(mixes[..., :hc] * scale[0] + base[:hc]) + eps
+        post = 2 * sigmoid64(mixes[..., hc:2 * hc] * scale[1] + base[hc:2 * hc])
         comb = mixes[..., 2 * hc:].unflatten(-1, (hc, hc)) * scale[2] + base[2 * hc:].view(hc, hc)
-        comb = torch.softmax(comb, -1) + eps
+        # Softmax and Sinkhorn in FP64, rounded once to FP32.
+        comb = torch.softmax(comb.double(), -1) + eps
         comb = comb / (comb.sum(-2, keepdim=True) + eps)
         for _ in range(c["hc_sinkhorn_iters"] - 1):
             comb = comb / (comb.sum(-1, keepdim=True) + eps)
             comb = comb / (comb.sum(-2, keepdim=True) + eps)
-        y = (pre.unsqueeze(-1) * x.float()).sum(-2)
+        comb = comb.float()
+        y = (pre.unsqueeze(-1).double() * x.double()).sum(-2).float()
         return self.n.bf(y), post, comb
 
     def hc_post(self, out, residual, post, comb):
-        y = post.unsqueeze(-1) * out.unsqueeze(-2) + (comb.unsqueeze(-1) * residual.unsqueeze(-2)).sum(-3)
-        return self.n.bf(y)
+        y = post.unsqueeze(-1).double() * out.unsqueeze(-2).double() + \
+            (comb.unsqueeze(-1).double() * residual.unsqueeze(-2).double()).sum(-3)
+        return self.n.bf(y.float())
 
     def hc_head(self, x, p):
-        hc = self.cfg["hc_mult"]
         flat = x.flatten(-2).float()
-        rs = torch.rsqrt(flat.square().mean(-1, keepdim=True) + self.eps)
-        mixes = (flat @ self.w[f"{p}hc_head_fn"].T) * rs
-        pre = torch.sigmoid(mixes * self.w[f"{p}hc_head_scale"] + self.w[f"{p}hc_head_base"]) + self.cfg["hc_eps"]
-        return self.n.bf((pre.unsqueeze(-1) * x.float()).sum(-2))
+        rs = rsqrt64(flat.double().square().mean(-1, keepdim=True), self.eps)
+        mixes = mm(flat, self.w[f"{p}hc_head_fn"].T) * rs
+        pre = sigmoid64(mixes * self.w[f"{p}hc_head_scale"] + self.w[f"{p}hc_head_base"]) + self.cfg["hc_eps"]
+        return self.n.bf((pre.unsqueeze(-1).double() * x.double()).sum(-2).float())
 
     # ---- MoE -------------------------------------------------------------------------------------------
     def expert(self, x, p, weights=None):
@@ -182,33 +210,33 @@ class Reference:
         if lim > 0:
             up = up.clamp(-lim, lim)
             gate = gate.clamp(max=lim)
-        h = F.silu(gate) * up
+        h = silu64(gate) * up
         if weights is not None:
             h = weights * h  # DeepSeek applies the routing weight before w2 (transformers after).
         return self.linear(self.n.bf(h), p + "w2.weight")
 
     def moe(self, x, p, ids, hash_layer):
         c = self.cfg
-        logits = x.float() @ self.w[p + "gate.weight"].T
-        scores = torch.sqrt(F.softplus(logits))
+        logits = mm(x, self.w[p + "gate.weight"].T)
+        scores = torch.sqrt(F.softplus(logits.double())).float()
         if hash_layer:
             idx = self.w[p + "gate.tid2eid"][ids].long()
         else:
             idx = (scores + self.w[p + "gate.bias"]).topk(c["num_experts_per_tok"], -1).indices
         wts = scores.gather(-1, idx)
-        wts = wts / wts.sum(-1, keepdim=True) * c["routed_scaling_factor"]
-        y = torch.zeros_like(x, dtype=torch.float32)
+        wts = wts / wts.double().sum(-1, keepdim=True).float() * c["routed_scaling_factor"]
+        y = torch.zeros_like(x, dtype=F64)  # The shared and routed outputs summed in FP64, rounded once.
         for e in range(c["n_routed_experts"]):
             rows, slot = torch.where(idx == e)
             if rows.numel():
-                y[rows] += self.expert(x[rows], f"{p}experts.{e}.", wts[rows, slot, None])
-        y = y + self.expert(x, p + "shared_experts.")
-        return self.n.bf(y)
+                y[rows] += self.expert(x[rows], f"{p}experts.{e}.", wts[rows, slot, None]).double()
+        y = y + self.expert(x, p + "shared_experts.").double()
+        return self.n.bf(y.float())
 
     # ---- attention ---------------------------------------------------------------------------------------
     def compress_entry(self, kv, score, p, ratio, width, pos0, indexer):
         """Pools one window (kv/score [slots, width] in FP32) and finishes the entry (norm, RoPE, rounding)."""
-        e = (kv * torch.softmax(score, 0)).sum(0)
+        e = (kv.double() * torch.softmax(score.double(), 0)).sum(0).float()
         e = self.rmsnorm(self.n.bf(e), p + "norm.weight")
         e = rope(e[None], torch.tensor([pos0]), self.freqs_comp)[0]
         e = self.n.bf(e)
@@ -230,8 +258,8 @@ class Reference:
     def compressor_prefill(self, x, p, ratio, width, st, indexer):
         """DeepSeek's start_pos == 0 path: all complete windows at once; the tail goes to the state."""
         overlap = ratio == 4
-        kv = x.float() @ self.w[p + "wkv.weight"].T
-        score = x.float() @ self.w[p + "wgate.weight"].T
+        kv = mm(x, self.w[p + "wkv.weight"].T)
+        score = mm(x, self.w[p + "wgate.weight"].T)
         ape = self.w[p + "ape"]
         s = x.shape[0]
         cutoff = s - s % ratio
@@ -258,8 +286,8 @@ class Reference:
 
     def compressor_decode(self, x, p, ratio, width, st, pos, indexer):
         overlap = ratio == 4
-        kv = (x.float() @ self.w[p + "wkv.weight"].T)[0]
-        score = (x.float() @ self.w[p + "wgate.weight"].T)[0] + self.w[p + "ape"][pos % ratio]
+        kv = mm(x, self.w[p + "wkv.weight"].T)[0]
+        score = mm(x, self.w[p + "wgate.weight"].T)[0] + self.w[p + "ape"][pos % ratio]
         slot = (ratio if overlap else 0) + pos % ratio
         st["kv"][slot], st["score"][slot] = kv, score
         if (pos + 1) % ratio:
@@ -280,7 +308,7 @@ class Reference:
         q = self.n.bf(rope(q, pos, self.freqs_comp))
         if self.n.faithful:
             q = self.n.fp4_blocks(self.n.bf(hadamard(q)), 32)
-        wts = self.linear(x, p + "indexer.weights_proj.weight") * (idim ** -0.5 * ih ** -0.5)
+        wts = self.linear(x, p + "indexer.weights_proj.weight") * (1.0 / math.sqrt(idim) / math.sqrt(ih))
         wts = self.n.bf(wts)
         keys = torch.stack(st["entries"]) if st["entries"] else torch.zeros(0, idim)
         sel = []
@@ -289,8 +317,8 @@ class Reference:
             if visible == 0:
                 sel.append([])
                 continue
-            sc = self.n.bf(torch.einsum("hd,td->ht", q[i], keys[:visible]))
-            sc = self.n.bf((sc.relu() * wts[i, :, None]).sum(0))
+            sc = self.n.bf(mm(q[i], keys[:visible].T))
+            sc = self.n.bf((sc.relu().double() * wts[i, :, None].double()).sum(0).float())
             order = sorted(range(visible), key=lambda t: (-float(sc[t]), t))
             sel.append(order[:self.topk])
         return sel
@@ -304,10 +332,10 @@ class Reference:
         qr = self.rmsnorm(self.linear(x, p + "attn.wq_a.weight"), p + "attn.q_norm.weight")
         q = self.linear(qr, p + "attn.wq_b.weight").view(-1, h, hd)
         if self.n.faithful:
-            ms = self.n.bf(self.n.bf(q.square()).mean(-1, keepdim=True))
-            q = self.n.bf(q * self.n.bf(torch.rsqrt(ms + self.eps)))
+            ms = self.n.bf(self.n.bf(q.square()).double().mean(-1, keepdim=True).float())
+            q = self.n.bf(q * self.n.bf(rsqrt64(ms.double(), self.eps)))
         else:
-            q = q * torch.rsqrt(q.square().mean(-1, keepdim=True) + self.eps)
+            q = q * rsqrt64(q.double().square().mean(-1, keepdim=True), self.eps)
         q = self.n.bf(rope(q, pos, freqs))
         kv = self.rmsnorm(self.linear(x, p + "attn.wkv.weight"), p + "attn.kv_norm.weight")
         kv = self.finish_key(self.n.bf(rope(kv, pos, freqs)), indexer=False)
@@ -336,19 +364,20 @@ class Reference:
                 ids = sel[i] if ratio == 4 else range(visible)
                 keys += [st["comp"]["entries"][j] for j in ids]
             k = torch.stack(keys).float()
-            logits = (q[i].float() @ k.T) * hd ** -0.5  # [h, n]
+            # Scores rounded once to FP32 from FP64; softmax with the sink and the weighted sum in FP64.
+            logits = ((q[i].double() @ k.double().T) * (1.0 / math.sqrt(hd))).float()  # [h, n]
             sink = self.w[p + "attn.attn_sink"].float()
-            m = torch.maximum(logits.max(-1).values, sink)
-            e = torch.exp(logits - m[:, None])
-            o = (e @ k) / (e.sum(-1) + torch.exp(sink - m))[:, None]
-            outs.append(self.n.bf(o))
+            m = torch.maximum(logits.max(-1).values, sink).double()
+            e = torch.exp(logits.double() - m[:, None])
+            o = (e @ k.double()) / (e.sum(-1) + torch.exp(sink.double() - m))[:, None]
+            outs.append(self.n.bf(o.float()))
         o = torch.stack(outs)
         o = self.n.bf(rope(o, pos, freqs, inverse=True))
         for i in range(x.shape[0]):
             st["window"][int(pos[i]) % win] = kv[i]
         g, r = c["o_groups"], c["o_lora_rank"]
         wo_a = self.w[p + "attn.wo_a.weight"].view(g, r, -1)
-        mid = self.n.bf(torch.einsum("sgd,grd->sgr", o.reshape(x.shape[0], g, -1), wo_a))
+        mid = self.n.bf(torch.einsum("sgd,grd->sgr", o.reshape(x.shape[0], g, -1).double(), wo_a.double()).float())
         return self.linear(mid.flatten(1), p + "attn.wo_b.weight")
 
     # ---- model -------------------------------------------------------------------------------------------
@@ -385,7 +414,7 @@ class Reference:
 
     def logits(self, h, p):
         x = self.rmsnorm(self.hc_head(h, p), p + "norm.weight")
-        return x.float() @ self.w["head.weight"].T
+        return mm(x, self.w["head.weight"].T)
 
     def mtp(self, streams, next_ids, state, k=0):
         """MTP block k: streams [n, hc, D] of the main model at positions pos..pos+n-1 and the ids of the

@@ -1,0 +1,364 @@
+// The CUDA backend on a V4-Flash-shaped stack of a few layers (real shapes: hidden 4096, 64 heads of 512,
+// 256 experts of 2048, top-6, CSA and HCA layers, vocab 129280; random weights drawn on the device), with
+// every figure a ratio to a ceiling measured in the same run on the same GPU:
+//   decode step (batch 1, 8, 64): achieved bytes/s (weights the step's GEMMs read, touched experts only,
+//     plus the KV they attend over) / device-to-device copy bandwidth (bytes read + written);
+//   prefill (8k, 32k tokens): achieved FLOP/s (GEMMs + attention + indexer) / cuBLASLt's best dense FP8
+//     GEMM (and BF16 GEMM) over a few large square shapes.
+// Usage: v4serve_cuda_bench [--layers=2] [--context=512] [--prefill=8192,32768] [--batches=1,8,64]
+//                           [--weights=bf16|fp32] [--experts=fp4|bf16] [--steps=10]
+// (--experts=fp4: MXFP4 routed experts, as V4 ships them; other weights BF16 except the FP32 ones the
+// backend keeps: mHC mixes, router gate, compressor projections.)
+// Prints a Markdown table (docs/PERFORMANCE.md holds the last one).
+#include <cublasLt.h>
+#include <cuda_fp8.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <fstream>
+#include <string>
+#include <vector>
+
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_split.h"
+#include "model/backend.h"
+#include "model/config.h"
+#include "model/cuda/cuda_backend.h"
+#include "model/sequence_state.h"
+#include "nlohmann/json.hpp"
+
+namespace v4serve::model {
+namespace {
+
+#define CK(call)                                                                                          \
+  do {                                                                                                    \
+    cudaError_t e_ = (call);                                                                              \
+    if (e_ != cudaSuccess) {                                                                              \
+      std::fprintf(stderr, "%s failed: %s (%s:%d)\n", #call, cudaGetErrorString(e_), __FILE__, __LINE__); \
+      std::exit(1);                                                                                       \
+    }                                                                                                     \
+  } while (0)
+#define CKL(call)                                                                                          \
+  do {                                                                                                     \
+    cublasStatus_t s_ = (call);                                                                            \
+    if (s_ != CUBLAS_STATUS_SUCCESS) {                                                                     \
+      std::fprintf(stderr, "%s failed: cuBLAS status %d (%s:%d)\n", #call, static_cast<int>(s_), __FILE__, \
+                   __LINE__);                                                                              \
+      return -1.0;                                                                                         \
+    }                                                                                                      \
+  } while (0)
+
+double Median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  return v[v.size() / 2];
+}
+
+// Device-to-device copy of `bytes`, counting bytes read plus written; median of 20 after warm-up.
+double CopyBandwidth(size_t bytes) {
+  void *a = nullptr, *b = nullptr;
+  CK(cudaMalloc(&a, bytes));
+  CK(cudaMalloc(&b, bytes));
+  CK(cudaMemset(a, 1, bytes));
+  cudaEvent_t e0, e1;
+  CK(cudaEventCreate(&e0));
+  CK(cudaEventCreate(&e1));
+  std::vector<double> t;
+  for (int i = 0; i < 23; ++i) {
+    CK(cudaEventRecord(e0));
+    CK(cudaMemcpyAsync(b, a, bytes, cudaMemcpyDeviceToDevice));
+    CK(cudaEventRecord(e1));
+    CK(cudaEventSynchronize(e1));
+    float ms = 0;
+    CK(cudaEventElapsedTime(&ms, e0, e1));
+    if (i >= 3) t.push_back(ms * 1e-3);
+  }
+  CK(cudaFree(a));
+  CK(cudaFree(b));
+  return 2.0 * static_cast<double>(bytes) / Median(t);
+}
+
+// FLOP/s of cuBLASLt's heuristic-best algorithm for D[m,n] = A[m,k] B[k,n] in FP8 e4m3 (TN, BF16 out) or
+// BF16; inputs random (never zeros). Median of 10 after 3 warm-ups. -1 when the library refuses.
+double GemmFlops(int m, int n, int k, bool fp8) {
+  cublasLtHandle_t lt;
+  CKL(cublasLtCreate(&lt));
+  const size_t ea = fp8 ? 1 : 2;
+  void *A, *B, *D, *ws;
+  const size_t ws_bytes = 64 << 20;
+  CK(cudaMalloc(&A, static_cast<size_t>(m) * k * ea));
+  CK(cudaMalloc(&B, static_cast<size_t>(k) * n * ea));
+  CK(cudaMalloc(&D, static_cast<size_t>(m) * n * 2));
+  CK(cudaMalloc(&ws, ws_bytes));
+  {  // Random bytes: small finite values in both formats (FP8 0x00-0x3f / BF16 with a bounded exponent).
+    std::vector<uint8_t> h(static_cast<size_t>(std::max<int64_t>(int64_t{m} * k, int64_t{k} * n) * ea));
+    uint32_t x = 12345;
+    for (size_t i = 0; i < h.size(); ++i) {
+      x = x * 1664525u + 1013904223u;
+      h[i] = fp8 ? static_cast<uint8_t>((x >> 24) & 0xbf)
+                 : static_cast<uint8_t>(i % 2 ? 0x3c | ((x >> 31) << 7) : x >> 24);
+    }
+    CK(cudaMemcpy(A, h.data(), static_cast<size_t>(m) * k * ea, cudaMemcpyHostToDevice));
+    CK(cudaMemcpy(B, h.data(), static_cast<size_t>(k) * n * ea, cudaMemcpyHostToDevice));
+  }
+  const cudaDataType_t in_t = fp8 ? CUDA_R_8F_E4M3 : CUDA_R_16BF;
+  cublasLtMatmulDesc_t op;
+  CKL(cublasLtMatmulDescCreate(&op, CUBLAS_COMPUTE_32F, CUDA_R_32F));
+  const cublasOperation_t ta = CUBLAS_OP_T, tb = CUBLAS_OP_N;
+  CKL(cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_TRANSA, &ta, sizeof(ta)));
+  CKL(cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_TRANSB, &tb, sizeof(tb)));
+  cublasLtMatrixLayout_t la, lb, ld;
+  CKL(cublasLtMatrixLayoutCreate(&la, in_t, k, m, k));  // A^T stored k x m (TN).
+  CKL(cublasLtMatrixLayoutCreate(&lb, in_t, k, n, k));
+  CKL(cublasLtMatrixLayoutCreate(&ld, CUDA_R_16BF, m, n, m));
+  cublasLtMatmulPreference_t pref;
+  CKL(cublasLtMatmulPreferenceCreate(&pref));
+  CKL(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws_bytes,
+                                           sizeof(ws_bytes)));
+  cublasLtMatmulHeuristicResult_t heur[8];
+  int found = 0;
+  CKL(cublasLtMatmulAlgoGetHeuristic(lt, op, la, lb, ld, ld, pref, 8, heur, &found));
+  double best = -1;
+  const float alpha = 1.0f, beta = 0.0f;
+  cudaEvent_t e0, e1;
+  CK(cudaEventCreate(&e0));
+  CK(cudaEventCreate(&e1));
+  for (int a = 0; a < found; ++a) {
+    std::vector<double> t;
+    bool ok = true;
+    for (int i = 0; i < 13 && ok; ++i) {
+      CK(cudaEventRecord(e0));
+      ok = cublasLtMatmul(lt, op, &alpha, A, la, B, lb, &beta, D, ld, D, ld, &heur[a].algo, ws, ws_bytes,
+                          0) == CUBLAS_STATUS_SUCCESS;
+      CK(cudaEventRecord(e1));
+      CK(cudaEventSynchronize(e1));
+      float ms = 0;
+      CK(cudaEventElapsedTime(&ms, e0, e1));
+      if (i >= 3) t.push_back(ms * 1e-3);
+    }
+    if (ok) best = std::max(best, 2.0 * m * n * static_cast<double>(k) / Median(t));
+  }
+  cublasLtMatmulPreferenceDestroy(pref);
+  cublasLtMatrixLayoutDestroy(la);
+  cublasLtMatrixLayoutDestroy(lb);
+  cublasLtMatrixLayoutDestroy(ld);
+  cublasLtMatmulDescDestroy(op);
+  cublasLtDestroy(lt);
+  CK(cudaFree(A));
+  CK(cudaFree(B));
+  CK(cudaFree(D));
+  CK(cudaFree(ws));
+  return best;
+}
+
+std::vector<int64_t> Ints(const std::string& s) {
+  std::vector<int64_t> out;
+  for (absl::string_view p : absl::StrSplit(s, ',')) {
+    int64_t v;
+    if (absl::SimpleAtoi(p, &v)) out.push_back(v);
+  }
+  return out;
+}
+
+std::vector<int32_t> Tokens(int64_t n, int64_t vocab, int64_t salt) {
+  std::vector<int32_t> t(static_cast<size_t>(n));
+  for (int64_t i = 0; i < n; ++i) t[i] = static_cast<int32_t>(2 + ((i + salt * 131) * 7919) % (vocab - 2));
+  return t;
+}
+
+double Seconds(std::chrono::steady_clock::time_point a) {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - a).count();
+}
+
+// With V4SERVE_CUDA_PROFILE=1: where the last Forward's wall time went.
+void PrintPhases(const ForwardBackend& be) {
+  auto c = cuda::LastForwardCounters(be);
+  if (!c.ok()) return;
+  const double total =
+      c->s_mhc + c->s_attn_proj + c->s_attn_host + c->s_attn_kernels + c->s_attn_out + c->s_moe + c->s_head;
+  if (total <= 0) return;
+  std::printf(
+      "    phases (ms): mhc+norm %.2f, attn proj %.2f, attn host %.2f, attn kernels %.2f, attn out %.2f, moe "
+      "%.2f, head %.2f\n",
+      c->s_mhc * 1e3, c->s_attn_proj * 1e3, c->s_attn_host * 1e3, c->s_attn_kernels * 1e3,
+      c->s_attn_out * 1e3, c->s_moe * 1e3, c->s_head * 1e3);
+}
+
+int Main(int argc, char** argv) {
+  int64_t layers = 2, context = 512, steps = 10;
+  std::string prefill = "8192,32768", batches = "1,8,64", weights = "bf16", experts = "fp4";
+  const char* src = std::getenv("V4SERVE_SOURCE_DIR");
+  std::string config_path =
+      std::string(src ? src : V4SERVE_SOURCE_DIR_DEFAULT) + "/tests/model/testdata/v4_flash_config.json";
+  for (int i = 1; i < argc; ++i) {
+    std::string a = argv[i];
+    auto val = [&](const char* name) -> const char* {
+      const std::string p = std::string("--") + name + "=";
+      return a.rfind(p, 0) == 0 ? argv[i] + p.size() : nullptr;
+    };
+    if (const char* v = val("layers"))
+      layers = std::atoll(v);
+    else if (const char* v = val("context"))
+      context = std::atoll(v);
+    else if (const char* v = val("steps"))
+      steps = std::atoll(v);
+    else if (const char* v = val("prefill"))
+      prefill = v;
+    else if (const char* v = val("batches"))
+      batches = v;
+    else if (const char* v = val("weights"))
+      weights = v;
+    else if (const char* v = val("experts"))
+      experts = v;
+    else if (const char* v = val("config"))
+      config_path = v;
+    else {
+      std::fprintf(stderr, "unknown flag %s\n", argv[i]);
+      return 2;
+    }
+  }
+  std::ifstream in(config_path);
+  if (!in) {
+    std::fprintf(stderr, "cannot read %s\n", config_path.c_str());
+    return 2;
+  }
+  nlohmann::json j = nlohmann::json::parse(in);
+  j["num_hidden_layers"] = layers;
+  j["num_nextn_predict_layers"] = 0;
+  std::vector<int> ratios;
+  for (int64_t l = 0; l < layers; ++l) ratios.push_back(l % 2 == 0 ? 4 : 128);  // CSA, HCA, CSA, ...
+  j["compress_ratios"] = ratios;
+  j["num_hash_layers"] = 0;
+  j["expert_dtype"] = experts == "fp4" ? "fp4" : "bf16";  // V4 ships MXFP4 routed experts.
+  absl::StatusOr<ModelConfig> config = ParseModelConfig(j.dump());
+  if (!config.ok()) {
+    std::fprintf(stderr, "%s\n", std::string(config.status().message()).c_str());
+    return 2;
+  }
+  const CudaWeights format = weights == "fp32" ? CudaWeights::kF32 : CudaWeights::kBf16;
+  cudaDeviceProp prop{};
+  CK(cudaGetDeviceProperties(&prop, 0));
+
+  // Ceilings, measured first.
+  const double copy_bw = CopyBandwidth(size_t{2} << 30);
+  double fp8 = -1, bf16 = -1;
+  for (int s : {4096, 8192, 16384}) {
+    fp8 = std::max(fp8, GemmFlops(s, s, s, true));
+    bf16 = std::max(bf16, GemmFlops(s, s, s, false));
+  }
+  std::printf(
+      "GPU: %s; device copy %.0f GB/s (read + write); cuBLASLt best dense FP8 %.0f TFLOP/s, BF16 %.0f "
+      "TFLOP/s\n",
+      prop.name, copy_bw / 1e9, fp8 / 1e12, bf16 / 1e12);
+  std::fflush(stdout);
+
+  auto t0 = std::chrono::steady_clock::now();
+  absl::StatusOr<std::unique_ptr<ForwardBackend>> be = cuda::MakeRandomCudaBackend(*config, format, 1);
+  if (!be.ok()) {
+    std::fprintf(stderr, "%s\n", std::string(be.status().message()).c_str());
+    return 1;
+  }
+  std::printf("stack: %lld layers (CSA/HCA alternating, score routing), %s experts, %s; built in %.1f s\n",
+              static_cast<long long>(layers), experts == "fp4" ? "MXFP4" : "BF16", (*be)->Describe().c_str(),
+              Seconds(t0));
+  std::fflush(stdout);
+  const int64_t vocab = config->vocab_size;
+  std::vector<std::string> rows;
+
+  // Decode: B sequences of `context` tokens (prefilled in one batched call), then `steps` timed steps.
+  for (int64_t b : Ints(batches)) {
+    std::vector<SequenceState> states(static_cast<size_t>(b), NewSequenceState(*config));
+    std::vector<ForwardSegment> segs;
+    std::vector<int32_t> toks;
+    for (int64_t i = 0; i < b; ++i) {
+      segs.push_back({&states[i], i * context, context});
+      std::vector<int32_t> t = Tokens(context, vocab, i);
+      toks.insert(toks.end(), t.begin(), t.end());
+    }
+    std::vector<int64_t> last;
+    for (int64_t i = 0; i < b; ++i) last.push_back((i + 1) * context - 1);
+    auto r = (*be)->Forward(segs, toks, last, nullptr);
+    if (!r.ok()) {
+      std::fprintf(stderr, "context prefill: %s\n", std::string(r.status().message()).c_str());
+      return 1;
+    }
+    std::vector<double> times;
+    double bytes = 0, flops = 0;
+    int64_t experts = 0;
+    std::vector<int32_t> next(static_cast<size_t>(b), 7);
+    std::vector<int64_t> rows_idx(static_cast<size_t>(b));
+    for (int64_t i = 0; i < b; ++i) rows_idx[i] = i;
+    for (int64_t s = 0; s < steps + 2; ++s) {
+      segs.clear();
+      for (int64_t i = 0; i < b; ++i) segs.push_back({&states[i], i, 1});
+      CK(cudaDeviceSynchronize());
+      auto ts = std::chrono::steady_clock::now();
+      auto lg = (*be)->Forward(segs, next, rows_idx, nullptr);
+      const double dt = Seconds(ts);
+      if (!lg.ok()) {
+        std::fprintf(stderr, "decode: %s\n", std::string(lg.status().message()).c_str());
+        return 1;
+      }
+      absl::StatusOr<std::vector<int32_t>> tok = cuda::ArgmaxRows(*lg, b, vocab);
+      if (tok.ok()) next = *tok;
+      if (s >= 2) {
+        times.push_back(dt);
+        auto c = cuda::LastForwardCounters(**be);
+        bytes = static_cast<double>(c->weight_bytes + c->kv_bytes);
+        flops = c->gemm_flops + c->attention_flops;
+        experts = c->experts_touched;
+      }
+    }
+    const double t = Median(times);
+    char line[512];
+    std::snprintf(line, sizeof(line),
+                  "| decode step, batch %lld, context %lld | %.2f ms | %.0f tok/s | %.2f GB (%lld experts) | "
+                  "%.0f GB/s | **%.1f%%** of copy bw |",
+                  static_cast<long long>(b), static_cast<long long>(context), t * 1e3, b / t, bytes / 1e9,
+                  static_cast<long long>(experts), bytes / t / 1e9, 100.0 * bytes / t / copy_bw);
+    (void)flops;
+    rows.push_back(line);
+    PrintPhases(**be);
+    std::printf("%s\n", line);
+    std::fflush(stdout);
+  }
+  // Prefill: one sequence, one chunk.
+  for (int64_t n : Ints(prefill)) {
+    SequenceState st = NewSequenceState(*config);
+    std::vector<ForwardSegment> segs = {{&st, 0, n}};
+    std::vector<int32_t> toks = Tokens(n, vocab, 99);
+    std::vector<int64_t> last = {n - 1};
+    CK(cudaDeviceSynchronize());
+    auto ts = std::chrono::steady_clock::now();
+    auto r = (*be)->Forward(segs, toks, last, nullptr);
+    const double t = Seconds(ts);
+    if (!r.ok()) {
+      std::fprintf(stderr, "prefill %lld: %s\n", static_cast<long long>(n),
+                   std::string(r.status().message()).c_str());
+      continue;
+    }
+    auto c = cuda::LastForwardCounters(**be);
+    const double flops = c->gemm_flops + c->attention_flops;
+    char line[512];
+    std::snprintf(line, sizeof(line),
+                  "| prefill %lld tokens | %.1f ms | %.0f tok/s | %.1f TFLOP | %.1f TFLOP/s | **%.1f%%** of "
+                  "FP8 GEMM (%.1f%% of BF16) |",
+                  static_cast<long long>(n), t * 1e3, n / t, flops / 1e12, flops / t / 1e12,
+                  100.0 * flops / t / fp8, 100.0 * flops / t / bf16);
+    rows.push_back(line);
+    std::printf("%s\n", line);
+    PrintPhases(**be);
+    std::fflush(stdout);
+  }
+  std::printf(
+      "\n| what | time | throughput | moved / computed | achieved | ratio |\n|---|---|---|---|---|---|\n");
+  for (const std::string& r : rows) std::printf("%s\n", r.c_str());
+  return 0;
+}
+
+}  // namespace
+}  // namespace v4serve::model
+
+int main(int argc, char** argv) { return v4serve::model::Main(argc, argv); }

@@ -1,0 +1,61 @@
+// Where a Model's forward pass runs: one interface, a CPU implementation (model/model.cc, the reference)
+// and a CUDA implementation (model/cuda/cuda_backend.h). Model::Prefill/Decode/DecodeChunks validate their
+// arguments and hand the batch to the backend chosen at load time (ModelOptions::device).
+//
+// Sequence states stay host values (SequenceState) on every backend, so the engine, the KV store and state
+// transfer see one format whichever device computed them.
+#ifndef V4SERVE_MODEL_BACKEND_H_
+#define V4SERVE_MODEL_BACKEND_H_
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
+#include "absl/types/span.h"
+#include "model/sequence_state.h"
+
+namespace v4serve::model {
+
+// kAuto: CUDA when this binary has it and a GPU is visible, else the CPU.
+enum class Device { kAuto, kCpu, kCuda };
+
+// "auto", "cpu" or "cuda".
+absl::StatusOr<Device> ParseDevice(absl::string_view name);
+const char* DeviceName(Device device);
+
+// kAuto -> kCuda or kCpu (with `why` saying which and why, for logs); kCuda fails with UNAVAILABLE where
+// the binary lacks CUDA or no GPU is visible; kCpu is returned as is.
+absl::StatusOr<Device> ResolveDevice(Device requested, std::string* why = nullptr);
+
+// Weight precision of the CUDA backend. kF32 keeps the CPU reference's FP32 weights (tests compare it with
+// the CPU tightly); kBf16 stores BF16 weights and feeds the GEMMs BF16 activations with FP32 accumulation
+// (half the weight bytes; what the workers use).
+enum class CudaWeights { kBf16, kF32 };
+
+// A run of `count` consecutive rows of the batch that continue one sequence's state.
+struct ForwardSegment {
+  SequenceState* state;
+  int64_t begin;
+  int64_t count;
+};
+
+class ForwardBackend {
+ public:
+  virtual ~ForwardBackend() = default;
+  virtual Device device() const = 0;
+  // One line for logs, e.g. "cuda: NVIDIA H100 80GB HBM3, bf16 weights".
+  virtual std::string Describe() const = 0;
+  // Runs the main layers over `tokens` (already range-checked; segments cover the rows in order), advances
+  // each segment's state (layers and position) and returns the logits of `logit_rows` [rows, vocab]. When
+  // `final_streams` is set it receives the last mHC streams of every row [tokens, hc_mult, hidden].
+  virtual absl::StatusOr<std::vector<float>> Forward(absl::Span<const ForwardSegment> segments,
+                                                     absl::Span<const int32_t> tokens,
+                                                     absl::Span<const int64_t> logit_rows,
+                                                     std::vector<float>* final_streams) const = 0;
+};
+
+}  // namespace v4serve::model
+
+#endif  // V4SERVE_MODEL_BACKEND_H_

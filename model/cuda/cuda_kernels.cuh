@@ -1,0 +1,696 @@
+// Device kernels of the CUDA forward pass (model/cuda/cuda_backend.cu). Each mirrors one function of
+// model/cpu and keeps its arithmetic order where that is cheap (FP32 throughout; Sinkhorn, RoPE angles and
+// routing exactly as the CPU computes them), so the gpu tests can compare tightly in the FP32 weight mode.
+#ifndef V4SERVE_MODEL_CUDA_CUDA_KERNELS_CUH_
+#define V4SERVE_MODEL_CUDA_CUDA_KERNELS_CUH_
+
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace v4serve::model::cuda::kernels {
+
+constexpr int kMaxHc = 16;        // hc_mult bound (V4 uses 4).
+constexpr int kMaxGroupRows = 8;  // Rows per expert that the grouped GEMV handles in registers.
+
+__device__ __forceinline__ float WarpSum(float v) {
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+__device__ __forceinline__ double WarpSumD(double v) {
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+__device__ __forceinline__ float WarpMax(float v) {
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+// Block-wide sum (blockDim.x a multiple of 32, <= 1024); every thread gets the result.
+__device__ __forceinline__ double BlockSumD(double v) {
+  __shared__ double part[32];
+  __syncthreads();
+  v = WarpSumD(v);
+  const int w = threadIdx.x / 32, l = threadIdx.x % 32;
+  if (l == 0) part[w] = v;
+  __syncthreads();
+  double t = 0;
+  for (int i = 0; i < static_cast<int>(blockDim.x / 32); ++i) t += part[i];
+  return t;
+}
+__device__ __forceinline__ float BlockMax(float v) {
+  __shared__ float part[32];
+  __syncthreads();
+  v = WarpMax(v);
+  const int w = threadIdx.x / 32, l = threadIdx.x % 32;
+  if (l == 0) part[w] = v;
+  __syncthreads();
+  float t = part[0];
+  for (int i = 1; i < static_cast<int>(blockDim.x / 32); ++i) t = fmaxf(t, part[i]);
+  return t;
+}
+__device__ __forceinline__ float SigmoidF(float x) { return 1.0f / (1.0f + expf(-x)); }
+__device__ __forceinline__ float SiluF(float x) { return x / (1.0f + expf(-x)); }
+__device__ __forceinline__ float LoadW(const void* p, int64_t i, bool bf16) {
+  return bf16 ? __bfloat162float(static_cast<const __nv_bfloat16*>(p)[i]) : static_cast<const float*>(p)[i];
+}
+
+// Embedding rows copied into every mHC stream: streams[t, j, :] = embed[tokens[t], :].
+__global__ void Embed(const int32_t* tokens, const void* embed, bool bf16, int64_t hc, int64_t d,
+                      float* streams) {
+  const int64_t t = blockIdx.x;
+  const int64_t row = tokens[t];
+  for (int64_t i = threadIdx.x; i < d; i += blockDim.x) {
+    const float v = LoadW(embed, row * d + i, bf16);
+    for (int64_t j = 0; j < hc; ++j) streams[(t * hc + j) * d + i] = v;
+  }
+}
+
+// x = x / sqrt(mean(x^2) + eps) * w per row of `dim` (w may be null). One block per row.
+__global__ void RmsNorm(float* x, int64_t dim, const float* w, double eps) {
+  float* v = x + blockIdx.x * dim;
+  double ss = 0;
+  for (int64_t i = threadIdx.x; i < dim; i += blockDim.x) ss += static_cast<double>(v[i]) * v[i];
+  ss = BlockSumD(ss);
+  const float inv = static_cast<float>(1.0 / sqrt(ss / static_cast<double>(dim) + eps));
+  for (int64_t i = threadIdx.x; i < dim; i += blockDim.x) v[i] = v[i] * inv * (w ? w[i] : 1.0f);
+}
+
+// rs[row] = 1 / sqrt(mean(x^2) + eps) over `len` values per row. One block per row.
+__global__ void RowRsqrt(const float* x, int64_t len, double eps, float* rs) {
+  const float* v = x + blockIdx.x * len;
+  double ss = 0;
+  for (int64_t i = threadIdx.x; i < len; i += blockDim.x) ss += static_cast<double>(v[i]) * v[i];
+  ss = BlockSumD(ss);
+  if (threadIdx.x == 0) rs[blockIdx.x] = static_cast<float>(1.0 / sqrt(ss / static_cast<double>(len) + eps));
+}
+
+// mHC pre-mix of one token per block: from the raw mixes (fn · x) and rs, the pre/post weights and the
+// Sinkhorn-projected comb matrix (cpu::HcPre), then collapsed = sum_j pre_j * x_j.
+__global__ void HcMix(const float* mixes, const float* rs, const float* base, const float* scale, int hc,
+                      int iters, float eps, const float* streams, int64_t d, float* collapsed,
+                      float* post_out, float* comb_out) {
+  const int64_t t = blockIdx.x;
+  const int mix = (2 + hc) * hc;
+  __shared__ float pre[kMaxHc];
+  __shared__ float cm[kMaxHc * kMaxHc];
+  if (threadIdx.x == 0) {
+    const float* m = mixes + t * mix;
+    const float r = rs[t];
+    for (int j = 0; j < hc; ++j) {
+      pre[j] = SigmoidF((m[j] * r) * scale[0] + base[j]) + eps;
+      post_out[t * hc + j] = 2.0f * SigmoidF((m[hc + j] * r) * scale[1] + base[hc + j]);
+    }
+    for (int j = 0; j < hc; ++j) {
+      float mx = -INFINITY;
+      for (int k = 0; k < hc; ++k) {
+        cm[j * hc + k] = (m[2 * hc + j * hc + k] * r) * scale[2] + base[2 * hc + j * hc + k];
+        mx = fmaxf(mx, cm[j * hc + k]);
+      }
+      float s = 0;
+      for (int k = 0; k < hc; ++k) s += (cm[j * hc + k] = expf(cm[j * hc + k] - mx));
+      for (int k = 0; k < hc; ++k) cm[j * hc + k] = cm[j * hc + k] / s + eps;
+    }
+    for (int it = 0; it < iters; ++it) {
+      if (it > 0) {  // Row normalization from the second iteration on, as cpu::HcPre.
+        for (int j = 0; j < hc; ++j) {
+          float s = 0;
+          for (int k = 0; k < hc; ++k) s += cm[j * hc + k];
+          for (int k = 0; k < hc; ++k) cm[j * hc + k] /= (s + eps);
+        }
+      }
+      for (int k = 0; k < hc; ++k) {
+        float s = 0;
+        for (int j = 0; j < hc; ++j) s += cm[j * hc + k];
+        for (int j = 0; j < hc; ++j) cm[j * hc + k] /= (s + eps);
+      }
+    }
+    for (int i = 0; i < hc * hc; ++i) comb_out[t * hc * hc + i] = cm[i];
+  }
+  __syncthreads();
+  const float* x = streams + t * hc * d;
+  for (int64_t i = threadIdx.x; i < d; i += blockDim.x) {
+    float y = 0;
+    for (int j = 0; j < hc; ++j) y += pre[j] * x[j * d + i];
+    collapsed[t * d + i] = y;
+  }
+}
+
+// The final collapse (hc_head): sigmoid weights only.
+__global__ void HcHeadMix(const float* mixes, const float* rs, const float* base, const float* scale, int hc,
+                          float eps, const float* streams, int64_t d, float* out) {
+  const int64_t t = blockIdx.x;
+  __shared__ float pre[kMaxHc];
+  if (threadIdx.x < hc) {
+    pre[threadIdx.x] = SigmoidF((mixes[t * hc + threadIdx.x] * rs[t]) * scale[0] + base[threadIdx.x]) + eps;
+  }
+  __syncthreads();
+  const float* x = streams + t * hc * d;
+  for (int64_t i = threadIdx.x; i < d; i += blockDim.x) {
+    float y = 0;
+    for (int j = 0; j < hc; ++j) y += pre[j] * x[j * d + i];
+    out[t * d + i] = y;
+  }
+}
+
+// streams[k] = post_k * out + sum_j comb[j][k] * streams[j], one thread per (token, feature).
+__global__ void HcPost(float* streams, const float* out, const float* post, const float* comb, int64_t n,
+                       int hc, int64_t d) {
+  const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (idx >= n * d) return;
+  const int64_t t = idx / d, i = idx % d;
+  float* x = streams + t * hc * d;
+  float xs[kMaxHc];
+  for (int j = 0; j < hc; ++j) xs[j] = x[j * d + i];
+  const float o = out[t * d + i];
+  const float* cm = comb + t * hc * hc;
+  for (int k = 0; k < hc; ++k) {
+    float acc = post[t * hc + k] * o;
+    for (int j = 0; j < hc; ++j) acc += cm[j * hc + k] * xs[j];
+    x[k * d + i] = acc;
+  }
+}
+
+// Interleaved RoPE on the `rd` dims at offset `off` of each row of `stride`; row r is at
+// positions[r / rows_per_pos]. One thread per (row, pair).
+__global__ void Rope(float* x, int64_t rows, int64_t stride, int64_t off, int64_t rd,
+                     const int64_t* positions, int64_t rows_per_pos, const float* inv_freq, bool inverse) {
+  const int64_t half = rd / 2;
+  const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (idx >= rows * half) return;
+  const int64_t r = idx / half, i = idx % half;
+  const float ang = static_cast<float>(positions[r / rows_per_pos]) * inv_freq[i];
+  const float c = cosf(ang), s = inverse ? -sinf(ang) : sinf(ang);
+  float* v = x + r * stride + off;
+  const float a = v[2 * i], b = v[2 * i + 1];
+  v[2 * i] = a * c - b * s;
+  v[2 * i + 1] = a * s + b * c;
+}
+
+__global__ void Scale(float* x, int64_t n, float s) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i < n) x[i] *= s;
+}
+
+__global__ void ToBf16(const float* x, int64_t n, __nv_bfloat16* y) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i < n) y[i] = __float2bfloat16_rn(x[i]);
+}
+
+// Lightning indexer scores: sc[r, s] = sum_h relu(iq[r,h] · ik[base_r + s]) * iw[r,h] for s < vis[r].
+// Grid (rows, chunks); a warp per entry; the row's query heads in shared memory.
+__global__ void IndexerScores(const float* iq, const float* iw, const float* ik, const int64_t* ent_base,
+                              const int64_t* vis, int64_t ih, int64_t id, int64_t ld, float* sc) {
+  extern __shared__ float q_sh[];
+  const int64_t r = blockIdx.x;
+  for (int64_t i = threadIdx.x; i < ih * id; i += blockDim.x) q_sh[i] = iq[r * ih * id + i];
+  __syncthreads();
+  const int warps = blockDim.x / 32, w = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int64_t n = vis[r];
+  for (int64_t s = static_cast<int64_t>(blockIdx.y) * warps + w; s < n;
+       s += static_cast<int64_t>(gridDim.y) * warps) {
+    const float* k = ik + (ent_base[r] + s) * id;
+    float acc = 0;
+    for (int64_t hh = 0; hh < ih; ++hh) {
+      float dot = 0;
+      for (int64_t i = lane; i < id; i += 32) dot += q_sh[hh * id + i] * k[i];
+      dot = WarpSum(dot);
+      acc += fmaxf(dot, 0.0f) * iw[r * ih + hh];
+    }
+    if (lane == 0) sc[r * ld + s] = acc;
+  }
+}
+
+// Order-preserving map of floats to unsigned ints (larger float -> larger key).
+__device__ __forceinline__ uint32_t FloatKey(float f) {
+  const uint32_t b = __float_as_uint(f);
+  return (b & 0x80000000u) ? ~b : (b | 0x80000000u);
+}
+
+// Top-k of each row's first n[r] scores (row stride ld): writes the chosen indices (any order) to
+// sel[r * k ...] and their count to cnt[r]. Ties at the threshold go to the lowest indices, as
+// cpu::TopKIndices. One block per row: a 32-step bisection on the order-preserving key finds the k-th
+// largest, then the entries above it and the first ties in index order are written.
+__global__ void TopK(const float* sc, int64_t ld, const int64_t* nvis, int64_t k, int32_t* sel,
+                     int32_t* cnt) {
+  const int64_t r = blockIdx.x, n = nvis[r];
+  const float* v = sc + r * ld;
+  int32_t* out = sel + r * k;
+  __shared__ int shared_count;
+  __shared__ int scan[1024];
+  if (n <= k) {
+    for (int64_t i = threadIdx.x; i < n; i += blockDim.x) out[i] = static_cast<int32_t>(i);
+    if (threadIdx.x == 0) cnt[r] = static_cast<int32_t>(n);
+    return;
+  }
+  // Largest key T with count(key >= T) >= k.
+  uint32_t lo = 0, hi = 0xffffffffu;
+  while (lo < hi) {
+    const uint32_t mid = lo + static_cast<uint32_t>((static_cast<uint64_t>(hi) - lo + 1) / 2);
+    double c = 0;
+    for (int64_t i = threadIdx.x; i < n; i += blockDim.x) c += FloatKey(v[i]) >= mid ? 1.0 : 0.0;
+    c = BlockSumD(c);
+    if (c >= static_cast<double>(k)) {
+      lo = mid;
+    } else {
+      hi = mid - 1;
+    }
+  }
+  const uint32_t thr = lo;
+  if (threadIdx.x == 0) shared_count = 0;
+  __syncthreads();
+  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
+    if (FloatKey(v[i]) > thr) out[atomicAdd(&shared_count, 1)] = static_cast<int32_t>(i);
+  }
+  __syncthreads();
+  const int above = shared_count;
+  // Ties in index order: each thread takes a contiguous chunk, counts its ties, exclusive scan.
+  const int64_t chunk = (n + blockDim.x - 1) / blockDim.x;
+  const int64_t b = threadIdx.x * chunk, e = min(n, b + chunk);
+  int mine = 0;
+  for (int64_t i = b; i < e; ++i) mine += FloatKey(v[i]) == thr ? 1 : 0;
+  scan[threadIdx.x] = mine;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    int run = 0;
+    for (int i = 0; i < static_cast<int>(blockDim.x); ++i) {
+      const int c = scan[i];
+      scan[i] = run;
+      run += c;
+    }
+  }
+  __syncthreads();
+  int rank = scan[threadIdx.x];
+  for (int64_t i = b; i < e; ++i) {
+    if (FloatKey(v[i]) == thr) {
+      if (above + rank < k) out[above + rank] = static_cast<int32_t>(i);
+      ++rank;
+    }
+  }
+  if (threadIdx.x == 0) cnt[r] = static_cast<int32_t>(k);
+}
+
+// Attention of one (row, head) per block over: window keys wk[win_start[r] .. + win_cnt[r]), then either
+// the selected entries ek[ent_base[r] + sel[r, j]] (j < sel_cnt[r]) when `sel` is set (CSA), or the first
+// vis[r] entries ek[ent_base[r] + s] (HCA). K = V (MQA, one KV head); sink logit per head.
+__global__ void Attention(const float* q, const float* wk, const float* ek, const int64_t* win_start,
+                          const int64_t* win_cnt, const int64_t* ent_base, const int64_t* vis,
+                          const int32_t* sel, const int32_t* sel_cnt, int64_t topk, const float* sink,
+                          int64_t h, int64_t hd, float scale, float* o) {
+  extern __shared__ float sh[];
+  const int64_t r = blockIdx.x / h, hh = blockIdx.x % h;
+  float* q_sh = sh;
+  float* logits = sh + hd;
+  const float* qv = q + (r * h + hh) * hd;
+  for (int64_t i = threadIdx.x; i < hd; i += blockDim.x) q_sh[i] = qv[i];
+  __syncthreads();
+  const int64_t nw = win_cnt[r];
+  const int64_t ne = ent_base == nullptr ? 0 : (sel != nullptr ? sel_cnt[r] : vis[r]);
+  const int64_t nk = nw + ne;
+  auto key = [&](int64_t j) -> const float* {
+    if (j < nw) return wk + (win_start[r] + j) * hd;
+    const int64_t s = sel != nullptr ? sel[r * topk + (j - nw)] : (j - nw);
+    return ek + (ent_base[r] + s) * hd;
+  };
+  const int warps = blockDim.x / 32, w = threadIdx.x / 32, lane = threadIdx.x % 32;
+  for (int64_t j = w; j < nk; j += warps) {
+    const float* k = key(j);
+    float dot = 0;
+    for (int64_t i = lane; i < hd; i += 32) dot += q_sh[i] * k[i];
+    dot = WarpSum(dot);
+    if (lane == 0) logits[j] = dot * scale;
+  }
+  __syncthreads();
+  const float sk = sink[hh];
+  float mx = sk;
+  for (int64_t j = threadIdx.x; j < nk; j += blockDim.x) mx = fmaxf(mx, logits[j]);
+  mx = BlockMax(mx);
+  double den = 0;
+  for (int64_t j = threadIdx.x; j < nk; j += blockDim.x) {
+    const float e = expf(logits[j] - mx);
+    logits[j] = e;
+    den += e;
+  }
+  den = BlockSumD(den);  // Synchronizes, so the exponentials are visible below.
+  const float denom = static_cast<float>(den) + expf(sk - mx);
+  float* ov = o + (r * h + hh) * hd;
+  const float inv_denom = 1.0f / denom;
+  for (int64_t i = threadIdx.x; i < hd; i += blockDim.x) {
+    float acc = 0;
+#pragma unroll 8
+    for (int64_t j = 0; j < nk; ++j) acc += (logits[j] * inv_denom) * key(j)[i];
+    ov[i] = acc;
+  }
+}
+
+// MoE routing of one row per block: scores (sqrt-softplus or sigmoid), top-k of score + bias (ties: lower
+// expert), or the token's hash experts; weights score / sum * routed_scaling.
+__global__ void Route(const float* logits, int64_t ne, int64_t k, bool sigmoid, const float* bias,
+                      const int32_t* tid2eid, const int32_t* tokens, float rsf, int32_t* sel, float* wts) {
+  extern __shared__ float rsh[];
+  float* score = rsh;
+  float* biased = rsh + ne;
+  const int64_t r = blockIdx.x;
+  for (int64_t e = threadIdx.x; e < ne; e += blockDim.x) {
+    const float l = logits[r * ne + e];
+    float s;
+    if (sigmoid) {
+      s = SigmoidF(l);
+    } else {
+      const float sp = l > 20.0f ? l : log1pf(expf(l));
+      s = sqrtf(sp);
+    }
+    score[e] = s;
+    biased[e] = s + (bias ? bias[e] : 0.0f);
+  }
+  __syncthreads();
+  if (threadIdx.x != 0) return;
+  int32_t* out = sel + r * k;
+  for (int64_t j = 0; j < k; ++j) {
+    if (tid2eid != nullptr) {
+      out[j] = tid2eid[static_cast<int64_t>(tokens[r]) * k + j];
+      continue;
+    }
+    int64_t best = -1;
+    for (int64_t e = 0; e < ne; ++e) {
+      bool taken = false;
+      for (int64_t p = 0; p < j; ++p) taken |= out[p] == e;
+      if (taken) continue;
+      if (best < 0 || biased[e] > biased[best]) best = e;
+    }
+    out[j] = static_cast<int32_t>(best);
+  }
+  float sum = 0;
+  for (int64_t j = 0; j < k; ++j) sum += score[out[j]];
+  for (int64_t j = 0; j < k; ++j) wts[r * k + j] = score[out[j]] / sum * rsf;
+}
+
+// xin[s, :] = x[perm[s], :].
+__global__ void GatherRows(const float* x, const int32_t* perm, int64_t d, float* xin) {
+  const int64_t s = blockIdx.x;
+  const float* src = x + static_cast<int64_t>(perm[s]) * d;
+  for (int64_t i = threadIdx.x; i < d; i += blockDim.x) xin[s * d + i] = src[i];
+}
+
+// g = silu(min(g, L)) * clamp(u, -L, L) * w[row] (w may be null), in place in g.
+__global__ void SwiGlu(float* g, const float* u, int64_t rows, int64_t inter, const float* w, float lim) {
+  const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (idx >= rows * inter) return;
+  float gate = g[idx], up = u[idx];
+  if (lim > 0) {
+    gate = fminf(gate, lim);
+    up = fminf(fmaxf(up, -lim), lim);
+  }
+  g[idx] = SiluF(gate) * up * (w ? w[idx / inter] : 1.0f);
+}
+
+// out[r, :] += sum_j y[row_slots[r, j], :] in j order (slots sorted by expert, the CPU's order).
+__global__ void CombineExperts(float* out, const float* y, const int32_t* row_slots, int64_t k, int64_t d) {
+  const int64_t r = blockIdx.x;
+  for (int64_t i = threadIdx.x; i < d; i += blockDim.x) {
+    float acc = out[r * d + i];
+    for (int64_t j = 0; j < k; ++j) acc += y[static_cast<int64_t>(row_slots[r * k + j]) * d + i];
+    out[r * d + i] = acc;
+  }
+}
+
+// Grouped GEMV for decode-sized expert groups: y[start_e + c, o] = xin[start_e + c, :] · W_e[o, :] for the
+// c < count_e rows of each active expert e = active[g], g < *n_active (blocks past it return at once).
+// Grid (>= n_active, ceil(out / warps)); a warp per output row, 16-byte weight loads unrolled so several are
+// in flight, up to kMaxGroupRows rows accumulated in registers per pass over the weight row (more rows take
+// more passes, from L2). W_e = w + e * out * in.
+// MXFP4 (e2m1 codes, two per byte, element 2i in the low nibble; one e8m0 scale per 32 elements) decoded
+// from bits: no table lookups.
+__device__ __forceinline__ float Fp4Value(uint32_t code) {
+  const uint32_t e = (code >> 1) & 3u, m = code & 1u;
+  const float mag =
+      e ? __int_as_float(static_cast<int>(((e + 126u) << 23) | (m << 22))) : 0.5f * static_cast<float>(m);
+  return (code & 8u) ? -mag : mag;
+}
+
+enum WeightKind { kF32 = 0, kBf16 = 1 };  // GroupedGemv's weight formats (MXFP4: GroupedGemvFp4).
+
+template <int kKind>
+__global__ void GroupedGemv(const float* xin, const void* w, const int32_t* active, const int32_t* n_active,
+                            const int32_t* start, const int32_t* count, int64_t in, int64_t out, float* y) {
+  const int g = blockIdx.x;
+  if (g >= *n_active) return;
+  const int warps = blockDim.x / 32, lane = threadIdx.x % 32;
+  const int64_t o = static_cast<int64_t>(blockIdx.y) * warps + threadIdx.x / 32;
+  if (o >= out) return;
+  const int64_t e = active[g], off = start[e];
+  const int total = count[e];
+  for (int c0 = 0; c0 < total; c0 += kMaxGroupRows) {
+    const int cnt = min(kMaxGroupRows, total - c0);
+    const float* xrows = xin + c0 * in;
+    float* yrows = y + c0 * out;
+    float acc[kMaxGroupRows];
+#pragma unroll
+    for (int c = 0; c < kMaxGroupRows; ++c) acc[c] = 0;
+    if constexpr (kKind == kBf16) {
+      const __nv_bfloat16* wr = static_cast<const __nv_bfloat16*>(w) + (e * out + o) * in;
+#pragma unroll 4
+      for (int64_t i = lane * 8; i < in; i += 32 * 8) {
+        const uint4 raw = *reinterpret_cast<const uint4*>(wr + i);
+        const __nv_bfloat162* p2 = reinterpret_cast<const __nv_bfloat162*>(&raw);
+        float wv[8];
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+          const float2 f = __bfloat1622float2(p2[q]);
+          wv[2 * q] = f.x;
+          wv[2 * q + 1] = f.y;
+        }
+#pragma unroll
+        for (int c = 0; c < kMaxGroupRows; ++c) {
+          if (c < cnt) {
+            const float4* xv = reinterpret_cast<const float4*>(xrows + (off + c) * in + i);
+            const float4 a = xv[0], b = xv[1];
+            acc[c] += a.x * wv[0] + a.y * wv[1] + a.z * wv[2] + a.w * wv[3] + b.x * wv[4] + b.y * wv[5] +
+                      b.z * wv[6] + b.w * wv[7];
+          }
+        }
+      }
+    } else {
+      const float* wr = static_cast<const float*>(w) + (e * out + o) * in;
+#pragma unroll 4
+      for (int64_t i = lane * 4; i < in; i += 32 * 4) {
+        const float4 wv = *reinterpret_cast<const float4*>(wr + i);
+#pragma unroll
+        for (int c = 0; c < kMaxGroupRows; ++c) {
+          if (c < cnt) {
+            const float4 a = *reinterpret_cast<const float4*>(xrows + (off + c) * in + i);
+            acc[c] += a.x * wv.x + a.y * wv.y + a.z * wv.z + a.w * wv.w;
+          }
+        }
+      }
+    }
+#pragma unroll
+    for (int c = 0; c < kMaxGroupRows; ++c) {
+      const float s = WarpSum(acc[c]);
+      if (lane == 0 && c < cnt) yrows[(off + c) * out + o] = s;
+    }
+  }
+}
+
+// Token permutation on the device for decode-sized batches (one block, slots = rows * k <= a few
+// thousand): per-expert counts and starts, slots grouped by expert with rows in order inside an expert
+// (the CPU's order), each slot's row and routing weight, and each row's slots sorted by expert.
+// `touched` (may be null) receives the counts too, for the benchmark's byte accounting.
+// `active` lists the experts with rows (ascending), `n_active` their number.
+__global__ void Permute(const int32_t* sel, const float* wts, int64_t rows, int64_t k, int64_t ne,
+                        int32_t* count, int32_t* start, int32_t* perm, float* slot_w, int32_t* row_slots,
+                        int32_t* touched, int32_t* active, int32_t* n_active) {
+  extern __shared__ int32_t psh[];
+  int32_t* cnt = psh;
+  int32_t* fill = psh + ne;
+  for (int64_t e = threadIdx.x; e < ne; e += blockDim.x) cnt[e] = 0;
+  __syncthreads();
+  for (int64_t i = threadIdx.x; i < rows * k; i += blockDim.x) atomicAdd(&cnt[sel[i]], 1);
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    int32_t run = 0, na = 0;
+    for (int64_t e = 0; e < ne; ++e) {
+      fill[e] = run;
+      run += cnt[e];
+      if (cnt[e] > 0) active[na++] = static_cast<int32_t>(e);
+    }
+    *n_active = na;
+  }
+  __syncthreads();
+  for (int64_t e = threadIdx.x; e < ne; e += blockDim.x) {
+    count[e] = cnt[e];
+    start[e] = fill[e];
+    if (touched) touched[e] = cnt[e];
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {  // In row order, so rows stay ordered inside each expert.
+    for (int64_t i = 0; i < rows * k; ++i) {
+      const int32_t slot = fill[sel[i]]++;
+      perm[slot] = static_cast<int32_t>(i / k);
+      slot_w[slot] = wts[i];
+      row_slots[i] = slot;
+    }
+  }
+  __syncthreads();
+  for (int64_t r = threadIdx.x; r < rows; r += blockDim.x) {  // Insertion sort of each row's slots by expert.
+    int32_t* rs = row_slots + r * k;
+    const int32_t* es = sel + r * k;
+    int32_t ex[64];
+    for (int64_t j = 0; j < k; ++j) ex[j] = es[j];
+    for (int64_t j = 1; j < k; ++j) {
+      const int32_t ke = ex[j], ks = rs[j];
+      int64_t p = j - 1;
+      while (p >= 0 && ex[p] > ke) {
+        ex[p + 1] = ex[p];
+        rs[p + 1] = rs[p];
+        --p;
+      }
+      ex[p + 1] = ke;
+      rs[p + 1] = ks;
+    }
+  }
+}
+
+__device__ __forceinline__ uint32_t Word(const uint4& v, int i) {
+  return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
+}
+
+// The MXFP4 grouped GEMV (same contract as GroupedGemv): a warp computes kRows consecutive output rows, so
+// each activation float4 it loads serves kRows weight rows (the one-row version re-read the activations from
+// L1 for every 16 bytes of weights), and kRows independent 16-byte weight loads are in flight per lane. A
+// lane takes whole 32-value blocks; values are decoded four at a time and pre-scaled by their block scale.
+template <int kRows>
+__global__ void GroupedGemvFp4(const float* xin, const uint8_t* w, const uint8_t* scales,
+                               const int32_t* active, const int32_t* n_active, const int32_t* start,
+                               const int32_t* count, int64_t in, int64_t out, float* y) {
+  const int g = blockIdx.x;
+  if (g >= *n_active) return;
+  const int warps = blockDim.x / 32, lane = threadIdx.x % 32;
+  const int64_t o0 = (static_cast<int64_t>(blockIdx.y) * warps + threadIdx.x / 32) * kRows;
+  if (o0 >= out) return;
+  const int64_t e = active[g], off = start[e], bpr = in / 32;
+  const int total = count[e];
+  for (int c0 = 0; c0 < total; c0 += kMaxGroupRows) {
+    const int cnt = min(kMaxGroupRows, total - c0);
+    const float* xr = xin + (off + c0) * in;
+    float acc[kRows][kMaxGroupRows];
+#pragma unroll
+    for (int r = 0; r < kRows; ++r) {
+#pragma unroll
+      for (int c = 0; c < kMaxGroupRows; ++c) acc[r][c] = 0;
+    }
+    for (int64_t b = lane; b < bpr; b += 32) {
+      uint4 raw[kRows];
+      float sc[kRows];
+#pragma unroll
+      for (int r = 0; r < kRows; ++r) {
+        const int64_t row = e * out + min(o0 + r, out - 1);  // Rows past the end are computed, not stored.
+        raw[r] = *reinterpret_cast<const uint4*>(w + row * (in / 2) + b * 16);
+        sc[r] = __int_as_float(static_cast<int>(static_cast<uint32_t>(scales[row * bpr + b]) << 23));
+      }
+#pragma unroll
+      for (int q = 0; q < 8; ++q) {
+        float wv[kRows][4];
+#pragma unroll
+        for (int r = 0; r < kRows; ++r) {
+          const uint32_t bits = Word(raw[r], q / 2) >> (16 * (q % 2));
+#pragma unroll
+          for (int t = 0; t < 4; ++t) wv[r][t] = Fp4Value((bits >> (4 * t)) & 15u) * sc[r];
+        }
+#pragma unroll
+        for (int c = 0; c < kMaxGroupRows; ++c) {
+          if (c < cnt) {
+            const float4 a = reinterpret_cast<const float4*>(xr + c * in + b * 32)[q];
+#pragma unroll
+            for (int r = 0; r < kRows; ++r)
+              acc[r][c] += a.x * wv[r][0] + a.y * wv[r][1] + a.z * wv[r][2] + a.w * wv[r][3];
+          }
+        }
+      }
+    }
+#pragma unroll
+    for (int r = 0; r < kRows; ++r) {
+#pragma unroll
+      for (int c = 0; c < kMaxGroupRows; ++c) {
+        const float v = WarpSum(acc[r][c]);
+        if (lane == 0 && c < cnt && o0 + r < out) y[(off + c0 + c) * out + o0 + r] = v;
+      }
+    }
+  }
+}
+
+// MXFP4 rows -> BF16 (prefill: the active experts are dequantized for cuBLAS). One thread per 32-block.
+__global__ void Mxfp4ToBf16(const uint8_t* codes, const uint8_t* scales, int64_t blocks, __nv_bfloat16* out) {
+  const int64_t b = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (b >= blocks) return;
+  const float sc = __int_as_float(static_cast<int>(static_cast<uint32_t>(scales[b]) << 23));
+  for (int q = 0; q < 16; ++q) {
+    const uint32_t byte = codes[b * 16 + q];
+    out[b * 32 + 2 * q] = __float2bfloat16_rn(Fp4Value(byte & 15u) * sc);
+    out[b * 32 + 2 * q + 1] = __float2bfloat16_rn(Fp4Value(byte >> 4) * sc);
+  }
+}
+
+// Greedy sampling: the argmax of each row (ties: lowest index). One block per row.
+__global__ void ArgmaxRows(const float* x, int64_t cols, int32_t* out) {
+  const float* v = x + blockIdx.x * cols;
+  float best = -INFINITY;
+  int64_t bi = cols;
+  for (int64_t i = threadIdx.x; i < cols; i += blockDim.x) {
+    if (v[i] > best || (v[i] == best && i < bi)) {
+      best = v[i];
+      bi = i;
+    }
+  }
+  __shared__ float bv[1024];
+  __shared__ int64_t bx[1024];
+  bv[threadIdx.x] = best;
+  bx[threadIdx.x] = bi;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    for (int i = 1; i < static_cast<int>(blockDim.x); ++i) {
+      if (bv[i] > bv[0] || (bv[i] == bv[0] && bx[i] < bx[0])) {
+        bv[0] = bv[i];
+        bx[0] = bx[i];
+      }
+    }
+    out[blockIdx.x] = static_cast<int32_t>(bx[0] < cols ? bx[0] : 0);
+  }
+}
+
+// Deterministic pseudo-random fill (hash of seed and index -> approximately N(0,1) by the sum of four
+// uniforms), times `scale`; for benchmark weights.
+__device__ __forceinline__ uint32_t Hash32(uint64_t x) {
+  x ^= x >> 33;
+  x *= 0xff51afd7ed558ccdull;
+  x ^= x >> 33;
+  x *= 0xc4ceb9fe1a85ec53ull;
+  x ^= x >> 33;
+  return static_cast<uint32_t>(x);
+}
+__global__ void RandomFill(void* p, bool bf16, int64_t n, uint64_t seed, float scale) {
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    float s = 0;
+    for (int j = 0; j < 4; ++j)
+      s += static_cast<float>(Hash32(seed * 0x9e3779b97f4a7c15ull + i * 4 + j)) * 2.3283064e-10f;
+    const float v = (s - 2.0f) * 1.7320508f * scale;  // Sum of 4 U(0,1): mean 2, variance 1/3.
+    if (bf16) {
+      static_cast<__nv_bfloat16*>(p)[i] = __float2bfloat16_rn(v);
+    } else {
+      static_cast<float*>(p)[i] = v;
+    }
+  }
+}
+
+// Uniform random bytes (benchmark MXFP4 codes).
+__global__ void RandomBytes(uint8_t* p, int64_t n, uint64_t seed) {
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    p[i] = static_cast<uint8_t>(Hash32(seed * 0x9e3779b97f4a7c15ull + i) >> 24);
+  }
+}
+
+}  // namespace v4serve::model::cuda::kernels
+
+#endif  // V4SERVE_MODEL_CUDA_CUDA_KERNELS_CUH_

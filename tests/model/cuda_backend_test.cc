@@ -1,0 +1,348 @@
+// The CUDA backend against the CPU reference: each kernel on random inputs, then the whole tiny V4 model
+// (prefill in chunks, batched decode, sequence states). Label gpu; every test skips without a GPU.
+//
+// Tolerances. FP32 weights (CudaWeights::kF32): the GPU computes the same FP32 function as the CPU and
+// differs only in summation order (cuBLAS vs the CPU's 4-way dot products, block reductions) and in the last
+// bit of expf/cosf; relative L2 errors of such differences are ~1e-6 per op and stay far below 1e-4 after 4
+// layers, while a logic error (wrong key, wrong expert, wrong position) moves the logits by O(1). BF16
+// weights (kBf16) round the GEMM inputs to 8 mantissa bits (tiny_v4's weights are BF16/FP8/FP4 in the
+// checkpoint, so they convert exactly), and a random-weight network amplifies such rounding from layer to
+// layer: there the yardstick is the CPU's faithful mode, which rounds activations to BF16 (and more) as
+// DeepSeek's kernels do. BF16 logits and states must stay within max(5e-2, 2 x the faithful mode's distance
+// from the exact reference) at every step; greedy tokens may flip on near-ties.
+#include "model/cuda/cuda_backend.h"
+
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <random>
+
+#include "gtest/gtest.h"
+#include "model/backend.h"
+#include "model/cpu/attention.h"
+#include "model/cpu/ops.h"
+#include "model/device.h"
+#include "model/model.h"
+#include "model/numeric_formats.h"
+#include "model/safetensors.h"
+
+namespace v4serve::model {
+namespace {
+
+bool HaveGpu(std::string* why) {
+  absl::StatusOr<Device> d = ResolveDevice(Device::kAuto, why);
+  return d.ok() && *d == Device::kCuda;
+}
+
+#define SKIP_WITHOUT_GPU()                                                          \
+  do {                                                                              \
+    std::string why;                                                                \
+    if (!HaveGpu(&why)) GTEST_SKIP() << "no GPU, CUDA backend not tested: " << why; \
+  } while (false)
+
+std::string TinyDir() {
+  const char* src = std::getenv("V4SERVE_SOURCE_DIR");
+  return std::string(src ? src : ".") + "/tests/model/testdata/tiny_v4";
+}
+
+double RelL2(const std::vector<float>& a, const std::vector<float>& b) {
+  EXPECT_EQ(a.size(), b.size());
+  double num = 0, den = 0;
+  for (size_t i = 0; i < a.size() && i < b.size(); ++i) {
+    if (!std::isfinite(a[i])) return INFINITY;
+    num += (static_cast<double>(a[i]) - b[i]) * (static_cast<double>(a[i]) - b[i]);
+    den += static_cast<double>(b[i]) * b[i];
+  }
+  return std::sqrt(num / std::max(den, 1e-30));
+}
+
+std::vector<float> Random(size_t n, uint32_t seed, float scale = 1.0f) {
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> nd(0.0f, scale);
+  std::vector<float> v(n);
+  for (float& x : v) x = nd(rng);
+  return v;
+}
+
+TEST(CudaKernelTest, RmsNormMatchesCpu) {
+  SKIP_WITHOUT_GPU();
+  const int64_t rows = 37, dim = 4096;
+  std::vector<float> x = Random(rows * dim, 1, 3.0f), w = Random(dim, 2), ref = x;
+  cpu::RmsNorm(ref.data(), rows, dim, w.data(), 1e-6);
+  ASSERT_TRUE(cuda::testing::RmsNorm(&x, rows, dim, w, 1e-6).ok());
+  EXPECT_LT(RelL2(x, ref), 1e-6);
+}
+
+TEST(CudaKernelTest, RopeMatchesCpu) {
+  SKIP_WITHOUT_GPU();
+  ModelConfig c;
+  RopeScaling yarn{};
+  yarn.factor = 16;
+  yarn.original_max_position_embeddings = 65536;
+  yarn.beta_fast = 32;
+  yarn.beta_slow = 1;
+  const cpu::RopeTable t = cpu::MakeRopeTable(64, 160000, &yarn);
+  const int64_t rows = 50, dim = 512;
+  std::vector<float> x = Random(rows * dim, 3), ref = x;
+  std::vector<int64_t> pos(rows);
+  for (int64_t r = 0; r < rows; ++r) pos[r] = r * 4099 + 7;
+  for (int64_t r = 0; r < rows; ++r) t.Apply(&ref[r * dim + dim - 64], pos[r], /*inverse=*/false);
+  ASSERT_TRUE(cuda::testing::Rope(&x, rows, dim, 64, t.inv_freq, pos, false).ok());
+  EXPECT_LT(RelL2(x, ref), 1e-5);
+  ASSERT_TRUE(cuda::testing::Rope(&x, rows, dim, 64, t.inv_freq, pos, true).ok());
+  for (int64_t r = 0; r < rows; ++r) t.Apply(&ref[r * dim + dim - 64], pos[r], /*inverse=*/true);
+  EXPECT_LT(RelL2(x, ref), 1e-5);
+}
+
+TEST(CudaKernelTest, TopKMatchesCpuIncludingTies) {
+  SKIP_WITHOUT_GPU();
+  const int64_t rows = 5, n = 3000, k = 512;
+  std::vector<float> sc = Random(rows * n, 4);
+  // Row 1: heavy ties (values from a small set); row 2: all equal; row 3: negatives only.
+  for (int64_t i = 0; i < n; ++i) sc[1 * n + i] = static_cast<float>(i % 7);
+  for (int64_t i = 0; i < n; ++i) sc[2 * n + i] = 0.5f;
+  for (int64_t i = 0; i < n; ++i) sc[3 * n + i] = -std::fabs(sc[3 * n + i]);
+  absl::StatusOr<std::vector<std::vector<int64_t>>> got = cuda::testing::TopK(sc, rows, n, k);
+  ASSERT_TRUE(got.ok()) << got.status();
+  for (int64_t r = 0; r < rows; ++r) {
+    std::vector<int64_t> want =
+        cpu::TopKIndices(std::vector<float>(sc.begin() + r * n, sc.begin() + (r + 1) * n), k);
+    std::sort(want.begin(), want.end());
+    EXPECT_EQ((*got)[r], want) << "row " << r;
+  }
+}
+
+TEST(CudaKernelTest, LinearMatchesCpuInBothWeightFormats) {
+  SKIP_WITHOUT_GPU();
+  const int64_t m = 9, in = 1024, out = 768;
+  std::vector<float> x = Random(m * in, 5), w = Random(out * in, 6, 0.03f), ref;
+  cpu::MatmulWt(x.data(), m, in, w.data(), out, &ref);
+  absl::StatusOr<std::vector<float>> y = cuda::testing::Linear(x, m, in, w, out, CudaWeights::kF32);
+  ASSERT_TRUE(y.ok()) << y.status();
+  EXPECT_LT(RelL2(*y, ref), 1e-6);
+  // BF16: the same as the CPU on BF16-rounded operands, up to FP32 summation order.
+  std::vector<float> xb = x, wb = w, refb;
+  for (float& v : xb) v = RoundToBf16(v);
+  for (float& v : wb) v = RoundToBf16(v);
+  cpu::MatmulWt(xb.data(), m, in, wb.data(), out, &refb);
+  y = cuda::testing::Linear(x, m, in, w, out, CudaWeights::kBf16);
+  ASSERT_TRUE(y.ok()) << y.status();
+  EXPECT_LT(RelL2(*y, refb), 1e-5);
+  EXPECT_LT(RelL2(*y, ref), 1e-2);
+}
+
+TEST(CudaKernelTest, ArgmaxRowsTakesTheLowestIndexOnTies) {
+  SKIP_WITHOUT_GPU();
+  const int64_t rows = 4, cols = 129280;
+  std::vector<float> x = Random(rows * cols, 7);
+  x[0 * cols + 100] = 50;
+  x[1 * cols + 5] = 60;
+  x[1 * cols + 99999] = 60;  // Tie: index 5 wins.
+  x[2 * cols + cols - 1] = 70;
+  x[3 * cols + 0] = 80;
+  absl::StatusOr<std::vector<int32_t>> got = cuda::ArgmaxRows(x, rows, cols);
+  ASSERT_TRUE(got.ok()) << got.status();
+  EXPECT_EQ(*got, (std::vector<int32_t>{100, 5, static_cast<int32_t>(cols - 1), 0}));
+}
+
+struct Pair {
+  std::unique_ptr<Model> cpu, gpu, faithful;
+};
+
+Pair LoadPair(CudaWeights format, int64_t index_topk = 0) {
+  absl::StatusOr<ModelConfig> config = LoadModelConfig(TinyDir());
+  EXPECT_TRUE(config.ok()) << config.status();
+  if (index_topk > 0) config->index_topk = index_topk;
+  absl::StatusOr<std::unique_ptr<Checkpoint>> ckpt = Checkpoint::Open(TinyDir());
+  EXPECT_TRUE(ckpt.ok()) << ckpt.status();
+  ModelOptions co, go;
+  go.device = Device::kCuda;
+  go.cuda_weights = format;
+  ModelOptions fo;
+  fo.mode = NumericMode::kFaithful;
+  auto f = Model::FromCheckpoint(*config, **ckpt, fo);
+  EXPECT_TRUE(f.ok()) << f.status();
+  auto c = Model::FromCheckpoint(*config, **ckpt, co);
+  auto g = Model::FromCheckpoint(*config, **ckpt, go);
+  EXPECT_TRUE(c.ok()) << c.status();
+  EXPECT_TRUE(g.ok()) << g.status();
+  Pair p;
+  if (c.ok()) p.cpu = std::move(*c);
+  if (g.ok()) p.gpu = std::move(*g);
+  if (f.ok()) p.faithful = std::move(*f);
+  return p;
+}
+
+std::vector<int32_t> Prompt(int64_t n, uint32_t seed) {
+  std::vector<int32_t> t(static_cast<size_t>(n));
+  std::mt19937 rng(seed);
+  for (auto& x : t) x = static_cast<int32_t>(2 + rng() % 500);
+  return t;
+}
+
+double StateRelL2(const SequenceState& a, const SequenceState& b) {
+  double worst = 0;
+  EXPECT_EQ(a.position, b.position);
+  EXPECT_EQ(a.layers.size(), b.layers.size());
+  for (size_t l = 0; l < a.layers.size() && l < b.layers.size(); ++l) {
+    EXPECT_EQ(a.layers[l].entries.size(), b.layers[l].entries.size()) << "layer " << l;
+    worst = std::max(worst, RelL2(a.layers[l].window, b.layers[l].window));
+    if (!b.layers[l].entries.empty())
+      worst = std::max(worst, RelL2(a.layers[l].entries, b.layers[l].entries));
+    if (!b.layers[l].indexer_keys.empty()) {
+      worst = std::max(worst, RelL2(a.layers[l].indexer_keys, b.layers[l].indexer_keys));
+    }
+  }
+  return worst;
+}
+
+// Prefill in chunks (crossing the window and both compression ratios), then batched decode of three
+// sequences at different positions; logits and states against the CPU.
+void CompareModel(CudaWeights format, int64_t index_topk, double tol, bool same_tokens) {
+  Pair p = LoadPair(format, index_topk);
+  ASSERT_TRUE(p.cpu && p.gpu);
+  EXPECT_EQ(p.gpu->backend().device(), Device::kCuda) << p.gpu->backend().Describe();
+  const int64_t vocab = p.cpu->config().vocab_size;
+  std::vector<SequenceState> cs, gs, fs;
+  // The tolerance of one comparison: `tol`, or for low-precision weights twice the faithful CPU's distance.
+  double worst = 0, worst_faithful = 0;  // Largest logit distances seen, printed for docs/PERFORMANCE.md.
+  auto limit = [&](double faithful_dist) { return same_tokens ? tol : std::max(tol, 2 * faithful_dist); };
+  auto note = [&](const std::vector<float>& g, const std::vector<float>& c, double fd) {
+    worst = std::max(worst, RelL2(g, c));
+    worst_faithful = std::max(worst_faithful, fd);
+  };
+  // The 1100-token sequence's first chunk routes more than 2048 (token, expert) slots: the prefill path
+  // (permutation on the host, cuBLAS per expert); the others take the device permutation and grouped GEMV.
+  const std::vector<int64_t> lens = {70, 33, 101, 1100};
+  for (size_t i = 0; i < lens.size(); ++i) {
+    SequenceState c = p.cpu->NewState(), g = p.gpu->NewState(), f = p.faithful->NewState();
+    const std::vector<int32_t> prompt = Prompt(lens[i], static_cast<uint32_t>(10 + i));
+    // Chunks of 29 tokens (borders fall inside compression windows); 1030 + 70 for the long one.
+    const int64_t step = lens[i] > 1000 ? 1030 : 29;
+    for (int64_t b = 0; b < lens[i]; b += step) {
+      const int64_t e = std::min<int64_t>(lens[i], b + step);
+      absl::Span<const int32_t> chunk(&prompt[b], static_cast<size_t>(e - b));
+      auto lc = p.cpu->Prefill(&c, chunk, /*all_logits=*/true);
+      auto lg = p.gpu->Prefill(&g, chunk, /*all_logits=*/true);
+      auto lf = p.faithful->Prefill(&f, chunk, /*all_logits=*/true);
+      ASSERT_TRUE(lc.ok()) << lc.status();
+      ASSERT_TRUE(lg.ok()) << lg.status();
+      ASSERT_TRUE(lf.ok()) << lf.status();
+      const double fd = RelL2(*lf, *lc);
+      note(*lg, *lc, fd);
+      EXPECT_LT(RelL2(*lg, *lc), limit(fd))
+          << "prefill seq " << i << " chunk at " << b << " (faithful " << fd << ")";
+    }
+    const double fsd = StateRelL2(f, c);
+    EXPECT_LT(StateRelL2(g, c), limit(fsd))
+        << "state after prefill, seq " << i << " (faithful " << fsd << ")";
+    cs.push_back(std::move(c));
+    gs.push_back(std::move(g));
+    fs.push_back(std::move(f));
+  }
+  std::vector<int32_t> next = {5, 77, 301, 42};
+  for (int step = 0; step < 6; ++step) {
+    std::vector<SequenceState*> cp, gp, fp;
+    for (size_t i = 0; i < cs.size(); ++i) {
+      cp.push_back(&cs[i]);
+      gp.push_back(&gs[i]);
+      fp.push_back(&fs[i]);
+    }
+    std::vector<float> cstreams, gstreams, fstreams;
+    auto lc = p.cpu->Decode(cp, next, &cstreams);
+    auto lg = p.gpu->Decode(gp, next, &gstreams);
+    auto lf = p.faithful->Decode(fp, next, &fstreams);
+    ASSERT_TRUE(lc.ok()) << lc.status();
+    ASSERT_TRUE(lg.ok()) << lg.status();
+    ASSERT_TRUE(lf.ok()) << lf.status();
+    const double fd = RelL2(*lf, *lc), fsd = RelL2(fstreams, cstreams);
+    note(*lg, *lc, fd);
+    EXPECT_LT(RelL2(*lg, *lc), limit(fd)) << "decode step " << step << " (faithful " << fd << ")";
+    EXPECT_LT(RelL2(gstreams, cstreams), limit(fsd)) << "final streams, decode step " << step;
+    // Greedy tokens agree (sampled on the device for the GPU model).
+    absl::StatusOr<std::vector<int32_t>> gtok =
+        cuda::ArgmaxRows(*lg, static_cast<int64_t>(next.size()), vocab);
+    ASSERT_TRUE(gtok.ok()) << gtok.status();
+    for (size_t i = 0; i < next.size(); ++i) {
+      const float* row = &(*lc)[i * vocab];
+      const int32_t ctok = static_cast<int32_t>(std::max_element(row, row + vocab) - row);
+      if (same_tokens) {
+        EXPECT_EQ((*gtok)[i], ctok) << "decode step " << step << " seq " << i;
+      }
+      next[i] = ctok;
+    }
+  }
+  std::printf("logits rel. L2 vs the exact CPU: largest %.3g (this backend), %.3g (CPU faithful mode)\n",
+              worst, worst_faithful);
+  for (size_t i = 0; i < cs.size(); ++i) {
+    const double fsd = StateRelL2(fs[i], cs[i]);
+    EXPECT_LT(StateRelL2(gs[i], cs[i]), limit(fsd)) << "final state " << i << " (faithful " << fsd << ")";
+  }
+}
+
+TEST(CudaModelTest, Fp32WeightsMatchTheCpuReference) {
+  SKIP_WITHOUT_GPU();
+  CompareModel(CudaWeights::kF32, 0, 1e-4, true);
+}
+
+// index_topk 4 < visible entries: the indexer's top-k really selects (with 512 every entry is kept).
+TEST(CudaModelTest, Fp32WeightsMatchWithASelectiveIndexer) {
+  SKIP_WITHOUT_GPU();
+  CompareModel(CudaWeights::kF32, 4, 1e-4, true);
+}
+
+TEST(CudaModelTest, Bf16WeightsStayCloseToTheCpuReference) {
+  SKIP_WITHOUT_GPU();
+  CompareModel(CudaWeights::kBf16, 0, 5e-2, false);
+}
+
+TEST(CudaModelTest, AutoPicksCudaWithAGpuAndCudaFailsClearlyWithout) {
+  std::string why;
+  absl::StatusOr<Device> d = ResolveDevice(Device::kAuto, &why);
+  ASSERT_TRUE(d.ok());
+  absl::StatusOr<Device> forced = ResolveDevice(Device::kCuda);
+  if (*d == Device::kCpu) {
+    EXPECT_EQ(forced.status().code(), absl::StatusCode::kUnavailable);
+    EXPECT_NE(why.find("cpu: "), std::string::npos) << why;
+  } else {
+    EXPECT_TRUE(forced.ok());
+  }
+  EXPECT_FALSE(ParseDevice("gpu").ok());
+  EXPECT_EQ(*ParseDevice("cuda"), Device::kCuda);
+}
+
+// Runs everywhere: without a GPU, asking for CUDA is a clear UNAVAILABLE (auto falls back to the CPU); with
+// one, the model reports the CUDA backend.
+TEST(CudaModelTest, ExplicitCudaWithoutAGpuIsUnavailableAndAutoFallsBack) {
+  absl::StatusOr<ModelConfig> config = LoadModelConfig(TinyDir());
+  ASSERT_TRUE(config.ok()) << config.status();
+  absl::StatusOr<std::unique_ptr<Checkpoint>> ckpt = Checkpoint::Open(TinyDir());
+  ASSERT_TRUE(ckpt.ok()) << ckpt.status();
+  ModelOptions forced, automatic;
+  forced.device = Device::kCuda;
+  automatic.device = Device::kAuto;
+  auto f = Model::FromCheckpoint(*config, **ckpt, forced);
+  auto a = Model::FromCheckpoint(*config, **ckpt, automatic);
+  ASSERT_TRUE(a.ok()) << a.status();
+  std::string why;
+  if (HaveGpu(&why)) {
+    ASSERT_TRUE(f.ok()) << f.status();
+    EXPECT_EQ((*f)->backend().device(), Device::kCuda);
+    EXPECT_EQ((*a)->backend().device(), Device::kCuda);
+  } else {
+    EXPECT_EQ(f.status().code(), absl::StatusCode::kUnavailable) << f.status();
+    EXPECT_NE(f.status().message().find("--device=cuda"), std::string::npos) << f.status();
+    EXPECT_EQ((*a)->backend().device(), Device::kCpu);
+    EXPECT_EQ((*a)->backend().Describe(), "cpu: fp32, exact");
+  }
+  // The faithful mode has no CUDA implementation: explicit CUDA refuses, auto stays on the CPU.
+  forced.mode = automatic.mode = NumericMode::kFaithful;
+  auto ff = Model::FromCheckpoint(*config, **ckpt, forced);
+  EXPECT_FALSE(ff.ok());
+  auto af = Model::FromCheckpoint(*config, **ckpt, automatic);
+  ASSERT_TRUE(af.ok()) << af.status();
+  EXPECT_EQ((*af)->backend().device(), Device::kCpu);
+}
+
+}  // namespace
+}  // namespace v4serve::model
