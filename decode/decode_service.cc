@@ -24,7 +24,8 @@ struct DecodeService::Job {
   engine::EngineRequest request;
   absl::Mutex mu;
   bool cancelled ABSL_GUARDED_BY(mu) = false;
-  bool submitted ABSL_GUARDED_BY(mu) = false;  // The engine has it (EngineLoop::Cancel stops it).
+  bool submitted ABSL_GUARDED_BY(mu) = false;   // The engine has it (EngineLoop::Cancel stops it).
+  std::string reservation ABSL_GUARDED_BY(mu);  // While the KV is awaited.
   std::shared_ptr<grpc::ClientContext> call ABSL_GUARDED_BY(mu);  // The Prefill call in flight.
 };
 
@@ -230,6 +231,10 @@ absl::Status DecodeService::RemotePrefill(const std::shared_ptr<Job>& job) {
   ASSIGN_OR_RETURN(const std::string reservation,
                    reservations_.Reserve(req.request_id, static_cast<int64_t>(req.prompt.size()),
                                          absl::Now() + options_.reservation_timeout));
+  {
+    absl::MutexLock l(&job->mu);
+    job->reservation = reservation;  // CancelJob releases it, which ends a wait for the KV at once.
+  }
   // Whatever happens below, the reservation does not outlive this call (Await releases it on success).
   struct ReleaseOnExit {
     kvstore::KvReservations* r;
@@ -315,14 +320,27 @@ void DecodeService::Fallback(const std::shared_ptr<Job>& job, const absl::Status
 void DecodeService::CancelJob(const std::shared_ptr<Job>& job) {
   std::shared_ptr<grpc::ClientContext> call;
   bool submitted;
+  std::string reservation;
   {
     absl::MutexLock l(&job->mu);
+    if (job->cancelled) return;
     job->cancelled = true;
     call = job->call;
     submitted = job->submitted;
+    reservation = job->reservation;
   }
-  if (call) call->TryCancel();  // The prefill worker sees the cancellation and stops between chunks.
-  if (submitted) loop_->Cancel(job->request.request_id);
+  if (call) call->TryCancel();  // The prefill worker sees the cancellation and stops between blocks.
+  if (!reservation.empty()) reservations_.Release(reservation);
+  if (submitted) {
+    loop_->Cancel(job->request.request_id);  // The engine reports the cancellation to the stream.
+  } else {
+    // The engine never saw it: end the stream here.
+    engine::SequenceOutput out;
+    out.request_id = job->request.request_id;
+    out.finish = engine::FinishReason::kCancelled;
+    out.prompt_tokens = static_cast<int32_t>(job->request.prompt.size());
+    job->request.on_output(out);
+  }
 }
 
 grpc::ServerReadReactor<v1::KvChunk>* DecodeService::PushKv(grpc::CallbackServerContext*,

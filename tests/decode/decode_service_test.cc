@@ -7,6 +7,7 @@
 #include <memory>
 #include <thread>
 
+#include "absl/synchronization/notification.h"
 #include "engine/engine_loop.h"
 #include "engine/state_blocks.h"
 #include "gmock/gmock.h"
@@ -91,7 +92,27 @@ class IncompletePrefill final : public v1::Worker::CallbackService {
         (*s)->Send(c).IgnoreError();
       }
       resp->mutable_first_token()->set_token_id(5);
-      reactor->Finish(grpc::Status::OK);  // The sender's stream is cancelled when it is destroyed.
+      reactor->Finish(grpc::Status::OK);
+      // Keep the stream open (no last chunk, no cancel) past the reservation's deadline.
+      absl::SleepFor(absl::Milliseconds(1500));
+    }).detach();
+    return reactor;
+  }
+};
+
+// A prefill worker that waits for its caller to cancel and records that it saw it.
+class CancelWatchingPrefill final : public v1::Worker::CallbackService {
+ public:
+  absl::Notification started, saw_cancel;
+  grpc::ServerUnaryReactor* Prefill(grpc::CallbackServerContext* ctx, const v1::PrefillRequest*,
+                                    v1::PrefillResponse*) override {
+    auto* reactor = ctx->DefaultReactor();
+    started.Notify();
+    std::thread([this, ctx, reactor] {
+      const absl::Time deadline = absl::Now() + absl::Seconds(10);
+      while (!ctx->IsCancelled() && absl::Now() < deadline) absl::SleepFor(absl::Milliseconds(5));
+      if (ctx->IsCancelled()) saw_cancel.Notify();
+      reactor->Finish(grpc::Status(grpc::StatusCode::CANCELLED, "cancelled"));
     }).detach();
     return reactor;
   }
@@ -245,7 +266,36 @@ TEST_F(DecodeServiceTest, ReservationWhoseKvNeverCompletesIsFreedAndDecodeFallsB
   ASSERT_TRUE(out.status.ok()) << out.status.error_message();
   EXPECT_EQ(out.tokens, ReferenceGreedy(prompt, 5));  // Not the bogus first token 5.
   EXPECT_LT(out.took, absl::Seconds(5));
-  EXPECT_EQ(Sum(decode_metrics_, "v4serve_decode_kv_fallbacks_total"), 1);
+  EXPECT_GE(out.took, absl::Milliseconds(400));  // It waited for the reservation's deadline.
+  EXPECT_EQ(Sum(decode_metrics_, "v4serve_decode_kv_fallbacks_total", "reason=\"timeout\""), 1);
+  EXPECT_EQ(decode_->reservations()->stats().expired, 1);
+  EXPECT_EQ(decode_->reservations()->stats().live, 0);
+  absl::SleepFor(absl::Milliseconds(1600));  // Let the fake prefill's thread finish before teardown.
+}
+
+TEST_F(DecodeServiceTest, ClientCancelReachesThePrefillWorker) {
+  CancelWatchingPrefill watcher;
+  Start(v1::KV_TRANSPORT_GRPC, &watcher);
+  auto stub = v1::Worker::NewStub(grpc::CreateChannel(absl::StrCat("127.0.0.1:", decode_server_->port()),
+                                                      grpc::InsecureChannelCredentials()));
+  v1::DecodeRequest req;
+  for (int i = 0; i < 40; ++i) req.add_token_ids(2 + i);
+  req.mutable_sampling()->set_temperature(0);
+  req.mutable_sampling()->set_max_tokens(4);
+  req.set_prefill_worker(prefill_address_);
+  grpc::ClientContext ctx;
+  auto reader = stub->Decode(&ctx, req);
+  ASSERT_TRUE(watcher.started.WaitForNotificationWithTimeout(absl::Seconds(10)));
+  ctx.TryCancel();  // The router's client went away.
+  v1::GenerateResponse m;
+  while (reader->Read(&m)) {
+  }
+  EXPECT_EQ(reader->Finish().error_code(), grpc::StatusCode::CANCELLED);
+  EXPECT_TRUE(watcher.saw_cancel.WaitForNotificationWithTimeout(absl::Seconds(5)));
+  // No fallback for a cancelled request, and its reservation is gone.
+  absl::SleepFor(absl::Milliseconds(200));
+  EXPECT_EQ(Sum(decode_metrics_, "v4serve_decode_kv_fallbacks_total"), 0);
+  EXPECT_EQ(Sum(decode_metrics_, "v4serve_decode_kv_transfers_total", "result=\"cancelled\""), 1);
   EXPECT_EQ(decode_->reservations()->stats().live, 0);
 }
 
