@@ -20,14 +20,16 @@ TEST(NcclCudaTest, TwoGpuPairCarriesChunkedTransfers) {
   if (!gpu0.ok() || !gpu1.ok()) {
     GTEST_SKIP() << "needs a CUDA build and two GPUs: " << (gpu0.ok() ? gpu1.status() : gpu0.status());
   }
-  NcclKvOptions o{.init_timeout = absl::Seconds(60), .op_timeout = absl::Seconds(30), .idle_timeout = absl::Minutes(5)};
+  NcclKvOptions o{
+      .init_timeout = absl::Seconds(60), .op_timeout = absl::Seconds(30), .idle_timeout = absl::Minutes(5)};
   KvReservations reservations{KvReservationsOptions{}};
   NcclKvReceiver receiver(gpu1->get(), &reservations, o);
   NcclKvSenders senders(gpu0->get(), o);
   absl::StatusOr<std::string> uid = receiver.UniqueIdFor("prefill:0");
   ASSERT_TRUE(uid.ok()) << uid.status();
   for (int r = 0; r < 3; ++r) {
-    absl::StatusOr<std::string> id = reservations.Reserve("req-" + std::to_string(r), 4096, absl::Now() + absl::Minutes(1));
+    absl::StatusOr<std::string> id =
+        reservations.Reserve("req-" + std::to_string(r), 4096, absl::Now() + absl::Minutes(1));
     ASSERT_TRUE(id.ok());
     absl::StatusOr<std::unique_ptr<KvSender>> s = senders.Start("decode:1", *uid, *id, /*piece_bytes=*/65536);
     ASSERT_TRUE(s.ok()) << s.status();
@@ -39,7 +41,8 @@ TEST(NcclCudaTest, TwoGpuPairCarriesChunkedTransfers) {
       c.first_token = 128 * static_cast<uint32_t>(r);
       c.num_tokens = 128;
       c.payload.resize(layer % 10 == 0 ? 0 : 100000 + 977 * layer + r);
-      for (size_t i = 0; i < c.payload.size(); ++i) c.payload[i] = static_cast<char>((i * 31 + layer + r) & 0xFF);
+      for (size_t i = 0; i < c.payload.size(); ++i)
+        c.payload[i] = static_cast<char>((i * 31 + layer + r) & 0xFF);
       sent.push_back(c);
       ASSERT_TRUE((*s)->Send(c).ok());
     }
