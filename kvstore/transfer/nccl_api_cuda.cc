@@ -20,6 +20,9 @@ namespace {
 
 static_assert(sizeof(ncclUniqueId) == kNcclUniqueIdBytes, "ncclUniqueId size changed");
 
+// How long enqueuing one send or receive on a non-blocking communicator may take.
+constexpr absl::Duration kEnqueueTimeout = absl::Seconds(30);
+
 absl::Status CudaError(cudaError_t e, const char* what) {
   return absl::InternalError(absl::StrCat(what, ": ", cudaGetErrorString(e)));
 }
@@ -66,6 +69,11 @@ class CudaNcclComm final : public NcclComm {
     }
     ncclResult_t r = ncclSend(dev, bytes, ncclUint8, peer, comm_, stream_);
     if (r != ncclSuccess && r != ncclInProgress) return NcclError(r, "ncclSend");
+    // On a non-blocking communicator ncclInProgress means the send is not on the stream yet: work
+    // enqueued after it now (the free below, the next message's copy) would overtake it.
+    if (r == ncclInProgress) {
+      if (absl::Status st = AwaitComm(comm_, absl::Now() + kEnqueueTimeout, "ncclSend"); !st.ok()) return st;
+    }
     cudaFreeAsync(dev, stream_);
     return absl::OkStatus();
   }
@@ -79,6 +87,10 @@ class CudaNcclComm final : public NcclComm {
       return CudaError(e, "cudaMallocAsync");
     ncclResult_t r = ncclRecv(dev, bytes, ncclUint8, peer, comm_, stream_);
     if (r != ncclSuccess && r != ncclInProgress) return NcclError(r, "ncclRecv");
+    // As in Send: the copy out must not be enqueued before the receive itself is.
+    if (r == ncclInProgress) {
+      if (absl::Status st = AwaitComm(comm_, absl::Now() + kEnqueueTimeout, "ncclRecv"); !st.ok()) return st;
+    }
     if (cudaError_t e = cudaMemcpyAsync(data, dev, bytes, cudaMemcpyDeviceToHost, stream_);
         e != cudaSuccess) {
       return CudaError(e, "cudaMemcpyAsync D2H");
