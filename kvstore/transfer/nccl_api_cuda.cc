@@ -30,8 +30,20 @@ absl::Status NcclError(ncclResult_t r, const char* what) {
   return absl::InternalError(absl::StrCat(what, ": ", ncclGetErrorString(r)));
 }
 
+// Between polls of a pending operation: yield for the first `kSpin` (most operations take microseconds,
+// and a fixed sleep per message dominated small transfers), then sleep briefly.
+constexpr absl::Duration kSpin = absl::Milliseconds(2);
+void PollPause(absl::Time started) {
+  if (absl::Now() - started < kSpin) {
+    std::this_thread::yield();
+  } else {
+    std::this_thread::sleep_for(std::chrono::microseconds(50));
+  }
+}
+
 // Waits for a non-blocking communicator's pending operation.
 absl::Status AwaitComm(ncclComm_t comm, absl::Time deadline, const char* what) {
+  const absl::Time started = absl::Now();
   while (true) {
     ncclResult_t state = ncclSuccess;
     ncclResult_t r = ncclCommGetAsyncError(comm, &state);
@@ -39,7 +51,7 @@ absl::Status AwaitComm(ncclComm_t comm, absl::Time deadline, const char* what) {
     if (state == ncclSuccess) return absl::OkStatus();
     if (state != ncclInProgress) return NcclError(state, what);
     if (absl::Now() >= deadline) return absl::DeadlineExceededError(absl::StrCat(what, ": timed out"));
-    std::this_thread::sleep_for(std::chrono::microseconds(200));
+    PollPause(started);
   }
 }
 
@@ -100,7 +112,8 @@ class CudaNcclComm final : public NcclComm {
   }
 
   absl::Status StreamSync(absl::Duration timeout) override {
-    const absl::Time deadline = absl::Now() + timeout;
+    const absl::Time started = absl::Now();
+    const absl::Time deadline = started + timeout;
     cudaSetDevice(device_);
     while (true) {
       if (aborted_) return absl::AbortedError("NCCL communicator aborted");
@@ -111,7 +124,7 @@ class CudaNcclComm final : public NcclComm {
       ncclCommGetAsyncError(comm_, &state);
       if (state != ncclSuccess && state != ncclInProgress) return NcclError(state, "NCCL communicator");
       if (absl::Now() >= deadline) return absl::DeadlineExceededError("NCCL KV operation timed out");
-      std::this_thread::sleep_for(std::chrono::microseconds(100));
+      PollPause(started);
     }
   }
 
