@@ -35,28 +35,30 @@ namespace {
 
 using Clock = std::chrono::steady_clock;
 
-double Seconds(Clock::time_point a, Clock::time_point b) { return std::chrono::duration<double>(b - a).count(); }
+double Seconds(Clock::time_point a, Clock::time_point b) {
+  return std::chrono::duration<double>(b - a).count();
+}
 
 double Median(std::vector<double> v) {
   std::sort(v.begin(), v.end());
   return v[v.size() / 2];
 }
 
-#define CHECK_CUDA(x)                                                                \
-  do {                                                                               \
-    cudaError_t e = (x);                                                             \
-    if (e != cudaSuccess) {                                                          \
-      std::fprintf(stderr, "%s: %s\n", #x, cudaGetErrorString(e));                   \
-      std::exit(1);                                                                  \
-    }                                                                                \
+#define CHECK_CUDA(x)                                              \
+  do {                                                             \
+    cudaError_t e = (x);                                           \
+    if (e != cudaSuccess) {                                        \
+      std::fprintf(stderr, "%s: %s\n", #x, cudaGetErrorString(e)); \
+      std::exit(1);                                                \
+    }                                                              \
   } while (0)
-#define CHECK_NCCL(x)                                                                \
-  do {                                                                               \
-    ncclResult_t r = (x);                                                            \
-    if (r != ncclSuccess) {                                                          \
-      std::fprintf(stderr, "%s: %s\n", #x, ncclGetErrorString(r));                   \
-      std::exit(1);                                                                  \
-    }                                                                                \
+#define CHECK_NCCL(x)                                              \
+  do {                                                             \
+    ncclResult_t r = (x);                                          \
+    if (r != ncclSuccess) {                                        \
+      std::fprintf(stderr, "%s: %s\n", #x, ncclGetErrorString(r)); \
+      std::exit(1);                                                \
+    }                                                              \
   } while (0)
 
 // Raw NCCL point-to-point GPU 0 -> GPU 1 of `bytes` device bytes; median seconds of `reps`.
@@ -160,8 +162,8 @@ int Main(int argc, char** argv) {
     return 1;
   }
   const Transfer t = FlashTransfer(*config, tokens);
-  std::printf("V4-Flash-shaped KV of a %d-token prompt: %zu chunks, %.1f MiB (window state %.1f MiB)\n", tokens,
-              t.chunks.size(), t.bytes / 1048576.0, t.chunks.back().payload.size() / 1048576.0);
+  std::printf("V4-Flash-shaped KV of a %d-token prompt: %zu chunks, %.1f MiB (window state %.1f MiB)\n",
+              tokens, t.chunks.size(), t.bytes / 1048576.0, t.chunks.back().payload.size() / 1048576.0);
 
   const double raw_s = RawNccl(t.bytes, reps);
   const double raw_piece_s = RawNccl(piece_bytes, reps * 4);
@@ -169,7 +171,8 @@ int Main(int argc, char** argv) {
   auto nccl0 = kvstore::MakeCudaNccl(0);
   auto nccl1 = kvstore::MakeCudaNccl(1);
   if (!nccl0.ok() || !nccl1.ok()) {
-    std::fprintf(stderr, "MakeCudaNccl: %s\n", std::string((nccl0.ok() ? nccl1 : nccl0).status().message()).c_str());
+    std::fprintf(stderr, "MakeCudaNccl: %s\n",
+                 std::string((nccl0.ok() ? nccl1 : nccl0).status().message()).c_str());
     return 1;
   }
   kvstore::NcclKvOptions o;
@@ -228,11 +231,15 @@ int Main(int argc, char** argv) {
               t.bytes / 1e6, raw_s * 1e3, gb / raw_s);
   std::printf("| raw NCCL send/recv, one %u-byte piece | %.1f MB | %.3f ms | %.1f | |\n", piece_bytes,
               piece_bytes / 1e6, raw_piece_s * 1e3, piece_bytes / 1e9 / raw_piece_s);
-  std::printf("| NCCL KV transport (host chunks staged per piece), %zu chunks | %.1f MB | %.2f ms | %.1f | **%.1f%%** of raw |\n",
-              t.chunks.size(), t.bytes / 1e6, transport_s * 1e3, gb / transport_s, 100.0 * raw_s / transport_s);
-  std::printf("| transport overlapped with %.0f ms/block of sender compute (%d blocks) | | %.1f ms vs %.1f ms compute alone | | %.1f%% over compute |\n",
-              block_compute_ms, blocks, overlap_s * 1e3, compute_alone * 1e3,
-              100.0 * (overlap_s - compute_alone) / compute_alone);
+  std::printf(
+      "| NCCL KV transport (host chunks staged per piece), %zu chunks | %.1f MB | %.2f ms | %.1f | "
+      "**%.1f%%** of raw |\n",
+      t.chunks.size(), t.bytes / 1e6, transport_s * 1e3, gb / transport_s, 100.0 * raw_s / transport_s);
+  std::printf(
+      "| transport overlapped with %.0f ms/block of sender compute (%d blocks) | | %.1f ms vs %.1f ms "
+      "compute alone | | %.1f%% over compute |\n",
+      block_compute_ms, blocks, overlap_s * 1e3, compute_alone * 1e3,
+      100.0 * (overlap_s - compute_alone) / compute_alone);
   return 0;
 }
 
