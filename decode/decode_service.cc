@@ -10,6 +10,7 @@
 #include "kvstore/kv_events_stream.h"
 #include "kvstore/transfer/grpc_kv_transport.h"
 #include "services/logging.h"
+#include "services/metrics.h"
 #include "services/request_id.h"
 #include "services/status_macros.h"
 #include "services/status_mapping.h"
@@ -82,21 +83,13 @@ DecodeService::DecodeService(engine::EngineLoop* loop, const model::ModelConfig&
                     .Name("v4serve_decode_kv_transfers_total")
                     .Help("Remote prefills by transport and result (ok, failed, cancelled).")
                     .Register(*metrics);
-  bytes_received_ = &prometheus::BuildCounter()
-                         .Name("v4serve_decode_kv_bytes_received_total")
-                         .Help("KV payload bytes received from prefill workers.")
-                         .Register(*metrics)
-                         .Add({});
-  reservations_expired_ = &prometheus::BuildCounter()
-                               .Name("v4serve_decode_kv_reservations_expired_total")
-                               .Help("KV reservations freed by their deadline before their KV arrived.")
-                               .Register(*metrics)
-                               .Add({});
-  reservations_live_ = &prometheus::BuildGauge()
-                            .Name("v4serve_decode_kv_reservations")
-                            .Help("KV reservations waiting for their KV.")
-                            .Register(*metrics)
-                            .Add({});
+  bytes_received_ = &services::MakeCounter(*metrics, "v4serve_decode_kv_bytes_received_total",
+                                           "KV payload bytes received from prefill workers.");
+  reservations_expired_ =
+      &services::MakeCounter(*metrics, "v4serve_decode_kv_reservations_expired_total",
+                             "KV reservations freed by their deadline before their KV arrived.");
+  reservations_live_ = &services::MakeGauge(*metrics, "v4serve_decode_kv_reservations",
+                                            "KV reservations waiting for their KV.");
   sweeper_ = std::thread([this] { SweepLoop(); });
 }
 

@@ -1,14 +1,13 @@
 #include "engine/engine_metrics.h"
 
+#include "services/metrics.h"
+
 namespace v4serve::engine {
 namespace {
 
-prometheus::Gauge& MakeGauge(prometheus::Registry& r, const char* name, const char* help) {
-  return prometheus::BuildGauge().Name(name).Help(help).Register(r).Add({});
-}
-prometheus::Counter& MakeCounter(prometheus::Registry& r, const char* name, const char* help) {
-  return prometheus::BuildCounter().Name(name).Help(help).Register(r).Add({});
-}
+using services::MakeCounter;
+using services::MakeGauge;
+
 prometheus::Histogram& MakeHistogram(prometheus::Registry& r, const char* name, const char* help) {
   return prometheus::BuildHistogram().Name(name).Help(help).Register(r).Add(
       {}, prometheus::Histogram::BucketBoundaries{0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1,

@@ -14,6 +14,7 @@
 #include "kvstore/transfer/grpc_kv_transport.h"
 #include "kvstore/transfer/kv_transfer.h"
 #include "services/logging.h"
+#include "services/metrics.h"
 #include "services/request_id.h"
 #include "services/status_macros.h"
 #include "services/status_mapping.h"
@@ -59,31 +60,18 @@ PrefillService::PrefillService(const model::Model* model, kvstore::KvLayout layo
                    .Name("v4serve_prefill_requests_total")
                    .Help("Worker.Prefill requests by result (ok, error, cancelled, rejected).")
                    .Register(*metrics);
-  kv_bytes_ = &prometheus::BuildCounter()
-                   .Name("v4serve_prefill_kv_bytes_sent_total")
-                   .Help("KV payload bytes sent to decode workers.")
-                   .Register(*metrics)
-                   .Add({});
-  tokens_ = &prometheus::BuildCounter()
-                 .Name("v4serve_prefill_tokens_total")
-                 .Help("Prompt tokens computed.")
-                 .Register(*metrics)
-                 .Add({});
-  cached_tokens_ =
-      &prometheus::BuildCounter()
-           .Name("v4serve_prefill_prefix_hit_tokens_total")
-           .Help("Prompt tokens restored from the prefill worker's prefix cache instead of computed.")
-           .Register(*metrics)
-           .Add({});
+  kv_bytes_ = &services::MakeCounter(*metrics, "v4serve_prefill_kv_bytes_sent_total",
+                                     "KV payload bytes sent to decode workers.");
+  tokens_ = &services::MakeCounter(*metrics, "v4serve_prefill_tokens_total", "Prompt tokens computed.");
+  cached_tokens_ = &services::MakeCounter(
+      *metrics, "v4serve_prefill_prefix_hit_tokens_total",
+      "Prompt tokens restored from the prefill worker's prefix cache instead of computed.");
   if (options_.prefix_cache_blocks > 0) {
     pool_ = std::make_unique<kvstore::BlockPool>(options_.prefix_cache_blocks);
     cache_ = std::make_unique<kvstore::PrefixCache>(pool_.get(), options_.kv_events);
   }
-  in_flight_ = &prometheus::BuildGauge()
-                    .Name("v4serve_prefill_in_flight")
-                    .Help("Prefill requests computing or queued.")
-                    .Register(*metrics)
-                    .Add({});
+  in_flight_ =
+      &services::MakeGauge(*metrics, "v4serve_prefill_in_flight", "Prefill requests computing or queued.");
 }
 
 PrefillService::~PrefillService() {

@@ -134,4 +134,12 @@ absl::StatusOr<int> MetricsRegistry::Expose(const std::string& host, int port) {
   return ports.front();
 }
 
+prometheus::Counter& MakeCounter(prometheus::Registry& r, const std::string& name, const std::string& help) {
+  return prometheus::BuildCounter().Name(name).Help(help).Register(r).Add({});
+}
+
+prometheus::Gauge& MakeGauge(prometheus::Registry& r, const std::string& name, const std::string& help) {
+  return prometheus::BuildGauge().Name(name).Help(help).Register(r).Add({});
+}
+
 }  // namespace v4serve::services

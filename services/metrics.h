@@ -10,6 +10,8 @@
 #include <string>
 
 #include "absl/status/statusor.h"
+#include "prometheus/counter.h"
+#include "prometheus/gauge.h"
 #include "prometheus/registry.h"
 
 namespace prometheus {
@@ -39,6 +41,10 @@ class MetricsRegistry {
   std::shared_ptr<prometheus::Collectable> process_collector_;
   std::unique_ptr<prometheus::Exposer> exposer_;
 };
+
+// One unlabelled series in `r` (a family with a single counter or gauge), the common case.
+prometheus::Counter& MakeCounter(prometheus::Registry& r, const std::string& name, const std::string& help);
+prometheus::Gauge& MakeGauge(prometheus::Registry& r, const std::string& name, const std::string& help);
 
 }  // namespace v4serve::services
 
