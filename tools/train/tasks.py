@@ -143,6 +143,15 @@ def conv_short(rng, n_turns, with_tools):
     return pieces
 
 
+def conv_arith(rng, n_turns):
+    """Arithmetic turns only, without a system prompt (as the held-out arithmetic items are asked)."""
+    pieces = [(BOS, False)]
+    for _ in range(n_turns):
+        q, a, _, _ = arith_item(rng)
+        pieces += [(USER + q + ASSISTANT + THINK_END, False), (a + EOS, True)]
+    return pieces
+
+
 def conv_title(rng):
     """One finished exchange then <｜title｜> (DeepSeek's quick instruction) -> its title."""
     kind = rng.random()

@@ -95,26 +95,57 @@ def pad_batch(rows, mult, pad_id=2):
     return ids, sup
 
 
-def recall_max_len(progress):
-    return 512 if progress < 0.15 else 2048 if progress < 0.35 else 4096 if progress < 0.5 else 8192
+class Curriculum:
+    """Recall context lengths, gated on measured accuracy rather than on the schedule alone.
+
+    Stage 0 trains 256-768-token contexts (2-6 sliding windows, so only CSA/HCA entries reach most records,
+    and at most 192 CSA entries, nearly all inside the indexer's top-k): the retrieval circuit forms here.
+    Stage 1 goes up to 2k tokens (the indexer's top-k now selects), stage 2 up to 8k. A stage ends when the
+    recall answers' token accuracy (moving average) passes its gate, or at the latest at the given fraction
+    of the schedule. Later stages still draw short contexts (log-uniform lengths)."""
+
+    GATES = ((0.95, 0.40), (0.93, 0.60))  # (accuracy gate, latest progress) to leave stage 0, stage 1
+    MAX_LEN = (768, 2048, 8192)
+
+    def __init__(self, stage=0):
+        self.stage = stage
+        self.acc = 0.0
+
+    def update(self, acc, progress):
+        self.acc = 0.9 * self.acc + 0.1 * acc
+        if self.stage < 2:
+            gate, latest = self.GATES[self.stage]
+            if self.acc >= gate or progress >= latest:
+                self.stage += 1
+                self.acc = 0.0
+                return True
+        return False
+
+    def sample_len(self, rng):
+        hi = self.MAX_LEN[self.stage]
+        if self.stage == 0:
+            return rng.randint(256, hi)
+        return int(round(math.exp(rng.uniform(math.log(256), math.log(hi)))))
 
 
-def make_batches(rng, enc, progress, tokens_per_batch, window, short_rows=64):
-    lmax = recall_max_len(progress)
-    n = rng.randint(max(256, lmax // 4), lmax)
-    b = max(1, tokens_per_batch // max(n, 1024))
+def make_batches(rng, enc, n, tokens_per_batch, window, short_rows=64):
+    b = max(1, tokens_per_batch // max(n, 256))
     long_convs = [tasks.conv_recall(rng, n, 8) for _ in range(b)]
     short = []
     for _ in range(short_rows):
         r = rng.random()
-        short.append(tasks.conv_title(rng) if r < 0.25 else
-                     tasks.conv_short(rng, rng.randint(4, 10), with_tools=r < 0.6))
+        short.append(tasks.conv_title(rng) if r < 0.2 else
+                     tasks.conv_arith(rng, rng.randint(6, 12)) if r < 0.55 else
+                     tasks.conv_short(rng, rng.randint(4, 10), with_tools=r < 0.8))
     return pad_batch(enc.encode(long_convs), window), pad_batch(enc.encode(short), window)
 
 
 def losses(model, ids, sup, want_kl):
     nxt = torch.cat([ids[:, 1:], torch.full_like(ids[:, :1], 2)], 1)
+    # The indexer's KL counts the positions that predict an answer token twice (sup shifted by one).
+    model.kl_focus = torch.cat([sup[:, 1:], torch.zeros_like(sup[:, :1])], 1) if want_kl else None
     logits, mtp, kls = model(ids, want_kl=want_kl, mtp_next_ids=nxt)
+    model.kl_focus = None
     tgt1 = ids[:, 1:]
     m1 = sup[:, 1:]
     ce = torch.nn.functional.cross_entropy(logits[:, :-1][m1].float(), tgt1[m1])
@@ -146,6 +177,23 @@ def save_weights(model, out_dir, cfg):
         json.dump(cfg, f, indent=1)
 
 
+def load_init(model, d):
+    """Starts from an earlier run: its OUTDIR (float32 weights-*.safetensors) or an exported checkpoint
+    directory (model.safetensors, dequantized)."""
+    from safetensors.torch import load_file
+    from v4_train_model import load_released_state
+    import glob
+    state = {}
+    for p in sorted(glob.glob(os.path.join(d, "weights-*.safetensors"))):
+        state.update(load_file(p))
+    if not state:
+        sys.path.insert(0, os.path.join(HERE, "..", "golden"))
+        from model_loader import dequantized
+        state = {k: v.float() if v.is_floating_point() else v
+                 for k, v in dequantized(load_file(os.path.join(d, "model.safetensors"))).items()}
+    load_released_state(model, state)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
@@ -153,23 +201,31 @@ def main():
     ap.add_argument("--steps", type=int, default=2500)
     ap.add_argument("--time-budget", type=float, default=0, help="seconds; 0 = step-based schedule only")
     ap.add_argument("--lr", type=float, default=2e-3)
-    ap.add_argument("--tokens-per-batch", type=int, default=32768)
-    ap.add_argument("--short-rows", type=int, default=64, help="short conversations per step")
+    ap.add_argument("--warmup", type=int, default=100, help="warm-up steps")
+    ap.add_argument("--tokens-per-batch", type=int, default=16384, help="recall tokens per step")
+    ap.add_argument("--short-rows", type=int, default=96, help="short conversations per step")
+    ap.add_argument("--qat-from", type=float, default=0.8,
+                    help="schedule progress from which weights are fake-quantized as exported (1 = never)")
+    ap.add_argument("--init", help="OUTDIR of an earlier run to start from (optimizer state starts fresh)")
+    ap.add_argument("--stage", type=int, default=0, help="curriculum stage to start in (0, 1, 2)")
     ap.add_argument("--tiny", action="store_true", help="CPU smoke test: small width, short contexts")
     ap.add_argument("--eval-per-cell", type=int, default=50)
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     torch.manual_seed(args.seed)
-    rng = random.Random(args.seed)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
     enc = Encoder(TOKENIZER)
     cfg = model_config(enc.tok.get_vocab_size())
+    cur = Curriculum(args.stage)
     if args.tiny:
         cfg.update(hidden_size=128, q_lora_rank=64, o_lora_rank=32, n_routed_experts=4, sliding_window=32,
                    index_topk=16, compress_ratios=[0, 4, 32, 4, 0])
-        global recall_max_len
-        recall_max_len = lambda p: 256  # noqa: E731
+        Curriculum.MAX_LEN = (256, 256, 256)
     model = TinyV4(cfg, seed=args.seed).to(dev)
+    if args.init:
+        load_init(model, args.init)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"parameters: {n_params / 1e6:.2f} M on {dev}", flush=True)
     indexer = [p for n, p in model.params.items() if "__indexer__" in n]
@@ -178,13 +234,12 @@ def main():
                             weight_decay=0.01)
     log = open(os.path.join(args.out, "train_log.jsonl"), "w")
     # Batches are made by a background thread (tokenization runs in Rust, mostly outside the GIL).
-    q = queue.Queue(maxsize=6)
-    progress_box = [0.0]
+    q = queue.Queue(maxsize=4)
 
     def producer():
         prng = random.Random(args.seed + 1)
         while True:
-            q.put(make_batches(prng, enc, progress_box[0], args.tokens_per_batch, cfg["sliding_window"],
+            q.put(make_batches(prng, enc, cur.sample_len(prng), args.tokens_per_batch, cfg["sliding_window"],
                                args.short_rows))
 
     threading.Thread(target=producer, daemon=True).start()
@@ -196,11 +251,13 @@ def main():
         progress = max(step / args.steps, el / args.time_budget if args.time_budget else 0.0)
         if progress >= 1.0:
             break
-        progress_box[0] = progress
-        warm = min(1.0, step / 100)
+        warm = min(1.0, (step + 1) / args.warmup)
         lr = args.lr * warm * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
         for g in opt.param_groups:
             g["lr"] = lr
+        if not model.qat and progress >= args.qat_from:
+            model.qat = True
+            print(f"step {step}: quantization-aware from here (weights as exported)", flush=True)
         (lids, lsup), (sids, ssup) = q.get()
         model.train()
         opt.zero_grad(set_to_none=True)
@@ -220,17 +277,25 @@ def main():
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         model.update_route_bias(1e-3)
+        if step % 10 == 0:
+            a = acc_l.item()
+            if cur.update(a, progress):
+                print(f"step {step}: curriculum stage {cur.stage} (recall contexts up to "
+                      f"{cur.MAX_LEN[cur.stage]} tokens)", flush=True)
         if step % 25 == 0:
             rec = {"step": step, "t": round(time.time() - t0, 1), "progress": round(progress, 3), "lr": lr,
-                   "recall_len": lids.shape[1], "ce_recall": ce_l.item(), "acc_recall": acc_l.item(),
-                   "ce_short": ce_s.item(), "acc_short": acc_s.item(), "mtp": (mtp_l + mtp_s).item() / 2,
-                   "index_kl": kl_l.item()}
+                   "stage": cur.stage, "recall_len": lids.shape[1], "ce_recall": ce_l.item(),
+                   "acc_recall": acc_l.item(), "acc_recall_avg": round(cur.acc, 4), "ce_short": ce_s.item(),
+                   "acc_short": acc_s.item(), "mtp": (mtp_l + mtp_s).item() / 2, "index_kl": kl_l.item(),
+                   "qat": model.qat}
             print(json.dumps(rec), flush=True)
             log.write(json.dumps(rec) + "\n")
             log.flush()
         step += 1
     print(f"trained {step} steps in {time.time() - t0:.0f} s", flush=True)
     model.eval()
+    # Export what was trained: with QAT on, the weights saved are the master weights and the exporter
+    # quantizes them to exactly the values the forward used.
     save_weights(model, args.out, cfg)
     if args.eval_per_cell:
         import eval_torch

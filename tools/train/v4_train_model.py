@@ -136,6 +136,12 @@ class TinyV4(nn.Module):
                 lin(p + "h_proj.weight", D, D)
                 self._hc_head(params, p, lin, zeros)
         self.names = sorted(params)
+        # Quantization-aware training: when set, w() returns the weights as the released checkpoint stores
+        # them (FP8 128x128 tiles, MXFP4 experts; straight-through gradients), so the exported model is the
+        # one that was trained.
+        self.qat = False
+        # Training only: [B, N] bool of the positions whose indexer KL counts twice (the answers).
+        self.kl_focus = None
         self.params = nn.ParameterDict({k.replace(".", "__"): nn.Parameter(v) for k, v in params.items()})
         rs = c["rope_scaling"]
         self.register_buffer("freqs_main", rope_freqs(c["qk_rope_head_dim"], c["rope_theta"], None))
@@ -147,7 +153,15 @@ class TinyV4(nn.Module):
         _hc_head_init(params, p, lin, zeros, self.cfg)
 
     def w(self, name):
-        return self.params[name.replace(".", "__")]
+        t = self.params[name.replace(".", "__")]
+        if self.qat:
+            if ".experts.w" in name and ".shared_experts." not in name:
+                return t + (fake_quant_fp4(t) - t).detach()
+            if name.endswith(FP8_SUFFIXES):
+                return t + (fake_quant_fp8(t) - t).detach()
+            if not name.endswith(F32_SUFFIXES):
+                return t + (t.to(torch.bfloat16).float() - t).detach()
+        return t
 
     def state_for_export(self):
         """{released name: float32 tensor} (experts unstacked) plus tid2eid, the checkpoint's content."""
@@ -314,7 +328,12 @@ class TinyV4(nn.Module):
                         tgt = torch.softmax(lc.float().masked_fill(~visible[None, None], float("-inf")), -1)
                         tgt = tgt.mean(1)[:, rows]  # [B, R, M], mean over heads
                     logp = torch.log_softmax(isc[:, rows].float(), -1)
-                    kl = (tgt * (torch.log(tgt.clamp_min(1e-12)) - logp.clamp_min(-1e4))).sum(-1).mean()
+                    kl_rows = (tgt * (torch.log(tgt.clamp_min(1e-12)) - logp.clamp_min(-1e4))).sum(-1)  # [B, R]
+                    kl = kl_rows.mean()
+                    if self.kl_focus is not None:
+                        # The answers are where selection matters: their rows count again on their own.
+                        focus = self.kl_focus[:, rows].float()
+                        kl = kl + (kl_rows * focus).sum() / focus.sum().clamp_min(1.0)
             lc = lc.masked_fill(~mask.unsqueeze(1), float("-inf"))
             parts.append(lc.view(B, H, nb, C, M))
         sink = self.w(a + "attn_sink").float().view(1, H, 1, 1, 1).expand(B, H, nb, C, 1)
@@ -391,6 +410,43 @@ class TinyV4(nn.Module):
         for layer, load in self._loads:
             b = getattr(self, f"route_bias_{layer}")
             b += rate * torch.sign(load.mean() - load)
+
+
+# Linear weights the released checkpoints store as FP8 (tools/golden/v4_checkpoint.py FP8_SUFFIXES).
+FP8_SUFFIXES = ("attn.wq_a.weight", "attn.wq_b.weight", "attn.wkv.weight", "attn.wo_b.weight",
+                "indexer.wq_b.weight", "shared_experts.w1.weight", "shared_experts.w2.weight",
+                "shared_experts.w3.weight", "e_proj.weight", "h_proj.weight")
+# Stored as F32 (tools/golden/v4_checkpoint.py F32_SUFFIXES); every other weight is stored as BF16.
+F32_SUFFIXES = ("attn_sink", "_fn", "_base", "_scale", "ape", "gate.bias")
+FP4_GRID = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
+
+
+def _e8m0(amax, qmax):
+    return torch.pow(2.0, torch.ceil(torch.log2(amax.clamp_min(1e-30) / qmax)).clamp(-127, 127))
+
+
+def fake_quant_fp8(w):
+    """w [out, in] -> the values of its FP8 e4m3 encoding with one E8M0 scale per 128x128 tile (export's)."""
+    w = w.float()
+    out, inp = w.shape
+    po, pi = (-out) % 128, (-inp) % 128
+    t = F.pad(w, (0, pi, 0, po)).view((out + po) // 128, 128, (inp + pi) // 128, 128)
+    s = _e8m0(t.detach().abs().amax((1, 3), keepdim=True), 448.0)
+    q = (t / s).clamp(-448, 448).to(torch.float8_e4m3fn).float() * s
+    return q.view(out + po, inp + pi)[:out, :inp]
+
+
+def fake_quant_fp4(w):
+    """w [..., in] -> the values of its MXFP4 encoding (e2m1, one E8M0 scale per 32 inputs; export's)."""
+    w = w.float()
+    b = w.view(*w.shape[:-1], w.shape[-1] // 32, 32)
+    s = _e8m0(b.detach().abs().amax(-1, keepdim=True), 6.0)
+    x = (b / s).clamp(-6.0, 6.0)
+    grid = torch.tensor(FP4_GRID, device=w.device)
+    # Nearest grid point by midpoints (ties go up here, to even codes in the exporter: measure-zero).
+    mids = (grid[1:] + grid[:-1]) / 2
+    mag = grid[torch.bucketize(x.abs(), mids)]
+    return (torch.sign(x) * mag * s).view_as(w)
 
 
 def _hc_head_init(params, p, lin, zeros, cfg):
