@@ -128,7 +128,9 @@ class Curriculum:
         return int(round(math.exp(rng.uniform(math.log(256), math.log(hi)))))
 
 
-def make_batches(rng, enc, n, tokens_per_batch, window, short_rows=64):
+def make_batches(rng, enc, n, tokens_per_batch, window, short_rows=64, short_tokens=16384):
+    """One step's data: a recall batch of about tokens_per_batch tokens, and short conversations in
+    micro-batches of at most short_tokens padded tokens (rows of similar length together)."""
     b = max(1, tokens_per_batch // max(n, 256))
     long_convs = [tasks.conv_recall(rng, n, 8) for _ in range(b)]
     short = []
@@ -137,7 +139,16 @@ def make_batches(rng, enc, n, tokens_per_batch, window, short_rows=64):
         short.append(tasks.conv_title(rng) if r < 0.2 else
                      tasks.conv_arith(rng, rng.randint(6, 12)) if r < 0.55 else
                      tasks.conv_short(rng, rng.randint(4, 10), with_tools=r < 0.8))
-    return pad_batch(enc.encode(long_convs), window), pad_batch(enc.encode(short), window)
+    rows = sorted(enc.encode(short), key=lambda r: len(r[0]))
+    micro, cur = [], []
+    for r in rows:
+        padded = -(-len(r[0]) // window) * window
+        if cur and (len(cur) + 1) * padded > short_tokens:
+            micro.append(pad_batch(cur, window))
+            cur = []
+        cur.append(r)
+    micro.append(pad_batch(cur, window))
+    return pad_batch(enc.encode(long_convs), window), micro
 
 
 def losses(model, ids, sup, want_kl):
@@ -204,6 +215,7 @@ def main():
     ap.add_argument("--warmup", type=int, default=100, help="warm-up steps")
     ap.add_argument("--tokens-per-batch", type=int, default=16384, help="recall tokens per step")
     ap.add_argument("--short-rows", type=int, default=96, help="short conversations per step")
+    ap.add_argument("--short-tokens", type=int, default=16384, help="padded tokens per short micro-batch")
     ap.add_argument("--qat-from", type=float, default=0.8,
                     help="schedule progress from which weights are fake-quantized as exported (1 = never)")
     ap.add_argument("--init", help="OUTDIR of an earlier run to start from (optimizer state starts fresh)")
@@ -240,7 +252,7 @@ def main():
         prng = random.Random(args.seed + 1)
         while True:
             q.put(make_batches(prng, enc, cur.sample_len(prng), args.tokens_per_batch, cfg["sliding_window"],
-                               args.short_rows))
+                               args.short_rows, args.short_tokens))
 
     threading.Thread(target=producer, daemon=True).start()
     t0 = time.time()
@@ -258,21 +270,30 @@ def main():
         if not model.qat and progress >= args.qat_from:
             model.qat = True
             print(f"step {step}: quantization-aware from here (weights as exported)", flush=True)
-        (lids, lsup), (sids, ssup) = q.get()
+        (lids, lsup), micro = q.get()
         model.train()
         opt.zero_grad(set_to_none=True)
         try:
             with amp:
                 ce_l, mtp_l, kl_l, acc_l = losses(model, lids.to(dev), lsup.to(dev), True)
             (ce_l + 0.3 * mtp_l + 0.1 * kl_l).backward()
-            with amp:
-                ce_s, mtp_s, kl_s, acc_s = losses(model, sids.to(dev), ssup.to(dev), False)
-            (ce_s + 0.3 * mtp_s).backward()
+            # Short conversations in micro-batches, each weighted by its share of the supervised tokens.
+            n_sup = sum(int(s_[:, 1:].sum()) for _, s_ in micro)
+            ce_s = mtp_s = acc_s = 0.0
+            for sids, ssup in micro:
+                share = int(ssup[:, 1:].sum()) / max(n_sup, 1)
+                with amp:
+                    c_, m_, _, a_ = losses(model, sids.to(dev), ssup.to(dev), False)
+                (share * (c_ + 0.3 * m_)).backward()
+                ce_s, mtp_s, acc_s = ce_s + share * c_.detach(), mtp_s + share * m_.detach(), acc_s + share * a_
+                del c_, m_
         except torch.OutOfMemoryError:
             args.tokens_per_batch //= 2
             print(f"out of memory at {tuple(lids.shape)}: tokens per batch now {args.tokens_per_batch}", flush=True)
             opt.zero_grad(set_to_none=True)
             torch.cuda.empty_cache()
+            if args.tokens_per_batch < 1024:
+                raise SystemExit("out of memory even with 1k recall tokens per step")
             continue
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
