@@ -112,7 +112,7 @@ class Curriculum:
         self.acc = 0.0
 
     def update(self, acc, progress):
-        self.acc = 0.9 * self.acc + 0.1 * acc
+        self.acc = 0.7 * self.acc + 0.3 * acc  # updated every 10 steps
         if self.stage < 2:
             gate, latest = self.GATES[self.stage]
             if self.acc >= gate or progress >= latest:
