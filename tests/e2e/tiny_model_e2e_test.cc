@@ -22,7 +22,7 @@ TEST(TinyModelE2eTest, HeldOutAccuracyThroughUp) {
   int status = testing::RunCommand(
       "python3 " + kSource + "/tools/eval/eval_api.py --serve " + V4SERVE_BINARY + " --model " + kSource +
           "/models/tiny-v4 --n 12 --n-recall 3 --lengths 1024 --concurrency 2 --label up"
-          " --require tool_call=0.9 --require tool_answer=0.9 --require title=0.3 2>&1",
+          " --require tool_call=0.9 --require tool_answer=0.9 --require title=0.3 --require arith=0.5 2>&1",
       &out);
   std::printf("%s\n", out.c_str());
   EXPECT_EQ(status, 0) << out;
