@@ -1,5 +1,6 @@
 #include "kvstore/transfer/nccl_kv_transport.h"
 
+#include <algorithm>
 #include <cstring>
 #include <utility>
 
@@ -10,7 +11,8 @@ namespace v4serve::kvstore {
 namespace {
 
 constexpr uint32_t kMagic = 0x4E4B3456;  // "V4KN"
-constexpr uint16_t kVersion = 1;
+constexpr uint16_t kVersion = 2;         // 2: batches of chunk records.
+constexpr size_t kRecordBytes = 32;
 constexpr uint16_t kFlagLast = 1, kFlagWindow = 2, kFlagAbort = 4;
 
 template <typename T>
@@ -42,6 +44,7 @@ std::string EncodeNcclKvHeader(const NcclKvHeader& h) {
   Put<uint32_t>(&out, &off, h.num_tokens);
   Put<uint64_t>(&out, &off, h.payload_bytes);
   Put<uint32_t>(&out, &off, h.piece_bytes);
+  Put<uint32_t>(&out, &off, h.num_chunks);
   const size_t n = std::min(h.reservation_id.size(), kNcclKvMaxReservationId);
   Put<uint32_t>(&out, &off, static_cast<uint32_t>(n));
   std::memcpy(out.data() + off, h.reservation_id.data(), n);
@@ -64,12 +67,59 @@ absl::StatusOr<NcclKvHeader> DecodeNcclKvHeader(const std::string& in) {
   h.num_tokens = Get<uint32_t>(in, &off);
   h.payload_bytes = Get<uint64_t>(in, &off);
   h.piece_bytes = Get<uint32_t>(in, &off);
+  h.num_chunks = Get<uint32_t>(in, &off);
   const uint32_t n = Get<uint32_t>(in, &off);
   if (n == 0 || n > kNcclKvMaxReservationId) return absl::DataLossError("NCCL KV header: bad reservation id");
   if (h.payload_bytes > 0 && h.piece_bytes == 0)
     return absl::DataLossError("NCCL KV header: zero piece size");
+  if (h.num_chunks > 0 && h.payload_bytes / kRecordBytes < h.num_chunks)
+    return absl::DataLossError("NCCL KV header: more chunks than the payload can hold");
   h.reservation_id.assign(in.data() + off, n);
   return h;
+}
+
+void AppendNcclKvRecord(const KvTransferChunk& c, std::string* batch) {
+  size_t off = batch->size();
+  batch->resize(off + kRecordBytes);
+  Put<uint32_t>(batch, &off, c.first_layer);
+  Put<uint32_t>(batch, &off, c.num_layers);
+  Put<uint32_t>(batch, &off, c.first_token);
+  Put<uint32_t>(batch, &off, c.num_tokens);
+  Put<uint16_t>(batch, &off,
+                static_cast<uint16_t>((c.last ? kFlagLast : 0) | (c.window_state ? kFlagWindow : 0)));
+  Put<uint16_t>(batch, &off, 0);
+  Put<uint32_t>(batch, &off, 0);
+  Put<uint64_t>(batch, &off, c.payload.size());
+  batch->append(c.payload);
+}
+
+absl::StatusOr<std::vector<KvTransferChunk>> DecodeNcclKvRecords(const std::string& payload,
+                                                                 uint32_t num_chunks) {
+  std::vector<KvTransferChunk> out;
+  out.reserve(num_chunks);
+  size_t off = 0;
+  for (uint32_t i = 0; i < num_chunks; ++i) {
+    if (payload.size() - off < kRecordBytes) return absl::DataLossError("NCCL KV batch: truncated record");
+    KvTransferChunk c;
+    c.first_layer = Get<uint32_t>(payload, &off);
+    c.num_layers = Get<uint32_t>(payload, &off);
+    c.first_token = Get<uint32_t>(payload, &off);
+    c.num_tokens = Get<uint32_t>(payload, &off);
+    const uint16_t flags = Get<uint16_t>(payload, &off);
+    off += 2 + 4;
+    const uint64_t bytes = Get<uint64_t>(payload, &off);
+    if ((flags & ~(kFlagLast | kFlagWindow)) != 0)
+      return absl::DataLossError("NCCL KV batch: bad record flags");
+    if (bytes > payload.size() - off)
+      return absl::DataLossError("NCCL KV batch: record overruns the payload");
+    c.last = (flags & kFlagLast) != 0;
+    c.window_state = (flags & kFlagWindow) != 0;
+    c.payload.assign(payload.data() + off, bytes);
+    off += bytes;
+    out.push_back(std::move(c));
+  }
+  if (off != payload.size()) return absl::DataLossError("NCCL KV batch: bytes after the last record");
+  return out;
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -177,17 +227,10 @@ absl::Status NcclKvReceiver::ReceiveOne(NcclComm* comm, absl::flat_hash_set<std:
     open->erase(h->reservation_id);
     return absl::OkStatus();
   }
-  KvTransferChunk chunk;
-  chunk.first_layer = h->first_layer;
-  chunk.num_layers = h->num_layers;
-  chunk.first_token = h->first_token;
-  chunk.num_tokens = h->num_tokens;
-  chunk.window_state = h->window_state;
-  chunk.last = h->last;
-  chunk.payload.resize(h->payload_bytes);
+  std::string payload(h->payload_bytes, '\0');
   for (uint64_t off = 0; off < h->payload_bytes; off += h->piece_bytes) {
     const size_t n = static_cast<size_t>(std::min<uint64_t>(h->piece_bytes, h->payload_bytes - off));
-    if (absl::Status s = comm->Recv(chunk.payload.data() + off, n, 0); !s.ok()) return s;
+    if (absl::Status s = comm->Recv(payload.data() + off, n, 0); !s.ok()) return s;
   }
   if (h->payload_bytes > 0) {
     if (absl::Status s = comm->StreamSync(options_.op_timeout); !s.ok()) {
@@ -195,17 +238,41 @@ absl::Status NcclKvReceiver::ReceiveOne(NcclComm* comm, absl::flat_hash_set<std:
       return s;
     }
   }
-  const std::string id = h->reservation_id;
-  if (absl::Status s = reservations_->Deliver(id, std::move(chunk)); !s.ok()) {
-    // The reservation expired or was released: drop the chunk, keep the pair.
-    V4LOG(DEBUG).With("reservation", id).With("status", s) << "NCCL KV chunk dropped";
-    open->erase(id);
-    return absl::OkStatus();
-  }
-  if (h->last) {
-    open->erase(id);
+  std::vector<KvTransferChunk> chunks;
+  if (h->num_chunks == 0) {
+    KvTransferChunk chunk;
+    chunk.first_layer = h->first_layer;
+    chunk.num_layers = h->num_layers;
+    chunk.first_token = h->first_token;
+    chunk.num_tokens = h->num_tokens;
+    chunk.window_state = h->window_state;
+    chunk.last = h->last;
+    chunk.payload = std::move(payload);
+    chunks.push_back(std::move(chunk));
   } else {
-    open->insert(id);
+    absl::StatusOr<std::vector<KvTransferChunk>> decoded = DecodeNcclKvRecords(payload, h->num_chunks);
+    if (!decoded.ok()) {
+      // The message arrived whole but its content is wrong: fail this transfer, keep the pair.
+      reservations_->Fail(h->reservation_id, decoded.status());
+      open->erase(h->reservation_id);
+      return absl::OkStatus();
+    }
+    chunks = *std::move(decoded);
+  }
+  const std::string id = h->reservation_id;
+  for (KvTransferChunk& chunk : chunks) {
+    const bool last = chunk.last;
+    if (absl::Status s = reservations_->Deliver(id, std::move(chunk)); !s.ok()) {
+      // The reservation expired or was released: drop its chunks, keep the pair.
+      V4LOG(DEBUG).With("reservation", id).With("status", s) << "NCCL KV chunk dropped";
+      open->erase(id);
+      return absl::OkStatus();
+    }
+    if (last) {
+      open->erase(id);
+    } else {
+      open->insert(id);
+    }
   }
   return absl::OkStatus();
 }
@@ -216,36 +283,32 @@ absl::Status NcclKvReceiver::ReceiveOne(NcclComm* comm, absl::flat_hash_set<std:
 class NcclKvSender final : public KvSender {
  public:
   NcclKvSender(NcclKvSenders* owner, std::string peer, std::shared_ptr<NcclKvSenders::Pair> pair,
-               std::string reservation_id, uint32_t piece_bytes, absl::Duration op_timeout)
+               std::string reservation_id, uint32_t piece_bytes, absl::Duration op_timeout,
+               size_t batch_bytes)
       : owner_(owner),
         peer_(std::move(peer)),
         pair_(std::move(pair)),
         reservation_id_(std::move(reservation_id)),
         piece_bytes_(piece_bytes),
-        op_timeout_(op_timeout) {}
+        op_timeout_(op_timeout),
+        batch_bytes_(batch_bytes) {}
   ~NcclKvSender() override {
     if (!finished_) Abort(absl::CancelledError("sender destroyed"));
   }
 
   absl::Status Send(KvTransferChunk chunk) override {
     if (!status_.ok()) return status_;
-    NcclKvHeader h;
-    h.first_layer = chunk.first_layer;
-    h.num_layers = chunk.num_layers;
-    h.first_token = chunk.first_token;
-    h.num_tokens = chunk.num_tokens;
-    h.window_state = chunk.window_state;
-    h.last = chunk.last;
-    h.payload_bytes = chunk.payload.size();
-    h.piece_bytes = piece_bytes_;
-    h.reservation_id = reservation_id_;
-    status_ = SendMessage(h, chunk.payload);
-    if (status_.ok()) bytes_ += chunk.payload.size();
+    if (finished_) return status_ = absl::FailedPreconditionError("KV sender already finished");
+    AppendNcclKvRecord(chunk, &batch_);
+    ++batch_chunks_;
+    batch_payload_ += chunk.payload.size();
+    if (chunk.last || batch_.size() >= batch_bytes_) return Flush(chunk.last);
     return status_;
   }
 
   absl::Status Finish() override {
     if (!status_.ok()) return status_;
+    if (batch_chunks_ > 0 && !Flush(/*last=*/false).ok()) return status_;
     finished_ = true;
     absl::MutexLock l(&pair_->mu);
     if (pair_->failed) return status_ = absl::UnavailableError("NCCL pair failed");
@@ -257,6 +320,8 @@ class NcclKvSender final : public KvSender {
   void Abort(const absl::Status& why) override {
     if (finished_) return;
     finished_ = true;
+    batch_.clear();
+    batch_chunks_ = 0;
     if (status_.ok()) {
       NcclKvHeader h;
       h.abort = true;
@@ -269,6 +334,22 @@ class NcclKvSender final : public KvSender {
   uint64_t bytes_sent() const override { return bytes_; }
 
  private:
+  // Sends the gathered chunks as one message.
+  absl::Status Flush(bool last) {
+    NcclKvHeader h;
+    h.last = last;
+    h.payload_bytes = batch_.size();
+    h.piece_bytes = piece_bytes_;
+    h.num_chunks = batch_chunks_;
+    h.reservation_id = reservation_id_;
+    status_ = SendMessage(h, batch_);
+    if (status_.ok()) bytes_ += batch_payload_;
+    batch_.clear();
+    batch_chunks_ = 0;
+    batch_payload_ = 0;
+    return status_;
+  }
+
   absl::Status SendMessage(const NcclKvHeader& h, const std::string& payload) {
     absl::MutexLock l(&pair_->mu);
     if (pair_->failed) return absl::UnavailableError(absl::StrCat("NCCL pair with ", peer_, " failed"));
@@ -294,6 +375,10 @@ class NcclKvSender final : public KvSender {
   const std::string reservation_id_;
   const uint32_t piece_bytes_;
   const absl::Duration op_timeout_;
+  const size_t batch_bytes_;
+  std::string batch_;  // Records not sent yet.
+  uint32_t batch_chunks_ = 0;
+  uint64_t batch_payload_ = 0;
   absl::Status status_;
   uint64_t bytes_ = 0;
   bool finished_ = false;
@@ -368,8 +453,9 @@ absl::StatusOr<std::unique_ptr<KvSender>> NcclKvSenders::Start(const std::string
     pair->comm = std::move(*comm);
   }
   if (pair->failed) return absl::UnavailableError(absl::StrCat("NCCL pair with ", decode_worker, " failed"));
-  return std::unique_ptr<KvSender>(
-      new NcclKvSender(this, decode_worker, pair, reservation_id, piece_bytes, options_.op_timeout));
+  return std::unique_ptr<KvSender>(new NcclKvSender(this, decode_worker, pair, reservation_id, piece_bytes,
+                                                    options_.op_timeout,
+                                                    std::max<size_t>(options_.batch_bytes, 1)));
 }
 
 }  // namespace v4serve::kvstore

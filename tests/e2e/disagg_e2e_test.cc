@@ -9,6 +9,7 @@
 #include <signal.h>
 
 #include <atomic>
+#include <cstdlib>
 #include <random>
 #include <thread>
 
@@ -143,6 +144,13 @@ class DisaggE2eTest : public ::testing::Test {
     std::vector<std::string> p = {"prefill"}, d = {"decode", "--kv_blocks=256"};
     p.insert(p.end(), common.begin(), common.end());
     d.insert(d.end(), common.begin(), common.end());
+    // V4SERVE_E2E_KV_TRANSPORT=nccl runs the same checks with the KV going GPU 0 -> GPU 1 over NCCL (a
+    // CUDA build on a 2-GPU machine; the model still runs on the CPU; docs/KV_TRANSFER.md); unset, the KV
+    // goes over gRPC.
+    if (const char* t = std::getenv("V4SERVE_E2E_KV_TRANSPORT"); t != nullptr && std::string(t) == "nccl") {
+      p.insert(p.end(), {"--kv_transport=nccl", "--gpu=0", "--device=cpu"});
+      d.insert(d.end(), {"--kv_transport=nccl", "--gpu=1", "--device=cpu"});
+    }
     prefill_ = StartOrDie(p);
     decode_ = StartOrDie(d);
     ASSERT_TRUE(prefill_ && decode_);

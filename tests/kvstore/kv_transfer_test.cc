@@ -247,6 +247,7 @@ TEST(NcclKvHeaderTest, RoundTripsAndRejectsGarbage) {
   h.num_tokens = 128;
   h.payload_bytes = 123456789;
   h.piece_bytes = 4096;
+  h.num_chunks = 61;
   h.reservation_id = "kvr-7-req-abc";
   std::string bytes = EncodeNcclKvHeader(h);
   ASSERT_EQ(bytes.size(), kNcclKvHeaderBytes);
@@ -254,10 +255,28 @@ TEST(NcclKvHeaderTest, RoundTripsAndRejectsGarbage) {
   ASSERT_TRUE(back.ok());
   EXPECT_EQ(back->reservation_id, h.reservation_id);
   EXPECT_EQ(back->payload_bytes, h.payload_bytes);
+  EXPECT_EQ(back->num_chunks, 61u);
   EXPECT_TRUE(back->last);
   EXPECT_FALSE(back->window_state);
   bytes[0] ^= 1;
   EXPECT_EQ(DecodeNcclKvHeader(bytes).status().code(), absl::StatusCode::kDataLoss);
+}
+
+TEST(NcclKvRecordsTest, RoundTripAndGarbage) {
+  std::string batch;
+  std::vector<KvTransferChunk> chunks = {Chunk(0, 100), Chunk(128, 0), Chunk(256, 7, /*last=*/true)};
+  chunks[1].first_layer = 42;
+  for (const KvTransferChunk& c : chunks) AppendNcclKvRecord(c, &batch);
+  absl::StatusOr<std::vector<KvTransferChunk>> back = DecodeNcclKvRecords(batch, 3);
+  ASSERT_TRUE(back.ok()) << back.status();
+  EXPECT_EQ(*back, chunks);
+  EXPECT_EQ(DecodeNcclKvRecords(batch, 2).status().code(), absl::StatusCode::kDataLoss);  // bytes left over
+  EXPECT_EQ(DecodeNcclKvRecords(batch, 4).status().code(), absl::StatusCode::kDataLoss);  // truncated
+  EXPECT_EQ(DecodeNcclKvRecords(batch.substr(0, batch.size() - 1), 3).status().code(),
+            absl::StatusCode::kDataLoss);  // last record overruns
+  std::string bad_flags = batch;
+  bad_flags[16] = 0x70;
+  EXPECT_EQ(DecodeNcclKvRecords(bad_flags, 3).status().code(), absl::StatusCode::kDataLoss);
 }
 
 TEST(FakeNcclTest, MismatchedSizesAreAnErrorNotCorruption) {
@@ -325,6 +344,53 @@ TEST(NcclKvTransportTest, PairIsCreatedOnDemandAndCarriesChunkedTransfers) {
   EXPECT_EQ(p.receiver.live_pairs(), 1);
 }
 
+// A transfer of many small layer chunks goes as a few batch messages, not two messages per chunk.
+TEST(NcclKvTransportTest, ChunksAreBatchedIntoFewMessages) {
+  NcclPair p;
+  p.options.batch_bytes = 64 * 1024;
+  NcclKvSenders senders(&p.prefill_nccl, p.options);
+  absl::StatusOr<std::string> uid = p.receiver.UniqueIdFor("prefill-0:1");
+  ASSERT_TRUE(uid.ok()) << uid.status();
+  absl::StatusOr<std::string> id = p.reservations.Reserve("req-1", 100000, Far());
+  ASSERT_TRUE(id.ok());
+  absl::StatusOr<std::unique_ptr<KvSender>> s =
+      senders.Start("decode-0:1", *uid, *id, /*piece_bytes=*/1 << 20);
+  ASSERT_TRUE(s.ok()) << s.status();
+  std::vector<KvTransferChunk> sent;
+  for (uint32_t block = 0; block < 64; ++block) {
+    for (uint32_t layer = 0; layer < 4; ++layer) {
+      KvTransferChunk c = Chunk(128 * block, 1000 + layer, false, static_cast<char>('a' + layer));
+      c.first_layer = layer;
+      sent.push_back(c);
+      ASSERT_TRUE((*s)->Send(c).ok());
+    }
+  }
+  sent.push_back(Chunk(8192, 5000, /*last=*/true));
+  ASSERT_TRUE((*s)->Send(sent.back()).ok());
+  ASSERT_TRUE((*s)->Finish().ok());
+  absl::StatusOr<KvTransferResult> got = p.reservations.Await(*id, Far());
+  ASSERT_TRUE(got.ok()) << got.status();
+  EXPECT_EQ(got->chunks, sent);
+  EXPECT_EQ((*s)->bytes_sent(), 64u * (1000 + 1001 + 1002 + 1003) + 5000);
+  // 263 KB of records in batches of >= 64 KiB: 4-5 batches, each a header and one piece.
+  EXPECT_LE(p.world->messages_sent.load(), 10);
+  EXPECT_GE(p.world->messages_sent.load(), 8);
+}
+
+// A transfer that ends with Finish and no chunk marked last still sends what it gathered.
+TEST(NcclKvTransportTest, FinishFlushesAPartialBatch) {
+  NcclPair p;
+  absl::StatusOr<std::string> uid = p.receiver.UniqueIdFor("prefill-0:1");
+  absl::StatusOr<std::string> id = p.reservations.Reserve("req-1", 1000, Far());
+  absl::StatusOr<std::unique_ptr<KvSender>> s = p.senders.Start("decode-0:1", *uid, *id, 1024);
+  ASSERT_TRUE(s.ok()) << s.status();
+  ASSERT_TRUE((*s)->Send(Chunk(0, 10)).ok());
+  EXPECT_EQ(p.world->messages_sent.load(), 0);  // Still gathering.
+  ASSERT_TRUE((*s)->Finish().ok());
+  EXPECT_EQ(p.world->messages_sent.load(), 2);
+  EXPECT_EQ((*s)->Send(Chunk(128, 10)).code(), absl::StatusCode::kFailedPrecondition);
+}
+
 TEST(NcclKvTransportTest, SenderAbortFailsOnlyItsReservation) {
   NcclPair p;
   absl::StatusOr<std::string> uid = p.receiver.UniqueIdFor("prefill-0:1");
@@ -339,10 +405,12 @@ TEST(NcclKvTransportTest, SenderAbortFailsOnlyItsReservation) {
 
 TEST(NcclKvTransportTest, PeerAbortFailsOpenTransfersAndTheNextRequestBuildsANewPair) {
   NcclPair p;
+  p.options.batch_bytes = 1;  // Every chunk goes at once, so the transfer is open when the peer dies.
+  NcclKvSenders senders(&p.prefill_nccl, p.options);
   absl::StatusOr<std::string> uid = p.receiver.UniqueIdFor("prefill-0:1");
   absl::StatusOr<std::string> id = p.reservations.Reserve("req-1", 100, Far());
   {
-    absl::StatusOr<std::unique_ptr<KvSender>> s = p.senders.Start("decode-0:1", *uid, *id, 1024);
+    absl::StatusOr<std::unique_ptr<KvSender>> s = senders.Start("decode-0:1", *uid, *id, 1024);
     ASSERT_TRUE(s.ok());
     ASSERT_TRUE((*s)->Send(Chunk(0, 10)).ok());
     while (p.reservations.stats().bytes_received < 10) absl::SleepFor(absl::Milliseconds(1));
@@ -356,7 +424,7 @@ TEST(NcclKvTransportTest, PeerAbortFailsOpenTransfersAndTheNextRequestBuildsANew
   ASSERT_TRUE(uid2.ok());
   EXPECT_NE(*uid2, *uid);
   absl::StatusOr<std::string> id2 = p.reservations.Reserve("req-2", 100, Far());
-  absl::StatusOr<std::unique_ptr<KvSender>> s2 = p.senders.Start("decode-0:1", *uid2, *id2, 1024);
+  absl::StatusOr<std::unique_ptr<KvSender>> s2 = senders.Start("decode-0:1", *uid2, *id2, 1024);
   ASSERT_TRUE(s2.ok()) << s2.status();
   ASSERT_TRUE((*s2)->Send(Chunk(0, 300, true)).ok());
   ASSERT_TRUE((*s2)->Finish().ok());
