@@ -136,6 +136,12 @@ std::vector<int32_t> RandomPrompt(uint32_t seed, int n) {
   return t;
 }
 
+// The KV transport under test: "grpc", or "nccl" when V4SERVE_E2E_KV_TRANSPORT=nccl.
+std::string KvTransport() {
+  const char* t = std::getenv("V4SERVE_E2E_KV_TRANSPORT");
+  return t != nullptr && std::string(t) == "nccl" ? "nccl" : "grpc";
+}
+
 class DisaggE2eTest : public ::testing::Test {
  protected:
   void SetUp() override {
@@ -147,7 +153,7 @@ class DisaggE2eTest : public ::testing::Test {
     // V4SERVE_E2E_KV_TRANSPORT=nccl runs the same checks with the KV going GPU 0 -> GPU 1 over NCCL (a
     // CUDA build on a 2-GPU machine; the model still runs on the CPU; docs/KV_TRANSFER.md); unset, the KV
     // goes over gRPC.
-    if (const char* t = std::getenv("V4SERVE_E2E_KV_TRANSPORT"); t != nullptr && std::string(t) == "nccl") {
+    if (KvTransport() == "nccl") {
       p.insert(p.end(), {"--kv_transport=nccl", "--gpu=0", "--device=cpu"});
       d.insert(d.end(), {"--kv_transport=nccl", "--gpu=1", "--device=cpu"});
     }
@@ -194,7 +200,9 @@ TEST_F(DisaggE2eTest, SameGreedyTokensAsTheFaithfulReferenceAndTheColocatedPath)
   ASSERT_TRUE(local.status.ok()) << local.status.error_message();
   EXPECT_EQ(local.tokens, want);
   const std::string dm = Metrics(*decode_);
-  EXPECT_EQ(Metric(dm, "v4serve_decode_kv_transfers_total", {"result=\"ok\"", "transport=\"grpc\""}), 1);
+  EXPECT_EQ(Metric(dm, "v4serve_decode_kv_transfers_total",
+                   {"result=\"ok\"", absl::StrCat("transport=\"", KvTransport(), "\"")}),
+            1);
   EXPECT_EQ(Metric(dm, "v4serve_decode_kv_fallbacks_total"), 0);
   EXPECT_GT(Metric(dm, "v4serve_decode_kv_bytes_received_total"), 0);
   EXPECT_EQ(Metric(Metrics(*prefill_), "v4serve_prefill_tokens_total"), 150);
