@@ -110,11 +110,12 @@ class Curriculum:
     def __init__(self, stage=0):
         self.stage = stage
         self.acc = 0.0
+        self.gates = self.GATES
 
     def update(self, acc, progress):
         self.acc = 0.7 * self.acc + 0.3 * acc  # updated every 10 steps
         if self.stage < 2:
-            gate, latest = self.GATES[self.stage]
+            gate, latest = self.gates[self.stage]
             if self.acc >= gate or progress >= latest:
                 self.stage += 1
                 self.acc = 0.0
@@ -220,6 +221,9 @@ def main():
                     help="schedule progress from which weights are fake-quantized as exported (1 = never)")
     ap.add_argument("--init", help="OUTDIR of an earlier run to start from (optimizer state starts fresh)")
     ap.add_argument("--stage", type=int, default=0, help="curriculum stage to start in (0, 1, 2)")
+    ap.add_argument("--stage-deadlines", default="0.4,0.6",
+                    help="schedule progress by which stages 0 and 1 end even if their accuracy gate did not pass "
+                         "(1,1 = only the gates move the curriculum on)")
     ap.add_argument("--tiny", action="store_true", help="CPU smoke test: small width, short contexts")
     ap.add_argument("--eval-per-cell", type=int, default=50)
     args = ap.parse_args()
@@ -231,6 +235,8 @@ def main():
     enc = Encoder(TOKENIZER)
     cfg = model_config(enc.tok.get_vocab_size())
     cur = Curriculum(args.stage)
+    d0, d1 = (float(x) for x in args.stage_deadlines.split(","))
+    cur.gates = ((Curriculum.GATES[0][0], d0), (Curriculum.GATES[1][0], d1))
     if args.tiny:
         cfg.update(hidden_size=128, q_lora_rank=64, o_lora_rank=32, n_routed_experts=4, sliding_window=32,
                    index_topk=16, compress_ratios=[0, 4, 32, 4, 0])
