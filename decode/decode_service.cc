@@ -161,7 +161,17 @@ grpc::ServerWriteReactor<v1::GenerateResponse>* DecodeService::Decode(grpc::Call
   std::string engine_id = absl::StrCat(public_id, "#", next_id_.fetch_add(1));
   r->request_id = engine_id;
   engine::EngineLoop* loop = loop_;
-  if (request->prefill_worker().empty() || r->sampling.n != 1) {
+  bool busy = false;
+  if (!request->prefill_worker().empty() && r->sampling.n == 1) {
+    absl::MutexLock l(&mu_);
+    busy = static_cast<int64_t>(jobs_.size()) >= options_.max_remote_prefills;
+  }
+  if (busy) {
+    fallbacks_->Add({{"reason", "busy"}}).Increment();
+    V4LOG(WARNING).With("request_id", public_id).With("max_remote_prefills", options_.max_remote_prefills)
+        << "too many remote prefills in flight; computing the prefill here";
+  }
+  if (request->prefill_worker().empty() || r->sampling.n != 1 || busy) {
     // Colocated: this worker prefills (n > 1 forks the prompt state inside the engine).
     auto* stream =
         new GenerateStream(public_id, r->sampling.n, [loop, engine_id] { loop->Cancel(engine_id); });

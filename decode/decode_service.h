@@ -48,8 +48,11 @@ struct DecodeServiceOptions {
   absl::Duration reservation_timeout = absl::Seconds(90);  // A reservation whose KV never completes is freed.
   int64_t reservation_capacity_tokens = 0;                 // Prompt tokens reserved at once (0 = no cap).
   uint32_t max_chunk_bytes = 4u << 20;                     // KvTarget.max_chunk_bytes (NCCL pieces).
-  services::TlsOptions peer_tls;                           // To reach prefill workers.
-  kvstore::NcclApi* nccl = nullptr;                        // Required for KV_TRANSPORT_NCCL.
+  // Remote prefills in flight at once (each holds a thread while it waits for the prefill worker and the
+  // KV); past it a request prefills here, counted as a fallback with reason "busy".
+  int max_remote_prefills = 256;
+  services::TlsOptions peer_tls;     // To reach prefill workers.
+  kvstore::NcclApi* nccl = nullptr;  // Required for KV_TRANSPORT_NCCL.
   kvstore::NcclKvOptions nccl_options;
   kvstore::KvEventHub* kv_events = nullptr;  // The engine's prefix-cache events, for Worker.KvEvents.
 };

@@ -38,6 +38,9 @@ absl::Status DecodeWorkerOptions::Validate() const {
   if (prefill_timeout_ms <= 0) return absl::InvalidArgumentError("--prefill_timeout_ms must be positive");
   if (kv_reservation_timeout_ms <= 0)
     return absl::InvalidArgumentError("--kv_reservation_timeout_ms must be positive");
+  if (max_remote_prefills < 0 || max_remote_prefills > 100000) {
+    return absl::InvalidArgumentError("--max_remote_prefills must be in [0, 100000]");
+  }
   if (kv_max_chunk_bytes <= 0 || kv_max_chunk_bytes > (int64_t{1} << 31)) {
     return absl::InvalidArgumentError("--kv_max_chunk_bytes must be in (0, 2^31]");
   }
@@ -71,6 +74,9 @@ void AddDecodeWorkerFlags(services::FlagSet& flags, DecodeWorkerOptions* o) {
   flags.Add("kv_reservation_timeout_ms", &o->kv_reservation_timeout_ms,
             "Reserved KV room whose transfer never completes is freed after this.");
   flags.Add("kv_max_chunk_bytes", &o->kv_max_chunk_bytes, "Largest NCCL send (KvTarget.max_chunk_bytes).");
+  flags.Add("max_remote_prefills", &o->max_remote_prefills,
+            "Remote prefills in flight at once; past it a request prefills on this worker (fallback reason "
+            "\"busy\"). 0 = always prefill here.");
   flags.Add(
       "advertise_host", &o->advertise_host,
       "Host prefill workers reach this worker at for KV pushes; empty = the address the call came from.");
@@ -159,6 +165,7 @@ absl::Status RunDecodeWorker(const DecodeWorkerOptions& options, services::Shutd
   dso.reservation_timeout = absl::Milliseconds(options.kv_reservation_timeout_ms);
   dso.reservation_capacity_tokens = options.kv_blocks * kvstore::kDefaultBlockTokens;
   dso.max_chunk_bytes = static_cast<uint32_t>(options.kv_max_chunk_bytes);
+  dso.max_remote_prefills = static_cast<int>(options.max_remote_prefills);
   dso.peer_tls = process.grpc.tls;
   dso.kv_events = options.prefix_cache ? &kv_events : nullptr;
   std::unique_ptr<kvstore::NcclApi> nccl;

@@ -33,6 +33,7 @@ struct DecodeWorkerOptions {
   int64_t prefill_timeout_ms = 60000;         // Remote prefill + KV arrival; then decode prefills itself.
   int64_t kv_reservation_timeout_ms = 90000;  // A reservation whose KV never completes is freed.
   int64_t kv_max_chunk_bytes = 4 << 20;       // NCCL piece size (KvTarget.max_chunk_bytes).
+  int64_t max_remote_prefills = 256;          // Remote prefills in flight; past it, prefill here.
   std::string advertise_host;                 // Host prefill workers push KV to; empty = the caller's view.
   int64_t gpu = 0;                            // GPU of the NCCL transport.
   // Tiered KV store (docs/KV_STORE.md): the node's shared `v4serve kvstore` (host:port), or an

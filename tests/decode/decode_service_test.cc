@@ -134,6 +134,7 @@ class DecodeServiceTest : public ::testing::Test {
     o.prefill_timeout = prefill_timeout;
     o.reservation_timeout = reservation_timeout;
     o.max_chunk_bytes = 1000;  // NCCL pieces smaller than a layer's block.
+    o.max_remote_prefills = max_remote_prefills_;
     if (transport == v1::KV_TRANSPORT_NCCL) {
       o.nccl = &decode_nccl_;
       o.nccl_options.init_timeout = absl::Seconds(5);
@@ -197,6 +198,7 @@ class DecodeServiceTest : public ::testing::Test {
   std::unique_ptr<prefill::PrefillService> prefill_;
   std::unique_ptr<services::GrpcServer> decode_server_, prefill_server_;
   std::string prefill_address_;
+  int max_remote_prefills_ = 256;
 };
 
 class TransportTest : public DecodeServiceTest, public ::testing::WithParamInterface<v1::KvTransport> {};
@@ -253,6 +255,27 @@ TEST_F(DecodeServiceTest, SlowPrefillWorkerTimesOutAndFallsBack) {
   ASSERT_TRUE(out.status.ok()) << out.status.error_message();
   EXPECT_EQ(out.tokens, ReferenceGreedy(prompt, 6));
   EXPECT_LT(out.took, absl::Seconds(2));
+  EXPECT_EQ(Sum(decode_metrics_, "v4serve_decode_kv_fallbacks_total", "reason=\"timeout\""), 1);
+}
+
+// Remote prefills hold a thread each while they wait: past the limit a request prefills here at once.
+TEST_F(DecodeServiceTest, RemotePrefillsPastTheLimitPrefillLocally) {
+  CancelWatchingPrefill watcher;
+  max_remote_prefills_ = 1;
+  Start(v1::KV_TRANSPORT_GRPC, &watcher, /*prefill_timeout=*/absl::Seconds(3));
+  std::mt19937 rng(9);
+  const std::vector<int32_t> first = RandomTokens(&rng, 40), second = RandomTokens(&rng, 60);
+  Output out1;
+  std::thread t([&] { out1 = Decode(first, 4, prefill_address_); });
+  watcher.started.WaitForNotification();  // The first request holds the only remote slot.
+  Output out2 = Decode(second, 4, prefill_address_);
+  ASSERT_TRUE(out2.status.ok()) << out2.status.error_message();
+  EXPECT_EQ(out2.tokens, ReferenceGreedy(second, 4));
+  EXPECT_LT(out2.took, absl::Seconds(2));  // Not queued behind the stuck prefill.
+  EXPECT_EQ(Sum(decode_metrics_, "v4serve_decode_kv_fallbacks_total", "reason=\"busy\""), 1);
+  t.join();  // The first times out on the stuck prefill worker and falls back too.
+  ASSERT_TRUE(out1.status.ok()) << out1.status.error_message();
+  EXPECT_EQ(out1.tokens, ReferenceGreedy(first, 4));
   EXPECT_EQ(Sum(decode_metrics_, "v4serve_decode_kv_fallbacks_total", "reason=\"timeout\""), 1);
 }
 
