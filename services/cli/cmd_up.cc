@@ -34,6 +34,9 @@ struct UpOptions {
   std::string ready_file;
   absl::Duration start_timeout = absl::Seconds(120);
   absl::Duration drain_timeout = absl::Seconds(30);
+  bool colocated = false;                  // No prefill worker: the decode worker prefills.
+  std::vector<std::string> decode_flags;   // Extra flags for the decode worker.
+  std::vector<std::string> kvstore_flags;  // Extra flags for the kvstore.
   services::LogOptions log;
 };
 
@@ -121,6 +124,7 @@ absl::Status RunUp(const Context& ctx, const UpOptions& o) {
       std::vector<std::string> kv = {ctx.self_exe, "kvstore", "--grpc_port=0",
                                      "--db_path=" + data_dir + "/kvstore"};
       for (auto& f : CommonFlags(o)) kv.push_back(f);
+      kv.insert(kv.end(), o.kvstore_flags.begin(), o.kvstore_flags.end());
       ASSIGN_OR_RETURN(Role kvstore, StartRole("kvstore", kv, run_dir, o.start_timeout, ctx.shutdown));
       // The workers share prefix KV through it (docs/KV_STORE.md).
       const std::string kvstore_addr = absl::StrCat(o.host, ":", kvstore.ready["grpc_port"].get<int>());
@@ -129,12 +133,14 @@ absl::Status RunUp(const Context& ctx, const UpOptions& o) {
       // which computes the prompt and pushes its KV to the decode worker over gRPC. The decode worker's
       // engine (its local prefills: fallback and Inference.Generate) reuses prefixes through the kvstore.
       for (std::string role : {"prefill", "decode"}) {
+        if (role == "prefill" && o.colocated) continue;
         std::vector<std::string> argv = {ctx.self_exe,       role,
                                          "--grpc_port=0",    "--model=" + o.model_dir,
                                          "--metrics_port=0", "--metrics_host=" + o.host};
         if (role == "decode") {
           argv.push_back("--advertise_host=" + o.host);
           argv.push_back("--kvstore=" + kvstore_addr);
+          argv.insert(argv.end(), o.decode_flags.begin(), o.decode_flags.end());
         }
         for (auto& f : CommonFlags(o)) argv.push_back(f);
         ASSIGN_OR_RETURN(Role r, StartRole(role, argv, run_dir, o.start_timeout, ctx.shutdown));
@@ -204,6 +210,11 @@ int RunUpCommand(const Context& ctx, const std::vector<std::string>& args) {
             "Write {\"http_port\",\"grpc_port\",...} here once everything serves.");
   flags.Add("start_timeout", &o.start_timeout, "How long each role may take to start.");
   flags.Add("drain_timeout", &o.drain_timeout, "On SIGTERM, how long in-flight requests may take.");
+  flags.Add("colocated", &o.colocated, "Start no prefill worker: the decode worker prefills every prompt.");
+  flags.Add("decode_flags", &o.decode_flags,
+            "Extra flags for the decode worker, comma-separated (e.g. --swa_policy=zero,--kv_blocks=64).");
+  flags.Add("kvstore_flags", &o.kvstore_flags,
+            "Extra flags for the kvstore, comma-separated (e.g. --host_mb=1).");
   services::AddLogFlags(flags, &o.log);
   if (std::optional<int> code = ParseFlags(flags, args)) return *code;
   if (!SetUpLogging(o.log, "up")) return 2;

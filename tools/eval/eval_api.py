@@ -131,6 +131,12 @@ def main():
     ap.add_argument("--label", default="up", help="name of the serving path, for the table")
     ap.add_argument("--json", help="write the results here")
     ap.add_argument("--require", action="append", default=[], help="task=min_accuracy (0..1); repeatable")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="send the items this many times, one pass after another, and score the last pass "
+                         "(its prompts' prefixes are cached by then: the reuse paths)")
+    ap.add_argument("--reference", help="a reference table (tools/train/eval_torch.py --json) on the same items: "
+                                        "fail where a cell's accuracy differs from it by more than --max-diff")
+    ap.add_argument("--max-diff", type=float, default=0.01, help="with --reference: largest accuracy difference")
     args = ap.parse_args()
     if not args.base_url and not args.serve:
         ap.error("give --base-url or --serve")
@@ -146,7 +152,8 @@ def main():
             with urllib.request.urlopen(base + "/v1/models", timeout=30) as r:
                 model = json.load(r)["data"][0]["id"]
         t0 = time.time()
-        results = evaluate(base, model, items, args.concurrency, args.timeout)
+        for _ in range(max(args.repeat, 1)):
+            results = evaluate(base, model, items, args.concurrency, args.timeout)
         print(table(results, f"{args.label}: {base}, model {model}, {len(items)} items, "
                              f"{time.time() - t0:.0f} s"))
     finally:
@@ -166,10 +173,18 @@ def main():
         accs = [v["accuracy"] for k, v in summary.items() if k == task or k.startswith(task + "@")]
         if not accs or min(accs) < float(mn):
             failed.append(f"{task}: {accs} < {mn}")
+    if args.reference:
+        with open(args.reference) as f:
+            ref = json.load(f)
+        for k, v in sorted(ref.items()):
+            if k not in summary:
+                failed.append(f"{k}: not evaluated")
+            elif abs(summary[k]["accuracy"] - v["accuracy"]) > args.max_diff:
+                failed.append(f"{k}: {summary[k]['accuracy']:.3f} vs reference {v['accuracy']:.3f}")
     if failed:
         print("REQUIREMENTS NOT MET: " + "; ".join(failed))
         sys.exit(1)
-    print("requirements met" if args.require else "")
+    print("requirements met" if args.require or args.reference else "")
 
 
 if __name__ == "__main__":

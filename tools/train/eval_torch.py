@@ -86,6 +86,7 @@ def main():
     ap.add_argument("--n-recall", type=int, default=20)
     ap.add_argument("--lengths", default="1024,2048,4096,8192")
     ap.add_argument("--tasks", default="recall,arith,tool_call,tool_answer,title")
+    ap.add_argument("--json", help="write the table here (tools/eval/eval_api.py --reference reads it)")
     args = ap.parse_args()
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     with open(os.path.join(args.checkpoint, "config.json")) as f:
@@ -105,7 +106,12 @@ def main():
         key = f"{it['task']}@{it['length']}" if it["task"] == "recall" else it["task"]
         cells[key][0] += tasks.score(it, "" if calls else text, calls)
         cells[key][1] += 1
-    print(table({k: {"total": v[1], "accuracy": v[0] / v[1]} for k, v in sorted(cells.items())}))
+    res = {k: {"correct": v[0], "total": v[1], "accuracy": v[0] / v[1]} for k, v in sorted(cells.items())}
+    print(table(res))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(res, f, indent=1)
+            f.write("\n")
 
 
 if __name__ == "__main__":
