@@ -40,14 +40,25 @@ def prompt_text(item):
     return tasks.render_messages(item["messages"], item.get("tools"))
 
 
-def evaluate(model, tok, dev, n_per_cell, lengths=(1024, 2048, 4096, 8192), only=None):
+def evaluate(model, tok, dev, n_per_cell, lengths=(1024, 2048, 4096, 8192), only=None, deadline=None):
+    """Greedy held-out accuracy per cell. Past `deadline` (time.time() seconds) the remaining items are
+    skipped, so a run under a wall-clock limit still writes what it measured (cells count only the items
+    evaluated)."""
+    import time
     model.eval()
     items = tasks.eval_items(EVAL_SEED, n_per_cell, lengths)
     cells = collections.defaultdict(lambda: [0, 0])
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if dev == "cuda" else torch.autocast("cpu", enabled=False)
+    # Round-robin over the cells, so a deadline cuts every cell short rather than dropping whole cells.
+    by_cell = collections.defaultdict(list)
     for it in items:
+        by_cell[(it["task"], it["length"])].append(it)
+    order = [c[i] for i in range(max(len(c) for c in by_cell.values())) for c in by_cell.values() if i < len(c)]
+    for it in order:
         if only and it["task"] not in only:
             continue
+        if deadline is not None and time.time() > deadline:
+            break
         ids = tok.encode(prompt_text(it), add_special_tokens=False).ids
         with amp:
             out = greedy(model, ids, MAX_NEW[it["task"]], 1, dev, model.cfg["sliding_window"])

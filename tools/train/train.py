@@ -226,6 +226,9 @@ def main():
                          "(1,1 = only the gates move the curriculum on)")
     ap.add_argument("--tiny", action="store_true", help="CPU smoke test: small width, short contexts")
     ap.add_argument("--eval-per-cell", type=int, default=50)
+    ap.add_argument("--eval-budget", type=float, default=0,
+                    help="seconds for the held-out evaluation after training (0 = no limit); items left when it "
+                         "runs out are skipped and the table counts the ones evaluated")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     torch.manual_seed(args.seed)
@@ -327,7 +330,8 @@ def main():
     if args.eval_per_cell:
         import eval_torch
         res = eval_torch.evaluate(model, enc.tok, dev, args.eval_per_cell,
-                                  lengths=(256,) if args.tiny else (1024, 2048, 4096, 8192))
+                                  lengths=(256,) if args.tiny else (1024, 2048, 4096, 8192),
+                                  deadline=time.time() + args.eval_budget if args.eval_budget else None)
         with open(os.path.join(args.out, "eval_torch.json"), "w") as f:
             json.dump(res, f, indent=1)
         print(eval_torch.table(res), flush=True)

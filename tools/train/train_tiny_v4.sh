@@ -18,6 +18,7 @@ py="${PYTHON:-python3}"
 # Stage 2: continue from the stage-1 checkpoint with a fresh optimizer and schedule, fewer short rows,
 # and the last 15% quantization-aware (the forward then uses exactly the exported FP8/MXFP4/BF16 values).
 "$py" tools/train/train.py --out "$work/stage2" --init "$work/stage1/ckpt" --seed $((seed + 3)) --lr 1.5e-3 \
-  --warmup 20 --short-rows 64 --time-budget 470 --steps 1000000 --qat-from 0.85 --eval-per-cell 20
+  --warmup 20 --short-rows 64 --time-budget 470 --steps 1000000 --qat-from 0.85 --eval-per-cell 20 \
+  --eval-budget 60
 "$py" tools/train/export.py --weights "$work/stage2" --out "$out"
 echo "trained into $out (runs in $work)"
