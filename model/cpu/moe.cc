@@ -20,10 +20,12 @@ float Score(const Numerics& num, const std::string& func, float logit) {
   return std::sqrt(sp);
 }
 
+}  // namespace
+
 // SwiGLU expert on `n` rows: out = w2(silu(min(w1 x, L)) * clamp(w3 x, -L, L)).
 // The routing weight (one per row, or null) multiplies before w2, as in DeepSeek's code.
-void Expert(const ModelConfig& c, const Numerics& num, const ExpertWeights& e, const float* x, int64_t n,
-            const float* row_weight, std::vector<float>* out) {
+void ExpertForward(const ModelConfig& c, const Numerics& num, const ExpertWeights& e, const float* x,
+                   int64_t n, const float* row_weight, std::vector<float>* out) {
   const int64_t d = c.hidden_size, inter = c.moe_intermediate_size;
   const float lim = static_cast<float>(c.swiglu_limit);
   std::vector<float> g, u;
@@ -41,25 +43,24 @@ void Expert(const ModelConfig& c, const Numerics& num, const ExpertWeights& e, c
   num.Linear(g.data(), n, inter, e.w2, d, out);
 }
 
-}  // namespace
-
-void MoeForward(const ModelConfig& c, const Numerics& num, const BlockWeights& w, bool hash, const float* x,
-                const int32_t* tokens, int64_t rows, std::vector<float>* out) {
+MoeRouting RouteMoe(const ModelConfig& c, const Numerics& num, const BlockWeights& w, bool hash,
+                    const float* x, const int32_t* tokens, int64_t rows) {
   const int64_t d = c.hidden_size, ne = c.n_routed_experts, k = c.num_experts_per_tok;
   std::vector<float> logits;
   num.Matmul(x, rows, d, w.gate.data(), ne, &logits);
-  // Per expert: the rows routed to it and their weights.
-  std::vector<std::vector<int64_t>> rows_of(static_cast<size_t>(ne));
-  std::vector<std::vector<float>> weight_of(static_cast<size_t>(ne));
+  MoeRouting r;
+  r.k = k;
+  r.expert.reserve(rows * k);
+  r.weight.reserve(rows * k);
   std::vector<float> scores(static_cast<size_t>(ne)), biased(static_cast<size_t>(ne));
-  for (int64_t r = 0; r < rows; ++r) {
+  for (int64_t row = 0; row < rows; ++row) {
     for (int64_t e = 0; e < ne; ++e) {
-      scores[e] = Score(num, c.scoring_func, logits[r * ne + e]);
+      scores[e] = Score(num, c.scoring_func, logits[row * ne + e]);
       biased[e] = scores[e] + (w.gate_bias.empty() ? 0.0f : w.gate_bias[e]);
     }
     std::vector<int64_t> sel;
     if (hash) {
-      for (int64_t j = 0; j < k; ++j) sel.push_back(w.tid2eid[static_cast<size_t>(tokens[r]) * k + j]);
+      for (int64_t j = 0; j < k; ++j) sel.push_back(w.tid2eid[static_cast<size_t>(tokens[row]) * k + j]);
     } else {
       sel = TopKIndices(biased, k);
     }
@@ -72,11 +73,28 @@ void MoeForward(const ModelConfig& c, const Numerics& num, const BlockWeights& w
       for (int64_t e : sel) sum += scores[e];
     }
     for (int64_t e : sel) {
-      rows_of[e].push_back(r);
-      weight_of[e].push_back(scores[e] / sum * static_cast<float>(c.routed_scaling_factor));
+      r.expert.push_back(static_cast<int32_t>(e));
+      r.weight.push_back(scores[e] / sum * static_cast<float>(c.routed_scaling_factor));
     }
   }
-  Expert(c, num, w.shared, x, rows, nullptr, out);
+  return r;
+}
+
+void MoeForward(const ModelConfig& c, const Numerics& num, const BlockWeights& w, bool hash, const float* x,
+                const int32_t* tokens, int64_t rows, std::vector<float>* out) {
+  const int64_t d = c.hidden_size, ne = c.n_routed_experts;
+  const MoeRouting routing = RouteMoe(c, num, w, hash, x, tokens, rows);
+  // Per expert: the rows routed to it and their weights.
+  std::vector<std::vector<int64_t>> rows_of(static_cast<size_t>(ne));
+  std::vector<std::vector<float>> weight_of(static_cast<size_t>(ne));
+  for (int64_t row = 0; row < rows; ++row) {
+    for (int64_t j = 0; j < routing.k; ++j) {
+      const int32_t e = routing.expert[row * routing.k + j];
+      rows_of[e].push_back(row);
+      weight_of[e].push_back(routing.weight[row * routing.k + j]);
+    }
+  }
+  ExpertForward(c, num, w.shared, x, rows, nullptr, out);
   // The faithful mode sums the shared and routed outputs in FP64 and rounds once (order-independent).
   std::vector<double> acc;
   if (num.faithful) acc.assign(out->begin(), out->end());
@@ -86,7 +104,7 @@ void MoeForward(const ModelConfig& c, const Numerics& num, const BlockWeights& w
     if (rs.empty()) continue;
     xin.resize(rs.size() * d);
     for (size_t i = 0; i < rs.size(); ++i) std::copy(x + rs[i] * d, x + (rs[i] + 1) * d, &xin[i * d]);
-    Expert(c, num, w.experts[e], xin.data(), static_cast<int64_t>(rs.size()), weight_of[e].data(), &y);
+    ExpertForward(c, num, w.experts[e], xin.data(), static_cast<int64_t>(rs.size()), weight_of[e].data(), &y);
     for (size_t i = 0; i < rs.size(); ++i) {
       for (int64_t j = 0; j < d; ++j) {
         if (num.faithful) {
