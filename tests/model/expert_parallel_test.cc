@@ -8,8 +8,8 @@
 
 #include <cstdlib>
 #include <cstring>
-#include <string>
 #include <random>
+#include <string>
 #include <thread>
 #include <vector>
 
@@ -21,7 +21,8 @@ namespace {
 
 ModelConfig Config() {
   const char* src = std::getenv("V4SERVE_SOURCE_DIR");
-  absl::StatusOr<ModelConfig> c = LoadModelConfig(std::string(src ? src : ".") + "/tests/model/testdata/tiny_v4");
+  absl::StatusOr<ModelConfig> c =
+      LoadModelConfig(std::string(src ? src : ".") + "/tests/model/testdata/tiny_v4");
   EXPECT_TRUE(c.ok()) << c.status();
   return *c;
 }
