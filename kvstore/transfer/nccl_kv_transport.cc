@@ -72,7 +72,10 @@ absl::StatusOr<NcclKvHeader> DecodeNcclKvHeader(const std::string& in) {
   if (n == 0 || n > kNcclKvMaxReservationId) return absl::DataLossError("NCCL KV header: bad reservation id");
   if (h.payload_bytes > 0 && h.piece_bytes == 0)
     return absl::DataLossError("NCCL KV header: zero piece size");
-  if (h.num_chunks > 0 && h.payload_bytes / kRecordBytes < h.num_chunks)
+  // Every data message is a batch of at least one chunk record; only an abort carries none.
+  if (!h.abort && h.num_chunks == 0)
+    return absl::DataLossError("NCCL KV header: a data message without chunks");
+  if (h.payload_bytes / kRecordBytes < h.num_chunks)
     return absl::DataLossError("NCCL KV header: more chunks than the payload can hold");
   h.reservation_id.assign(in.data() + off, n);
   return h;
@@ -238,29 +241,15 @@ absl::Status NcclKvReceiver::ReceiveOne(NcclComm* comm, absl::flat_hash_set<std:
       return s;
     }
   }
-  std::vector<KvTransferChunk> chunks;
-  if (h->num_chunks == 0) {
-    KvTransferChunk chunk;
-    chunk.first_layer = h->first_layer;
-    chunk.num_layers = h->num_layers;
-    chunk.first_token = h->first_token;
-    chunk.num_tokens = h->num_tokens;
-    chunk.window_state = h->window_state;
-    chunk.last = h->last;
-    chunk.payload = std::move(payload);
-    chunks.push_back(std::move(chunk));
-  } else {
-    absl::StatusOr<std::vector<KvTransferChunk>> decoded = DecodeNcclKvRecords(payload, h->num_chunks);
-    if (!decoded.ok()) {
-      // The message arrived whole but its content is wrong: fail this transfer, keep the pair.
-      reservations_->Fail(h->reservation_id, decoded.status());
-      open->erase(h->reservation_id);
-      return absl::OkStatus();
-    }
-    chunks = *std::move(decoded);
+  absl::StatusOr<std::vector<KvTransferChunk>> chunks = DecodeNcclKvRecords(payload, h->num_chunks);
+  if (!chunks.ok()) {
+    // The message arrived whole but its content is wrong: fail this transfer, keep the pair.
+    reservations_->Fail(h->reservation_id, chunks.status());
+    open->erase(h->reservation_id);
+    return absl::OkStatus();
   }
   const std::string id = h->reservation_id;
-  for (KvTransferChunk& chunk : chunks) {
+  for (KvTransferChunk& chunk : *chunks) {
     const bool last = chunk.last;
     if (absl::Status s = reservations_->Deliver(id, std::move(chunk)); !s.ok()) {
       // The reservation expired or was released: drop its chunks, keep the pair.

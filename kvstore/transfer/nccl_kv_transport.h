@@ -3,8 +3,9 @@
 // prefill worker inside KvTarget.nccl_unique_id (the Prefill RPC is the gRPC exchange); both join as
 // rank 0 (prefill, sender) and rank 1 (decode, receiver). The pair's communicator then carries every
 // transfer between the two workers as messages:
-//   a fixed 256-byte header (magic, version, flags last/window_state/abort, layer and token range,
-//   payload bytes, piece bytes, number of chunks, reservation id), then the payload in pieces of at most
+//   a fixed 256-byte header (magic, version, flags last/abort, payload bytes, piece bytes, number of
+//   chunks, reservation id; its layer/token fields are v1's and left zero by batches), then the payload in
+//   pieces of at most
 //   `piece bytes` (KvTarget.max_chunk_bytes), so a large payload never needs one large staging buffer.
 // A sender batches chunks: the chunks of a transfer are gathered until they reach
 // NcclKvOptions.batch_bytes (or the last chunk comes), then go as one message whose payload is the
@@ -50,7 +51,7 @@ struct NcclKvHeader {
   uint32_t first_layer = 0, num_layers = 0, first_token = 0, num_tokens = 0;
   uint64_t payload_bytes = 0;
   uint32_t piece_bytes = 0;
-  uint32_t num_chunks = 0;  // > 0: the payload holds this many chunk records (a batch); 0: one chunk.
+  uint32_t num_chunks = 0;  // Chunk records in the payload (a batch); 0 only in an abort.
   std::string reservation_id;
 };
 std::string EncodeNcclKvHeader(const NcclKvHeader& h);
