@@ -21,8 +21,7 @@ import math
 import os
 import random
 import sys
-import threading
-import queue
+import multiprocessing as mp
 import time
 
 import torch
@@ -54,6 +53,18 @@ def model_config(vocab_size):
                                 "scale_fmt": "ue8m0", "weight_block_size": [128, 128]},
         "bos_token_id": 0, "eos_token_id": 1, "tie_word_embeddings": False, "hidden_act": "silu",
     }
+
+
+def _digit_ids():
+    """[first, last] id of the digit tokens 0-9 (contiguous in the tokenizer; checked)."""
+    from tokenizers import Tokenizer
+    tok = Tokenizer.from_file(TOKENIZER)
+    ids = [tok.token_to_id(str(d)) for d in range(10)]
+    assert ids == list(range(ids[0], ids[0] + 10)), "digit tokens are not contiguous"
+    return ids[0], ids[-1]
+
+
+DIGIT_IDS = _digit_ids()
 
 
 class Encoder:
@@ -104,7 +115,7 @@ class Curriculum:
     recall answers' token accuracy (moving average) passes its gate, or at the latest at the given fraction
     of the schedule. Later stages still draw short contexts (log-uniform lengths)."""
 
-    GATES = ((0.95, 0.40), (0.93, 0.60))  # (accuracy gate, latest progress) to leave stage 0, stage 1
+    GATES = ((0.92, 0.40), (0.90, 0.60))  # (digit accuracy gate, latest progress) to leave stage 0, stage 1
     MAX_LEN = (768, 2048, 8192)
 
     def __init__(self, stage=0):
@@ -137,9 +148,12 @@ def make_batches(rng, enc, n, tokens_per_batch, window, short_rows=64, short_tok
     short = []
     for _ in range(short_rows):
         r = rng.random()
+        # Tool conversations carry a ~250-token system prompt, so they get few turns (the tool format is
+        # learned early); arithmetic-only rows are short and many.
         short.append(tasks.conv_title(rng) if r < 0.2 else
-                     tasks.conv_arith(rng, rng.randint(6, 12)) if r < 0.55 else
-                     tasks.conv_short(rng, rng.randint(4, 10), with_tools=r < 0.8))
+                     tasks.conv_arith(rng, rng.randint(6, 12)) if r < 0.6 else
+                     tasks.conv_short(rng, rng.randint(2, 5), with_tools=True) if r < 0.8 else
+                     tasks.conv_short(rng, rng.randint(4, 10), with_tools=False))
     rows = sorted(enc.encode(short), key=lambda r: len(r[0]))
     micro, cur = [], []
     for r in rows:
@@ -152,20 +166,59 @@ def make_batches(rng, enc, n, tokens_per_batch, window, short_rows=64, short_tok
     return pad_batch(enc.encode(long_convs), window), micro
 
 
+def producer(q, stage, tokens_per_batch, seed, window, short_rows, short_tokens, max_len, recall_format):
+    """Worker process: puts one step's batches after another into q, at the curriculum's current stage."""
+    torch.set_num_threads(1)
+    tasks.RECALL_FORMAT = recall_format
+    Curriculum.MAX_LEN = max_len
+    enc = Encoder(TOKENIZER)
+    rng = random.Random(seed)
+    cur = Curriculum()
+    while True:
+        cur.stage = stage.value
+        q.put(make_batches(rng, enc, cur.sample_len(rng), tokens_per_batch.value, window, short_rows,
+                           short_tokens))
+
+
 def losses(model, ids, sup, want_kl):
+    """model: the TinyV4 or its torch.compile wrapper."""
     nxt = torch.cat([ids[:, 1:], torch.full_like(ids[:, :1], 2)], 1)
+    base = getattr(model, "_orig_mod", model)
     # The indexer's KL counts the positions that predict an answer token twice (sup shifted by one).
-    model.kl_focus = torch.cat([sup[:, 1:], torch.zeros_like(sup[:, :1])], 1) if want_kl else None
+    base.kl_focus = torch.cat([sup[:, 1:], torch.zeros_like(sup[:, :1])], 1) if want_kl else None
     logits, mtp, kls = model(ids, want_kl=want_kl, mtp_next_ids=nxt)
-    model.kl_focus = None
+    base.kl_focus = None
     tgt1 = ids[:, 1:]
     m1 = sup[:, 1:]
     ce = torch.nn.functional.cross_entropy(logits[:, :-1][m1].float(), tgt1[m1])
     m2 = sup[:, 2:]
     ce2 = torch.nn.functional.cross_entropy(mtp[:, :-2][m2].float(), ids[:, 2:][m2])
     kl = torch.stack(kls).mean() if kls else torch.zeros((), device=ids.device)
-    acc = (logits[:, :-1][m1].argmax(-1) == tgt1[m1]).float().mean()
+    # Accuracy over the answers' digits (the recall values, the arithmetic results): the tokens that can
+    # be wrong; keys, "=", EOS and tool-call syntax are nearly always right and would hide them.
+    digit = m1 & (tgt1 >= DIGIT_IDS[0]) & (tgt1 <= DIGIT_IDS[1])
+    acc = (logits[:, :-1][digit].argmax(-1) == tgt1[digit]).float().mean()
     return ce, ce2, kl, acc
+
+
+def backward_step(fwd, recall, micro, dev, amp):
+    """Forward and backward of one step's batches (gradients accumulate in the parameters); returns the
+    recall batch's (ce, mtp, indexer kl, accuracy) and the short conversations' (ce, mtp, accuracy)."""
+    lids, lsup = recall
+    with amp:
+        ce_l, mtp_l, kl_l, acc_l = losses(fwd, lids.to(dev, non_blocking=True), lsup.to(dev, non_blocking=True), True)
+    (ce_l + 0.3 * mtp_l + 0.1 * kl_l).backward()
+    # Short conversations in micro-batches, each weighted by its share of the supervised tokens.
+    n_sup = sum(int(s_[:, 1:].sum()) for _, s_ in micro)
+    ce_s = mtp_s = acc_s = 0.0
+    for sids, ssup in micro:
+        share = int(ssup[:, 1:].sum()) / max(n_sup, 1)
+        with amp:
+            c_, m_, _, a_ = losses(fwd, sids.to(dev, non_blocking=True), ssup.to(dev, non_blocking=True), False)
+        (share * (c_ + 0.3 * m_)).backward()
+        ce_s, mtp_s, acc_s = ce_s + share * c_.detach(), mtp_s + share * m_.detach(), acc_s + share * a_
+        del c_, m_
+    return ce_l, mtp_l, kl_l, acc_l, ce_s, mtp_s, acc_s
 
 
 def save_weights(model, out_dir, cfg):
@@ -187,6 +240,13 @@ def save_weights(model, out_dir, cfg):
         save_file(p, os.path.join(out_dir, f"weights-{i}.safetensors"))
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(cfg, f, indent=1)
+
+
+def save_state(out_dir, cur, step, progress):
+    """Where the run stands, for a run that continues it (--init reads the curriculum stage from here)."""
+    with open(os.path.join(out_dir, "state.json"), "w") as f:
+        json.dump({"stage": cur.stage, "recall_acc_avg": round(cur.acc, 4), "steps": step,
+                   "progress": round(progress, 4)}, f)
 
 
 def load_init(model, d):
@@ -220,10 +280,20 @@ def main():
     ap.add_argument("--qat-from", type=float, default=0.8,
                     help="schedule progress from which weights are fake-quantized as exported (1 = never)")
     ap.add_argument("--init", help="OUTDIR of an earlier run to start from (optimizer state starts fresh)")
-    ap.add_argument("--stage", type=int, default=0, help="curriculum stage to start in (0, 1, 2)")
+    ap.add_argument("--stage", type=int, default=None,
+                    help="curriculum stage to start in (0, 1, 2); default: where the --init run ended (its "
+                         "state.json), else 0")
     ap.add_argument("--stage-deadlines", default="0.4,0.6",
                     help="schedule progress by which stages 0 and 1 end even if their accuracy gate did not pass "
                          "(1,1 = only the gates move the curriculum on)")
+    ap.add_argument("--progress-range", default="0,1",
+                    help="the part of the whole schedule (learning rate, QAT start, stage deadlines) this run covers, "
+                         "for a schedule split over several runs that continue each other with --init")
+    ap.add_argument("--workers", type=int, default=2, help="batch-making processes")
+    ap.add_argument("--save-every", type=float, default=120, help="seconds between weight saves (0 = at the end)")
+    ap.add_argument("--recall-format", default="joined", choices=("joined", "sep", "bare"),
+                    help="recall records and answers (tasks.RECALL_FORMAT): joined is the task; the others replay "
+                         "the earlier runs the shipped checkpoint came from")
     ap.add_argument("--tiny", action="store_true", help="CPU smoke test: small width, short contexts")
     ap.add_argument("--eval-per-cell", type=int, default=50)
     ap.add_argument("--eval-budget", type=float, default=0,
@@ -237,6 +307,10 @@ def main():
     torch.backends.cudnn.allow_tf32 = True
     enc = Encoder(TOKENIZER)
     cfg = model_config(enc.tok.get_vocab_size())
+    tasks.RECALL_FORMAT = args.recall_format
+    if args.stage is None:
+        state_file = os.path.join(args.init or "", "state.json")
+        args.stage = json.load(open(state_file))["stage"] if args.init and os.path.exists(state_file) else 0
     cur = Curriculum(args.stage)
     d0, d1 = (float(x) for x in args.stage_deadlines.split(","))
     cur.gates = ((Curriculum.GATES[0][0], d0), (Curriculum.GATES[1][0], d1))
@@ -254,24 +328,30 @@ def main():
     opt = torch.optim.AdamW([{"params": others}, {"params": indexer}], lr=args.lr, betas=(0.9, 0.95),
                             weight_decay=0.01)
     log = open(os.path.join(args.out, "train_log.jsonl"), "w")
-    # Batches are made by a background thread (tokenization runs in Rust, mostly outside the GIL).
-    q = queue.Queue(maxsize=4)
-
-    def producer():
-        prng = random.Random(args.seed + 1)
-        while True:
-            q.put(make_batches(prng, enc, cur.sample_len(prng), args.tokens_per_batch, cfg["sliding_window"],
-                               args.short_rows, args.short_tokens))
-
-    threading.Thread(target=producer, daemon=True).start()
-    t0 = time.time()
+    # Batches are made by worker processes (generation and tokenization are Python and would hold the GIL
+    # against the training loop); the curriculum's stage reaches them through a shared value.
+    ctx = mp.get_context("spawn")
+    stage = ctx.Value("i", cur.stage)
+    tokens = ctx.Value("i", args.tokens_per_batch)
+    q = ctx.Queue(maxsize=8)
+    workers = [ctx.Process(target=producer, daemon=True, args=(
+        q, stage, tokens, args.seed * 1000 + 1 + i, cfg["sliding_window"], args.short_rows,
+        args.short_tokens, Curriculum.MAX_LEN, args.recall_format)) for i in range(args.workers)]
+    for w_ in workers:
+        w_.start()
+    # torch.compile is not used: with dynamic shapes its compilation of this model did not finish in 400 s
+    # on the H100 (tools/train/bench_step.py --modes compile; tools/train/runs/v3_bench_step_h100.txt).
+    fwd = model
+    p0, p1 = (float(x) for x in args.progress_range.split(","))
+    t0 = last_save = time.time()
     step = 0
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if dev == "cuda" else torch.autocast("cpu", enabled=False)
     while True:
         el = time.time() - t0
-        progress = max(step / args.steps, el / args.time_budget if args.time_budget else 0.0)
-        if progress >= 1.0:
+        local = max(step / args.steps, el / args.time_budget if args.time_budget else 0.0)
+        if local >= 1.0:
             break
+        progress = p0 + (p1 - p0) * local
         warm = min(1.0, (step + 1) / args.warmup)
         lr = args.lr * warm * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
         for g in opt.param_groups:
@@ -280,28 +360,20 @@ def main():
             model.qat = True
             print(f"step {step}: quantization-aware from here (weights as exported)", flush=True)
         (lids, lsup), micro = q.get()
+        if args.save_every and time.time() - last_save >= args.save_every:
+            save_weights(model, args.out, cfg)  # a run killed at a wall-clock limit keeps its progress
+            save_state(args.out, cur, step, progress)
+            last_save = time.time()
         model.train()
         opt.zero_grad(set_to_none=True)
         try:
-            with amp:
-                ce_l, mtp_l, kl_l, acc_l = losses(model, lids.to(dev), lsup.to(dev), True)
-            (ce_l + 0.3 * mtp_l + 0.1 * kl_l).backward()
-            # Short conversations in micro-batches, each weighted by its share of the supervised tokens.
-            n_sup = sum(int(s_[:, 1:].sum()) for _, s_ in micro)
-            ce_s = mtp_s = acc_s = 0.0
-            for sids, ssup in micro:
-                share = int(ssup[:, 1:].sum()) / max(n_sup, 1)
-                with amp:
-                    c_, m_, _, a_ = losses(model, sids.to(dev), ssup.to(dev), False)
-                (share * (c_ + 0.3 * m_)).backward()
-                ce_s, mtp_s, acc_s = ce_s + share * c_.detach(), mtp_s + share * m_.detach(), acc_s + share * a_
-                del c_, m_
+            ce_l, mtp_l, kl_l, acc_l, ce_s, mtp_s, acc_s = backward_step(fwd, (lids, lsup), micro, dev, amp)
         except torch.OutOfMemoryError:
-            args.tokens_per_batch //= 2
-            print(f"out of memory at {tuple(lids.shape)}: tokens per batch now {args.tokens_per_batch}", flush=True)
+            tokens.value //= 2
+            print(f"out of memory at {tuple(lids.shape)}: tokens per batch now {tokens.value}", flush=True)
             opt.zero_grad(set_to_none=True)
             torch.cuda.empty_cache()
-            if args.tokens_per_batch < 1024:
+            if tokens.value < 1024:
                 raise SystemExit("out of memory even with 1k recall tokens per step")
             continue
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -310,6 +382,7 @@ def main():
         if step % 10 == 0:
             a = acc_l.item()
             if cur.update(a, progress):
+                stage.value = cur.stage
                 print(f"step {step}: curriculum stage {cur.stage} (recall contexts up to "
                       f"{cur.MAX_LEN[cur.stage]} tokens)", flush=True)
         if step % 25 == 0:
@@ -322,11 +395,13 @@ def main():
             log.write(json.dumps(rec) + "\n")
             log.flush()
         step += 1
+    progress = p1 if local >= 1.0 else progress
     print(f"trained {step} steps in {time.time() - t0:.0f} s", flush=True)
     model.eval()
     # Export what was trained: with QAT on, the weights saved are the master weights and the exporter
     # quantizes them to exactly the values the forward used.
     save_weights(model, args.out, cfg)
+    save_state(args.out, cur, step, progress)
     if args.eval_per_cell:
         import eval_torch
         res = eval_torch.evaluate(model, enc.tok, dev, args.eval_per_cell,

@@ -323,16 +323,21 @@ class TinyV4(nn.Module):
                     sel = torch.zeros(B, N, M, dtype=torch.bool, device=x.device).scatter_(-1, top, True)
                     mask = sel & visible[None]
                 if want_kl:
-                    rows = visible.any(-1)  # queries with at least one visible entry
+                    # Queries with at least one visible entry; the others (the first `ratio` - 1) get an
+                    # all-zero row, so no softmax sees only -inf, and do not count. Masks, not boolean
+                    # indexing, keep the shapes static for torch.compile.
+                    rows = visible.any(-1)  # [N]
+                    vis = visible | ~rows[:, None]
                     with torch.no_grad():
-                        tgt = torch.softmax(lc.float().masked_fill(~visible[None, None], float("-inf")), -1)
-                        tgt = tgt.mean(1)[:, rows]  # [B, R, M], mean over heads
-                    logp = torch.log_softmax(isc[:, rows].float(), -1)
-                    kl_rows = (tgt * (torch.log(tgt.clamp_min(1e-12)) - logp.clamp_min(-1e4))).sum(-1)  # [B, R]
-                    kl = kl_rows.mean()
+                        tgt = torch.softmax(lc.float().masked_fill(~vis[None, None], float("-inf")), -1)
+                        tgt = tgt.mean(1)  # [B, N, M], mean over heads
+                    logp = torch.log_softmax(isc.float().masked_fill(~rows[None, :, None], 0.0), -1)
+                    kl_rows = (tgt * (torch.log(tgt.clamp_min(1e-12)) - logp.clamp_min(-1e4))).sum(-1)  # [B, N]
+                    kl_rows = kl_rows * rows.float()
+                    kl = kl_rows.sum() / (rows.float().sum() * B)
                     if self.kl_focus is not None:
                         # The answers are where selection matters: their rows count again on their own.
-                        focus = self.kl_focus[:, rows].float()
+                        focus = self.kl_focus.float() * rows.float()
                         kl = kl + (kl_rows * focus).sum() / focus.sum().clamp_min(1.0)
             lc = lc.masked_fill(~mask.unsqueeze(1), float("-inf"))
             parts.append(lc.view(B, H, nb, C, M))
