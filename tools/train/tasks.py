@@ -7,9 +7,15 @@ tools/eval the router's prompt_tokens equal the token counts of render_messages(
 supervised pieces are what the model must generate (answer + EOS).
 
 Tasks
-  recall      a haystack of filler words with key=value records; "What is the code of KEY?" -> VALUE.
-              Keys are distinctive words that are single tokens; values are 3 digits. With a sliding
-              window of 128 tokens, a record further back is reachable only through CSA/HCA entries.
+  recall      a haystack of filler words with code records KEYVALUE ("takux417": key takux, value 417);
+              "What is the code of KEY?" -> "KEY417", the record as the context wrote it. Keys are distinctive
+              words that are single tokens; values are 3 digits, a token each. With a sliding window of 128
+              tokens, a record further back is reachable only through CSA/HCA entries. The answer repeats the
+              key, so each digit follows in the answer exactly the token it follows in the record: one
+              previous-token match (an induction head) finds it. With the bare value as the answer, or a
+              separator between key and value ("takux=417"), the first digit must be matched on a key two or
+              three tokens back, and the v2 model got that digit right 36% of the time against 86-96% for the
+              digits after it (docs/TINY_MODEL.md).
   arith       "What is A + B?" / "What is A - B?" with 1-4 digit operands -> the result.
   tool        with a `calculator` tool defined: "Use the calculator to compute A * B." -> a DSML tool call
               with expression "A * B"; then the tool result -> "The result is R."
@@ -78,14 +84,14 @@ def dsml_call(expression):
 
 # ---- single items: (question text, answer text, title text, meta) ------------------------------------------
 def recall_context(rng, n_tokens_target, n_records, tokens_per_word=1.19):
-    """Filler text of about n_tokens_target tokens with n_records 'key=value' records at random places."""
+    """Filler text of about n_tokens_target tokens with n_records 'KEYVALUE' records at random places."""
     keys = rng.sample(KEYS, n_records)
     values = [f"{rng.randrange(1000):03d}" for _ in keys]
     n_words = max(n_records * 2, int(n_tokens_target / tokens_per_word))
     words = [rng.choice(FILLER) for _ in range(n_words)]
     slots = sorted(rng.sample(range(n_words), n_records))
     for i, (k, v) in zip(slots, zip(keys, values)):
-        words[i] = f"{k}={v}"
+        words[i] = recall_record(k, v)
     # A full stop every few words keeps lines short (and gives the text some structure).
     text = []
     for i, w in enumerate(words):
@@ -97,6 +103,25 @@ def recall_context(rng, n_tokens_target, n_records, tokens_per_word=1.19):
 
 def recall_question(key):
     return f"\nWhat is the code of {key}?"
+
+
+# How records and answers are written. "joined" is the task (the shipped model's format); the others are
+# the earlier formats, kept so that train_tiny_v4.sh can replay the runs the checkpoint came from:
+# "bare" (v1, v2: record "takux=417", answer "417") and "sep" (one run: record "takux=417", answer
+# "takux=417").
+RECALL_FORMAT = "joined"
+
+
+def recall_record(key, value):
+    return f"{key}{value}" if RECALL_FORMAT == "joined" else f"{key}={value}"
+
+
+def recall_answer(key, value):
+    """What the model generates: " KEYVALUE" (the leading space makes " KEY" the record's token; scoring
+    strips it)."""
+    if RECALL_FORMAT == "bare":
+        return value
+    return " " + recall_record(key, value)
 
 
 def arith_item(rng, digits=None):
@@ -124,7 +149,7 @@ def conv_recall(rng, n_tokens, n_questions, n_records=None):
     pieces = [(BOS, False)]
     for i, (k, v) in enumerate(asked):
         q = (ctx if i == 0 else "") + recall_question(k).lstrip("\n" if i else "")
-        pieces += [(USER + q + ASSISTANT + THINK_END, False), (v + EOS, True)]
+        pieces += [(USER + q + ASSISTANT + THINK_END, False), (recall_answer(k, v) + EOS, True)]
     return pieces
 
 
@@ -165,7 +190,7 @@ def conv_title(rng):
         ctx, recs = recall_context(rng, rng.randint(30, 120), rng.randint(2, 4))
         k, v = rng.choice(recs)
         title = f"Code of {k}"
-        body = USER + ctx + recall_question(k) + ASSISTANT + THINK_END + v + EOS
+        body = USER + ctx + recall_question(k) + ASSISTANT + THINK_END + recall_answer(k, v) + EOS
     return [(BOS + body + TITLE, False), (title + EOS, True)]
 
 
@@ -180,7 +205,8 @@ def eval_items(seed, n_per_cell, recall_lengths=(1024, 2048, 4096, 8192)):
             ctx, recs = recall_context(rng, length - 20, max(4, min(len(KEYS), length // 48)))
             k, v = rng.choice(recs)
             items.append({"task": "recall", "length": length,
-                          "messages": [{"role": "user", "content": ctx + recall_question(k)}], "expect": v})
+                          "messages": [{"role": "user", "content": ctx + recall_question(k)}],
+                          "expect": recall_answer(k, v).strip()})
     for _ in range(n_per_cell):
         q, a, _, meta = arith_item(rng)
         items.append({"task": "arith", "length": 0, "messages": [{"role": "user", "content": q}], "expect": a})
