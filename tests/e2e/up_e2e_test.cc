@@ -6,9 +6,13 @@
 //    against an independent reference.
 //  * With no --model, `up` serves the shipped trained model (models/tiny-v4): it must call the calculator
 //    tool with the right arguments, answer from the tool's result and title a conversation through the
-//    <｜title｜> quick instruction. (tests/e2e/tiny_model_e2e_test.cc measures its accuracy.)
+//    <｜title｜> quick instruction, and answer the README's recall question with the record asked for.
+//    (tests/e2e/tiny_model_e2e_test.cc measures its accuracy.)
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
+
+#include <string>
+#include <utility>
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_split.h"
@@ -107,6 +111,8 @@ TEST(UpE2eTest, ServesTheTinyModelAndMatchesTheFaithfulReference) {
   EXPECT_EQ((*up)->Terminate(absl::Seconds(60)), 0);
 }
 
+// The README's examples with the shipped model: calculator tool call, the answer from the tool's result, a
+// title through the quick instruction, and key-value recall.
 TEST(UpE2eTest, ServesTheShippedTrainedModelByDefault) {
   auto up = testing::V4serveProcess::Start({"up", "--http_port=0", "--grpc_port=0"}, absl::Seconds(120));
   ASSERT_TRUE(up.ok()) << up.status();
@@ -156,6 +162,21 @@ TEST(UpE2eTest, ServesTheShippedTrainedModelByDefault) {
   ASSERT_TRUE(r.ok()) << r.status();
   ASSERT_EQ(r->status, 200) << r->body;
   EXPECT_EQ(Json::parse(r->body)["choices"][0]["message"]["content"], "Product of 3141 and 59");
+
+  // The README's recall example: the model answers with the record of the key it is asked for.
+  const std::string haystack =
+      "Remember the codes. the river was late nodar511 and the north house of stone. kikir743 team by the "
+      "road with a small light. green water in the early year. the city after one party\nWhat is the code "
+      "of ";
+  for (const auto& [key, record] : {std::pair{"kikir", " kikir743"}, std::pair{"nodar", " nodar511"}}) {
+    Json recall = {{"model", "tiny-v4"},
+                   {"messages", {{{"role", "user"}, {"content", haystack + key + "?"}}}},
+                   {"temperature", 0}};
+    r = testing::HttpCall(port, "POST", "/v1/chat/completions", recall.dump(), {}, absl::Seconds(120));
+    ASSERT_TRUE(r.ok()) << r.status();
+    ASSERT_EQ(r->status, 200) << r->body;
+    EXPECT_EQ(Json::parse(r->body)["choices"][0]["message"]["content"], record) << key;
+  }
   EXPECT_EQ((*up)->Terminate(absl::Seconds(60)), 0);
 }
 
