@@ -14,8 +14,8 @@ Tasks
               key, so each digit follows in the answer exactly the token it follows in the record: one
               previous-token match (an induction head) finds it. With the bare value as the answer, or a
               separator between key and value ("takux=417"), the first digit must be matched on a key two or
-              three tokens back, and the v2 model got that digit right 36% of the time against 86-96% for the
-              digits after it (docs/TINY_MODEL.md).
+              three tokens back; trained that way (v3 runs 1 and 2), the model got it right 36% of the time
+              against 86-96% for the digits after it (docs/TINY_MODEL.md).
   arith       "What is A + B?" / "What is A - B?" with 1-4 digit operands -> the result.
   tool        with a `calculator` tool defined: "Use the calculator to compute A * B." -> a DSML tool call
               with expression "A * B"; then the tool result -> "The result is R."
