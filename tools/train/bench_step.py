@@ -64,8 +64,7 @@ def main():
                 t = time.time()
                 opt.zero_grad(set_to_none=True)
                 train.backward_step(fwd, recall, micro, dev, amp)
-                opt.step()
-                model.update_route_bias(1e-3)
+                train.optimizer_step(model, opt)
                 if dev == "cuda":
                     torch.cuda.synchronize()
                 times.append(time.time() - t)

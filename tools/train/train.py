@@ -16,6 +16,7 @@ Losses: next-token cross-entropy on what the assistant generates, 0.3 x the MTP 
 next), 0.1 x the lightning indexer's KL to the main attention (indexer parameters only).
 """
 import argparse
+import functools
 import json
 import math
 import os
@@ -55,16 +56,15 @@ def model_config(vocab_size):
     }
 
 
-def _digit_ids():
-    """[first, last] id of the digit tokens 0-9 (contiguous in the tokenizer; checked)."""
+@functools.cache
+def digit_ids():
+    """[first, last] id of the digit tokens 0-9 (contiguous in the tokenizer; checked). Read on first use,
+    not at import: the batch-making processes import this module too."""
     from tokenizers import Tokenizer
     tok = Tokenizer.from_file(TOKENIZER)
     ids = [tok.token_to_id(str(d)) for d in range(10)]
     assert ids == list(range(ids[0], ids[0] + 10)), "digit tokens are not contiguous"
     return ids[0], ids[-1]
-
-
-DIGIT_IDS = _digit_ids()
 
 
 class Encoder:
@@ -196,7 +196,8 @@ def losses(model, ids, sup, want_kl):
     kl = torch.stack(kls).mean() if kls else torch.zeros((), device=ids.device)
     # Accuracy over the answers' digits (the recall values, the arithmetic results): the tokens that can
     # be wrong; keys, "=", EOS and tool-call syntax are nearly always right and would hide them.
-    digit = m1 & (tgt1 >= DIGIT_IDS[0]) & (tgt1 <= DIGIT_IDS[1])
+    first, last = digit_ids()
+    digit = m1 & (tgt1 >= first) & (tgt1 <= last)
     acc = (logits[:, :-1][digit].argmax(-1) == tgt1[digit]).float().mean()
     return ce, ce2, kl, acc
 
@@ -219,6 +220,13 @@ def backward_step(fwd, recall, micro, dev, amp):
         ce_s, mtp_s, acc_s = ce_s + share * c_.detach(), mtp_s + share * m_.detach(), acc_s + share * a_
         del c_, m_
     return ce_l, mtp_l, kl_l, acc_l, ce_s, mtp_s, acc_s
+
+
+def optimizer_step(model, opt):
+    """After backward_step: clip, update, and move the score-routed layers' routing bias toward balance."""
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    model.update_route_bias(1e-3)
 
 
 def save_weights(model, out_dir, cfg):
@@ -344,7 +352,12 @@ def main():
     fwd = model
     p0, p1 = (float(x) for x in args.progress_range.split(","))
     t0 = last_save = time.time()
-    step = 0
+    step, progress = 0, p0
+
+    def save():
+        save_weights(model, args.out, cfg)
+        save_state(args.out, cur, step, progress)
+
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if dev == "cuda" else torch.autocast("cpu", enabled=False)
     while True:
         el = time.time() - t0
@@ -361,8 +374,7 @@ def main():
             print(f"step {step}: quantization-aware from here (weights as exported)", flush=True)
         (lids, lsup), micro = q.get()
         if args.save_every and time.time() - last_save >= args.save_every:
-            save_weights(model, args.out, cfg)  # a run killed at a wall-clock limit keeps its progress
-            save_state(args.out, cur, step, progress)
+            save()  # a run killed at a wall-clock limit keeps its progress
             last_save = time.time()
         model.train()
         opt.zero_grad(set_to_none=True)
@@ -376,9 +388,7 @@ def main():
             if tokens.value < 1024:
                 raise SystemExit("out of memory even with 1k recall tokens per step")
             continue
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        model.update_route_bias(1e-3)
+        optimizer_step(model, opt)
         if step % 10 == 0:
             a = acc_l.item()
             if cur.update(a, progress):
@@ -400,8 +410,7 @@ def main():
     model.eval()
     # Export what was trained: with QAT on, the weights saved are the master weights and the exporter
     # quantizes them to exactly the values the forward used.
-    save_weights(model, args.out, cfg)
-    save_state(args.out, cur, step, progress)
+    save()
     if args.eval_per_cell:
         import eval_torch
         res = eval_torch.evaluate(model, enc.tok, dev, args.eval_per_cell,

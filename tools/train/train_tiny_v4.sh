@@ -17,8 +17,9 @@ py="${PYTHON:-python3}"
 train() { "$py" tools/train/train.py --steps 1000000 --eval-per-cell 0 "$@"; }
 # v2, run 1: from scratch, recall answered by the bare value (the earlier format).
 train --out "$work/1" --seed "$seed" --time-budget 390 --recall-format bare
-# v2, run 2: fewer short rows, the last 15% quantization-aware.
-train --out "$work/2" --init "$work/1" --seed $((seed + 3)) --lr 1.5e-3 --warmup 20 --short-rows 64 \
+# v2, run 2: from run 1's exported checkpoint (as shipped), fewer short rows, the last 15% quantization-aware.
+"$py" tools/train/export.py --weights "$work/1" --out "$work/1/ckpt"
+train --out "$work/2" --init "$work/1/ckpt" --seed $((seed + 3)) --lr 1.5e-3 --warmup 20 --short-rows 64 \
   --time-budget 470 --qat-from 0.85 --recall-format bare
 "$py" tools/train/export.py --weights "$work/2" --out "$work/2/ckpt"   # the v2 checkpoint, shipped before
 # v3, run 1: larger recall batches, back to short contexts (stage 0); recall stalled at ~36% on the first digit.
