@@ -195,6 +195,11 @@ def conv_title(rng):
 
 
 # ---- held-out evaluation items (what tools/eval sends through the API) -----------------------------------
+def eval_record_count(n_tokens):
+    """Records in a held-out context of n_tokens tokens: one per 48 tokens, at most one per key."""
+    return max(4, min(len(KEYS), n_tokens // 48))
+
+
 def eval_items(seed, n_per_cell, recall_lengths=(1024, 2048, 4096, 8192)):
     """Held-out items: dicts with task, length, messages or prompt, and the expected answer."""
     rng = random.Random(seed)
@@ -202,7 +207,7 @@ def eval_items(seed, n_per_cell, recall_lengths=(1024, 2048, 4096, 8192)):
     for length in recall_lengths:
         for _ in range(n_per_cell):
             # The context length is the prompt's length in tokens (approximately: one word is one token).
-            ctx, recs = recall_context(rng, length - 20, max(4, min(len(KEYS), length // 48)))
+            ctx, recs = recall_context(rng, length - 20, eval_record_count(length))
             k, v = rng.choice(recs)
             items.append({"task": "recall", "length": length,
                           "messages": [{"role": "user", "content": ctx + recall_question(k)}],

@@ -118,8 +118,9 @@ class Curriculum:
     GATES = ((0.92, 0.40), (0.90, 0.60))  # (digit accuracy gate, latest progress) to leave stage 0, stage 1
     MAX_LEN = (768, 2048, 8192)
 
-    def __init__(self, stage=0):
+    def __init__(self, stage=0, long_share=0.0):
         self.stage = stage
+        self.long_share = long_share  # stage 2: share of steps drawn uniformly from the top half (4k-8k)
         self.acc = 0.0
         self.gates = self.GATES
 
@@ -137,14 +138,21 @@ class Curriculum:
         hi = self.MAX_LEN[self.stage]
         if self.stage == 0:
             return rng.randint(256, hi)
+        if self.stage == 2 and self.long_share and rng.random() < self.long_share:
+            return rng.randint(hi // 2, hi)
         return int(round(math.exp(rng.uniform(math.log(256), math.log(hi)))))
 
 
-def make_batches(rng, enc, n, tokens_per_batch, window, short_rows=64, short_tokens=16384):
-    """One step's data: a recall batch of about tokens_per_batch tokens, and short conversations in
-    micro-batches of at most short_tokens padded tokens (rows of similar length together)."""
+def make_batches(rng, enc, n, tokens_per_batch, window, short_rows=64, short_tokens=16384, questions=8,
+                 dense=0.0):
+    """One step's data: a recall batch of about tokens_per_batch tokens (each context followed by
+    `questions` questions; a share `dense` of the contexts hold as many records as the held-out items, one
+    per 48 tokens, the rest fewer), and short conversations in micro-batches of at most short_tokens padded
+    tokens (rows of similar length together)."""
     b = max(1, tokens_per_batch // max(n, 256))
-    long_convs = [tasks.conv_recall(rng, n, 8) for _ in range(b)]
+    long_convs = [tasks.conv_recall(rng, n, questions,
+                                    tasks.eval_record_count(n) if dense and rng.random() < dense else None)
+                  for _ in range(b)]  # (no draw when an option is off: the earlier runs' data streams stay)
     short = []
     for _ in range(short_rows):
         r = rng.random()
@@ -166,18 +174,19 @@ def make_batches(rng, enc, n, tokens_per_batch, window, short_rows=64, short_tok
     return pad_batch(enc.encode(long_convs), window), micro
 
 
-def producer(q, stage, tokens_per_batch, seed, window, short_rows, short_tokens, max_len, recall_format):
+def producer(q, stage, tokens_per_batch, seed, window, short_rows, short_tokens, max_len, recall_format,
+             long_share, questions, dense):
     """Worker process: puts one step's batches after another into q, at the curriculum's current stage."""
     torch.set_num_threads(1)
     tasks.RECALL_FORMAT = recall_format
     Curriculum.MAX_LEN = max_len
     enc = Encoder(TOKENIZER)
     rng = random.Random(seed)
-    cur = Curriculum()
+    cur = Curriculum(long_share=long_share)
     while True:
         cur.stage = stage.value
         q.put(make_batches(rng, enc, cur.sample_len(rng), tokens_per_batch.value, window, short_rows,
-                           short_tokens))
+                           short_tokens, questions, dense))
 
 
 def losses(model, ids, sup, want_kl):
@@ -297,6 +306,14 @@ def main():
     ap.add_argument("--progress-range", default="0,1",
                     help="the part of the whole schedule (learning rate, QAT start, stage deadlines) this run covers, "
                          "for a schedule split over several runs that continue each other with --init")
+    ap.add_argument("--long-share", type=float, default=0.0,
+                    help="in stage 2, the share of steps whose recall context is drawn uniformly from 4k-8k "
+                         "tokens (the rest log-uniformly from 256-8k)")
+    ap.add_argument("--questions", type=int, default=8,
+                    help="questions after each recall context (more answers per long forward pass)")
+    ap.add_argument("--dense-records", type=float, default=0.0,
+                    help="share of recall contexts with the held-out items' record density (one per 48 tokens); "
+                         "the others draw 4 to that many records")
     ap.add_argument("--workers", type=int, default=2, help="batch-making processes")
     ap.add_argument("--save-every", type=float, default=120, help="seconds between weight saves (0 = at the end)")
     ap.add_argument("--recall-format", default="joined", choices=("joined", "sep", "bare"),
@@ -344,7 +361,9 @@ def main():
     q = ctx.Queue(maxsize=8)
     workers = [ctx.Process(target=producer, daemon=True, args=(
         q, stage, tokens, args.seed * 1000 + 1 + i, cfg["sliding_window"], args.short_rows,
-        args.short_tokens, Curriculum.MAX_LEN, args.recall_format)) for i in range(args.workers)]
+        args.short_tokens, Curriculum.MAX_LEN, args.recall_format, args.long_share, args.questions,
+        args.dense_records))
+        for i in range(args.workers)]
     for w_ in workers:
         w_.start()
     # torch.compile is not used: with dynamic shapes its compilation of this model did not finish in 400 s
