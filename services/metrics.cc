@@ -1,12 +1,16 @@
 #include "services/metrics.h"
 
 #include <dirent.h>
+#include <netdb.h>
 #include <sys/resource.h>
+#include <sys/socket.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <exception>
 #include <fstream>
 #include <sstream>
+#include <thread>
 #include <vector>
 
 #include "absl/strings/ascii.h"
@@ -23,6 +27,25 @@
 
 namespace v4serve::services {
 namespace {
+
+// Opens and closes a TCP connection to host:port (loopback for a wildcard host); errors are ignored.
+void Poke(const std::string& host, int port) {
+  const bool wildcard = host.empty() || host == "0.0.0.0" || host == "::" || host == "[::]";
+  std::string h = wildcard ? "127.0.0.1" : host;
+  if (h.size() > 2 && h.front() == '[' && h.back() == ']') h = h.substr(1, h.size() - 2);
+  addrinfo hints{};
+  hints.ai_socktype = SOCK_STREAM;
+  addrinfo* res = nullptr;
+  if (getaddrinfo(h.c_str(), std::to_string(port).c_str(), &hints, &res) != 0) return;
+  for (addrinfo* a = res; a != nullptr; a = a->ai_next) {
+    int fd = socket(a->ai_family, a->ai_socktype | SOCK_CLOEXEC, a->ai_protocol);
+    if (fd < 0) continue;
+    bool ok = connect(fd, a->ai_addr, a->ai_addrlen) == 0;
+    close(fd);
+    if (ok) break;
+  }
+  freeaddrinfo(res);
+}
 
 prometheus::MetricFamily OneValue(const std::string& name, const std::string& help,
                                   prometheus::MetricType type, double value) {
@@ -111,7 +134,23 @@ MetricsRegistry::MetricsRegistry(std::string role)
       .Set(1);
 }
 
-MetricsRegistry::~MetricsRegistry() = default;
+MetricsRegistry::~MetricsRegistry() {
+  if (exposer_ == nullptr) return;
+  // The exposer's server (civetweb) sees that it must stop only when its poll() on the listening socket
+  // returns, which with no traffic is every 2 s, so every process took up to 2 s to exit after draining.
+  // Connecting to the port while it stops wakes that poll.
+  const std::vector<int> ports = exposer_->GetListeningPorts();
+  std::atomic<bool> stopped{false};
+  std::thread waker([&] {
+    while (!stopped.load()) {
+      for (int port : ports) Poke(exposed_host_, port);
+      absl::SleepFor(absl::Milliseconds(20));
+    }
+  });
+  exposer_.reset();
+  stopped = true;
+  waker.join();
+}
 
 std::string MetricsRegistry::Serialize() const {
   std::vector<prometheus::MetricFamily> families = registry_->Collect();
@@ -127,6 +166,7 @@ absl::StatusOr<int> MetricsRegistry::Expose(const std::string& host, int port) {
   } catch (const std::exception& e) {
     return absl::UnavailableError(absl::StrCat("cannot serve metrics on ", host, ":", port, ": ", e.what()));
   }
+  exposed_host_ = host;
   exposer_->RegisterCollectable(registry_);
   exposer_->RegisterCollectable(process_collector_);
   std::vector<int> ports = exposer_->GetListeningPorts();

@@ -40,6 +40,7 @@ class MetricsRegistry {
   std::shared_ptr<prometheus::Registry> registry_;
   std::shared_ptr<prometheus::Collectable> process_collector_;
   std::unique_ptr<prometheus::Exposer> exposer_;
+  std::string exposed_host_;
 };
 
 // One unlabelled series in `r` (a family with a single counter or gauge), the common case.
