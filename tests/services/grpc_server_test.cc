@@ -1,5 +1,10 @@
 #include "services/grpc_server.h"
 
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
@@ -124,6 +129,29 @@ TEST(MetricsTest, SerializesBuildInfoAndProcessMetrics) {
   ASSERT_TRUE(port.ok()) << port.status();
   EXPECT_GT(*port, 0);
   EXPECT_EQ(metrics.Expose("127.0.0.1", 0).status().code(), absl::StatusCode::kFailedPrecondition);
+}
+
+bool AcceptsConnections(int port) {
+  int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  a.sin_port = htons(static_cast<uint16_t>(port));
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  bool ok = connect(fd, reinterpret_cast<sockaddr*>(&a), sizeof(a)) == 0;
+  close(fd);
+  return ok;
+}
+
+TEST(MetricsTest, DestroyingTheRegistryStopsItsExposer) {
+  int port = 0;
+  {
+    MetricsRegistry metrics("prefill");
+    absl::StatusOr<int> p = metrics.Expose("0.0.0.0", 0);  // a wildcard host: the stop wakes it via loopback
+    ASSERT_TRUE(p.ok()) << p.status();
+    port = *p;
+    EXPECT_TRUE(AcceptsConnections(port));
+  }
+  EXPECT_FALSE(AcceptsConnections(port));
 }
 
 TEST(ShutdownSignalTest, FirstReasonWinsAndWaitTimesOut) {
