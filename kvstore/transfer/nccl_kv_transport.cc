@@ -11,7 +11,7 @@ namespace v4serve::kvstore {
 namespace {
 
 constexpr uint32_t kMagic = 0x4E4B3456;  // "V4KN"
-constexpr uint16_t kVersion = 2;         // 2: batches of chunk records.
+constexpr uint16_t kVersion = 3;         // 2: batches of chunk records; 3: without v1's layer/token fields.
 constexpr size_t kRecordBytes = 32;
 constexpr uint16_t kFlagLast = 1, kFlagWindow = 2, kFlagAbort = 4;
 
@@ -36,12 +36,7 @@ std::string EncodeNcclKvHeader(const NcclKvHeader& h) {
   Put<uint32_t>(&out, &off, kMagic);
   Put<uint16_t>(&out, &off, kVersion);
   Put<uint16_t>(&out, &off,
-                static_cast<uint16_t>((h.last ? kFlagLast : 0) | (h.window_state ? kFlagWindow : 0) |
-                                      (h.abort ? kFlagAbort : 0)));
-  Put<uint32_t>(&out, &off, h.first_layer);
-  Put<uint32_t>(&out, &off, h.num_layers);
-  Put<uint32_t>(&out, &off, h.first_token);
-  Put<uint32_t>(&out, &off, h.num_tokens);
+                static_cast<uint16_t>((h.last ? kFlagLast : 0) | (h.abort ? kFlagAbort : 0)));
   Put<uint64_t>(&out, &off, h.payload_bytes);
   Put<uint32_t>(&out, &off, h.piece_bytes);
   Put<uint32_t>(&out, &off, h.num_chunks);
@@ -58,13 +53,9 @@ absl::StatusOr<NcclKvHeader> DecodeNcclKvHeader(const std::string& in) {
   if (Get<uint16_t>(in, &off) != kVersion) return absl::DataLossError("NCCL KV header: unknown version");
   const uint16_t flags = Get<uint16_t>(in, &off);
   NcclKvHeader h;
+  if ((flags & ~(kFlagLast | kFlagAbort)) != 0) return absl::DataLossError("NCCL KV header: unknown flags");
   h.last = (flags & kFlagLast) != 0;
-  h.window_state = (flags & kFlagWindow) != 0;
   h.abort = (flags & kFlagAbort) != 0;
-  h.first_layer = Get<uint32_t>(in, &off);
-  h.num_layers = Get<uint32_t>(in, &off);
-  h.first_token = Get<uint32_t>(in, &off);
-  h.num_tokens = Get<uint32_t>(in, &off);
   h.payload_bytes = Get<uint64_t>(in, &off);
   h.piece_bytes = Get<uint32_t>(in, &off);
   h.num_chunks = Get<uint32_t>(in, &off);

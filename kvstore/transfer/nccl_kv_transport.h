@@ -4,9 +4,8 @@
 // rank 0 (prefill, sender) and rank 1 (decode, receiver). The pair's communicator then carries every
 // transfer between the two workers as messages:
 //   a fixed 256-byte header (magic, version, flags last/abort, payload bytes, piece bytes, number of
-//   chunks, reservation id; its layer/token fields are v1's and left zero by batches), then the payload in
-//   pieces of at most
-//   `piece bytes` (KvTarget.max_chunk_bytes), so a large payload never needs one large staging buffer.
+//   chunks, reservation id), then the payload in pieces of at most `piece bytes`
+//   (KvTarget.max_chunk_bytes), so a large payload never needs one large staging buffer.
 // A sender batches chunks: the chunks of a transfer are gathered until they reach
 // NcclKvOptions.batch_bytes (or the last chunk comes), then go as one message whose payload is the
 // chunks as records (a 32-byte record header: layer and token range, flags, bytes; then the bytes).
@@ -44,11 +43,10 @@ namespace v4serve::kvstore {
 inline constexpr size_t kNcclKvHeaderBytes = 256;
 inline constexpr size_t kNcclKvMaxReservationId = 200;
 
+// What a message is; where each chunk belongs (layers, tokens, window state) is in its record.
 struct NcclKvHeader {
-  bool last = false;
-  bool window_state = false;
+  bool last = false;   // The transfer's last message.
   bool abort = false;  // The sender abandoned the reservation's transfer; no payload.
-  uint32_t first_layer = 0, num_layers = 0, first_token = 0, num_tokens = 0;
   uint64_t payload_bytes = 0;
   uint32_t piece_bytes = 0;
   uint32_t num_chunks = 0;  // Chunk records in the payload (a batch); 0 only in an abort.

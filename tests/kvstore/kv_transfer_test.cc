@@ -241,10 +241,6 @@ TEST(GrpcKvSenderTest, UnreachableDecodeWorkerIsUnavailable) {
 TEST(NcclKvHeaderTest, RoundTripsAndRejectsGarbage) {
   NcclKvHeader h;
   h.last = true;
-  h.first_layer = 3;
-  h.num_layers = 2;
-  h.first_token = 256;
-  h.num_tokens = 128;
   h.payload_bytes = 123456789;
   h.piece_bytes = 4096;
   h.num_chunks = 61;
@@ -257,7 +253,10 @@ TEST(NcclKvHeaderTest, RoundTripsAndRejectsGarbage) {
   EXPECT_EQ(back->payload_bytes, h.payload_bytes);
   EXPECT_EQ(back->num_chunks, 61u);
   EXPECT_TRUE(back->last);
-  EXPECT_FALSE(back->window_state);
+  EXPECT_FALSE(back->abort);
+  std::string unknown_flag = bytes;
+  unknown_flag[6] |= 2;  // the flags follow the magic (4 bytes) and the version (2)
+  EXPECT_EQ(DecodeNcclKvHeader(unknown_flag).status().code(), absl::StatusCode::kDataLoss);
   bytes[0] ^= 1;
   EXPECT_EQ(DecodeNcclKvHeader(bytes).status().code(), absl::StatusCode::kDataLoss);
 }
