@@ -83,7 +83,7 @@ def dsml_call(expression):
 
 
 # ---- single items: (question text, answer text, title text, meta) ------------------------------------------
-def recall_context(rng, n_tokens_target, n_records, tokens_per_word=1.19):
+def recall_context(rng, n_tokens_target, n_records, tokens_per_word=1.19, fmt="joined"):
     """Filler text of about n_tokens_target tokens with n_records 'KEYVALUE' records at random places."""
     keys = rng.sample(KEYS, n_records)
     values = [f"{rng.randrange(1000):03d}" for _ in keys]
@@ -91,7 +91,7 @@ def recall_context(rng, n_tokens_target, n_records, tokens_per_word=1.19):
     words = [rng.choice(FILLER) for _ in range(n_words)]
     slots = sorted(rng.sample(range(n_words), n_records))
     for i, (k, v) in zip(slots, zip(keys, values)):
-        words[i] = recall_record(k, v)
+        words[i] = recall_record(k, v, fmt)
     # A full stop every few words keeps lines short (and gives the text some structure).
     text = []
     for i, w in enumerate(words):
@@ -105,23 +105,23 @@ def recall_question(key):
     return f"\nWhat is the code of {key}?"
 
 
-# How records and answers are written. "joined" is the task (the shipped model's format); the others are
-# the earlier formats, kept so that train_tiny_v4.sh can replay the runs the checkpoint came from:
-# "bare" (v1, v2: record "takux=417", answer "417") and "sep" (one run: record "takux=417", answer
-# "takux=417").
-RECALL_FORMAT = "joined"
+# How records and answers are written (the `fmt` argument below). "joined" is the task (the shipped model's
+# format); the others are the earlier formats, kept so that train_tiny_v4.sh can replay the runs the
+# checkpoint came from: "bare" (v1, v2: record "takux=417", answer "417") and "sep" (one run: record
+# "takux=417", answer "takux=417").
+RECALL_FORMATS = ("joined", "sep", "bare")
 
 
-def recall_record(key, value):
-    return f"{key}{value}" if RECALL_FORMAT == "joined" else f"{key}={value}"
+def recall_record(key, value, fmt="joined"):
+    return f"{key}{value}" if fmt == "joined" else f"{key}={value}"
 
 
-def recall_answer(key, value):
+def recall_answer(key, value, fmt="joined"):
     """What the model generates: " KEYVALUE" (the leading space makes " KEY" the record's token; scoring
     strips it)."""
-    if RECALL_FORMAT == "bare":
+    if fmt == "bare":
         return value
-    return " " + recall_record(key, value)
+    return " " + recall_record(key, value, fmt)
 
 
 def arith_item(rng, digits=None):
@@ -142,14 +142,14 @@ def tool_item(rng):
 
 
 # ---- conversations as pieces [(text, supervised)] -----------------------------------------------------------
-def conv_recall(rng, n_tokens, n_questions, n_records=None):
+def conv_recall(rng, n_tokens, n_questions, n_records=None, fmt="joined"):
     n_records = n_records or max(n_questions, min(len(KEYS), rng.randint(4, max(5, n_tokens // 48))))
-    ctx, recs = recall_context(rng, n_tokens, n_records)
+    ctx, recs = recall_context(rng, n_tokens, n_records, fmt=fmt)
     asked = rng.sample(recs, min(n_questions, len(recs)))
     pieces = [(BOS, False)]
     for i, (k, v) in enumerate(asked):
         q = (ctx if i == 0 else "") + recall_question(k).lstrip("\n" if i else "")
-        pieces += [(USER + q + ASSISTANT + THINK_END, False), (recall_answer(k, v) + EOS, True)]
+        pieces += [(USER + q + ASSISTANT + THINK_END, False), (recall_answer(k, v, fmt) + EOS, True)]
     return pieces
 
 
@@ -177,7 +177,7 @@ def conv_arith(rng, n_turns):
     return pieces
 
 
-def conv_title(rng):
+def conv_title(rng, fmt="joined"):
     """One finished exchange then <｜title｜> (DeepSeek's quick instruction) -> its title."""
     kind = rng.random()
     if kind < 0.4:
@@ -187,10 +187,10 @@ def conv_title(rng):
         q, expr, result, title = tool_item(rng)
         body = USER + q + ASSISTANT + THINK_END + f"The result is {result}." + EOS
     else:
-        ctx, recs = recall_context(rng, rng.randint(30, 120), rng.randint(2, 4))
+        ctx, recs = recall_context(rng, rng.randint(30, 120), rng.randint(2, 4), fmt=fmt)
         k, v = rng.choice(recs)
         title = f"Code of {k}"
-        body = USER + ctx + recall_question(k) + ASSISTANT + THINK_END + recall_answer(k, v) + EOS
+        body = USER + ctx + recall_question(k) + ASSISTANT + THINK_END + recall_answer(k, v, fmt) + EOS
     return [(BOS + body + TITLE, False), (title + EOS, True)]
 
 

@@ -144,21 +144,22 @@ class Curriculum:
 
 
 def make_batches(rng, enc, n, tokens_per_batch, window, short_rows=64, short_tokens=16384, questions=8,
-                 dense=0.0):
+                 dense=0.0, recall_format="joined"):
     """One step's data: a recall batch of about tokens_per_batch tokens (each context followed by
     `questions` questions; a share `dense` of the contexts hold as many records as the held-out items, one
     per 48 tokens, the rest fewer), and short conversations in micro-batches of at most short_tokens padded
-    tokens (rows of similar length together)."""
+    tokens (rows of similar length together). recall_format: one of tasks.RECALL_FORMATS."""
     b = max(1, tokens_per_batch // max(n, 256))
     long_convs = [tasks.conv_recall(rng, n, questions,
-                                    tasks.eval_record_count(n) if dense and rng.random() < dense else None)
+                                    tasks.eval_record_count(n) if dense and rng.random() < dense else None,
+                                    recall_format)
                   for _ in range(b)]  # (no draw when an option is off: the earlier runs' data streams stay)
     short = []
     for _ in range(short_rows):
         r = rng.random()
         # Tool conversations carry a ~250-token system prompt, so they get few turns (the tool format is
         # learned early); arithmetic-only rows are short and many.
-        short.append(tasks.conv_title(rng) if r < 0.2 else
+        short.append(tasks.conv_title(rng, recall_format) if r < 0.2 else
                      tasks.conv_arith(rng, rng.randint(6, 12)) if r < 0.6 else
                      tasks.conv_short(rng, rng.randint(2, 5), with_tools=True) if r < 0.8 else
                      tasks.conv_short(rng, rng.randint(4, 10), with_tools=False))
@@ -178,7 +179,6 @@ def producer(q, stage, tokens_per_batch, seed, window, short_rows, short_tokens,
              long_share, questions, dense):
     """Worker process: puts one step's batches after another into q, at the curriculum's current stage."""
     torch.set_num_threads(1)
-    tasks.RECALL_FORMAT = recall_format
     Curriculum.MAX_LEN = max_len
     enc = Encoder(TOKENIZER)
     rng = random.Random(seed)
@@ -186,7 +186,7 @@ def producer(q, stage, tokens_per_batch, seed, window, short_rows, short_tokens,
     while True:
         cur.stage = stage.value
         q.put(make_batches(rng, enc, cur.sample_len(rng), tokens_per_batch.value, window, short_rows,
-                           short_tokens, questions, dense))
+                           short_tokens, questions, dense, recall_format))
 
 
 def losses(model, ids, sup, want_kl):
@@ -316,8 +316,8 @@ def main():
                          "the others draw 4 to that many records")
     ap.add_argument("--workers", type=int, default=2, help="batch-making processes")
     ap.add_argument("--save-every", type=float, default=120, help="seconds between weight saves (0 = at the end)")
-    ap.add_argument("--recall-format", default="joined", choices=("joined", "sep", "bare"),
-                    help="recall records and answers (tasks.RECALL_FORMAT): joined is the task; the others replay "
+    ap.add_argument("--recall-format", default="joined", choices=tasks.RECALL_FORMATS,
+                    help="recall records and answers (tasks.RECALL_FORMATS): joined is the task; the others replay "
                          "the earlier runs the shipped checkpoint came from")
     ap.add_argument("--tiny", action="store_true", help="CPU smoke test: small width, short contexts")
     ap.add_argument("--eval-per-cell", type=int, default=50)
@@ -332,7 +332,6 @@ def main():
     torch.backends.cudnn.allow_tf32 = True
     enc = Encoder(TOKENIZER)
     cfg = model_config(enc.tok.get_vocab_size())
-    tasks.RECALL_FORMAT = args.recall_format
     if args.stage is None:
         state_file = os.path.join(args.init or "", "state.json")
         args.stage = json.load(open(state_file))["stage"] if args.init and os.path.exists(state_file) else 0
