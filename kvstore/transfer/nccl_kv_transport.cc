@@ -35,8 +35,7 @@ std::string EncodeNcclKvHeader(const NcclKvHeader& h) {
   size_t off = 0;
   Put<uint32_t>(&out, &off, kMagic);
   Put<uint16_t>(&out, &off, kVersion);
-  Put<uint16_t>(&out, &off,
-                static_cast<uint16_t>((h.last ? kFlagLast : 0) | (h.abort ? kFlagAbort : 0)));
+  Put<uint16_t>(&out, &off, static_cast<uint16_t>((h.last ? kFlagLast : 0) | (h.abort ? kFlagAbort : 0)));
   Put<uint64_t>(&out, &off, h.payload_bytes);
   Put<uint32_t>(&out, &off, h.piece_bytes);
   Put<uint32_t>(&out, &off, h.num_chunks);
