@@ -19,17 +19,12 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-sys.path.insert(0, os.path.join(HERE, "..", "golden"))
 sys.path.insert(0, os.path.join(HERE, "..", "eval"))
 
 
 def main():
-    from safetensors.torch import load_file
-    from tokenizers import Tokenizer
     import eval_api
-    from eval_torch import EVAL_SEED, prompt_text
-    from model_loader import dequantized
-    from v4_train_model import TinyV4, load_released_state
+    from eval_torch import EVAL_SEED, load_checkpoint, prompt_text
     ap = argparse.ArgumentParser()
     ap.add_argument("--checkpoint", default="models/tiny-v4")
     ap.add_argument("--seed", type=int, default=EVAL_SEED)
@@ -37,15 +32,8 @@ def main():
     ap.add_argument("--lengths", default="4096,8192")
     ap.add_argument("--index-topk", type=int, help="override the config's index_topk")
     args = ap.parse_args()
-    with open(os.path.join(args.checkpoint, "config.json")) as f:
-        cfg = json.load(f)
-    if args.index_topk:
-        cfg["index_topk"] = args.index_topk
-    tok = Tokenizer.from_file(os.path.join(args.checkpoint, "tokenizer.json"))
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
-    model = TinyV4(cfg)
-    load_released_state(model, dequantized(load_file(os.path.join(args.checkpoint, "model.safetensors"))))
-    model.to(dev).eval()
+    model, tok, cfg, dev = load_checkpoint(
+        args.checkpoint, **({"index_topk": args.index_topk} if args.index_topk else {}))
     items = eval_api.build_items(args.seed, 0, args.n_recall, tuple(int(x) for x in args.lengths.split(",")),
                                  {"recall"})
     miss = collections.Counter()

@@ -79,16 +79,29 @@ def table(res):
     return "\n".join(lines)
 
 
-def main():
-    import argparse
+def load_checkpoint(path, **config_overrides):
+    """A checkpoint directory in the released format -> (model in eval mode on the GPU if there is one, else
+    the CPU; FP32 dequantized weights), its tokenizer, its config (with `config_overrides` applied), device."""
     import json
     from safetensors.torch import load_file
     from tokenizers import Tokenizer
-    here = os.path.dirname(os.path.abspath(__file__))
-    sys.path.insert(0, os.path.join(here, "..", "golden"))
-    sys.path.insert(0, os.path.join(here, "..", "eval"))
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "golden"))
     from model_loader import dequantized
     from v4_train_model import TinyV4, load_released_state
+    with open(os.path.join(path, "config.json")) as f:
+        cfg = json.load(f)
+    cfg.update(config_overrides)
+    tok = Tokenizer.from_file(os.path.join(path, "tokenizer.json"))
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    model = TinyV4(cfg)
+    load_released_state(model, dequantized(load_file(os.path.join(path, "model.safetensors"))))
+    return model.to(dev).eval(), tok, cfg, dev
+
+
+def main():
+    import argparse
+    import json
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "eval"))
     import eval_api
     ap = argparse.ArgumentParser()
     ap.add_argument("--checkpoint", default="models/tiny-v4")
@@ -99,13 +112,7 @@ def main():
     ap.add_argument("--tasks", default="recall,arith,tool_call,tool_answer,title")
     ap.add_argument("--json", help="write the table here (tools/eval/eval_api.py --reference reads it)")
     args = ap.parse_args()
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
-    with open(os.path.join(args.checkpoint, "config.json")) as f:
-        cfg = json.load(f)
-    tok = Tokenizer.from_file(os.path.join(args.checkpoint, "tokenizer.json"))
-    model = TinyV4(cfg)
-    load_released_state(model, dequantized(load_file(os.path.join(args.checkpoint, "model.safetensors"))))
-    model.to(dev).eval()
+    model, tok, cfg, dev = load_checkpoint(args.checkpoint)
     items = eval_api.build_items(args.seed, args.n, args.n_recall,
                                  tuple(int(x) for x in args.lengths.split(",") if x), set(args.tasks.split(",")))
     cells = collections.defaultdict(lambda: [0, 0])
