@@ -5,8 +5,12 @@
 //     plus the KV they attend over) / device-to-device copy bandwidth (bytes read + written);
 //   prefill (8k, 32k tokens): achieved FLOP/s (GEMMs + attention + indexer) / cuBLASLt's best dense FP8
 //     GEMM (and BF16 GEMM) over a few large square shapes.
+//   the same decode steps with the device state cache off (V4SERVE_CUDA_STATE_CACHE_MB=0: every call
+//     uploads the window rings and compressed entries from the host states, as before the cache), on a
+//     second backend in the same process (--compare-state-cache=0 skips it).
 // Usage: v4serve_cuda_bench [--layers=2] [--context=512] [--prefill=8192,32768] [--batches=1,8,64]
-//                           [--weights=bf16|fp32] [--experts=fp4|bf16] [--steps=10]
+//                           [--weights=bf16|fp32] [--experts=fp4|bf16] [--steps=10] [--compare-state-cache=1]
+//                           [--ceilings=1]
 // (--experts=fp4: MXFP4 routed experts, as V4 ships them; other weights BF16 except the FP32 ones the
 // backend keeps: mHC mixes, router gate, compressor projections.)
 // Prints a Markdown table (docs/PERFORMANCE.md holds the last one).
@@ -16,6 +20,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <fstream>
@@ -181,14 +186,16 @@ void PrintPhases(const ForwardBackend& be) {
   if (total <= 0) return;
   std::printf(
       "    phases (ms): mhc+norm %.2f, attn proj %.2f, attn host %.2f, attn kernels %.2f, attn out %.2f, moe "
-      "%.2f, head %.2f\n",
+      "%.2f, head %.2f; states cached %lld, uploaded %lld\n",
       c->s_mhc * 1e3, c->s_attn_proj * 1e3, c->s_attn_host * 1e3, c->s_attn_kernels * 1e3,
-      c->s_attn_out * 1e3, c->s_moe * 1e3, c->s_head * 1e3);
+      c->s_attn_out * 1e3, c->s_moe * 1e3, c->s_head * 1e3, static_cast<long long>(c->states_cached),
+      static_cast<long long>(c->states_uploaded));
 }
 
 int Main(int argc, char** argv) {
   int64_t layers = 2, context = 512, steps = 10;
   std::string prefill = "8192,32768", batches = "1,8,64", weights = "bf16", experts = "fp4";
+  bool compare_cache = true, ceilings = true;
   const char* src = std::getenv("V4SERVE_SOURCE_DIR");
   std::string config_path =
       std::string(src ? src : V4SERVE_SOURCE_DIR_DEFAULT) + "/tests/model/testdata/v4_flash_config.json";
@@ -214,6 +221,10 @@ int Main(int argc, char** argv) {
       experts = v;
     else if (const char* v = val("config"))
       config_path = v;
+    else if (const char* v = val("compare-state-cache"))
+      compare_cache = std::string(v) != "0";
+    else if (const char* v = val("ceilings"))  // 0: skip them (profiling runs); ratios then print as 0.
+      ceilings = std::string(v) != "0";
     else {
       std::fprintf(stderr, "unknown flag %s\n", argv[i]);
       return 2;
@@ -242,9 +253,10 @@ int Main(int argc, char** argv) {
   CK(cudaGetDeviceProperties(&prop, 0));
 
   // Ceilings, measured first.
-  const double copy_bw = CopyBandwidth(size_t{2} << 30);
-  double fp8 = -1, bf16 = -1;
+  const double copy_bw = ceilings ? CopyBandwidth(size_t{2} << 30) : INFINITY;
+  double fp8 = ceilings ? -1 : INFINITY, bf16 = fp8;
   for (int s : {4096, 8192, 16384}) {
+    if (!ceilings) break;
     fp8 = std::max(fp8, GemmFlops(s, s, s, true));
     bf16 = std::max(bf16, GemmFlops(s, s, s, false));
   }
@@ -268,7 +280,8 @@ int Main(int argc, char** argv) {
   std::vector<std::string> rows;
 
   // Decode: B sequences of `context` tokens (prefilled in one batched call), then `steps` timed steps.
-  for (int64_t b : Ints(batches)) {
+  // Returns the median step time (0 after an error, which is printed).
+  auto decode = [&](const ForwardBackend& backend, int64_t b, const char* label) -> double {
     std::vector<SequenceState> states(static_cast<size_t>(b), NewSequenceState(*config));
     std::vector<ForwardSegment> segs;
     std::vector<int32_t> toks;
@@ -279,13 +292,13 @@ int Main(int argc, char** argv) {
     }
     std::vector<int64_t> last;
     for (int64_t i = 0; i < b; ++i) last.push_back((i + 1) * context - 1);
-    auto r = (*be)->Forward(segs, toks, last, nullptr);
+    auto r = backend.Forward(segs, toks, last, nullptr);
     if (!r.ok()) {
       std::fprintf(stderr, "context prefill: %s\n", std::string(r.status().message()).c_str());
-      return 1;
+      return 0;
     }
     std::vector<double> times;
-    double bytes = 0, flops = 0;
+    double bytes = 0;
     int64_t experts = 0;
     std::vector<int32_t> next(static_cast<size_t>(b), 7);
     std::vector<int64_t> rows_idx(static_cast<size_t>(b));
@@ -295,34 +308,52 @@ int Main(int argc, char** argv) {
       for (int64_t i = 0; i < b; ++i) segs.push_back({&states[i], i, 1});
       CK(cudaDeviceSynchronize());
       auto ts = std::chrono::steady_clock::now();
-      auto lg = (*be)->Forward(segs, next, rows_idx, nullptr);
+      auto lg = backend.Forward(segs, next, rows_idx, nullptr);
       const double dt = Seconds(ts);
       if (!lg.ok()) {
         std::fprintf(stderr, "decode: %s\n", std::string(lg.status().message()).c_str());
-        return 1;
+        return 0;
       }
       absl::StatusOr<std::vector<int32_t>> tok = cuda::ArgmaxRows(*lg, b, vocab);
       if (tok.ok()) next = *tok;
       if (s >= 2) {
         times.push_back(dt);
-        auto c = cuda::LastForwardCounters(**be);
+        auto c = cuda::LastForwardCounters(backend);
         bytes = static_cast<double>(c->weight_bytes + c->kv_bytes);
-        flops = c->gemm_flops + c->attention_flops;
         experts = c->experts_touched;
       }
     }
     const double t = Median(times);
     char line[512];
-    std::snprintf(line, sizeof(line),
-                  "| decode step, batch %lld, context %lld | %.2f ms | %.0f tok/s | %.2f GB (%lld experts) | "
-                  "%.0f GB/s | **%.1f%%** of copy bw |",
-                  static_cast<long long>(b), static_cast<long long>(context), t * 1e3, b / t, bytes / 1e9,
-                  static_cast<long long>(experts), bytes / t / 1e9, 100.0 * bytes / t / copy_bw);
-    (void)flops;
+    std::snprintf(
+        line, sizeof(line),
+        "| decode step, batch %lld, context %lld%s | %.2f ms | %.0f tok/s | %.2f GB (%lld experts) | "
+        "%.0f GB/s | **%.1f%%** of copy bw |",
+        static_cast<long long>(b), static_cast<long long>(context), label, t * 1e3, b / t, bytes / 1e9,
+        static_cast<long long>(experts), bytes / t / 1e9, 100.0 * bytes / t / copy_bw);
     rows.push_back(line);
-    PrintPhases(**be);
+    PrintPhases(backend);
     std::printf("%s\n", line);
     std::fflush(stdout);
+    return t;
+  };
+  std::vector<std::pair<int64_t, double>> with_cache;
+  for (int64_t b : Ints(batches)) with_cache.emplace_back(b, decode(**be, b, ""));
+  if (compare_cache) {
+    setenv("V4SERVE_CUDA_STATE_CACHE_MB", "0", 1);
+    absl::StatusOr<std::unique_ptr<ForwardBackend>> off = cuda::MakeRandomCudaBackend(*config, format, 1);
+    unsetenv("V4SERVE_CUDA_STATE_CACHE_MB");
+    if (!off.ok()) {
+      std::fprintf(stderr, "%s\n", std::string(off.status().message()).c_str());
+      return 1;
+    }
+    for (const auto& [b, t] : with_cache) {
+      const double t_off = decode(**off, b, ", state cache off");
+      if (t > 0 && t_off > 0) {
+        std::printf("    batch %lld: state cache on / off step time %.3f (%.2fx faster)\n",
+                    static_cast<long long>(b), t / t_off, t_off / t);
+      }
+    }
   }
   // Prefill: one sequence, one chunk.
   for (int64_t n : Ints(prefill)) {

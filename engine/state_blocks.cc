@@ -234,6 +234,7 @@ absl::StatusOr<model::SequenceState> RestoreWithRecompute(const model::Model& mo
       }
       replaced[l] = count;
     }
+    model::InvalidateDeviceCopy(&state);  // Same counts, other bytes: a GPU copy would not notice.
     return absl::OkStatus();
   };
   const int64_t chunk = std::max<int64_t>(1, config.sliding_window / 2);

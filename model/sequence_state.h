@@ -48,9 +48,21 @@ struct SequenceState {
   // MTP blocks (window-only attention): their own window rings, fed by Model::MtpDraft.
   int64_t mtp_position = 0;
   std::vector<AttentionLayerState> mtp_layers;
+  // Names the device copy a GPU backend keeps of `layers` (model/cuda/device_state_cache.h); 0: none. The
+  // backend sets a fresh tag after each forward it runs and trusts its copy only while the tag, the position
+  // and every layer's entry count still match. Code that rewrites `layers` in place without changing those
+  // (e.g. swapping in cached entries of the same count) must call InvalidateDeviceCopy. Not part of the
+  // value: operator== and the encoding ignore it.
+  uint64_t device_tag = 0;
 
-  bool operator==(const SequenceState&) const = default;
+  bool operator==(const SequenceState& o) const {
+    return position == o.position && layers == o.layers && mtp_position == o.mtp_position &&
+           mtp_layers == o.mtp_layers;
+  }
 };
+
+// Makes any device copy of `state` stale (after an in-place change to its layers).
+inline void InvalidateDeviceCopy(SequenceState* state) { state->device_tag = 0; }
 
 // A state for a new sequence of `config` (layer count, ring and tail sizes).
 SequenceState NewSequenceState(const ModelConfig& config);

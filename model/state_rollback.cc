@@ -88,6 +88,7 @@ absl::Status UndoLastToken(const TokenUndo& undo, SequenceState* state) {
     }
   }
   --state->position;
+  InvalidateDeviceCopy(state);
   return absl::OkStatus();
 }
 

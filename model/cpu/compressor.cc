@@ -11,12 +11,9 @@ bool CompressorPush(const CompressorWeights& w, const RopeTable& rope, int64_t r
                     CompressorState* s, std::vector<float>* entries) {
   const int64_t m = s->ratio, width = s->width, coff = s->overlap ? 2 : 1, row = coff * width;
   const int64_t slot = pos % m;
-  for (int64_t f = 0; f < row; ++f) {
-    s->kv[slot * row + f] = kv[f];
-    s->score[slot * row + f] = score[f] + w.ape[slot * row + f];
-  }
-  s->filled = slot + 1;
-  if (slot + 1 < m) return false;
+  std::vector<float> biased(static_cast<size_t>(row));
+  for (int64_t f = 0; f < row; ++f) biased[f] = score[f] + w.ape[slot * row + f];
+  if (!CompressorWriteRow(kv, biased.data(), pos, s)) return false;
 
   // Pool per feature with a softmax over the window's slots. Overlap: the first half of the features of
   // the previous window's m slots, then the second half of the current window's m slots.
@@ -71,13 +68,26 @@ bool CompressorPush(const CompressorWeights& w, const RopeTable& rope, int64_t r
     num.Fp8Blocks(entry.data(), 1, width, width - rope_dim, 64);
   }
   entries->insert(entries->end(), entry.begin(), entry.end());
+  CompressorCloseWindow(s);
+  return true;
+}
+
+bool CompressorWriteRow(const float* kv, const float* biased_score, int64_t pos, CompressorState* s) {
+  const int64_t m = s->ratio, row = (s->overlap ? 2 : 1) * s->width;
+  const int64_t slot = pos % m;
+  std::copy(kv, kv + row, s->kv.begin() + slot * row);
+  std::copy(biased_score, biased_score + row, s->score.begin() + slot * row);
+  s->filled = slot + 1;
+  return slot + 1 == m;
+}
+
+void CompressorCloseWindow(CompressorState* s) {
   if (s->overlap) {
     s->prev_kv = s->kv;
     s->prev_score = s->score;
     s->has_prev = true;
   }
   s->filled = 0;
-  return true;
 }
 
 }  // namespace v4serve::model::cpu

@@ -22,6 +22,13 @@ bool CompressorPush(const CompressorWeights& w, const RopeTable& rope, int64_t r
                     const Numerics& num, bool indexer, const float* kv, const float* score, int64_t pos,
                     CompressorState* state, std::vector<float>* entries);
 
+// CompressorPush's bookkeeping without the pooling, for a backend that pools on its device but keeps the
+// host state exact: CompressorWriteRow records the token's row (`biased_score` = score + w.ape's row for
+// the slot, as Push stores it) and returns whether it completed a window; CompressorCloseWindow then keeps
+// that window as the previous one (overlap) and empties the current one.
+bool CompressorWriteRow(const float* kv, const float* biased_score, int64_t pos, CompressorState* state);
+void CompressorCloseWindow(CompressorState* state);
+
 }  // namespace v4serve::model::cpu
 
 #endif  // V4SERVE_MODEL_CPU_COMPRESSOR_H_

@@ -8,9 +8,11 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <functional>
 #include <limits>
 #include <string>
 
+#include "absl/cleanup/cleanup.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "model/cpu/compressor.h"
@@ -21,6 +23,7 @@
 #include "model/cuda/cuda_check.h"
 #include "model/cuda/cuda_device.h"
 #include "model/cuda/cuda_kernels.cuh"
+#include "model/cuda/device_state_cache.h"
 #include "model/numeric_formats.h"
 #include "services/status_macros.h"
 
@@ -184,7 +187,59 @@ struct HcW {
 
 struct CompW {
   Mat wkv, wgate;               // FP32: the compressor's pooled entries are sensitive.
-  cpu::CompressorWeights host;  // ape and norm, for the host-side compressor.
+  cpu::CompressorWeights host;  // ape and norm (random weights: drawn here).
+  float* ape = nullptr;         // The same on the device.
+  float* norm = nullptr;
+};
+
+// One compressor's work in a call (CudaBackend::Compress).
+struct CompressJob {
+  const CompW* w;
+  int which;      // 0: the attention compressor, 1: the lightning indexer's.
+  int64_t width;  // Entry width.
+  float* kv;      // This call's projected rows [n, coff * width].
+  float* score;   // Their gate scores; Compress adds the positional bias in place.
+};
+
+// What a forward leaves for the host states, run after its one synchronization, in order.
+using Finish = std::vector<std::function<void()>>;
+
+// Page-locked host memory handed out in order during one forward (the targets of its device-to-host
+// copies) and reused by the next; blocks are kept.
+class PinnedArena {
+ public:
+  PinnedArena() = default;
+  PinnedArena(const PinnedArena&) = delete;
+  PinnedArena& operator=(const PinnedArena&) = delete;
+  ~PinnedArena() {
+    for (const Block& b : blocks_) cudaFreeHost(b.p);
+  }
+  void Reset() {
+    for (Block& b : blocks_) b.used = 0;
+  }
+  absl::StatusOr<float*> Take(int64_t floats) {
+    const int64_t need = (std::max<int64_t>(floats, 1) + 3) / 4 * 4;  // 16-byte aligned pieces.
+    for (Block& b : blocks_) {
+      if (b.cap - b.used >= need) {
+        float* p = b.p + b.used;
+        b.used += need;
+        return p;
+      }
+    }
+    Block b;
+    b.cap = std::max<int64_t>(need, int64_t{4} << 20);
+    V4_CUDA_RETURN_IF_ERROR(cudaMallocHost(reinterpret_cast<void**>(&b.p), b.cap * 4));
+    b.used = need;
+    blocks_.push_back(b);
+    return b.p;
+  }
+
+ private:
+  struct Block {
+    float* p = nullptr;
+    int64_t cap = 0, used = 0;
+  };
+  std::vector<Block> blocks_;
 };
 
 struct LayerW {
@@ -208,7 +263,8 @@ class CudaBackend final : public ForwardBackend {
   CudaBackend(const ModelConfig& c, CudaWeights format) : c_(c), bf16_(format == CudaWeights::kBf16) {}
   ~CudaBackend() override {
     if (stream_ != nullptr) cudaStreamSynchronize(stream_);
-    act_bf16_.reset();  // Frees on stream_, which must still exist.
+    act_bf16_.reset();  // Both free on stream_, which must still exist.
+    state_cache_.reset();
     if (stream_ != nullptr) cudaStreamSynchronize(stream_);
     for (void* p : allocs_) cudaFree(p);
     if (blas_ != nullptr) blas_api_->destroy(blas_);
@@ -250,8 +306,23 @@ class CudaBackend final : public ForwardBackend {
   absl::Status LoadLayer(const cpu::BlockWeights* b, int64_t layer, LayerW* l);
   absl::Status HcPre(const HcW& w, const float* streams, int64_t n, float* collapsed, float* post,
                      float* comb) const;
+  // `copies[i]`: the device copy of segments[i]'s state (window ring, entries, indexer keys, compressor
+  // windows). What the host states need is copied to pinned memory and applied by `finish`.
   absl::Status Attention(const LayerW& w, int64_t layer, absl::Span<const ForwardSegment> segments,
-                         const float* x, int64_t n, float* out) const;
+                         absl::Span<DeviceStateCache::Copy* const> copies, const float* x, int64_t n,
+                         float* out, Finish* finish) const;
+  // The streaming compressor over this call's rows (model/cpu/compressor.cc on the device): pools the
+  // entries of the windows they complete into the device copies (past `n_before`), adds the spans that
+  // move the rows into the copies' windows to `late` (to run after this call's reads of the old ones), and
+  // leaves `finish` the same bookkeeping and entries for the host states.
+  absl::Status Compress(const CompressJob& job, int64_t layer, absl::Span<const ForwardSegment> segments,
+                        absl::Span<DeviceStateCache::Copy* const> copies, absl::Span<const int64_t> n_before,
+                        int64_t n, const int64_t* d_pos, std::vector<CopySpan>* late, Finish* finish) const;
+  // Copies the last min(count, keep) rows (of `width` floats) of each segment of `dev` [rows, width] to
+  // pinned memory; returns where each segment's first copied row will be once the stream gets there.
+  absl::StatusOr<std::vector<const float*>> DownloadTails(const float* dev, int64_t width,
+                                                          absl::Span<const ForwardSegment> segments,
+                                                          int64_t keep) const;
   absl::Status Moe(const LayerW& w, int64_t layer, bool hash, const float* x, const int32_t* d_tokens,
                    int64_t n, float* out) const;
   // Expert GEMMs over slots grouped by expert. Device path: GroupedGemv over all experts with the device's
@@ -288,6 +359,8 @@ class CudaBackend final : public ForwardBackend {
   std::vector<LayerW> layers_;
   uint64_t seed_ = 0;
   mutable std::unique_ptr<Buf<__nv_bfloat16>> act_bf16_;  // Scratch for BF16 GEMM inputs.
+  mutable std::unique_ptr<DeviceStateCache> state_cache_;
+  mutable PinnedArena arena_;
   mutable ForwardCounters counters_;
   int32_t* touched_ = nullptr;  // [layers, experts]: rows each expert got in the last Forward.
   bool profile_ = false;
@@ -428,7 +501,13 @@ absl::Status CudaBackend::LoadLayer(const cpu::BlockWeights* b, int64_t layer, L
         dst->host.ape[i] = 0.05f * std::cos(static_cast<float>(i));
       dst->host.norm.assign(static_cast<size_t>(width), 1.0f);
     }
-    return absl::OkStatus();
+    if (static_cast<int64_t>(dst->host.ape.size()) != ratio * coff * width ||
+        static_cast<int64_t>(dst->host.norm.size()) != width) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("layer ", layer, ": compressor ape/norm of the wrong size"));
+    }
+    RETURN_IF_ERROR(PutVec(dst->host.ape.data(), ratio * coff * width, WInit::kHost, &dst->ape));
+    return PutVec(dst->host.norm.data(), width, WInit::kHost, &dst->norm);
   };
   if (ratio > 0) RETURN_IF_ERROR(comp(b ? &b->compressor : nullptr, hd, &l->compressor));
   if (ratio == 4) {
@@ -556,7 +635,22 @@ absl::Status CudaBackend::Init(const cpu::ModelWeights* w, const cpu::RopeTable*
     RETURN_IF_ERROR(
         LoadLayer(w ? &w->layers[static_cast<size_t>(l)] : nullptr, l, &layers_[static_cast<size_t>(l)]));
   }
-  return Sync();
+  RETURN_IF_ERROR(Sync());
+  // Device copies of sequence states: V4SERVE_CUDA_STATE_CACHE_MB, else a quarter of what the weights left.
+  size_t free_b = 0, total_b = 0;
+  V4_CUDA_RETURN_IF_ERROR(cudaMemGetInfo(&free_b, &total_b));
+  int64_t budget = static_cast<int64_t>(free_b / 4);
+  if (const char* mb = std::getenv("V4SERVE_CUDA_STATE_CACHE_MB"); mb != nullptr && *mb != '\0') {
+    char* end = nullptr;
+    const long long v = std::strtoll(mb, &end, 10);
+    if (*end != '\0' || v < 0) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("V4SERVE_CUDA_STATE_CACHE_MB must be a number of MiB >= 0, got \"", mb, "\""));
+    }
+    budget = static_cast<int64_t>(v) << 20;
+  }
+  state_cache_ = std::make_unique<DeviceStateCache>(c, stream_, budget);
+  return absl::OkStatus();
 }
 
 absl::Status CudaBackend::Linear(const float* x, int64_t m, const Mat& w, float* y) const {
@@ -606,8 +700,151 @@ absl::Status CudaBackend::HcPre(const HcW& w, const float* streams, int64_t n, f
   return absl::OkStatus();
 }
 
+absl::StatusOr<std::vector<const float*>> CudaBackend::DownloadTails(
+    const float* dev, int64_t width, absl::Span<const ForwardSegment> segments, int64_t keep) const {
+  int64_t rows = 0, tails = 0;
+  for (const ForwardSegment& seg : segments) {
+    rows = std::max(rows, seg.begin + seg.count);
+    tails += std::min(seg.count, keep);
+  }
+  std::vector<const float*> out;
+  if (rows <= 2 * tails || rows * width <= (int64_t{1} << 20)) {  // Mostly tails anyway (decode): one copy.
+    ASSIGN_OR_RETURN(float* h, arena_.Take(rows * width));
+    V4_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(h, dev, rows * width * 4, cudaMemcpyDeviceToHost, stream_));
+    for (const ForwardSegment& seg : segments) {
+      out.push_back(h + (seg.begin + seg.count - std::min(seg.count, keep)) * width);
+    }
+    return out;
+  }
+  for (const ForwardSegment& seg : segments) {
+    const int64_t t = std::min(seg.count, keep);
+    ASSIGN_OR_RETURN(float* h, arena_.Take(t * width));
+    V4_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(h, dev + (seg.begin + seg.count - t) * width, t * width * 4,
+                                            cudaMemcpyDeviceToHost, stream_));
+    out.push_back(h);
+  }
+  return out;
+}
+
+absl::Status CudaBackend::Compress(const CompressJob& job, int64_t layer,
+                                   absl::Span<const ForwardSegment> segments,
+                                   absl::Span<DeviceStateCache::Copy* const> copies,
+                                   absl::Span<const int64_t> n_before, int64_t n, const int64_t* d_pos,
+                                   std::vector<CopySpan>* late, Finish* finish) const {
+  const int64_t m = c_.compress_ratios[static_cast<size_t>(layer)], width = job.width;
+  const bool overlap = m == 4;
+  const int64_t row = (overlap ? 2 : 1) * width, rd = c_.qk_rope_head_dim;
+  const size_t ns = segments.size(), li = static_cast<size_t>(layer);
+  cudaStream_t s = stream_;
+  k::AddApe<<<Blocks(n * row, 256), 256, 0, s>>>(job.score, n, row, d_pos, m, job.w->ape);
+  V4_LAUNCH_CHECK(AddApe);
+  // Per entry to emit, its source rows (pointers at the feature half each contributes), as CompressorPush
+  // reads them: this call's rows, or the copy's windows as they were when the call started.
+  std::vector<const float*> pk, ps;
+  std::vector<int32_t> begin = {0};
+  std::vector<int64_t> epos, first(ns + 1, 0);
+  std::vector<CopySpan> early;  // New entries into the copies; previous windows (before `late` runs).
+  for (size_t i = 0; i < ns; ++i) {
+    const ForwardSegment& seg = segments[i];
+    const DeviceStateCache::Layer& dl = copies[i]->layers[li];
+    const DeviceStateCache::Compressor& dc = job.which == 0 ? dl.compressor : dl.indexer;
+    const AttentionLayerState& st = seg.state->layers[li];
+    const CompressorState& hs = job.which == 0 ? st.compressor : st.indexer_compressor;
+    const int64_t pos0 = seg.state->position, end = pos0 + seg.count;
+    auto src = [&](int64_t q, bool score) -> const float* {
+      if (q >= pos0) return (score ? job.score : job.kv) + (seg.begin + q - pos0) * row;
+      if (q / m == pos0 / m) return (score ? dc.score : dc.kv) + (q % m) * row;  // The window in progress.
+      return (score ? dc.prev_score : dc.prev_kv) + (q % m) * row;               // The one before (overlap).
+    };
+    first[i] = static_cast<int64_t>(epos.size());
+    bool has_prev = hs.has_prev;
+    int64_t last = -1;
+    for (int64_t e = (pos0 / m + 1) * m - 1; e < end; e += m) {
+      if (overlap && has_prev) {
+        for (int64_t q = e - 2 * m + 1; q <= e - m; ++q) {
+          pk.push_back(src(q, false));
+          ps.push_back(src(q, true));
+        }
+      }
+      const int64_t off = overlap ? width : 0;
+      for (int64_t q = e - m + 1; q <= e; ++q) {
+        pk.push_back(src(q, false) + off);
+        ps.push_back(src(q, true) + off);
+      }
+      begin.push_back(static_cast<int32_t>(pk.size()));
+      epos.push_back(e + 1 - m);
+      has_prev = true;
+      last = e;
+    }
+    if (overlap && last >= 0) {  // The last window completed becomes the previous one.
+      for (int64_t q = last - m + 1; q <= last; ++q) {
+        early.push_back({src(q, false), dc.prev_kv + (q % m) * row, row});
+        early.push_back({src(q, true), dc.prev_score + (q % m) * row, row});
+      }
+    }
+    for (int64_t q = std::max(pos0, end - m); q < end; ++q) {  // Each slot's newest row.
+      late->push_back({src(q, false), dc.kv + (q % m) * row, row});
+      late->push_back({src(q, true), dc.score + (q % m) * row, row});
+    }
+  }
+  first[ns] = static_cast<int64_t>(epos.size());
+  const int64_t ne = first[ns];
+  Buf<float> pooled(s);
+  Buf<const float*> d_pk(s), d_ps(s);
+  Buf<int32_t> d_begin(s);
+  Buf<int64_t> d_epos(s);
+  const float* host_entries = nullptr;
+  if (ne > 0) {
+    RETURN_IF_ERROR(d_pk.Upload(pk));
+    RETURN_IF_ERROR(d_ps.Upload(ps));
+    RETURN_IF_ERROR(d_begin.Upload(begin));
+    RETURN_IF_ERROR(d_epos.Upload(epos));
+    RETURN_IF_ERROR(pooled.Alloc(ne * width));
+    k::PoolEntries<<<ne, 128, 0, s>>>(d_pk.get(), d_ps.get(), d_begin.get(), width, pooled.get());
+    V4_LAUNCH_CHECK(PoolEntries);
+    k::RmsNorm<<<ne, 256, 0, s>>>(pooled.get(), width, job.w->norm, c_.rms_norm_eps);
+    V4_LAUNCH_CHECK(RmsNorm);
+    k::Rope<<<Blocks(ne * rd / 2, 256), 256, 0, s>>>(pooled.get(), ne, width, width - rd, rd, d_epos.get(), 1,
+                                                     inv_comp_, false);
+    V4_LAUNCH_CHECK(Rope);
+    for (size_t i = 0; i < ns; ++i) {
+      const DeviceStateCache::Layer& dl = copies[i]->layers[li];
+      early.push_back({pooled.get() + first[i] * width,
+                       (job.which == 0 ? dl.entries : dl.keys) + n_before[i] * width,
+                       (first[i + 1] - first[i]) * width});
+    }
+    ASSIGN_OR_RETURN(float* h, arena_.Take(ne * width));
+    V4_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(h, pooled.get(), ne * width * 4, cudaMemcpyDeviceToHost, s));
+    host_entries = h;
+  }
+  RETURN_IF_ERROR(CopySpans(early, s));      // Before `pooled` is freed, in stream order.
+  const int64_t keep = overlap ? 2 * m : m;  // Rows that decide the host state's windows.
+  ASSIGN_OR_RETURN(const std::vector<const float*> kv_rows, DownloadTails(job.kv, row, segments, keep));
+  ASSIGN_OR_RETURN(const std::vector<const float*> sc_rows, DownloadTails(job.score, row, segments, keep));
+  const int which = job.which;
+  finish->push_back([segments, li, which, width, row, keep, first, host_entries, kv_rows, sc_rows] {
+    for (size_t i = 0; i < segments.size(); ++i) {
+      const ForwardSegment& seg = segments[i];
+      AttentionLayerState& st = seg.state->layers[li];
+      CompressorState& hs = which == 0 ? st.compressor : st.indexer_compressor;
+      const int64_t t = std::min(seg.count, keep), end = seg.state->position + seg.count;
+      for (int64_t j = 0; j < t; ++j) {
+        if (cpu::CompressorWriteRow(kv_rows[i] + j * row, sc_rows[i] + j * row, end - t + j, &hs)) {
+          cpu::CompressorCloseWindow(&hs);
+        }
+      }
+      std::vector<float>& dst = which == 0 ? st.entries : st.indexer_keys;
+      if (first[i + 1] > first[i]) {
+        dst.insert(dst.end(), host_entries + first[i] * width, host_entries + first[i + 1] * width);
+      }
+    }
+  });
+  return absl::OkStatus();
+}
+
 absl::Status CudaBackend::Attention(const LayerW& w, int64_t layer, absl::Span<const ForwardSegment> segments,
-                                    const float* x, int64_t n, float* out) const {
+                                    absl::Span<DeviceStateCache::Copy* const> copies, const float* x,
+                                    int64_t n, float* out, Finish* finish) const {
   const ModelConfig& c = c_;
   const int64_t h = c.num_attention_heads, hd = c.head_dim, rd = c.qk_rope_head_dim;
   const int64_t win = c.sliding_window, ratio = c.compress_ratios[static_cast<size_t>(layer)];
@@ -615,7 +852,6 @@ absl::Status CudaBackend::Attention(const LayerW& w, int64_t layer, absl::Span<c
   const int64_t coff = csa ? 2 : 1, ih = c.index_n_heads, id = c.index_head_dim;
   const double eps = c.rms_norm_eps;
   const float* inv = ratio > 0 ? inv_comp_ : inv_main_;
-  const cpu::RopeTable& rope = ratio > 0 ? rope_comp_ : rope_main_;
   cudaStream_t s = stream_;
 
   Buf<float> qr(s), q(s), kv(s), ckv(s), cscore(s), iq(s), iw(s), ikv(s), iscore(s);
@@ -669,38 +905,41 @@ absl::Status CudaBackend::Attention(const LayerW& w, int64_t layer, absl::Span<c
     V4_LAUNCH_CHECK(Scale);
   }
   RETURN_IF_ERROR(Mark(&counters_.s_attn_proj));
-  // The compressors run on the host over the states (cheap, sequential per token); their inputs come back.
-  std::vector<float> h_ckv, h_cscore, h_ikv, h_iscore;
+  // Entry counts after this call: a window completes at each position p with p % ratio == ratio - 1.
+  const size_t ns = segments.size();
+  std::vector<int64_t> n_before(ns), n_after(ns);
+  for (size_t i = 0; i < ns; ++i) {
+    const int64_t pos0 = segments[i].state->position, end = pos0 + segments[i].count;
+    n_before[i] =
+        static_cast<int64_t>(segments[i].state->layers[static_cast<size_t>(layer)].entries.size()) / hd;
+    n_after[i] = n_before[i] + (ratio > 0 ? end / ratio - pos0 / ratio : 0);
+    if (n_before[i] != copies[i]->layers[static_cast<size_t>(layer)].n_entries) {
+      return absl::InternalError(absl::StrCat("layer ", layer, ": the state holds ", n_before[i],
+                                              " compressed entries, its device copy ",
+                                              copies[i]->layers[static_cast<size_t>(layer)].n_entries));
+    }
+  }
+  // The compressors pool on the device into the device copies; `late` then moves this call's rows into
+  // their windows (after the pooling and the previous-window spans have read the old ones).
+  std::vector<CopySpan> late;
   if (ratio > 0) {
-    RETURN_IF_ERROR(ckv.Download(&h_ckv));
-    RETURN_IF_ERROR(cscore.Download(&h_cscore));
+    for (size_t i = 0; i < ns; ++i) RETURN_IF_ERROR(state_cache_->Reserve(layer, n_after[i], copies[i]));
+    const CompressJob main{&w.compressor, 0, hd, ckv.get(), cscore.get()};
+    RETURN_IF_ERROR(Compress(main, layer, segments, copies, n_before, n, d_pos.get(), &late, finish));
     if (csa) {
-      RETURN_IF_ERROR(ikv.Download(&h_ikv));
-      RETURN_IF_ERROR(iscore.Download(&h_iscore));
+      const CompressJob indexer{&w.indexer_compressor, 1, id, ikv.get(), iscore.get()};
+      RETURN_IF_ERROR(Compress(indexer, layer, segments, copies, n_before, n, d_pos.get(), &late, finish));
     }
-    RETURN_IF_ERROR(Sync());
-    const cpu::Numerics num{false};
-    for (const ForwardSegment& seg : segments) {
-      AttentionLayerState& st = seg.state->layers[static_cast<size_t>(layer)];
-      for (int64_t t = 0; t < seg.count; ++t) {
-        const int64_t r = seg.begin + t, p = seg.state->position + t;
-        cpu::CompressorPush(w.compressor.host, rope, rd, eps, num, false, &h_ckv[r * coff * hd],
-                            &h_cscore[r * coff * hd], p, &st.compressor, &st.entries);
-        if (csa) {
-          cpu::CompressorPush(w.indexer_compressor.host, rope, rd, eps, num, true, &h_ikv[r * coff * id],
-                              &h_iscore[r * coff * id], p, &st.indexer_compressor, &st.indexer_keys);
-        }
-      }
-    }
+    for (size_t i = 0; i < ns; ++i) copies[i]->layers[static_cast<size_t>(layer)].n_entries = n_after[i];
   }
   // Key buffers: per segment its prior window keys (from the ring) then its own rows; its entries.
   std::vector<int64_t> win_start(static_cast<size_t>(n)), win_cnt(static_cast<size_t>(n)),
       ent_base(static_cast<size_t>(n)), vis(static_cast<size_t>(n));
   int64_t wk_rows = 0, ek_rows = 0, max_keys = 0, max_vis = 0;
-  for (const ForwardSegment& seg : segments) {
-    const AttentionLayerState& st = seg.state->layers[static_cast<size_t>(layer)];
+  for (size_t i = 0; i < ns; ++i) {
+    const ForwardSegment& seg = segments[i];
     const int64_t pos0 = seg.state->position, prior = std::min(pos0, win - 1);
-    const int64_t n_ent = static_cast<int64_t>(st.entries.size()) / hd;
+    const int64_t n_ent = n_after[i];
     for (int64_t t = 0; t < seg.count; ++t) {
       const int64_t r = seg.begin + t, p = pos0 + t;
       const int64_t first = std::max<int64_t>(p - win + 1, pos0 - prior);
@@ -718,37 +957,26 @@ absl::Status CudaBackend::Attention(const LayerW& w, int64_t layer, absl::Span<c
   RETURN_IF_ERROR(wk.Alloc(wk_rows * hd));
   RETURN_IF_ERROR(ek.Alloc(ek_rows * hd));
   if (csa) RETURN_IF_ERROR(ik.Alloc(ek_rows * id));
+  // Filled on the device from the states' device copies, in the launch that also moves `late`.
   {
     int64_t wo = 0, eo = 0;
-    std::vector<float> ring;
-    for (const ForwardSegment& seg : segments) {
-      const AttentionLayerState& st = seg.state->layers[static_cast<size_t>(layer)];
+    for (size_t i = 0; i < ns; ++i) {
+      const ForwardSegment& seg = segments[i];
+      const DeviceStateCache::Layer& dl = copies[i]->layers[static_cast<size_t>(layer)];
       const int64_t pos0 = seg.state->position, prior = std::min(pos0, win - 1);
-      ring.resize(static_cast<size_t>(prior * hd));
-      for (int64_t i = 0; i < prior; ++i) {
-        const int64_t p = pos0 - prior + i;
-        std::copy(&st.window[(p % win) * hd], &st.window[(p % win) * hd] + hd, &ring[i * hd]);
+      if (prior > 0) {  // Ring slots of positions pos0 - prior .. pos0 - 1: one run, or two if it wraps.
+        const int64_t s0 = (pos0 - prior) % win, run = std::min(prior, win - s0);
+        late.push_back({dl.window + s0 * hd, wk.get() + wo * hd, run * hd});
+        late.push_back({dl.window, wk.get() + (wo + run) * hd, (prior - run) * hd});
       }
-      // Pageable host memory: the copy completes before cudaMemcpyAsync returns, so `ring` may be reused.
-      if (prior > 0) {
-        V4_CUDA_RETURN_IF_ERROR(
-            cudaMemcpyAsync(wk.get() + wo * hd, ring.data(), prior * hd * 4, cudaMemcpyHostToDevice, s));
-      }
-      V4_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(wk.get() + (wo + prior) * hd, kv.get() + seg.begin * hd,
-                                              seg.count * hd * 4, cudaMemcpyDeviceToDevice, s));
+      late.push_back({kv.get() + seg.begin * hd, wk.get() + (wo + prior) * hd, seg.count * hd});
       wo += prior + seg.count;
-      const int64_t n_ent = static_cast<int64_t>(st.entries.size()) / hd;
-      if (n_ent > 0) {
-        V4_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(ek.get() + eo * hd, st.entries.data(), n_ent * hd * 4,
-                                                cudaMemcpyHostToDevice, s));
-        if (csa) {
-          V4_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(ik.get() + eo * id, st.indexer_keys.data(), n_ent * id * 4,
-                                                  cudaMemcpyHostToDevice, s));
-        }
-      }
-      eo += n_ent;
+      late.push_back({dl.entries, ek.get() + eo * hd, n_after[i] * hd});
+      if (csa) late.push_back({dl.keys, ik.get() + eo * id, n_after[i] * id});
+      eo += n_after[i];
     }
-  }  // Pageable uploads are staged before cudaMemcpyAsync returns, so `ring` may be reused at once.
+  }
+  RETURN_IF_ERROR(CopySpans(late, s));
   counters_.kv_bytes += (wk_rows * hd + ek_rows * hd + (csa ? ek_rows * id : 0)) * 4;
   RETURN_IF_ERROR(Mark(&counters_.s_attn_host));
   Buf<int64_t> d_ws(s), d_wc(s), d_eb(s), d_vis(s);
@@ -789,25 +1017,30 @@ absl::Status CudaBackend::Attention(const LayerW& w, int64_t layer, absl::Span<c
   k::Rope<<<Blocks(n * h * rd / 2, 256), 256, 0, s>>>(o.get(), n * h, hd, hd - rd, rd, d_pos.get(), h, inv,
                                                       true);
   V4_LAUNCH_CHECK(Rope);
-  // Window rings take each segment's last `win` rows (one copy for a batch, the tail for one long chunk).
-  std::vector<float> rows;
-  int64_t rows_begin = 0;
-  if (segments.size() == 1) {
-    rows_begin = std::max<int64_t>(0, n - win);
-    rows.resize(static_cast<size_t>((n - rows_begin) * hd));
-  } else {
-    rows.resize(static_cast<size_t>(n * hd));
+  // Each segment's last `win` rows into its device ring (after the attention read the old ring, in stream
+  // order), and at the end of the forward into the host ring.
+  std::vector<CopySpan> ring_spans;
+  for (size_t i = 0; i < ns; ++i) {
+    const ForwardSegment& seg = segments[i];
+    float* ring = copies[i]->layers[static_cast<size_t>(layer)].window;
+    const int64_t t0 = std::max<int64_t>(0, seg.count - win), rows = seg.count - t0;
+    const int64_t s0 = (seg.state->position + t0) % win, run = std::min(rows, win - s0);
+    ring_spans.push_back({kv.get() + (seg.begin + t0) * hd, ring + s0 * hd, run * hd});
+    ring_spans.push_back({kv.get() + (seg.begin + t0 + run) * hd, ring, (rows - run) * hd});
   }
-  V4_CUDA_RETURN_IF_ERROR(
-      cudaMemcpyAsync(rows.data(), kv.get() + rows_begin * hd, rows.size() * 4, cudaMemcpyDeviceToHost, s));
-  RETURN_IF_ERROR(Sync());
-  for (const ForwardSegment& seg : segments) {
-    AttentionLayerState& st = seg.state->layers[static_cast<size_t>(layer)];
-    for (int64_t t = std::max<int64_t>(0, seg.count - win); t < seg.count; ++t) {
-      const int64_t p = seg.state->position + t, r = seg.begin + t - rows_begin;
-      std::copy(&rows[r * hd], &rows[(r + 1) * hd], &st.window[(p % win) * hd]);
+  RETURN_IF_ERROR(CopySpans(ring_spans, s));
+  ASSIGN_OR_RETURN(const std::vector<const float*> tails, DownloadTails(kv.get(), hd, segments, win));
+  finish->push_back([segments, layer, win, hd, tails] {
+    for (size_t i = 0; i < segments.size(); ++i) {
+      const ForwardSegment& seg = segments[i];
+      AttentionLayerState& st = seg.state->layers[static_cast<size_t>(layer)];
+      const int64_t t0 = std::max<int64_t>(0, seg.count - win);
+      for (int64_t t = t0; t < seg.count; ++t) {
+        const int64_t p = seg.state->position + t;
+        std::copy_n(tails[i] + (t - t0) * hd, hd, &st.window[(p % win) * hd]);
+      }
     }
-  }
+  });
   RETURN_IF_ERROR(Mark(&counters_.s_attn_kernels));
   // Grouped low-rank output projection, then wo_b.
   const int64_t g = c.o_groups, rank = c.o_lora_rank, gin = h * hd / g;
@@ -1017,6 +1250,17 @@ absl::StatusOr<std::vector<float>> CudaBackend::Forward(absl::Span<const Forward
   RETURN_IF_ERROR(comb.Alloc(n * hc * hc));
   k::Embed<<<n, 256, 0, s>>>(d_tok.get(), embed_.p, embed_.bf16, hc, d, streams.get());
   V4_LAUNCH_CHECK(Embed);
+  arena_.Reset();  // The previous forward's copies to it have completed (it synchronized).
+  Finish finish;
+  std::vector<DeviceStateCache::Copy*> copies;
+  absl::Cleanup abort_copies = [this] { state_cache_->Abort(); };
+  const int64_t hits0 = state_cache_->hits(), misses0 = state_cache_->misses();
+  for (const ForwardSegment& seg : segments) {
+    ASSIGN_OR_RETURN(DeviceStateCache::Copy * copy, state_cache_->Acquire(seg.state));
+    copies.push_back(copy);
+  }
+  counters_.states_cached = state_cache_->hits() - hits0;
+  counters_.states_uploaded = state_cache_->misses() - misses0;
   if (profile_) {
     RETURN_IF_ERROR(Sync());
     mark_ = std::chrono::steady_clock::now();
@@ -1027,7 +1271,7 @@ absl::StatusOr<std::vector<float>> CudaBackend::Forward(absl::Span<const Forward
     k::RmsNorm<<<n, 256, 0, s>>>(collapsed.get(), d, w.attn_norm, c.rms_norm_eps);
     V4_LAUNCH_CHECK(RmsNorm);
     RETURN_IF_ERROR(Mark(&counters_.s_mhc));
-    RETURN_IF_ERROR(Attention(w, l, segments, collapsed.get(), n, sub.get()));
+    RETURN_IF_ERROR(Attention(w, l, segments, copies, collapsed.get(), n, sub.get(), &finish));
     k::HcPost<<<Blocks(n * d, 256), 256, 0, s>>>(streams.get(), sub.get(), post.get(), comb.get(), n,
                                                  static_cast<int>(hc), d);
     V4_LAUNCH_CHECK(HcPost);
@@ -1043,7 +1287,6 @@ absl::StatusOr<std::vector<float>> CudaBackend::Forward(absl::Span<const Forward
     counters_.activation_bytes += n * hc * d * 4 * 6;  // Two sites: read for the mixes, read + write post.
     RETURN_IF_ERROR(Mark(&counters_.s_mhc));
   }
-  for (const ForwardSegment& seg : segments) seg.state->position += seg.count;
   // Final collapse, norm and head for the requested rows.
   const int64_t m = static_cast<int64_t>(logit_rows.size());
   Buf<float> picked(s), hidden(s), mixes(s), rs(s), logits(s);
@@ -1065,10 +1308,27 @@ absl::StatusOr<std::vector<float>> CudaBackend::Forward(absl::Span<const Forward
   V4_LAUNCH_CHECK(RmsNorm);
   RETURN_IF_ERROR(logits.Alloc(m * c.vocab_size));
   RETURN_IF_ERROR(Linear(hidden.get(), m, head_, logits.get()));
+  // Decode-sized logits go through page-locked memory (a pageable copy of batch 64's 33 MB ran at a few
+  // GB/s); larger ones (every row of a long prefill) straight to pageable memory.
+  const int64_t nl = m * c.vocab_size;
+  constexpr int64_t kPinnedFloats = int64_t{64} << 20;  // 256 MiB.
+  const float* pinned = nullptr;
   std::vector<float> out;
-  RETURN_IF_ERROR(logits.Download(&out));
+  if (nl <= kPinnedFloats) {
+    ASSIGN_OR_RETURN(float* p, arena_.Take(nl));
+    V4_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(p, logits.get(), nl * 4, cudaMemcpyDeviceToHost, s));
+    pinned = p;
+  } else {
+    RETURN_IF_ERROR(logits.Download(&out));
+  }
   if (final_streams != nullptr) RETURN_IF_ERROR(streams.Download(final_streams));
+  // The forward's one synchronization; then the host states take what it computed, in order.
   RETURN_IF_ERROR(Sync());
+  for (const std::function<void()>& f : finish) f();
+  for (const ForwardSegment& seg : segments) seg.state->position += seg.count;
+  std::move(abort_copies).Cancel();
+  state_cache_->Commit();
+  if (pinned != nullptr) out.assign(pinned, pinned + nl);
   RETURN_IF_ERROR(Mark(&counters_.s_head));
   return out;
 }

@@ -6,8 +6,10 @@
 // hash), token permutation, the expert GEMMs (one grouped GEMV launch for decode-sized groups, cuBLAS per
 // expert for prefill-sized groups) and the LM head; greedy sampling (ArgmaxRows) on the device.
 // What stays on the host: the sequence states (model/sequence_state.h, the KV store's format) and the
-// streaming compressors, which run model/cpu/compressor.cc on the projected rows copied back; the window
-// ring and compressed entries a call needs are uploaded per call. docs/PERFORMANCE.md says what that costs.
+// streaming compressors, which run model/cpu/compressor.cc on the projected rows copied back. The window
+// rings, compressed entries and indexer keys also live on the device between calls
+// (model/cuda/device_state_cache.h), so a decode step uploads only the entries the host compressor just
+// emitted. docs/PERFORMANCE.md says what each costs.
 //
 // Thread-safety: like Model, one Forward at a time (one stream, one cuBLAS handle).
 #ifndef V4SERVE_MODEL_CUDA_CUDA_BACKEND_H_
@@ -50,6 +52,8 @@ struct ForwardCounters {
   double gemm_flops = 0;         // 2*m*n*k over every GEMM.
   double attention_flops = 0;    // QK and PV products, indexer scores.
   int64_t experts_touched = 0;   // Distinct (layer, expert) pairs with at least one row.
+  // Sequences whose device copy was still valid / that were uploaded whole (device_state_cache.h).
+  int64_t states_cached = 0, states_uploaded = 0;
   // Wall seconds per phase, filled only when V4SERVE_CUDA_PROFILE=1 was set at load (the backend then
   // synchronizes at each phase boundary, which itself costs time): mHC + norms, attention projections,
   // host side of attention (compressor, key staging), attention kernels (indexer, top-k, attention, ring),

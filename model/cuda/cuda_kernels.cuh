@@ -631,6 +631,36 @@ __global__ void Mxfp4ToBf16(const uint8_t* codes, const uint8_t* scales, int64_t
   }
 }
 
+// The streaming compressor (model/cpu/compressor.cc) on the device. AddApe adds the positional bias of each
+// row's window slot to its gate scores (score[r] += ape[pos[r] % ratio], rows of `row` values), as
+// CompressorPush does when it stores a row.
+__global__ void AddApe(float* score, int64_t rows, int64_t row, const int64_t* pos, int64_t ratio,
+                       const float* ape) {
+  const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (idx >= rows * row) return;
+  const int64_t r = idx / row, f = idx % row;
+  score[idx] += ape[(pos[r] % ratio) * row + f];
+}
+
+// One block per entry to emit: a softmax over the entry's source rows of each feature's gate scores pools
+// its kv values (CompressorPush's exact-mode order). Entry e pools rows [begin[e], begin[e + 1]) of the
+// tables, whose pointers already point at the feature half the row contributes (overlap: the previous
+// window's first half, then the current window's second half). out: [entries, width].
+__global__ void PoolEntries(const float* const* kv_rows, const float* const* score_rows, const int32_t* begin,
+                            int64_t width, float* out) {
+  const int e = blockIdx.x;
+  const int j0 = begin[e], j1 = begin[e + 1];
+  for (int64_t f = threadIdx.x; f < width; f += blockDim.x) {
+    float mx = -INFINITY;
+    for (int j = j0; j < j1; ++j) mx = fmaxf(mx, score_rows[j][f]);
+    float denom = 0;
+    for (int j = j0; j < j1; ++j) denom += expf(score_rows[j][f] - mx);
+    float acc = 0;
+    for (int j = j0; j < j1; ++j) acc += (expf(score_rows[j][f] - mx) / denom) * kv_rows[j][f];
+    out[e * width + f] = acc;
+  }
+}
+
 // Greedy sampling: the argmax of each row (ties: lowest index). One block per row.
 __global__ void ArgmaxRows(const float* x, int64_t cols, int32_t* out) {
   const float* v = x + blockIdx.x * cols;

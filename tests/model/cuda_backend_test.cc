@@ -25,6 +25,7 @@
 #include "model/model.h"
 #include "model/numeric_formats.h"
 #include "model/safetensors.h"
+#include "model/state_rollback.h"
 
 namespace v4serve::model {
 namespace {
@@ -192,6 +193,17 @@ double StateRelL2(const SequenceState& a, const SequenceState& b) {
     if (!b.layers[l].indexer_keys.empty()) {
       worst = std::max(worst, RelL2(a.layers[l].indexer_keys, b.layers[l].indexer_keys));
     }
+    // The compressors' windows (the GPU pools on the device and writes the same rows back to the host).
+    for (int which = 0; which < 2; ++which) {
+      const CompressorState& ca = which == 0 ? a.layers[l].compressor : a.layers[l].indexer_compressor;
+      const CompressorState& cb = which == 0 ? b.layers[l].compressor : b.layers[l].indexer_compressor;
+      EXPECT_EQ(ca.filled, cb.filled) << "layer " << l << " compressor " << which;
+      EXPECT_EQ(ca.has_prev, cb.has_prev) << "layer " << l << " compressor " << which;
+      if (cb.kv.empty()) continue;
+      worst = std::max({worst, RelL2(ca.kv, cb.kv), RelL2(ca.score, cb.score)});
+      if (cb.has_prev)
+        worst = std::max({worst, RelL2(ca.prev_kv, cb.prev_kv), RelL2(ca.prev_score, cb.prev_score)});
+    }
   }
   return worst;
 }
@@ -294,6 +306,89 @@ TEST(CudaModelTest, Fp32WeightsMatchWithASelectiveIndexer) {
 TEST(CudaModelTest, Bf16WeightsStayCloseToTheCpuReference) {
   SKIP_WITHOUT_GPU();
   CompareModel(CudaWeights::kBf16, 0, 5e-2, false);
+}
+
+// The backend keeps device copies of the states between calls (model/cuda/device_state_cache.h). Every way
+// a state can change outside the backend's own forward must make it upload the state again: a copy that
+// moves on separately, a rolled-back token, entries rewritten in place (with InvalidateDeviceCopy), and a
+// budget of 0 (nothing kept). Each step's logits against the CPU; a stale copy moves them by O(1).
+void CompareStateChanges(std::unique_ptr<Model> cpu, std::unique_ptr<Model> gpu, bool cached) {
+  ASSERT_TRUE(cpu && gpu);
+  SequenceState ca = cpu->NewState(), ga = gpu->NewState();
+  const std::vector<int32_t> prompt = Prompt(70, 3);
+  for (int64_t b = 0; b < 70; b += 29) {
+    absl::Span<const int32_t> chunk(&prompt[b], static_cast<size_t>(std::min<int64_t>(70, b + 29) - b));
+    auto lc = cpu->Prefill(&ca, chunk);
+    auto lg = gpu->Prefill(&ga, chunk);
+    ASSERT_TRUE(lc.ok() && lg.ok()) << lc.status() << lg.status();
+    EXPECT_LT(RelL2(*lg, *lc), 1e-4) << "prefill chunk at " << b;
+  }
+  auto decode = [&](std::vector<SequenceState*> c, std::vector<SequenceState*> g, std::vector<int32_t> tok,
+                    const char* what) {
+    auto lc = cpu->Decode(c, tok);
+    auto lg = gpu->Decode(g, tok);
+    ASSERT_TRUE(lc.ok() && lg.ok()) << what << ": " << lc.status() << lg.status();
+    EXPECT_LT(RelL2(*lg, *lc), 1e-4) << what;
+  };
+  decode({&ca}, {&ga}, {11}, "first decode");
+  // A copy: both move on, one at a time, then together.
+  SequenceState cb = ca, gb = ga;
+  decode({&ca}, {&ga}, {12}, "original after the copy");
+  decode({&cb}, {&gb}, {13}, "copy after the original moved on");
+  decode({&ca, &cb}, {&ga, &gb}, {14, 15}, "both in one batch");
+  // A rolled-back token (speculative decoding's rejected draft), then another token at its position.
+  for (int i = 0; i < 6; ++i) {  // Crosses compressed-entry boundaries (ratio 4), so entries are dropped too.
+    absl::StatusOr<TokenUndo> uc = SaveTokenUndo(cpu->config(), ca, ca.position);
+    absl::StatusOr<TokenUndo> ug = SaveTokenUndo(gpu->config(), ga, ga.position);
+    ASSERT_TRUE(uc.ok() && ug.ok());
+    decode({&ca}, {&ga}, {static_cast<int32_t>(20 + i)}, "draft token");
+    ASSERT_TRUE(UndoLastToken(*uc, &ca).ok());
+    ASSERT_TRUE(UndoLastToken(*ug, &ga).ok());
+    decode({&ca}, {&ga}, {static_cast<int32_t>(40 + i)}, "token after the rollback");
+  }
+  // Entries rewritten in place, same count.
+  for (SequenceState* s : {&ca, &ga}) {
+    for (AttentionLayerState& l : s->layers) {
+      for (float& v : l.entries) v = -v;
+    }
+  }
+  InvalidateDeviceCopy(&ga);
+  decode({&ca}, {&ga}, {60}, "after entries were rewritten in place");
+  absl::StatusOr<cuda::ForwardCounters> k = cuda::LastForwardCounters(gpu->backend());
+  ASSERT_TRUE(k.ok()) << k.status();
+  EXPECT_EQ(k->states_uploaded, 1);
+  decode({&ca, &cb}, {&ga, &gb}, {61, 62}, "batch after the rewrite");
+  EXPECT_LT(StateRelL2(ga, ca), 1e-4);
+  EXPECT_LT(StateRelL2(gb, cb), 1e-4);
+  k = cuda::LastForwardCounters(gpu->backend());
+  ASSERT_TRUE(k.ok()) << k.status();
+  // Both copies were kept, unless nothing is (budget 0).
+  EXPECT_EQ(k->states_cached, cached ? 2 : 0);
+  EXPECT_EQ(k->states_uploaded, cached ? 0 : 2);
+}
+
+TEST(CudaModelTest, DeviceStateCopiesFollowEveryChangeOfTheHostState) {
+  SKIP_WITHOUT_GPU();
+  Pair p = LoadPair(CudaWeights::kF32);
+  CompareStateChanges(std::move(p.cpu), std::move(p.gpu), true);
+}
+
+TEST(CudaModelTest, StateCacheBudgetZeroUploadsEveryCallAndABadBudgetIsAClearError) {
+  SKIP_WITHOUT_GPU();
+  setenv("V4SERVE_CUDA_STATE_CACHE_MB", "0", 1);
+  Pair p = LoadPair(CudaWeights::kF32);
+  CompareStateChanges(std::move(p.cpu), std::move(p.gpu), false);
+  setenv("V4SERVE_CUDA_STATE_CACHE_MB", "lots", 1);
+  absl::StatusOr<ModelConfig> config = LoadModelConfig(TinyDir());
+  absl::StatusOr<std::unique_ptr<Checkpoint>> ckpt = Checkpoint::Open(TinyDir());
+  ASSERT_TRUE(config.ok() && ckpt.ok());
+  ModelOptions go;
+  go.device = Device::kCuda;
+  auto g = Model::FromCheckpoint(*config, **ckpt, go);
+  unsetenv("V4SERVE_CUDA_STATE_CACHE_MB");
+  ASSERT_FALSE(g.ok());
+  EXPECT_EQ(g.status().code(), absl::StatusCode::kInvalidArgument) << g.status();
+  EXPECT_NE(g.status().message().find("V4SERVE_CUDA_STATE_CACHE_MB"), std::string::npos) << g.status();
 }
 
 TEST(CudaModelTest, AutoPicksCudaWithAGpuAndCudaFailsClearlyWithout) {

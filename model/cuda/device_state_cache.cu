@@ -1,0 +1,228 @@
+#include <algorithm>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "model/cuda/cuda_check.h"
+#include "model/cuda/device_state_cache.h"
+#include "services/status_macros.h"
+
+namespace v4serve::model::cuda {
+namespace {
+
+// Block (i, j) copies part j of span i; float4 where both ends are 16-byte aligned.
+__global__ void CopySpansKernel(const CopySpan* spans, int n) {
+  const int i = blockIdx.x;
+  if (i >= n) return;
+  const CopySpan sp = spans[i];
+  const int64_t stride = static_cast<int64_t>(gridDim.y) * blockDim.x;
+  const int64_t t0 = static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x;
+  const bool vec = ((reinterpret_cast<uintptr_t>(sp.src) | reinterpret_cast<uintptr_t>(sp.dst)) & 15) == 0;
+  int64_t done = 0;
+  if (vec) {
+    const int64_t n4 = sp.floats / 4;
+    const float4* s4 = reinterpret_cast<const float4*>(sp.src);
+    float4* d4 = reinterpret_cast<float4*>(sp.dst);
+    for (int64_t k = t0; k < n4; k += stride) d4[k] = s4[k];
+    done = n4 * 4;
+  }
+  for (int64_t k = done + t0; k < sp.floats; k += stride) sp.dst[k] = sp.src[k];
+}
+
+int64_t Floats(const std::vector<float>& v) { return static_cast<int64_t>(v.size()); }
+
+}  // namespace
+
+absl::Status CopySpans(const std::vector<CopySpan>& spans, cudaStream_t stream) {
+  std::vector<CopySpan> live;
+  int64_t most = 0;
+  for (const CopySpan& sp : spans) {
+    if (sp.floats <= 0) continue;
+    live.push_back(sp);
+    most = std::max(most, sp.floats);
+  }
+  if (live.empty()) return absl::OkStatus();
+  CopySpan* d = nullptr;
+  const size_t bytes = live.size() * sizeof(CopySpan);
+  V4_CUDA_RETURN_IF_ERROR(cudaMallocAsync(reinterpret_cast<void**>(&d), bytes, stream));
+  // Pageable source: staged before cudaMemcpyAsync returns, so `live` may go.
+  V4_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(d, live.data(), bytes, cudaMemcpyHostToDevice, stream));
+  const int64_t parts = std::clamp<int64_t>((most / 4 + 255) / 256, 1, 32);
+  CopySpansKernel<<<dim3(static_cast<unsigned>(live.size()), static_cast<unsigned>(parts)), 256, 0, stream>>>(
+      d, static_cast<int>(live.size()));
+  V4_CUDA_RETURN_IF_ERROR(cudaGetLastError());
+  V4_CUDA_RETURN_IF_ERROR(cudaFreeAsync(d, stream));
+  return absl::OkStatus();
+}
+
+DeviceStateCache::DeviceStateCache(const ModelConfig& config, cudaStream_t stream, int64_t budget_bytes)
+    : c_(config), stream_(stream), budget_(budget_bytes) {}
+
+DeviceStateCache::~DeviceStateCache() {
+  Abort();
+  for (auto& [tag, copy] : cached_) Free(copy.get());
+}
+
+void DeviceStateCache::Free(Copy* copy) {
+  for (Layer& l : copy->layers) {
+    for (float* p :
+         {l.window, l.entries, l.keys, l.compressor.kv, l.compressor.score, l.compressor.prev_kv,
+          l.compressor.prev_score, l.indexer.kv, l.indexer.score, l.indexer.prev_kv, l.indexer.prev_score}) {
+      if (p != nullptr) cudaFreeAsync(p, stream_);
+    }
+    l = Layer{};
+  }
+  bytes_ -= copy->bytes;
+  copy->bytes = 0;
+}
+
+absl::Status DeviceStateCache::Reserve(int64_t layer, int64_t n_entries, Copy* copy) {
+  Layer& l = copy->layers[static_cast<size_t>(layer)];
+  if (n_entries <= l.capacity) return absl::OkStatus();
+  const bool csa = c_.compress_ratios[static_cast<size_t>(layer)] == 4;
+  const int64_t cap = std::max<int64_t>({n_entries, 2 * l.capacity, 16});
+  const int64_t hd = c_.head_dim, id = csa ? c_.index_head_dim : 0;
+  float *entries = nullptr, *keys = nullptr;
+  V4_CUDA_RETURN_IF_ERROR(cudaMallocAsync(reinterpret_cast<void**>(&entries), cap * hd * 4, stream_));
+  if (id > 0) {
+    if (cudaError_t e = cudaMallocAsync(reinterpret_cast<void**>(&keys), cap * id * 4, stream_);
+        e != cudaSuccess) {
+      cudaFreeAsync(entries, stream_);
+      return CudaStatus(e, "cudaMallocAsync", __FILE__, __LINE__);
+    }
+  }
+  if (l.n_entries > 0) {
+    V4_CUDA_RETURN_IF_ERROR(
+        cudaMemcpyAsync(entries, l.entries, l.n_entries * hd * 4, cudaMemcpyDeviceToDevice, stream_));
+    if (id > 0) {
+      V4_CUDA_RETURN_IF_ERROR(
+          cudaMemcpyAsync(keys, l.keys, l.n_entries * id * 4, cudaMemcpyDeviceToDevice, stream_));
+    }
+  }
+  if (l.entries != nullptr) cudaFreeAsync(l.entries, stream_);
+  if (l.keys != nullptr) cudaFreeAsync(l.keys, stream_);
+  const int64_t grown = (cap - l.capacity) * (hd + id) * 4;
+  copy->bytes += grown;
+  bytes_ += grown;
+  l.entries = entries;
+  l.keys = keys;
+  l.capacity = cap;
+  return absl::OkStatus();
+}
+
+absl::Status DeviceStateCache::Put(const std::vector<float>& host, int64_t floats, float** dev, Copy* copy) {
+  const int64_t bytes = floats * 4;
+  V4_CUDA_RETURN_IF_ERROR(
+      cudaMallocAsync(reinterpret_cast<void**>(dev), std::max<int64_t>(bytes, 4), stream_));
+  copy->bytes += bytes;
+  bytes_ += bytes;
+  if (Floats(host) >= floats) {
+    V4_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(*dev, host.data(), bytes, cudaMemcpyHostToDevice, stream_));
+  } else {
+    V4_CUDA_RETURN_IF_ERROR(cudaMemsetAsync(*dev, 0, bytes, stream_));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status DeviceStateCache::UploadCompressor(const CompressorState& host, Compressor* dev, Copy* copy) {
+  const int64_t floats = host.ratio * (host.overlap ? 2 : 1) * host.width;
+  if (Floats(host.kv) != floats || Floats(host.score) != floats) {
+    return absl::InternalError(
+        absl::StrCat("compressor state holds ", host.kv.size(), " values, expected ", floats));
+  }
+  RETURN_IF_ERROR(Put(host.kv, floats, &dev->kv, copy));
+  RETURN_IF_ERROR(Put(host.score, floats, &dev->score, copy));
+  if (host.overlap) {
+    RETURN_IF_ERROR(Put(host.prev_kv, floats, &dev->prev_kv, copy));
+    RETURN_IF_ERROR(Put(host.prev_score, floats, &dev->prev_score, copy));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status DeviceStateCache::Upload(const SequenceState& state, Copy* copy) {
+  copy->position = state.position;
+  copy->layers.assign(state.layers.size(), Layer{});
+  for (size_t li = 0; li < state.layers.size(); ++li) {
+    const AttentionLayerState& ls = state.layers[li];
+    Layer& l = copy->layers[li];
+    if (!ls.window.empty()) RETURN_IF_ERROR(Put(ls.window, Floats(ls.window), &l.window, copy));
+    const int64_t ratio = c_.compress_ratios[li];
+    if (ratio == 0) continue;
+    RETURN_IF_ERROR(UploadCompressor(ls.compressor, &l.compressor, copy));
+    if (ratio == 4) RETURN_IF_ERROR(UploadCompressor(ls.indexer_compressor, &l.indexer, copy));
+    const int64_t hd = c_.head_dim, id = ratio == 4 ? c_.index_head_dim : 0;
+    const int64_t n = Floats(ls.entries) / hd;
+    if (Floats(ls.entries) != n * hd || Floats(ls.indexer_keys) != n * id) {
+      return absl::InternalError(absl::StrCat("layer ", li, ": ", ls.entries.size(), " entry values and ",
+                                              ls.indexer_keys.size(), " indexer key values do not match"));
+    }
+    RETURN_IF_ERROR(Reserve(static_cast<int64_t>(li), n, copy));
+    if (n > 0) {
+      V4_CUDA_RETURN_IF_ERROR(
+          cudaMemcpyAsync(l.entries, ls.entries.data(), n * hd * 4, cudaMemcpyHostToDevice, stream_));
+      if (id > 0) {
+        V4_CUDA_RETURN_IF_ERROR(
+            cudaMemcpyAsync(l.keys, ls.indexer_keys.data(), n * id * 4, cudaMemcpyHostToDevice, stream_));
+      }
+    }
+    l.n_entries = n;
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<DeviceStateCache::Copy*> DeviceStateCache::Acquire(SequenceState* state) {
+  for (auto& [s, copy] : held_) {
+    if (s == state) return copy.get();
+  }
+  std::unique_ptr<Copy> copy;
+  if (auto it = cached_.find(state->device_tag); state->device_tag != 0 && it != cached_.end()) {
+    copy = std::move(it->second);
+    cached_.erase(it);
+    bool valid = copy->position == state->position && copy->layers.size() == state->layers.size();
+    for (size_t l = 0; valid && l < state->layers.size(); ++l) {
+      const int64_t n = Floats(state->layers[l].entries) / c_.head_dim;
+      valid = copy->layers[l].n_entries == n &&
+              (copy->layers[l].window != nullptr) == !state->layers[l].window.empty();
+    }
+    if (!valid) Free(copy.get());
+    if (valid) ++hits_;
+    if (!valid) copy.reset();
+  }
+  if (copy == nullptr) {
+    ++misses_;
+    copy = std::make_unique<Copy>();
+    if (absl::Status s = Upload(*state, copy.get()); !s.ok()) {
+      Free(copy.get());
+      return s;
+    }
+  }
+  copy->last_use = ++clock_;
+  state->device_tag = 0;  // Until Commit: a failed forward leaves no tag that names a stale copy.
+  held_.emplace_back(state, std::move(copy));
+  return held_.back().second.get();
+}
+
+void DeviceStateCache::Commit() {
+  for (auto& [state, copy] : held_) {
+    copy->position = state->position;
+    state->device_tag = ++next_tag_;
+    cached_[state->device_tag] = std::move(copy);
+  }
+  held_.clear();
+  if (bytes_ <= budget_) return;
+  std::vector<std::pair<uint64_t, uint64_t>> by_use;  // (last use, tag)
+  for (auto& [tag, copy] : cached_) by_use.emplace_back(copy->last_use, tag);
+  std::sort(by_use.begin(), by_use.end());
+  for (const auto& [use, tag] : by_use) {
+    if (bytes_ <= budget_) break;
+    auto it = cached_.find(tag);
+    Free(it->second.get());
+    cached_.erase(it);
+  }
+}
+
+void DeviceStateCache::Abort() {
+  for (auto& [state, copy] : held_) Free(copy.get());
+  held_.clear();
+}
+
+}  // namespace v4serve::model::cuda
