@@ -691,7 +691,7 @@ absl::Status CudaBackend::HcPre(const HcW& w, const float* streams, int64_t n, f
   RETURN_IF_ERROR(mixes.Alloc(n * mix));
   RETURN_IF_ERROR(rs.Alloc(n));
   RETURN_IF_ERROR(Linear(streams, n, w.fn, mixes.get()));
-  k::RowRsqrt<<<n, 256, 0, stream_>>>(streams, hc * d, c.rms_norm_eps, rs.get());
+  k::RowRsqrt<<<n, 1024, 0, stream_>>>(streams, hc * d, c.rms_norm_eps, rs.get());
   V4_LAUNCH_CHECK(RowRsqrt);
   k::HcMix<<<n, 256, 0, stream_>>>(mixes.get(), rs.get(), w.base, w.scale, static_cast<int>(hc),
                                    static_cast<int>(c.hc_sinkhorn_iters), static_cast<float>(c.hc_eps),
@@ -988,9 +988,11 @@ absl::Status CudaBackend::Attention(const LayerW& w, int64_t layer, absl::Span<c
   Buf<int32_t> sel(s), sel_cnt(s);
   if (csa && max_vis > 0) {
     RETURN_IF_ERROR(sc.Alloc(n * max_vis));
-    const int64_t chunks = std::min<int64_t>(Blocks(max_vis, 8 * 16), 64);
-    k::IndexerScores<<<dim3(static_cast<unsigned>(n), static_cast<unsigned>(chunks)), 256, ih * id * 4, s>>>(
-        iq.get(), iw.get(), ik.get(), d_eb.get(), d_vis.get(), ih, id, max_vis, sc.get());
+    // Enough blocks to fill the GPU at small batches (a warp per entry at most); one per row when long.
+    const int64_t chunks = std::clamp<int64_t>(Blocks(2 * 132, n), 1, Blocks(max_vis, 8));
+    k::IndexerScores<<<dim3(static_cast<unsigned>(n), static_cast<unsigned>(chunks)), 256,
+                       k::IndexerScoresSmem(ih, id, 8), s>>>(iq.get(), iw.get(), ik.get(), d_eb.get(),
+                                                             d_vis.get(), ih, id, max_vis, sc.get());
     V4_LAUNCH_CHECK(IndexerScores);
     RETURN_IF_ERROR(sel.Alloc(n * c.index_topk));
     RETURN_IF_ERROR(sel_cnt.Alloc(n));
@@ -1125,7 +1127,7 @@ absl::Status CudaBackend::Moe(const LayerW& w, int64_t layer, bool hash, const f
   RETURN_IF_ERROR(Linear(x, n, w.gate, logits.get()));
   RETURN_IF_ERROR(sel.Alloc(n * kk));
   RETURN_IF_ERROR(wts.Alloc(n * kk));
-  k::Route<<<n, 128, 2 * ne * 4, s>>>(logits.get(), ne, kk, c.scoring_func == "sigmoid",
+  k::Route<<<n, 128, 3 * ne * 4, s>>>(logits.get(), ne, kk, c.scoring_func == "sigmoid",
                                       hash ? nullptr : w.gate_bias, hash ? w.tid2eid : nullptr, d_tokens,
                                       static_cast<float>(c.routed_scaling_factor), sel.get(), wts.get());
   V4_LAUNCH_CHECK(Route);
@@ -1170,7 +1172,8 @@ absl::Status CudaBackend::Moe(const LayerW& w, int64_t layer, bool hash, const f
     V4_LAUNCH_CHECK(SwiGlu);
     RETURN_IF_ERROR(ExpertGemmDevice(w.w2, groups, eg.get(), active.get(), n_active.get(), start.get(),
                                      cnt.get(), ey.get()));
-    k::CombineExperts<<<n, 256, 0, s>>>(out, ey.get(), row_slots.get(), kk, d);
+    k::CombineExperts<<<dim3(static_cast<unsigned>(n), static_cast<unsigned>(Blocks(d, 256))), 256, 0, s>>>(
+        out, ey.get(), row_slots.get(), kk, d);
     V4_LAUNCH_CHECK(CombineExperts);
     return absl::OkStatus();
   }
@@ -1226,7 +1229,8 @@ absl::Status CudaBackend::Moe(const LayerW& w, int64_t layer, bool hash, const f
   k::SwiGlu<<<Blocks(slots * inter, 256), 256, 0, s>>>(eg.get(), eu.get(), slots, inter, d_slot_w.get(), lim);
   V4_LAUNCH_CHECK(SwiGlu);
   RETURN_IF_ERROR(ExpertGemmHost(w.w2, eg.get(), g_expert, g_off, g_cnt, ey.get()));
-  k::CombineExperts<<<n, 256, 0, s>>>(out, ey.get(), d_row_slots.get(), kk, d);
+  k::CombineExperts<<<dim3(static_cast<unsigned>(n), static_cast<unsigned>(Blocks(d, 256))), 256, 0, s>>>(
+      out, ey.get(), d_row_slots.get(), kk, d);
   V4_LAUNCH_CHECK(CombineExperts);
   return absl::OkStatus();  // Pageable uploads are staged before cudaMemcpyAsync returns.
 }
@@ -1299,7 +1303,7 @@ absl::StatusOr<std::vector<float>> CudaBackend::Forward(absl::Span<const Forward
   RETURN_IF_ERROR(rs.Alloc(m));
   RETURN_IF_ERROR(hidden.Alloc(m * d));
   RETURN_IF_ERROR(Linear(picked.get(), m, hc_head_.fn, mixes.get()));
-  k::RowRsqrt<<<m, 256, 0, s>>>(picked.get(), hc * d, c.rms_norm_eps, rs.get());
+  k::RowRsqrt<<<m, 1024, 0, s>>>(picked.get(), hc * d, c.rms_norm_eps, rs.get());
   V4_LAUNCH_CHECK(RowRsqrt);
   k::HcHeadMix<<<m, 256, 0, s>>>(mixes.get(), rs.get(), hc_head_.base, hc_head_.scale, static_cast<int>(hc),
                                  static_cast<float>(c.hc_eps), picked.get(), d, hidden.get());

@@ -94,7 +94,41 @@ __global__ void HcMix(const float* mixes, const float* rs, const float* base, co
   const int mix = (2 + hc) * hc;
   __shared__ float pre[kMaxHc];
   __shared__ float cm[kMaxHc * kMaxHc];
-  if (threadIdx.x == 0) {
+  if (hc * hc <= 32) {
+    // The first warp, a lane per comb element (j, k) = (lane / hc, lane % hc): the same operations in the
+    // same order as the serial version below, sums read lane by lane through shuffles.
+    if (threadIdx.x < 32) {
+      const unsigned full = 0xffffffffu;
+      const int lane = threadIdx.x, j = lane / hc, kc = lane % hc;
+      const bool on = lane < hc * hc;
+      const float* m = mixes + t * mix;
+      const float r = rs[t];
+      if (lane < hc) {
+        pre[lane] = SigmoidF((m[lane] * r) * scale[0] + base[lane]) + eps;
+        post_out[t * hc + lane] = 2.0f * SigmoidF((m[hc + lane] * r) * scale[1] + base[hc + lane]);
+      }
+      float v = on ? (m[2 * hc + lane] * r) * scale[2] + base[2 * hc + lane] : 0.0f;
+      auto row_at = [&](float x, int q) { return __shfl_sync(full, x, (j * hc + q) & 31); };
+      auto col_at = [&](float x, int q) { return __shfl_sync(full, x, (q * hc + kc) & 31); };
+      float mx = -INFINITY;
+      for (int q = 0; q < hc; ++q) mx = fmaxf(mx, row_at(v, q));
+      v = expf(v - mx);
+      float sum = 0;
+      for (int q = 0; q < hc; ++q) sum += row_at(v, q);
+      v = v / sum + eps;
+      for (int it = 0; it < iters; ++it) {
+        if (it > 0) {
+          sum = 0;
+          for (int q = 0; q < hc; ++q) sum += row_at(v, q);
+          v /= (sum + eps);
+        }
+        sum = 0;
+        for (int q = 0; q < hc; ++q) sum += col_at(v, q);
+        v /= (sum + eps);
+      }
+      if (on) comb_out[t * hc * hc + lane] = v;
+    }
+  } else if (threadIdx.x == 0) {
     const float* m = mixes + t * mix;
     const float r = rs[t];
     for (int j = 0; j < hc; ++j) {
@@ -198,26 +232,39 @@ __global__ void ToBf16(const float* x, int64_t n, __nv_bfloat16* y) {
 }
 
 // Lightning indexer scores: sc[r, s] = sum_h relu(iq[r,h] · ik[base_r + s]) * iw[r,h] for s < vis[r].
-// Grid (rows, chunks); a warp per entry; the row's query heads in shared memory.
+// Grid (rows, chunks); a warp per entry, its lanes over the heads (each dot product in index order), the
+// row's query heads (rows padded by one against bank conflicts), head weights and each warp's key in shared
+// memory: IndexerScoresSmem bytes.
+__host__ __device__ inline int64_t IndexerScoresSmem(int64_t ih, int64_t id, int warps) {
+  return (ih * (id + 1) + ih + warps * id) * 4;
+}
 __global__ void IndexerScores(const float* iq, const float* iw, const float* ik, const int64_t* ent_base,
                               const int64_t* vis, int64_t ih, int64_t id, int64_t ld, float* sc) {
   extern __shared__ float q_sh[];
-  const int64_t r = blockIdx.x;
-  for (int64_t i = threadIdx.x; i < ih * id; i += blockDim.x) q_sh[i] = iq[r * ih * id + i];
-  __syncthreads();
   const int warps = blockDim.x / 32, w = threadIdx.x / 32, lane = threadIdx.x % 32;
+  float* w_sh = q_sh + ih * (id + 1);
+  float* k_sh = w_sh + ih + w * id;
+  const int64_t r = blockIdx.x;
+  for (int64_t i = threadIdx.x; i < ih * id; i += blockDim.x)
+    q_sh[(i / id) * (id + 1) + i % id] = iq[r * ih * id + i];
+  for (int64_t i = threadIdx.x; i < ih; i += blockDim.x) w_sh[i] = iw[r * ih + i];
+  __syncthreads();
   const int64_t n = vis[r];
   for (int64_t s = static_cast<int64_t>(blockIdx.y) * warps + w; s < n;
        s += static_cast<int64_t>(gridDim.y) * warps) {
     const float* k = ik + (ent_base[r] + s) * id;
+    for (int64_t i = lane; i < id; i += 32) k_sh[i] = k[i];
+    __syncwarp();
     float acc = 0;
-    for (int64_t hh = 0; hh < ih; ++hh) {
+    for (int64_t hh = lane; hh < ih; hh += 32) {
+      const float* qh = q_sh + hh * (id + 1);
       float dot = 0;
-      for (int64_t i = lane; i < id; i += 32) dot += q_sh[hh * id + i] * k[i];
-      dot = WarpSum(dot);
-      acc += fmaxf(dot, 0.0f) * iw[r * ih + hh];
+      for (int64_t i = 0; i < id; ++i) dot += qh[i] * k_sh[i];
+      acc += fmaxf(dot, 0.0f) * w_sh[hh];
     }
+    acc = WarpSum(acc);
     if (lane == 0) sc[r * ld + s] = acc;
+    __syncwarp();
   }
 }
 
@@ -350,6 +397,9 @@ __global__ void Route(const float* logits, int64_t ne, int64_t k, bool sigmoid, 
   extern __shared__ float rsh[];
   float* score = rsh;
   float* biased = rsh + ne;
+  int* taken = reinterpret_cast<int*>(rsh + 2 * ne);
+  __shared__ float part_v[32];
+  __shared__ int part_i[32];
   const int64_t r = blockIdx.x;
   for (int64_t e = threadIdx.x; e < ne; e += blockDim.x) {
     const float l = logits[r * ne + e];
@@ -362,24 +412,57 @@ __global__ void Route(const float* logits, int64_t ne, int64_t k, bool sigmoid, 
     }
     score[e] = s;
     biased[e] = s + (bias ? bias[e] : 0.0f);
+    taken[e] = 0;
+  }
+  __syncthreads();
+  int32_t* out = sel + r * k;
+  if (tid2eid != nullptr) {
+    for (int64_t j = threadIdx.x; j < k; j += blockDim.x)
+      out[j] = tid2eid[static_cast<int64_t>(tokens[r]) * k + j];
+  } else {
+    // k rounds of a block-wide argmax over the experts not taken yet; ties to the lowest index, as the CPU's
+    // ascending scan with a strict comparison.
+    const int warps = blockDim.x / 32, w = threadIdx.x / 32, lane = threadIdx.x % 32;
+    for (int64_t j = 0; j < k; ++j) {
+      float bv = -INFINITY;
+      int bi = -1;
+      for (int64_t e = threadIdx.x; e < ne; e += blockDim.x) {
+        if (taken[e]) continue;
+        if (bi < 0 || biased[e] > bv) {
+          bv = biased[e];
+          bi = static_cast<int>(e);
+        }
+      }
+      for (int o = 16; o > 0; o >>= 1) {
+        const float ov = __shfl_xor_sync(0xffffffffu, bv, o);
+        const int oi = __shfl_xor_sync(0xffffffffu, bi, o);
+        if (oi >= 0 && (bi < 0 || ov > bv || (ov == bv && oi < bi))) {
+          bv = ov;
+          bi = oi;
+        }
+      }
+      if (lane == 0) {
+        part_v[w] = bv;
+        part_i[w] = bi;
+      }
+      __syncthreads();
+      if (threadIdx.x == 0) {
+        float v = part_v[0];
+        int i = part_i[0];
+        for (int q = 1; q < warps; ++q) {
+          if (part_i[q] >= 0 && (i < 0 || part_v[q] > v || (part_v[q] == v && part_i[q] < i))) {
+            v = part_v[q];
+            i = part_i[q];
+          }
+        }
+        out[j] = i;
+        taken[i] = 1;
+      }
+      __syncthreads();
+    }
   }
   __syncthreads();
   if (threadIdx.x != 0) return;
-  int32_t* out = sel + r * k;
-  for (int64_t j = 0; j < k; ++j) {
-    if (tid2eid != nullptr) {
-      out[j] = tid2eid[static_cast<int64_t>(tokens[r]) * k + j];
-      continue;
-    }
-    int64_t best = -1;
-    for (int64_t e = 0; e < ne; ++e) {
-      bool taken = false;
-      for (int64_t p = 0; p < j; ++p) taken |= out[p] == e;
-      if (taken) continue;
-      if (best < 0 || biased[e] > biased[best]) best = e;
-    }
-    out[j] = static_cast<int32_t>(best);
-  }
   float sum = 0;
   for (int64_t j = 0; j < k; ++j) sum += score[out[j]];
   for (int64_t j = 0; j < k; ++j) wts[r * k + j] = score[out[j]] / sum * rsf;
@@ -405,9 +488,11 @@ __global__ void SwiGlu(float* g, const float* u, int64_t rows, int64_t inter, co
 }
 
 // out[r, :] += sum_j y[row_slots[r, j], :] in j order (slots sorted by expert, the CPU's order).
+// Grid (rows, any): block (r, b) takes features b * blockDim.x + thread, strided by the grid.
 __global__ void CombineExperts(float* out, const float* y, const int32_t* row_slots, int64_t k, int64_t d) {
   const int64_t r = blockIdx.x;
-  for (int64_t i = threadIdx.x; i < d; i += blockDim.x) {
+  for (int64_t i = static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x; i < d;
+       i += static_cast<int64_t>(gridDim.y) * blockDim.x) {
     float acc = out[r * d + i];
     for (int64_t j = 0; j < k; ++j) acc += y[static_cast<int64_t>(row_slots[r * k + j]) * d + i];
     out[r * d + i] = acc;
