@@ -327,9 +327,10 @@ class CudaBackend final : public ForwardBackend {
                    int64_t n, float* out) const;
   // Expert GEMMs over slots grouped by expert. Device path: GroupedGemv over all experts with the device's
   // counts and starts. Host path: cuBLAS per expert with host counts.
-  absl::Status ExpertGemmDevice(const Mat& w, int64_t groups, const float* xin, const int32_t* active,
-                                const int32_t* n_active, const int32_t* d_start, const int32_t* d_count,
-                                float* y) const;
+  // `narrow`: experts have one or two rows each, mostly (MXFP4 GEMV variant).
+  absl::Status ExpertGemmDevice(const Mat& w, int64_t groups, bool narrow, const float* xin,
+                                const int32_t* active, const int32_t* n_active, const int32_t* d_start,
+                                const int32_t* d_count, float* y) const;
   absl::Status ExpertGemmHost(const Mat& w, const float* xin, const std::vector<int32_t>& g_expert,
                               const std::vector<int32_t>& g_off, const std::vector<int32_t>& g_cnt,
                               float* y) const;
@@ -1053,16 +1054,22 @@ absl::Status CudaBackend::Attention(const LayerW& w, int64_t layer, absl::Span<c
   return Mark(&counters_.s_attn_out);
 }
 
-absl::Status CudaBackend::ExpertGemmDevice(const Mat& w, int64_t groups, const float* xin,
+absl::Status CudaBackend::ExpertGemmDevice(const Mat& w, int64_t groups, bool narrow, const float* xin,
                                            const int32_t* active, const int32_t* n_active,
                                            const int32_t* d_start, const int32_t* d_count, float* y) const {
   const dim3 grid(static_cast<unsigned>(groups), static_cast<unsigned>(Blocks(w.out, 8)));
   if (w.fp4) {
-    // 4 output rows per warp, 4 warps per block (168 registers a thread: 3 blocks per SM).
+    // 4 output rows per warp, 4 warps per block.
     constexpr int kRows = 4;
     const dim3 g4(static_cast<unsigned>(groups), static_cast<unsigned>(Blocks(w.out, 4 * kRows)));
-    k::GroupedGemvFp4<kRows><<<g4, 128, 0, stream_>>>(xin, static_cast<const uint8_t*>(w.p), w.scales, active,
-                                                      n_active, d_start, d_count, w.in, w.out, y);
+    const uint8_t* codes = static_cast<const uint8_t*>(w.p);
+    if (narrow) {
+      k::GroupedGemvFp4<kRows, 2>
+          <<<g4, 128, 0, stream_>>>(xin, codes, w.scales, active, n_active, d_start, d_count, w.in, w.out, y);
+    } else {
+      k::GroupedGemvFp4<kRows, k::kMaxGroupRows>
+          <<<g4, 128, 0, stream_>>>(xin, codes, w.scales, active, n_active, d_start, d_count, w.in, w.out, y);
+    }
   } else if (w.bf16) {
     k::GroupedGemv<k::kBf16>
         <<<grid, 256, 0, stream_>>>(xin, w.p, active, n_active, d_start, d_count, w.in, w.out, y);
@@ -1164,14 +1171,15 @@ absl::Status CudaBackend::Moe(const LayerW& w, int64_t layer, bool hash, const f
     RETURN_IF_ERROR(eu.Alloc(slots * inter));
     RETURN_IF_ERROR(ey.Alloc(slots * d));
     const int64_t groups = std::min(ne, slots);  // At most this many experts have rows.
-    RETURN_IF_ERROR(ExpertGemmDevice(w.w1, groups, xin.get(), active.get(), n_active.get(), start.get(),
-                                     cnt.get(), eg.get()));
-    RETURN_IF_ERROR(ExpertGemmDevice(w.w3, groups, xin.get(), active.get(), n_active.get(), start.get(),
-                                     cnt.get(), eu.get()));
+    const bool narrow = slots <= ne;
+    RETURN_IF_ERROR(ExpertGemmDevice(w.w1, groups, narrow, xin.get(), active.get(), n_active.get(),
+                                     start.get(), cnt.get(), eg.get()));
+    RETURN_IF_ERROR(ExpertGemmDevice(w.w3, groups, narrow, xin.get(), active.get(), n_active.get(),
+                                     start.get(), cnt.get(), eu.get()));
     k::SwiGlu<<<Blocks(slots * inter, 256), 256, 0, s>>>(eg.get(), eu.get(), slots, inter, slot_w.get(), lim);
     V4_LAUNCH_CHECK(SwiGlu);
-    RETURN_IF_ERROR(ExpertGemmDevice(w.w2, groups, eg.get(), active.get(), n_active.get(), start.get(),
-                                     cnt.get(), ey.get()));
+    RETURN_IF_ERROR(ExpertGemmDevice(w.w2, groups, narrow, eg.get(), active.get(), n_active.get(),
+                                     start.get(), cnt.get(), ey.get()));
     k::CombineExperts<<<dim3(static_cast<unsigned>(n), static_cast<unsigned>(Blocks(d, 256))), 256, 0, s>>>(
         out, ey.get(), row_slots.get(), kk, d);
     V4_LAUNCH_CHECK(CombineExperts);

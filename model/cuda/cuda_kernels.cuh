@@ -640,14 +640,17 @@ __device__ __forceinline__ uint32_t Word(const uint4& v, int i) {
   return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
 }
 
-// The MXFP4 grouped GEMV (same contract as GroupedGemv): a warp computes kRows consecutive output rows, so
+// The MXFP4 grouped GEMV (same contract as GroupedGemv, but kCols rows of an expert per pass over its
+// weights: 2 when decode batches give experts one or two rows each, which halves the registers and so
+// doubles the warps in flight, 8 otherwise): a warp computes kRows consecutive output rows, so
 // each activation float4 it loads serves kRows weight rows (the one-row version re-read the activations from
 // L1 for every 16 bytes of weights), and kRows independent 16-byte weight loads are in flight per lane. A
 // lane takes whole 32-value blocks; values are decoded four at a time and pre-scaled by their block scale.
-template <int kRows>
-__global__ void GroupedGemvFp4(const float* xin, const uint8_t* w, const uint8_t* scales,
-                               const int32_t* active, const int32_t* n_active, const int32_t* start,
-                               const int32_t* count, int64_t in, int64_t out, float* y) {
+template <int kRows, int kCols>
+__global__ void __launch_bounds__(128, kCols <= 2 ? 8 : 0)
+    GroupedGemvFp4(const float* xin, const uint8_t* w, const uint8_t* scales, const int32_t* active,
+                   const int32_t* n_active, const int32_t* start, const int32_t* count, int64_t in,
+                   int64_t out, float* y) {
   const int g = blockIdx.x;
   if (g >= *n_active) return;
   const int warps = blockDim.x / 32, lane = threadIdx.x % 32;
@@ -655,14 +658,14 @@ __global__ void GroupedGemvFp4(const float* xin, const uint8_t* w, const uint8_t
   if (o0 >= out) return;
   const int64_t e = active[g], off = start[e], bpr = in / 32;
   const int total = count[e];
-  for (int c0 = 0; c0 < total; c0 += kMaxGroupRows) {
-    const int cnt = min(kMaxGroupRows, total - c0);
+  for (int c0 = 0; c0 < total; c0 += kCols) {
+    const int cnt = min(kCols, total - c0);
     const float* xr = xin + (off + c0) * in;
-    float acc[kRows][kMaxGroupRows];
+    float acc[kRows][kCols];
 #pragma unroll
     for (int r = 0; r < kRows; ++r) {
 #pragma unroll
-      for (int c = 0; c < kMaxGroupRows; ++c) acc[r][c] = 0;
+      for (int c = 0; c < kCols; ++c) acc[r][c] = 0;
     }
     for (int64_t b = lane; b < bpr; b += 32) {
       uint4 raw[kRows];
@@ -683,7 +686,7 @@ __global__ void GroupedGemvFp4(const float* xin, const uint8_t* w, const uint8_t
           for (int t = 0; t < 4; ++t) wv[r][t] = Fp4Value((bits >> (4 * t)) & 15u) * sc[r];
         }
 #pragma unroll
-        for (int c = 0; c < kMaxGroupRows; ++c) {
+        for (int c = 0; c < kCols; ++c) {
           if (c < cnt) {
             const float4 a = reinterpret_cast<const float4*>(xr + c * in + b * 32)[q];
 #pragma unroll
@@ -696,7 +699,7 @@ __global__ void GroupedGemvFp4(const float* xin, const uint8_t* w, const uint8_t
 #pragma unroll
     for (int r = 0; r < kRows; ++r) {
 #pragma unroll
-      for (int c = 0; c < kMaxGroupRows; ++c) {
+      for (int c = 0; c < kCols; ++c) {
         const float v = WarpSum(acc[r][c]);
         if (lane == 0 && c < cnt && o0 + r < out) y[(off + c0 + c) * out + o0 + r] = v;
       }
