@@ -1,0 +1,379 @@
+// The CUDA backend: attention (projections, indexer, sparse/dense attention, window rings) and the
+// streaming compressors on the device. See cuda_backend_impl.cuh.
+#include <cmath>
+
+#include "model/cuda/cuda_backend_impl.cuh"
+#include "model/cuda/cuda_kernels.cuh"
+
+namespace v4serve::model::cuda::impl {
+
+namespace k = kernels;
+
+absl::Status CudaBackend::InitAttentionKernels(const cudaDeviceProp& prop) {
+  // Dynamic shared memory may take what the kernel's static shared memory leaves of the opt-in limit.
+  cudaFuncAttributes fa{};
+  V4_CUDA_RETURN_IF_ERROR(cudaFuncGetAttributes(&fa, k::Attention));
+  smem_optin_ = prop.sharedMemPerBlockOptin - fa.sharedSizeBytes;
+  V4_CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(k::Attention, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                               static_cast<int>(smem_optin_)));
+  V4_CUDA_RETURN_IF_ERROR(cudaFuncGetAttributes(&fa, k::IndexerScores));
+  V4_CUDA_RETURN_IF_ERROR(
+      cudaFuncSetAttribute(k::IndexerScores, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                           static_cast<int>(prop.sharedMemPerBlockOptin - fa.sharedSizeBytes)));
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::vector<const float*>> CudaBackend::DownloadTails(
+    const float* dev, int64_t width, absl::Span<const ForwardSegment> segments, int64_t keep) const {
+  int64_t rows = 0, tails = 0;
+  for (const ForwardSegment& seg : segments) {
+    rows = std::max(rows, seg.begin + seg.count);
+    tails += std::min(seg.count, keep);
+  }
+  std::vector<const float*> out;
+  if (rows <= 2 * tails || rows * width <= (int64_t{1} << 20)) {  // Mostly tails anyway (decode): one copy.
+    ASSIGN_OR_RETURN(float* h, arena_.Take(rows * width));
+    V4_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(h, dev, rows * width * 4, cudaMemcpyDeviceToHost, stream_));
+    for (const ForwardSegment& seg : segments) {
+      out.push_back(h + (seg.begin + seg.count - std::min(seg.count, keep)) * width);
+    }
+    return out;
+  }
+  for (const ForwardSegment& seg : segments) {
+    const int64_t t = std::min(seg.count, keep);
+    ASSIGN_OR_RETURN(float* h, arena_.Take(t * width));
+    V4_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(h, dev + (seg.begin + seg.count - t) * width, t * width * 4,
+                                            cudaMemcpyDeviceToHost, stream_));
+    out.push_back(h);
+  }
+  return out;
+}
+
+absl::Status CudaBackend::Compress(const CompressJob& job, int64_t layer,
+                                   absl::Span<const ForwardSegment> segments,
+                                   absl::Span<DeviceStateCache::Copy* const> copies,
+                                   absl::Span<const int64_t> n_before, int64_t n, const int64_t* d_pos,
+                                   std::vector<CopySpan>* late, Finish* finish) const {
+  const int64_t m = c_.compress_ratios[static_cast<size_t>(layer)], width = job.width;
+  const bool overlap = m == 4;
+  const int64_t row = (overlap ? 2 : 1) * width, rd = c_.qk_rope_head_dim;
+  const size_t ns = segments.size(), li = static_cast<size_t>(layer);
+  cudaStream_t s = stream_;
+  k::AddApe<<<Blocks(n * row, 256), 256, 0, s>>>(job.score, n, row, d_pos, m, job.w->ape);
+  V4_LAUNCH_CHECK(AddApe);
+  // Per entry to emit, its source rows (pointers at the feature half each contributes), as CompressorPush
+  // reads them: this call's rows, or the copy's windows as they were when the call started.
+  std::vector<const float*> pk, ps;
+  std::vector<int32_t> begin = {0};
+  std::vector<int64_t> epos, first(ns + 1, 0);
+  std::vector<CopySpan> early;  // New entries into the copies; previous windows (before `late` runs).
+  for (size_t i = 0; i < ns; ++i) {
+    const ForwardSegment& seg = segments[i];
+    const DeviceStateCache::Layer& dl = copies[i]->layers[li];
+    const DeviceStateCache::Compressor& dc = job.which == 0 ? dl.compressor : dl.indexer;
+    const AttentionLayerState& st = seg.state->layers[li];
+    const CompressorState& hs = job.which == 0 ? st.compressor : st.indexer_compressor;
+    const int64_t pos0 = seg.state->position, end = pos0 + seg.count;
+    auto src = [&](int64_t q, bool score) -> const float* {
+      if (q >= pos0) return (score ? job.score : job.kv) + (seg.begin + q - pos0) * row;
+      if (q / m == pos0 / m) return (score ? dc.score : dc.kv) + (q % m) * row;  // The window in progress.
+      return (score ? dc.prev_score : dc.prev_kv) + (q % m) * row;               // The one before (overlap).
+    };
+    first[i] = static_cast<int64_t>(epos.size());
+    bool has_prev = hs.has_prev;
+    int64_t last = -1;
+    for (int64_t e = (pos0 / m + 1) * m - 1; e < end; e += m) {
+      if (overlap && has_prev) {
+        for (int64_t q = e - 2 * m + 1; q <= e - m; ++q) {
+          pk.push_back(src(q, false));
+          ps.push_back(src(q, true));
+        }
+      }
+      const int64_t off = overlap ? width : 0;
+      for (int64_t q = e - m + 1; q <= e; ++q) {
+        pk.push_back(src(q, false) + off);
+        ps.push_back(src(q, true) + off);
+      }
+      begin.push_back(static_cast<int32_t>(pk.size()));
+      epos.push_back(e + 1 - m);
+      has_prev = true;
+      last = e;
+    }
+    if (overlap && last >= 0) {  // The last window completed becomes the previous one.
+      for (int64_t q = last - m + 1; q <= last; ++q) {
+        early.push_back({src(q, false), dc.prev_kv + (q % m) * row, row});
+        early.push_back({src(q, true), dc.prev_score + (q % m) * row, row});
+      }
+    }
+    for (int64_t q = std::max(pos0, end - m); q < end; ++q) {  // Each slot's newest row.
+      late->push_back({src(q, false), dc.kv + (q % m) * row, row});
+      late->push_back({src(q, true), dc.score + (q % m) * row, row});
+    }
+  }
+  first[ns] = static_cast<int64_t>(epos.size());
+  const int64_t ne = first[ns];
+  Buf<float> pooled(s);
+  Buf<const float*> d_pk(s), d_ps(s);
+  Buf<int32_t> d_begin(s);
+  Buf<int64_t> d_epos(s);
+  const float* host_entries = nullptr;
+  if (ne > 0) {
+    RETURN_IF_ERROR(d_pk.Upload(pk));
+    RETURN_IF_ERROR(d_ps.Upload(ps));
+    RETURN_IF_ERROR(d_begin.Upload(begin));
+    RETURN_IF_ERROR(d_epos.Upload(epos));
+    RETURN_IF_ERROR(pooled.Alloc(ne * width));
+    k::PoolEntries<<<ne, 128, 0, s>>>(d_pk.get(), d_ps.get(), d_begin.get(), width, pooled.get());
+    V4_LAUNCH_CHECK(PoolEntries);
+    k::RmsNorm<<<ne, 256, 0, s>>>(pooled.get(), width, job.w->norm, c_.rms_norm_eps);
+    V4_LAUNCH_CHECK(RmsNorm);
+    k::Rope<<<Blocks(ne * rd / 2, 256), 256, 0, s>>>(pooled.get(), ne, width, width - rd, rd, d_epos.get(), 1,
+                                                     inv_comp_, false);
+    V4_LAUNCH_CHECK(Rope);
+    for (size_t i = 0; i < ns; ++i) {
+      const DeviceStateCache::Layer& dl = copies[i]->layers[li];
+      early.push_back({pooled.get() + first[i] * width,
+                       (job.which == 0 ? dl.entries : dl.keys) + n_before[i] * width,
+                       (first[i + 1] - first[i]) * width});
+    }
+    ASSIGN_OR_RETURN(float* h, arena_.Take(ne * width));
+    V4_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(h, pooled.get(), ne * width * 4, cudaMemcpyDeviceToHost, s));
+    host_entries = h;
+  }
+  RETURN_IF_ERROR(CopySpans(early, s));      // Before `pooled` is freed, in stream order.
+  const int64_t keep = overlap ? 2 * m : m;  // Rows that decide the host state's windows.
+  ASSIGN_OR_RETURN(const std::vector<const float*> kv_rows, DownloadTails(job.kv, row, segments, keep));
+  ASSIGN_OR_RETURN(const std::vector<const float*> sc_rows, DownloadTails(job.score, row, segments, keep));
+  const int which = job.which;
+  finish->push_back([segments, li, which, width, row, keep, first, host_entries, kv_rows, sc_rows] {
+    for (size_t i = 0; i < segments.size(); ++i) {
+      const ForwardSegment& seg = segments[i];
+      AttentionLayerState& st = seg.state->layers[li];
+      CompressorState& hs = which == 0 ? st.compressor : st.indexer_compressor;
+      const int64_t t = std::min(seg.count, keep), end = seg.state->position + seg.count;
+      for (int64_t j = 0; j < t; ++j) {
+        if (cpu::CompressorWriteRow(kv_rows[i] + j * row, sc_rows[i] + j * row, end - t + j, &hs)) {
+          cpu::CompressorCloseWindow(&hs);
+        }
+      }
+      std::vector<float>& dst = which == 0 ? st.entries : st.indexer_keys;
+      if (first[i + 1] > first[i]) {
+        dst.insert(dst.end(), host_entries + first[i] * width, host_entries + first[i + 1] * width);
+      }
+    }
+  });
+  return absl::OkStatus();
+}
+
+absl::Status CudaBackend::Attention(const LayerW& w, int64_t layer, absl::Span<const ForwardSegment> segments,
+                                    absl::Span<DeviceStateCache::Copy* const> copies, const float* x,
+                                    int64_t n, float* out, Finish* finish) const {
+  const ModelConfig& c = c_;
+  const int64_t h = c.num_attention_heads, hd = c.head_dim, rd = c.qk_rope_head_dim;
+  const int64_t win = c.sliding_window, ratio = c.compress_ratios[static_cast<size_t>(layer)];
+  const bool csa = ratio == 4;
+  const int64_t coff = csa ? 2 : 1, ih = c.index_n_heads, id = c.index_head_dim;
+  const double eps = c.rms_norm_eps;
+  const float* inv = ratio > 0 ? inv_comp_ : inv_main_;
+  cudaStream_t s = stream_;
+
+  Buf<float> qr(s), q(s), kv(s), ckv(s), cscore(s), iq(s), iw(s), ikv(s), iscore(s);
+  RETURN_IF_ERROR(qr.Alloc(n * c.q_lora_rank));
+  RETURN_IF_ERROR(Linear(x, n, w.wq_a, qr.get()));
+  k::RmsNorm<<<n, 256, 0, s>>>(qr.get(), c.q_lora_rank, w.q_norm, eps);
+  V4_LAUNCH_CHECK(RmsNorm);
+  RETURN_IF_ERROR(q.Alloc(n * h * hd));
+  RETURN_IF_ERROR(Linear(qr.get(), n, w.wq_b, q.get()));
+  k::RmsNorm<<<n * h, 128, 0, s>>>(q.get(), hd, nullptr, eps);
+  V4_LAUNCH_CHECK(RmsNorm);
+  RETURN_IF_ERROR(kv.Alloc(n * hd));
+  RETURN_IF_ERROR(Linear(x, n, w.wkv, kv.get()));
+  k::RmsNorm<<<n, 128, 0, s>>>(kv.get(), hd, w.kv_norm, eps);
+  V4_LAUNCH_CHECK(RmsNorm);
+  if (ratio > 0) {
+    RETURN_IF_ERROR(ckv.Alloc(n * coff * hd));
+    RETURN_IF_ERROR(cscore.Alloc(n * coff * hd));
+    RETURN_IF_ERROR(Linear(x, n, w.compressor.wkv, ckv.get()));
+    RETURN_IF_ERROR(Linear(x, n, w.compressor.wgate, cscore.get()));
+  }
+  if (csa) {
+    RETURN_IF_ERROR(iq.Alloc(n * ih * id));
+    RETURN_IF_ERROR(iw.Alloc(n * ih));
+    RETURN_IF_ERROR(ikv.Alloc(n * coff * id));
+    RETURN_IF_ERROR(iscore.Alloc(n * coff * id));
+    RETURN_IF_ERROR(Linear(qr.get(), n, w.indexer_wq_b, iq.get()));
+    RETURN_IF_ERROR(Linear(x, n, w.indexer_weights, iw.get()));
+    RETURN_IF_ERROR(Linear(x, n, w.indexer_compressor.wkv, ikv.get()));
+    RETURN_IF_ERROR(Linear(x, n, w.indexer_compressor.wgate, iscore.get()));
+  }
+  // Positions of the rows.
+  std::vector<int64_t> pos(static_cast<size_t>(n));
+  for (const ForwardSegment& seg : segments) {
+    for (int64_t t = 0; t < seg.count; ++t) pos[seg.begin + t] = seg.state->position + t;
+  }
+  Buf<int64_t> d_pos(s);
+  RETURN_IF_ERROR(d_pos.Upload(pos));
+  k::Rope<<<Blocks(n * h * rd / 2, 256), 256, 0, s>>>(q.get(), n * h, hd, hd - rd, rd, d_pos.get(), h, inv,
+                                                      false);
+  V4_LAUNCH_CHECK(Rope);
+  k::Rope<<<Blocks(n * rd / 2, 256), 256, 0, s>>>(kv.get(), n, hd, hd - rd, rd, d_pos.get(), 1, inv, false);
+  V4_LAUNCH_CHECK(Rope);
+  if (csa) {
+    k::Rope<<<Blocks(n * ih * rd / 2, 256), 256, 0, s>>>(iq.get(), n * ih, id, id - rd, rd, d_pos.get(), ih,
+                                                         inv, false);
+    V4_LAUNCH_CHECK(Rope);
+    const float iscale =
+        static_cast<float>(1.0 / std::sqrt(static_cast<double>(id)) / std::sqrt(static_cast<double>(ih)));
+    k::Scale<<<Blocks(n * ih, 256), 256, 0, s>>>(iw.get(), n * ih, iscale);
+    V4_LAUNCH_CHECK(Scale);
+  }
+  RETURN_IF_ERROR(Mark(&counters_.s_attn_proj));
+  // Entry counts after this call: a window completes at each position p with p % ratio == ratio - 1.
+  const size_t ns = segments.size();
+  std::vector<int64_t> n_before(ns), n_after(ns);
+  for (size_t i = 0; i < ns; ++i) {
+    const int64_t pos0 = segments[i].state->position, end = pos0 + segments[i].count;
+    n_before[i] =
+        static_cast<int64_t>(segments[i].state->layers[static_cast<size_t>(layer)].entries.size()) / hd;
+    n_after[i] = n_before[i] + (ratio > 0 ? end / ratio - pos0 / ratio : 0);
+    if (n_before[i] != copies[i]->layers[static_cast<size_t>(layer)].n_entries) {
+      return absl::InternalError(absl::StrCat("layer ", layer, ": the state holds ", n_before[i],
+                                              " compressed entries, its device copy ",
+                                              copies[i]->layers[static_cast<size_t>(layer)].n_entries));
+    }
+  }
+  // The compressors pool on the device into the device copies; `late` then moves this call's rows into
+  // their windows (after the pooling and the previous-window spans have read the old ones).
+  std::vector<CopySpan> late;
+  if (ratio > 0) {
+    for (size_t i = 0; i < ns; ++i) RETURN_IF_ERROR(state_cache_->Reserve(layer, n_after[i], copies[i]));
+    const CompressJob main{&w.compressor, 0, hd, ckv.get(), cscore.get()};
+    RETURN_IF_ERROR(Compress(main, layer, segments, copies, n_before, n, d_pos.get(), &late, finish));
+    if (csa) {
+      const CompressJob indexer{&w.indexer_compressor, 1, id, ikv.get(), iscore.get()};
+      RETURN_IF_ERROR(Compress(indexer, layer, segments, copies, n_before, n, d_pos.get(), &late, finish));
+    }
+    for (size_t i = 0; i < ns; ++i) copies[i]->layers[static_cast<size_t>(layer)].n_entries = n_after[i];
+  }
+  // Key buffers: per segment its prior window keys (from the ring) then its own rows; its entries.
+  std::vector<int64_t> win_start(static_cast<size_t>(n)), win_cnt(static_cast<size_t>(n)),
+      ent_base(static_cast<size_t>(n)), vis(static_cast<size_t>(n));
+  int64_t wk_rows = 0, ek_rows = 0, max_keys = 0, max_vis = 0;
+  for (size_t i = 0; i < ns; ++i) {
+    const ForwardSegment& seg = segments[i];
+    const int64_t pos0 = seg.state->position, prior = std::min(pos0, win - 1);
+    const int64_t n_ent = n_after[i];
+    for (int64_t t = 0; t < seg.count; ++t) {
+      const int64_t r = seg.begin + t, p = pos0 + t;
+      const int64_t first = std::max<int64_t>(p - win + 1, pos0 - prior);
+      win_start[r] = wk_rows + (first - (pos0 - prior));
+      win_cnt[r] = p - first + 1;
+      ent_base[r] = ek_rows;
+      vis[r] = ratio > 0 ? std::min((p + 1) / ratio, n_ent) : 0;
+      max_vis = std::max(max_vis, vis[r]);
+      max_keys = std::max(max_keys, win_cnt[r] + (csa ? std::min(vis[r], c.index_topk) : vis[r]));
+    }
+    wk_rows += prior + seg.count;
+    ek_rows += n_ent;
+  }
+  Buf<float> wk(s), ek(s), ik(s);
+  RETURN_IF_ERROR(wk.Alloc(wk_rows * hd));
+  RETURN_IF_ERROR(ek.Alloc(ek_rows * hd));
+  if (csa) RETURN_IF_ERROR(ik.Alloc(ek_rows * id));
+  // Filled on the device from the states' device copies, in the launch that also moves `late`.
+  {
+    int64_t wo = 0, eo = 0;
+    for (size_t i = 0; i < ns; ++i) {
+      const ForwardSegment& seg = segments[i];
+      const DeviceStateCache::Layer& dl = copies[i]->layers[static_cast<size_t>(layer)];
+      const int64_t pos0 = seg.state->position, prior = std::min(pos0, win - 1);
+      if (prior > 0) {  // Ring slots of positions pos0 - prior .. pos0 - 1: one run, or two if it wraps.
+        const int64_t s0 = (pos0 - prior) % win, run = std::min(prior, win - s0);
+        late.push_back({dl.window + s0 * hd, wk.get() + wo * hd, run * hd});
+        late.push_back({dl.window, wk.get() + (wo + run) * hd, (prior - run) * hd});
+      }
+      late.push_back({kv.get() + seg.begin * hd, wk.get() + (wo + prior) * hd, seg.count * hd});
+      wo += prior + seg.count;
+      late.push_back({dl.entries, ek.get() + eo * hd, n_after[i] * hd});
+      if (csa) late.push_back({dl.keys, ik.get() + eo * id, n_after[i] * id});
+      eo += n_after[i];
+    }
+  }
+  RETURN_IF_ERROR(CopySpans(late, s));
+  counters_.kv_bytes += (wk_rows * hd + ek_rows * hd + (csa ? ek_rows * id : 0)) * 4;
+  RETURN_IF_ERROR(Mark(&counters_.s_attn_host));
+  Buf<int64_t> d_ws(s), d_wc(s), d_eb(s), d_vis(s);
+  RETURN_IF_ERROR(d_ws.Upload(win_start));
+  RETURN_IF_ERROR(d_wc.Upload(win_cnt));
+  RETURN_IF_ERROR(d_eb.Upload(ent_base));
+  RETURN_IF_ERROR(d_vis.Upload(vis));
+  Buf<float> sc(s);
+  Buf<int32_t> sel(s), sel_cnt(s);
+  if (csa && max_vis > 0) {
+    RETURN_IF_ERROR(sc.Alloc(n * max_vis));
+    // Enough blocks to fill the GPU at small batches (a warp per entry at most); one per row when long.
+    const int64_t chunks = std::clamp<int64_t>(Blocks(2 * 132, n), 1, Blocks(max_vis, 8));
+    k::IndexerScores<<<dim3(static_cast<unsigned>(n), static_cast<unsigned>(chunks)), 256,
+                       k::IndexerScoresSmem(ih, id, 8), s>>>(iq.get(), iw.get(), ik.get(), d_eb.get(),
+                                                             d_vis.get(), ih, id, max_vis, sc.get());
+    V4_LAUNCH_CHECK(IndexerScores);
+    RETURN_IF_ERROR(sel.Alloc(n * c.index_topk));
+    RETURN_IF_ERROR(sel_cnt.Alloc(n));
+    k::TopK<<<n, 256, 0, s>>>(sc.get(), max_vis, d_vis.get(), c.index_topk, sel.get(), sel_cnt.get());
+    V4_LAUNCH_CHECK(TopK);
+    for (int64_t r = 0; r < n; ++r) counters_.attention_flops += 2.0 * vis[r] * ih * id;
+  }
+  Buf<float> o(s);
+  RETURN_IF_ERROR(o.Alloc(n * h * hd));
+  const size_t smem = static_cast<size_t>((hd + std::max<int64_t>(max_keys, 1)) * 4);
+  if (smem > smem_optin_) {
+    return absl::UnimplementedError(absl::StrCat("attention over ", max_keys, " keys exceeds shared memory"));
+  }
+  const bool use_entries = ratio > 0 && max_vis > 0;
+  k::Attention<<<n * h, 256, smem, s>>>(
+      q.get(), wk.get(), ek.get(), d_ws.get(), d_wc.get(), use_entries ? d_eb.get() : nullptr, d_vis.get(),
+      csa && use_entries ? sel.get() : nullptr, sel_cnt.get(), c.index_topk, w.attn_sink, h, hd,
+      1.0f / std::sqrt(static_cast<float>(hd)), o.get());
+  V4_LAUNCH_CHECK(Attention);
+  for (int64_t r = 0; r < n; ++r) {
+    const int64_t keys = win_cnt[r] + (csa ? std::min(vis[r], c.index_topk) : vis[r]);
+    counters_.attention_flops += 4.0 * keys * hd * h;
+  }
+  k::Rope<<<Blocks(n * h * rd / 2, 256), 256, 0, s>>>(o.get(), n * h, hd, hd - rd, rd, d_pos.get(), h, inv,
+                                                      true);
+  V4_LAUNCH_CHECK(Rope);
+  // Each segment's last `win` rows into its device ring (after the attention read the old ring, in stream
+  // order), and at the end of the forward into the host ring.
+  std::vector<CopySpan> ring_spans;
+  for (size_t i = 0; i < ns; ++i) {
+    const ForwardSegment& seg = segments[i];
+    float* ring = copies[i]->layers[static_cast<size_t>(layer)].window;
+    const int64_t t0 = std::max<int64_t>(0, seg.count - win), rows = seg.count - t0;
+    const int64_t s0 = (seg.state->position + t0) % win, run = std::min(rows, win - s0);
+    ring_spans.push_back({kv.get() + (seg.begin + t0) * hd, ring + s0 * hd, run * hd});
+    ring_spans.push_back({kv.get() + (seg.begin + t0 + run) * hd, ring, (rows - run) * hd});
+  }
+  RETURN_IF_ERROR(CopySpans(ring_spans, s));
+  ASSIGN_OR_RETURN(const std::vector<const float*> tails, DownloadTails(kv.get(), hd, segments, win));
+  finish->push_back([segments, layer, win, hd, tails] {
+    for (size_t i = 0; i < segments.size(); ++i) {
+      const ForwardSegment& seg = segments[i];
+      AttentionLayerState& st = seg.state->layers[static_cast<size_t>(layer)];
+      const int64_t t0 = std::max<int64_t>(0, seg.count - win);
+      for (int64_t t = t0; t < seg.count; ++t) {
+        const int64_t p = seg.state->position + t;
+        std::copy_n(tails[i] + (t - t0) * hd, hd, &st.window[(p % win) * hd]);
+      }
+    }
+  });
+  RETURN_IF_ERROR(Mark(&counters_.s_attn_kernels));
+  // Grouped low-rank output projection, then wo_b.
+  const int64_t g = c.o_groups, rank = c.o_lora_rank, gin = h * hd / g;
+  Buf<float> mid(s);
+  RETURN_IF_ERROR(mid.Alloc(n * g * rank));
+  RETURN_IF_ERROR(LinearBatched(o.get(), n, h * hd, gin, w.wo_a, g, g * rank, mid.get()));
+  RETURN_IF_ERROR(Linear(mid.get(), n, w.wo_b, out));  // Scratch is freed in stream order.
+  return Mark(&counters_.s_attn_out);
+}
+
+}  // namespace v4serve::model::cuda::impl

@@ -1,0 +1,330 @@
+// The CUDA backend's internals, shared by its translation units: model/cuda/cuda_backend.cu (runtime,
+// weights, the forward loop, mHC and the head), cuda_attention.cu (attention and the compressors) and
+// cuda_moe.cu (routing and the expert GEMMs). Not a public header: model/cuda/cuda_backend.h is.
+//
+// Kernels (cuda_kernels.cuh) have internal linkage, so each unit has its own copy of the ones it launches;
+// a kernel's attributes (dynamic shared memory) must be set in the unit that launches it.
+#ifndef V4SERVE_MODEL_CUDA_CUDA_BACKEND_IMPL_CUH_
+#define V4SERVE_MODEL_CUDA_CUDA_BACKEND_IMPL_CUH_
+
+#include <cublas_v2.h>
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "absl/types/span.h"
+#include "model/backend.h"
+#include "model/config.h"
+#include "model/cpu/compressor.h"
+#include "model/cpu/ops.h"
+#include "model/cpu/weights.h"
+#include "model/cuda/cuda_backend.h"
+#include "model/cuda/cuda_check.h"
+#include "model/cuda/device_state_cache.h"
+#include "model/sequence_state.h"
+#include "services/status_macros.h"
+
+namespace v4serve::model::cuda::impl {
+
+inline absl::Status CublasStatus(cublasStatus_t s, const char* call, const char* file, int line) {
+  if (s == CUBLAS_STATUS_SUCCESS) return absl::OkStatus();
+  return absl::InternalError(
+      absl::StrCat(call, " failed at ", file, ":", line, ": cuBLAS status ", static_cast<int>(s)));
+}
+#define V4_CUBLAS_RETURN_IF_ERROR(call)                                                 \
+  do {                                                                                  \
+    ::absl::Status v4_cublas_status_ = CublasStatus((call), #call, __FILE__, __LINE__); \
+    if (!v4_cublas_status_.ok()) return v4_cublas_status_;                              \
+  } while (false)
+// After a kernel launch: a launch error (bad configuration) or an earlier asynchronous fault.
+#define V4_LAUNCH_CHECK(name) V4_CUDA_RETURN_IF_ERROR(cudaGetLastError())
+
+inline int64_t Blocks(int64_t n, int64_t t) { return (n + t - 1) / t; }
+
+// cuBLAS is opened at run time (cuda_backend.cu, Cublas()), when the first CUDA backend is made, not linked:
+// libcublasLt's 94 KB of initial TLS, when loaded at process start, made civetweb's (prometheus-cpp's) thread
+// creation fail in every v4serve process, GPU or not. Opened with dlopen its TLS is allocated per thread on
+// first use.
+struct CublasApi {
+  decltype(&cublasCreate_v2) create = nullptr;
+  decltype(&cublasDestroy_v2) destroy = nullptr;
+  decltype(&cublasSetStream_v2) set_stream = nullptr;
+  decltype(&cublasSetMathMode) set_math_mode = nullptr;
+  // The C entry points (C++ also sees inline overloads taking cudaDataType as the compute type).
+  cublasStatus_t (*gemm)(cublasHandle_t, cublasOperation_t, cublasOperation_t, int, int, int, const void*,
+                         const void*, cudaDataType, int, const void*, cudaDataType, int, const void*, void*,
+                         cudaDataType, int, cublasComputeType_t, cublasGemmAlgo_t) = nullptr;
+  cublasStatus_t (*gemm_strided_batched)(cublasHandle_t, cublasOperation_t, cublasOperation_t, int, int, int,
+                                         const void*, const void*, cudaDataType, int, long long, const void*,
+                                         cudaDataType, int, long long, const void*, void*, cudaDataType, int,
+                                         long long, int, cublasComputeType_t, cublasGemmAlgo_t) = nullptr;
+};
+
+// A stream-ordered device buffer (cudaMallocAsync; freed on the same stream).
+template <class T>
+class Buf {
+ public:
+  explicit Buf(cudaStream_t s) : s_(s) {}
+  Buf(const Buf&) = delete;
+  Buf& operator=(const Buf&) = delete;
+  ~Buf() {
+    if (p_ != nullptr) cudaFreeAsync(p_, s_);
+  }
+  absl::Status Alloc(int64_t n) {
+    if (n <= cap_) {
+      n_ = n;
+      return absl::OkStatus();
+    }
+    if (p_ != nullptr) cudaFreeAsync(p_, s_);
+    p_ = nullptr;
+    V4_CUDA_RETURN_IF_ERROR(
+        cudaMallocAsync(reinterpret_cast<void**>(&p_), std::max<int64_t>(1, n) * sizeof(T), s_));
+    cap_ = n_ = n;
+    return absl::OkStatus();
+  }
+  absl::Status Upload(const T* h, int64_t n) {
+    RETURN_IF_ERROR(Alloc(n));
+    if (n > 0) V4_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(p_, h, n * sizeof(T), cudaMemcpyHostToDevice, s_));
+    return absl::OkStatus();
+  }
+  absl::Status Upload(const std::vector<T>& h) { return Upload(h.data(), static_cast<int64_t>(h.size())); }
+  absl::Status Download(std::vector<T>* h) const {
+    h->resize(static_cast<size_t>(n_));
+    if (n_ > 0)
+      V4_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(h->data(), p_, n_ * sizeof(T), cudaMemcpyDeviceToHost, s_));
+    return absl::OkStatus();
+  }
+  T* get() const { return p_; }
+  int64_t size() const { return n_; }
+
+ private:
+  cudaStream_t s_;
+  T* p_ = nullptr;
+  int64_t n_ = 0, cap_ = 0;
+};
+
+// A weight matrix [out, in] (row-major, as checkpoints store it): FP32, BF16, or MXFP4 (`fp4`: e2m1 codes
+// two per byte in `p`, one e8m0 scale per 32 elements of a row in `scales`).
+struct Mat {
+  void* p = nullptr;
+  int64_t out = 0, in = 0;
+  bool bf16 = false;
+  bool fp4 = false;
+  uint8_t* scales = nullptr;
+  int64_t bytes() const { return fp4 ? out * in / 2 + out * in / 32 : out * in * (bf16 ? 2 : 4); }
+};
+
+struct HcW {
+  Mat fn;  // Always FP32: the mixes feed Sinkhorn and sigmoid gates.
+  float* base = nullptr;
+  float* scale = nullptr;
+};
+
+struct CompW {
+  Mat wkv, wgate;               // FP32: the compressor's pooled entries are sensitive.
+  cpu::CompressorWeights host;  // ape and norm (random weights: drawn here).
+  float* ape = nullptr;         // The same on the device.
+  float* norm = nullptr;
+};
+
+// One compressor's work in a call (CudaBackend::Compress).
+struct CompressJob {
+  const CompW* w;
+  int which;      // 0: the attention compressor, 1: the lightning indexer's.
+  int64_t width;  // Entry width.
+  float* kv;      // This call's projected rows [n, coff * width].
+  float* score;   // Their gate scores; Compress adds the positional bias in place.
+};
+
+// What a forward leaves for the host states, run after its one synchronization, in order.
+using Finish = std::vector<std::function<void()>>;
+
+// Page-locked host memory handed out in order during one forward (the targets of its device-to-host
+// copies) and reused by the next; blocks are kept.
+class PinnedArena {
+ public:
+  PinnedArena() = default;
+  PinnedArena(const PinnedArena&) = delete;
+  PinnedArena& operator=(const PinnedArena&) = delete;
+  ~PinnedArena() {
+    for (const Block& b : blocks_) cudaFreeHost(b.p);
+  }
+  void Reset() {
+    for (Block& b : blocks_) b.used = 0;
+  }
+  absl::StatusOr<float*> Take(int64_t floats) {
+    const int64_t need = (std::max<int64_t>(floats, 1) + 3) / 4 * 4;  // 16-byte aligned pieces.
+    for (Block& b : blocks_) {
+      if (b.cap - b.used >= need) {
+        float* p = b.p + b.used;
+        b.used += need;
+        return p;
+      }
+    }
+    Block b;
+    b.cap = std::max<int64_t>(need, int64_t{4} << 20);
+    V4_CUDA_RETURN_IF_ERROR(cudaMallocHost(reinterpret_cast<void**>(&b.p), b.cap * 4));
+    b.used = need;
+    blocks_.push_back(b);
+    return b.p;
+  }
+
+ private:
+  struct Block {
+    float* p = nullptr;
+    int64_t cap = 0, used = 0;
+  };
+  std::vector<Block> blocks_;
+};
+
+struct LayerW {
+  float *attn_norm = nullptr, *ffn_norm = nullptr, *attn_sink = nullptr, *q_norm = nullptr,
+        *kv_norm = nullptr;
+  HcW hc_attn, hc_ffn;
+  Mat wq_a, wq_b, wkv, wo_a, wo_b;
+  CompW compressor, indexer_compressor;
+  Mat indexer_wq_b, indexer_weights;
+  Mat gate;  // FP32: routing decisions must match the CPU.
+  float* gate_bias = nullptr;
+  int32_t* tid2eid = nullptr;
+  Mat w1, w3, w2;  // All experts stacked: [E * I, D], [E * I, D], [E * D, I].
+  Mat s1, s3, s2;  // Shared expert.
+};
+
+enum class WInit { kHost, kOnes, kZeros, kRandom };
+
+class CudaBackend final : public ForwardBackend {
+ public:
+  CudaBackend(const ModelConfig& c, CudaWeights format) : c_(c), bf16_(format == CudaWeights::kBf16) {}
+  ~CudaBackend() override {
+    if (stream_ != nullptr) cudaStreamSynchronize(stream_);
+    act_bf16_.reset();  // Both free on stream_, which must still exist.
+    state_cache_.reset();
+    if (stream_ != nullptr) cudaStreamSynchronize(stream_);
+    for (void* p : allocs_) cudaFree(p);
+    if (blas_ != nullptr) blas_api_->destroy(blas_);
+    if (stream_ != nullptr) cudaStreamDestroy(stream_);
+  }
+
+  Device device() const override { return Device::kCuda; }
+  std::string Describe() const override {
+    const bool fp4 = bf16_ && c_.expert_dtype == "fp4";
+    return absl::StrFormat("cuda: %s, %s weights%s, %.2f GiB on device", gpu_name_, bf16_ ? "bf16" : "fp32",
+                           fp4 ? " (mxfp4 routed experts)" : "",
+                           static_cast<double>(weight_bytes_) / (1ull << 30));
+  }
+
+  absl::Status Init(const cpu::ModelWeights* w, const cpu::RopeTable* rope_main,
+                    const cpu::RopeTable* rope_comp, uint64_t seed);
+  // Stream, cuBLAS handle, memory pool and kernel attributes (Init calls it).
+  absl::Status InitRuntime();
+  // The attention kernels' shared memory limits (cuda_attention.cu, where they are launched).
+  absl::Status InitAttentionKernels(const cudaDeviceProp& prop);
+  // Uploads (or, with host null, draws) a weight matrix.
+  absl::Status Put(const float* host, int64_t out, int64_t in, bool bf16, WInit init, Mat* m);
+
+  absl::StatusOr<std::vector<float>> Forward(absl::Span<const ForwardSegment> segments,
+                                             absl::Span<const int32_t> tokens,
+                                             absl::Span<const int64_t> logit_rows,
+                                             std::vector<float>* final_streams) const override;
+
+  // The last Forward's counters; the experts' share is read back from the device here.
+  absl::StatusOr<ForwardCounters> Counters() const;
+
+  // y[m, out] = x[m, in] W^T (x rows of stride ldx, y rows of stride ldy), FP32 out.
+  absl::Status Linear(const float* x, int64_t m, const Mat& w, float* y) const;
+  absl::Status LinearBatched(const float* x, int64_t m, int64_t ldx, int64_t stride_x, const Mat& w,
+                             int64_t groups, int64_t ldy, float* y) const;
+  cudaStream_t stream() const { return stream_; }
+
+ private:
+  absl::Status PutVec(const float* host, int64_t n, WInit init, float** p);
+  absl::Status PutFp4(const float* host, int64_t out, int64_t in, Mat* m);
+  absl::Status LoadLayer(const cpu::BlockWeights* b, int64_t layer, LayerW* l);
+  absl::Status HcPre(const HcW& w, const float* streams, int64_t n, float* collapsed, float* post,
+                     float* comb) const;
+  // `copies[i]`: the device copy of segments[i]'s state (window ring, entries, indexer keys, compressor
+  // windows). What the host states need is copied to pinned memory and applied by `finish`.
+  absl::Status Attention(const LayerW& w, int64_t layer, absl::Span<const ForwardSegment> segments,
+                         absl::Span<DeviceStateCache::Copy* const> copies, const float* x, int64_t n,
+                         float* out, Finish* finish) const;
+  // The streaming compressor over this call's rows (model/cpu/compressor.cc on the device): pools the
+  // entries of the windows they complete into the device copies (past `n_before`), adds the spans that
+  // move the rows into the copies' windows to `late` (to run after this call's reads of the old ones), and
+  // leaves `finish` the same bookkeeping and entries for the host states.
+  absl::Status Compress(const CompressJob& job, int64_t layer, absl::Span<const ForwardSegment> segments,
+                        absl::Span<DeviceStateCache::Copy* const> copies, absl::Span<const int64_t> n_before,
+                        int64_t n, const int64_t* d_pos, std::vector<CopySpan>* late, Finish* finish) const;
+  // Copies the last min(count, keep) rows (of `width` floats) of each segment of `dev` [rows, width] to
+  // pinned memory; returns where each segment's first copied row will be once the stream gets there.
+  absl::StatusOr<std::vector<const float*>> DownloadTails(const float* dev, int64_t width,
+                                                          absl::Span<const ForwardSegment> segments,
+                                                          int64_t keep) const;
+  absl::Status Moe(const LayerW& w, int64_t layer, bool hash, const float* x, const int32_t* d_tokens,
+                   int64_t n, float* out) const;
+  // Expert GEMMs over slots grouped by expert. Device path: GroupedGemv over all experts with the device's
+  // counts and starts. Host path: cuBLAS per expert with host counts.
+  // `narrow`: experts have one or two rows each, mostly (MXFP4 GEMV variant).
+  absl::Status ExpertGemmDevice(const Mat& w, int64_t groups, bool narrow, const float* xin,
+                                const int32_t* active, const int32_t* n_active, const int32_t* d_start,
+                                const int32_t* d_count, float* y) const;
+  absl::Status ExpertGemmHost(const Mat& w, const float* xin, const std::vector<int32_t>& g_expert,
+                              const std::vector<int32_t>& g_off, const std::vector<int32_t>& g_cnt,
+                              float* y) const;
+  bool GemvFits(const Mat& w) const { return w.in % (w.fp4 ? 32 : w.bf16 ? 256 : 128) == 0; }
+  absl::Status Sync() const {
+    return CudaStatus(cudaStreamSynchronize(stream_), "cudaStreamSynchronize", __FILE__, __LINE__);
+  }
+  void CountGemm(const Mat& w, int64_t m) const {
+    counters_.weight_bytes += w.bytes();
+    counters_.gemm_flops += 2.0 * static_cast<double>(m) * static_cast<double>(w.out * w.in);
+  }
+
+  ModelConfig c_;
+  bool bf16_;
+  std::string gpu_name_;
+  size_t smem_optin_ = 48 << 10;
+  int64_t weight_bytes_ = 0;
+  std::vector<void*> allocs_;
+  cudaStream_t stream_ = nullptr;
+  cublasHandle_t blas_ = nullptr;
+  const CublasApi* blas_api_ = nullptr;
+  cpu::RopeTable rope_main_, rope_comp_;
+  float *inv_main_ = nullptr, *inv_comp_ = nullptr;
+  Mat embed_, head_;
+  float* norm_ = nullptr;
+  HcW hc_head_;
+  std::vector<LayerW> layers_;
+  uint64_t seed_ = 0;
+  mutable std::unique_ptr<Buf<__nv_bfloat16>> act_bf16_;  // Scratch for BF16 GEMM inputs.
+  mutable std::unique_ptr<DeviceStateCache> state_cache_;
+  mutable PinnedArena arena_;
+  mutable ForwardCounters counters_;
+  int32_t* touched_ = nullptr;  // [layers, experts]: rows each expert got in the last Forward.
+  bool profile_ = false;
+  mutable std::chrono::steady_clock::time_point mark_;
+  // Profiling: synchronizes and adds the wall time since the last mark to `*slot`.
+  absl::Status Mark(double* slot) const {
+    if (!profile_) return absl::OkStatus();
+    RETURN_IF_ERROR(Sync());
+    const auto now = std::chrono::steady_clock::now();
+    *slot += std::chrono::duration<double>(now - mark_).count();
+    mark_ = now;
+    return absl::OkStatus();
+  }
+};
+
+}  // namespace v4serve::model::cuda::impl
+
+#endif  // V4SERVE_MODEL_CUDA_CUDA_BACKEND_IMPL_CUH_

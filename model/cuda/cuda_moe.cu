@@ -1,0 +1,200 @@
+// The CUDA backend: MoE routing, token permutation and the expert GEMMs. See cuda_backend_impl.cuh.
+#include <cmath>
+
+#include "model/cuda/cuda_backend_impl.cuh"
+#include "model/cuda/cuda_moe_kernels.cuh"
+
+namespace v4serve::model::cuda::impl {
+
+namespace k = kernels;
+
+absl::Status CudaBackend::ExpertGemmDevice(const Mat& w, int64_t groups, bool narrow, const float* xin,
+                                           const int32_t* active, const int32_t* n_active,
+                                           const int32_t* d_start, const int32_t* d_count, float* y) const {
+  const dim3 grid(static_cast<unsigned>(groups), static_cast<unsigned>(Blocks(w.out, 8)));
+  if (w.fp4) {
+    // 4 output rows per warp, 4 warps per block.
+    constexpr int kRows = 4;
+    const dim3 g4(static_cast<unsigned>(groups), static_cast<unsigned>(Blocks(w.out, 4 * kRows)));
+    const uint8_t* codes = static_cast<const uint8_t*>(w.p);
+    if (narrow) {
+      k::GroupedGemvFp4<kRows, 2>
+          <<<g4, 128, 0, stream_>>>(xin, codes, w.scales, active, n_active, d_start, d_count, w.in, w.out, y);
+    } else {
+      k::GroupedGemvFp4<kRows, k::kMaxGroupRows>
+          <<<g4, 128, 0, stream_>>>(xin, codes, w.scales, active, n_active, d_start, d_count, w.in, w.out, y);
+    }
+  } else if (w.bf16) {
+    k::GroupedGemv<k::kBf16>
+        <<<grid, 256, 0, stream_>>>(xin, w.p, active, n_active, d_start, d_count, w.in, w.out, y);
+  } else {
+    k::GroupedGemv<k::kF32>
+        <<<grid, 256, 0, stream_>>>(xin, w.p, active, n_active, d_start, d_count, w.in, w.out, y);
+  }
+  V4_LAUNCH_CHECK(GroupedGemv);
+  return absl::OkStatus();
+}
+
+absl::Status CudaBackend::ExpertGemmHost(const Mat& w, const float* xin, const std::vector<int32_t>& g_expert,
+                                         const std::vector<int32_t>& g_off, const std::vector<int32_t>& g_cnt,
+                                         float* y) const {
+  const int64_t out = w.out, in = w.in;
+  const int64_t groups = static_cast<int64_t>(g_expert.size());
+  if (groups == 0) return absl::OkStatus();
+  const float alpha = 1.0f, beta = 0.0f;
+  const bool lowp = w.bf16 || w.fp4;  // MXFP4 experts are dequantized to BF16 per expert, then cuBLAS.
+  const cudaDataType_t type = lowp ? CUDA_R_16BF : CUDA_R_32F;
+  const void* x = xin;
+  Buf<__nv_bfloat16> wdq(stream_);
+  if (w.fp4) RETURN_IF_ERROR(wdq.Alloc(out * in));
+  if (lowp) {
+    const int64_t rows = g_off.back() + g_cnt.back();
+    RETURN_IF_ERROR(act_bf16_->Alloc(rows * in));
+    k::ToBf16<<<Blocks(rows * in, 256), 256, 0, stream_>>>(xin, rows * in, act_bf16_->get());
+    V4_LAUNCH_CHECK(ToBf16);
+    x = act_bf16_->get();
+  }
+  const int64_t esz = lowp ? 2 : 4;
+  for (int64_t gi = 0; gi < groups; ++gi) {
+    const char* wp = static_cast<const char*>(w.p) + g_expert[gi] * out * in * esz;
+    if (w.fp4) {
+      const int64_t blocks = out * in / 32;
+      k::Mxfp4ToBf16<<<Blocks(blocks, 256), 256, 0, stream_>>>(
+          static_cast<const uint8_t*>(w.p) + g_expert[gi] * out * in / 2, w.scales + g_expert[gi] * blocks,
+          blocks, wdq.get());
+      V4_LAUNCH_CHECK(Mxfp4ToBf16);
+      wp = reinterpret_cast<const char*>(wdq.get());
+    }
+    const char* xp = static_cast<const char*>(x) + static_cast<int64_t>(g_off[gi]) * in * esz;
+    V4_CUBLAS_RETURN_IF_ERROR(
+        blas_api_->gemm(blas_, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(out), g_cnt[gi],
+                        static_cast<int>(in), &alpha, wp, type, static_cast<int>(in), xp, type,
+                        static_cast<int>(in), &beta, y + static_cast<int64_t>(g_off[gi]) * out, CUDA_R_32F,
+                        static_cast<int>(out), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status CudaBackend::Moe(const LayerW& w, int64_t layer, bool hash, const float* x,
+                              const int32_t* d_tokens, int64_t n, float* out) const {
+  const ModelConfig& c = c_;
+  const int64_t d = c.hidden_size, ne = c.n_routed_experts, kk = c.num_experts_per_tok,
+                inter = c.moe_intermediate_size;
+  const float lim = static_cast<float>(c.swiglu_limit);
+  cudaStream_t s = stream_;
+  Buf<float> logits(s), wts(s);
+  Buf<int32_t> sel(s);
+  RETURN_IF_ERROR(logits.Alloc(n * ne));
+  RETURN_IF_ERROR(Linear(x, n, w.gate, logits.get()));
+  RETURN_IF_ERROR(sel.Alloc(n * kk));
+  RETURN_IF_ERROR(wts.Alloc(n * kk));
+  k::Route<<<n, 128, 3 * ne * 4, s>>>(logits.get(), ne, kk, c.scoring_func == "sigmoid",
+                                      hash ? nullptr : w.gate_bias, hash ? w.tid2eid : nullptr, d_tokens,
+                                      static_cast<float>(c.routed_scaling_factor), sel.get(), wts.get());
+  V4_LAUNCH_CHECK(Route);
+  // Shared expert over every row, straight into `out`.
+  Buf<float> g(s), u(s);
+  RETURN_IF_ERROR(g.Alloc(n * inter));
+  RETURN_IF_ERROR(u.Alloc(n * inter));
+  RETURN_IF_ERROR(Linear(x, n, w.s1, g.get()));
+  RETURN_IF_ERROR(Linear(x, n, w.s3, u.get()));
+  k::SwiGlu<<<Blocks(n * inter, 256), 256, 0, s>>>(g.get(), u.get(), n, inter, nullptr, lim);
+  V4_LAUNCH_CHECK(SwiGlu);
+  RETURN_IF_ERROR(Linear(g.get(), n, w.s2, out));
+  const int64_t slots = n * kk;
+  int32_t* touched = touched_ + layer * ne;
+  if (slots <= 2048 && GemvFits(w.w1) && GemvFits(w.w2)) {
+    // Decode-sized: permutation and expert GEMVs on the device, no host round trip.
+    Buf<int32_t> cnt(s), start(s), perm(s), row_slots(s), active(s), n_active(s);
+    Buf<float> slot_w(s), xin(s), eg(s), eu(s), ey(s);
+    RETURN_IF_ERROR(cnt.Alloc(ne));
+    RETURN_IF_ERROR(start.Alloc(ne));
+    RETURN_IF_ERROR(perm.Alloc(slots));
+    RETURN_IF_ERROR(row_slots.Alloc(slots));
+    RETURN_IF_ERROR(slot_w.Alloc(slots));
+    RETURN_IF_ERROR(active.Alloc(ne));
+    RETURN_IF_ERROR(n_active.Alloc(1));
+    k::Permute<<<1, 256, 2 * ne * 4, s>>>(sel.get(), wts.get(), n, kk, ne, cnt.get(), start.get(), perm.get(),
+                                          slot_w.get(), row_slots.get(), touched, active.get(),
+                                          n_active.get());
+    V4_LAUNCH_CHECK(Permute);
+    RETURN_IF_ERROR(xin.Alloc(slots * d));
+    k::GatherRows<<<slots, 256, 0, s>>>(x, perm.get(), d, xin.get());
+    V4_LAUNCH_CHECK(GatherRows);
+    RETURN_IF_ERROR(eg.Alloc(slots * inter));
+    RETURN_IF_ERROR(eu.Alloc(slots * inter));
+    RETURN_IF_ERROR(ey.Alloc(slots * d));
+    const int64_t groups = std::min(ne, slots);  // At most this many experts have rows.
+    const bool narrow = slots <= ne;
+    RETURN_IF_ERROR(ExpertGemmDevice(w.w1, groups, narrow, xin.get(), active.get(), n_active.get(),
+                                     start.get(), cnt.get(), eg.get()));
+    RETURN_IF_ERROR(ExpertGemmDevice(w.w3, groups, narrow, xin.get(), active.get(), n_active.get(),
+                                     start.get(), cnt.get(), eu.get()));
+    k::SwiGlu<<<Blocks(slots * inter, 256), 256, 0, s>>>(eg.get(), eu.get(), slots, inter, slot_w.get(), lim);
+    V4_LAUNCH_CHECK(SwiGlu);
+    RETURN_IF_ERROR(ExpertGemmDevice(w.w2, groups, narrow, eg.get(), active.get(), n_active.get(),
+                                     start.get(), cnt.get(), ey.get()));
+    k::CombineExperts<<<dim3(static_cast<unsigned>(n), static_cast<unsigned>(Blocks(d, 256))), 256, 0, s>>>(
+        out, ey.get(), row_slots.get(), kk, d);
+    V4_LAUNCH_CHECK(CombineExperts);
+    return absl::OkStatus();
+  }
+  // Token permutation on the host: slots grouped by expert (rows in order within an expert).
+  std::vector<int32_t> h_sel;
+  std::vector<float> h_wts;
+  RETURN_IF_ERROR(sel.Download(&h_sel));
+  RETURN_IF_ERROR(wts.Download(&h_wts));
+  RETURN_IF_ERROR(Sync());
+  std::vector<int32_t> count(static_cast<size_t>(ne), 0);
+  for (int32_t e : h_sel) {
+    if (e < 0 || e >= ne) return absl::InternalError(absl::StrCat("routing picked expert ", e));
+    ++count[e];
+  }
+  std::vector<int32_t> start(static_cast<size_t>(ne) + 1, 0);
+  for (int64_t e = 0; e < ne; ++e) start[e + 1] = start[e] + count[e];
+  std::vector<int32_t> perm(static_cast<size_t>(n * kk)), fill(start.begin(), start.end() - 1);
+  std::vector<float> slot_w(static_cast<size_t>(n * kk));
+  std::vector<int32_t> row_slots(static_cast<size_t>(n * kk));
+  for (int64_t r = 0; r < n; ++r) {
+    std::vector<std::pair<int32_t, int32_t>> mine;  // (expert, slot)
+    for (int64_t j = 0; j < kk; ++j) {
+      const int32_t e = h_sel[r * kk + j];
+      const int32_t slot = fill[e]++;
+      perm[slot] = static_cast<int32_t>(r);
+      slot_w[slot] = h_wts[r * kk + j];
+      mine.emplace_back(e, slot);
+    }
+    std::sort(mine.begin(), mine.end());
+    for (int64_t j = 0; j < kk; ++j) row_slots[r * kk + j] = mine[j].second;
+  }
+  std::vector<int32_t> g_expert, g_off, g_cnt;
+  for (int64_t e = 0; e < ne; ++e) {
+    if (count[e] == 0) continue;
+    g_expert.push_back(static_cast<int32_t>(e));
+    g_off.push_back(start[e]);
+    g_cnt.push_back(count[e]);
+  }
+  V4_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(touched, count.data(), ne * 4, cudaMemcpyHostToDevice, s));
+  Buf<int32_t> d_perm(s), d_row_slots(s);
+  Buf<float> d_slot_w(s), xin(s), eg(s), eu(s), ey(s);
+  RETURN_IF_ERROR(d_perm.Upload(perm));
+  RETURN_IF_ERROR(d_row_slots.Upload(row_slots));
+  RETURN_IF_ERROR(d_slot_w.Upload(slot_w));
+  RETURN_IF_ERROR(xin.Alloc(slots * d));
+  k::GatherRows<<<slots, 256, 0, s>>>(x, d_perm.get(), d, xin.get());
+  V4_LAUNCH_CHECK(GatherRows);
+  RETURN_IF_ERROR(eg.Alloc(slots * inter));
+  RETURN_IF_ERROR(eu.Alloc(slots * inter));
+  RETURN_IF_ERROR(ey.Alloc(slots * d));
+  RETURN_IF_ERROR(ExpertGemmHost(w.w1, xin.get(), g_expert, g_off, g_cnt, eg.get()));
+  RETURN_IF_ERROR(ExpertGemmHost(w.w3, xin.get(), g_expert, g_off, g_cnt, eu.get()));
+  k::SwiGlu<<<Blocks(slots * inter, 256), 256, 0, s>>>(eg.get(), eu.get(), slots, inter, d_slot_w.get(), lim);
+  V4_LAUNCH_CHECK(SwiGlu);
+  RETURN_IF_ERROR(ExpertGemmHost(w.w2, eg.get(), g_expert, g_off, g_cnt, ey.get()));
+  k::CombineExperts<<<dim3(static_cast<unsigned>(n), static_cast<unsigned>(Blocks(d, 256))), 256, 0, s>>>(
+      out, ey.get(), d_row_slots.get(), kk, d);
+  V4_LAUNCH_CHECK(CombineExperts);
+  return absl::OkStatus();  // Pageable uploads are staged before cudaMemcpyAsync returns.
+}
+
+}  // namespace v4serve::model::cuda::impl

@@ -1,0 +1,350 @@
+// MoE kernels of the CUDA forward pass (model/cuda/cuda_moe.cu): routing, token permutation, the grouped
+// expert GEMVs (BF16/FP32 and MXFP4), SwiGLU and the combine. Same conventions as cuda_kernels.cuh.
+#ifndef V4SERVE_MODEL_CUDA_CUDA_MOE_KERNELS_CUH_
+#define V4SERVE_MODEL_CUDA_CUDA_MOE_KERNELS_CUH_
+
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "model/cuda/cuda_kernels.cuh"
+
+namespace v4serve::model::cuda::kernels {
+namespace {
+
+constexpr int kMaxGroupRows = 8;  // Rows per expert that the grouped GEMV handles in registers.
+
+// MoE routing of one row per block: scores (sqrt-softplus or sigmoid), top-k of score + bias (ties: lower
+// expert), or the token's hash experts; weights score / sum * routed_scaling.
+__global__ void Route(const float* logits, int64_t ne, int64_t k, bool sigmoid, const float* bias,
+                      const int32_t* tid2eid, const int32_t* tokens, float rsf, int32_t* sel, float* wts) {
+  extern __shared__ float rsh[];
+  float* score = rsh;
+  float* biased = rsh + ne;
+  int* taken = reinterpret_cast<int*>(rsh + 2 * ne);
+  __shared__ float part_v[32];
+  __shared__ int part_i[32];
+  const int64_t r = blockIdx.x;
+  for (int64_t e = threadIdx.x; e < ne; e += blockDim.x) {
+    const float l = logits[r * ne + e];
+    float s;
+    if (sigmoid) {
+      s = SigmoidF(l);
+    } else {
+      const float sp = l > 20.0f ? l : log1pf(expf(l));
+      s = sqrtf(sp);
+    }
+    score[e] = s;
+    biased[e] = s + (bias ? bias[e] : 0.0f);
+    taken[e] = 0;
+  }
+  __syncthreads();
+  int32_t* out = sel + r * k;
+  if (tid2eid != nullptr) {
+    for (int64_t j = threadIdx.x; j < k; j += blockDim.x)
+      out[j] = tid2eid[static_cast<int64_t>(tokens[r]) * k + j];
+  } else {
+    // k rounds of a block-wide argmax over the experts not taken yet; ties to the lowest index, as the CPU's
+    // ascending scan with a strict comparison.
+    const int warps = blockDim.x / 32, w = threadIdx.x / 32, lane = threadIdx.x % 32;
+    for (int64_t j = 0; j < k; ++j) {
+      float bv = -INFINITY;
+      int bi = -1;
+      for (int64_t e = threadIdx.x; e < ne; e += blockDim.x) {
+        if (taken[e]) continue;
+        if (bi < 0 || biased[e] > bv) {
+          bv = biased[e];
+          bi = static_cast<int>(e);
+        }
+      }
+      for (int o = 16; o > 0; o >>= 1) {
+        const float ov = __shfl_xor_sync(0xffffffffu, bv, o);
+        const int oi = __shfl_xor_sync(0xffffffffu, bi, o);
+        if (oi >= 0 && (bi < 0 || ov > bv || (ov == bv && oi < bi))) {
+          bv = ov;
+          bi = oi;
+        }
+      }
+      if (lane == 0) {
+        part_v[w] = bv;
+        part_i[w] = bi;
+      }
+      __syncthreads();
+      if (threadIdx.x == 0) {
+        float v = part_v[0];
+        int i = part_i[0];
+        for (int q = 1; q < warps; ++q) {
+          if (part_i[q] >= 0 && (i < 0 || part_v[q] > v || (part_v[q] == v && part_i[q] < i))) {
+            v = part_v[q];
+            i = part_i[q];
+          }
+        }
+        out[j] = i;
+        taken[i] = 1;
+      }
+      __syncthreads();
+    }
+  }
+  __syncthreads();
+  if (threadIdx.x != 0) return;
+  float sum = 0;
+  for (int64_t j = 0; j < k; ++j) sum += score[out[j]];
+  for (int64_t j = 0; j < k; ++j) wts[r * k + j] = score[out[j]] / sum * rsf;
+}
+
+// xin[s, :] = x[perm[s], :].
+__global__ void GatherRows(const float* x, const int32_t* perm, int64_t d, float* xin) {
+  const int64_t s = blockIdx.x;
+  const float* src = x + static_cast<int64_t>(perm[s]) * d;
+  for (int64_t i = threadIdx.x; i < d; i += blockDim.x) xin[s * d + i] = src[i];
+}
+
+// g = silu(min(g, L)) * clamp(u, -L, L) * w[row] (w may be null), in place in g.
+__global__ void SwiGlu(float* g, const float* u, int64_t rows, int64_t inter, const float* w, float lim) {
+  const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (idx >= rows * inter) return;
+  float gate = g[idx], up = u[idx];
+  if (lim > 0) {
+    gate = fminf(gate, lim);
+    up = fminf(fmaxf(up, -lim), lim);
+  }
+  g[idx] = SiluF(gate) * up * (w ? w[idx / inter] : 1.0f);
+}
+
+// out[r, :] += sum_j y[row_slots[r, j], :] in j order (slots sorted by expert, the CPU's order).
+// Grid (rows, any): block (r, b) takes features b * blockDim.x + thread, strided by the grid.
+__global__ void CombineExperts(float* out, const float* y, const int32_t* row_slots, int64_t k, int64_t d) {
+  const int64_t r = blockIdx.x;
+  for (int64_t i = static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x; i < d;
+       i += static_cast<int64_t>(gridDim.y) * blockDim.x) {
+    float acc = out[r * d + i];
+    for (int64_t j = 0; j < k; ++j) acc += y[static_cast<int64_t>(row_slots[r * k + j]) * d + i];
+    out[r * d + i] = acc;
+  }
+}
+
+// Grouped GEMV for decode-sized expert groups: y[start_e + c, o] = xin[start_e + c, :] · W_e[o, :] for the
+// c < count_e rows of each active expert e = active[g], g < *n_active (blocks past it return at once).
+// Grid (>= n_active, ceil(out / warps)); a warp per output row, 16-byte weight loads unrolled so several are
+// in flight, up to kMaxGroupRows rows accumulated in registers per pass over the weight row (more rows take
+// more passes, from L2). W_e = w + e * out * in.
+// MXFP4 (e2m1 codes, two per byte, element 2i in the low nibble; one e8m0 scale per 32 elements) decoded
+// from bits: no table lookups.
+__device__ __forceinline__ float Fp4Value(uint32_t code) {
+  const uint32_t e = (code >> 1) & 3u, m = code & 1u;
+  const float mag =
+      e ? __int_as_float(static_cast<int>(((e + 126u) << 23) | (m << 22))) : 0.5f * static_cast<float>(m);
+  return (code & 8u) ? -mag : mag;
+}
+
+enum WeightKind { kF32 = 0, kBf16 = 1 };  // GroupedGemv's weight formats (MXFP4: GroupedGemvFp4).
+
+template <int kKind>
+__global__ void GroupedGemv(const float* xin, const void* w, const int32_t* active, const int32_t* n_active,
+                            const int32_t* start, const int32_t* count, int64_t in, int64_t out, float* y) {
+  const int g = blockIdx.x;
+  if (g >= *n_active) return;
+  const int warps = blockDim.x / 32, lane = threadIdx.x % 32;
+  const int64_t o = static_cast<int64_t>(blockIdx.y) * warps + threadIdx.x / 32;
+  if (o >= out) return;
+  const int64_t e = active[g], off = start[e];
+  const int total = count[e];
+  for (int c0 = 0; c0 < total; c0 += kMaxGroupRows) {
+    const int cnt = min(kMaxGroupRows, total - c0);
+    const float* xrows = xin + c0 * in;
+    float* yrows = y + c0 * out;
+    float acc[kMaxGroupRows];
+#pragma unroll
+    for (int c = 0; c < kMaxGroupRows; ++c) acc[c] = 0;
+    if constexpr (kKind == kBf16) {
+      const __nv_bfloat16* wr = static_cast<const __nv_bfloat16*>(w) + (e * out + o) * in;
+#pragma unroll 4
+      for (int64_t i = lane * 8; i < in; i += 32 * 8) {
+        const uint4 raw = *reinterpret_cast<const uint4*>(wr + i);
+        const __nv_bfloat162* p2 = reinterpret_cast<const __nv_bfloat162*>(&raw);
+        float wv[8];
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+          const float2 f = __bfloat1622float2(p2[q]);
+          wv[2 * q] = f.x;
+          wv[2 * q + 1] = f.y;
+        }
+#pragma unroll
+        for (int c = 0; c < kMaxGroupRows; ++c) {
+          if (c < cnt) {
+            const float4* xv = reinterpret_cast<const float4*>(xrows + (off + c) * in + i);
+            const float4 a = xv[0], b = xv[1];
+            acc[c] += a.x * wv[0] + a.y * wv[1] + a.z * wv[2] + a.w * wv[3] + b.x * wv[4] + b.y * wv[5] +
+                      b.z * wv[6] + b.w * wv[7];
+          }
+        }
+      }
+    } else {
+      const float* wr = static_cast<const float*>(w) + (e * out + o) * in;
+#pragma unroll 4
+      for (int64_t i = lane * 4; i < in; i += 32 * 4) {
+        const float4 wv = *reinterpret_cast<const float4*>(wr + i);
+#pragma unroll
+        for (int c = 0; c < kMaxGroupRows; ++c) {
+          if (c < cnt) {
+            const float4 a = *reinterpret_cast<const float4*>(xrows + (off + c) * in + i);
+            acc[c] += a.x * wv.x + a.y * wv.y + a.z * wv.z + a.w * wv.w;
+          }
+        }
+      }
+    }
+#pragma unroll
+    for (int c = 0; c < kMaxGroupRows; ++c) {
+      const float s = WarpSum(acc[c]);
+      if (lane == 0 && c < cnt) yrows[(off + c) * out + o] = s;
+    }
+  }
+}
+
+// Token permutation on the device for decode-sized batches (one block, slots = rows * k <= a few
+// thousand): per-expert counts and starts, slots grouped by expert with rows in order inside an expert
+// (the CPU's order), each slot's row and routing weight, and each row's slots sorted by expert.
+// `touched` (may be null) receives the counts too, for the benchmark's byte accounting.
+// `active` lists the experts with rows (ascending), `n_active` their number.
+__global__ void Permute(const int32_t* sel, const float* wts, int64_t rows, int64_t k, int64_t ne,
+                        int32_t* count, int32_t* start, int32_t* perm, float* slot_w, int32_t* row_slots,
+                        int32_t* touched, int32_t* active, int32_t* n_active) {
+  extern __shared__ int32_t psh[];
+  int32_t* cnt = psh;
+  int32_t* fill = psh + ne;
+  for (int64_t e = threadIdx.x; e < ne; e += blockDim.x) cnt[e] = 0;
+  __syncthreads();
+  for (int64_t i = threadIdx.x; i < rows * k; i += blockDim.x) atomicAdd(&cnt[sel[i]], 1);
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    int32_t run = 0, na = 0;
+    for (int64_t e = 0; e < ne; ++e) {
+      fill[e] = run;
+      run += cnt[e];
+      if (cnt[e] > 0) active[na++] = static_cast<int32_t>(e);
+    }
+    *n_active = na;
+  }
+  __syncthreads();
+  for (int64_t e = threadIdx.x; e < ne; e += blockDim.x) {
+    count[e] = cnt[e];
+    start[e] = fill[e];
+    if (touched) touched[e] = cnt[e];
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {  // In row order, so rows stay ordered inside each expert.
+    for (int64_t i = 0; i < rows * k; ++i) {
+      const int32_t slot = fill[sel[i]]++;
+      perm[slot] = static_cast<int32_t>(i / k);
+      slot_w[slot] = wts[i];
+      row_slots[i] = slot;
+    }
+  }
+  __syncthreads();
+  for (int64_t r = threadIdx.x; r < rows; r += blockDim.x) {  // Insertion sort of each row's slots by expert.
+    int32_t* rs = row_slots + r * k;
+    const int32_t* es = sel + r * k;
+    int32_t ex[64];
+    for (int64_t j = 0; j < k; ++j) ex[j] = es[j];
+    for (int64_t j = 1; j < k; ++j) {
+      const int32_t ke = ex[j], ks = rs[j];
+      int64_t p = j - 1;
+      while (p >= 0 && ex[p] > ke) {
+        ex[p + 1] = ex[p];
+        rs[p + 1] = rs[p];
+        --p;
+      }
+      ex[p + 1] = ke;
+      rs[p + 1] = ks;
+    }
+  }
+}
+
+__device__ __forceinline__ uint32_t Word(const uint4& v, int i) {
+  return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
+}
+
+// The MXFP4 grouped GEMV (same contract as GroupedGemv, but kCols rows of an expert per pass over its
+// weights: 2 when decode batches give experts one or two rows each, which halves the registers and so
+// doubles the warps in flight, 8 otherwise): a warp computes kRows consecutive output rows, so
+// each activation float4 it loads serves kRows weight rows (the one-row version re-read the activations from
+// L1 for every 16 bytes of weights), and kRows independent 16-byte weight loads are in flight per lane. A
+// lane takes whole 32-value blocks; values are decoded four at a time and pre-scaled by their block scale.
+template <int kRows, int kCols>
+__global__ void __launch_bounds__(128, kCols <= 2 ? 8 : 0)
+    GroupedGemvFp4(const float* xin, const uint8_t* w, const uint8_t* scales, const int32_t* active,
+                   const int32_t* n_active, const int32_t* start, const int32_t* count, int64_t in,
+                   int64_t out, float* y) {
+  const int g = blockIdx.x;
+  if (g >= *n_active) return;
+  const int warps = blockDim.x / 32, lane = threadIdx.x % 32;
+  const int64_t o0 = (static_cast<int64_t>(blockIdx.y) * warps + threadIdx.x / 32) * kRows;
+  if (o0 >= out) return;
+  const int64_t e = active[g], off = start[e], bpr = in / 32;
+  const int total = count[e];
+  for (int c0 = 0; c0 < total; c0 += kCols) {
+    const int cnt = min(kCols, total - c0);
+    const float* xr = xin + (off + c0) * in;
+    float acc[kRows][kCols];
+#pragma unroll
+    for (int r = 0; r < kRows; ++r) {
+#pragma unroll
+      for (int c = 0; c < kCols; ++c) acc[r][c] = 0;
+    }
+    for (int64_t b = lane; b < bpr; b += 32) {
+      uint4 raw[kRows];
+      float sc[kRows];
+#pragma unroll
+      for (int r = 0; r < kRows; ++r) {
+        const int64_t row = e * out + min(o0 + r, out - 1);  // Rows past the end are computed, not stored.
+        raw[r] = *reinterpret_cast<const uint4*>(w + row * (in / 2) + b * 16);
+        sc[r] = __int_as_float(static_cast<int>(static_cast<uint32_t>(scales[row * bpr + b]) << 23));
+      }
+#pragma unroll
+      for (int q = 0; q < 8; ++q) {
+        float wv[kRows][4];
+#pragma unroll
+        for (int r = 0; r < kRows; ++r) {
+          const uint32_t bits = Word(raw[r], q / 2) >> (16 * (q % 2));
+#pragma unroll
+          for (int t = 0; t < 4; ++t) wv[r][t] = Fp4Value((bits >> (4 * t)) & 15u) * sc[r];
+        }
+#pragma unroll
+        for (int c = 0; c < kCols; ++c) {
+          if (c < cnt) {
+            const float4 a = reinterpret_cast<const float4*>(xr + c * in + b * 32)[q];
+#pragma unroll
+            for (int r = 0; r < kRows; ++r)
+              acc[r][c] += a.x * wv[r][0] + a.y * wv[r][1] + a.z * wv[r][2] + a.w * wv[r][3];
+          }
+        }
+      }
+    }
+#pragma unroll
+    for (int r = 0; r < kRows; ++r) {
+#pragma unroll
+      for (int c = 0; c < kCols; ++c) {
+        const float v = WarpSum(acc[r][c]);
+        if (lane == 0 && c < cnt && o0 + r < out) y[(off + c0 + c) * out + o0 + r] = v;
+      }
+    }
+  }
+}
+
+// MXFP4 rows -> BF16 (prefill: the active experts are dequantized for cuBLAS). One thread per 32-block.
+__global__ void Mxfp4ToBf16(const uint8_t* codes, const uint8_t* scales, int64_t blocks, __nv_bfloat16* out) {
+  const int64_t b = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (b >= blocks) return;
+  const float sc = __int_as_float(static_cast<int>(static_cast<uint32_t>(scales[b]) << 23));
+  for (int q = 0; q < 16; ++q) {
+    const uint32_t byte = codes[b * 16 + q];
+    out[b * 32 + 2 * q] = __float2bfloat16_rn(Fp4Value(byte & 15u) * sc);
+    out[b * 32 + 2 * q + 1] = __float2bfloat16_rn(Fp4Value(byte >> 4) * sc);
+  }
+}
+
+}  // namespace
+}  // namespace v4serve::model::cuda::kernels
+
+#endif  // V4SERVE_MODEL_CUDA_CUDA_MOE_KERNELS_CUH_
