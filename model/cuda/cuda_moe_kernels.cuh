@@ -4,6 +4,8 @@
 #define V4SERVE_MODEL_CUDA_CUDA_MOE_KERNELS_CUH_
 
 #include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_fp8.h>
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -265,14 +267,41 @@ __device__ __forceinline__ uint32_t Word(const uint4& v, int i) {
   return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
 }
 
+// Eight e2m1 values of a word (element 2i in the low nibble of byte i) as FP32 times 2^-6, in a few
+// instructions: each nibble (sign, exponent e, mantissa m) becomes the e4m3 byte with the same sign,
+// exponent field e and mantissa m00, which is exactly 2^-6 times its value (subnormal 0.5 included), and
+// the hardware converts FP8 pairs to half2 (exact). The GEMV was bound by decoding instructions.
+__device__ __forceinline__ void Fp4x8(uint32_t w, float v[8]) {
+  const uint32_t lo = w & 0x0F0F0F0Fu, hi = (w >> 4) & 0x0F0F0F0Fu;  // Elements 0, 2, 4, 6 / 1, 3, 5, 7.
+  const uint32_t flo = ((lo & 0x07070707u) << 2) | ((lo & 0x08080808u) << 4);
+  const uint32_t fhi = ((hi & 0x07070707u) << 2) | ((hi & 0x08080808u) << 4);
+  const float2 e02 = __half22float2(
+      __half2(__nv_cvt_fp8x2_to_halfraw2(static_cast<__nv_fp8x2_storage_t>(flo & 0xFFFFu), __NV_E4M3)));
+  const float2 e46 = __half22float2(
+      __half2(__nv_cvt_fp8x2_to_halfraw2(static_cast<__nv_fp8x2_storage_t>(flo >> 16), __NV_E4M3)));
+  const float2 e13 = __half22float2(
+      __half2(__nv_cvt_fp8x2_to_halfraw2(static_cast<__nv_fp8x2_storage_t>(fhi & 0xFFFFu), __NV_E4M3)));
+  const float2 e57 = __half22float2(
+      __half2(__nv_cvt_fp8x2_to_halfraw2(static_cast<__nv_fp8x2_storage_t>(fhi >> 16), __NV_E4M3)));
+  v[0] = e02.x;
+  v[1] = e13.x;
+  v[2] = e02.y;
+  v[3] = e13.y;
+  v[4] = e46.x;
+  v[5] = e57.x;
+  v[6] = e46.y;
+  v[7] = e57.y;
+}
+
 // The MXFP4 grouped GEMV (same contract as GroupedGemv, but kCols rows of an expert per pass over its
 // weights: 2 when decode batches give experts one or two rows each, which halves the registers and so
 // doubles the warps in flight, 8 otherwise): a warp computes kRows consecutive output rows, so
 // each activation float4 it loads serves kRows weight rows (the one-row version re-read the activations from
 // L1 for every 16 bytes of weights), and kRows independent 16-byte weight loads are in flight per lane. A
-// lane takes whole 32-value blocks; values are decoded four at a time and pre-scaled by their block scale.
+// lane takes whole 32-value blocks; values are decoded eight at a time (Fp4x8), each word's products scaled
+// once.
 template <int kRows, int kCols>
-__global__ void __launch_bounds__(128, kCols <= 2 ? 8 : 0)
+__global__ void __launch_bounds__(128, kCols <= 2 ? 6 : 3)
     GroupedGemvFp4(const float* xin, const uint8_t* w, const uint8_t* scales, const int32_t* active,
                    const int32_t* n_active, const int32_t* start, const int32_t* count, int64_t in,
                    int64_t out, float* y) {
@@ -299,24 +328,32 @@ __global__ void __launch_bounds__(128, kCols <= 2 ? 8 : 0)
       for (int r = 0; r < kRows; ++r) {
         const int64_t row = e * out + min(o0 + r, out - 1);  // Rows past the end are computed, not stored.
         raw[r] = *reinterpret_cast<const uint4*>(w + row * (in / 2) + b * 16);
-        sc[r] = __int_as_float(static_cast<int>(static_cast<uint32_t>(scales[row * bpr + b]) << 23));
+        // The block scale times 2^6, which Fp4x8's values lack.
+        sc[r] = __int_as_float(static_cast<int>((static_cast<uint32_t>(scales[row * bpr + b]) + 6u) << 23));
       }
 #pragma unroll
-      for (int q = 0; q < 8; ++q) {
-        float wv[kRows][4];
-#pragma unroll
-        for (int r = 0; r < kRows; ++r) {
-          const uint32_t bits = Word(raw[r], q / 2) >> (16 * (q % 2));
-#pragma unroll
-          for (int t = 0; t < 4; ++t) wv[r][t] = Fp4Value((bits >> (4 * t)) & 15u) * sc[r];
-        }
+      for (int i = 0; i < 4; ++i) {  // Eight values per 32-bit word: the rows' activations, then row by row.
+        float4 xa[kCols][2];
 #pragma unroll
         for (int c = 0; c < kCols; ++c) {
           if (c < cnt) {
-            const float4 a = reinterpret_cast<const float4*>(xr + c * in + b * 32)[q];
+            const float4* xv = reinterpret_cast<const float4*>(xr + c * in + b * 32 + i * 8);
+            xa[c][0] = xv[0];
+            xa[c][1] = xv[1];
+          }
+        }
 #pragma unroll
-            for (int r = 0; r < kRows; ++r)
-              acc[r][c] += a.x * wv[r][0] + a.y * wv[r][1] + a.z * wv[r][2] + a.w * wv[r][3];
+        for (int r = 0; r < kRows; ++r) {
+          float wv[8];
+          Fp4x8(Word(raw[r], i), wv);
+#pragma unroll
+          for (int c = 0; c < kCols; ++c) {
+            if (c < cnt) {
+              const float4 a = xa[c][0], a2 = xa[c][1];
+              const float part = a.x * wv[0] + a.y * wv[1] + a.z * wv[2] + a.w * wv[3] + a2.x * wv[4] +
+                                 a2.y * wv[5] + a2.z * wv[6] + a2.w * wv[7];
+              acc[r][c] = fmaf(part, sc[r], acc[r][c]);
+            }
           }
         }
       }
