@@ -1,8 +1,10 @@
 // The CUDA backend on a V4-Flash-shaped stack of a few layers (real shapes: hidden 4096, 64 heads of 512,
 // 256 experts of 2048, top-6, CSA and HCA layers, vocab 129280; random weights drawn on the device), with
 // every figure a ratio to a ceiling measured in the same run on the same GPU:
-//   decode step (batch 1, 8, 64): achieved bytes/s (weights the step's GEMMs read, touched experts only,
-//     plus the KV they attend over) / device-to-device copy bandwidth (bytes read + written);
+//   decode step (batch 1, 8, 64; greedy: token ids back, as the engine runs argmax-only batches; then the
+//     same with the logits copied to the host, as sampling needs them): achieved bytes/s (weights the step's
+//     GEMMs read, touched experts only, plus the KV they attend over) / device-to-device copy bandwidth
+//     (bytes read + written);
 //   prefill (8k, 32k tokens): achieved FLOP/s (GEMMs + attention + indexer) / cuBLASLt's best dense FP8
 //     GEMM (and BF16 GEMM) over a few large square shapes.
 //   the same decode steps with the device state cache off (V4SERVE_CUDA_STATE_CACHE_MB=0: every call
@@ -281,7 +283,9 @@ int Main(int argc, char** argv) {
 
   // Decode: B sequences of `context` tokens (prefilled in one batched call), then `steps` timed steps.
   // Returns the median step time (0 after an error, which is printed).
-  auto decode = [&](const ForwardBackend& backend, int64_t b, const char* label) -> double {
+  // `greedy`: ForwardGreedy (the engine's path for argmax-only batches: token ids back); else Forward with
+  // the logits copied to the host (sampling with temperature, logprobs).
+  auto decode = [&](const ForwardBackend& backend, int64_t b, const char* label, bool greedy) -> double {
     std::vector<SequenceState> states(static_cast<size_t>(b), NewSequenceState(*config));
     std::vector<ForwardSegment> segs;
     std::vector<int32_t> toks;
@@ -308,13 +312,20 @@ int Main(int argc, char** argv) {
       for (int64_t i = 0; i < b; ++i) segs.push_back({&states[i], i, 1});
       CK(cudaDeviceSynchronize());
       auto ts = std::chrono::steady_clock::now();
-      auto lg = backend.Forward(segs, next, rows_idx, nullptr);
+      absl::StatusOr<std::vector<int32_t>> tok;
+      absl::StatusOr<std::vector<float>> lg;
+      if (greedy) {
+        tok = backend.ForwardGreedy(segs, next, rows_idx);
+      } else {
+        lg = backend.Forward(segs, next, rows_idx, nullptr);
+      }
       const double dt = Seconds(ts);
-      if (!lg.ok()) {
-        std::fprintf(stderr, "decode: %s\n", std::string(lg.status().message()).c_str());
+      const absl::Status st = greedy ? tok.status() : lg.status();
+      if (!st.ok()) {
+        std::fprintf(stderr, "decode: %s\n", std::string(st.message()).c_str());
         return 0;
       }
-      absl::StatusOr<std::vector<int32_t>> tok = cuda::ArgmaxRows(*lg, b, vocab);
+      if (!greedy) tok = cuda::ArgmaxRows(*lg, b, vocab);
       if (tok.ok()) next = *tok;
       if (s >= 2) {
         times.push_back(dt);
@@ -338,7 +349,8 @@ int Main(int argc, char** argv) {
     return t;
   };
   std::vector<std::pair<int64_t, double>> with_cache;
-  for (int64_t b : Ints(batches)) with_cache.emplace_back(b, decode(**be, b, ""));
+  for (int64_t b : Ints(batches)) with_cache.emplace_back(b, decode(**be, b, "", true));
+  for (int64_t b : Ints(batches)) decode(**be, b, ", logits to the host", false);
   if (compare_cache) {
     setenv("V4SERVE_CUDA_STATE_CACHE_MB", "0", 1);
     absl::StatusOr<std::unique_ptr<ForwardBackend>> off = cuda::MakeRandomCudaBackend(*config, format, 1);
@@ -348,7 +360,7 @@ int Main(int argc, char** argv) {
       return 1;
     }
     for (const auto& [b, t] : with_cache) {
-      const double t_off = decode(**off, b, ", state cache off");
+      const double t_off = decode(**off, b, ", state cache off", true);
       if (t > 0 && t_off > 0) {
         std::printf("    batch %lld: state cache on / off step time %.3f (%.2fx faster)\n",
                     static_cast<long long>(b), t / t_off, t_off / t);

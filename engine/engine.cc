@@ -251,6 +251,30 @@ void Engine::EmitToken(Sequence* seq, SampledToken token) {
   }
 }
 
+absl::Status Engine::DecodeGreedy(const std::vector<Sequence*>& batch,
+                                  const std::vector<model::SequenceState*>& states,
+                                  const std::vector<int64_t>& counts, const std::vector<int32_t>& tokens) {
+  absl::StatusOr<std::vector<int32_t>> ids = model_->DecodeChunksGreedy(states, counts, tokens);
+  if (!ids.ok()) {
+    V4LOG(ERROR).With("status", ids.status()) << "decode failed";
+    for (Sequence* seq : batch) Finish(seq, FinishReason::kError, ids.status());
+    return ids.status();
+  }
+  stats_.decode_tokens_computed += static_cast<int64_t>(tokens.size());
+  for (size_t i = 0; i < batch.size(); ++i) {
+    Sequence* seq = batch[i];
+    const int64_t pos = seq->state.position - 1;
+    kv_.OnBlockBoundary(seq);
+    seq->sampler->RecordSampled((*ids)[i]);  // What Sample would have recorded.
+    SampledToken token;
+    token.id = (*ids)[i];
+    EmitToken(seq, std::move(token));
+    UpdateDraft(seq, pos, {});
+  }
+  FlushDrafts();
+  return absl::OkStatus();
+}
+
 absl::Status Engine::Step() {
   StepPlan plan = scheduler_.Schedule();
   ++stats_.steps;
@@ -296,36 +320,48 @@ absl::Status Engine::Step() {
       counts.push_back(undos[i].has_value() ? 2 : 1);
       any_mtp = any_mtp || MtpActive(*seq);
     }
-    std::vector<float> streams;
-    absl::StatusOr<std::vector<float>> logits =
-        model_->DecodeChunks(states, counts, tokens, any_mtp ? &streams : nullptr);
-    if (!logits.ok()) {
-      V4LOG(ERROR).With("status", logits.status()) << "decode failed";
-      for (Sequence* seq : plan.decode) Finish(seq, FinishReason::kError, logits.status());
-      result = logits.status();
+    // A batch that only takes argmaxes (greedy, no penalties, no logprobs, no MTP) gets token ids from the
+    // model instead of [batch, vocab] logits: a GPU backend picks them on the device.
+    const bool greedy =
+        !any_mtp && std::all_of(counts.begin(), counts.end(), [](int64_t k) { return k == 1; }) &&
+        std::all_of(plan.decode.begin(), plan.decode.end(),
+                    [](const Sequence* s) { return s->forks.empty() && s->sampler->GreedyWithoutLogits(); });
+    if (greedy) {
+      if (absl::Status s = DecodeGreedy(plan.decode, states, counts, tokens); !s.ok()) result = s;
     } else {
-      stats_.decode_tokens_computed += static_cast<int64_t>(tokens.size());
-      const size_t vocab = static_cast<size_t>(model_->config().vocab_size);
-      const size_t row = streams.size() / tokens.size();
-      size_t r = 0;
-      for (size_t i = 0; i < n; ++i) {
-        Sequence* seq = plan.decode[i];
-        const size_t k = static_cast<size_t>(counts[i]);
-        const int64_t pos = seq->state.position - counts[i];
-        const absl::Span<const float> seq_logits = absl::MakeConstSpan(*logits).subspan(r * vocab, k * vocab);
-        const absl::Span<const float> seq_streams =
-            any_mtp ? absl::MakeConstSpan(streams).subspan(r * row, k * row) : absl::Span<const float>();
-        r += k;
-        if (undos[i].has_value()) {
-          if (absl::Status s = FinishVerify(seq, tokens[r - 1], *undos[i], seq_logits, seq_streams); !s.ok())
-            result = s;
-          continue;
+      std::vector<float> streams;
+      absl::StatusOr<std::vector<float>> logits =
+          model_->DecodeChunks(states, counts, tokens, any_mtp ? &streams : nullptr);
+      if (!logits.ok()) {
+        V4LOG(ERROR).With("status", logits.status()) << "decode failed";
+        for (Sequence* seq : plan.decode) Finish(seq, FinishReason::kError, logits.status());
+        result = logits.status();
+      } else {
+        stats_.decode_tokens_computed += static_cast<int64_t>(tokens.size());
+        const size_t vocab = static_cast<size_t>(model_->config().vocab_size);
+        const size_t row = streams.size() / tokens.size();
+        size_t r = 0;
+        for (size_t i = 0; i < n; ++i) {
+          Sequence* seq = plan.decode[i];
+          const size_t k = static_cast<size_t>(counts[i]);
+          const int64_t pos = seq->state.position - counts[i];
+          const absl::Span<const float> seq_logits =
+              absl::MakeConstSpan(*logits).subspan(r * vocab, k * vocab);
+          const absl::Span<const float> seq_streams =
+              any_mtp ? absl::MakeConstSpan(streams).subspan(r * row, k * row) : absl::Span<const float>();
+          r += k;
+          if (undos[i].has_value()) {
+            if (absl::Status s = FinishVerify(seq, tokens[r - 1], *undos[i], seq_logits, seq_streams);
+                !s.ok())
+              result = s;
+            continue;
+          }
+          kv_.OnBlockBoundary(seq);
+          Emit(seq, seq_logits);
+          UpdateDraft(seq, pos, seq_streams);
         }
-        kv_.OnBlockBoundary(seq);
-        Emit(seq, seq_logits);
-        UpdateDraft(seq, pos, seq_streams);
+        FlushDrafts();  // While `streams` lives.
       }
-      FlushDrafts();  // While `streams` lives.
     }
   }
   // Forget requests whose every choice finished.

@@ -61,6 +61,14 @@ class Sampler {
   void AddPromptTokens(absl::Span<const int32_t> tokens);
   // Picks the next token from `logits` [vocab] and records it as an output token.
   SampledToken Sample(absl::Span<const float> logits);
+  // Whether Sample is an argmax of the logits as given that reports nothing else (temperature 0, no
+  // penalties, no logprobs): then the model may pick the token itself (Model::DecodeChunksGreedy) and
+  // RecordSampled takes it.
+  bool GreedyWithoutLogits() const {
+    return params_.temperature == 0.0f && params_.repetition_penalty == 1.0f &&
+           params_.presence_penalty == 0.0f && params_.frequency_penalty == 0.0f && !params_.logprobs &&
+           params_.top_logprobs == 0;
+  }
   // Records a token that another worker's Sampler with the same params and seed picked as this
   // sequence's next output (disaggregated prefill samples the first token): counts it for penalties and
   // advances the random engine as Sample would have, so later draws equal a colocated run's.

@@ -1,5 +1,7 @@
 #include "model/backend.h"
 
+#include <algorithm>
+
 #include "absl/strings/str_cat.h"
 #include "model/device.h"
 
@@ -43,6 +45,25 @@ absl::StatusOr<Device> ResolveDevice(Device requested, std::string* why) {
   }
   if (why != nullptr) *why = reason;
   return Device::kCpu;
+}
+
+std::vector<int32_t> ArgmaxOfRows(absl::Span<const float> logits, int64_t rows) {
+  std::vector<int32_t> ids;
+  if (rows <= 0) return ids;
+  const size_t cols = logits.size() / static_cast<size_t>(rows);
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* row = logits.data() + static_cast<size_t>(r) * cols;
+    ids.push_back(static_cast<int32_t>(std::max_element(row, row + cols) - row));
+  }
+  return ids;
+}
+
+absl::StatusOr<std::vector<int32_t>> ForwardBackend::ForwardGreedy(
+    absl::Span<const ForwardSegment> segments, absl::Span<const int32_t> tokens,
+    absl::Span<const int64_t> logit_rows) const {
+  absl::StatusOr<std::vector<float>> logits = Forward(segments, tokens, logit_rows, nullptr);
+  if (!logits.ok()) return logits.status();
+  return ArgmaxOfRows(*logits, static_cast<int64_t>(logit_rows.size()));
 }
 
 }  // namespace v4serve::model

@@ -54,7 +54,16 @@ class ForwardBackend {
                                                      absl::Span<const int32_t> tokens,
                                                      absl::Span<const int64_t> logit_rows,
                                                      std::vector<float>* final_streams) const = 0;
+  // Forward that returns the greedy token of each of `logit_rows` (the argmax, the lowest id on ties, as
+  // the engine's sampler picks at temperature 0) instead of its logits. This default argmaxes Forward's
+  // logits; the CUDA backend picks on the device and copies back only the ids.
+  virtual absl::StatusOr<std::vector<int32_t>> ForwardGreedy(absl::Span<const ForwardSegment> segments,
+                                                             absl::Span<const int32_t> tokens,
+                                                             absl::Span<const int64_t> logit_rows) const;
 };
+
+// The argmax of each of `rows` rows of `logits` (lowest index on ties).
+std::vector<int32_t> ArgmaxOfRows(absl::Span<const float> logits, int64_t rows);
 
 }  // namespace v4serve::model
 

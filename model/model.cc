@@ -131,6 +131,25 @@ absl::StatusOr<std::vector<float>> Model::DecodeChunks(absl::Span<SequenceState*
                                                        absl::Span<const int64_t> counts,
                                                        absl::Span<const int32_t> tokens,
                                                        std::vector<float>* final_streams) const {
+  ASSIGN_OR_RETURN(std::vector<Seq> seqs, ChunkSeqs(states, counts, tokens));
+  std::vector<int64_t> rows(tokens.size());
+  for (size_t i = 0; i < rows.size(); ++i) rows[i] = static_cast<int64_t>(i);
+  return Forward(seqs, tokens, rows, final_streams);
+}
+
+absl::StatusOr<std::vector<int32_t>> Model::DecodeChunksGreedy(absl::Span<SequenceState* const> states,
+                                                               absl::Span<const int64_t> counts,
+                                                               absl::Span<const int32_t> tokens) const {
+  ASSIGN_OR_RETURN(std::vector<Seq> seqs, ChunkSeqs(states, counts, tokens));
+  ASSIGN_OR_RETURN(std::vector<ForwardSegment> segments, Segments(seqs, tokens));
+  std::vector<int64_t> rows(tokens.size());
+  for (size_t i = 0; i < rows.size(); ++i) rows[i] = static_cast<int64_t>(i);
+  return backend_->ForwardGreedy(segments, tokens, rows);
+}
+
+absl::StatusOr<std::vector<Model::Seq>> Model::ChunkSeqs(absl::Span<SequenceState* const> states,
+                                                         absl::Span<const int64_t> counts,
+                                                         absl::Span<const int32_t> tokens) const {
   if (states.size() != counts.size() || states.empty()) {
     return absl::InvalidArgumentError("DecodeChunks needs one count per state and at least one state");
   }
@@ -147,15 +166,19 @@ absl::StatusOr<std::vector<float>> Model::DecodeChunks(absl::Span<SequenceState*
   if (begin != static_cast<int64_t>(tokens.size())) {
     return absl::InvalidArgumentError("DecodeChunks: counts do not add up to the tokens");
   }
-  std::vector<int64_t> rows(tokens.size());
-  for (size_t i = 0; i < rows.size(); ++i) rows[i] = static_cast<int64_t>(i);
-  return Forward(seqs, tokens, rows, final_streams);
+  return seqs;
 }
 
 absl::StatusOr<std::vector<float>> Model::Forward(const std::vector<Seq>& seqs,
                                                   absl::Span<const int32_t> tokens,
                                                   const std::vector<int64_t>& logit_rows,
                                                   std::vector<float>* final_streams) const {
+  ASSIGN_OR_RETURN(std::vector<ForwardSegment> segments, Segments(seqs, tokens));
+  return backend_->Forward(segments, tokens, logit_rows, final_streams);
+}
+
+absl::StatusOr<std::vector<ForwardSegment>> Model::Segments(const std::vector<Seq>& seqs,
+                                                            absl::Span<const int32_t> tokens) const {
   const ModelConfig& c = config_;
   for (int32_t t : tokens) {
     if (t < 0 || t >= c.vocab_size)
@@ -168,7 +191,7 @@ absl::StatusOr<std::vector<float>> Model::Forward(const std::vector<Seq>& seqs,
     }
     segments.push_back(ForwardSegment{s.state, s.begin, s.count});
   }
-  return backend_->Forward(segments, tokens, logit_rows, final_streams);
+  return segments;
 }
 
 absl::StatusOr<std::vector<float>> Model::CpuForward(absl::Span<const ForwardSegment> seqs,

@@ -93,6 +93,13 @@ class Model {
                                                   absl::Span<const int32_t> tokens,
                                                   std::vector<float>* final_streams = nullptr) const;
 
+  // DecodeChunks for greedy decoding: the argmax token of every row [tokens.size()] (the lowest id on ties,
+  // as a temperature-0 sampler without penalties picks) instead of its logits, so that a GPU backend
+  // copies back token ids rather than [rows, vocab] floats.
+  absl::StatusOr<std::vector<int32_t>> DecodeChunksGreedy(absl::Span<SequenceState* const> states,
+                                                          absl::Span<const int64_t> counts,
+                                                          absl::Span<const int32_t> tokens) const;
+
   // MTP draft logits [n, vocab] of one sequence: row t combines the main model's final streams at position
   // state->mtp_position + t (`streams`, [n, hc_mult, hidden], from Prefill/Decode) with the embedding of the
   // token that follows that position (`next_tokens`, [n]) and predicts the token after it. Advances the
@@ -117,6 +124,13 @@ class Model {
   absl::StatusOr<std::vector<float>> Forward(const std::vector<Seq>& seqs, absl::Span<const int32_t> tokens,
                                              const std::vector<int64_t>& logit_rows,
                                              std::vector<float>* final_streams) const;
+  // DecodeChunks' argument checks: the sequences of `states` with their chunks of `tokens`.
+  absl::StatusOr<std::vector<Seq>> ChunkSeqs(absl::Span<SequenceState* const> states,
+                                             absl::Span<const int64_t> counts,
+                                             absl::Span<const int32_t> tokens) const;
+  // Forward's checks: token ids in range, states of this model.
+  absl::StatusOr<std::vector<ForwardSegment>> Segments(const std::vector<Seq>& seqs,
+                                                       absl::Span<const int32_t> tokens) const;
   // The CPU backend's Forward (ForwardBackend contract).
   friend class CpuForwardBackend;
   absl::StatusOr<std::vector<float>> CpuForward(absl::Span<const ForwardSegment> seqs,

@@ -414,6 +414,22 @@ absl::StatusOr<std::vector<float>> CudaBackend::Forward(absl::Span<const Forward
                                                         absl::Span<const int32_t> tokens,
                                                         absl::Span<const int64_t> logit_rows,
                                                         std::vector<float>* final_streams) const {
+  std::vector<float> logits;
+  RETURN_IF_ERROR(Run(segments, tokens, logit_rows, final_streams, &logits, nullptr));
+  return logits;
+}
+
+absl::StatusOr<std::vector<int32_t>> CudaBackend::ForwardGreedy(absl::Span<const ForwardSegment> segments,
+                                                                absl::Span<const int32_t> tokens,
+                                                                absl::Span<const int64_t> logit_rows) const {
+  std::vector<int32_t> ids;
+  RETURN_IF_ERROR(Run(segments, tokens, logit_rows, nullptr, nullptr, &ids));
+  return ids;
+}
+
+absl::Status CudaBackend::Run(absl::Span<const ForwardSegment> segments, absl::Span<const int32_t> tokens,
+                              absl::Span<const int64_t> logit_rows, std::vector<float>* final_streams,
+                              std::vector<float>* logits_out, std::vector<int32_t>* ids) const {
   const ModelConfig& c = c_;
   const int64_t n = static_cast<int64_t>(tokens.size()), d = c.hidden_size, hc = c.hc_mult;
   counters_ = ForwardCounters{};
@@ -487,18 +503,29 @@ absl::StatusOr<std::vector<float>> CudaBackend::Forward(absl::Span<const Forward
   V4_LAUNCH_CHECK(RmsNorm);
   RETURN_IF_ERROR(logits.Alloc(m * c.vocab_size));
   RETURN_IF_ERROR(Linear(hidden.get(), m, head_, logits.get()));
-  // Decode-sized logits go through page-locked memory (a pageable copy of batch 64's 33 MB ran at a few
-  // GB/s); larger ones (every row of a long prefill) straight to pageable memory.
+  // Greedy: the ids only. Otherwise decode-sized logits go through page-locked memory (a pageable copy of
+  // batch 64's 33 MB ran at a few GB/s); larger ones (every row of a long prefill) straight to pageable
+  // memory.
   const int64_t nl = m * c.vocab_size;
   constexpr int64_t kPinnedFloats = int64_t{64} << 20;  // 256 MiB.
   const float* pinned = nullptr;
-  std::vector<float> out;
-  if (nl <= kPinnedFloats) {
+  Buf<int32_t> d_ids(s);
+  const int32_t* pinned_ids = nullptr;
+  if (ids != nullptr) {
+    if (m > 0) {
+      RETURN_IF_ERROR(d_ids.Alloc(m));
+      k::ArgmaxRows<<<m, 1024, 0, s>>>(logits.get(), c.vocab_size, d_ids.get());
+      V4_LAUNCH_CHECK(ArgmaxRows);
+      ASSIGN_OR_RETURN(float* p, arena_.Take(m));
+      V4_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(p, d_ids.get(), m * 4, cudaMemcpyDeviceToHost, s));
+      pinned_ids = reinterpret_cast<const int32_t*>(p);
+    }
+  } else if (nl <= kPinnedFloats) {
     ASSIGN_OR_RETURN(float* p, arena_.Take(nl));
     V4_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(p, logits.get(), nl * 4, cudaMemcpyDeviceToHost, s));
     pinned = p;
   } else {
-    RETURN_IF_ERROR(logits.Download(&out));
+    RETURN_IF_ERROR(logits.Download(logits_out));
   }
   if (final_streams != nullptr) RETURN_IF_ERROR(streams.Download(final_streams));
   // The forward's one synchronization; then the host states take what it computed, in order.
@@ -507,9 +534,10 @@ absl::StatusOr<std::vector<float>> CudaBackend::Forward(absl::Span<const Forward
   for (const ForwardSegment& seg : segments) seg.state->position += seg.count;
   std::move(abort_copies).Cancel();
   state_cache_->Commit();
-  if (pinned != nullptr) out.assign(pinned, pinned + nl);
+  if (pinned != nullptr) logits_out->assign(pinned, pinned + nl);
+  if (ids != nullptr) ids->assign(pinned_ids, pinned_ids + (pinned_ids != nullptr ? m : 0));
   RETURN_IF_ERROR(Mark(&counters_.s_head));
-  return out;
+  return absl::OkStatus();
 }
 
 }  // namespace impl

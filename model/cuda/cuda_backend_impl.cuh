@@ -238,6 +238,14 @@ class CudaBackend final : public ForwardBackend {
                                              absl::Span<const int32_t> tokens,
                                              absl::Span<const int64_t> logit_rows,
                                              std::vector<float>* final_streams) const override;
+  // The argmax on the device (ArgmaxRows); only the ids come back.
+  absl::StatusOr<std::vector<int32_t>> ForwardGreedy(absl::Span<const ForwardSegment> segments,
+                                                     absl::Span<const int32_t> tokens,
+                                                     absl::Span<const int64_t> logit_rows) const override;
+  // Both: the logits of `logit_rows` to `logits`, or with `ids` set their argmax to `ids` instead.
+  absl::Status Run(absl::Span<const ForwardSegment> segments, absl::Span<const int32_t> tokens,
+                   absl::Span<const int64_t> logit_rows, std::vector<float>* final_streams,
+                   std::vector<float>* logits, std::vector<int32_t>* ids) const;
 
   // The last Forward's counters; the experts' share is read back from the device here.
   absl::StatusOr<ForwardCounters> Counters() const;

@@ -219,6 +219,34 @@ TEST(EngineTest, ChoicesOfOneRequestShareOnePromptComputation) {
   EXPECT_EQ((*engine)->stats().cancelled_sequences, 3);
 }
 
+// Argmax-only batches take token ids from the model (Model::DecodeChunksGreedy); asking for logprobs
+// sends the same request through the logits and the sampler. Both give the reference's tokens.
+TEST(EngineTest, GreedyBatchesWithAndWithoutLogprobsAgree) {
+  std::mt19937 rng(29);
+  const std::vector<int32_t> prompt = RandomTokens(&rng, 150);
+  const std::vector<int32_t> ref = ReferenceGreedy(prompt, 12);
+  for (const bool logprobs : {false, true}) {
+    EngineOptions o;
+    o.kv.num_blocks = 16;
+    auto engine = Engine::Create(&TinyModel(), o);
+    ASSERT_TRUE(engine.ok());
+    Collected got;
+    EngineRequest r = GreedyRequest("g", prompt, 12, &got);
+    r.sampling.logprobs = logprobs;
+    ASSERT_TRUE((*engine)->Submit(std::move(r)).ok());
+    RunToCompletion(engine->get());
+    EXPECT_EQ(got.Tokens("g"), ref) << (logprobs ? "with logprobs" : "ids only");
+    int with_logprob = 0, tokens = 0;
+    for (const SequenceOutput& out : got.outputs[{"g", 0}]) {
+      if (!out.token) continue;
+      ++tokens;
+      with_logprob += out.token->logprob != 0.0f;
+    }
+    EXPECT_EQ(tokens, 12);
+    EXPECT_EQ(with_logprob, logprobs ? 12 : 0);  // Reported only when asked for.
+  }
+}
+
 TEST(EngineTest, OptionsAreValidatedOnce) {
   EngineOptions o;
   o.scheduler.max_step_tokens = 8;  // Fewer than max_running (64): decoders could starve.

@@ -360,6 +360,16 @@ void CompareStateChanges(std::unique_ptr<Model> cpu, std::unique_ptr<Model> gpu,
   decode({&ca, &cb}, {&ga, &gb}, {61, 62}, "batch after the rewrite");
   EXPECT_LT(StateRelL2(ga, ca), 1e-4);
   EXPECT_LT(StateRelL2(gb, cb), 1e-4);
+  // Greedy on the device: the CPU's argmax, and the states move on alike.
+  {
+    auto lc = cpu->DecodeChunks({&ca, &cb}, std::vector<int64_t>{1, 2}, std::vector<int32_t>{63, 64, 65});
+    auto ig =
+        gpu->DecodeChunksGreedy({&ga, &gb}, std::vector<int64_t>{1, 2}, std::vector<int32_t>{63, 64, 65});
+    ASSERT_TRUE(lc.ok() && ig.ok()) << lc.status() << ig.status();
+    EXPECT_EQ(*ig, ArgmaxOfRows(*lc, 3));
+    EXPECT_LT(StateRelL2(ga, ca), 1e-4);
+    EXPECT_LT(StateRelL2(gb, cb), 1e-4);
+  }
   k = cuda::LastForwardCounters(gpu->backend());
   ASSERT_TRUE(k.ok()) << k.status();
   // Both copies were kept, unless nothing is (budget 0).

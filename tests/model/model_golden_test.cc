@@ -417,6 +417,51 @@ TEST_F(ModelGoldenTest, MtpMatchesTheReference) {
             absl::StatusCode::kFailedPrecondition);
 }
 
+// The greedy variant the engine uses for argmax-only batches: the argmax of DecodeChunks' logits, row by
+// row (2-token chunks too), and the same states afterwards.
+TEST_F(ModelGoldenTest, DecodeChunksGreedyPicksTheArgmaxOfDecodeChunks) {
+  std::vector<SequenceState> a, b;
+  for (size_t i = 0; i < 3 && i < fixtures_.size(); ++i) {
+    SequenceState s = model_->NewState();
+    ASSERT_TRUE(model_->Prefill(&s, fixtures_[i].prompt).ok());
+    a.push_back(s);
+    b.push_back(std::move(s));
+  }
+  ASSERT_GE(a.size(), 2u);
+  std::vector<int32_t> next(a.size(), 7);
+  for (int step = 0; step < 5; ++step) {
+    std::vector<SequenceState*> pa, pb;
+    std::vector<int64_t> counts;
+    std::vector<int32_t> tokens;
+    for (size_t i = 0; i < a.size(); ++i) {
+      pa.push_back(&a[i]);
+      pb.push_back(&b[i]);
+      const int64_t k = (step + static_cast<int>(i)) % 2 == 0 ? 1 : 2;
+      counts.push_back(k);
+      for (int64_t j = 0; j < k; ++j) tokens.push_back(next[i] + static_cast<int32_t>(j));
+    }
+    absl::StatusOr<std::vector<float>> logits = model_->DecodeChunks(pa, counts, tokens);
+    absl::StatusOr<std::vector<int32_t>> ids = model_->DecodeChunksGreedy(pb, counts, tokens);
+    ASSERT_TRUE(logits.ok() && ids.ok()) << logits.status() << ids.status();
+    EXPECT_EQ(*ids, ArgmaxOfRows(*logits, static_cast<int64_t>(tokens.size()))) << "step " << step;
+    for (size_t i = 0; i < a.size(); ++i) EXPECT_TRUE(a[i] == b[i]) << "state " << i << " step " << step;
+    size_t r = 0;
+    for (size_t i = 0; i < a.size(); ++i) {
+      r += static_cast<size_t>(counts[i]);
+      next[i] = (*ids)[r - 1];
+    }
+  }
+  SequenceState* s0 = &b[0];
+  EXPECT_FALSE(model_
+                   ->DecodeChunksGreedy(std::vector<SequenceState*>{s0}, std::vector<int64_t>{2},
+                                        std::vector<int32_t>{1})
+                   .ok());
+  EXPECT_FALSE(model_
+                   ->DecodeChunksGreedy(std::vector<SequenceState*>{s0, s0}, std::vector<int64_t>{1, 1},
+                                        std::vector<int32_t>{1, 2})
+                   .ok());
+}
+
 TEST_F(ModelGoldenTest, BadInputsAreErrors) {
   SequenceState st = model_->NewState();
   EXPECT_FALSE(model_->Prefill(&st, std::vector<int32_t>{}).ok());
