@@ -1,8 +1,10 @@
 #include <atomic>
 #include <cmath>
+#include <random>
 #include <vector>
 
 #include "gtest/gtest.h"
+#include "model/cpu/compressor.h"
 #include "model/cpu/numerics.h"
 #include "model/cpu/ops.h"
 
@@ -73,6 +75,57 @@ TEST(CpuOpsTest, FaithfulFp8BlocksUsePowerOfTwoScales) {
   std::vector<float> y = {3.1f};
   exact.Fp8Blocks(y.data(), 1, 1, 1, 1);
   EXPECT_EQ(y[0], 3.1f);
+}
+
+// The CUDA backend pools entries on the device and brings the host compressor state up to date by replaying
+// only the last 2 * ratio rows of a chunk (overlap; ratio without) through CompressorWriteRow and
+// CompressorCloseWindow, with scores already biased. That must leave exactly CompressorPush's state.
+TEST(CompressorTest, ReplayingAChunksLastRowsLeavesPushsState) {
+  const int64_t width = 16, rope_dim = 4;
+  const RopeTable rope = MakeRopeTable(rope_dim, 10000.0, nullptr);
+  const Numerics num{false};
+  std::mt19937 rng(5);
+  std::normal_distribution<float> nd;
+  for (const int64_t ratio : {4, 8}) {
+    const bool overlap = ratio == 4;
+    const int64_t row = (overlap ? 2 : 1) * width;
+    CompressorWeights w;
+    w.ape.resize(static_cast<size_t>(ratio * row));
+    for (float& v : w.ape) v = nd(rng);
+    w.norm.assign(static_cast<size_t>(width), 1.0f);
+    for (const int64_t pos0 : {0, 3, 13, 16}) {
+      for (const int64_t count : {1, 2, 5, 9, 30}) {
+        CompressorState fresh;
+        fresh.ratio = ratio;
+        fresh.width = width;
+        fresh.overlap = overlap;
+        fresh.kv.assign(static_cast<size_t>(ratio * row), 0.0f);
+        fresh.score = fresh.kv;
+        if (overlap) fresh.prev_kv = fresh.prev_score = fresh.kv;
+        std::vector<float> kv(static_cast<size_t>((pos0 + count) * row)), sc(kv.size());
+        for (float& v : kv) v = nd(rng);
+        for (float& v : sc) v = nd(rng);
+        CompressorState pushed = fresh;
+        std::vector<float> entries;
+        for (int64_t p = 0; p < pos0; ++p) {
+          CompressorPush(w, rope, rope_dim, 1e-6, num, false, &kv[p * row], &sc[p * row], p, &pushed,
+                         &entries);
+        }
+        CompressorState replayed = pushed;
+        for (int64_t p = pos0; p < pos0 + count; ++p) {
+          CompressorPush(w, rope, rope_dim, 1e-6, num, false, &kv[p * row], &sc[p * row], p, &pushed,
+                         &entries);
+        }
+        const int64_t keep = std::min(count, overlap ? 2 * ratio : ratio);
+        for (int64_t p = pos0 + count - keep; p < pos0 + count; ++p) {
+          std::vector<float> biased(static_cast<size_t>(row));
+          for (int64_t f = 0; f < row; ++f) biased[f] = sc[p * row + f] + w.ape[(p % ratio) * row + f];
+          if (CompressorWriteRow(&kv[p * row], biased.data(), p, &replayed)) CompressorCloseWindow(&replayed);
+        }
+        EXPECT_TRUE(replayed == pushed) << "ratio " << ratio << " pos0 " << pos0 << " count " << count;
+      }
+    }
+  }
 }
 
 }  // namespace
