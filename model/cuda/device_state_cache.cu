@@ -1,4 +1,5 @@
 #include <algorithm>
+#include <atomic>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
@@ -29,6 +30,13 @@ __global__ void CopySpansKernel(const CopySpan* spans, int n) {
 }
 
 int64_t Floats(const std::vector<float>& v) { return static_cast<int64_t>(v.size()); }
+
+// Tags are unique in the process, not per cache: a state that one backend ran and another one then runs
+// must not name an unrelated copy there.
+uint64_t NextTag() {
+  static std::atomic<uint64_t> next{0};
+  return ++next;
+}
 
 }  // namespace
 
@@ -204,7 +212,7 @@ absl::StatusOr<DeviceStateCache::Copy*> DeviceStateCache::Acquire(SequenceState*
 void DeviceStateCache::Commit() {
   for (auto& [state, copy] : held_) {
     copy->position = state->position;
-    state->device_tag = ++next_tag_;
+    state->device_tag = NextTag();
     cached_[state->device_tag] = std::move(copy);
   }
   held_.clear();

@@ -102,7 +102,7 @@ class DeviceStateCache {
   cudaStream_t stream_;
   int64_t budget_;
   int64_t bytes_ = 0;
-  uint64_t next_tag_ = 0, clock_ = 0;
+  uint64_t clock_ = 0;
   int64_t hits_ = 0, misses_ = 0;
   absl::flat_hash_map<uint64_t, std::unique_ptr<Copy>> cached_;  // By tag.
   std::vector<std::pair<SequenceState*, std::unique_ptr<Copy>>> held_;

@@ -401,6 +401,26 @@ TEST(CudaModelTest, StateCacheBudgetZeroUploadsEveryCallAndABadBudgetIsAClearErr
   EXPECT_NE(g.status().message().find("V4SERVE_CUDA_STATE_CACHE_MB"), std::string::npos) << g.status();
 }
 
+// Two backends in one process (tests, benches): a state run by one and then by the other must be uploaded
+// there, not matched with an unrelated copy that happens to carry the same tag and length.
+TEST(CudaModelTest, AStateMovingToAnotherBackendIsUploadedThere) {
+  SKIP_WITHOUT_GPU();
+  Pair p1 = LoadPair(CudaWeights::kF32), p2 = LoadPair(CudaWeights::kF32);
+  ASSERT_TRUE(p1.cpu && p1.gpu && p2.gpu);
+  SequenceState a = p1.gpu->NewState(), b = p2.gpu->NewState(), ca = p1.cpu->NewState();
+  const std::vector<int32_t> pa = Prompt(70, 41), pb = Prompt(70, 42);
+  ASSERT_TRUE(p1.gpu->Prefill(&a, pa).ok());  // Same number of forwards on each backend: same counters.
+  ASSERT_TRUE(p2.gpu->Prefill(&b, pb).ok());
+  ASSERT_TRUE(p1.cpu->Prefill(&ca, pa).ok());
+  auto lg = p2.gpu->Decode({&a}, std::vector<int32_t>{9});
+  auto lc = p1.cpu->Decode({&ca}, std::vector<int32_t>{9});
+  ASSERT_TRUE(lg.ok() && lc.ok()) << lg.status() << lc.status();
+  EXPECT_LT(RelL2(*lg, *lc), 1e-4);
+  absl::StatusOr<cuda::ForwardCounters> k = cuda::LastForwardCounters(p2.gpu->backend());
+  ASSERT_TRUE(k.ok()) << k.status();
+  EXPECT_EQ(k->states_uploaded, 1);
+}
+
 TEST(CudaModelTest, AutoPicksCudaWithAGpuAndCudaFailsClearlyWithout) {
   std::string why;
   absl::StatusOr<Device> d = ResolveDevice(Device::kAuto, &why);
