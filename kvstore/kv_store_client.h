@@ -40,6 +40,8 @@ struct StoredBlock {
   int32_t index = 0;         // Block position in its sequence.
   std::string block;         // kv_block.h bytes without boundary state.
   std::string window_state;  // store_format.h window-state record; empty when none is kept.
+
+  int64_t bytes() const { return static_cast<int64_t>(block.size() + window_state.size()); }
 };
 
 struct LookupResult {
