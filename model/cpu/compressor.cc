@@ -10,10 +10,7 @@ bool CompressorPush(const CompressorWeights& w, const RopeTable& rope, int64_t r
                     const Numerics& num, bool indexer, const float* kv, const float* score, int64_t pos,
                     CompressorState* s, std::vector<float>* entries) {
   const int64_t m = s->ratio, width = s->width, coff = s->overlap ? 2 : 1, row = coff * width;
-  const int64_t slot = pos % m;
-  std::vector<float> biased(static_cast<size_t>(row));
-  for (int64_t f = 0; f < row; ++f) biased[f] = score[f] + w.ape[slot * row + f];
-  if (!CompressorWriteRow(kv, biased.data(), pos, s)) return false;
+  if (!CompressorWriteRow(kv, score, &w.ape[(pos % m) * row], pos, s)) return false;
 
   // Pool per feature with a softmax over the window's slots. Overlap: the first half of the features of
   // the previous window's m slots, then the second half of the current window's m slots.
@@ -72,11 +69,12 @@ bool CompressorPush(const CompressorWeights& w, const RopeTable& rope, int64_t r
   return true;
 }
 
-bool CompressorWriteRow(const float* kv, const float* biased_score, int64_t pos, CompressorState* s) {
+bool CompressorWriteRow(const float* kv, const float* score, const float* bias, int64_t pos,
+                        CompressorState* s) {
   const int64_t m = s->ratio, row = (s->overlap ? 2 : 1) * s->width;
   const int64_t slot = pos % m;
   std::copy(kv, kv + row, s->kv.begin() + slot * row);
-  std::copy(biased_score, biased_score + row, s->score.begin() + slot * row);
+  for (int64_t f = 0; f < row; ++f) s->score[slot * row + f] = bias ? score[f] + bias[f] : score[f];
   s->filled = slot + 1;
   return slot + 1 == m;
 }

@@ -22,11 +22,13 @@ bool CompressorPush(const CompressorWeights& w, const RopeTable& rope, int64_t r
                     const Numerics& num, bool indexer, const float* kv, const float* score, int64_t pos,
                     CompressorState* state, std::vector<float>* entries);
 
-// CompressorPush's bookkeeping without the pooling, for a backend that pools on its device but keeps the
-// host state exact: CompressorWriteRow records the token's row (`biased_score` = score + w.ape's row for
-// the slot, as Push stores it) and returns whether it completed a window; CompressorCloseWindow then keeps
-// that window as the previous one (overlap) and empties the current one.
-bool CompressorWriteRow(const float* kv, const float* biased_score, int64_t pos, CompressorState* state);
+// CompressorPush's bookkeeping without the pooling, which Push itself uses and a backend that pools on its
+// device replays to keep the host state exact: CompressorWriteRow records the token's row, its score plus
+// `bias` (w.ape's row for the slot; null when `score` already includes it) and returns whether it completed
+// a window; CompressorCloseWindow then keeps that window as the previous one (overlap) and empties the
+// current one.
+bool CompressorWriteRow(const float* kv, const float* score, const float* bias, int64_t pos,
+                        CompressorState* state);
 void CompressorCloseWindow(CompressorState* state);
 
 }  // namespace v4serve::model::cpu

@@ -152,7 +152,7 @@ absl::Status CudaBackend::Compress(const CompressJob& job, int64_t layer,
       CompressorState& hs = which == 0 ? st.compressor : st.indexer_compressor;
       const int64_t t = std::min(seg.count, keep), end = seg.state->position + seg.count;
       for (int64_t j = 0; j < t; ++j) {
-        if (cpu::CompressorWriteRow(kv_rows[i] + j * row, sc_rows[i] + j * row, end - t + j, &hs)) {
+        if (cpu::CompressorWriteRow(kv_rows[i] + j * row, sc_rows[i] + j * row, nullptr, end - t + j, &hs)) {
           cpu::CompressorCloseWindow(&hs);
         }
       }

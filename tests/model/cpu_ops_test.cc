@@ -120,7 +120,9 @@ TEST(CompressorTest, ReplayingAChunksLastRowsLeavesPushsState) {
         for (int64_t p = pos0 + count - keep; p < pos0 + count; ++p) {
           std::vector<float> biased(static_cast<size_t>(row));
           for (int64_t f = 0; f < row; ++f) biased[f] = sc[p * row + f] + w.ape[(p % ratio) * row + f];
-          if (CompressorWriteRow(&kv[p * row], biased.data(), p, &replayed)) CompressorCloseWindow(&replayed);
+          if (CompressorWriteRow(&kv[p * row], biased.data(), nullptr, p, &replayed)) {
+            CompressorCloseWindow(&replayed);
+          }
         }
         EXPECT_TRUE(replayed == pushed) << "ratio " << ratio << " pos0 " << pos0 << " count " << count;
       }
