@@ -112,12 +112,12 @@ class Engine {
 
  private:
   Engine(const model::Model* model, EngineOptions options, kvstore::KvLayout layout);
-  // Samples from `logits` for `seq`, emits the token and finishes the sequence on a stop rule.
   // A decode batch whose every sequence takes the argmax without logprobs: token ids from the model
   // (Model::DecodeChunksGreedy), recorded with each sampler as Sample would have.
   absl::Status DecodeGreedy(const std::vector<Sequence*>& batch,
                             const std::vector<model::SequenceState*>& states,
                             const std::vector<int64_t>& counts, const std::vector<int32_t>& tokens);
+  // Samples from `logits` for `seq`, emits the token and finishes the sequence on a stop rule.
   void Emit(Sequence* seq, absl::Span<const float> logits);
   // Appends a sampled token, reports it, and finishes the sequence on a stop rule.
   void EmitToken(Sequence* seq, SampledToken token);

@@ -97,15 +97,20 @@ absl::StatusOr<std::unique_ptr<Model>> Model::FromCheckpoint(const ModelConfig& 
   return m;
 }
 
+namespace {
+// Logit rows 0 .. n - 1: every token of the call.
+std::vector<int64_t> EveryRow(size_t n) {
+  std::vector<int64_t> rows(n);
+  for (size_t i = 0; i < n; ++i) rows[i] = static_cast<int64_t>(i);
+  return rows;
+}
+}  // namespace
+
 absl::StatusOr<std::vector<float>> Model::Prefill(SequenceState* state, absl::Span<const int32_t> tokens,
                                                   bool all_logits, std::vector<float>* final_streams) const {
   if (tokens.empty()) return absl::InvalidArgumentError("Prefill needs at least one token");
-  std::vector<int64_t> rows;
-  if (all_logits) {
-    for (size_t i = 0; i < tokens.size(); ++i) rows.push_back(static_cast<int64_t>(i));
-  } else {
-    rows.push_back(static_cast<int64_t>(tokens.size()) - 1);
-  }
+  const std::vector<int64_t> rows =
+      all_logits ? EveryRow(tokens.size()) : std::vector<int64_t>{static_cast<int64_t>(tokens.size()) - 1};
   return Forward({Seq{state, 0, static_cast<int64_t>(tokens.size())}}, tokens, rows, final_streams);
 }
 
@@ -132,9 +137,7 @@ absl::StatusOr<std::vector<float>> Model::DecodeChunks(absl::Span<SequenceState*
                                                        absl::Span<const int32_t> tokens,
                                                        std::vector<float>* final_streams) const {
   ASSIGN_OR_RETURN(std::vector<Seq> seqs, ChunkSeqs(states, counts, tokens));
-  std::vector<int64_t> rows(tokens.size());
-  for (size_t i = 0; i < rows.size(); ++i) rows[i] = static_cast<int64_t>(i);
-  return Forward(seqs, tokens, rows, final_streams);
+  return Forward(seqs, tokens, EveryRow(tokens.size()), final_streams);
 }
 
 absl::StatusOr<std::vector<int32_t>> Model::DecodeChunksGreedy(absl::Span<SequenceState* const> states,
@@ -142,9 +145,7 @@ absl::StatusOr<std::vector<int32_t>> Model::DecodeChunksGreedy(absl::Span<Sequen
                                                                absl::Span<const int32_t> tokens) const {
   ASSIGN_OR_RETURN(std::vector<Seq> seqs, ChunkSeqs(states, counts, tokens));
   ASSIGN_OR_RETURN(std::vector<ForwardSegment> segments, Segments(seqs, tokens));
-  std::vector<int64_t> rows(tokens.size());
-  for (size_t i = 0; i < rows.size(); ++i) rows[i] = static_cast<int64_t>(i);
-  return backend_->ForwardGreedy(segments, tokens, rows);
+  return backend_->ForwardGreedy(segments, tokens, EveryRow(tokens.size()));
 }
 
 absl::StatusOr<std::vector<Model::Seq>> Model::ChunkSeqs(absl::Span<SequenceState* const> states,
