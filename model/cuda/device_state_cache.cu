@@ -191,9 +191,12 @@ absl::StatusOr<DeviceStateCache::Copy*> DeviceStateCache::Acquire(SequenceState*
       valid = copy->layers[l].n_entries == n &&
               (copy->layers[l].window != nullptr) == !state->layers[l].window.empty();
     }
-    if (!valid) Free(copy.get());
-    if (valid) ++hits_;
-    if (!valid) copy.reset();
+    if (valid) {
+      ++hits_;
+    } else {
+      Free(copy.get());
+      copy.reset();
+    }
   }
   if (copy == nullptr) {
     ++misses_;
