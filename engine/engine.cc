@@ -251,15 +251,17 @@ void Engine::EmitToken(Sequence* seq, SampledToken token) {
   }
 }
 
+absl::Status Engine::FailDecode(const std::vector<Sequence*>& batch, const absl::Status& status) {
+  V4LOG(ERROR).With("status", status) << "decode failed";
+  for (Sequence* seq : batch) Finish(seq, FinishReason::kError, status);
+  return status;
+}
+
 absl::Status Engine::DecodeGreedy(const std::vector<Sequence*>& batch,
                                   const std::vector<model::SequenceState*>& states,
                                   const std::vector<int64_t>& counts, const std::vector<int32_t>& tokens) {
   absl::StatusOr<std::vector<int32_t>> ids = model_->DecodeChunksGreedy(states, counts, tokens);
-  if (!ids.ok()) {
-    V4LOG(ERROR).With("status", ids.status()) << "decode failed";
-    for (Sequence* seq : batch) Finish(seq, FinishReason::kError, ids.status());
-    return ids.status();
-  }
+  if (!ids.ok()) return FailDecode(batch, ids.status());
   stats_.decode_tokens_computed += static_cast<int64_t>(tokens.size());
   for (size_t i = 0; i < batch.size(); ++i) {
     Sequence* seq = batch[i];
@@ -333,9 +335,7 @@ absl::Status Engine::Step() {
       absl::StatusOr<std::vector<float>> logits =
           model_->DecodeChunks(states, counts, tokens, any_mtp ? &streams : nullptr);
       if (!logits.ok()) {
-        V4LOG(ERROR).With("status", logits.status()) << "decode failed";
-        for (Sequence* seq : plan.decode) Finish(seq, FinishReason::kError, logits.status());
-        result = logits.status();
+        result = FailDecode(plan.decode, logits.status());
       } else {
         stats_.decode_tokens_computed += static_cast<int64_t>(tokens.size());
         const size_t vocab = static_cast<size_t>(model_->config().vocab_size);

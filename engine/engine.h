@@ -112,6 +112,8 @@ class Engine {
 
  private:
   Engine(const model::Model* model, EngineOptions options, kvstore::KvLayout layout);
+  // A failed decode forward: logs it, finishes every sequence of the batch with the error, returns it.
+  absl::Status FailDecode(const std::vector<Sequence*>& batch, const absl::Status& status);
   // A decode batch whose every sequence takes the argmax without logprobs: token ids from the model
   // (Model::DecodeChunksGreedy), recorded with each sampler as Sample would have.
   absl::Status DecodeGreedy(const std::vector<Sequence*>& batch,
