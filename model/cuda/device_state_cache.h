@@ -85,8 +85,6 @@ class DeviceStateCache {
   // After a failed forward: the held copies are freed (the states may be half-updated).
   void Abort();
 
-  int64_t bytes() const { return bytes_; }
-  int64_t budget() const { return budget_; }
   // Counters since construction: forwards' sequences found valid here / uploaded whole.
   int64_t hits() const { return hits_; }
   int64_t misses() const { return misses_; }
