@@ -7,12 +7,16 @@
 //     (bytes read + written);
 //   prefill (8k, 32k tokens): achieved FLOP/s (GEMMs + attention + indexer) / cuBLASLt's best dense FP8
 //     GEMM (and BF16 GEMM) over a few large square shapes.
+//   the attention kernels alone (--attention=1, V4-Flash's 64 heads x 512 over window 128 + top-512 of 2048
+//     entries (CSA) or + 64 entries (HCA), 1 to 1024 token rows; the indexer's 64 heads x 128 over 2048 or
+//     8192 entries): the BF16 tensor-core kernels against the FP32 SIMT ones, time ratio and achieved
+//     FLOP/s / cuBLASLt's best BF16 GEMM;
 //   the same decode steps with the device state cache off (V4SERVE_CUDA_STATE_CACHE_MB=0: every call
 //     uploads the window rings and compressed entries from the host states, as before the cache), on a
 //     second backend in the same process (--compare-state-cache=0 skips it).
 // Usage: v4serve_cuda_bench [--layers=2] [--context=512] [--prefill=8192,32768] [--batches=1,8,64]
 //                           [--weights=bf16|fp32] [--experts=fp4|bf16] [--steps=10] [--compare-state-cache=1]
-//                           [--ceilings=1]
+//                           [--ceilings=1] [--attention=1]
 // (--experts=fp4: MXFP4 routed experts, as V4 ships them; other weights BF16 except the FP32 ones the
 // backend keeps: mHC mixes, router gate, compressor projections.)
 // Prints a Markdown table (docs/PERFORMANCE.md holds the last one).
@@ -26,6 +30,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <fstream>
+#include <random>
 #include <string>
 #include <vector>
 
@@ -183,21 +188,86 @@ double Seconds(std::chrono::steady_clock::time_point a) {
 void PrintPhases(const ForwardBackend& be) {
   auto c = cuda::LastForwardCounters(be);
   if (!c.ok()) return;
-  const double total =
-      c->s_mhc + c->s_attn_proj + c->s_attn_host + c->s_attn_kernels + c->s_attn_out + c->s_moe + c->s_head;
+  const double total = c->s_mhc + c->s_attn_proj + c->s_attn_host + c->s_indexer + c->s_attn_kernels +
+                       c->s_attn_out + c->s_moe + c->s_head;
   if (total <= 0) return;
   std::printf(
-      "    phases (ms): mhc+norm %.2f, attn proj %.2f, attn host %.2f, attn kernels %.2f, attn out %.2f, moe "
-      "%.2f, head %.2f; states cached %lld, uploaded %lld\n",
-      c->s_mhc * 1e3, c->s_attn_proj * 1e3, c->s_attn_host * 1e3, c->s_attn_kernels * 1e3,
+      "    phases (ms): mhc+norm %.2f, attn proj %.2f, compressors+staging %.2f, indexer %.2f, attention "
+      "%.2f, "
+      "attn out %.2f, moe %.2f, head %.2f; states cached %lld, uploaded %lld\n",
+      c->s_mhc * 1e3, c->s_attn_proj * 1e3, c->s_attn_host * 1e3, c->s_indexer * 1e3, c->s_attn_kernels * 1e3,
       c->s_attn_out * 1e3, c->s_moe * 1e3, c->s_head * 1e3, static_cast<long long>(c->states_cached),
       static_cast<long long>(c->states_uploaded));
+}
+
+// The two attention kernels on the same random cases (cuda::testing::SparseAttention), at the config's head
+// shapes: mean device time of 20 launches each, QK + PV FLOP/s of the tensor-core one against `bf16_gemm`.
+void AttentionKernels(const ModelConfig& c, double bf16_gemm, std::vector<std::string>* rows) {
+  const int64_t window = c.sliding_window;
+  for (const bool csa : {true, false}) {
+    for (const int64_t n : {1, 8, 64, 1024}) {
+      const int64_t entries = csa ? 2048 : 64, topk = csa ? c.index_topk : 0;
+      const cuda::testing::AttentionCase ac =
+          cuda::testing::RandomAttentionCase(n, c.num_attention_heads, c.head_dim, window, entries, topk, 5);
+      double simt = 0, mma = 0;
+      auto a = cuda::testing::SparseAttention(ac, false, 20, &simt);
+      auto b = cuda::testing::SparseAttention(ac, true, 20, &mma);
+      if (!a.ok() || !b.ok()) {
+        std::fprintf(stderr, "attention kernels: %s\n",
+                     std::string((a.ok() ? b.status() : a.status()).message()).c_str());
+        return;
+      }
+      const double keys = static_cast<double>(window + (csa ? std::min(topk, entries) : entries));
+      const double flops = 4.0 * keys * static_cast<double>(n * c.num_attention_heads * c.head_dim);
+      char line[512];
+      std::snprintf(
+          line, sizeof(line),
+          "| attention kernel, %s, %lld rows x %lld keys | %.1f us (FP32 SIMT %.1f us) | | %.2f GFLOP | "
+          "%.1f TFLOP/s | **%.1fx** faster; %.1f%% of BF16 GEMM |",
+          csa ? "CSA" : "HCA", static_cast<long long>(n), static_cast<long long>(keys), mma * 1e6, simt * 1e6,
+          flops / 1e9, flops / mma / 1e12, simt / mma, 100.0 * flops / mma / bf16_gemm);
+      rows->push_back(line);
+      std::printf("%s\n", line);
+      std::fflush(stdout);
+    }
+  }
+  // The indexer: `n` rows each scoring `entries` compressed keys (prefill at 4 x entries tokens of context).
+  const int64_t ih = c.index_n_heads, id = c.index_head_dim;
+  for (const auto& [n, entries] :
+       {std::pair<int64_t, int64_t>{1, 2048}, {64, 2048}, {1024, 2048}, {1024, 8192}}) {
+    std::mt19937_64 rng(9);
+    std::normal_distribution<float> nd(0.0f, 1.0f);
+    std::vector<float> iq(static_cast<size_t>(n * ih * id)), iw(static_cast<size_t>(n * ih)),
+        ik(static_cast<size_t>(entries * id));
+    for (std::vector<float>* v : {&iq, &iw, &ik}) {
+      for (float& x : *v) x = nd(rng);
+    }
+    const std::vector<int64_t> base(static_cast<size_t>(n), 0), vis(static_cast<size_t>(n), entries);
+    double simt = 0, mma = 0;
+    auto a = cuda::testing::IndexerScores(iq, iw, ik, base, vis, ih, id, false, 10, &simt);
+    auto b = cuda::testing::IndexerScores(iq, iw, ik, base, vis, ih, id, true, 10, &mma);
+    if (!a.ok() || !b.ok()) {
+      std::fprintf(stderr, "indexer kernels: %s\n",
+                   std::string((a.ok() ? b.status() : a.status()).message()).c_str());
+      return;
+    }
+    const double flops = 2.0 * static_cast<double>(n * entries * ih * id);
+    char line[512];
+    std::snprintf(line, sizeof(line),
+                  "| indexer scores, %lld rows x %lld entries | %.1f us (FP32 SIMT %.1f us) | | %.2f GFLOP | "
+                  "%.1f TFLOP/s | **%.1fx** faster; %.1f%% of BF16 GEMM |",
+                  static_cast<long long>(n), static_cast<long long>(entries), mma * 1e6, simt * 1e6,
+                  flops / 1e9, flops / mma / 1e12, simt / mma, 100.0 * flops / mma / bf16_gemm);
+    rows->push_back(line);
+    std::printf("%s\n", line);
+    std::fflush(stdout);
+  }
 }
 
 int Main(int argc, char** argv) {
   int64_t layers = 2, context = 512, steps = 10;
   std::string prefill = "8192,32768", batches = "1,8,64", weights = "bf16", experts = "fp4";
-  bool compare_cache = true, ceilings = true;
+  bool compare_cache = true, ceilings = true, attention = true;
   const char* src = std::getenv("V4SERVE_SOURCE_DIR");
   std::string config_path =
       std::string(src ? src : V4SERVE_SOURCE_DIR_DEFAULT) + "/tests/model/testdata/v4_flash_config.json";
@@ -225,6 +295,8 @@ int Main(int argc, char** argv) {
       config_path = v;
     else if (const char* v = val("compare-state-cache"))
       compare_cache = std::string(v) != "0";
+    else if (const char* v = val("attention"))
+      attention = std::string(v) != "0";
     else if (const char* v = val("ceilings"))  // 0: skip them (profiling runs); ratios then print as 0.
       ceilings = std::string(v) != "0";
     else {
@@ -268,6 +340,9 @@ int Main(int argc, char** argv) {
       prop.name, copy_bw / 1e9, fp8 / 1e12, bf16 / 1e12);
   std::fflush(stdout);
 
+  std::vector<std::string> rows;
+  if (attention) AttentionKernels(*config, bf16, &rows);
+
   auto t0 = std::chrono::steady_clock::now();
   absl::StatusOr<std::unique_ptr<ForwardBackend>> be = cuda::MakeRandomCudaBackend(*config, format, 1);
   if (!be.ok()) {
@@ -279,7 +354,6 @@ int Main(int argc, char** argv) {
               Seconds(t0));
   std::fflush(stdout);
   const int64_t vocab = config->vocab_size;
-  std::vector<std::string> rows;
 
   // Decode: B sequences of `context` tokens (prefilled in one batched call), then `steps` timed steps.
   // Returns the median step time (0 after an error, which is printed).

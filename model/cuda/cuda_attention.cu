@@ -1,7 +1,10 @@
 // The CUDA backend: attention (projections, indexer, sparse/dense attention, window rings) and the
 // streaming compressors on the device. See cuda_backend_impl.cuh.
 #include <cmath>
+#include <numeric>
+#include <random>
 
+#include "model/cuda/attention_mma.cuh"
 #include "model/cuda/cuda_backend_impl.cuh"
 #include "model/cuda/cuda_kernels.cuh"
 
@@ -9,7 +12,78 @@ namespace v4serve::model::cuda::impl {
 
 namespace k = kernels;
 
+// The head dims AttentionMma is instantiated for, and at most 64 heads (4 head groups x 2 dim halves = 256
+// threads, its launch bound).
+static bool AttentionMmaFits(int64_t h, int64_t hd) {
+  return h >= 1 && h <= 64 && (hd == 128 || hd == 256 || hd == 512);
+}
+
+template <int HD>
+static absl::Status SetAttentionMmaSmem() {
+  V4_CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(k::AttentionMma<HD>,
+                                               cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                               static_cast<int>(k::AttentionMmaSmem(64, HD))));
+  return absl::OkStatus();
+}
+
+absl::Status InitAttentionMma() {
+  RETURN_IF_ERROR(SetAttentionMmaSmem<128>());
+  RETURN_IF_ERROR(SetAttentionMmaSmem<256>());
+  RETURN_IF_ERROR(SetAttentionMmaSmem<512>());
+  V4_CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(k::IndexerScoresMma<128>,
+                                               cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                               static_cast<int>(k::IndexerMmaSmem(64, 128))));
+  return absl::OkStatus();
+}
+
+absl::Status LaunchAttention(const AttentionArgs& a, bool tensor_cores, size_t smem_optin, cudaStream_t s) {
+  if (tensor_cores && AttentionMmaFits(a.h, a.hd)) {
+    const int h = static_cast<int>(a.h);
+    const dim3 grid(static_cast<unsigned>(a.n)), block(static_cast<unsigned>(k::AttentionMmaThreads(h)));
+    const size_t smem = k::AttentionMmaSmem(h, static_cast<int>(a.hd));
+#define V4_ATTENTION_MMA(HD)                                                                                \
+  k::AttentionMma<HD><<<grid, block, smem, s>>>(a.q, a.wk, a.ek, a.win_start, a.win_cnt, a.ent_base, a.vis, \
+                                                a.sel, a.sel_cnt, a.topk, a.sink, h, a.scale, a.o)
+    if (a.hd == 128) V4_ATTENTION_MMA(128);
+    if (a.hd == 256) V4_ATTENTION_MMA(256);
+    if (a.hd == 512) V4_ATTENTION_MMA(512);
+#undef V4_ATTENTION_MMA
+    V4_LAUNCH_CHECK(AttentionMma);
+    return absl::OkStatus();
+  }
+  const size_t smem = static_cast<size_t>((a.hd + std::max<int64_t>(a.max_keys, 1)) * 4);
+  if (smem > smem_optin) {
+    return absl::UnimplementedError(
+        absl::StrCat("attention over ", a.max_keys, " keys exceeds shared memory"));
+  }
+  k::Attention<<<a.n * a.h, 256, smem, s>>>(a.q, a.wk, a.ek, a.win_start, a.win_cnt, a.ent_base, a.vis, a.sel,
+                                            a.sel_cnt, a.topk, a.sink, a.h, a.hd, a.scale, a.o);
+  V4_LAUNCH_CHECK(Attention);
+  return absl::OkStatus();
+}
+
+absl::Status LaunchIndexerScores(const IndexerArgs& a, bool tensor_cores, cudaStream_t s) {
+  if (tensor_cores && a.id == 128 && a.ih >= 1 && a.ih <= 64) {
+    // Enough blocks to fill the GPU at small batches; one per row when long.
+    const int64_t chunks = std::clamp<int64_t>(Blocks(4 * 132, a.n), 1, Blocks(a.max_vis, k::kIdxTile));
+    const int ih = static_cast<int>(a.ih);
+    k::IndexerScoresMma<128><<<dim3(static_cast<unsigned>(a.n), static_cast<unsigned>(chunks)),
+                               static_cast<unsigned>((ih + 15) / 16 * 32), k::IndexerMmaSmem(ih, 128), s>>>(
+        a.iq, a.iw, a.ik, a.ent_base, a.vis, ih, a.max_vis, a.sc);
+    V4_LAUNCH_CHECK(IndexerScoresMma);
+    return absl::OkStatus();
+  }
+  // Enough blocks to fill the GPU at small batches (a warp per entry at most); one per row when long.
+  const int64_t chunks = std::clamp<int64_t>(Blocks(2 * 132, a.n), 1, Blocks(a.max_vis, 8));
+  k::IndexerScores<<<dim3(static_cast<unsigned>(a.n), static_cast<unsigned>(chunks)), 256,
+                     k::IndexerScoresSmem(a.ih, a.id, 8), s>>>(a.iq, a.iw, a.ik, a.ent_base, a.vis, a.ih,
+                                                               a.id, a.max_vis, a.sc);
+  V4_LAUNCH_CHECK(IndexerScores);
+  return absl::OkStatus();
+}
+
 absl::Status CudaBackend::InitAttentionKernels(const cudaDeviceProp& prop) {
+  RETURN_IF_ERROR(InitAttentionMma());
   // Dynamic shared memory may take what the kernel's static shared memory leaves of the opt-in limit.
   cudaFuncAttributes fa{};
   V4_CUDA_RETURN_IF_ERROR(cudaFuncGetAttributes(&fa, k::Attention));
@@ -311,30 +385,37 @@ absl::Status CudaBackend::Attention(const LayerW& w, int64_t layer, absl::Span<c
   Buf<int32_t> sel(s), sel_cnt(s);
   if (csa && max_vis > 0) {
     RETURN_IF_ERROR(sc.Alloc(n * max_vis));
-    // Enough blocks to fill the GPU at small batches (a warp per entry at most); one per row when long.
-    const int64_t chunks = std::clamp<int64_t>(Blocks(2 * 132, n), 1, Blocks(max_vis, 8));
-    k::IndexerScores<<<dim3(static_cast<unsigned>(n), static_cast<unsigned>(chunks)), 256,
-                       k::IndexerScoresSmem(ih, id, 8), s>>>(iq.get(), iw.get(), ik.get(), d_eb.get(),
-                                                             d_vis.get(), ih, id, max_vis, sc.get());
-    V4_LAUNCH_CHECK(IndexerScores);
+    RETURN_IF_ERROR(LaunchIndexerScores(
+        {iq.get(), iw.get(), ik.get(), d_eb.get(), d_vis.get(), n, ih, id, max_vis, sc.get()}, bf16_, s));
     RETURN_IF_ERROR(sel.Alloc(n * c.index_topk));
     RETURN_IF_ERROR(sel_cnt.Alloc(n));
     k::TopK<<<n, 256, 0, s>>>(sc.get(), max_vis, d_vis.get(), c.index_topk, sel.get(), sel_cnt.get());
     V4_LAUNCH_CHECK(TopK);
     for (int64_t r = 0; r < n; ++r) counters_.attention_flops += 2.0 * vis[r] * ih * id;
   }
+  RETURN_IF_ERROR(Mark(&counters_.s_indexer));
   Buf<float> o(s);
   RETURN_IF_ERROR(o.Alloc(n * h * hd));
-  const size_t smem = static_cast<size_t>((hd + std::max<int64_t>(max_keys, 1)) * 4);
-  if (smem > smem_optin_) {
-    return absl::UnimplementedError(absl::StrCat("attention over ", max_keys, " keys exceeds shared memory"));
-  }
   const bool use_entries = ratio > 0 && max_vis > 0;
-  k::Attention<<<n * h, 256, smem, s>>>(
-      q.get(), wk.get(), ek.get(), d_ws.get(), d_wc.get(), use_entries ? d_eb.get() : nullptr, d_vis.get(),
-      csa && use_entries ? sel.get() : nullptr, sel_cnt.get(), c.index_topk, w.attn_sink, h, hd,
-      1.0f / std::sqrt(static_cast<float>(hd)), o.get());
-  V4_LAUNCH_CHECK(Attention);
+  const AttentionArgs args{q.get(),
+                           wk.get(),
+                           ek.get(),
+                           d_ws.get(),
+                           d_wc.get(),
+                           use_entries ? d_eb.get() : nullptr,
+                           d_vis.get(),
+                           csa && use_entries ? sel.get() : nullptr,
+                           sel_cnt.get(),
+                           c.index_topk,
+                           w.attn_sink,
+                           n,
+                           h,
+                           hd,
+                           max_keys,
+                           1.0f / std::sqrt(static_cast<float>(hd)),
+                           o.get()};
+  // BF16 weights: tensor cores (BF16 operands); FP32 weights keep the FP32 kernel the tight tests compare.
+  RETURN_IF_ERROR(LaunchAttention(args, bf16_, smem_optin_, s));
   for (int64_t r = 0; r < n; ++r) {
     const int64_t keys = win_cnt[r] + (csa ? std::min(vis[r], c.index_topk) : vis[r]);
     counters_.attention_flops += 4.0 * keys * hd * h;
@@ -377,3 +458,160 @@ absl::Status CudaBackend::Attention(const LayerW& w, int64_t layer, absl::Span<c
 }
 
 }  // namespace v4serve::model::cuda::impl
+
+namespace v4serve::model::cuda::testing {
+
+namespace k = kernels;
+
+namespace {
+// With `seconds` set: the mean device time of `repeats` more calls of `launch` (after the first, untimed).
+absl::Status TimeLaunches(int repeats, double* seconds, const std::function<absl::Status()>& launch) {
+  if (seconds == nullptr || repeats <= 0) return absl::OkStatus();
+  cudaEvent_t e0, e1;
+  V4_CUDA_RETURN_IF_ERROR(cudaEventCreate(&e0));
+  V4_CUDA_RETURN_IF_ERROR(cudaEventCreate(&e1));
+  V4_CUDA_RETURN_IF_ERROR(cudaEventRecord(e0));
+  for (int i = 0; i < repeats; ++i) RETURN_IF_ERROR(launch());
+  V4_CUDA_RETURN_IF_ERROR(cudaEventRecord(e1));
+  V4_CUDA_RETURN_IF_ERROR(cudaEventSynchronize(e1));
+  float ms = 0;
+  V4_CUDA_RETURN_IF_ERROR(cudaEventElapsedTime(&ms, e0, e1));
+  cudaEventDestroy(e0);
+  cudaEventDestroy(e1);
+  *seconds = ms * 1e-3 / repeats;
+  return absl::OkStatus();
+}
+}  // namespace
+
+AttentionCase RandomAttentionCase(int64_t n, int64_t h, int64_t hd, int64_t window, int64_t entries,
+                                  int64_t topk, uint64_t seed) {
+  AttentionCase c;
+  c.n = n;
+  c.h = h;
+  c.hd = hd;
+  c.topk = topk;
+  c.scale = 1.0f / std::sqrt(static_cast<float>(hd));
+  std::mt19937_64 rng(seed);
+  std::normal_distribution<float> nd(0.0f, 1.0f);
+  auto fill = [&](std::vector<float>* v, int64_t count) {
+    v->resize(static_cast<size_t>(count));
+    for (float& x : *v) x = nd(rng);
+  };
+  fill(&c.q, n * h * hd);
+  fill(&c.wk, (n + window - 1) * hd);
+  fill(&c.ek, std::max<int64_t>(entries, 1) * hd);
+  fill(&c.sink, h);
+  std::vector<int32_t> all(static_cast<size_t>(entries));
+  std::iota(all.begin(), all.end(), 0);
+  for (int64_t r = 0; r < n; ++r) {
+    c.win_start.push_back(r);
+    c.win_cnt.push_back(window);
+    c.ent_base.push_back(0);
+    c.vis.push_back(entries);
+    if (topk > 0) {
+      std::shuffle(all.begin(), all.end(), rng);
+      const int64_t k = std::min(topk, entries);
+      c.sel.insert(c.sel.end(), all.begin(), all.begin() + k);
+      c.sel.insert(c.sel.end(), static_cast<size_t>(topk - k), 0);
+      c.sel_cnt.push_back(static_cast<int32_t>(k));
+    }
+  }
+  return c;
+}
+
+absl::StatusOr<std::vector<float>> SparseAttention(const AttentionCase& c, bool tensor_cores, int repeats,
+                                                   double* seconds) {
+  using impl::Buf;
+  const size_t n = static_cast<size_t>(c.n);
+  if (c.n < 1 || c.h < 1 || c.hd < 1 || c.q.size() != n * c.h * c.hd ||
+      c.sink.size() != static_cast<size_t>(c.h) || c.win_start.size() != n || c.win_cnt.size() != n ||
+      c.ent_base.size() != n || c.vis.size() != n ||
+      (!c.sel.empty() && (c.sel.size() != n * c.topk || c.sel_cnt.size() != n))) {
+    return absl::InvalidArgumentError("SparseAttention: sizes do not match");
+  }
+  int dev = 0;
+  cudaDeviceProp prop{};
+  V4_CUDA_RETURN_IF_ERROR(cudaGetDevice(&dev));
+  V4_CUDA_RETURN_IF_ERROR(cudaGetDeviceProperties(&prop, dev));
+  RETURN_IF_ERROR(impl::InitAttentionMma());
+  cudaFuncAttributes fa{};
+  V4_CUDA_RETURN_IF_ERROR(cudaFuncGetAttributes(&fa, k::Attention));
+  const size_t optin = prop.sharedMemPerBlockOptin - fa.sharedSizeBytes;
+  V4_CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(k::Attention, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                               static_cast<int>(optin)));
+  Buf<float> q(nullptr), wk(nullptr), ek(nullptr), sink(nullptr), o(nullptr);
+  Buf<int64_t> ws(nullptr), wc(nullptr), eb(nullptr), vis(nullptr);
+  Buf<int32_t> sel(nullptr), sel_cnt(nullptr);
+  RETURN_IF_ERROR(q.Upload(c.q));
+  RETURN_IF_ERROR(wk.Upload(c.wk));
+  RETURN_IF_ERROR(ek.Upload(c.ek));
+  RETURN_IF_ERROR(sink.Upload(c.sink));
+  RETURN_IF_ERROR(ws.Upload(c.win_start));
+  RETURN_IF_ERROR(wc.Upload(c.win_cnt));
+  RETURN_IF_ERROR(eb.Upload(c.ent_base));
+  RETURN_IF_ERROR(vis.Upload(c.vis));
+  RETURN_IF_ERROR(sel.Upload(c.sel));
+  RETURN_IF_ERROR(sel_cnt.Upload(c.sel_cnt));
+  RETURN_IF_ERROR(o.Alloc(c.n * c.h * c.hd));
+  int64_t max_keys = 0;
+  for (size_t r = 0; r < n; ++r) {
+    max_keys = std::max(max_keys, c.win_cnt[r] + (c.sel.empty() ? c.vis[r] : c.sel_cnt[r]));
+  }
+  const impl::AttentionArgs args{q.get(),       wk.get(), ek.get(),   ws.get(),
+                                 wc.get(),      eb.get(), vis.get(),  c.sel.empty() ? nullptr : sel.get(),
+                                 sel_cnt.get(), c.topk,   sink.get(), c.n,
+                                 c.h,           c.hd,     max_keys,   c.scale,
+                                 o.get()};
+  RETURN_IF_ERROR(impl::LaunchAttention(args, tensor_cores, optin, nullptr));
+  std::vector<float> out;
+  RETURN_IF_ERROR(o.Download(&out));
+  V4_CUDA_RETURN_IF_ERROR(cudaDeviceSynchronize());
+  RETURN_IF_ERROR(TimeLaunches(repeats, seconds,
+                               [&] { return impl::LaunchAttention(args, tensor_cores, optin, nullptr); }));
+  return out;
+}
+
+absl::StatusOr<std::vector<float>> IndexerScores(const std::vector<float>& iq, const std::vector<float>& iw,
+                                                 const std::vector<float>& ik,
+                                                 const std::vector<int64_t>& ent_base,
+                                                 const std::vector<int64_t>& vis, int64_t ih, int64_t id,
+                                                 bool tensor_cores, int repeats, double* seconds) {
+  using impl::Buf;
+  const int64_t n = static_cast<int64_t>(vis.size());
+  int64_t max_vis = 0;
+  for (int64_t v : vis) max_vis = std::max(max_vis, v);
+  if (n < 1 || ih < 1 || id < 1 || static_cast<int64_t>(iq.size()) != n * ih * id ||
+      static_cast<int64_t>(iw.size()) != n * ih || ent_base.size() != vis.size() || id % 4 != 0) {
+    return absl::InvalidArgumentError("IndexerScores: sizes do not match");
+  }
+  RETURN_IF_ERROR(impl::InitAttentionMma());
+  int dev = 0;
+  cudaDeviceProp prop{};
+  V4_CUDA_RETURN_IF_ERROR(cudaGetDevice(&dev));
+  V4_CUDA_RETURN_IF_ERROR(cudaGetDeviceProperties(&prop, dev));
+  cudaFuncAttributes fa{};
+  V4_CUDA_RETURN_IF_ERROR(cudaFuncGetAttributes(&fa, k::IndexerScores));
+  V4_CUDA_RETURN_IF_ERROR(
+      cudaFuncSetAttribute(k::IndexerScores, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                           static_cast<int>(prop.sharedMemPerBlockOptin - fa.sharedSizeBytes)));
+  Buf<float> dq(nullptr), dw(nullptr), dk(nullptr), sc(nullptr);
+  Buf<int64_t> eb(nullptr), dv(nullptr);
+  RETURN_IF_ERROR(dq.Upload(iq));
+  RETURN_IF_ERROR(dw.Upload(iw));
+  RETURN_IF_ERROR(dk.Upload(ik));
+  RETURN_IF_ERROR(eb.Upload(ent_base));
+  RETURN_IF_ERROR(dv.Upload(vis));
+  RETURN_IF_ERROR(sc.Alloc(n * std::max<int64_t>(max_vis, 1)));
+  V4_CUDA_RETURN_IF_ERROR(cudaMemset(sc.get(), 0, n * std::max<int64_t>(max_vis, 1) * 4));
+  const impl::IndexerArgs args{dq.get(), dw.get(), dk.get(), eb.get(), dv.get(),
+                               n,        ih,       id,       max_vis,  sc.get()};
+  RETURN_IF_ERROR(impl::LaunchIndexerScores(args, tensor_cores, nullptr));
+  std::vector<float> out;
+  RETURN_IF_ERROR(sc.Download(&out));
+  V4_CUDA_RETURN_IF_ERROR(cudaDeviceSynchronize());
+  RETURN_IF_ERROR(
+      TimeLaunches(repeats, seconds, [&] { return impl::LaunchIndexerScores(args, tensor_cores, nullptr); }));
+  return out;
+}
+
+}  // namespace v4serve::model::cuda::testing

@@ -151,6 +151,15 @@ absl::Status CudaBackend::PutFp4(const float* host, int64_t out, int64_t in, Mat
   if (host != nullptr) {
     std::vector<uint8_t> codes(static_cast<size_t>(n / 2)), sc(static_cast<size_t>(n / 32));
     QuantizeMxfp4(host, n, codes.data(), sc.data());
+    // GroupedGemvFp4 folds 2^6 into the scale's FP32 exponent: bytes above 248 (scales above 2^121, weights
+    // beyond ~1e36; 255 is NaN) would overflow it. No real checkpoint comes near; refuse rather than compute
+    // garbage.
+    const uint8_t top = sc.empty() ? 0 : *std::max_element(sc.begin(), sc.end());
+    if (top > 248) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "MXFP4 expert weights with a block scale of 2^", static_cast<int>(top) - 127,
+          ": the CUDA backend's MXFP4 GEMV supports scales up to 2^121 (weights up to ~1.6e37)"));
+    }
     V4_CUDA_RETURN_IF_ERROR(cudaMemcpy(m->p, codes.data(), codes.size(), cudaMemcpyHostToDevice));
     V4_CUDA_RETURN_IF_ERROR(cudaMemcpy(m->scales, sc.data(), sc.size(), cudaMemcpyHostToDevice));
   } else {
@@ -298,6 +307,7 @@ absl::Status CudaBackend::InitRuntime() {
   uint64_t keep = std::numeric_limits<uint64_t>::max();  // Keep freed scratch for the next step.
   V4_CUDA_RETURN_IF_ERROR(cudaMemPoolSetAttribute(pool, cudaMemPoolAttrReleaseThreshold, &keep));
   act_bf16_ = std::make_unique<Buf<__nv_bfloat16>>(stream_);
+  RETURN_IF_ERROR(InitMoeKernels());
   return InitAttentionKernels(prop);
 }
 

@@ -1,15 +1,15 @@
 // The CUDA implementation of ForwardBackend (model/backend.h) for sm_90a.
 //
 // What runs on the GPU: embedding, mHC (mixes, Sinkhorn, collapse, post/comb update, head), RMSNorm, RoPE,
-// every projection (cuBLAS GEMMs, FP32 or BF16 weights with FP32 accumulation), the lightning indexer's
-// scores and top-k, attention over window + selected/compressed entries + sink, MoE routing (score or
-// hash), token permutation, the expert GEMMs (one grouped GEMV launch for decode-sized groups, cuBLAS per
-// expert for prefill-sized groups) and the LM head; greedy sampling (ArgmaxRows) on the device.
-// What stays on the host: the sequence states (model/sequence_state.h, the KV store's format) and the
-// streaming compressors, which run model/cpu/compressor.cc on the projected rows copied back. The window
-// rings, compressed entries and indexer keys also live on the device between calls
-// (model/cuda/device_state_cache.h), so a decode step uploads only the entries the host compressor just
-// emitted. docs/PERFORMANCE.md says what each costs.
+// every projection (cuBLAS GEMMs, FP32 or BF16 weights with FP32 accumulation), the streaming compressors,
+// the lightning indexer's scores and top-k, attention over window + selected/compressed entries + sink
+// (BF16 tensor cores with BF16 weights, FP32 SIMT with FP32 weights), MoE routing (score or hash), token
+// permutation, the expert GEMMs (one grouped GEMV launch for decode-sized groups, cuBLAS per expert for
+// prefill-sized groups) and the LM head; greedy sampling (ArgmaxRows) on the device.
+// The sequence states (model/sequence_state.h, the KV store's format) stay authoritative on the host; the
+// backend keeps device copies of their window rings, entries, indexer keys and compressor windows between
+// calls (model/cuda/device_state_cache.h) and brings the host states up to date after each forward's one
+// synchronization. docs/PERFORMANCE.md says what each costs.
 //
 // Thread-safety: like Model, one Forward at a time (one stream, one cuBLAS handle).
 #ifndef V4SERVE_MODEL_CUDA_CUDA_BACKEND_H_
@@ -56,10 +56,10 @@ struct ForwardCounters {
   int64_t states_cached = 0, states_uploaded = 0;
   // Wall seconds per phase, filled only when V4SERVE_CUDA_PROFILE=1 was set at load (the backend then
   // synchronizes at each phase boundary, which itself costs time): mHC + norms, attention projections,
-  // host side of attention (compressor, key staging), attention kernels (indexer, top-k, attention, ring),
+  // compressors and key staging, lightning indexer (scores, top-k), attention kernel (+ inverse RoPE, rings),
   // output projection, MoE, final head.
-  double s_mhc = 0, s_attn_proj = 0, s_attn_host = 0, s_attn_kernels = 0, s_attn_out = 0, s_moe = 0,
-         s_head = 0;
+  double s_mhc = 0, s_attn_proj = 0, s_attn_host = 0, s_indexer = 0, s_attn_kernels = 0, s_attn_out = 0,
+         s_moe = 0, s_head = 0;
 };
 // FAILED_PRECONDITION when `backend` is not a CUDA backend.
 absl::StatusOr<ForwardCounters> LastForwardCounters(const ForwardBackend& backend);
@@ -83,6 +83,40 @@ absl::StatusOr<std::vector<float>> Linear(const std::vector<float>& x, int64_t m
 // row r at positions[r].
 absl::Status Rope(std::vector<float>* x, int64_t rows, int64_t dim, int64_t rope_dim,
                   const std::vector<double>& inv_freq, const std::vector<int64_t>& positions, bool inverse);
+// One attention launch on host data, in kernels::Attention's layout: q [n, h, hd]; window keys `wk` and
+// compressed entries `ek`, rows of hd; per token row its window keys wk[win_start .. + win_cnt) and either
+// its selected entries (`sel` [n, topk] indices past ent_base, `sel_cnt` [n]) or, with `sel` empty, all of
+// ek[ent_base .. + vis); `sink` [h]. Keys are the values.
+struct AttentionCase {
+  int64_t n = 0, h = 0, hd = 0, topk = 0;
+  float scale = 1.0f;
+  std::vector<float> q, wk, ek, sink;
+  std::vector<int64_t> win_start, win_cnt, ent_base, vis;
+  std::vector<int32_t> sel, sel_cnt;
+};
+// A prefill-like case with N(0, 1) queries and keys: row r attends to window keys r .. r + window - 1 and,
+// with topk > 0, to `topk` distinct random entries of `entries` (CSA), else to all `entries` (HCA).
+AttentionCase RandomAttentionCase(int64_t n, int64_t h, int64_t hd, int64_t window, int64_t entries,
+                                  int64_t topk, uint64_t seed);
+// o [n, h, hd] from the FP32 SIMT kernel or, with `tensor_cores`, the BF16 tensor-core one. With `seconds`
+// set, also the mean device time of `repeats` more launches (bench/).
+absl::StatusOr<std::vector<float>> SparseAttention(const AttentionCase& c, bool tensor_cores, int repeats = 0,
+                                                   double* seconds = nullptr);
+// The lightning indexer's scores on host data: iq [n, ih, id], iw [n, ih] (already scaled), keys ik; row r
+// scores ik[ent_base[r] .. + vis[r]); returns [n, max vis] (zeros past a row's vis). FP32 SIMT kernel or,
+// with `tensor_cores`, the BF16 one; `seconds` as SparseAttention's.
+absl::StatusOr<std::vector<float>> IndexerScores(const std::vector<float>& iq, const std::vector<float>& iw,
+                                                 const std::vector<float>& ik,
+                                                 const std::vector<int64_t>& ent_base,
+                                                 const std::vector<int64_t>& vis, int64_t ih, int64_t id,
+                                                 bool tensor_cores, int repeats = 0,
+                                                 double* seconds = nullptr);
+// The prefill path's MXFP4 expert GEMM (GroupedGemmFp4: one launch, weights decoded in its main loop) on
+// host data: `w` [experts * out, in] FP32 rows (quantized to MXFP4 as the backend loads experts), x
+// [sum of rows_per_expert, in] with each expert's rows consecutive, in expert order; y [rows, out].
+absl::StatusOr<std::vector<float>> ExpertGemmFp4(const std::vector<float>& x, int64_t in,
+                                                 const std::vector<float>& w, int64_t out,
+                                                 const std::vector<int32_t>& rows_per_expert);
 }  // namespace testing
 
 }  // namespace cuda

@@ -147,6 +147,36 @@ struct CompressJob {
   float* score;   // Their gate scores; Compress adds the positional bias in place.
 };
 
+// One attention launch (cuda_attention.cu): per token row, window keys wk[win_start .. + win_cnt) then its
+// selected entries (`sel` [n, topk], `sel_cnt`) or, with sel null, every visible entry ek[ent_base .. + vis)
+// (ent_base null: none), and the per-head sink. Keys are the values. `max_keys` bounds a row's keys.
+struct AttentionArgs {
+  const float *q, *wk, *ek;
+  const int64_t *win_start, *win_cnt, *ent_base, *vis;
+  const int32_t *sel, *sel_cnt;
+  int64_t topk;
+  const float* sink;
+  int64_t n, h, hd, max_keys;
+  float scale;
+  float* o;  // [n, h, hd]
+};
+// `tensor_cores`: kernels::AttentionMma (BF16 operands) where it is instantiated for (h, hd), else the FP32
+// kernels::Attention, whose logits must fit `smem_optin` bytes of shared memory (UNIMPLEMENTED otherwise).
+absl::Status LaunchAttention(const AttentionArgs& a, bool tensor_cores, size_t smem_optin, cudaStream_t s);
+// The lightning indexer's scores (cuda_attention.cu): sc[r, s] (row stride max_vis) for s < vis[r] from the
+// row's ih query heads of id (`iq` [n, ih, id]), head weights `iw` [n, ih] and keys ik[ent_base[r] + s].
+struct IndexerArgs {
+  const float *iq, *iw, *ik;
+  const int64_t *ent_base, *vis;
+  int64_t n, ih, id, max_vis;
+  float* sc;
+};
+// `tensor_cores`: kernels::IndexerScoresMma (BF16 operands) for id 128 and up to 64 heads, else the FP32
+// kernels::IndexerScores.
+absl::Status LaunchIndexerScores(const IndexerArgs& a, bool tensor_cores, cudaStream_t s);
+// Lets the tensor-core kernels take the shared memory they need (per device; InitAttentionKernels calls it).
+absl::Status InitAttentionMma();
+
 // What a forward leaves for the host states, run after its one synchronization, in order.
 using Finish = std::vector<std::function<void()>>;
 
@@ -231,6 +261,8 @@ class CudaBackend final : public ForwardBackend {
   absl::Status InitRuntime();
   // The attention kernels' shared memory limits (cuda_attention.cu, where they are launched).
   absl::Status InitAttentionKernels(const cudaDeviceProp& prop);
+  // The MoE kernels' shared memory limits (cuda_moe.cu).
+  absl::Status InitMoeKernels();
   // Uploads (or, with host null, draws) a weight matrix.
   absl::Status Put(const float* host, int64_t out, int64_t in, bool bf16, WInit init, Mat* m);
 
@@ -255,10 +287,18 @@ class CudaBackend final : public ForwardBackend {
   absl::Status LinearBatched(const float* x, int64_t m, int64_t ldx, int64_t stride_x, const Mat& w,
                              int64_t groups, int64_t ldy, float* y) const;
   cudaStream_t stream() const { return stream_; }
+  // Uploads (or, with host null, draws) MXFP4 weights, quantized from FP32 rows.
+  absl::Status PutFp4(const float* host, int64_t out, int64_t in, Mat* m);
+  // Expert GEMMs over slots grouped by expert, groups listed on the host (prefill-sized): g_cnt[i] rows of
+  // expert g_expert[i] from row g_off[i] of xin [slots, w.in] to y [slots, w.out]. MXFP4: GroupedGemmFp4, one
+  // launch; BF16/FP32: cuBLAS per expert. (ExpertGemmDevice is the decode path: GroupedGemv over all experts
+  // with the device's counts and starts; `narrow`: experts have one or two rows each, mostly.)
+  absl::Status ExpertGemmHost(const Mat& w, const float* xin, const std::vector<int32_t>& g_expert,
+                              const std::vector<int32_t>& g_off, const std::vector<int32_t>& g_cnt,
+                              float* y) const;
 
  private:
   absl::Status PutVec(const float* host, int64_t n, WInit init, float** p);
-  absl::Status PutFp4(const float* host, int64_t out, int64_t in, Mat* m);
   absl::Status LoadLayer(const cpu::BlockWeights* b, int64_t layer, LayerW* l);
   absl::Status HcPre(const HcW& w, const float* streams, int64_t n, float* collapsed, float* post,
                      float* comb) const;
@@ -281,15 +321,9 @@ class CudaBackend final : public ForwardBackend {
                                                           int64_t keep) const;
   absl::Status Moe(const LayerW& w, int64_t layer, bool hash, const float* x, const int32_t* d_tokens,
                    int64_t n, float* out) const;
-  // Expert GEMMs over slots grouped by expert. Device path: GroupedGemv over all experts with the device's
-  // counts and starts. Host path: cuBLAS per expert with host counts.
-  // `narrow`: experts have one or two rows each, mostly (MXFP4 GEMV variant).
   absl::Status ExpertGemmDevice(const Mat& w, int64_t groups, bool narrow, const float* xin,
                                 const int32_t* active, const int32_t* n_active, const int32_t* d_start,
                                 const int32_t* d_count, float* y) const;
-  absl::Status ExpertGemmHost(const Mat& w, const float* xin, const std::vector<int32_t>& g_expert,
-                              const std::vector<int32_t>& g_off, const std::vector<int32_t>& g_cnt,
-                              float* y) const;
   bool GemvFits(const Mat& w) const { return w.in % (w.fp4 ? 32 : w.bf16 ? 256 : 128) == 0; }
   absl::Status Sync() const {
     return CudaStatus(cudaStreamSynchronize(stream_), "cudaStreamSynchronize", __FILE__, __LINE__);

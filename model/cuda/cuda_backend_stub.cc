@@ -34,5 +34,22 @@ absl::Status Rope(std::vector<float>*, int64_t, int64_t, int64_t, const std::vec
                   const std::vector<int64_t>&, bool) {
   return NotBuilt();
 }
+AttentionCase RandomAttentionCase(int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, uint64_t) {
+  return {};
+}
+absl::StatusOr<std::vector<float>> SparseAttention(const AttentionCase&, bool, int, double*) {
+  return NotBuilt();
+}
+absl::StatusOr<std::vector<float>> IndexerScores(const std::vector<float>&, const std::vector<float>&,
+                                                 const std::vector<float>&, const std::vector<int64_t>&,
+                                                 const std::vector<int64_t>&, int64_t, int64_t, bool, int,
+                                                 double*) {
+  return NotBuilt();
+}
+absl::StatusOr<std::vector<float>> ExpertGemmFp4(const std::vector<float>&, int64_t,
+                                                 const std::vector<float>&, int64_t,
+                                                 const std::vector<int32_t>&) {
+  return NotBuilt();
+}
 }  // namespace testing
 }  // namespace v4serve::model::cuda

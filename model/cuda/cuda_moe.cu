@@ -41,12 +41,8 @@ absl::Status CudaBackend::ExpertGemmHost(const Mat& w, const float* xin, const s
   const int64_t out = w.out, in = w.in;
   const int64_t groups = static_cast<int64_t>(g_expert.size());
   if (groups == 0) return absl::OkStatus();
-  const float alpha = 1.0f, beta = 0.0f;
-  const bool lowp = w.bf16 || w.fp4;  // MXFP4 experts are dequantized to BF16 per expert, then cuBLAS.
-  const cudaDataType_t type = lowp ? CUDA_R_16BF : CUDA_R_32F;
+  const bool lowp = w.bf16 || w.fp4;
   const void* x = xin;
-  Buf<__nv_bfloat16> wdq(stream_);
-  if (w.fp4) RETURN_IF_ERROR(wdq.Alloc(out * in));
   if (lowp) {
     const int64_t rows = g_off.back() + g_cnt.back();
     RETURN_IF_ERROR(act_bf16_->Alloc(rows * in));
@@ -54,17 +50,36 @@ absl::Status CudaBackend::ExpertGemmHost(const Mat& w, const float* xin, const s
     V4_LAUNCH_CHECK(ToBf16);
     x = act_bf16_->get();
   }
+  if (w.fp4) {  // One launch for all experts: tiles of up to kEgBm rows of one expert.
+    if (in % k::kEgBk != 0) {
+      return absl::UnimplementedError(
+          absl::StrCat("MXFP4 expert GEMM over ", in, " inputs (needs a multiple of ", k::kEgBk, ")"));
+    }
+    std::vector<int32_t> tiles;  // (expert, first row, rows) per tile.
+    for (int64_t gi = 0; gi < groups; ++gi) {
+      for (int32_t r = 0; r < g_cnt[gi]; r += k::kEgBm) {
+        tiles.insert(tiles.end(), {g_expert[gi], g_off[gi] + r, std::min<int32_t>(k::kEgBm, g_cnt[gi] - r)});
+      }
+    }
+    const int64_t nt = static_cast<int64_t>(tiles.size()) / 3;
+    std::vector<int32_t> cols(tiles.size());  // Column-major: experts, then first rows, then row counts.
+    for (int64_t i = 0; i < nt; ++i) {
+      for (int64_t f = 0; f < 3; ++f) cols[f * nt + i] = tiles[i * 3 + f];
+    }
+    Buf<int32_t> d_tiles(stream_);
+    RETURN_IF_ERROR(d_tiles.Upload(cols));
+    k::GroupedGemmFp4<<<dim3(static_cast<unsigned>(nt), static_cast<unsigned>(Blocks(out, k::kEgBn))), 256,
+                        k::kEgSmem, stream_>>>(static_cast<const __nv_bfloat16*>(x),
+                                               static_cast<const uint8_t*>(w.p), w.scales, d_tiles.get(),
+                                               d_tiles.get() + nt, d_tiles.get() + 2 * nt, in, out, y);
+    V4_LAUNCH_CHECK(GroupedGemmFp4);
+    return absl::OkStatus();  // The upload is staged before cudaMemcpyAsync returns (pageable memory).
+  }
+  const float alpha = 1.0f, beta = 0.0f;
+  const cudaDataType_t type = lowp ? CUDA_R_16BF : CUDA_R_32F;
   const int64_t esz = lowp ? 2 : 4;
   for (int64_t gi = 0; gi < groups; ++gi) {
     const char* wp = static_cast<const char*>(w.p) + g_expert[gi] * out * in * esz;
-    if (w.fp4) {
-      const int64_t blocks = out * in / 32;
-      k::Mxfp4ToBf16<<<Blocks(blocks, 256), 256, 0, stream_>>>(
-          static_cast<const uint8_t*>(w.p) + g_expert[gi] * out * in / 2, w.scales + g_expert[gi] * blocks,
-          blocks, wdq.get());
-      V4_LAUNCH_CHECK(Mxfp4ToBf16);
-      wp = reinterpret_cast<const char*>(wdq.get());
-    }
     const char* xp = static_cast<const char*>(x) + static_cast<int64_t>(g_off[gi]) * in * esz;
     V4_CUBLAS_RETURN_IF_ERROR(
         blas_api_->gemm(blas_, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(out), g_cnt[gi],
@@ -72,6 +87,12 @@ absl::Status CudaBackend::ExpertGemmHost(const Mat& w, const float* xin, const s
                         static_cast<int>(in), &beta, y + static_cast<int64_t>(g_off[gi]) * out, CUDA_R_32F,
                         static_cast<int>(out), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
   }
+  return absl::OkStatus();
+}
+
+absl::Status CudaBackend::InitMoeKernels() {
+  V4_CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(k::GroupedGemmFp4, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                               static_cast<int>(k::kEgSmem)));
   return absl::OkStatus();
 }
 
@@ -198,3 +219,43 @@ absl::Status CudaBackend::Moe(const LayerW& w, int64_t layer, bool hash, const f
 }
 
 }  // namespace v4serve::model::cuda::impl
+
+namespace v4serve::model::cuda::testing {
+
+absl::StatusOr<std::vector<float>> ExpertGemmFp4(const std::vector<float>& x, int64_t in,
+                                                 const std::vector<float>& w, int64_t out,
+                                                 const std::vector<int32_t>& rows_per_expert) {
+  using impl::Buf;
+  const int64_t experts = static_cast<int64_t>(rows_per_expert.size());
+  int64_t slots = 0;
+  for (int32_t r : rows_per_expert) slots += r;
+  if (in < 1 || out < 1 || static_cast<int64_t>(x.size()) != slots * in ||
+      static_cast<int64_t>(w.size()) != experts * out * in) {
+    return absl::InvalidArgumentError("ExpertGemmFp4: sizes do not match");
+  }
+  impl::CudaBackend b(ModelConfig{}, CudaWeights::kBf16);  // Runtime only, no model weights.
+  RETURN_IF_ERROR(b.InitRuntime());
+  impl::Mat m;
+  RETURN_IF_ERROR(b.PutFp4(w.data(), experts * out, in, &m));
+  m.out = out;  // Per expert, as the layers' stacks.
+  std::vector<int32_t> g_expert, g_off, g_cnt;
+  int32_t off = 0;
+  for (int64_t e = 0; e < experts; ++e) {
+    if (rows_per_expert[e] > 0) {
+      g_expert.push_back(static_cast<int32_t>(e));
+      g_off.push_back(off);
+      g_cnt.push_back(rows_per_expert[e]);
+    }
+    off += rows_per_expert[e];
+  }
+  Buf<float> dx(b.stream()), dy(b.stream());
+  RETURN_IF_ERROR(dx.Upload(x));
+  RETURN_IF_ERROR(dy.Alloc(slots * out));
+  RETURN_IF_ERROR(b.ExpertGemmHost(m, dx.get(), g_expert, g_off, g_cnt, dy.get()));
+  std::vector<float> y;
+  RETURN_IF_ERROR(dy.Download(&y));
+  V4_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(b.stream()));
+  return y;
+}
+
+}  // namespace v4serve::model::cuda::testing

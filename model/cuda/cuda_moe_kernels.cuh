@@ -11,6 +11,7 @@
 #include <cstdint>
 
 #include "model/cuda/cuda_kernels.cuh"
+#include "model/cuda/mma.cuh"
 
 namespace v4serve::model::cuda::kernels {
 namespace {
@@ -131,15 +132,6 @@ __global__ void CombineExperts(float* out, const float* y, const int32_t* row_sl
 // Grid (>= n_active, ceil(out / warps)); a warp per output row, 16-byte weight loads unrolled so several are
 // in flight, up to kMaxGroupRows rows accumulated in registers per pass over the weight row (more rows take
 // more passes, from L2). W_e = w + e * out * in.
-// MXFP4 (e2m1 codes, two per byte, element 2i in the low nibble; one e8m0 scale per 32 elements) decoded
-// from bits: no table lookups.
-__device__ __forceinline__ float Fp4Value(uint32_t code) {
-  const uint32_t e = (code >> 1) & 3u, m = code & 1u;
-  const float mag =
-      e ? __int_as_float(static_cast<int>(((e + 126u) << 23) | (m << 22))) : 0.5f * static_cast<float>(m);
-  return (code & 8u) ? -mag : mag;
-}
-
 enum WeightKind { kF32 = 0, kBf16 = 1 };  // GroupedGemv's weight formats (MXFP4: GroupedGemvFp4).
 
 template <int kKind>
@@ -369,15 +361,127 @@ __global__ void __launch_bounds__(128, kCols <= 2 ? 6 : 3)
   }
 }
 
-// MXFP4 rows -> BF16 (prefill: the active experts are dequantized for cuBLAS). One thread per 32-block.
-__global__ void Mxfp4ToBf16(const uint8_t* codes, const uint8_t* scales, int64_t blocks, __nv_bfloat16* out) {
-  const int64_t b = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (b >= blocks) return;
-  const float sc = __int_as_float(static_cast<int>(static_cast<uint32_t>(scales[b]) << 23));
-  for (int q = 0; q < 16; ++q) {
-    const uint32_t byte = codes[b * 16 + q];
-    out[b * 32 + 2 * q] = __float2bfloat16_rn(Fp4Value(byte & 15u) * sc);
-    out[b * 32 + 2 * q + 1] = __float2bfloat16_rn(Fp4Value(byte >> 4) * sc);
+// The MXFP4 grouped expert GEMM for prefill-sized groups, on tensor cores, with the weights dequantized in
+// its main loop: y[row0 + m, n] = x[row0 + m, :] . W_e[n, :] for each tile (e = tile_expert[t], rows
+// row0 = tile_row0[t] .. + tile_rows[t] <= kEgBm) and output columns blockIdx.y * kEgBn .. + kEgBn.
+// x is BF16 [slots, in] (in a multiple of kEgBk), y FP32 [slots, out]; W_e = expert e's [out, in] MXFP4 rows
+// (codes two per byte, one e8m0 scale per 32 values, scale bytes <= 248: see GroupedGemvFp4).
+// 256 threads: 8 warps as 2 (rows) x 4 (columns), 32 x 32 each, mma.sync m16n8k16 BF16 -> FP32. Per k-step of
+// kEgBk: x's tile arrives by cp.async, the weights' codes and scales by one 16-byte load per thread into
+// registers while the previous step computes, then are decoded (Fp4x8, times the block scale: exact in BF16)
+// into shared memory. Two stages. Rows past tile_rows read the tile's last row and are not stored; columns
+// past `out` read the last weight row and are not stored.
+constexpr int kEgBm = 64, kEgBn = 128, kEgBk = 64, kEgLd = kEgBk + 8;  // kEgLd: BF16 per padded smem row.
+constexpr size_t kEgSmem = 2 * (kEgBm + kEgBn) * kEgLd * 2;
+
+__global__ void __launch_bounds__(256)
+    GroupedGemmFp4(const __nv_bfloat16* x, const uint8_t* codes, const uint8_t* scales,
+                   const int32_t* tile_expert, const int32_t* tile_row0, const int32_t* tile_rows, int64_t in,
+                   int64_t out, float* y) {
+  extern __shared__ __align__(16) unsigned char eg_smem[];
+  __nv_bfloat16* a_sh = reinterpret_cast<__nv_bfloat16*>(eg_smem);  // [2][kEgBm][kEgLd]
+  __nv_bfloat16* b_sh = a_sh + 2 * kEgBm * kEgLd;                   // [2][kEgBn][kEgLd]
+  const int64_t e = tile_expert[blockIdx.x], row0 = tile_row0[blockIdx.x];
+  const int rows = tile_rows[blockIdx.x];
+  const int64_t n0 = static_cast<int64_t>(blockIdx.y) * kEgBn;
+  const int tid = static_cast<int>(threadIdx.x), warp = tid / 32, lane = tid % 32;
+  const int wm = warp / 4, wn = warp % 4, g = lane / 4, t = lane % 4;
+  // This thread's weight slice: row n0 + tid / 2, values (tid % 2) * 32 .. + 32 of each k-step.
+  const int br = tid / 2, bh = tid % 2;
+  const int64_t wrow = e * out + min(n0 + br, out - 1);
+  const uint8_t* wcodes = codes + wrow * (in / 2) + bh * 16;
+  const uint8_t* wscales = scales + wrow * (in / 32) + bh;
+  uint4 bcode;
+  uint32_t bscale;
+  auto load_a = [&](int stage, int64_t k0) {
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      const int c = tid + i * 256, r = c / 8, cc = c % 8;
+      CpAsync16(a_sh + (stage * kEgBm + r) * kEgLd + cc * 8,
+                x + (row0 + min(r, rows - 1)) * in + k0 + cc * 8);
+    }
+    CpAsyncCommit();
+  };
+  auto fetch_b = [&](int64_t k0) {
+    bcode = *reinterpret_cast<const uint4*>(wcodes + k0 / 2);
+    bscale = wscales[k0 / 32];
+  };
+  auto store_b = [&](int stage) {
+    const float sc = __int_as_float(static_cast<int>((bscale + 6u) << 23));  // Fp4x8 gives 2^-6 x value.
+    __nv_bfloat16* dst = b_sh + (stage * kEgBn + br) * kEgLd + bh * 32;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      float v[8];
+      Fp4x8(Word(bcode, i), v);
+      uint4 p;
+      p.x = PackBf16(v[0] * sc, v[1] * sc);
+      p.y = PackBf16(v[2] * sc, v[3] * sc);
+      p.z = PackBf16(v[4] * sc, v[5] * sc);
+      p.w = PackBf16(v[6] * sc, v[7] * sc);
+      *reinterpret_cast<uint4*>(dst + i * 8) = p;
+    }
+  };
+  float acc[2][4][4];
+#pragma unroll
+  for (int mi = 0; mi < 2; ++mi) {
+#pragma unroll
+    for (int nt = 0; nt < 4; ++nt) acc[mi][nt][0] = acc[mi][nt][1] = acc[mi][nt][2] = acc[mi][nt][3] = 0.f;
+  }
+  const int64_t steps = in / kEgBk;
+  load_a(0, 0);
+  fetch_b(0);
+  store_b(0);
+  for (int64_t kt = 0; kt < steps; ++kt) {
+    const int cur = static_cast<int>(kt & 1);
+    const bool more = kt + 1 < steps;
+    if (more) {
+      load_a(cur ^ 1, (kt + 1) * kEgBk);
+      fetch_b((kt + 1) * kEgBk);
+      CpAsyncWait<1>();
+    } else {
+      CpAsyncWait<0>();
+    }
+    __syncthreads();  // This stage's x (cp.async) and weights (stored last step) are visible.
+    const __nv_bfloat16* as = a_sh + cur * kEgBm * kEgLd;
+    const __nv_bfloat16* bs = b_sh + cur * kEgBn * kEgLd;
+#pragma unroll
+    for (int kk = 0; kk < kEgBk; kk += 16) {
+      uint32_t a[2][4], b[2][4];
+#pragma unroll
+      for (int mi = 0; mi < 2; ++mi) {
+        LdMatrixX4(a[mi], SmemAddr(as + (wm * 32 + mi * 16 + (lane & 15)) * kEgLd + kk + (lane >> 4) * 8));
+      }
+#pragma unroll
+      for (int np = 0; np < 2; ++np) {
+        LdMatrixX4(b[np], SmemAddr(bs + (wn * 32 + np * 16 + (lane & 7) + ((lane >> 4) << 3)) * kEgLd + kk +
+                                   ((lane >> 3) & 1) * 8));
+      }
+#pragma unroll
+      for (int mi = 0; mi < 2; ++mi) {
+#pragma unroll
+        for (int np = 0; np < 2; ++np) {
+          MmaBf16(acc[mi][2 * np], a[mi], b[np][0], b[np][1]);
+          MmaBf16(acc[mi][2 * np + 1], a[mi], b[np][2], b[np][3]);
+        }
+      }
+    }
+    __syncthreads();  // Everyone is done with this stage before it is refilled.
+    if (more) store_b(cur ^ 1);
+  }
+#pragma unroll
+  for (int mi = 0; mi < 2; ++mi) {
+#pragma unroll
+    for (int nt = 0; nt < 4; ++nt) {
+      const int64_t col = n0 + wn * 32 + nt * 8 + 2 * t;
+#pragma unroll
+      for (int hf = 0; hf < 2; ++hf) {
+        const int m = wm * 32 + mi * 16 + g + hf * 8;
+        if (m >= rows) continue;
+        float* dst = y + (row0 + m) * out + col;
+        if (col < out) dst[0] = acc[mi][nt][2 * hf];
+        if (col + 1 < out) dst[1] = acc[mi][nt][2 * hf + 1];
+      }
+    }
   }
 }
 

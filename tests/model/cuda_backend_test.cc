@@ -21,6 +21,7 @@
 #include "model/backend.h"
 #include "model/cpu/attention.h"
 #include "model/cpu/ops.h"
+#include "model/cpu/weights.h"
 #include "model/device.h"
 #include "model/model.h"
 #include "model/numeric_formats.h"
@@ -144,6 +145,182 @@ TEST(CudaKernelTest, ArgmaxRowsTakesTheLowestIndexOnTies) {
   absl::StatusOr<std::vector<int32_t>> got = cuda::ArgmaxRows(x, rows, cols);
   ASSERT_TRUE(got.ok()) << got.status();
   EXPECT_EQ(*got, (std::vector<int32_t>{100, 5, static_cast<int32_t>(cols - 1), 0}));
+}
+
+// Attention in double precision on the host, from the case's definition (cuda_backend.h): per (row, head)
+// the softmax over the row's window keys, its selected (or all visible) entries and the head's sink logit,
+// applied to the same keys as values. `round` first rounds q and the keys to BF16.
+std::vector<float> ReferenceAttention(const cuda::testing::AttentionCase& c, bool round) {
+  auto val = [&](float x) { return round ? static_cast<double>(RoundToBf16(x)) : static_cast<double>(x); };
+  std::vector<float> o(static_cast<size_t>(c.n * c.h * c.hd));
+  for (int64_t r = 0; r < c.n; ++r) {
+    std::vector<const float*> keys;
+    for (int64_t j = 0; j < c.win_cnt[r]; ++j) keys.push_back(&c.wk[(c.win_start[r] + j) * c.hd]);
+    const int64_t ne = c.sel.empty() ? c.vis[r] : c.sel_cnt[r];
+    for (int64_t j = 0; j < ne; ++j) {
+      const int64_t e = c.sel.empty() ? j : c.sel[r * c.topk + j];
+      keys.push_back(&c.ek[(c.ent_base[r] + e) * c.hd]);
+    }
+    for (int64_t hh = 0; hh < c.h; ++hh) {
+      const float* q = &c.q[(r * c.h + hh) * c.hd];
+      std::vector<double> logit(keys.size());
+      double mx = c.sink[hh];
+      for (size_t j = 0; j < keys.size(); ++j) {
+        double dot = 0;
+        for (int64_t i = 0; i < c.hd; ++i) dot += val(q[i]) * val(keys[j][i]);
+        logit[j] = dot * c.scale;
+        mx = std::max(mx, logit[j]);
+      }
+      double den = std::exp(c.sink[hh] - mx);
+      for (double& l : logit) den += (l = std::exp(l - mx));
+      for (int64_t i = 0; i < c.hd; ++i) {
+        double acc = 0;
+        for (size_t j = 0; j < keys.size(); ++j) acc += logit[j] / den * val(keys[j][i]);
+        o[(r * c.h + hh) * c.hd + i] = static_cast<float>(acc);
+      }
+    }
+  }
+  return o;
+}
+
+// Both attention kernels against the host reference, at V4-Flash's shapes (64 heads x 512: CSA with top-512
+// selection, HCA over every visible entry) and the tiny model's (4 heads x 128: padded head rows), with rows
+// whose key counts are not multiples of the tensor-core kernel's 32-key tile, rows with only the current
+// token, entries only partly visible, and a row with more keys than one tile of a few. The FP32 kernel must
+// match to summation order; the BF16 tensor-core kernel must match the reference on BF16-rounded q and
+// keys up to P's rounding (a wrong fragment layout or a lost tile moves the output by O(1)), and the exact
+// reference to BF16's precision.
+TEST(CudaKernelTest, AttentionKernelsMatchTheReference) {
+  SKIP_WITHOUT_GPU();
+  struct Shape {
+    int64_t n, h, hd, window, entries, topk;
+  };
+  for (const Shape& sh : {Shape{9, 64, 512, 128, 700, 512}, Shape{7, 64, 512, 128, 64, 0},
+                          Shape{11, 4, 128, 128, 300, 128}, Shape{5, 16, 256, 40, 9, 0}}) {
+    SCOPED_TRACE(testing::Message() << "n " << sh.n << " h " << sh.h << " hd " << sh.hd << " topk "
+                                    << sh.topk);
+    cuda::testing::AttentionCase c =
+        cuda::testing::RandomAttentionCase(sh.n, sh.h, sh.hd, sh.window, sh.entries, sh.topk, 11);
+    c.win_cnt[0] = 1;  // Only the current token, no entries.
+    c.vis[0] = 0;
+    if (!c.sel.empty()) c.sel_cnt[0] = 0;
+    c.win_cnt[1] = 37;  // 37 + a few: not a multiple of 32.
+    c.vis[1] = std::min<int64_t>(sh.entries, 5);
+    if (!c.sel.empty()) {
+      c.sel_cnt[1] = static_cast<int32_t>(c.vis[1]);
+      for (int64_t j = 0; j < c.vis[1]; ++j) c.sel[1 * c.topk + j] = static_cast<int32_t>(c.vis[1] - 1 - j);
+    }
+    const std::vector<float> exact = ReferenceAttention(c, false), rounded = ReferenceAttention(c, true);
+    absl::StatusOr<std::vector<float>> simt = cuda::testing::SparseAttention(c, false);
+    ASSERT_TRUE(simt.ok()) << simt.status();
+    EXPECT_LT(RelL2(*simt, exact), 1e-5);
+    absl::StatusOr<std::vector<float>> mma = cuda::testing::SparseAttention(c, true);
+    ASSERT_TRUE(mma.ok()) << mma.status();
+    EXPECT_LT(RelL2(*mma, rounded), 5e-3);
+    EXPECT_LT(RelL2(*mma, exact), 2e-2);
+    // Row 0 alone (its one key against the sink) is checked on its own: the whole-case error would hide it.
+    std::vector<float> row0(mma->begin(), mma->begin() + sh.h * sh.hd),
+        want0(exact.begin(), exact.begin() + sh.h * sh.hd);
+    EXPECT_LT(RelL2(row0, want0), 2e-2);
+  }
+}
+
+// Both indexer kernels against the host (double): V4-Flash's 64 heads x 128 and the tiny model's 4 heads
+// (padded head rows), rows seeing 0, 1, 63, 64, 65 and a few hundred entries from different bases (decode
+// batches: each row its own sequence). FP32: summation order only. BF16 tensor cores: against the reference
+// on BF16-rounded q and keys to summation order, and the exact one to BF16's precision; a wrong fragment
+// layout, head reduction or tile bound moves scores by O(1).
+TEST(CudaKernelTest, IndexerKernelsMatchTheReference) {
+  SKIP_WITHOUT_GPU();
+  for (const int64_t ih : {64, 4}) {
+    SCOPED_TRACE(testing::Message() << "heads " << ih);
+    const int64_t id = 128, entries = 900;
+    const std::vector<int64_t> vis = {0, 1, 63, 64, 65, 300, 777}, base = {0, 5, 100, 0, 800, 2, 123};
+    const int64_t n = static_cast<int64_t>(vis.size());
+    const std::vector<float> iq = Random(n * ih * id, 31), ik = Random(entries * id, 32);
+    std::vector<float> iw = Random(n * ih, 33, 0.1f);
+    auto reference = [&](bool round) {
+      auto val = [&](float x) {
+        return round ? static_cast<double>(RoundToBf16(x)) : static_cast<double>(x);
+      };
+      const int64_t ld = *std::max_element(vis.begin(), vis.end());
+      std::vector<float> sc(static_cast<size_t>(n * ld), 0.0f);
+      for (int64_t r = 0; r < n; ++r) {
+        for (int64_t e = 0; e < vis[r]; ++e) {
+          double acc = 0;
+          for (int64_t h = 0; h < ih; ++h) {
+            double dot = 0;
+            for (int64_t i = 0; i < id; ++i)
+              dot += val(iq[(r * ih + h) * id + i]) * val(ik[(base[r] + e) * id + i]);
+            acc += std::max(dot, 0.0) * iw[r * ih + h];
+          }
+          sc[r * ld + e] = static_cast<float>(acc);
+        }
+      }
+      return sc;
+    };
+    const std::vector<float> exact = reference(false), rounded = reference(true);
+    absl::StatusOr<std::vector<float>> simt =
+        cuda::testing::IndexerScores(iq, iw, ik, base, vis, ih, id, false);
+    ASSERT_TRUE(simt.ok()) << simt.status();
+    EXPECT_LT(RelL2(*simt, exact), 1e-5);
+    absl::StatusOr<std::vector<float>> mma =
+        cuda::testing::IndexerScores(iq, iw, ik, base, vis, ih, id, true);
+    ASSERT_TRUE(mma.ok()) << mma.status();
+    EXPECT_LT(RelL2(*mma, rounded), 1e-4);
+    EXPECT_LT(RelL2(*mma, exact), 2e-2);
+  }
+}
+
+// The MXFP4 grouped expert GEMM against the host: weights drawn on the MXFP4 grid (so that loading them is
+// exact), activations rounded to BF16 as the kernel rounds them, products summed in double. Expert row counts
+// cover an empty expert, one row, a partial tile, exactly one 64-row tile and several tiles; output widths
+// cover a partial 128-column tile. Only FP32 summation order may differ; a wrong fragment layout, nibble,
+// scale or tile bound moves the result by O(1).
+TEST(CudaKernelTest, Mxfp4ExpertGemmMatchesTheHost) {
+  SKIP_WITHOUT_GPU();
+  static constexpr float kGrid[8] = {0.0f, 0.5f, 1.0f, 1.5f, 2.0f, 3.0f, 4.0f, 6.0f};
+  for (const auto& [in, out] : {std::pair<int64_t, int64_t>{256, 192}, {512, 128}}) {
+    SCOPED_TRACE(testing::Message() << "in " << in << " out " << out);
+    const std::vector<int32_t> rows = {3, 0, 1, 64, 150, 37};
+    const int64_t experts = static_cast<int64_t>(rows.size());
+    std::mt19937 rng(21);
+    std::vector<float> w(static_cast<size_t>(experts * out * in));
+    for (size_t b = 0; b < w.size() / 32; ++b) {
+      const float scale = std::ldexp(1.0f, static_cast<int>(rng() % 9) - 10);
+      for (size_t j = 0; j < 32; ++j) {
+        w[b * 32 + j] = kGrid[rng() % 8] * scale * (rng() % 2 ? -1.0f : 1.0f);
+      }
+      w[b * 32 + rng() % 32] = 6.0f * scale;  // The block's scale is then exactly `scale`.
+    }
+    int64_t slots = 0;
+    for (int32_t r : rows) slots += r;
+    const std::vector<float> x = Random(static_cast<size_t>(slots * in), 22);
+    absl::StatusOr<std::vector<float>> y = cuda::testing::ExpertGemmFp4(x, in, w, out, rows);
+    ASSERT_TRUE(y.ok()) << y.status();
+    std::vector<float> want(static_cast<size_t>(slots * out));
+    int64_t row = 0;
+    for (int64_t e = 0; e < experts; ++e) {
+      for (int32_t i = 0; i < rows[e]; ++i, ++row) {
+        for (int64_t o = 0; o < out; ++o) {
+          double acc = 0;
+          for (int64_t k = 0; k < in; ++k) {
+            acc += static_cast<double>(RoundToBf16(x[row * in + k])) * w[(e * out + o) * in + k];
+          }
+          want[row * out + o] = static_cast<float>(acc);
+        }
+      }
+    }
+    EXPECT_LT(RelL2(*y, want), 1e-5);
+    // Every row and column is written (a missed tile would leave the allocation's garbage or zeros).
+    double worst = 0;
+    for (int64_t r = 0; r < slots; ++r) {
+      std::vector<float> a(y->begin() + r * out, y->begin() + (r + 1) * out),
+          b(want.begin() + r * out, want.begin() + (r + 1) * out);
+      worst = std::max(worst, RelL2(a, b));
+    }
+    EXPECT_LT(worst, 1e-4);
+  }
 }
 
 struct Pair {
@@ -419,6 +596,29 @@ TEST(CudaModelTest, AStateMovingToAnotherBackendIsUploadedThere) {
   absl::StatusOr<cuda::ForwardCounters> k = cuda::LastForwardCounters(p2.gpu->backend());
   ASSERT_TRUE(k.ok()) << k.status();
   EXPECT_EQ(k->states_uploaded, 1);
+}
+
+// MXFP4 experts whose block scale the GEMV cannot hold (it folds 2^6 into the FP32 exponent: bytes above
+// 248) are refused at load with a clear error, not computed as infinities.
+TEST(CudaModelTest, Mxfp4ScalesBeyondTheGemvsRangeAreRefusedAtLoad) {
+  SKIP_WITHOUT_GPU();
+  absl::StatusOr<ModelConfig> config = LoadModelConfig(TinyDir());
+  ASSERT_TRUE(config.ok()) << config.status();
+  ASSERT_EQ(config->expert_dtype, "fp4");
+  absl::StatusOr<std::unique_ptr<Checkpoint>> ckpt = Checkpoint::Open(TinyDir());
+  ASSERT_TRUE(ckpt.ok()) << ckpt.status();
+  absl::StatusOr<std::unique_ptr<cpu::ModelWeights>> w = cpu::LoadWeights(*config, **ckpt, false);
+  ASSERT_TRUE(w.ok()) << w.status();
+  const cpu::RopeTable main = cpu::MakeRopeTable(config->qk_rope_head_dim, config->rope_theta, nullptr);
+  const cpu::RopeTable comp =
+      cpu::MakeRopeTable(config->qk_rope_head_dim, config->compress_rope_theta, &config->rope_scaling);
+  ASSERT_TRUE(cuda::MakeCudaBackend(*config, **w, main, comp, CudaWeights::kBf16).ok());
+  (*w)->layers[1].experts[3].w2[17] = 3e38f;  // amax / 6 = 2^125.2: a block scale of 2^126.
+  absl::StatusOr<std::unique_ptr<ForwardBackend>> be =
+      cuda::MakeCudaBackend(*config, **w, main, comp, CudaWeights::kBf16);
+  ASSERT_FALSE(be.ok());
+  EXPECT_EQ(be.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(be.status().message().find("block scale of 2^126"), std::string::npos) << be.status();
 }
 
 TEST(CudaModelTest, AutoPicksCudaWithAGpuAndCudaFailsClearlyWithout) {

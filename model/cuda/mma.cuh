@@ -1,0 +1,62 @@
+// Warp-level tensor-core primitives for sm_80+ (used on sm_90a): ldmatrix, mma.sync m16n8k16 BF16 with FP32
+// accumulation, cp.async. Fragment layouts (PTX ISA, "Matrix Fragments for mma.m16n8k16"): with g = lane / 4
+// and t = lane % 4, A holds rows g and g + 8 at columns 2t, 2t + 1 (+ 8); B columns g at rows 2t, 2t + 1
+// (+ 8); C/D rows g and g + 8 at columns 2t, 2t + 1. A row-major [m][k] tile in shared memory gives A by
+// ldmatrix.x4 (lane l addresses row l % 16, column 8 * (l / 16)); a [n][k] tile gives B for two n-tiles by
+// ldmatrix.x4 (row (l % 8) + 8 * (l / 16), column 8 * ((l / 8) % 2)); a [k][n] tile gives B by
+// ldmatrix.x4.trans (row l % 16, column 8 * (l / 16)).
+#ifndef V4SERVE_MODEL_CUDA_MMA_CUH_
+#define V4SERVE_MODEL_CUDA_MMA_CUH_
+
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace v4serve::model::cuda::kernels {
+namespace {
+
+__device__ __forceinline__ uint32_t SmemAddr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+__device__ __forceinline__ void LdMatrixX4(uint32_t (&r)[4], uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+__device__ __forceinline__ void LdMatrixX4Trans(uint32_t (&r)[4], uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+// d += a (16x16, row) * b (16x8, col), BF16 in, FP32 accumulate.
+__device__ __forceinline__ void MmaBf16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+__device__ __forceinline__ uint32_t PackBf16(float lo, float hi) {
+  const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<const uint32_t*>(&v);
+}
+__device__ __forceinline__ void CpAsync16(void* smem, const void* gmem) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(SmemAddr(smem)), "l"(gmem) : "memory");
+}
+// The same, writing zeros instead when !valid (gmem must still be a valid address).
+__device__ __forceinline__ void CpAsync16OrZero(void* smem, const void* gmem, bool valid) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(SmemAddr(smem)), "l"(gmem),
+               "r"(valid ? 16 : 0)
+               : "memory");
+}
+__device__ __forceinline__ void CpAsyncCommit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+template <int kPending>
+__device__ __forceinline__ void CpAsyncWait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending) : "memory");
+}
+
+}  // namespace
+}  // namespace v4serve::model::cuda::kernels
+
+#endif  // V4SERVE_MODEL_CUDA_MMA_CUH_
