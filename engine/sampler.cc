@@ -44,6 +44,95 @@ void Sampler::AddPromptTokens(absl::Span<const int32_t> tokens) {
   for (int32_t t : tokens) seen_[t] = true;
 }
 
+namespace {
+// The sampling order: larger logit first, lower id first among equals (a total order).
+struct ByLogit {
+  const std::vector<float>* w;
+  bool operator()(int32_t a, int32_t b) const {
+    const float x = (*w)[static_cast<size_t>(a)], y = (*w)[static_cast<size_t>(b)];
+    return x != y ? x > y : a < b;
+  }
+};
+}  // namespace
+
+// Makes order_[0 .. m) the first m tokens of the sampling order (sorted); order_[sorted_ ..) holds the rest.
+void Sampler::EnsureSorted(size_t m) {
+  m = std::min(m, order_.size());
+  if (m <= sorted_) return;
+  // Grow geometrically, so that a walk far down the order costs O(vocab log vocab) at most overall.
+  m = std::min(order_.size(), std::max(m, 4 * sorted_));
+  const ByLogit by{&work_};
+  const auto first = order_.begin() + static_cast<ptrdiff_t>(sorted_),
+             mid = order_.begin() + static_cast<ptrdiff_t>(m);
+  if (mid != order_.end()) std::nth_element(first, mid, order_.end(), by);
+  std::sort(first, mid, by);
+  sorted_ = m;
+}
+
+int32_t Sampler::Draw() {
+  const size_t vocab = work_.size();
+  order_.resize(vocab);
+  std::iota(order_.begin(), order_.end(), 0);
+  sorted_ = 0;
+  EnsureSorted(64);
+  const float mx = work_[static_cast<size_t>(order_[0])];
+  const float temp = params_.temperature;
+  auto prob = [&](size_t i) {  // Of the i-th token in the sampling order.
+    return std::exp(static_cast<double>((work_[static_cast<size_t>(order_[i])] - mx) / temp));
+  };
+  size_t keep = vocab;
+  if (params_.top_k > 0) keep = std::min(keep, static_cast<size_t>(params_.top_k));
+  // The softmax's normalizer over the kept tokens: in the sampling order under a top-k cut, over the whole
+  // vocabulary in token-id order otherwise (no sort needed).
+  double sum = 0;
+  if (keep < vocab) {
+    EnsureSorted(keep);
+    for (size_t i = 0; i < keep; ++i) sum += prob(i);
+  } else {
+    for (float x : work_) sum += std::exp(static_cast<double>((x - mx) / temp));
+  }
+  double total = sum;
+  bool cut = false;
+  if (params_.top_p < 1.0f) {
+    double acc = 0;
+    size_t k = 0;
+    while (k < keep) {
+      EnsureSorted(k + 1);
+      acc += prob(k) / sum;
+      ++k;
+      if (acc >= params_.top_p) break;
+    }
+    cut = cut || k < keep;
+    keep = k;
+  }
+  if (params_.min_p > 0.0f) {
+    const double floor = params_.min_p;  // prob(0) = 1 is the largest.
+    size_t k = 1;
+    while (k < keep) {
+      EnsureSorted(k + 1);
+      if (prob(k) < floor) break;
+      ++k;
+    }
+    cut = cut || k < keep;
+    keep = k;
+  }
+  if (cut) {  // Renormalize over what is left, in the sampling order.
+    total = 0;
+    for (size_t i = 0; i < keep; ++i) total += prob(i);
+  }
+  // Uniform in [0, total) from the top 53 bits: the same draw on every platform (std::uniform_real
+  // distribution is implementation-defined).
+  const double u = static_cast<double>(rng_() >> 11) * 0x1.0p-53 * total;
+  double acc = 0;
+  for (size_t i = 0; i < keep; ++i) {
+    EnsureSorted(i + 1);
+    acc += prob(i);
+    if (u < acc) return order_[i];
+  }
+  EnsureSorted(keep);  // Rounding left u at the end: the last kept token.
+  return order_[keep - 1];
+}
+
 SampledToken Sampler::Sample(absl::Span<const float> logits) {
   const size_t vocab = logits.size();
   work_.assign(logits.begin(), logits.end());
@@ -74,52 +163,7 @@ SampledToken Sampler::Sample(absl::Span<const float> logits) {
   if (params_.temperature == 0.0f) {
     out.id = static_cast<int32_t>(std::max_element(work_.begin(), work_.end()) - work_.begin());
   } else {
-    std::vector<int32_t> idx(vocab);
-    std::iota(idx.begin(), idx.end(), 0);
-    // Descending probability, lowest id first on ties: a total order, so results do not depend on the
-    // sort's stability.
-    std::sort(idx.begin(), idx.end(),
-              [&](int32_t a, int32_t b) { return work_[a] != work_[b] ? work_[a] > work_[b] : a < b; });
-    size_t keep = vocab;
-    if (params_.top_k > 0) keep = std::min(keep, static_cast<size_t>(params_.top_k));
-    const float mx = work_[static_cast<size_t>(idx[0])];
-    std::vector<double> p(keep);
-    double sum = 0;
-    for (size_t i = 0; i < keep; ++i) {
-      p[i] = std::exp(static_cast<double>((work_[static_cast<size_t>(idx[i])] - mx) / params_.temperature));
-      sum += p[i];
-    }
-    if (params_.top_p < 1.0f) {
-      double acc = 0;
-      size_t k = 0;
-      while (k < keep) {
-        acc += p[k] / sum;
-        ++k;
-        if (acc >= params_.top_p) break;
-      }
-      keep = k;
-    }
-    if (params_.min_p > 0.0f) {
-      const double floor = p[0] * params_.min_p;  // p[0] is the largest.
-      size_t k = 1;
-      while (k < keep && p[k] >= floor) ++k;
-      keep = k;
-    }
-    double total = 0;
-    for (size_t i = 0; i < keep; ++i) total += p[i];
-    // Uniform in [0, total) from the top 53 bits: the same draw on every platform (std::uniform_real
-    // distribution is implementation-defined).
-    const double u = static_cast<double>(rng_() >> 11) * 0x1.0p-53 * total;
-    double acc = 0;
-    size_t pick = keep - 1;
-    for (size_t i = 0; i < keep; ++i) {
-      acc += p[i];
-      if (u < acc) {
-        pick = i;
-        break;
-      }
-    }
-    out.id = idx[pick];
+    out.id = Draw();
   }
   if (!logprobs.empty()) {
     out.logprob = logprobs[static_cast<size_t>(out.id)];

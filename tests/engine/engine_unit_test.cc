@@ -2,7 +2,9 @@
 // manager's handling of corrupt cached blocks, chunked prefill under the step budget, stop rules,
 // cancellation and request validation.
 #include <cmath>
+#include <numeric>
 #include <random>
+#include <set>
 
 #include "engine/engine.h"
 #include "engine/kv_cache_manager.h"
@@ -85,6 +87,75 @@ TEST(SamplerTest, PenaltiesSteerAwayFromRepeats) {
   got.clear();
   for (int i = 0; i < 3; ++i) got.push_back(pr.Sample(logits).id);
   EXPECT_EQ(got, (std::vector<int32_t>{0, 1, 0}));
+}
+
+// The definition Sample implements, written out plainly: sort the whole vocabulary (larger logit first,
+// lower id on ties), softmax with temperature over the top-k, the smallest prefix reaching top_p, min_p
+// relative to the best, one 53-bit draw over what is left. Sample sorts only as far as it walks and sums
+// the uncut normalizer in id order; picks must be the same.
+int32_t ReferenceDraw(const std::vector<float>& x, const SamplingParams& p, std::mt19937_64* rng) {
+  std::vector<int32_t> idx(x.size());
+  std::iota(idx.begin(), idx.end(), 0);
+  std::sort(idx.begin(), idx.end(), [&](int32_t a, int32_t b) { return x[a] != x[b] ? x[a] > x[b] : a < b; });
+  size_t keep = p.top_k > 0 ? std::min(x.size(), static_cast<size_t>(p.top_k)) : x.size();
+  std::vector<double> pr(keep);
+  double sum = 0;
+  for (size_t i = 0; i < keep; ++i)
+    sum += pr[i] = std::exp(static_cast<double>((x[idx[i]] - x[idx[0]]) / p.temperature));
+  if (p.top_p < 1.0f) {
+    double acc = 0;
+    size_t k = 0;
+    while (k < keep && acc < p.top_p) acc += pr[k++] / sum;
+    keep = k;
+  }
+  if (p.min_p > 0.0f) {
+    size_t k = 1;
+    while (k < keep && pr[k] >= p.min_p) ++k;
+    keep = k;
+  }
+  double total = 0;
+  for (size_t i = 0; i < keep; ++i) total += pr[i];
+  const double u = static_cast<double>((*rng)() >> 11) * 0x1.0p-53 * total;
+  double acc = 0;
+  for (size_t i = 0; i < keep; ++i) {
+    if (u < (acc += pr[i])) return idx[i];
+  }
+  return idx[keep - 1];
+}
+
+TEST(SamplerTest, PicksWhatTheFullSortDefinitionPicks) {
+  std::mt19937 gen(5);
+  std::normal_distribution<float> nd(0.0f, 4.0f);
+  std::vector<float> x(20000);
+  for (float& v : x) v = std::round(nd(gen) * 8) / 8;  // Rounded: many exact ties.
+  struct Case {
+    float temperature, top_p, min_p;
+    int32_t top_k;
+  };
+  for (const Case& c :
+       {Case{0.7f, 1.0f, 0.0f, 0}, Case{2.5f, 1.0f, 0.0f, 0}, Case{1.0f, 0.9f, 0.0f, 0},
+        Case{1.3f, 0.5f, 0.0f, 40}, Case{1.0f, 1.0f, 0.05f, 0}, Case{4.0f, 0.99f, 0.001f, 5000},
+        Case{30.0f, 1.0f, 0.0f, 0}, Case{0.9f, 0.95f, 0.0f, 1}}) {
+    SCOPED_TRACE(::testing::Message() << "t " << c.temperature << " top_p " << c.top_p << " min_p " << c.min_p
+                                      << " top_k " << c.top_k);
+    SamplingParams p;
+    p.temperature = c.temperature;
+    p.top_p = c.top_p;
+    p.min_p = c.min_p;
+    p.top_k = c.top_k;
+    Sampler s(p, 77);
+    std::mt19937_64 rng(77);
+    std::vector<int32_t> got, want;
+    for (int i = 0; i < 60; ++i) {
+      got.push_back(s.Sample(x).id);
+      want.push_back(ReferenceDraw(x, p, &rng));
+    }
+    EXPECT_EQ(got, want);
+    // Not always the best token (the draw does reach down the order), except where the cut leaves one.
+    if (c.top_k != 1) {
+      EXPECT_GT(std::set<int32_t>(got.begin(), got.end()).size(), 1u);
+    }
+  }
 }
 
 TEST(SamplerTest, ValidateNamesTheField) {
