@@ -111,12 +111,17 @@ absl::StatusOr<std::vector<float>> IndexerScores(const std::vector<float>& iq, c
                                                  const std::vector<int64_t>& vis, int64_t ih, int64_t id,
                                                  bool tensor_cores, int repeats = 0,
                                                  double* seconds = nullptr);
-// The prefill path's MXFP4 expert GEMM (GroupedGemmFp4: one launch, weights decoded in its main loop) on
-// host data: `w` [experts * out, in] FP32 rows (quantized to MXFP4 as the backend loads experts), x
-// [sum of rows_per_expert, in] with each expert's rows consecutive, in expert order; y [rows, out].
+// The MXFP4 expert GEMMs on host data: `w` [experts * out, in] FP32 rows (quantized to MXFP4 as the backend
+// loads experts), x [sum of rows_per_expert, in] with each expert's rows consecutive, in expert order; y
+// [rows, out]. kPrefill: the prefill path (tiles listed on the host, the tensor-core GEMM); kDecodeMma /
+// kDecodeGemv: the decode path (routing on the device) with the tensor-core GEMM or the GEMV a decode step of
+// that many rows would pick. `seconds` as SparseAttention's.
+enum class ExpertPath { kPrefill, kDecodeMma, kDecodeGemv };
 absl::StatusOr<std::vector<float>> ExpertGemmFp4(const std::vector<float>& x, int64_t in,
                                                  const std::vector<float>& w, int64_t out,
-                                                 const std::vector<int32_t>& rows_per_expert);
+                                                 const std::vector<int32_t>& rows_per_expert,
+                                                 ExpertPath path = ExpertPath::kPrefill, int repeats = 0,
+                                                 double* seconds = nullptr);
 }  // namespace testing
 
 }  // namespace cuda

@@ -234,6 +234,18 @@ struct LayerW {
 
 enum class WInit { kHost, kOnes, kZeros, kRandom };
 
+// The decode path's expert kernels: the grouped GEMV reading each expert's weights once per 2 rows (narrow:
+// experts with one or two rows, mostly) or per 8 rows, or (MXFP4 only) the tensor-core grouped GEMM, which
+// reads them once per 64 rows but streams them slower (H200, bench --attention: 0.21x the GEMV's speed at
+// 0.2 rows per expert, 0.85x at 1.5, 1.4x at 3, 2.4x at 6).
+enum class ExpertKernel { kGemvNarrow, kGemvWide, kMma };
+// Which one a decode step of `slots` (rows x experts per token) over `experts` routed experts runs (MXFP4
+// experts; BF16/FP32 ones use the GEMVs).
+inline ExpertKernel DecodeExpertKernel(int64_t slots, int64_t experts) {
+  if (slots >= 3 * experts) return ExpertKernel::kMma;
+  return slots <= 2 * experts ? ExpertKernel::kGemvNarrow : ExpertKernel::kGemvWide;
+}
+
 class CudaBackend final : public ForwardBackend {
  public:
   CudaBackend(const ModelConfig& c, CudaWeights format) : c_(c), bf16_(format == CudaWeights::kBf16) {}
@@ -291,8 +303,14 @@ class CudaBackend final : public ForwardBackend {
   absl::Status PutFp4(const float* host, int64_t out, int64_t in, Mat* m);
   // Expert GEMMs over slots grouped by expert, groups listed on the host (prefill-sized): g_cnt[i] rows of
   // expert g_expert[i] from row g_off[i] of xin [slots, w.in] to y [slots, w.out]. MXFP4: GroupedGemmFp4, one
-  // launch; BF16/FP32: cuBLAS per expert. (ExpertGemmDevice is the decode path: GroupedGemv over all experts
-  // with the device's counts and starts; `narrow`: experts have one or two rows each, mostly.)
+  // launch; BF16/FP32: cuBLAS per expert.
+  // Expert GEMMs over slots grouped by expert with the device's routing (decode path, no host round trip):
+  // count[e] rows of expert e from row start[e] of xin [slots, w.in] for the active experts (active[0 ..
+  // *n_active), at most `groups`); an expert has at most `max_rows` rows.
+  absl::Status ExpertGemmDevice(const Mat& w, int64_t groups, ExpertKernel kernel, int64_t max_rows,
+                                const float* xin, int64_t slots, const int32_t* active,
+                                const int32_t* n_active, const int32_t* d_start, const int32_t* d_count,
+                                float* y) const;
   absl::Status ExpertGemmHost(const Mat& w, const float* xin, const std::vector<int32_t>& g_expert,
                               const std::vector<int32_t>& g_off, const std::vector<int32_t>& g_cnt,
                               float* y) const;
@@ -321,9 +339,6 @@ class CudaBackend final : public ForwardBackend {
                                                           int64_t keep) const;
   absl::Status Moe(const LayerW& w, int64_t layer, bool hash, const float* x, const int32_t* d_tokens,
                    int64_t n, float* out) const;
-  absl::Status ExpertGemmDevice(const Mat& w, int64_t groups, bool narrow, const float* xin,
-                                const int32_t* active, const int32_t* n_active, const int32_t* d_start,
-                                const int32_t* d_count, float* y) const;
   bool GemvFits(const Mat& w) const { return w.in % (w.fp4 ? 32 : w.bf16 ? 256 : 128) == 0; }
   absl::Status Sync() const {
     return CudaStatus(cudaStreamSynchronize(stream_), "cudaStreamSynchronize", __FILE__, __LINE__);

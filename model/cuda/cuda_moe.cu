@@ -8,16 +8,37 @@ namespace v4serve::model::cuda::impl {
 
 namespace k = kernels;
 
-absl::Status CudaBackend::ExpertGemmDevice(const Mat& w, int64_t groups, bool narrow, const float* xin,
+absl::Status CudaBackend::ExpertGemmDevice(const Mat& w, int64_t groups, ExpertKernel kernel,
+                                           int64_t max_rows, const float* xin, int64_t slots,
                                            const int32_t* active, const int32_t* n_active,
                                            const int32_t* d_start, const int32_t* d_count, float* y) const {
   const dim3 grid(static_cast<unsigned>(groups), static_cast<unsigned>(Blocks(w.out, 8)));
+  if (w.fp4 && kernel == ExpertKernel::kMma) {
+    if (w.in % k::kEgBk != 0) {
+      return absl::UnimplementedError(
+          absl::StrCat("MXFP4 expert GEMM over ", w.in, " inputs (needs a multiple of ", k::kEgBk, ")"));
+    }
+    RETURN_IF_ERROR(act_bf16_->Alloc(slots * w.in));
+    k::ToBf16<<<Blocks(slots * w.in, 256), 256, 0, stream_>>>(xin, slots * w.in, act_bf16_->get());
+    V4_LAUNCH_CHECK(ToBf16);
+    k::ExpertTiles tiles;
+    tiles.active = active;
+    tiles.n_active = n_active;
+    tiles.start = d_start;
+    tiles.count = d_count;
+    const dim3 g3(static_cast<unsigned>(groups), static_cast<unsigned>(Blocks(w.out, k::kEgBn)),
+                  static_cast<unsigned>(Blocks(max_rows, k::kEgBm)));
+    k::GroupedGemmFp4<<<g3, 256, k::kEgSmem, stream_>>>(act_bf16_->get(), static_cast<const uint8_t*>(w.p),
+                                                        w.scales, tiles, w.in, w.out, y);
+    V4_LAUNCH_CHECK(GroupedGemmFp4);
+    return absl::OkStatus();
+  }
   if (w.fp4) {
     // 4 output rows per warp, 4 warps per block.
     constexpr int kRows = 4;
     const dim3 g4(static_cast<unsigned>(groups), static_cast<unsigned>(Blocks(w.out, 4 * kRows)));
     const uint8_t* codes = static_cast<const uint8_t*>(w.p);
-    if (narrow) {
+    if (kernel == ExpertKernel::kGemvNarrow) {
       k::GroupedGemvFp4<kRows, 2>
           <<<g4, 128, 0, stream_>>>(xin, codes, w.scales, active, n_active, d_start, d_count, w.in, w.out, y);
     } else {
@@ -68,10 +89,13 @@ absl::Status CudaBackend::ExpertGemmHost(const Mat& w, const float* xin, const s
     }
     Buf<int32_t> d_tiles(stream_);
     RETURN_IF_ERROR(d_tiles.Upload(cols));
+    k::ExpertTiles et;
+    et.expert = d_tiles.get();
+    et.row0 = d_tiles.get() + nt;
+    et.rows = d_tiles.get() + 2 * nt;
     k::GroupedGemmFp4<<<dim3(static_cast<unsigned>(nt), static_cast<unsigned>(Blocks(out, k::kEgBn))), 256,
                         k::kEgSmem, stream_>>>(static_cast<const __nv_bfloat16*>(x),
-                                               static_cast<const uint8_t*>(w.p), w.scales, d_tiles.get(),
-                                               d_tiles.get() + nt, d_tiles.get() + 2 * nt, in, out, y);
+                                               static_cast<const uint8_t*>(w.p), w.scales, et, in, out, y);
     V4_LAUNCH_CHECK(GroupedGemmFp4);
     return absl::OkStatus();  // The upload is staged before cudaMemcpyAsync returns (pageable memory).
   }
@@ -146,14 +170,14 @@ absl::Status CudaBackend::Moe(const LayerW& w, int64_t layer, bool hash, const f
     RETURN_IF_ERROR(eu.Alloc(slots * inter));
     RETURN_IF_ERROR(ey.Alloc(slots * d));
     const int64_t groups = std::min(ne, slots);  // At most this many experts have rows.
-    const bool narrow = slots <= 2 * ne;         // Up to batch 85 of V4 (k 6, 256 experts): measured better.
-    RETURN_IF_ERROR(ExpertGemmDevice(w.w1, groups, narrow, xin.get(), active.get(), n_active.get(),
+    const ExpertKernel kernel = DecodeExpertKernel(slots, ne);
+    RETURN_IF_ERROR(ExpertGemmDevice(w.w1, groups, kernel, n, xin.get(), slots, active.get(), n_active.get(),
                                      start.get(), cnt.get(), eg.get()));
-    RETURN_IF_ERROR(ExpertGemmDevice(w.w3, groups, narrow, xin.get(), active.get(), n_active.get(),
+    RETURN_IF_ERROR(ExpertGemmDevice(w.w3, groups, kernel, n, xin.get(), slots, active.get(), n_active.get(),
                                      start.get(), cnt.get(), eu.get()));
     k::SwiGlu<<<Blocks(slots * inter, 256), 256, 0, s>>>(eg.get(), eu.get(), slots, inter, slot_w.get(), lim);
     V4_LAUNCH_CHECK(SwiGlu);
-    RETURN_IF_ERROR(ExpertGemmDevice(w.w2, groups, narrow, eg.get(), active.get(), n_active.get(),
+    RETURN_IF_ERROR(ExpertGemmDevice(w.w2, groups, kernel, n, eg.get(), slots, active.get(), n_active.get(),
                                      start.get(), cnt.get(), ey.get()));
     k::CombineExperts<<<dim3(static_cast<unsigned>(n), static_cast<unsigned>(Blocks(d, 256))), 256, 0, s>>>(
         out, ey.get(), row_slots.get(), kk, d);
@@ -224,11 +248,15 @@ namespace v4serve::model::cuda::testing {
 
 absl::StatusOr<std::vector<float>> ExpertGemmFp4(const std::vector<float>& x, int64_t in,
                                                  const std::vector<float>& w, int64_t out,
-                                                 const std::vector<int32_t>& rows_per_expert) {
+                                                 const std::vector<int32_t>& rows_per_expert, ExpertPath path,
+                                                 int repeats, double* seconds) {
   using impl::Buf;
   const int64_t experts = static_cast<int64_t>(rows_per_expert.size());
-  int64_t slots = 0;
-  for (int32_t r : rows_per_expert) slots += r;
+  int64_t slots = 0, max_rows = 0;
+  for (int32_t r : rows_per_expert) {
+    slots += r;
+    max_rows = std::max<int64_t>(max_rows, r);
+  }
   if (in < 1 || out < 1 || static_cast<int64_t>(x.size()) != slots * in ||
       static_cast<int64_t>(w.size()) != experts * out * in) {
     return absl::InvalidArgumentError("ExpertGemmFp4: sizes do not match");
@@ -238,9 +266,10 @@ absl::StatusOr<std::vector<float>> ExpertGemmFp4(const std::vector<float>& x, in
   impl::Mat m;
   RETURN_IF_ERROR(b.PutFp4(w.data(), experts * out, in, &m));
   m.out = out;  // Per expert, as the layers' stacks.
-  std::vector<int32_t> g_expert, g_off, g_cnt;
+  std::vector<int32_t> g_expert, g_off, g_cnt, start(static_cast<size_t>(experts));
   int32_t off = 0;
   for (int64_t e = 0; e < experts; ++e) {
+    start[e] = off;
     if (rows_per_expert[e] > 0) {
       g_expert.push_back(static_cast<int32_t>(e));
       g_off.push_back(off);
@@ -249,12 +278,32 @@ absl::StatusOr<std::vector<float>> ExpertGemmFp4(const std::vector<float>& x, in
     off += rows_per_expert[e];
   }
   Buf<float> dx(b.stream()), dy(b.stream());
+  Buf<int32_t> active(b.stream()), n_active(b.stream()), d_start(b.stream()), d_count(b.stream());
   RETURN_IF_ERROR(dx.Upload(x));
   RETURN_IF_ERROR(dy.Alloc(slots * out));
-  RETURN_IF_ERROR(b.ExpertGemmHost(m, dx.get(), g_expert, g_off, g_cnt, dy.get()));
+  RETURN_IF_ERROR(active.Upload(g_expert));
+  RETURN_IF_ERROR(n_active.Upload({static_cast<int32_t>(g_expert.size())}));
+  RETURN_IF_ERROR(d_start.Upload(start));
+  RETURN_IF_ERROR(d_count.Upload(rows_per_expert));
+  const impl::ExpertKernel kernel =
+      path == ExpertPath::kDecodeMma
+          ? impl::ExpertKernel::kMma
+          : (slots <= 2 * experts ? impl::ExpertKernel::kGemvNarrow : impl::ExpertKernel::kGemvWide);
+  auto run = [&]() -> absl::Status {
+    if (path == ExpertPath::kPrefill) return b.ExpertGemmHost(m, dx.get(), g_expert, g_off, g_cnt, dy.get());
+    return b.ExpertGemmDevice(m, static_cast<int64_t>(g_expert.size()), kernel, max_rows, dx.get(), slots,
+                              active.get(), n_active.get(), d_start.get(), d_count.get(), dy.get());
+  };
+  RETURN_IF_ERROR(run());
   std::vector<float> y;
   RETURN_IF_ERROR(dy.Download(&y));
   V4_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(b.stream()));
+  if (seconds != nullptr && repeats > 0) {
+    const auto t0 = std::chrono::steady_clock::now();
+    for (int i = 0; i < repeats; ++i) RETURN_IF_ERROR(run());
+    V4_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(b.stream()));
+    *seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() / repeats;
+  }
   return y;
 }
 

@@ -361,28 +361,47 @@ __global__ void __launch_bounds__(128, kCols <= 2 ? 6 : 3)
   }
 }
 
-// The MXFP4 grouped expert GEMM for prefill-sized groups, on tensor cores, with the weights dequantized in
-// its main loop: y[row0 + m, n] = x[row0 + m, :] . W_e[n, :] for each tile (e = tile_expert[t], rows
-// row0 = tile_row0[t] .. + tile_rows[t] <= kEgBm) and output columns blockIdx.y * kEgBn .. + kEgBn.
+// The MXFP4 grouped expert GEMM on tensor cores, the weights dequantized in its main loop: for each tile of
+// up to kEgBm rows of one expert e, y[row0 + m, n] = x[row0 + m, :] . W_e[n, :] over output columns
+// blockIdx.y * kEgBn .. + kEgBn. Tiles come from the host (ExpertTiles::expert/row0/rows, tile blockIdx.x)
+// or, with `active` set, from the device's routing (blockIdx.x: the active[] index, past *n_active nothing;
+// blockIdx.z: the kEgBm-row tile within the expert's count[e] rows from start[e]), so a decode step needs no
+// host round trip.
 // x is BF16 [slots, in] (in a multiple of kEgBk), y FP32 [slots, out]; W_e = expert e's [out, in] MXFP4 rows
 // (codes two per byte, one e8m0 scale per 32 values, scale bytes <= 248: see GroupedGemvFp4).
 // 256 threads: 8 warps as 2 (rows) x 4 (columns), 32 x 32 each, mma.sync m16n8k16 BF16 -> FP32. Per k-step of
-// kEgBk: x's tile arrives by cp.async, the weights' codes and scales by one 16-byte load per thread into
-// registers while the previous step computes, then are decoded (Fp4x8, times the block scale: exact in BF16)
-// into shared memory. Two stages. Rows past tile_rows read the tile's last row and are not stored; columns
-// past `out` read the last weight row and are not stored.
+// kEgBk: x's tile arrives by cp.async (two stages); each thread's 16 bytes of codes and its scale are loaded
+// two steps ahead into registers, then decoded (Fp4x8 times the block scale: exact in BF16) into shared
+// memory. Rows past the tile read its last row and are not stored; columns past `out` read the last weight
+// row and are not stored.
 constexpr int kEgBm = 64, kEgBn = 128, kEgBk = 64, kEgLd = kEgBk + 8;  // kEgLd: BF16 per padded smem row.
 constexpr size_t kEgSmem = 2 * (kEgBm + kEgBn) * kEgLd * 2;
 
+struct ExpertTiles {
+  const int32_t *expert = nullptr, *row0 = nullptr, *rows = nullptr;                         // Host tiles.
+  const int32_t *active = nullptr, *n_active = nullptr, *start = nullptr, *count = nullptr;  // Device.
+};
+
 __global__ void __launch_bounds__(256)
-    GroupedGemmFp4(const __nv_bfloat16* x, const uint8_t* codes, const uint8_t* scales,
-                   const int32_t* tile_expert, const int32_t* tile_row0, const int32_t* tile_rows, int64_t in,
-                   int64_t out, float* y) {
+    GroupedGemmFp4(const __nv_bfloat16* x, const uint8_t* codes, const uint8_t* scales, ExpertTiles tiles,
+                   int64_t in, int64_t out, float* y) {
   extern __shared__ __align__(16) unsigned char eg_smem[];
   __nv_bfloat16* a_sh = reinterpret_cast<__nv_bfloat16*>(eg_smem);  // [2][kEgBm][kEgLd]
   __nv_bfloat16* b_sh = a_sh + 2 * kEgBm * kEgLd;                   // [2][kEgBn][kEgLd]
-  const int64_t e = tile_expert[blockIdx.x], row0 = tile_row0[blockIdx.x];
-  const int rows = tile_rows[blockIdx.x];
+  int64_t e, row0;
+  int rows;
+  if (tiles.active != nullptr) {
+    if (static_cast<int>(blockIdx.x) >= *tiles.n_active) return;
+    e = tiles.active[blockIdx.x];
+    const int m0 = static_cast<int>(blockIdx.z) * kEgBm;
+    if (m0 >= tiles.count[e]) return;
+    row0 = tiles.start[e] + m0;
+    rows = min(kEgBm, tiles.count[e] - m0);
+  } else {
+    e = tiles.expert[blockIdx.x];
+    row0 = tiles.row0[blockIdx.x];
+    rows = tiles.rows[blockIdx.x];
+  }
   const int64_t n0 = static_cast<int64_t>(blockIdx.y) * kEgBn;
   const int tid = static_cast<int>(threadIdx.x), warp = tid / 32, lane = tid % 32;
   const int wm = warp / 4, wn = warp % 4, g = lane / 4, t = lane % 4;
@@ -391,8 +410,9 @@ __global__ void __launch_bounds__(256)
   const int64_t wrow = e * out + min(n0 + br, out - 1);
   const uint8_t* wcodes = codes + wrow * (in / 2) + bh * 16;
   const uint8_t* wscales = scales + wrow * (in / 32) + bh;
-  uint4 bcode;
-  uint32_t bscale;
+  const int64_t steps = in / kEgBk;
+  uint4 bcode[2];
+  uint32_t bscale[2];
   auto load_a = [&](int stage, int64_t k0) {
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
@@ -402,17 +422,19 @@ __global__ void __launch_bounds__(256)
     }
     CpAsyncCommit();
   };
-  auto fetch_b = [&](int64_t k0) {
-    bcode = *reinterpret_cast<const uint4*>(wcodes + k0 / 2);
-    bscale = wscales[k0 / 32];
+  auto fetch_b = [&](int buf, int64_t kt) {
+    if (kt < steps) {
+      bcode[buf] = *reinterpret_cast<const uint4*>(wcodes + kt * kEgBk / 2);
+      bscale[buf] = wscales[kt * kEgBk / 32];
+    }
   };
-  auto store_b = [&](int stage) {
-    const float sc = __int_as_float(static_cast<int>((bscale + 6u) << 23));  // Fp4x8 gives 2^-6 x value.
+  auto store_b = [&](int stage, int buf) {
+    const float sc = __int_as_float(static_cast<int>((bscale[buf] + 6u) << 23));  // Fp4x8: 2^-6 x value.
     __nv_bfloat16* dst = b_sh + (stage * kEgBn + br) * kEgLd + bh * 32;
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
       float v[8];
-      Fp4x8(Word(bcode, i), v);
+      Fp4x8(Word(bcode[buf], i), v);
       uint4 p;
       p.x = PackBf16(v[0] * sc, v[1] * sc);
       p.y = PackBf16(v[2] * sc, v[3] * sc);
@@ -427,16 +449,13 @@ __global__ void __launch_bounds__(256)
 #pragma unroll
     for (int nt = 0; nt < 4; ++nt) acc[mi][nt][0] = acc[mi][nt][1] = acc[mi][nt][2] = acc[mi][nt][3] = 0.f;
   }
-  const int64_t steps = in / kEgBk;
-  load_a(0, 0);
-  fetch_b(0);
-  store_b(0);
-  for (int64_t kt = 0; kt < steps; ++kt) {
-    const int cur = static_cast<int>(kt & 1);
+  // Step kt: its weights were stored to stage kt & 1 at the end of step kt - 1 from register buffer kt & 1;
+  // step kt fetches step kt + 2 into that buffer, then stores step kt + 1 from the other.
+  auto step = [&](int64_t kt, int cur) {
     const bool more = kt + 1 < steps;
+    fetch_b(cur, kt + 2);
     if (more) {
       load_a(cur ^ 1, (kt + 1) * kEgBk);
-      fetch_b((kt + 1) * kEgBk);
       CpAsyncWait<1>();
     } else {
       CpAsyncWait<0>();
@@ -466,7 +485,15 @@ __global__ void __launch_bounds__(256)
       }
     }
     __syncthreads();  // Everyone is done with this stage before it is refilled.
-    if (more) store_b(cur ^ 1);
+    if (more) store_b(cur ^ 1, cur ^ 1);
+  };
+  load_a(0, 0);
+  fetch_b(0, 0);
+  fetch_b(1, 1);
+  store_b(0, 0);
+  for (int64_t kt = 0; kt < steps; kt += 2) {  // Unrolled by two so that the register buffers stay registers.
+    step(kt, 0);
+    if (kt + 1 < steps) step(kt + 1, 1);
   }
 #pragma unroll
   for (int mi = 0; mi < 2; ++mi) {
