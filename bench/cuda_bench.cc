@@ -10,7 +10,8 @@
 //   the attention kernels alone (--attention=1, V4-Flash's 64 heads x 512 over window 128 + top-512 of 2048
 //     entries (CSA) or + 64 entries (HCA), 1 to 1024 token rows; the indexer's 64 heads x 128 over 2048 or
 //     8192 entries): the BF16 tensor-core kernels against the FP32 SIMT ones, time ratio and achieved
-//     FLOP/s / cuBLASLt's best BF16 GEMM;
+//     FLOP/s / cuBLASLt's best BF16 GEMM; the decode path's MXFP4 expert kernels, tensor cores against the
+//     GEMV, on the rows decode batches of 8 to 256 give;
 //   the same decode steps with the device state cache off (V4SERVE_CUDA_STATE_CACHE_MB=0: every call
 //     uploads the window rings and compressed entries from the host states, as before the cache), on a
 //     second backend in the same process (--compare-state-cache=0 skips it).
@@ -264,6 +265,47 @@ void AttentionKernels(const ModelConfig& c, double bf16_gemm, std::vector<std::s
   }
 }
 
+// The decode path's two MXFP4 expert kernels side by side (cuda::testing::ExpertGemmFp4) on V4-Flash's w1
+// shape (in = hidden, out = expert inter) for the rows a decode batch gives: 16 experts stand for the 256
+// (host time), each batch's slots (batch x top-k) scaled by 16/256 and spread at random.
+void ExpertKernels(const ModelConfig& c, std::vector<std::string>* rows) {
+  const int64_t experts = 16, in = c.hidden_size, out = c.moe_intermediate_size;
+  std::mt19937_64 rng(3);
+  std::normal_distribution<float> nd(0.0f, 0.02f);
+  std::vector<float> w(static_cast<size_t>(experts * out * in));
+  for (float& v : w) v = nd(rng);
+  for (const int64_t batch : {8, 32, 64, 128, 256}) {
+    const int64_t slots = std::max<int64_t>(1, batch * c.num_experts_per_tok * experts / c.n_routed_experts);
+    std::vector<int32_t> per(static_cast<size_t>(experts), 0);
+    for (int64_t i = 0; i < slots; ++i) ++per[rng() % experts];
+    std::vector<float> x(static_cast<size_t>(slots * in));
+    for (float& v : x) v = nd(rng);
+    double gemv = 0, mma = 0;
+    auto a =
+        cuda::testing::ExpertGemmFp4(x, in, w, out, per, cuda::testing::ExpertPath::kDecodeGemv, 20, &gemv);
+    auto b =
+        cuda::testing::ExpertGemmFp4(x, in, w, out, per, cuda::testing::ExpertPath::kDecodeMma, 20, &mma);
+    if (!a.ok() || !b.ok()) {
+      std::fprintf(stderr, "expert kernels: %s\n",
+                   std::string((a.ok() ? b.status() : a.status()).message()).c_str());
+      return;
+    }
+    int64_t active = 0;
+    for (int32_t p : per) active += p > 0;
+    const double bytes = static_cast<double>(active * out * in) * (0.5 + 1.0 / 32);
+    char line[512];
+    std::snprintf(
+        line, sizeof(line),
+        "| MXFP4 experts (decode), batch %lld: %lld rows over %lld of 16 experts | tensor cores %.1f us, "
+        "GEMV %.1f us | | %.0f MB | %.0f / %.0f GB/s | GEMV / tensor cores **%.2fx** |",
+        static_cast<long long>(batch), static_cast<long long>(slots), static_cast<long long>(active),
+        mma * 1e6, gemv * 1e6, bytes / 1e6, bytes / mma / 1e9, bytes / gemv / 1e9, gemv / mma);
+    rows->push_back(line);
+    std::printf("%s\n", line);
+    std::fflush(stdout);
+  }
+}
+
 int Main(int argc, char** argv) {
   int64_t layers = 2, context = 512, steps = 10;
   std::string prefill = "8192,32768", batches = "1,8,64", weights = "bf16", experts = "fp4";
@@ -341,7 +383,10 @@ int Main(int argc, char** argv) {
   std::fflush(stdout);
 
   std::vector<std::string> rows;
-  if (attention) AttentionKernels(*config, bf16, &rows);
+  if (attention) {
+    AttentionKernels(*config, bf16, &rows);
+    ExpertKernels(*config, &rows);
+  }
 
   auto t0 = std::chrono::steady_clock::now();
   absl::StatusOr<std::unique_ptr<ForwardBackend>> be = cuda::MakeRandomCudaBackend(*config, format, 1);
