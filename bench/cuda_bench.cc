@@ -2,7 +2,9 @@
 // 256 experts of 2048, top-6, CSA and HCA layers, vocab 129280; random weights drawn on the device), with
 // every figure a ratio to a ceiling measured in the same run on the same GPU:
 //   decode step (batch 1, 8, 64; greedy: token ids back, as the engine runs argmax-only batches; then the
-//     same with the logits copied to the host, as sampling needs them): achieved bytes/s (weights the step's
+//     same with sampling's 256 candidates a row and softmax sums back (ForwardTop, the engine's path for
+//     sampled batches without penalties), and with the whole logits copied to the host (penalties, MTP)):
+//     achieved bytes/s (weights the step's
 //     GEMMs read, touched experts only, plus the KV they attend over) / device-to-device copy bandwidth
 //     (bytes read + written);
 //   prefill (8k, 32k tokens): achieved FLOP/s (GEMMs + attention + indexer) / cuBLASLt's best dense FP8
@@ -402,9 +404,11 @@ int Main(int argc, char** argv) {
 
   // Decode: B sequences of `context` tokens (prefilled in one batched call), then `steps` timed steps.
   // Returns the median step time (0 after an error, which is printed).
-  // `greedy`: ForwardGreedy (the engine's path for argmax-only batches: token ids back); else Forward with
-  // the logits copied to the host (sampling with temperature, logprobs).
-  auto decode = [&](const ForwardBackend& backend, int64_t b, const char* label, bool greedy) -> double {
+  // `mode`: ForwardGreedy (the engine's path for argmax-only batches: token ids back), ForwardTop (sampled
+  // batches without penalties) or Forward with the logits copied to the host (penalties, MTP).
+  // kTop: ForwardTop (what sampling with a temperature reads: 256 candidates a row and the softmax's sums).
+  enum Mode { kGreedy, kLogits, kTop };
+  auto decode = [&](const ForwardBackend& backend, int64_t b, const char* label, Mode mode) -> double {
     std::vector<SequenceState> states(static_cast<size_t>(b), NewSequenceState(*config));
     std::vector<ForwardSegment> segs;
     std::vector<int32_t> toks;
@@ -433,18 +437,25 @@ int Main(int argc, char** argv) {
       auto ts = std::chrono::steady_clock::now();
       absl::StatusOr<std::vector<int32_t>> tok;
       absl::StatusOr<std::vector<float>> lg;
-      if (greedy) {
+      absl::StatusOr<TopLogits> top;
+      if (mode == kGreedy) {
         tok = backend.ForwardGreedy(segs, next, rows_idx);
-      } else {
+      } else if (mode == kLogits) {
         lg = backend.Forward(segs, next, rows_idx, nullptr);
+      } else {
+        top = backend.ForwardTop(segs, next, rows_idx, std::vector<float>(static_cast<size_t>(b), 0.8f), 256);
       }
       const double dt = Seconds(ts);
-      const absl::Status st = greedy ? tok.status() : lg.status();
+      const absl::Status st = mode == kGreedy ? tok.status() : mode == kLogits ? lg.status() : top.status();
       if (!st.ok()) {
         std::fprintf(stderr, "decode: %s\n", std::string(st.message()).c_str());
         return 0;
       }
-      if (!greedy) tok = cuda::ArgmaxRows(*lg, b, vocab);
+      if (mode == kLogits) tok = cuda::ArgmaxRows(*lg, b, vocab);
+      if (mode == kTop) {  // The best candidate of each row (what the next token is does not matter here).
+        tok = std::vector<int32_t>(static_cast<size_t>(b));
+        for (int64_t i = 0; i < b; ++i) (*tok)[i] = top->ids[i * top->m];
+      }
       if (tok.ok()) next = *tok;
       if (s >= 2) {
         times.push_back(dt);
@@ -468,8 +479,9 @@ int Main(int argc, char** argv) {
     return t;
   };
   std::vector<std::pair<int64_t, double>> with_cache;
-  for (int64_t b : Ints(batches)) with_cache.emplace_back(b, decode(**be, b, "", true));
-  for (int64_t b : Ints(batches)) decode(**be, b, ", logits to the host", false);
+  for (int64_t b : Ints(batches)) with_cache.emplace_back(b, decode(**be, b, "", kGreedy));
+  for (int64_t b : Ints(batches)) decode(**be, b, ", sampled (256 candidates a row)", kTop);
+  for (int64_t b : Ints(batches)) decode(**be, b, ", logits to the host", kLogits);
   if (compare_cache) {
     setenv("V4SERVE_CUDA_STATE_CACHE_MB", "0", 1);
     absl::StatusOr<std::unique_ptr<ForwardBackend>> off = cuda::MakeRandomCudaBackend(*config, format, 1);
@@ -479,7 +491,7 @@ int Main(int argc, char** argv) {
       return 1;
     }
     for (const auto& [b, t] : with_cache) {
-      const double t_off = decode(**off, b, ", state cache off", true);
+      const double t_off = decode(**off, b, ", state cache off", kGreedy);
       if (t > 0 && t_off > 0) {
         std::printf("    batch %lld: state cache on / off step time %.3f (%.2fx faster)\n",
                     static_cast<long long>(b), t / t_off, t_off / t);

@@ -277,6 +277,34 @@ absl::Status Engine::DecodeGreedy(const std::vector<Sequence*>& batch,
   return absl::OkStatus();
 }
 
+absl::Status Engine::DecodeTop(const std::vector<Sequence*>& batch,
+                               const std::vector<model::SequenceState*>& states,
+                               const std::vector<int64_t>& counts, const std::vector<int32_t>& tokens) {
+  std::vector<float> temperatures;
+  for (const Sequence* seq : batch) temperatures.push_back(seq->params.temperature);
+  absl::StatusOr<model::TopLogits> top =
+      model_->DecodeChunksTop(states, counts, tokens, temperatures, kTopCandidates);
+  if (!top.ok()) return FailDecode(batch, top.status());
+  stats_.decode_tokens_computed += static_cast<int64_t>(tokens.size());
+  absl::Status result;
+  for (size_t i = 0; i < batch.size(); ++i) {
+    Sequence* seq = batch[i];
+    const int64_t pos = seq->state.position - 1;
+    kv_.OnBlockBoundary(seq);
+    absl::StatusOr<SampledToken> token = seq->sampler->SampleTop(*top, static_cast<int64_t>(i));
+    if (!token.ok()) {  // The whole row could not be read back: this sequence fails, the others go on.
+      V4LOG(ERROR).With("request_id", seq->request_id).With("status", token.status()) << "sampling failed";
+      Finish(seq, FinishReason::kError, token.status());
+      result = token.status();
+      continue;
+    }
+    EmitToken(seq, *std::move(token));
+    UpdateDraft(seq, pos, {});
+  }
+  FlushDrafts();
+  return result;
+}
+
 absl::Status Engine::Step() {
   StepPlan plan = scheduler_.Schedule();
   ++stats_.steps;
@@ -324,12 +352,22 @@ absl::Status Engine::Step() {
     }
     // A batch that only takes argmaxes (greedy, no penalties, no logprobs, no MTP) gets token ids from the
     // model instead of [batch, vocab] logits: a GPU backend picks them on the device.
-    const bool greedy =
-        !any_mtp && std::all_of(counts.begin(), counts.end(), [](int64_t k) { return k == 1; }) &&
-        std::all_of(plan.decode.begin(), plan.decode.end(),
-                    [](const Sequence* s) { return s->forks.empty() && s->sampler->GreedyWithoutLogits(); });
+    // A batch whose samplers read only each row's best kTopCandidates logits (no penalties) gets those and
+    // the softmax's sums instead: a GPU backend sorts them out on the device.
+    const bool single = !any_mtp &&
+                        std::all_of(counts.begin(), counts.end(), [](int64_t k) { return k == 1; }) &&
+                        std::all_of(plan.decode.begin(), plan.decode.end(),
+                                    [](const Sequence* s) { return s->forks.empty(); });
+    const bool greedy = single && std::all_of(plan.decode.begin(), plan.decode.end(), [](const Sequence* s) {
+                          return s->sampler->GreedyWithoutLogits();
+                        });
+    const bool top = single && std::all_of(plan.decode.begin(), plan.decode.end(), [](const Sequence* s) {
+                       return s->sampler->SamplesFromTop(kTopCandidates);
+                     });
     if (greedy) {
       if (absl::Status s = DecodeGreedy(plan.decode, states, counts, tokens); !s.ok()) result = s;
+    } else if (top) {
+      if (absl::Status s = DecodeTop(plan.decode, states, counts, tokens); !s.ok()) result = s;
     } else {
       std::vector<float> streams;
       absl::StatusOr<std::vector<float>> logits =

@@ -119,6 +119,13 @@ class Engine {
   absl::Status DecodeGreedy(const std::vector<Sequence*>& batch,
                             const std::vector<model::SequenceState*>& states,
                             const std::vector<int64_t>& counts, const std::vector<int32_t>& tokens);
+  // A decode batch whose samplers read only each row's best kTopCandidates logits (Model::DecodeChunksTop,
+  // Sampler::SampleTop).
+  absl::Status DecodeTop(const std::vector<Sequence*>& batch,
+                         const std::vector<model::SequenceState*>& states, const std::vector<int64_t>& counts,
+                         const std::vector<int32_t>& tokens);
+  // Candidates a row for DecodeTop: a draw walking past them reads the whole row back (rare but allowed).
+  static constexpr int64_t kTopCandidates = 256;
   // Samples from `logits` for `seq`, emits the token and finishes the sequence on a stop rule.
   void Emit(Sequence* seq, absl::Span<const float> logits);
   // Appends a sampled token, reports it, and finishes the sequence on a stop rule.

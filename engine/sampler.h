@@ -24,7 +24,9 @@
 
 #include "absl/container/flat_hash_map.h"
 #include "absl/status/status.h"
+#include "absl/status/statusor.h"
 #include "absl/types/span.h"
+#include "model/backend.h"
 
 namespace v4serve::engine {
 
@@ -71,25 +73,28 @@ class Sampler {
            params_.presence_penalty == 0.0f && params_.frequency_penalty == 0.0f && !params_.logprobs &&
            params_.top_logprobs == 0;
   }
+  // Whether Sample needs no more of a row than model::TopLogits with m candidates gives: no penalties (they
+  // move logits), top_k <= m, top_logprobs < m.
+  bool SamplesFromTop(int64_t m) const;
+  // Sample from row r of `top`: the same token and report as Sample on the whole row (with the CPU's sums;
+  // a GPU's normalizer can differ in its last bits). Reads the whole row (top.full_row) only when the walk
+  // goes past the candidates.
+  absl::StatusOr<SampledToken> SampleTop(const model::TopLogits& top, int64_t r);
   // Records a token that another worker's Sampler with the same params and seed picked as this
   // sequence's next output (disaggregated prefill samples the first token): counts it for penalties and
   // advances the random engine as Sample would have, so later draws equal a colocated run's.
   void RecordSampled(int32_t id);
 
  private:
-  // Draws a token from work_ (penalized logits) with temperature, top-k, top-p and min-p.
-  int32_t Draw();
-  void EnsureSorted(size_t m);
+  // Sample with the engine's draw already taken (`raw`: its output, unused at temperature 0).
+  SampledToken SampleRow(absl::Span<const float> logits, uint64_t raw);
 
   SamplingParams params_;
   std::mt19937_64 rng_;
-  // Token ids, the first sorted_ in the sampling order (Draw sorts only as far down as it walks: a full
-  // sort of a 129k vocabulary cost 15 ms a token).
-  std::vector<int32_t> order_;
-  size_t sorted_ = 0;
   absl::flat_hash_map<int32_t, int32_t> output_counts_;
   absl::flat_hash_map<int32_t, bool> seen_;  // Prompt or output.
   std::vector<float> work_;
+  std::vector<int32_t> order_;  // Token ids in the sampling order, as far as a draw sorted them.
 };
 
 }  // namespace v4serve::engine

@@ -1,6 +1,9 @@
 #include "model/backend.h"
 
 #include <algorithm>
+#include <cmath>
+#include <memory>
+#include <numeric>
 
 #include "absl/strings/str_cat.h"
 #include "model/device.h"
@@ -64,6 +67,53 @@ absl::StatusOr<std::vector<int32_t>> ForwardBackend::ForwardGreedy(
   absl::StatusOr<std::vector<float>> logits = Forward(segments, tokens, logit_rows, nullptr);
   if (!logits.ok()) return logits.status();
   return ArgmaxOfRows(*logits, static_cast<int64_t>(logit_rows.size()));
+}
+
+TopLogits TopOfRows(std::vector<float> logits, int64_t rows, absl::Span<const float> temperatures,
+                    int64_t m) {
+  TopLogits top;
+  top.rows = rows;
+  const int64_t vocab = rows > 0 ? static_cast<int64_t>(logits.size()) / rows : 0;
+  top.vocab = vocab;
+  top.m = std::min(m, vocab);
+  auto shared = std::make_shared<std::vector<float>>(std::move(logits));
+  std::vector<int32_t> idx(static_cast<size_t>(vocab));
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* x = shared->data() + r * vocab;
+    std::iota(idx.begin(), idx.end(), 0);
+    auto by = [x](int32_t a, int32_t b) { return x[a] != x[b] ? x[a] > x[b] : a < b; };
+    std::partial_sort(idx.begin(), idx.begin() + top.m, idx.end(), by);
+    for (int64_t i = 0; i < top.m; ++i) {
+      top.ids.push_back(idx[static_cast<size_t>(i)]);
+      top.values.push_back(x[idx[static_cast<size_t>(i)]]);
+    }
+    const float mx = top.m > 0 ? x[idx[0]] : 0.0f;
+    const float t = temperatures[static_cast<size_t>(r)] > 0.0f ? temperatures[static_cast<size_t>(r)] : 1.0f;
+    double norm = 0, norm1 = 0;
+    for (int64_t v = 0; v < vocab; ++v) {
+      norm += std::exp(static_cast<double>((x[v] - mx) / t));
+      norm1 += std::exp(static_cast<double>(x[v] - mx));
+    }
+    top.norm.push_back(norm);
+    top.norm1.push_back(norm1);
+  }
+  top.full_row = [shared, vocab, rows](int64_t r) -> absl::StatusOr<std::vector<float>> {
+    if (r < 0 || r >= rows) return absl::OutOfRangeError(absl::StrCat("logit row ", r, " of ", rows));
+    return std::vector<float>(shared->begin() + r * vocab, shared->begin() + (r + 1) * vocab);
+  };
+  return top;
+}
+
+absl::StatusOr<TopLogits> ForwardBackend::ForwardTop(absl::Span<const ForwardSegment> segments,
+                                                     absl::Span<const int32_t> tokens,
+                                                     absl::Span<const int64_t> logit_rows,
+                                                     absl::Span<const float> temperatures, int64_t m) const {
+  if (temperatures.size() != logit_rows.size()) {
+    return absl::InvalidArgumentError("ForwardTop needs one temperature per logit row");
+  }
+  absl::StatusOr<std::vector<float>> logits = Forward(segments, tokens, logit_rows, nullptr);
+  if (!logits.ok()) return logits.status();
+  return TopOfRows(*std::move(logits), static_cast<int64_t>(logit_rows.size()), temperatures, m);
 }
 
 }  // namespace v4serve::model

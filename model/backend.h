@@ -8,6 +8,7 @@
 #define V4SERVE_MODEL_BACKEND_H_
 
 #include <cstdint>
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -41,6 +42,25 @@ struct ForwardSegment {
   int64_t count;
 };
 
+// What sampling reads of each logit row when it does not need the whole row (ForwardBackend::ForwardTop):
+// the row's `m` largest logits in the sampling order (larger first, lower id first among equals) and two sums
+// over the whole row, with max the row's largest logit and float arithmetic inside the exp as the engine's
+// sampler does it:
+//   norm[r]  = sum over v of exp(double(float(x_v - max) / t_r))   (t_r = temperatures[r], 0 taken as 1)
+//   norm1[r] = sum over v of exp(double(x_v - max))                 (for log-probabilities)
+// The CPU sums in token-id order (exactly the engine sampler's own sums); a GPU in its reduction's fixed
+// order (equal to ~1e-16).
+struct TopLogits {
+  int64_t rows = 0, vocab = 0, m = 0;  // m: min(requested, vocab).
+  std::vector<int32_t> ids;            // [rows, m]
+  std::vector<float> values;           // [rows, m]
+  std::vector<double> norm, norm1;     // [rows]
+  // The whole logit row r, for a draw that walks past the m candidates. Valid until the backend's next call.
+  std::function<absl::StatusOr<std::vector<float>>(int64_t r)> full_row;
+};
+// TopLogits of `logits` [rows, vocab] on the host; full_row serves from `logits`.
+TopLogits TopOfRows(std::vector<float> logits, int64_t rows, absl::Span<const float> temperatures, int64_t m);
+
 class ForwardBackend {
  public:
   virtual ~ForwardBackend() = default;
@@ -60,6 +80,13 @@ class ForwardBackend {
   virtual absl::StatusOr<std::vector<int32_t>> ForwardGreedy(absl::Span<const ForwardSegment> segments,
                                                              absl::Span<const int32_t> tokens,
                                                              absl::Span<const int64_t> logit_rows) const;
+  // Forward that returns what sampling at temperatures[i] reads of each of `logit_rows` (TopLogits, m
+  // candidates a row) instead of [rows, vocab] logits. This default computes it from Forward's logits on
+  // the host; the CUDA backend on the device, copying back m candidates a row.
+  virtual absl::StatusOr<TopLogits> ForwardTop(absl::Span<const ForwardSegment> segments,
+                                               absl::Span<const int32_t> tokens,
+                                               absl::Span<const int64_t> logit_rows,
+                                               absl::Span<const float> temperatures, int64_t m) const;
 };
 
 // The argmax of each of `rows` rows of `logits` (lowest index on ties).

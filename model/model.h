@@ -100,6 +100,14 @@ class Model {
                                                           absl::Span<const int64_t> counts,
                                                           absl::Span<const int32_t> tokens) const;
 
+  // DecodeChunks for sampling that reads only each row's best `m` logits and two sums (TopLogits: no
+  // penalties, top-k <= m), at temperatures[i] for row i, so that a GPU backend copies back m candidates a
+  // row rather than [rows, vocab] floats.
+  absl::StatusOr<TopLogits> DecodeChunksTop(absl::Span<SequenceState* const> states,
+                                            absl::Span<const int64_t> counts,
+                                            absl::Span<const int32_t> tokens,
+                                            absl::Span<const float> temperatures, int64_t m) const;
+
   // MTP draft logits [n, vocab] of one sequence: row t combines the main model's final streams at position
   // state->mtp_position + t (`streams`, [n, hc_mult, hidden], from Prefill/Decode) with the embedding of the
   // token that follows that position (`next_tokens`, [n]) and predicts the token after it. Advances the

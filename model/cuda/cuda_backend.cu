@@ -307,6 +307,7 @@ absl::Status CudaBackend::InitRuntime() {
   uint64_t keep = std::numeric_limits<uint64_t>::max();  // Keep freed scratch for the next step.
   V4_CUDA_RETURN_IF_ERROR(cudaMemPoolSetAttribute(pool, cudaMemPoolAttrReleaseThreshold, &keep));
   act_bf16_ = std::make_unique<Buf<__nv_bfloat16>>(stream_);
+  top_logits_ = std::make_unique<Buf<float>>(stream_);
   RETURN_IF_ERROR(InitMoeKernels());
   return InitAttentionKernels(prop);
 }
@@ -425,7 +426,9 @@ absl::StatusOr<std::vector<float>> CudaBackend::Forward(absl::Span<const Forward
                                                         absl::Span<const int64_t> logit_rows,
                                                         std::vector<float>* final_streams) const {
   std::vector<float> logits;
-  RETURN_IF_ERROR(Run(segments, tokens, logit_rows, final_streams, &logits, nullptr));
+  Outputs out;
+  out.logits = &logits;
+  RETURN_IF_ERROR(Run(segments, tokens, logit_rows, final_streams, out));
   return logits;
 }
 
@@ -433,13 +436,46 @@ absl::StatusOr<std::vector<int32_t>> CudaBackend::ForwardGreedy(absl::Span<const
                                                                 absl::Span<const int32_t> tokens,
                                                                 absl::Span<const int64_t> logit_rows) const {
   std::vector<int32_t> ids;
-  RETURN_IF_ERROR(Run(segments, tokens, logit_rows, nullptr, nullptr, &ids));
+  Outputs out;
+  out.ids = &ids;
+  RETURN_IF_ERROR(Run(segments, tokens, logit_rows, nullptr, out));
   return ids;
+}
+
+absl::StatusOr<TopLogits> CudaBackend::ForwardTop(absl::Span<const ForwardSegment> segments,
+                                                  absl::Span<const int32_t> tokens,
+                                                  absl::Span<const int64_t> logit_rows,
+                                                  absl::Span<const float> temperatures, int64_t m) const {
+  if (temperatures.size() != logit_rows.size()) {
+    return absl::InvalidArgumentError("ForwardTop needs one temperature per logit row");
+  }
+  if (m < 1) return absl::InvalidArgumentError("ForwardTop needs at least one candidate a row");
+  TopLogits top;
+  Outputs out;
+  out.top = &top;
+  out.temperatures = temperatures;
+  out.top_m = std::min<int64_t>({m, c_.vocab_size, 1024});
+  RETURN_IF_ERROR(Run(segments, tokens, logit_rows, nullptr, out));
+  const int64_t vocab = c_.vocab_size, rows = top.rows;
+  top.full_row = [this, vocab, rows](int64_t r) -> absl::StatusOr<std::vector<float>> {
+    if (r < 0 || r >= rows || top_logits_->size() < rows * vocab) {
+      return absl::OutOfRangeError(absl::StrCat("logit row ", r, " of ", rows, " is not kept"));
+    }
+    std::vector<float> row(static_cast<size_t>(vocab));
+    V4_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(row.data(), top_logits_->get() + r * vocab, vocab * 4,
+                                            cudaMemcpyDeviceToHost, stream_));
+    RETURN_IF_ERROR(Sync());
+    return row;
+  };
+  return top;
 }
 
 absl::Status CudaBackend::Run(absl::Span<const ForwardSegment> segments, absl::Span<const int32_t> tokens,
                               absl::Span<const int64_t> logit_rows, std::vector<float>* final_streams,
-                              std::vector<float>* logits_out, std::vector<int32_t>* ids) const {
+                              const Outputs& outputs) const {
+  std::vector<float>* logits_out = outputs.logits;
+  std::vector<int32_t>* ids = outputs.ids;
+  TopLogits* top = outputs.top;
   const ModelConfig& c = c_;
   const int64_t n = static_cast<int64_t>(tokens.size()), d = c.hidden_size, hc = c.hc_mult;
   counters_ = ForwardCounters{};
@@ -511,17 +547,53 @@ absl::Status CudaBackend::Run(absl::Span<const ForwardSegment> segments, absl::S
   V4_LAUNCH_CHECK(HcHeadMix);
   k::RmsNorm<<<m, 256, 0, s>>>(hidden.get(), d, norm_, c.rms_norm_eps);
   V4_LAUNCH_CHECK(RmsNorm);
-  RETURN_IF_ERROR(logits.Alloc(m * c.vocab_size));
-  RETURN_IF_ERROR(Linear(hidden.get(), m, head_, logits.get()));
-  // Greedy: the ids only. Otherwise decode-sized logits go through page-locked memory (a pageable copy of
-  // batch 64's 33 MB ran at a few GB/s); larger ones (every row of a long prefill) straight to pageable
-  // memory.
+  Buf<float>& lg = top != nullptr ? *top_logits_ : logits;  // Top: kept for TopLogits::full_row.
+  RETURN_IF_ERROR(lg.Alloc(m * c.vocab_size));
+  RETURN_IF_ERROR(Linear(hidden.get(), m, head_, lg.get()));
+  // Top: m candidates a row and two sums. Greedy: the ids only. Otherwise decode-sized logits go through
+  // page-locked memory (a pageable copy of batch 64's 33 MB ran at a few GB/s); larger ones (every row of a
+  // long prefill) straight to pageable memory.
   const int64_t nl = m * c.vocab_size;
   constexpr int64_t kPinnedFloats = int64_t{64} << 20;  // 256 MiB.
   const float* pinned = nullptr;
   Buf<int32_t> d_ids(s);
   const int32_t* pinned_ids = nullptr;
-  if (ids != nullptr) {
+  Buf<float> d_temps(s);
+  Buf<double> d_norms(s);
+  Buf<int32_t> d_sel(s), d_cnt(s), d_top_ids(s);
+  Buf<float> d_top_vals(s);
+  Buf<int64_t> d_cols(s);
+  const void* pinned_top = nullptr;
+  const int64_t tm = outputs.top_m;
+  constexpr int64_t kSumChunks = 16;  // Blocks a row for the softmax sums (a row's 129k double exps).
+  if (top != nullptr) {
+    if (m > 0) {  // Top-m by TopK's radix select, sorted, then the sums; all back in one piece.
+      RETURN_IF_ERROR(d_temps.Upload(outputs.temperatures.data(), m));
+      RETURN_IF_ERROR(d_cols.Upload(std::vector<int64_t>(static_cast<size_t>(m), c.vocab_size)));
+      RETURN_IF_ERROR(d_sel.Alloc(m * tm));
+      RETURN_IF_ERROR(d_cnt.Alloc(m));
+      k::TopK<<<m, 1024, 0, s>>>(lg.get(), c.vocab_size, d_cols.get(), tm, d_sel.get(), d_cnt.get());
+      V4_LAUNCH_CHECK(TopK);
+      RETURN_IF_ERROR(d_top_ids.Alloc(m * tm));
+      RETURN_IF_ERROR(d_top_vals.Alloc(m * tm));
+      k::SortTop<<<m, 256, 0, s>>>(lg.get(), c.vocab_size, d_sel.get(), static_cast<int>(tm), d_top_ids.get(),
+                                   d_top_vals.get());
+      V4_LAUNCH_CHECK(SortTop);
+      RETURN_IF_ERROR(d_norms.Alloc(2 * m * kSumChunks));
+      k::RowSoftmaxPartials<<<dim3(static_cast<unsigned>(m), kSumChunks), 256, 0, s>>>(
+          lg.get(), c.vocab_size, d_top_vals.get(), static_cast<int>(tm), d_temps.get(), d_norms.get());
+      V4_LAUNCH_CHECK(RowSoftmaxPartials);
+      // Partial sums (doubles) first: 16-byte aligned.
+      ASSIGN_OR_RETURN(float* p, arena_.Take(4 * m * kSumChunks + 2 * m * tm));
+      V4_CUDA_RETURN_IF_ERROR(
+          cudaMemcpyAsync(p, d_norms.get(), 2 * m * kSumChunks * 8, cudaMemcpyDeviceToHost, s));
+      float* after = p + 4 * m * kSumChunks;
+      V4_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(after, d_top_ids.get(), m * tm * 4, cudaMemcpyDeviceToHost, s));
+      V4_CUDA_RETURN_IF_ERROR(
+          cudaMemcpyAsync(after + m * tm, d_top_vals.get(), m * tm * 4, cudaMemcpyDeviceToHost, s));
+      pinned_top = p;
+    }
+  } else if (ids != nullptr) {
     if (m > 0) {
       RETURN_IF_ERROR(d_ids.Alloc(m));
       k::ArgmaxRows<<<m, 1024, 0, s>>>(logits.get(), c.vocab_size, d_ids.get());
@@ -546,6 +618,26 @@ absl::Status CudaBackend::Run(absl::Span<const ForwardSegment> segments, absl::S
   state_cache_->Commit();
   if (pinned != nullptr) logits_out->assign(pinned, pinned + nl);
   if (ids != nullptr) ids->assign(pinned_ids, pinned_ids + (pinned_ids != nullptr ? m : 0));
+  if (top != nullptr) {
+    top->rows = m;
+    top->vocab = c.vocab_size;
+    top->m = tm;
+    if (pinned_top != nullptr) {
+      const double* partial = static_cast<const double*>(pinned_top);
+      const float* base = static_cast<const float*>(pinned_top) + 4 * m * kSumChunks;
+      top->norm.assign(static_cast<size_t>(m), 0.0);
+      top->norm1.assign(static_cast<size_t>(m), 0.0);
+      for (int64_t r = 0; r < m; ++r) {
+        for (int64_t ch = 0; ch < kSumChunks; ++ch) {
+          top->norm[r] += partial[(r * kSumChunks + ch) * 2];
+          top->norm1[r] += partial[(r * kSumChunks + ch) * 2 + 1];
+        }
+      }
+      top->ids.assign(reinterpret_cast<const int32_t*>(base),
+                      reinterpret_cast<const int32_t*>(base) + m * tm);
+      top->values.assign(base + m * tm, base + 2 * m * tm);
+    }
+  }
   RETURN_IF_ERROR(Mark(&counters_.s_head));
   return absl::OkStatus();
 }

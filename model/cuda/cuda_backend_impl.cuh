@@ -251,7 +251,8 @@ class CudaBackend final : public ForwardBackend {
   CudaBackend(const ModelConfig& c, CudaWeights format) : c_(c), bf16_(format == CudaWeights::kBf16) {}
   ~CudaBackend() override {
     if (stream_ != nullptr) cudaStreamSynchronize(stream_);
-    act_bf16_.reset();  // Both free on stream_, which must still exist.
+    act_bf16_.reset();  // These free on stream_, which must still exist.
+    top_logits_.reset();
     state_cache_.reset();
     if (stream_ != nullptr) cudaStreamSynchronize(stream_);
     for (void* p : allocs_) cudaFree(p);
@@ -286,10 +287,23 @@ class CudaBackend final : public ForwardBackend {
   absl::StatusOr<std::vector<int32_t>> ForwardGreedy(absl::Span<const ForwardSegment> segments,
                                                      absl::Span<const int32_t> tokens,
                                                      absl::Span<const int64_t> logit_rows) const override;
-  // Both: the logits of `logit_rows` to `logits`, or with `ids` set their argmax to `ids` instead.
+  // The candidates and sums sampling reads (TopLogits) computed on the device; the logits stay there for
+  // full_row until the next call.
+  absl::StatusOr<TopLogits> ForwardTop(absl::Span<const ForwardSegment> segments,
+                                       absl::Span<const int32_t> tokens, absl::Span<const int64_t> logit_rows,
+                                       absl::Span<const float> temperatures, int64_t m) const override;
+  // What the head's logits of `logit_rows` become: copied to `logits`, argmaxed into `ids`, or reduced to
+  // `top` (TopLogits at `temperatures` with `top_m` candidates a row). One of the three is set.
+  struct Outputs {
+    std::vector<float>* logits = nullptr;
+    std::vector<int32_t>* ids = nullptr;
+    TopLogits* top = nullptr;
+    absl::Span<const float> temperatures;
+    int64_t top_m = 0;
+  };
   absl::Status Run(absl::Span<const ForwardSegment> segments, absl::Span<const int32_t> tokens,
                    absl::Span<const int64_t> logit_rows, std::vector<float>* final_streams,
-                   std::vector<float>* logits, std::vector<int32_t>* ids) const;
+                   const Outputs& outputs) const;
 
   // The last Forward's counters; the experts' share is read back from the device here.
   absl::StatusOr<ForwardCounters> Counters() const;
@@ -365,6 +379,7 @@ class CudaBackend final : public ForwardBackend {
   std::vector<LayerW> layers_;
   uint64_t seed_ = 0;
   mutable std::unique_ptr<Buf<__nv_bfloat16>> act_bf16_;  // Scratch for BF16 GEMM inputs.
+  mutable std::unique_ptr<Buf<float>> top_logits_;        // ForwardTop's logits, for TopLogits::full_row.
   mutable std::unique_ptr<DeviceStateCache> state_cache_;
   mutable PinnedArena arena_;
   mutable ForwardCounters counters_;

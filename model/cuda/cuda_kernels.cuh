@@ -8,6 +8,7 @@
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
+#include <climits>
 #include <cstdint>
 
 // Internal linkage (an anonymous namespace): every unit that includes this compiles its own copy of the
@@ -279,8 +280,10 @@ __device__ __forceinline__ uint32_t FloatKey(float f) {
 
 // Top-k of each row's first n[r] scores (row stride ld): writes the chosen indices (any order) to
 // sel[r * k ...] and their count to cnt[r]. Ties at the threshold go to the lowest indices, as
-// cpu::TopKIndices. One block per row: a 32-step bisection on the order-preserving key finds the k-th
-// largest, then the entries above it and the first ties in index order are written.
+// cpu::TopKIndices. One block per row (blockDim a multiple of 32, <= 1024): a radix select over the
+// order-preserving keys, a byte at a time from the top (4 passes of a 256-bin histogram, warp-aggregated
+// shared-memory atomics), finds the k-th largest key; then the entries above it and the first ties in index
+// order are written.
 __global__ void TopK(const float* sc, int64_t ld, const int64_t* nvis, int64_t k, int32_t* sel,
                      int32_t* cnt) {
   const int64_t r = blockIdx.x, n = nvis[r];
@@ -288,25 +291,42 @@ __global__ void TopK(const float* sc, int64_t ld, const int64_t* nvis, int64_t k
   int32_t* out = sel + r * k;
   __shared__ int shared_count;
   __shared__ int scan[1024];
+  __shared__ uint32_t hist[256];
+  __shared__ uint32_t chosen[2];  // The pass's byte and the rank still wanted below it.
   if (n <= k) {
     for (int64_t i = threadIdx.x; i < n; i += blockDim.x) out[i] = static_cast<int32_t>(i);
     if (threadIdx.x == 0) cnt[r] = static_cast<int32_t>(n);
     return;
   }
-  // Largest key T with count(key >= T) >= k.
-  uint32_t lo = 0, hi = 0xffffffffu;
-  while (lo < hi) {
-    const uint32_t mid = lo + static_cast<uint32_t>((static_cast<uint64_t>(hi) - lo + 1) / 2);
-    double c = 0;
-    for (int64_t i = threadIdx.x; i < n; i += blockDim.x) c += FloatKey(v[i]) >= mid ? 1.0 : 0.0;
-    c = BlockSumD(c);
-    if (c >= static_cast<double>(k)) {
-      lo = mid;
-    } else {
-      hi = mid - 1;
+  // The k-th largest key: its bytes from the top, each from a histogram of the keys matching those above.
+  uint32_t prefix = 0, mask = 0, want = static_cast<uint32_t>(k);
+  const int lane = threadIdx.x % 32;
+  for (int shift = 24; shift >= 0; shift -= 8) {
+    for (int b = threadIdx.x; b < 256; b += blockDim.x) hist[b] = 0;
+    __syncthreads();
+    for (int64_t i0 = 0; i0 < n; i0 += blockDim.x) {  // Whole warps per round, for __match_any_sync.
+      const int64_t i = i0 + threadIdx.x;
+      const uint32_t key = i < n ? FloatKey(v[i]) : 0;
+      const bool in = i < n && (key & mask) == prefix;
+      const uint32_t bin = in ? (key >> shift) & 255u : 256u;
+      const unsigned peers = __match_any_sync(0xffffffffu, bin);
+      if (in && lane == __ffs(peers) - 1) atomicAdd(&hist[bin], static_cast<uint32_t>(__popc(peers)));
     }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      uint32_t above = 0;
+      int b = 255;
+      for (; b > 0 && above + hist[b] < want; --b) above += hist[b];
+      chosen[0] = static_cast<uint32_t>(b);
+      chosen[1] = want - above;
+    }
+    __syncthreads();
+    prefix |= chosen[0] << shift;
+    mask |= 255u << shift;
+    want = chosen[1];
+    __syncthreads();  // chosen[] is rewritten by the next pass.
   }
-  const uint32_t thr = lo;
+  const uint32_t thr = prefix;
   if (threadIdx.x == 0) shared_count = 0;
   __syncthreads();
   for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
@@ -447,6 +467,77 @@ __global__ void ArgmaxRows(const float* x, int64_t cols, int32_t* out) {
       }
     }
     out[blockIdx.x] = static_cast<int32_t>(bx[0] < cols ? bx[0] : 0);
+  }
+}
+
+// Sampling on the device (model::TopLogits): the softmax's two sums over a logit row, sum exp(double(float(x
+// - max) / t)) at the row's temperature t (0 taken as 1) and sum exp(double(x - max)), max being the row's
+// best candidate (top_vals[r * m], after SortTop). Grid (rows, chunks): block (r, c) sums its chunk of the
+// row into partial[(r * chunks + c) * 2 + {0, 1}] in a fixed order (strided per thread, then BlockSumD); the
+// host adds the chunks in order.
+__global__ void RowSoftmaxPartials(const float* x, int64_t cols, const float* top_vals, int m,
+                                   const float* temps, double* partial) {
+  const int64_t r = blockIdx.x, c = blockIdx.y, chunks = gridDim.y;
+  const int64_t len = (cols + chunks - 1) / chunks, b = c * len, e = min(cols, b + len);
+  const float* v = x + r * cols;
+  const float mx = top_vals[r * m];
+  const float t = temps[r] > 0.0f ? temps[r] : 1.0f;
+  double s = 0, s1 = 0;
+  for (int64_t i = b + threadIdx.x; i < e; i += blockDim.x) {
+    s += exp(static_cast<double>((v[i] - mx) / t));
+    s1 += exp(static_cast<double>(v[i] - mx));
+  }
+  s = BlockSumD(s);
+  s1 = BlockSumD(s1);
+  if (threadIdx.x == 0) {
+    partial[(r * chunks + c) * 2] = s;
+    partial[(r * chunks + c) * 2 + 1] = s1;
+  }
+}
+
+// The m chosen entries of each row (TopK's `sel`, any order) sorted into the sampling order: larger value
+// first, lower id first among equals. One block per row (bitonic sort in shared memory over m padded to a
+// power of two <= 1024).
+__global__ void SortTop(const float* x, int64_t cols, const int32_t* sel, int m, int32_t* ids, float* vals) {
+  __shared__ float sv[1024];
+  __shared__ int32_t si[1024];
+  int p = 1;
+  while (p < m) p <<= 1;
+  const float* v = x + blockIdx.x * cols;
+  for (int i = threadIdx.x; i < p; i += blockDim.x) {
+    if (i < m) {
+      si[i] = sel[blockIdx.x * m + i];
+      sv[i] = v[si[i]];
+    } else {
+      si[i] = INT_MAX;
+      sv[i] = -INFINITY;
+    }
+  }
+  __syncthreads();
+  auto before = [](float a, int32_t ia, float b, int32_t ib) { return a != b ? a > b : ia < ib; };
+  for (int k = 2; k <= p; k <<= 1) {
+    for (int j = k >> 1; j > 0; j >>= 1) {
+      for (int i = threadIdx.x; i < p; i += blockDim.x) {
+        const int l = i ^ j;
+        if (l > i) {
+          const bool up = (i & k) == 0;  // This run ends up in the sampling order, else reversed.
+          const bool swap = up ? before(sv[l], si[l], sv[i], si[i]) : before(sv[i], si[i], sv[l], si[l]);
+          if (swap) {
+            const float tv = sv[i];
+            sv[i] = sv[l];
+            sv[l] = tv;
+            const int32_t ti = si[i];
+            si[i] = si[l];
+            si[l] = ti;
+          }
+        }
+      }
+      __syncthreads();
+    }
+  }
+  for (int i = threadIdx.x; i < m; i += blockDim.x) {
+    ids[blockIdx.x * m + i] = si[i];
+    vals[blockIdx.x * m + i] = sv[i];
   }
 }
 

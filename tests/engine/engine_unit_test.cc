@@ -158,6 +158,56 @@ TEST(SamplerTest, PicksWhatTheFullSortDefinitionPicks) {
   }
 }
 
+// SampleTop (the row's best m logits and the softmax's sums, the whole row only when a walk goes past them)
+// gives what Sample gives on the whole row: ids, logprobs, top logprobs, and the same random stream after.
+// m = 4 makes most draws fall back to the whole row, 64 some, vocab none.
+TEST(SamplerTest, SamplingFromTheTopLogitsEqualsSamplingTheRow) {
+  std::mt19937 gen(8);
+  std::normal_distribution<float> nd(0.0f, 3.0f);
+  const int64_t vocab = 3000, rows = 3;
+  std::vector<float> x(static_cast<size_t>(rows * vocab));
+  for (float& v : x) v = std::round(nd(gen) * 4) / 4;  // Many exact ties.
+  struct Case {
+    float temperature, top_p, min_p;
+    int32_t top_k, top_logprobs;
+    bool logprobs;
+  };
+  for (const int64_t m : {int64_t{4}, int64_t{64}, vocab}) {
+    for (const Case& c : {Case{0.0f, 1.0f, 0.0f, 0, 3, true}, Case{0.8f, 1.0f, 0.0f, 0, 0, false},
+                          Case{1.5f, 0.9f, 0.0f, 0, 2, true}, Case{1.0f, 1.0f, 0.02f, 3, 0, true},
+                          Case{3.0f, 0.7f, 0.0f, 0, 0, false}}) {
+      SCOPED_TRACE(::testing::Message() << "m " << m << " t " << c.temperature << " top_p " << c.top_p);
+      SamplingParams p;
+      p.temperature = c.temperature;
+      p.top_p = c.top_p;
+      p.min_p = c.min_p;
+      p.top_k = c.top_k;
+      p.top_logprobs = c.top_logprobs;
+      p.logprobs = c.logprobs;
+      Sampler a(p, 41), b(p, 41);
+      ASSERT_EQ(b.SamplesFromTop(m), c.top_k <= m && c.top_logprobs < m);
+      if (!b.SamplesFromTop(m)) continue;
+      const std::vector<float> temps(static_cast<size_t>(rows), c.temperature);
+      const model::TopLogits top = model::TopOfRows(x, rows, temps, m);
+      for (int i = 0; i < 30; ++i) {
+        const int64_t r = i % rows;
+        const SampledToken want =
+            a.Sample(absl::MakeConstSpan(x).subspan(static_cast<size_t>(r * vocab), vocab));
+        absl::StatusOr<SampledToken> got = b.SampleTop(top, r);
+        ASSERT_TRUE(got.ok()) << got.status();
+        EXPECT_EQ(got->id, want.id);
+        EXPECT_EQ(got->logprob, want.logprob);
+        EXPECT_EQ(got->top, want.top);
+      }
+    }
+  }
+  // Penalties move logits outside the candidates: not from the top.
+  SamplingParams p;
+  p.temperature = 1.0f;
+  p.presence_penalty = 0.5f;
+  EXPECT_FALSE(Sampler(p, 1).SamplesFromTop(256));
+}
+
 TEST(SamplerTest, ValidateNamesTheField) {
   SamplingParams p;
   p.top_p = 0;

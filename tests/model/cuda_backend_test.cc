@@ -608,6 +608,51 @@ TEST(CudaModelTest, AStateMovingToAnotherBackendIsUploadedThere) {
   EXPECT_EQ(k->states_uploaded, 1);
 }
 
+// Sampling's candidates on the device (ForwardTop: sums, TopK, bitonic sort) against the host's definition
+// (TopOfRows) of the same logits: the same forward run twice from equal states (nothing cached, so both
+// upload the same host states and compute the same bits). Ids and values exactly, sums to rounding, and
+// full_row gives the logits back.
+TEST(CudaModelTest, SamplingCandidatesOnTheDeviceMatchTheHosts) {
+  SKIP_WITHOUT_GPU();
+  setenv("V4SERVE_CUDA_STATE_CACHE_MB", "0", 1);
+  Pair p = LoadPair(CudaWeights::kBf16);
+  unsetenv("V4SERVE_CUDA_STATE_CACHE_MB");
+  ASSERT_TRUE(p.gpu != nullptr);
+  const ModelConfig& c = p.gpu->config();
+  std::vector<SequenceState> a = {NewSequenceState(c), NewSequenceState(c), NewSequenceState(c)};
+  for (size_t i = 0; i < a.size(); ++i) {
+    ASSERT_TRUE(
+        p.gpu->Prefill(&a[i], Prompt(40 + 17 * static_cast<int64_t>(i), 60 + i), false, nullptr).ok());
+  }
+  std::vector<SequenceState> b = a;
+  const std::vector<int32_t> next = {5, 9, 300};
+  const std::vector<int64_t> counts = {1, 1, 1};
+  const std::vector<float> temps = {0.7f, 0.0f, 1.6f};
+  absl::StatusOr<std::vector<float>> logits =
+      p.gpu->DecodeChunks({&a[0], &a[1], &a[2]}, counts, next, nullptr);
+  ASSERT_TRUE(logits.ok()) << logits.status();
+  for (const int64_t m : {int64_t{256}, int64_t{37}}) {
+    SCOPED_TRACE(testing::Message() << "m " << m);
+    std::vector<SequenceState> bb = b;
+    absl::StatusOr<TopLogits> top = p.gpu->DecodeChunksTop({&bb[0], &bb[1], &bb[2]}, counts, next, temps, m);
+    ASSERT_TRUE(top.ok()) << top.status();
+    const TopLogits want = TopOfRows(*logits, 3, temps, m);
+    ASSERT_EQ(top->m, m);
+    EXPECT_EQ(top->vocab, c.vocab_size);
+    EXPECT_EQ(top->ids, want.ids);
+    EXPECT_EQ(top->values, want.values);
+    for (int r = 0; r < 3; ++r) {
+      EXPECT_NEAR(top->norm[r], want.norm[r], 1e-12 * want.norm[r]);
+      EXPECT_NEAR(top->norm1[r], want.norm1[r], 1e-12 * want.norm1[r]);
+    }
+    absl::StatusOr<std::vector<float>> row = top->full_row(2);
+    ASSERT_TRUE(row.ok()) << row.status();
+    EXPECT_EQ(*row,
+              std::vector<float>(logits->begin() + 2 * c.vocab_size, logits->begin() + 3 * c.vocab_size));
+    EXPECT_FALSE(top->full_row(3).ok());
+  }
+}
+
 // MXFP4 experts whose block scale the GEMV cannot hold (it folds 2^6 into the FP32 exponent: bytes above
 // 248) are refused at load with a clear error, not computed as infinities.
 TEST(CudaModelTest, Mxfp4ScalesBeyondTheGemvsRangeAreRefusedAtLoad) {
