@@ -6,6 +6,7 @@
 #include <random>
 #include <set>
 
+#include "absl/strings/str_cat.h"
 #include "engine/engine.h"
 #include "engine/kv_cache_manager.h"
 #include "engine/sampler.h"
@@ -365,6 +366,62 @@ TEST(EngineTest, GreedyBatchesWithAndWithoutLogprobsAgree) {
     }
     EXPECT_EQ(tokens, 12);
     EXPECT_EQ(with_logprob, logprobs ? 12 : 0);  // Reported only when asked for.
+  }
+}
+
+// Sampled batches without penalties take the candidates path (Model::DecodeChunksTop, Sampler::SampleTop);
+// with a penalized sequence in the batch, the logits path. Either way each sequence gets exactly the tokens
+// its own sampler draws from its own logits, as computed here without the engine (prefill, then one decode
+// step at a time, Sampler::Sample on the whole row).
+TEST(EngineTest, SampledBatchesDrawFromTheirOwnRows) {
+  const model::Model& m = TinyModel();
+  std::mt19937 rng(31);
+  std::vector<std::vector<int32_t>> prompts;
+  for (int i = 0; i < 4; ++i) prompts.push_back(RandomTokens(&rng, 20 + 37 * i));
+  auto params = [](int i, bool penalty) {
+    SamplingParams p;
+    p.temperature = 0.6f + 0.3f * static_cast<float>(i);
+    p.top_p = i == 2 ? 0.8f : 1.0f;
+    p.top_k = i == 3 ? 20 : 0;
+    p.logprobs = i == 1;
+    p.seed = 100 + static_cast<uint64_t>(i);
+    p.max_tokens = 10;
+    if (penalty && i == 0) p.frequency_penalty = 0.5f;
+    return p;
+  };
+  for (const bool penalty : {false, true}) {
+    SCOPED_TRACE(penalty ? "logits path (one penalized sequence)" : "candidates path");
+    EngineOptions o;
+    o.kv.num_blocks = 32;
+    auto engine = Engine::Create(&m, o);
+    ASSERT_TRUE(engine.ok());
+    Collected got;
+    for (int i = 0; i < 4; ++i) {
+      EngineRequest r = GreedyRequest(absl::StrCat("s", i), prompts[i], 10, &got);
+      r.sampling = params(i, penalty);
+      r.sampling.ignore_eos = true;
+      ASSERT_TRUE((*engine)->Submit(std::move(r)).ok());
+    }
+    RunToCompletion(engine->get());
+    for (int i = 0; i < 4; ++i) {
+      const SamplingParams p = params(i, penalty);
+      Sampler sampler(p, *p.seed);
+      sampler.AddPromptTokens(prompts[i]);
+      model::SequenceState st = model::NewSequenceState(m.config());
+      absl::StatusOr<std::vector<float>> logits = m.Prefill(&st, prompts[i], false, nullptr);
+      ASSERT_TRUE(logits.ok());
+      std::vector<int32_t> want;
+      for (int t = 0; t < 10; ++t) {
+        want.push_back(sampler.Sample(*logits).id);
+        if (t + 1 < 10) {
+          model::SequenceState* const one[] = {&st};
+          const int32_t next[] = {want.back()};
+          logits = m.Decode(one, next);
+          ASSERT_TRUE(logits.ok());
+        }
+      }
+      EXPECT_EQ(got.Tokens(absl::StrCat("s", i)), want) << "sequence " << i;
+    }
   }
 }
 
