@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Everything docs/PERFORMANCE.md reports, in one call on the GPU machine: the gpu tests, the CUDA bench
-# (ceilings, greedy and logits decode, state cache on/off, prefill), a profiled bench, the malloc-threshold
-# variant, transformers eager on the same shapes, and `v4serve up` on the GPU answering the README's
-# tool-call request. Logs go to $OUT (the device tool's output folder; ./gpu-out elsewhere).
-# Prepare here: tools/gpu_bundle.sh build/default && cp bench/hf_decode_bench.py .gpu/ (carry .gpu), then on the
+# (ceilings, kernels side by side, greedy / sampled / logits decode, state cache on/off, prefill), a profiled
+# bench, transformers eager on the same shapes (and alternated with ours three times), and `v4serve up` on
+# the GPU answering the README's tool-call request and a seeded sampled one. Logs go to $OUT (the device
+# tool's output folder; ./gpu-out elsewhere).
+# Prepare here: tools/gpu_bundle.sh build/default && cp build/default/bench/v4serve_cuda_bench
+# bench/hf_decode_bench.py .gpu/ && strip .gpu/v4serve_cuda_bench (carry .gpu), then on the
 # GPU machine, from the repository root: bash bench/gpu_run.sh
 set -u
 OUT=${OUT:-gpu-out}
@@ -13,11 +15,15 @@ export LD_LIBRARY_PATH=$PWD/.gpu/lib:/usr/local/cuda/lib64 V4SERVE_SOURCE_DIR=$P
 for t in model_cuda_backend_test model_device_test v4serve_kv_transfer_nccl_gpu_test; do
   echo "== $t" >> $OUT/tests.txt; timeout 200 .gpu/$t >> $OUT/tests.txt 2>&1; echo "rc=$?" >> $OUT/tests.txt
 done
-timeout 150 .gpu/v4serve_cuda_bench --batches=1,8,16,32,64 > $OUT/bench.txt 2>&1; echo "rc=$?" >> $OUT/bench.txt
-V4SERVE_CUDA_PROFILE=1 timeout 100 .gpu/v4serve_cuda_bench --ceilings=0 --prefill=8192 --compare-state-cache=0 > $OUT/prof.txt 2>&1
-MALLOC_MMAP_THRESHOLD_=1073741824 MALLOC_TRIM_THRESHOLD_=2147483648 timeout 100 .gpu/v4serve_cuda_bench --ceilings=0 --prefill= --batches=64,128 --compare-state-cache=0 > $OUT/malloc.txt 2>&1
-timeout 100 .gpu/v4serve_cuda_bench --ceilings=0 --prefill= --batches=128 --compare-state-cache=0 >> $OUT/malloc.txt 2>&1
+timeout 240 .gpu/v4serve_cuda_bench --batches=1,8,16,32,64 > $OUT/bench.txt 2>&1; echo "rc=$?" >> $OUT/bench.txt
+V4SERVE_CUDA_PROFILE=1 timeout 100 .gpu/v4serve_cuda_bench --ceilings=0 --attention=0 --prefill=8192 --compare-state-cache=0 > $OUT/prof.txt 2>&1
 timeout 120 python3 .gpu/hf_decode_bench.py > $OUT/hf.txt 2>&1; echo "rc=$?" >> $OUT/hf.txt
+# Ours and transformers alternated three times (both move between runs): the ratio table's medians.
+for i in 1 2 3; do
+  timeout 60 .gpu/v4serve_cuda_bench --ceilings=0 --attention=0 --prefill= --batches=1,8,64 --steps=20 \
+    --compare-state-cache=0 > $OUT/alt_ours_$i.txt 2>&1
+  timeout 90 python3 .gpu/hf_decode_bench.py --steps 10 > $OUT/alt_hf_$i.txt 2>&1
+done
 rm -f /tmp/ready.json
 .gpu/v4serve up --model $PWD/models/tiny-v4 --http_port 0 --grpc_port 0 --ready_file /tmp/ready.json > $OUT/up.log 2>&1 &
 UP=$!
@@ -33,5 +39,23 @@ req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/chat/completions", jso
                              {"Content-Type": "application/json"})
 print(urllib.request.urlopen(req, timeout=60).read().decode())
 PY
+# Sampled decoding through the real binaries on the GPU (the candidates path): the same seed twice gives
+# the same text.
+python3 - > $OUT/up_sampled.txt 2>&1 <<'PY'
+import json, urllib.request
+port = json.load(open("/tmp/ready.json"))["http_port"]
+body = {"model": "tiny-v4", "messages": [{"role": "user", "content": "Write a title for a talk about compilers."}],
+        "temperature": 0.9, "top_p": 0.95, "seed": 7, "max_tokens": 24, "logprobs": True, "top_logprobs": 2}
+out = []
+for _ in range(2):
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/chat/completions", json.dumps(body).encode(),
+                                 {"Content-Type": "application/json"})
+    r = json.loads(urllib.request.urlopen(req, timeout=60).read().decode())
+    out.append(r["choices"][0]["message"]["content"])
+    print(json.dumps(r["choices"][0])[:600])
+print("same text for the same seed:", out[0] == out[1])
+PY
 kill -TERM $UP; wait $UP
-grep -E "^==|FAIL|PASSED|rc=|SKIPPED \]" $OUT/tests.txt; grep -E "^\| |faster" $OUT/bench.txt | head -20; grep "^| decode" $OUT/malloc.txt; tail -4 $OUT/hf.txt; grep "model runs" $OUT/up.log; head -c 400 $OUT/up_request.txt
+grep -E "^==|FAIL|PASSED|rc=|SKIPPED \]" $OUT/tests.txt; grep -E "^\| |faster" $OUT/bench.txt | head -60; tail -4 $OUT/hf.txt
+for i in 1 2 3; do grep -E "^\| decode step, batch [0-9]+, context 512 \|" $OUT/alt_ours_$i.txt | head -3; tail -3 $OUT/alt_hf_$i.txt; done
+grep "model runs" $OUT/up.log; head -c 400 $OUT/up_request.txt; tail -c 300 $OUT/up_sampled.txt
