@@ -35,12 +35,13 @@ absl::Status CudaBackend::ExpertGemmDevice(const Mat& w, int64_t groups, ExpertK
   }
   if (w.fp4) {
     // 4 output rows per warp, 4 warps per block.
-    constexpr int kRows = 4;
+    constexpr int kRows = 4, kNarrowRows = 8;
     const dim3 g4(static_cast<unsigned>(groups), static_cast<unsigned>(Blocks(w.out, 4 * kRows)));
     const uint8_t* codes = static_cast<const uint8_t*>(w.p);
     if (kernel == ExpertKernel::kGemvNarrow) {
-      k::GroupedGemvFp4<kRows, 2>
-          <<<g4, 128, 0, stream_>>>(xin, codes, w.scales, active, n_active, d_start, d_count, w.in, w.out, y);
+      const dim3 g8(static_cast<unsigned>(groups), static_cast<unsigned>(Blocks(w.out, 4 * kNarrowRows)));
+      k::GroupedGemvFp4<kNarrowRows, 2>
+          <<<g8, 128, 0, stream_>>>(xin, codes, w.scales, active, n_active, d_start, d_count, w.in, w.out, y);
     } else {
       k::GroupedGemvFp4<kRows, k::kMaxGroupRows>
           <<<g4, 128, 0, stream_>>>(xin, codes, w.scales, active, n_active, d_start, d_count, w.in, w.out, y);
