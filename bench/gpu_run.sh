@@ -58,4 +58,5 @@ PY
 kill -TERM $UP; wait $UP
 grep -E "^==|FAIL|PASSED|rc=|SKIPPED \]" $OUT/tests.txt; grep -E "^\| |faster" $OUT/bench.txt | head -60; tail -4 $OUT/hf.txt
 for i in 1 2 3; do grep -E "^\| decode step, batch [0-9]+, context 512 \|" $OUT/alt_ours_$i.txt | head -3; tail -3 $OUT/alt_hf_$i.txt; done
+grep -B1 phases $OUT/prof.txt | grep -v "^--"
 grep "model runs" $OUT/up.log; head -c 400 $OUT/up_request.txt; tail -c 300 $OUT/up_sampled.txt
