@@ -160,13 +160,17 @@ std::optional<int32_t> Draw(Order& order, const SamplingParams& params, uint64_t
   // distribution is implementation-defined).
   const double u = static_cast<double>(raw >> 11) * 0x1.0p-53 * total;
   double acc = 0;
+  size_t last = 0;  // The last token walked with a probability above zero.
   for (size_t i = 0; i < keep; ++i) {
     if (!order.Ensure(i + 1)) return std::nullopt;
-    acc += prob(i);
+    const double p = prob(i);
+    acc += p;
     if (u < acc) return order.id(i);
+    if (p > 0) last = i;
   }
-  if (!order.Ensure(keep)) return std::nullopt;  // Rounding left u at the end: the last kept token.
-  return order.id(keep - 1);
+  // Rounding left u at the end (the uncut normalizer is summed in another order than this walk): the last
+  // kept token that can be drawn at all.
+  return order.id(last);
 }
 
 }  // namespace
@@ -182,7 +186,9 @@ absl::StatusOr<SampledToken> Sampler::SampleTop(const model::TopLogits& top, int
   SampledToken out;
   uint64_t raw = 0;
   std::optional<int32_t> id;
-  if (params_.temperature == 0.0f) {
+  if (!SamplesFromTop(top.m)) {  // Penalties or cuts the candidates cannot serve: the whole row.
+    if (params_.temperature > 0.0f) raw = rng_();
+  } else if (params_.temperature == 0.0f) {
     id = order.id(0);  // The argmax, lowest id among equals.
   } else {
     raw = rng_();

@@ -78,7 +78,8 @@ class Sampler {
   bool SamplesFromTop(int64_t m) const;
   // Sample from row r of `top`: the same token and report as Sample on the whole row (with the CPU's sums;
   // a GPU's normalizer can differ in its last bits). Reads the whole row (top.full_row) only when the walk
-  // goes past the candidates.
+  // goes past the candidates, equal top logprobs reach the last one, or the settings need more than them
+  // (!SamplesFromTop(top.m): penalties, a larger top-k).
   absl::StatusOr<SampledToken> SampleTop(const model::TopLogits& top, int64_t r);
   // Records a token that another worker's Sampler with the same params and seed picked as this
   // sequence's next output (disaggregated prefill samples the first token): counts it for penalties and

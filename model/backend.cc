@@ -111,6 +111,7 @@ absl::StatusOr<TopLogits> ForwardBackend::ForwardTop(absl::Span<const ForwardSeg
   if (temperatures.size() != logit_rows.size()) {
     return absl::InvalidArgumentError("ForwardTop needs one temperature per logit row");
   }
+  if (m < 1) return absl::InvalidArgumentError("ForwardTop needs at least one candidate a row");
   absl::StatusOr<std::vector<float>> logits = Forward(segments, tokens, logit_rows, nullptr);
   if (!logits.ok()) return logits.status();
   return TopOfRows(*std::move(logits), static_cast<int64_t>(logit_rows.size()), temperatures, m);

@@ -51,14 +51,16 @@ struct ForwardSegment {
 // The CPU sums in token-id order (exactly the engine sampler's own sums); a GPU in its reduction's fixed
 // order (equal to ~1e-16).
 struct TopLogits {
-  int64_t rows = 0, vocab = 0, m = 0;  // m: min(requested, vocab).
+  int64_t rows = 0, vocab = 0, m = 0;  // m: min(requested, vocab); the CUDA backend also at most 1024.
   std::vector<int32_t> ids;            // [rows, m]
   std::vector<float> values;           // [rows, m]
   std::vector<double> norm, norm1;     // [rows]
-  // The whole logit row r, for a draw that walks past the m candidates. Valid until the backend's next call.
+  // The whole logit row r, for a draw that walks past the m candidates. Valid until the backend's next call
+  // (FAILED_PRECONDITION after it) and while the backend lives.
   std::function<absl::StatusOr<std::vector<float>>(int64_t r)> full_row;
 };
-// TopLogits of `logits` [rows, vocab] on the host; full_row serves from `logits`.
+// TopLogits of `logits` [rows, vocab] on the host; full_row serves from `logits`. Needs m >= 1 and one
+// temperature per row (ForwardTop checks both).
 TopLogits TopOfRows(std::vector<float> logits, int64_t rows, absl::Span<const float> temperatures, int64_t m);
 
 class ForwardBackend {

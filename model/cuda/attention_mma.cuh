@@ -13,8 +13,8 @@
 // by 16 bytes so that ldmatrix's eight row addresses fall in distinct banks.
 //
 // Numerics against kernels::Attention (FP32): BF16 rounding of q, k and p gives ~4e-3 relative error per
-// element; the gpu test (AttentionMmaMatchesReference) bounds the output's relative L2 error against a
-// double-precision host reference.
+// element; the gpu test (CudaKernelTest.AttentionKernelsMatchTheReference) bounds the output's relative L2
+// error against a double-precision host reference.
 #ifndef V4SERVE_MODEL_CUDA_ATTENTION_MMA_CUH_
 #define V4SERVE_MODEL_CUDA_ATTENTION_MMA_CUH_
 

@@ -63,6 +63,7 @@ absl::Status LaunchAttention(const AttentionArgs& a, bool tensor_cores, size_t s
 }
 
 absl::Status LaunchIndexerScores(const IndexerArgs& a, bool tensor_cores, cudaStream_t s) {
+  if (a.n <= 0 || a.max_vis <= 0) return absl::OkStatus();  // No entry is visible: nothing to score.
   if (tensor_cores && a.id == 128 && a.ih >= 1 && a.ih <= 64) {
     // Enough blocks to fill the GPU at small batches; one per row when long.
     const int64_t chunks = std::clamp<int64_t>(Blocks(4 * 132, a.n), 1, Blocks(a.max_vis, k::kIdxTile));

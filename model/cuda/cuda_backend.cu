@@ -265,7 +265,9 @@ absl::Status CudaBackend::LoadLayer(const cpu::BlockWeights* b, int64_t layer, L
   }
   // Experts stacked so that one pointer and an expert index address any of them.
   // MXFP4 routed experts when the checkpoint has them and the backend is not in its FP32 mode.
-  const bool fp4 = bf16_ && c.expert_dtype == "fp4";
+  // (GroupedGemmFp4 steps over inputs 64 at a time: other widths keep the experts in BF16.)
+  const bool fp4 =
+      bf16_ && c.expert_dtype == "fp4" && c.hidden_size % 64 == 0 && c.moe_intermediate_size % 64 == 0;
   auto stack = [&](int which, int64_t out, int64_t in, Mat* dst) -> absl::Status {
     if (b == nullptr)
       return fp4 ? PutFp4(nullptr, ne * out, in, dst)
@@ -457,7 +459,12 @@ absl::StatusOr<TopLogits> CudaBackend::ForwardTop(absl::Span<const ForwardSegmen
   out.top_m = std::min<int64_t>({m, c_.vocab_size, 1024});
   RETURN_IF_ERROR(Run(segments, tokens, logit_rows, nullptr, out));
   const int64_t vocab = c_.vocab_size, rows = top.rows;
-  top.full_row = [this, vocab, rows](int64_t r) -> absl::StatusOr<std::vector<float>> {
+  const uint64_t run = runs_;
+  top.full_row = [this, vocab, rows, run](int64_t r) -> absl::StatusOr<std::vector<float>> {
+    if (runs_ != run) {
+      return absl::FailedPreconditionError(
+          "TopLogits::full_row after the backend's next call: the logits are gone");
+    }
     if (r < 0 || r >= rows || top_logits_->size() < rows * vocab) {
       return absl::OutOfRangeError(absl::StrCat("logit row ", r, " of ", rows, " is not kept"));
     }
@@ -473,6 +480,7 @@ absl::StatusOr<TopLogits> CudaBackend::ForwardTop(absl::Span<const ForwardSegmen
 absl::Status CudaBackend::Run(absl::Span<const ForwardSegment> segments, absl::Span<const int32_t> tokens,
                               absl::Span<const int64_t> logit_rows, std::vector<float>* final_streams,
                               const Outputs& outputs) const {
+  ++runs_;
   std::vector<float>* logits_out = outputs.logits;
   std::vector<int32_t>* ids = outputs.ids;
   TopLogits* top = outputs.top;

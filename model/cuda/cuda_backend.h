@@ -4,8 +4,10 @@
 // every projection (cuBLAS GEMMs, FP32 or BF16 weights with FP32 accumulation), the streaming compressors,
 // the lightning indexer's scores and top-k, attention over window + selected/compressed entries + sink
 // (BF16 tensor cores with BF16 weights, FP32 SIMT with FP32 weights), MoE routing (score or hash), token
-// permutation, the expert GEMMs (one grouped GEMV launch for decode-sized groups, cuBLAS per expert for
-// prefill-sized groups) and the LM head; greedy sampling (ArgmaxRows) on the device.
+// permutation, the expert GEMMs (MXFP4: a grouped GEMV for decode batches with few rows an expert, a
+// tensor-core grouped GEMM decoding the codes in its main loop otherwise; BF16/FP32 experts: GEMV or cuBLAS
+// per expert) and the LM head; greedy sampling (ArgmaxRows) and sampling's candidates (ForwardTop) on the
+// device.
 // The sequence states (model/sequence_state.h, the KV store's format) stay authoritative on the host; the
 // backend keeps device copies of their window rings, entries, indexer keys and compressor windows between
 // calls (model/cuda/device_state_cache.h) and brings the host states up to date after each forward's one

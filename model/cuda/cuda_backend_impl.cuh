@@ -380,6 +380,7 @@ class CudaBackend final : public ForwardBackend {
   uint64_t seed_ = 0;
   mutable std::unique_ptr<Buf<__nv_bfloat16>> act_bf16_;  // Scratch for BF16 GEMM inputs.
   mutable std::unique_ptr<Buf<float>> top_logits_;        // ForwardTop's logits, for TopLogits::full_row.
+  mutable uint64_t runs_ = 0;  // Forwards so far (full_row checks its own is last).
   mutable std::unique_ptr<DeviceStateCache> state_cache_;
   mutable PinnedArena arena_;
   mutable ForwardCounters counters_;

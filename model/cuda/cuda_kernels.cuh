@@ -284,8 +284,8 @@ __device__ __forceinline__ uint32_t FloatKey(float f) {
 // order-preserving keys, a byte at a time from the top (4 passes of a 256-bin histogram, warp-aggregated
 // shared-memory atomics), finds the k-th largest key; then the entries above it and the first ties in index
 // order are written.
-__global__ void TopK(const float* sc, int64_t ld, const int64_t* nvis, int64_t k, int32_t* sel,
-                     int32_t* cnt) {
+__global__ void __launch_bounds__(1024)
+    TopK(const float* sc, int64_t ld, const int64_t* nvis, int64_t k, int32_t* sel, int32_t* cnt) {
   const int64_t r = blockIdx.x, n = nvis[r];
   const float* v = sc + r * ld;
   int32_t* out = sel + r * k;

@@ -34,7 +34,7 @@ absl::Status CudaBackend::ExpertGemmDevice(const Mat& w, int64_t groups, ExpertK
     return absl::OkStatus();
   }
   if (w.fp4) {
-    // 4 output rows per warp, 4 warps per block.
+    // 4 warps per block; 4 output rows per warp (8 in the narrow variant).
     constexpr int kRows = 4, kNarrowRows = 8;
     const dim3 g4(static_cast<unsigned>(groups), static_cast<unsigned>(Blocks(w.out, 4 * kRows)));
     const uint8_t* codes = static_cast<const uint8_t*>(w.p);
@@ -172,14 +172,16 @@ absl::Status CudaBackend::Moe(const LayerW& w, int64_t layer, bool hash, const f
     RETURN_IF_ERROR(ey.Alloc(slots * d));
     const int64_t groups = std::min(ne, slots);  // At most this many experts have rows.
     const ExpertKernel kernel = DecodeExpertKernel(slots, ne);
-    RETURN_IF_ERROR(ExpertGemmDevice(w.w1, groups, kernel, n, xin.get(), slots, active.get(), n_active.get(),
-                                     start.get(), cnt.get(), eg.get()));
-    RETURN_IF_ERROR(ExpertGemmDevice(w.w3, groups, kernel, n, xin.get(), slots, active.get(), n_active.get(),
-                                     start.get(), cnt.get(), eu.get()));
+    // Rows an expert can get: one per row, unless hash routing lists an expert twice for a token.
+    const int64_t max_rows = hash ? slots : n;
+    RETURN_IF_ERROR(ExpertGemmDevice(w.w1, groups, kernel, max_rows, xin.get(), slots, active.get(),
+                                     n_active.get(), start.get(), cnt.get(), eg.get()));
+    RETURN_IF_ERROR(ExpertGemmDevice(w.w3, groups, kernel, max_rows, xin.get(), slots, active.get(),
+                                     n_active.get(), start.get(), cnt.get(), eu.get()));
     k::SwiGlu<<<Blocks(slots * inter, 256), 256, 0, s>>>(eg.get(), eu.get(), slots, inter, slot_w.get(), lim);
     V4_LAUNCH_CHECK(SwiGlu);
-    RETURN_IF_ERROR(ExpertGemmDevice(w.w2, groups, kernel, n, eg.get(), slots, active.get(), n_active.get(),
-                                     start.get(), cnt.get(), ey.get()));
+    RETURN_IF_ERROR(ExpertGemmDevice(w.w2, groups, kernel, max_rows, eg.get(), slots, active.get(),
+                                     n_active.get(), start.get(), cnt.get(), ey.get()));
     k::CombineExperts<<<dim3(static_cast<unsigned>(n), static_cast<unsigned>(Blocks(d, 256))), 256, 0, s>>>(
         out, ey.get(), row_slots.get(), kk, d);
     V4_LAUNCH_CHECK(CombineExperts);

@@ -202,11 +202,25 @@ TEST(SamplerTest, SamplingFromTheTopLogitsEqualsSamplingTheRow) {
       }
     }
   }
-  // Penalties move logits outside the candidates: not from the top.
+  // Penalties move logits outside the candidates: not from the top, and SampleTop then reads the whole row
+  // (same tokens as Sample, penalties applied and recorded).
   SamplingParams p;
   p.temperature = 1.0f;
   p.presence_penalty = 0.5f;
-  EXPECT_FALSE(Sampler(p, 1).SamplesFromTop(256));
+  p.repetition_penalty = 1.3f;
+  Sampler a(p, 1), b(p, 1);
+  EXPECT_FALSE(b.SamplesFromTop(256));
+  const std::vector<int32_t> prompt = {5, 17, 2000};
+  a.AddPromptTokens(prompt);
+  b.AddPromptTokens(prompt);
+  const model::TopLogits top =
+      model::TopOfRows(x, rows, std::vector<float>(static_cast<size_t>(rows), 1.0f), 8);
+  for (int i = 0; i < 12; ++i) {
+    const SampledToken want = a.Sample(absl::MakeConstSpan(x).subspan(0, static_cast<size_t>(vocab)));
+    absl::StatusOr<SampledToken> got = b.SampleTop(top, 0);
+    ASSERT_TRUE(got.ok()) << got.status();
+    EXPECT_EQ(got->id, want.id);
+  }
 }
 
 TEST(SamplerTest, ValidateNamesTheField) {
