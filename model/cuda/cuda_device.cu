@@ -47,9 +47,9 @@ absl::Status SelfTest(int index, int n) {
   FillIota<<<(n + 255) / 256, 256>>>(dev, n);
   absl::Status st = CudaStatus(cudaGetLastError(), "FillIota<<<>>>", __FILE__, __LINE__);
   std::vector<float> host(n);
-  if (st.ok()) {
-    st = CudaStatus(cudaMemcpy(host.data(), dev, sizeof(float) * n, cudaMemcpyDeviceToHost), "cudaMemcpy",
-                    __FILE__, __LINE__);
+  if (st.ok()) {  // Update, not assignment: nvcc warns that Status::operator='s result is discarded.
+    st.Update(CudaStatus(cudaMemcpy(host.data(), dev, sizeof(float) * n, cudaMemcpyDeviceToHost),
+                         "cudaMemcpy", __FILE__, __LINE__));
   }
   cudaFree(dev);
   if (!st.ok()) return st;
