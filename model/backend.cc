@@ -104,14 +104,20 @@ TopLogits TopOfRows(std::vector<float> logits, int64_t rows, absl::Span<const fl
   return top;
 }
 
+absl::Status ValidateTopRequest(size_t logit_rows, size_t temperatures, int64_t m) {
+  if (temperatures != logit_rows) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "sampling candidates need one temperature per logit row: ", temperatures, " for ", logit_rows));
+  }
+  if (m < 1) return absl::InvalidArgumentError("sampling candidates need at least one candidate a row");
+  return absl::OkStatus();
+}
+
 absl::StatusOr<TopLogits> ForwardBackend::ForwardTop(absl::Span<const ForwardSegment> segments,
                                                      absl::Span<const int32_t> tokens,
                                                      absl::Span<const int64_t> logit_rows,
                                                      absl::Span<const float> temperatures, int64_t m) const {
-  if (temperatures.size() != logit_rows.size()) {
-    return absl::InvalidArgumentError("ForwardTop needs one temperature per logit row");
-  }
-  if (m < 1) return absl::InvalidArgumentError("ForwardTop needs at least one candidate a row");
+  if (absl::Status s = ValidateTopRequest(logit_rows.size(), temperatures.size(), m); !s.ok()) return s;
   absl::StatusOr<std::vector<float>> logits = Forward(segments, tokens, logit_rows, nullptr);
   if (!logits.ok()) return logits.status();
   return TopOfRows(*std::move(logits), static_cast<int64_t>(logit_rows.size()), temperatures, m);

@@ -62,6 +62,8 @@ struct TopLogits {
 // TopLogits of `logits` [rows, vocab] on the host; full_row serves from `logits`. Needs m >= 1 and one
 // temperature per row (ForwardTop checks both).
 TopLogits TopOfRows(std::vector<float> logits, int64_t rows, absl::Span<const float> temperatures, int64_t m);
+// ForwardTop's argument checks (one temperature per logit row, at least one candidate): INVALID_ARGUMENT.
+absl::Status ValidateTopRequest(size_t logit_rows, size_t temperatures, int64_t m);
 
 class ForwardBackend {
  public:

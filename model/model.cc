@@ -152,10 +152,7 @@ absl::StatusOr<TopLogits> Model::DecodeChunksTop(absl::Span<SequenceState* const
                                                  absl::Span<const int64_t> counts,
                                                  absl::Span<const int32_t> tokens,
                                                  absl::Span<const float> temperatures, int64_t m) const {
-  if (temperatures.size() != tokens.size()) {
-    return absl::InvalidArgumentError("DecodeChunksTop needs one temperature per token");
-  }
-  if (m < 1) return absl::InvalidArgumentError("DecodeChunksTop needs at least one candidate a row");
+  RETURN_IF_ERROR(ValidateTopRequest(tokens.size(), temperatures.size(), m));
   ASSIGN_OR_RETURN(std::vector<Seq> seqs, ChunkSeqs(states, counts, tokens));
   ASSIGN_OR_RETURN(std::vector<ForwardSegment> segments, Segments(seqs, tokens));
   return backend_->ForwardTop(segments, tokens, EveryRow(tokens.size()), temperatures, m);

@@ -448,10 +448,7 @@ absl::StatusOr<TopLogits> CudaBackend::ForwardTop(absl::Span<const ForwardSegmen
                                                   absl::Span<const int32_t> tokens,
                                                   absl::Span<const int64_t> logit_rows,
                                                   absl::Span<const float> temperatures, int64_t m) const {
-  if (temperatures.size() != logit_rows.size()) {
-    return absl::InvalidArgumentError("ForwardTop needs one temperature per logit row");
-  }
-  if (m < 1) return absl::InvalidArgumentError("ForwardTop needs at least one candidate a row");
+  RETURN_IF_ERROR(ValidateTopRequest(logit_rows.size(), temperatures.size(), m));
   TopLogits top;
   Outputs out;
   out.top = &top;
