@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <optional>
+#include <thread>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
@@ -16,6 +17,12 @@ absl::Status EngineOptions::Validate() const {
   RETURN_IF_ERROR(scheduler.Validate());
   if (max_model_len < 0) return absl::InvalidArgumentError("max_model_len must be >= 0");
   if (!now) return absl::InvalidArgumentError("EngineOptions.now must be set");
+  if (sampling_threads < 1 || sampling_threads > 256) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("sampling_threads must be in [1, 256], not ", sampling_threads));
+  }
+  if (sampling_threads_min_vocab < 0)
+    return absl::InvalidArgumentError("sampling_threads_min_vocab must be >= 0");
   return absl::OkStatus();
 }
 
@@ -305,6 +312,40 @@ absl::Status Engine::DecodeTop(const std::vector<Sequence*>& batch,
   return result;
 }
 
+std::vector<std::optional<SampledToken>> Engine::SampleRows(
+    const std::vector<Sequence*>& batch, const std::vector<int64_t>& counts,
+    const std::vector<std::optional<model::TokenUndo>>& undos, absl::Span<const float> logits) {
+  const size_t n = batch.size(), vocab = static_cast<size_t>(model_->config().vocab_size);
+  std::vector<std::optional<SampledToken>> picked(n);
+  std::vector<size_t> todo, first(n);
+  size_t r = 0;
+  for (size_t i = 0; i < n; ++i) {
+    first[i] = r;
+    r += static_cast<size_t>(counts[i]);
+    if (!undos[i].has_value() && batch[i]->forks.empty()) todo.push_back(i);
+  }
+  const size_t threads = static_cast<int64_t>(vocab) < options_.sampling_threads_min_vocab
+                             ? 1
+                             : std::min<size_t>({todo.size() / kRowsPerSamplingThread,
+                                                 std::max(1u, std::thread::hardware_concurrency()),
+                                                 static_cast<size_t>(options_.sampling_threads)});
+  auto run = [&](size_t t, size_t stride) {
+    for (size_t j = t; j < todo.size(); j += stride) {
+      const size_t i = todo[j];
+      picked[i] = batch[i]->sampler->Sample(logits.subspan(first[i] * vocab, vocab));
+    }
+  };
+  if (threads < 2) {
+    run(0, 1);
+    return picked;
+  }
+  std::vector<std::thread> pool;
+  for (size_t t = 1; t < threads; ++t) pool.emplace_back(run, t, threads);
+  run(0, threads);
+  for (std::thread& th : pool) th.join();
+  return picked;
+}
+
 absl::Status Engine::Step() {
   StepPlan plan = scheduler_.Schedule();
   ++stats_.steps;
@@ -378,6 +419,8 @@ absl::Status Engine::Step() {
         stats_.decode_tokens_computed += static_cast<int64_t>(tokens.size());
         const size_t vocab = static_cast<size_t>(model_->config().vocab_size);
         const size_t row = streams.size() / tokens.size();
+        const std::vector<std::optional<SampledToken>> picked =
+            SampleRows(plan.decode, counts, undos, *logits);
         size_t r = 0;
         for (size_t i = 0; i < n; ++i) {
           Sequence* seq = plan.decode[i];
@@ -395,7 +438,11 @@ absl::Status Engine::Step() {
             continue;
           }
           kv_.OnBlockBoundary(seq);
-          Emit(seq, seq_logits);
+          if (picked[i].has_value()) {
+            EmitToken(seq, *picked[i]);
+          } else {
+            Emit(seq, seq_logits);
+          }
           UpdateDraft(seq, pos, seq_streams);
         }
         FlushDrafts();  // While `streams` lives.

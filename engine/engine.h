@@ -45,6 +45,11 @@ struct EngineOptions {
   // Tests only: sees each MTP draft (`seq.draft_for` is the index it predicts) and returns the draft to
   // verify, e.g. the known next token, so that acceptance paths are exercised on random weights.
   std::function<int32_t(const Sequence& seq, int32_t draft)> mtp_draft_hook_for_testing;
+  // A decode batch that takes whole logit rows (penalties, MTP) draws them on up to this many threads when
+  // the vocabulary has at least sampling_threads_min_vocab tokens (a draw of 129k costs milliseconds of CPU,
+  // one of a few thousand microseconds: threads would cost more there). 1 = on the engine's thread.
+  int32_t sampling_threads = 16;
+  int64_t sampling_threads_min_vocab = 16384;
 
   absl::Status Validate() const;
 };
@@ -119,6 +124,13 @@ class Engine {
   absl::Status DecodeGreedy(const std::vector<Sequence*>& batch,
                             const std::vector<model::SequenceState*>& states,
                             const std::vector<int64_t>& counts, const std::vector<int32_t>& tokens);
+  // The logits path's draws: every sequence of the batch that samples one plain row (no MTP verify, no
+  // choices to fork) draws from its row, on several threads when the batch is large (each Sampler belongs to
+  // its sequence; a draw of a 129k vocabulary costs milliseconds of CPU). Empty where Emit must run.
+  std::vector<std::optional<SampledToken>> SampleRows(
+      const std::vector<Sequence*>& batch, const std::vector<int64_t>& counts,
+      const std::vector<std::optional<model::TokenUndo>>& undos, absl::Span<const float> logits);
+  static constexpr size_t kRowsPerSamplingThread = 2;
   // A decode batch whose samplers read only each row's best kTopCandidates logits (Model::DecodeChunksTop,
   // Sampler::SampleTop).
   absl::Status DecodeTop(const std::vector<Sequence*>& batch,

@@ -384,7 +384,8 @@ TEST(EngineTest, GreedyBatchesWithAndWithoutLogprobsAgree) {
 }
 
 // Sampled batches without penalties take the candidates path (Model::DecodeChunksTop, Sampler::SampleTop);
-// with a penalized sequence in the batch, the logits path. Either way each sequence gets exactly the tokens
+// with a penalized sequence in the batch, the logits path (its rows drawn on the engine's thread, or on two
+// threads). Either way each sequence gets exactly the tokens
 // its own sampler draws from its own logits, as computed here without the engine (prefill, then one decode
 // step at a time, Sampler::Sample on the whole row).
 TEST(EngineTest, SampledBatchesDrawFromTheirOwnRows) {
@@ -403,10 +404,17 @@ TEST(EngineTest, SampledBatchesDrawFromTheirOwnRows) {
     if (penalty && i == 0) p.frequency_penalty = 0.5f;
     return p;
   };
-  for (const bool penalty : {false, true}) {
-    SCOPED_TRACE(penalty ? "logits path (one penalized sequence)" : "candidates path");
+  for (const int mode : {0, 1, 2}) {
+    const bool penalty = mode > 0;
+    SCOPED_TRACE(mode == 0   ? "candidates path"
+                 : mode == 1 ? "logits path (one penalized sequence)"
+                             : "logits path, rows drawn on 2 threads");
     EngineOptions o;
     o.kv.num_blocks = 32;
+    if (mode == 2) {
+      o.sampling_threads = 2;
+      o.sampling_threads_min_vocab = 0;  // The tiny vocabulary too.
+    }
     auto engine = Engine::Create(&m, o);
     ASSERT_TRUE(engine.ok());
     Collected got;
@@ -447,6 +455,9 @@ TEST(EngineTest, OptionsAreValidatedOnce) {
   o.kv.num_blocks = 0;
   EXPECT_EQ(Engine::Create(&TinyModel(), o).status().code(), absl::StatusCode::kInvalidArgument);
   EXPECT_EQ(Engine::Create(nullptr, EngineOptions()).status().code(), absl::StatusCode::kInvalidArgument);
+  o = EngineOptions();
+  o.sampling_threads = 0;
+  EXPECT_THAT(Engine::Create(&TinyModel(), o).status().message(), HasSubstr("sampling_threads"));
 }
 
 TEST(EngineTest, ChunkedPrefillRespectsTheStepBudget) {
