@@ -63,8 +63,7 @@ class FullOrder {
     // Grow geometrically, so that a walk far down the order costs O(vocab log vocab) at most overall.
     m = std::min(order_.size(), std::max(m, 4 * sorted_));
     auto by = [this](int32_t a, int32_t b) {
-      const float x = w_[static_cast<size_t>(a)], y = w_[static_cast<size_t>(b)];
-      return x != y ? x > y : a < b;
+      return model::SamplingOrderBefore(w_[static_cast<size_t>(a)], a, w_[static_cast<size_t>(b)], b);
     };
     const auto first = order_.begin() + static_cast<ptrdiff_t>(sorted_),
                mid = order_.begin() + static_cast<ptrdiff_t>(m);
@@ -76,11 +75,7 @@ class FullOrder {
   float value(size_t i) const { return w_[static_cast<size_t>(order_[i])]; }
   int32_t id(size_t i) const { return order_[i]; }
   // Sum over the row of exp((x - mx) / temp), in token-id order (no sort needed).
-  double Norm(float mx, float temp) const {
-    double sum = 0;
-    for (float x : w_) sum += std::exp(static_cast<double>((x - mx) / temp));
-    return sum;
-  }
+  double Norm(float mx, float temp) const { return model::SoftmaxNormalizer(w_, mx, temp); }
 
  private:
   const std::vector<float>& w_;
@@ -192,16 +187,14 @@ absl::StatusOr<SampledToken> Sampler::SampleTop(const model::TopLogits& top, int
     id = order.id(0);  // The argmax, lowest id among equals.
   } else {
     raw = rng_();
-    TopOrder walk = order;
-    id = Draw(walk, params_, raw);
+    id = Draw(order, params_, raw);
   }
   // Log-probabilities as Sample reports them; the best top_logprobs by (logprob, then lower id) are the
   // first candidates unless equal logprobs reach past the last one.
   bool need_row = !id.has_value();
   const size_t n = static_cast<size_t>(params_.top_logprobs);
-  float lse = 0;
   if (!need_row && (params_.logprobs || n > 0)) {
-    lse = order.value(0) + static_cast<float>(std::log(top.norm1[static_cast<size_t>(r)]));
+    const float lse = order.value(0) + static_cast<float>(std::log(top.norm1[static_cast<size_t>(r)]));
     std::vector<std::pair<int32_t, float>> best;
     bool found = false;
     for (size_t i = 0; i < static_cast<size_t>(top.m); ++i) {
@@ -262,9 +255,7 @@ SampledToken Sampler::SampleRow(absl::Span<const float> logits, uint64_t raw) {
   std::vector<float> logprobs;
   if (params_.logprobs || params_.top_logprobs > 0) {
     const float mx = *std::max_element(work_.begin(), work_.end());
-    double sum = 0;
-    for (float x : work_) sum += std::exp(static_cast<double>(x - mx));
-    const float lse = mx + static_cast<float>(std::log(sum));
+    const float lse = mx + static_cast<float>(std::log(model::SoftmaxNormalizer(work_, mx, 1.0f)));
     logprobs.resize(vocab);
     for (size_t i = 0; i < vocab; ++i) logprobs[i] = work_[i] - lse;
   }

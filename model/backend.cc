@@ -69,6 +69,12 @@ absl::StatusOr<std::vector<int32_t>> ForwardBackend::ForwardGreedy(
   return ArgmaxOfRows(*logits, static_cast<int64_t>(logit_rows.size()));
 }
 
+double SoftmaxNormalizer(absl::Span<const float> x, float mx, float t) {
+  double sum = 0;
+  for (float v : x) sum += std::exp(static_cast<double>((v - mx) / t));
+  return sum;
+}
+
 TopLogits TopOfRows(std::vector<float> logits, int64_t rows, absl::Span<const float> temperatures,
                     int64_t m) {
   TopLogits top;
@@ -81,7 +87,7 @@ TopLogits TopOfRows(std::vector<float> logits, int64_t rows, absl::Span<const fl
   for (int64_t r = 0; r < rows; ++r) {
     const float* x = shared->data() + r * vocab;
     std::iota(idx.begin(), idx.end(), 0);
-    auto by = [x](int32_t a, int32_t b) { return x[a] != x[b] ? x[a] > x[b] : a < b; };
+    auto by = [x](int32_t a, int32_t b) { return SamplingOrderBefore(x[a], a, x[b], b); };
     std::partial_sort(idx.begin(), idx.begin() + top.m, idx.end(), by);
     for (int64_t i = 0; i < top.m; ++i) {
       top.ids.push_back(idx[static_cast<size_t>(i)]);
@@ -89,13 +95,9 @@ TopLogits TopOfRows(std::vector<float> logits, int64_t rows, absl::Span<const fl
     }
     const float mx = top.m > 0 ? x[idx[0]] : 0.0f;
     const float t = temperatures[static_cast<size_t>(r)] > 0.0f ? temperatures[static_cast<size_t>(r)] : 1.0f;
-    double norm = 0, norm1 = 0;
-    for (int64_t v = 0; v < vocab; ++v) {
-      norm += std::exp(static_cast<double>((x[v] - mx) / t));
-      norm1 += std::exp(static_cast<double>(x[v] - mx));
-    }
-    top.norm.push_back(norm);
-    top.norm1.push_back(norm1);
+    const absl::Span<const float> row(x, static_cast<size_t>(vocab));
+    top.norm.push_back(SoftmaxNormalizer(row, mx, t));
+    top.norm1.push_back(SoftmaxNormalizer(row, mx, 1.0f));
   }
   top.full_row = [shared, vocab, rows](int64_t r) -> absl::StatusOr<std::vector<float>> {
     if (r < 0 || r >= rows) return absl::OutOfRangeError(absl::StrCat("logit row ", r, " of ", rows));

@@ -59,6 +59,12 @@ struct TopLogits {
   // (FAILED_PRECONDITION after it) and while the backend lives.
   std::function<absl::StatusOr<std::vector<float>>(int64_t r)> full_row;
 };
+// The sampling order: larger logit first, lower id first among equals (a total order).
+inline bool SamplingOrderBefore(float x, int32_t a, float y, int32_t b) { return x != y ? x > y : a < b; }
+// Sum over x of exp(double(float(x_v - mx) / t)) in token-id order: the softmax's normalizer exactly as the
+// engine's sampler computes it (t = 1: the log-probabilities' sum), which TopLogits' CPU sums must equal.
+double SoftmaxNormalizer(absl::Span<const float> x, float mx, float t);
+
 // TopLogits of `logits` [rows, vocab] on the host; full_row serves from `logits`. Needs m >= 1 and one
 // temperature per row (ForwardTop checks both).
 TopLogits TopOfRows(std::vector<float> logits, int64_t rows, absl::Span<const float> temperatures, int64_t m);
