@@ -18,10 +18,12 @@
 //     uploads the window rings and compressed entries from the host states, as before the cache), on a
 //     second backend in the same process (--compare-state-cache=0 skips it).
 // Usage: v4serve_cuda_bench [--layers=2] [--context=512] [--prefill=8192,32768] [--batches=1,8,64]
-//                           [--weights=bf16|fp32] [--experts=fp4|bf16] [--steps=10] [--compare-state-cache=1]
+//                           [--weights=bf16|fp8|fp32] [--experts=fp4|bf16] [--steps=10] [--compare-state-cache=1]
 //                           [--ceilings=1] [--attention=1]
 // (--experts=fp4: MXFP4 routed experts, as V4 ships them; other weights BF16 except the FP32 ones the
-// backend keeps: mHC mixes, router gate, compressor projections.)
+// backend keeps: mHC mixes, router gate, compressor projections; --weights=fp8: the linears V4 ships in FP8
+// stay FP8, with 128 x 128 block scales. --attention=1 also times the attention, expert and linear kernels
+// side by side.)
 // Prints a Markdown table (docs/PERFORMANCE.md holds the last one).
 #include <cublasLt.h>
 #include <cuda_fp8.h>
@@ -308,6 +310,73 @@ void ExpertKernels(const ModelConfig& c, std::vector<std::string>* rows) {
   }
 }
 
+// The dense GEMM in both low-precision formats side by side (cuda::testing::Linear): cuBLAS with BF16 weights
+// and inputs, and the FP8 kernels (fp8_gemm.cuh: inputs quantized per 128, weights in 128 x 128 tiles) on
+// V4-Flash's FP8 linears (wq_b, wo_b, shared w1) at decode and prefill row counts. Decode sizes report weight
+// bytes per second (against `copy_bw`), prefill sizes FLOP/s (against cuBLASLt's best FP8 GEMM `fp8_gemm`).
+void LinearKernels(const ModelConfig& c, double copy_bw, double fp8_gemm, std::vector<std::string>* rows) {
+  struct Shape {
+    const char* name;
+    int64_t out, in;
+  };
+  const Shape shapes[] = {{"wq_b", c.num_attention_heads * c.head_dim, c.q_lora_rank},
+                          {"wo_b", c.hidden_size, c.o_groups * c.o_lora_rank},
+                          {"shared w1", c.moe_intermediate_size, c.hidden_size}};
+  std::mt19937_64 rng(11);
+  std::normal_distribution<float> nd(0.0f, 0.02f);
+  for (const Shape& sh : shapes) {
+    std::vector<float> w(static_cast<size_t>(sh.out * sh.in));
+    for (float& v : w) v = nd(rng);
+    for (const int64_t m : {1, 8, 16, 32, 64, 256, 8192}) {
+      std::vector<float> x(static_cast<size_t>(m * sh.in));
+      for (float& v : x) v = nd(rng);
+      double tb = 0, t8 = 0;
+      auto a = cuda::testing::Linear(x, m, sh.in, w, sh.out, CudaWeights::kBf16, 20, &tb);
+      auto b = cuda::testing::Linear(x, m, sh.in, w, sh.out, CudaWeights::kFp8, 20, &t8);
+      if (!a.ok() || !b.ok()) {
+        std::fprintf(stderr, "linear kernels: %s\n", std::string((a.ok() ? b.status() : a.status()).message()).c_str());
+        return;
+      }
+      double num = 0, den = 0;  // FP8 against BF16: the two roundings' distance, for the record.
+      for (size_t i = 0; i < a->size(); ++i) {
+        num += ((*b)[i] - (*a)[i]) * static_cast<double>((*b)[i] - (*a)[i]);
+        den += (*a)[i] * static_cast<double>((*a)[i]);
+      }
+      // Each FP8 kernel forced (0 where it does not take this row count).
+      double ts = 0, tt = 0, tl = 0;
+      for (const auto& [path, t] : {std::pair<cuda::Fp8Path, double*>{cuda::Fp8Path::kSkinny, &ts},
+                                    {cuda::Fp8Path::kTile, &tt}, {cuda::Fp8Path::kLt, &tl}}) {
+        if (path == cuda::Fp8Path::kSkinny && m > 64) continue;
+        if (!cuda::testing::Linear(x, m, sh.in, w, sh.out, CudaWeights::kFp8, 20, t, path).ok()) *t = 0;
+      }
+      const double flops = 2.0 * static_cast<double>(m * sh.out * sh.in);
+      const double b16 = 2.0 * sh.out * sh.in, b8 = 1.0 * sh.out * sh.in;
+      char line[640];
+      if (m <= 64) {
+        std::snprintf(line, sizeof(line),
+                      "| linear %s %lld x %lld, %lld rows | FP8 %.1f us (skinny %.1f, cuBLASLt %.1f, tile %.1f), BF16 "
+                      "cuBLAS %.1f us | | FP8 %.0f / BF16 %.0f GB/s of weights | FP8 %.1f%% of copy bw | FP8 **%.2fx** "
+                      "faster; rel. L2 to BF16 %.1e |",
+                      sh.name, static_cast<long long>(sh.out), static_cast<long long>(sh.in),
+                      static_cast<long long>(m), t8 * 1e6, ts * 1e6, tl * 1e6, tt * 1e6, tb * 1e6, b8 / t8 / 1e9,
+                      b16 / tb / 1e9,
+                      100.0 * b8 / t8 / copy_bw, tb / t8, std::sqrt(num / std::max(den, 1e-30)));
+      } else {
+        std::snprintf(line, sizeof(line),
+                      "| linear %s %lld x %lld, %lld rows | FP8 %.1f us (cuBLASLt %.1f, tile %.1f), BF16 cuBLAS %.1f "
+                      "us | %.1f GFLOP | FP8 %.0f / BF16 %.0f TFLOP/s | FP8 %.1f%% of FP8 GEMM | FP8 **%.2fx** faster; "
+                      "rel. L2 to BF16 %.1e |",
+                      sh.name, static_cast<long long>(sh.out), static_cast<long long>(sh.in),
+                      static_cast<long long>(m), t8 * 1e6, tl * 1e6, tt * 1e6, tb * 1e6, flops / 1e9, flops / t8 / 1e12,
+                      flops / tb / 1e12, 100.0 * flops / t8 / fp8_gemm, tb / t8, std::sqrt(num / std::max(den, 1e-30)));
+      }
+      rows->push_back(line);
+      std::printf("%s\n", line);
+      std::fflush(stdout);
+    }
+  }
+}
+
 int Main(int argc, char** argv) {
   int64_t layers = 2, context = 512, steps = 10;
   std::string prefill = "8192,32768", batches = "1,8,64", weights = "bf16", experts = "fp4";
@@ -366,7 +435,12 @@ int Main(int argc, char** argv) {
     std::fprintf(stderr, "%s\n", std::string(config.status().message()).c_str());
     return 2;
   }
-  const CudaWeights format = weights == "fp32" ? CudaWeights::kF32 : CudaWeights::kBf16;
+  if (weights != "bf16" && weights != "fp8" && weights != "fp32") {
+    std::fprintf(stderr, "--weights must be bf16, fp8 or fp32\n");
+    return 2;
+  }
+  const CudaWeights format =
+      weights == "fp32" ? CudaWeights::kF32 : weights == "fp8" ? CudaWeights::kFp8 : CudaWeights::kBf16;
   cudaDeviceProp prop{};
   CK(cudaGetDeviceProperties(&prop, 0));
 
@@ -388,6 +462,7 @@ int Main(int argc, char** argv) {
   if (attention) {
     AttentionKernels(*config, bf16, &rows);
     ExpertKernels(*config, &rows);
+    LinearKernels(*config, copy_bw, fp8, &rows);
   }
 
   auto t0 = std::chrono::steady_clock::now();

@@ -32,8 +32,11 @@ absl::StatusOr<Device> ResolveDevice(Device requested, std::string* why = nullpt
 
 // Weight precision of the CUDA backend. kF32 keeps the CPU reference's FP32 weights (tests compare it with
 // the CPU tightly); kBf16 stores BF16 weights and feeds the GEMMs BF16 activations with FP32 accumulation
-// (half the weight bytes; what the workers use).
-enum class CudaWeights { kBf16, kF32 };
+// (half the weight bytes); kFp8 is kBf16 except that the linears the checkpoint stores in FP8 stay FP8 with
+// their 128 x 128 block scales and their GEMMs take inputs quantized to FP8 per row in blocks of 128, as
+// DeepSeek's kernels and the CPU faithful mode do (half those weights' bytes again). Routed experts are MXFP4
+// in both low-precision modes when the checkpoint has them.
+enum class CudaWeights { kBf16, kF32, kFp8 };
 
 // A run of `count` consecutive rows of the batch that continue one sequence's state.
 struct ForwardSegment {

@@ -56,6 +56,24 @@ absl::StatusOr<const CublasApi*> Cublas() {
     sym(&a.gemm_strided_batched, "cublasGemmStridedBatchedEx");
     if (!ok)
       return new absl::StatusOr<CublasApi>(absl::UnavailableError(absl::StrCat(name, " lacks a symbol")));
+    // cuBLASLt (loaded with cuBLAS, which needs it): its block-scaled FP8 GEMM serves LinearFp8 where present.
+    const std::string lt_name = absl::StrCat("libcublasLt.so.", CUBLAS_VER_MAJOR);
+    if (void* lt = dlopen(lt_name.c_str(), RTLD_NOW | RTLD_LOCAL)) {
+      h = lt;
+      sym(&a.lt_create, "cublasLtCreate");
+      sym(&a.lt_destroy, "cublasLtDestroy");
+      sym(&a.desc_create, "cublasLtMatmulDescCreate");
+      sym(&a.desc_destroy, "cublasLtMatmulDescDestroy");
+      sym(&a.desc_set, "cublasLtMatmulDescSetAttribute");
+      sym(&a.layout_create, "cublasLtMatrixLayoutCreate");
+      sym(&a.layout_destroy, "cublasLtMatrixLayoutDestroy");
+      sym(&a.pref_create, "cublasLtMatmulPreferenceCreate");
+      sym(&a.pref_destroy, "cublasLtMatmulPreferenceDestroy");
+      sym(&a.pref_set, "cublasLtMatmulPreferenceSetAttribute");
+      sym(&a.heuristic, "cublasLtMatmulAlgoGetHeuristic");
+      sym(&a.matmul, "cublasLtMatmul");
+      a.lt_ok = ok;
+    }
     return new absl::StatusOr<CublasApi>(a);
   }();
   if (!api->ok()) return api->status();
@@ -208,14 +226,14 @@ absl::Status CudaBackend::LoadLayer(const cpu::BlockWeights* b, int64_t layer, L
     RETURN_IF_ERROR(vec(src ? &src->scale : nullptr, 3, WInit::kRandom, &dst.scale));
   }
   RETURN_IF_ERROR(vec(b ? &b->attn_sink : nullptr, h, WInit::kRandom, &l->attn_sink));
-  RETURN_IF_ERROR(Put(P(b ? &b->wq_a : nullptr), c.q_lora_rank, d, bf16_, wi, &l->wq_a));
+  RETURN_IF_ERROR(PutLinear(b ? &b->wq_a : nullptr, c.q_lora_rank, d, &l->wq_a));
   RETURN_IF_ERROR(vec(b ? &b->q_norm : nullptr, c.q_lora_rank, WInit::kOnes, &l->q_norm));
-  RETURN_IF_ERROR(Put(P(b ? &b->wq_b : nullptr), h * hd, c.q_lora_rank, bf16_, wi, &l->wq_b));
-  RETURN_IF_ERROR(Put(P(b ? &b->wkv : nullptr), hd, d, bf16_, wi, &l->wkv));
+  RETURN_IF_ERROR(PutLinear(b ? &b->wq_b : nullptr, h * hd, c.q_lora_rank, &l->wq_b));
+  RETURN_IF_ERROR(PutLinear(b ? &b->wkv : nullptr, hd, d, &l->wkv));
   RETURN_IF_ERROR(vec(b ? &b->kv_norm : nullptr, hd, WInit::kOnes, &l->kv_norm));
   RETURN_IF_ERROR(
       Put(P(b ? &b->wo_a : nullptr), c.o_groups * c.o_lora_rank, h * hd / c.o_groups, bf16_, wi, &l->wo_a));
-  RETURN_IF_ERROR(Put(P(b ? &b->wo_b : nullptr), d, c.o_groups * c.o_lora_rank, bf16_, wi, &l->wo_b));
+  RETURN_IF_ERROR(PutLinear(b ? &b->wo_b : nullptr, d, c.o_groups * c.o_lora_rank, &l->wo_b));
   const int64_t ratio = c.compress_ratios[static_cast<size_t>(layer)];
   auto comp = [&](const cpu::CompressorWeights* src, int64_t width, CompW* dst) -> absl::Status {
     const int64_t coff = ratio == 4 ? 2 : 1;
@@ -240,8 +258,8 @@ absl::Status CudaBackend::LoadLayer(const cpu::BlockWeights* b, int64_t layer, L
   };
   if (ratio > 0) RETURN_IF_ERROR(comp(b ? &b->compressor : nullptr, hd, &l->compressor));
   if (ratio == 4) {
-    RETURN_IF_ERROR(Put(P(b ? &b->indexer_wq_b : nullptr), c.index_n_heads * c.index_head_dim, c.q_lora_rank,
-                        bf16_, wi, &l->indexer_wq_b));
+    RETURN_IF_ERROR(
+        PutLinear(b ? &b->indexer_wq_b : nullptr, c.index_n_heads * c.index_head_dim, c.q_lora_rank, &l->indexer_wq_b));
     RETURN_IF_ERROR(
         Put(P(b ? &b->indexer_weights : nullptr), c.index_n_heads, d, bf16_, wi, &l->indexer_weights));
     RETURN_IF_ERROR(comp(b ? &b->indexer_compressor : nullptr, c.index_head_dim, &l->indexer_compressor));
@@ -286,9 +304,9 @@ absl::Status CudaBackend::LoadLayer(const cpu::BlockWeights* b, int64_t layer, L
   RETURN_IF_ERROR(stack(2, d, inter, &l->w2));
   l->w1.out = l->w3.out = inter;  // Per expert; the stack holds ne of them.
   l->w2.out = d;
-  RETURN_IF_ERROR(Put(P(b ? &b->shared.w1 : nullptr), inter, d, bf16_, wi, &l->s1));
-  RETURN_IF_ERROR(Put(P(b ? &b->shared.w3 : nullptr), inter, d, bf16_, wi, &l->s3));
-  return Put(P(b ? &b->shared.w2 : nullptr), d, inter, bf16_, wi, &l->s2);
+  RETURN_IF_ERROR(PutLinear(b ? &b->shared.w1 : nullptr, inter, d, &l->s1));
+  RETURN_IF_ERROR(PutLinear(b ? &b->shared.w3 : nullptr, inter, d, &l->s3));
+  return PutLinear(b ? &b->shared.w2 : nullptr, d, inter, &l->s2);
 }
 
 absl::Status CudaBackend::InitRuntime() {
@@ -309,6 +327,12 @@ absl::Status CudaBackend::InitRuntime() {
   uint64_t keep = std::numeric_limits<uint64_t>::max();  // Keep freed scratch for the next step.
   V4_CUDA_RETURN_IF_ERROR(cudaMemPoolSetAttribute(pool, cudaMemPoolAttrReleaseThreshold, &keep));
   act_bf16_ = std::make_unique<Buf<__nv_bfloat16>>(stream_);
+  if (blas_api_->lt_ok) {
+    V4_CUBLAS_RETURN_IF_ERROR(blas_api_->lt_create(&lt_));
+    V4_CUDA_RETURN_IF_ERROR(cudaMalloc(&lt_ws_, kLtWorkspace));
+  }
+  act_fp8_ = std::make_unique<Buf<uint8_t>>(stream_);
+  act_fp8_scales_ = std::make_unique<Buf<float>>(stream_);
   top_logits_ = std::make_unique<Buf<float>>(stream_);
   RETURN_IF_ERROR(InitMoeKernels());
   return InitAttentionKernels(prop);
@@ -373,36 +397,6 @@ absl::Status CudaBackend::Init(const cpu::ModelWeights* w, const cpu::RopeTable*
     budget = static_cast<int64_t>(v) << 20;
   }
   state_cache_ = std::make_unique<DeviceStateCache>(c, stream_, budget);
-  return absl::OkStatus();
-}
-
-absl::Status CudaBackend::Linear(const float* x, int64_t m, const Mat& w, float* y) const {
-  return LinearBatched(x, m, w.in, 0, w, 1, w.out, y);
-}
-
-// Groups g < `groups`: y[:, g*out_g ...] (row stride ldy) = x[:, g*stride_x ...] (row stride ldx) W_g^T, with
-// W_g the g-th block of w.out / groups rows. Column-major view: Y^T = W · X^T.
-absl::Status CudaBackend::LinearBatched(const float* x, int64_t m, int64_t ldx, int64_t stride_x,
-                                        const Mat& w, int64_t groups, int64_t ldy, float* y) const {
-  if (m == 0) return absl::OkStatus();
-  const int64_t out = w.out / groups, in = w.in;
-  CountGemm(w, m);
-  const float alpha = 1.0f, beta = 0.0f;
-  const void* xin = x;
-  cudaDataType_t type = CUDA_R_32F;
-  if (w.bf16) {
-    const int64_t n = (m - 1) * ldx + (groups - 1) * stride_x + in;
-    RETURN_IF_ERROR(act_bf16_->Alloc(n));
-    k::ToBf16<<<Blocks(n, 256), 256, 0, stream_>>>(x, n, act_bf16_->get());
-    V4_LAUNCH_CHECK(ToBf16);
-    xin = act_bf16_->get();
-    type = CUDA_R_16BF;
-  }
-  V4_CUBLAS_RETURN_IF_ERROR(blas_api_->gemm_strided_batched(
-      blas_, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(out), static_cast<int>(m), static_cast<int>(in),
-      &alpha, w.p, type, static_cast<int>(in), out * in, xin, type, static_cast<int>(ldx), stride_x, &beta, y,
-      CUDA_R_32F, static_cast<int>(ldy), out, static_cast<int>(groups), CUBLAS_COMPUTE_32F,
-      CUBLAS_GEMM_DEFAULT));
   return absl::OkStatus();
 }
 
@@ -734,25 +728,6 @@ absl::StatusOr<std::vector<std::vector<int64_t>>> TopK(const std::vector<float>&
     std::sort(out[r].begin(), out[r].end());
   }
   return out;
-}
-
-absl::StatusOr<std::vector<float>> Linear(const std::vector<float>& x, int64_t m, int64_t in,
-                                          const std::vector<float>& w, int64_t out, CudaWeights format) {
-  if (static_cast<int64_t>(x.size()) != m * in || static_cast<int64_t>(w.size()) != out * in) {
-    return absl::InvalidArgumentError("Linear: sizes do not match");
-  }
-  CudaBackend b(ModelConfig{}, format);  // Runtime only, no model weights.
-  RETURN_IF_ERROR(b.InitRuntime());
-  Mat mat;
-  RETURN_IF_ERROR(b.Put(w.data(), out, in, format == CudaWeights::kBf16, WInit::kHost, &mat));
-  Buf<float> dx(b.stream()), dy(b.stream());
-  RETURN_IF_ERROR(dx.Upload(x));
-  RETURN_IF_ERROR(dy.Alloc(m * out));
-  RETURN_IF_ERROR(b.Linear(dx.get(), m, mat, dy.get()));
-  std::vector<float> y;
-  RETURN_IF_ERROR(dy.Download(&y));
-  V4_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(b.stream()));
-  return y;
 }
 
 absl::Status Rope(std::vector<float>* x, int64_t rows, int64_t dim, int64_t rope_dim,

@@ -1,7 +1,8 @@
 // The CUDA implementation of ForwardBackend (model/backend.h) for sm_90a.
 //
 // What runs on the GPU: embedding, mHC (mixes, Sinkhorn, collapse, post/comb update, head), RMSNorm, RoPE,
-// every projection (cuBLAS GEMMs, FP32 or BF16 weights with FP32 accumulation), the streaming compressors,
+// every projection (cuBLAS GEMMs, FP32 or BF16 weights with FP32 accumulation; FP8 weights with 128 x 128
+// block scales on FP8 tensor cores, model/cuda/fp8_gemm.cuh), the streaming compressors,
 // the lightning indexer's scores and top-k, attention over window + selected/compressed entries + sink
 // (BF16 tensor cores with BF16 weights, FP32 SIMT with FP32 weights), MoE routing (score or hash), token
 // permutation, the expert GEMMs (MXFP4: a grouped GEMV for decode batches with few rows an expert, a
@@ -69,6 +70,11 @@ absl::StatusOr<ForwardCounters> LastForwardCounters(const ForwardBackend& backen
 // Greedy sampling on the device: the argmax of each row of `logits` [rows, cols] (ties: lowest index).
 absl::StatusOr<std::vector<int32_t>> ArgmaxRows(const std::vector<float>& logits, int64_t rows, int64_t cols);
 
+// The FP8 GEMM's kernels: chosen by the row count, or forced (tests, bench/): ours (model/cuda/fp8_gemm.cuh,
+// SkinnyGemmFp8 up to 64 rows, GemmFp8 for any) or cuBLASLt's block-scaled one (its rows a multiple of 4, the
+// rest by ours).
+enum class Fp8Path { kAuto, kSkinny, kTile, kLt };
+
 // Single-kernel entry points on host data, for the gpu tests that compare each kernel with model/cpu.
 namespace testing {
 // RMSNorm of `rows` rows of `dim` in place (weight may be empty: unweighted).
@@ -78,9 +84,13 @@ absl::Status RmsNorm(std::vector<float>* x, int64_t rows, int64_t dim, const std
 // the lowest indices, as cpu::TopKIndices picks them), sorted ascending for comparison.
 absl::StatusOr<std::vector<std::vector<int64_t>>> TopK(const std::vector<float>& scores, int64_t rows,
                                                        int64_t n, int64_t k);
-// y = x W^T through the backend's GEMM path.
+// y = x W^T through the backend's GEMM path for `format` (kFp8: w stored as FP8 tiles, PutFp8, whatever its
+// source; `fp8_path` forces one of its kernels). With `seconds` set, also the mean device time of `repeats`
+// more calls (bench/).
 absl::StatusOr<std::vector<float>> Linear(const std::vector<float>& x, int64_t m, int64_t in,
-                                          const std::vector<float>& w, int64_t out, CudaWeights format);
+                                          const std::vector<float>& w, int64_t out, CudaWeights format,
+                                          int repeats = 0, double* seconds = nullptr,
+                                          Fp8Path fp8_path = Fp8Path::kAuto);
 // Interleaved RoPE (inv_freq as cpu::RopeTable holds it) on the last `rope_dim` dims of each row of `dim`,
 // row r at positions[r].
 absl::Status Rope(std::vector<float>* x, int64_t rows, int64_t dim, int64_t rope_dim,

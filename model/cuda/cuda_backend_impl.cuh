@@ -7,6 +7,7 @@
 #ifndef V4SERVE_MODEL_CUDA_CUDA_BACKEND_IMPL_CUH_
 #define V4SERVE_MODEL_CUDA_CUDA_BACKEND_IMPL_CUH_
 
+#include <cublasLt.h>
 #include <cublas_v2.h>
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
@@ -17,8 +18,10 @@
 #include <functional>
 #include <memory>
 #include <string>
+#include <tuple>
 #include <vector>
 
+#include "absl/container/flat_hash_map.h"
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/strings/str_cat.h"
@@ -69,6 +72,27 @@ struct CublasApi {
                                          const void*, const void*, cudaDataType, int, long long, const void*,
                                          cudaDataType, int, long long, const void*, void*, cudaDataType, int,
                                          long long, int, cublasComputeType_t, cublasGemmAlgo_t) = nullptr;
+  // cuBLASLt, for the FP8 GEMMs with block scales (LinearFp8). `lt_ok` false when the library lacks them.
+  bool lt_ok = false;
+  decltype(&cublasLtCreate) lt_create = nullptr;
+  decltype(&cublasLtDestroy) lt_destroy = nullptr;
+  decltype(&cublasLtMatmulDescCreate) desc_create = nullptr;
+  decltype(&cublasLtMatmulDescDestroy) desc_destroy = nullptr;
+  decltype(&cublasLtMatmulDescSetAttribute) desc_set = nullptr;
+  decltype(&cublasLtMatrixLayoutCreate) layout_create = nullptr;
+  decltype(&cublasLtMatrixLayoutDestroy) layout_destroy = nullptr;
+  decltype(&cublasLtMatmulPreferenceCreate) pref_create = nullptr;
+  decltype(&cublasLtMatmulPreferenceDestroy) pref_destroy = nullptr;
+  decltype(&cublasLtMatmulPreferenceSetAttribute) pref_set = nullptr;
+  decltype(&cublasLtMatmulAlgoGetHeuristic) heuristic = nullptr;
+  decltype(&cublasLtMatmul) matmul = nullptr;
+};
+
+// One cuBLASLt FP8 GEMM shape's descriptors and algorithm (LinearFp8), made on first use and kept.
+struct LtPlan {
+  cublasLtMatmulDesc_t op = nullptr;
+  cublasLtMatrixLayout_t a = nullptr, b = nullptr, d = nullptr;
+  cublasLtMatmulAlgo_t algo{};
 };
 
 // A stream-ordered device buffer (cudaMallocAsync; freed on the same stream).
@@ -114,15 +138,23 @@ class Buf {
   int64_t n_ = 0, cap_ = 0;
 };
 
-// A weight matrix [out, in] (row-major, as checkpoints store it): FP32, BF16, or MXFP4 (`fp4`: e2m1 codes
-// two per byte in `p`, one e8m0 scale per 32 elements of a row in `scales`).
+// A weight matrix [out, in] (row-major, as checkpoints store it): FP32, BF16, MXFP4 (`fp4`: e2m1 codes
+// two per byte in `p`, one e8m0 scale per 32 elements of a row in `scales`) or FP8 (`fp8`: e4m3 codes in `p`,
+// one power-of-two FP32 scale per 128 x 128 tile in `tile_scales` [ceil(out / 128), in / 128], the layout
+// cuBLASLt's BLK128x128_32F mode reads; model/cuda/fp8_gemm.cuh).
 struct Mat {
   void* p = nullptr;
   int64_t out = 0, in = 0;
   bool bf16 = false;
   bool fp4 = false;
+  bool fp8 = false;
   uint8_t* scales = nullptr;
-  int64_t bytes() const { return fp4 ? out * in / 2 + out * in / 32 : out * in * (bf16 ? 2 : 4); }
+  float* tile_scales = nullptr;
+  int64_t bytes() const {
+    if (fp4) return out * in / 2 + out * in / 32;
+    if (fp8) return out * in + (out + 127) / 128 * (in / 128) * 4;
+    return out * in * (bf16 ? 2 : 4);
+  }
 };
 
 struct HcW {
@@ -248,22 +280,34 @@ inline ExpertKernel DecodeExpertKernel(int64_t slots, int64_t experts) {
 
 class CudaBackend final : public ForwardBackend {
  public:
-  CudaBackend(const ModelConfig& c, CudaWeights format) : c_(c), bf16_(format == CudaWeights::kBf16) {}
+  CudaBackend(const ModelConfig& c, CudaWeights format)
+      : c_(c), bf16_(format != CudaWeights::kF32), fp8_(format == CudaWeights::kFp8) {}
   ~CudaBackend() override {
     if (stream_ != nullptr) cudaStreamSynchronize(stream_);
     act_bf16_.reset();  // These free on stream_, which must still exist.
+    act_fp8_.reset();
+    act_fp8_scales_.reset();
     top_logits_.reset();
     state_cache_.reset();
     if (stream_ != nullptr) cudaStreamSynchronize(stream_);
     for (void* p : allocs_) cudaFree(p);
     if (blas_ != nullptr) blas_api_->destroy(blas_);
+    for (auto& [key, plan] : lt_plans_) {
+      blas_api_->layout_destroy(plan.a);
+      blas_api_->layout_destroy(plan.b);
+      blas_api_->layout_destroy(plan.d);
+      blas_api_->desc_destroy(plan.op);
+    }
+    if (lt_ != nullptr) blas_api_->lt_destroy(lt_);
+    if (lt_ws_ != nullptr) cudaFree(lt_ws_);
     if (stream_ != nullptr) cudaStreamDestroy(stream_);
   }
 
   Device device() const override { return Device::kCuda; }
   std::string Describe() const override {
     const bool fp4 = bf16_ && c_.expert_dtype == "fp4";
-    return absl::StrFormat("cuda: %s, %s weights%s, %.2f GiB on device", gpu_name_, bf16_ ? "bf16" : "fp32",
+    return absl::StrFormat("cuda: %s, %s weights%s, %.2f GiB on device", gpu_name_,
+                           fp8_ ? "fp8 (checkpoint fp8 linears) + bf16" : bf16_ ? "bf16" : "fp32",
                            fp4 ? " (mxfp4 routed experts)" : "",
                            static_cast<double>(weight_bytes_) / (1ull << 30));
   }
@@ -278,6 +322,12 @@ class CudaBackend final : public ForwardBackend {
   absl::Status InitMoeKernels();
   // Uploads (or, with host null, draws) a weight matrix.
   absl::Status Put(const float* host, int64_t out, int64_t in, bool bf16, WInit init, Mat* m);
+  // Uploads (or, with host null, draws) a weight matrix as FP8 tiles (in a multiple of 128), quantized on the
+  // device (kernels::QuantizeFp8Tiles; a checkpoint's FP8 weights come back exactly).
+  absl::Status PutFp8(const float* host, int64_t out, int64_t in, Mat* m);
+  // A linear weight in the backend's format: FP8 in the FP8 mode where the checkpoint stores it in FP8 (t
+  // null: drawn, as the released checkpoints' FP8 linears) and in is a multiple of 128, else BF16 or FP32.
+  absl::Status PutLinear(const cpu::Tensor* t, int64_t out, int64_t in, Mat* m);
 
   absl::StatusOr<std::vector<float>> Forward(absl::Span<const ForwardSegment> segments,
                                              absl::Span<const int32_t> tokens,
@@ -312,6 +362,15 @@ class CudaBackend final : public ForwardBackend {
   absl::Status Linear(const float* x, int64_t m, const Mat& w, float* y) const;
   absl::Status LinearBatched(const float* x, int64_t m, int64_t ldx, int64_t stride_x, const Mat& w,
                              int64_t groups, int64_t ldy, float* y) const;
+  // The FP8 GEMM: x quantized per row in blocks of 128 (model/cuda/fp8_gemm.cuh), then SkinnyGemmFp8 for up to
+  // kSkinnyRows rows and cuBLASLt's block-scaled FP8 GEMM above (GemmFp8, ours, where cuBLASLt cannot:
+  // a library without it, or weight rows of other than a multiple of 512); `path` forces one (bench/, tests).
+  // ldx a multiple of 128, x 16-byte aligned.
+  static constexpr int64_t kSkinnyRows = 16;
+  absl::Status LinearFp8(const float* x, int64_t m, int64_t ldx, const Mat& w, int64_t ldy, float* y,
+                         Fp8Path path = Fp8Path::kAuto) const;
+  // cuBLASLt runs this FP8 GEMM (scales: VEC128 for x, BLK128x128 for W, both FP32).
+  bool LtServes(const Mat& w) const { return lt_ != nullptr && (w.in / 128) % 4 == 0; }
   cudaStream_t stream() const { return stream_; }
   // Uploads (or, with host null, draws) MXFP4 weights, quantized from FP32 rows.
   absl::Status PutFp4(const float* host, int64_t out, int64_t in, Mat* m);
@@ -363,7 +422,8 @@ class CudaBackend final : public ForwardBackend {
   }
 
   ModelConfig c_;
-  bool bf16_;
+  bool bf16_;  // Low-precision mode (kBf16 or kFp8): BF16 weights, tensor-core attention, MXFP4 experts.
+  bool fp8_;   // kFp8: the checkpoint's FP8 linears stay FP8 (PutLinear).
   std::string gpu_name_;
   size_t smem_optin_ = 48 << 10;
   int64_t weight_bytes_ = 0;
@@ -371,6 +431,14 @@ class CudaBackend final : public ForwardBackend {
   cudaStream_t stream_ = nullptr;
   cublasHandle_t blas_ = nullptr;
   const CublasApi* blas_api_ = nullptr;
+  cublasLtHandle_t lt_ = nullptr;  // Null without cuBLASLt's block-scaled FP8 (CublasApi::lt_ok).
+  void* lt_ws_ = nullptr;
+  static constexpr size_t kLtWorkspace = size_t{32} << 20;
+  // By (m, out, in, ldx, ldy).
+  mutable absl::flat_hash_map<std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t>, LtPlan> lt_plans_;
+  // Null when cuBLASLt has no algorithm for the shape (remembered).
+  absl::StatusOr<const LtPlan*> GetLtPlan(int64_t m, int64_t out, int64_t in, int64_t ldx, int64_t ldy,
+                                          const void* a_scale, const void* b_scale) const;
   cpu::RopeTable rope_main_, rope_comp_;
   float *inv_main_ = nullptr, *inv_comp_ = nullptr;
   Mat embed_, head_;
@@ -379,6 +447,8 @@ class CudaBackend final : public ForwardBackend {
   std::vector<LayerW> layers_;
   uint64_t seed_ = 0;
   mutable std::unique_ptr<Buf<__nv_bfloat16>> act_bf16_;  // Scratch for BF16 GEMM inputs.
+  mutable std::unique_ptr<Buf<uint8_t>> act_fp8_;         // Scratch for FP8 GEMM inputs: codes,
+  mutable std::unique_ptr<Buf<float>> act_fp8_scales_;    // and their block scales.
   mutable std::unique_ptr<Buf<float>> top_logits_;        // ForwardTop's logits, for TopLogits::full_row.
   mutable uint64_t runs_ = 0;  // Forwards so far (full_row checks its own is last).
   mutable std::unique_ptr<DeviceStateCache> state_cache_;

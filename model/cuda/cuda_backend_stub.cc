@@ -27,7 +27,7 @@ absl::StatusOr<std::vector<std::vector<int64_t>>> TopK(const std::vector<float>&
   return NotBuilt();
 }
 absl::StatusOr<std::vector<float>> Linear(const std::vector<float>&, int64_t, int64_t,
-                                          const std::vector<float>&, int64_t, CudaWeights) {
+                                          const std::vector<float>&, int64_t, CudaWeights, int, double*, Fp8Path) {
   return NotBuilt();
 }
 absl::Status Rope(std::vector<float>*, int64_t, int64_t, int64_t, const std::vector<double>&,

@@ -5,6 +5,9 @@
 // ldmatrix.x4 (lane l addresses row l % 16, column 8 * (l / 16)); a [n][k] tile gives B for two n-tiles by
 // ldmatrix.x4 (row (l % 8) + 8 * (l / 16), column 8 * ((l / 8) % 2)); a [k][n] tile gives B by
 // ldmatrix.x4.trans (row l % 16, column 8 * (l / 16)).
+// mma.m16n8k32 with FP8 e4m3 operands has the same shapes in bytes: A holds rows g and g + 8 at bytes 4t .. 4t + 3
+// (+ 16), B column g at bytes 4t .. 4t + 3 (+ 16) of k, so ldmatrix on byte tiles gives both as above (a 16-byte
+// row chunk being eight b16 columns).
 #ifndef V4SERVE_MODEL_CUDA_MMA_CUH_
 #define V4SERVE_MODEL_CUDA_MMA_CUH_
 
@@ -36,6 +39,15 @@ __device__ __forceinline__ void MmaBf16(float (&d)[4], const uint32_t (&a)[4], u
       "{%0, %1, %2, %3};\n"
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+// d += a (16x32, row) * b (32x8, col), FP8 e4m3 in (four values a register), FP32 accumulate.
+__device__ __forceinline__ void MmaFp8(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                       uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k32.row.col.f32.e4m3.e4m3.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 __device__ __forceinline__ uint32_t PackBf16(float lo, float hi) {
   const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);

@@ -20,6 +20,7 @@
 #include "gtest/gtest.h"
 #include "model/backend.h"
 #include "model/cpu/attention.h"
+#include "model/cpu/numerics.h"
 #include "model/cpu/ops.h"
 #include "model/cpu/weights.h"
 #include "model/device.h"
@@ -131,6 +132,63 @@ TEST(CudaKernelTest, LinearMatchesCpuInBothWeightFormats) {
   ASSERT_TRUE(y.ok()) << y.status();
   EXPECT_LT(RelL2(*y, refb), 1e-5);
   EXPECT_LT(RelL2(*y, ref), 1e-2);
+}
+
+// The FP8 weight mode's GEMM (model/cuda/fp8_gemm.cuh) against the CPU faithful mode's: the input through
+// cpu::Numerics::Fp8Blocks (bit for bit the device's quantization), the weights through 128 x 128 tiles with
+// E8M0 scales 2^ceil(log2(amax / 448)) (quantized here from the definition), the product in double. What is
+// left is the tensor cores' summation (Hopper's FP8 MMA accumulates a 128-wide block with reduced precision,
+// ~2^-14 relative, before the FP32 promotion): ~1e-4 rel. L2 over the output and up to ~1.5e-3 in a row
+// (cuBLASLt's, whose accumulation is the coarser; FP8 rounding of the input itself is ~4e-2), where a wrong
+// scale, tile or k order is O(1e-1) or more. Each kernel runs (SkinnyGemmFp8 at 1-8, 9-16, 17-32, 33-64 rows; GemmFp8; cuBLASLt on
+// the rows up to a multiple of 4 with ours on the rest) on partial tiles (out 320 = 2.5 tiles of 128, rows
+// past 64); one input block is all zeros (scale from the 1e-4 floor) and one is large.
+TEST(CudaKernelTest, Fp8LinearMatchesTheFaithfulGemm) {
+  SKIP_WITHOUT_GPU();
+  const int64_t in = 1024, out = 320;
+  std::vector<float> w = Random(out * in, 16, 0.03f);
+  for (int64_t i = 0; i < 128; ++i) w[200 * in + 512 + i] *= 1e3f;  // One tile with a much larger scale.
+  std::vector<float> wq = w;
+  for (int64_t r0 = 0; r0 < out; r0 += 128) {
+    for (int64_t c0 = 0; c0 < in; c0 += 128) {
+      float amax = 0;
+      for (int64_t r = r0; r < std::min(out, r0 + 128); ++r)
+        for (int64_t c = c0; c < c0 + 128; ++c) amax = std::max(amax, std::fabs(w[r * in + c]));
+      const float q = std::max(amax, 0x1p-100f) * (1.0f / 448.0f);
+      int e = 0;
+      const float frac = std::frexp(q, &e);  // q = frac * 2^e, frac in [0.5, 1): ceil(log2 q) = e - (frac == .5).
+      const float s = std::ldexp(1.0f, frac == 0.5f ? e - 1 : e);
+      for (int64_t r = r0; r < std::min(out, r0 + 128); ++r)
+        for (int64_t c = c0; c < c0 + 128; ++c) wq[r * in + c] = RoundToFp8E4m3(w[r * in + c] / s) * s;
+    }
+  }
+  const cpu::Numerics faithful{true};
+  for (int64_t m : {1, 5, 13, 40, 64, 65, 200}) {
+    std::vector<float> x = Random(m * in, 17 + m);
+    for (int64_t i = 0; i < 128; ++i) x[(m - 1) * in + 256 + i] = 0;  // A zero block.
+    for (int64_t i = 0; i < 128; ++i) x[i] *= 300.0f;                // A large one.
+    std::vector<float> xq = x, ref(static_cast<size_t>(m * out));
+    faithful.Fp8Blocks(xq.data(), m, in, in, 128);
+    for (int64_t r = 0; r < m; ++r) {
+      for (int64_t o = 0; o < out; ++o) {
+        ref[r * out + o] = static_cast<float>(cpu::DotF64(&xq[r * in], &wq[o * in], in));
+      }
+    }
+    // What the row count picks, and each kernel forced (cuBLASLt's part a multiple of 4 rows, ours the rest).
+    for (const cuda::Fp8Path path :
+         {cuda::Fp8Path::kAuto, cuda::Fp8Path::kTile, cuda::Fp8Path::kSkinny, cuda::Fp8Path::kLt}) {
+      if (path == cuda::Fp8Path::kSkinny && m > 64) continue;
+      absl::StatusOr<std::vector<float>> y =
+          cuda::testing::Linear(x, m, in, w, out, CudaWeights::kFp8, 0, nullptr, path);
+      ASSERT_TRUE(y.ok()) << y.status();
+      EXPECT_LT(RelL2(*y, ref), 2e-4) << m << " rows, path " << static_cast<int>(path);
+      for (int64_t r = 0; r < m; ++r) {  // Every row on its own too (a row or tile the kernels skip shows here).
+        std::vector<float> yr(y->begin() + r * out, y->begin() + (r + 1) * out);
+        std::vector<float> rr(ref.begin() + r * out, ref.begin() + (r + 1) * out);
+        ASSERT_LT(RelL2(yr, rr), 5e-3) << m << " rows, row " << r << ", path " << static_cast<int>(path);
+      }
+    }
+  }
 }
 
 TEST(CudaKernelTest, ArgmaxRowsTakesTheLowestIndexOnTies) {
@@ -493,6 +551,13 @@ TEST(CudaModelTest, Fp32WeightsMatchWithASelectiveIndexer) {
 TEST(CudaModelTest, Bf16WeightsStayCloseToTheCpuReference) {
   SKIP_WITHOUT_GPU();
   CompareModel(CudaWeights::kBf16, 0, 5e-2, false);
+}
+
+// The FP8 mode rounds the FP8 linears' inputs as the faithful mode does (and keeps their weights exact): the
+// same yardstick as BF16.
+TEST(CudaModelTest, Fp8WeightsStayCloseToTheCpuReference) {
+  SKIP_WITHOUT_GPU();
+  CompareModel(CudaWeights::kFp8, 0, 5e-2, false);
 }
 
 // The backend keeps device copies of the states between calls (model/cuda/device_state_cache.h). Every way

@@ -1,0 +1,263 @@
+// The CUDA backend's linear layers: weights in FP8 tiles (PutFp8, PutLinear) and the GEMMs y = x W^T in each
+// weight format (cuBLAS for FP32/BF16, model/cuda/fp8_gemm.cuh for FP8). See cuda_backend_impl.cuh.
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "model/cpu/weights.h"
+#include "model/cuda/cuda_backend.h"
+#include "model/cuda/cuda_backend_impl.cuh"
+#include "model/cuda/cuda_check.h"
+#include "model/cuda/cuda_kernels.cuh"
+#include "model/cuda/fp8_gemm.cuh"
+#include "services/status_macros.h"
+
+namespace v4serve::model::cuda {
+namespace impl {
+
+namespace k = kernels;
+
+absl::Status CudaBackend::PutFp8(const float* host, int64_t out, int64_t in, Mat* m) {
+  if (in % k::kFp8Block != 0) {
+    return absl::InvalidArgumentError(absl::StrCat("FP8 weights need rows of a multiple of 128, got ", in));
+  }
+  m->out = out;
+  m->in = in;
+  m->fp8 = true;
+  const int64_t n = out * in, tiles = (out + k::kFp8Block - 1) / k::kFp8Block * (in / k::kFp8Block);
+  V4_CUDA_RETURN_IF_ERROR(cudaMalloc(&m->p, std::max<int64_t>(1, n)));
+  allocs_.push_back(m->p);
+  V4_CUDA_RETURN_IF_ERROR(cudaMalloc(&m->tile_scales, std::max<int64_t>(1, tiles) * 4));
+  allocs_.push_back(m->tile_scales);
+  weight_bytes_ += m->bytes();
+  if (n == 0) return absl::OkStatus();
+  Buf<float> f32(stream_);
+  RETURN_IF_ERROR(f32.Alloc(n));
+  if (host != nullptr) {
+    V4_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(f32.get(), host, n * 4, cudaMemcpyHostToDevice, stream_));
+  } else {  // N(0, 1/in)-like, as Put draws BF16/FP32 weights.
+    k::RandomFill<<<1024, 256, 0, stream_>>>(f32.get(), false, n, ++seed_, 1.0f / std::sqrt(static_cast<float>(in)));
+    V4_LAUNCH_CHECK(RandomFill);
+  }
+  const dim3 grid(static_cast<unsigned>(in / k::kFp8Block),
+                  static_cast<unsigned>((out + k::kFp8Block - 1) / k::kFp8Block));
+  k::QuantizeFp8Tiles<<<grid, 256, 0, stream_>>>(f32.get(), out, in, static_cast<uint8_t*>(m->p), m->tile_scales);
+  V4_LAUNCH_CHECK(QuantizeFp8Tiles);
+  return Sync();  // The host rows and the FP32 scratch go away after this.
+}
+
+absl::Status CudaBackend::PutLinear(const cpu::Tensor* t, int64_t out, int64_t in, Mat* m) {
+  const float* host = t != nullptr ? t->data() : nullptr;
+  if (fp8_ && in % k::kFp8Block == 0 && (t == nullptr || t->quantized)) return PutFp8(host, out, in, m);
+  return Put(host, out, in, bf16_, host != nullptr ? WInit::kHost : WInit::kRandom, m);
+}
+
+absl::Status CudaBackend::Linear(const float* x, int64_t m, const Mat& w, float* y) const {
+  return LinearBatched(x, m, w.in, 0, w, 1, w.out, y);
+}
+
+// Groups g < `groups`: y[:, g*out_g ...] (row stride ldy) = x[:, g*stride_x ...] (row stride ldx) W_g^T, with
+// W_g the g-th block of w.out / groups rows. Column-major view: Y^T = W · X^T.
+absl::Status CudaBackend::LinearBatched(const float* x, int64_t m, int64_t ldx, int64_t stride_x,
+                                        const Mat& w, int64_t groups, int64_t ldy, float* y) const {
+  if (m == 0) return absl::OkStatus();
+  const int64_t out = w.out / groups, in = w.in;
+  CountGemm(w, m);
+  if (w.fp8) {
+    if (groups != 1) return absl::InternalError("FP8 weights in a grouped projection");
+    return LinearFp8(x, m, ldx, w, ldy, y);
+  }
+  const float alpha = 1.0f, beta = 0.0f;
+  const void* xin = x;
+  cudaDataType_t type = CUDA_R_32F;
+  if (w.bf16) {
+    const int64_t n = (m - 1) * ldx + (groups - 1) * stride_x + in;
+    RETURN_IF_ERROR(act_bf16_->Alloc(n));
+    k::ToBf16<<<Blocks(n, 256), 256, 0, stream_>>>(x, n, act_bf16_->get());
+    V4_LAUNCH_CHECK(ToBf16);
+    xin = act_bf16_->get();
+    type = CUDA_R_16BF;
+  }
+  V4_CUBLAS_RETURN_IF_ERROR(blas_api_->gemm_strided_batched(
+      blas_, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(out), static_cast<int>(m), static_cast<int>(in),
+      &alpha, w.p, type, static_cast<int>(in), out * in, xin, type, static_cast<int>(ldx), stride_x, &beta, y,
+      CUDA_R_32F, static_cast<int>(ldy), out, static_cast<int>(groups), CUBLAS_COMPUTE_32F,
+      CUBLAS_GEMM_DEFAULT));
+  return absl::OkStatus();
+}
+
+absl::StatusOr<const LtPlan*> CudaBackend::GetLtPlan(int64_t m, int64_t out, int64_t in, int64_t ldx, int64_t ldy,
+                                                     const void* a_scale, const void* b_scale) const {
+  const auto key = std::make_tuple(m, out, in, ldx, ldy);
+  if (auto it = lt_plans_.find(key); it != lt_plans_.end()) return it->second.op != nullptr ? &it->second : nullptr;
+  const CublasApi& api = *blas_api_;
+  // D^T [out, m] = W [out, in] . X^T in cuBLAS's column-major terms: A = W (transposed), B = X, both k-major.
+  LtPlan p;
+  V4_CUBLAS_RETURN_IF_ERROR(api.desc_create(&p.op, CUBLAS_COMPUTE_32F, CUDA_R_32F));
+  const cublasOperation_t ta = CUBLAS_OP_T, tb = CUBLAS_OP_N;
+  const cublasLtMatmulMatrixScale_t a_mode = CUBLASLT_MATMUL_MATRIX_SCALE_BLK128x128_32F,
+                                    b_mode = CUBLASLT_MATMUL_MATRIX_SCALE_VEC128_32F;
+  V4_CUBLAS_RETURN_IF_ERROR(api.desc_set(p.op, CUBLASLT_MATMUL_DESC_TRANSA, &ta, sizeof(ta)));
+  V4_CUBLAS_RETURN_IF_ERROR(api.desc_set(p.op, CUBLASLT_MATMUL_DESC_TRANSB, &tb, sizeof(tb)));
+  V4_CUBLAS_RETURN_IF_ERROR(api.desc_set(p.op, CUBLASLT_MATMUL_DESC_A_SCALE_MODE, &a_mode, sizeof(a_mode)));
+  V4_CUBLAS_RETURN_IF_ERROR(api.desc_set(p.op, CUBLASLT_MATMUL_DESC_B_SCALE_MODE, &b_mode, sizeof(b_mode)));
+  // The heuristic refuses block-scaled modes without scale pointers (INVALID_VALUE); each call sets its own.
+  V4_CUBLAS_RETURN_IF_ERROR(api.desc_set(p.op, CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, &a_scale, sizeof(a_scale)));
+  V4_CUBLAS_RETURN_IF_ERROR(api.desc_set(p.op, CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, &b_scale, sizeof(b_scale)));
+  V4_CUBLAS_RETURN_IF_ERROR(api.layout_create(&p.a, CUDA_R_8F_E4M3, in, out, in));
+  V4_CUBLAS_RETURN_IF_ERROR(api.layout_create(&p.b, CUDA_R_8F_E4M3, in, m, ldx));
+  V4_CUBLAS_RETURN_IF_ERROR(api.layout_create(&p.d, CUDA_R_32F, out, m, ldy));
+  cublasLtMatmulPreference_t pref;
+  V4_CUBLAS_RETURN_IF_ERROR(api.pref_create(&pref));
+  const size_t ws = kLtWorkspace;
+  V4_CUBLAS_RETURN_IF_ERROR(api.pref_set(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof(ws)));
+  cublasLtMatmulHeuristicResult_t heur{};
+  int found = 0;
+  const cublasStatus_t hs = api.heuristic(lt_, p.op, p.a, p.b, p.d, p.d, pref, 1, &heur, &found);
+  api.pref_destroy(pref);
+  if (hs != CUBLAS_STATUS_SUCCESS || found == 0) {  // Remembered as such: ours serve this shape.
+    api.layout_destroy(p.a);
+    api.layout_destroy(p.b);
+    api.layout_destroy(p.d);
+    api.desc_destroy(p.op);
+    lt_plans_.emplace(key, LtPlan{});
+    return nullptr;
+  }
+  p.algo = heur.algo;
+  return &lt_plans_.emplace(key, p).first->second;
+}
+
+// cuBLASLt takes a multiple of 4 rows (it has no algorithm for other counts with VEC128 scales: measured on
+// an H200, cuBLAS 13.1), the kernels here the rest.
+absl::Status CudaBackend::LinearFp8(const float* x, int64_t m, int64_t ldx, const Mat& w, int64_t ldy, float* y,
+                                    Fp8Path path) const {
+  if (ldx % k::kFp8Block != 0 || reinterpret_cast<uintptr_t>(x) % 16 != 0) {
+    return absl::InternalError(absl::StrCat("FP8 GEMM input rows of stride ", ldx,
+                                            " (needs a multiple of 128) or not 16-byte aligned"));
+  }
+  if (path == Fp8Path::kLt && !LtServes(w)) {
+    return absl::UnimplementedError("cuBLASLt's block-scaled FP8 GEMM is not available for this weight");
+  }
+  if (path == Fp8Path::kSkinny && m > k::kSkinnyMaxRows) {
+    return absl::InvalidArgumentError(absl::StrCat("SkinnyGemmFp8 takes up to ", k::kSkinnyMaxRows, " rows"));
+  }
+  const int64_t row_blocks = ldx / k::kFp8Block, in_blocks = w.in / k::kFp8Block;
+  RETURN_IF_ERROR(act_fp8_->Alloc((m - 1) * ldx + w.in));
+  RETURN_IF_ERROR(act_fp8_scales_->Alloc(m * row_blocks));
+  // cuBLASLt's rows (m4) take M-major scales ([k block][row]); the rest's row-major ones follow in the buffer.
+  int64_t m4 = 0;
+  const LtPlan* plan = nullptr;
+  const void* a_scale = w.tile_scales;
+  const void* b_scale = act_fp8_scales_->get();
+  if (LtServes(w) && m >= 4 && (path == Fp8Path::kLt || (path == Fp8Path::kAuto && m > kSkinnyRows))) {
+    ASSIGN_OR_RETURN(plan, GetLtPlan(m / 4 * 4, w.out, w.in, ldx, ldy, a_scale, b_scale));
+    if (plan != nullptr) m4 = m / 4 * 4;
+  }
+  if (path == Fp8Path::kLt && plan == nullptr && m >= 4) {
+    return absl::UnimplementedError(absl::StrCat("cuBLASLt has no block-scaled FP8 GEMM for ", m, " x ", w.out,
+                                                 " x ", w.in));
+  }
+  if (m4 > 0) {
+    k::QuantizeFp8Blocks<<<Blocks(m4 * row_blocks, 8), 256, 0, stream_>>>(x, m4, row_blocks, in_blocks, m4,
+                                                                         act_fp8_->get(), act_fp8_scales_->get());
+    V4_LAUNCH_CHECK(QuantizeFp8Blocks);
+    const CublasApi& api = *blas_api_;
+    V4_CUBLAS_RETURN_IF_ERROR(
+        api.desc_set(plan->op, CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, &a_scale, sizeof(a_scale)));
+    V4_CUBLAS_RETURN_IF_ERROR(
+        api.desc_set(plan->op, CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, &b_scale, sizeof(b_scale)));
+    const float alpha = 1.0f, beta = 0.0f;
+    V4_CUBLAS_RETURN_IF_ERROR(api.matmul(lt_, plan->op, &alpha, w.p, plan->a, act_fp8_->get(), plan->b, &beta, y,
+                                         plan->d, y, plan->d, &plan->algo, lt_ws_, kLtWorkspace, stream_));
+    if (m4 == m) return absl::OkStatus();
+  }
+  // The other rows (all of them without cuBLASLt): SkinnyGemmFp8 up to its bound, else GemmFp8.
+  const int64_t rest = m - m4;
+  uint8_t* codes_r = act_fp8_->get() + m4 * ldx;
+  float* scales_r = act_fp8_scales_->get() + m4 * row_blocks;
+  float* yr = y + m4 * ldy;
+  k::QuantizeFp8Blocks<<<Blocks(rest * row_blocks, 8), 256, 0, stream_>>>(x + m4 * ldx, rest, row_blocks, in_blocks,
+                                                                         0, codes_r, scales_r);
+  V4_LAUNCH_CHECK(QuantizeFp8Blocks);
+  const uint8_t* codes = static_cast<const uint8_t*>(w.p);
+  const auto skinny = [&](auto kernel) {
+    kernel<<<static_cast<unsigned>(Blocks(w.out, 16)), 128, 0, stream_>>>(codes_r, scales_r, rest, ldx, codes,
+                                                                         w.tile_scales, w.in, w.out, ldy, yr);
+  };
+  if (path == Fp8Path::kTile || rest > k::kSkinnyMaxRows) {
+    const dim3 grid(static_cast<unsigned>(Blocks(rest, k::kF8Bm)), static_cast<unsigned>(Blocks(w.out, k::kF8Bn)));
+    k::GemmFp8<<<grid, 256, k::kF8Smem, stream_>>>(codes_r, scales_r, rest, ldx, codes, w.tile_scales, w.in,
+                                                    w.out, ldy, yr);
+  } else if (rest <= 8) {
+    skinny(k::SkinnyGemmFp8<1>);
+  } else if (rest <= 16) {
+    skinny(k::SkinnyGemmFp8<2>);
+  } else if (rest <= 32) {
+    skinny(k::SkinnyGemmFp8<4>);
+  } else {
+    skinny(k::SkinnyGemmFp8<8>);
+  }
+  V4_LAUNCH_CHECK(GemmFp8);
+  return absl::OkStatus();
+}
+
+}  // namespace impl
+
+namespace testing {
+
+using impl::Buf;
+using impl::CudaBackend;
+using impl::Mat;
+using impl::WInit;
+
+absl::StatusOr<std::vector<float>> Linear(const std::vector<float>& x, int64_t m, int64_t in,
+                                          const std::vector<float>& w, int64_t out, CudaWeights format,
+                                          int repeats, double* seconds, Fp8Path fp8_path) {
+  if (static_cast<int64_t>(x.size()) != m * in || static_cast<int64_t>(w.size()) != out * in) {
+    return absl::InvalidArgumentError("Linear: sizes do not match");
+  }
+  CudaBackend b(ModelConfig{}, format);  // Runtime only, no model weights.
+  RETURN_IF_ERROR(b.InitRuntime());
+  Mat mat;
+  if (format == CudaWeights::kFp8) {
+    RETURN_IF_ERROR(b.PutFp8(w.data(), out, in, &mat));
+  } else {
+    RETURN_IF_ERROR(b.Put(w.data(), out, in, format == CudaWeights::kBf16, WInit::kHost, &mat));
+  }
+  Buf<float> dx(b.stream()), dy(b.stream());
+  RETURN_IF_ERROR(dx.Upload(x));
+  RETURN_IF_ERROR(dy.Alloc(m * out));
+  auto call = [&]() {
+    return fp8_path == Fp8Path::kAuto ? b.Linear(dx.get(), m, mat, dy.get())
+                                      : b.LinearFp8(dx.get(), m, in, mat, out, dy.get(), fp8_path);
+  };
+  if (fp8_path != Fp8Path::kAuto && format != CudaWeights::kFp8) {
+    return absl::InvalidArgumentError("an FP8 kernel path needs CudaWeights::kFp8");
+  }
+  RETURN_IF_ERROR(call());
+  if (seconds != nullptr && repeats > 0) {
+    cudaEvent_t start, stop;
+    V4_CUDA_RETURN_IF_ERROR(cudaEventCreate(&start));
+    V4_CUDA_RETURN_IF_ERROR(cudaEventCreate(&stop));
+    V4_CUDA_RETURN_IF_ERROR(cudaEventRecord(start, b.stream()));
+    for (int i = 0; i < repeats; ++i) RETURN_IF_ERROR(call());
+    V4_CUDA_RETURN_IF_ERROR(cudaEventRecord(stop, b.stream()));
+    V4_CUDA_RETURN_IF_ERROR(cudaEventSynchronize(stop));
+    float ms = 0;
+    V4_CUDA_RETURN_IF_ERROR(cudaEventElapsedTime(&ms, start, stop));
+    *seconds = ms / 1e3 / repeats;
+    cudaEventDestroy(start);
+    cudaEventDestroy(stop);
+  }
+  std::vector<float> y;
+  RETURN_IF_ERROR(dy.Download(&y));
+  V4_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(b.stream()));
+  return y;
+}
+
+}  // namespace testing
+}  // namespace v4serve::model::cuda

@@ -1,0 +1,266 @@
+// FP8 GEMMs with DeepSeek's block scales (MODEL.md "Checkpoint format" and "Precision the reference
+// simulates"), for the CUDA backend's FP8 weight mode (CudaWeights::kFp8, model/cuda/cuda_linear.cu):
+// - weights W [out, in]: e4m3 codes with one power-of-two scale per 128 x 128 tile (the checkpoint's format,
+//   its E8M0 bytes kept as FP32 for cuBLASLt; scales [ceil(out / 128), in / 128], in a multiple of 128);
+// - the GEMM input x [m, in]: quantized per row in blocks of 128 as DeepSeek's act_quant does and as the CPU
+//   faithful mode's Numerics::Fp8Blocks does (scale 2^ceil(log2(amax / 448)), amax at least 1e-4; e4m3
+//   round-to-nearest-even, saturating at 448), so x's values equal the CPU's bit for bit;
+// - y = x W^T in FP32: each 128-wide k block is summed on the tensor cores (mma.sync m16n8k32 e4m3, FP32
+//   accumulators) and added to an FP32 total times (x's block scale x W's tile scale), DeepGEMM's
+//   "promotion": Hopper's FP8 MMA accumulates with reduced precision, so a block is never longer than 128.
+// Same conventions as cuda_kernels.cuh (internal linkage; each .cu compiles the kernels it launches).
+#ifndef V4SERVE_MODEL_CUDA_FP8_GEMM_CUH_
+#define V4SERVE_MODEL_CUDA_FP8_GEMM_CUH_
+
+#include <cuda_fp8.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "model/cuda/cuda_kernels.cuh"
+#include "model/cuda/mma.cuh"
+
+namespace v4serve::model::cuda::kernels {
+namespace {
+
+constexpr int kFp8Block = 128;  // Scale block along k (and along out for the weights' tiles).
+
+__device__ __forceinline__ int64_t MinI64(int64_t a, int64_t b) { return a < b ? a : b; }
+
+// 2^ceil(log2(amax / qmax)) as model/cpu/numerics.cc's Pow2CeilScale computes it (amax times the FP32
+// reciprocal, rounded up to a power of two from the bits), and its exact reciprocal.
+struct Pow2Scale {
+  float s, inv;
+};
+__device__ __forceinline__ Pow2Scale Pow2CeilScale(float amax, float qmax) {
+  const float x = amax * (1.0f / qmax);
+  const uint32_t bits = __float_as_uint(x);
+  const int e = static_cast<int>((bits >> 23) & 0xffu) - 127 + ((bits & 0x7fffffu) != 0 ? 1 : 0);
+  return {__uint_as_float(static_cast<uint32_t>(e + 127) << 23), __uint_as_float(static_cast<uint32_t>(127 - e) << 23)};
+}
+__device__ __forceinline__ uint32_t Fp8E4m3(float v) {
+  return static_cast<uint32_t>(__nv_cvt_float_to_fp8(v, __NV_SATFINITE, __NV_E4M3));
+}
+// The GEMM input's quantization: the first in_blocks blocks of 128 FP32 values of each of `rows` rows of
+// row_blocks blocks (x 16-byte aligned) become e4m3 codes (at the same offsets) and one FP32 scale each, at
+// scales[r * row_blocks + j] (row-major, the kernels below) or, with rows_t > 0, at scales[j * rows_t + r]
+// (cuBLASLt's VEC128 layout, "M-major"). A warp per block.
+__global__ void QuantizeFp8Blocks(const float* x, int64_t rows, int64_t row_blocks, int64_t in_blocks,
+                                  int64_t rows_t, uint8_t* codes, float* scales) {
+  const int64_t b = static_cast<int64_t>(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32;
+  const int64_t r = b / row_blocks, j = b % row_blocks;
+  if (r >= rows || j >= in_blocks) return;
+  const int lane = static_cast<int>(threadIdx.x % 32);
+  const float4 v = reinterpret_cast<const float4*>(x + b * kFp8Block)[lane];
+  const float amax = WarpMax(fmaxf(fmaxf(fabsf(v.x), fabsf(v.y)), fmaxf(fabsf(v.z), fabsf(v.w))));
+  const Pow2Scale s = Pow2CeilScale(fmaxf(amax, 1e-4f), 448.0f);
+  reinterpret_cast<uint32_t*>(codes + b * kFp8Block)[lane] = Fp8E4m3(v.x * s.inv) | Fp8E4m3(v.y * s.inv) << 8 |
+                                                             Fp8E4m3(v.z * s.inv) << 16 | Fp8E4m3(v.w * s.inv) << 24;
+  if (lane == 0) scales[rows_t > 0 ? j * rows_t + r : b] = s.s;
+}
+
+// A weight matrix's tiles at load: w [out, in] FP32 (in a multiple of 128) to e4m3 codes and tile scales
+// 2^ceil(log2(amax / 448)) [ceil(out / 128), in / 128]. A checkpoint's FP8 weights come back exactly (their tile's amax is at most
+// 448 times their scale, so the new scale is at most theirs and the codes only gain exponent). Grid
+// (in / 128, ceil(out / 128)), 256 threads.
+__global__ void QuantizeFp8Tiles(const float* w, int64_t out, int64_t in, uint8_t* codes, float* scales) {
+  const int64_t r0 = static_cast<int64_t>(blockIdx.y) * kFp8Block, c0 = static_cast<int64_t>(blockIdx.x) * kFp8Block;
+  const int rows = static_cast<int>(MinI64(kFp8Block, out - r0));
+  float amax = 0;
+  for (int i = static_cast<int>(threadIdx.x); i < rows * kFp8Block; i += blockDim.x) {
+    amax = fmaxf(amax, fabsf(w[(r0 + i / kFp8Block) * in + c0 + i % kFp8Block]));
+  }
+  amax = BlockMax(amax);
+  const Pow2Scale s = Pow2CeilScale(fmaxf(amax, 0x1p-100f), 448.0f);
+  for (int i = static_cast<int>(threadIdx.x); i < rows * kFp8Block; i += blockDim.x) {
+    const int64_t at = (r0 + i / kFp8Block) * in + c0 + i % kFp8Block;
+    codes[at] = static_cast<uint8_t>(Fp8E4m3(w[at] * s.inv));
+  }
+  if (threadIdx.x == 0) scales[blockIdx.y * (in / kFp8Block) + blockIdx.x] = s.s;
+}
+
+// y[r, n] (row stride ldy) = sum_k x[r, k] W[n, k] for m <= 8 * kTok rows (decode steps): the weights are the
+// MMA's A operand (16 output features a warp) and the input rows its B operand (8 a tile), so a few rows
+// waste no weight bandwidth. xq/xs: QuantizeFp8Blocks's codes and scales of rows of stride ldx (a multiple
+// of 128). Each lane loads 16 consecutive bytes of k from its two weight rows and from its input row; the
+// MMA's k order is permuted the same way on both sides (lane t's bytes 16t .. 16t + 15 of a 64-byte chunk
+// stand for the fragment's k 4t .. 4t + 3 and 16 + 4t .. of two k32 steps), which a dot product does not
+// see, and every load is a whole 16 bytes. The 4 warps of a block split the 128-wide k blocks (warp w takes
+// w, w + 4, ...) and add their totals in shared memory, in warp order. Grid ceil(out / 16), 128 threads.
+constexpr int64_t kSkinnyMaxRows = 64;  // kTok <= 8.
+template <int kTok>
+__global__ void __launch_bounds__(128)
+    SkinnyGemmFp8(const uint8_t* xq, const float* xs, int64_t m, int64_t ldx, const uint8_t* w,
+                  const float* ws, int64_t in, int64_t out, int64_t ldy, float* y) {
+  __shared__ float red[4][kTok][32][4];
+  const int warp = static_cast<int>(threadIdx.x / 32), lane = static_cast<int>(threadIdx.x % 32);
+  const int g = lane / 4, t = lane % 4;
+  const int64_t n0 = static_cast<int64_t>(blockIdx.x) * 16;
+  const int64_t r0 = min(n0 + g, out - 1), r1 = min(n0 + g + 8, out - 1);
+  const int64_t kbs = in / kFp8Block, xbs = ldx / kFp8Block;
+  const uint8_t* w0 = w + r0 * in + t * 16;
+  const uint8_t* w1 = w + r1 * in + t * 16;
+  const float* ws0 = ws + (r0 / kFp8Block) * kbs;
+  const float* ws1 = ws + (r1 / kFp8Block) * kbs;
+  float tot[kTok][4];
+#pragma unroll
+  for (int tg = 0; tg < kTok; ++tg) tot[tg][0] = tot[tg][1] = tot[tg][2] = tot[tg][3] = 0.f;
+  for (int64_t kb = warp; kb < kbs; kb += 4) {
+    const int64_t k = kb * kFp8Block;
+    const uint4 a00 = *reinterpret_cast<const uint4*>(w0 + k), a01 = *reinterpret_cast<const uint4*>(w0 + k + 64);
+    const uint4 a10 = *reinterpret_cast<const uint4*>(w1 + k), a11 = *reinterpret_cast<const uint4*>(w1 + k + 64);
+    const float sw0 = ws0[kb], sw1 = ws1[kb];
+#pragma unroll
+    for (int tg = 0; tg < kTok; ++tg) {
+      const uint8_t* xp = xq + MinI64(tg * 8 + g, m - 1) * ldx + k + t * 16;
+      const uint4 b0 = *reinterpret_cast<const uint4*>(xp), b1 = *reinterpret_cast<const uint4*>(xp + 64);
+      float acc[4] = {0.f, 0.f, 0.f, 0.f};
+      MmaFp8(acc, a00.x, a10.x, a00.y, a10.y, b0.x, b0.y);
+      MmaFp8(acc, a00.z, a10.z, a00.w, a10.w, b0.z, b0.w);
+      MmaFp8(acc, a01.x, a11.x, a01.y, a11.y, b1.x, b1.y);
+      MmaFp8(acc, a01.z, a11.z, a01.w, a11.w, b1.z, b1.w);
+      const float sa0 = xs[MinI64(tg * 8 + 2 * t, m - 1) * xbs + kb];
+      const float sa1 = xs[MinI64(tg * 8 + 2 * t + 1, m - 1) * xbs + kb];
+      tot[tg][0] += acc[0] * (sw0 * sa0);  // Feature g, rows 2t and 2t + 1; then feature g + 8.
+      tot[tg][1] += acc[1] * (sw0 * sa1);
+      tot[tg][2] += acc[2] * (sw1 * sa0);
+      tot[tg][3] += acc[3] * (sw1 * sa1);
+    }
+  }
+#pragma unroll
+  for (int tg = 0; tg < kTok; ++tg) {
+#pragma unroll
+    for (int j = 0; j < 4; ++j) red[warp][tg][lane][j] = tot[tg][j];
+  }
+  __syncthreads();
+  // Warp tg % 4 writes token group tg.
+  for (int tg = warp; tg < kTok; tg += 4) {
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const float v = red[0][tg][lane][j] + red[1][tg][lane][j] + red[2][tg][lane][j] + red[3][tg][lane][j];
+      const int64_t n = n0 + g + (j >= 2 ? 8 : 0), r = tg * 8 + 2 * t + (j & 1);
+      if (n < out && r < m) y[r * ldy + n] = v;
+    }
+  }
+}
+
+// The tile GEMM for longer inputs (prefill): the same y for any m, 64 x 128 output tiles, 256 threads as 2 x 4
+// warps of 32 x 32, k steps of one 128 scale block through a two-stage cp.async pipeline. Shared-memory rows
+// are 128 bytes with their 16-byte chunks XOR-swizzled by the row, so each ldmatrix's 8 rows hit 8 different
+// bank groups. Rows past m read row m - 1 and columns past out read row out - 1 of W; neither is stored.
+// Grid (ceil(m / 64), ceil(out / 128)).
+constexpr int kF8Bm = 64, kF8Bn = 128;
+constexpr size_t kF8Smem = 2 * (kF8Bm + kF8Bn) * kFp8Block;  // 48 KiB: no opt-in needed.
+
+__device__ __forceinline__ int Fp8Swizzle(int row, int chunk) { return row * kFp8Block + ((chunk ^ (row & 7)) << 4); }
+
+__global__ void __launch_bounds__(256)
+    GemmFp8(const uint8_t* xq, const float* xs, int64_t m, int64_t ldx, const uint8_t* w, const float* ws,
+            int64_t in, int64_t out, int64_t ldy, float* y) {
+  extern __shared__ __align__(128) unsigned char f8_smem[];
+  uint8_t* a_sh = f8_smem;                                // [2][kF8Bm][128]
+  uint8_t* b_sh = f8_smem + 2 * kF8Bm * kFp8Block;        // [2][kF8Bn][128]
+  const int64_t m0 = static_cast<int64_t>(blockIdx.x) * kF8Bm, n0 = static_cast<int64_t>(blockIdx.y) * kF8Bn;
+  const int tid = static_cast<int>(threadIdx.x), warp = tid / 32, lane = tid % 32;
+  const int wm = warp / 4, wn = warp % 4, g = lane / 4, t = lane % 4;
+  const int64_t kbs = in / kFp8Block, xbs = ldx / kFp8Block;
+  auto load = [&](int stage, int64_t kb) {
+    const int64_t k0 = kb * kFp8Block;
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      const int c = tid + i * 256, r = c / 8, cc = c % 8;
+      CpAsync16(a_sh + stage * kF8Bm * kFp8Block + Fp8Swizzle(r, cc), xq + min(m0 + r, m - 1) * ldx + k0 + cc * 16);
+    }
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int c = tid + i * 256, r = c / 8, cc = c % 8;
+      CpAsync16(b_sh + stage * kF8Bn * kFp8Block + Fp8Swizzle(r, cc), w + min(n0 + r, out - 1) * in + k0 + cc * 16);
+    }
+    CpAsyncCommit();
+  };
+  float tot[2][4][4];
+#pragma unroll
+  for (int mi = 0; mi < 2; ++mi) {
+#pragma unroll
+    for (int nt = 0; nt < 4; ++nt) tot[mi][nt][0] = tot[mi][nt][1] = tot[mi][nt][2] = tot[mi][nt][3] = 0.f;
+  }
+  load(0, 0);
+  for (int64_t kb = 0; kb < kbs; ++kb) {
+    const int cur = static_cast<int>(kb & 1);
+    if (kb + 1 < kbs) {
+      load(cur ^ 1, kb + 1);
+      CpAsyncWait<1>();
+    } else {
+      CpAsyncWait<0>();
+    }
+    float sa[2][2], sb[4];
+#pragma unroll
+    for (int mi = 0; mi < 2; ++mi) {
+#pragma unroll
+      for (int hf = 0; hf < 2; ++hf) sa[mi][hf] = xs[min(m0 + wm * 32 + mi * 16 + g + hf * 8, m - 1) * xbs + kb];
+    }
+#pragma unroll
+    for (int nt = 0; nt < 4; ++nt) {
+      sb[nt] = ws[(min(n0 + wn * 32 + nt * 8 + 2 * t, out - 1) / kFp8Block) * kbs + kb];
+    }
+    __syncthreads();  // This stage's tiles (cp.async) are visible to every warp.
+    const uint8_t* as = a_sh + cur * kF8Bm * kFp8Block;
+    const uint8_t* bs = b_sh + cur * kF8Bn * kFp8Block;
+    float acc[2][4][4];
+#pragma unroll
+    for (int mi = 0; mi < 2; ++mi) {
+#pragma unroll
+      for (int nt = 0; nt < 4; ++nt) acc[mi][nt][0] = acc[mi][nt][1] = acc[mi][nt][2] = acc[mi][nt][3] = 0.f;
+    }
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk) {  // k32 steps: 16-byte chunks 2kk and 2kk + 1.
+      uint32_t a[2][4], b[2][4];
+#pragma unroll
+      for (int mi = 0; mi < 2; ++mi) {
+        LdMatrixX4(a[mi], SmemAddr(as + Fp8Swizzle(wm * 32 + mi * 16 + (lane & 15), 2 * kk + (lane >> 4))));
+      }
+#pragma unroll
+      for (int np = 0; np < 2; ++np) {
+        LdMatrixX4(b[np], SmemAddr(bs + Fp8Swizzle(wn * 32 + np * 16 + (lane & 7) + ((lane >> 4) << 3),
+                                                   2 * kk + ((lane >> 3) & 1))));
+      }
+#pragma unroll
+      for (int mi = 0; mi < 2; ++mi) {
+#pragma unroll
+        for (int np = 0; np < 2; ++np) {
+          MmaFp8(acc[mi][2 * np], a[mi][0], a[mi][1], a[mi][2], a[mi][3], b[np][0], b[np][1]);
+          MmaFp8(acc[mi][2 * np + 1], a[mi][0], a[mi][1], a[mi][2], a[mi][3], b[np][2], b[np][3]);
+        }
+      }
+    }
+#pragma unroll
+    for (int mi = 0; mi < 2; ++mi) {
+#pragma unroll
+      for (int nt = 0; nt < 4; ++nt) {
+#pragma unroll
+        for (int j = 0; j < 4; ++j) tot[mi][nt][j] += acc[mi][nt][j] * (sa[mi][j >> 1] * sb[nt]);
+      }
+    }
+    __syncthreads();  // Everyone is done with this stage before the next step refills it.
+  }
+#pragma unroll
+  for (int mi = 0; mi < 2; ++mi) {
+#pragma unroll
+    for (int nt = 0; nt < 4; ++nt) {
+      const int64_t col = n0 + wn * 32 + nt * 8 + 2 * t;
+#pragma unroll
+      for (int hf = 0; hf < 2; ++hf) {
+        const int64_t row = m0 + wm * 32 + mi * 16 + g + hf * 8;
+        if (row >= m) continue;
+        float* dst = y + row * ldy + col;
+        if (col < out) dst[0] = tot[mi][nt][2 * hf];
+        if (col + 1 < out) dst[1] = tot[mi][nt][2 * hf + 1];
+      }
+    }
+  }
+}
+
+}  // namespace
+}  // namespace v4serve::model::cuda::kernels
+
+#endif  // V4SERVE_MODEL_CUDA_FP8_GEMM_CUH_
