@@ -114,6 +114,7 @@ absl::Status RunDecodeWorker(const DecodeWorkerOptions& options, services::Shutd
   model::ModelOptions mo;
   mo.load_mtp = options.mtp;
   RETURN_IF_ERROR(model::SetServingNumerics(options.worker.device, options.worker.numerics, &mo));
+  RETURN_IF_ERROR(model::SetCudaWeights(options.worker.cuda_weights, &mo));
   ASSIGN_OR_RETURN(std::unique_ptr<model::Model> model, model::Model::Load(dir, mo));
   V4LOG(INFO).With("device", options.worker.device).With("numerics", options.worker.numerics)
       << "model runs " << (mo.mode == model::NumericMode::kFaithful ? "faithful" : "exact") << " on "

@@ -39,6 +39,19 @@ absl::Status SetServingNumerics(absl::string_view device, absl::string_view nume
   return absl::OkStatus();
 }
 
+absl::Status SetCudaWeights(absl::string_view name, ModelOptions* options) {
+  if (name == "fp8") {
+    options->cuda_weights = CudaWeights::kFp8;
+  } else if (name == "bf16") {
+    options->cuda_weights = CudaWeights::kBf16;
+  } else if (name == "fp32") {
+    options->cuda_weights = CudaWeights::kF32;
+  } else {
+    return absl::InvalidArgumentError(absl::StrCat("--cuda_weights must be fp8, bf16 or fp32, not '", name, "'"));
+  }
+  return absl::OkStatus();
+}
+
 // The CPU reference behind the backend interface: the FP32 forward pass of model/cpu.
 class CpuForwardBackend final : public ForwardBackend {
  public:

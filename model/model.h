@@ -46,8 +46,11 @@ struct ModelOptions {
   // mode is kExact (the CUDA backend does not simulate the faithful rounding yet), else the CPU. MTP drafts
   // run on the CPU either way.
   Device device = Device::kCpu;
-  CudaWeights cuda_weights = CudaWeights::kBf16;
+  CudaWeights cuda_weights = CudaWeights::kFp8;
 };
+
+// `--cuda_weights`: fp8, bf16 or fp32 into options->cuda_weights; INVALID_ARGUMENT naming the flag otherwise.
+absl::Status SetCudaWeights(absl::string_view name, ModelOptions* options);
 
 // What the workers serve with (`--device`, `--numerics`): "faithful" simulates the released kernels'
 // FP8/FP4 rounding (CPU only), "exact" is FP32 on the CPU and the CUDA backend's own BF16/FP8/FP4 GEMMs on

@@ -50,6 +50,7 @@ absl::Status RunPrefillWorker(const PrefillWorkerOptions& options, services::Shu
   const std::string& dir = options.worker.model_dir;
   model::ModelOptions mo;
   RETURN_IF_ERROR(model::SetServingNumerics(options.worker.device, options.worker.numerics, &mo));
+  RETURN_IF_ERROR(model::SetCudaWeights(options.worker.cuda_weights, &mo));
   ASSIGN_OR_RETURN(std::unique_ptr<model::Model> model, model::Model::Load(dir, mo));
   V4LOG(INFO).With("device", options.worker.device).With("numerics", options.worker.numerics)
       << "model runs " << (mo.mode == model::NumericMode::kFaithful ? "faithful" : "exact") << " on "

@@ -16,6 +16,10 @@ absl::Status WorkerOptions::Validate() const {
     return absl::InvalidArgumentError(
         absl::StrCat("--numerics must be auto, faithful or exact, not '", numerics, "'"));
   }
+  if (cuda_weights != "fp8" && cuda_weights != "bf16" && cuda_weights != "fp32") {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--cuda_weights must be fp8, bf16 or fp32, not '", cuda_weights, "'"));
+  }
   std::error_code ec;
   if (!std::filesystem::is_regular_file(std::filesystem::path(model_dir) / "config.json", ec)) {
     return absl::InvalidArgumentError(absl::StrCat("--model: no config.json in '", model_dir, "'"));
@@ -33,6 +37,10 @@ void AddWorkerFlags(FlagSet& flags, WorkerOptions* o) {
             "Numeric mode: faithful (the released kernels' FP8/FP4 rounding, simulated on the CPU), exact "
             "(FP32 on the CPU; the CUDA backend's own precisions on a GPU), or auto: faithful on the CPU, "
             "the CUDA backend where a GPU is visible.");
+  flags.Add("cuda_weights", &o->cuda_weights,
+            "Weight precision of the CUDA backend: fp8 (the checkpoint's FP8 linears stay FP8 with their 128x128 "
+            "block scales and take FP8 inputs, as DeepSeek's kernels; the rest BF16), bf16, or fp32 (for "
+            "comparisons with the CPU). Routed experts stay MXFP4 except in fp32. Ignored on the CPU.");
   AddServerFlags(flags, &o->process);
 }
 

@@ -3,6 +3,7 @@
 #include <gtest/gtest.h>
 
 #include "model/cuda/cuda_device.h"
+#include "model/model.h"
 
 namespace v4serve::model {
 namespace {
@@ -13,6 +14,31 @@ TEST(DeviceTest, DescribeNamesTheBackendState) {
   if (!BuiltWithCuda()) {
     EXPECT_EQ(d, "cuda: not built in");
   }
+}
+
+// The workers' --numerics and --cuda_weights: each value lands in ModelOptions, a bad one is refused naming
+// its flag.
+TEST(DeviceTest, ServingFlagsSetTheModelOptions) {
+  ModelOptions o;
+  EXPECT_EQ(o.cuda_weights, CudaWeights::kFp8);  // The workers' default.
+  ASSERT_TRUE(SetCudaWeights("bf16", &o).ok());
+  EXPECT_EQ(o.cuda_weights, CudaWeights::kBf16);
+  ASSERT_TRUE(SetCudaWeights("fp32", &o).ok());
+  EXPECT_EQ(o.cuda_weights, CudaWeights::kF32);
+  ASSERT_TRUE(SetCudaWeights("fp8", &o).ok());
+  EXPECT_EQ(o.cuda_weights, CudaWeights::kFp8);
+  absl::Status bad = SetCudaWeights("fp4", &o);
+  EXPECT_EQ(bad.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(bad.message().find("--cuda_weights"), absl::string_view::npos) << bad;
+  ASSERT_TRUE(SetServingNumerics("cpu", "exact", &o).ok());
+  EXPECT_EQ(o.mode, NumericMode::kExact);
+  EXPECT_EQ(o.device, Device::kCpu);
+  ASSERT_TRUE(SetServingNumerics("cpu", "auto", &o).ok());
+  EXPECT_EQ(o.mode, NumericMode::kFaithful);
+  bad = SetServingNumerics("cpu", "fast", &o);
+  EXPECT_EQ(bad.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(bad.message().find("--numerics"), absl::string_view::npos) << bad;
+  EXPECT_EQ(SetServingNumerics("cuda", "faithful", &o).code(), absl::StatusCode::kInvalidArgument);
 }
 
 TEST(DeviceTest, ListGpusMatchesBuild) {
