@@ -18,7 +18,7 @@
 //     uploads the window rings and compressed entries from the host states, as before the cache), on a
 //     second backend in the same process (--compare-state-cache=0 skips it).
 // Usage: v4serve_cuda_bench [--layers=2] [--context=512] [--prefill=8192,32768] [--batches=1,8,64]
-//                           [--weights=bf16|fp8|fp32] [--experts=fp4|bf16] [--steps=10] [--compare-state-cache=1]
+//                           [--weights=fp8|bf16|fp32] [--experts=fp4|bf16] [--steps=10] [--compare-state-cache=1]
 //                           [--ceilings=1] [--attention=1]
 // (--experts=fp4: MXFP4 routed experts, as V4 ships them; other weights BF16 except the FP32 ones the
 // backend keeps: mHC mixes, router gate, compressor projections; --weights=fp8: the linears V4 ships in FP8
@@ -272,7 +272,7 @@ void AttentionKernels(const ModelConfig& c, double bf16_gemm, std::vector<std::s
 // The decode path's two MXFP4 expert kernels side by side (cuda::testing::ExpertGemmFp4) on V4-Flash's w1
 // shape (in = hidden, out = expert inter) for the rows a decode batch gives: 16 experts stand for the 256
 // (host time), each batch's slots (batch x top-k) scaled by 16/256 and spread at random.
-void ExpertKernels(const ModelConfig& c, std::vector<std::string>* rows) {
+void ExpertKernels(const ModelConfig& c, double fp8_gemm, std::vector<std::string>* rows) {
   const int64_t experts = 16, in = c.hidden_size, out = c.moe_intermediate_size;
   std::mt19937_64 rng(3);
   std::normal_distribution<float> nd(0.0f, 0.02f);
@@ -294,19 +294,50 @@ void ExpertKernels(const ModelConfig& c, std::vector<std::string>* rows) {
                    std::string((a.ok() ? b.status() : a.status()).message()).c_str());
       return;
     }
+    double mma8 = 0;  // The FP8 mode's tensor-core kernel (GroupedGemmFp4Fp8) on the same rows.
+    if (!cuda::testing::ExpertGemmFp4(x, in, w, out, per, cuda::testing::ExpertPath::kDecodeMma, 20, &mma8,
+                                      /*fp8=*/true)
+             .ok()) {
+      mma8 = 0;
+    }
     int64_t active = 0;
     for (int32_t p : per) active += p > 0;
     const double bytes = static_cast<double>(active * out * in) * (0.5 + 1.0 / 32);
     char line[512];
     std::snprintf(
         line, sizeof(line),
-        "| MXFP4 experts (decode), batch %lld: %lld rows over %lld of 16 experts | tensor cores %.1f us, "
-        "GEMV %.1f us | | %.0f MB | %.0f / %.0f GB/s | GEMV / tensor cores **%.2fx** |",
+        "| MXFP4 experts (decode), batch %lld: %lld rows over %lld of 16 experts | tensor cores %.1f us (FP8 "
+        "inputs %.1f us), GEMV %.1f us | | %.0f MB | %.0f / %.0f GB/s | GEMV / tensor cores **%.2fx** |",
         static_cast<long long>(batch), static_cast<long long>(slots), static_cast<long long>(active),
-        mma * 1e6, gemv * 1e6, bytes / 1e6, bytes / mma / 1e9, bytes / gemv / 1e9, gemv / mma);
+        mma * 1e6, mma8 * 1e6, gemv * 1e6, bytes / 1e6, bytes / mma / 1e9, bytes / gemv / 1e9, gemv / mma);
     rows->push_back(line);
     std::printf("%s\n", line);
     std::fflush(stdout);
+  }
+  // Prefill-sized: 8192 tokens' 6 slots each over the 256 experts, 16 of them here (3072 rows).
+  {
+    const int64_t slots = 8192 * c.num_experts_per_tok * experts / c.n_routed_experts;
+    std::vector<int32_t> per(static_cast<size_t>(experts), 0);
+    for (int64_t i = 0; i < slots; ++i) ++per[rng() % experts];
+    std::vector<float> x(static_cast<size_t>(slots * in));
+    for (float& v : x) v = nd(rng);
+    double b16 = 0, f8 = 0;
+    auto a = cuda::testing::ExpertGemmFp4(x, in, w, out, per, cuda::testing::ExpertPath::kPrefill, 10, &b16);
+    auto b = cuda::testing::ExpertGemmFp4(x, in, w, out, per, cuda::testing::ExpertPath::kPrefill, 10, &f8,
+                                          /*fp8=*/true);
+    if (a.ok() && b.ok()) {
+      const double flops = 2.0 * static_cast<double>(slots * out * in);
+      char line[512];
+      std::snprintf(line, sizeof(line),
+                    "| MXFP4 experts (prefill 8192 tokens): %lld rows over 16 experts | FP8 inputs %.1f us, BF16 "
+                    "inputs %.1f us | %.1f GFLOP | %.0f / %.0f TFLOP/s | FP8 %.1f%% of FP8 GEMM; **%.2fx** "
+                    "faster |",
+                    static_cast<long long>(slots), f8 * 1e6, b16 * 1e6, flops / 1e9, flops / f8 / 1e12,
+                    flops / b16 / 1e12, 100.0 * flops / f8 / fp8_gemm, b16 / f8);
+      rows->push_back(line);
+      std::printf("%s\n", line);
+      std::fflush(stdout);
+    }
   }
 }
 
@@ -379,7 +410,7 @@ void LinearKernels(const ModelConfig& c, double copy_bw, double fp8_gemm, std::v
 
 int Main(int argc, char** argv) {
   int64_t layers = 2, context = 512, steps = 10;
-  std::string prefill = "8192,32768", batches = "1,8,64", weights = "bf16", experts = "fp4";
+  std::string prefill = "8192,32768", batches = "1,8,64", weights = "fp8", experts = "fp4";
   bool compare_cache = true, ceilings = true, attention = true;
   const char* src = std::getenv("V4SERVE_SOURCE_DIR");
   std::string config_path =
@@ -461,7 +492,7 @@ int Main(int argc, char** argv) {
   std::vector<std::string> rows;
   if (attention) {
     AttentionKernels(*config, bf16, &rows);
-    ExpertKernels(*config, &rows);
+    ExpertKernels(*config, fp8, &rows);
     LinearKernels(*config, copy_bw, fp8, &rows);
   }
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Everything docs/PERFORMANCE.md reports, in one call on the GPU machine: the gpu tests, the CUDA bench
 # (ceilings, kernels side by side, greedy / sampled / logits decode, state cache on/off, prefill), a profiled
-# bench, transformers eager on the same shapes (and alternated with ours three times), and `v4serve up` on
+# bench, transformers eager on the same shapes (and alternated with ours twice), and `v4serve up` on
 # the GPU answering the README's tool-call request and a seeded sampled one. Logs go to $OUT (the device
 # tool's output folder; ./gpu-out elsewhere).
 # Prepare here: tools/gpu_bundle.sh build/default && cp build/default/bench/v4serve_cuda_bench
@@ -11,24 +11,27 @@ set -u
 OUT=${OUT:-gpu-out}
 mkdir -p "$OUT"
 export LD_LIBRARY_PATH=$PWD/.gpu/lib:/usr/local/cuda/lib64 V4SERVE_SOURCE_DIR=$PWD
-{ date -u; nvidia-smi --query-gpu=name,driver_version --format=csv,noheader; } > $OUT/when.txt
+{ date -u; nvidia-smi --query-gpu=name,driver_version --format=csv,noheader; } > $OUT/tests.txt
 for t in model_cuda_backend_test model_device_test v4serve_kv_transfer_nccl_gpu_test; do
   echo "== $t" >> $OUT/tests.txt; timeout 200 .gpu/$t >> $OUT/tests.txt 2>&1; echo "rc=$?" >> $OUT/tests.txt
 done
+# The workers' weights (--weights=fp8, the default), then the BF16 mode's decode and prefill for the FP8 / BF16
+# rows, in the same call.
 timeout 240 .gpu/v4serve_cuda_bench --batches=1,8,16,32,64 > $OUT/bench.txt 2>&1; echo "rc=$?" >> $OUT/bench.txt
+timeout 90 .gpu/v4serve_cuda_bench --weights=bf16 --ceilings=0 --attention=0 --batches=1,8,64 --compare-state-cache=0 > $OUT/bench_bf16.txt 2>&1
 V4SERVE_CUDA_PROFILE=1 timeout 100 .gpu/v4serve_cuda_bench --ceilings=0 --attention=0 --prefill=8192 --compare-state-cache=0 > $OUT/prof.txt 2>&1
 timeout 120 python3 .gpu/hf_decode_bench.py > $OUT/hf.txt 2>&1; echo "rc=$?" >> $OUT/hf.txt
-# Ours and transformers alternated three times (both move between runs): the ratio table's medians.
-for i in 1 2 3; do
+# Ours and transformers alternated (both move between runs): the ratio table's medians.
+for i in 1 2; do
   timeout 60 .gpu/v4serve_cuda_bench --ceilings=0 --attention=0 --prefill= --batches=1,8,64 --steps=20 \
-    --compare-state-cache=0 > $OUT/alt_ours_$i.txt 2>&1
-  timeout 90 python3 .gpu/hf_decode_bench.py --steps 10 > $OUT/alt_hf_$i.txt 2>&1
+    --compare-state-cache=0 > $OUT/alt_ours.txt 2>&1; cat $OUT/alt_ours.txt >> $OUT/alt.txt
+  timeout 90 python3 .gpu/hf_decode_bench.py --steps 10 > $OUT/alt_hf.txt 2>&1; tail -3 $OUT/alt_hf.txt >> $OUT/alt.txt
 done
 rm -f /tmp/ready.json
 .gpu/v4serve up --model $PWD/models/tiny-v4 --http_port 0 --grpc_port 0 --ready_file /tmp/ready.json > $OUT/up.log 2>&1 &
 UP=$!
 for i in $(seq 120); do [ -s /tmp/ready.json ] && break; sleep 1; done
-python3 - > $OUT/up_request.txt 2>&1 <<'PY'
+python3 - > $OUT/up.txt 2>&1 <<'PY'
 import json, urllib.request
 port = json.load(open("/tmp/ready.json"))["http_port"]
 tools = [{"type": "function", "function": {"name": "calculator", "description": "Evaluate an arithmetic expression",
@@ -41,7 +44,7 @@ print(urllib.request.urlopen(req, timeout=60).read().decode())
 PY
 # Sampled decoding through the real binaries on the GPU (the candidates path): the same seed twice gives
 # the same text.
-python3 - > $OUT/up_sampled.txt 2>&1 <<'PY'
+python3 - >> $OUT/up.txt 2>&1 <<'PY'
 import json, urllib.request
 port = json.load(open("/tmp/ready.json"))["http_port"]
 body = {"model": "tiny-v4", "messages": [{"role": "user", "content": "Write a title for a talk about compilers."}],
@@ -56,7 +59,8 @@ for _ in range(2):
 print("same text for the same seed:", out[0] == out[1])
 PY
 kill -TERM $UP; wait $UP
-grep -E "^==|FAIL|PASSED|rc=|SKIPPED \]" $OUT/tests.txt; grep -E "^\| |faster" $OUT/bench.txt | head -60; tail -4 $OUT/hf.txt
-for i in 1 2 3; do grep -E "^\| decode step, batch [0-9]+, context 512 \|" $OUT/alt_ours_$i.txt | head -3; tail -3 $OUT/alt_hf_$i.txt; done
+grep -E "^==|FAIL|PASSED|rc=|SKIPPED \]" $OUT/tests.txt; grep -E "^\| |faster|^GPU|^stack" $OUT/bench.txt | head -80
+grep -E "^\| (decode step, batch [0-9]+, context 512 \||prefill)|^stack" $OUT/bench_bf16.txt; tail -4 $OUT/hf.txt
+grep -E "^\| decode step, batch [0-9]+, context 512 \||batch|ms" $OUT/alt.txt | grep -v "^ *$" | head -20; rm -f $OUT/alt_ours.txt $OUT/alt_hf.txt
 grep -B1 phases $OUT/prof.txt | grep -v "^--"
-grep "model runs" $OUT/up.log; head -c 400 $OUT/up_request.txt; tail -c 300 $OUT/up_sampled.txt
+grep "model runs" $OUT/up.log; head -c 400 $OUT/up.txt; tail -c 300 $OUT/up.txt

@@ -333,6 +333,7 @@ absl::Status CudaBackend::InitRuntime() {
   }
   act_fp8_ = std::make_unique<Buf<uint8_t>>(stream_);
   act_fp8_scales_ = std::make_unique<Buf<float>>(stream_);
+  act_fp8_round_ = std::make_unique<Buf<float>>(stream_);
   top_logits_ = std::make_unique<Buf<float>>(stream_);
   RETURN_IF_ERROR(InitMoeKernels());
   return InitAttentionKernels(prop);

@@ -127,13 +127,15 @@ absl::StatusOr<std::vector<float>> IndexerScores(const std::vector<float>& iq, c
 // loads experts), x [sum of rows_per_expert, in] with each expert's rows consecutive, in expert order; y
 // [rows, out]. kPrefill: the prefill path (tiles listed on the host, the tensor-core GEMM); kDecodeMma /
 // kDecodeGemv: the decode path (routing on the device) with the tensor-core GEMM or the GEMV a decode step of
-// that many rows would pick. `seconds` as SparseAttention's.
+// that many rows would pick. `seconds` as SparseAttention's. `fp8`: FP8 inputs (quantized per row in blocks
+// of 128; the tensor-core GEMM on FP8 tensor cores with the codes converted to e4m3 in its main loop, the GEMV
+// on the rounded inputs), which serving does not use (slower; cuda_backend_impl.cuh, Fp8Experts).
 enum class ExpertPath { kPrefill, kDecodeMma, kDecodeGemv };
 absl::StatusOr<std::vector<float>> ExpertGemmFp4(const std::vector<float>& x, int64_t in,
                                                  const std::vector<float>& w, int64_t out,
                                                  const std::vector<int32_t>& rows_per_expert,
                                                  ExpertPath path = ExpertPath::kPrefill, int repeats = 0,
-                                                 double* seconds = nullptr);
+                                                 double* seconds = nullptr, bool fp8 = false);
 }  // namespace testing
 
 }  // namespace cuda

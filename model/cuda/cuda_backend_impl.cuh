@@ -287,6 +287,7 @@ class CudaBackend final : public ForwardBackend {
     act_bf16_.reset();  // These free on stream_, which must still exist.
     act_fp8_.reset();
     act_fp8_scales_.reset();
+    act_fp8_round_.reset();
     top_logits_.reset();
     state_cache_.reset();
     if (stream_ != nullptr) cudaStreamSynchronize(stream_);
@@ -387,6 +388,18 @@ class CudaBackend final : public ForwardBackend {
   absl::Status ExpertGemmHost(const Mat& w, const float* xin, const std::vector<int32_t>& g_expert,
                               const std::vector<int32_t>& g_off, const std::vector<int32_t>& g_cnt,
                               float* y) const;
+  // The MXFP4 expert GEMM on tensor cores over `rows` rows of xin: GroupedGemmFp4Fp8 (FP8 inputs) in the FP8
+  // mode, GroupedGemmFp4 (BF16 inputs) otherwise.
+  // `tiles`: kernels::ExpertTiles's seven pointers (host tiles: expert, row0, rows; or device routing: active,
+  // n_active, start, count), passed as such because that struct has internal linkage.
+  absl::Status GroupedGemmFp4(const Mat& w, const float* xin, int64_t rows, const int32_t* const (&tiles)[7],
+                              dim3 grid, float* y) const;
+  // MXFP4 experts with FP8 inputs (GroupedGemmFp4Fp8; the GEMVs on FP8-rounded inputs): off in serving, where
+  // the FP8 mode's experts take BF16 inputs, because our mma.sync kernel ran slower with FP8 inputs (the
+  // per-value conversion to e4m3 costs more than the halved MMA count saves; docs/PERFORMANCE.md). On for
+  // the tests and bench that measure it (set_fp8_expert_inputs).
+  bool Fp8Experts(const Mat& w) const { return fp8_expert_inputs_ && w.fp4 && w.in % 128 == 0; }
+  void set_fp8_expert_inputs(bool on) { fp8_expert_inputs_ = on; }
 
  private:
   absl::Status PutVec(const float* host, int64_t n, WInit init, float** p);
@@ -424,6 +437,7 @@ class CudaBackend final : public ForwardBackend {
   ModelConfig c_;
   bool bf16_;  // Low-precision mode (kBf16 or kFp8): BF16 weights, tensor-core attention, MXFP4 experts.
   bool fp8_;   // kFp8: the checkpoint's FP8 linears stay FP8 (PutLinear).
+  bool fp8_expert_inputs_ = false;
   std::string gpu_name_;
   size_t smem_optin_ = 48 << 10;
   int64_t weight_bytes_ = 0;
@@ -449,6 +463,7 @@ class CudaBackend final : public ForwardBackend {
   mutable std::unique_ptr<Buf<__nv_bfloat16>> act_bf16_;  // Scratch for BF16 GEMM inputs.
   mutable std::unique_ptr<Buf<uint8_t>> act_fp8_;         // Scratch for FP8 GEMM inputs: codes,
   mutable std::unique_ptr<Buf<float>> act_fp8_scales_;    // and their block scales.
+  mutable std::unique_ptr<Buf<float>> act_fp8_round_;     // FP8-rounded FP32 inputs (the MXFP4 GEMVs).
   mutable std::unique_ptr<Buf<float>> top_logits_;        // ForwardTop's logits, for TopLogits::full_row.
   mutable uint64_t runs_ = 0;  // Forwards so far (full_row checks its own is last).
   mutable std::unique_ptr<DeviceStateCache> state_cache_;

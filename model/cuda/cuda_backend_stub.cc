@@ -48,7 +48,7 @@ absl::StatusOr<std::vector<float>> IndexerScores(const std::vector<float>&, cons
 }
 absl::StatusOr<std::vector<float>> ExpertGemmFp4(const std::vector<float>&, int64_t,
                                                  const std::vector<float>&, int64_t,
-                                                 const std::vector<int32_t>&, ExpertPath, int, double*) {
+                                                 const std::vector<int32_t>&, ExpertPath, int, double*, bool) {
   return NotBuilt();
 }
 }  // namespace testing

@@ -18,22 +18,19 @@ absl::Status CudaBackend::ExpertGemmDevice(const Mat& w, int64_t groups, ExpertK
       return absl::UnimplementedError(
           absl::StrCat("MXFP4 expert GEMM over ", w.in, " inputs (needs a multiple of ", k::kEgBk, ")"));
     }
-    RETURN_IF_ERROR(act_bf16_->Alloc(slots * w.in));
-    k::ToBf16<<<Blocks(slots * w.in, 256), 256, 0, stream_>>>(xin, slots * w.in, act_bf16_->get());
-    V4_LAUNCH_CHECK(ToBf16);
-    k::ExpertTiles tiles;
-    tiles.active = active;
-    tiles.n_active = n_active;
-    tiles.start = d_start;
-    tiles.count = d_count;
+    const int32_t* const tiles[7] = {nullptr, nullptr, nullptr, active, n_active, d_start, d_count};
     const dim3 g3(static_cast<unsigned>(groups), static_cast<unsigned>(Blocks(w.out, k::kEgBn)),
                   static_cast<unsigned>(Blocks(max_rows, k::kEgBm)));
-    k::GroupedGemmFp4<<<g3, 256, k::kEgSmem, stream_>>>(act_bf16_->get(), static_cast<const uint8_t*>(w.p),
-                                                        w.scales, tiles, w.in, w.out, y);
-    V4_LAUNCH_CHECK(GroupedGemmFp4);
-    return absl::OkStatus();
+    return GroupedGemmFp4(w, xin, slots, tiles, g3, y);
   }
   if (w.fp4) {
+    if (Fp8Experts(w)) {  // The GEMVs take FP32: the FP8 mode's inputs, rounded.
+      RETURN_IF_ERROR(act_fp8_round_->Alloc(slots * w.in));
+      const int64_t blocks = slots * w.in / 128;
+      k::RoundFp8Blocks<<<Blocks(blocks, 8), 256, 0, stream_>>>(xin, blocks, act_fp8_round_->get());
+      V4_LAUNCH_CHECK(RoundFp8Blocks);
+      xin = act_fp8_round_->get();
+    }
     // 4 warps per block; 4 output rows per warp (8 in the narrow variant).
     constexpr int kRows = 4, kNarrowRows = 8;
     const dim3 g4(static_cast<unsigned>(groups), static_cast<unsigned>(Blocks(w.out, 4 * kRows)));
@@ -65,13 +62,6 @@ absl::Status CudaBackend::ExpertGemmHost(const Mat& w, const float* xin, const s
   if (groups == 0) return absl::OkStatus();
   const bool lowp = w.bf16 || w.fp4;
   const void* x = xin;
-  if (lowp) {
-    const int64_t rows = g_off.back() + g_cnt.back();
-    RETURN_IF_ERROR(act_bf16_->Alloc(rows * in));
-    k::ToBf16<<<Blocks(rows * in, 256), 256, 0, stream_>>>(xin, rows * in, act_bf16_->get());
-    V4_LAUNCH_CHECK(ToBf16);
-    x = act_bf16_->get();
-  }
   if (w.fp4) {  // One launch for all experts: tiles of up to kEgBm rows of one expert.
     if (in % k::kEgBk != 0) {
       return absl::UnimplementedError(
@@ -90,15 +80,18 @@ absl::Status CudaBackend::ExpertGemmHost(const Mat& w, const float* xin, const s
     }
     Buf<int32_t> d_tiles(stream_);
     RETURN_IF_ERROR(d_tiles.Upload(cols));
-    k::ExpertTiles et;
-    et.expert = d_tiles.get();
-    et.row0 = d_tiles.get() + nt;
-    et.rows = d_tiles.get() + 2 * nt;
-    k::GroupedGemmFp4<<<dim3(static_cast<unsigned>(nt), static_cast<unsigned>(Blocks(out, k::kEgBn))), 256,
-                        k::kEgSmem, stream_>>>(static_cast<const __nv_bfloat16*>(x),
-                                               static_cast<const uint8_t*>(w.p), w.scales, et, in, out, y);
-    V4_LAUNCH_CHECK(GroupedGemmFp4);
-    return absl::OkStatus();  // The upload is staged before cudaMemcpyAsync returns (pageable memory).
+    const int32_t* const et[7] = {d_tiles.get(), d_tiles.get() + nt, d_tiles.get() + 2 * nt, nullptr, nullptr,
+                                  nullptr, nullptr};
+    // The upload is staged before cudaMemcpyAsync returns (pageable memory).
+    return GroupedGemmFp4(w, xin, g_off.back() + g_cnt.back(), et,
+                          dim3(static_cast<unsigned>(nt), static_cast<unsigned>(Blocks(out, k::kEgBn))), y);
+  }
+  if (lowp) {
+    const int64_t rows = g_off.back() + g_cnt.back();
+    RETURN_IF_ERROR(act_bf16_->Alloc(rows * in));
+    k::ToBf16<<<Blocks(rows * in, 256), 256, 0, stream_>>>(xin, rows * in, act_bf16_->get());
+    V4_LAUNCH_CHECK(ToBf16);
+    x = act_bf16_->get();
   }
   const float alpha = 1.0f, beta = 0.0f;
   const cudaDataType_t type = lowp ? CUDA_R_16BF : CUDA_R_32F;
@@ -115,9 +108,35 @@ absl::Status CudaBackend::ExpertGemmHost(const Mat& w, const float* xin, const s
   return absl::OkStatus();
 }
 
+absl::Status CudaBackend::GroupedGemmFp4(const Mat& w, const float* xin, int64_t rows,
+                                          const int32_t* const (&t)[7], dim3 grid, float* y) const {
+  const k::ExpertTiles tiles{t[0], t[1], t[2], t[3], t[4], t[5], t[6]};
+  const uint8_t* codes = static_cast<const uint8_t*>(w.p);
+  if (Fp8Experts(w)) {
+    RETURN_IF_ERROR(act_fp8_->Alloc(rows * w.in));
+    RETURN_IF_ERROR(act_fp8_scales_->Alloc(rows * w.in / 128));
+    const int64_t rb = w.in / 128;
+    k::QuantizeFp8Blocks<<<Blocks(rows * rb, 8), 256, 0, stream_>>>(xin, rows, rb, rb, 0, act_fp8_->get(),
+                                                                   act_fp8_scales_->get());
+    V4_LAUNCH_CHECK(QuantizeFp8Blocks);
+    k::GroupedGemmFp4Fp8<<<grid, 256, k::kEg8Smem, stream_>>>(act_fp8_->get(), act_fp8_scales_->get(), codes,
+                                                              w.scales, tiles, w.in, w.out, y);
+    V4_LAUNCH_CHECK(GroupedGemmFp4Fp8);
+    return absl::OkStatus();
+  }
+  RETURN_IF_ERROR(act_bf16_->Alloc(rows * w.in));
+  k::ToBf16<<<Blocks(rows * w.in, 256), 256, 0, stream_>>>(xin, rows * w.in, act_bf16_->get());
+  V4_LAUNCH_CHECK(ToBf16);
+  k::GroupedGemmFp4<<<grid, 256, k::kEgSmem, stream_>>>(act_bf16_->get(), codes, w.scales, tiles, w.in, w.out, y);
+  V4_LAUNCH_CHECK(GroupedGemmFp4);
+  return absl::OkStatus();
+}
+
 absl::Status CudaBackend::InitMoeKernels() {
   V4_CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(k::GroupedGemmFp4, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                                static_cast<int>(k::kEgSmem)));
+  V4_CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(
+      k::GroupedGemmFp4Fp8, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(k::kEg8Smem)));
   return absl::OkStatus();
 }
 
@@ -252,7 +271,7 @@ namespace v4serve::model::cuda::testing {
 absl::StatusOr<std::vector<float>> ExpertGemmFp4(const std::vector<float>& x, int64_t in,
                                                  const std::vector<float>& w, int64_t out,
                                                  const std::vector<int32_t>& rows_per_expert, ExpertPath path,
-                                                 int repeats, double* seconds) {
+                                                 int repeats, double* seconds, bool fp8) {
   using impl::Buf;
   const int64_t experts = static_cast<int64_t>(rows_per_expert.size());
   int64_t slots = 0, max_rows = 0;
@@ -264,8 +283,9 @@ absl::StatusOr<std::vector<float>> ExpertGemmFp4(const std::vector<float>& x, in
       static_cast<int64_t>(w.size()) != experts * out * in) {
     return absl::InvalidArgumentError("ExpertGemmFp4: sizes do not match");
   }
-  impl::CudaBackend b(ModelConfig{}, CudaWeights::kBf16);  // Runtime only, no model weights.
+  impl::CudaBackend b(ModelConfig{}, fp8 ? CudaWeights::kFp8 : CudaWeights::kBf16);  // Runtime only.
   RETURN_IF_ERROR(b.InitRuntime());
+  b.set_fp8_expert_inputs(fp8);
   impl::Mat m;
   RETURN_IF_ERROR(b.PutFp4(w.data(), experts * out, in, &m));
   m.out = out;  // Per expert, as the layers' stacks.

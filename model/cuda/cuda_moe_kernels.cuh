@@ -11,6 +11,7 @@
 #include <cstdint>
 
 #include "model/cuda/cuda_kernels.cuh"
+#include "model/cuda/fp8_gemm.cuh"
 #include "model/cuda/mma.cuh"
 
 namespace v4serve::model::cuda::kernels {
@@ -383,6 +384,23 @@ struct ExpertTiles {
   const int32_t *active = nullptr, *n_active = nullptr, *start = nullptr, *count = nullptr;  // Device.
 };
 
+// This block's tile of ExpertTiles: expert e, rows row0 .. + rows; false when it has none.
+__device__ __forceinline__ bool ExpertTile(const ExpertTiles& tiles, int64_t* e, int64_t* row0, int* rows) {
+  if (tiles.active != nullptr) {
+    if (static_cast<int>(blockIdx.x) >= *tiles.n_active) return false;
+    *e = tiles.active[blockIdx.x];
+    const int m0 = static_cast<int>(blockIdx.z) * kEgBm;
+    if (m0 >= tiles.count[*e]) return false;
+    *row0 = tiles.start[*e] + m0;
+    *rows = min(kEgBm, tiles.count[*e] - m0);
+  } else {
+    *e = tiles.expert[blockIdx.x];
+    *row0 = tiles.row0[blockIdx.x];
+    *rows = tiles.rows[blockIdx.x];
+  }
+  return true;
+}
+
 __global__ void __launch_bounds__(256)
     GroupedGemmFp4(const __nv_bfloat16* x, const uint8_t* codes, const uint8_t* scales, ExpertTiles tiles,
                    int64_t in, int64_t out, float* y) {
@@ -391,18 +409,7 @@ __global__ void __launch_bounds__(256)
   __nv_bfloat16* b_sh = a_sh + 2 * kEgBm * kEgLd;                   // [2][kEgBn][kEgLd]
   int64_t e, row0;
   int rows;
-  if (tiles.active != nullptr) {
-    if (static_cast<int>(blockIdx.x) >= *tiles.n_active) return;
-    e = tiles.active[blockIdx.x];
-    const int m0 = static_cast<int>(blockIdx.z) * kEgBm;
-    if (m0 >= tiles.count[e]) return;
-    row0 = tiles.start[e] + m0;
-    rows = min(kEgBm, tiles.count[e] - m0);
-  } else {
-    e = tiles.expert[blockIdx.x];
-    row0 = tiles.row0[blockIdx.x];
-    rows = tiles.rows[blockIdx.x];
-  }
+  if (!ExpertTile(tiles, &e, &row0, &rows)) return;
   const int64_t n0 = static_cast<int64_t>(blockIdx.y) * kEgBn;
   const int tid = static_cast<int>(threadIdx.x), warp = tid / 32, lane = tid % 32;
   const int wm = warp / 4, wn = warp % 4, g = lane / 4, t = lane % 4;
@@ -511,6 +518,139 @@ __global__ void __launch_bounds__(256)
       }
     }
   }
+}
+
+// The MXFP4 grouped expert GEMM on FP8 tensor cores (the FP8 weight mode, CudaWeights::kFp8): GroupedGemmFp4's
+// tiles and contract, with x quantized to FP8 per row in blocks of 128 (xq and its row-major scales xs,
+// kernels::QuantizeFp8Blocks) and the weights' e2m1 codes converted to e4m3 in the main loop: a weight row's
+// 128-wide k block takes the largest of its four E8M0 scales, S, and each value v x 2^s becomes the e4m3 of
+// v x 2^(s - S) (exact while the block's scales span at most 2^8, as MODEL.md's FP4 -> FP8 conversion;
+// smaller values round), so the block's products are scaled by x's block scale x 2^S in the promotion
+// (Fp8Promote). k steps of 128 as GemmFp8 (Fp8TileMma): x's tile arrives by cp.async (two stages); each
+// thread's 32 bytes of codes and its row's four scales are loaded a step ahead into registers and converted
+// into the other stage, the row's 2^S into `s_sh`. in a multiple of 128.
+constexpr size_t kEg8Smem = kF8Smem + 2 * kF8Bn * sizeof(float);
+
+__global__ void __launch_bounds__(256)
+    GroupedGemmFp4Fp8(const uint8_t* xq, const float* xs, const uint8_t* codes, const uint8_t* scales,
+                      ExpertTiles tiles, int64_t in, int64_t out, float* y) {
+  extern __shared__ __align__(128) unsigned char eg8_smem[];
+  uint8_t* a_sh = eg8_smem;                                              // [2][kF8Bm][128]
+  uint8_t* b_sh = eg8_smem + 2 * kF8Bm * kFp8Block;                      // [2][kF8Bn][128]
+  float* s_sh = reinterpret_cast<float*>(eg8_smem + kF8Smem);            // [2][kF8Bn]
+  int64_t e, row0;
+  int rows;
+  if (!ExpertTile(tiles, &e, &row0, &rows)) return;
+  const int64_t n0 = static_cast<int64_t>(blockIdx.y) * kF8Bn;
+  const int tid = static_cast<int>(threadIdx.x), warp = tid / 32, lane = tid % 32;
+  const int wm = warp / 4, wn = warp % 4, g = lane / 4, t = lane % 4;
+  // This thread converts weight row n0 + tid / 2, values (tid % 2) * 64 .. + 64 of each k block.
+  const int br = tid / 2, bh = tid % 2;
+  const int64_t wrow = e * out + min(n0 + br, out - 1);
+  const uint8_t* wcodes = codes + wrow * (in / 2) + bh * 32;
+  const uint32_t* wscales = reinterpret_cast<const uint32_t*>(scales + wrow * (in / 32));  // 4 a k block.
+  const int64_t kbs = in / kFp8Block;
+  uint4 bcode[2][2];
+  uint32_t bscale[2];
+  auto load_a = [&](int stage, int64_t kb) {
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      const int c = tid + i * 256, r = c / 8, cc = c % 8;
+      CpAsync16(a_sh + stage * kF8Bm * kFp8Block + Fp8Swizzle(r, cc),
+                xq + (row0 + min(r, rows - 1)) * in + kb * kFp8Block + cc * 16);
+    }
+    CpAsyncCommit();
+  };
+  auto fetch_b = [&](int buf, int64_t kb) {
+    if (kb < kbs) {
+      bcode[buf][0] = *reinterpret_cast<const uint4*>(wcodes + kb * 64);
+      bcode[buf][1] = *reinterpret_cast<const uint4*>(wcodes + kb * 64 + 16);
+      bscale[buf] = wscales[kb];
+    }
+  };
+  auto store_b = [&](int stage, int buf) {
+    const uint32_t sc = bscale[buf];
+    const uint32_t top = max(max(sc & 0xffu, (sc >> 8) & 0xffu), max((sc >> 16) & 0xffu, sc >> 24));
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {  // The thread's two blocks of 32 values: scales 2 * bh + h of the four.
+      const uint32_t s = (sc >> (8 * (2 * bh + h))) & 0xffu;
+      const float f = __uint_as_float((127u + 6u - (top - s)) << 23);  // Fp4x8 gives 2^-6 x the value.
+      uint32_t packed[8];
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {
+        float v[8];
+        Fp4x8(Word(bcode[buf][h], q), v);
+#pragma unroll
+        for (int p = 0; p < 2; ++p) {
+          const uint32_t lo = __nv_cvt_float2_to_fp8x2(make_float2(v[4 * p] * f, v[4 * p + 1] * f), __NV_SATFINITE,
+                                                       __NV_E4M3);
+          const uint32_t hi = __nv_cvt_float2_to_fp8x2(make_float2(v[4 * p + 2] * f, v[4 * p + 3] * f),
+                                                       __NV_SATFINITE, __NV_E4M3);
+          packed[2 * q + p] = lo | hi << 16;
+        }
+      }
+      uint8_t* row = b_sh + stage * kF8Bn * kFp8Block;
+      *reinterpret_cast<uint4*>(row + Fp8Swizzle(br, 4 * bh + 2 * h)) =
+          make_uint4(packed[0], packed[1], packed[2], packed[3]);
+      *reinterpret_cast<uint4*>(row + Fp8Swizzle(br, 4 * bh + 2 * h + 1)) =
+          make_uint4(packed[4], packed[5], packed[6], packed[7]);
+    }
+    if (bh == 0) s_sh[stage * kF8Bn + br] = __uint_as_float(top << 23);
+  };
+  float tot[2][4][4] = {};
+  // Step kb: its weights were stored to stage kb & 1 at the end of step kb - 1 from register buffer kb & 1;
+  // step kb fetches step kb + 2 into that buffer, then stores step kb + 1 from the other.
+  auto step = [&](int64_t kb, int cur) {
+    const bool more = kb + 1 < kbs;
+    fetch_b(cur, kb + 2);
+    if (more) {
+      load_a(cur ^ 1, kb + 1);
+      CpAsyncWait<1>();
+    } else {
+      CpAsyncWait<0>();
+    }
+    float sa[2][2], sb[4][2];
+#pragma unroll
+    for (int mi = 0; mi < 2; ++mi) {
+#pragma unroll
+      for (int hf = 0; hf < 2; ++hf) sa[mi][hf] = xs[(row0 + min(wm * 32 + mi * 16 + g + hf * 8, rows - 1)) * kbs + kb];
+    }
+    __syncthreads();  // This stage's x (cp.async) and weights (stored last step) are visible.
+#pragma unroll
+    for (int nt = 0; nt < 4; ++nt) {
+      sb[nt][0] = s_sh[cur * kF8Bn + wn * 32 + nt * 8 + 2 * t];
+      sb[nt][1] = s_sh[cur * kF8Bn + wn * 32 + nt * 8 + 2 * t + 1];
+    }
+    float acc[2][4][4];
+    Fp8TileMma(a_sh + cur * kF8Bm * kFp8Block, b_sh + cur * kF8Bn * kFp8Block, wm, wn, lane, acc);
+    Fp8Promote(acc, sa, sb, tot);
+    __syncthreads();  // Everyone is done with this stage before it is refilled.
+    if (more) store_b(cur ^ 1, cur ^ 1);
+  };
+  load_a(0, 0);
+  fetch_b(0, 0);
+  fetch_b(1, 1);
+  store_b(0, 0);
+  for (int64_t kb = 0; kb < kbs; kb += 2) {  // Unrolled by two so that the register buffers stay registers.
+    step(kb, 0);
+    if (kb + 1 < kbs) step(kb + 1, 1);
+  }
+  Fp8StoreTile(tot, wm, wn, lane, row0, rows, n0, out, out, y);
+}
+
+// FP8 rounding of the GEMM input for kernels that take FP32 (the MXFP4 GEMVs in the FP8 weight mode):
+// QuantizeFp8Blocks's values, dequantized. `blocks` consecutive blocks of 128; a warp per block.
+__global__ void RoundFp8Blocks(const float* x, int64_t blocks, float* out) {
+  const int64_t b = static_cast<int64_t>(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32;
+  if (b >= blocks) return;
+  const int lane = static_cast<int>(threadIdx.x % 32);
+  const float4 v = reinterpret_cast<const float4*>(x + b * kFp8Block)[lane];
+  const Pow2Scale s = Fp8BlockScale(v);
+  auto round = [&](float a) {
+    const __half_raw h = __nv_cvt_fp8_to_halfraw(static_cast<__nv_fp8_storage_t>(Fp8E4m3(a * s.inv)), __NV_E4M3);
+    return __half2float(__half(h)) * s.s;
+  };
+  reinterpret_cast<float4*>(out + b * kFp8Block)[lane] = make_float4(round(v.x), round(v.y), round(v.z), round(v.w));
 }
 
 }  // namespace

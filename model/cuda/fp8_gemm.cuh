@@ -41,6 +41,12 @@ __device__ __forceinline__ Pow2Scale Pow2CeilScale(float amax, float qmax) {
 __device__ __forceinline__ uint32_t Fp8E4m3(float v) {
   return static_cast<uint32_t>(__nv_cvt_float_to_fp8(v, __NV_SATFINITE, __NV_E4M3));
 }
+// A block of 128 input values' scale, from the warp's lanes' four values each (every lane gets it).
+__device__ __forceinline__ Pow2Scale Fp8BlockScale(const float4& v) {
+  const float amax = WarpMax(fmaxf(fmaxf(fabsf(v.x), fabsf(v.y)), fmaxf(fabsf(v.z), fabsf(v.w))));
+  return Pow2CeilScale(fmaxf(amax, 1e-4f), 448.0f);
+}
+
 // The GEMM input's quantization: the first in_blocks blocks of 128 FP32 values of each of `rows` rows of
 // row_blocks blocks (x 16-byte aligned) become e4m3 codes (at the same offsets) and one FP32 scale each, at
 // scales[r * row_blocks + j] (row-major, the kernels below) or, with rows_t > 0, at scales[j * rows_t + r]
@@ -52,8 +58,7 @@ __global__ void QuantizeFp8Blocks(const float* x, int64_t rows, int64_t row_bloc
   if (r >= rows || j >= in_blocks) return;
   const int lane = static_cast<int>(threadIdx.x % 32);
   const float4 v = reinterpret_cast<const float4*>(x + b * kFp8Block)[lane];
-  const float amax = WarpMax(fmaxf(fmaxf(fabsf(v.x), fabsf(v.y)), fmaxf(fabsf(v.z), fabsf(v.w))));
-  const Pow2Scale s = Pow2CeilScale(fmaxf(amax, 1e-4f), 448.0f);
+  const Pow2Scale s = Fp8BlockScale(v);
   reinterpret_cast<uint32_t*>(codes + b * kFp8Block)[lane] = Fp8E4m3(v.x * s.inv) | Fp8E4m3(v.y * s.inv) << 8 |
                                                              Fp8E4m3(v.z * s.inv) << 16 | Fp8E4m3(v.w * s.inv) << 24;
   if (lane == 0) scales[rows_t > 0 ? j * rows_t + r : b] = s.s;
@@ -144,22 +149,89 @@ __global__ void __launch_bounds__(128)
   }
 }
 
-// The tile GEMM for longer inputs (prefill): the same y for any m, 64 x 128 output tiles, 256 threads as 2 x 4
-// warps of 32 x 32, k steps of one 128 scale block through a two-stage cp.async pipeline. Shared-memory rows
-// are 128 bytes with their 16-byte chunks XOR-swizzled by the row, so each ldmatrix's 8 rows hit 8 different
-// bank groups. Rows past m read row m - 1 and columns past out read row out - 1 of W; neither is stored.
-// Grid (ceil(m / 64), ceil(out / 128)).
+// The tile GEMM for longer inputs where cuBLASLt has no algorithm: the same y for any m, 64 x 128 output
+// tiles, 256 threads as 2 x 4 warps of 32 x 32, k steps of one 128 scale block through a two-stage cp.async
+// pipeline. Shared-memory rows are 128 bytes with their 16-byte chunks XOR-swizzled by the row, so each
+// ldmatrix's 8 rows hit 8 different bank groups. Rows past m read row m - 1 and columns past out read row
+// out - 1 of W; neither is stored. Grid (ceil(m / 64), ceil(out / 128)). The pieces below are shared with the
+// MXFP4 expert GEMM (cuda_moe_kernels.cuh, GroupedGemmFp4Fp8).
 constexpr int kF8Bm = 64, kF8Bn = 128;
 constexpr size_t kF8Smem = 2 * (kF8Bm + kF8Bn) * kFp8Block;  // 48 KiB: no opt-in needed.
 
 __device__ __forceinline__ int Fp8Swizzle(int row, int chunk) { return row * kFp8Block + ((chunk ^ (row & 7)) << 4); }
 
+// A 64 x 128 tile's products over one 128-deep k block from shared memory (as [64][128], bs [128][128] bytes,
+// swizzled), for warp (wm, wn): acc[mi][nt] = rows wm * 32 + mi * 16 .., columns wn * 32 + nt * 8 ...
+__device__ __forceinline__ void Fp8TileMma(const uint8_t* as, const uint8_t* bs, int wm, int wn, int lane,
+                                           float (&acc)[2][4][4]) {
+#pragma unroll
+  for (int mi = 0; mi < 2; ++mi) {
+#pragma unroll
+    for (int nt = 0; nt < 4; ++nt) acc[mi][nt][0] = acc[mi][nt][1] = acc[mi][nt][2] = acc[mi][nt][3] = 0.f;
+  }
+#pragma unroll
+  for (int kk = 0; kk < 4; ++kk) {  // k32 steps: 16-byte chunks 2kk and 2kk + 1.
+    uint32_t a[2][4], b[2][4];
+#pragma unroll
+    for (int mi = 0; mi < 2; ++mi) {
+      LdMatrixX4(a[mi], SmemAddr(as + Fp8Swizzle(wm * 32 + mi * 16 + (lane & 15), 2 * kk + (lane >> 4))));
+    }
+#pragma unroll
+    for (int np = 0; np < 2; ++np) {
+      LdMatrixX4(b[np], SmemAddr(bs + Fp8Swizzle(wn * 32 + np * 16 + (lane & 7) + ((lane >> 4) << 3),
+                                                 2 * kk + ((lane >> 3) & 1))));
+    }
+#pragma unroll
+    for (int mi = 0; mi < 2; ++mi) {
+#pragma unroll
+      for (int np = 0; np < 2; ++np) {
+        MmaFp8(acc[mi][2 * np], a[mi][0], a[mi][1], a[mi][2], a[mi][3], b[np][0], b[np][1]);
+        MmaFp8(acc[mi][2 * np + 1], a[mi][0], a[mi][1], a[mi][2], a[mi][3], b[np][2], b[np][3]);
+      }
+    }
+  }
+}
+
+// The promotion: tot += acc x (row scale sa[mi][g / g + 8] x column scale sb[nt][2t / 2t + 1]).
+__device__ __forceinline__ void Fp8Promote(const float (&acc)[2][4][4], const float (&sa)[2][2],
+                                           const float (&sb)[4][2], float (&tot)[2][4][4]) {
+#pragma unroll
+  for (int mi = 0; mi < 2; ++mi) {
+#pragma unroll
+    for (int nt = 0; nt < 4; ++nt) {
+#pragma unroll
+      for (int j = 0; j < 4; ++j) tot[mi][nt][j] += acc[mi][nt][j] * (sa[mi][j >> 1] * sb[nt][j & 1]);
+    }
+  }
+}
+
+// Stores the warp's part of a tile: rows row0 + r (r < rows) of y (row stride ldy), columns col0 + c < out.
+__device__ __forceinline__ void Fp8StoreTile(const float (&tot)[2][4][4], int wm, int wn, int lane, int64_t row0,
+                                             int64_t rows, int64_t col0, int64_t out, int64_t ldy, float* y) {
+  const int g = lane / 4, t = lane % 4;
+#pragma unroll
+  for (int mi = 0; mi < 2; ++mi) {
+#pragma unroll
+    for (int nt = 0; nt < 4; ++nt) {
+      const int64_t col = col0 + wn * 32 + nt * 8 + 2 * t;
+#pragma unroll
+      for (int hf = 0; hf < 2; ++hf) {
+        const int64_t r = wm * 32 + mi * 16 + g + hf * 8;
+        if (r >= rows) continue;
+        float* dst = y + (row0 + r) * ldy + col;
+        if (col < out) dst[0] = tot[mi][nt][2 * hf];
+        if (col + 1 < out) dst[1] = tot[mi][nt][2 * hf + 1];
+      }
+    }
+  }
+}
+
 __global__ void __launch_bounds__(256)
     GemmFp8(const uint8_t* xq, const float* xs, int64_t m, int64_t ldx, const uint8_t* w, const float* ws,
             int64_t in, int64_t out, int64_t ldy, float* y) {
   extern __shared__ __align__(128) unsigned char f8_smem[];
-  uint8_t* a_sh = f8_smem;                                // [2][kF8Bm][128]
-  uint8_t* b_sh = f8_smem + 2 * kF8Bm * kFp8Block;        // [2][kF8Bn][128]
+  uint8_t* a_sh = f8_smem;                          // [2][kF8Bm][128]
+  uint8_t* b_sh = f8_smem + 2 * kF8Bm * kFp8Block;  // [2][kF8Bn][128]
   const int64_t m0 = static_cast<int64_t>(blockIdx.x) * kF8Bm, n0 = static_cast<int64_t>(blockIdx.y) * kF8Bn;
   const int tid = static_cast<int>(threadIdx.x), warp = tid / 32, lane = tid % 32;
   const int wm = warp / 4, wn = warp % 4, g = lane / 4, t = lane % 4;
@@ -178,12 +250,7 @@ __global__ void __launch_bounds__(256)
     }
     CpAsyncCommit();
   };
-  float tot[2][4][4];
-#pragma unroll
-  for (int mi = 0; mi < 2; ++mi) {
-#pragma unroll
-    for (int nt = 0; nt < 4; ++nt) tot[mi][nt][0] = tot[mi][nt][1] = tot[mi][nt][2] = tot[mi][nt][3] = 0.f;
-  }
+  float tot[2][4][4] = {};
   load(0, 0);
   for (int64_t kb = 0; kb < kbs; ++kb) {
     const int cur = static_cast<int>(kb & 1);
@@ -193,71 +260,23 @@ __global__ void __launch_bounds__(256)
     } else {
       CpAsyncWait<0>();
     }
-    float sa[2][2], sb[4];
+    float sa[2][2], sb[4][2];
 #pragma unroll
     for (int mi = 0; mi < 2; ++mi) {
 #pragma unroll
       for (int hf = 0; hf < 2; ++hf) sa[mi][hf] = xs[min(m0 + wm * 32 + mi * 16 + g + hf * 8, m - 1) * xbs + kb];
     }
 #pragma unroll
-    for (int nt = 0; nt < 4; ++nt) {
-      sb[nt] = ws[(min(n0 + wn * 32 + nt * 8 + 2 * t, out - 1) / kFp8Block) * kbs + kb];
+    for (int nt = 0; nt < 4; ++nt) {  // Columns 2t and 2t + 1 share a 128-row tile.
+      sb[nt][0] = sb[nt][1] = ws[(min(n0 + wn * 32 + nt * 8 + 2 * t, out - 1) / kFp8Block) * kbs + kb];
     }
     __syncthreads();  // This stage's tiles (cp.async) are visible to every warp.
-    const uint8_t* as = a_sh + cur * kF8Bm * kFp8Block;
-    const uint8_t* bs = b_sh + cur * kF8Bn * kFp8Block;
     float acc[2][4][4];
-#pragma unroll
-    for (int mi = 0; mi < 2; ++mi) {
-#pragma unroll
-      for (int nt = 0; nt < 4; ++nt) acc[mi][nt][0] = acc[mi][nt][1] = acc[mi][nt][2] = acc[mi][nt][3] = 0.f;
-    }
-#pragma unroll
-    for (int kk = 0; kk < 4; ++kk) {  // k32 steps: 16-byte chunks 2kk and 2kk + 1.
-      uint32_t a[2][4], b[2][4];
-#pragma unroll
-      for (int mi = 0; mi < 2; ++mi) {
-        LdMatrixX4(a[mi], SmemAddr(as + Fp8Swizzle(wm * 32 + mi * 16 + (lane & 15), 2 * kk + (lane >> 4))));
-      }
-#pragma unroll
-      for (int np = 0; np < 2; ++np) {
-        LdMatrixX4(b[np], SmemAddr(bs + Fp8Swizzle(wn * 32 + np * 16 + (lane & 7) + ((lane >> 4) << 3),
-                                                   2 * kk + ((lane >> 3) & 1))));
-      }
-#pragma unroll
-      for (int mi = 0; mi < 2; ++mi) {
-#pragma unroll
-        for (int np = 0; np < 2; ++np) {
-          MmaFp8(acc[mi][2 * np], a[mi][0], a[mi][1], a[mi][2], a[mi][3], b[np][0], b[np][1]);
-          MmaFp8(acc[mi][2 * np + 1], a[mi][0], a[mi][1], a[mi][2], a[mi][3], b[np][2], b[np][3]);
-        }
-      }
-    }
-#pragma unroll
-    for (int mi = 0; mi < 2; ++mi) {
-#pragma unroll
-      for (int nt = 0; nt < 4; ++nt) {
-#pragma unroll
-        for (int j = 0; j < 4; ++j) tot[mi][nt][j] += acc[mi][nt][j] * (sa[mi][j >> 1] * sb[nt]);
-      }
-    }
+    Fp8TileMma(a_sh + cur * kF8Bm * kFp8Block, b_sh + cur * kF8Bn * kFp8Block, wm, wn, lane, acc);
+    Fp8Promote(acc, sa, sb, tot);
     __syncthreads();  // Everyone is done with this stage before the next step refills it.
   }
-#pragma unroll
-  for (int mi = 0; mi < 2; ++mi) {
-#pragma unroll
-    for (int nt = 0; nt < 4; ++nt) {
-      const int64_t col = n0 + wn * 32 + nt * 8 + 2 * t;
-#pragma unroll
-      for (int hf = 0; hf < 2; ++hf) {
-        const int64_t row = m0 + wm * 32 + mi * 16 + g + hf * 8;
-        if (row >= m) continue;
-        float* dst = y + row * ldy + col;
-        if (col < out) dst[0] = tot[mi][nt][2 * hf];
-        if (col + 1 < out) dst[1] = tot[mi][nt][2 * hf + 1];
-      }
-    }
-  }
+  Fp8StoreTile(tot, wm, wn, lane, m0, m - m0, n0, out, ldy, y);
 }
 
 }  // namespace

@@ -355,20 +355,25 @@ TEST(CudaKernelTest, Mxfp4ExpertGemmMatchesTheHost) {
     int64_t slots = 0;
     for (int32_t r : rows) slots += r;
     const std::vector<float> x = Random(static_cast<size_t>(slots * in), 22);
-    std::vector<float> want(static_cast<size_t>(slots * out));
-    int64_t row = 0;
-    for (int64_t e = 0; e < experts; ++e) {
-      for (int32_t i = 0; i < rows[e]; ++i, ++row) {
-        for (int64_t o = 0; o < out; ++o) {
-          double acc = 0;
-          for (int64_t k = 0; k < in; ++k) {
-            acc += static_cast<double>(RoundToBf16(x[row * in + k])) * w[(e * out + o) * in + k];
+    // The inputs as each mode's kernels see them: BF16-rounded, or FP8 per row in blocks of 128 (the FP8
+    // mode: the CPU faithful mode's rounding).
+    std::vector<float> xb = x, x8 = x;
+    for (float& v : xb) v = RoundToBf16(v);
+    cpu::Numerics{true}.Fp8Blocks(x8.data(), slots, in, in, 128);
+    std::vector<float> want, want8;
+    using Io = std::pair<const std::vector<float>*, std::vector<float>*>;
+    for (const auto& [xs, dst] : {Io{&xb, &want}, Io{&x8, &want8}}) {
+      dst->assign(static_cast<size_t>(slots * out), 0.0f);
+      int64_t row = 0;
+      for (int64_t e = 0; e < experts; ++e) {
+        for (int32_t i = 0; i < rows[e]; ++i, ++row) {
+          for (int64_t o = 0; o < out; ++o) {
+            (*dst)[row * out + o] = static_cast<float>(cpu::DotF64(&(*xs)[row * in], &w[(e * out + o) * in], in));
           }
-          want[row * out + o] = static_cast<float>(acc);
         }
       }
     }
-    auto compare = [&](const std::vector<float>& y, double tol) {
+    auto compare = [&](const std::vector<float>& y, const std::vector<float>& want, double tol) {
       EXPECT_LT(RelL2(y, want), tol);
       // Every row and column is written (a missed tile would leave the allocation's garbage or zeros).
       double worst = 0;
@@ -386,7 +391,13 @@ TEST(CudaKernelTest, Mxfp4ExpertGemmMatchesTheHost) {
       absl::StatusOr<std::vector<float>> y = cuda::testing::ExpertGemmFp4(x, in, w, out, rows, path);
       ASSERT_TRUE(y.ok()) << y.status();
       // The GEMV keeps x in FP32: against the BF16-rounded reference it is off by BF16's rounding of x.
-      compare(*y, path == cuda::testing::ExpertPath::kDecodeGemv ? 2e-2 : 1e-5);
+      compare(*y, want, path == cuda::testing::ExpertPath::kDecodeGemv ? 2e-2 : 1e-5);
+      // The FP8 mode: GroupedGemmFp4Fp8 converts the codes to e4m3 per 128-wide block (exact here: the
+      // blocks' scales span at most 2^8) and accumulates on FP8 tensor cores (~1e-4, see
+      // Fp8LinearMatchesTheFaithfulGemm); the GEMV computes in FP32 on the rounded inputs.
+      y = cuda::testing::ExpertGemmFp4(x, in, w, out, rows, path, 0, nullptr, /*fp8=*/true);
+      ASSERT_TRUE(y.ok()) << y.status();
+      compare(*y, want8, path == cuda::testing::ExpertPath::kDecodeGemv ? 1e-5 : 2e-4);
     }
   }
 }
