@@ -412,7 +412,7 @@ __global__ void __launch_bounds__(256)
   if (!ExpertTile(tiles, &e, &row0, &rows)) return;
   const int64_t n0 = static_cast<int64_t>(blockIdx.y) * kEgBn;
   const int tid = static_cast<int>(threadIdx.x), warp = tid / 32, lane = tid % 32;
-  const int wm = warp / 4, wn = warp % 4, g = lane / 4, t = lane % 4;
+  const int wm = warp / 4, wn = warp % 4;
   // This thread's weight slice: row n0 + tid / 2, values (tid % 2) * 32 .. + 32 of each k-step.
   const int br = tid / 2, bh = tid % 2;
   const int64_t wrow = e * out + min(n0 + br, out - 1);
@@ -503,21 +503,7 @@ __global__ void __launch_bounds__(256)
     step(kt, 0);
     if (kt + 1 < steps) step(kt + 1, 1);
   }
-#pragma unroll
-  for (int mi = 0; mi < 2; ++mi) {
-#pragma unroll
-    for (int nt = 0; nt < 4; ++nt) {
-      const int64_t col = n0 + wn * 32 + nt * 8 + 2 * t;
-#pragma unroll
-      for (int hf = 0; hf < 2; ++hf) {
-        const int m = wm * 32 + mi * 16 + g + hf * 8;
-        if (m >= rows) continue;
-        float* dst = y + (row0 + m) * out + col;
-        if (col < out) dst[0] = acc[mi][nt][2 * hf];
-        if (col + 1 < out) dst[1] = acc[mi][nt][2 * hf + 1];
-      }
-    }
-  }
+  StoreWarpTile(acc, wm, wn, lane, row0, rows, n0, out, out, y);
 }
 
 // The MXFP4 grouped expert GEMM on FP8 tensor cores (the FP8 weight mode, CudaWeights::kFp8): GroupedGemmFp4's
@@ -635,7 +621,7 @@ __global__ void __launch_bounds__(256)
     step(kb, 0);
     if (kb + 1 < kbs) step(kb + 1, 1);
   }
-  Fp8StoreTile(tot, wm, wn, lane, row0, rows, n0, out, out, y);
+  StoreWarpTile(tot, wm, wn, lane, row0, rows, n0, out, out, y);
 }
 
 // FP8 rounding of the GEMM input for kernels that take FP32 (the MXFP4 GEMVs in the FP8 weight mode):

@@ -205,27 +205,6 @@ __device__ __forceinline__ void Fp8Promote(const float (&acc)[2][4][4], const fl
   }
 }
 
-// Stores the warp's part of a tile: rows row0 + r (r < rows) of y (row stride ldy), columns col0 + c < out.
-__device__ __forceinline__ void Fp8StoreTile(const float (&tot)[2][4][4], int wm, int wn, int lane, int64_t row0,
-                                             int64_t rows, int64_t col0, int64_t out, int64_t ldy, float* y) {
-  const int g = lane / 4, t = lane % 4;
-#pragma unroll
-  for (int mi = 0; mi < 2; ++mi) {
-#pragma unroll
-    for (int nt = 0; nt < 4; ++nt) {
-      const int64_t col = col0 + wn * 32 + nt * 8 + 2 * t;
-#pragma unroll
-      for (int hf = 0; hf < 2; ++hf) {
-        const int64_t r = wm * 32 + mi * 16 + g + hf * 8;
-        if (r >= rows) continue;
-        float* dst = y + (row0 + r) * ldy + col;
-        if (col < out) dst[0] = tot[mi][nt][2 * hf];
-        if (col + 1 < out) dst[1] = tot[mi][nt][2 * hf + 1];
-      }
-    }
-  }
-}
-
 __global__ void __launch_bounds__(256)
     GemmFp8(const uint8_t* xq, const float* xs, int64_t m, int64_t ldx, const uint8_t* w, const float* ws,
             int64_t in, int64_t out, int64_t ldy, float* y) {
@@ -276,7 +255,7 @@ __global__ void __launch_bounds__(256)
     Fp8Promote(acc, sa, sb, tot);
     __syncthreads();  // Everyone is done with this stage before the next step refills it.
   }
-  Fp8StoreTile(tot, wm, wn, lane, m0, m - m0, n0, out, ldy, y);
+  StoreWarpTile(tot, wm, wn, lane, m0, m - m0, n0, out, ldy, y);
 }
 
 }  // namespace

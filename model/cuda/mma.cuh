@@ -53,6 +53,28 @@ __device__ __forceinline__ uint32_t PackBf16(float lo, float hi) {
   const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
   return *reinterpret_cast<const uint32_t*>(&v);
 }
+// Stores a warp's 32 x 32 part (m16n8 accumulators [2][4][4], warp (wm, wn) of a 2 x 4 layout) of a 64 x 128
+// output tile: rows row0 + r (r < rows) of y (row stride ldy), columns col0 + c < out.
+__device__ __forceinline__ void StoreWarpTile(const float (&tot)[2][4][4], int wm, int wn, int lane, int64_t row0,
+                                              int64_t rows, int64_t col0, int64_t out, int64_t ldy, float* y) {
+  const int g = lane / 4, t = lane % 4;
+#pragma unroll
+  for (int mi = 0; mi < 2; ++mi) {
+#pragma unroll
+    for (int nt = 0; nt < 4; ++nt) {
+      const int64_t col = col0 + wn * 32 + nt * 8 + 2 * t;
+#pragma unroll
+      for (int hf = 0; hf < 2; ++hf) {
+        const int64_t r = wm * 32 + mi * 16 + g + hf * 8;
+        if (r >= rows) continue;
+        float* dst = y + (row0 + r) * ldy + col;
+        if (col < out) dst[0] = tot[mi][nt][2 * hf];
+        if (col + 1 < out) dst[1] = tot[mi][nt][2 * hf + 1];
+      }
+    }
+  }
+}
+
 __device__ __forceinline__ void CpAsync16(void* smem, const void* gmem) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(SmemAddr(smem)), "l"(gmem) : "memory");
 }
