@@ -377,7 +377,7 @@ void LinearKernels(const ModelConfig& c, double copy_bw, double fp8_gemm, std::v
       double ts = 0, tt = 0, tl = 0;
       for (const auto& [path, t] : {std::pair<cuda::Fp8Path, double*>{cuda::Fp8Path::kSkinny, &ts},
                                     {cuda::Fp8Path::kTile, &tt}, {cuda::Fp8Path::kLt, &tl}}) {
-        if (path == cuda::Fp8Path::kSkinny && m > 64) continue;
+        if ((path == cuda::Fp8Path::kSkinny && m > 64) || (path == cuda::Fp8Path::kLt && m < 4)) continue;
         if (!cuda::testing::Linear(x, m, sh.in, w, sh.out, CudaWeights::kFp8, 20, t, path).ok()) *t = 0;
       }
       const double flops = 2.0 * static_cast<double>(m * sh.out * sh.in);

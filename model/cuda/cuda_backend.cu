@@ -327,7 +327,7 @@ absl::Status CudaBackend::InitRuntime() {
   uint64_t keep = std::numeric_limits<uint64_t>::max();  // Keep freed scratch for the next step.
   V4_CUDA_RETURN_IF_ERROR(cudaMemPoolSetAttribute(pool, cudaMemPoolAttrReleaseThreshold, &keep));
   act_bf16_ = std::make_unique<Buf<__nv_bfloat16>>(stream_);
-  if (blas_api_->lt_ok) {
+  if (blas_api_->lt_ok && fp8_) {  // Only the FP8 mode's linears use cuBLASLt.
     V4_CUBLAS_RETURN_IF_ERROR(blas_api_->lt_create(&lt_));
     V4_CUDA_RETURN_IF_ERROR(cudaMalloc(&lt_ws_, kLtWorkspace));
   }

@@ -21,7 +21,7 @@
 #include <tuple>
 #include <vector>
 
-#include "absl/container/flat_hash_map.h"
+#include "absl/container/node_hash_map.h"
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/strings/str_cat.h"
@@ -364,9 +364,11 @@ class CudaBackend final : public ForwardBackend {
   absl::Status LinearBatched(const float* x, int64_t m, int64_t ldx, int64_t stride_x, const Mat& w,
                              int64_t groups, int64_t ldy, float* y) const;
   // The FP8 GEMM: x quantized per row in blocks of 128 (model/cuda/fp8_gemm.cuh), then SkinnyGemmFp8 for up to
-  // kSkinnyRows rows and cuBLASLt's block-scaled FP8 GEMM above (GemmFp8, ours, where cuBLASLt cannot:
-  // a library without it, or weight rows of other than a multiple of 512); `path` forces one (bench/, tests).
-  // ldx a multiple of 128, x 16-byte aligned.
+  // kSkinnyRows rows and cuBLASLt's block-scaled FP8 GEMM above, on the rows up to a multiple of 4 (the 1-3
+  // left, a second pass over the weights, by ours: padding them is not written). Where cuBLASLt cannot (a
+  // library without block scales, inputs of other than a multiple of 512, a refused shape) ours take all the
+  // rows: SkinnyGemmFp8 up to 64, GemmFp8 above. `path` forces one (bench/, tests). ldx a multiple of 128, x
+  // 16-byte aligned.
   static constexpr int64_t kSkinnyRows = 16;
   absl::Status LinearFp8(const float* x, int64_t m, int64_t ldx, const Mat& w, int64_t ldy, float* y,
                          Fp8Path path = Fp8Path::kAuto) const;
@@ -448,10 +450,10 @@ class CudaBackend final : public ForwardBackend {
   cublasLtHandle_t lt_ = nullptr;  // Null without cuBLASLt's block-scaled FP8 (CublasApi::lt_ok).
   void* lt_ws_ = nullptr;
   static constexpr size_t kLtWorkspace = size_t{32} << 20;
-  // By (m, out, in, ldx, ldy).
-  mutable absl::flat_hash_map<std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t>, LtPlan> lt_plans_;
-  // Null when cuBLASLt has no algorithm for the shape (remembered).
-  absl::StatusOr<const LtPlan*> GetLtPlan(int64_t m, int64_t out, int64_t in, int64_t ldx, int64_t ldy,
+  // By (m, out, in, ldx, ldy); node-based: GetLtPlan hands out pointers to its entries.
+  mutable absl::node_hash_map<std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t>, LtPlan> lt_plans_;
+  // Null when cuBLASLt refuses the shape (remembered).
+  const LtPlan* GetLtPlan(int64_t m, int64_t out, int64_t in, int64_t ldx, int64_t ldy,
                                           const void* a_scale, const void* b_scale) const;
   cpu::RopeTable rope_main_, rope_comp_;
   float *inv_main_ = nullptr, *inv_comp_ = nullptr;

@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "absl/cleanup/cleanup.h"
 #include "absl/strings/str_cat.h"
 #include "model/cpu/weights.h"
 #include "model/cuda/cuda_backend.h"
@@ -90,43 +91,50 @@ absl::Status CudaBackend::LinearBatched(const float* x, int64_t m, int64_t ldx, 
   return absl::OkStatus();
 }
 
-absl::StatusOr<const LtPlan*> CudaBackend::GetLtPlan(int64_t m, int64_t out, int64_t in, int64_t ldx, int64_t ldy,
-                                                     const void* a_scale, const void* b_scale) const {
+const LtPlan* CudaBackend::GetLtPlan(int64_t m, int64_t out, int64_t in, int64_t ldx, int64_t ldy,
+                                     const void* a_scale, const void* b_scale) const {
   const auto key = std::make_tuple(m, out, in, ldx, ldy);
   if (auto it = lt_plans_.find(key); it != lt_plans_.end()) return it->second.op != nullptr ? &it->second : nullptr;
   const CublasApi& api = *blas_api_;
   // D^T [out, m] = W [out, in] . X^T in cuBLAS's column-major terms: A = W (transposed), B = X, both k-major.
+  // Any refusal (a library without block scales, no algorithm for the shape) is remembered as "no plan": our
+  // kernels serve that shape.
   LtPlan p;
-  V4_CUBLAS_RETURN_IF_ERROR(api.desc_create(&p.op, CUBLAS_COMPUTE_32F, CUDA_R_32F));
+  cublasLtMatmulPreference_t pref = nullptr;
+  const auto release = [&]() {
+    if (pref != nullptr) api.pref_destroy(pref);
+    if (p.a != nullptr) api.layout_destroy(p.a);
+    if (p.b != nullptr) api.layout_destroy(p.b);
+    if (p.d != nullptr) api.layout_destroy(p.d);
+    if (p.op != nullptr) api.desc_destroy(p.op);
+  };
   const cublasOperation_t ta = CUBLAS_OP_T, tb = CUBLAS_OP_N;
   const cublasLtMatmulMatrixScale_t a_mode = CUBLASLT_MATMUL_MATRIX_SCALE_BLK128x128_32F,
                                     b_mode = CUBLASLT_MATMUL_MATRIX_SCALE_VEC128_32F;
-  V4_CUBLAS_RETURN_IF_ERROR(api.desc_set(p.op, CUBLASLT_MATMUL_DESC_TRANSA, &ta, sizeof(ta)));
-  V4_CUBLAS_RETURN_IF_ERROR(api.desc_set(p.op, CUBLASLT_MATMUL_DESC_TRANSB, &tb, sizeof(tb)));
-  V4_CUBLAS_RETURN_IF_ERROR(api.desc_set(p.op, CUBLASLT_MATMUL_DESC_A_SCALE_MODE, &a_mode, sizeof(a_mode)));
-  V4_CUBLAS_RETURN_IF_ERROR(api.desc_set(p.op, CUBLASLT_MATMUL_DESC_B_SCALE_MODE, &b_mode, sizeof(b_mode)));
-  // The heuristic refuses block-scaled modes without scale pointers (INVALID_VALUE); each call sets its own.
-  V4_CUBLAS_RETURN_IF_ERROR(api.desc_set(p.op, CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, &a_scale, sizeof(a_scale)));
-  V4_CUBLAS_RETURN_IF_ERROR(api.desc_set(p.op, CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, &b_scale, sizeof(b_scale)));
-  V4_CUBLAS_RETURN_IF_ERROR(api.layout_create(&p.a, CUDA_R_8F_E4M3, in, out, in));
-  V4_CUBLAS_RETURN_IF_ERROR(api.layout_create(&p.b, CUDA_R_8F_E4M3, in, m, ldx));
-  V4_CUBLAS_RETURN_IF_ERROR(api.layout_create(&p.d, CUDA_R_32F, out, m, ldy));
-  cublasLtMatmulPreference_t pref;
-  V4_CUBLAS_RETURN_IF_ERROR(api.pref_create(&pref));
   const size_t ws = kLtWorkspace;
-  V4_CUBLAS_RETURN_IF_ERROR(api.pref_set(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof(ws)));
   cublasLtMatmulHeuristicResult_t heur{};
   int found = 0;
-  const cublasStatus_t hs = api.heuristic(lt_, p.op, p.a, p.b, p.d, p.d, pref, 1, &heur, &found);
-  api.pref_destroy(pref);
-  if (hs != CUBLAS_STATUS_SUCCESS || found == 0) {  // Remembered as such: ours serve this shape.
-    api.layout_destroy(p.a);
-    api.layout_destroy(p.b);
-    api.layout_destroy(p.d);
-    api.desc_destroy(p.op);
+  const bool ok =
+      api.desc_create(&p.op, CUBLAS_COMPUTE_32F, CUDA_R_32F) == CUBLAS_STATUS_SUCCESS &&
+      api.desc_set(p.op, CUBLASLT_MATMUL_DESC_TRANSA, &ta, sizeof(ta)) == CUBLAS_STATUS_SUCCESS &&
+      api.desc_set(p.op, CUBLASLT_MATMUL_DESC_TRANSB, &tb, sizeof(tb)) == CUBLAS_STATUS_SUCCESS &&
+      api.desc_set(p.op, CUBLASLT_MATMUL_DESC_A_SCALE_MODE, &a_mode, sizeof(a_mode)) == CUBLAS_STATUS_SUCCESS &&
+      api.desc_set(p.op, CUBLASLT_MATMUL_DESC_B_SCALE_MODE, &b_mode, sizeof(b_mode)) == CUBLAS_STATUS_SUCCESS &&
+      // The heuristic refuses block-scaled modes without scale pointers (INVALID_VALUE); each call sets its own.
+      api.desc_set(p.op, CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, &a_scale, sizeof(a_scale)) == CUBLAS_STATUS_SUCCESS &&
+      api.desc_set(p.op, CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, &b_scale, sizeof(b_scale)) == CUBLAS_STATUS_SUCCESS &&
+      api.layout_create(&p.a, CUDA_R_8F_E4M3, in, out, in) == CUBLAS_STATUS_SUCCESS &&
+      api.layout_create(&p.b, CUDA_R_8F_E4M3, in, m, ldx) == CUBLAS_STATUS_SUCCESS &&
+      api.layout_create(&p.d, CUDA_R_32F, out, m, ldy) == CUBLAS_STATUS_SUCCESS &&
+      api.pref_create(&pref) == CUBLAS_STATUS_SUCCESS &&
+      api.pref_set(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof(ws)) == CUBLAS_STATUS_SUCCESS &&
+      api.heuristic(lt_, p.op, p.a, p.b, p.d, p.d, pref, 1, &heur, &found) == CUBLAS_STATUS_SUCCESS && found > 0;
+  if (!ok) {
+    release();
     lt_plans_.emplace(key, LtPlan{});
     return nullptr;
   }
+  api.pref_destroy(pref);
   p.algo = heur.algo;
   return &lt_plans_.emplace(key, p).first->second;
 }
@@ -135,6 +143,7 @@ absl::StatusOr<const LtPlan*> CudaBackend::GetLtPlan(int64_t m, int64_t out, int
 // an H200, cuBLAS 13.1), the kernels here the rest.
 absl::Status CudaBackend::LinearFp8(const float* x, int64_t m, int64_t ldx, const Mat& w, int64_t ldy, float* y,
                                     Fp8Path path) const {
+  if (m == 0) return absl::OkStatus();
   if (ldx % k::kFp8Block != 0 || reinterpret_cast<uintptr_t>(x) % 16 != 0) {
     return absl::InternalError(absl::StrCat("FP8 GEMM input rows of stride ", ldx,
                                             " (needs a multiple of 128) or not 16-byte aligned"));
@@ -154,7 +163,7 @@ absl::Status CudaBackend::LinearFp8(const float* x, int64_t m, int64_t ldx, cons
   const void* a_scale = w.tile_scales;
   const void* b_scale = act_fp8_scales_->get();
   if (LtServes(w) && m >= 4 && (path == Fp8Path::kLt || (path == Fp8Path::kAuto && m > kSkinnyRows))) {
-    ASSIGN_OR_RETURN(plan, GetLtPlan(m / 4 * 4, w.out, w.in, ldx, ldy, a_scale, b_scale));
+    plan = GetLtPlan(m / 4 * 4, w.out, w.in, ldx, ldy, a_scale, b_scale);
     if (plan != nullptr) m4 = m / 4 * 4;
   }
   if (path == Fp8Path::kLt && plan == nullptr && m >= 4) {
@@ -201,7 +210,7 @@ absl::Status CudaBackend::LinearFp8(const float* x, int64_t m, int64_t ldx, cons
   } else {
     skinny(k::SkinnyGemmFp8<8>);
   }
-  V4_LAUNCH_CHECK(GemmFp8);
+  V4_LAUNCH_CHECK(GemmFp8 or SkinnyGemmFp8);
   return absl::OkStatus();
 }
 
@@ -240,7 +249,11 @@ absl::StatusOr<std::vector<float>> Linear(const std::vector<float>& x, int64_t m
   }
   RETURN_IF_ERROR(call());
   if (seconds != nullptr && repeats > 0) {
-    cudaEvent_t start, stop;
+    cudaEvent_t start = nullptr, stop = nullptr;
+    absl::Cleanup destroy = [&] {
+      if (start != nullptr) cudaEventDestroy(start);
+      if (stop != nullptr) cudaEventDestroy(stop);
+    };
     V4_CUDA_RETURN_IF_ERROR(cudaEventCreate(&start));
     V4_CUDA_RETURN_IF_ERROR(cudaEventCreate(&stop));
     V4_CUDA_RETURN_IF_ERROR(cudaEventRecord(start, b.stream()));
@@ -250,8 +263,6 @@ absl::StatusOr<std::vector<float>> Linear(const std::vector<float>& x, int64_t m
     float ms = 0;
     V4_CUDA_RETURN_IF_ERROR(cudaEventElapsedTime(&ms, start, stop));
     *seconds = ms / 1e3 / repeats;
-    cudaEventDestroy(start);
-    cudaEventDestroy(stop);
   }
   std::vector<float> y;
   RETURN_IF_ERROR(dy.Download(&y));

@@ -560,7 +560,9 @@ __global__ void __launch_bounds__(256)
 #pragma unroll
     for (int h = 0; h < 2; ++h) {  // The thread's two blocks of 32 values: scales 2 * bh + h of the four.
       const uint32_t s = (sc >> (8 * (2 * bh + h))) & 0xffu;
-      const float f = __uint_as_float((127u + 6u - (top - s)) << 23);  // Fp4x8 gives 2^-6 x the value.
+      // Fp4x8 gives 2^-6 x the value; a spread past 2^133 (no real checkpoint) flushes the block to zero.
+      const uint32_t d = top - s;
+      const float f = d <= 132u ? __uint_as_float((127u + 6u - d) << 23) : 0.0f;
       uint32_t packed[8];
 #pragma unroll
       for (int q = 0; q < 4; ++q) {

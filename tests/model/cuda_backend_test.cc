@@ -143,11 +143,10 @@ TEST(CudaKernelTest, LinearMatchesCpuInBothWeightFormats) {
 // scale, tile or k order is O(1e-1) or more. Each kernel runs (SkinnyGemmFp8 at 1-8, 9-16, 17-32, 33-64 rows; GemmFp8; cuBLASLt on
 // the rows up to a multiple of 4 with ours on the rest) on partial tiles (out 320 = 2.5 tiles of 128, rows
 // past 64); one input block is all zeros (scale from the 1e-4 floor) and one is large.
-TEST(CudaKernelTest, Fp8LinearMatchesTheFaithfulGemm) {
-  SKIP_WITHOUT_GPU();
-  const int64_t in = 1024, out = 320;
+void CheckFp8Linear(int64_t in, int64_t out, std::initializer_list<int64_t> row_counts) {
+  SCOPED_TRACE(testing::Message() << "in " << in << " out " << out);
   std::vector<float> w = Random(out * in, 16, 0.03f);
-  for (int64_t i = 0; i < 128; ++i) w[200 * in + 512 + i] *= 1e3f;  // One tile with a much larger scale.
+  for (int64_t i = 0; i < 128; ++i) w[200 * in + 256 + i] *= 1e3f;  // One tile with a much larger scale.
   std::vector<float> wq = w;
   for (int64_t r0 = 0; r0 < out; r0 += 128) {
     for (int64_t c0 = 0; c0 < in; c0 += 128) {
@@ -163,7 +162,7 @@ TEST(CudaKernelTest, Fp8LinearMatchesTheFaithfulGemm) {
     }
   }
   const cpu::Numerics faithful{true};
-  for (int64_t m : {1, 5, 13, 40, 64, 65, 200}) {
+  for (int64_t m : row_counts) {
     std::vector<float> x = Random(m * in, 17 + m);
     for (int64_t i = 0; i < 128; ++i) x[(m - 1) * in + 256 + i] = 0;  // A zero block.
     for (int64_t i = 0; i < 128; ++i) x[i] *= 300.0f;                // A large one.
@@ -189,6 +188,14 @@ TEST(CudaKernelTest, Fp8LinearMatchesTheFaithfulGemm) {
       }
     }
   }
+}
+
+TEST(CudaKernelTest, Fp8LinearMatchesTheFaithfulGemm) {
+  SKIP_WITHOUT_GPU();
+  CheckFp8Linear(1024, 320, {1, 5, 13, 40, 64, 65, 200});
+  // cuBLASLt's other input widths that serving gives it (512: the smallest it takes; 4096: V4's hidden size).
+  CheckFp8Linear(512, 256, {8, 65});
+  CheckFp8Linear(4096, 256, {8, 65});
 }
 
 TEST(CudaKernelTest, ArgmaxRowsTakesTheLowestIndexOnTies) {
