@@ -598,11 +598,7 @@ __global__ void __launch_bounds__(256)
       CpAsyncWait<0>();
     }
     float sa[2][2], sb[4][2];
-#pragma unroll
-    for (int mi = 0; mi < 2; ++mi) {
-#pragma unroll
-      for (int hf = 0; hf < 2; ++hf) sa[mi][hf] = xs[(row0 + min(wm * 32 + mi * 16 + g + hf * 8, rows - 1)) * kbs + kb];
-    }
+    Fp8RowScales(xs, row0, rows, kbs, kb, wm, g, sa);
     __syncthreads();  // This stage's x (cp.async) and weights (stored last step) are visible.
 #pragma unroll
     for (int nt = 0; nt < 4; ++nt) {

@@ -192,6 +192,17 @@ __device__ __forceinline__ void Fp8TileMma(const uint8_t* as, const uint8_t* bs,
   }
 }
 
+// The promotion's row scales: x's block kb scale for warp wm's rows g, g + 8 of its two m16 tiles, rows counted
+// from `first` (scales of row stride ld blocks) and clamped to the tile's `rows` as the loads clamp them.
+__device__ __forceinline__ void Fp8RowScales(const float* xs, int64_t first, int64_t rows, int64_t ld, int64_t kb,
+                                             int wm, int g, float (&sa)[2][2]) {
+#pragma unroll
+  for (int mi = 0; mi < 2; ++mi) {
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf) sa[mi][hf] = xs[(first + MinI64(wm * 32 + mi * 16 + g + hf * 8, rows - 1)) * ld + kb];
+  }
+}
+
 // The promotion: tot += acc x (row scale sa[mi][g / g + 8] x column scale sb[nt][2t / 2t + 1]).
 __device__ __forceinline__ void Fp8Promote(const float (&acc)[2][4][4], const float (&sa)[2][2],
                                            const float (&sb)[4][2], float (&tot)[2][4][4]) {
@@ -240,11 +251,7 @@ __global__ void __launch_bounds__(256)
       CpAsyncWait<0>();
     }
     float sa[2][2], sb[4][2];
-#pragma unroll
-    for (int mi = 0; mi < 2; ++mi) {
-#pragma unroll
-      for (int hf = 0; hf < 2; ++hf) sa[mi][hf] = xs[min(m0 + wm * 32 + mi * 16 + g + hf * 8, m - 1) * xbs + kb];
-    }
+    Fp8RowScales(xs, m0, m - m0, xbs, kb, wm, g, sa);
 #pragma unroll
     for (int nt = 0; nt < 4; ++nt) {  // Columns 2t and 2t + 1 share a 128-row tile.
       sb[nt][0] = sb[nt][1] = ws[(min(n0 + wn * 32 + nt * 8 + 2 * t, out - 1) / kFp8Block) * kbs + kb];
