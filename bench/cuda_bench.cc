@@ -18,7 +18,8 @@
 //     uploads the window rings and compressed entries from the host states, as before the cache), on a
 //     second backend in the same process (--compare-state-cache=0 skips it).
 // Usage: v4serve_cuda_bench [--layers=2] [--context=512] [--prefill=8192,32768] [--batches=1,8,64]
-//                           [--weights=fp8|bf16|fp32] [--experts=fp4|bf16] [--steps=10] [--compare-state-cache=1]
+//                           [--weights=fp8|bf16|fp32] [--experts=fp4|bf16] [--steps=10]
+//                           [--compare-state-cache=1]
 //                           [--ceilings=1] [--attention=1]
 // (--experts=fp4: MXFP4 routed experts, as V4 ships them; other weights BF16 except the FP32 ones the
 // backend keeps: mHC mixes, router gate, compressor projections; --weights=fp8: the linears V4 ships in FP8
@@ -328,12 +329,13 @@ void ExpertKernels(const ModelConfig& c, double fp8_gemm, std::vector<std::strin
     if (a.ok() && b.ok()) {
       const double flops = 2.0 * static_cast<double>(slots * out * in);
       char line[512];
-      std::snprintf(line, sizeof(line),
-                    "| MXFP4 experts (prefill 8192 tokens): %lld rows over 16 experts | FP8 inputs %.1f us, BF16 "
-                    "inputs %.1f us | %.1f GFLOP | %.0f / %.0f TFLOP/s | FP8 %.1f%% of FP8 GEMM; **%.2fx** "
-                    "faster |",
-                    static_cast<long long>(slots), f8 * 1e6, b16 * 1e6, flops / 1e9, flops / f8 / 1e12,
-                    flops / b16 / 1e12, 100.0 * flops / f8 / fp8_gemm, b16 / f8);
+      std::snprintf(
+          line, sizeof(line),
+          "| MXFP4 experts (prefill 8192 tokens): %lld rows over 16 experts | FP8 inputs %.1f us, BF16 "
+          "inputs %.1f us | %.1f GFLOP | %.0f / %.0f TFLOP/s | FP8 %.1f%% of FP8 GEMM; **%.2fx** "
+          "faster |",
+          static_cast<long long>(slots), f8 * 1e6, b16 * 1e6, flops / 1e9, flops / f8 / 1e12,
+          flops / b16 / 1e12, 100.0 * flops / f8 / fp8_gemm, b16 / f8);
       rows->push_back(line);
       std::printf("%s\n", line);
       std::fflush(stdout);
@@ -365,7 +367,8 @@ void LinearKernels(const ModelConfig& c, double copy_bw, double fp8_gemm, std::v
       auto a = cuda::testing::Linear(x, m, sh.in, w, sh.out, CudaWeights::kBf16, 20, &tb);
       auto b = cuda::testing::Linear(x, m, sh.in, w, sh.out, CudaWeights::kFp8, 20, &t8);
       if (!a.ok() || !b.ok()) {
-        std::fprintf(stderr, "linear kernels: %s\n", std::string((a.ok() ? b.status() : a.status()).message()).c_str());
+        std::fprintf(stderr, "linear kernels: %s\n",
+                     std::string((a.ok() ? b.status() : a.status()).message()).c_str());
         return;
       }
       double num = 0, den = 0;  // FP8 against BF16: the two roundings' distance, for the record.
@@ -376,7 +379,8 @@ void LinearKernels(const ModelConfig& c, double copy_bw, double fp8_gemm, std::v
       // Each FP8 kernel forced (0 where it does not take this row count).
       double ts = 0, tt = 0, tl = 0;
       for (const auto& [path, t] : {std::pair<cuda::Fp8Path, double*>{cuda::Fp8Path::kSkinny, &ts},
-                                    {cuda::Fp8Path::kTile, &tt}, {cuda::Fp8Path::kLt, &tl}}) {
+                                    {cuda::Fp8Path::kTile, &tt},
+                                    {cuda::Fp8Path::kLt, &tl}}) {
         if ((path == cuda::Fp8Path::kSkinny && m > 64) || (path == cuda::Fp8Path::kLt && m < 4)) continue;
         if (!cuda::testing::Linear(x, m, sh.in, w, sh.out, CudaWeights::kFp8, 20, t, path).ok()) *t = 0;
       }
@@ -384,22 +388,23 @@ void LinearKernels(const ModelConfig& c, double copy_bw, double fp8_gemm, std::v
       const double b16 = 2.0 * sh.out * sh.in, b8 = 1.0 * sh.out * sh.in;
       char line[640];
       if (m <= 64) {
-        std::snprintf(line, sizeof(line),
-                      "| linear %s %lld x %lld, %lld rows | FP8 %.1f us (skinny %.1f, cuBLASLt %.1f, tile %.1f), BF16 "
-                      "cuBLAS %.1f us | | FP8 %.0f / BF16 %.0f GB/s of weights | FP8 %.1f%% of copy bw | FP8 **%.2fx** "
-                      "faster; rel. L2 to BF16 %.1e |",
-                      sh.name, static_cast<long long>(sh.out), static_cast<long long>(sh.in),
-                      static_cast<long long>(m), t8 * 1e6, ts * 1e6, tl * 1e6, tt * 1e6, tb * 1e6, b8 / t8 / 1e9,
-                      b16 / tb / 1e9,
-                      100.0 * b8 / t8 / copy_bw, tb / t8, std::sqrt(num / std::max(den, 1e-30)));
+        std::snprintf(
+            line, sizeof(line),
+            "| linear %s %lld x %lld, %lld rows | FP8 %.1f us (skinny %.1f, cuBLASLt %.1f, tile %.1f), BF16 "
+            "cuBLAS %.1f us | | FP8 %.0f / BF16 %.0f GB/s of weights | FP8 %.1f%% of copy bw | FP8 **%.2fx** "
+            "faster; rel. L2 to BF16 %.1e |",
+            sh.name, static_cast<long long>(sh.out), static_cast<long long>(sh.in), static_cast<long long>(m),
+            t8 * 1e6, ts * 1e6, tl * 1e6, tt * 1e6, tb * 1e6, b8 / t8 / 1e9, b16 / tb / 1e9,
+            100.0 * b8 / t8 / copy_bw, tb / t8, std::sqrt(num / std::max(den, 1e-30)));
       } else {
-        std::snprintf(line, sizeof(line),
-                      "| linear %s %lld x %lld, %lld rows | FP8 %.1f us (cuBLASLt %.1f, tile %.1f), BF16 cuBLAS %.1f "
-                      "us | %.1f GFLOP | FP8 %.0f / BF16 %.0f TFLOP/s | FP8 %.1f%% of FP8 GEMM | FP8 **%.2fx** faster; "
-                      "rel. L2 to BF16 %.1e |",
-                      sh.name, static_cast<long long>(sh.out), static_cast<long long>(sh.in),
-                      static_cast<long long>(m), t8 * 1e6, tl * 1e6, tt * 1e6, tb * 1e6, flops / 1e9, flops / t8 / 1e12,
-                      flops / tb / 1e12, 100.0 * flops / t8 / fp8_gemm, tb / t8, std::sqrt(num / std::max(den, 1e-30)));
+        std::snprintf(
+            line, sizeof(line),
+            "| linear %s %lld x %lld, %lld rows | FP8 %.1f us (cuBLASLt %.1f, tile %.1f), BF16 cuBLAS %.1f "
+            "us | %.1f GFLOP | FP8 %.0f / BF16 %.0f TFLOP/s | FP8 %.1f%% of FP8 GEMM | FP8 **%.2fx** faster; "
+            "rel. L2 to BF16 %.1e |",
+            sh.name, static_cast<long long>(sh.out), static_cast<long long>(sh.in), static_cast<long long>(m),
+            t8 * 1e6, tl * 1e6, tt * 1e6, tb * 1e6, flops / 1e9, flops / t8 / 1e12, flops / tb / 1e12,
+            100.0 * flops / t8 / fp8_gemm, tb / t8, std::sqrt(num / std::max(den, 1e-30)));
       }
       rows->push_back(line);
       std::printf("%s\n", line);
@@ -470,8 +475,9 @@ int Main(int argc, char** argv) {
     std::fprintf(stderr, "--weights must be bf16, fp8 or fp32\n");
     return 2;
   }
-  const CudaWeights format =
-      weights == "fp32" ? CudaWeights::kF32 : weights == "fp8" ? CudaWeights::kFp8 : CudaWeights::kBf16;
+  const CudaWeights format = weights == "fp32"  ? CudaWeights::kF32
+                             : weights == "fp8" ? CudaWeights::kFp8
+                                                : CudaWeights::kBf16;
   cudaDeviceProp prop{};
   CK(cudaGetDeviceProperties(&prop, 0));
 

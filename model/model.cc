@@ -47,7 +47,8 @@ absl::Status SetCudaWeights(absl::string_view name, ModelOptions* options) {
   } else if (name == "fp32") {
     options->cuda_weights = CudaWeights::kF32;
   } else {
-    return absl::InvalidArgumentError(absl::StrCat("--cuda_weights must be fp8, bf16 or fp32, not '", name, "'"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("--cuda_weights must be fp8, bf16 or fp32, not '", name, "'"));
   }
   return absl::OkStatus();
 }

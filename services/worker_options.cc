@@ -37,10 +37,11 @@ void AddWorkerFlags(FlagSet& flags, WorkerOptions* o) {
             "Numeric mode: faithful (the released kernels' FP8/FP4 rounding, simulated on the CPU), exact "
             "(FP32 on the CPU; the CUDA backend's own precisions on a GPU), or auto: faithful on the CPU, "
             "the CUDA backend where a GPU is visible.");
-  flags.Add("cuda_weights", &o->cuda_weights,
-            "Weight precision of the CUDA backend: fp8 (the checkpoint's FP8 linears stay FP8 with their 128x128 "
-            "block scales and take FP8 inputs, as DeepSeek's kernels; the rest BF16), bf16, or fp32 (for "
-            "comparisons with the CPU). Routed experts stay MXFP4 except in fp32. Ignored on the CPU.");
+  flags.Add(
+      "cuda_weights", &o->cuda_weights,
+      "Weight precision of the CUDA backend: fp8 (the checkpoint's FP8 linears stay FP8 with their 128x128 "
+      "block scales and take FP8 inputs, as DeepSeek's kernels; the rest BF16), bf16, or fp32 (for "
+      "comparisons with the CPU). Routed experts stay MXFP4 except in fp32. Ignored on the CPU.");
   AddServerFlags(flags, &o->process);
 }
 

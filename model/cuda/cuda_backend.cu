@@ -56,7 +56,8 @@ absl::StatusOr<const CublasApi*> Cublas() {
     sym(&a.gemm_strided_batched, "cublasGemmStridedBatchedEx");
     if (!ok)
       return new absl::StatusOr<CublasApi>(absl::UnavailableError(absl::StrCat(name, " lacks a symbol")));
-    // cuBLASLt (loaded with cuBLAS, which needs it): its block-scaled FP8 GEMM serves LinearFp8 where present.
+    // cuBLASLt (loaded with cuBLAS, which needs it): its block-scaled FP8 GEMM serves LinearFp8 where
+    // present.
     const std::string lt_name = absl::StrCat("libcublasLt.so.", CUBLAS_VER_MAJOR);
     if (void* lt = dlopen(lt_name.c_str(), RTLD_NOW | RTLD_LOCAL)) {
       h = lt;
@@ -258,8 +259,8 @@ absl::Status CudaBackend::LoadLayer(const cpu::BlockWeights* b, int64_t layer, L
   };
   if (ratio > 0) RETURN_IF_ERROR(comp(b ? &b->compressor : nullptr, hd, &l->compressor));
   if (ratio == 4) {
-    RETURN_IF_ERROR(
-        PutLinear(b ? &b->indexer_wq_b : nullptr, c.index_n_heads * c.index_head_dim, c.q_lora_rank, &l->indexer_wq_b));
+    RETURN_IF_ERROR(PutLinear(b ? &b->indexer_wq_b : nullptr, c.index_n_heads * c.index_head_dim,
+                              c.q_lora_rank, &l->indexer_wq_b));
     RETURN_IF_ERROR(
         Put(P(b ? &b->indexer_weights : nullptr), c.index_n_heads, d, bf16_, wi, &l->indexer_weights));
     RETURN_IF_ERROR(comp(b ? &b->indexer_compressor : nullptr, c.index_head_dim, &l->indexer_compressor));

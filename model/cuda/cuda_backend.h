@@ -128,8 +128,8 @@ absl::StatusOr<std::vector<float>> IndexerScores(const std::vector<float>& iq, c
 // [rows, out]. kPrefill: the prefill path (tiles listed on the host, the tensor-core GEMM); kDecodeMma /
 // kDecodeGemv: the decode path (routing on the device) with the tensor-core GEMM or the GEMV a decode step of
 // that many rows would pick. `seconds` as SparseAttention's. `fp8`: FP8 inputs (quantized per row in blocks
-// of 128; the tensor-core GEMM on FP8 tensor cores with the codes converted to e4m3 in its main loop, the GEMV
-// on the rounded inputs), which serving does not use (slower; cuda_backend_impl.cuh, Fp8Experts).
+// of 128; the tensor-core GEMM on FP8 tensor cores with the codes converted to e4m3 in its main loop, the
+// GEMV on the rounded inputs), which serving does not use (slower; cuda_backend_impl.cuh, Fp8Experts).
 enum class ExpertPath { kPrefill, kDecodeMma, kDecodeGemv };
 absl::StatusOr<std::vector<float>> ExpertGemmFp4(const std::vector<float>& x, int64_t in,
                                                  const std::vector<float>& w, int64_t out,

@@ -308,7 +308,9 @@ class CudaBackend final : public ForwardBackend {
   std::string Describe() const override {
     const bool fp4 = bf16_ && c_.expert_dtype == "fp4";
     return absl::StrFormat("cuda: %s, %s weights%s, %.2f GiB on device", gpu_name_,
-                           fp8_ ? "fp8 (checkpoint fp8 linears) + bf16" : bf16_ ? "bf16" : "fp32",
+                           fp8_    ? "fp8 (checkpoint fp8 linears) + bf16"
+                           : bf16_ ? "bf16"
+                                   : "fp32",
                            fp4 ? " (mxfp4 routed experts)" : "",
                            static_cast<double>(weight_bytes_) / (1ull << 30));
   }
@@ -363,9 +365,9 @@ class CudaBackend final : public ForwardBackend {
   absl::Status Linear(const float* x, int64_t m, const Mat& w, float* y) const;
   absl::Status LinearBatched(const float* x, int64_t m, int64_t ldx, int64_t stride_x, const Mat& w,
                              int64_t groups, int64_t ldy, float* y) const;
-  // The FP8 GEMM: x quantized per row in blocks of 128 (model/cuda/fp8_gemm.cuh), then SkinnyGemmFp8 for up to
-  // kSkinnyRows rows and cuBLASLt's block-scaled FP8 GEMM above, on the rows up to a multiple of 4 (the 1-3
-  // left, a second pass over the weights, by ours: padding them is not written). Where cuBLASLt cannot (a
+  // The FP8 GEMM: x quantized per row in blocks of 128 (model/cuda/fp8_gemm.cuh), then SkinnyGemmFp8 for up
+  // to kSkinnyRows rows and cuBLASLt's block-scaled FP8 GEMM above, on the rows up to a multiple of 4 (the
+  // 1-3 left, a second pass over the weights, by ours: padding them is not written). Where cuBLASLt cannot (a
   // library without block scales, inputs of other than a multiple of 512, a refused shape) ours take all the
   // rows: SkinnyGemmFp8 up to 64, GemmFp8 above. `path` forces one (bench/, tests). ldx a multiple of 128, x
   // 16-byte aligned.
@@ -392,8 +394,8 @@ class CudaBackend final : public ForwardBackend {
                               float* y) const;
   // The MXFP4 expert GEMM on tensor cores over `rows` rows of xin: GroupedGemmFp4Fp8 (FP8 inputs) in the FP8
   // mode, GroupedGemmFp4 (BF16 inputs) otherwise.
-  // `tiles`: kernels::ExpertTiles's seven pointers (host tiles: expert, row0, rows; or device routing: active,
-  // n_active, start, count), passed as such because that struct has internal linkage.
+  // `tiles`: kernels::ExpertTiles's seven pointers (host tiles: expert, row0, rows; or device routing:
+  // active, n_active, start, count), passed as such because that struct has internal linkage.
   absl::Status GroupedGemmFp4(const Mat& w, const float* xin, int64_t rows, const int32_t* const (&tiles)[7],
                               dim3 grid, float* y) const;
   // MXFP4 experts with FP8 inputs (GroupedGemmFp4Fp8; the GEMVs on FP8-rounded inputs): off in serving, where
@@ -453,8 +455,8 @@ class CudaBackend final : public ForwardBackend {
   // By (m, out, in, ldx, ldy); node-based: GetLtPlan hands out pointers to its entries.
   mutable absl::node_hash_map<std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t>, LtPlan> lt_plans_;
   // Null when cuBLASLt refuses the shape (remembered).
-  const LtPlan* GetLtPlan(int64_t m, int64_t out, int64_t in, int64_t ldx, int64_t ldy,
-                                          const void* a_scale, const void* b_scale) const;
+  const LtPlan* GetLtPlan(int64_t m, int64_t out, int64_t in, int64_t ldx, int64_t ldy, const void* a_scale,
+                          const void* b_scale) const;
   cpu::RopeTable rope_main_, rope_comp_;
   float *inv_main_ = nullptr, *inv_comp_ = nullptr;
   Mat embed_, head_;

@@ -27,7 +27,8 @@ absl::StatusOr<std::vector<std::vector<int64_t>>> TopK(const std::vector<float>&
   return NotBuilt();
 }
 absl::StatusOr<std::vector<float>> Linear(const std::vector<float>&, int64_t, int64_t,
-                                          const std::vector<float>&, int64_t, CudaWeights, int, double*, Fp8Path) {
+                                          const std::vector<float>&, int64_t, CudaWeights, int, double*,
+                                          Fp8Path) {
   return NotBuilt();
 }
 absl::Status Rope(std::vector<float>*, int64_t, int64_t, int64_t, const std::vector<double>&,
@@ -48,7 +49,8 @@ absl::StatusOr<std::vector<float>> IndexerScores(const std::vector<float>&, cons
 }
 absl::StatusOr<std::vector<float>> ExpertGemmFp4(const std::vector<float>&, int64_t,
                                                  const std::vector<float>&, int64_t,
-                                                 const std::vector<int32_t>&, ExpertPath, int, double*, bool) {
+                                                 const std::vector<int32_t>&, ExpertPath, int, double*,
+                                                 bool) {
   return NotBuilt();
 }
 }  // namespace testing

@@ -41,12 +41,14 @@ absl::Status CudaBackend::PutFp8(const float* host, int64_t out, int64_t in, Mat
   if (host != nullptr) {
     V4_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(f32.get(), host, n * 4, cudaMemcpyHostToDevice, stream_));
   } else {  // N(0, 1/in)-like, as Put draws BF16/FP32 weights.
-    k::RandomFill<<<1024, 256, 0, stream_>>>(f32.get(), false, n, ++seed_, 1.0f / std::sqrt(static_cast<float>(in)));
+    k::RandomFill<<<1024, 256, 0, stream_>>>(f32.get(), false, n, ++seed_,
+                                             1.0f / std::sqrt(static_cast<float>(in)));
     V4_LAUNCH_CHECK(RandomFill);
   }
   const dim3 grid(static_cast<unsigned>(in / k::kFp8Block),
                   static_cast<unsigned>((out + k::kFp8Block - 1) / k::kFp8Block));
-  k::QuantizeFp8Tiles<<<grid, 256, 0, stream_>>>(f32.get(), out, in, static_cast<uint8_t*>(m->p), m->tile_scales);
+  k::QuantizeFp8Tiles<<<grid, 256, 0, stream_>>>(f32.get(), out, in, static_cast<uint8_t*>(m->p),
+                                                 m->tile_scales);
   V4_LAUNCH_CHECK(QuantizeFp8Tiles);
   return Sync();  // The host rows and the FP32 scratch go away after this.
 }
@@ -94,7 +96,8 @@ absl::Status CudaBackend::LinearBatched(const float* x, int64_t m, int64_t ldx, 
 const LtPlan* CudaBackend::GetLtPlan(int64_t m, int64_t out, int64_t in, int64_t ldx, int64_t ldy,
                                      const void* a_scale, const void* b_scale) const {
   const auto key = std::make_tuple(m, out, in, ldx, ldy);
-  if (auto it = lt_plans_.find(key); it != lt_plans_.end()) return it->second.op != nullptr ? &it->second : nullptr;
+  if (auto it = lt_plans_.find(key); it != lt_plans_.end())
+    return it->second.op != nullptr ? &it->second : nullptr;
   const CublasApi& api = *blas_api_;
   // D^T [out, m] = W [out, in] . X^T in cuBLAS's column-major terms: A = W (transposed), B = X, both k-major.
   // Any refusal (a library without block scales, no algorithm for the shape) is remembered as "no plan": our
@@ -118,17 +121,24 @@ const LtPlan* CudaBackend::GetLtPlan(int64_t m, int64_t out, int64_t in, int64_t
       api.desc_create(&p.op, CUBLAS_COMPUTE_32F, CUDA_R_32F) == CUBLAS_STATUS_SUCCESS &&
       api.desc_set(p.op, CUBLASLT_MATMUL_DESC_TRANSA, &ta, sizeof(ta)) == CUBLAS_STATUS_SUCCESS &&
       api.desc_set(p.op, CUBLASLT_MATMUL_DESC_TRANSB, &tb, sizeof(tb)) == CUBLAS_STATUS_SUCCESS &&
-      api.desc_set(p.op, CUBLASLT_MATMUL_DESC_A_SCALE_MODE, &a_mode, sizeof(a_mode)) == CUBLAS_STATUS_SUCCESS &&
-      api.desc_set(p.op, CUBLASLT_MATMUL_DESC_B_SCALE_MODE, &b_mode, sizeof(b_mode)) == CUBLAS_STATUS_SUCCESS &&
-      // The heuristic refuses block-scaled modes without scale pointers (INVALID_VALUE); each call sets its own.
-      api.desc_set(p.op, CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, &a_scale, sizeof(a_scale)) == CUBLAS_STATUS_SUCCESS &&
-      api.desc_set(p.op, CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, &b_scale, sizeof(b_scale)) == CUBLAS_STATUS_SUCCESS &&
+      api.desc_set(p.op, CUBLASLT_MATMUL_DESC_A_SCALE_MODE, &a_mode, sizeof(a_mode)) ==
+          CUBLAS_STATUS_SUCCESS &&
+      api.desc_set(p.op, CUBLASLT_MATMUL_DESC_B_SCALE_MODE, &b_mode, sizeof(b_mode)) ==
+          CUBLAS_STATUS_SUCCESS &&
+      // The heuristic refuses block-scaled modes without scale pointers (INVALID_VALUE); each call sets its
+      // own.
+      api.desc_set(p.op, CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, &a_scale, sizeof(a_scale)) ==
+          CUBLAS_STATUS_SUCCESS &&
+      api.desc_set(p.op, CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, &b_scale, sizeof(b_scale)) ==
+          CUBLAS_STATUS_SUCCESS &&
       api.layout_create(&p.a, CUDA_R_8F_E4M3, in, out, in) == CUBLAS_STATUS_SUCCESS &&
       api.layout_create(&p.b, CUDA_R_8F_E4M3, in, m, ldx) == CUBLAS_STATUS_SUCCESS &&
       api.layout_create(&p.d, CUDA_R_32F, out, m, ldy) == CUBLAS_STATUS_SUCCESS &&
       api.pref_create(&pref) == CUBLAS_STATUS_SUCCESS &&
-      api.pref_set(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof(ws)) == CUBLAS_STATUS_SUCCESS &&
-      api.heuristic(lt_, p.op, p.a, p.b, p.d, p.d, pref, 1, &heur, &found) == CUBLAS_STATUS_SUCCESS && found > 0;
+      api.pref_set(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof(ws)) ==
+          CUBLAS_STATUS_SUCCESS &&
+      api.heuristic(lt_, p.op, p.a, p.b, p.d, p.d, pref, 1, &heur, &found) == CUBLAS_STATUS_SUCCESS &&
+      found > 0;
   if (!ok) {
     release();
     lt_plans_.emplace(key, LtPlan{});
@@ -141,8 +151,8 @@ const LtPlan* CudaBackend::GetLtPlan(int64_t m, int64_t out, int64_t in, int64_t
 
 // cuBLASLt takes a multiple of 4 rows (it has no algorithm for other counts with VEC128 scales: measured on
 // an H200, cuBLAS 13.1), the kernels here the rest.
-absl::Status CudaBackend::LinearFp8(const float* x, int64_t m, int64_t ldx, const Mat& w, int64_t ldy, float* y,
-                                    Fp8Path path) const {
+absl::Status CudaBackend::LinearFp8(const float* x, int64_t m, int64_t ldx, const Mat& w, int64_t ldy,
+                                    float* y, Fp8Path path) const {
   if (m == 0) return absl::OkStatus();
   if (ldx % k::kFp8Block != 0 || reinterpret_cast<uintptr_t>(x) % 16 != 0) {
     return absl::InternalError(absl::StrCat("FP8 GEMM input rows of stride ", ldx,
@@ -157,7 +167,8 @@ absl::Status CudaBackend::LinearFp8(const float* x, int64_t m, int64_t ldx, cons
   const int64_t row_blocks = ldx / k::kFp8Block, in_blocks = w.in / k::kFp8Block;
   RETURN_IF_ERROR(act_fp8_->Alloc((m - 1) * ldx + w.in));
   RETURN_IF_ERROR(act_fp8_scales_->Alloc(m * row_blocks));
-  // cuBLASLt's rows (m4) take M-major scales ([k block][row]); the rest's row-major ones follow in the buffer.
+  // cuBLASLt's rows (m4) take M-major scales ([k block][row]); the rest's row-major ones follow in the
+  // buffer.
   int64_t m4 = 0;
   const LtPlan* plan = nullptr;
   const void* a_scale = w.tile_scales;
@@ -167,12 +178,12 @@ absl::Status CudaBackend::LinearFp8(const float* x, int64_t m, int64_t ldx, cons
     if (plan != nullptr) m4 = m / 4 * 4;
   }
   if (path == Fp8Path::kLt && plan == nullptr && m >= 4) {
-    return absl::UnimplementedError(absl::StrCat("cuBLASLt has no block-scaled FP8 GEMM for ", m, " x ", w.out,
-                                                 " x ", w.in));
+    return absl::UnimplementedError(
+        absl::StrCat("cuBLASLt has no block-scaled FP8 GEMM for ", m, " x ", w.out, " x ", w.in));
   }
   if (m4 > 0) {
-    k::QuantizeFp8Blocks<<<Blocks(m4 * row_blocks, 8), 256, 0, stream_>>>(x, m4, row_blocks, in_blocks, m4,
-                                                                         act_fp8_->get(), act_fp8_scales_->get());
+    k::QuantizeFp8Blocks<<<Blocks(m4 * row_blocks, 8), 256, 0, stream_>>>(
+        x, m4, row_blocks, in_blocks, m4, act_fp8_->get(), act_fp8_scales_->get());
     V4_LAUNCH_CHECK(QuantizeFp8Blocks);
     const CublasApi& api = *blas_api_;
     V4_CUBLAS_RETURN_IF_ERROR(
@@ -180,8 +191,8 @@ absl::Status CudaBackend::LinearFp8(const float* x, int64_t m, int64_t ldx, cons
     V4_CUBLAS_RETURN_IF_ERROR(
         api.desc_set(plan->op, CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, &b_scale, sizeof(b_scale)));
     const float alpha = 1.0f, beta = 0.0f;
-    V4_CUBLAS_RETURN_IF_ERROR(api.matmul(lt_, plan->op, &alpha, w.p, plan->a, act_fp8_->get(), plan->b, &beta, y,
-                                         plan->d, y, plan->d, &plan->algo, lt_ws_, kLtWorkspace, stream_));
+    V4_CUBLAS_RETURN_IF_ERROR(api.matmul(lt_, plan->op, &alpha, w.p, plan->a, act_fp8_->get(), plan->b, &beta,
+                                         y, plan->d, y, plan->d, &plan->algo, lt_ws_, kLtWorkspace, stream_));
     if (m4 == m) return absl::OkStatus();
   }
   // The other rows (all of them without cuBLASLt): SkinnyGemmFp8 up to its bound, else GemmFp8.
@@ -189,18 +200,19 @@ absl::Status CudaBackend::LinearFp8(const float* x, int64_t m, int64_t ldx, cons
   uint8_t* codes_r = act_fp8_->get() + m4 * ldx;
   float* scales_r = act_fp8_scales_->get() + m4 * row_blocks;
   float* yr = y + m4 * ldy;
-  k::QuantizeFp8Blocks<<<Blocks(rest * row_blocks, 8), 256, 0, stream_>>>(x + m4 * ldx, rest, row_blocks, in_blocks,
-                                                                         0, codes_r, scales_r);
+  k::QuantizeFp8Blocks<<<Blocks(rest * row_blocks, 8), 256, 0, stream_>>>(x + m4 * ldx, rest, row_blocks,
+                                                                          in_blocks, 0, codes_r, scales_r);
   V4_LAUNCH_CHECK(QuantizeFp8Blocks);
   const uint8_t* codes = static_cast<const uint8_t*>(w.p);
   const auto skinny = [&](auto kernel) {
-    kernel<<<static_cast<unsigned>(Blocks(w.out, 16)), 128, 0, stream_>>>(codes_r, scales_r, rest, ldx, codes,
-                                                                         w.tile_scales, w.in, w.out, ldy, yr);
+    kernel<<<static_cast<unsigned>(Blocks(w.out, 16)), 128, 0, stream_>>>(
+        codes_r, scales_r, rest, ldx, codes, w.tile_scales, w.in, w.out, ldy, yr);
   };
   if (path == Fp8Path::kTile || rest > k::kSkinnyMaxRows) {
-    const dim3 grid(static_cast<unsigned>(Blocks(rest, k::kF8Bm)), static_cast<unsigned>(Blocks(w.out, k::kF8Bn)));
+    const dim3 grid(static_cast<unsigned>(Blocks(rest, k::kF8Bm)),
+                    static_cast<unsigned>(Blocks(w.out, k::kF8Bn)));
     k::GemmFp8<<<grid, 256, k::kF8Smem, stream_>>>(codes_r, scales_r, rest, ldx, codes, w.tile_scales, w.in,
-                                                    w.out, ldy, yr);
+                                                   w.out, ldy, yr);
   } else if (rest <= 8) {
     skinny(k::SkinnyGemmFp8<1>);
   } else if (rest <= 16) {

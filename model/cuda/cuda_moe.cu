@@ -80,8 +80,8 @@ absl::Status CudaBackend::ExpertGemmHost(const Mat& w, const float* xin, const s
     }
     Buf<int32_t> d_tiles(stream_);
     RETURN_IF_ERROR(d_tiles.Upload(cols));
-    const int32_t* const et[7] = {d_tiles.get(), d_tiles.get() + nt, d_tiles.get() + 2 * nt, nullptr, nullptr,
-                                  nullptr, nullptr};
+    const int32_t* const et[7] = {
+        d_tiles.get(), d_tiles.get() + nt, d_tiles.get() + 2 * nt, nullptr, nullptr, nullptr, nullptr};
     // The upload is staged before cudaMemcpyAsync returns (pageable memory).
     return GroupedGemmFp4(w, xin, g_off.back() + g_cnt.back(), et,
                           dim3(static_cast<unsigned>(nt), static_cast<unsigned>(Blocks(out, k::kEgBn))), y);
@@ -109,7 +109,7 @@ absl::Status CudaBackend::ExpertGemmHost(const Mat& w, const float* xin, const s
 }
 
 absl::Status CudaBackend::GroupedGemmFp4(const Mat& w, const float* xin, int64_t rows,
-                                          const int32_t* const (&t)[7], dim3 grid, float* y) const {
+                                         const int32_t* const (&t)[7], dim3 grid, float* y) const {
   const k::ExpertTiles tiles{t[0], t[1], t[2], t[3], t[4], t[5], t[6]};
   const uint8_t* codes = static_cast<const uint8_t*>(w.p);
   if (Fp8Experts(w)) {
@@ -117,7 +117,7 @@ absl::Status CudaBackend::GroupedGemmFp4(const Mat& w, const float* xin, int64_t
     RETURN_IF_ERROR(act_fp8_scales_->Alloc(rows * w.in / 128));
     const int64_t rb = w.in / 128;
     k::QuantizeFp8Blocks<<<Blocks(rows * rb, 8), 256, 0, stream_>>>(xin, rows, rb, rb, 0, act_fp8_->get(),
-                                                                   act_fp8_scales_->get());
+                                                                    act_fp8_scales_->get());
     V4_LAUNCH_CHECK(QuantizeFp8Blocks);
     k::GroupedGemmFp4Fp8<<<grid, 256, k::kEg8Smem, stream_>>>(act_fp8_->get(), act_fp8_scales_->get(), codes,
                                                               w.scales, tiles, w.in, w.out, y);
@@ -127,7 +127,8 @@ absl::Status CudaBackend::GroupedGemmFp4(const Mat& w, const float* xin, int64_t
   RETURN_IF_ERROR(act_bf16_->Alloc(rows * w.in));
   k::ToBf16<<<Blocks(rows * w.in, 256), 256, 0, stream_>>>(xin, rows * w.in, act_bf16_->get());
   V4_LAUNCH_CHECK(ToBf16);
-  k::GroupedGemmFp4<<<grid, 256, k::kEgSmem, stream_>>>(act_bf16_->get(), codes, w.scales, tiles, w.in, w.out, y);
+  k::GroupedGemmFp4<<<grid, 256, k::kEgSmem, stream_>>>(act_bf16_->get(), codes, w.scales, tiles, w.in, w.out,
+                                                        y);
   V4_LAUNCH_CHECK(GroupedGemmFp4);
   return absl::OkStatus();
 }

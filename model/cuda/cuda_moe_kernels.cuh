@@ -506,24 +506,24 @@ __global__ void __launch_bounds__(256)
   StoreWarpTile(acc, wm, wn, lane, row0, rows, n0, out, out, y);
 }
 
-// The MXFP4 grouped expert GEMM on FP8 tensor cores (the FP8 weight mode, CudaWeights::kFp8): GroupedGemmFp4's
-// tiles and contract, with x quantized to FP8 per row in blocks of 128 (xq and its row-major scales xs,
-// kernels::QuantizeFp8Blocks) and the weights' e2m1 codes converted to e4m3 in the main loop: a weight row's
-// 128-wide k block takes the largest of its four E8M0 scales, S, and each value v x 2^s becomes the e4m3 of
-// v x 2^(s - S) (exact while the block's scales span at most 2^8, as MODEL.md's FP4 -> FP8 conversion;
-// smaller values round), so the block's products are scaled by x's block scale x 2^S in the promotion
-// (Fp8Promote). k steps of 128 as GemmFp8 (Fp8TileMma): x's tile arrives by cp.async (two stages); each
-// thread's 32 bytes of codes and its row's four scales are loaded a step ahead into registers and converted
-// into the other stage, the row's 2^S into `s_sh`. in a multiple of 128.
+// The MXFP4 grouped expert GEMM on FP8 tensor cores (the FP8 weight mode, CudaWeights::kFp8):
+// GroupedGemmFp4's tiles and contract, with x quantized to FP8 per row in blocks of 128 (xq and its row-major
+// scales xs, kernels::QuantizeFp8Blocks) and the weights' e2m1 codes converted to e4m3 in the main loop: a
+// weight row's 128-wide k block takes the largest of its four E8M0 scales, S, and each value v x 2^s becomes
+// the e4m3 of v x 2^(s - S) (exact while the block's scales span at most 2^8, as MODEL.md's FP4 -> FP8
+// conversion; smaller values round), so the block's products are scaled by x's block scale x 2^S in the
+// promotion (Fp8Promote). k steps of 128 as GemmFp8 (Fp8TileMma): x's tile arrives by cp.async (two stages);
+// each thread's 32 bytes of codes and its row's four scales are loaded a step ahead into registers and
+// converted into the other stage, the row's 2^S into `s_sh`. in a multiple of 128.
 constexpr size_t kEg8Smem = kF8Smem + 2 * kF8Bn * sizeof(float);
 
 __global__ void __launch_bounds__(256)
     GroupedGemmFp4Fp8(const uint8_t* xq, const float* xs, const uint8_t* codes, const uint8_t* scales,
                       ExpertTiles tiles, int64_t in, int64_t out, float* y) {
   extern __shared__ __align__(128) unsigned char eg8_smem[];
-  uint8_t* a_sh = eg8_smem;                                              // [2][kF8Bm][128]
-  uint8_t* b_sh = eg8_smem + 2 * kF8Bm * kFp8Block;                      // [2][kF8Bn][128]
-  float* s_sh = reinterpret_cast<float*>(eg8_smem + kF8Smem);            // [2][kF8Bn]
+  uint8_t* a_sh = eg8_smem;                                    // [2][kF8Bm][128]
+  uint8_t* b_sh = eg8_smem + 2 * kF8Bm * kFp8Block;            // [2][kF8Bn][128]
+  float* s_sh = reinterpret_cast<float*>(eg8_smem + kF8Smem);  // [2][kF8Bn]
   int64_t e, row0;
   int rows;
   if (!ExpertTile(tiles, &e, &row0, &rows)) return;
@@ -570,8 +570,8 @@ __global__ void __launch_bounds__(256)
         Fp4x8(Word(bcode[buf][h], q), v);
 #pragma unroll
         for (int p = 0; p < 2; ++p) {
-          const uint32_t lo = __nv_cvt_float2_to_fp8x2(make_float2(v[4 * p] * f, v[4 * p + 1] * f), __NV_SATFINITE,
-                                                       __NV_E4M3);
+          const uint32_t lo = __nv_cvt_float2_to_fp8x2(make_float2(v[4 * p] * f, v[4 * p + 1] * f),
+                                                       __NV_SATFINITE, __NV_E4M3);
           const uint32_t hi = __nv_cvt_float2_to_fp8x2(make_float2(v[4 * p + 2] * f, v[4 * p + 3] * f),
                                                        __NV_SATFINITE, __NV_E4M3);
           packed[2 * q + p] = lo | hi << 16;
@@ -631,10 +631,12 @@ __global__ void RoundFp8Blocks(const float* x, int64_t blocks, float* out) {
   const float4 v = reinterpret_cast<const float4*>(x + b * kFp8Block)[lane];
   const Pow2Scale s = Fp8BlockScale(v);
   auto round = [&](float a) {
-    const __half_raw h = __nv_cvt_fp8_to_halfraw(static_cast<__nv_fp8_storage_t>(Fp8E4m3(a * s.inv)), __NV_E4M3);
+    const __half_raw h =
+        __nv_cvt_fp8_to_halfraw(static_cast<__nv_fp8_storage_t>(Fp8E4m3(a * s.inv)), __NV_E4M3);
     return __half2float(__half(h)) * s.s;
   };
-  reinterpret_cast<float4*>(out + b * kFp8Block)[lane] = make_float4(round(v.x), round(v.y), round(v.z), round(v.w));
+  reinterpret_cast<float4*>(out + b * kFp8Block)[lane] =
+      make_float4(round(v.x), round(v.y), round(v.z), round(v.w));
 }
 
 }  // namespace

@@ -36,7 +36,8 @@ __device__ __forceinline__ Pow2Scale Pow2CeilScale(float amax, float qmax) {
   const float x = amax * (1.0f / qmax);
   const uint32_t bits = __float_as_uint(x);
   const int e = static_cast<int>((bits >> 23) & 0xffu) - 127 + ((bits & 0x7fffffu) != 0 ? 1 : 0);
-  return {__uint_as_float(static_cast<uint32_t>(e + 127) << 23), __uint_as_float(static_cast<uint32_t>(127 - e) << 23)};
+  return {__uint_as_float(static_cast<uint32_t>(e + 127) << 23),
+          __uint_as_float(static_cast<uint32_t>(127 - e) << 23)};
 }
 __device__ __forceinline__ uint32_t Fp8E4m3(float v) {
   return static_cast<uint32_t>(__nv_cvt_float_to_fp8(v, __NV_SATFINITE, __NV_E4M3));
@@ -59,17 +60,19 @@ __global__ void QuantizeFp8Blocks(const float* x, int64_t rows, int64_t row_bloc
   const int lane = static_cast<int>(threadIdx.x % 32);
   const float4 v = reinterpret_cast<const float4*>(x + b * kFp8Block)[lane];
   const Pow2Scale s = Fp8BlockScale(v);
-  reinterpret_cast<uint32_t*>(codes + b * kFp8Block)[lane] = Fp8E4m3(v.x * s.inv) | Fp8E4m3(v.y * s.inv) << 8 |
-                                                             Fp8E4m3(v.z * s.inv) << 16 | Fp8E4m3(v.w * s.inv) << 24;
+  reinterpret_cast<uint32_t*>(codes + b * kFp8Block)[lane] =
+      Fp8E4m3(v.x * s.inv) | Fp8E4m3(v.y * s.inv) << 8 | Fp8E4m3(v.z * s.inv) << 16 |
+      Fp8E4m3(v.w * s.inv) << 24;
   if (lane == 0) scales[rows_t > 0 ? j * rows_t + r : b] = s.s;
 }
 
 // A weight matrix's tiles at load: w [out, in] FP32 (in a multiple of 128) to e4m3 codes and tile scales
-// 2^ceil(log2(amax / 448)) [ceil(out / 128), in / 128]. A checkpoint's FP8 weights come back exactly (their tile's amax is at most
-// 448 times their scale, so the new scale is at most theirs and the codes only gain exponent). Grid
-// (in / 128, ceil(out / 128)), 256 threads.
+// 2^ceil(log2(amax / 448)) [ceil(out / 128), in / 128]. A checkpoint's FP8 weights come back exactly (their
+// tile's amax is at most 448 times their scale, so the new scale is at most theirs and the codes only gain
+// exponent). Grid (in / 128, ceil(out / 128)), 256 threads.
 __global__ void QuantizeFp8Tiles(const float* w, int64_t out, int64_t in, uint8_t* codes, float* scales) {
-  const int64_t r0 = static_cast<int64_t>(blockIdx.y) * kFp8Block, c0 = static_cast<int64_t>(blockIdx.x) * kFp8Block;
+  const int64_t r0 = static_cast<int64_t>(blockIdx.y) * kFp8Block,
+                c0 = static_cast<int64_t>(blockIdx.x) * kFp8Block;
   const int rows = static_cast<int>(MinI64(kFp8Block, out - r0));
   float amax = 0;
   for (int i = static_cast<int>(threadIdx.x); i < rows * kFp8Block; i += blockDim.x) {
@@ -112,8 +115,10 @@ __global__ void __launch_bounds__(128)
   for (int tg = 0; tg < kTok; ++tg) tot[tg][0] = tot[tg][1] = tot[tg][2] = tot[tg][3] = 0.f;
   for (int64_t kb = warp; kb < kbs; kb += 4) {
     const int64_t k = kb * kFp8Block;
-    const uint4 a00 = *reinterpret_cast<const uint4*>(w0 + k), a01 = *reinterpret_cast<const uint4*>(w0 + k + 64);
-    const uint4 a10 = *reinterpret_cast<const uint4*>(w1 + k), a11 = *reinterpret_cast<const uint4*>(w1 + k + 64);
+    const uint4 a00 = *reinterpret_cast<const uint4*>(w0 + k),
+                a01 = *reinterpret_cast<const uint4*>(w0 + k + 64);
+    const uint4 a10 = *reinterpret_cast<const uint4*>(w1 + k),
+                a11 = *reinterpret_cast<const uint4*>(w1 + k + 64);
     const float sw0 = ws0[kb], sw1 = ws1[kb];
 #pragma unroll
     for (int tg = 0; tg < kTok; ++tg) {
@@ -158,7 +163,9 @@ __global__ void __launch_bounds__(128)
 constexpr int kF8Bm = 64, kF8Bn = 128;
 constexpr size_t kF8Smem = 2 * (kF8Bm + kF8Bn) * kFp8Block;  // 48 KiB: no opt-in needed.
 
-__device__ __forceinline__ int Fp8Swizzle(int row, int chunk) { return row * kFp8Block + ((chunk ^ (row & 7)) << 4); }
+__device__ __forceinline__ int Fp8Swizzle(int row, int chunk) {
+  return row * kFp8Block + ((chunk ^ (row & 7)) << 4);
+}
 
 // A 64 x 128 tile's products over one 128-deep k block from shared memory (as [64][128], bs [128][128] bytes,
 // swizzled), for warp (wm, wn): acc[mi][nt] = rows wm * 32 + mi * 16 .., columns wn * 32 + nt * 8 ...
@@ -192,14 +199,16 @@ __device__ __forceinline__ void Fp8TileMma(const uint8_t* as, const uint8_t* bs,
   }
 }
 
-// The promotion's row scales: x's block kb scale for warp wm's rows g, g + 8 of its two m16 tiles, rows counted
-// from `first` (scales of row stride ld blocks) and clamped to the tile's `rows` as the loads clamp them.
-__device__ __forceinline__ void Fp8RowScales(const float* xs, int64_t first, int64_t rows, int64_t ld, int64_t kb,
-                                             int wm, int g, float (&sa)[2][2]) {
+// The promotion's row scales: x's block kb scale for warp wm's rows g, g + 8 of its two m16 tiles, rows
+// counted from `first` (scales of row stride ld blocks) and clamped to the tile's `rows` as the loads clamp
+// them.
+__device__ __forceinline__ void Fp8RowScales(const float* xs, int64_t first, int64_t rows, int64_t ld,
+                                             int64_t kb, int wm, int g, float (&sa)[2][2]) {
 #pragma unroll
   for (int mi = 0; mi < 2; ++mi) {
 #pragma unroll
-    for (int hf = 0; hf < 2; ++hf) sa[mi][hf] = xs[(first + MinI64(wm * 32 + mi * 16 + g + hf * 8, rows - 1)) * ld + kb];
+    for (int hf = 0; hf < 2; ++hf)
+      sa[mi][hf] = xs[(first + MinI64(wm * 32 + mi * 16 + g + hf * 8, rows - 1)) * ld + kb];
   }
 }
 
@@ -231,12 +240,14 @@ __global__ void __launch_bounds__(256)
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
       const int c = tid + i * 256, r = c / 8, cc = c % 8;
-      CpAsync16(a_sh + stage * kF8Bm * kFp8Block + Fp8Swizzle(r, cc), xq + min(m0 + r, m - 1) * ldx + k0 + cc * 16);
+      CpAsync16(a_sh + stage * kF8Bm * kFp8Block + Fp8Swizzle(r, cc),
+                xq + min(m0 + r, m - 1) * ldx + k0 + cc * 16);
     }
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
       const int c = tid + i * 256, r = c / 8, cc = c % 8;
-      CpAsync16(b_sh + stage * kF8Bn * kFp8Block + Fp8Swizzle(r, cc), w + min(n0 + r, out - 1) * in + k0 + cc * 16);
+      CpAsync16(b_sh + stage * kF8Bn * kFp8Block + Fp8Swizzle(r, cc),
+                w + min(n0 + r, out - 1) * in + k0 + cc * 16);
     }
     CpAsyncCommit();
   };

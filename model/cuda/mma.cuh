@@ -5,9 +5,9 @@
 // ldmatrix.x4 (lane l addresses row l % 16, column 8 * (l / 16)); a [n][k] tile gives B for two n-tiles by
 // ldmatrix.x4 (row (l % 8) + 8 * (l / 16), column 8 * ((l / 8) % 2)); a [k][n] tile gives B by
 // ldmatrix.x4.trans (row l % 16, column 8 * (l / 16)).
-// mma.m16n8k32 with FP8 e4m3 operands has the same shapes in bytes: A holds rows g and g + 8 at bytes 4t .. 4t + 3
-// (+ 16), B column g at bytes 4t .. 4t + 3 (+ 16) of k, so ldmatrix on byte tiles gives both as above (a 16-byte
-// row chunk being eight b16 columns).
+// mma.m16n8k32 with FP8 e4m3 operands has the same shapes in bytes: A holds rows g and g + 8 at bytes
+// 4t .. 4t + 3 (+ 16), B column g at bytes 4t .. 4t + 3 (+ 16) of k, so ldmatrix on byte tiles gives both
+// as above (a 16-byte row chunk being eight b16 columns).
 #ifndef V4SERVE_MODEL_CUDA_MMA_CUH_
 #define V4SERVE_MODEL_CUDA_MMA_CUH_
 
@@ -55,8 +55,9 @@ __device__ __forceinline__ uint32_t PackBf16(float lo, float hi) {
 }
 // Stores a warp's 32 x 32 part (m16n8 accumulators [2][4][4], warp (wm, wn) of a 2 x 4 layout) of a 64 x 128
 // output tile: rows row0 + r (r < rows) of y (row stride ldy), columns col0 + c < out.
-__device__ __forceinline__ void StoreWarpTile(const float (&tot)[2][4][4], int wm, int wn, int lane, int64_t row0,
-                                              int64_t rows, int64_t col0, int64_t out, int64_t ldy, float* y) {
+__device__ __forceinline__ void StoreWarpTile(const float (&tot)[2][4][4], int wm, int wn, int lane,
+                                              int64_t row0, int64_t rows, int64_t col0, int64_t out,
+                                              int64_t ldy, float* y) {
   const int g = lane / 4, t = lane % 4;
 #pragma unroll
   for (int mi = 0; mi < 2; ++mi) {

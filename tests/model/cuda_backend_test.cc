@@ -140,9 +140,9 @@ TEST(CudaKernelTest, LinearMatchesCpuInBothWeightFormats) {
 // left is the tensor cores' summation (Hopper's FP8 MMA accumulates a 128-wide block with reduced precision,
 // ~2^-14 relative, before the FP32 promotion): ~1e-4 rel. L2 over the output and up to ~1.5e-3 in a row
 // (cuBLASLt's, whose accumulation is the coarser; FP8 rounding of the input itself is ~4e-2), where a wrong
-// scale, tile or k order is O(1e-1) or more. Each kernel runs (SkinnyGemmFp8 at 1-8, 9-16, 17-32, 33-64 rows; GemmFp8; cuBLASLt on
-// the rows up to a multiple of 4 with ours on the rest) on partial tiles (out 320 = 2.5 tiles of 128, rows
-// past 64); one input block is all zeros (scale from the 1e-4 floor) and one is large.
+// scale, tile or k order is O(1e-1) or more. Each kernel runs (SkinnyGemmFp8 at 1-8, 9-16, 17-32, 33-64 rows;
+// GemmFp8; cuBLASLt on the rows up to a multiple of 4 with ours on the rest) on partial tiles (out 320 = 2.5
+// tiles of 128, rows past 64); one input block is all zeros (scale from the 1e-4 floor) and one is large.
 void CheckFp8Linear(int64_t in, int64_t out, std::initializer_list<int64_t> row_counts) {
   SCOPED_TRACE(testing::Message() << "in " << in << " out " << out);
   std::vector<float> w = Random(out * in, 16, 0.03f);
@@ -155,7 +155,8 @@ void CheckFp8Linear(int64_t in, int64_t out, std::initializer_list<int64_t> row_
         for (int64_t c = c0; c < c0 + 128; ++c) amax = std::max(amax, std::fabs(w[r * in + c]));
       const float q = std::max(amax, 0x1p-100f) * (1.0f / 448.0f);
       int e = 0;
-      const float frac = std::frexp(q, &e);  // q = frac * 2^e, frac in [0.5, 1): ceil(log2 q) = e - (frac == .5).
+      const float frac =
+          std::frexp(q, &e);  // q = frac * 2^e, frac in [0.5, 1): ceil(log2 q) = e - (frac == .5).
       const float s = std::ldexp(1.0f, frac == 0.5f ? e - 1 : e);
       for (int64_t r = r0; r < std::min(out, r0 + 128); ++r)
         for (int64_t c = c0; c < c0 + 128; ++c) wq[r * in + c] = RoundToFp8E4m3(w[r * in + c] / s) * s;
@@ -165,7 +166,7 @@ void CheckFp8Linear(int64_t in, int64_t out, std::initializer_list<int64_t> row_
   for (int64_t m : row_counts) {
     std::vector<float> x = Random(m * in, 17 + m);
     for (int64_t i = 0; i < 128; ++i) x[(m - 1) * in + 256 + i] = 0;  // A zero block.
-    for (int64_t i = 0; i < 128; ++i) x[i] *= 300.0f;                // A large one.
+    for (int64_t i = 0; i < 128; ++i) x[i] *= 300.0f;                 // A large one.
     std::vector<float> xq = x, ref(static_cast<size_t>(m * out));
     faithful.Fp8Blocks(xq.data(), m, in, in, 128);
     for (int64_t r = 0; r < m; ++r) {
@@ -181,7 +182,8 @@ void CheckFp8Linear(int64_t in, int64_t out, std::initializer_list<int64_t> row_
           cuda::testing::Linear(x, m, in, w, out, CudaWeights::kFp8, 0, nullptr, path);
       ASSERT_TRUE(y.ok()) << y.status();
       EXPECT_LT(RelL2(*y, ref), 2e-4) << m << " rows, path " << static_cast<int>(path);
-      for (int64_t r = 0; r < m; ++r) {  // Every row on its own too (a row or tile the kernels skip shows here).
+      for (int64_t r = 0; r < m;
+           ++r) {  // Every row on its own too (a row or tile the kernels skip shows here).
         std::vector<float> yr(y->begin() + r * out, y->begin() + (r + 1) * out);
         std::vector<float> rr(ref.begin() + r * out, ref.begin() + (r + 1) * out);
         ASSERT_LT(RelL2(yr, rr), 5e-3) << m << " rows, row " << r << ", path " << static_cast<int>(path);
@@ -375,7 +377,8 @@ TEST(CudaKernelTest, Mxfp4ExpertGemmMatchesTheHost) {
       for (int64_t e = 0; e < experts; ++e) {
         for (int32_t i = 0; i < rows[e]; ++i, ++row) {
           for (int64_t o = 0; o < out; ++o) {
-            (*dst)[row * out + o] = static_cast<float>(cpu::DotF64(&(*xs)[row * in], &w[(e * out + o) * in], in));
+            (*dst)[row * out + o] =
+                static_cast<float>(cpu::DotF64(&(*xs)[row * in], &w[(e * out + o) * in], in));
           }
         }
       }
