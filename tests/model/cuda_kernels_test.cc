@@ -1,0 +1,369 @@
+// The CUDA backend's kernels against the CPU reference, each on random inputs through the single-kernel
+// entry points (model/cuda/cuda_backend.h, namespace testing). Label gpu; every test skips without a GPU.
+// The whole model is compared in cuda_backend_test.cc.
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <initializer_list>
+#include <random>
+#include <vector>
+
+#include "gtest/gtest.h"
+#include "model/backend.h"
+#include "model/cpu/attention.h"
+#include "model/cpu/numerics.h"
+#include "model/cpu/ops.h"
+#include "model/cuda/cuda_backend.h"
+#include "model/numeric_formats.h"
+#include "tests/model/cuda_test_util.h"
+
+namespace v4serve::model {
+namespace {
+
+TEST(CudaKernelTest, RmsNormMatchesCpu) {
+  SKIP_WITHOUT_GPU();
+  const int64_t rows = 37, dim = 4096;
+  std::vector<float> x = Random(rows * dim, 1, 3.0f), w = Random(dim, 2), ref = x;
+  cpu::RmsNorm(ref.data(), rows, dim, w.data(), 1e-6);
+  ASSERT_TRUE(cuda::testing::RmsNorm(&x, rows, dim, w, 1e-6).ok());
+  EXPECT_LT(RelL2(x, ref), 1e-6);
+}
+
+TEST(CudaKernelTest, RopeMatchesCpu) {
+  SKIP_WITHOUT_GPU();
+  ModelConfig c;
+  RopeScaling yarn{};
+  yarn.factor = 16;
+  yarn.original_max_position_embeddings = 65536;
+  yarn.beta_fast = 32;
+  yarn.beta_slow = 1;
+  const cpu::RopeTable t = cpu::MakeRopeTable(64, 160000, &yarn);
+  const int64_t rows = 50, dim = 512;
+  std::vector<float> x = Random(rows * dim, 3), ref = x;
+  std::vector<int64_t> pos(rows);
+  for (int64_t r = 0; r < rows; ++r) pos[r] = r * 4099 + 7;
+  for (int64_t r = 0; r < rows; ++r) t.Apply(&ref[r * dim + dim - 64], pos[r], /*inverse=*/false);
+  ASSERT_TRUE(cuda::testing::Rope(&x, rows, dim, 64, t.inv_freq, pos, false).ok());
+  EXPECT_LT(RelL2(x, ref), 1e-5);
+  ASSERT_TRUE(cuda::testing::Rope(&x, rows, dim, 64, t.inv_freq, pos, true).ok());
+  for (int64_t r = 0; r < rows; ++r) t.Apply(&ref[r * dim + dim - 64], pos[r], /*inverse=*/true);
+  EXPECT_LT(RelL2(x, ref), 1e-5);
+}
+
+TEST(CudaKernelTest, TopKMatchesCpuIncludingTies) {
+  SKIP_WITHOUT_GPU();
+  const int64_t rows = 5, n = 3000, k = 512;
+  std::vector<float> sc = Random(rows * n, 4);
+  // Row 1: heavy ties (values from a small set); row 2: all equal; row 3: negatives only.
+  for (int64_t i = 0; i < n; ++i) sc[1 * n + i] = static_cast<float>(i % 7);
+  for (int64_t i = 0; i < n; ++i) sc[2 * n + i] = 0.5f;
+  for (int64_t i = 0; i < n; ++i) sc[3 * n + i] = -std::fabs(sc[3 * n + i]);
+  absl::StatusOr<std::vector<std::vector<int64_t>>> got = cuda::testing::TopK(sc, rows, n, k);
+  ASSERT_TRUE(got.ok()) << got.status();
+  for (int64_t r = 0; r < rows; ++r) {
+    std::vector<int64_t> want =
+        cpu::TopKIndices(std::vector<float>(sc.begin() + r * n, sc.begin() + (r + 1) * n), k);
+    std::sort(want.begin(), want.end());
+    EXPECT_EQ((*got)[r], want) << "row " << r;
+  }
+}
+
+TEST(CudaKernelTest, LinearMatchesCpuInBothWeightFormats) {
+  SKIP_WITHOUT_GPU();
+  const int64_t m = 9, in = 1024, out = 768;
+  std::vector<float> x = Random(m * in, 5), w = Random(out * in, 6, 0.03f), ref;
+  cpu::MatmulWt(x.data(), m, in, w.data(), out, &ref);
+  absl::StatusOr<std::vector<float>> y = cuda::testing::Linear(x, m, in, w, out, CudaWeights::kF32);
+  ASSERT_TRUE(y.ok()) << y.status();
+  EXPECT_LT(RelL2(*y, ref), 1e-6);
+  // BF16: the same as the CPU on BF16-rounded operands, up to FP32 summation order.
+  std::vector<float> xb = x, wb = w, refb;
+  for (float& v : xb) v = RoundToBf16(v);
+  for (float& v : wb) v = RoundToBf16(v);
+  cpu::MatmulWt(xb.data(), m, in, wb.data(), out, &refb);
+  y = cuda::testing::Linear(x, m, in, w, out, CudaWeights::kBf16);
+  ASSERT_TRUE(y.ok()) << y.status();
+  EXPECT_LT(RelL2(*y, refb), 1e-5);
+  EXPECT_LT(RelL2(*y, ref), 1e-2);
+}
+
+// The FP8 weight mode's GEMM (model/cuda/fp8_gemm.cuh) against the CPU faithful mode's: the input through
+// cpu::Numerics::Fp8Blocks (bit for bit the device's quantization), the weights through 128 x 128 tiles with
+// E8M0 scales 2^ceil(log2(amax / 448)) (quantized here from the definition), the product in double. What is
+// left is the tensor cores' summation (Hopper's FP8 MMA accumulates a 128-wide block with reduced precision,
+// ~2^-14 relative, before the FP32 promotion): ~1e-4 rel. L2 over the output and up to ~1.5e-3 in a row
+// (cuBLASLt's, whose accumulation is the coarser; FP8 rounding of the input itself is ~4e-2), where a wrong
+// scale, tile or k order is O(1e-1) or more. Each kernel runs (SkinnyGemmFp8 at 1-8, 9-16, 17-32, 33-64 rows;
+// GemmFp8; cuBLASLt on the rows up to a multiple of 4 with ours on the rest) on partial tiles (out 320 = 2.5
+// tiles of 128, rows past 64); one input block is all zeros (scale from the 1e-4 floor) and one is large.
+void CheckFp8Linear(int64_t in, int64_t out, std::initializer_list<int64_t> row_counts) {
+  SCOPED_TRACE(testing::Message() << "in " << in << " out " << out);
+  std::vector<float> w = Random(out * in, 16, 0.03f);
+  for (int64_t i = 0; i < 128; ++i) w[200 * in + 256 + i] *= 1e3f;  // One tile with a much larger scale.
+  std::vector<float> wq = w;
+  for (int64_t r0 = 0; r0 < out; r0 += 128) {
+    for (int64_t c0 = 0; c0 < in; c0 += 128) {
+      float amax = 0;
+      for (int64_t r = r0; r < std::min(out, r0 + 128); ++r)
+        for (int64_t c = c0; c < c0 + 128; ++c) amax = std::max(amax, std::fabs(w[r * in + c]));
+      const float q = std::max(amax, 0x1p-100f) * (1.0f / 448.0f);
+      int e = 0;
+      const float frac =
+          std::frexp(q, &e);  // q = frac * 2^e, frac in [0.5, 1): ceil(log2 q) = e - (frac == .5).
+      const float s = std::ldexp(1.0f, frac == 0.5f ? e - 1 : e);
+      for (int64_t r = r0; r < std::min(out, r0 + 128); ++r)
+        for (int64_t c = c0; c < c0 + 128; ++c) wq[r * in + c] = RoundToFp8E4m3(w[r * in + c] / s) * s;
+    }
+  }
+  const cpu::Numerics faithful{true};
+  for (int64_t m : row_counts) {
+    std::vector<float> x = Random(m * in, 17 + m);
+    for (int64_t i = 0; i < 128; ++i) x[(m - 1) * in + 256 + i] = 0;  // A zero block.
+    for (int64_t i = 0; i < 128; ++i) x[i] *= 300.0f;                 // A large one.
+    std::vector<float> xq = x, ref(static_cast<size_t>(m * out));
+    faithful.Fp8Blocks(xq.data(), m, in, in, 128);
+    for (int64_t r = 0; r < m; ++r) {
+      for (int64_t o = 0; o < out; ++o) {
+        ref[r * out + o] = static_cast<float>(cpu::DotF64(&xq[r * in], &wq[o * in], in));
+      }
+    }
+    // What the row count picks, and each kernel forced (cuBLASLt's part a multiple of 4 rows, ours the rest).
+    for (const cuda::Fp8Path path :
+         {cuda::Fp8Path::kAuto, cuda::Fp8Path::kTile, cuda::Fp8Path::kSkinny, cuda::Fp8Path::kLt}) {
+      if (path == cuda::Fp8Path::kSkinny && m > 64) continue;
+      absl::StatusOr<std::vector<float>> y =
+          cuda::testing::Linear(x, m, in, w, out, CudaWeights::kFp8, 0, nullptr, path);
+      ASSERT_TRUE(y.ok()) << y.status();
+      EXPECT_LT(RelL2(*y, ref), 2e-4) << m << " rows, path " << static_cast<int>(path);
+      for (int64_t r = 0; r < m;
+           ++r) {  // Every row on its own too (a row or tile the kernels skip shows here).
+        std::vector<float> yr(y->begin() + r * out, y->begin() + (r + 1) * out);
+        std::vector<float> rr(ref.begin() + r * out, ref.begin() + (r + 1) * out);
+        ASSERT_LT(RelL2(yr, rr), 5e-3) << m << " rows, row " << r << ", path " << static_cast<int>(path);
+      }
+    }
+  }
+}
+
+TEST(CudaKernelTest, Fp8LinearMatchesTheFaithfulGemm) {
+  SKIP_WITHOUT_GPU();
+  CheckFp8Linear(1024, 320, {1, 5, 13, 40, 64, 65, 200});
+  // cuBLASLt's other input widths that serving gives it (512: the smallest it takes; 4096: V4's hidden size).
+  CheckFp8Linear(512, 256, {8, 65});
+  CheckFp8Linear(4096, 256, {8, 65});
+}
+
+TEST(CudaKernelTest, ArgmaxRowsTakesTheLowestIndexOnTies) {
+  SKIP_WITHOUT_GPU();
+  const int64_t rows = 4, cols = 129280;
+  std::vector<float> x = Random(rows * cols, 7);
+  x[0 * cols + 100] = 50;
+  x[1 * cols + 5] = 60;
+  x[1 * cols + 99999] = 60;  // Tie: index 5 wins.
+  x[2 * cols + cols - 1] = 70;
+  x[3 * cols + 0] = 80;
+  absl::StatusOr<std::vector<int32_t>> got = cuda::ArgmaxRows(x, rows, cols);
+  ASSERT_TRUE(got.ok()) << got.status();
+  EXPECT_EQ(*got, (std::vector<int32_t>{100, 5, static_cast<int32_t>(cols - 1), 0}));
+}
+
+// Attention in double precision on the host, from the case's definition (cuda_backend.h): per (row, head)
+// the softmax over the row's window keys, its selected (or all visible) entries and the head's sink logit,
+// applied to the same keys as values. `round` first rounds q and the keys to BF16.
+std::vector<float> ReferenceAttention(const cuda::testing::AttentionCase& c, bool round) {
+  auto val = [&](float x) { return round ? static_cast<double>(RoundToBf16(x)) : static_cast<double>(x); };
+  std::vector<float> o(static_cast<size_t>(c.n * c.h * c.hd));
+  for (int64_t r = 0; r < c.n; ++r) {
+    std::vector<const float*> keys;
+    for (int64_t j = 0; j < c.win_cnt[r]; ++j) keys.push_back(&c.wk[(c.win_start[r] + j) * c.hd]);
+    const int64_t ne = c.sel.empty() ? c.vis[r] : c.sel_cnt[r];
+    for (int64_t j = 0; j < ne; ++j) {
+      const int64_t e = c.sel.empty() ? j : c.sel[r * c.topk + j];
+      keys.push_back(&c.ek[(c.ent_base[r] + e) * c.hd]);
+    }
+    for (int64_t hh = 0; hh < c.h; ++hh) {
+      const float* q = &c.q[(r * c.h + hh) * c.hd];
+      std::vector<double> logit(keys.size());
+      double mx = c.sink[hh];
+      for (size_t j = 0; j < keys.size(); ++j) {
+        double dot = 0;
+        for (int64_t i = 0; i < c.hd; ++i) dot += val(q[i]) * val(keys[j][i]);
+        logit[j] = dot * c.scale;
+        mx = std::max(mx, logit[j]);
+      }
+      double den = std::exp(c.sink[hh] - mx);
+      for (double& l : logit) den += (l = std::exp(l - mx));
+      for (int64_t i = 0; i < c.hd; ++i) {
+        double acc = 0;
+        for (size_t j = 0; j < keys.size(); ++j) acc += logit[j] / den * val(keys[j][i]);
+        o[(r * c.h + hh) * c.hd + i] = static_cast<float>(acc);
+      }
+    }
+  }
+  return o;
+}
+
+// Both attention kernels against the host reference, at V4-Flash's shapes (64 heads x 512: CSA with top-512
+// selection, HCA over every visible entry) and the tiny model's (4 heads x 128: padded head rows), with rows
+// whose key counts are not multiples of the tensor-core kernel's 32-key tile, rows with only the current
+// token, entries only partly visible, and a row with more keys than one tile of a few. The FP32 kernel must
+// match to summation order; the BF16 tensor-core kernel must match the reference on BF16-rounded q and
+// keys up to P's rounding (a wrong fragment layout or a lost tile moves the output by O(1)), and the exact
+// reference to BF16's precision.
+TEST(CudaKernelTest, AttentionKernelsMatchTheReference) {
+  SKIP_WITHOUT_GPU();
+  struct Shape {
+    int64_t n, h, hd, window, entries, topk;
+  };
+  for (const Shape& sh : {Shape{9, 64, 512, 128, 700, 512}, Shape{7, 64, 512, 128, 64, 0},
+                          Shape{11, 4, 128, 128, 300, 128}, Shape{5, 16, 256, 40, 9, 0}}) {
+    SCOPED_TRACE(testing::Message() << "n " << sh.n << " h " << sh.h << " hd " << sh.hd << " topk "
+                                    << sh.topk);
+    cuda::testing::AttentionCase c =
+        cuda::testing::RandomAttentionCase(sh.n, sh.h, sh.hd, sh.window, sh.entries, sh.topk, 11);
+    c.win_cnt[0] = 1;  // Only the current token, no entries.
+    c.vis[0] = 0;
+    if (!c.sel.empty()) c.sel_cnt[0] = 0;
+    c.win_cnt[1] = 37;  // 37 + a few: not a multiple of 32.
+    c.vis[1] = std::min<int64_t>(sh.entries, 5);
+    if (!c.sel.empty()) {
+      c.sel_cnt[1] = static_cast<int32_t>(c.vis[1]);
+      for (int64_t j = 0; j < c.vis[1]; ++j) c.sel[1 * c.topk + j] = static_cast<int32_t>(c.vis[1] - 1 - j);
+    }
+    const std::vector<float> exact = ReferenceAttention(c, false), rounded = ReferenceAttention(c, true);
+    absl::StatusOr<std::vector<float>> simt = cuda::testing::SparseAttention(c, false);
+    ASSERT_TRUE(simt.ok()) << simt.status();
+    EXPECT_LT(RelL2(*simt, exact), 1e-5);
+    absl::StatusOr<std::vector<float>> mma = cuda::testing::SparseAttention(c, true);
+    ASSERT_TRUE(mma.ok()) << mma.status();
+    EXPECT_LT(RelL2(*mma, rounded), 5e-3);
+    EXPECT_LT(RelL2(*mma, exact), 2e-2);
+    // Row 0 alone (its one key against the sink) is checked on its own: the whole-case error would hide it.
+    std::vector<float> row0(mma->begin(), mma->begin() + sh.h * sh.hd),
+        want0(exact.begin(), exact.begin() + sh.h * sh.hd);
+    EXPECT_LT(RelL2(row0, want0), 2e-2);
+  }
+}
+
+// Both indexer kernels against the host (double): V4-Flash's 64 heads x 128 and the tiny model's 4 heads
+// (padded head rows), rows seeing 0, 1, 63, 64, 65 and a few hundred entries from different bases (decode
+// batches: each row its own sequence). FP32: summation order only. BF16 tensor cores: against the reference
+// on BF16-rounded q and keys to summation order, and the exact one to BF16's precision; a wrong fragment
+// layout, head reduction or tile bound moves scores by O(1).
+TEST(CudaKernelTest, IndexerKernelsMatchTheReference) {
+  SKIP_WITHOUT_GPU();
+  for (const int64_t ih : {64, 4}) {
+    SCOPED_TRACE(testing::Message() << "heads " << ih);
+    const int64_t id = 128, entries = 900;
+    const std::vector<int64_t> vis = {0, 1, 63, 64, 65, 300, 777}, base = {0, 5, 100, 0, 800, 2, 123};
+    const int64_t n = static_cast<int64_t>(vis.size());
+    const std::vector<float> iq = Random(n * ih * id, 31), ik = Random(entries * id, 32);
+    std::vector<float> iw = Random(n * ih, 33, 0.1f);
+    auto reference = [&](bool round) {
+      auto val = [&](float x) {
+        return round ? static_cast<double>(RoundToBf16(x)) : static_cast<double>(x);
+      };
+      const int64_t ld = *std::max_element(vis.begin(), vis.end());
+      std::vector<float> sc(static_cast<size_t>(n * ld), 0.0f);
+      for (int64_t r = 0; r < n; ++r) {
+        for (int64_t e = 0; e < vis[r]; ++e) {
+          double acc = 0;
+          for (int64_t h = 0; h < ih; ++h) {
+            double dot = 0;
+            for (int64_t i = 0; i < id; ++i)
+              dot += val(iq[(r * ih + h) * id + i]) * val(ik[(base[r] + e) * id + i]);
+            acc += std::max(dot, 0.0) * iw[r * ih + h];
+          }
+          sc[r * ld + e] = static_cast<float>(acc);
+        }
+      }
+      return sc;
+    };
+    const std::vector<float> exact = reference(false), rounded = reference(true);
+    absl::StatusOr<std::vector<float>> simt =
+        cuda::testing::IndexerScores(iq, iw, ik, base, vis, ih, id, false);
+    ASSERT_TRUE(simt.ok()) << simt.status();
+    EXPECT_LT(RelL2(*simt, exact), 1e-5);
+    absl::StatusOr<std::vector<float>> mma =
+        cuda::testing::IndexerScores(iq, iw, ik, base, vis, ih, id, true);
+    ASSERT_TRUE(mma.ok()) << mma.status();
+    EXPECT_LT(RelL2(*mma, rounded), 1e-4);
+    EXPECT_LT(RelL2(*mma, exact), 2e-2);
+  }
+}
+
+// The MXFP4 expert GEMMs (the prefill path's tensor-core GEMM with host tiles, the decode path's with device
+// routing, and the decode GEMV) against the host: weights drawn on the MXFP4 grid (so that loading them is
+// exact), activations rounded to BF16 as the tensor-core kernel rounds them, products summed in double.
+// Expert row counts cover an empty expert, one row, a partial tile, exactly one 64-row tile and several
+// tiles; output widths cover a partial 128-column tile. Only FP32 summation order may differ; a wrong
+// fragment layout, nibble, scale or tile bound moves the result by O(1).
+TEST(CudaKernelTest, Mxfp4ExpertGemmMatchesTheHost) {
+  SKIP_WITHOUT_GPU();
+  static constexpr float kGrid[8] = {0.0f, 0.5f, 1.0f, 1.5f, 2.0f, 3.0f, 4.0f, 6.0f};
+  for (const auto& [in, out] : {std::pair<int64_t, int64_t>{256, 192}, {512, 128}}) {
+    SCOPED_TRACE(testing::Message() << "in " << in << " out " << out);
+    const std::vector<int32_t> rows = {3, 0, 1, 64, 150, 37};
+    const int64_t experts = static_cast<int64_t>(rows.size());
+    std::mt19937 rng(21);
+    std::vector<float> w(static_cast<size_t>(experts * out * in));
+    for (size_t b = 0; b < w.size() / 32; ++b) {
+      const float scale = std::ldexp(1.0f, static_cast<int>(rng() % 9) - 10);
+      for (size_t j = 0; j < 32; ++j) {
+        w[b * 32 + j] = kGrid[rng() % 8] * scale * (rng() % 2 ? -1.0f : 1.0f);
+      }
+      w[b * 32 + rng() % 32] = 6.0f * scale;  // The block's scale is then exactly `scale`.
+    }
+    int64_t slots = 0;
+    for (int32_t r : rows) slots += r;
+    const std::vector<float> x = Random(static_cast<size_t>(slots * in), 22);
+    // The inputs as each mode's kernels see them: BF16-rounded, or FP8 per row in blocks of 128 (the FP8
+    // mode: the CPU faithful mode's rounding).
+    std::vector<float> xb = x, x8 = x;
+    for (float& v : xb) v = RoundToBf16(v);
+    cpu::Numerics{true}.Fp8Blocks(x8.data(), slots, in, in, 128);
+    std::vector<float> want, want8;
+    using Io = std::pair<const std::vector<float>*, std::vector<float>*>;
+    for (const auto& [xs, dst] : {Io{&xb, &want}, Io{&x8, &want8}}) {
+      dst->assign(static_cast<size_t>(slots * out), 0.0f);
+      int64_t row = 0;
+      for (int64_t e = 0; e < experts; ++e) {
+        for (int32_t i = 0; i < rows[e]; ++i, ++row) {
+          for (int64_t o = 0; o < out; ++o) {
+            (*dst)[row * out + o] =
+                static_cast<float>(cpu::DotF64(&(*xs)[row * in], &w[(e * out + o) * in], in));
+          }
+        }
+      }
+    }
+    auto compare = [&](const std::vector<float>& y, const std::vector<float>& want, double tol) {
+      EXPECT_LT(RelL2(y, want), tol);
+      // Every row and column is written (a missed tile would leave the allocation's garbage or zeros).
+      double worst = 0;
+      for (int64_t r = 0; r < slots; ++r) {
+        std::vector<float> a(y.begin() + r * out, y.begin() + (r + 1) * out),
+            b(want.begin() + r * out, want.begin() + (r + 1) * out);
+        worst = std::max(worst, RelL2(a, b));
+      }
+      EXPECT_LT(worst, 10 * tol);
+    };
+    for (const cuda::testing::ExpertPath path :
+         {cuda::testing::ExpertPath::kPrefill, cuda::testing::ExpertPath::kDecodeMma,
+          cuda::testing::ExpertPath::kDecodeGemv}) {
+      SCOPED_TRACE(testing::Message() << "path " << static_cast<int>(path));
+      absl::StatusOr<std::vector<float>> y = cuda::testing::ExpertGemmFp4(x, in, w, out, rows, path);
+      ASSERT_TRUE(y.ok()) << y.status();
+      // The GEMV keeps x in FP32: against the BF16-rounded reference it is off by BF16's rounding of x.
+      compare(*y, want, path == cuda::testing::ExpertPath::kDecodeGemv ? 2e-2 : 1e-5);
+      // The FP8 mode: GroupedGemmFp4Fp8 converts the codes to e4m3 per 128-wide block (exact here: the
+      // blocks' scales span at most 2^8) and accumulates on FP8 tensor cores (~1e-4, see
+      // Fp8LinearMatchesTheFaithfulGemm); the GEMV computes in FP32 on the rounded inputs.
+      y = cuda::testing::ExpertGemmFp4(x, in, w, out, rows, path, 0, nullptr, /*fp8=*/true);
+      ASSERT_TRUE(y.ok()) << y.status();
+      compare(*y, want8, path == cuda::testing::ExpertPath::kDecodeGemv ? 1e-5 : 2e-4);
+    }
+  }
+}
+
+}  // namespace
+}  // namespace v4serve::model

@@ -1,0 +1,51 @@
+// Helpers of the CUDA backend's gpu tests (cuda_kernels_test.cc, cuda_backend_test.cc): the skip without a
+// GPU, relative L2 distances, seeded random vectors.
+#ifndef V4SERVE_TESTS_MODEL_CUDA_TEST_UTIL_H_
+#define V4SERVE_TESTS_MODEL_CUDA_TEST_UTIL_H_
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "gtest/gtest.h"
+#include "model/device.h"
+
+namespace v4serve::model {
+
+inline bool HaveGpu(std::string* why) {
+  absl::StatusOr<Device> d = ResolveDevice(Device::kAuto, why);
+  return d.ok() && *d == Device::kCuda;
+}
+
+#define SKIP_WITHOUT_GPU()                                                          \
+  do {                                                                              \
+    std::string why;                                                                \
+    if (!HaveGpu(&why)) GTEST_SKIP() << "no GPU, CUDA backend not tested: " << why; \
+  } while (false)
+
+// Relative L2 distance of a from b (infinite when a has a non-finite value).
+inline double RelL2(const std::vector<float>& a, const std::vector<float>& b) {
+  EXPECT_EQ(a.size(), b.size());
+  double num = 0, den = 0;
+  for (size_t i = 0; i < a.size() && i < b.size(); ++i) {
+    if (!std::isfinite(a[i])) return INFINITY;
+    num += (static_cast<double>(a[i]) - b[i]) * (static_cast<double>(a[i]) - b[i]);
+    den += static_cast<double>(b[i]) * b[i];
+  }
+  return std::sqrt(num / std::max(den, 1e-30));
+}
+
+inline std::vector<float> Random(size_t n, uint32_t seed, float scale = 1.0f) {
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> nd(0.0f, scale);
+  std::vector<float> v(n);
+  for (float& x : v) x = nd(rng);
+  return v;
+}
+
+}  // namespace v4serve::model
+
+#endif  // V4SERVE_TESTS_MODEL_CUDA_TEST_UTIL_H_
