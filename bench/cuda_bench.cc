@@ -16,10 +16,12 @@
 //     GEMV, on the rows decode batches of 8 to 256 give;
 //   the same decode steps with the device state cache off (V4SERVE_CUDA_STATE_CACHE_MB=0: every call
 //     uploads the window rings and compressed entries from the host states, as before the cache), on a
-//     second backend in the same process (--compare-state-cache=0 skips it).
+//     second backend in the same process (--compare-state-cache=0 skips it), and with CUDA graphs off
+//     (V4SERVE_CUDA_GRAPHS=0: every kernel launched from the host, as before graphs; --compare-graphs=0
+//     skips it).
 // Usage: v4serve_cuda_bench [--layers=2] [--context=512] [--prefill=8192,32768] [--batches=1,8,64]
 //                           [--weights=fp8|bf16|fp32] [--experts=fp4|bf16] [--steps=10]
-//                           [--compare-state-cache=1]
+//                           [--compare-state-cache=1] [--compare-graphs=1]
 //                           [--ceilings=1] [--attention=1]
 // (--experts=fp4: MXFP4 routed experts, as V4 ships them; other weights BF16 except the FP32 ones the
 // backend keeps: mHC mixes, router gate, compressor projections; --weights=fp8: the linears V4 ships in FP8
@@ -416,7 +418,7 @@ void LinearKernels(const ModelConfig& c, double copy_bw, double fp8_gemm, std::v
 int Main(int argc, char** argv) {
   int64_t layers = 2, context = 512, steps = 10;
   std::string prefill = "8192,32768", batches = "1,8,64", weights = "fp8", experts = "fp4";
-  bool compare_cache = true, ceilings = true, attention = true;
+  bool compare_cache = true, compare_graphs = true, ceilings = true, attention = true;
   const char* src = std::getenv("V4SERVE_SOURCE_DIR");
   std::string config_path =
       std::string(src ? src : V4SERVE_SOURCE_DIR_DEFAULT) + "/tests/model/testdata/v4_flash_config.json";
@@ -444,6 +446,8 @@ int Main(int argc, char** argv) {
       config_path = v;
     else if (const char* v = val("compare-state-cache"))
       compare_cache = std::string(v) != "0";
+    else if (const char* v = val("compare-graphs"))
+      compare_graphs = std::string(v) != "0";
     else if (const char* v = val("attention"))
       attention = std::string(v) != "0";
     else if (const char* v = val("ceilings"))  // 0: skip them (profiling runs); ratios then print as 0.
@@ -587,29 +591,37 @@ int Main(int argc, char** argv) {
     rows.push_back(line);
     PrintPhases(backend);
     std::printf("%s\n", line);
+    if (auto c = cuda::LastForwardCounters(backend); c.ok()) {
+      std::printf("    last step: %lld sections replayed from CUDA graphs%s\n",
+                  static_cast<long long>(c->graph_sections), c->graphs_off ? " (graphs off)" : "");
+    }
     std::fflush(stdout);
     return t;
   };
-  std::vector<std::pair<int64_t, double>> with_cache;
-  for (int64_t b : Ints(batches)) with_cache.emplace_back(b, decode(**be, b, "", kGreedy));
+  std::vector<std::pair<int64_t, double>> greedy;
+  for (int64_t b : Ints(batches)) greedy.emplace_back(b, decode(**be, b, "", kGreedy));
   for (int64_t b : Ints(batches)) decode(**be, b, ", sampled (256 candidates a row)", kTop);
   for (int64_t b : Ints(batches)) decode(**be, b, ", logits to the host", kLogits);
-  if (compare_cache) {
-    setenv("V4SERVE_CUDA_STATE_CACHE_MB", "0", 1);
+  // The greedy steps again on a second backend built with `env`=0 (`what` off), side by side in this run.
+  auto compare_off = [&](const char* env, const std::string& what) -> bool {
+    setenv(env, "0", 1);
     absl::StatusOr<std::unique_ptr<ForwardBackend>> off = cuda::MakeRandomCudaBackend(*config, format, 1);
-    unsetenv("V4SERVE_CUDA_STATE_CACHE_MB");
+    unsetenv(env);
     if (!off.ok()) {
       std::fprintf(stderr, "%s\n", std::string(off.status().message()).c_str());
-      return 1;
+      return false;
     }
-    for (const auto& [b, t] : with_cache) {
-      const double t_off = decode(**off, b, ", state cache off", kGreedy);
+    for (const auto& [b, t] : greedy) {
+      const double t_off = decode(**off, b, (", " + what + " off").c_str(), kGreedy);
       if (t > 0 && t_off > 0) {
-        std::printf("    batch %lld: state cache on / off step time %.3f (%.2fx faster)\n",
-                    static_cast<long long>(b), t / t_off, t_off / t);
+        std::printf("    batch %lld: %s on / off step time %.3f (%.2fx faster)\n", static_cast<long long>(b),
+                    what.c_str(), t / t_off, t_off / t);
       }
     }
-  }
+    return true;
+  };
+  if (compare_cache && !compare_off("V4SERVE_CUDA_STATE_CACHE_MB", "state cache")) return 1;
+  if (compare_graphs && !compare_off("V4SERVE_CUDA_GRAPHS", "CUDA graphs")) return 1;
   // Prefill: one sequence, one chunk.
   for (int64_t n : Ints(prefill)) {
     SequenceState st = NewSequenceState(*config);

@@ -240,69 +240,68 @@ absl::Status CudaBackend::Compress(const CompressJob& job, int64_t layer,
   return absl::OkStatus();
 }
 
-absl::Status CudaBackend::Attention(const LayerW& w, int64_t layer, absl::Span<const ForwardSegment> segments,
-                                    absl::Span<DeviceStateCache::Copy* const> copies, const float* x,
-                                    int64_t n, float* out, Finish* finish) const {
+absl::Status CudaBackend::AttentionIn(const LayerW& w, int64_t layer, const float* x, int64_t n,
+                                      StepBuffers* b) const {
   const ModelConfig& c = c_;
   const int64_t h = c.num_attention_heads, hd = c.head_dim, rd = c.qk_rope_head_dim;
-  const int64_t win = c.sliding_window, ratio = c.compress_ratios[static_cast<size_t>(layer)];
+  const int64_t ratio = c.compress_ratios[static_cast<size_t>(layer)];
   const bool csa = ratio == 4;
-  const int64_t coff = csa ? 2 : 1, ih = c.index_n_heads, id = c.index_head_dim;
+  const int64_t ih = c.index_n_heads, id = c.index_head_dim;
   const double eps = c.rms_norm_eps;
   const float* inv = ratio > 0 ? inv_comp_ : inv_main_;
+  const int64_t* d_pos = b->pos.get();
   cudaStream_t s = stream_;
 
-  Buf<float> qr(s), q(s), kv(s), ckv(s), cscore(s), iq(s), iw(s), ikv(s), iscore(s);
+  Buf<float> qr(s);
   RETURN_IF_ERROR(qr.Alloc(n * c.q_lora_rank));
   RETURN_IF_ERROR(Linear(x, n, w.wq_a, qr.get()));
   k::RmsNorm<<<n, 256, 0, s>>>(qr.get(), c.q_lora_rank, w.q_norm, eps);
   V4_LAUNCH_CHECK(RmsNorm);
-  RETURN_IF_ERROR(q.Alloc(n * h * hd));
-  RETURN_IF_ERROR(Linear(qr.get(), n, w.wq_b, q.get()));
-  k::RmsNorm<<<n * h, 128, 0, s>>>(q.get(), hd, nullptr, eps);
+  RETURN_IF_ERROR(Linear(qr.get(), n, w.wq_b, b->q.get()));
+  k::RmsNorm<<<n * h, 128, 0, s>>>(b->q.get(), hd, nullptr, eps);
   V4_LAUNCH_CHECK(RmsNorm);
-  RETURN_IF_ERROR(kv.Alloc(n * hd));
-  RETURN_IF_ERROR(Linear(x, n, w.wkv, kv.get()));
-  k::RmsNorm<<<n, 128, 0, s>>>(kv.get(), hd, w.kv_norm, eps);
+  RETURN_IF_ERROR(Linear(x, n, w.wkv, b->kv.get()));
+  k::RmsNorm<<<n, 128, 0, s>>>(b->kv.get(), hd, w.kv_norm, eps);
   V4_LAUNCH_CHECK(RmsNorm);
   if (ratio > 0) {
-    RETURN_IF_ERROR(ckv.Alloc(n * coff * hd));
-    RETURN_IF_ERROR(cscore.Alloc(n * coff * hd));
-    RETURN_IF_ERROR(Linear(x, n, w.compressor.wkv, ckv.get()));
-    RETURN_IF_ERROR(Linear(x, n, w.compressor.wgate, cscore.get()));
+    RETURN_IF_ERROR(Linear(x, n, w.compressor.wkv, b->ckv.get()));
+    RETURN_IF_ERROR(Linear(x, n, w.compressor.wgate, b->cscore.get()));
   }
   if (csa) {
-    RETURN_IF_ERROR(iq.Alloc(n * ih * id));
-    RETURN_IF_ERROR(iw.Alloc(n * ih));
-    RETURN_IF_ERROR(ikv.Alloc(n * coff * id));
-    RETURN_IF_ERROR(iscore.Alloc(n * coff * id));
-    RETURN_IF_ERROR(Linear(qr.get(), n, w.indexer_wq_b, iq.get()));
-    RETURN_IF_ERROR(Linear(x, n, w.indexer_weights, iw.get()));
-    RETURN_IF_ERROR(Linear(x, n, w.indexer_compressor.wkv, ikv.get()));
-    RETURN_IF_ERROR(Linear(x, n, w.indexer_compressor.wgate, iscore.get()));
+    RETURN_IF_ERROR(Linear(qr.get(), n, w.indexer_wq_b, b->iq.get()));
+    RETURN_IF_ERROR(Linear(x, n, w.indexer_weights, b->iw.get()));
+    RETURN_IF_ERROR(Linear(x, n, w.indexer_compressor.wkv, b->ikv.get()));
+    RETURN_IF_ERROR(Linear(x, n, w.indexer_compressor.wgate, b->iscore.get()));
   }
-  // Positions of the rows.
-  std::vector<int64_t> pos(static_cast<size_t>(n));
-  for (const ForwardSegment& seg : segments) {
-    for (int64_t t = 0; t < seg.count; ++t) pos[seg.begin + t] = seg.state->position + t;
-  }
-  Buf<int64_t> d_pos(s);
-  RETURN_IF_ERROR(d_pos.Upload(pos));
-  k::Rope<<<Blocks(n * h * rd / 2, 256), 256, 0, s>>>(q.get(), n * h, hd, hd - rd, rd, d_pos.get(), h, inv,
+  k::Rope<<<Blocks(n * h * rd / 2, 256), 256, 0, s>>>(b->q.get(), n * h, hd, hd - rd, rd, d_pos, h, inv,
                                                       false);
   V4_LAUNCH_CHECK(Rope);
-  k::Rope<<<Blocks(n * rd / 2, 256), 256, 0, s>>>(kv.get(), n, hd, hd - rd, rd, d_pos.get(), 1, inv, false);
+  k::Rope<<<Blocks(n * rd / 2, 256), 256, 0, s>>>(b->kv.get(), n, hd, hd - rd, rd, d_pos, 1, inv, false);
   V4_LAUNCH_CHECK(Rope);
   if (csa) {
-    k::Rope<<<Blocks(n * ih * rd / 2, 256), 256, 0, s>>>(iq.get(), n * ih, id, id - rd, rd, d_pos.get(), ih,
-                                                         inv, false);
+    k::Rope<<<Blocks(n * ih * rd / 2, 256), 256, 0, s>>>(b->iq.get(), n * ih, id, id - rd, rd, d_pos, ih, inv,
+                                                         false);
     V4_LAUNCH_CHECK(Rope);
     const float iscale =
         static_cast<float>(1.0 / std::sqrt(static_cast<double>(id)) / std::sqrt(static_cast<double>(ih)));
-    k::Scale<<<Blocks(n * ih, 256), 256, 0, s>>>(iw.get(), n * ih, iscale);
+    k::Scale<<<Blocks(n * ih, 256), 256, 0, s>>>(b->iw.get(), n * ih, iscale);
     V4_LAUNCH_CHECK(Scale);
   }
-  RETURN_IF_ERROR(Mark(&counters_.s_attn_proj));
+  return Mark(&counters_.s_attn_proj);
+}
+
+absl::Status CudaBackend::AttentionCore(const LayerW& w, int64_t layer,
+                                        absl::Span<const ForwardSegment> segments,
+                                        absl::Span<DeviceStateCache::Copy* const> copies, int64_t n,
+                                        StepBuffers* b, Finish* finish) const {
+  const ModelConfig& c = c_;
+  const int64_t h = c.num_attention_heads, hd = c.head_dim;
+  const int64_t win = c.sliding_window, ratio = c.compress_ratios[static_cast<size_t>(layer)];
+  const bool csa = ratio == 4;
+  const int64_t id = c.index_head_dim, ih = c.index_n_heads;
+  const float *q = b->q.get(), *kv = b->kv.get();
+  const int64_t* d_pos = b->pos.get();
+  cudaStream_t s = stream_;
   // Entry counts after this call: a window completes at each position p with p % ratio == ratio - 1.
   const size_t ns = segments.size();
   std::vector<int64_t> n_before(ns), n_after(ns);
@@ -322,11 +321,11 @@ absl::Status CudaBackend::Attention(const LayerW& w, int64_t layer, absl::Span<c
   std::vector<CopySpan> late;
   if (ratio > 0) {
     for (size_t i = 0; i < ns; ++i) RETURN_IF_ERROR(state_cache_->Reserve(layer, n_after[i], copies[i]));
-    const CompressJob main{&w.compressor, 0, hd, ckv.get(), cscore.get()};
-    RETURN_IF_ERROR(Compress(main, layer, segments, copies, n_before, n, d_pos.get(), &late, finish));
+    const CompressJob main{&w.compressor, 0, hd, b->ckv.get(), b->cscore.get()};
+    RETURN_IF_ERROR(Compress(main, layer, segments, copies, n_before, n, d_pos, &late, finish));
     if (csa) {
-      const CompressJob indexer{&w.indexer_compressor, 1, id, ikv.get(), iscore.get()};
-      RETURN_IF_ERROR(Compress(indexer, layer, segments, copies, n_before, n, d_pos.get(), &late, finish));
+      const CompressJob indexer{&w.indexer_compressor, 1, id, b->ikv.get(), b->iscore.get()};
+      RETURN_IF_ERROR(Compress(indexer, layer, segments, copies, n_before, n, d_pos, &late, finish));
     }
     for (size_t i = 0; i < ns; ++i) copies[i]->layers[static_cast<size_t>(layer)].n_entries = n_after[i];
   }
@@ -367,7 +366,7 @@ absl::Status CudaBackend::Attention(const LayerW& w, int64_t layer, absl::Span<c
         late.push_back({dl.window + s0 * hd, wk.get() + wo * hd, run * hd});
         late.push_back({dl.window, wk.get() + (wo + run) * hd, (prior - run) * hd});
       }
-      late.push_back({kv.get() + seg.begin * hd, wk.get() + (wo + prior) * hd, seg.count * hd});
+      late.push_back({kv + seg.begin * hd, wk.get() + (wo + prior) * hd, seg.count * hd});
       wo += prior + seg.count;
       late.push_back({dl.entries, ek.get() + eo * hd, n_after[i] * hd});
       if (csa) late.push_back({dl.keys, ik.get() + eo * id, n_after[i] * id});
@@ -387,7 +386,8 @@ absl::Status CudaBackend::Attention(const LayerW& w, int64_t layer, absl::Span<c
   if (csa && max_vis > 0) {
     RETURN_IF_ERROR(sc.Alloc(n * max_vis));
     RETURN_IF_ERROR(LaunchIndexerScores(
-        {iq.get(), iw.get(), ik.get(), d_eb.get(), d_vis.get(), n, ih, id, max_vis, sc.get()}, bf16_, s));
+        {b->iq.get(), b->iw.get(), ik.get(), d_eb.get(), d_vis.get(), n, ih, id, max_vis, sc.get()}, bf16_,
+        s));
     RETURN_IF_ERROR(sel.Alloc(n * c.index_topk));
     RETURN_IF_ERROR(sel_cnt.Alloc(n));
     k::TopK<<<n, 256, 0, s>>>(sc.get(), max_vis, d_vis.get(), c.index_topk, sel.get(), sel_cnt.get());
@@ -395,10 +395,8 @@ absl::Status CudaBackend::Attention(const LayerW& w, int64_t layer, absl::Span<c
     for (int64_t r = 0; r < n; ++r) counters_.attention_flops += 2.0 * vis[r] * ih * id;
   }
   RETURN_IF_ERROR(Mark(&counters_.s_indexer));
-  Buf<float> o(s);
-  RETURN_IF_ERROR(o.Alloc(n * h * hd));
   const bool use_entries = ratio > 0 && max_vis > 0;
-  const AttentionArgs args{q.get(),
+  const AttentionArgs args{q,
                            wk.get(),
                            ek.get(),
                            d_ws.get(),
@@ -414,16 +412,13 @@ absl::Status CudaBackend::Attention(const LayerW& w, int64_t layer, absl::Span<c
                            hd,
                            max_keys,
                            1.0f / std::sqrt(static_cast<float>(hd)),
-                           o.get()};
+                           b->o.get()};
   // BF16 weights: tensor cores (BF16 operands); FP32 weights keep the FP32 kernel the tight tests compare.
   RETURN_IF_ERROR(LaunchAttention(args, bf16_, smem_optin_, s));
   for (int64_t r = 0; r < n; ++r) {
     const int64_t keys = win_cnt[r] + (csa ? std::min(vis[r], c.index_topk) : vis[r]);
     counters_.attention_flops += 4.0 * keys * hd * h;
   }
-  k::Rope<<<Blocks(n * h * rd / 2, 256), 256, 0, s>>>(o.get(), n * h, hd, hd - rd, rd, d_pos.get(), h, inv,
-                                                      true);
-  V4_LAUNCH_CHECK(Rope);
   // Each segment's last `win` rows into its device ring (after the attention read the old ring, in stream
   // order), and at the end of the forward into the host ring.
   std::vector<CopySpan> ring_spans;
@@ -432,11 +427,11 @@ absl::Status CudaBackend::Attention(const LayerW& w, int64_t layer, absl::Span<c
     float* ring = copies[i]->layers[static_cast<size_t>(layer)].window;
     const int64_t t0 = std::max<int64_t>(0, seg.count - win), rows = seg.count - t0;
     const int64_t s0 = (seg.state->position + t0) % win, run = std::min(rows, win - s0);
-    ring_spans.push_back({kv.get() + (seg.begin + t0) * hd, ring + s0 * hd, run * hd});
-    ring_spans.push_back({kv.get() + (seg.begin + t0 + run) * hd, ring, (rows - run) * hd});
+    ring_spans.push_back({kv + (seg.begin + t0) * hd, ring + s0 * hd, run * hd});
+    ring_spans.push_back({kv + (seg.begin + t0 + run) * hd, ring, (rows - run) * hd});
   }
   RETURN_IF_ERROR(CopySpans(ring_spans, s));
-  ASSIGN_OR_RETURN(const std::vector<const float*> tails, DownloadTails(kv.get(), hd, segments, win));
+  ASSIGN_OR_RETURN(const std::vector<const float*> tails, DownloadTails(kv, hd, segments, win));
   finish->push_back([segments, layer, win, hd, tails] {
     for (size_t i = 0; i < segments.size(); ++i) {
       const ForwardSegment& seg = segments[i];
@@ -448,12 +443,23 @@ absl::Status CudaBackend::Attention(const LayerW& w, int64_t layer, absl::Span<c
       }
     }
   });
-  RETURN_IF_ERROR(Mark(&counters_.s_attn_kernels));
+  return Mark(&counters_.s_attn_kernels);
+}
+
+absl::Status CudaBackend::AttentionOut(const LayerW& w, int64_t layer, int64_t n, StepBuffers* b,
+                                       float* out) const {
+  const ModelConfig& c = c_;
+  const int64_t h = c.num_attention_heads, hd = c.head_dim, rd = c.qk_rope_head_dim;
+  const float* inv = c.compress_ratios[static_cast<size_t>(layer)] > 0 ? inv_comp_ : inv_main_;
+  cudaStream_t s = stream_;
+  float* o = b->o.get();
+  k::Rope<<<Blocks(n * h * rd / 2, 256), 256, 0, s>>>(o, n * h, hd, hd - rd, rd, b->pos.get(), h, inv, true);
+  V4_LAUNCH_CHECK(Rope);
   // Grouped low-rank output projection, then wo_b.
   const int64_t g = c.o_groups, rank = c.o_lora_rank, gin = h * hd / g;
   Buf<float> mid(s);
   RETURN_IF_ERROR(mid.Alloc(n * g * rank));
-  RETURN_IF_ERROR(LinearBatched(o.get(), n, h * hd, gin, w.wo_a, g, g * rank, mid.get()));
+  RETURN_IF_ERROR(LinearBatched(o, n, h * hd, gin, w.wo_a, g, g * rank, mid.get()));
   RETURN_IF_ERROR(Linear(mid.get(), n, w.wo_b, out));  // Scratch is freed in stream order.
   return Mark(&counters_.s_attn_out);
 }

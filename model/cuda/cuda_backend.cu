@@ -56,6 +56,7 @@ absl::StatusOr<const CublasApi*> Cublas() {
     sym(&a.gemm_strided_batched, "cublasGemmStridedBatchedEx");
     if (!ok)
       return new absl::StatusOr<CublasApi>(absl::UnavailableError(absl::StrCat(name, " lacks a symbol")));
+    a.set_workspace = reinterpret_cast<decltype(a.set_workspace)>(dlsym(h, "cublasSetWorkspace_v2"));
     // cuBLASLt (loaded with cuBLAS, which needs it): its block-scaled FP8 GEMM serves LinearFp8 where
     // present.
     const std::string lt_name = absl::StrCat("libcublasLt.so.", CUBLAS_VER_MAJOR);
@@ -117,6 +118,7 @@ void QuantizeMxfp4(const float* v, int64_t n, uint8_t* codes, uint8_t* scales) {
 
 absl::StatusOr<ForwardCounters> CudaBackend::Counters() const {
   ForwardCounters c = counters_;
+  c.graphs_off = !GraphsOn();
   const int64_t ne = c_.n_routed_experts, d = c_.hidden_size, inter = c_.moe_intermediate_size;
   std::vector<int32_t> t(static_cast<size_t>(c_.num_hidden_layers * ne));
   V4_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(t.data(), touched_, t.size() * 4, cudaMemcpyDeviceToHost, stream_));
@@ -323,6 +325,12 @@ absl::Status CudaBackend::InitRuntime() {
   // CUBLAS_COMPUTE_32F under the default math mode keeps FP32 GEMMs in FP32 (no TF32), so the FP32 mode can
   // be compared with the CPU tightly, and BF16 GEMMs still use the tensor cores.
   V4_CUBLAS_RETURN_IF_ERROR(blas_api_->set_math_mode(blas_, CUBLAS_DEFAULT_MATH));
+  if (blas_api_->set_workspace !=
+      nullptr) {  // After set_stream, which resets it. 32 MiB: cuBLAS's advice on Hopper.
+    constexpr size_t kBlasWorkspace = size_t{32} << 20;
+    V4_CUDA_RETURN_IF_ERROR(cudaMalloc(&blas_ws_, kBlasWorkspace));
+    V4_CUBLAS_RETURN_IF_ERROR(blas_api_->set_workspace(blas_, blas_ws_, kBlasWorkspace));
+  }
   cudaMemPool_t pool;
   V4_CUDA_RETURN_IF_ERROR(cudaDeviceGetDefaultMemPool(&pool, dev));
   uint64_t keep = std::numeric_limits<uint64_t>::max();  // Keep freed scratch for the next step.
@@ -335,6 +343,11 @@ absl::Status CudaBackend::InitRuntime() {
   act_fp8_ = std::make_unique<Buf<uint8_t>>(stream_);
   act_fp8_scales_ = std::make_unique<Buf<float>>(stream_);
   act_fp8_round_ = std::make_unique<Buf<float>>(stream_);
+  // The GEMMs' scratch, which graphs capture by address.
+  act_bf16_->Track(&scratch_moves_, &capturing_);
+  act_fp8_->Track(&scratch_moves_, &capturing_);
+  act_fp8_scales_->Track(&scratch_moves_, &capturing_);
+  act_fp8_round_->Track(&scratch_moves_, &capturing_);
   top_logits_ = std::make_unique<Buf<float>>(stream_);
   RETURN_IF_ERROR(InitMoeKernels());
   return InitAttentionKernels(prop);
@@ -399,6 +412,96 @@ absl::Status CudaBackend::Init(const cpu::ModelWeights* w, const cpu::RopeTable*
     budget = static_cast<int64_t>(v) << 20;
   }
   state_cache_ = std::make_unique<DeviceStateCache>(c, stream_, budget);
+  // CUDA graphs for forwards of up to 128 rows whose MoE takes the device path (at most 2048 slots, experts
+  // the GEMVs read); V4SERVE_CUDA_GRAPHS=0 turns them off.
+  bool gemv = true;
+  for (const LayerW& l : layers_) gemv &= GemvFits(l.w1) && GemvFits(l.w2);
+  const char* graphs = std::getenv("V4SERVE_CUDA_GRAPHS");
+  const std::string g = graphs != nullptr ? graphs : "";
+  if (!g.empty() && g != "0" && g != "1") {
+    return absl::InvalidArgumentError(absl::StrCat("V4SERVE_CUDA_GRAPHS must be 0 or 1, got \"", g, "\""));
+  }
+  if (g == "0") {
+    graphs_off_why_ = "V4SERVE_CUDA_GRAPHS=0";
+  } else if (profile_) {
+    graphs_off_why_ = "V4SERVE_CUDA_PROFILE=1 synchronizes inside the sections";
+  } else if (!gemv) {
+    graphs_off_why_ = "the experts' shapes take the host-planned MoE path";
+  } else {
+    graph_max_rows_ = std::min<int64_t>(128, 2048 / std::max<int64_t>(1, c.num_experts_per_tok));
+    graph_warm_.assign(static_cast<size_t>(graph_max_rows_) + 1, false);
+  }
+  return absl::OkStatus();
+}
+
+void CudaBackend::DropGraphs() const {
+  for (auto& [key, g] : graphs_) cudaGraphExecDestroy(g.exec);  // In flight: freed when it completes.
+  graphs_.clear();
+}
+
+namespace {
+// The additive counters a section's host code adds (what a replay adds without running it).
+ForwardCounters CountedSince(const ForwardCounters& now, const ForwardCounters& before) {
+  ForwardCounters d;
+  d.weight_bytes = now.weight_bytes - before.weight_bytes;
+  d.kv_bytes = now.kv_bytes - before.kv_bytes;
+  d.activation_bytes = now.activation_bytes - before.activation_bytes;
+  d.gemm_flops = now.gemm_flops - before.gemm_flops;
+  d.attention_flops = now.attention_flops - before.attention_flops;
+  return d;
+}
+void AddCounted(const ForwardCounters& d, ForwardCounters* c) {
+  c->weight_bytes += d.weight_bytes;
+  c->kv_bytes += d.kv_bytes;
+  c->activation_bytes += d.activation_bytes;
+  c->gemm_flops += d.gemm_flops;
+  c->attention_flops += d.attention_flops;
+}
+}  // namespace
+
+absl::Status CudaBackend::Section(int64_t n, int64_t index, bool graph,
+                                  const std::function<absl::Status()>& fn) const {
+  if (!graph || !GraphsOn()) return fn();
+  const auto key = std::make_pair(n, index);
+  if (auto it = graphs_.find(key); it != graphs_.end()) {
+    if (it->second.moves == scratch_moves_) {
+      V4_CUDA_RETURN_IF_ERROR(cudaGraphLaunch(it->second.exec, stream_));
+      AddCounted(it->second.counted, &counters_);
+      ++counters_.graph_sections;
+      return absl::OkStatus();
+    }
+    DropGraphs();  // The scratch moved since they were captured (a larger forward ran).
+  }
+  if (!graph_warm_[static_cast<size_t>(n)] || graphs_.size() >= kMaxGraphs) return fn();
+  const ForwardCounters before = counters_;
+  V4_CUDA_RETURN_IF_ERROR(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeThreadLocal));
+  capturing_ = true;
+  absl::Status st = fn();
+  capturing_ = false;
+  cudaGraph_t g = nullptr;
+  const cudaError_t end = cudaStreamEndCapture(stream_, &g);
+  cudaGraphExec_t exec = nullptr;
+  st.Update(CudaStatus(end, "cudaStreamEndCapture", __FILE__, __LINE__));  // Keeps an earlier error.
+  if (st.ok())
+    st.Update(CudaStatus(cudaGraphInstantiate(&exec, g, 0), "cudaGraphInstantiate", __FILE__, __LINE__));
+  if (g != nullptr) cudaGraphDestroy(g);
+  if (!st.ok()) {
+    // Nothing of the section ran. A scratch buffer that had to grow: this row count runs eagerly once more
+    // (which grows it). Anything else: graphs off for this backend, said by Describe().
+    (void)cudaGetLastError();
+    if (exec != nullptr) cudaGraphExecDestroy(exec);
+    counters_ = before;
+    if (st.code() == absl::StatusCode::kFailedPrecondition) {
+      graph_warm_[static_cast<size_t>(n)] = false;
+    } else {
+      graphs_off_why_ = absl::StrCat("a capture failed: ", st.message());
+      DropGraphs();
+    }
+    return fn();
+  }
+  graphs_[key] = Graph{exec, scratch_moves_, CountedSince(counters_, before)};
+  ++counters_.graph_captures;
+  V4_CUDA_RETURN_IF_ERROR(cudaGraphLaunch(exec, stream_));
   return absl::OkStatus();
 }
 
@@ -482,16 +585,27 @@ absl::Status CudaBackend::Run(absl::Span<const ForwardSegment> segments, absl::S
   counters_ = ForwardCounters{};
   cudaStream_t s = stream_;
   V4_CUDA_RETURN_IF_ERROR(cudaMemsetAsync(touched_, 0, c.num_hidden_layers * c.n_routed_experts * 4, s));
-  Buf<int32_t> d_tok(s);
-  RETURN_IF_ERROR(d_tok.Upload(tokens.data(), n));
-  Buf<float> streams(s), collapsed(s), sub(s), post(s), comb(s);
-  RETURN_IF_ERROR(streams.Alloc(n * hc * d));
-  RETURN_IF_ERROR(collapsed.Alloc(n * d));
-  RETURN_IF_ERROR(sub.Alloc(n * d));
-  RETURN_IF_ERROR(post.Alloc(n * hc));
-  RETURN_IF_ERROR(comb.Alloc(n * hc * hc));
-  k::Embed<<<n, 256, 0, s>>>(d_tok.get(), embed_.p, embed_.bf16, hc, d, streams.get());
-  V4_LAUNCH_CHECK(Embed);
+  // Decode-sized forwards: the fixed buffers their CUDA graphs record (Section); others their own.
+  const bool graph = GraphsOn() && n <= graph_max_rows_;
+  std::unique_ptr<StepBuffers> own;
+  if (graph && graph_bufs_ == nullptr) {
+    graph_bufs_ = std::make_unique<StepBuffers>(s);
+    RETURN_IF_ERROR(graph_bufs_->Reserve(c, graph_max_rows_));
+  }
+  if (!graph) own = std::make_unique<StepBuffers>(s);
+  StepBuffers* const b = graph ? graph_bufs_.get() : own.get();
+  RETURN_IF_ERROR(b->Reserve(c, n));
+  RETURN_IF_ERROR(b->tok.Upload(tokens.data(), n));
+  {
+    std::vector<int64_t> pos(static_cast<size_t>(n));
+    for (const ForwardSegment& seg : segments) {
+      for (int64_t t = 0; t < seg.count; ++t) pos[seg.begin + t] = seg.state->position + t;
+    }
+    RETURN_IF_ERROR(b->pos.Upload(pos));
+  }
+  float* const streams = b->streams.get();
+  float *const collapsed = b->collapsed.get(), *const sub = b->sub.get(), *const post = b->post.get(),
+               *const comb = b->comb.get();
   arena_.Reset();  // The previous forward's copies to it have completed (it synchronized).
   Finish finish;
   std::vector<DeviceStateCache::Copy*> copies;
@@ -507,34 +621,49 @@ absl::Status CudaBackend::Run(absl::Span<const ForwardSegment> segments, absl::S
     RETURN_IF_ERROR(Sync());
     mark_ = std::chrono::steady_clock::now();
   }
-  for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
-    const LayerW& w = layers_[static_cast<size_t>(l)];
-    RETURN_IF_ERROR(HcPre(w.hc_attn, streams.get(), n, collapsed.get(), post.get(), comb.get()));
-    k::RmsNorm<<<n, 256, 0, s>>>(collapsed.get(), d, w.attn_norm, c.rms_norm_eps);
-    V4_LAUNCH_CHECK(RmsNorm);
-    RETURN_IF_ERROR(Mark(&counters_.s_mhc));
-    RETURN_IF_ERROR(Attention(w, l, segments, copies, collapsed.get(), n, sub.get(), &finish));
-    k::HcPost<<<Blocks(n * d, 256), 256, 0, s>>>(streams.get(), sub.get(), post.get(), comb.get(), n,
-                                                 static_cast<int>(hc), d);
-    V4_LAUNCH_CHECK(HcPost);
-    RETURN_IF_ERROR(HcPre(w.hc_ffn, streams.get(), n, collapsed.get(), post.get(), comb.get()));
-    k::RmsNorm<<<n, 256, 0, s>>>(collapsed.get(), d, w.ffn_norm, c.rms_norm_eps);
-    V4_LAUNCH_CHECK(RmsNorm);
-    RETURN_IF_ERROR(Mark(&counters_.s_mhc));
-    RETURN_IF_ERROR(Moe(w, l, c.is_hash_layer(l), collapsed.get(), d_tok.get(), n, sub.get()));
-    RETURN_IF_ERROR(Mark(&counters_.s_moe));
-    k::HcPost<<<Blocks(n * d, 256), 256, 0, s>>>(streams.get(), sub.get(), post.get(), comb.get(), n,
-                                                 static_cast<int>(hc), d);
-    V4_LAUNCH_CHECK(HcPost);
-    counters_.activation_bytes += n * hc * d * 4 * 6;  // Two sites: read for the mixes, read + write post.
-    RETURN_IF_ERROR(Mark(&counters_.s_mhc));
+  // Section l: layer l - 1's attention output, its MoE and mHC, then layer l's mHC and attention
+  // projections (section 0: the embedding first); layer l's attention core after it.
+  const int64_t layers = c.num_hidden_layers;
+  for (int64_t l = 0; l <= layers; ++l) {
+    RETURN_IF_ERROR(Section(n, l, graph, [&]() -> absl::Status {
+      if (l == 0) {
+        k::Embed<<<n, 256, 0, s>>>(b->tok.get(), embed_.p, embed_.bf16, hc, d, streams);
+        V4_LAUNCH_CHECK(Embed);
+      } else {
+        const LayerW& w = layers_[static_cast<size_t>(l - 1)];
+        RETURN_IF_ERROR(AttentionOut(w, l - 1, n, b, sub));
+        k::HcPost<<<Blocks(n * d, 256), 256, 0, s>>>(streams, sub, post, comb, n, static_cast<int>(hc), d);
+        V4_LAUNCH_CHECK(HcPost);
+        RETURN_IF_ERROR(HcPre(w.hc_ffn, streams, n, collapsed, post, comb));
+        k::RmsNorm<<<n, 256, 0, s>>>(collapsed, d, w.ffn_norm, c.rms_norm_eps);
+        V4_LAUNCH_CHECK(RmsNorm);
+        RETURN_IF_ERROR(Mark(&counters_.s_mhc));
+        RETURN_IF_ERROR(Moe(w, l - 1, c.is_hash_layer(l - 1), collapsed, b->tok.get(), n, sub));
+        RETURN_IF_ERROR(Mark(&counters_.s_moe));
+        k::HcPost<<<Blocks(n * d, 256), 256, 0, s>>>(streams, sub, post, comb, n, static_cast<int>(hc), d);
+        V4_LAUNCH_CHECK(HcPost);
+        counters_.activation_bytes +=
+            n * hc * d * 4 * 6;  // Two sites: read for the mixes, read + write post.
+        RETURN_IF_ERROR(Mark(&counters_.s_mhc));
+      }
+      if (l == layers) return absl::OkStatus();
+      const LayerW& w = layers_[static_cast<size_t>(l)];
+      RETURN_IF_ERROR(HcPre(w.hc_attn, streams, n, collapsed, post, comb));
+      k::RmsNorm<<<n, 256, 0, s>>>(collapsed, d, w.attn_norm, c.rms_norm_eps);
+      V4_LAUNCH_CHECK(RmsNorm);
+      RETURN_IF_ERROR(Mark(&counters_.s_mhc));
+      return AttentionIn(w, l, collapsed, n, b);
+    }));
+    if (l < layers) {
+      RETURN_IF_ERROR(AttentionCore(layers_[static_cast<size_t>(l)], l, segments, copies, n, b, &finish));
+    }
   }
   // Final collapse, norm and head for the requested rows.
   const int64_t m = static_cast<int64_t>(logit_rows.size());
   Buf<float> picked(s), hidden(s), mixes(s), rs(s), logits(s);
   RETURN_IF_ERROR(picked.Alloc(m * hc * d));
   for (int64_t i = 0; i < m; ++i) {
-    V4_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(picked.get() + i * hc * d, streams.get() + logit_rows[i] * hc * d,
+    V4_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(picked.get() + i * hc * d, streams + logit_rows[i] * hc * d,
                                             hc * d * 4, cudaMemcpyDeviceToDevice, s));
   }
   RETURN_IF_ERROR(mixes.Alloc(m * hc));
@@ -610,13 +739,14 @@ absl::Status CudaBackend::Run(absl::Span<const ForwardSegment> segments, absl::S
   } else {
     RETURN_IF_ERROR(logits.Download(logits_out));
   }
-  if (final_streams != nullptr) RETURN_IF_ERROR(streams.Download(final_streams));
+  if (final_streams != nullptr) RETURN_IF_ERROR(b->streams.Download(final_streams));
   // The forward's one synchronization; then the host states take what it computed, in order.
   RETURN_IF_ERROR(Sync());
   for (const std::function<void()>& f : finish) f();
   for (const ForwardSegment& seg : segments) seg.state->position += seg.count;
   std::move(abort_copies).Cancel();
   state_cache_->Commit();
+  if (graph) graph_warm_[static_cast<size_t>(n)] = true;  // The scratch now fits n's sections.
   if (pinned != nullptr) logits_out->assign(pinned, pinned + nl);
   if (ids != nullptr) ids->assign(pinned_ids, pinned_ids + (pinned_ids != nullptr ? m : 0));
   if (top != nullptr) {

@@ -12,7 +12,9 @@
 // The sequence states (model/sequence_state.h, the KV store's format) stay authoritative on the host; the
 // backend keeps device copies of their window rings, entries, indexer keys and compressor windows between
 // calls (model/cuda/device_state_cache.h) and brings the host states up to date after each forward's one
-// synchronization. docs/PERFORMANCE.md says what each costs.
+// synchronization. Decode-sized forwards (up to 128 rows) replay the work between two attention cores from
+// CUDA graphs captured per row count (V4SERVE_CUDA_GRAPHS=0 turns them off). docs/PERFORMANCE.md says what
+// each costs.
 //
 // Thread-safety: like Model, one Forward at a time (one stream, one cuBLAS handle).
 #ifndef V4SERVE_MODEL_CUDA_CUDA_BACKEND_H_
@@ -57,6 +59,11 @@ struct ForwardCounters {
   int64_t experts_touched = 0;   // Distinct (layer, expert) pairs with at least one row.
   // Sequences whose device copy was still valid / that were uploaded whole (device_state_cache.h).
   int64_t states_cached = 0, states_uploaded = 0;
+  // Sections (the work between two attention cores; CudaBackend::Section) replayed from a CUDA graph, and
+  // captured into one, in this Forward; `graphs_off` when V4SERVE_CUDA_GRAPHS=0, profiling or a failed
+  // capture turned the graphs off for this backend (Describe() says why).
+  int64_t graph_sections = 0, graph_captures = 0;
+  bool graphs_off = false;
   // Wall seconds per phase, filled only when V4SERVE_CUDA_PROFILE=1 was set at load (the backend then
   // synchronizes at each phase boundary, which itself costs time): mHC + norms, attention projections,
   // compressors and key staging, lightning indexer (scores, top-k), attention kernel (+ inverse RoPE, rings),

@@ -21,6 +21,7 @@
 #include <tuple>
 #include <vector>
 
+#include "absl/container/flat_hash_map.h"
 #include "absl/container/node_hash_map.h"
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
@@ -64,6 +65,8 @@ struct CublasApi {
   decltype(&cublasDestroy_v2) destroy = nullptr;
   decltype(&cublasSetStream_v2) set_stream = nullptr;
   decltype(&cublasSetMathMode) set_math_mode = nullptr;
+  // Optional: a workspace of ours, so that GEMMs captured into CUDA graphs do not each allocate one.
+  decltype(&cublasSetWorkspace_v2) set_workspace = nullptr;
   // The C entry points (C++ also sees inline overloads taking cudaDataType as the compute type).
   cublasStatus_t (*gemm)(cublasHandle_t, cublasOperation_t, cublasOperation_t, int, int, int, const void*,
                          const void*, cudaDataType, int, const void*, cudaDataType, int, const void*, void*,
@@ -110,6 +113,10 @@ class Buf {
       n_ = n;
       return absl::OkStatus();
     }
+    if (frozen_ != nullptr && *frozen_) {
+      return absl::FailedPreconditionError("a scratch buffer would move during a CUDA graph capture");
+    }
+    if (moves_ != nullptr) ++*moves_;
     if (p_ != nullptr) cudaFreeAsync(p_, s_);
     p_ = nullptr;
     V4_CUDA_RETURN_IF_ERROR(
@@ -131,11 +138,69 @@ class Buf {
   }
   T* get() const { return p_; }
   int64_t size() const { return n_; }
+  // For scratch that CUDA graphs hold by address (CudaBackend::Section): each move (a larger Alloc) counts
+  // in `*moves` (graphs captured before it are stale), and a move while `*frozen` (a capture is running) is
+  // refused: FAILED_PRECONDITION, nothing changed.
+  void Track(uint64_t* moves, const bool* frozen) {
+    moves_ = moves;
+    frozen_ = frozen;
+  }
 
  private:
   cudaStream_t s_;
   T* p_ = nullptr;
   int64_t n_ = 0, cap_ = 0;
+  uint64_t* moves_ = nullptr;
+  const bool* frozen_ = nullptr;
+};
+
+// A forward's activations that cross from one section of CUDA-graph-capturable work to the attention core
+// between them (CudaBackend::Run): tokens and positions, the residual streams and mHC mixes, the attention
+// projections the core reads (q, kv, the compressors' rows, the indexer's queries and weights) and its
+// output `o`. Decode-sized forwards keep one set at fixed addresses, which their graphs record.
+struct StepBuffers {
+  explicit StepBuffers(cudaStream_t s)
+      : tok(s),
+        pos(s),
+        streams(s),
+        collapsed(s),
+        sub(s),
+        post(s),
+        comb(s),
+        q(s),
+        kv(s),
+        ckv(s),
+        cscore(s),
+        iq(s),
+        iw(s),
+        ikv(s),
+        iscore(s),
+        o(s) {}
+  // Sizes every buffer for `n` rows (addresses stay while n is within what was reserved before).
+  absl::Status Reserve(const ModelConfig& c, int64_t n) {
+    const int64_t d = c.hidden_size, hc = c.hc_mult, h = c.num_attention_heads, hd = c.head_dim;
+    const int64_t ih = c.index_n_heads, id = c.index_head_dim;
+    RETURN_IF_ERROR(tok.Alloc(n));
+    RETURN_IF_ERROR(pos.Alloc(n));
+    RETURN_IF_ERROR(streams.Alloc(n * hc * d));
+    RETURN_IF_ERROR(collapsed.Alloc(n * d));
+    RETURN_IF_ERROR(sub.Alloc(n * d));
+    RETURN_IF_ERROR(post.Alloc(n * hc));
+    RETURN_IF_ERROR(comb.Alloc(n * hc * hc));
+    RETURN_IF_ERROR(q.Alloc(n * h * hd));
+    RETURN_IF_ERROR(kv.Alloc(n * hd));
+    RETURN_IF_ERROR(ckv.Alloc(n * 2 * hd));  // Two (overlapping) windows' rows in CSA layers.
+    RETURN_IF_ERROR(cscore.Alloc(n * 2 * hd));
+    RETURN_IF_ERROR(iq.Alloc(n * ih * id));
+    RETURN_IF_ERROR(iw.Alloc(n * ih));
+    RETURN_IF_ERROR(ikv.Alloc(n * 2 * id));
+    RETURN_IF_ERROR(iscore.Alloc(n * 2 * id));
+    return o.Alloc(n * h * hd);
+  }
+  Buf<int32_t> tok;
+  Buf<int64_t> pos;
+  Buf<float> streams, collapsed, sub, post, comb;
+  Buf<float> q, kv, ckv, cscore, iq, iw, ikv, iscore, o;
 };
 
 // A weight matrix [out, in] (row-major, as checkpoints store it): FP32, BF16, MXFP4 (`fp4`: e2m1 codes
@@ -284,6 +349,8 @@ class CudaBackend final : public ForwardBackend {
       : c_(c), bf16_(format != CudaWeights::kF32), fp8_(format == CudaWeights::kFp8) {}
   ~CudaBackend() override {
     if (stream_ != nullptr) cudaStreamSynchronize(stream_);
+    DropGraphs();
+    graph_bufs_.reset();
     act_bf16_.reset();  // These free on stream_, which must still exist.
     act_fp8_.reset();
     act_fp8_scales_.reset();
@@ -301,18 +368,21 @@ class CudaBackend final : public ForwardBackend {
     }
     if (lt_ != nullptr) blas_api_->lt_destroy(lt_);
     if (lt_ws_ != nullptr) cudaFree(lt_ws_);
+    if (blas_ws_ != nullptr) cudaFree(blas_ws_);
     if (stream_ != nullptr) cudaStreamDestroy(stream_);
   }
 
   Device device() const override { return Device::kCuda; }
   std::string Describe() const override {
     const bool fp4 = bf16_ && c_.expert_dtype == "fp4";
-    return absl::StrFormat("cuda: %s, %s weights%s, %.2f GiB on device", gpu_name_,
+    return absl::StrFormat("cuda: %s, %s weights%s, %.2f GiB on device, CUDA graphs %s", gpu_name_,
                            fp8_    ? "fp8 (checkpoint fp8 linears) + bf16"
                            : bf16_ ? "bf16"
                                    : "fp32",
                            fp4 ? " (mxfp4 routed experts)" : "",
-                           static_cast<double>(weight_bytes_) / (1ull << 30));
+                           static_cast<double>(weight_bytes_) / (1ull << 30),
+                           GraphsOn() ? absl::StrCat("for decode up to ", graph_max_rows_, " rows")
+                                      : absl::StrCat("off (", graphs_off_why_, ")"));
   }
 
   absl::Status Init(const cpu::ModelWeights* w, const cpu::RopeTable* rope_main,
@@ -410,11 +480,28 @@ class CudaBackend final : public ForwardBackend {
   absl::Status LoadLayer(const cpu::BlockWeights* b, int64_t layer, LayerW* l);
   absl::Status HcPre(const HcW& w, const float* streams, int64_t n, float* collapsed, float* post,
                      float* comb) const;
-  // `copies[i]`: the device copy of segments[i]'s state (window ring, entries, indexer keys, compressor
-  // windows). What the host states need is copied to pinned memory and applied by `finish`.
-  absl::Status Attention(const LayerW& w, int64_t layer, absl::Span<const ForwardSegment> segments,
-                         absl::Span<DeviceStateCache::Copy* const> copies, const float* x, int64_t n,
-                         float* out, Finish* finish) const;
+  // Attention in three parts. AttentionIn: the projections of x (and their norms, RoPE) into b's q, kv,
+  // compressor and indexer rows. AttentionCore: per sequence, the compressors, key staging, indexer and the
+  // attention kernel into b->o, planned on the host for each call's positions; `copies[i]` is the device
+  // copy of segments[i]'s state (window ring, entries, indexer keys, compressor windows), and what the host
+  // states need is copied to pinned memory and applied by `finish`. AttentionOut: inverse RoPE and the output
+  // projections into `out`. In and Out depend only on the row count, so they go into CUDA graphs (Section).
+  absl::Status AttentionIn(const LayerW& w, int64_t layer, const float* x, int64_t n, StepBuffers* b) const;
+  absl::Status AttentionCore(const LayerW& w, int64_t layer, absl::Span<const ForwardSegment> segments,
+                             absl::Span<DeviceStateCache::Copy* const> copies, int64_t n, StepBuffers* b,
+                             Finish* finish) const;
+  absl::Status AttentionOut(const LayerW& w, int64_t layer, int64_t n, StepBuffers* b, float* out) const;
+  // CUDA graphs for decode steps. A forward is a chain of sections (the embedding and layer 0's attention
+  // projections; then each layer's attention output, MoE and the next layer's projections) with an attention
+  // core between two; a section's work depends only on the row count n (fixed-address StepBuffers, the
+  // backend's scratch, weights), so it is captured once per (n, section) and replayed. Section runs `fn`:
+  // eagerly when `graph` is false or n has not run eagerly since the scratch last moved (that run sizes the
+  // scratch, which must not move inside a capture), else from its graph, capturing it first. A capture that
+  // fails runs `fn` eagerly (nothing of it ran) and, unless the scratch would have moved, turns the graphs
+  // off.
+  absl::Status Section(int64_t n, int64_t index, bool graph, const std::function<absl::Status()>& fn) const;
+  bool GraphsOn() const { return graph_max_rows_ > 0 && graphs_off_why_.empty(); }
+  void DropGraphs() const;
   // The streaming compressor over this call's rows (model/cpu/compressor.cc on the device): pools the
   // entries of the windows they complete into the device copies (past `n_before`), adds the spans that
   // move the rows into the copies' windows to `late` (to run after this call's reads of the old ones), and
@@ -449,6 +536,7 @@ class CudaBackend final : public ForwardBackend {
   cudaStream_t stream_ = nullptr;
   cublasHandle_t blas_ = nullptr;
   const CublasApi* blas_api_ = nullptr;
+  void* blas_ws_ = nullptr;        // cuBLAS's workspace (CublasApi::set_workspace).
   cublasLtHandle_t lt_ = nullptr;  // Null without cuBLASLt's block-scaled FP8 (CublasApi::lt_ok).
   void* lt_ws_ = nullptr;
   static constexpr size_t kLtWorkspace = size_t{32} << 20;
@@ -474,6 +562,20 @@ class CudaBackend final : public ForwardBackend {
   mutable PinnedArena arena_;
   mutable ForwardCounters counters_;
   int32_t* touched_ = nullptr;  // [layers, experts]: rows each expert got in the last Forward.
+  // CUDA graphs (Section): forwards of up to graph_max_rows_ rows (0: none) use graph_bufs_.
+  struct Graph {
+    cudaGraphExec_t exec = nullptr;
+    uint64_t moves = 0;       // scratch_moves_ when captured.
+    ForwardCounters counted;  // What the section adds to the counters (its host code does not run).
+  };
+  static constexpr size_t kMaxGraphs = 8192;  // Sections kept (V4-Flash: 44 per row count).
+  int64_t graph_max_rows_ = 0;
+  mutable std::string graphs_off_why_;
+  mutable absl::flat_hash_map<std::pair<int64_t, int64_t>, Graph> graphs_;  // By (rows, section).
+  mutable std::vector<bool> graph_warm_;  // [rows]: an eager forward of that many rows since the last move.
+  mutable uint64_t scratch_moves_ = 0;
+  mutable bool capturing_ = false;
+  mutable std::unique_ptr<StepBuffers> graph_bufs_;
   bool profile_ = false;
   mutable std::chrono::steady_clock::time_point mark_;
   // Profiling: synchronizes and adds the wall time since the last mark to `*slot`.

@@ -13,6 +13,7 @@
 // from the exact reference) at every step; greedy tokens may flip on near-ties.
 #include "model/cuda/cuda_backend.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -387,6 +388,97 @@ TEST(CudaModelTest, Mxfp4ScalesBeyondTheGemvsRangeAreRefusedAtLoad) {
   ASSERT_FALSE(be.ok());
   EXPECT_EQ(be.status().code(), absl::StatusCode::kInvalidArgument);
   EXPECT_NE(be.status().message().find("block scale of 2^126"), std::string::npos) << be.status();
+}
+
+// CUDA graphs (CudaBackend::Section) against the same steps run eagerly (V4SERVE_CUDA_GRAPHS=0), FP8
+// weights. Batches of 4, 2 and 1 sequences at different positions decode several steps each (a row count's
+// first forward runs eagerly, its second captures, the rest replay); a 700-token prefill in between moves
+// the GEMMs' scratch, so the graphs captured before it are stale and must be captured again. The graphs run
+// the eager path's kernels in its order: logits, final streams and states equal to rounding, where a stale
+// buffer, position or scratch address moves them by O(1). The counters show each path ran.
+TEST(CudaModelTest, DecodeGraphsMatchTheEagerSteps) {
+  SKIP_WITHOUT_GPU();
+  absl::StatusOr<ModelConfig> config = LoadModelConfig(TinyDir());
+  absl::StatusOr<std::unique_ptr<Checkpoint>> ckpt = Checkpoint::Open(TinyDir());
+  ASSERT_TRUE(config.ok() && ckpt.ok());
+  ModelOptions go;
+  go.device = Device::kCuda;
+  go.cuda_weights = CudaWeights::kFp8;
+  auto load = [&](const char* graphs) {
+    setenv("V4SERVE_CUDA_GRAPHS", graphs, 1);
+    auto m = Model::FromCheckpoint(*config, **ckpt, go);
+    unsetenv("V4SERVE_CUDA_GRAPHS");
+    return m;
+  };
+  auto bad = load("yes");
+  ASSERT_FALSE(bad.ok());
+  EXPECT_EQ(bad.status().code(), absl::StatusCode::kInvalidArgument) << bad.status();
+  EXPECT_NE(bad.status().message().find("V4SERVE_CUDA_GRAPHS"), std::string::npos) << bad.status();
+  auto gm = load("1"), em = load("0");
+  ASSERT_TRUE(gm.ok() && em.ok()) << gm.status() << em.status();
+  Model& graphs = **gm;
+  Model& eager = **em;
+  EXPECT_NE(graphs.backend().Describe().find("CUDA graphs for decode up to 128 rows"), std::string::npos)
+      << graphs.backend().Describe();
+  EXPECT_NE(eager.backend().Describe().find("CUDA graphs off (V4SERVE_CUDA_GRAPHS=0)"), std::string::npos)
+      << eager.backend().Describe();
+  std::vector<SequenceState> gs, es;
+  const std::vector<int64_t> lens = {70, 33, 101, 45};
+  for (size_t i = 0; i < lens.size(); ++i) {
+    gs.push_back(graphs.NewState());
+    es.push_back(eager.NewState());
+    const std::vector<int32_t> prompt = Prompt(lens[i], static_cast<uint32_t>(60 + i));
+    ASSERT_TRUE(graphs.Prefill(&gs.back(), prompt).ok());
+    ASSERT_TRUE(eager.Prefill(&es.back(), prompt).ok());
+  }
+  const int64_t vocab = config->vocab_size;
+  std::vector<int32_t> next = {5, 77, 301, 42};
+  int64_t replayed = 0, captured = 0, captured_after_move = 0;
+  const std::vector<int> batches = {4, 4, 4, 4, 2, 2, 2, 1, 1, 1, 4, 4, 2, 2};
+  for (size_t step = 0; step < batches.size(); ++step) {
+    if (step == 10) {  // Moves the scratch: every graph so far is stale.
+      SequenceState g = graphs.NewState(), e = eager.NewState();
+      const std::vector<int32_t> long_prompt = Prompt(700, 99);
+      auto lg = graphs.Prefill(&g, long_prompt), le = eager.Prefill(&e, long_prompt);
+      ASSERT_TRUE(lg.ok() && le.ok()) << lg.status() << le.status();
+      EXPECT_LT(RelL2(*lg, *le), 1e-5);
+    }
+    const int k = batches[step];
+    std::vector<SequenceState*> gp, ep;
+    for (int i = 0; i < k; ++i) {
+      gp.push_back(&gs[i]);
+      ep.push_back(&es[i]);
+    }
+    const std::vector<int32_t> tok(next.begin(), next.begin() + k);
+    std::vector<float> gstreams, estreams;
+    auto lg = graphs.Decode(gp, tok, &gstreams);
+    auto le = eager.Decode(ep, tok, &estreams);
+    ASSERT_TRUE(lg.ok() && le.ok()) << lg.status() << le.status();
+    EXPECT_LT(RelL2(*lg, *le), 1e-5) << "step " << step << ", batch " << k;
+    EXPECT_LT(RelL2(gstreams, estreams), 1e-5) << "step " << step;
+    absl::StatusOr<cuda::ForwardCounters> gc = cuda::LastForwardCounters(graphs.backend());
+    absl::StatusOr<cuda::ForwardCounters> ec = cuda::LastForwardCounters(eager.backend());
+    ASSERT_TRUE(gc.ok() && ec.ok());
+    EXPECT_FALSE(gc->graphs_off);
+    EXPECT_TRUE(ec->graphs_off);
+    EXPECT_EQ(ec->graph_sections + ec->graph_captures, 0);
+    // A replayed section counts what its host code would have: the same bytes and FLOPs.
+    EXPECT_EQ(gc->weight_bytes, ec->weight_bytes) << "step " << step;
+    EXPECT_EQ(gc->gemm_flops, ec->gemm_flops) << "step " << step;
+    replayed += gc->graph_sections;
+    captured += gc->graph_captures;
+    if (step == 10) captured_after_move = gc->graph_captures;
+    for (int i = 0; i < k; ++i) {
+      const float* row = &(*lg)[static_cast<size_t>(i) * vocab];
+      next[i] = static_cast<int32_t>(std::max_element(row, row + vocab) - row);
+    }
+  }
+  for (size_t i = 0; i < gs.size(); ++i) EXPECT_LT(StateRelL2(gs[i], es[i]), 1e-5) << "state " << i;
+  // Sections: 5 (4 layers) a forward. Row counts 4, 2, 1 each capture once (their second forward), 4 and 2
+  // again after the move; the other forwards replay.
+  EXPECT_EQ(captured, 5 * 5);
+  EXPECT_EQ(captured_after_move, 5);
+  EXPECT_GE(replayed, 5 * 6);
 }
 
 TEST(CudaModelTest, AutoPicksCudaWithAGpuAndCudaFailsClearlyWithout) {
