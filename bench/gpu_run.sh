@@ -18,13 +18,13 @@ done
 # The workers' weights (--weights=fp8, the default), then the BF16 mode's decode and prefill for the FP8 / BF16
 # rows, in the same call.
 timeout 240 .gpu/v4serve_cuda_bench --batches=1,8,16,32,64 > $OUT/bench.txt 2>&1; echo "rc=$?" >> $OUT/bench.txt
-timeout 90 .gpu/v4serve_cuda_bench --weights=bf16 --ceilings=0 --attention=0 --batches=1,8,64 --compare-state-cache=0 > $OUT/bench_bf16.txt 2>&1
-V4SERVE_CUDA_PROFILE=1 timeout 100 .gpu/v4serve_cuda_bench --ceilings=0 --attention=0 --prefill=8192 --compare-state-cache=0 > $OUT/prof.txt 2>&1
+timeout 90 .gpu/v4serve_cuda_bench --weights=bf16 --ceilings=0 --attention=0 --batches=1,8,64 --compare-state-cache=0 --compare-graphs=0 > $OUT/bench_bf16.txt 2>&1
+V4SERVE_CUDA_PROFILE=1 timeout 100 .gpu/v4serve_cuda_bench --ceilings=0 --attention=0 --prefill=8192 --compare-state-cache=0 --compare-graphs=0 > $OUT/prof.txt 2>&1
 timeout 120 python3 .gpu/hf_decode_bench.py > $OUT/hf.txt 2>&1; echo "rc=$?" >> $OUT/hf.txt
 # Ours and transformers alternated (both move between runs): the ratio table's medians.
 for i in 1 2; do
   timeout 60 .gpu/v4serve_cuda_bench --ceilings=0 --attention=0 --prefill= --batches=1,8,64 --steps=20 \
-    --compare-state-cache=0 > $OUT/alt_ours.txt 2>&1; cat $OUT/alt_ours.txt >> $OUT/alt.txt
+    --compare-state-cache=0 --compare-graphs=0 > $OUT/alt_ours.txt 2>&1; cat $OUT/alt_ours.txt >> $OUT/alt.txt
   timeout 90 python3 .gpu/hf_decode_bench.py --steps 10 > $OUT/alt_hf.txt 2>&1; tail -3 $OUT/alt_hf.txt >> $OUT/alt.txt
 done
 rm -f /tmp/ready.json
@@ -59,7 +59,7 @@ for _ in range(2):
 print("same text for the same seed:", out[0] == out[1])
 PY
 kill -TERM $UP; wait $UP
-grep -E "^==|FAIL|PASSED|rc=|SKIPPED \]" $OUT/tests.txt; grep -E "^\| |faster|^GPU|^stack" $OUT/bench.txt | head -80
+grep -E "^==|FAIL|PASSED|rc=|SKIPPED \]" $OUT/tests.txt; grep -E "^\| |faster|^GPU|^stack" $OUT/bench.txt | head -90
 grep -E "^\| (decode step, batch [0-9]+, context 512 \||prefill)|^stack" $OUT/bench_bf16.txt; tail -4 $OUT/hf.txt
 grep -E "^\| decode step, batch [0-9]+, context 512 \||batch|ms" $OUT/alt.txt | grep -v "^ *$" | head -20; rm -f $OUT/alt_ours.txt $OUT/alt_hf.txt
 grep -B1 phases $OUT/prof.txt | grep -v "^--"

@@ -193,10 +193,10 @@ absl::Status CudaBackend::Compress(const CompressJob& job, int64_t layer,
   Buf<int64_t> d_epos(s);
   const float* host_entries = nullptr;
   if (ne > 0) {
-    RETURN_IF_ERROR(d_pk.Upload(pk));
-    RETURN_IF_ERROR(d_ps.Upload(ps));
-    RETURN_IF_ERROR(d_begin.Upload(begin));
-    RETURN_IF_ERROR(d_epos.Upload(epos));
+    RETURN_IF_ERROR(Stage(pk, &d_pk));
+    RETURN_IF_ERROR(Stage(ps, &d_ps));
+    RETURN_IF_ERROR(Stage(begin, &d_begin));
+    RETURN_IF_ERROR(Stage(epos, &d_epos));
     RETURN_IF_ERROR(pooled.Alloc(ne * width));
     k::PoolEntries<<<ne, 128, 0, s>>>(d_pk.get(), d_ps.get(), d_begin.get(), width, pooled.get());
     V4_LAUNCH_CHECK(PoolEntries);
@@ -215,7 +215,7 @@ absl::Status CudaBackend::Compress(const CompressJob& job, int64_t layer,
     V4_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(h, pooled.get(), ne * width * 4, cudaMemcpyDeviceToHost, s));
     host_entries = h;
   }
-  RETURN_IF_ERROR(CopySpans(early, s));      // Before `pooled` is freed, in stream order.
+  RETURN_IF_ERROR(StageCopySpans(early));    // Before `pooled` is freed, in stream order.
   const int64_t keep = overlap ? 2 * m : m;  // Rows that decide the host state's windows.
   ASSIGN_OR_RETURN(const std::vector<const float*> kv_rows, DownloadTails(job.kv, row, segments, keep));
   ASSIGN_OR_RETURN(const std::vector<const float*> sc_rows, DownloadTails(job.score, row, segments, keep));
@@ -373,24 +373,28 @@ absl::Status CudaBackend::AttentionCore(const LayerW& w, int64_t layer,
       eo += n_after[i];
     }
   }
-  RETURN_IF_ERROR(CopySpans(late, s));
+  RETURN_IF_ERROR(StageCopySpans(late));
   counters_.kv_bytes += (wk_rows * hd + ek_rows * hd + (csa ? ek_rows * id : 0)) * 4;
   RETURN_IF_ERROR(Mark(&counters_.s_attn_host));
-  Buf<int64_t> d_ws(s), d_wc(s), d_eb(s), d_vis(s);
-  RETURN_IF_ERROR(d_ws.Upload(win_start));
-  RETURN_IF_ERROR(d_wc.Upload(win_cnt));
-  RETURN_IF_ERROR(d_eb.Upload(ent_base));
-  RETURN_IF_ERROR(d_vis.Upload(vis));
+  // The four per-row tables in one upload.
+  Buf<int64_t> d_tables(s);
+  {
+    std::vector<int64_t> tables;
+    tables.reserve(static_cast<size_t>(4 * n));
+    for (const std::vector<int64_t>* t : {&win_start, &win_cnt, &ent_base, &vis})
+      tables.insert(tables.end(), t->begin(), t->end());
+    RETURN_IF_ERROR(Stage(tables, &d_tables));
+  }
+  const int64_t *d_ws = d_tables.get(), *d_wc = d_ws + n, *d_eb = d_ws + 2 * n, *d_vis = d_ws + 3 * n;
   Buf<float> sc(s);
   Buf<int32_t> sel(s), sel_cnt(s);
   if (csa && max_vis > 0) {
     RETURN_IF_ERROR(sc.Alloc(n * max_vis));
     RETURN_IF_ERROR(LaunchIndexerScores(
-        {b->iq.get(), b->iw.get(), ik.get(), d_eb.get(), d_vis.get(), n, ih, id, max_vis, sc.get()}, bf16_,
-        s));
+        {b->iq.get(), b->iw.get(), ik.get(), d_eb, d_vis, n, ih, id, max_vis, sc.get()}, bf16_, s));
     RETURN_IF_ERROR(sel.Alloc(n * c.index_topk));
     RETURN_IF_ERROR(sel_cnt.Alloc(n));
-    k::TopK<<<n, 256, 0, s>>>(sc.get(), max_vis, d_vis.get(), c.index_topk, sel.get(), sel_cnt.get());
+    k::TopK<<<n, 256, 0, s>>>(sc.get(), max_vis, d_vis, c.index_topk, sel.get(), sel_cnt.get());
     V4_LAUNCH_CHECK(TopK);
     for (int64_t r = 0; r < n; ++r) counters_.attention_flops += 2.0 * vis[r] * ih * id;
   }
@@ -399,10 +403,10 @@ absl::Status CudaBackend::AttentionCore(const LayerW& w, int64_t layer,
   const AttentionArgs args{q,
                            wk.get(),
                            ek.get(),
-                           d_ws.get(),
-                           d_wc.get(),
-                           use_entries ? d_eb.get() : nullptr,
-                           d_vis.get(),
+                           d_ws,
+                           d_wc,
+                           use_entries ? d_eb : nullptr,
+                           d_vis,
                            csa && use_entries ? sel.get() : nullptr,
                            sel_cnt.get(),
                            c.index_topk,
@@ -430,7 +434,7 @@ absl::Status CudaBackend::AttentionCore(const LayerW& w, int64_t layer,
     ring_spans.push_back({kv + (seg.begin + t0) * hd, ring + s0 * hd, run * hd});
     ring_spans.push_back({kv + (seg.begin + t0 + run) * hd, ring, (rows - run) * hd});
   }
-  RETURN_IF_ERROR(CopySpans(ring_spans, s));
+  RETURN_IF_ERROR(StageCopySpans(ring_spans));
   ASSIGN_OR_RETURN(const std::vector<const float*> tails, DownloadTails(kv, hd, segments, win));
   finish->push_back([segments, layer, win, hd, tails] {
     for (size_t i = 0; i < segments.size(); ++i) {

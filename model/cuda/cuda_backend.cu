@@ -584,6 +584,10 @@ absl::Status CudaBackend::Run(absl::Span<const ForwardSegment> segments, absl::S
   const int64_t n = static_cast<int64_t>(tokens.size()), d = c.hidden_size, hc = c.hc_mult;
   counters_ = ForwardCounters{};
   cudaStream_t s = stream_;
+  // A forward that failed before its synchronization may still have copies from arena_ queued.
+  if (in_flight_) RETURN_IF_ERROR(Sync());
+  in_flight_ = true;
+  arena_.Reset();  // The previous forward's copies to it have completed (it synchronized).
   V4_CUDA_RETURN_IF_ERROR(cudaMemsetAsync(touched_, 0, c.num_hidden_layers * c.n_routed_experts * 4, s));
   // Decode-sized forwards: the fixed buffers their CUDA graphs record (Section); others their own.
   const bool graph = GraphsOn() && n <= graph_max_rows_;
@@ -595,18 +599,17 @@ absl::Status CudaBackend::Run(absl::Span<const ForwardSegment> segments, absl::S
   if (!graph) own = std::make_unique<StepBuffers>(s);
   StepBuffers* const b = graph ? graph_bufs_.get() : own.get();
   RETURN_IF_ERROR(b->Reserve(c, n));
-  RETURN_IF_ERROR(b->tok.Upload(tokens.data(), n));
+  RETURN_IF_ERROR(Stage(tokens.data(), n, &b->tok));
   {
     std::vector<int64_t> pos(static_cast<size_t>(n));
     for (const ForwardSegment& seg : segments) {
       for (int64_t t = 0; t < seg.count; ++t) pos[seg.begin + t] = seg.state->position + t;
     }
-    RETURN_IF_ERROR(b->pos.Upload(pos));
+    RETURN_IF_ERROR(Stage(pos, &b->pos));
   }
   float* const streams = b->streams.get();
   float *const collapsed = b->collapsed.get(), *const sub = b->sub.get(), *const post = b->post.get(),
                *const comb = b->comb.get();
-  arena_.Reset();  // The previous forward's copies to it have completed (it synchronized).
   Finish finish;
   std::vector<DeviceStateCache::Copy*> copies;
   absl::Cleanup abort_copies = [this] { state_cache_->Abort(); };
@@ -660,20 +663,27 @@ absl::Status CudaBackend::Run(absl::Span<const ForwardSegment> segments, absl::S
   }
   // Final collapse, norm and head for the requested rows.
   const int64_t m = static_cast<int64_t>(logit_rows.size());
-  Buf<float> picked(s), hidden(s), mixes(s), rs(s), logits(s);
-  RETURN_IF_ERROR(picked.Alloc(m * hc * d));
-  for (int64_t i = 0; i < m; ++i) {
-    V4_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(picked.get() + i * hc * d, streams + logit_rows[i] * hc * d,
-                                            hc * d * 4, cudaMemcpyDeviceToDevice, s));
+  Buf<float> picked_rows(s), hidden(s), mixes(s), rs(s), logits(s);
+  Buf<int32_t> d_rows(s);
+  bool all_rows = m == n;  // Decode: every row, in order; the head reads the streams in place.
+  for (int64_t i = 0; i < m && all_rows; ++i) all_rows = logit_rows[i] == i;
+  const float* picked = streams;
+  if (!all_rows && m > 0) {
+    const std::vector<int32_t> rows(logit_rows.begin(), logit_rows.end());
+    RETURN_IF_ERROR(Stage(rows, &d_rows));
+    RETURN_IF_ERROR(picked_rows.Alloc(m * hc * d));
+    k::GatherRows<<<m, 256, 0, s>>>(streams, d_rows.get(), hc * d, picked_rows.get());
+    V4_LAUNCH_CHECK(GatherRows);
+    picked = picked_rows.get();
   }
   RETURN_IF_ERROR(mixes.Alloc(m * hc));
   RETURN_IF_ERROR(rs.Alloc(m));
   RETURN_IF_ERROR(hidden.Alloc(m * d));
-  RETURN_IF_ERROR(Linear(picked.get(), m, hc_head_.fn, mixes.get()));
-  k::RowRsqrt<<<m, 1024, 0, s>>>(picked.get(), hc * d, c.rms_norm_eps, rs.get());
+  RETURN_IF_ERROR(Linear(picked, m, hc_head_.fn, mixes.get()));
+  k::RowRsqrt<<<m, 1024, 0, s>>>(picked, hc * d, c.rms_norm_eps, rs.get());
   V4_LAUNCH_CHECK(RowRsqrt);
   k::HcHeadMix<<<m, 256, 0, s>>>(mixes.get(), rs.get(), hc_head_.base, hc_head_.scale, static_cast<int>(hc),
-                                 static_cast<float>(c.hc_eps), picked.get(), d, hidden.get());
+                                 static_cast<float>(c.hc_eps), picked, d, hidden.get());
   V4_LAUNCH_CHECK(HcHeadMix);
   k::RmsNorm<<<m, 256, 0, s>>>(hidden.get(), d, norm_, c.rms_norm_eps);
   V4_LAUNCH_CHECK(RmsNorm);
@@ -698,8 +708,8 @@ absl::Status CudaBackend::Run(absl::Span<const ForwardSegment> segments, absl::S
   constexpr int64_t kSumChunks = 16;  // Blocks a row for the softmax sums (a row's 129k double exps).
   if (top != nullptr) {
     if (m > 0) {  // Top-m by TopK's radix select, sorted, then the sums; all back in one piece.
-      RETURN_IF_ERROR(d_temps.Upload(outputs.temperatures.data(), m));
-      RETURN_IF_ERROR(d_cols.Upload(std::vector<int64_t>(static_cast<size_t>(m), c.vocab_size)));
+      RETURN_IF_ERROR(Stage(outputs.temperatures.data(), m, &d_temps));
+      RETURN_IF_ERROR(Stage(std::vector<int64_t>(static_cast<size_t>(m), c.vocab_size), &d_cols));
       RETURN_IF_ERROR(d_sel.Alloc(m * tm));
       RETURN_IF_ERROR(d_cnt.Alloc(m));
       k::TopK<<<m, 1024, 0, s>>>(lg.get(), c.vocab_size, d_cols.get(), tm, d_sel.get(), d_cnt.get());
@@ -742,6 +752,7 @@ absl::Status CudaBackend::Run(absl::Span<const ForwardSegment> segments, absl::S
   if (final_streams != nullptr) RETURN_IF_ERROR(b->streams.Download(final_streams));
   // The forward's one synchronization; then the host states take what it computed, in order.
   RETURN_IF_ERROR(Sync());
+  in_flight_ = false;
   for (const std::function<void()>& f : finish) f();
   for (const ForwardSegment& seg : segments) seg.state->position += seg.count;
   std::move(abort_copies).Cancel();

@@ -15,6 +15,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cstdint>
+#include <cstring>
 #include <functional>
 #include <memory>
 #include <string>
@@ -447,6 +448,27 @@ class CudaBackend final : public ForwardBackend {
   // cuBLASLt runs this FP8 GEMM (scales: VEC128 for x, BLK128x128 for W, both FP32).
   bool LtServes(const Mat& w) const { return lt_ != nullptr && (w.in / 128) % 4 == 0; }
   cudaStream_t stream() const { return stream_; }
+  // Uploads n host values to `d` (resized to n) through this forward's page-locked memory (arena_): an
+  // asynchronous copy, where a pageable source costs the driver a staging copy first. `h` may go on return.
+  template <class T>
+  absl::Status Stage(const T* h, int64_t n, Buf<T>* d) const {
+    RETURN_IF_ERROR(d->Alloc(n));
+    if (n == 0) return absl::OkStatus();
+    const int64_t bytes = n * static_cast<int64_t>(sizeof(T));
+    ASSIGN_OR_RETURN(float* p, arena_.Take((bytes + 3) / 4));
+    std::memcpy(p, h, static_cast<size_t>(bytes));
+    V4_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(d->get(), p, bytes, cudaMemcpyHostToDevice, stream_));
+    return absl::OkStatus();
+  }
+  template <class T>
+  absl::Status Stage(const std::vector<T>& h, Buf<T>* d) const {
+    return Stage(h.data(), static_cast<int64_t>(h.size()), d);
+  }
+  // CopySpans with its span list staged in arena_.
+  absl::Status StageCopySpans(const std::vector<CopySpan>& spans) const {
+    ASSIGN_OR_RETURN(float* p, arena_.Take(static_cast<int64_t>(spans.size() * sizeof(CopySpan) / 4)));
+    return CopySpans(spans, stream_, reinterpret_cast<CopySpan*>(p));
+  }
   // Uploads (or, with host null, draws) MXFP4 weights, quantized from FP32 rows.
   absl::Status PutFp4(const float* host, int64_t out, int64_t in, Mat* m);
   // Expert GEMMs over slots grouped by expert, groups listed on the host (prefill-sized): g_cnt[i] rows of
@@ -560,6 +582,7 @@ class CudaBackend final : public ForwardBackend {
   mutable uint64_t runs_ = 0;  // Forwards so far (full_row checks its own is last).
   mutable std::unique_ptr<DeviceStateCache> state_cache_;
   mutable PinnedArena arena_;
+  mutable bool in_flight_ = false;  // A forward is between its first use of arena_ and its synchronization.
   mutable ForwardCounters counters_;
   int32_t* touched_ = nullptr;  // [layers, experts]: rows each expert got in the last Forward.
   // CUDA graphs (Section): forwards of up to graph_max_rows_ rows (0: none) use graph_bufs_.

@@ -59,6 +59,13 @@ __device__ __forceinline__ float LoadW(const void* p, int64_t i, bool bf16) {
   return bf16 ? __bfloat162float(static_cast<const __nv_bfloat16*>(p)[i]) : static_cast<const float*>(p)[i];
 }
 
+// xin[s, :] = x[perm[s], :] (MoE's permutation, the head's logit rows).
+__global__ void GatherRows(const float* x, const int32_t* perm, int64_t d, float* xin) {
+  const int64_t s = blockIdx.x;
+  const float* src = x + static_cast<int64_t>(perm[s]) * d;
+  for (int64_t i = threadIdx.x; i < d; i += blockDim.x) xin[s * d + i] = src[i];
+}
+
 // Embedding rows copied into every mHC stream: streams[t, j, :] = embed[tokens[t], :].
 __global__ void Embed(const int32_t* tokens, const void* embed, bool bf16, int64_t hc, int64_t d,
                       float* streams) {

@@ -97,13 +97,6 @@ __global__ void Route(const float* logits, int64_t ne, int64_t k, bool sigmoid, 
   for (int64_t j = 0; j < k; ++j) wts[r * k + j] = score[out[j]] / sum * rsf;
 }
 
-// xin[s, :] = x[perm[s], :].
-__global__ void GatherRows(const float* x, const int32_t* perm, int64_t d, float* xin) {
-  const int64_t s = blockIdx.x;
-  const float* src = x + static_cast<int64_t>(perm[s]) * d;
-  for (int64_t i = threadIdx.x; i < d; i += blockDim.x) xin[s * d + i] = src[i];
-}
-
 // g = silu(min(g, L)) * clamp(u, -L, L) * w[row] (w may be null), in place in g.
 __global__ void SwiGlu(float* g, const float* u, int64_t rows, int64_t inter, const float* w, float lim) {
   const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;

@@ -40,7 +40,7 @@ uint64_t NextTag() {
 
 }  // namespace
 
-absl::Status CopySpans(const std::vector<CopySpan>& spans, cudaStream_t stream) {
+absl::Status CopySpans(const std::vector<CopySpan>& spans, cudaStream_t stream, CopySpan* pinned) {
   std::vector<CopySpan> live;
   int64_t most = 0;
   for (const CopySpan& sp : spans) {
@@ -52,8 +52,10 @@ absl::Status CopySpans(const std::vector<CopySpan>& spans, cudaStream_t stream) 
   CopySpan* d = nullptr;
   const size_t bytes = live.size() * sizeof(CopySpan);
   V4_CUDA_RETURN_IF_ERROR(cudaMallocAsync(reinterpret_cast<void**>(&d), bytes, stream));
-  // Pageable source: staged before cudaMemcpyAsync returns, so `live` may go.
-  V4_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(d, live.data(), bytes, cudaMemcpyHostToDevice, stream));
+  // A pageable source is staged before cudaMemcpyAsync returns, so `live` may go.
+  const CopySpan* src = live.data();
+  if (pinned != nullptr) src = std::copy(live.begin(), live.end(), pinned) - live.size();
+  V4_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(d, src, bytes, cudaMemcpyHostToDevice, stream));
   const int64_t parts = std::clamp<int64_t>((most / 4 + 255) / 256, 1, 32);
   CopySpansKernel<<<dim3(static_cast<unsigned>(live.size()), static_cast<unsigned>(parts)), 256, 0, stream>>>(
       d, static_cast<int>(live.size()));

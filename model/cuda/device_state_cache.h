@@ -42,8 +42,10 @@ struct CopySpan {
   int64_t floats;
 };
 
-// Runs all `spans` in one kernel launch on `stream` (the span list itself is uploaded first).
-absl::Status CopySpans(const std::vector<CopySpan>& spans, cudaStream_t stream);
+// Runs all `spans` in one kernel launch on `stream` (the span list itself is uploaded first: from `pinned`,
+// page-locked room for spans.size() spans that stays untouched until the stream has run the copy, where
+// given, an asynchronous copy; else from pageable memory, which the driver stages before returning).
+absl::Status CopySpans(const std::vector<CopySpan>& spans, cudaStream_t stream, CopySpan* pinned = nullptr);
 
 class DeviceStateCache {
  public:
