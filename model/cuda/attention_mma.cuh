@@ -12,6 +12,12 @@
 // are rounded once per block; P is rounded to BF16 for the second product. Rows of shared memory are padded
 // by 16 bytes so that ldmatrix's eight row addresses fall in distinct banks.
 //
+// Split over keys (flash-decoding), for the few rows of a decode step, where one block a row would leave most
+// SMs idle (H200: 88 us for one CSA row of 640 keys): grid (rows, splits), block (r, sp) takes keys
+// [sp * split_keys, + split_keys) of row r and writes its unnormalized output, running max and denominator
+// to `part` / `ml` (the sink only in split 0); AttentionCombine merges the splits. split_keys 0: one block a
+// row, normalized output straight to `o`.
+//
 // Numerics against kernels::Attention (FP32): BF16 rounding of q, k and p gives ~4e-3 relative error per
 // element; the gpu test (CudaKernelTest.AttentionKernelsMatchTheReference) bounds the output's relative L2
 // error against a double-precision host reference.
@@ -46,13 +52,15 @@ __device__ __forceinline__ void StoreBf16x4(__nv_bfloat16* dst, float4 v) {
   *reinterpret_cast<uint2*>(dst) = u;
 }
 
-// One block per token row r (AttentionMmaThreads(h) threads, AttentionMmaSmem(h, HD) bytes). Arguments as
-// kernels::Attention's; q [n, h, HD] and the key rows must be 16-byte aligned.
+// One block per token row r and key split (AttentionMmaThreads(h) threads, AttentionMmaSmem(h, HD) bytes).
+// Arguments as kernels::Attention's; q [n, h, HD] and the key rows must be 16-byte aligned. With
+// split_keys > 0 (a multiple of kMmaKeyTile): part [n, splits, h, HD], ml [n, splits, h, 2] instead of o.
 template <int HD>
 __global__ void __launch_bounds__(256, 1)
     AttentionMma(const float* q, const float* wk, const float* ek, const int64_t* win_start,
                  const int64_t* win_cnt, const int64_t* ent_base, const int64_t* vis, const int32_t* sel,
-                 const int32_t* sel_cnt, int64_t topk, const float* sink, int h, float scale, float* o) {
+                 const int32_t* sel_cnt, int64_t topk, const float* sink, int h, float scale, float* o,
+                 int64_t split_keys, float* part, float* ml) {
   static_assert(HD % 32 == 0, "each warp takes HD/2 output dims in pairs of 8-wide tiles");
   constexpr int kLd = MmaRowStride(HD), kVec = HD / 4, kHalf = HD / 2, kNt = kHalf / 8;
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -73,7 +81,9 @@ __global__ void __launch_bounds__(256, 1)
   }
   const int64_t nw = win_cnt[r];
   const int64_t ne = ent_base == nullptr ? 0 : (sel != nullptr ? sel_cnt[r] : vis[r]);
-  const int64_t nk = nw + ne;
+  const int64_t nk_row = nw + ne, sp = blockIdx.y;
+  const int64_t lo = split_keys > 0 ? min(nk_row, sp * split_keys) : 0;
+  const int64_t nk = split_keys > 0 ? min(nk_row, lo + split_keys) : nk_row;  // This block's keys: [lo, nk).
   auto key = [&](int64_t j) -> const float* {
     if (j < nw) return wk + (win_start[r] + j) * HD;
     const int64_t s = sel != nullptr ? sel[r * topk + (j - nw)] : (j - nw);
@@ -81,10 +91,11 @@ __global__ void __launch_bounds__(256, 1)
   };
 
   // Rows g and g + 8 of this warp's 16 heads. The sink is a logit without a value: start the running max
-  // at it with its exp(0) = 1 in the denominator.
+  // at it with its exp(0) = 1 in the denominator (split 0; the others start empty).
   const int h0 = hg * 16 + g, h1 = h0 + 8;
   float m[2] = {h0 < h ? sink[h0] : 0.f, h1 < h ? sink[h1] : 0.f};
   float l[2] = {1.f, 1.f};
+  if (sp > 0) m[0] = m[1] = -INFINITY, l[0] = l[1] = 0.f;
   float acc[kNt][4];
 #pragma unroll
   for (int i = 0; i < kNt; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
@@ -100,8 +111,8 @@ __global__ void __launch_bounds__(256, 1)
     }
     CpAsyncCommit();
   };
-  if (nk > 0) fetch(0);
-  for (int64_t j0 = 0; j0 < nk; j0 += kMmaKeyTile) {
+  if (lo < nk) fetch(lo);
+  for (int64_t j0 = lo; j0 < nk; j0 += kMmaKeyTile) {
     CpAsyncWait<0>();
     __syncthreads();  // The tile is in `stage`; every warp is done with k_sh (and q is stored).
     for (int idx = threadIdx.x; idx < kMmaKeyTile * kVec; idx += blockDim.x) {
@@ -184,6 +195,22 @@ __global__ void __launch_bounds__(256, 1)
       }
     }
   }
+  if (part != nullptr) {  // This split's unnormalized output, max and denominator.
+    const int64_t base = (r * gridDim.y + sp) * h;
+#pragma unroll
+    for (int nt = 0; nt < kNt; ++nt) {
+      const int d = vh * kHalf + nt * 8 + 2 * t;
+      if (h0 < h)
+        *reinterpret_cast<float2*>(part + (base + h0) * HD + d) = make_float2(acc[nt][0], acc[nt][1]);
+      if (h1 < h)
+        *reinterpret_cast<float2*>(part + (base + h1) * HD + d) = make_float2(acc[nt][2], acc[nt][3]);
+    }
+    if (t == 0 && vh == 0) {
+      if (h0 < h) *reinterpret_cast<float2*>(ml + (base + h0) * 2) = make_float2(m[0], l[0]);
+      if (h1 < h) *reinterpret_cast<float2*>(ml + (base + h1) * 2) = make_float2(m[1], l[1]);
+    }
+    return;
+  }
   const float inv0 = 1.f / l[0], inv1 = 1.f / l[1];
 #pragma unroll
   for (int nt = 0; nt < kNt; ++nt) {
@@ -196,6 +223,32 @@ __global__ void __launch_bounds__(256, 1)
       *reinterpret_cast<float2*>(o + (r * h + h1) * HD + d) =
           make_float2(acc[nt][2] * inv1, acc[nt][3] * inv1);
     }
+  }
+}
+
+// Merges AttentionMma's key splits: block (r, head), o = sum_sp part_sp e^(m_sp - M) / sum_sp l_sp e^(m_sp -
+// M) with M the largest m_sp (split 0 holds the sink, so M is finite).
+template <int HD>
+__global__ void AttentionCombine(const float* part, const float* ml, int splits, int h, float* o) {
+  const int64_t r = blockIdx.x, hh = blockIdx.y;
+  __shared__ float wsp[64];
+  __shared__ float inv_l;
+  if (threadIdx.x == 0) {
+    float mx = -INFINITY;
+    for (int sp = 0; sp < splits; ++sp) mx = fmaxf(mx, ml[((r * splits + sp) * h + hh) * 2]);
+    float l = 0.f;
+    for (int sp = 0; sp < splits; ++sp) {
+      const float* e = ml + ((r * splits + sp) * h + hh) * 2;
+      wsp[sp] = e[1] > 0.f ? expf(e[0] - mx) : 0.f;  // An empty split (no keys, no sink) adds nothing.
+      l += e[1] * wsp[sp];
+    }
+    inv_l = 1.f / l;
+  }
+  __syncthreads();
+  for (int d = threadIdx.x; d < HD; d += blockDim.x) {
+    float y = 0.f;
+    for (int sp = 0; sp < splits; ++sp) y += part[((r * splits + sp) * h + hh) * HD + d] * wsp[sp];
+    o[(r * h + hh) * HD + d] = y * inv_l;
   }
 }
 

@@ -39,11 +39,32 @@ absl::Status InitAttentionMma() {
 absl::Status LaunchAttention(const AttentionArgs& a, bool tensor_cores, size_t smem_optin, cudaStream_t s) {
   if (tensor_cores && AttentionMmaFits(a.h, a.hd)) {
     const int h = static_cast<int>(a.h);
-    const dim3 grid(static_cast<unsigned>(a.n)), block(static_cast<unsigned>(k::AttentionMmaThreads(h)));
+    // Key splits up to 32 rows: about two blocks an SM (H200: 132) over the rows, each split at least two
+    // key tiles. Above, one block a row (H200, 64 rows x 640 keys: 5 splits took 159 us, one block a row 144:
+    // the partial outputs' traffic outweighs the idle SMs).
+    constexpr int64_t kSplitRows = 32, kSplitBlocks = 2 * 132, kMaxSplits = 64;
+    const int64_t tiles = Blocks(a.max_keys, k::kMmaKeyTile);
+    const int64_t splits =
+        a.n > kSplitRows ? 1
+                         : std::clamp<int64_t>(std::min(Blocks(kSplitBlocks, a.n), tiles / 2), 1, kMaxSplits);
+    const int64_t split_keys = splits > 1 ? Blocks(tiles, splits) * k::kMmaKeyTile : 0;
+    Buf<float> part(s), ml(s);
+    if (splits > 1) {
+      RETURN_IF_ERROR(part.Alloc(a.n * splits * a.h * a.hd));
+      RETURN_IF_ERROR(ml.Alloc(a.n * splits * a.h * 2));
+    }
+    const dim3 grid(static_cast<unsigned>(a.n), static_cast<unsigned>(splits)),
+        block(static_cast<unsigned>(k::AttentionMmaThreads(h)));
     const size_t smem = k::AttentionMmaSmem(h, static_cast<int>(a.hd));
-#define V4_ATTENTION_MMA(HD)                                                                                \
-  k::AttentionMma<HD><<<grid, block, smem, s>>>(a.q, a.wk, a.ek, a.win_start, a.win_cnt, a.ent_base, a.vis, \
-                                                a.sel, a.sel_cnt, a.topk, a.sink, h, a.scale, a.o)
+    const dim3 cgrid(static_cast<unsigned>(a.n), static_cast<unsigned>(h));
+#define V4_ATTENTION_MMA(HD)                                                                                 \
+  do {                                                                                                       \
+    k::AttentionMma<HD><<<grid, block, smem, s>>>(a.q, a.wk, a.ek, a.win_start, a.win_cnt, a.ent_base,       \
+                                                  a.vis, a.sel, a.sel_cnt, a.topk, a.sink, h, a.scale, a.o,  \
+                                                  split_keys, part.get(), ml.get());                         \
+    if (splits > 1)                                                                                          \
+      k::AttentionCombine<HD><<<cgrid, 128, 0, s>>>(part.get(), ml.get(), static_cast<int>(splits), h, a.o); \
+  } while (false)
     if (a.hd == 128) V4_ATTENTION_MMA(128);
     if (a.hd == 256) V4_ATTENTION_MMA(256);
     if (a.hd == 512) V4_ATTENTION_MMA(512);

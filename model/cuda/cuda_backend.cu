@@ -736,7 +736,11 @@ absl::Status CudaBackend::Run(absl::Span<const ForwardSegment> segments, absl::S
   } else if (ids != nullptr) {
     if (m > 0) {
       RETURN_IF_ERROR(d_ids.Alloc(m));
-      k::ArgmaxRows<<<m, 1024, 0, s>>>(logits.get(), c.vocab_size, d_ids.get());
+      Buf<float> pv(s);
+      Buf<int32_t> pi(s);
+      RETURN_IF_ERROR(pv.Alloc(m * k::kArgmaxChunks));
+      RETURN_IF_ERROR(pi.Alloc(m * k::kArgmaxChunks));
+      k::LaunchArgmaxRows(logits.get(), m, c.vocab_size, pv.get(), pi.get(), d_ids.get(), s);
       V4_LAUNCH_CHECK(ArgmaxRows);
       ASSIGN_OR_RETURN(float* p, arena_.Take(m));
       V4_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(p, d_ids.get(), m * 4, cudaMemcpyDeviceToHost, s));
@@ -824,11 +828,13 @@ absl::StatusOr<std::vector<int32_t>> ArgmaxRows(const std::vector<float>& logits
   if (rows * cols != static_cast<int64_t>(logits.size()) || rows <= 0 || cols <= 0) {
     return absl::InvalidArgumentError("ArgmaxRows: logits size is not rows * cols");
   }
-  Buf<float> x(nullptr);
-  Buf<int32_t> out(nullptr);
+  Buf<float> x(nullptr), pv(nullptr);
+  Buf<int32_t> out(nullptr), pi(nullptr);
   RETURN_IF_ERROR(x.Upload(logits));
   RETURN_IF_ERROR(out.Alloc(rows));
-  k::ArgmaxRows<<<rows, 1024>>>(x.get(), cols, out.get());
+  RETURN_IF_ERROR(pv.Alloc(rows * k::kArgmaxChunks));
+  RETURN_IF_ERROR(pi.Alloc(rows * k::kArgmaxChunks));
+  k::LaunchArgmaxRows(x.get(), rows, cols, pv.get(), pi.get(), out.get(), nullptr);
   V4_LAUNCH_CHECK(ArgmaxRows);
   std::vector<int32_t> h;
   RETURN_IF_ERROR(out.Download(&h));

@@ -77,23 +77,81 @@ __global__ void Embed(const int32_t* tokens, const void* embed, bool bf16, int64
   }
 }
 
+// The one-block-per-row kernels below run a decode step's few rows, so a thread's chain of loads sets their
+// time (ncu, H200, batch 1: 10-24 us each with one float a load): they read 4 floats a load where the row
+// is a multiple of 4 floats and 16-byte aligned (every row of the backend's buffers), the same arithmetic.
+__device__ __forceinline__ bool Vec4(const void* p, int64_t n) {
+  return (n & 3) == 0 && (reinterpret_cast<uintptr_t>(p) & 15) == 0;
+}
+// Sum over the row of double(v_i)^2, by the block (every thread gets it).
+__device__ __forceinline__ double RowSumSquares(const float* v, int64_t n) {
+  double ss = 0;
+  if (Vec4(v, n)) {
+    const float4* v4 = reinterpret_cast<const float4*>(v);
+#pragma unroll 4
+    for (int64_t i = threadIdx.x; i < n / 4; i += blockDim.x) {
+      const float4 a = v4[i];
+      ss += static_cast<double>(a.x) * a.x + static_cast<double>(a.y) * a.y + static_cast<double>(a.z) * a.z +
+            static_cast<double>(a.w) * a.w;
+    }
+  } else {
+    for (int64_t i = threadIdx.x; i < n; i += blockDim.x) ss += static_cast<double>(v[i]) * v[i];
+  }
+  return BlockSumD(ss);
+}
+
 // x = x / sqrt(mean(x^2) + eps) * w per row of `dim` (w may be null). One block per row.
 __global__ void RmsNorm(float* x, int64_t dim, const float* w, double eps) {
   float* v = x + blockIdx.x * dim;
-  double ss = 0;
-  for (int64_t i = threadIdx.x; i < dim; i += blockDim.x) ss += static_cast<double>(v[i]) * v[i];
-  ss = BlockSumD(ss);
+  const double ss = RowSumSquares(v, dim);
   const float inv = static_cast<float>(1.0 / sqrt(ss / static_cast<double>(dim) + eps));
+  if (Vec4(v, dim) && (w == nullptr || Vec4(w, dim))) {
+    float4* v4 = reinterpret_cast<float4*>(v);
+    const float4* w4 = reinterpret_cast<const float4*>(w);
+#pragma unroll 4
+    for (int64_t i = threadIdx.x; i < dim / 4; i += blockDim.x) {
+      float4 a = v4[i];
+      const float4 g = w4 != nullptr ? w4[i] : make_float4(1.0f, 1.0f, 1.0f, 1.0f);
+      a.x = a.x * inv * g.x;
+      a.y = a.y * inv * g.y;
+      a.z = a.z * inv * g.z;
+      a.w = a.w * inv * g.w;
+      v4[i] = a;
+    }
+    return;
+  }
   for (int64_t i = threadIdx.x; i < dim; i += blockDim.x) v[i] = v[i] * inv * (w ? w[i] : 1.0f);
 }
 
 // rs[row] = 1 / sqrt(mean(x^2) + eps) over `len` values per row. One block per row.
 __global__ void RowRsqrt(const float* x, int64_t len, double eps, float* rs) {
-  const float* v = x + blockIdx.x * len;
-  double ss = 0;
-  for (int64_t i = threadIdx.x; i < len; i += blockDim.x) ss += static_cast<double>(v[i]) * v[i];
-  ss = BlockSumD(ss);
+  const double ss = RowSumSquares(x + blockIdx.x * len, len);
   if (threadIdx.x == 0) rs[blockIdx.x] = static_cast<float>(1.0 / sqrt(ss / static_cast<double>(len) + eps));
+}
+
+// out[i] = sum_j pre[j] * x[j * d + i] for i < d (the mHC collapse of one token's hc streams), by the block.
+__device__ __forceinline__ void CollapseStreams(const float* pre, int hc, const float* x, int64_t d,
+                                                float* out) {
+  if (Vec4(x, d) && Vec4(out, d)) {
+    const float4* x4 = reinterpret_cast<const float4*>(x);
+    for (int64_t i = threadIdx.x; i < d / 4; i += blockDim.x) {
+      float4 y = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+      for (int j = 0; j < hc; ++j) {
+        const float4 a = x4[j * (d / 4) + i];
+        y.x += pre[j] * a.x;
+        y.y += pre[j] * a.y;
+        y.z += pre[j] * a.z;
+        y.w += pre[j] * a.w;
+      }
+      reinterpret_cast<float4*>(out)[i] = y;
+    }
+    return;
+  }
+  for (int64_t i = threadIdx.x; i < d; i += blockDim.x) {
+    float y = 0;
+    for (int j = 0; j < hc; ++j) y += pre[j] * x[j * d + i];
+    out[i] = y;
+  }
 }
 
 // mHC pre-mix of one token per block: from the raw mixes (fn · x) and rs, the pre/post weights and the
@@ -173,12 +231,7 @@ __global__ void HcMix(const float* mixes, const float* rs, const float* base, co
     for (int i = 0; i < hc * hc; ++i) comb_out[t * hc * hc + i] = cm[i];
   }
   __syncthreads();
-  const float* x = streams + t * hc * d;
-  for (int64_t i = threadIdx.x; i < d; i += blockDim.x) {
-    float y = 0;
-    for (int j = 0; j < hc; ++j) y += pre[j] * x[j * d + i];
-    collapsed[t * d + i] = y;
-  }
+  CollapseStreams(pre, hc, streams + t * hc * d, d, collapsed + t * d);
 }
 
 // The final collapse (hc_head): sigmoid weights only.
@@ -190,12 +243,7 @@ __global__ void HcHeadMix(const float* mixes, const float* rs, const float* base
     pre[threadIdx.x] = SigmoidF((mixes[t * hc + threadIdx.x] * rs[t]) * scale[0] + base[threadIdx.x]) + eps;
   }
   __syncthreads();
-  const float* x = streams + t * hc * d;
-  for (int64_t i = threadIdx.x; i < d; i += blockDim.x) {
-    float y = 0;
-    for (int j = 0; j < hc; ++j) y += pre[j] * x[j * d + i];
-    out[t * d + i] = y;
-  }
+  CollapseStreams(pre, hc, streams + t * hc * d, d, out + t * d);
 }
 
 // streams[k] = post_k * out + sum_j comb[j][k] * streams[j], one thread per (token, feature).
@@ -450,31 +498,65 @@ __global__ void PoolEntries(const float* const* kv_rows, const float* const* sco
   }
 }
 
-// Greedy sampling: the argmax of each row (ties: lowest index). One block per row.
-__global__ void ArgmaxRows(const float* x, int64_t cols, int32_t* out) {
-  const float* v = x + blockIdx.x * cols;
+// Greedy sampling: the argmax of each row (ties: lowest index; NaNs never win; a row without a number gives
+// 0). Two passes, so that a decode step's few rows of 129k logits are read by many blocks (one block a row
+// took 104 us on an H200): ArgmaxChunks, block (r, c) over chunk c of row r into pv/pi[r * chunks + c],
+// then ArgmaxOfChunks, one warp a row. LaunchArgmaxRows runs both (pv, pi: rows * kArgmaxChunks).
+constexpr int kArgmaxChunks = 32;
+__device__ __forceinline__ void ArgmaxStep(float ov, int64_t oi, float* v, int64_t* i) {
+  if (ov > *v || (ov == *v && oi < *i)) {
+    *v = ov;
+    *i = oi;
+  }
+}
+__device__ __forceinline__ void WarpArgmax(float* v, int64_t* i) {
+  for (int o = 16; o > 0; o >>= 1) {
+    const float ov = __shfl_xor_sync(0xffffffffu, *v, o);
+    const int64_t oi = __shfl_xor_sync(0xffffffffu, *i, o);
+    ArgmaxStep(ov, oi, v, i);
+  }
+}
+__global__ void ArgmaxChunks(const float* x, int64_t cols, float* pv, int32_t* pi) {
+  const int64_t r = blockIdx.x, c = blockIdx.y, chunks = gridDim.y;
+  const int64_t per = (cols + chunks - 1) / chunks, lo = c * per, hi = min(cols, lo + per);
+  const float* v = x + r * cols;
   float best = -INFINITY;
   int64_t bi = cols;
-  for (int64_t i = threadIdx.x; i < cols; i += blockDim.x) {
-    if (v[i] > best || (v[i] == best && i < bi)) {
-      best = v[i];
-      bi = i;
-    }
+#pragma unroll 8
+  for (int64_t i = lo + threadIdx.x; i < hi; i += blockDim.x) ArgmaxStep(v[i], i, &best, &bi);
+  WarpArgmax(&best, &bi);
+  __shared__ float wv[32];
+  __shared__ int64_t wi[32];
+  const int w = threadIdx.x / 32, l = threadIdx.x % 32;
+  if (l == 0) {
+    wv[w] = best;
+    wi[w] = bi;
   }
-  __shared__ float bv[1024];
-  __shared__ int64_t bx[1024];
-  bv[threadIdx.x] = best;
-  bx[threadIdx.x] = bi;
   __syncthreads();
-  if (threadIdx.x == 0) {
-    for (int i = 1; i < static_cast<int>(blockDim.x); ++i) {
-      if (bv[i] > bv[0] || (bv[i] == bv[0] && bx[i] < bx[0])) {
-        bv[0] = bv[i];
-        bx[0] = bx[i];
-      }
+  if (w == 0) {
+    best = l < static_cast<int>(blockDim.x / 32) ? wv[l] : -INFINITY;
+    bi = l < static_cast<int>(blockDim.x / 32) ? wi[l] : cols;
+    WarpArgmax(&best, &bi);
+    if (l == 0) {
+      pv[r * chunks + c] = best;
+      pi[r * chunks + c] = static_cast<int32_t>(bi);
     }
-    out[blockIdx.x] = static_cast<int32_t>(bx[0] < cols ? bx[0] : 0);
   }
+}
+__global__ void ArgmaxOfChunks(const float* pv, const int32_t* pi, int chunks, int64_t cols, int32_t* out) {
+  const int64_t r = blockIdx.x;
+  const int l = threadIdx.x;
+  float best = -INFINITY;
+  int64_t bi = cols;
+  for (int c = l; c < chunks; c += 32) ArgmaxStep(pv[r * chunks + c], pi[r * chunks + c], &best, &bi);
+  WarpArgmax(&best, &bi);
+  if (l == 0) out[r] = static_cast<int32_t>(bi < cols ? bi : 0);
+}
+inline void LaunchArgmaxRows(const float* x, int64_t rows, int64_t cols, float* pv, int32_t* pi, int32_t* out,
+                             cudaStream_t s) {
+  if (rows == 0) return;
+  ArgmaxChunks<<<dim3(static_cast<unsigned>(rows), kArgmaxChunks), 256, 0, s>>>(x, cols, pv, pi);
+  ArgmaxOfChunks<<<static_cast<unsigned>(rows), 32, 0, s>>>(pv, pi, kArgmaxChunks, cols, out);
 }
 
 // Sampling on the device (model::TopLogits): the softmax's two sums over a logit row, sum exp(double(float(x

@@ -22,11 +22,17 @@ namespace {
 
 TEST(CudaKernelTest, RmsNormMatchesCpu) {
   SKIP_WITHOUT_GPU();
-  const int64_t rows = 37, dim = 4096;
-  std::vector<float> x = Random(rows * dim, 1, 3.0f), w = Random(dim, 2), ref = x;
-  cpu::RmsNorm(ref.data(), rows, dim, w.data(), 1e-6);
-  ASSERT_TRUE(cuda::testing::RmsNorm(&x, rows, dim, w, 1e-6).ok());
-  EXPECT_LT(RelL2(x, ref), 1e-6);
+  // 4096: the 4-float loads; 1001: the one-float path; unweighted (the per-head norm of q) too.
+  for (const int64_t dim : {4096, 1001}) {
+    for (const bool weighted : {true, false}) {
+      const int64_t rows = 37;
+      std::vector<float> x = Random(rows * dim, 1, 3.0f),
+                         w = weighted ? Random(dim, 2) : std::vector<float>(), ref = x;
+      cpu::RmsNorm(ref.data(), rows, dim, weighted ? w.data() : nullptr, 1e-6);
+      ASSERT_TRUE(cuda::testing::RmsNorm(&x, rows, dim, w, 1e-6).ok());
+      EXPECT_LT(RelL2(x, ref), 1e-6) << "dim " << dim << (weighted ? " weighted" : "");
+    }
+  }
 }
 
 TEST(CudaKernelTest, RopeMatchesCpu) {
@@ -165,6 +171,21 @@ TEST(CudaKernelTest, ArgmaxRowsTakesTheLowestIndexOnTies) {
   absl::StatusOr<std::vector<int32_t>> got = cuda::ArgmaxRows(x, rows, cols);
   ASSERT_TRUE(got.ok()) << got.status();
   EXPECT_EQ(*got, (std::vector<int32_t>{100, 5, static_cast<int32_t>(cols - 1), 0}));
+  // The row is read in 32 chunks by many threads: ties inside one chunk and in the last (short) chunk of a
+  // row of 1001, NaNs (never picked), a row of NaNs only (0) and one of -inf but one -1e30.
+  const int64_t c2 = 1001;
+  std::vector<float> y = Random(5 * c2, 8);
+  y[0 * c2 + 40] = 9;
+  y[0 * c2 + 33] = 9;  // Same chunk (32 values a chunk): 33 wins.
+  y[1 * c2 + 1000] = 9;
+  y[1 * c2 + 999] = 9;  // The last chunk: 999 wins.
+  y[2 * c2 + 500] = 9;
+  y[2 * c2 + 3] = std::nanf("");
+  for (int64_t i = 0; i < c2; ++i) y[3 * c2 + i] = std::nanf("");
+  for (int64_t i = 0; i < c2; ++i) y[4 * c2 + i] = i == 7 ? -1e30f : -INFINITY;
+  got = cuda::ArgmaxRows(y, 5, c2);
+  ASSERT_TRUE(got.ok()) << got.status();
+  EXPECT_EQ(*got, (std::vector<int32_t>{33, 999, 500, 0, 7}));
 }
 
 // Attention in double precision on the host, from the case's definition (cuda_backend.h): per (row, head)
@@ -215,8 +236,11 @@ TEST(CudaKernelTest, AttentionKernelsMatchTheReference) {
   struct Shape {
     int64_t n, h, hd, window, entries, topk;
   };
-  for (const Shape& sh : {Shape{9, 64, 512, 128, 700, 512}, Shape{7, 64, 512, 128, 64, 0},
-                          Shape{11, 4, 128, 128, 300, 128}, Shape{5, 16, 256, 40, 9, 0}}) {
+  // Few rows run the tensor-core kernel split over keys (2 rows: 10 splits of 64 keys), 300 rows one block a
+  // row.
+  for (const Shape& sh :
+       {Shape{9, 64, 512, 128, 700, 512}, Shape{7, 64, 512, 128, 64, 0}, Shape{11, 4, 128, 128, 300, 128},
+        Shape{5, 16, 256, 40, 9, 0}, Shape{2, 64, 512, 128, 2000, 512}, Shape{300, 4, 128, 128, 300, 128}}) {
     SCOPED_TRACE(testing::Message() << "n " << sh.n << " h " << sh.h << " hd " << sh.hd << " topk "
                                     << sh.topk);
     cuda::testing::AttentionCase c =
