@@ -113,8 +113,6 @@ __global__ void __launch_bounds__(128)
   float tot[kTok][4];
 #pragma unroll
   for (int tg = 0; tg < kTok; ++tg) tot[tg][0] = tot[tg][1] = tot[tg][2] = tot[tg][3] = 0.f;
-    // Two k blocks' loads in flight a warp (a decode step's 4096-deep rows are 8 serial blocks a warp).
-#pragma unroll 2
   for (int64_t kb = warp; kb < kbs; kb += 4) {
     const int64_t k = kb * kFp8Block;
     const uint4 a00 = *reinterpret_cast<const uint4*>(w0 + k),
