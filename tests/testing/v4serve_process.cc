@@ -90,12 +90,17 @@ std::string MakeTestChatModelDir(const TempDir& dir) {
 
 absl::Status WaitUntilReady(int http_port, absl::Duration timeout) {
   absl::Time deadline = absl::Now() + timeout;
+  std::string last = "no answer";
   while (absl::Now() < deadline) {
     absl::StatusOr<HttpResult> ready = HttpCall(http_port, "GET", "/readyz");
     if (ready.ok() && ready->status == 200) return absl::OkStatus();
+    last = ready.ok() ? absl::StrCat("HTTP ", ready->status, ": ", ready->body.substr(0, 300))
+                      : std::string(ready.status().message());
     absl::SleepFor(absl::Milliseconds(20));
   }
-  return absl::DeadlineExceededError("the router never became ready");
+  // What the last probe got, so that a slow start is told apart from a router that never sees a worker.
+  return absl::DeadlineExceededError(absl::StrCat("the router on port ", http_port, " was not ready within ",
+                                                  absl::FormatDuration(timeout), "; last /readyz: ", last));
 }
 
 int RunCommand(const std::string& command, std::string* output) {
