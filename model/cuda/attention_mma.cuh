@@ -34,7 +34,8 @@
 namespace v4serve::model::cuda::kernels {
 namespace {
 
-constexpr int kMmaKeyTile = 32;  // Keys staged per step.
+constexpr int kMmaKeyTile = 32;          // Keys staged per step.
+constexpr int kMaxAttentionSplits = 64;  // Key splits a row (AttentionCombine's shared weights).
 
 __host__ __device__ constexpr int MmaRowStride(int hd) { return hd + 8; }  // BF16 elements; +16 bytes.
 // Dynamic shared memory of AttentionMma<hd> for `h` heads.
@@ -83,7 +84,8 @@ __global__ void __launch_bounds__(256, 1)
   const int64_t ne = ent_base == nullptr ? 0 : (sel != nullptr ? sel_cnt[r] : vis[r]);
   const int64_t nk_row = nw + ne, sp = blockIdx.y;
   const int64_t lo = split_keys > 0 ? min(nk_row, sp * split_keys) : 0;
-  const int64_t nk = split_keys > 0 ? min(nk_row, lo + split_keys) : nk_row;  // This block's keys: [lo, nk).
+  // This block's keys: [lo, nk); the last split takes the row's rest whatever split_keys says.
+  const int64_t nk = split_keys > 0 && sp + 1 < gridDim.y ? min(nk_row, lo + split_keys) : nk_row;
   auto key = [&](int64_t j) -> const float* {
     if (j < nw) return wk + (win_start[r] + j) * HD;
     const int64_t s = sel != nullptr ? sel[r * topk + (j - nw)] : (j - nw);
@@ -231,7 +233,7 @@ __global__ void __launch_bounds__(256, 1)
 template <int HD>
 __global__ void AttentionCombine(const float* part, const float* ml, int splits, int h, float* o) {
   const int64_t r = blockIdx.x, hh = blockIdx.y;
-  __shared__ float wsp[64];
+  __shared__ float wsp[kMaxAttentionSplits];
   __shared__ float inv_l;
   if (threadIdx.x == 0) {
     float mx = -INFINITY;

@@ -37,12 +37,13 @@ absl::Status InitAttentionMma() {
 }
 
 absl::Status LaunchAttention(const AttentionArgs& a, bool tensor_cores, size_t smem_optin, cudaStream_t s) {
+  if (a.n <= 0) return absl::OkStatus();
   if (tensor_cores && AttentionMmaFits(a.h, a.hd)) {
     const int h = static_cast<int>(a.h);
     // Key splits up to 32 rows: about two blocks an SM (H200: 132) over the rows, each split at least two
     // key tiles. Above, one block a row (H200, 64 rows x 640 keys: 5 splits took 159 us, one block a row 144:
     // the partial outputs' traffic outweighs the idle SMs).
-    constexpr int64_t kSplitRows = 32, kSplitBlocks = 2 * 132, kMaxSplits = 64;
+    constexpr int64_t kSplitRows = 32, kSplitBlocks = 2 * 132, kMaxSplits = k::kMaxAttentionSplits;
     const int64_t tiles = Blocks(a.max_keys, k::kMmaKeyTile);
     const int64_t splits =
         a.n > kSplitRows ? 1

@@ -434,9 +434,17 @@ absl::Status CudaBackend::Init(const cpu::ModelWeights* w, const cpu::RopeTable*
   return absl::OkStatus();
 }
 
-void CudaBackend::DropGraphs() const {
-  for (auto& [key, g] : graphs_) cudaGraphExecDestroy(g.exec);  // In flight: freed when it completes.
-  graphs_.clear();
+void CudaBackend::DropGraphs(bool stale_only) const {
+  for (auto it = graphs_.begin(); it != graphs_.end();) {
+    if (stale_only && it->second.moves == scratch_moves_) {
+      ++it;
+      continue;
+    }
+    cudaGraphExecDestroy(it->second.exec);  // In flight: freed when it completes.
+    graphs_.erase(it++);
+  }
+  int dev = 0;
+  if (cudaGetDevice(&dev) == cudaSuccess) cudaDeviceGraphMemTrim(dev);  // Their sections' scratch.
 }
 
 namespace {
@@ -470,11 +478,17 @@ absl::Status CudaBackend::Section(int64_t n, int64_t index, bool graph,
       ++counters_.graph_sections;
       return absl::OkStatus();
     }
-    DropGraphs();  // The scratch moved since they were captured (a larger forward ran).
+    DropGraphs(/*stale_only=*/true);  // The scratch moved since they were captured (a larger forward ran).
   }
   if (!graph_warm_[static_cast<size_t>(n)] || graphs_.size() >= kMaxGraphs) return fn();
   const ForwardCounters before = counters_;
-  V4_CUDA_RETURN_IF_ERROR(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeThreadLocal));
+  if (const cudaError_t e = cudaStreamBeginCapture(stream_, cudaStreamCaptureModeThreadLocal);
+      e != cudaSuccess) {
+    (void)cudaGetLastError();
+    graphs_off_why_ = absl::StrCat("cudaStreamBeginCapture failed: ", cudaGetErrorString(e));
+    DropGraphs();
+    return fn();
+  }
   capturing_ = true;
   absl::Status st = fn();
   capturing_ = false;
@@ -592,9 +606,10 @@ absl::Status CudaBackend::Run(absl::Span<const ForwardSegment> segments, absl::S
   // Decode-sized forwards: the fixed buffers their CUDA graphs record (Section); others their own.
   const bool graph = GraphsOn() && n <= graph_max_rows_;
   std::unique_ptr<StepBuffers> own;
-  if (graph && graph_bufs_ == nullptr) {
-    graph_bufs_ = std::make_unique<StepBuffers>(s);
-    RETURN_IF_ERROR(graph_bufs_->Reserve(c, graph_max_rows_));
+  if (graph && graph_bufs_ == nullptr) {  // Kept only whole: graphs rely on these never moving.
+    auto bufs = std::make_unique<StepBuffers>(s);
+    RETURN_IF_ERROR(bufs->Reserve(c, graph_max_rows_));
+    graph_bufs_ = std::move(bufs);
   }
   if (!graph) own = std::make_unique<StepBuffers>(s);
   StepBuffers* const b = graph ? graph_bufs_.get() : own.get();

@@ -117,12 +117,14 @@ class Buf {
     if (frozen_ != nullptr && *frozen_) {
       return absl::FailedPreconditionError("a scratch buffer would move during a CUDA graph capture");
     }
-    if (moves_ != nullptr) ++*moves_;
-    if (p_ != nullptr) cudaFreeAsync(p_, s_);
-    p_ = nullptr;
+    // The new block first: a failed allocation leaves the buffer as it was.
+    T* p = nullptr;
     V4_CUDA_RETURN_IF_ERROR(
-        cudaMallocAsync(reinterpret_cast<void**>(&p_), std::max<int64_t>(1, n) * sizeof(T), s_));
+        cudaMallocAsync(reinterpret_cast<void**>(&p), std::max<int64_t>(1, n) * sizeof(T), s_));
+    if (p_ != nullptr) cudaFreeAsync(p_, s_);
+    p_ = p;
     cap_ = n_ = n;
+    if (moves_ != nullptr) ++*moves_;
     return absl::OkStatus();
   }
   absl::Status Upload(const T* h, int64_t n) {
@@ -521,9 +523,13 @@ class CudaBackend final : public ForwardBackend {
   // scratch, which must not move inside a capture), else from its graph, capturing it first. A capture that
   // fails runs `fn` eagerly (nothing of it ran) and, unless the scratch would have moved, turns the graphs
   // off.
+  // Graphs record all work queued on stream_, so one thread drives the backend (as Model's contract says;
+  // the engine calls it from its step loop).
   absl::Status Section(int64_t n, int64_t index, bool graph, const std::function<absl::Status()>& fn) const;
   bool GraphsOn() const { return graph_max_rows_ > 0 && graphs_off_why_.empty(); }
-  void DropGraphs() const;
+  // Destroys the graphs (all, or with `stale_only` those captured before the scratch last moved) and trims
+  // the graph memory pool.
+  void DropGraphs(bool stale_only = false) const;
   // The streaming compressor over this call's rows (model/cpu/compressor.cc on the device): pools the
   // entries of the windows they complete into the device copies (past `n_before`), adds the spans that
   // move the rows into the copies' windows to `late` (to run after this call's reads of the old ones), and
