@@ -151,7 +151,7 @@ double GemmFlops(int m, int n, int k, bool fp8) {
     for (int i = 0; i < 13 && ok; ++i) {
       CK(cudaEventRecord(e0));
       ok = cublasLtMatmul(lt, op, &alpha, A, la, B, lb, &beta, D, ld, D, ld, &heur[a].algo, ws, ws_bytes,
-                          0) == CUBLAS_STATUS_SUCCESS;
+                          nullptr) == CUBLAS_STATUS_SUCCESS;
       CK(cudaEventRecord(e1));
       CK(cudaEventSynchronize(e1));
       float ms = 0;
@@ -428,31 +428,31 @@ int Main(int argc, char** argv) {
       const std::string p = std::string("--") + name + "=";
       return a.rfind(p, 0) == 0 ? argv[i] + p.size() : nullptr;
     };
-    if (const char* v = val("layers"))
+    if (const char* v = val("layers")) {
       layers = std::atoll(v);
-    else if (const char* v = val("context"))
+    } else if (const char* v = val("context")) {
       context = std::atoll(v);
-    else if (const char* v = val("steps"))
+    } else if (const char* v = val("steps")) {
       steps = std::atoll(v);
-    else if (const char* v = val("prefill"))
+    } else if (const char* v = val("prefill")) {
       prefill = v;
-    else if (const char* v = val("batches"))
+    } else if (const char* v = val("batches")) {
       batches = v;
-    else if (const char* v = val("weights"))
+    } else if (const char* v = val("weights")) {
       weights = v;
-    else if (const char* v = val("experts"))
+    } else if (const char* v = val("experts")) {
       experts = v;
-    else if (const char* v = val("config"))
+    } else if (const char* v = val("config")) {
       config_path = v;
-    else if (const char* v = val("compare-state-cache"))
+    } else if (const char* v = val("compare-state-cache")) {
       compare_cache = std::string(v) != "0";
-    else if (const char* v = val("compare-graphs"))
+    } else if (const char* v = val("compare-graphs")) {
       compare_graphs = std::string(v) != "0";
-    else if (const char* v = val("attention"))
+    } else if (const char* v = val("attention")) {
       attention = std::string(v) != "0";
-    else if (const char* v = val("ceilings"))  // 0: skip them (profiling runs); ratios then print as 0.
+    } else if (const char* v = val("ceilings")) {  // 0: skip them (profiling runs); ratios then print as 0.
       ceilings = std::string(v) != "0";
-    else {
+    } else {
       std::fprintf(stderr, "unknown flag %s\n", argv[i]);
       return 2;
     }
@@ -588,7 +588,7 @@ int Main(int argc, char** argv) {
         "%.0f GB/s | **%.1f%%** of copy bw |",
         static_cast<long long>(b), static_cast<long long>(context), label, t * 1e3, b / t, bytes / 1e9,
         static_cast<long long>(experts), bytes / t / 1e9, 100.0 * bytes / t / copy_bw);
-    rows.push_back(line);
+    rows.emplace_back(line);
     PrintPhases(backend);
     std::printf("%s\n", line);
     if (auto c = cuda::LastForwardCounters(backend); c.ok()) {
@@ -645,7 +645,7 @@ int Main(int argc, char** argv) {
                   "FP8 GEMM (%.1f%% of BF16) |",
                   static_cast<long long>(n), t * 1e3, n / t, flops / 1e12, flops / t / 1e12,
                   100.0 * flops / t / fp8, 100.0 * flops / t / bf16);
-    rows.push_back(line);
+    rows.emplace_back(line);
     std::printf("%s\n", line);
     PrintPhases(**be);
     std::fflush(stdout);

@@ -224,8 +224,8 @@ void CompareStateChanges(std::unique_ptr<Model> cpu, std::unique_ptr<Model> gpu,
     ASSERT_TRUE(lc.ok() && lg.ok()) << lc.status() << lg.status();
     EXPECT_LT(RelL2(*lg, *lc), 1e-4) << "prefill chunk at " << b;
   }
-  auto decode = [&](std::vector<SequenceState*> c, std::vector<SequenceState*> g, std::vector<int32_t> tok,
-                    const char* what) {
+  auto decode = [&](const std::vector<SequenceState*>& c, const std::vector<SequenceState*>& g,
+                    const std::vector<int32_t>& tok, const char* what) {
     auto lc = cpu->Decode(c, tok);
     auto lg = gpu->Decode(g, tok);
     ASSERT_TRUE(lc.ok() && lg.ok()) << what << ": " << lc.status() << lg.status();

@@ -325,7 +325,8 @@ TEST(CudaKernelTest, IndexerKernelsMatchTheReference) {
 TEST(CudaKernelTest, Mxfp4ExpertGemmMatchesTheHost) {
   SKIP_WITHOUT_GPU();
   static constexpr float kGrid[8] = {0.0f, 0.5f, 1.0f, 1.5f, 2.0f, 3.0f, 4.0f, 6.0f};
-  for (const auto& [in, out] : {std::pair<int64_t, int64_t>{256, 192}, {512, 128}}) {
+  for (const auto& shape : {std::pair<int64_t, int64_t>{256, 192}, {512, 128}}) {
+    const int64_t in = shape.first, out = shape.second;  // Plain locals: the lambdas below capture them.
     SCOPED_TRACE(testing::Message() << "in " << in << " out " << out);
     const std::vector<int32_t> rows = {3, 0, 1, 64, 150, 37};
     const int64_t experts = static_cast<int64_t>(rows.size());
