@@ -1,6 +1,7 @@
 // The CUDA backend's internals, shared by its translation units: model/cuda/cuda_backend.cu (runtime,
-// weights, the forward loop, mHC and the head), cuda_attention.cu (attention and the compressors) and
-// cuda_moe.cu (routing and the expert GEMMs). Not a public header: model/cuda/cuda_backend.h is.
+// weights, entry points), cuda_forward.cu (the forward loop, its CUDA graphs, mHC and the head),
+// cuda_attention.cu (attention and the compressors), cuda_moe.cu (routing and the expert GEMMs) and
+// cuda_linear.cu (the linear layers). Not a public header: model/cuda/cuda_backend.h is.
 //
 // Kernels (cuda_kernels.cuh) have internal linkage, so each unit has its own copy of the ones it launches;
 // a kernel's attributes (dynamic shared memory) must be set in the unit that launches it.
