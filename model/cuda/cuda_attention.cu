@@ -352,8 +352,10 @@ absl::Status CudaBackend::AttentionCore(const LayerW& w, int64_t layer,
     for (size_t i = 0; i < ns; ++i) copies[i]->layers[static_cast<size_t>(layer)].n_entries = n_after[i];
   }
   // Key buffers: per segment its prior window keys (from the ring) then its own rows; its entries.
-  std::vector<int64_t> win_start(static_cast<size_t>(n)), win_cnt(static_cast<size_t>(n)),
-      ent_base(static_cast<size_t>(n)), vis(static_cast<size_t>(n));
+  // The four per-row tables, one after the other, so that they go to the device in one upload.
+  std::vector<int64_t> tables(static_cast<size_t>(4 * n));
+  int64_t *const win_start = tables.data(), *const win_cnt = win_start + n,
+                 *const ent_base = win_start + 2 * n, *const vis = win_start + 3 * n;
   int64_t wk_rows = 0, ek_rows = 0, max_keys = 0, max_vis = 0;
   for (size_t i = 0; i < ns; ++i) {
     const ForwardSegment& seg = segments[i];
@@ -398,15 +400,8 @@ absl::Status CudaBackend::AttentionCore(const LayerW& w, int64_t layer,
   RETURN_IF_ERROR(StageCopySpans(late));
   counters_.kv_bytes += (wk_rows * hd + ek_rows * hd + (csa ? ek_rows * id : 0)) * 4;
   RETURN_IF_ERROR(Mark(&counters_.s_attn_host));
-  // The four per-row tables in one upload.
   Buf<int64_t> d_tables(s);
-  {
-    std::vector<int64_t> tables;
-    tables.reserve(static_cast<size_t>(4 * n));
-    for (const std::vector<int64_t>* t : {&win_start, &win_cnt, &ent_base, &vis})
-      tables.insert(tables.end(), t->begin(), t->end());
-    RETURN_IF_ERROR(Stage(tables, &d_tables));
-  }
+  RETURN_IF_ERROR(Stage(tables, &d_tables));
   const int64_t *d_ws = d_tables.get(), *d_wc = d_ws + n, *d_eb = d_ws + 2 * n, *d_vis = d_ws + 3 * n;
   Buf<float> sc(s);
   Buf<int32_t> sel(s), sel_cnt(s);
