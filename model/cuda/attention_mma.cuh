@@ -30,6 +30,7 @@
 #include <cstdint>
 
 #include "model/cuda/mma.cuh"
+#include "model/cuda/paged_rows.h"
 
 namespace v4serve::model::cuda::kernels {
 namespace {
@@ -58,7 +59,7 @@ __device__ __forceinline__ void StoreBf16x4(__nv_bfloat16* dst, float4 v) {
 // split_keys > 0 (a multiple of kMmaKeyTile): part [n, splits, h, HD], ml [n, splits, h, 2] instead of o.
 template <int HD>
 __global__ void __launch_bounds__(256, 1)
-    AttentionMma(const float* q, const float* wk, const float* ek, const int64_t* win_start,
+    AttentionMma(const float* q, const float* wk, PagedRows ek, const int64_t* win_start,
                  const int64_t* win_cnt, const int64_t* ent_base, const int64_t* vis, const int32_t* sel,
                  const int32_t* sel_cnt, int64_t topk, const float* sink, int h, float scale, float* o,
                  int64_t split_keys, float* part, float* ml) {
@@ -89,7 +90,7 @@ __global__ void __launch_bounds__(256, 1)
   auto key = [&](int64_t j) -> const float* {
     if (j < nw) return wk + (win_start[r] + j) * HD;
     const int64_t s = sel != nullptr ? sel[r * topk + (j - nw)] : (j - nw);
-    return ek + (ent_base[r] + s) * HD;
+    return ek.Row(ent_base[r], s, HD);
   };
 
   // Rows g and g + 8 of this warp's 16 heads. The sink is a logit without a value: start the running max
@@ -268,7 +269,7 @@ __host__ __device__ constexpr size_t IndexerMmaSmem(int ih, int id) {
 
 template <int ID>
 __global__ void __launch_bounds__(128)
-    IndexerScoresMma(const float* iq, const float* iw, const float* ik, const int64_t* ent_base,
+    IndexerScoresMma(const float* iq, const float* iw, PagedRows ik, const int64_t* ent_base,
                      const int64_t* vis, int ih, int64_t ld, float* sc) {
   constexpr int kLd = MmaRowStride(ID), kVec = ID / 4;
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -289,12 +290,13 @@ __global__ void __launch_bounds__(128)
   const int h0 = warp * 16 + g, h1 = h0 + 8;
   const float w0 = h0 < ih ? iw[r * ih + h0] : 0.f, w1 = h1 < ih ? iw[r * ih + h1] : 0.f;
   const int64_t n = vis[r], tiles = (n + kIdxTile - 1) / kIdxTile;
-  const float* base = ik + ent_base[r] * ID;
+  const int64_t first = ent_base[r];
   auto fetch = [&](int64_t s0) {
     for (int idx = threadIdx.x; idx < kIdxTile * kVec; idx += blockDim.x) {
       const int kr = idx / kVec, c = (idx % kVec) * 4;
       const int64_t s = s0 + kr;
-      CpAsync16OrZero(stage + kr * ID + c, base + (s < n ? s : 0) * ID + c, s < n);
+      // Past the row's last entry: no page to name (a row may have none); zeros from any valid address.
+      CpAsync16OrZero(stage + kr * ID + c, (s < n ? ik.Row(first, s, ID) : iq) + c, s < n);
     }
     CpAsyncCommit();
   };

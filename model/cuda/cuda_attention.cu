@@ -227,11 +227,16 @@ absl::Status CudaBackend::Compress(const CompressJob& job, int64_t layer,
     k::Rope<<<Blocks(ne * rd / 2, 256), 256, 0, s>>>(pooled.get(), ne, width, width - rd, rd, d_epos.get(), 1,
                                                      inv_comp_, false);
     V4_LAUNCH_CHECK(Rope);
+    // Into the copies' pages (reserved by the caller), a span per page the new entries reach.
+    const int64_t pp = state_cache_->page_layout().per_page[li];
     for (size_t i = 0; i < ns; ++i) {
-      const DeviceStateCache::Layer& dl = copies[i]->layers[li];
-      early.push_back({pooled.get() + first[i] * width,
-                       (job.which == 0 ? dl.entries : dl.keys) + n_before[i] * width,
-                       (first[i + 1] - first[i]) * width});
+      const int64_t cnt = first[i + 1] - first[i];
+      for (int64_t j = 0; j < cnt;) {
+        const int64_t e = n_before[i] + j, run = std::min(cnt - j, pp - e % pp);
+        early.push_back({pooled.get() + (first[i] + j) * width,
+                         state_cache_->Row(*copies[i], layer, e, job.which == 1), run * width});
+        j += run;
+      }
     }
     ASSIGN_OR_RETURN(float* h, arena_.Take(ne * width));
     V4_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(h, pooled.get(), ne * width * 4, cudaMemcpyDeviceToHost, s));
@@ -351,12 +356,19 @@ absl::Status CudaBackend::AttentionCore(const LayerW& w, int64_t layer,
     }
     for (size_t i = 0; i < ns; ++i) copies[i]->layers[static_cast<size_t>(layer)].n_entries = n_after[i];
   }
-  // Key buffers: per segment its prior window keys (from the ring) then its own rows; its entries.
-  // The four per-row tables, one after the other, so that they go to the device in one upload.
-  std::vector<int64_t> tables(static_cast<size_t>(4 * n));
+  // Window keys: per segment its prior window keys (from the ring) then its own rows, copied into one
+  // buffer. Entries and indexer keys stay in the copies' pages: the kernels read them through a page table
+  // (the segments' pages one after the other; ent_base is where a row's segment's pages start in it).
+  // The four per-row tables and the page table, one after the other, so that they go up in one upload.
+  const KvPageLayout& pl = state_cache_->page_layout();
+  const int64_t pp = pl.per_page[static_cast<size_t>(layer)];
+  int64_t n_pages = 0;
+  for (size_t i = 0; i < ns; ++i) n_pages += pp > 0 ? (n_after[i] + pp - 1) / pp : 0;
+  std::vector<int64_t> tables(static_cast<size_t>(4 * n + n_pages));
   int64_t *const win_start = tables.data(), *const win_cnt = win_start + n,
-                 *const ent_base = win_start + 2 * n, *const vis = win_start + 3 * n;
-  int64_t wk_rows = 0, ek_rows = 0, max_keys = 0, max_vis = 0;
+                 *const ent_base = win_start + 2 * n, *const vis = win_start + 3 * n,
+                 *const page_table = win_start + 4 * n;
+  int64_t wk_rows = 0, ek_rows = 0, pages_before = 0, max_keys = 0, max_vis = 0;
   for (size_t i = 0; i < ns; ++i) {
     const ForwardSegment& seg = segments[i];
     const int64_t pos0 = seg.state->position, prior = std::min(pos0, win - 1);
@@ -366,21 +378,24 @@ absl::Status CudaBackend::AttentionCore(const LayerW& w, int64_t layer,
       const int64_t first = std::max<int64_t>(p - win + 1, pos0 - prior);
       win_start[r] = wk_rows + (first - (pos0 - prior));
       win_cnt[r] = p - first + 1;
-      ent_base[r] = ek_rows;
+      ent_base[r] = pages_before;
       vis[r] = ratio > 0 ? std::min((p + 1) / ratio, n_ent) : 0;
       max_vis = std::max(max_vis, vis[r]);
       max_keys = std::max(max_keys, win_cnt[r] + (csa ? std::min(vis[r], c.index_topk) : vis[r]));
     }
     wk_rows += prior + seg.count;
     ek_rows += n_ent;
+    const int64_t seg_pages = pp > 0 ? (n_ent + pp - 1) / pp : 0;
+    for (int64_t k = 0; k < seg_pages; ++k) {
+      page_table[pages_before + k] = reinterpret_cast<int64_t>(copies[i]->pages[static_cast<size_t>(k)]);
+    }
+    pages_before += seg_pages;
   }
-  Buf<float> wk(s), ek(s), ik(s);
+  Buf<float> wk(s);
   RETURN_IF_ERROR(wk.Alloc(wk_rows * hd));
-  RETURN_IF_ERROR(ek.Alloc(ek_rows * hd));
-  if (csa) RETURN_IF_ERROR(ik.Alloc(ek_rows * id));
   // Filled on the device from the states' device copies, in the launch that also moves `late`.
   {
-    int64_t wo = 0, eo = 0;
+    int64_t wo = 0;
     for (size_t i = 0; i < ns; ++i) {
       const ForwardSegment& seg = segments[i];
       const DeviceStateCache::Layer& dl = copies[i]->layers[static_cast<size_t>(layer)];
@@ -392,9 +407,6 @@ absl::Status CudaBackend::AttentionCore(const LayerW& w, int64_t layer,
       }
       late.push_back({kv + seg.begin * hd, wk.get() + (wo + prior) * hd, seg.count * hd});
       wo += prior + seg.count;
-      late.push_back({dl.entries, ek.get() + eo * hd, n_after[i] * hd});
-      if (csa) late.push_back({dl.keys, ik.get() + eo * id, n_after[i] * id});
-      eo += n_after[i];
     }
   }
   RETURN_IF_ERROR(StageCopySpans(late));
@@ -403,12 +415,15 @@ absl::Status CudaBackend::AttentionCore(const LayerW& w, int64_t layer,
   Buf<int64_t> d_tables(s);
   RETURN_IF_ERROR(Stage(tables, &d_tables));
   const int64_t *d_ws = d_tables.get(), *d_wc = d_ws + n, *d_eb = d_ws + 2 * n, *d_vis = d_ws + 3 * n;
+  const auto* d_pages = reinterpret_cast<const float* const*>(d_ws + 4 * n);
+  const k::PagedRows ek{d_pages, pl.entries_at[static_cast<size_t>(layer)], std::max<int64_t>(pp, 1)};
+  const k::PagedRows ik{d_pages, pl.keys_at[static_cast<size_t>(layer)], std::max<int64_t>(pp, 1)};
   Buf<float> sc(s);
   Buf<int32_t> sel(s), sel_cnt(s);
   if (csa && max_vis > 0) {
     RETURN_IF_ERROR(sc.Alloc(n * max_vis));
     RETURN_IF_ERROR(LaunchIndexerScores(
-        {b->iq.get(), b->iw.get(), ik.get(), d_eb, d_vis, n, ih, id, max_vis, sc.get()}, bf16_, s));
+        {b->iq.get(), b->iw.get(), ik, d_eb, d_vis, n, ih, id, max_vis, sc.get()}, bf16_, s));
     RETURN_IF_ERROR(sel.Alloc(n * c.index_topk));
     RETURN_IF_ERROR(sel_cnt.Alloc(n));
     k::TopK<<<n, 256, 0, s>>>(sc.get(), max_vis, d_vis, c.index_topk, sel.get(), sel_cnt.get());
@@ -419,7 +434,7 @@ absl::Status CudaBackend::AttentionCore(const LayerW& w, int64_t layer,
   const bool use_entries = ratio > 0 && max_vis > 0;
   const AttentionArgs args{q,
                            wk.get(),
-                           ek.get(),
+                           ek,
                            d_ws,
                            d_wc,
                            use_entries ? d_eb : nullptr,
@@ -492,6 +507,50 @@ namespace v4serve::model::cuda::testing {
 namespace k = kernels;
 
 namespace {
+// Rows of `width` floats, row s of token row r being src[(base[r] + s) * width] for s < count[r], laid out
+// as the backend's KV pages are read: each token row's rows in pages of `per_page`, the pages placed in a
+// shuffled order in one pool, each behind a lead-in of other floats (the page's `offset`). Everything else
+// in the pool (lead-ins, unused rows, one page that no row uses) is NaN, so that a kernel that reads past
+// its page table, at a wrong offset or from a wrong page returns NaN.
+struct PagedRowsOnDevice {
+  impl::Buf<float> pool{nullptr};
+  impl::Buf<const float*> table{nullptr};
+  impl::Buf<int64_t> first{nullptr};
+  k::PagedRows rows;
+};
+absl::Status PageRows(const std::vector<float>& src, int64_t width, const std::vector<int64_t>& base,
+                      const std::vector<int64_t>& count, int64_t per_page, PagedRowsOnDevice* out) {
+  const int64_t offset = 3 * width + 4, stride = offset + per_page * width + 8;
+  std::vector<int64_t> first;
+  int64_t pages = 0;
+  for (int64_t c : count) {
+    first.push_back(pages);
+    pages += (c + per_page - 1) / per_page;
+  }
+  std::vector<int64_t> slot(static_cast<size_t>(pages));
+  std::iota(slot.begin(), slot.end(), 1);  // Slot 0 stays unused.
+  std::shuffle(slot.begin(), slot.end(), std::mt19937_64(per_page));
+  std::vector<float> pool(static_cast<size_t>((pages + 1) * stride), std::nanf(""));
+  for (size_t r = 0; r < count.size(); ++r) {
+    for (int64_t e = 0; e < count[r]; ++e) {
+      if (base[r] < 0 || (base[r] + e + 1) * width > static_cast<int64_t>(src.size())) {
+        return absl::InvalidArgumentError("PageRows: a row past the source");
+      }
+      std::copy_n(src.data() + (base[r] + e) * width, width,
+                  pool.data() + slot[static_cast<size_t>(first[r] + e / per_page)] * stride + offset +
+                      (e % per_page) * width);
+    }
+  }
+  RETURN_IF_ERROR(out->pool.Upload(pool));
+  std::vector<const float*> table;
+  for (int64_t sl : slot) table.push_back(out->pool.get() + sl * stride);
+  if (table.empty()) table.push_back(out->pool.get());
+  RETURN_IF_ERROR(out->table.Upload(table));
+  RETURN_IF_ERROR(out->first.Upload(first));
+  out->rows = k::PagedRows{out->table.get(), offset, per_page};
+  return absl::OkStatus();
+}
+
 // With `seconds` set: the mean device time of `repeats` more calls of `launch` (after the first, untimed).
 absl::Status TimeLaunches(int repeats, double* seconds, const std::function<absl::Status()>& launch) {
   if (seconds == nullptr || repeats <= 0) return absl::OkStatus();
@@ -567,17 +626,24 @@ absl::StatusOr<std::vector<float>> SparseAttention(const AttentionCase& c, bool 
   const size_t optin = prop.sharedMemPerBlockOptin - fa.sharedSizeBytes;
   V4_CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(k::Attention, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                                static_cast<int>(optin)));
-  Buf<float> q(nullptr), wk(nullptr), ek(nullptr), sink(nullptr), o(nullptr);
-  Buf<int64_t> ws(nullptr), wc(nullptr), eb(nullptr), vis(nullptr);
+  Buf<float> q(nullptr), wk(nullptr), sink(nullptr), o(nullptr);
+  Buf<int64_t> ws(nullptr), wc(nullptr), vis(nullptr);
   Buf<int32_t> sel(nullptr), sel_cnt(nullptr);
   RETURN_IF_ERROR(q.Upload(c.q));
   RETURN_IF_ERROR(wk.Upload(c.wk));
-  RETURN_IF_ERROR(ek.Upload(c.ek));
   RETURN_IF_ERROR(sink.Upload(c.sink));
   RETURN_IF_ERROR(ws.Upload(c.win_start));
   RETURN_IF_ERROR(wc.Upload(c.win_cnt));
-  RETURN_IF_ERROR(eb.Upload(c.ent_base));
   RETURN_IF_ERROR(vis.Upload(c.vis));
+  // The entries in pages of 7 (not a divisor of the kernels' key tiles), as the backend's KV pages hold them.
+  std::vector<int64_t> count = c.vis;
+  for (size_t r = 0; r < n && !c.sel.empty(); ++r) {
+    for (int64_t j = 0; j < c.sel_cnt[r]; ++j) {
+      count[r] = std::max<int64_t>(count[r], c.sel[r * c.topk + j] + 1);
+    }
+  }
+  PagedRowsOnDevice ek;
+  RETURN_IF_ERROR(PageRows(c.ek, c.hd, c.ent_base, count, 7, &ek));
   RETURN_IF_ERROR(sel.Upload(c.sel));
   RETURN_IF_ERROR(sel_cnt.Upload(c.sel_cnt));
   RETURN_IF_ERROR(o.Alloc(c.n * c.h * c.hd));
@@ -585,11 +651,12 @@ absl::StatusOr<std::vector<float>> SparseAttention(const AttentionCase& c, bool 
   for (size_t r = 0; r < n; ++r) {
     max_keys = std::max(max_keys, c.win_cnt[r] + (c.sel.empty() ? c.vis[r] : c.sel_cnt[r]));
   }
-  const impl::AttentionArgs args{q.get(),       wk.get(), ek.get(),   ws.get(),
-                                 wc.get(),      eb.get(), vis.get(),  c.sel.empty() ? nullptr : sel.get(),
-                                 sel_cnt.get(), c.topk,   sink.get(), c.n,
-                                 c.h,           c.hd,     max_keys,   c.scale,
-                                 o.get()};
+  const impl::AttentionArgs args{
+      q.get(),       wk.get(),       ek.rows,    ws.get(),
+      wc.get(),      ek.first.get(), vis.get(),  c.sel.empty() ? nullptr : sel.get(),
+      sel_cnt.get(), c.topk,         sink.get(), c.n,
+      c.h,           c.hd,           max_keys,   c.scale,
+      o.get()};
   RETURN_IF_ERROR(impl::LaunchAttention(args, tensor_cores, optin, nullptr));
   std::vector<float> out;
   RETURN_IF_ERROR(o.Download(&out));
@@ -622,17 +689,17 @@ absl::StatusOr<std::vector<float>> IndexerScores(const std::vector<float>& iq, c
   V4_CUDA_RETURN_IF_ERROR(
       cudaFuncSetAttribute(k::IndexerScores, cudaFuncAttributeMaxDynamicSharedMemorySize,
                            static_cast<int>(prop.sharedMemPerBlockOptin - fa.sharedSizeBytes)));
-  Buf<float> dq(nullptr), dw(nullptr), dk(nullptr), sc(nullptr);
-  Buf<int64_t> eb(nullptr), dv(nullptr);
+  Buf<float> dq(nullptr), dw(nullptr), sc(nullptr);
+  Buf<int64_t> dv(nullptr);
   RETURN_IF_ERROR(dq.Upload(iq));
   RETURN_IF_ERROR(dw.Upload(iw));
-  RETURN_IF_ERROR(dk.Upload(ik));
-  RETURN_IF_ERROR(eb.Upload(ent_base));
   RETURN_IF_ERROR(dv.Upload(vis));
+  PagedRowsOnDevice dk;  // Pages of 32 keys, as a CSA layer's KV pages hold them.
+  RETURN_IF_ERROR(PageRows(ik, id, ent_base, vis, 32, &dk));
   RETURN_IF_ERROR(sc.Alloc(n * std::max<int64_t>(max_vis, 1)));
   V4_CUDA_RETURN_IF_ERROR(cudaMemset(sc.get(), 0, n * std::max<int64_t>(max_vis, 1) * 4));
-  const impl::IndexerArgs args{dq.get(), dw.get(), dk.get(), eb.get(), dv.get(),
-                               n,        ih,       id,       max_vis,  sc.get()};
+  const impl::IndexerArgs args{dq.get(), dw.get(), dk.rows, dk.first.get(), dv.get(),
+                               n,        ih,       id,      max_vis,        sc.get()};
   RETURN_IF_ERROR(impl::LaunchIndexerScores(args, tensor_cores, nullptr));
   std::vector<float> out;
   RETURN_IF_ERROR(sc.Download(&out));

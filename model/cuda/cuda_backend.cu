@@ -409,7 +409,8 @@ absl::Status CudaBackend::Init(const cpu::ModelWeights* w, const cpu::RopeTable*
     }
     budget = static_cast<int64_t>(v) << 20;
   }
-  state_cache_ = std::make_unique<DeviceStateCache>(c, stream_, budget);
+  ASSIGN_OR_RETURN(KvPageLayout pages, KvPageLayout::For(c));
+  state_cache_ = std::make_unique<DeviceStateCache>(c, std::move(pages), stream_, budget);
   // CUDA graphs for forwards of up to 128 rows whose MoE takes the device path (at most 2048 slots, experts
   // the GEMVs read); V4SERVE_CUDA_GRAPHS=0 turns them off.
   bool gemv = true;
@@ -465,6 +466,25 @@ absl::StatusOr<ForwardCounters> LastForwardCounters(const ForwardBackend& backen
   const auto* b = dynamic_cast<const CudaBackend*>(&backend);
   if (b == nullptr) return absl::FailedPreconditionError("not a CUDA backend");
   return b->Counters();
+}
+
+absl::StatusOr<std::string> DeviceKvPage(const ForwardBackend& backend, const SequenceState& state,
+                                         int64_t block) {
+  const auto* b = dynamic_cast<const CudaBackend*>(&backend);
+  if (b == nullptr) return absl::FailedPreconditionError("not a CUDA backend");
+  return b->KvPage(state, block);
+}
+
+absl::StatusOr<std::string> CudaBackend::KvPage(const SequenceState& state, int64_t block) const {
+  if (block < 0 || (block + 1) * kKvPageTokens > state.position) {
+    return absl::OutOfRangeError(
+        absl::StrCat("block ", block, " is not complete at position ", state.position));
+  }
+  const DeviceStateCache::Copy* copy = state_cache_->Find(state);
+  if (copy == nullptr) return absl::NotFoundError("no device copy of this state is valid here");
+  std::string payload(static_cast<size_t>(state_cache_->page_layout().PayloadBytes()), '\0');
+  RETURN_IF_ERROR(state_cache_->DownloadPage(*copy, block, payload.data()));
+  return payload;
 }
 
 absl::StatusOr<std::vector<int32_t>> ArgmaxRows(const std::vector<float>& logits, int64_t rows,

@@ -10,7 +10,8 @@
 // per expert) and the LM head; greedy sampling (ArgmaxRows) and sampling's candidates (ForwardTop) on the
 // device.
 // The sequence states (model/sequence_state.h, the KV store's format) stay authoritative on the host; the
-// backend keeps device copies of their window rings, entries, indexer keys and compressor windows between
+// backend keeps device copies of their window rings, compressor windows, and entries and indexer keys in a
+// paged device KV cache whose pages are kvstore block payloads, read in place by the kernels, between
 // calls (model/cuda/device_state_cache.h) and brings the host states up to date after each forward's one
 // synchronization. Decode-sized forwards (up to 128 rows) replay the work between two attention cores from
 // CUDA graphs captured per row count (V4SERVE_CUDA_GRAPHS=0 turns them off). docs/PERFORMANCE.md says what
@@ -22,11 +23,13 @@
 
 #include <cstdint>
 #include <memory>
+#include <string>
 #include <vector>
 
 #include "absl/status/statusor.h"
 #include "model/backend.h"
 #include "model/config.h"
+#include "model/sequence_state.h"
 
 namespace v4serve::model {
 namespace cpu {
@@ -73,6 +76,17 @@ struct ForwardCounters {
 };
 // FAILED_PRECONDITION when `backend` is not a CUDA backend.
 absl::StatusOr<ForwardCounters> LastForwardCounters(const ForwardBackend& backend);
+
+// Tokens of a device KV cache page: kvstore::kDefaultBlockTokens (model/ does not depend on kvstore;
+// tests/model/cuda_kv_pages_test.cc checks that they agree).
+inline constexpr int64_t kKvPageTokens = 128;
+// Block `block` of `state` as the device KV cache holds it: the page's bytes, which are the kvstore block
+// payload of that block (kvstore/kv_block.h: per compressed layer its entries, then its indexer keys; FP32),
+// downloaded with one copy. NOT_FOUND when `backend` holds no device copy valid for `state` as it is now (it
+// was not run there last, or was evicted); OUT_OF_RANGE when the state has not consumed the block's 128
+// tokens; FAILED_PRECONDITION when `backend` is not a CUDA backend. Not concurrent with Forward.
+absl::StatusOr<std::string> DeviceKvPage(const ForwardBackend& backend, const SequenceState& state,
+                                         int64_t block);
 
 // Greedy sampling on the device: the argmax of each row of `logits` [rows, cols] (ties: lowest index).
 absl::StatusOr<std::vector<int32_t>> ArgmaxRows(const std::vector<float>& logits, int64_t rows, int64_t cols);

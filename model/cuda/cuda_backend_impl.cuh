@@ -38,6 +38,7 @@
 #include "model/cuda/cuda_backend.h"
 #include "model/cuda/cuda_check.h"
 #include "model/cuda/device_state_cache.h"
+#include "model/cuda/paged_rows.h"
 #include "model/sequence_state.h"
 #include "services/status_macros.h"
 
@@ -249,10 +250,12 @@ struct CompressJob {
 };
 
 // One attention launch (cuda_attention.cu): per token row, window keys wk[win_start .. + win_cnt) then its
-// selected entries (`sel` [n, topk], `sel_cnt`) or, with sel null, every visible entry ek[ent_base .. + vis)
-// (ent_base null: none), and the per-head sink. Keys are the values. `max_keys` bounds a row's keys.
+// selected entries (`sel` [n, topk], `sel_cnt`) or, with sel null, every visible entry s < vis, entry s at
+// ek.Row(ent_base, s) (the row's sequence's pages start at ek.pages[ent_base]; ent_base null: no entries),
+// and the per-head sink. Keys are the values. `max_keys` bounds a row's keys.
 struct AttentionArgs {
-  const float *q, *wk, *ek;
+  const float *q, *wk;
+  kernels::PagedRows ek;
   const int64_t *win_start, *win_cnt, *ent_base, *vis;
   const int32_t *sel, *sel_cnt;
   int64_t topk;
@@ -265,9 +268,10 @@ struct AttentionArgs {
 // kernels::Attention, whose logits must fit `smem_optin` bytes of shared memory (UNIMPLEMENTED otherwise).
 absl::Status LaunchAttention(const AttentionArgs& a, bool tensor_cores, size_t smem_optin, cudaStream_t s);
 // The lightning indexer's scores (cuda_attention.cu): sc[r, s] (row stride max_vis) for s < vis[r] from the
-// row's ih query heads of id (`iq` [n, ih, id]), head weights `iw` [n, ih] and keys ik[ent_base[r] + s].
+// row's ih query heads of id (`iq` [n, ih, id]), head weights `iw` [n, ih] and keys ik.Row(ent_base[r], s).
 struct IndexerArgs {
-  const float *iq, *iw, *ik;
+  const float *iq, *iw;
+  kernels::PagedRows ik;
   const int64_t *ent_base, *vis;
   int64_t n, ih, id, max_vis;
   float* sc;
@@ -434,6 +438,8 @@ class CudaBackend final : public ForwardBackend {
 
   // The last Forward's counters; the experts' share is read back from the device here.
   absl::StatusOr<ForwardCounters> Counters() const;
+  // DeviceKvPage (cuda_backend.h).
+  absl::StatusOr<std::string> KvPage(const SequenceState& state, int64_t block) const;
 
   // y[m, out] = x[m, in] W^T (x rows of stride ldx, y rows of stride ldy), FP32 out.
   absl::Status Linear(const float* x, int64_t m, const Mat& w, float* y) const;

@@ -16,6 +16,9 @@ absl::StatusOr<std::unique_ptr<ForwardBackend>> MakeRandomCudaBackend(const Mode
   return NotBuilt();
 }
 absl::StatusOr<ForwardCounters> LastForwardCounters(const ForwardBackend&) { return NotBuilt(); }
+absl::StatusOr<std::string> DeviceKvPage(const ForwardBackend&, const SequenceState&, int64_t) {
+  return NotBuilt();
+}
 absl::StatusOr<std::vector<int32_t>> ArgmaxRows(const std::vector<float>&, int64_t, int64_t) {
   return NotBuilt();
 }

@@ -11,9 +11,12 @@
 #include <climits>
 #include <cstdint>
 
+#include "model/cuda/paged_rows.h"
+
 // Internal linkage (an anonymous namespace): every unit that includes this compiles its own copy of the
 // kernels it launches (model/cuda/cuda_backend_impl.cuh).
 namespace v4serve::model::cuda::kernels {
+
 namespace {
 
 constexpr int kMaxHc = 16;  // hc_mult bound (V4 uses 4).
@@ -290,14 +293,14 @@ __global__ void ToBf16(const float* x, int64_t n, __nv_bfloat16* y) {
   if (i < n) y[i] = __float2bfloat16_rn(x[i]);
 }
 
-// Lightning indexer scores: sc[r, s] = sum_h relu(iq[r,h] · ik[base_r + s]) * iw[r,h] for s < vis[r].
+// Lightning indexer scores: sc[r, s] = sum_h relu(iq[r,h] · ik.Row(first[r], s)) * iw[r,h] for s < vis[r].
 // Grid (rows, chunks); a warp per entry, its lanes over the heads (each dot product in index order), the
 // row's query heads (rows padded by one against bank conflicts), head weights and each warp's key in shared
 // memory: IndexerScoresSmem bytes.
 __host__ __device__ inline int64_t IndexerScoresSmem(int64_t ih, int64_t id, int warps) {
   return (ih * (id + 1) + ih + warps * id) * 4;
 }
-__global__ void IndexerScores(const float* iq, const float* iw, const float* ik, const int64_t* ent_base,
+__global__ void IndexerScores(const float* iq, const float* iw, PagedRows ik, const int64_t* ent_base,
                               const int64_t* vis, int64_t ih, int64_t id, int64_t ld, float* sc) {
   extern __shared__ float q_sh[];
   const int warps = blockDim.x / 32, w = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -311,7 +314,7 @@ __global__ void IndexerScores(const float* iq, const float* iw, const float* ik,
   const int64_t n = vis[r];
   for (int64_t s = static_cast<int64_t>(blockIdx.y) * warps + w; s < n;
        s += static_cast<int64_t>(gridDim.y) * warps) {
-    const float* k = ik + (ent_base[r] + s) * id;
+    const float* k = ik.Row(ent_base[r], s, id);
     for (int64_t i = lane; i < id; i += 32) k_sh[i] = k[i];
     __syncwarp();
     float acc = 0;
@@ -416,9 +419,9 @@ __global__ void __launch_bounds__(1024)
 }
 
 // Attention of one (row, head) per block over: window keys wk[win_start[r] .. + win_cnt[r]), then either
-// the selected entries ek[ent_base[r] + sel[r, j]] (j < sel_cnt[r]) when `sel` is set (CSA), or the first
-// vis[r] entries ek[ent_base[r] + s] (HCA). K = V (MQA, one KV head); sink logit per head.
-__global__ void Attention(const float* q, const float* wk, const float* ek, const int64_t* win_start,
+// the selected entries ek.Row(ent_base[r], sel[r, j]) (j < sel_cnt[r]) when `sel` is set (CSA), or the
+// first vis[r] entries ek.Row(ent_base[r], s) (HCA). K = V (MQA, one KV head); sink logit per head.
+__global__ void Attention(const float* q, const float* wk, PagedRows ek, const int64_t* win_start,
                           const int64_t* win_cnt, const int64_t* ent_base, const int64_t* vis,
                           const int32_t* sel, const int32_t* sel_cnt, int64_t topk, const float* sink,
                           int64_t h, int64_t hd, float scale, float* o) {
@@ -435,7 +438,7 @@ __global__ void Attention(const float* q, const float* wk, const float* ek, cons
   auto key = [&](int64_t j) -> const float* {
     if (j < nw) return wk + (win_start[r] + j) * hd;
     const int64_t s = sel != nullptr ? sel[r * topk + (j - nw)] : (j - nw);
-    return ek + (ent_base[r] + s) * hd;
+    return ek.Row(ent_base[r], s, hd);
   };
   const int warps = blockDim.x / 32, w = threadIdx.x / 32, lane = threadIdx.x % 32;
   for (int64_t j = w; j < nk; j += warps) {

@@ -64,58 +64,96 @@ absl::Status CopySpans(const std::vector<CopySpan>& spans, cudaStream_t stream, 
   return absl::OkStatus();
 }
 
-DeviceStateCache::DeviceStateCache(const ModelConfig& config, cudaStream_t stream, int64_t budget_bytes)
-    : c_(config), stream_(stream), budget_(budget_bytes) {}
+absl::StatusOr<KvPageLayout> KvPageLayout::For(const ModelConfig& config) {
+  KvPageLayout pl;
+  const size_t layers = static_cast<size_t>(config.num_hidden_layers);
+  pl.per_page.assign(layers, 0);
+  pl.entries_at.assign(layers, 0);
+  pl.keys_at.assign(layers, 0);
+  if (config.compress_ratios.size() < layers) {
+    return absl::InvalidArgumentError("compress_ratios lists fewer layers than num_hidden_layers");
+  }
+  for (size_t l = 0; l < layers; ++l) {
+    const int64_t ratio = config.compress_ratios[l];
+    if (ratio == 0) continue;
+    if (ratio < 0 || kKvPageTokens % ratio != 0) {
+      return absl::InvalidArgumentError(absl::StrCat("compress ratio ", ratio, " of layer ", l,
+                                                     " does not divide the KV page of ", kKvPageTokens,
+                                                     " tokens"));
+    }
+    const int64_t id = ratio == 4 ? config.index_head_dim : 0;
+    if (config.head_dim % 4 != 0 || id % 4 != 0) {
+      return absl::InvalidArgumentError(
+          "head_dim and index_head_dim must be multiples of 4 for the KV pages");
+    }
+    pl.per_page[l] = kKvPageTokens / ratio;
+    pl.entries_at[l] = pl.page_floats;
+    pl.keys_at[l] = pl.page_floats + pl.per_page[l] * config.head_dim;
+    pl.page_floats = pl.keys_at[l] + pl.per_page[l] * id;
+  }
+  pl.stride = std::max<int64_t>(64, (pl.page_floats + 63) / 64 * 64);
+  return pl;
+}
+
+DeviceStateCache::DeviceStateCache(const ModelConfig& config, KvPageLayout pages, cudaStream_t stream,
+                                   int64_t budget_bytes)
+    : c_(config), pl_(std::move(pages)), stream_(stream), budget_(budget_bytes) {}
 
 DeviceStateCache::~DeviceStateCache() {
   Abort();
   for (auto& [tag, copy] : cached_) Free(copy.get());
+  for (void* slab : slabs_) cudaFreeAsync(slab, stream_);
+}
+
+float* DeviceStateCache::Row(const Copy& copy, int64_t layer, int64_t e, bool keys) const {
+  const size_t l = static_cast<size_t>(layer);
+  const int64_t pp = pl_.per_page[l];
+  return copy.pages[static_cast<size_t>(e / pp)] + (keys ? pl_.keys_at[l] : pl_.entries_at[l]) +
+         (e % pp) * (keys ? c_.index_head_dim : c_.head_dim);
+}
+
+absl::StatusOr<float*> DeviceStateCache::TakePage() {
+  if (free_.empty()) {
+    // Slabs of about 32 MiB (at least one page), zeroed once so that a page's unwritten rows read as 0.
+    const int64_t pages = std::max<int64_t>(1, (int64_t{32} << 20) / (pl_.stride * 4));
+    void* slab = nullptr;
+    V4_CUDA_RETURN_IF_ERROR(cudaMallocAsync(&slab, pages * pl_.stride * 4, stream_));
+    slabs_.push_back(slab);
+    V4_CUDA_RETURN_IF_ERROR(cudaMemsetAsync(slab, 0, pages * pl_.stride * 4, stream_));
+    for (int64_t k = pages - 1; k >= 0; --k) free_.push_back(static_cast<float*>(slab) + k * pl_.stride);
+  }
+  float* page = free_.back();
+  free_.pop_back();
+  ++pages_held_;
+  return page;
 }
 
 void DeviceStateCache::Free(Copy* copy) {
   for (Layer& l : copy->layers) {
     for (float* p :
-         {l.window, l.entries, l.keys, l.compressor.kv, l.compressor.score, l.compressor.prev_kv,
-          l.compressor.prev_score, l.indexer.kv, l.indexer.score, l.indexer.prev_kv, l.indexer.prev_score}) {
+         {l.window, l.compressor.kv, l.compressor.score, l.compressor.prev_kv, l.compressor.prev_score,
+          l.indexer.kv, l.indexer.score, l.indexer.prev_kv, l.indexer.prev_score}) {
       if (p != nullptr) cudaFreeAsync(p, stream_);
     }
     l = Layer{};
   }
+  for (float* page : copy->pages) free_.push_back(page);
+  pages_held_ -= static_cast<int64_t>(copy->pages.size());
+  copy->pages.clear();
   bytes_ -= copy->bytes;
   copy->bytes = 0;
 }
 
 absl::Status DeviceStateCache::Reserve(int64_t layer, int64_t n_entries, Copy* copy) {
-  Layer& l = copy->layers[static_cast<size_t>(layer)];
-  if (n_entries <= l.capacity) return absl::OkStatus();
-  const bool csa = c_.compress_ratios[static_cast<size_t>(layer)] == 4;
-  const int64_t cap = std::max<int64_t>({n_entries, 2 * l.capacity, 16});
-  const int64_t hd = c_.head_dim, id = csa ? c_.index_head_dim : 0;
-  float *entries = nullptr, *keys = nullptr;
-  V4_CUDA_RETURN_IF_ERROR(cudaMallocAsync(reinterpret_cast<void**>(&entries), cap * hd * 4, stream_));
-  if (id > 0) {
-    if (cudaError_t e = cudaMallocAsync(reinterpret_cast<void**>(&keys), cap * id * 4, stream_);
-        e != cudaSuccess) {
-      cudaFreeAsync(entries, stream_);
-      return CudaStatus(e, "cudaMallocAsync", __FILE__, __LINE__);
-    }
+  const int64_t pp = pl_.per_page[static_cast<size_t>(layer)];
+  if (pp == 0) return absl::OkStatus();
+  const int64_t need = (n_entries + pp - 1) / pp;
+  while (static_cast<int64_t>(copy->pages.size()) < need) {
+    ASSIGN_OR_RETURN(float* page, TakePage());
+    copy->pages.push_back(page);
+    copy->bytes += pl_.stride * 4;
+    bytes_ += pl_.stride * 4;
   }
-  if (l.n_entries > 0) {
-    V4_CUDA_RETURN_IF_ERROR(
-        cudaMemcpyAsync(entries, l.entries, l.n_entries * hd * 4, cudaMemcpyDeviceToDevice, stream_));
-    if (id > 0) {
-      V4_CUDA_RETURN_IF_ERROR(
-          cudaMemcpyAsync(keys, l.keys, l.n_entries * id * 4, cudaMemcpyDeviceToDevice, stream_));
-    }
-  }
-  if (l.entries != nullptr) cudaFreeAsync(l.entries, stream_);
-  if (l.keys != nullptr) cudaFreeAsync(l.keys, stream_);
-  const int64_t grown = (cap - l.capacity) * (hd + id) * 4;
-  copy->bytes += grown;
-  bytes_ += grown;
-  l.entries = entries;
-  l.keys = keys;
-  l.capacity = cap;
   return absl::OkStatus();
 }
 
@@ -166,16 +204,57 @@ absl::Status DeviceStateCache::Upload(const SequenceState& state, Copy* copy) {
                                               ls.indexer_keys.size(), " indexer key values do not match"));
     }
     RETURN_IF_ERROR(Reserve(static_cast<int64_t>(li), n, copy));
-    if (n > 0) {
-      V4_CUDA_RETURN_IF_ERROR(
-          cudaMemcpyAsync(l.entries, ls.entries.data(), n * hd * 4, cudaMemcpyHostToDevice, stream_));
-      if (id > 0) {
-        V4_CUDA_RETURN_IF_ERROR(
-            cudaMemcpyAsync(l.keys, ls.indexer_keys.data(), n * id * 4, cudaMemcpyHostToDevice, stream_));
-      }
-    }
     l.n_entries = n;
   }
+  // The entries into pages: packed on the host in the page layout, then one copy a page (a pageable source
+  // is staged before cudaMemcpyAsync returns, so `packed` may go).
+  const int64_t n_pages = static_cast<int64_t>(copy->pages.size());
+  if (n_pages == 0) return absl::OkStatus();
+  std::vector<float> packed(static_cast<size_t>(n_pages * pl_.page_floats), 0.0f);
+  for (size_t li = 0; li < state.layers.size(); ++li) {
+    const int64_t pp = pl_.per_page[li];
+    if (pp == 0) continue;
+    const AttentionLayerState& ls = state.layers[li];
+    const int64_t n = copy->layers[li].n_entries;
+    const int64_t hd = c_.head_dim, id = c_.compress_ratios[li] == 4 ? c_.index_head_dim : 0;
+    for (int64_t k = 0; k * pp < n; ++k) {
+      const int64_t e0 = k * pp, cnt = std::min(pp, n - e0);
+      float* page = packed.data() + k * pl_.page_floats;
+      std::copy_n(ls.entries.data() + e0 * hd, cnt * hd, page + pl_.entries_at[li]);
+      if (id > 0) std::copy_n(ls.indexer_keys.data() + e0 * id, cnt * id, page + pl_.keys_at[li]);
+    }
+  }
+  for (int64_t k = 0; k < n_pages; ++k) {
+    V4_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(copy->pages[static_cast<size_t>(k)],
+                                            packed.data() + k * pl_.page_floats, pl_.PayloadBytes(),
+                                            cudaMemcpyHostToDevice, stream_));
+  }
+  return absl::OkStatus();
+}
+
+bool DeviceStateCache::Valid(const Copy& copy, const SequenceState& state) const {
+  bool valid = copy.position == state.position && copy.layers.size() == state.layers.size();
+  for (size_t l = 0; valid && l < state.layers.size(); ++l) {
+    const int64_t n = Floats(state.layers[l].entries) / c_.head_dim;
+    valid = copy.layers[l].n_entries == n &&
+            (copy.layers[l].window != nullptr) == !state.layers[l].window.empty();
+  }
+  return valid;
+}
+
+const DeviceStateCache::Copy* DeviceStateCache::Find(const SequenceState& state) const {
+  if (state.device_tag == 0) return nullptr;
+  auto it = cached_.find(state.device_tag);
+  return it != cached_.end() && Valid(*it->second, state) ? it->second.get() : nullptr;
+}
+
+absl::Status DeviceStateCache::DownloadPage(const Copy& copy, int64_t k, void* payload) const {
+  if (k < 0 || k >= static_cast<int64_t>(copy.pages.size())) {
+    return absl::OutOfRangeError(absl::StrCat("page ", k, " of a copy with ", copy.pages.size()));
+  }
+  V4_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(payload, copy.pages[static_cast<size_t>(k)], pl_.PayloadBytes(),
+                                          cudaMemcpyDeviceToHost, stream_));
+  V4_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream_));
   return absl::OkStatus();
 }
 
@@ -187,12 +266,7 @@ absl::StatusOr<DeviceStateCache::Copy*> DeviceStateCache::Acquire(SequenceState*
   if (auto it = cached_.find(state->device_tag); state->device_tag != 0 && it != cached_.end()) {
     copy = std::move(it->second);
     cached_.erase(it);
-    bool valid = copy->position == state->position && copy->layers.size() == state->layers.size();
-    for (size_t l = 0; valid && l < state->layers.size(); ++l) {
-      const int64_t n = Floats(state->layers[l].entries) / c_.head_dim;
-      valid = copy->layers[l].n_entries == n &&
-              (copy->layers[l].window != nullptr) == !state->layers[l].window.empty();
-    }
+    const bool valid = Valid(*copy, *state);
     if (valid) {
       ++hits_;
     } else {

@@ -1,0 +1,143 @@
+// The CUDA backend's paged device KV cache holds each 128-token block's compressed entries and indexer keys
+// as the bytes of a kvstore block's payload (model/cuda/device_state_cache.h, kvstore/kv_block.h), so a
+// page moves to host memory, the wire or disk with one copy. These tests compare the pages the device holds
+// after real forwards of the tiny model, byte for byte, with the payload that kvstore's own encoder writes
+// for the same entries (taken from the host state, which the backend keeps up to date): after a prefill,
+// after decode steps that open new pages mid-decode, and after a state was uploaded whole (the host-packed
+// path). Label gpu; every test skips without a GPU.
+#include <cstring>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "engine/state_blocks.h"
+#include "gtest/gtest.h"
+#include "kvstore/kv_block.h"
+#include "model/checkpoint_layout.h"
+#include "model/cuda/cuda_backend.h"
+#include "model/model.h"
+#include "model/safetensors.h"
+#include "model/sequence_state.h"
+#include "tests/model/cuda_test_util.h"
+
+namespace v4serve::model {
+namespace {
+
+static_assert(cuda::kKvPageTokens == kvstore::kDefaultBlockTokens, "a device page is one kvstore block");
+
+std::string TinyDir() {
+  const char* src = std::getenv("V4SERVE_SOURCE_DIR");
+  return std::string(src ? src : ".") + "/tests/model/testdata/tiny_v4";
+}
+
+std::unique_ptr<Model> LoadGpu(CudaWeights format) {
+  absl::StatusOr<ModelConfig> config = LoadModelConfig(TinyDir());
+  EXPECT_TRUE(config.ok()) << config.status();
+  absl::StatusOr<std::unique_ptr<Checkpoint>> ckpt = Checkpoint::Open(TinyDir());
+  EXPECT_TRUE(ckpt.ok()) << ckpt.status();
+  if (!config.ok() || !ckpt.ok()) return nullptr;
+  ModelOptions go;
+  go.device = Device::kCuda;
+  go.cuda_weights = format;
+  auto g = Model::FromCheckpoint(*config, **ckpt, go);
+  EXPECT_TRUE(g.ok()) << g.status();
+  return g.ok() ? std::move(*g) : nullptr;
+}
+
+std::vector<int32_t> Tokens(int64_t n, uint32_t seed) {
+  std::vector<int32_t> t(static_cast<size_t>(n));
+  std::mt19937 rng(seed);
+  for (auto& x : t) x = static_cast<int32_t>(2 + rng() % 500);
+  return t;
+}
+
+// The payload bytes of block `block` of `state` as kvstore encodes them: a KvBlock of the state's entries
+// and keys of that block, no boundary state, through EncodeKvBlock; the payload is what precedes the
+// (empty) boundary state's length and the checksum.
+std::string StorePayload(const kvstore::KvLayout& layout, const SequenceState& state, int32_t block) {
+  kvstore::KvBlock b;
+  b.block_index = block;
+  b.tokens.assign(static_cast<size_t>(layout.block_tokens), 7);
+  for (const kvstore::KvLayerLayout& ll : layout.layers) {
+    const AttentionLayerState& ls = state.layers[static_cast<size_t>(ll.layer)];
+    const size_t e0 = static_cast<size_t>(block) * ll.entries_per_block, n = ll.entries_per_block;
+    EXPECT_GE(ls.entries.size(), (e0 + n) * ll.entry_width) << "layer " << ll.layer;
+    if (ls.entries.size() < (e0 + n) * ll.entry_width) return "";
+    b.entries.emplace_back(ls.entries.begin() + e0 * ll.entry_width,
+                           ls.entries.begin() + (e0 + n) * ll.entry_width);
+    b.indexer_keys.emplace_back(ls.indexer_keys.begin() + e0 * ll.indexer_width,
+                                ls.indexer_keys.begin() + (e0 + n) * ll.indexer_width);
+  }
+  absl::StatusOr<std::string> bytes = kvstore::EncodeKvBlock(layout, b);
+  EXPECT_TRUE(bytes.ok()) << bytes.status();
+  if (!bytes.ok()) return "";
+  const size_t payload = static_cast<size_t>(layout.PayloadBytes());
+  return bytes->substr(bytes->size() - 4 - 8 - payload, payload);
+}
+
+// Every complete block of `state` on the device equals kvstore's payload for it.
+void ExpectPagesAreStorePayloads(const Model& gpu, const kvstore::KvLayout& layout,
+                                 const SequenceState& state) {
+  const int64_t blocks = state.position / layout.block_tokens;
+  ASSERT_GT(blocks, 0);
+  for (int64_t k = 0; k < blocks; ++k) {
+    SCOPED_TRACE(testing::Message() << "block " << k << " at position " << state.position);
+    absl::StatusOr<std::string> page = cuda::DeviceKvPage(gpu.backend(), state, k);
+    ASSERT_TRUE(page.ok()) << page.status();
+    const std::string want = StorePayload(layout, state, static_cast<int32_t>(k));
+    ASSERT_EQ(page->size(), want.size());
+    EXPECT_TRUE(*page == want) << "the device page differs from kvstore's payload bytes";
+  }
+  absl::StatusOr<std::string> next = cuda::DeviceKvPage(gpu.backend(), state, blocks);
+  EXPECT_EQ(next.status().code(), absl::StatusCode::kOutOfRange) << next.status();
+}
+
+void CheckPages(CudaWeights format) {
+  std::unique_ptr<Model> gpu = LoadGpu(format);
+  ASSERT_NE(gpu, nullptr);
+  absl::StatusOr<kvstore::KvLayout> layout = engine::KvLayoutFor(gpu->config(), 1);
+  ASSERT_TRUE(layout.ok()) << layout.status();
+  ASSERT_EQ(layout->block_tokens, cuda::kKvPageTokens);
+  // Two sequences: a prefill of 300 tokens (two complete blocks, a third begun), another of 250.
+  SequenceState a = gpu->NewState(), b = gpu->NewState();
+  ASSERT_TRUE(gpu->Prefill(&a, Tokens(300, 1)).ok());
+  ASSERT_TRUE(gpu->Prefill(&b, Tokens(250, 2)).ok());
+  ExpectPagesAreStorePayloads(*gpu, *layout, a);
+  ExpectPagesAreStorePayloads(*gpu, *layout, b);
+  // Batched decode across the 256 and 384 boundaries: new pages open mid-decode and fill row by row.
+  for (int step = 0; step < 90; ++step) {
+    absl::StatusOr<std::vector<float>> logits = gpu->Decode(
+        {&a, &b}, std::vector<int32_t>{static_cast<int32_t>(3 + step), static_cast<int32_t>(5 + step)});
+    ASSERT_TRUE(logits.ok()) << logits.status();
+  }
+  ASSERT_EQ(a.position, 390);
+  ExpectPagesAreStorePayloads(*gpu, *layout, a);
+  ExpectPagesAreStorePayloads(*gpu, *layout, b);
+  // A state whose device copy is dropped is uploaded whole (packed into pages on the host) by the next
+  // forward; its pages then hold the same bytes.
+  InvalidateDeviceCopy(&a);
+  EXPECT_EQ(cuda::DeviceKvPage(gpu->backend(), a, 0).status().code(), absl::StatusCode::kNotFound);
+  ASSERT_TRUE(gpu->Decode({&a}, std::vector<int32_t>{11}).ok());
+  absl::StatusOr<cuda::ForwardCounters> k = cuda::LastForwardCounters(gpu->backend());
+  ASSERT_TRUE(k.ok()) << k.status();
+  EXPECT_EQ(k->states_uploaded, 1);
+  ExpectPagesAreStorePayloads(*gpu, *layout, a);
+  // A host state that moved on without the backend (here: one more token on a copy) has no valid page.
+  SequenceState moved = a;
+  moved.position += 1;
+  EXPECT_EQ(cuda::DeviceKvPage(gpu->backend(), moved, 0).status().code(), absl::StatusCode::kNotFound);
+  EXPECT_EQ(cuda::DeviceKvPage(gpu->backend(), a, -1).status().code(), absl::StatusCode::kOutOfRange);
+}
+
+TEST(CudaKvPagesTest, PagesAreKvStoreBlockPayloadsFp32) {
+  SKIP_WITHOUT_GPU();
+  CheckPages(CudaWeights::kF32);
+}
+
+TEST(CudaKvPagesTest, PagesAreKvStoreBlockPayloadsFp8) {
+  SKIP_WITHOUT_GPU();
+  CheckPages(CudaWeights::kFp8);
+}
+
+}  // namespace
+}  // namespace v4serve::model
