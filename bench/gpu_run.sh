@@ -21,6 +21,11 @@ done
 # The workers' weights (--weights=fp8, the default), then the BF16 mode's decode and prefill for the FP8 / BF16
 # rows, in the same call.
 timeout 240 .gpu/v4serve_cuda_bench --batches=1,8,16,32,64 > $OUT/bench.txt 2>&1; echo "rc=$?" >> $OUT/bench.txt
+# Long contexts (the paged KV cache: entries read in place through page tables), into the same file.
+for cb in 8192:1,8 32768:1; do
+  timeout 90 .gpu/v4serve_cuda_bench --ceilings=0 --attention=0 --prefill= --context=${cb%%:*} \
+    --batches=${cb##*:} --compare-state-cache=0 --compare-graphs=0 >> $OUT/bench.txt 2>&1
+done
 timeout 90 .gpu/v4serve_cuda_bench --weights=bf16 --ceilings=0 --attention=0 --batches=1,8,64 --compare-state-cache=0 --compare-graphs=0 > $OUT/bench_bf16.txt 2>&1
 V4SERVE_CUDA_PROFILE=1 timeout 100 .gpu/v4serve_cuda_bench --ceilings=0 --attention=0 --prefill=8192 --compare-state-cache=0 --compare-graphs=0 > $OUT/prof.txt 2>&1
 # Kernel by kernel (the machine has ncu, not nsys): one batch-1 decode step, graphs off so each kernel is a launch.

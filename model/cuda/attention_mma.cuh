@@ -54,6 +54,32 @@ __device__ __forceinline__ void StoreBf16x4(__nv_bfloat16* dst, float4 v) {
   *reinterpret_cast<uint2*>(dst) = u;
 }
 
+// Rows [0, padded) of kCols floats (rows past `valid` as zeros) from `src` into BF16 rows `ld` apart in
+// shared memory, by the block: eight 16-byte loads in flight a thread before their stores (a loop of one
+// load, convert and store waits out a global load's latency each time: 32 times for 64 heads x 512).
+template <int kCols>
+__device__ __forceinline__ void LoadRowsBf16(const float* src, int valid, int padded, __nv_bfloat16* dst,
+                                             int ld) {
+  constexpr int kVec = kCols / 4, kBatch = 8;
+  const int total = padded * kVec, step = static_cast<int>(blockDim.x);
+  for (int i0 = threadIdx.x; i0 < total; i0 += step * kBatch) {
+    float4 v[kBatch];
+#pragma unroll
+    for (int u = 0; u < kBatch; ++u) {
+      const int idx = i0 + u * step, row = idx / kVec;
+      v[u] =
+          idx < total && row < valid
+              ? *reinterpret_cast<const float4*>(src + static_cast<int64_t>(row) * kCols + (idx % kVec) * 4)
+              : make_float4(0.f, 0.f, 0.f, 0.f);
+    }
+#pragma unroll
+    for (int u = 0; u < kBatch; ++u) {
+      const int idx = i0 + u * step;
+      if (idx < total) StoreBf16x4(dst + (idx / kVec) * ld + (idx % kVec) * 4, v[u]);
+    }
+  }
+}
+
 // One block per token row r and key split (AttentionMmaThreads(h) threads, AttentionMmaSmem(h, HD) bytes).
 // Arguments as kernels::Attention's; q [n, h, HD] and the key rows must be 16-byte aligned. With
 // split_keys > 0 (a multiple of kMmaKeyTile): part [n, splits, h, HD], ml [n, splits, h, 2] instead of o.
@@ -75,12 +101,6 @@ __global__ void __launch_bounds__(256, 1)
   const int hg = warp % groups, vh = warp / groups;
   const int g = lane / 4, t = lane % 4;
 
-  for (int idx = threadIdx.x; idx < hp * kVec; idx += blockDim.x) {
-    const int row = idx / kVec, c = (idx % kVec) * 4;
-    const float4 v = row < h ? *reinterpret_cast<const float4*>(q + (r * h + row) * HD + c)
-                             : make_float4(0.f, 0.f, 0.f, 0.f);
-    StoreBf16x4(q_sh + row * kLd + c, v);
-  }
   const int64_t nw = win_cnt[r];
   const int64_t ne = ent_base == nullptr ? 0 : (sel != nullptr ? sel_cnt[r] : vis[r]);
   const int64_t nk_row = nw + ne, sp = blockIdx.y;
@@ -114,7 +134,8 @@ __global__ void __launch_bounds__(256, 1)
     }
     CpAsyncCommit();
   };
-  if (lo < nk) fetch(lo);
+  if (lo < nk) fetch(lo);  // The first key tile is in flight while the queries load.
+  LoadRowsBf16<HD>(q + r * h * HD, h, hp, q_sh, kLd);
   for (int64_t j0 = lo; j0 < nk; j0 += kMmaKeyTile) {
     CpAsyncWait<0>();
     __syncthreads();  // The tile is in `stage`; every warp is done with k_sh (and q is stored).
@@ -281,12 +302,6 @@ __global__ void __launch_bounds__(128)
   const int64_t r = blockIdx.x;
   const int warp = static_cast<int>(threadIdx.x) / 32, lane = static_cast<int>(threadIdx.x) % 32;
   const int g = lane / 4, t = lane % 4;
-  for (int idx = threadIdx.x; idx < hp * kVec; idx += blockDim.x) {
-    const int row = idx / kVec, c = (idx % kVec) * 4;
-    const float4 v = row < ih ? *reinterpret_cast<const float4*>(iq + (r * ih + row) * ID + c)
-                              : make_float4(0.f, 0.f, 0.f, 0.f);
-    StoreBf16x4(q_sh + row * kLd + c, v);
-  }
   const int h0 = warp * 16 + g, h1 = h0 + 8;
   const float w0 = h0 < ih ? iw[r * ih + h0] : 0.f, w1 = h1 < ih ? iw[r * ih + h1] : 0.f;
   const int64_t n = vis[r], tiles = (n + kIdxTile - 1) / kIdxTile;
@@ -301,7 +316,8 @@ __global__ void __launch_bounds__(128)
     CpAsyncCommit();
   };
   int64_t tile = blockIdx.y;
-  if (tile < tiles) fetch(tile * kIdxTile);
+  if (tile < tiles) fetch(tile * kIdxTile);  // In flight while the queries load.
+  LoadRowsBf16<ID>(iq + r * ih * ID, ih, hp, q_sh, kLd);
   for (; tile < tiles; tile += gridDim.y) {
     CpAsyncWait<0>();
     __syncthreads();  // The tile is staged; k_sh and red are free (and q is stored).

@@ -121,9 +121,11 @@ absl::Status CudaBackend::HcPre(const HcW& w, const float* streams, int64_t n, f
   RETURN_IF_ERROR(Linear(streams, n, w.fn, mixes.get()));
   k::RowRsqrt<<<n, 1024, 0, stream_>>>(streams, hc * d, c.rms_norm_eps, rs.get());
   V4_LAUNCH_CHECK(RowRsqrt);
-  k::HcMix<<<n, 256, 0, stream_>>>(mixes.get(), rs.get(), w.base, w.scale, static_cast<int>(hc),
-                                   static_cast<int>(c.hc_sinkhorn_iters), static_cast<float>(c.hc_eps),
-                                   streams, d, collapsed, post, comb);
+  // A slice of 1024 values or more a block, about two blocks an SM at small batches.
+  const int64_t parts = std::clamp<int64_t>(Blocks(2 * 132, n), 1, std::max<int64_t>(1, d / 1024));
+  k::HcMix<<<dim3(static_cast<unsigned>(n), static_cast<unsigned>(parts)), 256, 0, stream_>>>(
+      mixes.get(), rs.get(), w.base, w.scale, static_cast<int>(hc), static_cast<int>(c.hc_sinkhorn_iters),
+      static_cast<float>(c.hc_eps), streams, d, collapsed, post, comb);
   V4_LAUNCH_CHECK(HcMix);
   return absl::OkStatus();
 }

@@ -132,12 +132,14 @@ __global__ void RowRsqrt(const float* x, int64_t len, double eps, float* rs) {
   if (threadIdx.x == 0) rs[blockIdx.x] = static_cast<float>(1.0 / sqrt(ss / static_cast<double>(len) + eps));
 }
 
-// out[i] = sum_j pre[j] * x[j * d + i] for i < d (the mHC collapse of one token's hc streams), by the block.
+// out[i] = sum_j pre[j] * x[j * d + i] for lo <= i < hi (default: all d; the mHC collapse of one token's hc
+// streams), by the block. lo a multiple of 4.
 __device__ __forceinline__ void CollapseStreams(const float* pre, int hc, const float* x, int64_t d,
-                                                float* out) {
-  if (Vec4(x, d) && Vec4(out, d)) {
+                                                float* out, int64_t lo = 0, int64_t hi = -1) {
+  if (hi < 0) hi = d;
+  if (Vec4(x, d) && Vec4(out, d) && lo % 4 == 0) {
     const float4* x4 = reinterpret_cast<const float4*>(x);
-    for (int64_t i = threadIdx.x; i < d / 4; i += blockDim.x) {
+    for (int64_t i = lo / 4 + threadIdx.x; i < hi / 4; i += blockDim.x) {
       float4 y = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
       for (int j = 0; j < hc; ++j) {
         const float4 a = x4[j * (d / 4) + i];
@@ -150,19 +152,22 @@ __device__ __forceinline__ void CollapseStreams(const float* pre, int hc, const 
     }
     return;
   }
-  for (int64_t i = threadIdx.x; i < d; i += blockDim.x) {
+  for (int64_t i = lo + threadIdx.x; i < hi; i += blockDim.x) {
     float y = 0;
     for (int j = 0; j < hc; ++j) y += pre[j] * x[j * d + i];
     out[i] = y;
   }
 }
 
-// mHC pre-mix of one token per block: from the raw mixes (fn · x) and rs, the pre/post weights and the
-// Sinkhorn-projected comb matrix (cpu::HcPre), then collapsed = sum_j pre_j * x_j.
+// mHC pre-mix of token blockIdx.x: from the raw mixes (fn · x) and rs, the pre/post weights and the
+// Sinkhorn-projected comb matrix (cpu::HcPre), then collapsed = sum_j pre_j * x_j. gridDim.y blocks a token
+// each collapse a slice of d (each computes the weights; the first writes post and comb): one block a token
+// left most SMs idle at decode batches.
 __global__ void HcMix(const float* mixes, const float* rs, const float* base, const float* scale, int hc,
                       int iters, float eps, const float* streams, int64_t d, float* collapsed,
                       float* post_out, float* comb_out) {
   const int64_t t = blockIdx.x;
+  const bool first = blockIdx.y == 0;
   const int mix = (2 + hc) * hc;
   __shared__ float pre[kMaxHc];
   __shared__ float cm[kMaxHc * kMaxHc];
@@ -177,7 +182,7 @@ __global__ void HcMix(const float* mixes, const float* rs, const float* base, co
       const float r = rs[t];
       if (lane < hc) {
         pre[lane] = SigmoidF((m[lane] * r) * scale[0] + base[lane]) + eps;
-        post_out[t * hc + lane] = 2.0f * SigmoidF((m[hc + lane] * r) * scale[1] + base[hc + lane]);
+        if (first) post_out[t * hc + lane] = 2.0f * SigmoidF((m[hc + lane] * r) * scale[1] + base[hc + lane]);
       }
       float v = on ? (m[2 * hc + lane] * r) * scale[2] + base[2 * hc + lane] : 0.0f;
       auto row_at = [&](float x, int q) { return __shfl_sync(full, x, (j * hc + q) & 31); };
@@ -198,14 +203,14 @@ __global__ void HcMix(const float* mixes, const float* rs, const float* base, co
         for (int q = 0; q < hc; ++q) sum += col_at(v, q);
         v /= (sum + eps);
       }
-      if (on) comb_out[t * hc * hc + lane] = v;
+      if (on && first) comb_out[t * hc * hc + lane] = v;
     }
   } else if (threadIdx.x == 0) {
     const float* m = mixes + t * mix;
     const float r = rs[t];
     for (int j = 0; j < hc; ++j) {
       pre[j] = SigmoidF((m[j] * r) * scale[0] + base[j]) + eps;
-      post_out[t * hc + j] = 2.0f * SigmoidF((m[hc + j] * r) * scale[1] + base[hc + j]);
+      if (first) post_out[t * hc + j] = 2.0f * SigmoidF((m[hc + j] * r) * scale[1] + base[hc + j]);
     }
     for (int j = 0; j < hc; ++j) {
       float mx = -INFINITY;
@@ -231,10 +236,11 @@ __global__ void HcMix(const float* mixes, const float* rs, const float* base, co
         for (int j = 0; j < hc; ++j) cm[j * hc + k] /= (s + eps);
       }
     }
-    for (int i = 0; i < hc * hc; ++i) comb_out[t * hc * hc + i] = cm[i];
+    for (int i = 0; first && i < hc * hc; ++i) comb_out[t * hc * hc + i] = cm[i];
   }
   __syncthreads();
-  CollapseStreams(pre, hc, streams + t * hc * d, d, collapsed + t * d);
+  const int64_t chunk = (d + 4 * gridDim.y - 1) / (4 * gridDim.y) * 4, lo = blockIdx.y * chunk;
+  CollapseStreams(pre, hc, streams + t * hc * d, d, collapsed + t * d, min(lo, d), min(lo + chunk, d));
 }
 
 // The final collapse (hc_head): sigmoid weights only.

@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 #include "absl/cleanup/cleanup.h"
@@ -204,9 +205,24 @@ absl::Status CudaBackend::LinearFp8(const float* x, int64_t m, int64_t ldx, cons
                                                                           in_blocks, 0, codes_r, scales_r);
   V4_LAUNCH_CHECK(QuantizeFp8Blocks);
   const uint8_t* codes = static_cast<const uint8_t*>(w.p);
-  const auto skinny = [&](auto kernel) {
-    kernel<<<static_cast<unsigned>(Blocks(w.out, 16)), 128, 0, stream_>>>(
+  const int64_t k_blocks = w.in / k::kFp8Block;
+  const auto skinny = [&](auto kernel, int warps) {
+    kernel<<<static_cast<unsigned>(Blocks(w.out, 16)), static_cast<unsigned>(32 * warps), 0, stream_>>>(
         codes_r, scales_r, rest, ldx, codes, w.tile_scales, w.in, w.out, ldy, yr);
+  };
+  // SkinnyGemmFp8<kTok, k::SkinnyWarps(kTok, k_blocks)>.
+  const auto skinny_tok = [&](auto tok) {
+    constexpr int kTok = decltype(tok)::value;
+    switch (k::SkinnyWarps(kTok, k_blocks)) {
+      case 16:
+        if constexpr (kTok * 16 <= 32) return skinny(k::SkinnyGemmFp8<kTok, 16>, 16);
+        [[fallthrough]];
+      case 8:
+        if constexpr (kTok * 8 <= 32) return skinny(k::SkinnyGemmFp8<kTok, 8>, 8);
+        [[fallthrough]];
+      default:
+        return skinny(k::SkinnyGemmFp8<kTok, 4>, 4);
+    }
   };
   if (path == Fp8Path::kTile || rest > k::kSkinnyMaxRows) {
     const dim3 grid(static_cast<unsigned>(Blocks(rest, k::kF8Bm)),
@@ -214,13 +230,13 @@ absl::Status CudaBackend::LinearFp8(const float* x, int64_t m, int64_t ldx, cons
     k::GemmFp8<<<grid, 256, k::kF8Smem, stream_>>>(codes_r, scales_r, rest, ldx, codes, w.tile_scales, w.in,
                                                    w.out, ldy, yr);
   } else if (rest <= 8) {
-    skinny(k::SkinnyGemmFp8<1>);
+    skinny_tok(std::integral_constant<int, 1>{});
   } else if (rest <= 16) {
-    skinny(k::SkinnyGemmFp8<2>);
+    skinny_tok(std::integral_constant<int, 2>{});
   } else if (rest <= 32) {
-    skinny(k::SkinnyGemmFp8<4>);
+    skinny_tok(std::integral_constant<int, 4>{});
   } else {
-    skinny(k::SkinnyGemmFp8<8>);
+    skinny_tok(std::integral_constant<int, 8>{});
   }
   V4_LAUNCH_CHECK(GemmFp8 or SkinnyGemmFp8);
   return absl::OkStatus();

@@ -93,14 +93,21 @@ __global__ void QuantizeFp8Tiles(const float* w, int64_t out, int64_t in, uint8_
 // of 128). Each lane loads 16 consecutive bytes of k from its two weight rows and from its input row; the
 // MMA's k order is permuted the same way on both sides (lane t's bytes 16t .. 16t + 15 of a 64-byte chunk
 // stand for the fragment's k 4t .. 4t + 3 and 16 + 4t .. of two k32 steps), which a dot product does not
-// see, and every load is a whole 16 bytes. The 4 warps of a block split the 128-wide k blocks (warp w takes
-// w, w + 4, ...) and add their totals in shared memory, in warp order. Grid ceil(out / 16), 128 threads.
+// see, and every load is a whole 16 bytes. The kWarps warps of a block split the 128-wide k blocks (warp w
+// takes w, w + kWarps, ...) and add their totals in shared memory, in warp order: each warp waits out one
+// load latency per k block it takes, so the launch picks as many warps as keep the shared totals within
+// 16 KiB and have a k block each (SkinnyWarps). Grid ceil(out / 16), 32 kWarps threads.
 constexpr int64_t kSkinnyMaxRows = 64;  // kTok <= 8.
-template <int kTok>
-__global__ void __launch_bounds__(128)
+__host__ __device__ constexpr int SkinnyWarps(int tok, int64_t k_blocks) {
+  const int most = tok <= 2 ? 16 : tok == 4 ? 8 : 4;
+  return k_blocks >= most ? most : k_blocks >= 8 && most >= 8 ? 8 : 4;
+}
+template <int kTok, int kWarps>
+__global__ void __launch_bounds__(kWarps * 32)
     SkinnyGemmFp8(const uint8_t* xq, const float* xs, int64_t m, int64_t ldx, const uint8_t* w,
                   const float* ws, int64_t in, int64_t out, int64_t ldy, float* y) {
-  __shared__ float red[4][kTok][32][4];
+  static_assert(kWarps * kTok <= 32, "the shared totals stay within 16 KiB");
+  __shared__ float red[kWarps][kTok][32][4];
   const int warp = static_cast<int>(threadIdx.x / 32), lane = static_cast<int>(threadIdx.x % 32);
   const int g = lane / 4, t = lane % 4;
   const int64_t n0 = static_cast<int64_t>(blockIdx.x) * 16;
@@ -113,7 +120,7 @@ __global__ void __launch_bounds__(128)
   float tot[kTok][4];
 #pragma unroll
   for (int tg = 0; tg < kTok; ++tg) tot[tg][0] = tot[tg][1] = tot[tg][2] = tot[tg][3] = 0.f;
-  for (int64_t kb = warp; kb < kbs; kb += 4) {
+  for (int64_t kb = warp; kb < kbs; kb += kWarps) {
     const int64_t k = kb * kFp8Block;
     const uint4 a00 = *reinterpret_cast<const uint4*>(w0 + k),
                 a01 = *reinterpret_cast<const uint4*>(w0 + k + 64);
@@ -143,11 +150,13 @@ __global__ void __launch_bounds__(128)
     for (int j = 0; j < 4; ++j) red[warp][tg][lane][j] = tot[tg][j];
   }
   __syncthreads();
-  // Warp tg % 4 writes token group tg.
-  for (int tg = warp; tg < kTok; tg += 4) {
+  // Warp tg % kWarps writes token group tg.
+  for (int tg = warp; tg < kTok; tg += kWarps) {
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
-      const float v = red[0][tg][lane][j] + red[1][tg][lane][j] + red[2][tg][lane][j] + red[3][tg][lane][j];
+      float v = red[0][tg][lane][j];
+#pragma unroll
+      for (int wi = 1; wi < kWarps; ++wi) v += red[wi][tg][lane][j];
       const int64_t n = n0 + g + (j >= 2 ? 8 : 0), r = tg * 8 + 2 * t + (j & 1);
       if (n < out && r < m) y[r * ldy + n] = v;
     }

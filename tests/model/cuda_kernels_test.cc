@@ -99,7 +99,8 @@ TEST(CudaKernelTest, LinearMatchesCpuInBothWeightFormats) {
 // left is the tensor cores' summation (Hopper's FP8 MMA accumulates a 128-wide block with reduced precision,
 // ~2^-14 relative, before the FP32 promotion): ~1e-4 rel. L2 over the output and up to ~1.5e-3 in a row
 // (cuBLASLt's, whose accumulation is the coarser; FP8 rounding of the input itself is ~4e-2), where a wrong
-// scale, tile or k order is O(1e-1) or more. Each kernel runs (SkinnyGemmFp8 at 1-8, 9-16, 17-32, 33-64 rows;
+// scale, tile or k order is O(1e-1) or more. Each kernel runs (SkinnyGemmFp8 at 1-8, 9-16, 17-32, 33-64 rows,
+// with the warp counts that 4, 8 and 32 k blocks pick;
 // GemmFp8; cuBLASLt on the rows up to a multiple of 4 with ours on the rest) on partial tiles (out 320 = 2.5
 // tiles of 128, rows past 64); one input block is all zeros (scale from the 1e-4 floor) and one is large.
 void CheckFp8Linear(int64_t in, int64_t out, std::initializer_list<int64_t> row_counts) {
@@ -155,8 +156,10 @@ TEST(CudaKernelTest, Fp8LinearMatchesTheFaithfulGemm) {
   SKIP_WITHOUT_GPU();
   CheckFp8Linear(1024, 320, {1, 5, 13, 40, 64, 65, 200});
   // cuBLASLt's other input widths that serving gives it (512: the smallest it takes; 4096: V4's hidden size).
+  // 4096 also gives SkinnyGemmFp8 32 k blocks: its 16-warp variants (up to 16 rows) and the 8-warp one
+  // (17-32).
   CheckFp8Linear(512, 256, {8, 65});
-  CheckFp8Linear(4096, 256, {8, 65});
+  CheckFp8Linear(4096, 256, {1, 8, 13, 20, 40, 65});
 }
 
 TEST(CudaKernelTest, ArgmaxRowsTakesTheLowestIndexOnTies) {
