@@ -14,8 +14,8 @@ OUT=${OUT:-gpu-out}
 mkdir -p "$OUT"
 export LD_LIBRARY_PATH=$PWD/.gpu/lib:/usr/local/cuda/lib64 V4SERVE_SOURCE_DIR=$PWD
 { date -u; nvidia-smi --query-gpu=name,driver_version --format=csv,noheader; } > $OUT/tests.txt
-for t in model_cuda_kernels_test model_cuda_backend_test model_cuda_kv_pages_test model_device_test \
-  v4serve_kv_transfer_nccl_gpu_test; do
+for t in model_cuda_kernels_test model_cuda_backend_test model_cuda_kv_pages_test v4serve_engine_cuda_pages_test \
+  model_device_test v4serve_kv_transfer_nccl_gpu_test; do
   echo "== $t" >> $OUT/tests.txt; timeout 200 .gpu/$t >> $OUT/tests.txt 2>&1; echo "rc=$?" >> $OUT/tests.txt
 done
 # The workers' weights (--weights=fp8, the default), then the BF16 mode's decode and prefill for the FP8 / BF16

@@ -288,8 +288,9 @@ absl::Status DecodeService::RemotePrefill(const std::shared_ptr<Job>& job) {
   }
   ASSIGN_OR_RETURN(kvstore::KvTransferResult kv, reservations_.Await(reservation, deadline));
   bytes_received_->Increment(static_cast<double>(kv.bytes));
+  std::vector<std::string> pages;  // The blocks' payloads, for the backend's device KV cache.
   ASSIGN_OR_RETURN(model::SequenceState state,
-                   engine::AssembleTransferredState(config_, layout_, req.prompt, kv.chunks));
+                   engine::AssembleTransferredState(config_, layout_, req.prompt, kv.chunks, &pages));
   engine::SampledToken first;
   first.id = resp.first_token().token_id();
   first.logprob = resp.first_token().logprob();
@@ -298,7 +299,8 @@ absl::Status DecodeService::RemotePrefill(const std::shared_ptr<Job>& job) {
   absl::MutexLock l(&job->mu);
   if (job->cancelled) return absl::CancelledError("cancelled");
   job->submitted = true;
-  loop_->SubmitPrefilled(job->request, std::move(state), std::move(first), resp.cached_prompt_tokens());
+  loop_->SubmitPrefilled(job->request, std::move(state), std::move(first), resp.cached_prompt_tokens(),
+                         std::move(pages));
   V4LOG(DEBUG)
           .With("request_id", job->public_id)
           .With("prefill_worker", job->prefill_worker)

@@ -135,7 +135,7 @@ absl::Status Engine::Submit(EngineRequest request) {
 }
 
 absl::Status Engine::SubmitPrefilled(EngineRequest request, model::SequenceState state, SampledToken first,
-                                     int32_t cached_prompt_tokens) {
+                                     int32_t cached_prompt_tokens, const std::vector<std::string>& kv_pages) {
   ASSIGN_OR_RETURN(const int64_t prompt_len, Validate(&request));
   if (request.sampling.n != 1) {
     return absl::InvalidArgumentError("a request prefilled elsewhere has one choice (n = 1)");
@@ -162,7 +162,9 @@ absl::Status Engine::SubmitPrefilled(EngineRequest request, model::SequenceState
   seq->status = SequenceStatus::kWaiting;  // Not queued yet: EmitToken may finish it at once.
   EmitToken(seq, std::move(first));
   if (seq->status != SequenceStatus::kFinished) {
+    kv_.AdoptPages(&state, kv_pages);
     seq->swapped_state = model::SerializeSequenceState(state);
+    seq->swapped_device_tag = state.device_tag;
     scheduler_.AddSwapped(seq);
   } else {
     requests_.erase(request.request_id);
@@ -473,6 +475,7 @@ void Engine::UpdateGauges() {
   stats_.kv_blocks_cached = kv_.blocks_cached();
   stats_.kv_recomputed_tokens = kv_.recomputed_tokens();
   stats_.kv_store_hit_tokens = kv_.store_hit_tokens();
+  stats_.kv_pages_adopted = kv_.pages_adopted();
 }
 
 }  // namespace v4serve::engine

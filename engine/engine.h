@@ -81,6 +81,9 @@ struct EngineStats {
   // Tiered store (kv_cache_manager.h): prefix tokens fetched from the store (host or disk), and tokens
   // the SWA policy's exact recomputation ran (periodic / zero). Both monotonic.
   int64_t kv_store_hit_tokens = 0, kv_recomputed_tokens = 0;
+  // Restored or transferred blocks whose payloads the model's backend took as they are (its device KV
+  // cache's pages, Model::AdoptKvPages; 0 on the CPU backend, which reads the host state). Monotonic.
+  int64_t kv_pages_adopted = 0;
   // Observations since the last TakeLatencies(): time to first token and between tokens, seconds.
   std::vector<double> ttft_s, inter_token_s;
 };
@@ -98,9 +101,11 @@ class Engine {
   // the prompt and `first` is the first output token, sampled there with the request's params and seed.
   // The sequence reports `first` at once, then decodes from it; it is admitted like a swapped-out
   // sequence (blocks allocated when they fit, FCFS). n must be 1. Errors as Submit, plus
-  // INVALID_ARGUMENT for a state that does not end the prompt or a bad first token.
+  // INVALID_ARGUMENT for a state that does not end the prompt or a bad first token. `kv_pages`: the payloads
+  // of the state's complete blocks as they arrived (AssembleTransferredState), which the backend may take as
+  // they are (Model::AdoptKvPages; a refusal only costs an upload at the first step).
   absl::Status SubmitPrefilled(EngineRequest request, model::SequenceState state, SampledToken first,
-                               int32_t cached_prompt_tokens);
+                               int32_t cached_prompt_tokens, const std::vector<std::string>& kv_pages = {});
   // Cancels a request: its sequences leave the queues and free their blocks now, each reporting
   // kCancelled. NOT_FOUND when no such live request.
   absl::Status Cancel(const std::string& request_id);

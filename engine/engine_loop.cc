@@ -29,10 +29,10 @@ void EngineLoop::Submit(EngineRequest request) {
 }
 
 void EngineLoop::SubmitPrefilled(EngineRequest request, model::SequenceState state, SampledToken first,
-                                 int32_t cached_prompt_tokens) {
+                                 int32_t cached_prompt_tokens, std::vector<std::string> kv_pages) {
   absl::MutexLock l(&mu_);
-  inbox_.emplace_back(
-      PrefilledOp{std::move(request), std::move(state), std::move(first), cached_prompt_tokens});
+  inbox_.emplace_back(PrefilledOp{std::move(request), std::move(state), std::move(first),
+                                  cached_prompt_tokens, std::move(kv_pages)});
 }
 
 void EngineLoop::Cancel(const std::string& request_id) {
@@ -66,10 +66,10 @@ void EngineLoop::Run() {
       if (req != nullptr) {
         OutputCallback cb = req->on_output;
         const std::string id = req->request_id;
-        absl::Status s = pre != nullptr
-                             ? engine_->SubmitPrefilled(std::move(pre->request), std::move(pre->state),
-                                                        std::move(pre->first), pre->cached_prompt_tokens)
-                             : engine_->Submit(std::move(*req));
+        absl::Status s = pre != nullptr ? engine_->SubmitPrefilled(
+                                              std::move(pre->request), std::move(pre->state),
+                                              std::move(pre->first), pre->cached_prompt_tokens, pre->kv_pages)
+                                        : engine_->Submit(std::move(*req));
         if (!s.ok() && cb) {
           SequenceOutput out;
           out.request_id = id;

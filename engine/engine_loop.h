@@ -35,7 +35,7 @@ class EngineLoop {
   void Submit(EngineRequest request);
   // Engine::SubmitPrefilled on the loop thread; errors reach the request's callback.
   void SubmitPrefilled(EngineRequest request, model::SequenceState state, SampledToken first,
-                       int32_t cached_prompt_tokens);
+                       int32_t cached_prompt_tokens, std::vector<std::string> kv_pages = {});
   void Cancel(const std::string& request_id);
 
   // A copy of the engine's counters after the latest step.
@@ -52,6 +52,7 @@ class EngineLoop {
     model::SequenceState state;
     SampledToken first;
     int32_t cached_prompt_tokens = 0;
+    std::vector<std::string> kv_pages;
   };
   using Op = std::variant<EngineRequest, CancelOp, PrefilledOp>;
   void Run();

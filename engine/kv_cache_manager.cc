@@ -47,6 +47,7 @@ absl::StatusOr<int64_t> KvCacheManager::Admit(Sequence* seq) {
   const int64_t n_tokens = static_cast<int64_t>(seq->tokens.size());
   std::vector<BlockId> blocks;
   std::vector<KvBlock> restored;
+  std::vector<std::string> payloads;  // restored[i]'s payload bytes.
   if (options_.enable_prefix_cache && n_tokens > 1) {
     // At least one token must be computed to get the logits that pick the next token.
     const int64_t max_blocks = (n_tokens - 1) / block_tokens();
@@ -69,6 +70,7 @@ absl::StatusOr<int64_t> KvCacheManager::Admit(Sequence* seq) {
         break;
       }
       blocks.push_back(hit[i]);
+      payloads.emplace_back(kvstore::KvBlockPayload(layout_, *bytes, *block));
       restored.push_back(*std::move(block));
     }
   }
@@ -78,7 +80,7 @@ absl::StatusOr<int64_t> KvCacheManager::Admit(Sequence* seq) {
     const std::vector<BlockHash> hashes = kvstore::BlockHashChain(
         absl::MakeConstSpan(seq->tokens).subspan(0, static_cast<size_t>(max_blocks * block_tokens())),
         block_tokens(), layout_.model_fingerprint, seq->tenant_salt);
-    FetchFromStore(*seq, hashes, &blocks, &restored);
+    FetchFromStore(*seq, hashes, &blocks, &restored, &payloads);
   }
   if (!restored.empty() && restored.back().boundary_state.empty() && model_ == nullptr) {
     // No model to recompute with: reuse up to the last block that carries its window state.
@@ -87,6 +89,7 @@ absl::StatusOr<int64_t> KvCacheManager::Admit(Sequence* seq) {
     for (size_t j = keep; j < blocks.size(); ++j) pool_.Unref(blocks[j]).IgnoreError();
     blocks.resize(keep);
     restored.resize(keep);
+    payloads.resize(keep);
   }
   model::SequenceState state;
   if (!restored.empty()) {
@@ -97,6 +100,10 @@ absl::StatusOr<int64_t> KvCacheManager::Admit(Sequence* seq) {
     recomputed_tokens_ += recomputed;
     if (s.ok()) {
       state = *std::move(s);
+      // Restored without recomputation, the state's entries are exactly the blocks' payloads: the backend
+      // may take those as they are (one copy a page into the CUDA backend's device KV cache). A refusal only
+      // means the state is uploaded from the host at its next step.
+      if (recomputed == 0) AdoptPages(&state, payloads);
     } else {
       V4LOG(WARNING).With("status", s.status().ToString()) << "cached prefix does not restore; recomputing";
       for (BlockId b : blocks) pool_.Unref(b).IgnoreError();
@@ -111,6 +118,16 @@ absl::StatusOr<int64_t> KvCacheManager::Admit(Sequence* seq) {
   seq->cached_blocks = static_cast<int32_t>(reused);
   seq->state = std::move(state);
   return reused * block_tokens();
+}
+
+void KvCacheManager::AdoptPages(model::SequenceState* state, absl::Span<const std::string> payloads) {
+  if (model_ == nullptr || payloads.empty()) return;
+  const std::vector<absl::string_view> views(payloads.begin(), payloads.end());
+  if (absl::Status a = model_->AdoptKvPages(state, views); a.ok()) {
+    pages_adopted_ += static_cast<int64_t>(views.size());
+  } else if (a.code() != absl::StatusCode::kUnimplemented) {  // UNIMPLEMENTED: a CPU backend.
+    V4LOG(WARNING).With("status", a.ToString()) << "KV pages not adopted by the backend; uploading instead";
+  }
 }
 
 absl::Status KvCacheManager::AllocateUpTo(std::vector<BlockId>* blocks, int64_t count) {
@@ -131,6 +148,8 @@ absl::Status KvCacheManager::SwapIn(Sequence* seq) {
   std::vector<BlockId> blocks;
   RETURN_IF_ERROR(AllocateUpTo(&blocks, BlocksFor(static_cast<int64_t>(seq->tokens.size()))));
   seq->blocks = std::move(blocks);
+  state.device_tag = seq->swapped_device_tag;  // Trusted by the backend only while it matches the state.
+  seq->swapped_device_tag = 0;
   seq->state = std::move(state);
   // The swapped-in copies are not the cached blocks: republish nothing before the current position.
   seq->cached_blocks = static_cast<int32_t>(seq->state.position / block_tokens());
@@ -140,6 +159,7 @@ absl::Status KvCacheManager::SwapIn(Sequence* seq) {
 
 void KvCacheManager::SwapOut(Sequence* seq) {
   seq->swapped_state = model::SerializeSequenceState(seq->state);
+  seq->swapped_device_tag = seq->state.device_tag;
   Release(seq);
 }
 
@@ -203,7 +223,8 @@ void KvCacheManager::OnBlockBoundary(Sequence* seq) {
 }
 
 void KvCacheManager::FetchFromStore(const Sequence& seq, absl::Span<const BlockHash> hashes,
-                                    std::vector<BlockId>* blocks, std::vector<KvBlock>* restored) {
+                                    std::vector<BlockId>* blocks, std::vector<KvBlock>* restored,
+                                    std::vector<std::string>* payloads) {
   const kvstore::StoreScope scope{layout_.model_fingerprint, seq.tenant_salt};
   const size_t have = blocks->size();
   absl::StatusOr<kvstore::LookupResult> found = options_.store->Lookup(scope, hashes.subspan(have));
@@ -221,6 +242,8 @@ void KvCacheManager::FetchFromStore(const Sequence& seq, absl::Span<const BlockH
       V4LOG(WARNING).With("status", block.status().ToString()) << "stored KV block unusable; recomputing";
       break;
     }
+    // Before the boundary state changes: the payload's place in the bytes depends on the encoded one.
+    std::string payload(kvstore::KvBlockPayload(layout_, stored->block, *block));
     if (!stored->window_state.empty()) {
       absl::StatusOr<kvstore::WindowState> ws = kvstore::DecodeWindowState(stored->window_state);
       // A state that does not match is ignored: the policy's recomputation rebuilds it exactly.
@@ -238,6 +261,7 @@ void KvCacheManager::FetchFromStore(const Sequence& seq, absl::Span<const BlockH
     }
     cache_.Insert(hashes[i], *id);  // Promoted to this process's tier (false: another copy is cached).
     blocks->push_back(*id);
+    payloads->push_back(std::move(payload));
     restored->push_back(*std::move(block));
     store_hit_tokens_ += block_tokens();
   }

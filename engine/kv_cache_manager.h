@@ -101,6 +101,13 @@ class KvCacheManager {
   // tokens restored from the store rather than this process's pool.
   int64_t recomputed_tokens() const { return recomputed_tokens_; }
   int64_t store_hit_tokens() const { return store_hit_tokens_; }
+  // Restored blocks whose payloads the model's backend took as they are (Model::AdoptKvPages: on the CUDA
+  // backend, device KV pages filled with one copy each instead of an upload at the next step).
+  int64_t pages_adopted() const { return pages_adopted_; }
+  // Offers `state`'s first blocks as their payloads (kvstore::KvBlockPayload, blocks 0, 1, ...) to the
+  // model's backend (Model::AdoptKvPages) and counts them when taken; a refusal is logged and only costs an
+  // upload at the state's next step. Nothing without a model. On the engine thread (like forwards).
+  void AdoptPages(model::SequenceState* state, absl::Span<const std::string> payloads);
 
   // The pool, for fault-injection tests (corrupting stored blocks).
   kvstore::BlockPool* mutable_pool_for_testing() { return &pool_; }
@@ -112,8 +119,10 @@ class KvCacheManager {
 
   // Blocks [have, want) of the chain from the store, verified and promoted into the pool (each with a
   // pool reference for the caller, and cached). Stops at the first miss or bad block.
+  // `payloads` gets each restored block's payload bytes (kvstore::KvBlockPayload).
   void FetchFromStore(const Sequence& seq, absl::Span<const kvstore::BlockHash> hashes,
-                      std::vector<kvstore::BlockId>* blocks, std::vector<kvstore::KvBlock>* restored);
+                      std::vector<kvstore::BlockId>* blocks, std::vector<kvstore::KvBlock>* restored,
+                      std::vector<std::string>* payloads);
   // Publishes `block` (state included when the policy keeps it) to the store's write-behind queue.
   void WriteBehind(const Sequence& seq, const kvstore::KvBlock& block, bool keep_state);
 
@@ -121,6 +130,7 @@ class KvCacheManager {
   const model::Model* const model_;
   int64_t recomputed_tokens_ = 0;
   int64_t store_hit_tokens_ = 0;
+  int64_t pages_adopted_ = 0;
   const kvstore::KvLayout layout_;
   const KvCacheOptions options_;
   kvstore::BlockPool pool_;

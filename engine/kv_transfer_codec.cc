@@ -94,7 +94,8 @@ absl::StatusOr<KvTransferChunk> EncodeWindowChunk(const KvLayout& layout, const 
 absl::StatusOr<model::SequenceState> AssembleTransferredState(const model::ModelConfig& config,
                                                               const KvLayout& layout,
                                                               absl::Span<const int32_t> prompt,
-                                                              absl::Span<const KvTransferChunk> chunks) {
+                                                              absl::Span<const KvTransferChunk> chunks,
+                                                              std::vector<std::string>* pages) {
   const int64_t bt = layout.block_tokens;
   const int64_t n_blocks = static_cast<int64_t>(prompt.size()) / bt;
   const size_t n_layers = layout.layers.size();
@@ -103,6 +104,9 @@ absl::StatusOr<model::SequenceState> AssembleTransferredState(const model::Model
   std::vector<std::vector<std::vector<float>>> entries(static_cast<size_t>(n_blocks),
                                                        std::vector<std::vector<float>>(n_layers));
   std::vector<std::vector<std::vector<float>>> keys = entries;
+  // part[block][first layer]: that chunk's payload bytes (pages set).
+  std::vector<std::vector<std::string>> part(static_cast<size_t>(pages != nullptr ? n_blocks : 0),
+                                             std::vector<std::string>(n_layers));
   const KvTransferChunk* window = nullptr;
   for (const KvTransferChunk& c : chunks) {
     if (c.window_state) {
@@ -123,6 +127,10 @@ absl::StatusOr<model::SequenceState> AssembleTransferredState(const model::Model
     if (b.block_index != block) return absl::DataLossError("KV chunk's block index disagrees with its range");
     if (!std::equal(b.tokens.begin(), b.tokens.end(), prompt.begin() + block * bt)) {
       return absl::DataLossError(absl::StrCat("KV block ", block, " was computed for other tokens"));
+    }
+    if (pages != nullptr) {
+      part[static_cast<size_t>(block)][c.first_layer] =
+          std::string(kvstore::KvBlockPayload(sub, c.payload, b));
     }
     for (size_t i = 0; i < c.num_layers; ++i) {
       const size_t l = c.first_layer + i;
@@ -160,6 +168,12 @@ absl::StatusOr<model::SequenceState> AssembleTransferredState(const model::Model
     ls.indexer_keys = std::move(k);
   }
   state.position = static_cast<int64_t>(prompt.size());
+  if (pages != nullptr) {  // Every (block, layer) arrived once, so each block's parts tile its layers.
+    pages->assign(static_cast<size_t>(n_blocks), std::string());
+    for (int64_t b = 0; b < n_blocks; ++b) {
+      for (const std::string& p : part[static_cast<size_t>(b)]) (*pages)[static_cast<size_t>(b)] += p;
+    }
+  }
   return state;
 }
 

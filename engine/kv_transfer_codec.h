@@ -41,10 +41,13 @@ absl::StatusOr<kvstore::KvTransferChunk> EncodeWindowChunk(const kvstore::KvLayo
 
 // The state after `prompt`, from a transfer's chunks. DATA_LOSS when a block or layer is missing or
 // repeated, a chunk does not decode, its tokens are not the prompt's, or sizes disagree;
-// FAILED_PRECONDITION for blocks of another model (fingerprint).
+// FAILED_PRECONDITION for blocks of another model (fingerprint). With `pages` set it also gets each
+// complete block's payload in `layout` (kvstore::KvBlockPayload): the chunks' payloads joined in layer
+// order, byte for byte (a chunk's layers are a contiguous range of the block's payload), for
+// Model::AdoptKvPages.
 absl::StatusOr<model::SequenceState> AssembleTransferredState(
     const model::ModelConfig& config, const kvstore::KvLayout& layout, absl::Span<const int32_t> prompt,
-    absl::Span<const kvstore::KvTransferChunk> chunks);
+    absl::Span<const kvstore::KvTransferChunk> chunks, std::vector<std::string>* pages = nullptr);
 
 }  // namespace v4serve::engine
 

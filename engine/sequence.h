@@ -60,6 +60,9 @@ struct Sequence {
   // Blocks [0, cached_blocks) are in the prefix cache (restored from it or published by this sequence).
   int32_t cached_blocks = 0;
   std::string swapped_state;  // kSwapped: the serialized state.
+  // kSwapped: the state's device_tag when it was serialized (the serialization drops it), given back on
+  // swap-in so that a backend copy still valid for the unchanged state is used rather than re-uploaded.
+  uint64_t swapped_device_tag = 0;
   // MTP: the drafted id of tokens[draft_for] (used only while draft_for == tokens.size()).
   int32_t draft = -1;
   int64_t draft_for = -1;

@@ -191,4 +191,11 @@ absl::StatusOr<KvBlock> DecodeKvBlock(const KvLayout& layout, absl::string_view 
   return block;
 }
 
+absl::string_view KvBlockPayload(const KvLayout& layout, absl::string_view bytes, const KvBlock& block) {
+  // What follows the payload: the boundary state's length, its bytes, the checksum.
+  const size_t tail = sizeof(uint64_t) + block.boundary_state.size() + sizeof(uint32_t);
+  const size_t payload = static_cast<size_t>(layout.PayloadBytes());
+  return bytes.substr(bytes.size() - tail - payload, payload);
+}
+
 }  // namespace v4serve::kvstore

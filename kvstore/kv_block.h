@@ -82,6 +82,12 @@ absl::StatusOr<std::string> EncodeKvBlock(const KvLayout& layout, const KvBlock&
 // format version.
 absl::StatusOr<KvBlock> DecodeKvBlock(const KvLayout& layout, absl::string_view bytes);
 
+// The payload (every layer's entries, then its indexer keys, in layout order: the block minus header,
+// tokens, boundary state and checksum) inside `bytes`, which DecodeKvBlock accepted as `block`: a view into
+// `bytes`. A device KV cache whose pages use this layout takes it with one copy
+// (model/cuda/device_state_cache.h).
+absl::string_view KvBlockPayload(const KvLayout& layout, absl::string_view bytes, const KvBlock& block);
+
 }  // namespace v4serve::kvstore
 
 #endif  // V4SERVE_KVSTORE_KV_BLOCK_H_

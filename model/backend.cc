@@ -125,4 +125,8 @@ absl::StatusOr<TopLogits> ForwardBackend::ForwardTop(absl::Span<const ForwardSeg
   return TopOfRows(*std::move(logits), static_cast<int64_t>(logit_rows.size()), temperatures, m);
 }
 
+absl::Status ForwardBackend::AdoptKvPages(SequenceState*, absl::Span<const absl::string_view>) const {
+  return absl::UnimplementedError("this backend reads sequence states from the host");
+}
+
 }  // namespace v4serve::model

@@ -100,6 +100,13 @@ class ForwardBackend {
                                                absl::Span<const int32_t> tokens,
                                                absl::Span<const int64_t> logit_rows,
                                                absl::Span<const float> temperatures, int64_t m) const;
+  // `state` was just rebuilt on the host from KV blocks whose payloads are `pages` (blocks 0, 1, ... in
+  // order; kvstore::KvBlockPayload). A backend that keeps its own copy of states may take the blocks from
+  // the payloads as they are (the CUDA backend: one copy a page into its paged device KV cache) instead of
+  // from the host state's arrays at the next forward. The host state stays authoritative, and the pages must
+  // hold exactly its entries. This default returns UNIMPLEMENTED: the backend keeps no copies (the CPU
+  // backend reads the host state).
+  virtual absl::Status AdoptKvPages(SequenceState* state, absl::Span<const absl::string_view> pages) const;
 };
 
 // The argmax of each of `rows` rows of `logits` (lowest index on ties).

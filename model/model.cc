@@ -154,6 +154,13 @@ absl::StatusOr<std::vector<float>> Model::DecodeChunks(absl::Span<SequenceState*
   return Forward(seqs, tokens, EveryRow(tokens.size()), final_streams);
 }
 
+absl::Status Model::AdoptKvPages(SequenceState* state, absl::Span<const absl::string_view> pages) const {
+  if (state == nullptr || state->layers.size() != static_cast<size_t>(config_.num_hidden_layers)) {
+    return absl::InvalidArgumentError("AdoptKvPages: not a state of this model");
+  }
+  return backend_->AdoptKvPages(state, pages);
+}
+
 absl::StatusOr<std::vector<int32_t>> Model::DecodeChunksGreedy(absl::Span<SequenceState* const> states,
                                                                absl::Span<const int64_t> counts,
                                                                absl::Span<const int32_t> tokens) const {

@@ -111,6 +111,13 @@ class Model {
                                             absl::Span<const int32_t> tokens,
                                             absl::Span<const float> temperatures, int64_t m) const;
 
+  // `state` was just rebuilt on the host from KV blocks whose payloads are `pages`, blocks 0, 1, ... in order
+  // (kvstore::KvBlockPayload of each): the backend may keep them as they are (ForwardBackend::AdoptKvPages;
+  // the CUDA backend copies each into a page of its device KV cache). INVALID_ARGUMENT when they cannot be
+  // this state's blocks (sizes, count): the state is then uploaded from the host at its next forward;
+  // UNIMPLEMENTED when the backend keeps no copies of states (CPU).
+  absl::Status AdoptKvPages(SequenceState* state, absl::Span<const absl::string_view> pages) const;
+
   // MTP draft logits [n, vocab] of one sequence: row t combines the main model's final streams at position
   // state->mtp_position + t (`streams`, [n, hc_mult, hidden], from Prefill/Decode) with the embedding of the
   // token that follows that position (`next_tokens`, [n]) and predicts the token after it. Advances the

@@ -423,6 +423,10 @@ class CudaBackend final : public ForwardBackend {
   absl::StatusOr<TopLogits> ForwardTop(absl::Span<const ForwardSegment> segments,
                                        absl::Span<const int32_t> tokens, absl::Span<const int64_t> logit_rows,
                                        absl::Span<const float> temperatures, int64_t m) const override;
+  // The pages go into a new device copy of `state` as they are (DeviceStateCache::Adopt).
+  absl::Status AdoptKvPages(SequenceState* state, absl::Span<const absl::string_view> pages) const override {
+    return state_cache_->Adopt(state, pages);
+  }
   // What the head's logits of `logit_rows` become: copied to `logits`, argmaxed into `ids`, or reduced to
   // `top` (TopLogits at `temperatures` with `top_m` candidates a row). One of the three is set.
   struct Outputs {

@@ -186,7 +186,8 @@ absl::Status DeviceStateCache::UploadCompressor(const CompressorState& host, Com
   return absl::OkStatus();
 }
 
-absl::Status DeviceStateCache::Upload(const SequenceState& state, Copy* copy) {
+absl::Status DeviceStateCache::Upload(const SequenceState& state, Copy* copy,
+                                      absl::Span<const absl::string_view> pages) {
   copy->position = state.position;
   copy->layers.assign(state.layers.size(), Layer{});
   for (size_t li = 0; li < state.layers.size(); ++li) {
@@ -206,27 +207,38 @@ absl::Status DeviceStateCache::Upload(const SequenceState& state, Copy* copy) {
     RETURN_IF_ERROR(Reserve(static_cast<int64_t>(li), n, copy));
     l.n_entries = n;
   }
-  // The entries into pages: packed on the host in the page layout, then one copy a page (a pageable source
-  // is staged before cudaMemcpyAsync returns, so `packed` may go).
-  const int64_t n_pages = static_cast<int64_t>(copy->pages.size());
-  if (n_pages == 0) return absl::OkStatus();
-  std::vector<float> packed(static_cast<size_t>(n_pages * pl_.page_floats), 0.0f);
+  // The entries into pages, one copy a page: the given payloads as they are, the other pages packed on the
+  // host in the page layout (a pageable source is staged before cudaMemcpyAsync returns, so neither needs to
+  // outlive this call).
+  const int64_t n_pages = static_cast<int64_t>(copy->pages.size()),
+                given = static_cast<int64_t>(pages.size());
+  if (given > n_pages) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(given, " KV pages for a state whose entries fill ", n_pages, " pages"));
+  }
+  for (int64_t k = 0; k < given; ++k) {
+    V4_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(copy->pages[static_cast<size_t>(k)],
+                                            pages[static_cast<size_t>(k)].data(), pl_.PayloadBytes(),
+                                            cudaMemcpyHostToDevice, stream_));
+  }
+  if (n_pages == given) return absl::OkStatus();
+  std::vector<float> packed(static_cast<size_t>((n_pages - given) * pl_.page_floats), 0.0f);
   for (size_t li = 0; li < state.layers.size(); ++li) {
     const int64_t pp = pl_.per_page[li];
     if (pp == 0) continue;
     const AttentionLayerState& ls = state.layers[li];
     const int64_t n = copy->layers[li].n_entries;
     const int64_t hd = c_.head_dim, id = c_.compress_ratios[li] == 4 ? c_.index_head_dim : 0;
-    for (int64_t k = 0; k * pp < n; ++k) {
+    for (int64_t k = given; k * pp < n; ++k) {
       const int64_t e0 = k * pp, cnt = std::min(pp, n - e0);
-      float* page = packed.data() + k * pl_.page_floats;
+      float* page = packed.data() + (k - given) * pl_.page_floats;
       std::copy_n(ls.entries.data() + e0 * hd, cnt * hd, page + pl_.entries_at[li]);
       if (id > 0) std::copy_n(ls.indexer_keys.data() + e0 * id, cnt * id, page + pl_.keys_at[li]);
     }
   }
-  for (int64_t k = 0; k < n_pages; ++k) {
+  for (int64_t k = given; k < n_pages; ++k) {
     V4_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(copy->pages[static_cast<size_t>(k)],
-                                            packed.data() + k * pl_.page_floats, pl_.PayloadBytes(),
+                                            packed.data() + (k - given) * pl_.page_floats, pl_.PayloadBytes(),
                                             cudaMemcpyHostToDevice, stream_));
   }
   return absl::OkStatus();
@@ -288,6 +300,42 @@ absl::StatusOr<DeviceStateCache::Copy*> DeviceStateCache::Acquire(SequenceState*
   return held_.back().second.get();
 }
 
+absl::Status DeviceStateCache::Adopt(SequenceState* state, absl::Span<const absl::string_view> pages) {
+  for (const auto& [s, copy] : held_) {
+    if (s == state) return absl::FailedPreconditionError("AdoptKvPages on a state a forward holds");
+  }
+  for (const absl::string_view page : pages) {
+    if (static_cast<int64_t>(page.size()) != pl_.PayloadBytes()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("a KV page of ", page.size(), " bytes; this model's are ", pl_.PayloadBytes()));
+    }
+  }
+  const int64_t given = static_cast<int64_t>(pages.size());
+  for (size_t l = 0; l < state->layers.size(); ++l) {
+    const int64_t n = static_cast<int64_t>(state->layers[l].entries.size()) / c_.head_dim;
+    if (pl_.per_page[l] > 0 && n < given * pl_.per_page[l]) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(given, " KV pages for a state with ", n, " compressed entries in layer ", l));
+    }
+  }
+  if (auto it = cached_.find(state->device_tag); state->device_tag != 0 && it != cached_.end()) {
+    Free(it->second.get());
+    cached_.erase(it);
+  }
+  state->device_tag = 0;
+  auto copy = std::make_unique<Copy>();
+  if (absl::Status s = Upload(*state, copy.get(), pages); !s.ok()) {
+    Free(copy.get());
+    return s;
+  }
+  pages_adopted_ += given;
+  copy->last_use = ++clock_;
+  state->device_tag = NextTag();
+  cached_[state->device_tag] = std::move(copy);
+  EvictToBudget();
+  return absl::OkStatus();
+}
+
 void DeviceStateCache::Commit() {
   for (auto& [state, copy] : held_) {
     copy->position = state->position;
@@ -295,6 +343,10 @@ void DeviceStateCache::Commit() {
     cached_[state->device_tag] = std::move(copy);
   }
   held_.clear();
+  EvictToBudget();
+}
+
+void DeviceStateCache::EvictToBudget() {
   if (bytes_ <= budget_) return;
   std::vector<std::pair<uint64_t, uint64_t>> by_use;  // (last use, tag)
   for (auto& [tag, copy] : cached_) by_use.emplace_back(copy->last_use, tag);

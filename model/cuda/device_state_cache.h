@@ -33,6 +33,8 @@
 #include "absl/container/flat_hash_map.h"
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
+#include "absl/types/span.h"
 #include "model/config.h"
 #include "model/cuda/cuda_backend.h"
 #include "model/sequence_state.h"
@@ -111,22 +113,32 @@ class DeviceStateCache {
   void Commit();
   // After a failed forward: the held copies are freed (the states may be half-updated).
   void Abort();
+  // A new copy of `state` (not held by a forward) whose first pages are `pages`, kvstore block payloads of
+  // its blocks 0, 1, ... taken as they are (one copy each); the rest (windows, compressors, entries past
+  // those blocks) from the host state. The state gets the copy's tag, replacing any copy it had.
+  // INVALID_ARGUMENT when a page is not PayloadBytes() or the state holds fewer entries than the pages.
+  absl::Status Adopt(SequenceState* state, absl::Span<const absl::string_view> pages);
 
   // The cached copy that is valid for `state` as it is now, or null (not held by a forward).
   const Copy* Find(const SequenceState& state) const;
   // Page `k` of `copy` to `payload` (PayloadBytes(), host memory), one copy; waits for it.
   absl::Status DownloadPage(const Copy& copy, int64_t k, void* payload) const;
 
-  // Counters since construction: forwards' sequences found valid here / uploaded whole.
+  // Counters since construction: forwards' sequences found valid here / uploaded whole; pages adopted.
   int64_t hits() const { return hits_; }
   int64_t misses() const { return misses_; }
+  int64_t pages_adopted() const { return pages_adopted_; }
   // Pages held by copies, and pages the pool has allocated (held + free).
   int64_t pages_held() const { return pages_held_; }
   int64_t pages_allocated() const { return static_cast<int64_t>(free_.size()) + pages_held_; }
 
  private:
   bool Valid(const Copy& copy, const SequenceState& state) const;
-  absl::Status Upload(const SequenceState& state, Copy* copy);
+  // The whole state into `copy`; its pages k < pages.size() from those payloads, the rest packed from the
+  // host state's entries.
+  absl::Status Upload(const SequenceState& state, Copy* copy, absl::Span<const absl::string_view> pages = {});
+  // Frees the least recently used cached copies down to the budget.
+  void EvictToBudget();
   absl::Status UploadCompressor(const CompressorState& host, Compressor* dev, Copy* copy);
   // Device memory of `floats` floats owned by `copy`, filled from `host` (zeros when host is short).
   absl::Status Put(const std::vector<float>& host, int64_t floats, float** dev, Copy* copy);
@@ -140,7 +152,7 @@ class DeviceStateCache {
   int64_t budget_;
   int64_t bytes_ = 0;
   uint64_t clock_ = 0;
-  int64_t hits_ = 0, misses_ = 0;
+  int64_t hits_ = 0, misses_ = 0, pages_adopted_ = 0;
   int64_t pages_held_ = 0;
   std::vector<void*> slabs_;  // Never freed before the cache: pages return to free_.
   std::vector<float*> free_;  // Pages no copy holds (reused in stream order: one stream).

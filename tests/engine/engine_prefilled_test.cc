@@ -74,10 +74,32 @@ TEST_P(TransferCodecTest, ReassembledStateIsTheSameState) {
   for (int32_t lpc : {1, 2, 5}) {
     std::vector<kvstore::KvTransferChunk> chunks = Encode(layout, p.state, prompt, lpc);
     std::shuffle(chunks.begin(), chunks.end(), rng);  // Arrival order does not matter.
+    std::vector<std::string> pages;
     absl::StatusOr<model::SequenceState> got =
-        AssembleTransferredState(TinyModel().config(), layout, prompt, chunks);
+        AssembleTransferredState(TinyModel().config(), layout, prompt, chunks, &pages);
     ASSERT_TRUE(got.ok()) << got.status();
     EXPECT_TRUE(*got == p.state) << "layers_per_chunk " << lpc;
+    // Each complete block's page: the payload of the whole block as kvstore encodes it, whatever the
+    // chunking (what the decode worker hands the backend's device KV cache).
+    ASSERT_EQ(static_cast<int64_t>(pages.size()), GetParam() / layout.block_tokens);
+    for (size_t b = 0; b < pages.size(); ++b) {
+      kvstore::KvBlock blk;
+      blk.block_index = static_cast<int32_t>(b);
+      blk.tokens.assign(prompt.begin() + static_cast<int64_t>(b) * 128,
+                        prompt.begin() + static_cast<int64_t>(b + 1) * 128);
+      for (const kvstore::KvLayerLayout& ll : layout.layers) {
+        const model::AttentionLayerState& ls = p.state.layers[static_cast<size_t>(ll.layer)];
+        const size_t e0 = b * ll.entries_per_block, n = ll.entries_per_block;
+        blk.entries.emplace_back(ls.entries.begin() + e0 * ll.entry_width,
+                                 ls.entries.begin() + (e0 + n) * ll.entry_width);
+        blk.indexer_keys.emplace_back(ls.indexer_keys.begin() + e0 * ll.indexer_width,
+                                      ls.indexer_keys.begin() + (e0 + n) * ll.indexer_width);
+      }
+      absl::StatusOr<std::string> bytes = kvstore::EncodeKvBlock(layout, blk);
+      ASSERT_TRUE(bytes.ok()) << bytes.status();
+      EXPECT_EQ(pages[b], std::string(kvstore::KvBlockPayload(layout, *bytes, blk)))
+          << "block " << b << ", layers_per_chunk " << lpc;
+    }
   }
 }
 

@@ -60,6 +60,28 @@ TEST(KvBlockTest, RoundTripsWithAndWithoutState) {
   EXPECT_EQ(*back, b);
 }
 
+// The payload view is every layer's entries then indexer keys, in layout order, byte for byte (what a
+// device KV page holds), with and without a boundary state behind it.
+TEST(KvBlockTest, PayloadIsTheLayersEntriesAndKeysInOrder) {
+  const KvLayout layout = TestLayout();
+  for (const bool with_state : {true, false}) {
+    KvBlock b = TestBlock(layout, 5);
+    if (!with_state) b.boundary_state.clear();
+    absl::StatusOr<std::string> bytes = EncodeKvBlock(layout, b);
+    ASSERT_TRUE(bytes.ok()) << bytes.status();
+    absl::StatusOr<KvBlock> back = DecodeKvBlock(layout, *bytes);
+    ASSERT_TRUE(back.ok()) << back.status();
+    std::string want;
+    for (size_t i = 0; i < layout.layers.size(); ++i) {
+      want.append(reinterpret_cast<const char*>(b.entries[i].data()), b.entries[i].size() * sizeof(float));
+      want.append(reinterpret_cast<const char*>(b.indexer_keys[i].data()),
+                  b.indexer_keys[i].size() * sizeof(float));
+    }
+    ASSERT_EQ(static_cast<int64_t>(want.size()), layout.PayloadBytes());
+    EXPECT_EQ(KvBlockPayload(layout, *bytes, *back), want) << "with state " << with_state;
+  }
+}
+
 TEST(KvBlockTest, EveryFlippedByteAndEveryTruncationIsAnErrorNotACrash) {
   const KvLayout layout = TestLayout();
   const std::string good = *EncodeKvBlock(layout, TestBlock(layout, 2));

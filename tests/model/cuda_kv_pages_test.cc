@@ -4,7 +4,8 @@
 // after real forwards of the tiny model, byte for byte, with the payload that kvstore's own encoder writes
 // for the same entries (taken from the host state, which the backend keeps up to date): after a prefill,
 // after decode steps that open new pages mid-decode, and after a state was uploaded whole (the host-packed
-// path). Label gpu; every test skips without a GPU.
+// path); and pages adopted from block payloads (Model::AdoptKvPages) serve the next step. Label gpu; every
+// test skips without a GPU.
 #include <cstring>
 #include <random>
 #include <string>
@@ -52,8 +53,7 @@ std::vector<int32_t> Tokens(int64_t n, uint32_t seed) {
 }
 
 // The payload bytes of block `block` of `state` as kvstore encodes them: a KvBlock of the state's entries
-// and keys of that block, no boundary state, through EncodeKvBlock; the payload is what precedes the
-// (empty) boundary state's length and the checksum.
+// and keys of that block through EncodeKvBlock, DecodeKvBlock and KvBlockPayload.
 std::string StorePayload(const kvstore::KvLayout& layout, const SequenceState& state, int32_t block) {
   kvstore::KvBlock b;
   b.block_index = block;
@@ -71,8 +71,10 @@ std::string StorePayload(const kvstore::KvLayout& layout, const SequenceState& s
   absl::StatusOr<std::string> bytes = kvstore::EncodeKvBlock(layout, b);
   EXPECT_TRUE(bytes.ok()) << bytes.status();
   if (!bytes.ok()) return "";
-  const size_t payload = static_cast<size_t>(layout.PayloadBytes());
-  return bytes->substr(bytes->size() - 4 - 8 - payload, payload);
+  absl::StatusOr<kvstore::KvBlock> back = kvstore::DecodeKvBlock(layout, *bytes);
+  EXPECT_TRUE(back.ok()) << back.status();
+  if (!back.ok()) return "";
+  return std::string(kvstore::KvBlockPayload(layout, *bytes, *back));
 }
 
 // Every complete block of `state` on the device equals kvstore's payload for it.
@@ -137,6 +139,69 @@ TEST(CudaKvPagesTest, PagesAreKvStoreBlockPayloadsFp32) {
 TEST(CudaKvPagesTest, PagesAreKvStoreBlockPayloadsFp8) {
   SKIP_WITHOUT_GPU();
   CheckPages(CudaWeights::kFp8);
+}
+
+// Pages adopted from block payloads (as the engine does with cached or transferred blocks,
+// Model::AdoptKvPages) make the device copy the next step uses: no upload, the same logits as a state
+// uploaded from the host, and pages equal to the payloads. A state past its last full block gets the rest
+// from the host. Pages that cannot be the state's are refused.
+void CheckAdopt(CudaWeights format) {
+  std::unique_ptr<Model> gpu = LoadGpu(format);
+  ASSERT_NE(gpu, nullptr);
+  absl::StatusOr<kvstore::KvLayout> layout = engine::KvLayoutFor(gpu->config(), 1);
+  ASSERT_TRUE(layout.ok()) << layout.status();
+  for (const int64_t prompt : {256, 300}) {
+    SCOPED_TRACE(testing::Message() << "prompt " << prompt);
+    SequenceState base = gpu->NewState();
+    ASSERT_TRUE(gpu->Prefill(&base, Tokens(prompt, 9)).ok());
+    // Host copies of the state as a restore would make them: no device copy of their own.
+    SequenceState adopted = base, uploaded = base;
+    InvalidateDeviceCopy(&adopted);
+    InvalidateDeviceCopy(&uploaded);
+    std::vector<std::string> payloads;
+    for (int32_t k = 0; k < prompt / layout->block_tokens; ++k)
+      payloads.push_back(StorePayload(*layout, base, k));
+    const std::vector<absl::string_view> views(payloads.begin(), payloads.end());
+    ASSERT_TRUE(gpu->AdoptKvPages(&adopted, views).ok());
+    for (size_t k = 0; k < payloads.size(); ++k) {
+      absl::StatusOr<std::string> page = cuda::DeviceKvPage(gpu->backend(), adopted, static_cast<int64_t>(k));
+      ASSERT_TRUE(page.ok()) << page.status();
+      EXPECT_TRUE(*page == payloads[k]) << "page " << k;
+    }
+    absl::StatusOr<std::vector<float>> la = gpu->Decode({&adopted}, std::vector<int32_t>{17});
+    ASSERT_TRUE(la.ok()) << la.status();
+    absl::StatusOr<cuda::ForwardCounters> ka = cuda::LastForwardCounters(gpu->backend());
+    ASSERT_TRUE(ka.ok());
+    EXPECT_EQ(ka->states_cached, 1);
+    EXPECT_EQ(ka->states_uploaded, 0);
+    absl::StatusOr<std::vector<float>> lu = gpu->Decode({&uploaded}, std::vector<int32_t>{17});
+    ASSERT_TRUE(lu.ok()) << lu.status();
+    absl::StatusOr<cuda::ForwardCounters> ku = cuda::LastForwardCounters(gpu->backend());
+    ASSERT_TRUE(ku.ok());
+    EXPECT_EQ(ku->states_uploaded, 1);
+    EXPECT_LT(RelL2(*la, *lu), 1e-6);
+    // Refused: a page of another size, more pages than the state's entries fill.
+    SequenceState other = base;
+    InvalidateDeviceCopy(&other);
+    const std::string short_page(payloads[0].size() - 4, '\0');
+    EXPECT_EQ(gpu->AdoptKvPages(&other, {short_page}).code(), absl::StatusCode::kInvalidArgument);
+    std::vector<absl::string_view> too_many = views;
+    too_many.push_back(views[0]);
+    if (prompt % layout->block_tokens == 0) too_many.push_back(views[0]);
+    const absl::Status many = gpu->AdoptKvPages(&other, too_many);
+    EXPECT_EQ(many.code(), absl::StatusCode::kInvalidArgument) << many;
+    EXPECT_EQ(other.device_tag, 0u);
+  }
+}
+
+TEST(CudaKvPagesTest, AdoptedPagesServeTheNextStepWithoutAnUploadFp32) {
+  SKIP_WITHOUT_GPU();
+  CheckAdopt(CudaWeights::kF32);
+}
+
+TEST(CudaKvPagesTest, AdoptedPagesServeTheNextStepWithoutAnUploadFp8) {
+  SKIP_WITHOUT_GPU();
+  CheckAdopt(CudaWeights::kFp8);
 }
 
 }  // namespace
