@@ -92,6 +92,7 @@ absl::StatusOr<int64_t> KvCacheManager::Admit(Sequence* seq) {
     payloads.resize(keep);
   }
   model::SequenceState state;
+  bool adopt = false;  // The state's entries are exactly the restored blocks' payloads.
   if (!restored.empty()) {
     int64_t recomputed = 0;
     absl::StatusOr<model::SequenceState> s =
@@ -100,10 +101,7 @@ absl::StatusOr<int64_t> KvCacheManager::Admit(Sequence* seq) {
     recomputed_tokens_ += recomputed;
     if (s.ok()) {
       state = *std::move(s);
-      // Restored without recomputation, the state's entries are exactly the blocks' payloads: the backend
-      // may take those as they are (one copy a page into the CUDA backend's device KV cache). A refusal only
-      // means the state is uploaded from the host at its next step.
-      if (recomputed == 0) AdoptPages(&state, payloads);
+      adopt = recomputed == 0;
     } else {
       V4LOG(WARNING).With("status", s.status().ToString()) << "cached prefix does not restore; recomputing";
       for (BlockId b : blocks) pool_.Unref(b).IgnoreError();
@@ -114,6 +112,10 @@ absl::StatusOr<int64_t> KvCacheManager::Admit(Sequence* seq) {
   if (restored.empty()) state = model::NewSequenceState(config_);
   const int64_t reused = static_cast<int64_t>(restored.size());
   RETURN_IF_ERROR(AllocateUpTo(&blocks, BlocksFor(n_tokens)));
+  // Admitted: the backend may take the blocks' payloads as they are (one copy a page into the CUDA
+  // backend's device KV cache) for the step about to run. Only now, so that an admission that fails for
+  // want of blocks (and is retried each step) leaves no device copy behind.
+  if (adopt) AdoptPages(&state, payloads);
   seq->blocks = std::move(blocks);
   seq->cached_blocks = static_cast<int32_t>(reused);
   seq->state = std::move(state);

@@ -52,6 +52,7 @@ void Scheduler::Remove(Sequence* seq) {
     erase(swapped_);
     swap_bytes_ -= static_cast<int64_t>(seq->swapped_state.size());
     std::string().swap(seq->swapped_state);
+    seq->swapped_device_tag = 0;
   }
   kv_->Release(seq);
   seq->status = SequenceStatus::kFinished;
@@ -76,6 +77,7 @@ Sequence* Scheduler::PreemptLatest() {
       return victim;
     }
     std::string().swap(victim->swapped_state);  // Over the host budget: recompute instead.
+    victim->swapped_device_tag = 0;
   } else {
     kv_->Release(victim);
   }
@@ -145,6 +147,7 @@ StepPlan Scheduler::Schedule() {
       if (!s.ok()) {  // Undecodable swap bytes: recompute instead.
         V4LOG(WARNING).With("status", s) << "swap-in failed; recomputing";
         std::string().swap(seq->swapped_state);
+        seq->swapped_device_tag = 0;
         seq->status = SequenceStatus::kWaiting;
         Requeue(&waiting_, seq);
         continue;

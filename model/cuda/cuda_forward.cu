@@ -121,8 +121,9 @@ absl::Status CudaBackend::HcPre(const HcW& w, const float* streams, int64_t n, f
   RETURN_IF_ERROR(Linear(streams, n, w.fn, mixes.get()));
   k::RowRsqrt<<<n, 1024, 0, stream_>>>(streams, hc * d, c.rms_norm_eps, rs.get());
   V4_LAUNCH_CHECK(RowRsqrt);
-  // A slice of 1024 values or more a block, about two blocks an SM at small batches.
-  const int64_t parts = std::clamp<int64_t>(Blocks(2 * 132, n), 1, std::max<int64_t>(1, d / 1024));
+  // About two blocks an SM at small batches, up to 4 a token and slices of at least 128 values (the tiny
+  // model's 256 take 2, so the tests run the split too).
+  const int64_t parts = std::clamp<int64_t>(Blocks(2 * 132, n), 1, std::clamp<int64_t>(d / 128, 1, 4));
   k::HcMix<<<dim3(static_cast<unsigned>(n), static_cast<unsigned>(parts)), 256, 0, stream_>>>(
       mixes.get(), rs.get(), w.base, w.scale, static_cast<int>(hc), static_cast<int>(c.hc_sinkhorn_iters),
       static_cast<float>(c.hc_eps), streams, d, collapsed, post, comb);

@@ -114,7 +114,8 @@ float* DeviceStateCache::Row(const Copy& copy, int64_t layer, int64_t e, bool ke
 
 absl::StatusOr<float*> DeviceStateCache::TakePage() {
   if (free_.empty()) {
-    // Slabs of about 32 MiB (at least one page), zeroed once so that a page's unwritten rows read as 0.
+    // Slabs of about 32 MiB (at least one page), zeroed when taken (a reused page keeps its old bytes: only
+    // rows below a copy's entry counts are ever read).
     const int64_t pages = std::max<int64_t>(1, (int64_t{32} << 20) / (pl_.stride * 4));
     void* slab = nullptr;
     V4_CUDA_RETURN_IF_ERROR(cudaMallocAsync(&slab, pages * pl_.stride * 4, stream_));
@@ -329,7 +330,9 @@ absl::Status DeviceStateCache::Adopt(SequenceState* state, absl::Span<const absl
     return s;
   }
   pages_adopted_ += given;
-  copy->last_use = ++clock_;
+  // Least recent until a forward uses it: a copy adopted for a state that waits (a prefilled sequence in
+  // the swapped queue) must not push running sequences' copies out of the budget.
+  copy->last_use = 0;
   state->device_tag = NextTag();
   cached_[state->device_tag] = std::move(copy);
   EvictToBudget();

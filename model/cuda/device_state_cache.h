@@ -115,8 +115,9 @@ class DeviceStateCache {
   void Abort();
   // A new copy of `state` (not held by a forward) whose first pages are `pages`, kvstore block payloads of
   // its blocks 0, 1, ... taken as they are (one copy each); the rest (windows, compressors, entries past
-  // those blocks) from the host state. The state gets the copy's tag, replacing any copy it had.
-  // INVALID_ARGUMENT when a page is not PayloadBytes() or the state holds fewer entries than the pages.
+  // those blocks) from the host state. The state gets the copy's tag, replacing any copy it had; the copy
+  // is the first to go when the budget is exceeded, until a forward uses it. INVALID_ARGUMENT when a page
+  // is not PayloadBytes() or the state holds fewer entries than the pages (the state is left as it was).
   absl::Status Adopt(SequenceState* state, absl::Span<const absl::string_view> pages);
 
   // The cached copy that is valid for `state` as it is now, or null (not held by a forward).

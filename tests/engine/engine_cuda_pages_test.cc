@@ -1,11 +1,14 @@
-// The engine hands restored KV blocks to the CUDA backend's paged device KV cache as their payloads
-// (KvCacheManager::AdoptPages, Model::AdoptKvPages), and a state kept in host memory while swapped keeps its
-// device copy (Sequence::swapped_device_tag). Label gpu; skips without a GPU.
+// The engine hands KV blocks to the CUDA backend's paged device KV cache as their payloads: blocks restored
+// from the prefix cache (KvCacheManager::AdoptPages) and blocks a prefill worker sent (Engine::
+// SubmitPrefilled, which then keeps the state serialized in the swapped queue: the state's device tag must
+// survive that, Sequence::swapped_device_tag). Label gpu; skips without a GPU.
 #include <random>
 #include <string>
 #include <vector>
 
 #include "engine/engine.h"
+#include "engine/kv_transfer_codec.h"
+#include "engine/state_blocks.h"
 #include "gtest/gtest.h"
 #include "model/cuda/cuda_backend.h"
 #include "model/device.h"
@@ -18,6 +21,11 @@ using testing::Collected;
 using testing::GreedyRequest;
 using testing::RandomTokens;
 using testing::RunToCompletion;
+
+bool HaveGpu(std::string* why) {
+  absl::StatusOr<model::Device> d = model::ResolveDevice(model::Device::kAuto, why);
+  return d.ok() && *d == model::Device::kCuda;
+}
 
 std::unique_ptr<model::Model> LoadCuda() {
   model::ModelOptions o;
@@ -50,8 +58,7 @@ std::vector<int32_t> RunEngine(const model::Model& model, bool prefix_cache,
 
 TEST(EngineCudaPagesTest, RestoredPrefixBlocksAreAdoptedAndDecodeTheSame) {
   std::string why;
-  absl::StatusOr<model::Device> d = model::ResolveDevice(model::Device::kAuto, &why);
-  if (!d.ok() || *d != model::Device::kCuda) GTEST_SKIP() << "no GPU, CUDA engine path not tested: " << why;
+  if (!HaveGpu(&why)) GTEST_SKIP() << "no GPU, CUDA engine path not tested: " << why;
   std::unique_ptr<model::Model> gpu = LoadCuda();
   ASSERT_NE(gpu, nullptr);
   std::mt19937 rng(21);
@@ -67,6 +74,59 @@ TEST(EngineCudaPagesTest, RestoredPrefixBlocksAreAdoptedAndDecodeTheSame) {
   EXPECT_EQ(plain.kv_pages_adopted, 0);
   ASSERT_EQ(with_cache.size(), 6u);
   EXPECT_EQ(with_cache, without) << "adopted pages decode as the computed prompt does";
+}
+
+// A prompt computed "elsewhere" (the same model, as a prefill worker would), sent as transfer chunks of one
+// layer each, assembled with its pages and submitted: the first step after swap-in finds the adopted device
+// copy (nothing uploaded), and the tokens equal those of the same request computed here.
+TEST(EngineCudaPagesTest, TransferredBlocksAreAdoptedAndSurviveTheSwapQueue) {
+  std::string why;
+  if (!HaveGpu(&why)) GTEST_SKIP() << "no GPU, CUDA engine path not tested: " << why;
+  std::unique_ptr<model::Model> gpu = LoadCuda();
+  ASSERT_NE(gpu, nullptr);
+  absl::StatusOr<kvstore::KvLayout> layout = KvLayoutFor(gpu->config(), 1);
+  ASSERT_TRUE(layout.ok()) << layout.status();
+  std::mt19937 rng(5);
+  const std::vector<int32_t> prompt = RandomTokens(&rng, 300);
+  model::SequenceState sent = gpu->NewState();
+  absl::StatusOr<std::vector<float>> logits = gpu->Prefill(&sent, prompt);
+  ASSERT_TRUE(logits.ok()) << logits.status();
+  SampledToken first;
+  first.id = model::ArgmaxOfRows(*logits, 1)[0];
+  std::vector<kvstore::KvTransferChunk> chunks;
+  for (int32_t b = 0; b < 2; ++b) {
+    absl::StatusOr<std::vector<kvstore::KvTransferChunk>> c =
+        EncodeBlockChunks(*layout, sent, b, absl::MakeConstSpan(prompt).subspan(b * 128, 128), 1);
+    ASSERT_TRUE(c.ok()) << c.status();
+    chunks.insert(chunks.end(), c->begin(), c->end());
+  }
+  absl::StatusOr<kvstore::KvTransferChunk> window = EncodeWindowChunk(*layout, sent);
+  ASSERT_TRUE(window.ok()) << window.status();
+  chunks.push_back(*window);
+  std::vector<std::string> pages;
+  absl::StatusOr<model::SequenceState> state =
+      AssembleTransferredState(gpu->config(), *layout, prompt, chunks, &pages);
+  ASSERT_TRUE(state.ok()) << state.status();
+  ASSERT_EQ(pages.size(), 2u);
+
+  auto engine = Engine::Create(gpu.get(), EngineOptions());
+  ASSERT_TRUE(engine.ok()) << engine.status();
+  Collected sink;
+  ASSERT_TRUE((*engine)
+                  ->SubmitPrefilled(GreedyRequest("p", prompt, 6, &sink), *std::move(state), first, 0, pages)
+                  .ok());
+  // Step until the first decode forward (the second token): swap-in may take a step of its own.
+  for (int i = 0; i < 10 && sink.Tokens("p").size() < 2; ++i) ASSERT_TRUE((*engine)->Step().ok());
+  ASSERT_EQ(sink.Tokens("p").size(), 2u);
+  absl::StatusOr<model::cuda::ForwardCounters> k = model::cuda::LastForwardCounters(gpu->backend());
+  ASSERT_TRUE(k.ok()) << k.status();
+  EXPECT_EQ(k->states_cached, 1) << "the adopted copy kept its tag through the swapped queue";
+  EXPECT_EQ(k->states_uploaded, 0);
+  RunToCompletion(engine->get());
+  EXPECT_EQ((*engine)->stats().kv_pages_adopted, 2);
+  EngineStats plain;
+  const std::vector<int32_t> here = RunEngine(*gpu, false, {prompt}, &plain);
+  EXPECT_EQ(sink.Tokens("p"), here);
 }
 
 }  // namespace

@@ -101,11 +101,17 @@ void CheckPages(CudaWeights format) {
   ASSERT_TRUE(layout.ok()) << layout.status();
   ASSERT_EQ(layout->block_tokens, cuda::kKvPageTokens);
   // Two sequences: a prefill of 300 tokens (two complete blocks, a third begun), another of 250.
-  SequenceState a = gpu->NewState(), b = gpu->NewState();
+  SequenceState a = gpu->NewState(), b = gpu->NewState(), chunked = gpu->NewState();
   ASSERT_TRUE(gpu->Prefill(&a, Tokens(300, 1)).ok());
   ASSERT_TRUE(gpu->Prefill(&b, Tokens(250, 2)).ok());
   ExpectPagesAreStorePayloads(*gpu, *layout, a);
   ExpectPagesAreStorePayloads(*gpu, *layout, b);
+  // Prefill chunks of 100: forwards whose new entries start inside a page and run into the next one.
+  const std::vector<int32_t> long_prompt = Tokens(300, 3);
+  for (size_t at = 0; at < long_prompt.size(); at += 100) {
+    ASSERT_TRUE(gpu->Prefill(&chunked, absl::MakeConstSpan(long_prompt).subspan(at, 100)).ok());
+  }
+  ExpectPagesAreStorePayloads(*gpu, *layout, chunked);
   // Batched decode across the 256 and 384 boundaries: new pages open mid-decode and fill row by row.
   for (int step = 0; step < 90; ++step) {
     absl::StatusOr<std::vector<float>> logits = gpu->Decode(
@@ -180,9 +186,22 @@ void CheckAdopt(CudaWeights format) {
     ASSERT_TRUE(ku.ok());
     EXPECT_EQ(ku->states_uploaded, 1);
     EXPECT_LT(RelL2(*la, *lu), 1e-6);
-    // Refused: a page of another size, more pages than the state's entries fill.
+    // The pages come from the payloads, not from the host state: a changed payload shows on the device.
+    SequenceState probe = base;
+    InvalidateDeviceCopy(&probe);
+    std::string changed = payloads[0];
+    const float marker = 1234.5f;
+    std::memcpy(changed.data() + 8, &marker, sizeof(marker));
+    ASSERT_TRUE(gpu->AdoptKvPages(&probe, {changed}).ok());
+    absl::StatusOr<std::string> probed = cuda::DeviceKvPage(gpu->backend(), probe, 0);
+    ASSERT_TRUE(probed.ok()) << probed.status();
+    EXPECT_TRUE(*probed == changed);
+    // Refused: a page of another size, more pages than the state's entries fill. The state keeps the copy
+    // it had (here: from a step run on it), which still serves it.
     SequenceState other = base;
     InvalidateDeviceCopy(&other);
+    ASSERT_TRUE(gpu->Decode({&other}, std::vector<int32_t>{23}).ok());
+    const uint64_t tag = other.device_tag;
     const std::string short_page(payloads[0].size() - 4, '\0');
     EXPECT_EQ(gpu->AdoptKvPages(&other, {short_page}).code(), absl::StatusCode::kInvalidArgument);
     std::vector<absl::string_view> too_many = views;
@@ -190,7 +209,8 @@ void CheckAdopt(CudaWeights format) {
     if (prompt % layout->block_tokens == 0) too_many.push_back(views[0]);
     const absl::Status many = gpu->AdoptKvPages(&other, too_many);
     EXPECT_EQ(many.code(), absl::StatusCode::kInvalidArgument) << many;
-    EXPECT_EQ(other.device_tag, 0u);
+    EXPECT_EQ(other.device_tag, tag);
+    EXPECT_TRUE(cuda::DeviceKvPage(gpu->backend(), other, 0).ok());
   }
 }
 
