@@ -416,8 +416,9 @@ absl::Status CudaBackend::AttentionCore(const LayerW& w, int64_t layer,
   RETURN_IF_ERROR(Stage(tables, &d_tables));
   const int64_t *d_ws = d_tables.get(), *d_wc = d_ws + n, *d_eb = d_ws + 2 * n, *d_vis = d_ws + 3 * n;
   const auto* d_pages = reinterpret_cast<const float* const*>(d_ws + 4 * n);
-  const k::PagedRows ek{d_pages, pl.entries_at[static_cast<size_t>(layer)], std::max<int64_t>(pp, 1)};
-  const k::PagedRows ik{d_pages, pl.keys_at[static_cast<size_t>(layer)], std::max<int64_t>(pp, 1)};
+  const int shift = std::max(0, k::PagedRowsShift(pp));  // pp: 0 on uncompressed layers (no entries read).
+  const k::PagedRows ek{d_pages, pl.entries_at[static_cast<size_t>(layer)], shift};
+  const k::PagedRows ik{d_pages, pl.keys_at[static_cast<size_t>(layer)], shift};
   Buf<float> sc(s);
   Buf<int32_t> sel(s), sel_cnt(s);
   if (csa && max_vis > 0) {
@@ -547,7 +548,9 @@ absl::Status PageRows(const std::vector<float>& src, int64_t width, const std::v
   if (table.empty()) table.push_back(out->pool.get());
   RETURN_IF_ERROR(out->table.Upload(table));
   RETURN_IF_ERROR(out->first.Upload(first));
-  out->rows = k::PagedRows{out->table.get(), offset, per_page};
+  const int shift = k::PagedRowsShift(per_page);
+  if (shift < 0) return absl::InvalidArgumentError("PageRows: pages of a power of two rows");
+  out->rows = k::PagedRows{out->table.get(), offset, shift};
   return absl::OkStatus();
 }
 
@@ -635,7 +638,8 @@ absl::StatusOr<std::vector<float>> SparseAttention(const AttentionCase& c, bool 
   RETURN_IF_ERROR(ws.Upload(c.win_start));
   RETURN_IF_ERROR(wc.Upload(c.win_cnt));
   RETURN_IF_ERROR(vis.Upload(c.vis));
-  // The entries in pages of 7 (not a divisor of the kernels' key tiles), as the backend's KV pages hold them.
+  // The entries in pages of 8 (a quarter of the kernels' 32-key tiles, so tiles span pages), as the backend's
+  // KV pages hold them.
   std::vector<int64_t> count = c.vis;
   for (size_t r = 0; r < n && !c.sel.empty(); ++r) {
     for (int64_t j = 0; j < c.sel_cnt[r]; ++j) {
@@ -643,7 +647,7 @@ absl::StatusOr<std::vector<float>> SparseAttention(const AttentionCase& c, bool 
     }
   }
   PagedRowsOnDevice ek;
-  RETURN_IF_ERROR(PageRows(c.ek, c.hd, c.ent_base, count, 7, &ek));
+  RETURN_IF_ERROR(PageRows(c.ek, c.hd, c.ent_base, count, 8, &ek));
   RETURN_IF_ERROR(sel.Upload(c.sel));
   RETURN_IF_ERROR(sel_cnt.Upload(c.sel_cnt));
   RETURN_IF_ERROR(o.Alloc(c.n * c.h * c.hd));

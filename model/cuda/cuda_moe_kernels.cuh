@@ -356,6 +356,23 @@ __global__ void __launch_bounds__(128, kCols <= 2 ? (kRows <= 4 ? 6 : 4) : 3)
   }
 }
 
+// The k loop of both MXFP4 expert GEMMs (GroupedGemmFp4, GroupedGemmFp4Fp8): x's first tile into stage 0,
+// the first two k steps' weight codes into the register buffers and the first into stage 0, then
+// step(k, stage) for each of `steps` k steps, unrolled by two so that the register buffers (indexed by the
+// stage) stay registers.
+template <class LoadA, class FetchB, class StoreB, class Step>
+__device__ __forceinline__ void RunTwoStageK(int64_t steps, LoadA& load_a, FetchB& fetch_b, StoreB& store_b,
+                                             Step& step) {
+  load_a(0, 0);
+  fetch_b(0, 0);
+  fetch_b(1, 1);
+  store_b(0, 0);
+  for (int64_t k = 0; k < steps; k += 2) {
+    step(k, 0);
+    if (k + 1 < steps) step(k + 1, 1);
+  }
+}
+
 // The MXFP4 grouped expert GEMM on tensor cores, the weights dequantized in its main loop: for each tile of
 // up to kEgBm rows of one expert e, y[row0 + m, n] = x[row0 + m, :] . W_e[n, :] over output columns
 // blockIdx.y * kEgBn .. + kEgBn. Tiles come from the host (ExpertTiles::expert/row0/rows, tile blockIdx.x)
@@ -488,14 +505,7 @@ __global__ void __launch_bounds__(256)
     __syncthreads();  // Everyone is done with this stage before it is refilled.
     if (more) store_b(cur ^ 1, cur ^ 1);
   };
-  load_a(0, 0);
-  fetch_b(0, 0);
-  fetch_b(1, 1);
-  store_b(0, 0);
-  for (int64_t kt = 0; kt < steps; kt += 2) {  // Unrolled by two so that the register buffers stay registers.
-    step(kt, 0);
-    if (kt + 1 < steps) step(kt + 1, 1);
-  }
+  RunTwoStageK(steps, load_a, fetch_b, store_b, step);
   StoreWarpTile(acc, wm, wn, lane, row0, rows, n0, out, out, y);
 }
 
@@ -604,14 +614,7 @@ __global__ void __launch_bounds__(256)
     __syncthreads();  // Everyone is done with this stage before it is refilled.
     if (more) store_b(cur ^ 1, cur ^ 1);
   };
-  load_a(0, 0);
-  fetch_b(0, 0);
-  fetch_b(1, 1);
-  store_b(0, 0);
-  for (int64_t kb = 0; kb < kbs; kb += 2) {  // Unrolled by two so that the register buffers stay registers.
-    step(kb, 0);
-    if (kb + 1 < kbs) step(kb + 1, 1);
-  }
+  RunTwoStageK(kbs, load_a, fetch_b, store_b, step);
   StoreWarpTile(tot, wm, wn, lane, row0, rows, n0, out, out, y);
 }
 

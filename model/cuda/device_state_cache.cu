@@ -5,6 +5,7 @@
 #include "absl/strings/str_cat.h"
 #include "model/cuda/cuda_check.h"
 #include "model/cuda/device_state_cache.h"
+#include "model/cuda/paged_rows.h"
 #include "services/status_macros.h"
 
 namespace v4serve::model::cuda {
@@ -87,6 +88,11 @@ absl::StatusOr<KvPageLayout> KvPageLayout::For(const ModelConfig& config) {
           "head_dim and index_head_dim must be multiples of 4 for the KV pages");
     }
     pl.per_page[l] = kKvPageTokens / ratio;
+    if (kernels::PagedRowsShift(pl.per_page[l]) < 0) {  // The kernels shift (paged_rows.h).
+      return absl::InvalidArgumentError(absl::StrCat("compress ratio ", ratio, " of layer ", l,
+                                                     " gives pages of ", pl.per_page[l],
+                                                     " entries, not a power of two"));
+    }
     pl.entries_at[l] = pl.page_floats;
     pl.keys_at[l] = pl.page_floats + pl.per_page[l] * config.head_dim;
     pl.page_floats = pl.keys_at[l] + pl.per_page[l] * id;
