@@ -19,6 +19,7 @@
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "absl/status/statusor.h"
@@ -72,6 +73,12 @@ class Model {
   SequenceState NewState() const { return NewSequenceState(config_); }
   // The backend that runs the main layers (CPU or CUDA).
   const ForwardBackend& backend() const { return *backend_; }
+  // Tests: puts `backend` in place of this model's and returns the one it had (a wrapping test backend may
+  // keep it and delegate to it). Not concurrent with any other call on the model.
+  std::unique_ptr<ForwardBackend> ReplaceBackendForTesting(std::unique_ptr<ForwardBackend> backend) {
+    std::swap(backend, backend_);
+    return backend;
+  }
 
   // Runs `tokens` (non-empty) after the state's tokens. Returns logits [vocab] of the last token, or
   // [tokens.size(), vocab] when `all_logits`. On error the state is unchanged only for argument errors
