@@ -162,7 +162,7 @@ absl::Status Engine::SubmitPrefilled(EngineRequest request, model::SequenceState
   seq->status = SequenceStatus::kWaiting;  // Not queued yet: EmitToken may finish it at once.
   EmitToken(seq, std::move(first));
   if (seq->status != SequenceStatus::kFinished) {
-    kv_.AdoptPages(&state, kv_pages);
+    kv_.AdoptPages(&state, std::vector<absl::string_view>(kv_pages.begin(), kv_pages.end()));
     seq->swapped_state = model::SerializeSequenceState(state);
     seq->swapped_device_tag = state.device_tag;
     scheduler_.AddSwapped(seq);

@@ -47,7 +47,7 @@ absl::StatusOr<int64_t> KvCacheManager::Admit(Sequence* seq) {
   const int64_t n_tokens = static_cast<int64_t>(seq->tokens.size());
   std::vector<BlockId> blocks;
   std::vector<KvBlock> restored;
-  std::vector<std::string> payloads;  // restored[i]'s payload bytes.
+  std::vector<EncodedBlock> encoded;  // restored[i] as it came.
   if (options_.enable_prefix_cache && n_tokens > 1) {
     // At least one token must be computed to get the logits that pick the next token.
     const int64_t max_blocks = (n_tokens - 1) / block_tokens();
@@ -70,7 +70,9 @@ absl::StatusOr<int64_t> KvCacheManager::Admit(Sequence* seq) {
         break;
       }
       blocks.push_back(hit[i]);
-      payloads.emplace_back(kvstore::KvBlockPayload(layout_, *bytes, *block));
+      const size_t at =
+          static_cast<size_t>(kvstore::KvBlockPayload(layout_, *bytes, *block).data() - bytes->data());
+      encoded.push_back({*std::move(bytes), at});
       restored.push_back(*std::move(block));
     }
   }
@@ -80,7 +82,7 @@ absl::StatusOr<int64_t> KvCacheManager::Admit(Sequence* seq) {
     const std::vector<BlockHash> hashes = kvstore::BlockHashChain(
         absl::MakeConstSpan(seq->tokens).subspan(0, static_cast<size_t>(max_blocks * block_tokens())),
         block_tokens(), layout_.model_fingerprint, seq->tenant_salt);
-    FetchFromStore(*seq, hashes, &blocks, &restored, &payloads);
+    FetchFromStore(*seq, hashes, &blocks, &restored, &encoded);
   }
   if (!restored.empty() && restored.back().boundary_state.empty() && model_ == nullptr) {
     // No model to recompute with: reuse up to the last block that carries its window state.
@@ -89,7 +91,7 @@ absl::StatusOr<int64_t> KvCacheManager::Admit(Sequence* seq) {
     for (size_t j = keep; j < blocks.size(); ++j) pool_.Unref(blocks[j]).IgnoreError();
     blocks.resize(keep);
     restored.resize(keep);
-    payloads.resize(keep);
+    encoded.resize(keep);
   }
   model::SequenceState state;
   bool adopt = false;  // The state's entries are exactly the restored blocks' payloads.
@@ -115,18 +117,24 @@ absl::StatusOr<int64_t> KvCacheManager::Admit(Sequence* seq) {
   // Admitted: the backend may take the blocks' payloads as they are (one copy a page into the CUDA
   // backend's device KV cache) for the step about to run. Only now, so that an admission that fails for
   // want of blocks (and is retried each step) leaves no device copy behind.
-  if (adopt) AdoptPages(&state, payloads);
+  if (adopt) {
+    std::vector<absl::string_view> payloads;
+    for (const EncodedBlock& e : encoded) {
+      payloads.push_back(
+          absl::string_view(e.bytes).substr(e.payload_at, static_cast<size_t>(layout_.PayloadBytes())));
+    }
+    AdoptPages(&state, payloads);
+  }
   seq->blocks = std::move(blocks);
   seq->cached_blocks = static_cast<int32_t>(reused);
   seq->state = std::move(state);
   return reused * block_tokens();
 }
 
-void KvCacheManager::AdoptPages(model::SequenceState* state, absl::Span<const std::string> payloads) {
+void KvCacheManager::AdoptPages(model::SequenceState* state, absl::Span<const absl::string_view> payloads) {
   if (model_ == nullptr || payloads.empty()) return;
-  const std::vector<absl::string_view> views(payloads.begin(), payloads.end());
-  if (absl::Status a = model_->AdoptKvPages(state, views); a.ok()) {
-    pages_adopted_ += static_cast<int64_t>(views.size());
+  if (absl::Status a = model_->AdoptKvPages(state, payloads); a.ok()) {
+    pages_adopted_ += static_cast<int64_t>(payloads.size());
   } else if (a.code() != absl::StatusCode::kUnimplemented) {  // UNIMPLEMENTED: a CPU backend.
     V4LOG(WARNING).With("status", a.ToString()) << "KV pages not adopted by the backend; uploading instead";
   }
@@ -226,7 +234,7 @@ void KvCacheManager::OnBlockBoundary(Sequence* seq) {
 
 void KvCacheManager::FetchFromStore(const Sequence& seq, absl::Span<const BlockHash> hashes,
                                     std::vector<BlockId>* blocks, std::vector<KvBlock>* restored,
-                                    std::vector<std::string>* payloads) {
+                                    std::vector<EncodedBlock>* encoded) {
   const kvstore::StoreScope scope{layout_.model_fingerprint, seq.tenant_salt};
   const size_t have = blocks->size();
   absl::StatusOr<kvstore::LookupResult> found = options_.store->Lookup(scope, hashes.subspan(have));
@@ -245,7 +253,8 @@ void KvCacheManager::FetchFromStore(const Sequence& seq, absl::Span<const BlockH
       break;
     }
     // Before the boundary state changes: the payload's place in the bytes depends on the encoded one.
-    std::string payload(kvstore::KvBlockPayload(layout_, stored->block, *block));
+    const size_t at = static_cast<size_t>(kvstore::KvBlockPayload(layout_, stored->block, *block).data() -
+                                          stored->block.data());
     if (!stored->window_state.empty()) {
       absl::StatusOr<kvstore::WindowState> ws = kvstore::DecodeWindowState(stored->window_state);
       // A state that does not match is ignored: the policy's recomputation rebuilds it exactly.
@@ -263,7 +272,7 @@ void KvCacheManager::FetchFromStore(const Sequence& seq, absl::Span<const BlockH
     }
     cache_.Insert(hashes[i], *id);  // Promoted to this process's tier (false: another copy is cached).
     blocks->push_back(*id);
-    payloads->push_back(std::move(payload));
+    encoded->push_back({std::move(stored->block), at});
     restored->push_back(*std::move(block));
     store_hit_tokens_ += block_tokens();
   }

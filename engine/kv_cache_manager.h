@@ -107,7 +107,7 @@ class KvCacheManager {
   // Offers `state`'s first blocks as their payloads (kvstore::KvBlockPayload, blocks 0, 1, ...) to the
   // model's backend (Model::AdoptKvPages) and counts them when taken; a refusal is logged and only costs an
   // upload at the state's next step. Nothing without a model. On the engine thread (like forwards).
-  void AdoptPages(model::SequenceState* state, absl::Span<const std::string> payloads);
+  void AdoptPages(model::SequenceState* state, absl::Span<const absl::string_view> payloads);
 
   // The pool, for fault-injection tests (corrupting stored blocks).
   kvstore::BlockPool* mutable_pool_for_testing() { return &pool_; }
@@ -117,12 +117,18 @@ class KvCacheManager {
   // Grows `blocks` to `count` blocks; on failure unrefs every block in `blocks` (the caller owns none).
   absl::Status AllocateUpTo(std::vector<kvstore::BlockId>* blocks, int64_t count);
 
+  // A restored block's bytes as they came (pool or store), kept for its payload (kvstore::KvBlockPayload),
+  // which starts `payload_at` bytes in: handed to AdoptPages without another copy.
+  struct EncodedBlock {
+    std::string bytes;
+    size_t payload_at = 0;
+  };
   // Blocks [have, want) of the chain from the store, verified and promoted into the pool (each with a
-  // pool reference for the caller, and cached). Stops at the first miss or bad block.
-  // `payloads` gets each restored block's payload bytes (kvstore::KvBlockPayload).
+  // pool reference for the caller, and cached). Stops at the first miss or bad block. `encoded` gets each
+  // restored block's bytes.
   void FetchFromStore(const Sequence& seq, absl::Span<const kvstore::BlockHash> hashes,
                       std::vector<kvstore::BlockId>* blocks, std::vector<kvstore::KvBlock>* restored,
-                      std::vector<std::string>* payloads);
+                      std::vector<EncodedBlock>* encoded);
   // Publishes `block` (state included when the policy keeps it) to the store's write-behind queue.
   void WriteBehind(const Sequence& seq, const kvstore::KvBlock& block, bool keep_state);
 

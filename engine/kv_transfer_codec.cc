@@ -4,6 +4,8 @@
 #include <utility>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "engine/state_blocks.h"
 #include "services/status_macros.h"
 
 namespace v4serve::engine {
@@ -38,23 +40,7 @@ absl::StatusOr<std::vector<KvTransferChunk>> EncodeBlockChunks(const KvLayout& l
   for (size_t first = 0; first < n_layers; first += static_cast<size_t>(layers_per_chunk)) {
     const size_t count = std::min(n_layers - first, static_cast<size_t>(layers_per_chunk));
     const KvLayout sub = SubLayout(layout, first, count);
-    KvBlock b;
-    b.block_index = block_index;
-    b.tokens.assign(tokens.begin(), tokens.end());
-    for (const kvstore::KvLayerLayout& ll : sub.layers) {
-      const model::AttentionLayerState& ls = state.layers[static_cast<size_t>(ll.layer)];
-      const size_t e0 = static_cast<size_t>(block_index) * static_cast<size_t>(ll.entries_per_block);
-      const size_t e1 = e0 + static_cast<size_t>(ll.entries_per_block);
-      if (ls.entries.size() < e1 * static_cast<size_t>(ll.entry_width) ||
-          ls.indexer_keys.size() < e1 * static_cast<size_t>(ll.indexer_width)) {
-        return absl::FailedPreconditionError(
-            absl::StrCat("the state does not hold block ", block_index, " of layer ", ll.layer));
-      }
-      b.entries.emplace_back(ls.entries.begin() + static_cast<ptrdiff_t>(e0 * ll.entry_width),
-                             ls.entries.begin() + static_cast<ptrdiff_t>(e1 * ll.entry_width));
-      b.indexer_keys.emplace_back(ls.indexer_keys.begin() + static_cast<ptrdiff_t>(e0 * ll.indexer_width),
-                                  ls.indexer_keys.begin() + static_cast<ptrdiff_t>(e1 * ll.indexer_width));
-    }
+    ASSIGN_OR_RETURN(const KvBlock b, BlockEntries(sub, state, block_index, tokens));
     KvTransferChunk c;
     c.first_layer = static_cast<uint32_t>(first);
     c.num_layers = static_cast<uint32_t>(count);
@@ -104,9 +90,9 @@ absl::StatusOr<model::SequenceState> AssembleTransferredState(const model::Model
   std::vector<std::vector<std::vector<float>>> entries(static_cast<size_t>(n_blocks),
                                                        std::vector<std::vector<float>>(n_layers));
   std::vector<std::vector<std::vector<float>>> keys = entries;
-  // part[block][first layer]: that chunk's payload bytes (pages set).
-  std::vector<std::vector<std::string>> part(static_cast<size_t>(pages != nullptr ? n_blocks : 0),
-                                             std::vector<std::string>(n_layers));
+  // part[block][first layer]: that chunk's payload, a view into the chunk (pages set).
+  std::vector<std::vector<absl::string_view>> part(static_cast<size_t>(pages != nullptr ? n_blocks : 0),
+                                                   std::vector<absl::string_view>(n_layers));
   const KvTransferChunk* window = nullptr;
   for (const KvTransferChunk& c : chunks) {
     if (c.window_state) {
@@ -129,8 +115,7 @@ absl::StatusOr<model::SequenceState> AssembleTransferredState(const model::Model
       return absl::DataLossError(absl::StrCat("KV block ", block, " was computed for other tokens"));
     }
     if (pages != nullptr) {
-      part[static_cast<size_t>(block)][c.first_layer] =
-          std::string(kvstore::KvBlockPayload(sub, c.payload, b));
+      part[static_cast<size_t>(block)][c.first_layer] = kvstore::KvBlockPayload(sub, c.payload, b);
     }
     for (size_t i = 0; i < c.num_layers; ++i) {
       const size_t l = c.first_layer + i;
@@ -169,10 +154,8 @@ absl::StatusOr<model::SequenceState> AssembleTransferredState(const model::Model
   }
   state.position = static_cast<int64_t>(prompt.size());
   if (pages != nullptr) {  // Every (block, layer) arrived once, so each block's parts tile its layers.
-    pages->assign(static_cast<size_t>(n_blocks), std::string());
-    for (int64_t b = 0; b < n_blocks; ++b) {
-      for (const std::string& p : part[static_cast<size_t>(b)]) (*pages)[static_cast<size_t>(b)] += p;
-    }
+    pages->clear();
+    for (const std::vector<absl::string_view>& layers : part) pages->push_back(absl::StrJoin(layers, ""));
   }
   return state;
 }

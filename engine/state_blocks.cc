@@ -65,6 +65,28 @@ absl::StatusOr<uint64_t> ModelFingerprint(const std::string& dir) {
   return h;
 }
 
+absl::StatusOr<KvBlock> BlockEntries(const KvLayout& layout, const model::SequenceState& state,
+                                     int32_t block_index, absl::Span<const int32_t> tokens) {
+  KvBlock b;
+  b.block_index = block_index;
+  b.tokens.assign(tokens.begin(), tokens.end());
+  for (const KvLayerLayout& ll : layout.layers) {
+    const model::AttentionLayerState& ls = state.layers[static_cast<size_t>(ll.layer)];
+    const size_t first = static_cast<size_t>(block_index) * static_cast<size_t>(ll.entries_per_block);
+    const size_t end = first + static_cast<size_t>(ll.entries_per_block);
+    if (ls.entries.size() < end * static_cast<size_t>(ll.entry_width) ||
+        ls.indexer_keys.size() < end * static_cast<size_t>(ll.indexer_width)) {
+      return absl::FailedPreconditionError(
+          absl::StrCat("the state does not hold block ", block_index, " of layer ", ll.layer));
+    }
+    b.entries.emplace_back(ls.entries.begin() + static_cast<ptrdiff_t>(first * ll.entry_width),
+                           ls.entries.begin() + static_cast<ptrdiff_t>(end * ll.entry_width));
+    b.indexer_keys.emplace_back(ls.indexer_keys.begin() + static_cast<ptrdiff_t>(first * ll.indexer_width),
+                                ls.indexer_keys.begin() + static_cast<ptrdiff_t>(end * ll.indexer_width));
+  }
+  return b;
+}
+
 absl::StatusOr<KvBlock> ExtractBlock(const model::ModelConfig& config, const KvLayout& layout,
                                      const model::SequenceState& state, int32_t block_index,
                                      absl::Span<const int32_t> tokens, kvstore::BlockHash hash) {
@@ -73,23 +95,12 @@ absl::StatusOr<KvBlock> ExtractBlock(const model::ModelConfig& config, const KvL
     return absl::FailedPreconditionError(
         absl::StrCat("block ", block_index, " ends at ", end, " but the state is at ", state.position));
   }
-  KvBlock b;
-  b.block_hash = hash;
-  b.block_index = block_index;
-  b.tokens.assign(tokens.begin(), tokens.end());
-  for (const KvLayerLayout& ll : layout.layers) {
-    const model::AttentionLayerState& ls = state.layers[static_cast<size_t>(ll.layer)];
-    const size_t first = static_cast<size_t>(block_index) * ll.entries_per_block;
-    const size_t n = static_cast<size_t>(ll.entries_per_block);
-    if (ls.entries.size() < (first + n) * ll.entry_width ||
-        ls.indexer_keys.size() < (first + n) * ll.indexer_width) {
-      return absl::InternalError("sequence state holds fewer compressed entries than its position implies");
-    }
-    b.entries.emplace_back(ls.entries.begin() + first * ll.entry_width,
-                           ls.entries.begin() + (first + n) * ll.entry_width);
-    b.indexer_keys.emplace_back(ls.indexer_keys.begin() + first * ll.indexer_width,
-                                ls.indexer_keys.begin() + (first + n) * ll.indexer_width);
+  absl::StatusOr<KvBlock> entries = BlockEntries(layout, state, block_index, tokens);
+  if (!entries.ok()) {
+    return absl::InternalError("sequence state holds fewer compressed entries than its position implies");
   }
+  KvBlock b = *std::move(entries);
+  b.block_hash = hash;
   // The boundary state without the entries (they are the blocks themselves): position 0 makes the
   // model's codec expect no entries.
   model::SequenceState boundary = state;

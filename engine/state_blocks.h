@@ -39,6 +39,13 @@ absl::StatusOr<kvstore::KvLayout> KvLayoutFor(const model::ModelConfig& config, 
 // (which name every tensor, its dtype and offsets). Two processes serving the same files agree on it.
 absl::StatusOr<uint64_t> ModelFingerprint(const std::string& dir);
 
+// The entries and indexer keys of block `block_index` of `state` for `layout`'s layers, with `tokens` (the
+// block's ids), block hash 0 and no boundary state, whatever the state's position. FAILED_PRECONDITION
+// naming the layer when the state does not hold that block's entries.
+absl::StatusOr<kvstore::KvBlock> BlockEntries(const kvstore::KvLayout& layout,
+                                              const model::SequenceState& state, int32_t block_index,
+                                              absl::Span<const int32_t> tokens);
+
 // Block `block_index` of a sequence whose state has consumed exactly (block_index + 1) · block_tokens
 // tokens (so the boundary state is that block's end). `tokens` are the block's ids.
 absl::StatusOr<kvstore::KvBlock> ExtractBlock(const model::ModelConfig& config,
