@@ -77,20 +77,13 @@ Recorded LoadRecorded() {
 
 // kvstore's payload of block `k` of `state`: its entries and indexer keys through EncodeKvBlock.
 std::string PayloadOf(const kvstore::KvLayout& layout, const model::SequenceState& state, int32_t k) {
-  kvstore::KvBlock b;
-  b.block_index = k;
-  b.tokens.assign(static_cast<size_t>(layout.block_tokens), 3);
-  for (const kvstore::KvLayerLayout& ll : layout.layers) {
-    const model::AttentionLayerState& ls = state.layers[static_cast<size_t>(ll.layer)];
-    const size_t e0 = static_cast<size_t>(k) * ll.entries_per_block, n = ll.entries_per_block;
-    b.entries.emplace_back(ls.entries.begin() + e0 * ll.entry_width,
-                           ls.entries.begin() + (e0 + n) * ll.entry_width);
-    b.indexer_keys.emplace_back(ls.indexer_keys.begin() + e0 * ll.indexer_width,
-                                ls.indexer_keys.begin() + (e0 + n) * ll.indexer_width);
-  }
-  absl::StatusOr<std::string> bytes = kvstore::EncodeKvBlock(layout, b);
+  const std::vector<int32_t> tokens(static_cast<size_t>(layout.block_tokens), 3);
+  absl::StatusOr<kvstore::KvBlock> b = BlockEntries(layout, state, k, tokens);
+  EXPECT_TRUE(b.ok()) << b.status();
+  if (!b.ok()) return "";
+  absl::StatusOr<std::string> bytes = kvstore::EncodeKvBlock(layout, *b);
   EXPECT_TRUE(bytes.ok()) << bytes.status();
-  return bytes.ok() ? std::string(kvstore::KvBlockPayload(layout, *bytes, b)) : "";
+  return bytes.ok() ? std::string(kvstore::KvBlockPayload(layout, *bytes, *b)) : "";
 }
 
 bool Saw(const RecordingBackend& b, uint64_t tag) {
@@ -137,16 +130,7 @@ TEST(EngineAdoptTest, TransferredPagesAreOfferedAndTheTagSurvivesTheSwapQueue) {
   model::SequenceState sent = testing::TinyModel().NewState();
   absl::StatusOr<std::vector<float>> logits = testing::TinyModel().Prefill(&sent, prompt);
   ASSERT_TRUE(logits.ok()) << logits.status();
-  std::vector<kvstore::KvTransferChunk> chunks;
-  for (int32_t b = 0; b < 2; ++b) {
-    absl::StatusOr<std::vector<kvstore::KvTransferChunk>> c =
-        EncodeBlockChunks(*layout, sent, b, absl::MakeConstSpan(prompt).subspan(b * 128, 128), 2);
-    ASSERT_TRUE(c.ok()) << c.status();
-    chunks.insert(chunks.end(), c->begin(), c->end());
-  }
-  absl::StatusOr<kvstore::KvTransferChunk> window = EncodeWindowChunk(*layout, sent);
-  ASSERT_TRUE(window.ok()) << window.status();
-  chunks.push_back(*window);
+  const std::vector<kvstore::KvTransferChunk> chunks = testing::EncodeTransfer(*layout, sent, prompt, 2);
   std::vector<std::string> pages;
   absl::StatusOr<model::SequenceState> state =
       AssembleTransferredState(r.model->config(), *layout, prompt, chunks, &pages);

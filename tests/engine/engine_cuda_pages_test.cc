@@ -13,19 +13,16 @@
 #include "model/cuda/cuda_backend.h"
 #include "model/device.h"
 #include "tests/engine/engine_test_util.h"
+#include "tests/model/cuda_test_util.h"
 
 namespace v4serve::engine {
 namespace {
 
+using model::HaveGpu;  // SKIP_WITHOUT_GPU (tests/model/cuda_test_util.h).
 using testing::Collected;
 using testing::GreedyRequest;
 using testing::RandomTokens;
 using testing::RunToCompletion;
-
-bool HaveGpu(std::string* why) {
-  absl::StatusOr<model::Device> d = model::ResolveDevice(model::Device::kAuto, why);
-  return d.ok() && *d == model::Device::kCuda;
-}
 
 std::unique_ptr<model::Model> LoadCuda() {
   model::ModelOptions o;
@@ -57,8 +54,7 @@ std::vector<int32_t> RunEngine(const model::Model& model, bool prefix_cache,
 }
 
 TEST(EngineCudaPagesTest, RestoredPrefixBlocksAreAdoptedAndDecodeTheSame) {
-  std::string why;
-  if (!HaveGpu(&why)) GTEST_SKIP() << "no GPU, CUDA engine path not tested: " << why;
+  SKIP_WITHOUT_GPU();
   std::unique_ptr<model::Model> gpu = LoadCuda();
   ASSERT_NE(gpu, nullptr);
   std::mt19937 rng(21);
@@ -80,8 +76,7 @@ TEST(EngineCudaPagesTest, RestoredPrefixBlocksAreAdoptedAndDecodeTheSame) {
 // layer each, assembled with its pages and submitted: the first step after swap-in finds the adopted device
 // copy (nothing uploaded), and the tokens equal those of the same request computed here.
 TEST(EngineCudaPagesTest, TransferredBlocksAreAdoptedAndSurviveTheSwapQueue) {
-  std::string why;
-  if (!HaveGpu(&why)) GTEST_SKIP() << "no GPU, CUDA engine path not tested: " << why;
+  SKIP_WITHOUT_GPU();
   std::unique_ptr<model::Model> gpu = LoadCuda();
   ASSERT_NE(gpu, nullptr);
   absl::StatusOr<kvstore::KvLayout> layout = KvLayoutFor(gpu->config(), 1);
@@ -93,16 +88,7 @@ TEST(EngineCudaPagesTest, TransferredBlocksAreAdoptedAndSurviveTheSwapQueue) {
   ASSERT_TRUE(logits.ok()) << logits.status();
   SampledToken first;
   first.id = model::ArgmaxOfRows(*logits, 1)[0];
-  std::vector<kvstore::KvTransferChunk> chunks;
-  for (int32_t b = 0; b < 2; ++b) {
-    absl::StatusOr<std::vector<kvstore::KvTransferChunk>> c =
-        EncodeBlockChunks(*layout, sent, b, absl::MakeConstSpan(prompt).subspan(b * 128, 128), 1);
-    ASSERT_TRUE(c.ok()) << c.status();
-    chunks.insert(chunks.end(), c->begin(), c->end());
-  }
-  absl::StatusOr<kvstore::KvTransferChunk> window = EncodeWindowChunk(*layout, sent);
-  ASSERT_TRUE(window.ok()) << window.status();
-  chunks.push_back(*window);
+  const std::vector<kvstore::KvTransferChunk> chunks = testing::EncodeTransfer(*layout, sent, prompt, 1);
   std::vector<std::string> pages;
   absl::StatusOr<model::SequenceState> state =
       AssembleTransferredState(gpu->config(), *layout, prompt, chunks, &pages);

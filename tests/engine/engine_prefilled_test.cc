@@ -16,6 +16,7 @@ namespace v4serve::engine {
 namespace {
 
 using testing::Collected;
+using testing::EncodeTransfer;
 using testing::GreedyRequest;
 using testing::RandomTokens;
 using testing::ReferenceGreedy;
@@ -47,23 +48,6 @@ Prefilled PrefillInChunks(const std::vector<int32_t>& prompt, int64_t chunk) {
   return p;
 }
 
-std::vector<kvstore::KvTransferChunk> Encode(const kvstore::KvLayout& layout,
-                                             const model::SequenceState& state,
-                                             const std::vector<int32_t>& prompt, int32_t layers_per_chunk) {
-  std::vector<kvstore::KvTransferChunk> out;
-  for (int32_t b = 0; b < static_cast<int32_t>(prompt.size()) / layout.block_tokens; ++b) {
-    absl::StatusOr<std::vector<kvstore::KvTransferChunk>> c = EncodeBlockChunks(
-        layout, state, b, absl::MakeConstSpan(prompt).subspan(static_cast<size_t>(b) * 128, 128),
-        layers_per_chunk);
-    EXPECT_TRUE(c.ok()) << c.status();
-    out.insert(out.end(), c->begin(), c->end());
-  }
-  absl::StatusOr<kvstore::KvTransferChunk> w = EncodeWindowChunk(layout, state);
-  EXPECT_TRUE(w.ok()) << w.status();
-  out.push_back(*w);
-  return out;
-}
-
 class TransferCodecTest : public ::testing::TestWithParam<int64_t> {};
 
 TEST_P(TransferCodecTest, ReassembledStateIsTheSameState) {
@@ -72,7 +56,7 @@ TEST_P(TransferCodecTest, ReassembledStateIsTheSameState) {
   const kvstore::KvLayout layout = Layout();
   const Prefilled p = PrefillInChunks(prompt, 128);
   for (int32_t lpc : {1, 2, 5}) {
-    std::vector<kvstore::KvTransferChunk> chunks = Encode(layout, p.state, prompt, lpc);
+    std::vector<kvstore::KvTransferChunk> chunks = EncodeTransfer(layout, p.state, prompt, lpc);
     std::shuffle(chunks.begin(), chunks.end(), rng);  // Arrival order does not matter.
     std::vector<std::string> pages;
     absl::StatusOr<model::SequenceState> got =
@@ -83,21 +67,12 @@ TEST_P(TransferCodecTest, ReassembledStateIsTheSameState) {
     // chunking (what the decode worker hands the backend's device KV cache).
     ASSERT_EQ(static_cast<int64_t>(pages.size()), GetParam() / layout.block_tokens);
     for (size_t b = 0; b < pages.size(); ++b) {
-      kvstore::KvBlock blk;
-      blk.block_index = static_cast<int32_t>(b);
-      blk.tokens.assign(prompt.begin() + static_cast<int64_t>(b) * 128,
-                        prompt.begin() + static_cast<int64_t>(b + 1) * 128);
-      for (const kvstore::KvLayerLayout& ll : layout.layers) {
-        const model::AttentionLayerState& ls = p.state.layers[static_cast<size_t>(ll.layer)];
-        const size_t e0 = b * ll.entries_per_block, n = ll.entries_per_block;
-        blk.entries.emplace_back(ls.entries.begin() + e0 * ll.entry_width,
-                                 ls.entries.begin() + (e0 + n) * ll.entry_width);
-        blk.indexer_keys.emplace_back(ls.indexer_keys.begin() + e0 * ll.indexer_width,
-                                      ls.indexer_keys.begin() + (e0 + n) * ll.indexer_width);
-      }
-      absl::StatusOr<std::string> bytes = kvstore::EncodeKvBlock(layout, blk);
+      absl::StatusOr<kvstore::KvBlock> blk = BlockEntries(layout, p.state, static_cast<int32_t>(b),
+                                                          absl::MakeConstSpan(prompt).subspan(b * 128, 128));
+      ASSERT_TRUE(blk.ok()) << blk.status();
+      absl::StatusOr<std::string> bytes = kvstore::EncodeKvBlock(layout, *blk);
       ASSERT_TRUE(bytes.ok()) << bytes.status();
-      EXPECT_EQ(pages[b], std::string(kvstore::KvBlockPayload(layout, *bytes, blk)))
+      EXPECT_EQ(pages[b], std::string(kvstore::KvBlockPayload(layout, *bytes, *blk)))
           << "block " << b << ", layers_per_chunk " << lpc;
     }
   }
@@ -110,7 +85,7 @@ TEST(TransferCodecTest, IncompleteWrongOrForeignTransfersAreRefused) {
   const std::vector<int32_t> prompt = RandomTokens(&rng, 300);
   const kvstore::KvLayout layout = Layout();
   const Prefilled p = PrefillInChunks(prompt, 300);
-  const std::vector<kvstore::KvTransferChunk> chunks = Encode(layout, p.state, prompt, 1);
+  const std::vector<kvstore::KvTransferChunk> chunks = EncodeTransfer(layout, p.state, prompt, 1);
   const model::ModelConfig& c = TinyModel().config();
   auto assemble = [&](std::vector<kvstore::KvTransferChunk> v, const std::vector<int32_t>& pr) {
     return AssembleTransferredState(c, layout, pr, v).status().code();
@@ -158,7 +133,7 @@ TEST(SubmitPrefilledTest, GreedyDecodeFromATransferredStateMatchesTheReference) 
     sampler.AddPromptTokens(prompt);
     SampledToken first = sampler.Sample(p.logits);
     absl::StatusOr<model::SequenceState> state = AssembleTransferredState(
-        TinyModel().config(), Layout(), prompt, Encode(Layout(), p.state, prompt, 1));
+        TinyModel().config(), Layout(), prompt, EncodeTransfer(Layout(), p.state, prompt, 1));
     ASSERT_TRUE(state.ok()) << state.status();
     // The decode worker's side.
     std::unique_ptr<Engine> engine = MakeEngine();

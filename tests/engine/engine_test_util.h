@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "engine/engine.h"
+#include "engine/kv_transfer_codec.h"
 #include "gtest/gtest.h"
 #include "model/generate.h"
 #include "model/model.h"
@@ -83,6 +84,28 @@ inline EngineRequest GreedyRequest(const std::string& id, std::vector<int32_t> p
   r.sampling.ignore_eos = true;
   r.on_output = sink->Callback();
   return r;
+}
+
+// A prefill worker's transfer of `state` (which has consumed `prompt`): each complete block's chunks of
+// `layers_per_chunk` layers, then the window chunk.
+inline std::vector<kvstore::KvTransferChunk> EncodeTransfer(const kvstore::KvLayout& layout,
+                                                            const model::SequenceState& state,
+                                                            const std::vector<int32_t>& prompt,
+                                                            int32_t layers_per_chunk) {
+  std::vector<kvstore::KvTransferChunk> out;
+  const size_t bt = static_cast<size_t>(layout.block_tokens);
+  for (int32_t b = 0; b < static_cast<int32_t>(prompt.size() / bt); ++b) {
+    absl::StatusOr<std::vector<kvstore::KvTransferChunk>> c = EncodeBlockChunks(
+        layout, state, b, absl::MakeConstSpan(prompt).subspan(static_cast<size_t>(b) * bt, bt),
+        layers_per_chunk);
+    EXPECT_TRUE(c.ok()) << c.status();
+    if (!c.ok()) return out;
+    out.insert(out.end(), c->begin(), c->end());
+  }
+  absl::StatusOr<kvstore::KvTransferChunk> w = EncodeWindowChunk(layout, state);
+  EXPECT_TRUE(w.ok()) << w.status();
+  if (w.ok()) out.push_back(*w);
+  return out;
 }
 
 // Steps until idle; fails the test after `max_steps` (a hang).

@@ -35,11 +35,6 @@
 namespace v4serve::model {
 namespace {
 
-std::string TinyDir() {
-  const char* src = std::getenv("V4SERVE_SOURCE_DIR");
-  return std::string(src ? src : ".") + "/tests/model/testdata/tiny_v4";
-}
-
 struct Pair {
   std::unique_ptr<Model> cpu, gpu, faithful;
 };
@@ -66,13 +61,6 @@ Pair LoadPair(CudaWeights format, int64_t index_topk = 0) {
   if (g.ok()) p.gpu = std::move(*g);
   if (f.ok()) p.faithful = std::move(*f);
   return p;
-}
-
-std::vector<int32_t> Prompt(int64_t n, uint32_t seed) {
-  std::vector<int32_t> t(static_cast<size_t>(n));
-  std::mt19937 rng(seed);
-  for (auto& x : t) x = static_cast<int32_t>(2 + rng() % 500);
-  return t;
 }
 
 double StateRelL2(const SequenceState& a, const SequenceState& b) {

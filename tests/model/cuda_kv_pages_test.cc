@@ -26,11 +26,6 @@ namespace {
 
 static_assert(cuda::kKvPageTokens == kvstore::kDefaultBlockTokens, "a device page is one kvstore block");
 
-std::string TinyDir() {
-  const char* src = std::getenv("V4SERVE_SOURCE_DIR");
-  return std::string(src ? src : ".") + "/tests/model/testdata/tiny_v4";
-}
-
 std::unique_ptr<Model> LoadGpu(CudaWeights format) {
   absl::StatusOr<ModelConfig> config = LoadModelConfig(TinyDir());
   EXPECT_TRUE(config.ok()) << config.status();
@@ -45,30 +40,14 @@ std::unique_ptr<Model> LoadGpu(CudaWeights format) {
   return g.ok() ? std::move(*g) : nullptr;
 }
 
-std::vector<int32_t> Tokens(int64_t n, uint32_t seed) {
-  std::vector<int32_t> t(static_cast<size_t>(n));
-  std::mt19937 rng(seed);
-  for (auto& x : t) x = static_cast<int32_t>(2 + rng() % 500);
-  return t;
-}
-
 // The payload bytes of block `block` of `state` as kvstore encodes them: a KvBlock of the state's entries
 // and keys of that block through EncodeKvBlock, DecodeKvBlock and KvBlockPayload.
 std::string StorePayload(const kvstore::KvLayout& layout, const SequenceState& state, int32_t block) {
-  kvstore::KvBlock b;
-  b.block_index = block;
-  b.tokens.assign(static_cast<size_t>(layout.block_tokens), 7);
-  for (const kvstore::KvLayerLayout& ll : layout.layers) {
-    const AttentionLayerState& ls = state.layers[static_cast<size_t>(ll.layer)];
-    const size_t e0 = static_cast<size_t>(block) * ll.entries_per_block, n = ll.entries_per_block;
-    EXPECT_GE(ls.entries.size(), (e0 + n) * ll.entry_width) << "layer " << ll.layer;
-    if (ls.entries.size() < (e0 + n) * ll.entry_width) return "";
-    b.entries.emplace_back(ls.entries.begin() + e0 * ll.entry_width,
-                           ls.entries.begin() + (e0 + n) * ll.entry_width);
-    b.indexer_keys.emplace_back(ls.indexer_keys.begin() + e0 * ll.indexer_width,
-                                ls.indexer_keys.begin() + (e0 + n) * ll.indexer_width);
-  }
-  absl::StatusOr<std::string> bytes = kvstore::EncodeKvBlock(layout, b);
+  const std::vector<int32_t> tokens(static_cast<size_t>(layout.block_tokens), 7);
+  absl::StatusOr<kvstore::KvBlock> b = engine::BlockEntries(layout, state, block, tokens);
+  EXPECT_TRUE(b.ok()) << b.status();  // The state holds the block's entries in every layer.
+  if (!b.ok()) return "";
+  absl::StatusOr<std::string> bytes = kvstore::EncodeKvBlock(layout, *b);
   EXPECT_TRUE(bytes.ok()) << bytes.status();
   if (!bytes.ok()) return "";
   absl::StatusOr<kvstore::KvBlock> back = kvstore::DecodeKvBlock(layout, *bytes);
@@ -102,12 +81,12 @@ void CheckPages(CudaWeights format) {
   ASSERT_EQ(layout->block_tokens, cuda::kKvPageTokens);
   // Two sequences: a prefill of 300 tokens (two complete blocks, a third begun), another of 250.
   SequenceState a = gpu->NewState(), b = gpu->NewState(), chunked = gpu->NewState();
-  ASSERT_TRUE(gpu->Prefill(&a, Tokens(300, 1)).ok());
-  ASSERT_TRUE(gpu->Prefill(&b, Tokens(250, 2)).ok());
+  ASSERT_TRUE(gpu->Prefill(&a, Prompt(300, 1)).ok());
+  ASSERT_TRUE(gpu->Prefill(&b, Prompt(250, 2)).ok());
   ExpectPagesAreStorePayloads(*gpu, *layout, a);
   ExpectPagesAreStorePayloads(*gpu, *layout, b);
   // Prefill chunks of 100: forwards whose new entries start inside a page and run into the next one.
-  const std::vector<int32_t> long_prompt = Tokens(300, 3);
+  const std::vector<int32_t> long_prompt = Prompt(300, 3);
   for (size_t at = 0; at < long_prompt.size(); at += 100) {
     ASSERT_TRUE(gpu->Prefill(&chunked, absl::MakeConstSpan(long_prompt).subspan(at, 100)).ok());
   }
@@ -159,7 +138,7 @@ void CheckAdopt(CudaWeights format) {
   for (const int64_t prompt : {256, 300}) {
     SCOPED_TRACE(testing::Message() << "prompt " << prompt);
     SequenceState base = gpu->NewState();
-    ASSERT_TRUE(gpu->Prefill(&base, Tokens(prompt, 9)).ok());
+    ASSERT_TRUE(gpu->Prefill(&base, Prompt(prompt, 9)).ok());
     // Host copies of the state as a restore would make them: no device copy of their own.
     SequenceState adopted = base, uploaded = base;
     InvalidateDeviceCopy(&adopted);

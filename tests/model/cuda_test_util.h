@@ -1,11 +1,13 @@
-// Helpers of the CUDA backend's gpu tests (cuda_kernels_test.cc, cuda_backend_test.cc): the skip without a
-// GPU, relative L2 distances, seeded random vectors.
+// Helpers of the CUDA backend's gpu tests (cuda_kernels_test.cc, cuda_backend_test.cc, cuda_kv_pages_test.cc,
+// tests/engine/engine_cuda_pages_test.cc): the skip without a GPU, relative L2 distances, seeded random
+// vectors and prompts, the tiny checkpoint.
 #ifndef V4SERVE_TESTS_MODEL_CUDA_TEST_UTIL_H_
 #define V4SERVE_TESTS_MODEL_CUDA_TEST_UTIL_H_
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <random>
 #include <string>
 #include <vector>
@@ -36,6 +38,20 @@ inline double RelL2(const std::vector<float>& a, const std::vector<float>& b) {
     den += static_cast<double>(b[i]) * b[i];
   }
   return std::sqrt(num / std::max(den, 1e-30));
+}
+
+// The tiny V4 checkpoint of the tests (tests/model/testdata/tiny_v4).
+inline std::string TinyDir() {
+  const char* src = std::getenv("V4SERVE_SOURCE_DIR");
+  return std::string(src ? src : ".") + "/tests/model/testdata/tiny_v4";
+}
+
+// `n` seeded token ids in 2 .. 501.
+inline std::vector<int32_t> Prompt(int64_t n, uint32_t seed) {
+  std::vector<int32_t> t(static_cast<size_t>(n));
+  std::mt19937 rng(seed);
+  for (auto& x : t) x = static_cast<int32_t>(2 + rng() % 500);
+  return t;
 }
 
 inline std::vector<float> Random(size_t n, uint32_t seed, float scale = 1.0f) {
