@@ -272,7 +272,7 @@ void AttentionKernels(const ModelConfig& c, double bf16_gemm, std::vector<std::s
   }
 }
 
-// The decode path's two MXFP4 expert kernels side by side (cuda::testing::ExpertGemmFp4) on V4-Flash's w1
+// The decode path's MXFP4 expert kernels side by side (cuda::testing::ExpertGemmFp4) on V4-Flash's w1
 // shape (in = hidden, out = expert inter) for the rows a decode batch gives: 16 experts stand for the 256
 // (host time), each batch's slots (batch x top-k) scaled by 16/256 and spread at random.
 void ExpertKernels(const ModelConfig& c, double fp8_gemm, std::vector<std::string>* rows) {
@@ -287,15 +287,28 @@ void ExpertKernels(const ModelConfig& c, double fp8_gemm, std::vector<std::strin
     for (int64_t i = 0; i < slots; ++i) ++per[rng() % experts];
     std::vector<float> x(static_cast<size_t>(slots * in));
     for (float& v : x) v = nd(rng);
-    double gemv = 0, mma = 0;
+    double gemv = 0, mma = 0, simt = 0;
     auto a =
         cuda::testing::ExpertGemmFp4(x, in, w, out, per, cuda::testing::ExpertPath::kDecodeGemv, 20, &gemv);
+    if (!cuda::testing::ExpertGemmFp4(x, in, w, out, per, cuda::testing::ExpertPath::kDecodeGemvSimt, 20,
+                                      &simt)
+             .ok()) {
+      simt = 0;
+    }
     auto b =
         cuda::testing::ExpertGemmFp4(x, in, w, out, per, cuda::testing::ExpertPath::kDecodeMma, 20, &mma);
     if (!a.ok() || !b.ok()) {
       std::fprintf(stderr, "expert kernels: %s\n",
                    std::string((a.ok() ? b.status() : a.status()).message()).c_str());
       return;
+    }
+    // The decode MoE's gate and up projections in one GEMV with SwiGLU (the same matrix twice here).
+    double glu = 0;
+    std::vector<float> w13 = w;
+    w13.insert(w13.end(), w.begin(), w.end());
+    if (!cuda::testing::ExpertGemmFp4(x, in, w13, out, per, cuda::testing::ExpertPath::kDecodeGlu, 20, &glu)
+             .ok()) {
+      glu = 0;
     }
     double mma8 = 0;  // The FP8 mode's tensor-core kernel (GroupedGemmFp4Fp8) on the same rows.
     if (!cuda::testing::ExpertGemmFp4(x, in, w, out, per, cuda::testing::ExpertPath::kDecodeMma, 20, &mma8,
@@ -306,13 +319,16 @@ void ExpertKernels(const ModelConfig& c, double fp8_gemm, std::vector<std::strin
     int64_t active = 0;
     for (int32_t p : per) active += p > 0;
     const double bytes = static_cast<double>(active * out * in) * (0.5 + 1.0 / 32);
-    char line[512];
+    char line[640];
     std::snprintf(
         line, sizeof(line),
-        "| MXFP4 experts (decode), batch %lld: %lld rows over %lld of 16 experts | tensor cores %.1f us (FP8 "
-        "inputs %.1f us), GEMV %.1f us | | %.0f MB | %.0f / %.0f GB/s | GEMV / tensor cores **%.2fx** |",
+        "| MXFP4 experts (decode), batch %lld: %lld rows over %lld of 16 experts | tensor-core GEMM %.1f us "
+        "(FP8 inputs %.1f us), GEMV on tensor cores %.1f us, SIMT GEMV %.1f us; gate + up + SwiGLU in one "
+        "GEMV %.1f us | | %.0f MB | %.0f / %.0f / %.0f GB/s | GEMM / GEMV **%.2fx**, SIMT / tensor-core GEMV "
+        "**%.2fx**, two GEMVs / fused **%.2fx** |",
         static_cast<long long>(batch), static_cast<long long>(slots), static_cast<long long>(active),
-        mma * 1e6, mma8 * 1e6, gemv * 1e6, bytes / 1e6, bytes / mma / 1e9, bytes / gemv / 1e9, gemv / mma);
+        mma * 1e6, mma8 * 1e6, gemv * 1e6, simt * 1e6, glu * 1e6, bytes / 1e6, bytes / mma / 1e9,
+        bytes / gemv / 1e9, bytes / simt / 1e9, mma / gemv, simt / gemv, 2 * gemv / glu);
     rows->push_back(line);
     std::printf("%s\n", line);
     std::fflush(stdout);

@@ -341,11 +341,15 @@ absl::Status CudaBackend::InitRuntime() {
   act_fp8_ = std::make_unique<Buf<uint8_t>>(stream_);
   act_fp8_scales_ = std::make_unique<Buf<float>>(stream_);
   act_fp8_round_ = std::make_unique<Buf<float>>(stream_);
+  act_f16_ = std::make_unique<Buf<__half>>(stream_);
+  act_f16_inv_ = std::make_unique<Buf<float>>(stream_);
   // The GEMMs' scratch, which graphs capture by address.
   act_bf16_->Track(&scratch_moves_, &capturing_);
   act_fp8_->Track(&scratch_moves_, &capturing_);
   act_fp8_scales_->Track(&scratch_moves_, &capturing_);
   act_fp8_round_->Track(&scratch_moves_, &capturing_);
+  act_f16_->Track(&scratch_moves_, &capturing_);
+  act_f16_inv_->Track(&scratch_moves_, &capturing_);
   top_logits_ = std::make_unique<Buf<float>>(stream_);
   RETURN_IF_ERROR(InitMoeKernels());
   return InitAttentionKernels(prop);

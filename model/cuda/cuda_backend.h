@@ -147,16 +147,21 @@ absl::StatusOr<std::vector<float>> IndexerScores(const std::vector<float>& iq, c
 // The MXFP4 expert GEMMs on host data: `w` [experts * out, in] FP32 rows (quantized to MXFP4 as the backend
 // loads experts), x [sum of rows_per_expert, in] with each expert's rows consecutive, in expert order; y
 // [rows, out]. kPrefill: the prefill path (tiles listed on the host, the tensor-core GEMM); kDecodeMma /
-// kDecodeGemv: the decode path (routing on the device) with the tensor-core GEMM or the GEMV a decode step of
-// that many rows would pick. `seconds` as SparseAttention's. `fp8`: FP8 inputs (quantized per row in blocks
-// of 128; the tensor-core GEMM on FP8 tensor cores with the codes converted to e4m3 in its main loop, the
-// GEMV on the rounded inputs), which serving does not use (slower; cuda_backend_impl.cuh, Fp8Experts).
-enum class ExpertPath { kPrefill, kDecodeMma, kDecodeGemv };
+// kDecodeGemv / kDecodeGemvSimt: the decode path (routing on the device) with the tensor-core GEMM, the GEMV
+// on tensor cores (FP16 inputs with a scale per row), or the SIMT GEMV (FP32 inputs) a decode step of that
+// many rows would pick. `seconds` as SparseAttention's. `fp8`: FP8 inputs (quantized per row in blocks of
+// 128; the tensor-core GEMM on FP8 tensor cores with the codes converted to e4m3 in its main loop, the GEMVs
+// the SIMT one on the rounded inputs), which serving does not use (slower; cuda_backend_impl.cuh,
+// Fp8Experts). kDecodeGlu: the decode MoE's fused gate / up GEMV on tensor cores: `w` holds the gate stack
+// then the up stack (2 * experts * out rows) and y[s, :] = SwiGLU(x[s] . W1_e, x[s] . W3_e) (gate clamped
+// above at lim and up to [-lim, lim] when lim > 0) times slot_w[s] (none: 1).
+enum class ExpertPath { kPrefill, kDecodeMma, kDecodeGemv, kDecodeGemvSimt, kDecodeGlu };
 absl::StatusOr<std::vector<float>> ExpertGemmFp4(const std::vector<float>& x, int64_t in,
                                                  const std::vector<float>& w, int64_t out,
                                                  const std::vector<int32_t>& rows_per_expert,
                                                  ExpertPath path = ExpertPath::kPrefill, int repeats = 0,
-                                                 double* seconds = nullptr, bool fp8 = false);
+                                                 double* seconds = nullptr, bool fp8 = false,
+                                                 const std::vector<float>& slot_w = {}, float lim = 0.f);
 }  // namespace testing
 
 }  // namespace cuda

@@ -11,6 +11,7 @@
 #include <cublasLt.h>
 #include <cublas_v2.h>
 #include <cuda_bf16.h>
+#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -339,15 +340,22 @@ struct LayerW {
 
 enum class WInit { kHost, kOnes, kZeros, kRandom };
 
-// The decode path's expert kernels: the grouped GEMV reading each expert's weights once per 2 rows (narrow:
-// experts with one or two rows, mostly) or per 8 rows, or (MXFP4 only) the tensor-core grouped GEMM, which
-// reads them once per 64 rows but streams them slower (H200, bench --attention: 0.21x the GEMV's speed at
-// 0.2 rows per expert, 0.85x at 1.5, 1.4x at 3, 2.4x at 6).
-enum class ExpertKernel { kGemvNarrow, kGemvWide, kMma };
-// Which one a decode step of `slots` (rows x experts per token) over `experts` routed experts runs (MXFP4
-// experts; BF16/FP32 ones use the GEMVs).
-inline ExpertKernel DecodeExpertKernel(int64_t slots, int64_t experts) {
-  if (slots >= 3 * experts) return ExpertKernel::kMma;
+// The decode path's expert kernels: for MXFP4 experts, the grouped GEMV on tensor cores (GroupedGemvFp4Mma:
+// weights read once per 8 rows of an expert) or the tensor-core grouped GEMM (GroupedGemmFp4: once per 64
+// rows, but it streams them slower); the SIMT GEMVs reading each expert's weights once per 2 rows (narrow:
+// experts with one or two rows, mostly) or per 8 rows, which the FP8-input mode, BF16/FP32 experts and
+// inputs not a multiple of 128 wide run (kGemvMma falls back to them), and the bench compares.
+enum class ExpertKernel { kGemvNarrow, kGemvWide, kGemvMma, kMma };
+// Which one a decode step of `slots` (rows x experts per token) over `experts` routed experts runs;
+// `mma_gemv`: the layer's experts take the GEMV on tensor cores. The bench's expert table
+// (docs/PERFORMANCE.md): that GEMV beats the GEMM up to 6 rows an expert (1.4x there; V4's 256 experts: up to
+// 256 decode rows), the SIMT GEMV only below 3.
+inline ExpertKernel DecodeExpertKernel(int64_t slots, int64_t experts, bool mma_gemv) {
+  const bool gemm = mma_gemv ? slots > 6 * experts : slots >= 3 * experts;
+  return gemm ? ExpertKernel::kMma : ExpertKernel::kGemvMma;
+}
+// The SIMT GEMV for that many slots.
+inline ExpertKernel SimtExpertKernel(int64_t slots, int64_t experts) {
   return slots <= 2 * experts ? ExpertKernel::kGemvNarrow : ExpertKernel::kGemvWide;
 }
 
@@ -360,6 +368,8 @@ class CudaBackend final : public ForwardBackend {
     DropGraphs();
     graph_bufs_.reset();
     act_bf16_.reset();  // These free on stream_, which must still exist.
+    act_f16_.reset();
+    act_f16_inv_.reset();
     act_fp8_.reset();
     act_fp8_scales_.reset();
     act_fp8_round_.reset();
@@ -494,6 +504,18 @@ class CudaBackend final : public ForwardBackend {
                                 const float* xin, int64_t slots, const int32_t* active,
                                 const int32_t* n_active, const int32_t* d_start, const int32_t* d_count,
                                 float* y) const;
+  // The MXFP4 GEMV on tensor cores (GroupedGemvFp4Mma) takes this matrix: MXFP4 with `in` a multiple of 128,
+  // outside the FP8-input measurements.
+  bool MmaGemvFits(const Mat& w) const { return w.fp4 && !Fp8Experts(w) && w.in % 128 == 0; }
+  // x's rows (rows[r], or r where rows is null) for GroupedGemvFp4Mma: ToF16Rows into act_f16_ /
+  // act_f16_inv_.
+  absl::Status ToF16Input(const float* x, const int32_t* rows, int64_t n, int64_t in) const;
+  // GroupedGemvFp4Mma over act_f16_ (ToF16Input's), routing as ExpertGemmDevice's. With w3, one launch takes
+  // the gate (w) and up (w3) projections and writes SwiGLU(gate, up) (clamped at lim when lim > 0) times
+  // slot_w[slot] (when given) to y: the decode MoE's first half.
+  absl::Status GemvFp4Mma(const Mat& w, const Mat* w3, int64_t groups, const int32_t* active,
+                          const int32_t* n_active, const int32_t* d_start, const int32_t* d_count, float* y,
+                          const float* slot_w, float lim) const;
   absl::Status ExpertGemmHost(const Mat& w, const float* xin, const std::vector<int32_t>& g_expert,
                               const std::vector<int32_t>& g_off, const std::vector<int32_t>& g_cnt,
                               float* y) const;
@@ -592,6 +614,8 @@ class CudaBackend final : public ForwardBackend {
   std::vector<LayerW> layers_;
   uint64_t seed_ = 0;
   mutable std::unique_ptr<Buf<__nv_bfloat16>> act_bf16_;  // Scratch for BF16 GEMM inputs.
+  mutable std::unique_ptr<Buf<__half>> act_f16_;          // FP16 inputs of GroupedGemvFp4Mma (ToF16Rows),
+  mutable std::unique_ptr<Buf<float>> act_f16_inv_;       // and their row scales.
   mutable std::unique_ptr<Buf<uint8_t>> act_fp8_;         // Scratch for FP8 GEMM inputs: codes,
   mutable std::unique_ptr<Buf<float>> act_fp8_scales_;    // and their block scales.
   mutable std::unique_ptr<Buf<float>> act_fp8_round_;     // FP8-rounded FP32 inputs (the MXFP4 GEMVs).

@@ -8,6 +8,52 @@ namespace v4serve::model::cuda::impl {
 
 namespace k = kernels;
 
+absl::Status CudaBackend::ToF16Input(const float* x, const int32_t* rows, int64_t n, int64_t in) const {
+  RETURN_IF_ERROR(act_f16_->Alloc(n * in));
+  RETURN_IF_ERROR(act_f16_inv_->Alloc(n));
+  k::ToF16Rows<<<static_cast<unsigned>(n), 256, 0, stream_>>>(x, rows, in, act_f16_->get(),
+                                                              act_f16_inv_->get());
+  V4_LAUNCH_CHECK(ToF16Rows);
+  return absl::OkStatus();
+}
+
+absl::Status CudaBackend::GemvFp4Mma(const Mat& w, const Mat* w3, int64_t groups, const int32_t* active,
+                                     const int32_t* n_active, const int32_t* d_start, const int32_t* d_count,
+                                     float* y, const float* slot_w, float lim) const {
+  if (w3 != nullptr && (w3->in != w.in || w3->out != w.out || !MmaGemvFits(*w3))) {
+    return absl::InternalError("the fused gate / up GEMV needs two MXFP4 matrices of one shape");
+  }
+  const k::GemvFp4Args a{act_f16_->get(),
+                         act_f16_inv_->get(),
+                         static_cast<const uint8_t*>(w.p),
+                         w.scales,
+                         w3 != nullptr ? static_cast<const uint8_t*>(w3->p) : nullptr,
+                         w3 != nullptr ? w3->scales : nullptr,
+                         active,
+                         n_active,
+                         d_start,
+                         d_count,
+                         w.in,
+                         w.out,
+                         y,
+                         slot_w,
+                         lim};
+  // 32 output rows a block: two 16-row tiles of one matrix, or one of the gate's and the same rows of the up
+  // projection's (docs/PERFORMANCE.md: 2 tiles against 1, a batch-64 step 5.00 -> 4.41 ms on H200). 8 warps
+  // split the 128-wide k chunks when there are 8 (V4-Flash: 32 and 16), else 4.
+  const bool wide = w.in / 128 >= 8;
+  const dim3 grid(static_cast<unsigned>(groups),
+                  static_cast<unsigned>(Blocks(w.out, w3 != nullptr ? 16 : 32)));
+  auto launch = [&](auto kernel, int threads) { kernel<<<grid, threads, 0, stream_>>>(a); };
+  if (w3 != nullptr) {
+    wide ? launch(k::GroupedGemvFp4Mma<8, 2, true>, 256) : launch(k::GroupedGemvFp4Mma<4, 2, true>, 128);
+  } else {
+    wide ? launch(k::GroupedGemvFp4Mma<8, 2, false>, 256) : launch(k::GroupedGemvFp4Mma<4, 2, false>, 128);
+  }
+  V4_LAUNCH_CHECK(GroupedGemvFp4Mma);
+  return absl::OkStatus();
+}
+
 absl::Status CudaBackend::ExpertGemmDevice(const Mat& w, int64_t groups, ExpertKernel kernel,
                                            int64_t max_rows, const float* xin, int64_t slots,
                                            const int32_t* active, const int32_t* n_active,
@@ -23,6 +69,11 @@ absl::Status CudaBackend::ExpertGemmDevice(const Mat& w, int64_t groups, ExpertK
                   static_cast<unsigned>(Blocks(max_rows, k::kEgBm)));
     return GroupedGemmFp4(w, xin, slots, tiles, g3, y);
   }
+  if (kernel == ExpertKernel::kGemvMma && MmaGemvFits(w)) {
+    RETURN_IF_ERROR(ToF16Input(xin, nullptr, slots, w.in));
+    return GemvFp4Mma(w, nullptr, groups, active, n_active, d_start, d_count, y, nullptr, 0.f);
+  }
+  if (kernel == ExpertKernel::kGemvMma) kernel = SimtExpertKernel(slots, groups);
   if (w.fp4) {
     if (Fp8Experts(w)) {  // The GEMVs take FP32: the FP8 mode's inputs, rounded.
       RETURN_IF_ERROR(act_fp8_round_->Alloc(slots * w.in));
@@ -184,24 +235,37 @@ absl::Status CudaBackend::Moe(const LayerW& w, int64_t layer, bool hash, const f
                                           slot_w.get(), row_slots.get(), touched, active.get(),
                                           n_active.get());
     V4_LAUNCH_CHECK(Permute);
-    RETURN_IF_ERROR(xin.Alloc(slots * d));
-    k::GatherRows<<<slots, 256, 0, s>>>(x, perm.get(), d, xin.get());
-    V4_LAUNCH_CHECK(GatherRows);
     RETURN_IF_ERROR(eg.Alloc(slots * inter));
-    RETURN_IF_ERROR(eu.Alloc(slots * inter));
     RETURN_IF_ERROR(ey.Alloc(slots * d));
     const int64_t groups = std::min(ne, slots);  // At most this many experts have rows.
-    const ExpertKernel kernel = DecodeExpertKernel(slots, ne);
-    // Rows an expert can get: one per row, unless hash routing lists an expert twice for a token.
-    const int64_t max_rows = hash ? slots : n;
-    RETURN_IF_ERROR(ExpertGemmDevice(w.w1, groups, kernel, max_rows, xin.get(), slots, active.get(),
-                                     n_active.get(), start.get(), cnt.get(), eg.get()));
-    RETURN_IF_ERROR(ExpertGemmDevice(w.w3, groups, kernel, max_rows, xin.get(), slots, active.get(),
-                                     n_active.get(), start.get(), cnt.get(), eu.get()));
-    k::SwiGlu<<<Blocks(slots * inter, 256), 256, 0, s>>>(eg.get(), eu.get(), slots, inter, slot_w.get(), lim);
-    V4_LAUNCH_CHECK(SwiGlu);
-    RETURN_IF_ERROR(ExpertGemmDevice(w.w2, groups, kernel, max_rows, eg.get(), slots, active.get(),
-                                     n_active.get(), start.get(), cnt.get(), ey.get()));
+    const bool mma_gemv = MmaGemvFits(w.w1) && MmaGemvFits(w.w3) && MmaGemvFits(w.w2);
+    const ExpertKernel kernel = DecodeExpertKernel(slots, ne, mma_gemv);
+    if (kernel == ExpertKernel::kGemvMma && mma_gemv) {
+      // Four launches: the slots' rows gathered into FP16, gate and up with SwiGLU in one GEMV, the SwiGLU
+      // rows into FP16, the down GEMV.
+      RETURN_IF_ERROR(ToF16Input(x, perm.get(), slots, d));
+      RETURN_IF_ERROR(GemvFp4Mma(w.w1, &w.w3, groups, active.get(), n_active.get(), start.get(), cnt.get(),
+                                 eg.get(), slot_w.get(), lim));
+      RETURN_IF_ERROR(ToF16Input(eg.get(), nullptr, slots, inter));
+      RETURN_IF_ERROR(GemvFp4Mma(w.w2, nullptr, groups, active.get(), n_active.get(), start.get(), cnt.get(),
+                                 ey.get(), nullptr, 0.f));
+    } else {
+      RETURN_IF_ERROR(xin.Alloc(slots * d));
+      k::GatherRows<<<slots, 256, 0, s>>>(x, perm.get(), d, xin.get());
+      V4_LAUNCH_CHECK(GatherRows);
+      RETURN_IF_ERROR(eu.Alloc(slots * inter));
+      // Rows an expert can get: one per row, unless hash routing lists an expert twice for a token.
+      const int64_t max_rows = hash ? slots : n;
+      RETURN_IF_ERROR(ExpertGemmDevice(w.w1, groups, kernel, max_rows, xin.get(), slots, active.get(),
+                                       n_active.get(), start.get(), cnt.get(), eg.get()));
+      RETURN_IF_ERROR(ExpertGemmDevice(w.w3, groups, kernel, max_rows, xin.get(), slots, active.get(),
+                                       n_active.get(), start.get(), cnt.get(), eu.get()));
+      k::SwiGlu<<<Blocks(slots * inter, 256), 256, 0, s>>>(eg.get(), eu.get(), slots, inter, slot_w.get(),
+                                                           lim);
+      V4_LAUNCH_CHECK(SwiGlu);
+      RETURN_IF_ERROR(ExpertGemmDevice(w.w2, groups, kernel, max_rows, eg.get(), slots, active.get(),
+                                       n_active.get(), start.get(), cnt.get(), ey.get()));
+    }
     k::CombineExperts<<<dim3(static_cast<unsigned>(n), static_cast<unsigned>(Blocks(d, 256))), 256, 0, s>>>(
         out, ey.get(), row_slots.get(), kk, d);
     V4_LAUNCH_CHECK(CombineExperts);
@@ -272,7 +336,8 @@ namespace v4serve::model::cuda::testing {
 absl::StatusOr<std::vector<float>> ExpertGemmFp4(const std::vector<float>& x, int64_t in,
                                                  const std::vector<float>& w, int64_t out,
                                                  const std::vector<int32_t>& rows_per_expert, ExpertPath path,
-                                                 int repeats, double* seconds, bool fp8) {
+                                                 int repeats, double* seconds, bool fp8,
+                                                 const std::vector<float>& slot_w, float lim) {
   using impl::Buf;
   const int64_t experts = static_cast<int64_t>(rows_per_expert.size());
   int64_t slots = 0, max_rows = 0;
@@ -280,16 +345,23 @@ absl::StatusOr<std::vector<float>> ExpertGemmFp4(const std::vector<float>& x, in
     slots += r;
     max_rows = std::max<int64_t>(max_rows, r);
   }
+  const bool glu = path == ExpertPath::kDecodeGlu;
   if (in < 1 || out < 1 || static_cast<int64_t>(x.size()) != slots * in ||
-      static_cast<int64_t>(w.size()) != experts * out * in) {
+      static_cast<int64_t>(w.size()) != (glu ? 2 : 1) * experts * out * in ||
+      (!slot_w.empty() && static_cast<int64_t>(slot_w.size()) != slots)) {
     return absl::InvalidArgumentError("ExpertGemmFp4: sizes do not match");
   }
   impl::CudaBackend b(ModelConfig{}, fp8 ? CudaWeights::kFp8 : CudaWeights::kBf16);  // Runtime only.
   RETURN_IF_ERROR(b.InitRuntime());
   b.set_fp8_expert_inputs(fp8);
-  impl::Mat m;
+  impl::Mat m, m3;
   RETURN_IF_ERROR(b.PutFp4(w.data(), experts * out, in, &m));
   m.out = out;  // Per expert, as the layers' stacks.
+  if (glu) {
+    if (!b.MmaGemvFits(m)) return absl::InvalidArgumentError("kDecodeGlu: in must be a multiple of 128");
+    RETURN_IF_ERROR(b.PutFp4(w.data() + experts * out * in, experts * out, in, &m3));
+    m3.out = out;
+  }
   std::vector<int32_t> g_expert, g_off, g_cnt, start(static_cast<size_t>(experts));
   int32_t off = 0;
   for (int64_t e = 0; e < experts; ++e) {
@@ -301,7 +373,8 @@ absl::StatusOr<std::vector<float>> ExpertGemmFp4(const std::vector<float>& x, in
     }
     off += rows_per_expert[e];
   }
-  Buf<float> dx(b.stream()), dy(b.stream());
+  Buf<float> dx(b.stream()), dy(b.stream()), dw(b.stream());
+  if (!slot_w.empty()) RETURN_IF_ERROR(dw.Upload(slot_w));
   Buf<int32_t> active(b.stream()), n_active(b.stream()), d_start(b.stream()), d_count(b.stream());
   RETURN_IF_ERROR(dx.Upload(x));
   RETURN_IF_ERROR(dy.Alloc(slots * out));
@@ -309,12 +382,17 @@ absl::StatusOr<std::vector<float>> ExpertGemmFp4(const std::vector<float>& x, in
   RETURN_IF_ERROR(n_active.Upload({static_cast<int32_t>(g_expert.size())}));
   RETURN_IF_ERROR(d_start.Upload(start));
   RETURN_IF_ERROR(d_count.Upload(rows_per_expert));
-  const impl::ExpertKernel kernel =
-      path == ExpertPath::kDecodeMma
-          ? impl::ExpertKernel::kMma
-          : (slots <= 2 * experts ? impl::ExpertKernel::kGemvNarrow : impl::ExpertKernel::kGemvWide);
+  const impl::ExpertKernel kernel = path == ExpertPath::kDecodeMma ? impl::ExpertKernel::kMma
+                                    : path == ExpertPath::kDecodeGemv
+                                        ? impl::ExpertKernel::kGemvMma
+                                        : impl::SimtExpertKernel(slots, experts);
   auto run = [&]() -> absl::Status {
     if (path == ExpertPath::kPrefill) return b.ExpertGemmHost(m, dx.get(), g_expert, g_off, g_cnt, dy.get());
+    if (glu) {
+      RETURN_IF_ERROR(b.ToF16Input(dx.get(), nullptr, slots, in));
+      return b.GemvFp4Mma(m, &m3, static_cast<int64_t>(g_expert.size()), active.get(), n_active.get(),
+                          d_start.get(), d_count.get(), dy.get(), slot_w.empty() ? nullptr : dw.get(), lim);
+    }
     return b.ExpertGemmDevice(m, static_cast<int64_t>(g_expert.size()), kernel, max_rows, dx.get(), slots,
                               active.get(), n_active.get(), d_start.get(), d_count.get(), dy.get());
   };

@@ -320,15 +320,18 @@ TEST(CudaKernelTest, IndexerKernelsMatchTheReference) {
 }
 
 // The MXFP4 expert GEMMs (the prefill path's tensor-core GEMM with host tiles, the decode path's with device
-// routing, and the decode GEMV) against the host: weights drawn on the MXFP4 grid (so that loading them is
-// exact), activations rounded to BF16 as the tensor-core kernel rounds them, products summed in double.
-// Expert row counts cover an empty expert, one row, a partial tile, exactly one 64-row tile and several
-// tiles; output widths cover a partial 128-column tile. Only FP32 summation order may differ; a wrong
-// fragment layout, nibble, scale or tile bound moves the result by O(1).
+// routing, and the decode GEMVs on tensor cores and on SIMT cores) against the host: weights drawn on the
+// MXFP4 grid (so that loading them is exact), activations as each kernel sees them (BF16-rounded for the
+// tensor-core GEMM, FP32 for the GEMVs), products summed in double. Expert row counts cover an empty expert,
+// one row, a partial tile, exactly one 64-row tile and several tiles (and more than one 8-row pass of the
+// GEMV); output widths cover a partial 128-column tile and a partial 16-row one; input widths cover 2, 4 and
+// 8 of the GEMV's 128-wide chunks. Rows scaled by 3e5 (past FP16's range) and 1e-6 check the GEMV's row
+// scales. Only FP32 summation order and the GEMV's FP16 rounding of x may differ; a wrong fragment layout,
+// nibble, scale or tile bound moves the result by O(1).
 TEST(CudaKernelTest, Mxfp4ExpertGemmMatchesTheHost) {
   SKIP_WITHOUT_GPU();
   static constexpr float kGrid[8] = {0.0f, 0.5f, 1.0f, 1.5f, 2.0f, 3.0f, 4.0f, 6.0f};
-  for (const auto& shape : {std::pair<int64_t, int64_t>{256, 192}, {512, 128}}) {
+  for (const auto& shape : {std::pair<int64_t, int64_t>{256, 192}, {512, 128}, {1024, 40}}) {
     const int64_t in = shape.first, out = shape.second;  // Plain locals: the lambdas below capture them.
     SCOPED_TRACE(testing::Message() << "in " << in << " out " << out);
     const std::vector<int32_t> rows = {3, 0, 1, 64, 150, 37};
@@ -344,15 +347,19 @@ TEST(CudaKernelTest, Mxfp4ExpertGemmMatchesTheHost) {
     }
     int64_t slots = 0;
     for (int32_t r : rows) slots += r;
-    const std::vector<float> x = Random(static_cast<size_t>(slots * in), 22);
-    // The inputs as each mode's kernels see them: BF16-rounded, or FP8 per row in blocks of 128 (the FP8
-    // mode: the CPU faithful mode's rounding).
+    std::vector<float> x = Random(static_cast<size_t>(slots * in), 22);
+    for (int64_t i = 0; i < in; ++i) {
+      x[4 * in + i] *= 3e5f;
+      x[5 * in + i] *= 1e-6f;
+    }
+    // The inputs as each mode's kernels see them: FP32, BF16-rounded, or FP8 per row in blocks of 128 (the
+    // FP8 mode: the CPU faithful mode's rounding).
     std::vector<float> xb = x, x8 = x;
     for (float& v : xb) v = RoundToBf16(v);
     cpu::Numerics{true}.Fp8Blocks(x8.data(), slots, in, in, 128);
-    std::vector<float> want, want8;
+    std::vector<float> want, wantf, want8;
     using Io = std::pair<const std::vector<float>*, std::vector<float>*>;
-    for (const auto& [xs, dst] : {Io{&xb, &want}, Io{&x8, &want8}}) {
+    for (const auto& [xs, dst] : {Io{&xb, &want}, Io{&x, &wantf}, Io{&x8, &want8}}) {
       dst->assign(static_cast<size_t>(slots * out), 0.0f);
       int64_t row = 0;
       for (int64_t e = 0; e < experts; ++e) {
@@ -375,21 +382,51 @@ TEST(CudaKernelTest, Mxfp4ExpertGemmMatchesTheHost) {
       }
       EXPECT_LT(worst, 10 * tol);
     };
-    for (const cuda::testing::ExpertPath path :
-         {cuda::testing::ExpertPath::kPrefill, cuda::testing::ExpertPath::kDecodeMma,
-          cuda::testing::ExpertPath::kDecodeGemv}) {
+    using Path = cuda::testing::ExpertPath;
+    for (const Path path : {Path::kPrefill, Path::kDecodeMma, Path::kDecodeGemv, Path::kDecodeGemvSimt}) {
       SCOPED_TRACE(testing::Message() << "path " << static_cast<int>(path));
+      const bool gemv = path == Path::kDecodeGemv || path == Path::kDecodeGemvSimt;
       absl::StatusOr<std::vector<float>> y = cuda::testing::ExpertGemmFp4(x, in, w, out, rows, path);
       ASSERT_TRUE(y.ok()) << y.status();
-      // The GEMV keeps x in FP32: against the BF16-rounded reference it is off by BF16's rounding of x.
-      compare(*y, want, path == cuda::testing::ExpertPath::kDecodeGemv ? 2e-2 : 1e-5);
+      // The tensor-core GEMM rounds x to BF16; the GEMVs take it in FP32, the tensor-core one rounding it to
+      // FP16 after its row scale (relative error 2^-12 a value, ~1e-4 over a dot product).
+      if (gemv) {
+        compare(*y, wantf, path == Path::kDecodeGemv ? 1e-3 : 1e-5);
+      } else {
+        compare(*y, want, 1e-5);
+      }
       // The FP8 mode: GroupedGemmFp4Fp8 converts the codes to e4m3 per 128-wide block (exact here: the
       // blocks' scales span at most 2^8) and accumulates on FP8 tensor cores (~1e-4, see
-      // Fp8LinearMatchesTheFaithfulGemm); the GEMV computes in FP32 on the rounded inputs.
+      // Fp8LinearMatchesTheFaithfulGemm); both GEMV paths run the SIMT GEMV in FP32 on the rounded inputs.
       y = cuda::testing::ExpertGemmFp4(x, in, w, out, rows, path, 0, nullptr, /*fp8=*/true);
       ASSERT_TRUE(y.ok()) << y.status();
-      compare(*y, want8, path == cuda::testing::ExpertPath::kDecodeGemv ? 1e-5 : 2e-4);
+      compare(*y, want8, gemv ? 1e-5 : 2e-4);
     }
+    // The decode MoE's fused gate / up GEMV: `w` as the gate stack, its reverse as the up stack, SwiGLU
+    // clamped at lim times each slot's routing weight, against the same in FP64 on the host.
+    std::vector<float> w13 = w;
+    w13.insert(w13.end(), w.rbegin(), w.rend());
+    std::vector<float> slot_w(static_cast<size_t>(slots));
+    for (size_t i = 0; i < slot_w.size(); ++i) slot_w[i] = 0.25f + 0.125f * static_cast<float>(i % 7);
+    const float lim = 2.0f;
+    std::vector<float> glu(static_cast<size_t>(slots * out));
+    int64_t clamped = 0, row = 0;
+    for (int64_t e = 0; e < experts; ++e) {
+      for (int32_t i = 0; i < rows[e]; ++i, ++row) {
+        for (int64_t o = 0; o < out; ++o) {
+          const double gate = cpu::DotF64(&x[row * in], &w13[(e * out + o) * in], in);
+          const double up = cpu::DotF64(&x[row * in], &w13[((experts + e) * out + o) * in], in);
+          clamped += std::fabs(gate) > lim || std::fabs(up) > lim;
+          const double gc = std::min<double>(gate, lim), uc = std::clamp<double>(up, -lim, lim);
+          glu[row * out + o] = static_cast<float>(gc / (1 + std::exp(-gc)) * uc * slot_w[row]);
+        }
+      }
+    }
+    EXPECT_GT(clamped, 0) << "lim should clamp some values";
+    absl::StatusOr<std::vector<float>> y =
+        cuda::testing::ExpertGemmFp4(x, in, w13, out, rows, Path::kDecodeGlu, 0, nullptr, false, slot_w, lim);
+    ASSERT_TRUE(y.ok()) << y.status();
+    compare(*y, glu, 1e-3);
   }
 }
 
