@@ -240,22 +240,18 @@ absl::Status CudaBackend::Moe(const LayerW& w, int64_t layer, bool hash, const f
     const int64_t groups = std::min(ne, slots);  // At most this many experts have rows.
     const bool mma_gemv = MmaGemvFits(w.w1) && MmaGemvFits(w.w3) && MmaGemvFits(w.w2);
     const ExpertKernel kernel = DecodeExpertKernel(slots, ne, mma_gemv);
+    // Rows an expert can get: one per row, unless hash routing lists an expert twice for a token.
+    const int64_t max_rows = hash ? slots : n;
     if (kernel == ExpertKernel::kGemvMma && mma_gemv) {
-      // Four launches: the slots' rows gathered into FP16, gate and up with SwiGLU in one GEMV, the SwiGLU
-      // rows into FP16, the down GEMV.
+      // The slots' rows gathered into FP16, then gate and up with SwiGLU in one GEMV.
       RETURN_IF_ERROR(ToF16Input(x, perm.get(), slots, d));
       RETURN_IF_ERROR(GemvFp4Mma(w.w1, &w.w3, groups, active.get(), n_active.get(), start.get(), cnt.get(),
                                  eg.get(), slot_w.get(), lim));
-      RETURN_IF_ERROR(ToF16Input(eg.get(), nullptr, slots, inter));
-      RETURN_IF_ERROR(GemvFp4Mma(w.w2, nullptr, groups, active.get(), n_active.get(), start.get(), cnt.get(),
-                                 ey.get(), nullptr, 0.f));
     } else {
       RETURN_IF_ERROR(xin.Alloc(slots * d));
       k::GatherRows<<<slots, 256, 0, s>>>(x, perm.get(), d, xin.get());
       V4_LAUNCH_CHECK(GatherRows);
       RETURN_IF_ERROR(eu.Alloc(slots * inter));
-      // Rows an expert can get: one per row, unless hash routing lists an expert twice for a token.
-      const int64_t max_rows = hash ? slots : n;
       RETURN_IF_ERROR(ExpertGemmDevice(w.w1, groups, kernel, max_rows, xin.get(), slots, active.get(),
                                        n_active.get(), start.get(), cnt.get(), eg.get()));
       RETURN_IF_ERROR(ExpertGemmDevice(w.w3, groups, kernel, max_rows, xin.get(), slots, active.get(),
@@ -263,9 +259,9 @@ absl::Status CudaBackend::Moe(const LayerW& w, int64_t layer, bool hash, const f
       k::SwiGlu<<<Blocks(slots * inter, 256), 256, 0, s>>>(eg.get(), eu.get(), slots, inter, slot_w.get(),
                                                            lim);
       V4_LAUNCH_CHECK(SwiGlu);
-      RETURN_IF_ERROR(ExpertGemmDevice(w.w2, groups, kernel, max_rows, eg.get(), slots, active.get(),
-                                       n_active.get(), start.get(), cnt.get(), ey.get()));
     }
+    RETURN_IF_ERROR(ExpertGemmDevice(w.w2, groups, kernel, max_rows, eg.get(), slots, active.get(),
+                                     n_active.get(), start.get(), cnt.get(), ey.get()));
     k::CombineExperts<<<dim3(static_cast<unsigned>(n), static_cast<unsigned>(Blocks(d, 256))), 256, 0, s>>>(
         out, ey.get(), row_slots.get(), kk, d);
     V4_LAUNCH_CHECK(CombineExperts);
