@@ -201,14 +201,17 @@ absl::Status CudaBackend::LinearFp8(const float* x, int64_t m, int64_t ldx, cons
   uint8_t* codes_r = act_fp8_->get() + m4 * ldx;
   float* scales_r = act_fp8_scales_->get() + m4 * row_blocks;
   float* yr = y + m4 * ldy;
-  k::QuantizeFp8Blocks<<<Blocks(rest * row_blocks, 8), 256, 0, stream_>>>(x + m4 * ldx, rest, row_blocks,
-                                                                          in_blocks, 0, codes_r, scales_r);
-  V4_LAUNCH_CHECK(QuantizeFp8Blocks);
+  const bool tile = path == Fp8Path::kTile || rest > k::kSkinnyMaxRows;
+  if (tile) {  // SkinnyGemmFp8 quantizes its input itself.
+    k::QuantizeFp8Blocks<<<Blocks(rest * row_blocks, 8), 256, 0, stream_>>>(x + m4 * ldx, rest, row_blocks,
+                                                                            in_blocks, 0, codes_r, scales_r);
+    V4_LAUNCH_CHECK(QuantizeFp8Blocks);
+  }
   const uint8_t* codes = static_cast<const uint8_t*>(w.p);
   const int64_t k_blocks = w.in / k::kFp8Block;
   const auto skinny = [&](auto kernel, int warps) {
     kernel<<<static_cast<unsigned>(Blocks(w.out, 16)), static_cast<unsigned>(32 * warps), 0, stream_>>>(
-        codes_r, scales_r, rest, ldx, codes, w.tile_scales, w.in, w.out, ldy, yr);
+        x + m4 * ldx, rest, ldx, codes, w.tile_scales, w.in, w.out, ldy, yr);
   };
   // SkinnyGemmFp8<kTok, k::SkinnyWarps(kTok, k_blocks)>.
   const auto skinny_tok = [&](auto tok) {
@@ -224,7 +227,7 @@ absl::Status CudaBackend::LinearFp8(const float* x, int64_t m, int64_t ldx, cons
         return skinny(k::SkinnyGemmFp8<kTok, 4>, 4);
     }
   };
-  if (path == Fp8Path::kTile || rest > k::kSkinnyMaxRows) {
+  if (tile) {
     const dim3 grid(static_cast<unsigned>(Blocks(rest, k::kF8Bm)),
                     static_cast<unsigned>(Blocks(w.out, k::kF8Bn)));
     k::GemmFp8<<<grid, 256, k::kF8Smem, stream_>>>(codes_r, scales_r, rest, ldx, codes, w.tile_scales, w.in,

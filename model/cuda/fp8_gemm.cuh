@@ -89,14 +89,16 @@ __global__ void QuantizeFp8Tiles(const float* w, int64_t out, int64_t in, uint8_
 
 // y[r, n] (row stride ldy) = sum_k x[r, k] W[n, k] for m <= 8 * kTok rows (decode steps): the weights are the
 // MMA's A operand (16 output features a warp) and the input rows its B operand (8 a tile), so a few rows
-// waste no weight bandwidth. xq/xs: QuantizeFp8Blocks's codes and scales of rows of stride ldx (a multiple
-// of 128). Each lane loads 16 consecutive bytes of k from its two weight rows and from its input row; the
-// MMA's k order is permuted the same way on both sides (lane t's bytes 16t .. 16t + 15 of a 64-byte chunk
-// stand for the fragment's k 4t .. 4t + 3 and 16 + 4t .. of two k32 steps), which a dot product does not
-// see, and every load is a whole 16 bytes. The kWarps warps of a block split the 128-wide k blocks (warp w
-// takes w, w + kWarps, ...) and add their totals in shared memory, in warp order: each warp waits out one
-// load latency per k block it takes, so the launch picks as many warps as keep the shared totals within
-// 16 KiB and have a k block each (SkinnyWarps). Grid ceil(out / 16), 32 kWarps threads.
+// waste no weight bandwidth. x: FP32 rows of stride ldx (a multiple of 128), quantized by the warps as they
+// read them, as QuantizeFp8Blocks would (the same codes and scales: lane t of a row's four holds 32 of a
+// block's 128 values and the four share their amax), which saves the decode step a launch per linear (ncu,
+// H200: 15 launches, ~49 us a step). Each lane loads 16 consecutive bytes of k from its two weight rows and
+// from its input row; the MMA's k order is permuted the same way on both sides (lane t's bytes 16t .. 16t +
+// 15 of a 64-byte chunk stand for the fragment's k 4t .. 4t + 3 and 16 + 4t .. of two k32 steps), which a dot
+// product does not see, and every load is a whole 16 bytes. The kWarps warps of a block split the 128-wide k
+// blocks (warp w takes w, w + kWarps, ...) and add their totals in shared memory, in warp order: each warp
+// waits out one load latency per k block it takes, so the launch picks as many warps as keep the shared
+// totals within 16 KiB and have a k block each (SkinnyWarps). Grid ceil(out / 16), 32 kWarps threads.
 constexpr int64_t kSkinnyMaxRows = 64;  // kTok <= 8.
 __host__ __device__ constexpr int SkinnyWarps(int tok, int64_t k_blocks) {
   const int most = tok <= 2 ? 16 : tok == 4 ? 8 : 4;
@@ -104,15 +106,15 @@ __host__ __device__ constexpr int SkinnyWarps(int tok, int64_t k_blocks) {
 }
 template <int kTok, int kWarps>
 __global__ void __launch_bounds__(kWarps * 32)
-    SkinnyGemmFp8(const uint8_t* xq, const float* xs, int64_t m, int64_t ldx, const uint8_t* w,
-                  const float* ws, int64_t in, int64_t out, int64_t ldy, float* y) {
+    SkinnyGemmFp8(const float* x, int64_t m, int64_t ldx, const uint8_t* w, const float* ws, int64_t in,
+                  int64_t out, int64_t ldy, float* y) {
   static_assert(kWarps * kTok <= 32, "the shared totals stay within 16 KiB");
   __shared__ float red[kWarps][kTok][32][4];
   const int warp = static_cast<int>(threadIdx.x / 32), lane = static_cast<int>(threadIdx.x % 32);
   const int g = lane / 4, t = lane % 4;
   const int64_t n0 = static_cast<int64_t>(blockIdx.x) * 16;
   const int64_t r0 = min(n0 + g, out - 1), r1 = min(n0 + g + 8, out - 1);
-  const int64_t kbs = in / kFp8Block, xbs = ldx / kFp8Block;
+  const int64_t kbs = in / kFp8Block;
   const uint8_t* w0 = w + r0 * in + t * 16;
   const uint8_t* w1 = w + r1 * in + t * 16;
   const float* ws0 = ws + (r0 / kFp8Block) * kbs;
@@ -129,15 +131,33 @@ __global__ void __launch_bounds__(kWarps * 32)
     const float sw0 = ws0[kb], sw1 = ws1[kb];
 #pragma unroll
     for (int tg = 0; tg < kTok; ++tg) {
-      const uint8_t* xp = xq + MinI64(tg * 8 + g, m - 1) * ldx + k + t * 16;
-      const uint4 b0 = *reinterpret_cast<const uint4*>(xp), b1 = *reinterpret_cast<const uint4*>(xp + 64);
+      // Row g's values k + 16t .. + 16 and k + 64 + 16t .. + 16, quantized with the block's scale.
+      const float4* xp = reinterpret_cast<const float4*>(x + MinI64(tg * 8 + g, m - 1) * ldx + k + t * 16);
+      float4 v[8];
+      float amax = 0.f;
+#pragma unroll
+      for (int i = 0; i < 8; ++i) {
+        v[i] = xp[(i / 4) * 16 + i % 4];
+        amax = fmaxf(amax, fmaxf(fmaxf(fabsf(v[i].x), fabsf(v[i].y)), fmaxf(fabsf(v[i].z), fabsf(v[i].w))));
+      }
+      amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 1));
+      amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 2));
+      const Pow2Scale sc = Pow2CeilScale(fmaxf(amax, 1e-4f), 448.0f);
+      uint32_t q[8];
+#pragma unroll
+      for (int i = 0; i < 8; ++i) {
+        q[i] = Fp8E4m3(v[i].x * sc.inv) | Fp8E4m3(v[i].y * sc.inv) << 8 | Fp8E4m3(v[i].z * sc.inv) << 16 |
+               Fp8E4m3(v[i].w * sc.inv) << 24;
+      }
+      const uint4 b0 = make_uint4(q[0], q[1], q[2], q[3]), b1 = make_uint4(q[4], q[5], q[6], q[7]);
+      // The scales of rows 2t and 2t + 1 (the accumulator's columns), from those rows' lanes.
+      const float sa0 = __shfl_sync(0xffffffffu, sc.s, 8 * t),
+                  sa1 = __shfl_sync(0xffffffffu, sc.s, 8 * t + 4);
       float acc[4] = {0.f, 0.f, 0.f, 0.f};
       MmaFp8(acc, a00.x, a10.x, a00.y, a10.y, b0.x, b0.y);
       MmaFp8(acc, a00.z, a10.z, a00.w, a10.w, b0.z, b0.w);
       MmaFp8(acc, a01.x, a11.x, a01.y, a11.y, b1.x, b1.y);
       MmaFp8(acc, a01.z, a11.z, a01.w, a11.w, b1.z, b1.w);
-      const float sa0 = xs[MinI64(tg * 8 + 2 * t, m - 1) * xbs + kb];
-      const float sa1 = xs[MinI64(tg * 8 + 2 * t + 1, m - 1) * xbs + kb];
       tot[tg][0] += acc[0] * (sw0 * sa0);  // Feature g, rows 2t and 2t + 1; then feature g + 8.
       tot[tg][1] += acc[1] * (sw0 * sa1);
       tot[tg][2] += acc[2] * (sw1 * sa0);
