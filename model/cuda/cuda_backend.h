@@ -162,6 +162,15 @@ absl::StatusOr<std::vector<float>> ExpertGemmFp4(const std::vector<float>& x, in
                                                  ExpertPath path = ExpertPath::kPrefill, int repeats = 0,
                                                  double* seconds = nullptr, bool fp8 = false,
                                                  const std::vector<float>& slot_w = {}, float lim = 0.f);
+// The decode MoE's token permutation on the device (kernels::Permute) for `rows` rows of k selections each
+// (sel, wts [rows, k]) over `experts` experts: per-expert counts and starts, each slot's row and weight (an
+// expert's slots in row order), each row's slots sorted by expert, the experts with rows in order.
+struct Permutation {
+  std::vector<int32_t> count, start, perm, row_slots, active;
+  std::vector<float> slot_w;
+};
+absl::StatusOr<Permutation> Permute(const std::vector<int32_t>& sel, const std::vector<float>& wts,
+                                    int64_t rows, int64_t k, int64_t experts);
 }  // namespace testing
 
 }  // namespace cuda

@@ -52,8 +52,12 @@ absl::StatusOr<std::vector<float>> IndexerScores(const std::vector<float>&, cons
 }
 absl::StatusOr<std::vector<float>> ExpertGemmFp4(const std::vector<float>&, int64_t,
                                                  const std::vector<float>&, int64_t,
-                                                 const std::vector<int32_t>&, ExpertPath, int, double*,
-                                                 bool) {
+                                                 const std::vector<int32_t>&, ExpertPath, int, double*, bool,
+                                                 const std::vector<float>&, float) {
+  return NotBuilt();
+}
+absl::StatusOr<Permutation> Permute(const std::vector<int32_t>&, const std::vector<float>&, int64_t, int64_t,
+                                    int64_t) {
   return NotBuilt();
 }
 }  // namespace testing

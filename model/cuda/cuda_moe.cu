@@ -39,16 +39,20 @@ absl::Status CudaBackend::GemvFp4Mma(const Mat& w, const Mat* w3, int64_t groups
                          slot_w,
                          lim};
   // 32 output rows a block: two 16-row tiles of one matrix, or one of the gate's and the same rows of the up
-  // projection's (docs/PERFORMANCE.md: 2 tiles against 1, a batch-64 step 5.00 -> 4.41 ms on H200). 8 warps
-  // split the 128-wide k chunks when there are 8 (V4-Flash: 32 and 16), else 4.
+  // projection's (docs/PERFORMANCE.md: 2 tiles against 1, a batch-64 step 5.00 -> 4.41 ms on H200). The
+  // warps of a block split the 128-wide k chunks: 8 in the fused gate / up GEMV over V4-Flash's 32 chunks, 4
+  // in the down projection over its 16 and in narrow matrices (under 8 chunks). Launch bounds of 24 warps an
+  // SM keep ptxas from moving a chunk's loads next to their MMAs (docs/PERFORMANCE.md, session 12).
   const bool wide = w.in / 128 >= 8;
   const dim3 grid(static_cast<unsigned>(groups),
                   static_cast<unsigned>(Blocks(w.out, w3 != nullptr ? 16 : 32)));
   auto launch = [&](auto kernel, int threads) { kernel<<<grid, threads, 0, stream_>>>(a); };
-  if (w3 != nullptr) {
-    wide ? launch(k::GroupedGemvFp4Mma<8, 2, true>, 256) : launch(k::GroupedGemvFp4Mma<4, 2, true>, 128);
+  if (w3 != nullptr && wide) {
+    launch(k::GroupedGemvFp4Mma<8, 2, true, 3>, 256);
+  } else if (w3 != nullptr) {
+    launch(k::GroupedGemvFp4Mma<4, 2, true, 6>, 128);
   } else {
-    wide ? launch(k::GroupedGemvFp4Mma<8, 2, false>, 256) : launch(k::GroupedGemvFp4Mma<4, 2, false>, 128);
+    launch(k::GroupedGemvFp4Mma<4, 2, false, 6>, 128);
   }
   V4_LAUNCH_CHECK(GroupedGemvFp4Mma);
   return absl::OkStatus();
@@ -220,7 +224,7 @@ absl::Status CudaBackend::Moe(const LayerW& w, int64_t layer, bool hash, const f
   RETURN_IF_ERROR(Linear(g.get(), n, w.s2, out));
   const int64_t slots = n * kk;
   int32_t* touched = touched_ + layer * ne;
-  if (slots <= 2048 && GemvFits(w.w1) && GemvFits(w.w2)) {
+  if (slots <= k::kPermuteSlots && GemvFits(w.w1) && GemvFits(w.w2)) {
     // Decode-sized: permutation and expert GEMVs on the device, no host round trip.
     Buf<int32_t> cnt(s), start(s), perm(s), row_slots(s), active(s), n_active(s);
     Buf<float> slot_w(s), xin(s), eg(s), eu(s), ey(s);
@@ -231,9 +235,9 @@ absl::Status CudaBackend::Moe(const LayerW& w, int64_t layer, bool hash, const f
     RETURN_IF_ERROR(slot_w.Alloc(slots));
     RETURN_IF_ERROR(active.Alloc(ne));
     RETURN_IF_ERROR(n_active.Alloc(1));
-    k::Permute<<<1, 256, 2 * ne * 4, s>>>(sel.get(), wts.get(), n, kk, ne, cnt.get(), start.get(), perm.get(),
-                                          slot_w.get(), row_slots.get(), touched, active.get(),
-                                          n_active.get());
+    k::Permute<<<1, 256, k::PermuteSmem(slots, ne), s>>>(
+        sel.get(), wts.get(), n, kk, ne, cnt.get(), start.get(), perm.get(), slot_w.get(), row_slots.get(),
+        touched, active.get(), n_active.get());
     V4_LAUNCH_CHECK(Permute);
     RETURN_IF_ERROR(eg.Alloc(slots * inter));
     RETURN_IF_ERROR(ey.Alloc(slots * d));
@@ -403,6 +407,49 @@ absl::StatusOr<std::vector<float>> ExpertGemmFp4(const std::vector<float>& x, in
     *seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() / repeats;
   }
   return y;
+}
+
+absl::StatusOr<Permutation> Permute(const std::vector<int32_t>& sel, const std::vector<float>& wts,
+                                    int64_t rows, int64_t k, int64_t experts) {
+  using impl::Buf;
+  const int64_t slots = rows * k;
+  if (rows < 1 || k < 1 || k > 64 || experts < 1 || slots > kernels::kPermuteSlots ||
+      static_cast<int64_t>(sel.size()) != slots || static_cast<int64_t>(wts.size()) != slots) {
+    return absl::InvalidArgumentError("Permute: sizes out of range");
+  }
+  for (int32_t e : sel) {
+    if (e < 0 || e >= experts) return absl::InvalidArgumentError("Permute: expert out of range");
+  }
+  impl::CudaBackend b(ModelConfig{}, CudaWeights::kBf16);  // Runtime only.
+  RETURN_IF_ERROR(b.InitRuntime());
+  cudaStream_t s = b.stream();
+  Buf<int32_t> d_sel(s), cnt(s), start(s), perm(s), row_slots(s), active(s), n_active(s);
+  Buf<float> d_wts(s), slot_w(s);
+  RETURN_IF_ERROR(d_sel.Upload(sel));
+  RETURN_IF_ERROR(d_wts.Upload(wts));
+  RETURN_IF_ERROR(cnt.Alloc(experts));
+  RETURN_IF_ERROR(start.Alloc(experts));
+  RETURN_IF_ERROR(active.Alloc(experts));
+  RETURN_IF_ERROR(n_active.Alloc(1));
+  RETURN_IF_ERROR(perm.Alloc(slots));
+  RETURN_IF_ERROR(row_slots.Alloc(slots));
+  RETURN_IF_ERROR(slot_w.Alloc(slots));
+  kernels::Permute<<<1, 256, kernels::PermuteSmem(slots, experts), s>>>(
+      d_sel.get(), d_wts.get(), rows, k, experts, cnt.get(), start.get(), perm.get(), slot_w.get(),
+      row_slots.get(), nullptr, active.get(), n_active.get());
+  V4_CUDA_RETURN_IF_ERROR(cudaGetLastError());
+  Permutation p;
+  std::vector<int32_t> na;
+  RETURN_IF_ERROR(cnt.Download(&p.count));
+  RETURN_IF_ERROR(start.Download(&p.start));
+  RETURN_IF_ERROR(perm.Download(&p.perm));
+  RETURN_IF_ERROR(row_slots.Download(&p.row_slots));
+  RETURN_IF_ERROR(slot_w.Download(&p.slot_w));
+  RETURN_IF_ERROR(active.Download(&p.active));
+  RETURN_IF_ERROR(n_active.Download(&na));
+  V4_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(s));
+  p.active.resize(static_cast<size_t>(na.at(0)));
+  return p;
 }
 
 }  // namespace v4serve::model::cuda::testing

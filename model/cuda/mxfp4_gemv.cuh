@@ -136,18 +136,22 @@ __global__ void __launch_bounds__(128, kCols <= 2 ? (kRows <= 4 ? 6 : 4) : 3)
 // The MXFP4 grouped GEMV on tensor cores (serving's decode path; same contract as GroupedGemv, x given as
 // ToF16Rows gives it): the weights are the A operand of mma.sync m16n8k16 FP16 (kTiles tiles of 16 output
 // rows a block, their e2m1 codes turned into FP16 pairs by Fp4x8Half, exact; the tiles share each load of x)
-// and up to 8 of the expert's rows the B operand, so a
-// warp does 16 x 32 x 8 multiply-adds in two MMAs and ~20 decoding instructions per 32-value block where the
-// SIMT GEMV (GroupedGemvFp4) spent ~10 instructions per weight value and row. Lane (g, t) loads word t of
-// each block of weight rows g and g + 8 (its 8 values) and the 16 bytes of x that ToF16Rows ordered to match,
-// so the MMA's k order is the same permutation on both sides (which a dot product does not see). Each block
-// of 32 gets its own two MMAs and is added to FP32 totals times its rows' scales (one e8m0 scale per block);
-// x's row scale is applied at the end. The kWarps warps of a block split the 128-wide k chunks (warp w takes
-// w, w + kWarps, ...) and add their totals in shared memory. Experts with more than 8 rows take more passes
-// (the weights then come from L2). kGlu (kTiles 2): tile 0 is 16 rows of the gate projection `w`, tile 1 the
-// same rows of the up projection `w3`, and the block writes SwiGLU(gate, up) times the slot's routing weight,
-// the MoE's first half in one launch. Grid (>= n_active, ceil(out / (16 * (kGlu ? 1 : kTiles)))); in a
-// multiple of 128.
+// and up to 8 of the expert's rows the B operand, so a warp does 16 x 128 x 8 multiply-adds in eight MMAs
+// per 128-wide k chunk where the SIMT GEMV (GroupedGemvFp4) spent ~10 instructions per weight value and row.
+// Lane (g, t) loads 32-value block t of the chunk of weight rows g and g + 8 (16 bytes each) and the 64 bytes
+// of x that ToF16Rows ordered to match, so the MMA's k order is the same permutation on both sides (which a
+// dot product does not see). The MMAs of a chunk mix its four blocks, so each block's e8m0 scale relative to
+// the largest of the four, 2^-d, multiplies its FP16 weights first (exact down to FP16's smallest subnormal:
+// d <= 17 for every e2m1 value; a block 2^25 below the chunk's largest counts as zero), and the largest
+// scales the chunk's sum into FP32 totals; x's row scale is applied at the end. The kWarps warps of a block
+// split the chunks (warp w takes w, w + kWarps, ...) and add their totals in shared memory. Experts with
+// more than 8 rows take more passes (the weights then come from L2). kGlu (kTiles 2): tile 0 is 16 rows of
+// the gate projection `w`, tile 1 the same rows of the up projection `w3`, and the block writes SwiGLU(gate,
+// up) times the slot's routing weight, the MoE's first half in one launch. kMinBlocks (launch bounds): with
+// no register bound ptxas kept ~80 registers by moving each chunk's loads next to the MMAs that use them (a
+// memory latency per 32-value block instead of one per chunk); a bound of 24 warps an SM (85 registers) keeps
+// them together with none spilled. Grid (>= n_active, ceil(out / (16 * (kGlu ? 1 : kTiles)))); in a multiple
+// of 128.
 struct GemvFp4Args {
   const __half* xh;  // ToF16Rows's rows and their scales.
   const float* xinv;
@@ -162,8 +166,20 @@ struct GemvFp4Args {
   float lim;            // kGlu: SwiGLU's clamp (0: none).
 };
 
-template <int kWarps, int kTiles, bool kGlu>
-__global__ void __launch_bounds__(kWarps * 32) GroupedGemvFp4Mma(GemvFp4Args a) {
+// The scale of a 32-value block relative to its 128-value chunk's largest, 2^-d with d = top - s, as an
+// FP16 pair: exact down to FP16's smallest subnormal 2^-24, zero below (see GroupedGemvFp4Mma).
+__device__ __forceinline__ uint32_t RelScaleHalf2(uint32_t d) {
+  const uint32_t bits = d <= 14u ? (15u - d) << 10 : d <= 24u ? 1u << (24u - d) : 0u;
+  return bits | bits << 16;
+}
+
+__device__ __forceinline__ uint32_t Hmul2(uint32_t a, uint32_t b) {
+  const __half2 r = __hmul2(*reinterpret_cast<const __half2*>(&a), *reinterpret_cast<const __half2*>(&b));
+  return *reinterpret_cast<const uint32_t*>(&r);
+}
+
+template <int kWarps, int kTiles, bool kGlu, int kMinBlocks>
+__global__ void __launch_bounds__(kWarps * 32, kMinBlocks) GroupedGemvFp4Mma(GemvFp4Args a) {
   static_assert(!kGlu || kTiles == 2, "the fused gate / up GEMV has one tile of each");
   __shared__ float red[kWarps][32][4 * kTiles];
   if (static_cast<int>(blockIdx.x) >= *a.n_active) return;
@@ -174,15 +190,15 @@ __global__ void __launch_bounds__(kWarps * 32) GroupedGemvFp4Mma(GemvFp4Args a) 
   const int64_t n0 = static_cast<int64_t>(blockIdx.y) * 16 * (kGlu ? 1 : kTiles);
   const int total = a.count[e];
   const int chunks = static_cast<int>(in / 128);
-  // Word t of each 16-byte block of codes of rows g and g + 8 of each tile (32-bit word offsets from the
-  // expert's first row: an expert's codes are far below 2^32 words); the four scale bytes of a chunk.
+  // Each tile's codes and scales from the expert's first row (32-bit words: an expert's codes are far below
+  // 2^32 words), and this lane's rows g and g + 8 of each tile.
   const uint32_t* wb[kTiles];
   const uint32_t* sb[kTiles];
   uint32_t ro[kTiles][2];
 #pragma unroll
   for (int i = 0; i < kTiles; ++i) {
     const bool up = kGlu && i == 1;
-    wb[i] = reinterpret_cast<const uint32_t*>((up ? a.w3 : a.w) + e * out * (in / 2)) + t;
+    wb[i] = reinterpret_cast<const uint32_t*>((up ? a.w3 : a.w) + e * out * (in / 2));
     sb[i] = reinterpret_cast<const uint32_t*>((up ? a.scales3 : a.scales) + e * out * (in / 32));
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
@@ -190,51 +206,72 @@ __global__ void __launch_bounds__(kWarps * 32) GroupedGemvFp4Mma(GemvFp4Args a) 
     }
   }
   const uint32_t wstride = static_cast<uint32_t>(in / 8), sstride = static_cast<uint32_t>(chunks);
+  // One 128-wide k chunk's operands in registers.
+  struct Chunk {
+    uint32_t q[kTiles][2][4];  // Codes of rows g and g + 8 of each tile.
+    uint4 xb[4];               // x's values that match them.
+    uint32_t sc[kTiles][2];    // The four scale bytes of each row's chunk.
+  };
   for (int c0 = 0; c0 < total; c0 += 8) {
     const int cnt = min(8, total - c0);
-    // 16 bytes t of each 64-byte block of x's row g (rows past the expert's read its last and are not
-    // stored).
-    const uint4* xr = reinterpret_cast<const uint4*>(a.xh + (off + c0 + min(g, cnt - 1)) * in) + t;
-    float tot[kTiles][4] = {};
-    constexpr int kUnroll = kTiles == 1 ? 2 : 1;  // Loads in flight: two chunks' of one tile, or kTiles'.
-#pragma unroll kUnroll
-    for (int ch = warp; ch < chunks; ch += kWarps) {
-      uint32_t q[kTiles][2][4];
-      uint4 xb[4];
-#pragma unroll
-      for (int b = 0; b < 4; ++b) {
-#pragma unroll
-        for (int i = 0; i < kTiles; ++i) {
-          q[i][0][b] = __ldg(wb[i] + ro[i][0] * wstride + (ch * 4 + b) * 4);
-          q[i][1][b] = __ldg(wb[i] + ro[i][1] * wstride + (ch * 4 + b) * 4);
-        }
-        xb[b] = __ldg(xr + (ch * 4 + b) * 4);
-      }
-      // The scale bytes (at most 248) plus Fp4x8Half's 6, then each byte moved into an FP32 exponent.
-      uint32_t sc[kTiles][2];
+    // x's row g (rows past the expert's read its last and are not stored).
+    const uint4* xr = reinterpret_cast<const uint4*>(a.xh + (off + c0 + min(g, cnt - 1)) * in);
+    auto load = [&](int ch, Chunk& c) {
 #pragma unroll
       for (int i = 0; i < kTiles; ++i) {
-        sc[i][0] = __ldg(sb[i] + ro[i][0] * sstride + ch) + 0x06060606u;
-        sc[i][1] = __ldg(sb[i] + ro[i][1] * sstride + ch) + 0x06060606u;
-      }
 #pragma unroll
-      for (int b = 0; b < 4; ++b) {
-#pragma unroll
-        for (int i = 0; i < kTiles; ++i) {
-          uint32_t h0[4], h1[4];
-          Fp4x8Half(q[i][0][b], h0);
-          Fp4x8Half(q[i][1][b], h1);
-          float acc[4] = {0.f, 0.f, 0.f, 0.f};
-          MmaF16(acc, h0[0], h1[0], h0[1], h1[1], xb[b].x, xb[b].y);
-          MmaF16(acc, h0[2], h1[2], h0[3], h1[3], xb[b].z, xb[b].w);
-          const float f0 = __uint_as_float(((sc[i][0] >> (8 * b)) & 0xFFu) << 23);
-          const float f1 = __uint_as_float(((sc[i][1] >> (8 * b)) & 0xFFu) << 23);
-          tot[i][0] = fmaf(acc[0], f0, tot[i][0]);  // Row g, x rows 2t and 2t + 1; then row g + 8.
-          tot[i][1] = fmaf(acc[1], f0, tot[i][1]);
-          tot[i][2] = fmaf(acc[2], f1, tot[i][2]);
-          tot[i][3] = fmaf(acc[3], f1, tot[i][3]);
+        for (int h = 0; h < 2; ++h) {
+          // Block t of the chunk: 16 contiguous bytes.
+          const uint4 v = __ldg(reinterpret_cast<const uint4*>(wb[i] + ro[i][h] * wstride + ch * 16 + t * 4));
+          c.q[i][h][0] = v.x;
+          c.q[i][h][1] = v.y;
+          c.q[i][h][2] = v.z;
+          c.q[i][h][3] = v.w;
+          c.sc[i][h] = __ldg(sb[i] + ro[i][h] * sstride + ch);
         }
       }
+#pragma unroll
+      for (int b = 0; b < 4; ++b) c.xb[b] = __ldg(xr + ch * 16 + t * 4 + b);
+    };
+    float tot[kTiles][4] = {};
+    auto compute = [&](const Chunk& c) {
+#pragma unroll
+      for (int i = 0; i < kTiles; ++i) {
+        // Each lane's block scaled relative to the chunk's largest scale, so one set of MMAs covers the
+        // chunk.
+        uint32_t fac[2];
+        float f[2];
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const uint32_t s4 = c.sc[i][h];
+          const uint32_t top = max(max(s4 & 0xffu, (s4 >> 8) & 0xffu), max((s4 >> 16) & 0xffu, s4 >> 24));
+          fac[h] = RelScaleHalf2(top - ((s4 >> (8 * t)) & 0xffu));
+          f[h] = __uint_as_float((top + 6u) << 23);  // Fp4x8Half gives 2^-6 x the value.
+        }
+        float acc[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+        for (int b = 0; b < 4; ++b) {
+          uint32_t h0[4], h1[4];
+          Fp4x8Half(c.q[i][0][b], h0);
+          Fp4x8Half(c.q[i][1][b], h1);
+#pragma unroll
+          for (int j = 0; j < 4; ++j) {
+            h0[j] = Hmul2(h0[j], fac[0]);
+            h1[j] = Hmul2(h1[j], fac[1]);
+          }
+          MmaF16(acc, h0[0], h1[0], h0[1], h1[1], c.xb[b].x, c.xb[b].y);
+          MmaF16(acc, h0[2], h1[2], h0[3], h1[3], c.xb[b].z, c.xb[b].w);
+        }
+        tot[i][0] = fmaf(acc[0], f[0], tot[i][0]);
+        tot[i][1] = fmaf(acc[1], f[0], tot[i][1]);
+        tot[i][2] = fmaf(acc[2], f[1], tot[i][2]);
+        tot[i][3] = fmaf(acc[3], f[1], tot[i][3]);
+      }
+    };
+    for (int ch = warp; ch < chunks; ch += kWarps) {
+      Chunk cur;
+      load(ch, cur);
+      compute(cur);
     }
 #pragma unroll
     for (int i = 0; i < kTiles; ++i) {

@@ -430,5 +430,60 @@ TEST(CudaKernelTest, Mxfp4ExpertGemmMatchesTheHost) {
   }
 }
 
+// The decode MoE's permutation against the host path's (CudaBackend::Moe for longer batches): V4's 256
+// experts at batch 1 and 64, more experts than the kernel's threads, the largest batch it takes, and hash
+// routing's repeats (an expert twice for one token).
+TEST(CudaKernelTest, PermuteMatchesTheHostOrder) {
+  SKIP_WITHOUT_GPU();
+  struct Case {
+    int64_t rows, k, experts;
+    bool repeats;
+  };
+  for (const Case& c : {Case{1, 6, 256, false}, Case{64, 6, 256, false}, Case{40, 8, 700, false},
+                        Case{341, 6, 256, false}, Case{16, 6, 16, true}}) {
+    SCOPED_TRACE(testing::Message() << "rows " << c.rows << " experts " << c.experts);
+    std::mt19937 rng(static_cast<uint32_t>(c.rows * 7 + c.experts));
+    std::vector<int32_t> sel;
+    std::vector<float> wts;
+    for (int64_t r = 0; r < c.rows; ++r) {
+      std::vector<int32_t> mine;
+      while (static_cast<int64_t>(mine.size()) < c.k) {
+        const int32_t e = static_cast<int32_t>(rng() % static_cast<uint32_t>(c.experts));
+        if (c.repeats || std::find(mine.begin(), mine.end(), e) == mine.end()) mine.push_back(e);
+      }
+      sel.insert(sel.end(), mine.begin(), mine.end());
+    }
+    for (size_t i = 0; i < sel.size(); ++i) wts.push_back(0.5f + static_cast<float>(i));
+    absl::StatusOr<cuda::testing::Permutation> p = cuda::testing::Permute(sel, wts, c.rows, c.k, c.experts);
+    ASSERT_TRUE(p.ok()) << p.status();
+    // The host's: counts, starts, slots in row order within an expert, each row's slots by expert.
+    std::vector<int32_t> count(static_cast<size_t>(c.experts), 0), start(count.size(), 0), active;
+    for (int32_t e : sel) ++count[e];
+    for (int64_t e = 1; e < c.experts; ++e) start[e] = start[e - 1] + count[e - 1];
+    for (int64_t e = 0; e < c.experts; ++e) {
+      if (count[e] > 0) active.push_back(static_cast<int32_t>(e));
+    }
+    std::vector<int32_t> fill = start, perm(sel.size()), row_slots(sel.size());
+    std::vector<float> slot_w(sel.size());
+    for (int64_t r = 0; r < c.rows; ++r) {
+      std::vector<std::pair<int32_t, int32_t>> mine;
+      for (int64_t j = 0; j < c.k; ++j) {
+        const int32_t e = sel[r * c.k + j], slot = fill[e]++;
+        perm[slot] = static_cast<int32_t>(r);
+        slot_w[slot] = wts[r * c.k + j];
+        mine.emplace_back(e, slot);
+      }
+      std::sort(mine.begin(), mine.end());
+      for (int64_t j = 0; j < c.k; ++j) row_slots[r * c.k + j] = mine[j].second;
+    }
+    EXPECT_EQ(p->count, count);
+    EXPECT_EQ(p->start, start);
+    EXPECT_EQ(p->active, active);
+    EXPECT_EQ(p->perm, perm);
+    EXPECT_EQ(p->slot_w, slot_w);
+    EXPECT_EQ(p->row_slots, row_slots);
+  }
+}
+
 }  // namespace
 }  // namespace v4serve::model
