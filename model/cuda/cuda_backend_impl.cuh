@@ -516,6 +516,17 @@ class CudaBackend final : public ForwardBackend {
   absl::Status GemvFp4Mma(const Mat& w, const Mat* w3, int64_t groups, const int32_t* active,
                           const int32_t* n_active, const int32_t* d_start, const int32_t* d_count, float* y,
                           const float* slot_w, float lim) const;
+  // The decode MoE's token permutation on the device (kernels::Permute) of `rows` rows of k selections
+  // (sel, wts [rows, k] on the device) over ne experts, into p's buffers (allocated on this backend's
+  // stream); `touched` (may be null) receives the counts too. rows * k at most kernels::kPermuteSlots.
+  struct DevicePermutation {
+    explicit DevicePermutation(cudaStream_t s)
+        : count(s), start(s), perm(s), row_slots(s), active(s), n_active(s), slot_w(s) {}
+    Buf<int32_t> count, start, perm, row_slots, active, n_active;
+    Buf<float> slot_w;
+  };
+  absl::Status PermuteOnDevice(const int32_t* sel, const float* wts, int64_t rows, int64_t k, int64_t ne,
+                               int32_t* touched, DevicePermutation* p) const;
   absl::Status ExpertGemmHost(const Mat& w, const float* xin, const std::vector<int32_t>& g_expert,
                               const std::vector<int32_t>& g_off, const std::vector<int32_t>& g_cnt,
                               float* y) const;

@@ -196,6 +196,26 @@ absl::Status CudaBackend::InitMoeKernels() {
   return absl::OkStatus();
 }
 
+absl::Status CudaBackend::PermuteOnDevice(const int32_t* sel, const float* wts, int64_t rows, int64_t k,
+                                          int64_t ne, int32_t* touched, DevicePermutation* p) const {
+  const int64_t slots = rows * k;
+  if (slots > k::kPermuteSlots || k > 64) {
+    return absl::InternalError(absl::StrCat("device permutation of ", rows, " x ", k, " selections"));
+  }
+  RETURN_IF_ERROR(p->count.Alloc(ne));
+  RETURN_IF_ERROR(p->start.Alloc(ne));
+  RETURN_IF_ERROR(p->active.Alloc(ne));
+  RETURN_IF_ERROR(p->n_active.Alloc(1));
+  RETURN_IF_ERROR(p->perm.Alloc(slots));
+  RETURN_IF_ERROR(p->row_slots.Alloc(slots));
+  RETURN_IF_ERROR(p->slot_w.Alloc(slots));
+  k::Permute<<<1, 256, k::PermuteSmem(slots, ne), stream_>>>(
+      sel, wts, rows, k, ne, p->count.get(), p->start.get(), p->perm.get(), p->slot_w.get(),
+      p->row_slots.get(), touched, p->active.get(), p->n_active.get());
+  V4_LAUNCH_CHECK(Permute);
+  return absl::OkStatus();
+}
+
 absl::Status CudaBackend::Moe(const LayerW& w, int64_t layer, bool hash, const float* x,
                               const int32_t* d_tokens, int64_t n, float* out) const {
   const ModelConfig& c = c_;
@@ -226,19 +246,9 @@ absl::Status CudaBackend::Moe(const LayerW& w, int64_t layer, bool hash, const f
   int32_t* touched = touched_ + layer * ne;
   if (slots <= k::kPermuteSlots && GemvFits(w.w1) && GemvFits(w.w2)) {
     // Decode-sized: permutation and expert GEMVs on the device, no host round trip.
-    Buf<int32_t> cnt(s), start(s), perm(s), row_slots(s), active(s), n_active(s);
-    Buf<float> slot_w(s), xin(s), eg(s), eu(s), ey(s);
-    RETURN_IF_ERROR(cnt.Alloc(ne));
-    RETURN_IF_ERROR(start.Alloc(ne));
-    RETURN_IF_ERROR(perm.Alloc(slots));
-    RETURN_IF_ERROR(row_slots.Alloc(slots));
-    RETURN_IF_ERROR(slot_w.Alloc(slots));
-    RETURN_IF_ERROR(active.Alloc(ne));
-    RETURN_IF_ERROR(n_active.Alloc(1));
-    k::Permute<<<1, 256, k::PermuteSmem(slots, ne), s>>>(
-        sel.get(), wts.get(), n, kk, ne, cnt.get(), start.get(), perm.get(), slot_w.get(), row_slots.get(),
-        touched, active.get(), n_active.get());
-    V4_LAUNCH_CHECK(Permute);
+    DevicePermutation p(s);
+    RETURN_IF_ERROR(PermuteOnDevice(sel.get(), wts.get(), n, kk, ne, touched, &p));
+    Buf<float> xin(s), eg(s), eu(s), ey(s);
     RETURN_IF_ERROR(eg.Alloc(slots * inter));
     RETURN_IF_ERROR(ey.Alloc(slots * d));
     const int64_t groups = std::min(ne, slots);  // At most this many experts have rows.
@@ -248,26 +258,26 @@ absl::Status CudaBackend::Moe(const LayerW& w, int64_t layer, bool hash, const f
     const int64_t max_rows = hash ? slots : n;
     if (kernel == ExpertKernel::kGemvMma && mma_gemv) {
       // The slots' rows gathered into FP16, then gate and up with SwiGLU in one GEMV.
-      RETURN_IF_ERROR(ToF16Input(x, perm.get(), slots, d));
-      RETURN_IF_ERROR(GemvFp4Mma(w.w1, &w.w3, groups, active.get(), n_active.get(), start.get(), cnt.get(),
-                                 eg.get(), slot_w.get(), lim));
+      RETURN_IF_ERROR(ToF16Input(x, p.perm.get(), slots, d));
+      RETURN_IF_ERROR(GemvFp4Mma(w.w1, &w.w3, groups, p.active.get(), p.n_active.get(), p.start.get(),
+                                 p.count.get(), eg.get(), p.slot_w.get(), lim));
     } else {
       RETURN_IF_ERROR(xin.Alloc(slots * d));
-      k::GatherRows<<<slots, 256, 0, s>>>(x, perm.get(), d, xin.get());
+      k::GatherRows<<<slots, 256, 0, s>>>(x, p.perm.get(), d, xin.get());
       V4_LAUNCH_CHECK(GatherRows);
       RETURN_IF_ERROR(eu.Alloc(slots * inter));
-      RETURN_IF_ERROR(ExpertGemmDevice(w.w1, groups, kernel, max_rows, xin.get(), slots, active.get(),
-                                       n_active.get(), start.get(), cnt.get(), eg.get()));
-      RETURN_IF_ERROR(ExpertGemmDevice(w.w3, groups, kernel, max_rows, xin.get(), slots, active.get(),
-                                       n_active.get(), start.get(), cnt.get(), eu.get()));
-      k::SwiGlu<<<Blocks(slots * inter, 256), 256, 0, s>>>(eg.get(), eu.get(), slots, inter, slot_w.get(),
+      RETURN_IF_ERROR(ExpertGemmDevice(w.w1, groups, kernel, max_rows, xin.get(), slots, p.active.get(),
+                                       p.n_active.get(), p.start.get(), p.count.get(), eg.get()));
+      RETURN_IF_ERROR(ExpertGemmDevice(w.w3, groups, kernel, max_rows, xin.get(), slots, p.active.get(),
+                                       p.n_active.get(), p.start.get(), p.count.get(), eu.get()));
+      k::SwiGlu<<<Blocks(slots * inter, 256), 256, 0, s>>>(eg.get(), eu.get(), slots, inter, p.slot_w.get(),
                                                            lim);
       V4_LAUNCH_CHECK(SwiGlu);
     }
-    RETURN_IF_ERROR(ExpertGemmDevice(w.w2, groups, kernel, max_rows, eg.get(), slots, active.get(),
-                                     n_active.get(), start.get(), cnt.get(), ey.get()));
+    RETURN_IF_ERROR(ExpertGemmDevice(w.w2, groups, kernel, max_rows, eg.get(), slots, p.active.get(),
+                                     p.n_active.get(), p.start.get(), p.count.get(), ey.get()));
     k::CombineExperts<<<dim3(static_cast<unsigned>(n), static_cast<unsigned>(Blocks(d, 256))), 256, 0, s>>>(
-        out, ey.get(), row_slots.get(), kk, d);
+        out, ey.get(), p.row_slots.get(), kk, d);
     V4_LAUNCH_CHECK(CombineExperts);
     return absl::OkStatus();
   }
@@ -423,30 +433,21 @@ absl::StatusOr<Permutation> Permute(const std::vector<int32_t>& sel, const std::
   impl::CudaBackend b(ModelConfig{}, CudaWeights::kBf16);  // Runtime only.
   RETURN_IF_ERROR(b.InitRuntime());
   cudaStream_t s = b.stream();
-  Buf<int32_t> d_sel(s), cnt(s), start(s), perm(s), row_slots(s), active(s), n_active(s);
-  Buf<float> d_wts(s), slot_w(s);
+  Buf<int32_t> d_sel(s);
+  Buf<float> d_wts(s);
   RETURN_IF_ERROR(d_sel.Upload(sel));
   RETURN_IF_ERROR(d_wts.Upload(wts));
-  RETURN_IF_ERROR(cnt.Alloc(experts));
-  RETURN_IF_ERROR(start.Alloc(experts));
-  RETURN_IF_ERROR(active.Alloc(experts));
-  RETURN_IF_ERROR(n_active.Alloc(1));
-  RETURN_IF_ERROR(perm.Alloc(slots));
-  RETURN_IF_ERROR(row_slots.Alloc(slots));
-  RETURN_IF_ERROR(slot_w.Alloc(slots));
-  kernels::Permute<<<1, 256, kernels::PermuteSmem(slots, experts), s>>>(
-      d_sel.get(), d_wts.get(), rows, k, experts, cnt.get(), start.get(), perm.get(), slot_w.get(),
-      row_slots.get(), nullptr, active.get(), n_active.get());
-  V4_CUDA_RETURN_IF_ERROR(cudaGetLastError());
+  impl::CudaBackend::DevicePermutation d(s);
+  RETURN_IF_ERROR(b.PermuteOnDevice(d_sel.get(), d_wts.get(), rows, k, experts, nullptr, &d));
   Permutation p;
   std::vector<int32_t> na;
-  RETURN_IF_ERROR(cnt.Download(&p.count));
-  RETURN_IF_ERROR(start.Download(&p.start));
-  RETURN_IF_ERROR(perm.Download(&p.perm));
-  RETURN_IF_ERROR(row_slots.Download(&p.row_slots));
-  RETURN_IF_ERROR(slot_w.Download(&p.slot_w));
-  RETURN_IF_ERROR(active.Download(&p.active));
-  RETURN_IF_ERROR(n_active.Download(&na));
+  RETURN_IF_ERROR(d.count.Download(&p.count));
+  RETURN_IF_ERROR(d.start.Download(&p.start));
+  RETURN_IF_ERROR(d.perm.Download(&p.perm));
+  RETURN_IF_ERROR(d.row_slots.Download(&p.row_slots));
+  RETURN_IF_ERROR(d.slot_w.Download(&p.slot_w));
+  RETURN_IF_ERROR(d.active.Download(&p.active));
+  RETURN_IF_ERROR(d.n_active.Download(&na));
   V4_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(s));
   p.active.resize(static_cast<size_t>(na.at(0)));
   return p;
