@@ -2,12 +2,13 @@
 # Everything docs/PERFORMANCE.md reports, in one call on the GPU machine: the gpu tests, the CUDA bench
 # (ceilings, kernels side by side, greedy / sampled / logits decode, state cache on/off, prefill), a profiled
 # bench, transformers eager on the same shapes (and alternated with ours twice), and `v4serve up` on
-# the GPU answering the README's tool-call request and a seeded sampled one; and the kernels of one batch-1
-# decode step timed by ncu (bench/ncu_step.py, appended to prof.txt). Logs go to $OUT (the device tool's
+# the GPU answering the README's tool-call request and a seeded sampled one; and the kernels of a batch-1 and
+# a batch-64 decode step timed by ncu (bench/ncu_step.py, appended to prof.txt). Logs go to $OUT (the device tool's
 # output folder; ./gpu-out elsewhere): 8 files, as many as the device tool brings back, so send this
 # script's own output somewhere other than $OUT.
 # Prepare here: tools/gpu_bundle.sh build/default && cp build/default/bench/v4serve_cuda_bench
-# bench/hf_decode_bench.py .gpu/ && strip .gpu/v4serve_cuda_bench (carry .gpu), then on the
+# bench/hf_decode_bench.py .gpu/ && strip .gpu/v4serve_cuda_bench (carry .gpu, or .gpuz as
+# docs/PERFORMANCE.md's "Reproduce" says where .gpu is near the device tool's 64 MiB), then on the
 # GPU machine, from the repository root: bash bench/gpu_run.sh
 set -u
 OUT=${OUT:-gpu-out}
@@ -28,12 +29,15 @@ for cb in 8192:1,8 32768:1; do
 done
 timeout 90 .gpu/v4serve_cuda_bench --weights=bf16 --ceilings=0 --attention=0 --batches=1,8,64 --compare-state-cache=0 --compare-graphs=0 > $OUT/bench_bf16.txt 2>&1
 V4SERVE_CUDA_PROFILE=1 timeout 100 .gpu/v4serve_cuda_bench --ceilings=0 --attention=0 --prefill=8192 --compare-state-cache=0 --compare-graphs=0 > $OUT/prof.txt 2>&1
-# Kernel by kernel (the machine has ncu, not nsys): one batch-1 decode step, graphs off so each kernel is a launch.
+# Kernel by kernel (the machine has ncu, not nsys): one batch-1 and one batch-64 decode step, graphs off so
+# each kernel is a launch.
 NCU=$(command -v ncu || echo /usr/local/cuda/bin/ncu)
-V4SERVE_CUDA_GRAPHS=0 timeout 150 "$NCU" --metrics gpu__time_duration.sum --csv --print-units base \
-  .gpu/v4serve_cuda_bench --ceilings=0 --attention=0 --prefill= --batches=1 --steps=1 --compare-state-cache=0 \
-  --compare-graphs=0 > /tmp/ncu_step.csv 2>/dev/null
-python3 bench/ncu_step.py /tmp/ncu_step.csv >> $OUT/prof.txt 2>&1
+for B in 1 64; do
+  V4SERVE_CUDA_GRAPHS=0 timeout 150 "$NCU" --metrics gpu__time_duration.sum --csv --print-units base \
+    .gpu/v4serve_cuda_bench --ceilings=0 --attention=0 --prefill= --batches=$B --steps=1 --compare-state-cache=0 \
+    --compare-graphs=0 > /tmp/ncu_step.csv 2>/dev/null
+  echo "batch $B" >> $OUT/prof.txt; python3 bench/ncu_step.py /tmp/ncu_step.csv >> $OUT/prof.txt 2>&1
+done
 timeout 120 python3 .gpu/hf_decode_bench.py > $OUT/hf.txt 2>&1; echo "rc=$?" >> $OUT/hf.txt
 # Ours and transformers alternated (both move between runs): the ratio table's medians.
 for i in 1 2; do
@@ -76,5 +80,5 @@ kill -TERM $UP; wait $UP
 grep -E "^==|FAIL|PASSED|rc=|SKIPPED \]" $OUT/tests.txt; grep -E "^\| |faster|^GPU|^stack" $OUT/bench.txt | head -90
 grep -E "^\| (decode step, batch [0-9]+, context 512 \||prefill)|^stack" $OUT/bench_bf16.txt; tail -4 $OUT/hf.txt
 grep -E "^\| decode step, batch [0-9]+, context 512 \||batch|ms" $OUT/alt.txt | grep -v "^ *$" | head -20; rm -f $OUT/alt_ours.txt $OUT/alt_hf.txt
-grep -B1 phases $OUT/prof.txt | grep -v "^--"; grep -A14 "^ncu, forward" $OUT/prof.txt
+grep -B1 phases $OUT/prof.txt | grep -v "^--"; grep -B1 -A14 "^ncu, forward" $OUT/prof.txt
 grep "model runs" $OUT/up.log; head -c 400 $OUT/up.txt; tail -c 300 $OUT/up.txt
