@@ -459,8 +459,9 @@ class CudaBackend final : public ForwardBackend {
   absl::Status Linear(const float* x, int64_t m, const Mat& w, float* y) const;
   absl::Status LinearBatched(const float* x, int64_t m, int64_t ldx, int64_t stride_x, const Mat& w,
                              int64_t groups, int64_t ldy, float* y) const;
-  // The FP8 GEMM: x quantized per row in blocks of 128 (model/cuda/fp8_gemm.cuh), then SkinnyGemmFp8 for up
-  // to kSkinnyRows rows and cuBLASLt's block-scaled FP8 GEMM above, on the rows up to a multiple of 4 (the
+  // The FP8 GEMM: x quantized per row in blocks of 128 (model/cuda/fp8_gemm.cuh; SkinnyGemmFp8 quantizes as
+  // it reads, the others take QuantizeFp8Blocks's codes), SkinnyGemmFp8 for up to kSkinnyRows rows and
+  // cuBLASLt's block-scaled FP8 GEMM above, on the rows up to a multiple of 4 (the
   // 1-3 left, a second pass over the weights, by ours: padding them is not written). Where cuBLASLt cannot (a
   // library without block scales, inputs of other than a multiple of 512, a refused shape) ours take all the
   // rows: SkinnyGemmFp8 up to 64, GemmFp8 above. `path` forces one (bench/, tests). ldx a multiple of 128, x
@@ -518,7 +519,7 @@ class CudaBackend final : public ForwardBackend {
                           const float* slot_w, float lim) const;
   // The decode MoE's token permutation on the device (kernels::Permute) of `rows` rows of k selections
   // (sel, wts [rows, k] on the device) over ne experts, into p's buffers (allocated on this backend's
-  // stream); `touched` (may be null) receives the counts too. rows * k at most kernels::kPermuteSlots.
+  // stream); `touched` (may be null) receives the counts too. kernels::PermuteFits must hold.
   struct DevicePermutation {
     explicit DevicePermutation(cudaStream_t s)
         : count(s), start(s), perm(s), row_slots(s), active(s), n_active(s), slot_w(s) {}

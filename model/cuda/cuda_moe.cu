@@ -199,8 +199,9 @@ absl::Status CudaBackend::InitMoeKernels() {
 absl::Status CudaBackend::PermuteOnDevice(const int32_t* sel, const float* wts, int64_t rows, int64_t k,
                                           int64_t ne, int32_t* touched, DevicePermutation* p) const {
   const int64_t slots = rows * k;
-  if (slots > k::kPermuteSlots || k > 64) {
-    return absl::InternalError(absl::StrCat("device permutation of ", rows, " x ", k, " selections"));
+  if (!k::PermuteFits(rows, k, ne)) {
+    return absl::InternalError(
+        absl::StrCat("device permutation of ", rows, " x ", k, " selections over ", ne, " experts"));
   }
   RETURN_IF_ERROR(p->count.Alloc(ne));
   RETURN_IF_ERROR(p->start.Alloc(ne));
@@ -244,7 +245,7 @@ absl::Status CudaBackend::Moe(const LayerW& w, int64_t layer, bool hash, const f
   RETURN_IF_ERROR(Linear(g.get(), n, w.s2, out));
   const int64_t slots = n * kk;
   int32_t* touched = touched_ + layer * ne;
-  if (slots <= k::kPermuteSlots && GemvFits(w.w1) && GemvFits(w.w2)) {
+  if (k::PermuteFits(n, kk, ne) && GemvFits(w.w1) && GemvFits(w.w2)) {
     // Decode-sized: permutation and expert GEMVs on the device, no host round trip.
     DevicePermutation p(s);
     RETURN_IF_ERROR(PermuteOnDevice(sel.get(), wts.get(), n, kk, ne, touched, &p));
@@ -423,7 +424,7 @@ absl::StatusOr<Permutation> Permute(const std::vector<int32_t>& sel, const std::
                                     int64_t rows, int64_t k, int64_t experts) {
   using impl::Buf;
   const int64_t slots = rows * k;
-  if (rows < 1 || k < 1 || k > 64 || experts < 1 || slots > kernels::kPermuteSlots ||
+  if (rows < 1 || k < 1 || experts < 1 || !kernels::PermuteFits(rows, k, experts) ||
       static_cast<int64_t>(sel.size()) != slots || static_cast<int64_t>(wts.size()) != slots) {
     return absl::InvalidArgumentError("Permute: sizes out of range");
   }

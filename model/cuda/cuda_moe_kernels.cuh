@@ -204,6 +204,11 @@ constexpr int64_t kPermuteSlots = 2048;
 __host__ __device__ constexpr int64_t PermuteSmem(int64_t slots, int64_t ne) {
   return ((slots + 3) / 4 * 4 + 2 * ne) * 4;
 }
+// Whether Permute takes rows x k selections over ne experts: its slot bound, its per-row sort (k <= 64) and
+// the default 48 KiB of dynamic shared memory.
+__host__ __device__ constexpr bool PermuteFits(int64_t rows, int64_t k, int64_t ne) {
+  return rows * k <= kPermuteSlots && k <= 64 && PermuteSmem(rows * k, ne) <= 48 * 1024;
+}
 __global__ void Permute(const int32_t* sel, const float* wts, int64_t rows, int64_t k, int64_t ne,
                         int32_t* count, int32_t* start, int32_t* perm, float* slot_w, int32_t* row_slots,
                         int32_t* touched, int32_t* active, int32_t* n_active) {

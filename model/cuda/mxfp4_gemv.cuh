@@ -149,7 +149,7 @@ __global__ void __launch_bounds__(128, kCols <= 2 ? (kRows <= 4 ? 6 : 4) : 3)
 // the gate projection `w`, tile 1 the same rows of the up projection `w3`, and the block writes SwiGLU(gate,
 // up) times the slot's routing weight, the MoE's first half in one launch. kMinBlocks (launch bounds): with
 // no register bound ptxas kept ~80 registers by moving each chunk's loads next to the MMAs that use them (a
-// memory latency per 32-value block instead of one per chunk); a bound of 24 warps an SM (85 registers) keeps
+// memory latency per 32-value block instead of one per chunk); a bound of 24 warps an SM (80 registers) keeps
 // them together with none spilled. Grid (>= n_active, ceil(out / (16 * (kGlu ? 1 : kTiles)))); in a multiple
 // of 128.
 struct GemvFp4Args {
