@@ -42,10 +42,18 @@ __device__ __forceinline__ Pow2Scale Pow2CeilScale(float amax, float qmax) {
 __device__ __forceinline__ uint32_t Fp8E4m3(float v) {
   return static_cast<uint32_t>(__nv_cvt_float_to_fp8(v, __NV_SATFINITE, __NV_E4M3));
 }
+// The GEMM inputs' quantization in pieces, so that every kernel that quantizes a block of 128 input values
+// (QuantizeFp8Blocks, SkinnyGemmFp8, RoundFp8Blocks) makes the same codes and scales: a block's scale from
+// its largest magnitude (Amax4 over its values) and four values' e4m3 codes (first value in the low byte).
+__device__ __forceinline__ Pow2Scale Fp8InputScale(float amax) {
+  return Pow2CeilScale(fmaxf(amax, 1e-4f), 448.0f);
+}
+__device__ __forceinline__ uint32_t Fp8E4m3x4(const float4& v, float inv) {
+  return Fp8E4m3(v.x * inv) | Fp8E4m3(v.y * inv) << 8 | Fp8E4m3(v.z * inv) << 16 | Fp8E4m3(v.w * inv) << 24;
+}
 // A block of 128 input values' scale, from the warp's lanes' four values each (every lane gets it).
 __device__ __forceinline__ Pow2Scale Fp8BlockScale(const float4& v) {
-  const float amax = WarpMax(fmaxf(fmaxf(fabsf(v.x), fabsf(v.y)), fmaxf(fabsf(v.z), fabsf(v.w))));
-  return Pow2CeilScale(fmaxf(amax, 1e-4f), 448.0f);
+  return Fp8InputScale(WarpMax(Amax4(v)));
 }
 
 // The GEMM input's quantization: the first in_blocks blocks of 128 FP32 values of each of `rows` rows of
@@ -60,9 +68,7 @@ __global__ void QuantizeFp8Blocks(const float* x, int64_t rows, int64_t row_bloc
   const int lane = static_cast<int>(threadIdx.x % 32);
   const float4 v = reinterpret_cast<const float4*>(x + b * kFp8Block)[lane];
   const Pow2Scale s = Fp8BlockScale(v);
-  reinterpret_cast<uint32_t*>(codes + b * kFp8Block)[lane] =
-      Fp8E4m3(v.x * s.inv) | Fp8E4m3(v.y * s.inv) << 8 | Fp8E4m3(v.z * s.inv) << 16 |
-      Fp8E4m3(v.w * s.inv) << 24;
+  reinterpret_cast<uint32_t*>(codes + b * kFp8Block)[lane] = Fp8E4m3x4(v, s.inv);
   if (lane == 0) scales[rows_t > 0 ? j * rows_t + r : b] = s.s;
 }
 
@@ -138,17 +144,14 @@ __global__ void __launch_bounds__(kWarps * 32)
 #pragma unroll
       for (int i = 0; i < 8; ++i) {
         v[i] = xp[(i / 4) * 16 + i % 4];
-        amax = fmaxf(amax, fmaxf(fmaxf(fabsf(v[i].x), fabsf(v[i].y)), fmaxf(fabsf(v[i].z), fabsf(v[i].w))));
+        amax = fmaxf(amax, Amax4(v[i]));
       }
       amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 1));
       amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 2));
-      const Pow2Scale sc = Pow2CeilScale(fmaxf(amax, 1e-4f), 448.0f);
+      const Pow2Scale sc = Fp8InputScale(amax);
       uint32_t q[8];
 #pragma unroll
-      for (int i = 0; i < 8; ++i) {
-        q[i] = Fp8E4m3(v[i].x * sc.inv) | Fp8E4m3(v[i].y * sc.inv) << 8 | Fp8E4m3(v[i].z * sc.inv) << 16 |
-               Fp8E4m3(v[i].w * sc.inv) << 24;
-      }
+      for (int i = 0; i < 8; ++i) q[i] = Fp8E4m3x4(v[i], sc.inv);
       const uint4 b0 = make_uint4(q[0], q[1], q[2], q[3]), b1 = make_uint4(q[4], q[5], q[6], q[7]);
       // The scales of rows 2t and 2t + 1 (the accumulator's columns), from those rows' lanes.
       const float sa0 = __shfl_sync(0xffffffffu, sc.s, 8 * t),

@@ -317,7 +317,7 @@ __global__ void ToF16Rows(const float* x, const int32_t* rows, int64_t in, __hal
   float amax = 0.f;
   for (int64_t i = threadIdx.x; i < in / 4; i += blockDim.x) {
     const float4 v = xr[i];
-    amax = fmaxf(amax, fmaxf(fmaxf(fabsf(v.x), fabsf(v.y)), fmaxf(fabsf(v.z), fabsf(v.w))));
+    amax = fmaxf(amax, Amax4(v));
   }
   amax = BlockMax(amax);
   int ex = 0;
