@@ -18,10 +18,12 @@
 //     uploads the window rings and compressed entries from the host states, as before the cache), on a
 //     second backend in the same process (--compare-state-cache=0 skips it), and with CUDA graphs off
 //     (V4SERVE_CUDA_GRAPHS=0: every kernel launched from the host, as before graphs; --compare-graphs=0
-//     skips it).
+//     skips it), and with the row GEMMs on (V4SERVE_CUDA_ROWS_GEMM=1: RowsGemmFp8 for the FP8 linears of
+//     9-64 rows, RowsGemmF32 for FP32 weights up to 64 rows; off by default; --compare-rows-gemm=0 skips
+//     it; FP8 mode only).
 // Usage: v4serve_cuda_bench [--layers=2] [--context=512] [--prefill=8192,32768] [--batches=1,8,64]
 //                           [--weights=fp8|bf16|fp32] [--experts=fp4|bf16] [--steps=10]
-//                           [--compare-state-cache=1] [--compare-graphs=1]
+//                           [--compare-state-cache=1] [--compare-graphs=1] [--compare-rows-gemm=1]
 //                           [--ceilings=1] [--attention=1]
 // (--experts=fp4: MXFP4 routed experts, as V4 ships them; other weights BF16 except the FP32 ones the
 // backend keeps: mHC mixes, router gate, compressor projections; --weights=fp8: the linears V4 ships in FP8
@@ -38,6 +40,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <fstream>
+#include <optional>
 #include <random>
 #include <string>
 #include <vector>
@@ -52,6 +55,29 @@
 
 namespace v4serve::model {
 namespace {
+
+// Sets an environment variable for its lifetime and puts back what was there (the backends read their
+// switches at construction).
+class ScopedEnv {
+ public:
+  ScopedEnv(const char* name, const char* value) : name_(name) {
+    if (const char* old = std::getenv(name); old != nullptr) old_ = old;
+    setenv(name, value, 1);
+  }
+  ~ScopedEnv() {
+    if (old_.has_value()) {
+      setenv(name_, old_->c_str(), 1);
+    } else {
+      unsetenv(name_);
+    }
+  }
+  ScopedEnv(const ScopedEnv&) = delete;
+  ScopedEnv& operator=(const ScopedEnv&) = delete;
+
+ private:
+  const char* name_;
+  std::optional<std::string> old_;
+};
 
 #define CK(call)                                                                                          \
   do {                                                                                                    \
@@ -395,11 +421,15 @@ void LinearKernels(const ModelConfig& c, double copy_bw, double fp8_gemm, std::v
         den += (*a)[i] * static_cast<double>((*a)[i]);
       }
       // Each FP8 kernel forced (0 where it does not take this row count).
-      double ts = 0, tt = 0, tl = 0;
+      double ts = 0, tt = 0, tl = 0, tr = 0;
       for (const auto& [path, t] : {std::pair<cuda::Fp8Path, double*>{cuda::Fp8Path::kSkinny, &ts},
                                     {cuda::Fp8Path::kTile, &tt},
-                                    {cuda::Fp8Path::kLt, &tl}}) {
-        if ((path == cuda::Fp8Path::kSkinny && m > 64) || (path == cuda::Fp8Path::kLt && m < 4)) continue;
+                                    {cuda::Fp8Path::kLt, &tl},
+                                    {cuda::Fp8Path::kRows, &tr}}) {
+        if (((path == cuda::Fp8Path::kSkinny || path == cuda::Fp8Path::kRows) && m > 64) ||
+            (path == cuda::Fp8Path::kLt && m < 4)) {
+          continue;
+        }
         if (!cuda::testing::Linear(x, m, sh.in, w, sh.out, CudaWeights::kFp8, 20, t, path).ok()) *t = 0;
       }
       const double flops = 2.0 * static_cast<double>(m * sh.out * sh.in);
@@ -408,11 +438,12 @@ void LinearKernels(const ModelConfig& c, double copy_bw, double fp8_gemm, std::v
       if (m <= 64) {
         std::snprintf(
             line, sizeof(line),
-            "| linear %s %lld x %lld, %lld rows | FP8 %.1f us (skinny %.1f, cuBLASLt %.1f, tile %.1f), BF16 "
-            "cuBLAS %.1f us | | FP8 %.0f / BF16 %.0f GB/s of weights | FP8 %.1f%% of copy bw | FP8 **%.2fx** "
-            "faster; rel. L2 to BF16 %.1e |",
+            "| linear %s %lld x %lld, %lld rows | FP8 %.1f us (skinny %.1f, rows %.1f, cuBLASLt %.1f, tile "
+            "%.1f), BF16 cuBLAS %.1f us | | FP8 %.0f / BF16 %.0f GB/s of weights | FP8 %.1f%% of copy bw | "
+            "FP8 "
+            "**%.2fx** faster; rel. L2 to BF16 %.1e |",
             sh.name, static_cast<long long>(sh.out), static_cast<long long>(sh.in), static_cast<long long>(m),
-            t8 * 1e6, ts * 1e6, tl * 1e6, tt * 1e6, tb * 1e6, b8 / t8 / 1e9, b16 / tb / 1e9,
+            t8 * 1e6, ts * 1e6, tr * 1e6, tl * 1e6, tt * 1e6, tb * 1e6, b8 / t8 / 1e9, b16 / tb / 1e9,
             100.0 * b8 / t8 / copy_bw, tb / t8, std::sqrt(num / std::max(den, 1e-30)));
       } else {
         std::snprintf(
@@ -429,12 +460,59 @@ void LinearKernels(const ModelConfig& c, double copy_bw, double fp8_gemm, std::v
       std::fflush(stdout);
     }
   }
+  // The FP32 weights the backend keeps (an mHC mix, a CSA compressor projection, the router gate) at decode
+  // rows: RowsGemmF32 against cuBLAS's FP32 GEMM (V4SERVE_CUDA_ROWS_GEMM=0), both exact FP32 FMA sums.
+  const int64_t hc = c.hc_mult, d = c.hidden_size;
+  const Shape f32_shapes[] = {{"mHC mix", (2 + hc) * hc, hc * d},
+                              {"CSA compressor", 2 * c.head_dim, d},
+                              {"router gate", c.n_routed_experts, d}};
+  for (const Shape& sh : f32_shapes) {
+    std::vector<float> w(static_cast<size_t>(sh.out * sh.in));
+    for (float& v : w) v = nd(rng);
+    for (const int64_t m : {1, 8, 16, 64}) {
+      std::vector<float> x(static_cast<size_t>(m * sh.in));
+      for (float& v : x) v = nd(rng);
+      double tr = 0, tc = 0;
+      absl::StatusOr<std::vector<float>> a, b;
+      {
+        ScopedEnv on("V4SERVE_CUDA_ROWS_GEMM", "1");
+        a = cuda::testing::Linear(x, m, sh.in, w, sh.out, CudaWeights::kF32, 20, &tr);
+      }
+      {
+        ScopedEnv off("V4SERVE_CUDA_ROWS_GEMM", "0");
+        b = cuda::testing::Linear(x, m, sh.in, w, sh.out, CudaWeights::kF32, 20, &tc);
+      }
+      if (!a.ok() || !b.ok()) {
+        std::fprintf(stderr, "FP32 linear kernels: %s\n",
+                     std::string((a.ok() ? b.status() : a.status()).message()).c_str());
+        return;
+      }
+      double num = 0, den = 0;
+      for (size_t i = 0; i < a->size(); ++i) {
+        num += ((*b)[i] - (*a)[i]) * static_cast<double>((*b)[i] - (*a)[i]);
+        den += (*b)[i] * static_cast<double>((*b)[i]);
+      }
+      const double bytes = 4.0 * sh.out * sh.in;
+      char line[512];
+      std::snprintf(
+          line, sizeof(line),
+          "| linear FP32 %s %lld x %lld, %lld rows | RowsGemmF32 %.1f us, cuBLAS FP32 %.1f us | | "
+          "%.0f / %.0f GB/s of weights | %.1f%% of copy bw | **%.2fx** faster; rel. L2 between them "
+          "%.1e |",
+          sh.name, static_cast<long long>(sh.out), static_cast<long long>(sh.in), static_cast<long long>(m),
+          tr * 1e6, tc * 1e6, bytes / tr / 1e9, bytes / tc / 1e9, 100.0 * bytes / tr / copy_bw, tc / tr,
+          std::sqrt(num / std::max(den, 1e-30)));
+      rows->push_back(line);
+      std::printf("%s\n", line);
+      std::fflush(stdout);
+    }
+  }
 }
 
 int Main(int argc, char** argv) {
   int64_t layers = 2, context = 512, steps = 10;
   std::string prefill = "8192,32768", batches = "1,8,64", weights = "fp8", experts = "fp4";
-  bool compare_cache = true, compare_graphs = true, ceilings = true, attention = true;
+  bool compare_cache = true, compare_graphs = true, compare_rows = true, ceilings = true, attention = true;
   const char* src = std::getenv("V4SERVE_SOURCE_DIR");
   std::string config_path =
       std::string(src ? src : V4SERVE_SOURCE_DIR_DEFAULT) + "/tests/model/testdata/v4_flash_config.json";
@@ -464,6 +542,8 @@ int Main(int argc, char** argv) {
       compare_cache = std::string(v) != "0";
     } else if (const char* v = val("compare-graphs")) {
       compare_graphs = std::string(v) != "0";
+    } else if (const char* v = val("compare-rows-gemm")) {
+      compare_rows = std::string(v) != "0";
     } else if (const char* v = val("attention")) {
       attention = std::string(v) != "0";
     } else if (const char* v = val("ceilings")) {  // 0: skip them (profiling runs); ratios then print as 0.
@@ -619,25 +699,32 @@ int Main(int argc, char** argv) {
   for (int64_t b : Ints(batches)) decode(**be, b, ", sampled (256 candidates a row)", kTop);
   for (int64_t b : Ints(batches)) decode(**be, b, ", logits to the host", kLogits);
   // The greedy steps again on a second backend built with `env`=0 (`what` off), side by side in this run.
-  auto compare_off = [&](const char* env, const std::string& what) -> bool {
-    setenv(env, "0", 1);
-    absl::StatusOr<std::unique_ptr<ForwardBackend>> off = cuda::MakeRandomCudaBackend(*config, format, 1);
-    unsetenv(env);
+  auto compare_off = [&](const char* env, const std::string& what, const char* value = "0") -> bool {
+    absl::StatusOr<std::unique_ptr<ForwardBackend>> off;
+    {
+      ScopedEnv set(env, value);
+      off = cuda::MakeRandomCudaBackend(*config, format, 1);
+    }
     if (!off.ok()) {
       std::fprintf(stderr, "%s\n", std::string(off.status().message()).c_str());
       return false;
     }
     for (const auto& [b, t] : greedy) {
-      const double t_off = decode(**off, b, (", " + what + " off").c_str(), kGreedy);
+      const std::string other = std::string(env) + "=" + value;
+      const double t_off = decode(**off, b, (", " + other).c_str(), kGreedy);
       if (t > 0 && t_off > 0) {
-        std::printf("    batch %lld: %s on / off step time %.3f (%.2fx faster)\n", static_cast<long long>(b),
-                    what.c_str(), t / t_off, t_off / t);
+        std::printf("    batch %lld: %s: default / %s step time %.3f (default %.2fx faster)\n",
+                    static_cast<long long>(b), what.c_str(), other.c_str(), t / t_off, t_off / t);
       }
     }
     return true;
   };
   if (compare_cache && !compare_off("V4SERVE_CUDA_STATE_CACHE_MB", "state cache")) return 1;
   if (compare_graphs && !compare_off("V4SERVE_CUDA_GRAPHS", "CUDA graphs")) return 1;
+  if (compare_rows && format == CudaWeights::kFp8 &&
+      !compare_off("V4SERVE_CUDA_ROWS_GEMM", "row GEMMs", "1")) {
+    return 1;
+  }
   // Prefill: one sequence, one chunk.
   for (int64_t n : Ints(prefill)) {
     SequenceState st = NewSequenceState(*config);

@@ -348,6 +348,20 @@ absl::Status CudaBackend::InitRuntime() {
   act_fp8_->Track(&scratch_moves_, &capturing_);
   act_fp8_scales_->Track(&scratch_moves_, &capturing_);
   act_fp8_round_->Track(&scratch_moves_, &capturing_);
+  split_partial_ = std::make_unique<Buf<float>>(stream_);
+  split_partial_->Track(&scratch_moves_, &capturing_);
+  sm_count_ = prop.multiProcessorCount;
+  V4_CUDA_RETURN_IF_ERROR(cudaMalloc(&split_counters_, kSplitCounters * sizeof(unsigned)));
+  allocs_.push_back(split_counters_);
+  V4_CUDA_RETURN_IF_ERROR(cudaMemsetAsync(split_counters_, 0, kSplitCounters * sizeof(unsigned), stream_));
+  if (const char* rows = std::getenv("V4SERVE_CUDA_ROWS_GEMM"); rows != nullptr && *rows != '\0') {
+    const std::string r = rows;
+    if (r != "0" && r != "1") {
+      return absl::InvalidArgumentError(
+          absl::StrCat("V4SERVE_CUDA_ROWS_GEMM must be 0 or 1, got \"", r, "\""));
+    }
+    rows_gemm_ = r == "1";
+  }
   act_f16_->Track(&scratch_moves_, &capturing_);
   act_f16_inv_->Track(&scratch_moves_, &capturing_);
   top_logits_ = std::make_unique<Buf<float>>(stream_);

@@ -92,9 +92,9 @@ absl::StatusOr<std::string> DeviceKvPage(const ForwardBackend& backend, const Se
 absl::StatusOr<std::vector<int32_t>> ArgmaxRows(const std::vector<float>& logits, int64_t rows, int64_t cols);
 
 // The FP8 GEMM's kernels: chosen by the row count, or forced (tests, bench/): ours (model/cuda/fp8_gemm.cuh,
-// SkinnyGemmFp8 up to 64 rows, GemmFp8 for any) or cuBLASLt's block-scaled one (its rows a multiple of 4, the
-// rest by ours).
-enum class Fp8Path { kAuto, kSkinny, kTile, kLt };
+// SkinnyGemmFp8 and RowsGemmFp8 up to 64 rows, GemmFp8 for any) or cuBLASLt's block-scaled one (its rows a
+// multiple of 4, the rest by ours).
+enum class Fp8Path { kAuto, kSkinny, kTile, kLt, kRows };
 
 // Single-kernel entry points on host data, for the gpu tests that compare each kernel with model/cpu.
 namespace testing {
@@ -107,7 +107,8 @@ absl::StatusOr<std::vector<std::vector<int64_t>>> TopK(const std::vector<float>&
                                                        int64_t n, int64_t k);
 // y = x W^T through the backend's GEMM path for `format` (kFp8: w stored as FP8 tiles, PutFp8, whatever its
 // source; `fp8_path` forces one of its kernels). With `seconds` set, also the mean device time of `repeats`
-// more calls (bench/).
+// more calls (bench/), and the result is then that of one further call into an output of NaNs (tests: a
+// kernel that only works on a fresh backend shows).
 absl::StatusOr<std::vector<float>> Linear(const std::vector<float>& x, int64_t m, int64_t in,
                                           const std::vector<float>& w, int64_t out, CudaWeights format,
                                           int repeats = 0, double* seconds = nullptr,

@@ -373,6 +373,7 @@ class CudaBackend final : public ForwardBackend {
     act_fp8_.reset();
     act_fp8_scales_.reset();
     act_fp8_round_.reset();
+    split_partial_.reset();
     top_logits_.reset();
     state_cache_.reset();
     if (stream_ != nullptr) cudaStreamSynchronize(stream_);
@@ -460,13 +461,22 @@ class CudaBackend final : public ForwardBackend {
   absl::Status LinearBatched(const float* x, int64_t m, int64_t ldx, int64_t stride_x, const Mat& w,
                              int64_t groups, int64_t ldy, float* y) const;
   // The FP8 GEMM: x quantized per row in blocks of 128 (model/cuda/fp8_gemm.cuh; SkinnyGemmFp8 quantizes as
-  // it reads, the others take QuantizeFp8Blocks's codes), SkinnyGemmFp8 for up to kSkinnyRows rows and
-  // cuBLASLt's block-scaled FP8 GEMM above, on the rows up to a multiple of 4 (the
-  // 1-3 left, a second pass over the weights, by ours: padding them is not written). Where cuBLASLt cannot (a
-  // library without block scales, inputs of other than a multiple of 512, a refused shape) ours take all the
-  // rows: SkinnyGemmFp8 up to 64, GemmFp8 above. `path` forces one (bench/, tests). ldx a multiple of 128, x
-  // 16-byte aligned.
-  static constexpr int64_t kSkinnyRows = 16;
+  // it reads, the others take QuantizeFp8Blocks's codes): SkinnyGemmFp8 for up to kSkinnyRows rows,
+  // RowsGemmFp8 up to kSkinnyMaxRows (64), cuBLASLt's block-scaled FP8 GEMM above, on the rows up to a
+  // multiple of 4 (the 1-3 left, a second pass over the weights, by ours: padding them is not written). Where
+  // cuBLASLt cannot (a library without block scales, inputs of other than a multiple of 512, a refused shape)
+  // GemmFp8 takes the rows above 64. RowsGemmFp8 serves kAuto only with V4SERVE_CUDA_ROWS_GEMM=1 (it has not
+  // run on a GPU yet); otherwise SkinnyGemmFp8 takes up to 16 rows and cuBLASLt the rows above. `path` forces
+  // one (bench/, tests). ldx a multiple of 128, x 16-byte aligned. FP32 weights (mixes, gate, compressors;
+  // every linear in the FP32 mode) on up to kRowsF32 rows take RowsGemmF32 (cuda_kernels.cuh) with
+  // V4SERVE_CUDA_ROWS_GEMM=1, cuBLAS otherwise.
+  static constexpr int64_t kSkinnyRows = 8;
+  static constexpr int64_t kRowsF32 = 64;
+  absl::Status LinearF32Rows(const float* x, int64_t m, int64_t ldx, const Mat& w, int64_t ldy,
+                             float* y) const;
+  // Splits of the k range so that a row GEMM of `groups` feature groups fills the SMs twice, each split at
+  // least `min_k` steps of its `k_steps` (1 where the groups alone do, or are more than the counters).
+  int64_t RowsSplits(int64_t groups, int64_t k_steps, int64_t min_k) const;
   absl::Status LinearFp8(const float* x, int64_t m, int64_t ldx, const Mat& w, int64_t ldy, float* y,
                          Fp8Path path = Fp8Path::kAuto) const;
   // cuBLASLt runs this FP8 GEMM (scales: VEC128 for x, BLK128x128 for W, both FP32).
@@ -613,6 +623,7 @@ class CudaBackend final : public ForwardBackend {
   cublasLtHandle_t lt_ = nullptr;  // Null without cuBLASLt's block-scaled FP8 (CublasApi::lt_ok).
   void* lt_ws_ = nullptr;
   static constexpr size_t kLtWorkspace = size_t{32} << 20;
+  static constexpr int64_t kSplitCounters = 4096;  // The row GEMMs' feature groups that may split k.
   // By (m, out, in, ldx, ldy); node-based: GetLtPlan hands out pointers to its entries.
   mutable absl::node_hash_map<std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t>, LtPlan> lt_plans_;
   // Null when cuBLASLt refuses the shape (remembered).
@@ -631,8 +642,12 @@ class CudaBackend final : public ForwardBackend {
   mutable std::unique_ptr<Buf<uint8_t>> act_fp8_;         // Scratch for FP8 GEMM inputs: codes,
   mutable std::unique_ptr<Buf<float>> act_fp8_scales_;    // and their block scales.
   mutable std::unique_ptr<Buf<float>> act_fp8_round_;     // FP8-rounded FP32 inputs (the MXFP4 GEMVs).
-  mutable std::unique_ptr<Buf<float>> top_logits_;        // ForwardTop's logits, for TopLogits::full_row.
-  mutable uint64_t runs_ = 0;  // Forwards so far (full_row checks its own is last).
+  mutable std::unique_ptr<Buf<float>> split_partial_;     // The row GEMMs' split-k partial sums
+  unsigned* split_counters_ = nullptr;  // and their arrivals per feature group (zero between launches).
+  int sm_count_ = 0;
+  bool rows_gemm_ = false;  // V4SERVE_CUDA_ROWS_GEMM=1 (off by default until the kernels ran on a GPU).
+  mutable std::unique_ptr<Buf<float>> top_logits_;  // ForwardTop's logits, for TopLogits::full_row.
+  mutable uint64_t runs_ = 0;                       // Forwards so far (full_row checks its own is last).
   mutable std::unique_ptr<DeviceStateCache> state_cache_;
   mutable PinnedArena arena_;
   mutable bool in_flight_ = false;  // A forward is between its first use of arena_ and its synchronization.

@@ -21,6 +21,7 @@ namespace {
 
 constexpr int kMaxHc = 16;  // hc_mult bound (V4 uses 4).
 
+__device__ __forceinline__ int64_t MinI64(int64_t a, int64_t b) { return a < b ? a : b; }
 __device__ __forceinline__ float WarpSum(float v) {
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
   return v;
@@ -301,6 +302,90 @@ __global__ void Scale(float* x, int64_t n, float s) {
 __global__ void ToBf16(const float* x, int64_t n, __nv_bfloat16* y) {
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i < n) y[i] = __float2bfloat16_rn(x[i]);
+}
+
+// The split-k end of the row GEMMs (RowsGemmF32 here, RowsGemmFp8 in fp8_gemm.cuh), called by every thread
+// of a block after it stored its partial sums of split blockIdx.y (of gridDim.y) at partial[s][m][out]: the
+// last block of feature group blockIdx.x to arrive (counters[blockIdx.x], back to 0 after for the next
+// launch) adds the splits' partials in split order and writes y[r, nb0 .. nb0 + cols) for r < m (row stride
+// ldy). The sums and their order do not depend on which split arrives last, so results repeat bit for bit
+// (no atomics on y).
+__device__ __forceinline__ void SplitKFinish(const float* partial, unsigned* counters, int64_t m, int64_t out,
+                                             int64_t nb0, int64_t cols, int64_t ldy, float* y) {
+  __shared__ bool last;
+  const unsigned splits = gridDim.y;
+  __threadfence();  // This block's partials are visible before its arrival counts.
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    last = atomicAdd(&counters[blockIdx.x], 1u) == splits - 1;
+    if (last) counters[blockIdx.x] = 0;  // Every split has arrived: ready for the next launch.
+  }
+  __syncthreads();
+  if (!last) return;
+  __threadfence();
+  for (int64_t i = threadIdx.x; i < m * cols; i += blockDim.x) {
+    const int64_t r = i / cols, n = nb0 + i % cols;
+    float v = 0.f;
+    for (unsigned si = 0; si < splits; ++si) v += __ldcg(partial + (si * m + r) * out + n);
+    y[r * ldy + n] = v;
+  }
+}
+
+// y[r, n] (row stride ldy) = sum_k x[r, k] W[n, k] in FP32 (FMA, no tensor cores) for up to 64 rows: the
+// backend's FP32 weights (mHC mixes, router gate, compressor projections; their rounding decides routing and
+// compression, so they stay FP32) on decode batches, where cuBLAS's SGEMM/GEMV kernels took ~240 us of a
+// batch-64 step for ~70 MB of weights. A warp takes 8 features x kRows rows (row group warp / kFw of kRg)
+// over its block's k range, each lane 4 consecutive k at a stride of 128 (16-byte loads of the 8 weight rows
+// and of its rows, the other row groups' warps reading the same weights through L1), then sums its lanes by
+// shuffles; with gridDim.y > 1 the splits meet in SplitKFinish. x, W and the row strides 16-byte aligned (in
+// and ldx multiples of 4). Grid (ceil(out / (8 kFw)), splits), 256 threads, kFw = 8 / kRg.
+template <int kRows, int kRg>
+__global__ void __launch_bounds__(256)
+    RowsGemmF32(const float* x, int64_t m, int64_t ldx, const float* w, int64_t in, int64_t out, int64_t ldy,
+                float* y, float* partial, unsigned* counters) {
+  static_assert(kRows == 8 || kRg == 1, "row groups of 8");
+  constexpr int kFw = 8 / kRg;
+  const int warp = static_cast<int>(threadIdx.x / 32), lane = static_cast<int>(threadIdx.x % 32);
+  const int fw = warp % kFw, rg = warp / kFw;
+  const int64_t nb0 = static_cast<int64_t>(blockIdx.x) * 8 * kFw, n0 = nb0 + fw * 8;
+  const int64_t in4 = in / 4, splits = gridDim.y, s = blockIdx.y;
+  const int64_t k0 = in4 * s / splits, k1 = in4 * (s + 1) / splits;
+  const float4* w4 = reinterpret_cast<const float4*>(w);
+  const float4* x4 = reinterpret_cast<const float4*>(x);
+  int64_t wo[8], xo[kRows];  // Rows clamped to out - 1 and m - 1 (read, never stored).
+#pragma unroll
+  for (int f = 0; f < 8; ++f) wo[f] = MinI64(n0 + f, out - 1) * in4;
+#pragma unroll
+  for (int r = 0; r < kRows; ++r) xo[r] = MinI64(rg * kRows + r, m - 1) * (ldx / 4);
+  float acc[8][kRows] = {};
+  for (int64_t k = k0 + lane; k < k1; k += 32) {
+    float4 wv[8];
+#pragma unroll
+    for (int f = 0; f < 8; ++f) wv[f] = w4[wo[f] + k];
+#pragma unroll
+    for (int r = 0; r < kRows; ++r) {
+      const float4 xv = x4[xo[r] + k];
+#pragma unroll
+      for (int f = 0; f < 8; ++f) {
+        acc[f][r] = fmaf(wv[f].x, xv.x, acc[f][r]);
+        acc[f][r] = fmaf(wv[f].y, xv.y, acc[f][r]);
+        acc[f][r] = fmaf(wv[f].z, xv.z, acc[f][r]);
+        acc[f][r] = fmaf(wv[f].w, xv.w, acc[f][r]);
+      }
+    }
+  }
+  float* dst = splits == 1 ? y : partial + s * m * out;
+  const int64_t ld = splits == 1 ? ldy : out;
+#pragma unroll
+  for (int f = 0; f < 8; ++f) {
+#pragma unroll
+    for (int r = 0; r < kRows; ++r) {
+      const float v = WarpSum(acc[f][r]);
+      const int64_t n = n0 + f, row = rg * kRows + r;
+      if (lane == (f * kRows + r) % 32 && n < out && row < m) dst[row * ld + n] = v;
+    }
+  }
+  if (splits > 1) SplitKFinish(partial, counters, m, out, nb0, MinI64(8 * kFw, out - nb0), ldy, y);
 }
 
 // Lightning indexer scores: sc[r, s] = sum_h relu(iq[r,h] · ik.Row(first[r], s)) * iw[r,h] for s < vis[r].

@@ -75,6 +75,10 @@ absl::Status CudaBackend::LinearBatched(const float* x, int64_t m, int64_t ldx, 
     if (groups != 1) return absl::InternalError("FP8 weights in a grouped projection");
     return LinearFp8(x, m, ldx, w, ldy, y);
   }
+  if (!w.bf16 && groups == 1 && rows_gemm_ && m <= kRowsF32 && in % 4 == 0 && ldx % 4 == 0 &&
+      reinterpret_cast<uintptr_t>(x) % 16 == 0) {
+    return LinearF32Rows(x, m, ldx, w, ldy, y);
+  }
   const float alpha = 1.0f, beta = 0.0f;
   const void* xin = x;
   cudaDataType_t type = CUDA_R_32F;
@@ -92,6 +96,34 @@ absl::Status CudaBackend::LinearBatched(const float* x, int64_t m, int64_t ldx, 
       CUDA_R_32F, static_cast<int>(ldy), out, static_cast<int>(groups), CUBLAS_COMPUTE_32F,
       CUBLAS_GEMM_DEFAULT));
   return absl::OkStatus();
+}
+
+int64_t CudaBackend::RowsSplits(int64_t groups, int64_t k_steps, int64_t min_k) const {
+  if (groups > kSplitCounters) return 1;
+  return std::clamp<int64_t>(2 * sm_count_ / groups, 1, std::max<int64_t>(1, k_steps / min_k));
+}
+
+absl::Status CudaBackend::LinearF32Rows(const float* x, int64_t m, int64_t ldx, const Mat& w, int64_t ldy,
+                                        float* y) const {
+  // Row groups of 8 above 8 rows (kRg warps of a block on the same 8 features), else one group of the rows.
+  const auto launch = [&](auto kernel, int64_t features) {
+    const int64_t groups = Blocks(w.out, features);
+    // Each lane at least 4 steps of 128 k (its shuffle sums are then a small share).
+    const int64_t splits = RowsSplits(groups, w.in / 4, 128);
+    if (splits > 1) RETURN_IF_ERROR(split_partial_->Alloc(splits * m * w.out));
+    kernel<<<dim3(static_cast<unsigned>(groups), static_cast<unsigned>(splits)), 256, 0, stream_>>>(
+        x, m, ldx, static_cast<const float*>(w.p), w.in, w.out, ldy, y,
+        splits > 1 ? split_partial_->get() : nullptr, split_counters_);
+    V4_LAUNCH_CHECK(RowsGemmF32);
+    return absl::OkStatus();
+  };
+  if (m == 1) return launch(k::RowsGemmF32<1, 1>, 64);
+  if (m == 2) return launch(k::RowsGemmF32<2, 1>, 64);
+  if (m <= 4) return launch(k::RowsGemmF32<4, 1>, 64);
+  if (m <= 8) return launch(k::RowsGemmF32<8, 1>, 64);
+  if (m <= 16) return launch(k::RowsGemmF32<8, 2>, 32);
+  if (m <= 32) return launch(k::RowsGemmF32<8, 4>, 16);
+  return launch(k::RowsGemmF32<8, 8>, 8);
 }
 
 const LtPlan* CudaBackend::GetLtPlan(int64_t m, int64_t out, int64_t in, int64_t ldx, int64_t ldy,
@@ -162,19 +194,53 @@ absl::Status CudaBackend::LinearFp8(const float* x, int64_t m, int64_t ldx, cons
   if (path == Fp8Path::kLt && !LtServes(w)) {
     return absl::UnimplementedError("cuBLASLt's block-scaled FP8 GEMM is not available for this weight");
   }
-  if (path == Fp8Path::kSkinny && m > k::kSkinnyMaxRows) {
-    return absl::InvalidArgumentError(absl::StrCat("SkinnyGemmFp8 takes up to ", k::kSkinnyMaxRows, " rows"));
+  if ((path == Fp8Path::kSkinny || path == Fp8Path::kRows) && m > k::kSkinnyMaxRows) {
+    return absl::InvalidArgumentError(absl::StrCat(path == Fp8Path::kSkinny ? "SkinnyGemmFp8" : "RowsGemmFp8",
+                                                   " takes up to ", k::kSkinnyMaxRows, " rows"));
   }
   const int64_t row_blocks = ldx / k::kFp8Block, in_blocks = w.in / k::kFp8Block;
   RETURN_IF_ERROR(act_fp8_->Alloc((m - 1) * ldx + w.in));
   RETURN_IF_ERROR(act_fp8_scales_->Alloc(m * row_blocks));
+  const uint8_t* codes = static_cast<const uint8_t*>(w.p);
+  const int64_t k_blocks = w.in / k::kFp8Block;
+  // kAuto's choice by rows (without V4SERVE_CUDA_ROWS_GEMM=1: SkinnyGemmFp8 up to 16 and cuBLASLt above, the
+  // choice before RowsGemmFp8).
+  const int64_t skinny_rows = rows_gemm_ ? kSkinnyRows : 16;
+  if (path == Fp8Path::kRows ||
+      (path == Fp8Path::kAuto && rows_gemm_ && m > skinny_rows && m <= k::kSkinnyMaxRows)) {
+    k::QuantizeFp8Blocks<<<Blocks(m * row_blocks, 8), 256, 0, stream_>>>(
+        x, m, row_blocks, in_blocks, 0, act_fp8_->get(), act_fp8_scales_->get());
+    V4_LAUNCH_CHECK(QuantizeFp8Blocks);
+    // Two blocks of 8 warps for each SM where the feature groups alone are fewer (each split at least 2 k
+    // blocks).
+    constexpr int kWarps = 8;
+    const int64_t groups = Blocks(w.out, 16 * kWarps), splits = RowsSplits(groups, k_blocks, 2);
+    if (splits > 1) RETURN_IF_ERROR(split_partial_->Alloc(splits * m * w.out));
+    const dim3 grid(static_cast<unsigned>(groups), static_cast<unsigned>(splits));
+    const auto launch = [&](auto kernel) {
+      kernel<<<grid, 32 * kWarps, 0, stream_>>>(
+          act_fp8_->get(), act_fp8_scales_->get(), m, ldx, codes, w.tile_scales, w.in, w.out, ldy, y,
+          splits > 1 ? split_partial_->get() : nullptr, split_counters_);
+    };
+    if (m <= 8) {
+      launch(k::RowsGemmFp8<1, kWarps>);
+    } else if (m <= 16) {
+      launch(k::RowsGemmFp8<2, kWarps>);
+    } else if (m <= 32) {
+      launch(k::RowsGemmFp8<4, kWarps>);
+    } else {
+      launch(k::RowsGemmFp8<8, kWarps>);
+    }
+    V4_LAUNCH_CHECK(RowsGemmFp8);
+    return absl::OkStatus();
+  }
   // cuBLASLt's rows (m4) take M-major scales ([k block][row]); the rest's row-major ones follow in the
   // buffer.
   int64_t m4 = 0;
   const LtPlan* plan = nullptr;
   const void* a_scale = w.tile_scales;
   const void* b_scale = act_fp8_scales_->get();
-  if (LtServes(w) && m >= 4 && (path == Fp8Path::kLt || (path == Fp8Path::kAuto && m > kSkinnyRows))) {
+  if (LtServes(w) && m >= 4 && (path == Fp8Path::kLt || (path == Fp8Path::kAuto && m > skinny_rows))) {
     plan = GetLtPlan(m / 4 * 4, w.out, w.in, ldx, ldy, a_scale, b_scale);
     if (plan != nullptr) m4 = m / 4 * 4;
   }
@@ -207,8 +273,6 @@ absl::Status CudaBackend::LinearFp8(const float* x, int64_t m, int64_t ldx, cons
                                                                             in_blocks, 0, codes_r, scales_r);
     V4_LAUNCH_CHECK(QuantizeFp8Blocks);
   }
-  const uint8_t* codes = static_cast<const uint8_t*>(w.p);
-  const int64_t k_blocks = w.in / k::kFp8Block;
   const auto skinny = [&](auto kernel, int warps) {
     kernel<<<static_cast<unsigned>(Blocks(w.out, 16)), static_cast<unsigned>(32 * warps), 0, stream_>>>(
         x + m4 * ldx, rest, ldx, codes, w.tile_scales, w.in, w.out, ldy, yr);
@@ -294,6 +358,10 @@ absl::StatusOr<std::vector<float>> Linear(const std::vector<float>& x, int64_t m
     float ms = 0;
     V4_CUDA_RETURN_IF_ERROR(cudaEventElapsedTime(&ms, start, stop));
     *seconds = ms / 1e3 / repeats;
+    // One more call into an output of NaNs: what comes back is that call's own, so a kernel that works only
+    // on a fresh backend (split-k counters not reset) shows in the result.
+    V4_CUDA_RETURN_IF_ERROR(cudaMemsetAsync(dy.get(), 0xff, m * out * sizeof(float), b.stream()));
+    RETURN_IF_ERROR(call());
   }
   std::vector<float> y;
   RETURN_IF_ERROR(dy.Download(&y));

@@ -25,8 +25,6 @@ namespace {
 
 constexpr int kFp8Block = 128;  // Scale block along k (and along out for the weights' tiles).
 
-__device__ __forceinline__ int64_t MinI64(int64_t a, int64_t b) { return a < b ? a : b; }
-
 // 2^ceil(log2(amax / qmax)) as model/cpu/numerics.cc's Pow2CeilScale computes it (amax times the FP32
 // reciprocal, rounded up to a power of two from the bits), and its exact reciprocal.
 struct Pow2Scale {
@@ -93,6 +91,24 @@ __global__ void QuantizeFp8Tiles(const float* w, int64_t out, int64_t in, uint8_
   if (threadIdx.x == 0) scales[blockIdx.y * (in / kFp8Block) + blockIdx.x] = s.s;
 }
 
+// One 128-wide k block of the skinny kernels (SkinnyGemmFp8, RowsGemmFp8): lane (g, t)'s 16 + 16 bytes of
+// weight rows g (a0*) and g + 8 (a1*) and of input row g (b*), in the permuted k order described below, as
+// four m16n8k32 MMAs; the block's sum promoted into tot with the weight tiles' scales (sw0, sw1: features g,
+// g + 8) and the input rows' block scales (sa0, sa1: rows 2t, 2t + 1).
+__device__ __forceinline__ void Fp8BlockMma(const uint4& a00, const uint4& a01, const uint4& a10,
+                                            const uint4& a11, const uint4& b0, const uint4& b1, float sw0,
+                                            float sw1, float sa0, float sa1, float (&tot)[4]) {
+  float acc[4] = {0.f, 0.f, 0.f, 0.f};
+  MmaFp8(acc, a00.x, a10.x, a00.y, a10.y, b0.x, b0.y);
+  MmaFp8(acc, a00.z, a10.z, a00.w, a10.w, b0.z, b0.w);
+  MmaFp8(acc, a01.x, a11.x, a01.y, a11.y, b1.x, b1.y);
+  MmaFp8(acc, a01.z, a11.z, a01.w, a11.w, b1.z, b1.w);
+  tot[0] += acc[0] * (sw0 * sa0);  // Feature g, rows 2t and 2t + 1; then feature g + 8.
+  tot[1] += acc[1] * (sw0 * sa1);
+  tot[2] += acc[2] * (sw1 * sa0);
+  tot[3] += acc[3] * (sw1 * sa1);
+}
+
 // y[r, n] (row stride ldy) = sum_k x[r, k] W[n, k] for m <= 8 * kTok rows (decode steps): the weights are the
 // MMA's A operand (16 output features a warp) and the input rows its B operand (8 a tile), so a few rows
 // waste no weight bandwidth. x: FP32 rows of stride ldx (a multiple of 128), quantized by the warps as they
@@ -156,15 +172,7 @@ __global__ void __launch_bounds__(kWarps * 32)
       // The scales of rows 2t and 2t + 1 (the accumulator's columns), from those rows' lanes.
       const float sa0 = __shfl_sync(0xffffffffu, sc.s, 8 * t),
                   sa1 = __shfl_sync(0xffffffffu, sc.s, 8 * t + 4);
-      float acc[4] = {0.f, 0.f, 0.f, 0.f};
-      MmaFp8(acc, a00.x, a10.x, a00.y, a10.y, b0.x, b0.y);
-      MmaFp8(acc, a00.z, a10.z, a00.w, a10.w, b0.z, b0.w);
-      MmaFp8(acc, a01.x, a11.x, a01.y, a11.y, b1.x, b1.y);
-      MmaFp8(acc, a01.z, a11.z, a01.w, a11.w, b1.z, b1.w);
-      tot[tg][0] += acc[0] * (sw0 * sa0);  // Feature g, rows 2t and 2t + 1; then feature g + 8.
-      tot[tg][1] += acc[1] * (sw0 * sa1);
-      tot[tg][2] += acc[2] * (sw1 * sa0);
-      tot[tg][3] += acc[3] * (sw1 * sa1);
+      Fp8BlockMma(a00, a01, a10, a11, b0, b1, sw0, sw1, sa0, sa1, tot[tg]);
     }
   }
 #pragma unroll
@@ -184,6 +192,76 @@ __global__ void __launch_bounds__(kWarps * 32)
       if (n < out && r < m) y[r * ldy + n] = v;
     }
   }
+}
+
+// y = x W^T for a decode batch's 9-64 rows (m <= 8 * kTok), from x's codes and row-major block scales
+// (QuantizeFp8Blocks): the weights are read once, as SkinnyGemmFp8 reads them (the MMA's A operand, 16
+// output features a warp, each lane 16 bytes of two weight rows in the same permuted k order), and the
+// input's codes are the B operand, loaded by each warp from L1 (the block's kWarps warps share them), so
+// the input is quantized once instead of once per 16 features. A block is kWarps x 16 features over the k
+// blocks of split blockIdx.y of gridDim.y (k blocks [kbs * s / S, kbs * (s + 1) / S)); each warp keeps the
+// next k block's weights in registers while it multiplies the current one. With S > 1 the splits' partial
+// sums meet in SplitKFinish (cuda_kernels.cuh: deterministic, no atomics on y). Grid (ceil(out / (16
+// kWarps)), S), 32 kWarps threads.
+template <int kTok, int kWarps>
+__global__ void __launch_bounds__(kWarps * 32)
+    RowsGemmFp8(const uint8_t* xq, const float* xs, int64_t m, int64_t ldx, const uint8_t* w, const float* ws,
+                int64_t in, int64_t out, int64_t ldy, float* y, float* partial, unsigned* counters) {
+  const int warp = static_cast<int>(threadIdx.x / 32), lane = static_cast<int>(threadIdx.x % 32);
+  const int g = lane / 4, t = lane % 4;
+  const int64_t nb0 = static_cast<int64_t>(blockIdx.x) * 16 * kWarps, n0 = nb0 + warp * 16;
+  const int64_t r0 = min(n0 + g, out - 1), r1 = min(n0 + g + 8, out - 1);
+  const int64_t kbs = in / kFp8Block, xbs = ldx / kFp8Block;
+  const int splits = static_cast<int>(gridDim.y), s = static_cast<int>(blockIdx.y);
+  const int64_t kb0 = kbs * s / splits, kb1 = kbs * (s + 1) / splits;
+  const uint8_t* w0 = w + r0 * in + t * 16;
+  const uint8_t* w1 = w + r1 * in + t * 16;
+  const float* ws0 = ws + (r0 / kFp8Block) * kbs;
+  const float* ws1 = ws + (r1 / kFp8Block) * kbs;
+  // This lane's B rows (tg * 8 + g) and the accumulator's columns' rows (tg * 8 + 2t, + 1), clamped to m.
+  int xo[kTok], so0[kTok], so1[kTok];  // Offsets (the inputs of a decode batch are well within 2^31).
+#pragma unroll
+  for (int tg = 0; tg < kTok; ++tg) {
+    xo[tg] = static_cast<int>(MinI64(tg * 8 + g, m - 1) * ldx + t * 16);
+    so0[tg] = static_cast<int>(MinI64(tg * 8 + 2 * t, m - 1) * xbs);
+    so1[tg] = static_cast<int>(MinI64(tg * 8 + 2 * t + 1, m - 1) * xbs);
+  }
+  float tot[kTok][4];
+#pragma unroll
+  for (int tg = 0; tg < kTok; ++tg) tot[tg][0] = tot[tg][1] = tot[tg][2] = tot[tg][3] = 0.f;
+  uint4 a00, a01, a10, a11;
+  const auto load_w = [&](int64_t kb) {
+    const int64_t k = kb * kFp8Block;
+    a00 = *reinterpret_cast<const uint4*>(w0 + k);
+    a01 = *reinterpret_cast<const uint4*>(w0 + k + 64);
+    a10 = *reinterpret_cast<const uint4*>(w1 + k);
+    a11 = *reinterpret_cast<const uint4*>(w1 + k + 64);
+  };
+  if (kb0 < kb1) load_w(kb0);
+  for (int64_t kb = kb0; kb < kb1; ++kb) {
+    const uint4 c00 = a00, c01 = a01, c10 = a10, c11 = a11;
+    const float sw0 = ws0[kb], sw1 = ws1[kb];
+    if (kb + 1 < kb1) load_w(kb + 1);
+    const int64_t k = kb * kFp8Block;
+#pragma unroll
+    for (int tg = 0; tg < kTok; ++tg) {
+      const uint8_t* xr = xq + xo[tg] + k;
+      const uint4 b0 = *reinterpret_cast<const uint4*>(xr), b1 = *reinterpret_cast<const uint4*>(xr + 64);
+      const float sa0 = xs[so0[tg] + kb], sa1 = xs[so1[tg] + kb];
+      Fp8BlockMma(c00, c01, c10, c11, b0, b1, sw0, sw1, sa0, sa1, tot[tg]);
+    }
+  }
+  float* dst = splits == 1 ? y : partial + s * m * out;
+  const int64_t ld = splits == 1 ? ldy : out;
+#pragma unroll
+  for (int tg = 0; tg < kTok; ++tg) {
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const int64_t n = n0 + g + (j >= 2 ? 8 : 0), r = tg * 8 + 2 * t + (j & 1);
+      if (n < out && r < m) dst[r * ld + n] = tot[tg][j];
+    }
+  }
+  if (splits > 1) SplitKFinish(partial, counters, m, out, nb0, MinI64(16 * kWarps, out - nb0), ldy, y);
 }
 
 // The tile GEMM for longer inputs where cuBLASLt has no algorithm: the same y for any m, 64 x 128 output

@@ -4,10 +4,12 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <initializer_list>
 #include <random>
 #include <vector>
 
+#include "absl/cleanup/cleanup.h"
 #include "gtest/gtest.h"
 #include "model/backend.h"
 #include "model/cpu/attention.h"
@@ -93,6 +95,39 @@ TEST(CudaKernelTest, LinearMatchesCpuInBothWeightFormats) {
   EXPECT_LT(RelL2(*y, ref), 1e-2);
 }
 
+// FP32 weights on up to 64 rows take RowsGemmF32 (its row groups, its k split with the last block summing
+// the splits); 65 rows take cuBLAS. Shapes: an mHC mix (24 x 16384), a compressor-like 1000 x 1028 (a
+// partial feature group, k not a multiple of 128). Against the product in double: an FP32 sum over 16384
+// terms in any order is ~1e-7 (RowsGemmF32's lanes and shuffles) to ~1e-6 (one running sum, as cuBLAS and
+// cpu::MatmulWt add) away from it; a skipped row, feature or split is O(1).
+TEST(CudaKernelTest, Fp32RowsGemmMatchesCpu) {
+  SKIP_WITHOUT_GPU();
+  setenv("V4SERVE_CUDA_ROWS_GEMM", "1", 1);  // Off by default until it ran on a GPU.
+  absl::Cleanup unset = [] { unsetenv("V4SERVE_CUDA_ROWS_GEMM"); };
+  for (const auto& [in, out] : {std::pair<int64_t, int64_t>{16384, 24}, {1028, 1000}}) {
+    const std::vector<float> w = Random(out * in, 8, 0.03f);
+    for (const int64_t m : {1, 2, 3, 8, 9, 33, 64, 65}) {
+      const std::vector<float> x = Random(m * in, 9 + m);
+      std::vector<float> ref;
+      cpu::MatmulWtF64(x.data(), m, in, w.data(), out, &ref);
+      absl::StatusOr<std::vector<float>> y = cuda::testing::Linear(x, m, in, w, out, CudaWeights::kF32);
+      ASSERT_TRUE(y.ok()) << y.status();
+      const double tol = m <= 64 ? 1e-6 : 1e-5;  // RowsGemmF32, or cuBLAS's running sums.
+      EXPECT_LT(RelL2(*y, ref), tol) << m << " rows x " << in << " -> " << out;
+      for (int64_t r = 0; r < m; ++r) {  // A row or feature group the kernel skips shows here.
+        std::vector<float> yr(y->begin() + r * out, y->begin() + (r + 1) * out);
+        std::vector<float> rr(ref.begin() + r * out, ref.begin() + (r + 1) * out);
+        ASSERT_LT(RelL2(yr, rr), 10 * tol) << m << " rows, row " << r;
+      }
+      double seconds = 0;  // Five calls on one backend, the last into NaNs: counters reset, sums repeat.
+      absl::StatusOr<std::vector<float>> again =
+          cuda::testing::Linear(x, m, in, w, out, CudaWeights::kF32, 3, &seconds);
+      ASSERT_TRUE(again.ok()) << again.status();
+      EXPECT_EQ(*again, *y) << m << " rows: a repeated FP32 row GEMM differs";
+    }
+  }
+}
+
 // The FP8 weight mode's GEMM (model/cuda/fp8_gemm.cuh) against the CPU faithful mode's: the input through
 // cpu::Numerics::Fp8Blocks (bit for bit the device's quantization), the weights through 128 x 128 tiles with
 // E8M0 scales 2^ceil(log2(amax / 448)) (quantized here from the definition), the product in double. What is
@@ -135,9 +170,9 @@ void CheckFp8Linear(int64_t in, int64_t out, std::initializer_list<int64_t> row_
       }
     }
     // What the row count picks, and each kernel forced (cuBLASLt's part a multiple of 4 rows, ours the rest).
-    for (const cuda::Fp8Path path :
-         {cuda::Fp8Path::kAuto, cuda::Fp8Path::kTile, cuda::Fp8Path::kSkinny, cuda::Fp8Path::kLt}) {
-      if (path == cuda::Fp8Path::kSkinny && m > 64) continue;
+    for (const cuda::Fp8Path path : {cuda::Fp8Path::kAuto, cuda::Fp8Path::kTile, cuda::Fp8Path::kSkinny,
+                                     cuda::Fp8Path::kLt, cuda::Fp8Path::kRows}) {
+      if ((path == cuda::Fp8Path::kSkinny || path == cuda::Fp8Path::kRows) && m > 64) continue;
       absl::StatusOr<std::vector<float>> y =
           cuda::testing::Linear(x, m, in, w, out, CudaWeights::kFp8, 0, nullptr, path);
       ASSERT_TRUE(y.ok()) << y.status();
@@ -148,12 +183,23 @@ void CheckFp8Linear(int64_t in, int64_t out, std::initializer_list<int64_t> row_
         std::vector<float> rr(ref.begin() + r * out, ref.begin() + (r + 1) * out);
         ASSERT_LT(RelL2(yr, rr), 5e-3) << m << " rows, row " << r << ", path " << static_cast<int>(path);
       }
+      if (path == cuda::Fp8Path::kRows) {
+        // Five calls on one backend, the last into an output of NaNs: RowsGemmFp8's arrival counters are back
+        // at zero after each launch, and its split-k sums come out the same whichever split arrives last.
+        double seconds = 0;
+        absl::StatusOr<std::vector<float>> again =
+            cuda::testing::Linear(x, m, in, w, out, CudaWeights::kFp8, 3, &seconds, path);
+        ASSERT_TRUE(again.ok()) << again.status();
+        EXPECT_EQ(*again, *y) << m << " rows: a repeated RowsGemmFp8 differs";
+      }
     }
   }
 }
 
 TEST(CudaKernelTest, Fp8LinearMatchesTheFaithfulGemm) {
   SKIP_WITHOUT_GPU();
+  // RowsGemmFp8 here gets a partial last group of 128 features (320) and its k split 4 ways (1024 wide); 2
+  // ways at 512 and 16 at 4096, below.
   CheckFp8Linear(1024, 320, {1, 5, 13, 40, 64, 65, 200});
   // cuBLASLt's other input widths that serving gives it (512: the smallest it takes; 4096: V4's hidden size).
   // 4096 also gives SkinnyGemmFp8 32 k blocks: its 16-warp variants (up to 16 rows) and the 8-warp one
