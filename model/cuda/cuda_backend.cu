@@ -32,6 +32,19 @@ namespace impl {
 namespace k = kernels;
 
 namespace {
+
+// An on/off switch from the environment: "0" or "1", `unset` when absent or empty, INVALID_ARGUMENT
+// naming the variable otherwise.
+absl::StatusOr<bool> EnvSwitch(const char* name, bool unset) {
+  const char* v = std::getenv(name);
+  if (v == nullptr || *v == '\0') return unset;
+  const std::string s = v;
+  if (s != "0" && s != "1") {
+    return absl::InvalidArgumentError(absl::StrCat(name, " must be 0 or 1, got \"", s, "\""));
+  }
+  return s == "1";
+}
+
 absl::StatusOr<const CublasApi*> Cublas() {
   static const absl::StatusOr<CublasApi>* api = [] {
     const std::string name = absl::StrCat("libcublas.so.", CUBLAS_VER_MAJOR);
@@ -354,14 +367,7 @@ absl::Status CudaBackend::InitRuntime() {
   V4_CUDA_RETURN_IF_ERROR(cudaMalloc(&split_counters_, kSplitCounters * sizeof(unsigned)));
   allocs_.push_back(split_counters_);
   V4_CUDA_RETURN_IF_ERROR(cudaMemsetAsync(split_counters_, 0, kSplitCounters * sizeof(unsigned), stream_));
-  if (const char* rows = std::getenv("V4SERVE_CUDA_ROWS_GEMM"); rows != nullptr && *rows != '\0') {
-    const std::string r = rows;
-    if (r != "0" && r != "1") {
-      return absl::InvalidArgumentError(
-          absl::StrCat("V4SERVE_CUDA_ROWS_GEMM must be 0 or 1, got \"", r, "\""));
-    }
-    rows_gemm_ = r == "1";
-  }
+  ASSIGN_OR_RETURN(rows_gemm_, EnvSwitch("V4SERVE_CUDA_ROWS_GEMM", false));
   act_f16_->Track(&scratch_moves_, &capturing_);
   act_f16_inv_->Track(&scratch_moves_, &capturing_);
   top_logits_ = std::make_unique<Buf<float>>(stream_);
@@ -433,12 +439,8 @@ absl::Status CudaBackend::Init(const cpu::ModelWeights* w, const cpu::RopeTable*
   // the GEMVs read); V4SERVE_CUDA_GRAPHS=0 turns them off.
   bool gemv = true;
   for (const LayerW& l : layers_) gemv &= GemvFits(l.w1) && GemvFits(l.w2);
-  const char* graphs = std::getenv("V4SERVE_CUDA_GRAPHS");
-  const std::string g = graphs != nullptr ? graphs : "";
-  if (!g.empty() && g != "0" && g != "1") {
-    return absl::InvalidArgumentError(absl::StrCat("V4SERVE_CUDA_GRAPHS must be 0 or 1, got \"", g, "\""));
-  }
-  if (g == "0") {
+  ASSIGN_OR_RETURN(const bool graphs, EnvSwitch("V4SERVE_CUDA_GRAPHS", true));
+  if (!graphs) {
     graphs_off_why_ = "V4SERVE_CUDA_GRAPHS=0";
   } else if (profile_) {
     graphs_off_why_ = "V4SERVE_CUDA_PROFILE=1 synchronizes inside the sections";

@@ -461,22 +461,27 @@ class CudaBackend final : public ForwardBackend {
   absl::Status LinearBatched(const float* x, int64_t m, int64_t ldx, int64_t stride_x, const Mat& w,
                              int64_t groups, int64_t ldy, float* y) const;
   // The FP8 GEMM: x quantized per row in blocks of 128 (model/cuda/fp8_gemm.cuh; SkinnyGemmFp8 quantizes as
-  // it reads, the others take QuantizeFp8Blocks's codes): SkinnyGemmFp8 for up to kSkinnyRows rows,
+  // it reads, the others take QuantizeFp8Blocks's codes): SkinnyGemmFp8 for up to kRowsFrom - 1 rows,
   // RowsGemmFp8 up to kSkinnyMaxRows (64), cuBLASLt's block-scaled FP8 GEMM above, on the rows up to a
   // multiple of 4 (the 1-3 left, a second pass over the weights, by ours: padding them is not written). Where
   // cuBLASLt cannot (a library without block scales, inputs of other than a multiple of 512, a refused shape)
   // GemmFp8 takes the rows above 64. RowsGemmFp8 serves kAuto only with V4SERVE_CUDA_ROWS_GEMM=1 (it has not
-  // run on a GPU yet); otherwise SkinnyGemmFp8 takes up to 16 rows and cuBLASLt the rows above. `path` forces
-  // one (bench/, tests). ldx a multiple of 128, x 16-byte aligned. FP32 weights (mixes, gate, compressors;
-  // every linear in the FP32 mode) on up to kRowsF32 rows take RowsGemmF32 (cuda_kernels.cuh) with
-  // V4SERVE_CUDA_ROWS_GEMM=1, cuBLAS otherwise.
-  static constexpr int64_t kSkinnyRows = 8;
-  static constexpr int64_t kRowsF32 = 64;
+  // run on a GPU yet); otherwise SkinnyGemmFp8 takes up to kSkinnyRows (16) and cuBLASLt the rows above.
+  // `path` forces one (bench/, tests). ldx a multiple of 128, x 16-byte aligned. FP32 weights (mixes, gate,
+  // compressors; every linear in the FP32 mode) on up to kRowsF32 rows take RowsGemmF32 (cuda_kernels.cuh)
+  // with V4SERVE_CUDA_ROWS_GEMM=1, cuBLAS otherwise.
+  static constexpr int64_t kSkinnyRows = 16, kRowsFrom = 9, kRowsF32 = 64;
   absl::Status LinearF32Rows(const float* x, int64_t m, int64_t ldx, const Mat& w, int64_t ldy,
                              float* y) const;
-  // Splits of the k range so that a row GEMM of `groups` feature groups fills the SMs twice, each split at
-  // least `min_k` steps of its `k_steps` (1 where the groups alone do, or are more than the counters).
-  int64_t RowsSplits(int64_t groups, int64_t k_steps, int64_t min_k) const;
+  // A row GEMM's k split: `splits` so that `groups` feature groups fill the SMs twice, each split at least
+  // `min_k` of the `k_steps` (1 where the groups alone do, or are more than the counters), and above 1 the
+  // partial sums' scratch for m x out outputs (split_partial_; null for 1).
+  struct SplitK {
+    int64_t splits = 1;
+    float* partial = nullptr;
+  };
+  absl::StatusOr<SplitK> RowsSplitK(int64_t groups, int64_t k_steps, int64_t min_k, int64_t m,
+                                    int64_t out) const;
   absl::Status LinearFp8(const float* x, int64_t m, int64_t ldx, const Mat& w, int64_t ldy, float* y,
                          Fp8Path path = Fp8Path::kAuto) const;
   // cuBLASLt runs this FP8 GEMM (scales: VEC128 for x, BLK128x128 for W, both FP32).
@@ -645,7 +650,7 @@ class CudaBackend final : public ForwardBackend {
   mutable std::unique_ptr<Buf<float>> split_partial_;     // The row GEMMs' split-k partial sums
   unsigned* split_counters_ = nullptr;  // and their arrivals per feature group (zero between launches).
   int sm_count_ = 0;
-  bool rows_gemm_ = false;  // V4SERVE_CUDA_ROWS_GEMM=1 (off by default until the kernels ran on a GPU).
+  bool rows_gemm_ = false;  // V4SERVE_CUDA_ROWS_GEMM=1 (off unless set: the kernels have not run on a GPU).
   mutable std::unique_ptr<Buf<float>> top_logits_;  // ForwardTop's logits, for TopLogits::full_row.
   mutable uint64_t runs_ = 0;                       // Forwards so far (full_row checks its own is last).
   mutable std::unique_ptr<DeviceStateCache> state_cache_;

@@ -304,6 +304,18 @@ __global__ void ToBf16(const float* x, int64_t n, __nv_bfloat16* y) {
   if (i < n) y[i] = __float2bfloat16_rn(x[i]);
 }
 
+// Where a row GEMM's block (RowsGemmF32 here, RowsGemmFp8 in fp8_gemm.cuh) stores its sums: y (row stride
+// ldy) when the k range is not split, else its split's partial sums partial[blockIdx.y][m][out], which
+// SplitKFinish adds.
+struct SplitKOut {
+  float* p;
+  int64_t ld;
+};
+__device__ __forceinline__ SplitKOut SplitKTarget(float* y, int64_t ldy, float* partial, int64_t m,
+                                                  int64_t out) {
+  return gridDim.y == 1 ? SplitKOut{y, ldy} : SplitKOut{partial + blockIdx.y * m * out, out};
+}
+
 // The split-k end of the row GEMMs (RowsGemmF32 here, RowsGemmFp8 in fp8_gemm.cuh), called by every thread
 // of a block after it stored its partial sums of split blockIdx.y (of gridDim.y) at partial[s][m][out]: the
 // last block of feature group blockIdx.x to arrive (counters[blockIdx.x], back to 0 after for the next
@@ -374,15 +386,14 @@ __global__ void __launch_bounds__(256)
       }
     }
   }
-  float* dst = splits == 1 ? y : partial + s * m * out;
-  const int64_t ld = splits == 1 ? ldy : out;
+  const SplitKOut dst = SplitKTarget(y, ldy, partial, m, out);
 #pragma unroll
   for (int f = 0; f < 8; ++f) {
 #pragma unroll
     for (int r = 0; r < kRows; ++r) {
       const float v = WarpSum(acc[f][r]);
       const int64_t n = n0 + f, row = rg * kRows + r;
-      if (lane == (f * kRows + r) % 32 && n < out && row < m) dst[row * ld + n] = v;
+      if (lane == (f * kRows + r) % 32 && n < out && row < m) dst.p[row * dst.ld + n] = v;
     }
   }
   if (splits > 1) SplitKFinish(partial, counters, m, out, nb0, MinI64(8 * kFw, out - nb0), ldy, y);

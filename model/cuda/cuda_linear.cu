@@ -23,6 +23,23 @@ namespace impl {
 
 namespace k = kernels;
 
+namespace {
+// f(std::integral_constant<int, kTok>) with the token groups of 8 that `rows` rows take in the skinny FP8
+// kernels' instantiations: 1, 2, 4 or 8 (up to 64 rows).
+template <class F>
+void WithTokGroups(int64_t rows, F&& f) {
+  if (rows <= 8) {
+    f(std::integral_constant<int, 1>{});
+  } else if (rows <= 16) {
+    f(std::integral_constant<int, 2>{});
+  } else if (rows <= 32) {
+    f(std::integral_constant<int, 4>{});
+  } else {
+    f(std::integral_constant<int, 8>{});
+  }
+}
+}  // namespace
+
 absl::Status CudaBackend::PutFp8(const float* host, int64_t out, int64_t in, Mat* m) {
   if (in % k::kFp8Block != 0) {
     return absl::InvalidArgumentError(absl::StrCat("FP8 weights need rows of a multiple of 128, got ", in));
@@ -98,9 +115,14 @@ absl::Status CudaBackend::LinearBatched(const float* x, int64_t m, int64_t ldx, 
   return absl::OkStatus();
 }
 
-int64_t CudaBackend::RowsSplits(int64_t groups, int64_t k_steps, int64_t min_k) const {
-  if (groups > kSplitCounters) return 1;
-  return std::clamp<int64_t>(2 * sm_count_ / groups, 1, std::max<int64_t>(1, k_steps / min_k));
+absl::StatusOr<CudaBackend::SplitK> CudaBackend::RowsSplitK(int64_t groups, int64_t k_steps, int64_t min_k,
+                                                            int64_t m, int64_t out) const {
+  if (groups > kSplitCounters) return SplitK{};
+  const int64_t splits =
+      std::clamp<int64_t>(2 * sm_count_ / groups, 1, std::max<int64_t>(1, k_steps / min_k));
+  if (splits == 1) return SplitK{};
+  RETURN_IF_ERROR(split_partial_->Alloc(splits * m * out));
+  return SplitK{splits, split_partial_->get()};
 }
 
 absl::Status CudaBackend::LinearF32Rows(const float* x, int64_t m, int64_t ldx, const Mat& w, int64_t ldy,
@@ -109,11 +131,9 @@ absl::Status CudaBackend::LinearF32Rows(const float* x, int64_t m, int64_t ldx, 
   const auto launch = [&](auto kernel, int64_t features) {
     const int64_t groups = Blocks(w.out, features);
     // Each lane at least 4 steps of 128 k (its shuffle sums are then a small share).
-    const int64_t splits = RowsSplits(groups, w.in / 4, 128);
-    if (splits > 1) RETURN_IF_ERROR(split_partial_->Alloc(splits * m * w.out));
-    kernel<<<dim3(static_cast<unsigned>(groups), static_cast<unsigned>(splits)), 256, 0, stream_>>>(
-        x, m, ldx, static_cast<const float*>(w.p), w.in, w.out, ldy, y,
-        splits > 1 ? split_partial_->get() : nullptr, split_counters_);
+    ASSIGN_OR_RETURN(const SplitK sk, RowsSplitK(groups, w.in / 4, 128, m, w.out));
+    kernel<<<dim3(static_cast<unsigned>(groups), static_cast<unsigned>(sk.splits)), 256, 0, stream_>>>(
+        x, m, ldx, static_cast<const float*>(w.p), w.in, w.out, ldy, y, sk.partial, split_counters_);
     V4_LAUNCH_CHECK(RowsGemmF32);
     return absl::OkStatus();
   };
@@ -202,10 +222,9 @@ absl::Status CudaBackend::LinearFp8(const float* x, int64_t m, int64_t ldx, cons
   RETURN_IF_ERROR(act_fp8_->Alloc((m - 1) * ldx + w.in));
   RETURN_IF_ERROR(act_fp8_scales_->Alloc(m * row_blocks));
   const uint8_t* codes = static_cast<const uint8_t*>(w.p);
-  const int64_t k_blocks = w.in / k::kFp8Block;
-  // kAuto's choice by rows (without V4SERVE_CUDA_ROWS_GEMM=1: SkinnyGemmFp8 up to 16 and cuBLASLt above, the
-  // choice before RowsGemmFp8).
-  const int64_t skinny_rows = rows_gemm_ ? kSkinnyRows : 16;
+  // kAuto's choice by rows (without V4SERVE_CUDA_ROWS_GEMM=1: SkinnyGemmFp8 up to kSkinnyRows and cuBLASLt
+  // above, the choice before RowsGemmFp8).
+  const int64_t skinny_rows = rows_gemm_ ? kRowsFrom - 1 : kSkinnyRows;
   if (path == Fp8Path::kRows ||
       (path == Fp8Path::kAuto && rows_gemm_ && m > skinny_rows && m <= k::kSkinnyMaxRows)) {
     k::QuantizeFp8Blocks<<<Blocks(m * row_blocks, 8), 256, 0, stream_>>>(
@@ -214,23 +233,14 @@ absl::Status CudaBackend::LinearFp8(const float* x, int64_t m, int64_t ldx, cons
     // Two blocks of 8 warps for each SM where the feature groups alone are fewer (each split at least 2 k
     // blocks).
     constexpr int kWarps = 8;
-    const int64_t groups = Blocks(w.out, 16 * kWarps), splits = RowsSplits(groups, k_blocks, 2);
-    if (splits > 1) RETURN_IF_ERROR(split_partial_->Alloc(splits * m * w.out));
-    const dim3 grid(static_cast<unsigned>(groups), static_cast<unsigned>(splits));
-    const auto launch = [&](auto kernel) {
-      kernel<<<grid, 32 * kWarps, 0, stream_>>>(
+    const int64_t groups = Blocks(w.out, 16 * kWarps);
+    ASSIGN_OR_RETURN(const SplitK sk, RowsSplitK(groups, in_blocks, 2, m, w.out));
+    const dim3 grid(static_cast<unsigned>(groups), static_cast<unsigned>(sk.splits));
+    WithTokGroups(m, [&](auto tok) {
+      k::RowsGemmFp8<decltype(tok)::value, kWarps><<<grid, 32 * kWarps, 0, stream_>>>(
           act_fp8_->get(), act_fp8_scales_->get(), m, ldx, codes, w.tile_scales, w.in, w.out, ldy, y,
-          splits > 1 ? split_partial_->get() : nullptr, split_counters_);
-    };
-    if (m <= 8) {
-      launch(k::RowsGemmFp8<1, kWarps>);
-    } else if (m <= 16) {
-      launch(k::RowsGemmFp8<2, kWarps>);
-    } else if (m <= 32) {
-      launch(k::RowsGemmFp8<4, kWarps>);
-    } else {
-      launch(k::RowsGemmFp8<8, kWarps>);
-    }
+          sk.partial, split_counters_);
+    });
     V4_LAUNCH_CHECK(RowsGemmFp8);
     return absl::OkStatus();
   }
@@ -277,10 +287,10 @@ absl::Status CudaBackend::LinearFp8(const float* x, int64_t m, int64_t ldx, cons
     kernel<<<static_cast<unsigned>(Blocks(w.out, 16)), static_cast<unsigned>(32 * warps), 0, stream_>>>(
         x + m4 * ldx, rest, ldx, codes, w.tile_scales, w.in, w.out, ldy, yr);
   };
-  // SkinnyGemmFp8<kTok, k::SkinnyWarps(kTok, k_blocks)>.
+  // SkinnyGemmFp8<kTok, k::SkinnyWarps(kTok, in_blocks)>.
   const auto skinny_tok = [&](auto tok) {
     constexpr int kTok = decltype(tok)::value;
-    switch (k::SkinnyWarps(kTok, k_blocks)) {
+    switch (k::SkinnyWarps(kTok, in_blocks)) {
       case 16:
         if constexpr (kTok * 16 <= 32) return skinny(k::SkinnyGemmFp8<kTok, 16>, 16);
         [[fallthrough]];
@@ -296,14 +306,8 @@ absl::Status CudaBackend::LinearFp8(const float* x, int64_t m, int64_t ldx, cons
                     static_cast<unsigned>(Blocks(w.out, k::kF8Bn)));
     k::GemmFp8<<<grid, 256, k::kF8Smem, stream_>>>(codes_r, scales_r, rest, ldx, codes, w.tile_scales, w.in,
                                                    w.out, ldy, yr);
-  } else if (rest <= 8) {
-    skinny_tok(std::integral_constant<int, 1>{});
-  } else if (rest <= 16) {
-    skinny_tok(std::integral_constant<int, 2>{});
-  } else if (rest <= 32) {
-    skinny_tok(std::integral_constant<int, 4>{});
   } else {
-    skinny_tok(std::integral_constant<int, 8>{});
+    WithTokGroups(rest, skinny_tok);
   }
   V4_LAUNCH_CHECK(GemmFp8 or SkinnyGemmFp8);
   return absl::OkStatus();

@@ -251,14 +251,13 @@ __global__ void __launch_bounds__(kWarps * 32)
       Fp8BlockMma(c00, c01, c10, c11, b0, b1, sw0, sw1, sa0, sa1, tot[tg]);
     }
   }
-  float* dst = splits == 1 ? y : partial + s * m * out;
-  const int64_t ld = splits == 1 ? ldy : out;
+  const SplitKOut dst = SplitKTarget(y, ldy, partial, m, out);
 #pragma unroll
   for (int tg = 0; tg < kTok; ++tg) {
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
       const int64_t n = n0 + g + (j >= 2 ? 8 : 0), r = tg * 8 + 2 * t + (j & 1);
-      if (n < out && r < m) dst[r * ld + n] = tot[tg][j];
+      if (n < out && r < m) dst.p[r * dst.ld + n] = tot[tg][j];
     }
   }
   if (splits > 1) SplitKFinish(partial, counters, m, out, nb0, MinI64(16 * kWarps, out - nb0), ldy, y);
