@@ -473,15 +473,20 @@ class CudaBackend final : public ForwardBackend {
   static constexpr int64_t kSkinnyRows = 16, kRowsFrom = 9, kRowsF32 = 64;
   absl::Status LinearF32Rows(const float* x, int64_t m, int64_t ldx, const Mat& w, int64_t ldy,
                              float* y) const;
-  // A row GEMM's k split: `splits` so that `groups` feature groups fill the SMs twice, each split at least
-  // `min_k` of the `k_steps` (1 where the groups alone do, or are more than the counters), and above 1 the
-  // partial sums' scratch for m x out outputs (split_partial_; null for 1).
+  // A row GEMM's k split: `splits` so that `groups` feature groups of `kernel` (blocks of `threads`) fill
+  // every SM with as many blocks as it holds at once (ResidentBlocks), each split at least `min_k` of the
+  // `k_steps` (1 where the groups alone do, or are more than the counters), and above 1 the partial sums'
+  // scratch for m x out outputs (split_partial_; null for 1). Filling by the occupancy, not a fixed 2 blocks
+  // an SM, keeps a kernel that fits one block an SM (RowsGemmFp8 at 64 rows: ~185 registers) to one wave.
   struct SplitK {
     int64_t splits = 1;
     float* partial = nullptr;
   };
-  absl::StatusOr<SplitK> RowsSplitK(int64_t groups, int64_t k_steps, int64_t min_k, int64_t m,
-                                    int64_t out) const;
+  absl::StatusOr<SplitK> RowsSplitK(const void* kernel, int threads, int64_t groups, int64_t k_steps,
+                                    int64_t min_k, int64_t m, int64_t out) const;
+  // Blocks of `threads` threads of `kernel` one SM holds at once (its registers and shared memory decide),
+  // asked of the runtime once a kernel.
+  absl::StatusOr<int> ResidentBlocks(const void* kernel, int threads) const;
   absl::Status LinearFp8(const float* x, int64_t m, int64_t ldx, const Mat& w, int64_t ldy, float* y,
                          Fp8Path path = Fp8Path::kAuto) const;
   // cuBLASLt runs this FP8 GEMM (scales: VEC128 for x, BLK128x128 for W, both FP32).
@@ -631,6 +636,7 @@ class CudaBackend final : public ForwardBackend {
   static constexpr int64_t kSplitCounters = 4096;  // The row GEMMs' feature groups that may split k.
   // By (m, out, in, ldx, ldy); node-based: GetLtPlan hands out pointers to its entries.
   mutable absl::node_hash_map<std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t>, LtPlan> lt_plans_;
+  mutable absl::flat_hash_map<std::pair<const void*, int>, int> resident_blocks_;
   // Null when cuBLASLt refuses the shape (remembered).
   const LtPlan* GetLtPlan(int64_t m, int64_t out, int64_t in, int64_t ldx, int64_t ldy, const void* a_scale,
                           const void* b_scale) const;

@@ -115,11 +115,23 @@ absl::Status CudaBackend::LinearBatched(const float* x, int64_t m, int64_t ldx, 
   return absl::OkStatus();
 }
 
-absl::StatusOr<CudaBackend::SplitK> CudaBackend::RowsSplitK(int64_t groups, int64_t k_steps, int64_t min_k,
-                                                            int64_t m, int64_t out) const {
+absl::StatusOr<int> CudaBackend::ResidentBlocks(const void* kernel, int threads) const {
+  const auto key = std::make_pair(kernel, threads);
+  if (auto it = resident_blocks_.find(key); it != resident_blocks_.end()) return it->second;
+  int blocks = 0;
+  V4_CUDA_RETURN_IF_ERROR(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, threads, 0));
+  if (blocks < 1) return absl::InternalError(absl::StrCat("a kernel of ", threads, " threads fits no SM"));
+  resident_blocks_.emplace(key, blocks);
+  return blocks;
+}
+
+absl::StatusOr<CudaBackend::SplitK> CudaBackend::RowsSplitK(const void* kernel, int threads, int64_t groups,
+                                                            int64_t k_steps, int64_t min_k, int64_t m,
+                                                            int64_t out) const {
   if (groups > kSplitCounters) return SplitK{};
+  ASSIGN_OR_RETURN(const int resident, ResidentBlocks(kernel, threads));
   const int64_t splits =
-      std::clamp<int64_t>(2 * sm_count_ / groups, 1, std::max<int64_t>(1, k_steps / min_k));
+      std::clamp<int64_t>(resident * sm_count_ / groups, 1, std::max<int64_t>(1, k_steps / min_k));
   if (splits == 1) return SplitK{};
   RETURN_IF_ERROR(split_partial_->Alloc(splits * m * out));
   return SplitK{splits, split_partial_->get()};
@@ -131,7 +143,8 @@ absl::Status CudaBackend::LinearF32Rows(const float* x, int64_t m, int64_t ldx, 
   const auto launch = [&](auto kernel, int64_t features) {
     const int64_t groups = Blocks(w.out, features);
     // Each lane at least 4 steps of 128 k (its shuffle sums are then a small share).
-    ASSIGN_OR_RETURN(const SplitK sk, RowsSplitK(groups, w.in / 4, 128, m, w.out));
+    ASSIGN_OR_RETURN(const SplitK sk,
+                     RowsSplitK(reinterpret_cast<const void*>(kernel), 256, groups, w.in / 4, 128, m, w.out));
     kernel<<<dim3(static_cast<unsigned>(groups), static_cast<unsigned>(sk.splits)), 256, 0, stream_>>>(
         x, m, ldx, static_cast<const float*>(w.p), w.in, w.out, ldy, y, sk.partial, split_counters_);
     V4_LAUNCH_CHECK(RowsGemmF32);
@@ -230,17 +243,23 @@ absl::Status CudaBackend::LinearFp8(const float* x, int64_t m, int64_t ldx, cons
     k::QuantizeFp8Blocks<<<Blocks(m * row_blocks, 8), 256, 0, stream_>>>(
         x, m, row_blocks, in_blocks, 0, act_fp8_->get(), act_fp8_scales_->get());
     V4_LAUNCH_CHECK(QuantizeFp8Blocks);
-    // Two blocks of 8 warps for each SM where the feature groups alone are fewer (each split at least 2 k
-    // blocks).
+    // k split where the feature groups alone do not fill the SMs (each split at least 2 k blocks).
     constexpr int kWarps = 8;
     const int64_t groups = Blocks(w.out, 16 * kWarps);
-    ASSIGN_OR_RETURN(const SplitK sk, RowsSplitK(groups, in_blocks, 2, m, w.out));
-    const dim3 grid(static_cast<unsigned>(groups), static_cast<unsigned>(sk.splits));
+    absl::Status status;
     WithTokGroups(m, [&](auto tok) {
-      k::RowsGemmFp8<decltype(tok)::value, kWarps><<<grid, 32 * kWarps, 0, stream_>>>(
-          act_fp8_->get(), act_fp8_scales_->get(), m, ldx, codes, w.tile_scales, w.in, w.out, ldy, y,
-          sk.partial, split_counters_);
+      const auto kernel = k::RowsGemmFp8<decltype(tok)::value, kWarps>;
+      const absl::StatusOr<SplitK> sk =
+          RowsSplitK(reinterpret_cast<const void*>(kernel), 32 * kWarps, groups, in_blocks, 2, m, w.out);
+      if (!sk.ok()) {
+        status = sk.status();
+        return;
+      }
+      kernel<<<dim3(static_cast<unsigned>(groups), static_cast<unsigned>(sk->splits)), 32 * kWarps, 0,
+               stream_>>>(act_fp8_->get(), act_fp8_scales_->get(), m, ldx, codes, w.tile_scales, w.in, w.out,
+                          ldy, y, sk->partial, split_counters_);
     });
+    RETURN_IF_ERROR(status);
     V4_LAUNCH_CHECK(RowsGemmFp8);
     return absl::OkStatus();
   }
