@@ -20,10 +20,13 @@
 //     (V4SERVE_CUDA_GRAPHS=0: every kernel launched from the host, as before graphs; --compare-graphs=0
 //     skips it), and with the row GEMMs on (V4SERVE_CUDA_ROWS_GEMM=1: RowsGemmFp8 for the FP8 linears of
 //     9-64 rows, RowsGemmF32 for FP32 weights up to 64 rows; off by default; --compare-rows-gemm=0 skips
-//     it; FP8 mode only).
+//     it; FP8 mode only), and with programmatic dependent launch on (V4SERVE_CUDA_PDL=1,
+//     model/cuda/launch.cuh: each kernel's blocks start while the one ahead finishes, weight GEMMs prefetch
+//     their weights into L2 first; off by default; --compare-pdl=0 skips it).
 // Usage: v4serve_cuda_bench [--layers=2] [--context=512] [--prefill=8192,32768] [--batches=1,8,64]
 //                           [--weights=fp8|bf16|fp32] [--experts=fp4|bf16] [--steps=10]
 //                           [--compare-state-cache=1] [--compare-graphs=1] [--compare-rows-gemm=1]
+//                           [--compare-pdl=1]
 //                           [--ceilings=1] [--attention=1]
 // (--experts=fp4: MXFP4 routed experts, as V4 ships them; other weights BF16 except the FP32 ones the
 // backend keeps: mHC mixes, router gate, compressor projections; --weights=fp8: the linears V4 ships in FP8
@@ -512,7 +515,8 @@ void LinearKernels(const ModelConfig& c, double copy_bw, double fp8_gemm, std::v
 int Main(int argc, char** argv) {
   int64_t layers = 2, context = 512, steps = 10;
   std::string prefill = "8192,32768", batches = "1,8,64", weights = "fp8", experts = "fp4";
-  bool compare_cache = true, compare_graphs = true, compare_rows = true, ceilings = true, attention = true;
+  bool compare_cache = true, compare_graphs = true, compare_rows = true, compare_pdl = true, ceilings = true,
+       attention = true;
   const char* src = std::getenv("V4SERVE_SOURCE_DIR");
   std::string config_path =
       std::string(src ? src : V4SERVE_SOURCE_DIR_DEFAULT) + "/tests/model/testdata/v4_flash_config.json";
@@ -544,6 +548,8 @@ int Main(int argc, char** argv) {
       compare_graphs = std::string(v) != "0";
     } else if (const char* v = val("compare-rows-gemm")) {
       compare_rows = std::string(v) != "0";
+    } else if (const char* v = val("compare-pdl")) {
+      compare_pdl = std::string(v) != "0";
     } else if (const char* v = val("attention")) {
       attention = std::string(v) != "0";
     } else if (const char* v = val("ceilings")) {  // 0: skip them (profiling runs); ratios then print as 0.
@@ -725,6 +731,7 @@ int Main(int argc, char** argv) {
       !compare_off("V4SERVE_CUDA_ROWS_GEMM", "row GEMMs", "1")) {
     return 1;
   }
+  if (compare_pdl && !compare_off("V4SERVE_CUDA_PDL", "programmatic launch", "1")) return 1;
   // Prefill: one sequence, one chunk.
   for (int64_t n : Ints(prefill)) {
     SequenceState st = NewSequenceState(*config);

@@ -25,24 +25,24 @@ timeout 240 .gpu/v4serve_cuda_bench --batches=1,8,16,32,64 > $OUT/bench.txt 2>&1
 # Long contexts (the paged KV cache: entries read in place through page tables), into the same file.
 for cb in 8192:1,8 32768:1; do
   timeout 90 .gpu/v4serve_cuda_bench --ceilings=0 --attention=0 --prefill= --context=${cb%%:*} \
-    --batches=${cb##*:} --compare-state-cache=0 --compare-graphs=0 --compare-rows-gemm=0 >> $OUT/bench.txt 2>&1
+    --batches=${cb##*:} --compare-state-cache=0 --compare-graphs=0 --compare-rows-gemm=0 --compare-pdl=0 >> $OUT/bench.txt 2>&1
 done
-timeout 90 .gpu/v4serve_cuda_bench --weights=bf16 --ceilings=0 --attention=0 --batches=1,8,64 --compare-state-cache=0 --compare-graphs=0 --compare-rows-gemm=0 > $OUT/bench_bf16.txt 2>&1
-V4SERVE_CUDA_PROFILE=1 timeout 100 .gpu/v4serve_cuda_bench --ceilings=0 --attention=0 --prefill=8192 --compare-state-cache=0 --compare-graphs=0 --compare-rows-gemm=0 > $OUT/prof.txt 2>&1
+timeout 90 .gpu/v4serve_cuda_bench --weights=bf16 --ceilings=0 --attention=0 --batches=1,8,64 --compare-state-cache=0 --compare-graphs=0 --compare-rows-gemm=0 --compare-pdl=0 > $OUT/bench_bf16.txt 2>&1
+V4SERVE_CUDA_PROFILE=1 timeout 100 .gpu/v4serve_cuda_bench --ceilings=0 --attention=0 --prefill=8192 --compare-state-cache=0 --compare-graphs=0 --compare-rows-gemm=0 --compare-pdl=0 > $OUT/prof.txt 2>&1
 # Kernel by kernel (the machine has ncu, not nsys): one batch-1 and one batch-64 decode step, graphs off so
 # each kernel is a launch.
 NCU=$(command -v ncu || echo /usr/local/cuda/bin/ncu)
 for B in 1 64; do
   V4SERVE_CUDA_GRAPHS=0 timeout 150 "$NCU" --metrics gpu__time_duration.sum --csv --print-units base \
     .gpu/v4serve_cuda_bench --ceilings=0 --attention=0 --prefill= --batches=$B --steps=1 --compare-state-cache=0 \
-    --compare-graphs=0 --compare-rows-gemm=0 > /tmp/ncu_step.csv 2>/dev/null
+    --compare-graphs=0 --compare-rows-gemm=0 --compare-pdl=0 > /tmp/ncu_step.csv 2>/dev/null
   echo "batch $B" >> $OUT/prof.txt; python3 bench/ncu_step.py /tmp/ncu_step.csv >> $OUT/prof.txt 2>&1
 done
 timeout 120 python3 .gpu/hf_decode_bench.py > $OUT/hf.txt 2>&1; echo "rc=$?" >> $OUT/hf.txt
 # Ours and transformers alternated (both move between runs): the ratio table's medians.
 for i in 1 2; do
   timeout 60 .gpu/v4serve_cuda_bench --ceilings=0 --attention=0 --prefill= --batches=1,8,64 --steps=20 \
-    --compare-state-cache=0 --compare-graphs=0 --compare-rows-gemm=0 > $OUT/alt_ours.txt 2>&1; cat $OUT/alt_ours.txt >> $OUT/alt.txt
+    --compare-state-cache=0 --compare-graphs=0 --compare-rows-gemm=0 --compare-pdl=0 > $OUT/alt_ours.txt 2>&1; cat $OUT/alt_ours.txt >> $OUT/alt.txt
   timeout 90 python3 .gpu/hf_decode_bench.py --steps 10 > $OUT/alt_hf.txt 2>&1; tail -3 $OUT/alt_hf.txt >> $OUT/alt.txt
 done
 rm -f /tmp/ready.json

@@ -29,6 +29,7 @@
 
 #include <cstdint>
 
+#include "model/cuda/launch.cuh"
 #include "model/cuda/mma.cuh"
 #include "model/cuda/paged_rows.h"
 
@@ -89,6 +90,7 @@ __global__ void __launch_bounds__(256, 1)
                  const int64_t* win_cnt, const int64_t* ent_base, const int64_t* vis, const int32_t* sel,
                  const int32_t* sel_cnt, int64_t topk, const float* sink, int h, float scale, float* o,
                  int64_t split_keys, float* part, float* ml) {
+  PdlEnter();
   static_assert(HD % 32 == 0, "each warp takes HD/2 output dims in pairs of 8-wide tiles");
   constexpr int kLd = MmaRowStride(HD), kVec = HD / 4, kHalf = HD / 2, kNt = kHalf / 8;
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -254,6 +256,7 @@ __global__ void __launch_bounds__(256, 1)
 // M) with M the largest m_sp (split 0 holds the sink, so M is finite).
 template <int HD>
 __global__ void AttentionCombine(const float* part, const float* ml, int splits, int h, float* o) {
+  PdlEnter();
   const int64_t r = blockIdx.x, hh = blockIdx.y;
   __shared__ float wsp[kMaxAttentionSplits];
   __shared__ float inv_l;
@@ -292,6 +295,7 @@ template <int ID>
 __global__ void __launch_bounds__(128)
     IndexerScoresMma(const float* iq, const float* iw, PagedRows ik, const int64_t* ent_base,
                      const int64_t* vis, int ih, int64_t ld, float* sc) {
+  PdlEnter();
   constexpr int kLd = MmaRowStride(ID), kVec = ID / 4;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const int groups = (ih + 15) / 16, hp = groups * 16;

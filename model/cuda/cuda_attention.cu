@@ -36,7 +36,8 @@ absl::Status InitAttentionMma() {
   return absl::OkStatus();
 }
 
-absl::Status LaunchAttention(const AttentionArgs& a, bool tensor_cores, size_t smem_optin, cudaStream_t s) {
+absl::Status LaunchAttention(const AttentionArgs& a, bool tensor_cores, size_t smem_optin, cudaStream_t s,
+                             bool pdl) {
   if (a.n <= 0) return absl::OkStatus();
   if (tensor_cores && AttentionMmaFits(a.h, a.hd)) {
     const int h = static_cast<int>(a.h);
@@ -58,19 +59,20 @@ absl::Status LaunchAttention(const AttentionArgs& a, bool tensor_cores, size_t s
         block(static_cast<unsigned>(k::AttentionMmaThreads(h)));
     const size_t smem = k::AttentionMmaSmem(h, static_cast<int>(a.hd));
     const dim3 cgrid(static_cast<unsigned>(a.n), static_cast<unsigned>(h));
-#define V4_ATTENTION_MMA(HD)                                                                                 \
-  do {                                                                                                       \
-    k::AttentionMma<HD><<<grid, block, smem, s>>>(a.q, a.wk, a.ek, a.win_start, a.win_cnt, a.ent_base,       \
-                                                  a.vis, a.sel, a.sel_cnt, a.topk, a.sink, h, a.scale, a.o,  \
-                                                  split_keys, part.get(), ml.get());                         \
-    if (splits > 1)                                                                                          \
-      k::AttentionCombine<HD><<<cgrid, 128, 0, s>>>(part.get(), ml.get(), static_cast<int>(splits), h, a.o); \
+#define V4_ATTENTION_MMA(HD)                                                                             \
+  do {                                                                                                   \
+    RETURN_IF_ERROR(LaunchKernel(pdl, s, k::AttentionMma<HD>, grid, block, smem, a.q, a.wk, a.ek,        \
+                                 a.win_start, a.win_cnt, a.ent_base, a.vis, a.sel, a.sel_cnt, a.topk,    \
+                                 a.sink, h, a.scale, a.o, split_keys, part.get(), ml.get()));            \
+    if (splits > 1) {                                                                                    \
+      RETURN_IF_ERROR(LaunchKernel(pdl, s, k::AttentionCombine<HD>, cgrid, 128, 0, part.get(), ml.get(), \
+                                   static_cast<int>(splits), h, a.o));                                   \
+    }                                                                                                    \
   } while (false)
     if (a.hd == 128) V4_ATTENTION_MMA(128);
     if (a.hd == 256) V4_ATTENTION_MMA(256);
     if (a.hd == 512) V4_ATTENTION_MMA(512);
 #undef V4_ATTENTION_MMA
-    V4_LAUNCH_CHECK(AttentionMma);
     return absl::OkStatus();
   }
   const size_t smem = static_cast<size_t>((a.hd + std::max<int64_t>(a.max_keys, 1)) * 4);
@@ -78,30 +80,29 @@ absl::Status LaunchAttention(const AttentionArgs& a, bool tensor_cores, size_t s
     return absl::UnimplementedError(
         absl::StrCat("attention over ", a.max_keys, " keys exceeds shared memory"));
   }
-  k::Attention<<<a.n * a.h, 256, smem, s>>>(a.q, a.wk, a.ek, a.win_start, a.win_cnt, a.ent_base, a.vis, a.sel,
-                                            a.sel_cnt, a.topk, a.sink, a.h, a.hd, a.scale, a.o);
-  V4_LAUNCH_CHECK(Attention);
+  RETURN_IF_ERROR(LaunchKernel(pdl, s, k::Attention, a.n * a.h, 256, smem, a.q, a.wk, a.ek, a.win_start,
+                               a.win_cnt, a.ent_base, a.vis, a.sel, a.sel_cnt, a.topk, a.sink, a.h, a.hd,
+                               a.scale, a.o));
   return absl::OkStatus();
 }
 
-absl::Status LaunchIndexerScores(const IndexerArgs& a, bool tensor_cores, cudaStream_t s) {
+absl::Status LaunchIndexerScores(const IndexerArgs& a, bool tensor_cores, cudaStream_t s, bool pdl) {
   if (a.n <= 0 || a.max_vis <= 0) return absl::OkStatus();  // No entry is visible: nothing to score.
   if (tensor_cores && a.id == 128 && a.ih >= 1 && a.ih <= 64) {
     // Enough blocks to fill the GPU at small batches; one per row when long.
     const int64_t chunks = std::clamp<int64_t>(Blocks(4 * 132, a.n), 1, Blocks(a.max_vis, k::kIdxTile));
     const int ih = static_cast<int>(a.ih);
-    k::IndexerScoresMma<128><<<dim3(static_cast<unsigned>(a.n), static_cast<unsigned>(chunks)),
-                               static_cast<unsigned>((ih + 15) / 16 * 32), k::IndexerMmaSmem(ih, 128), s>>>(
-        a.iq, a.iw, a.ik, a.ent_base, a.vis, ih, a.max_vis, a.sc);
-    V4_LAUNCH_CHECK(IndexerScoresMma);
+    RETURN_IF_ERROR(LaunchKernel(pdl, s, k::IndexerScoresMma<128>,
+                                 dim3(static_cast<unsigned>(a.n), static_cast<unsigned>(chunks)),
+                                 static_cast<unsigned>((ih + 15) / 16 * 32), k::IndexerMmaSmem(ih, 128), a.iq,
+                                 a.iw, a.ik, a.ent_base, a.vis, ih, a.max_vis, a.sc));
     return absl::OkStatus();
   }
   // Enough blocks to fill the GPU at small batches (a warp per entry at most); one per row when long.
   const int64_t chunks = std::clamp<int64_t>(Blocks(2 * 132, a.n), 1, Blocks(a.max_vis, 8));
-  k::IndexerScores<<<dim3(static_cast<unsigned>(a.n), static_cast<unsigned>(chunks)), 256,
-                     k::IndexerScoresSmem(a.ih, a.id, 8), s>>>(a.iq, a.iw, a.ik, a.ent_base, a.vis, a.ih,
-                                                               a.id, a.max_vis, a.sc);
-  V4_LAUNCH_CHECK(IndexerScores);
+  RETURN_IF_ERROR(LaunchKernel(
+      pdl, s, k::IndexerScores, dim3(static_cast<unsigned>(a.n), static_cast<unsigned>(chunks)), 256,
+      k::IndexerScoresSmem(a.ih, a.id, 8), a.iq, a.iw, a.ik, a.ent_base, a.vis, a.ih, a.id, a.max_vis, a.sc));
   return absl::OkStatus();
 }
 
@@ -156,8 +157,7 @@ absl::Status CudaBackend::Compress(const CompressJob& job, int64_t layer,
   const int64_t row = (overlap ? 2 : 1) * width, rd = c_.qk_rope_head_dim;
   const size_t ns = segments.size(), li = static_cast<size_t>(layer);
   cudaStream_t s = stream_;
-  k::AddApe<<<Blocks(n * row, 256), 256, 0, s>>>(job.score, n, row, d_pos, m, job.w->ape);
-  V4_LAUNCH_CHECK(AddApe);
+  RETURN_IF_ERROR(Launch(k::AddApe, Blocks(n * row, 256), 256, 0, job.score, n, row, d_pos, m, job.w->ape));
   // Per entry to emit, its source rows (pointers at the feature half each contributes), as CompressorPush
   // reads them: this call's rows, or the copy's windows as they were when the call started.
   std::vector<const float*> pk, ps;
@@ -220,13 +220,11 @@ absl::Status CudaBackend::Compress(const CompressJob& job, int64_t layer,
     RETURN_IF_ERROR(Stage(begin, &d_begin));
     RETURN_IF_ERROR(Stage(epos, &d_epos));
     RETURN_IF_ERROR(pooled.Alloc(ne * width));
-    k::PoolEntries<<<ne, 128, 0, s>>>(d_pk.get(), d_ps.get(), d_begin.get(), width, pooled.get());
-    V4_LAUNCH_CHECK(PoolEntries);
-    k::RmsNorm<<<ne, 256, 0, s>>>(pooled.get(), width, job.w->norm, c_.rms_norm_eps);
-    V4_LAUNCH_CHECK(RmsNorm);
-    k::Rope<<<Blocks(ne * rd / 2, 256), 256, 0, s>>>(pooled.get(), ne, width, width - rd, rd, d_epos.get(), 1,
-                                                     inv_comp_, false);
-    V4_LAUNCH_CHECK(Rope);
+    RETURN_IF_ERROR(
+        Launch(k::PoolEntries, ne, 128, 0, d_pk.get(), d_ps.get(), d_begin.get(), width, pooled.get()));
+    RETURN_IF_ERROR(Launch(k::RmsNorm, ne, 256, 0, pooled.get(), width, job.w->norm, c_.rms_norm_eps));
+    RETURN_IF_ERROR(Launch(k::Rope, Blocks(ne * rd / 2, 256), 256, 0, pooled.get(), ne, width, width - rd, rd,
+                           d_epos.get(), 1, inv_comp_, false));
     // Into the copies' pages (reserved by the caller), a span per page the new entries reach.
     const int64_t pp = state_cache_->page_layout().per_page[li];
     for (size_t i = 0; i < ns; ++i) {
@@ -282,14 +280,11 @@ absl::Status CudaBackend::AttentionIn(const LayerW& w, int64_t layer, const floa
   Buf<float> qr(s);
   RETURN_IF_ERROR(qr.Alloc(n * c.q_lora_rank));
   RETURN_IF_ERROR(Linear(x, n, w.wq_a, qr.get()));
-  k::RmsNorm<<<n, 256, 0, s>>>(qr.get(), c.q_lora_rank, w.q_norm, eps);
-  V4_LAUNCH_CHECK(RmsNorm);
+  RETURN_IF_ERROR(Launch(k::RmsNorm, n, 256, 0, qr.get(), c.q_lora_rank, w.q_norm, eps));
   RETURN_IF_ERROR(Linear(qr.get(), n, w.wq_b, b->q.get()));
-  k::RmsNorm<<<n * h, 128, 0, s>>>(b->q.get(), hd, nullptr, eps);
-  V4_LAUNCH_CHECK(RmsNorm);
+  RETURN_IF_ERROR(Launch(k::RmsNorm, n * h, 128, 0, b->q.get(), hd, nullptr, eps));
   RETURN_IF_ERROR(Linear(x, n, w.wkv, b->kv.get()));
-  k::RmsNorm<<<n, 128, 0, s>>>(b->kv.get(), hd, w.kv_norm, eps);
-  V4_LAUNCH_CHECK(RmsNorm);
+  RETURN_IF_ERROR(Launch(k::RmsNorm, n, 128, 0, b->kv.get(), hd, w.kv_norm, eps));
   if (ratio > 0) {
     RETURN_IF_ERROR(Linear(x, n, w.compressor.wkv, b->ckv.get()));
     RETURN_IF_ERROR(Linear(x, n, w.compressor.wgate, b->cscore.get()));
@@ -300,19 +295,16 @@ absl::Status CudaBackend::AttentionIn(const LayerW& w, int64_t layer, const floa
     RETURN_IF_ERROR(Linear(x, n, w.indexer_compressor.wkv, b->ikv.get()));
     RETURN_IF_ERROR(Linear(x, n, w.indexer_compressor.wgate, b->iscore.get()));
   }
-  k::Rope<<<Blocks(n * h * rd / 2, 256), 256, 0, s>>>(b->q.get(), n * h, hd, hd - rd, rd, d_pos, h, inv,
-                                                      false);
-  V4_LAUNCH_CHECK(Rope);
-  k::Rope<<<Blocks(n * rd / 2, 256), 256, 0, s>>>(b->kv.get(), n, hd, hd - rd, rd, d_pos, 1, inv, false);
-  V4_LAUNCH_CHECK(Rope);
+  RETURN_IF_ERROR(Launch(k::Rope, Blocks(n * h * rd / 2, 256), 256, 0, b->q.get(), n * h, hd, hd - rd, rd,
+                         d_pos, h, inv, false));
+  RETURN_IF_ERROR(Launch(k::Rope, Blocks(n * rd / 2, 256), 256, 0, b->kv.get(), n, hd, hd - rd, rd, d_pos, 1,
+                         inv, false));
   if (csa) {
-    k::Rope<<<Blocks(n * ih * rd / 2, 256), 256, 0, s>>>(b->iq.get(), n * ih, id, id - rd, rd, d_pos, ih, inv,
-                                                         false);
-    V4_LAUNCH_CHECK(Rope);
+    RETURN_IF_ERROR(Launch(k::Rope, Blocks(n * ih * rd / 2, 256), 256, 0, b->iq.get(), n * ih, id, id - rd,
+                           rd, d_pos, ih, inv, false));
     const float iscale =
         static_cast<float>(1.0 / std::sqrt(static_cast<double>(id)) / std::sqrt(static_cast<double>(ih)));
-    k::Scale<<<Blocks(n * ih, 256), 256, 0, s>>>(b->iw.get(), n * ih, iscale);
-    V4_LAUNCH_CHECK(Scale);
+    RETURN_IF_ERROR(Launch(k::Scale, Blocks(n * ih, 256), 256, 0, b->iw.get(), n * ih, iscale));
   }
   return Mark(&counters_.s_attn_proj);
 }
@@ -424,11 +416,11 @@ absl::Status CudaBackend::AttentionCore(const LayerW& w, int64_t layer,
   if (csa && max_vis > 0) {
     RETURN_IF_ERROR(sc.Alloc(n * max_vis));
     RETURN_IF_ERROR(LaunchIndexerScores(
-        {b->iq.get(), b->iw.get(), ik, d_eb, d_vis, n, ih, id, max_vis, sc.get()}, bf16_, s));
+        {b->iq.get(), b->iw.get(), ik, d_eb, d_vis, n, ih, id, max_vis, sc.get()}, bf16_, s, pdl_));
     RETURN_IF_ERROR(sel.Alloc(n * c.index_topk));
     RETURN_IF_ERROR(sel_cnt.Alloc(n));
-    k::TopK<<<n, 256, 0, s>>>(sc.get(), max_vis, d_vis, c.index_topk, sel.get(), sel_cnt.get());
-    V4_LAUNCH_CHECK(TopK);
+    RETURN_IF_ERROR(
+        Launch(k::TopK, n, 256, 0, sc.get(), max_vis, d_vis, c.index_topk, sel.get(), sel_cnt.get()));
     for (int64_t r = 0; r < n; ++r) counters_.attention_flops += 2.0 * vis[r] * ih * id;
   }
   RETURN_IF_ERROR(Mark(&counters_.s_indexer));
@@ -451,7 +443,7 @@ absl::Status CudaBackend::AttentionCore(const LayerW& w, int64_t layer,
                            1.0f / std::sqrt(static_cast<float>(hd)),
                            b->o.get()};
   // BF16 weights: tensor cores (BF16 operands); FP32 weights keep the FP32 kernel the tight tests compare.
-  RETURN_IF_ERROR(LaunchAttention(args, bf16_, smem_optin_, s));
+  RETURN_IF_ERROR(LaunchAttention(args, bf16_, smem_optin_, s, pdl_));
   for (int64_t r = 0; r < n; ++r) {
     const int64_t keys = win_cnt[r] + (csa ? std::min(vis[r], c.index_topk) : vis[r]);
     counters_.attention_flops += 4.0 * keys * hd * h;
@@ -490,8 +482,8 @@ absl::Status CudaBackend::AttentionOut(const LayerW& w, int64_t layer, int64_t n
   const float* inv = c.compress_ratios[static_cast<size_t>(layer)] > 0 ? inv_comp_ : inv_main_;
   cudaStream_t s = stream_;
   float* o = b->o.get();
-  k::Rope<<<Blocks(n * h * rd / 2, 256), 256, 0, s>>>(o, n * h, hd, hd - rd, rd, b->pos.get(), h, inv, true);
-  V4_LAUNCH_CHECK(Rope);
+  RETURN_IF_ERROR(Launch(k::Rope, Blocks(n * h * rd / 2, 256), 256, 0, o, n * h, hd, hd - rd, rd,
+                         b->pos.get(), h, inv, true));
   // Grouped low-rank output projection, then wo_b.
   const int64_t g = c.o_groups, rank = c.o_lora_rank, gin = h * hd / g;
   Buf<float> mid(s);
@@ -661,12 +653,12 @@ absl::StatusOr<std::vector<float>> SparseAttention(const AttentionCase& c, bool 
       sel_cnt.get(), c.topk,         sink.get(), c.n,
       c.h,           c.hd,           max_keys,   c.scale,
       o.get()};
-  RETURN_IF_ERROR(impl::LaunchAttention(args, tensor_cores, optin, nullptr));
+  RETURN_IF_ERROR(impl::LaunchAttention(args, tensor_cores, optin, nullptr, false));
   std::vector<float> out;
   RETURN_IF_ERROR(o.Download(&out));
   V4_CUDA_RETURN_IF_ERROR(cudaDeviceSynchronize());
-  RETURN_IF_ERROR(TimeLaunches(repeats, seconds,
-                               [&] { return impl::LaunchAttention(args, tensor_cores, optin, nullptr); }));
+  RETURN_IF_ERROR(TimeLaunches(
+      repeats, seconds, [&] { return impl::LaunchAttention(args, tensor_cores, optin, nullptr, false); }));
   return out;
 }
 
@@ -704,12 +696,12 @@ absl::StatusOr<std::vector<float>> IndexerScores(const std::vector<float>& iq, c
   V4_CUDA_RETURN_IF_ERROR(cudaMemset(sc.get(), 0, n * std::max<int64_t>(max_vis, 1) * 4));
   const impl::IndexerArgs args{dq.get(), dw.get(), dk.rows, dk.first.get(), dv.get(),
                                n,        ih,       id,      max_vis,        sc.get()};
-  RETURN_IF_ERROR(impl::LaunchIndexerScores(args, tensor_cores, nullptr));
+  RETURN_IF_ERROR(impl::LaunchIndexerScores(args, tensor_cores, nullptr, false));
   std::vector<float> out;
   RETURN_IF_ERROR(sc.Download(&out));
   V4_CUDA_RETURN_IF_ERROR(cudaDeviceSynchronize());
-  RETURN_IF_ERROR(
-      TimeLaunches(repeats, seconds, [&] { return impl::LaunchIndexerScores(args, tensor_cores, nullptr); }));
+  RETURN_IF_ERROR(TimeLaunches(
+      repeats, seconds, [&] { return impl::LaunchIndexerScores(args, tensor_cores, nullptr, false); }));
   return out;
 }
 

@@ -368,6 +368,7 @@ absl::Status CudaBackend::InitRuntime() {
   allocs_.push_back(split_counters_);
   V4_CUDA_RETURN_IF_ERROR(cudaMemsetAsync(split_counters_, 0, kSplitCounters * sizeof(unsigned), stream_));
   ASSIGN_OR_RETURN(rows_gemm_, EnvSwitch("V4SERVE_CUDA_ROWS_GEMM", false));
+  ASSIGN_OR_RETURN(pdl_, EnvSwitch("V4SERVE_CUDA_PDL", false));
   act_f16_->Track(&scratch_moves_, &capturing_);
   act_f16_inv_->Track(&scratch_moves_, &capturing_);
   top_logits_ = std::make_unique<Buf<float>>(stream_);

@@ -39,6 +39,7 @@
 #include "model/cuda/cuda_backend.h"
 #include "model/cuda/cuda_check.h"
 #include "model/cuda/device_state_cache.h"
+#include "model/cuda/launch.cuh"
 #include "model/cuda/paged_rows.h"
 #include "model/sequence_state.h"
 #include "services/status_macros.h"
@@ -267,7 +268,8 @@ struct AttentionArgs {
 };
 // `tensor_cores`: kernels::AttentionMma (BF16 operands) where it is instantiated for (h, hd), else the FP32
 // kernels::Attention, whose logits must fit `smem_optin` bytes of shared memory (UNIMPLEMENTED otherwise).
-absl::Status LaunchAttention(const AttentionArgs& a, bool tensor_cores, size_t smem_optin, cudaStream_t s);
+absl::Status LaunchAttention(const AttentionArgs& a, bool tensor_cores, size_t smem_optin, cudaStream_t s,
+                             bool pdl);
 // The lightning indexer's scores (cuda_attention.cu): sc[r, s] (row stride max_vis) for s < vis[r] from the
 // row's ih query heads of id (`iq` [n, ih, id]), head weights `iw` [n, ih] and keys ik.Row(ent_base[r], s).
 struct IndexerArgs {
@@ -279,7 +281,7 @@ struct IndexerArgs {
 };
 // `tensor_cores`: kernels::IndexerScoresMma (BF16 operands) for id 128 and up to 64 heads, else the FP32
 // kernels::IndexerScores.
-absl::Status LaunchIndexerScores(const IndexerArgs& a, bool tensor_cores, cudaStream_t s);
+absl::Status LaunchIndexerScores(const IndexerArgs& a, bool tensor_cores, cudaStream_t s, bool pdl);
 // Lets the tensor-core kernels take the shared memory they need (per device; InitAttentionKernels calls it).
 absl::Status InitAttentionMma();
 
@@ -394,14 +396,15 @@ class CudaBackend final : public ForwardBackend {
   Device device() const override { return Device::kCuda; }
   std::string Describe() const override {
     const bool fp4 = bf16_ && c_.expert_dtype == "fp4";
-    return absl::StrFormat("cuda: %s, %s weights%s, %.2f GiB on device, CUDA graphs %s", gpu_name_,
+    return absl::StrFormat("cuda: %s, %s weights%s, %.2f GiB on device, CUDA graphs %s%s%s", gpu_name_,
                            fp8_    ? "fp8 (checkpoint fp8 linears) + bf16"
                            : bf16_ ? "bf16"
                                    : "fp32",
                            fp4 ? " (mxfp4 routed experts)" : "",
                            static_cast<double>(weight_bytes_) / (1ull << 30),
                            GraphsOn() ? absl::StrCat("for decode up to ", graph_max_rows_, " rows")
-                                      : absl::StrCat("off (", graphs_off_why_, ")"));
+                                      : absl::StrCat("off (", graphs_off_why_, ")"),
+                           rows_gemm_ ? ", row GEMMs" : "", pdl_ ? ", programmatic launch" : "");
   }
 
   absl::Status Init(const cpu::ModelWeights* w, const cpu::RopeTable* rope_main,
@@ -492,6 +495,12 @@ class CudaBackend final : public ForwardBackend {
   // cuBLASLt runs this FP8 GEMM (scales: VEC128 for x, BLK128x128 for W, both FP32).
   bool LtServes(const Mat& w) const { return lt_ != nullptr && (w.in / 128) % 4 == 0; }
   cudaStream_t stream() const { return stream_; }
+  // kernel<<<grid, block, smem, stream_>>>(args...), programmatic (launch.cuh) with V4SERVE_CUDA_PDL=1: every
+  // kernel of the forward goes through here, so each calls PdlEnter first.
+  template <class... Params, class... Args>
+  absl::Status Launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, Args&&... args) const {
+    return LaunchKernel(pdl_, stream_, kernel, grid, block, smem, std::forward<Args>(args)...);
+  }
   // Uploads n host values to `d` (resized to n) through this forward's page-locked memory (arena_): an
   // asynchronous copy, where a pageable source costs the driver a staging copy first. `h` may go on return.
   template <class T>
@@ -657,6 +666,7 @@ class CudaBackend final : public ForwardBackend {
   unsigned* split_counters_ = nullptr;  // and their arrivals per feature group (zero between launches).
   int sm_count_ = 0;
   bool rows_gemm_ = false;  // V4SERVE_CUDA_ROWS_GEMM=1 (off unless set: the kernels have not run on a GPU).
+  bool pdl_ = false;  // V4SERVE_CUDA_PDL=1: programmatic dependent launch (launch.cuh; off until measured).
   mutable std::unique_ptr<Buf<float>> top_logits_;  // ForwardTop's logits, for TopLogits::full_row.
   mutable uint64_t runs_ = 0;                       // Forwards so far (full_row checks its own is last).
   mutable std::unique_ptr<DeviceStateCache> state_cache_;

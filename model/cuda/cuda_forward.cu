@@ -119,15 +119,14 @@ absl::Status CudaBackend::HcPre(const HcW& w, const float* streams, int64_t n, f
   RETURN_IF_ERROR(mixes.Alloc(n * mix));
   RETURN_IF_ERROR(rs.Alloc(n));
   RETURN_IF_ERROR(Linear(streams, n, w.fn, mixes.get()));
-  k::RowRsqrt<<<n, 1024, 0, stream_>>>(streams, hc * d, c.rms_norm_eps, rs.get());
-  V4_LAUNCH_CHECK(RowRsqrt);
+  RETURN_IF_ERROR(Launch(k::RowRsqrt, n, 1024, 0, streams, hc * d, c.rms_norm_eps, rs.get()));
   // About two blocks an SM at small batches, up to 4 a token and slices of at least 128 values (the tiny
   // model's 256 take 2, so the tests run the split too).
   const int64_t parts = std::clamp<int64_t>(Blocks(2 * 132, n), 1, std::clamp<int64_t>(d / 128, 1, 4));
-  k::HcMix<<<dim3(static_cast<unsigned>(n), static_cast<unsigned>(parts)), 256, 0, stream_>>>(
-      mixes.get(), rs.get(), w.base, w.scale, static_cast<int>(hc), static_cast<int>(c.hc_sinkhorn_iters),
-      static_cast<float>(c.hc_eps), streams, d, collapsed, post, comb);
-  V4_LAUNCH_CHECK(HcMix);
+  RETURN_IF_ERROR(Launch(k::HcMix, dim3(static_cast<unsigned>(n), static_cast<unsigned>(parts)), 256, 0,
+                         mixes.get(), rs.get(), w.base, w.scale, static_cast<int>(hc),
+                         static_cast<int>(c.hc_sinkhorn_iters), static_cast<float>(c.hc_eps), streams, d,
+                         collapsed, post, comb));
   return absl::OkStatus();
 }
 
@@ -240,21 +239,19 @@ absl::Status CudaBackend::Run(absl::Span<const ForwardSegment> segments, absl::S
   for (int64_t l = 0; l <= layers; ++l) {
     RETURN_IF_ERROR(Section(n, l, graph, [&]() -> absl::Status {
       if (l == 0) {
-        k::Embed<<<n, 256, 0, s>>>(b->tok.get(), embed_.p, embed_.bf16, hc, d, streams);
-        V4_LAUNCH_CHECK(Embed);
+        RETURN_IF_ERROR(Launch(k::Embed, n, 256, 0, b->tok.get(), embed_.p, embed_.bf16, hc, d, streams));
       } else {
         const LayerW& w = layers_[static_cast<size_t>(l - 1)];
         RETURN_IF_ERROR(AttentionOut(w, l - 1, n, b, sub));
-        k::HcPost<<<Blocks(n * d, 256), 256, 0, s>>>(streams, sub, post, comb, n, static_cast<int>(hc), d);
-        V4_LAUNCH_CHECK(HcPost);
+        RETURN_IF_ERROR(Launch(k::HcPost, Blocks(n * d, 256), 256, 0, streams, sub, post, comb, n,
+                               static_cast<int>(hc), d));
         RETURN_IF_ERROR(HcPre(w.hc_ffn, streams, n, collapsed, post, comb));
-        k::RmsNorm<<<n, 256, 0, s>>>(collapsed, d, w.ffn_norm, c.rms_norm_eps);
-        V4_LAUNCH_CHECK(RmsNorm);
+        RETURN_IF_ERROR(Launch(k::RmsNorm, n, 256, 0, collapsed, d, w.ffn_norm, c.rms_norm_eps));
         RETURN_IF_ERROR(Mark(&counters_.s_mhc));
         RETURN_IF_ERROR(Moe(w, l - 1, c.is_hash_layer(l - 1), collapsed, b->tok.get(), n, sub));
         RETURN_IF_ERROR(Mark(&counters_.s_moe));
-        k::HcPost<<<Blocks(n * d, 256), 256, 0, s>>>(streams, sub, post, comb, n, static_cast<int>(hc), d);
-        V4_LAUNCH_CHECK(HcPost);
+        RETURN_IF_ERROR(Launch(k::HcPost, Blocks(n * d, 256), 256, 0, streams, sub, post, comb, n,
+                               static_cast<int>(hc), d));
         counters_.activation_bytes +=
             n * hc * d * 4 * 6;  // Two sites: read for the mixes, read + write post.
         RETURN_IF_ERROR(Mark(&counters_.s_mhc));
@@ -262,8 +259,7 @@ absl::Status CudaBackend::Run(absl::Span<const ForwardSegment> segments, absl::S
       if (l == layers) return absl::OkStatus();
       const LayerW& w = layers_[static_cast<size_t>(l)];
       RETURN_IF_ERROR(HcPre(w.hc_attn, streams, n, collapsed, post, comb));
-      k::RmsNorm<<<n, 256, 0, s>>>(collapsed, d, w.attn_norm, c.rms_norm_eps);
-      V4_LAUNCH_CHECK(RmsNorm);
+      RETURN_IF_ERROR(Launch(k::RmsNorm, n, 256, 0, collapsed, d, w.attn_norm, c.rms_norm_eps));
       RETURN_IF_ERROR(Mark(&counters_.s_mhc));
       return AttentionIn(w, l, collapsed, n, b);
     }));
@@ -282,21 +278,17 @@ absl::Status CudaBackend::Run(absl::Span<const ForwardSegment> segments, absl::S
     const std::vector<int32_t> rows(logit_rows.begin(), logit_rows.end());
     RETURN_IF_ERROR(Stage(rows, &d_rows));
     RETURN_IF_ERROR(picked_rows.Alloc(m * hc * d));
-    k::GatherRows<<<m, 256, 0, s>>>(streams, d_rows.get(), hc * d, picked_rows.get());
-    V4_LAUNCH_CHECK(GatherRows);
+    RETURN_IF_ERROR(Launch(k::GatherRows, m, 256, 0, streams, d_rows.get(), hc * d, picked_rows.get()));
     picked = picked_rows.get();
   }
   RETURN_IF_ERROR(mixes.Alloc(m * hc));
   RETURN_IF_ERROR(rs.Alloc(m));
   RETURN_IF_ERROR(hidden.Alloc(m * d));
   RETURN_IF_ERROR(Linear(picked, m, hc_head_.fn, mixes.get()));
-  k::RowRsqrt<<<m, 1024, 0, s>>>(picked, hc * d, c.rms_norm_eps, rs.get());
-  V4_LAUNCH_CHECK(RowRsqrt);
-  k::HcHeadMix<<<m, 256, 0, s>>>(mixes.get(), rs.get(), hc_head_.base, hc_head_.scale, static_cast<int>(hc),
-                                 static_cast<float>(c.hc_eps), picked, d, hidden.get());
-  V4_LAUNCH_CHECK(HcHeadMix);
-  k::RmsNorm<<<m, 256, 0, s>>>(hidden.get(), d, norm_, c.rms_norm_eps);
-  V4_LAUNCH_CHECK(RmsNorm);
+  RETURN_IF_ERROR(Launch(k::RowRsqrt, m, 1024, 0, picked, hc * d, c.rms_norm_eps, rs.get()));
+  RETURN_IF_ERROR(Launch(k::HcHeadMix, m, 256, 0, mixes.get(), rs.get(), hc_head_.base, hc_head_.scale,
+                         static_cast<int>(hc), static_cast<float>(c.hc_eps), picked, d, hidden.get()));
+  RETURN_IF_ERROR(Launch(k::RmsNorm, m, 256, 0, hidden.get(), d, norm_, c.rms_norm_eps));
   Buf<float>& lg = top != nullptr ? *top_logits_ : logits;  // Top: kept for TopLogits::full_row.
   RETURN_IF_ERROR(lg.Alloc(m * c.vocab_size));
   RETURN_IF_ERROR(Linear(hidden.get(), m, head_, lg.get()));
@@ -322,17 +314,16 @@ absl::Status CudaBackend::Run(absl::Span<const ForwardSegment> segments, absl::S
       RETURN_IF_ERROR(Stage(std::vector<int64_t>(static_cast<size_t>(m), c.vocab_size), &d_cols));
       RETURN_IF_ERROR(d_sel.Alloc(m * tm));
       RETURN_IF_ERROR(d_cnt.Alloc(m));
-      k::TopK<<<m, 1024, 0, s>>>(lg.get(), c.vocab_size, d_cols.get(), tm, d_sel.get(), d_cnt.get());
-      V4_LAUNCH_CHECK(TopK);
+      RETURN_IF_ERROR(
+          Launch(k::TopK, m, 1024, 0, lg.get(), c.vocab_size, d_cols.get(), tm, d_sel.get(), d_cnt.get()));
       RETURN_IF_ERROR(d_top_ids.Alloc(m * tm));
       RETURN_IF_ERROR(d_top_vals.Alloc(m * tm));
-      k::SortTop<<<m, 256, 0, s>>>(lg.get(), c.vocab_size, d_sel.get(), static_cast<int>(tm), d_top_ids.get(),
-                                   d_top_vals.get());
-      V4_LAUNCH_CHECK(SortTop);
+      RETURN_IF_ERROR(Launch(k::SortTop, m, 256, 0, lg.get(), c.vocab_size, d_sel.get(), static_cast<int>(tm),
+                             d_top_ids.get(), d_top_vals.get()));
       RETURN_IF_ERROR(d_norms.Alloc(2 * m * kSumChunks));
-      k::RowSoftmaxPartials<<<dim3(static_cast<unsigned>(m), kSumChunks), 256, 0, s>>>(
-          lg.get(), c.vocab_size, d_top_vals.get(), static_cast<int>(tm), d_temps.get(), d_norms.get());
-      V4_LAUNCH_CHECK(RowSoftmaxPartials);
+      RETURN_IF_ERROR(Launch(k::RowSoftmaxPartials, dim3(static_cast<unsigned>(m), kSumChunks), 256, 0,
+                             lg.get(), c.vocab_size, d_top_vals.get(), static_cast<int>(tm), d_temps.get(),
+                             d_norms.get()));
       // Partial sums (doubles) first: 16-byte aligned.
       ASSIGN_OR_RETURN(float* p, arena_.Take(4 * m * kSumChunks + 2 * m * tm));
       V4_CUDA_RETURN_IF_ERROR(

@@ -11,6 +11,7 @@
 #include <climits>
 #include <cstdint>
 
+#include "model/cuda/launch.cuh"
 #include "model/cuda/paged_rows.h"
 
 // Internal linkage (an anonymous namespace): every unit that includes this compiles its own copy of the
@@ -69,6 +70,7 @@ __device__ __forceinline__ float LoadW(const void* p, int64_t i, bool bf16) {
 
 // xin[s, :] = x[perm[s], :] (MoE's permutation, the head's logit rows).
 __global__ void GatherRows(const float* x, const int32_t* perm, int64_t d, float* xin) {
+  PdlEnter();
   const int64_t s = blockIdx.x;
   const float* src = x + static_cast<int64_t>(perm[s]) * d;
   for (int64_t i = threadIdx.x; i < d; i += blockDim.x) xin[s * d + i] = src[i];
@@ -77,6 +79,7 @@ __global__ void GatherRows(const float* x, const int32_t* perm, int64_t d, float
 // Embedding rows copied into every mHC stream: streams[t, j, :] = embed[tokens[t], :].
 __global__ void Embed(const int32_t* tokens, const void* embed, bool bf16, int64_t hc, int64_t d,
                       float* streams) {
+  PdlEnter();
   const int64_t t = blockIdx.x;
   const int64_t row = tokens[t];
   for (int64_t i = threadIdx.x; i < d; i += blockDim.x) {
@@ -110,6 +113,7 @@ __device__ __forceinline__ double RowSumSquares(const float* v, int64_t n) {
 
 // x = x / sqrt(mean(x^2) + eps) * w per row of `dim` (w may be null). One block per row.
 __global__ void RmsNorm(float* x, int64_t dim, const float* w, double eps) {
+  PdlEnter();
   float* v = x + blockIdx.x * dim;
   const double ss = RowSumSquares(v, dim);
   const float inv = static_cast<float>(1.0 / sqrt(ss / static_cast<double>(dim) + eps));
@@ -133,6 +137,7 @@ __global__ void RmsNorm(float* x, int64_t dim, const float* w, double eps) {
 
 // rs[row] = 1 / sqrt(mean(x^2) + eps) over `len` values per row. One block per row.
 __global__ void RowRsqrt(const float* x, int64_t len, double eps, float* rs) {
+  PdlEnter();
   const double ss = RowSumSquares(x + blockIdx.x * len, len);
   if (threadIdx.x == 0) rs[blockIdx.x] = static_cast<float>(1.0 / sqrt(ss / static_cast<double>(len) + eps));
 }
@@ -171,6 +176,7 @@ __device__ __forceinline__ void CollapseStreams(const float* pre, int hc, const 
 __global__ void HcMix(const float* mixes, const float* rs, const float* base, const float* scale, int hc,
                       int iters, float eps, const float* streams, int64_t d, float* collapsed,
                       float* post_out, float* comb_out) {
+  PdlEnter();
   const int64_t t = blockIdx.x;
   const bool first = blockIdx.y == 0;
   const int mix = (2 + hc) * hc;
@@ -251,6 +257,7 @@ __global__ void HcMix(const float* mixes, const float* rs, const float* base, co
 // The final collapse (hc_head): sigmoid weights only.
 __global__ void HcHeadMix(const float* mixes, const float* rs, const float* base, const float* scale, int hc,
                           float eps, const float* streams, int64_t d, float* out) {
+  PdlEnter();
   const int64_t t = blockIdx.x;
   __shared__ float pre[kMaxHc];
   if (threadIdx.x < hc) {
@@ -263,6 +270,7 @@ __global__ void HcHeadMix(const float* mixes, const float* rs, const float* base
 // streams[k] = post_k * out + sum_j comb[j][k] * streams[j], one thread per (token, feature).
 __global__ void HcPost(float* streams, const float* out, const float* post, const float* comb, int64_t n,
                        int hc, int64_t d) {
+  PdlEnter();
   const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (idx >= n * d) return;
   const int64_t t = idx / d, i = idx % d;
@@ -282,6 +290,7 @@ __global__ void HcPost(float* streams, const float* out, const float* post, cons
 // positions[r / rows_per_pos]. One thread per (row, pair).
 __global__ void Rope(float* x, int64_t rows, int64_t stride, int64_t off, int64_t rd,
                      const int64_t* positions, int64_t rows_per_pos, const float* inv_freq, bool inverse) {
+  PdlEnter();
   const int64_t half = rd / 2;
   const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (idx >= rows * half) return;
@@ -295,11 +304,13 @@ __global__ void Rope(float* x, int64_t rows, int64_t stride, int64_t off, int64_
 }
 
 __global__ void Scale(float* x, int64_t n, float s) {
+  PdlEnter();
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i < n) x[i] *= s;
 }
 
 __global__ void ToBf16(const float* x, int64_t n, __nv_bfloat16* y) {
+  PdlEnter();
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i < n) y[i] = __float2bfloat16_rn(x[i]);
 }
@@ -362,6 +373,8 @@ __global__ void __launch_bounds__(256)
   const int64_t nb0 = static_cast<int64_t>(blockIdx.x) * 8 * kFw, n0 = nb0 + fw * 8;
   const int64_t in4 = in / 4, splits = gridDim.y, s = blockIdx.y;
   const int64_t k0 = in4 * s / splits, k1 = in4 * (s + 1) / splits;
+  PrefetchTileL2(w, in * 4, nb0, MinI64(nb0 + 8 * kFw, out), k0 * 16, k1 * 16);
+  PdlEnter();
   const float4* w4 = reinterpret_cast<const float4*>(w);
   const float4* x4 = reinterpret_cast<const float4*>(x);
   int64_t wo[8], xo[kRows];  // Rows clamped to out - 1 and m - 1 (read, never stored).
@@ -408,6 +421,7 @@ __host__ __device__ inline int64_t IndexerScoresSmem(int64_t ih, int64_t id, int
 }
 __global__ void IndexerScores(const float* iq, const float* iw, PagedRows ik, const int64_t* ent_base,
                               const int64_t* vis, int64_t ih, int64_t id, int64_t ld, float* sc) {
+  PdlEnter();
   extern __shared__ float q_sh[];
   const int warps = blockDim.x / 32, w = threadIdx.x / 32, lane = threadIdx.x % 32;
   float* w_sh = q_sh + ih * (id + 1);
@@ -450,6 +464,7 @@ __device__ __forceinline__ uint32_t FloatKey(float f) {
 // order are written.
 __global__ void __launch_bounds__(1024)
     TopK(const float* sc, int64_t ld, const int64_t* nvis, int64_t k, int32_t* sel, int32_t* cnt) {
+  PdlEnter();
   const int64_t r = blockIdx.x, n = nvis[r];
   const float* v = sc + r * ld;
   int32_t* out = sel + r * k;
@@ -531,6 +546,7 @@ __global__ void Attention(const float* q, const float* wk, PagedRows ek, const i
                           const int64_t* win_cnt, const int64_t* ent_base, const int64_t* vis,
                           const int32_t* sel, const int32_t* sel_cnt, int64_t topk, const float* sink,
                           int64_t h, int64_t hd, float scale, float* o) {
+  PdlEnter();
   extern __shared__ float sh[];
   const int64_t r = blockIdx.x / h, hh = blockIdx.x % h;
   float* q_sh = sh;
@@ -582,6 +598,7 @@ __global__ void Attention(const float* q, const float* wk, PagedRows ek, const i
 // CompressorPush does when it stores a row.
 __global__ void AddApe(float* score, int64_t rows, int64_t row, const int64_t* pos, int64_t ratio,
                        const float* ape) {
+  PdlEnter();
   const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (idx >= rows * row) return;
   const int64_t r = idx / row, f = idx % row;
@@ -594,6 +611,7 @@ __global__ void AddApe(float* score, int64_t rows, int64_t row, const int64_t* p
 // window's first half, then the current window's second half). out: [entries, width].
 __global__ void PoolEntries(const float* const* kv_rows, const float* const* score_rows, const int32_t* begin,
                             int64_t width, float* out) {
+  PdlEnter();
   const int e = blockIdx.x;
   const int j0 = begin[e], j1 = begin[e + 1];
   for (int64_t f = threadIdx.x; f < width; f += blockDim.x) {
@@ -626,6 +644,7 @@ __device__ __forceinline__ void WarpArgmax(float* v, int64_t* i) {
   }
 }
 __global__ void ArgmaxChunks(const float* x, int64_t cols, float* pv, int32_t* pi) {
+  PdlEnter();
   const int64_t r = blockIdx.x, c = blockIdx.y, chunks = gridDim.y;
   const int64_t per = (cols + chunks - 1) / chunks, lo = c * per, hi = min(cols, lo + per);
   const float* v = x + r * cols;
@@ -653,6 +672,7 @@ __global__ void ArgmaxChunks(const float* x, int64_t cols, float* pv, int32_t* p
   }
 }
 __global__ void ArgmaxOfChunks(const float* pv, const int32_t* pi, int chunks, int64_t cols, int32_t* out) {
+  PdlEnter();
   const int64_t r = blockIdx.x;
   const int l = threadIdx.x;
   float best = -INFINITY;
@@ -675,6 +695,7 @@ inline void LaunchArgmaxRows(const float* x, int64_t rows, int64_t cols, float* 
 // host adds the chunks in order.
 __global__ void RowSoftmaxPartials(const float* x, int64_t cols, const float* top_vals, int m,
                                    const float* temps, double* partial) {
+  PdlEnter();
   const int64_t r = blockIdx.x, c = blockIdx.y, chunks = gridDim.y;
   const int64_t len = (cols + chunks - 1) / chunks, b = c * len, e = min(cols, b + len);
   const float* v = x + r * cols;
@@ -697,6 +718,7 @@ __global__ void RowSoftmaxPartials(const float* x, int64_t cols, const float* to
 // first, lower id first among equals. One block per row (bitonic sort in shared memory over m padded to a
 // power of two <= 1024).
 __global__ void SortTop(const float* x, int64_t cols, const int32_t* sel, int m, int32_t* ids, float* vals) {
+  PdlEnter();
   __shared__ float sv[1024];
   __shared__ int32_t si[1024];
   int p = 1;

@@ -24,19 +24,14 @@ namespace impl {
 namespace k = kernels;
 
 namespace {
-// f(std::integral_constant<int, kTok>) with the token groups of 8 that `rows` rows take in the skinny FP8
-// kernels' instantiations: 1, 2, 4 or 8 (up to 64 rows).
+// f(std::integral_constant<int, kTok>) (its result) with the token groups of 8 that `rows` rows take in the
+// skinny FP8 kernels' instantiations: 1, 2, 4 or 8 (up to 64 rows).
 template <class F>
-void WithTokGroups(int64_t rows, F&& f) {
-  if (rows <= 8) {
-    f(std::integral_constant<int, 1>{});
-  } else if (rows <= 16) {
-    f(std::integral_constant<int, 2>{});
-  } else if (rows <= 32) {
-    f(std::integral_constant<int, 4>{});
-  } else {
-    f(std::integral_constant<int, 8>{});
-  }
+auto WithTokGroups(int64_t rows, F&& f) {
+  if (rows <= 8) return f(std::integral_constant<int, 1>{});
+  if (rows <= 16) return f(std::integral_constant<int, 2>{});
+  if (rows <= 32) return f(std::integral_constant<int, 4>{});
+  return f(std::integral_constant<int, 8>{});
 }
 }  // namespace
 
@@ -102,8 +97,7 @@ absl::Status CudaBackend::LinearBatched(const float* x, int64_t m, int64_t ldx, 
   if (w.bf16) {
     const int64_t n = (m - 1) * ldx + (groups - 1) * stride_x + in;
     RETURN_IF_ERROR(act_bf16_->Alloc(n));
-    k::ToBf16<<<Blocks(n, 256), 256, 0, stream_>>>(x, n, act_bf16_->get());
-    V4_LAUNCH_CHECK(ToBf16);
+    RETURN_IF_ERROR(Launch(k::ToBf16, Blocks(n, 256), 256, 0, x, n, act_bf16_->get()));
     xin = act_bf16_->get();
     type = CUDA_R_16BF;
   }
@@ -145,9 +139,9 @@ absl::Status CudaBackend::LinearF32Rows(const float* x, int64_t m, int64_t ldx, 
     // Each lane at least 4 steps of 128 k (its shuffle sums are then a small share).
     ASSIGN_OR_RETURN(const SplitK sk,
                      RowsSplitK(reinterpret_cast<const void*>(kernel), 256, groups, w.in / 4, 128, m, w.out));
-    kernel<<<dim3(static_cast<unsigned>(groups), static_cast<unsigned>(sk.splits)), 256, 0, stream_>>>(
-        x, m, ldx, static_cast<const float*>(w.p), w.in, w.out, ldy, y, sk.partial, split_counters_);
-    V4_LAUNCH_CHECK(RowsGemmF32);
+    RETURN_IF_ERROR(Launch(kernel, dim3(static_cast<unsigned>(groups), static_cast<unsigned>(sk.splits)), 256,
+                           0, x, m, ldx, static_cast<const float*>(w.p), w.in, w.out, ldy, y, sk.partial,
+                           split_counters_));
     return absl::OkStatus();
   };
   if (m == 1) return launch(k::RowsGemmF32<1, 1>, 64);
@@ -240,28 +234,19 @@ absl::Status CudaBackend::LinearFp8(const float* x, int64_t m, int64_t ldx, cons
   const int64_t skinny_rows = rows_gemm_ ? kRowsFrom - 1 : kSkinnyRows;
   if (path == Fp8Path::kRows ||
       (path == Fp8Path::kAuto && rows_gemm_ && m > skinny_rows && m <= k::kSkinnyMaxRows)) {
-    k::QuantizeFp8Blocks<<<Blocks(m * row_blocks, 8), 256, 0, stream_>>>(
-        x, m, row_blocks, in_blocks, 0, act_fp8_->get(), act_fp8_scales_->get());
-    V4_LAUNCH_CHECK(QuantizeFp8Blocks);
+    RETURN_IF_ERROR(Launch(k::QuantizeFp8Blocks, Blocks(m * row_blocks, 8), 256, 0, x, m, row_blocks,
+                           in_blocks, 0, act_fp8_->get(), act_fp8_scales_->get()));
     // k split where the feature groups alone do not fill the SMs (each split at least 2 k blocks).
     constexpr int kWarps = 8;
     const int64_t groups = Blocks(w.out, 16 * kWarps);
-    absl::Status status;
-    WithTokGroups(m, [&](auto tok) {
+    return WithTokGroups(m, [&](auto tok) -> absl::Status {
       const auto kernel = k::RowsGemmFp8<decltype(tok)::value, kWarps>;
-      const absl::StatusOr<SplitK> sk =
-          RowsSplitK(reinterpret_cast<const void*>(kernel), 32 * kWarps, groups, in_blocks, 2, m, w.out);
-      if (!sk.ok()) {
-        status = sk.status();
-        return;
-      }
-      kernel<<<dim3(static_cast<unsigned>(groups), static_cast<unsigned>(sk->splits)), 32 * kWarps, 0,
-               stream_>>>(act_fp8_->get(), act_fp8_scales_->get(), m, ldx, codes, w.tile_scales, w.in, w.out,
-                          ldy, y, sk->partial, split_counters_);
+      ASSIGN_OR_RETURN(const SplitK sk, RowsSplitK(reinterpret_cast<const void*>(kernel), 32 * kWarps, groups,
+                                                   in_blocks, 2, m, w.out));
+      return Launch(kernel, dim3(static_cast<unsigned>(groups), static_cast<unsigned>(sk.splits)),
+                    32 * kWarps, 0, act_fp8_->get(), act_fp8_scales_->get(), m, ldx, codes, w.tile_scales,
+                    w.in, w.out, ldy, y, sk.partial, split_counters_);
     });
-    RETURN_IF_ERROR(status);
-    V4_LAUNCH_CHECK(RowsGemmFp8);
-    return absl::OkStatus();
   }
   // cuBLASLt's rows (m4) take M-major scales ([k block][row]); the rest's row-major ones follow in the
   // buffer.
@@ -278,9 +263,8 @@ absl::Status CudaBackend::LinearFp8(const float* x, int64_t m, int64_t ldx, cons
         absl::StrCat("cuBLASLt has no block-scaled FP8 GEMM for ", m, " x ", w.out, " x ", w.in));
   }
   if (m4 > 0) {
-    k::QuantizeFp8Blocks<<<Blocks(m4 * row_blocks, 8), 256, 0, stream_>>>(
-        x, m4, row_blocks, in_blocks, m4, act_fp8_->get(), act_fp8_scales_->get());
-    V4_LAUNCH_CHECK(QuantizeFp8Blocks);
+    RETURN_IF_ERROR(Launch(k::QuantizeFp8Blocks, Blocks(m4 * row_blocks, 8), 256, 0, x, m4, row_blocks,
+                           in_blocks, m4, act_fp8_->get(), act_fp8_scales_->get()));
     const CublasApi& api = *blas_api_;
     V4_CUBLAS_RETURN_IF_ERROR(
         api.desc_set(plan->op, CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, &a_scale, sizeof(a_scale)));
@@ -298,16 +282,15 @@ absl::Status CudaBackend::LinearFp8(const float* x, int64_t m, int64_t ldx, cons
   float* yr = y + m4 * ldy;
   const bool tile = path == Fp8Path::kTile || rest > k::kSkinnyMaxRows;
   if (tile) {  // SkinnyGemmFp8 quantizes its input itself.
-    k::QuantizeFp8Blocks<<<Blocks(rest * row_blocks, 8), 256, 0, stream_>>>(x + m4 * ldx, rest, row_blocks,
-                                                                            in_blocks, 0, codes_r, scales_r);
-    V4_LAUNCH_CHECK(QuantizeFp8Blocks);
+    RETURN_IF_ERROR(Launch(k::QuantizeFp8Blocks, Blocks(rest * row_blocks, 8), 256, 0, x + m4 * ldx, rest,
+                           row_blocks, in_blocks, 0, codes_r, scales_r));
   }
   const auto skinny = [&](auto kernel, int warps) {
-    kernel<<<static_cast<unsigned>(Blocks(w.out, 16)), static_cast<unsigned>(32 * warps), 0, stream_>>>(
-        x + m4 * ldx, rest, ldx, codes, w.tile_scales, w.in, w.out, ldy, yr);
+    return Launch(kernel, static_cast<unsigned>(Blocks(w.out, 16)), static_cast<unsigned>(32 * warps), 0,
+                  x + m4 * ldx, rest, ldx, codes, w.tile_scales, w.in, w.out, ldy, yr);
   };
   // SkinnyGemmFp8<kTok, k::SkinnyWarps(kTok, in_blocks)>.
-  const auto skinny_tok = [&](auto tok) {
+  const auto skinny_tok = [&](auto tok) -> absl::Status {
     constexpr int kTok = decltype(tok)::value;
     switch (k::SkinnyWarps(kTok, in_blocks)) {
       case 16:
@@ -323,13 +306,10 @@ absl::Status CudaBackend::LinearFp8(const float* x, int64_t m, int64_t ldx, cons
   if (tile) {
     const dim3 grid(static_cast<unsigned>(Blocks(rest, k::kF8Bm)),
                     static_cast<unsigned>(Blocks(w.out, k::kF8Bn)));
-    k::GemmFp8<<<grid, 256, k::kF8Smem, stream_>>>(codes_r, scales_r, rest, ldx, codes, w.tile_scales, w.in,
-                                                   w.out, ldy, yr);
-  } else {
-    WithTokGroups(rest, skinny_tok);
+    return Launch(k::GemmFp8, grid, 256, k::kF8Smem, codes_r, scales_r, rest, ldx, codes, w.tile_scales, w.in,
+                  w.out, ldy, yr);
   }
-  V4_LAUNCH_CHECK(GemmFp8 or SkinnyGemmFp8);
-  return absl::OkStatus();
+  return WithTokGroups(rest, skinny_tok);
 }
 
 }  // namespace impl

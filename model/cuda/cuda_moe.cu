@@ -11,9 +11,8 @@ namespace k = kernels;
 absl::Status CudaBackend::ToF16Input(const float* x, const int32_t* rows, int64_t n, int64_t in) const {
   RETURN_IF_ERROR(act_f16_->Alloc(n * in));
   RETURN_IF_ERROR(act_f16_inv_->Alloc(n));
-  k::ToF16Rows<<<static_cast<unsigned>(n), 256, 0, stream_>>>(x, rows, in, act_f16_->get(),
-                                                              act_f16_inv_->get());
-  V4_LAUNCH_CHECK(ToF16Rows);
+  RETURN_IF_ERROR(Launch(k::ToF16Rows, static_cast<unsigned>(n), 256, 0, x, rows, in, act_f16_->get(),
+                         act_f16_inv_->get()));
   return absl::OkStatus();
 }
 
@@ -46,16 +45,9 @@ absl::Status CudaBackend::GemvFp4Mma(const Mat& w, const Mat* w3, int64_t groups
   const bool wide = w.in / 128 >= 8;
   const dim3 grid(static_cast<unsigned>(groups),
                   static_cast<unsigned>(Blocks(w.out, w3 != nullptr ? 16 : 32)));
-  auto launch = [&](auto kernel, int threads) { kernel<<<grid, threads, 0, stream_>>>(a); };
-  if (w3 != nullptr && wide) {
-    launch(k::GroupedGemvFp4Mma<8, 2, true, 3>, 256);
-  } else if (w3 != nullptr) {
-    launch(k::GroupedGemvFp4Mma<4, 2, true, 6>, 128);
-  } else {
-    launch(k::GroupedGemvFp4Mma<4, 2, false, 6>, 128);
-  }
-  V4_LAUNCH_CHECK(GroupedGemvFp4Mma);
-  return absl::OkStatus();
+  if (w3 != nullptr && wide) return Launch(k::GroupedGemvFp4Mma<8, 2, true, 3>, grid, 256, 0, a);
+  if (w3 != nullptr) return Launch(k::GroupedGemvFp4Mma<4, 2, true, 6>, grid, 128, 0, a);
+  return Launch(k::GroupedGemvFp4Mma<4, 2, false, 6>, grid, 128, 0, a);
 }
 
 absl::Status CudaBackend::ExpertGemmDevice(const Mat& w, int64_t groups, ExpertKernel kernel,
@@ -82,8 +74,8 @@ absl::Status CudaBackend::ExpertGemmDevice(const Mat& w, int64_t groups, ExpertK
     if (Fp8Experts(w)) {  // The GEMVs take FP32: the FP8 mode's inputs, rounded.
       RETURN_IF_ERROR(act_fp8_round_->Alloc(slots * w.in));
       const int64_t blocks = slots * w.in / 128;
-      k::RoundFp8Blocks<<<Blocks(blocks, 8), 256, 0, stream_>>>(xin, blocks, act_fp8_round_->get());
-      V4_LAUNCH_CHECK(RoundFp8Blocks);
+      RETURN_IF_ERROR(
+          Launch(k::RoundFp8Blocks, Blocks(blocks, 8), 256, 0, xin, blocks, act_fp8_round_->get()));
       xin = act_fp8_round_->get();
     }
     // 4 warps per block; 4 output rows per warp (8 in the narrow variant).
@@ -92,21 +84,14 @@ absl::Status CudaBackend::ExpertGemmDevice(const Mat& w, int64_t groups, ExpertK
     const uint8_t* codes = static_cast<const uint8_t*>(w.p);
     if (kernel == ExpertKernel::kGemvNarrow) {
       const dim3 g8(static_cast<unsigned>(groups), static_cast<unsigned>(Blocks(w.out, 4 * kNarrowRows)));
-      k::GroupedGemvFp4<kNarrowRows, 2>
-          <<<g8, 128, 0, stream_>>>(xin, codes, w.scales, active, n_active, d_start, d_count, w.in, w.out, y);
-    } else {
-      k::GroupedGemvFp4<kRows, k::kMaxGroupRows>
-          <<<g4, 128, 0, stream_>>>(xin, codes, w.scales, active, n_active, d_start, d_count, w.in, w.out, y);
+      return Launch(k::GroupedGemvFp4<kNarrowRows, 2>, g8, 128, 0, xin, codes, w.scales, active, n_active,
+                    d_start, d_count, w.in, w.out, y);
     }
-  } else if (w.bf16) {
-    k::GroupedGemv<k::kBf16>
-        <<<grid, 256, 0, stream_>>>(xin, w.p, active, n_active, d_start, d_count, w.in, w.out, y);
-  } else {
-    k::GroupedGemv<k::kF32>
-        <<<grid, 256, 0, stream_>>>(xin, w.p, active, n_active, d_start, d_count, w.in, w.out, y);
+    return Launch(k::GroupedGemvFp4<kRows, k::kMaxGroupRows>, g4, 128, 0, xin, codes, w.scales, active,
+                  n_active, d_start, d_count, w.in, w.out, y);
   }
-  V4_LAUNCH_CHECK(GroupedGemv);
-  return absl::OkStatus();
+  return Launch(w.bf16 ? k::GroupedGemv<k::kBf16> : k::GroupedGemv<k::kF32>, grid, 256, 0, xin, w.p, active,
+                n_active, d_start, d_count, w.in, w.out, y);
 }
 
 absl::Status CudaBackend::ExpertGemmHost(const Mat& w, const float* xin, const std::vector<int32_t>& g_expert,
@@ -144,8 +129,7 @@ absl::Status CudaBackend::ExpertGemmHost(const Mat& w, const float* xin, const s
   if (lowp) {
     const int64_t rows = g_off.back() + g_cnt.back();
     RETURN_IF_ERROR(act_bf16_->Alloc(rows * in));
-    k::ToBf16<<<Blocks(rows * in, 256), 256, 0, stream_>>>(xin, rows * in, act_bf16_->get());
-    V4_LAUNCH_CHECK(ToBf16);
+    RETURN_IF_ERROR(Launch(k::ToBf16, Blocks(rows * in, 256), 256, 0, xin, rows * in, act_bf16_->get()));
     x = act_bf16_->get();
   }
   const float alpha = 1.0f, beta = 0.0f;
@@ -171,20 +155,16 @@ absl::Status CudaBackend::GroupedGemmFp4(const Mat& w, const float* xin, int64_t
     RETURN_IF_ERROR(act_fp8_->Alloc(rows * w.in));
     RETURN_IF_ERROR(act_fp8_scales_->Alloc(rows * w.in / 128));
     const int64_t rb = w.in / 128;
-    k::QuantizeFp8Blocks<<<Blocks(rows * rb, 8), 256, 0, stream_>>>(xin, rows, rb, rb, 0, act_fp8_->get(),
-                                                                    act_fp8_scales_->get());
-    V4_LAUNCH_CHECK(QuantizeFp8Blocks);
-    k::GroupedGemmFp4Fp8<<<grid, 256, k::kEg8Smem, stream_>>>(act_fp8_->get(), act_fp8_scales_->get(), codes,
-                                                              w.scales, tiles, w.in, w.out, y);
-    V4_LAUNCH_CHECK(GroupedGemmFp4Fp8);
+    RETURN_IF_ERROR(Launch(k::QuantizeFp8Blocks, Blocks(rows * rb, 8), 256, 0, xin, rows, rb, rb, 0,
+                           act_fp8_->get(), act_fp8_scales_->get()));
+    RETURN_IF_ERROR(Launch(k::GroupedGemmFp4Fp8, grid, 256, k::kEg8Smem, act_fp8_->get(),
+                           act_fp8_scales_->get(), codes, w.scales, tiles, w.in, w.out, y));
     return absl::OkStatus();
   }
   RETURN_IF_ERROR(act_bf16_->Alloc(rows * w.in));
-  k::ToBf16<<<Blocks(rows * w.in, 256), 256, 0, stream_>>>(xin, rows * w.in, act_bf16_->get());
-  V4_LAUNCH_CHECK(ToBf16);
-  k::GroupedGemmFp4<<<grid, 256, k::kEgSmem, stream_>>>(act_bf16_->get(), codes, w.scales, tiles, w.in, w.out,
-                                                        y);
-  V4_LAUNCH_CHECK(GroupedGemmFp4);
+  RETURN_IF_ERROR(Launch(k::ToBf16, Blocks(rows * w.in, 256), 256, 0, xin, rows * w.in, act_bf16_->get()));
+  RETURN_IF_ERROR(Launch(k::GroupedGemmFp4, grid, 256, k::kEgSmem, act_bf16_->get(), codes, w.scales, tiles,
+                         w.in, w.out, y));
   return absl::OkStatus();
 }
 
@@ -210,10 +190,9 @@ absl::Status CudaBackend::PermuteOnDevice(const int32_t* sel, const float* wts, 
   RETURN_IF_ERROR(p->perm.Alloc(slots));
   RETURN_IF_ERROR(p->row_slots.Alloc(slots));
   RETURN_IF_ERROR(p->slot_w.Alloc(slots));
-  k::Permute<<<1, 256, k::PermuteSmem(slots, ne), stream_>>>(
-      sel, wts, rows, k, ne, p->count.get(), p->start.get(), p->perm.get(), p->slot_w.get(),
-      p->row_slots.get(), touched, p->active.get(), p->n_active.get());
-  V4_LAUNCH_CHECK(Permute);
+  RETURN_IF_ERROR(Launch(k::Permute, 1, 256, k::PermuteSmem(slots, ne), sel, wts, rows, k, ne, p->count.get(),
+                         p->start.get(), p->perm.get(), p->slot_w.get(), p->row_slots.get(), touched,
+                         p->active.get(), p->n_active.get()));
   return absl::OkStatus();
 }
 
@@ -230,18 +209,17 @@ absl::Status CudaBackend::Moe(const LayerW& w, int64_t layer, bool hash, const f
   RETURN_IF_ERROR(Linear(x, n, w.gate, logits.get()));
   RETURN_IF_ERROR(sel.Alloc(n * kk));
   RETURN_IF_ERROR(wts.Alloc(n * kk));
-  k::Route<<<n, 128, 3 * ne * 4, s>>>(logits.get(), ne, kk, c.scoring_func == "sigmoid",
-                                      hash ? nullptr : w.gate_bias, hash ? w.tid2eid : nullptr, d_tokens,
-                                      static_cast<float>(c.routed_scaling_factor), sel.get(), wts.get());
-  V4_LAUNCH_CHECK(Route);
+  RETURN_IF_ERROR(Launch(k::Route, n, 128, 3 * ne * 4, logits.get(), ne, kk, c.scoring_func == "sigmoid",
+                         hash ? nullptr : w.gate_bias, hash ? w.tid2eid : nullptr, d_tokens,
+                         static_cast<float>(c.routed_scaling_factor), sel.get(), wts.get()));
   // Shared expert over every row, straight into `out`.
   Buf<float> g(s), u(s);
   RETURN_IF_ERROR(g.Alloc(n * inter));
   RETURN_IF_ERROR(u.Alloc(n * inter));
   RETURN_IF_ERROR(Linear(x, n, w.s1, g.get()));
   RETURN_IF_ERROR(Linear(x, n, w.s3, u.get()));
-  k::SwiGlu<<<Blocks(n * inter, 256), 256, 0, s>>>(g.get(), u.get(), n, inter, nullptr, lim);
-  V4_LAUNCH_CHECK(SwiGlu);
+  RETURN_IF_ERROR(
+      Launch(k::SwiGlu, Blocks(n * inter, 256), 256, 0, g.get(), u.get(), n, inter, nullptr, lim));
   RETURN_IF_ERROR(Linear(g.get(), n, w.s2, out));
   const int64_t slots = n * kk;
   int32_t* touched = touched_ + layer * ne;
@@ -264,22 +242,20 @@ absl::Status CudaBackend::Moe(const LayerW& w, int64_t layer, bool hash, const f
                                  p.count.get(), eg.get(), p.slot_w.get(), lim));
     } else {
       RETURN_IF_ERROR(xin.Alloc(slots * d));
-      k::GatherRows<<<slots, 256, 0, s>>>(x, p.perm.get(), d, xin.get());
-      V4_LAUNCH_CHECK(GatherRows);
+      RETURN_IF_ERROR(Launch(k::GatherRows, slots, 256, 0, x, p.perm.get(), d, xin.get()));
       RETURN_IF_ERROR(eu.Alloc(slots * inter));
       RETURN_IF_ERROR(ExpertGemmDevice(w.w1, groups, kernel, max_rows, xin.get(), slots, p.active.get(),
                                        p.n_active.get(), p.start.get(), p.count.get(), eg.get()));
       RETURN_IF_ERROR(ExpertGemmDevice(w.w3, groups, kernel, max_rows, xin.get(), slots, p.active.get(),
                                        p.n_active.get(), p.start.get(), p.count.get(), eu.get()));
-      k::SwiGlu<<<Blocks(slots * inter, 256), 256, 0, s>>>(eg.get(), eu.get(), slots, inter, p.slot_w.get(),
-                                                           lim);
-      V4_LAUNCH_CHECK(SwiGlu);
+      RETURN_IF_ERROR(Launch(k::SwiGlu, Blocks(slots * inter, 256), 256, 0, eg.get(), eu.get(), slots, inter,
+                             p.slot_w.get(), lim));
     }
     RETURN_IF_ERROR(ExpertGemmDevice(w.w2, groups, kernel, max_rows, eg.get(), slots, p.active.get(),
                                      p.n_active.get(), p.start.get(), p.count.get(), ey.get()));
-    k::CombineExperts<<<dim3(static_cast<unsigned>(n), static_cast<unsigned>(Blocks(d, 256))), 256, 0, s>>>(
-        out, ey.get(), p.row_slots.get(), kk, d);
-    V4_LAUNCH_CHECK(CombineExperts);
+    RETURN_IF_ERROR(Launch(k::CombineExperts,
+                           dim3(static_cast<unsigned>(n), static_cast<unsigned>(Blocks(d, 256))), 256, 0, out,
+                           ey.get(), p.row_slots.get(), kk, d));
     return absl::OkStatus();
   }
   // Token permutation on the host: slots grouped by expert (rows in order within an expert).
@@ -324,19 +300,18 @@ absl::Status CudaBackend::Moe(const LayerW& w, int64_t layer, bool hash, const f
   RETURN_IF_ERROR(d_row_slots.Upload(row_slots));
   RETURN_IF_ERROR(d_slot_w.Upload(slot_w));
   RETURN_IF_ERROR(xin.Alloc(slots * d));
-  k::GatherRows<<<slots, 256, 0, s>>>(x, d_perm.get(), d, xin.get());
-  V4_LAUNCH_CHECK(GatherRows);
+  RETURN_IF_ERROR(Launch(k::GatherRows, slots, 256, 0, x, d_perm.get(), d, xin.get()));
   RETURN_IF_ERROR(eg.Alloc(slots * inter));
   RETURN_IF_ERROR(eu.Alloc(slots * inter));
   RETURN_IF_ERROR(ey.Alloc(slots * d));
   RETURN_IF_ERROR(ExpertGemmHost(w.w1, xin.get(), g_expert, g_off, g_cnt, eg.get()));
   RETURN_IF_ERROR(ExpertGemmHost(w.w3, xin.get(), g_expert, g_off, g_cnt, eu.get()));
-  k::SwiGlu<<<Blocks(slots * inter, 256), 256, 0, s>>>(eg.get(), eu.get(), slots, inter, d_slot_w.get(), lim);
-  V4_LAUNCH_CHECK(SwiGlu);
+  RETURN_IF_ERROR(Launch(k::SwiGlu, Blocks(slots * inter, 256), 256, 0, eg.get(), eu.get(), slots, inter,
+                         d_slot_w.get(), lim));
   RETURN_IF_ERROR(ExpertGemmHost(w.w2, eg.get(), g_expert, g_off, g_cnt, ey.get()));
-  k::CombineExperts<<<dim3(static_cast<unsigned>(n), static_cast<unsigned>(Blocks(d, 256))), 256, 0, s>>>(
-      out, ey.get(), d_row_slots.get(), kk, d);
-  V4_LAUNCH_CHECK(CombineExperts);
+  RETURN_IF_ERROR(Launch(k::CombineExperts,
+                         dim3(static_cast<unsigned>(n), static_cast<unsigned>(Blocks(d, 256))), 256, 0, out,
+                         ey.get(), d_row_slots.get(), kk, d));
   return absl::OkStatus();  // Pageable uploads are staged before cudaMemcpyAsync returns.
 }
 

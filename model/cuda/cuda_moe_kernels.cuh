@@ -25,6 +25,7 @@ constexpr int kMaxGroupRows = 8;  // Rows per expert that the grouped GEMV handl
 // expert), or the token's hash experts; weights score / sum * routed_scaling.
 __global__ void Route(const float* logits, int64_t ne, int64_t k, bool sigmoid, const float* bias,
                       const int32_t* tid2eid, const int32_t* tokens, float rsf, int32_t* sel, float* wts) {
+  PdlEnter();
   extern __shared__ float rsh[];
   float* score = rsh;
   float* biased = rsh + ne;
@@ -101,6 +102,7 @@ __global__ void Route(const float* logits, int64_t ne, int64_t k, bool sigmoid, 
 
 // g = silu(min(g, L)) * clamp(u, -L, L) * w[row] (w may be null), in place in g.
 __global__ void SwiGlu(float* g, const float* u, int64_t rows, int64_t inter, const float* w, float lim) {
+  PdlEnter();
   const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (idx >= rows * inter) return;
   float gate = g[idx], up = u[idx];
@@ -114,6 +116,7 @@ __global__ void SwiGlu(float* g, const float* u, int64_t rows, int64_t inter, co
 // out[r, :] += sum_j y[row_slots[r, j], :] in j order (slots sorted by expert, the CPU's order).
 // Grid (rows, any): block (r, b) takes features b * blockDim.x + thread, strided by the grid.
 __global__ void CombineExperts(float* out, const float* y, const int32_t* row_slots, int64_t k, int64_t d) {
+  PdlEnter();
   const int64_t r = blockIdx.x;
   for (int64_t i = static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x; i < d;
        i += static_cast<int64_t>(gridDim.y) * blockDim.x) {
@@ -133,6 +136,7 @@ enum WeightKind { kF32 = 0, kBf16 = 1 };  // GroupedGemv's weight formats (MXFP4
 template <int kKind>
 __global__ void GroupedGemv(const float* xin, const void* w, const int32_t* active, const int32_t* n_active,
                             const int32_t* start, const int32_t* count, int64_t in, int64_t out, float* y) {
+  PdlEnter();
   const int g = blockIdx.x;
   if (g >= *n_active) return;
   const int warps = blockDim.x / 32, lane = threadIdx.x % 32;
@@ -212,6 +216,7 @@ __host__ __device__ constexpr bool PermuteFits(int64_t rows, int64_t k, int64_t 
 __global__ void Permute(const int32_t* sel, const float* wts, int64_t rows, int64_t k, int64_t ne,
                         int32_t* count, int32_t* start, int32_t* perm, float* slot_w, int32_t* row_slots,
                         int32_t* touched, int32_t* active, int32_t* n_active) {
+  PdlEnter();
   extern __shared__ int4 psh[];  // PermuteSmem: the selections (padded with -1), counts, running starts.
   __shared__ int32_t warp_tot[2][32];
   const int64_t slots = rows * k, padded = (slots + 3) / 4 * 4;
@@ -357,6 +362,7 @@ __device__ __forceinline__ bool ExpertTile(const ExpertTiles& tiles, int64_t* e,
 __global__ void __launch_bounds__(256)
     GroupedGemmFp4(const __nv_bfloat16* x, const uint8_t* codes, const uint8_t* scales, ExpertTiles tiles,
                    int64_t in, int64_t out, float* y) {
+  PdlEnter();
   extern __shared__ __align__(16) unsigned char eg_smem[];
   __nv_bfloat16* a_sh = reinterpret_cast<__nv_bfloat16*>(eg_smem);  // [2][kEgBm][kEgLd]
   __nv_bfloat16* b_sh = a_sh + 2 * kEgBm * kEgLd;                   // [2][kEgBn][kEgLd]
@@ -466,6 +472,7 @@ constexpr size_t kEg8Smem = kF8Smem + 2 * kF8Bn * sizeof(float);
 __global__ void __launch_bounds__(256)
     GroupedGemmFp4Fp8(const uint8_t* xq, const float* xs, const uint8_t* codes, const uint8_t* scales,
                       ExpertTiles tiles, int64_t in, int64_t out, float* y) {
+  PdlEnter();
   extern __shared__ __align__(128) unsigned char eg8_smem[];
   uint8_t* a_sh = eg8_smem;                                    // [2][kF8Bm][128]
   uint8_t* b_sh = eg8_smem + 2 * kF8Bm * kFp8Block;            // [2][kF8Bn][128]
@@ -564,6 +571,7 @@ __global__ void __launch_bounds__(256)
 // FP8 rounding of the GEMM input for kernels that take FP32 (the MXFP4 GEMVs in the FP8 weight mode):
 // QuantizeFp8Blocks's values, dequantized. `blocks` consecutive blocks of 128; a warp per block.
 __global__ void RoundFp8Blocks(const float* x, int64_t blocks, float* out) {
+  PdlEnter();
   const int64_t b = static_cast<int64_t>(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32;
   if (b >= blocks) return;
   const int lane = static_cast<int>(threadIdx.x % 32);

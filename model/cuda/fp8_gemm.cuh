@@ -60,6 +60,7 @@ __device__ __forceinline__ Pow2Scale Fp8BlockScale(const float4& v) {
 // (cuBLASLt's VEC128 layout, "M-major"). A warp per block.
 __global__ void QuantizeFp8Blocks(const float* x, int64_t rows, int64_t row_blocks, int64_t in_blocks,
                                   int64_t rows_t, uint8_t* codes, float* scales) {
+  PdlEnter();
   const int64_t b = static_cast<int64_t>(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32;
   const int64_t r = b / row_blocks, j = b % row_blocks;
   if (r >= rows || j >= in_blocks) return;
@@ -130,6 +131,8 @@ template <int kTok, int kWarps>
 __global__ void __launch_bounds__(kWarps * 32)
     SkinnyGemmFp8(const float* x, int64_t m, int64_t ldx, const uint8_t* w, const float* ws, int64_t in,
                   int64_t out, int64_t ldy, float* y) {
+  PrefetchTileL2(w, in, blockIdx.x * int64_t{16}, MinI64(blockIdx.x * int64_t{16} + 16, out), 0, in);
+  PdlEnter();
   static_assert(kWarps * kTok <= 32, "the shared totals stay within 16 KiB");
   __shared__ float red[kWarps][kTok][32][4];
   const int warp = static_cast<int>(threadIdx.x / 32), lane = static_cast<int>(threadIdx.x % 32);
@@ -214,6 +217,8 @@ __global__ void __launch_bounds__(kWarps * 32)
   const int64_t kbs = in / kFp8Block, xbs = ldx / kFp8Block;
   const int splits = static_cast<int>(gridDim.y), s = static_cast<int>(blockIdx.y);
   const int64_t kb0 = kbs * s / splits, kb1 = kbs * (s + 1) / splits;
+  PrefetchTileL2(w, in, nb0, MinI64(nb0 + 16 * kWarps, out), kb0 * kFp8Block, kb1 * kFp8Block);
+  PdlEnter();
   const uint8_t* w0 = w + r0 * in + t * 16;
   const uint8_t* w1 = w + r1 * in + t * 16;
   const float* ws0 = ws + (r0 / kFp8Block) * kbs;
@@ -337,6 +342,7 @@ __device__ __forceinline__ void Fp8Promote(const float (&acc)[2][4][4], const fl
 __global__ void __launch_bounds__(256)
     GemmFp8(const uint8_t* xq, const float* xs, int64_t m, int64_t ldx, const uint8_t* w, const float* ws,
             int64_t in, int64_t out, int64_t ldy, float* y) {
+  PdlEnter();
   extern __shared__ __align__(128) unsigned char f8_smem[];
   uint8_t* a_sh = f8_smem;                          // [2][kF8Bm][128]
   uint8_t* b_sh = f8_smem + 2 * kF8Bm * kFp8Block;  // [2][kF8Bn][128]

@@ -69,6 +69,7 @@ __global__ void __launch_bounds__(128, kCols <= 2 ? (kRows <= 4 ? 6 : 4) : 3)
     GroupedGemvFp4(const float* xin, const uint8_t* w, const uint8_t* scales, const int32_t* active,
                    const int32_t* n_active, const int32_t* start, const int32_t* count, int64_t in,
                    int64_t out, float* y) {
+  PdlEnter();
   const int g = blockIdx.x;
   if (g >= *n_active) return;
   const int warps = blockDim.x / 32, lane = threadIdx.x % 32;
@@ -180,6 +181,7 @@ __device__ __forceinline__ uint32_t Hmul2(uint32_t a, uint32_t b) {
 
 template <int kWarps, int kTiles, bool kGlu, int kMinBlocks>
 __global__ void __launch_bounds__(kWarps * 32, kMinBlocks) GroupedGemvFp4Mma(GemvFp4Args a) {
+  PdlEnter();
   static_assert(!kGlu || kTiles == 2, "the fused gate / up GEMV has one tile of each");
   __shared__ float red[kWarps][32][4 * kTiles];
   if (static_cast<int>(blockIdx.x) >= *a.n_active) return;
@@ -312,6 +314,7 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocks) GroupedGemvFp4Mma(Gem
 // 5, 7, Fp4x8Half's pairs. One block of 256 threads per row; row r reads x's row rows[r] (r without `rows`:
 // the decode MoE gathers its slots' rows this way).
 __global__ void ToF16Rows(const float* x, const int32_t* rows, int64_t in, __half* xh, float* xinv) {
+  PdlEnter();
   const int64_t r = blockIdx.x;
   const float4* xr = reinterpret_cast<const float4*>(x + (rows != nullptr ? rows[r] : r) * in);
   float amax = 0.f;

@@ -19,6 +19,7 @@
 #include <cstdlib>
 #include <random>
 
+#include "absl/strings/str_cat.h"
 #include "gtest/gtest.h"
 #include "model/backend.h"
 #include "model/cpu/attention.h"
@@ -61,6 +62,27 @@ Pair LoadPair(CudaWeights format, int64_t index_topk = 0) {
   if (g.ok()) p.gpu = std::move(*g);
   if (f.ok()) p.faithful = std::move(*f);
   return p;
+}
+
+// The tiny model on the GPU with `env`'s switches set while it loads (the backend reads them at
+// construction).
+absl::StatusOr<std::unique_ptr<Model>> LoadWithEnv(
+    const ModelConfig& config, const Checkpoint& ckpt, CudaWeights weights,
+    const std::vector<std::pair<const char*, const char*>>& env) {
+  ModelOptions o;
+  o.device = Device::kCuda;
+  o.cuda_weights = weights;
+  for (const auto& [name, value] : env) setenv(name, value, 1);
+  auto m = Model::FromCheckpoint(config, ckpt, o);
+  for (const auto& [name, value] : env) unsetenv(name);
+  return m;
+}
+
+// A switch's value other than 0 or 1 fails the load with INVALID_ARGUMENT naming the switch.
+void ExpectRefused(const absl::StatusOr<std::unique_ptr<Model>>& m, const char* name) {
+  ASSERT_FALSE(m.ok());
+  EXPECT_EQ(m.status().code(), absl::StatusCode::kInvalidArgument) << m.status();
+  EXPECT_NE(m.status().message().find(name), std::string::npos) << m.status();
 }
 
 double StateRelL2(const SequenceState& a, const SequenceState& b) {
@@ -389,19 +411,10 @@ TEST(CudaModelTest, DecodeGraphsMatchTheEagerSteps) {
   absl::StatusOr<ModelConfig> config = LoadModelConfig(TinyDir());
   absl::StatusOr<std::unique_ptr<Checkpoint>> ckpt = Checkpoint::Open(TinyDir());
   ASSERT_TRUE(config.ok() && ckpt.ok());
-  ModelOptions go;
-  go.device = Device::kCuda;
-  go.cuda_weights = CudaWeights::kFp8;
   auto load = [&](const char* graphs) {
-    setenv("V4SERVE_CUDA_GRAPHS", graphs, 1);
-    auto m = Model::FromCheckpoint(*config, **ckpt, go);
-    unsetenv("V4SERVE_CUDA_GRAPHS");
-    return m;
+    return LoadWithEnv(*config, **ckpt, CudaWeights::kFp8, {{"V4SERVE_CUDA_GRAPHS", graphs}});
   };
-  auto bad = load("yes");
-  ASSERT_FALSE(bad.ok());
-  EXPECT_EQ(bad.status().code(), absl::StatusCode::kInvalidArgument) << bad.status();
-  EXPECT_NE(bad.status().message().find("V4SERVE_CUDA_GRAPHS"), std::string::npos) << bad.status();
+  ExpectRefused(load("yes"), "V4SERVE_CUDA_GRAPHS");
   auto gm = load("1"), em = load("0");
   ASSERT_TRUE(gm.ok() && em.ok()) << gm.status() << em.status();
   Model& graphs = **gm;
@@ -467,6 +480,67 @@ TEST(CudaModelTest, DecodeGraphsMatchTheEagerSteps) {
   EXPECT_EQ(captured, 5 * 5);
   EXPECT_EQ(captured_after_move, 5);
   EXPECT_GE(replayed, 5 * 6);
+}
+
+// Programmatic dependent launch (V4SERVE_CUDA_PDL=1, model/cuda/launch.cuh) only lets a kernel's blocks start
+// before the kernel ahead of it ends; each waits for that kernel before it touches its outputs. So every
+// logit, final stream and state equals, bit for bit, what the same kernels give launched plainly, with CUDA
+// graphs (the attribute captured as graph edges) and without; a kernel that read or wrote before its wait
+// would race and differ. Prefill (700 tokens: the GEMM and tile kernels) and decode at 4, 2 and 1 rows, FP8
+// and BF16 weights.
+TEST(CudaModelTest, ProgrammaticLaunchGivesTheSameBitsAsPlainLaunches) {
+  SKIP_WITHOUT_GPU();
+  absl::StatusOr<ModelConfig> config = LoadModelConfig(TinyDir());
+  absl::StatusOr<std::unique_ptr<Checkpoint>> ckpt = Checkpoint::Open(TinyDir());
+  ASSERT_TRUE(config.ok() && ckpt.ok());
+  for (const CudaWeights weights : {CudaWeights::kFp8, CudaWeights::kBf16}) {
+    for (const char* graphs : {"1", "0"}) {
+      SCOPED_TRACE(absl::StrCat("weights ", static_cast<int>(weights), ", graphs ", graphs));
+      auto load = [&](const char* pdl) {
+        return LoadWithEnv(*config, **ckpt, weights,
+                           {{"V4SERVE_CUDA_GRAPHS", graphs}, {"V4SERVE_CUDA_PDL", pdl}});
+      };
+      ExpectRefused(load("on"), "V4SERVE_CUDA_PDL");
+      auto pm = load("1"), lm = load("0");
+      ASSERT_TRUE(pm.ok() && lm.ok()) << pm.status() << lm.status();
+      Model& pdl = **pm;
+      Model& plain = **lm;
+      EXPECT_NE(pdl.backend().Describe().find("programmatic launch"), std::string::npos)
+          << pdl.backend().Describe();
+      EXPECT_EQ(plain.backend().Describe().find("programmatic launch"), std::string::npos);
+      std::vector<SequenceState> ps, ls;
+      const std::vector<int64_t> lens = {700, 33, 101, 45};
+      for (size_t i = 0; i < lens.size(); ++i) {
+        ps.push_back(pdl.NewState());
+        ls.push_back(plain.NewState());
+        const std::vector<int32_t> prompt = Prompt(lens[i], static_cast<uint32_t>(80 + i));
+        auto a = pdl.Prefill(&ps.back(), prompt), b = plain.Prefill(&ls.back(), prompt);
+        ASSERT_TRUE(a.ok() && b.ok()) << a.status() << b.status();
+        EXPECT_EQ(RelL2(*a, *b), 0.0) << "prefill " << i;
+      }
+      std::vector<int32_t> next = {5, 77, 301, 42};
+      const int64_t vocab = config->vocab_size;
+      for (const int k : {4, 4, 4, 2, 2, 2, 1, 1, 1}) {
+        std::vector<SequenceState*> pp, lp;
+        for (int i = 0; i < k; ++i) {
+          pp.push_back(&ps[i]);
+          lp.push_back(&ls[i]);
+        }
+        const std::vector<int32_t> tok(next.begin(), next.begin() + k);
+        std::vector<float> pstreams, lstreams;
+        auto a = pdl.Decode(pp, tok, &pstreams);
+        auto b = plain.Decode(lp, tok, &lstreams);
+        ASSERT_TRUE(a.ok() && b.ok()) << a.status() << b.status();
+        EXPECT_EQ(RelL2(*a, *b), 0.0) << "batch " << k;
+        EXPECT_EQ(RelL2(pstreams, lstreams), 0.0) << "batch " << k;
+        for (int i = 0; i < k; ++i) {
+          const float* row = &(*a)[static_cast<size_t>(i) * vocab];
+          next[i] = static_cast<int32_t>(std::max_element(row, row + vocab) - row);
+        }
+      }
+      for (size_t i = 0; i < ps.size(); ++i) EXPECT_EQ(StateRelL2(ps[i], ls[i]), 0.0) << "state " << i;
+    }
+  }
 }
 
 TEST(CudaModelTest, AutoPicksCudaWithAGpuAndCudaFailsClearlyWithout) {
