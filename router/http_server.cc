@@ -53,6 +53,9 @@ struct HttpServer::Impl {
   HttpServerOptions options;
   HttpHandler* handler;
   net::io_context ioc;
+  // Keeps the io threads running while no socket operation is pending (a drain: the acceptor closed, a
+  // departed client's stream still to be ended by its handler), until the destructor lets them go.
+  std::optional<net::executor_work_guard<net::io_context::executor_type>> work;
   tcp::acceptor acceptor;
   std::vector<std::thread> threads;
   std::atomic<int> in_flight{0};
@@ -346,6 +349,7 @@ absl::StatusOr<std::unique_ptr<HttpServer>> HttpServer::Start(const HttpServerOp
   }
   impl->port = impl->acceptor.local_endpoint().port();
   impl->Accept();
+  impl->work.emplace(net::make_work_guard(impl->ioc));
   for (int i = 0; i < options.io_threads; ++i) {
     impl->threads.emplace_back([io = &impl->ioc] { io->run(); });
   }
@@ -356,6 +360,7 @@ HttpServer::HttpServer(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
 
 HttpServer::~HttpServer() {
   StopAccepting();
+  impl_->work.reset();
   impl_->ioc.stop();
   for (std::thread& t : impl_->threads) t.join();
 }
