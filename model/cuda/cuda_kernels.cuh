@@ -365,7 +365,7 @@ __device__ __forceinline__ void SplitKFinish(const float* partial, unsigned* cou
 template <int kRows, int kRg>
 __global__ void __launch_bounds__(256)
     RowsGemmF32(const float* x, int64_t m, int64_t ldx, const float* w, int64_t in, int64_t out, int64_t ldy,
-                float* y, float* partial, unsigned* counters) {
+                float* y, float* partial, unsigned* counters, bool prefetch) {
   static_assert(kRows == 8 || kRg == 1, "row groups of 8");
   constexpr int kFw = 8 / kRg;
   const int warp = static_cast<int>(threadIdx.x / 32), lane = static_cast<int>(threadIdx.x % 32);
@@ -373,7 +373,7 @@ __global__ void __launch_bounds__(256)
   const int64_t nb0 = static_cast<int64_t>(blockIdx.x) * 8 * kFw, n0 = nb0 + fw * 8;
   const int64_t in4 = in / 4, splits = gridDim.y, s = blockIdx.y;
   const int64_t k0 = in4 * s / splits, k1 = in4 * (s + 1) / splits;
-  PrefetchTileL2(w, in * 4, nb0, MinI64(nb0 + 8 * kFw, out), k0 * 16, k1 * 16);
+  if (prefetch) PrefetchTileL2(w, in * 4, nb0, MinI64(nb0 + 8 * kFw, out), k0 * 16, k1 * 16);
   PdlEnter();
   const float4* w4 = reinterpret_cast<const float4*>(w);
   const float4* x4 = reinterpret_cast<const float4*>(x);

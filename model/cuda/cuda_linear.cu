@@ -139,10 +139,9 @@ absl::Status CudaBackend::LinearF32Rows(const float* x, int64_t m, int64_t ldx, 
     // Each lane at least 4 steps of 128 k (its shuffle sums are then a small share).
     ASSIGN_OR_RETURN(const SplitK sk,
                      RowsSplitK(reinterpret_cast<const void*>(kernel), 256, groups, w.in / 4, 128, m, w.out));
-    RETURN_IF_ERROR(Launch(kernel, dim3(static_cast<unsigned>(groups), static_cast<unsigned>(sk.splits)), 256,
-                           0, x, m, ldx, static_cast<const float*>(w.p), w.in, w.out, ldy, y, sk.partial,
-                           split_counters_));
-    return absl::OkStatus();
+    return Launch(kernel, dim3(static_cast<unsigned>(groups), static_cast<unsigned>(sk.splits)), 256, 0, x, m,
+                  ldx, static_cast<const float*>(w.p), w.in, w.out, ldy, y, sk.partial, split_counters_,
+                  pdl_);
   };
   if (m == 1) return launch(k::RowsGemmF32<1, 1>, 64);
   if (m == 2) return launch(k::RowsGemmF32<2, 1>, 64);
@@ -245,7 +244,7 @@ absl::Status CudaBackend::LinearFp8(const float* x, int64_t m, int64_t ldx, cons
                                                    in_blocks, 2, m, w.out));
       return Launch(kernel, dim3(static_cast<unsigned>(groups), static_cast<unsigned>(sk.splits)),
                     32 * kWarps, 0, act_fp8_->get(), act_fp8_scales_->get(), m, ldx, codes, w.tile_scales,
-                    w.in, w.out, ldy, y, sk.partial, split_counters_);
+                    w.in, w.out, ldy, y, sk.partial, split_counters_, pdl_);
     });
   }
   // cuBLASLt's rows (m4) take M-major scales ([k block][row]); the rest's row-major ones follow in the
@@ -287,7 +286,7 @@ absl::Status CudaBackend::LinearFp8(const float* x, int64_t m, int64_t ldx, cons
   }
   const auto skinny = [&](auto kernel, int warps) {
     return Launch(kernel, static_cast<unsigned>(Blocks(w.out, 16)), static_cast<unsigned>(32 * warps), 0,
-                  x + m4 * ldx, rest, ldx, codes, w.tile_scales, w.in, w.out, ldy, yr);
+                  x + m4 * ldx, rest, ldx, codes, w.tile_scales, w.in, w.out, ldy, yr, pdl_);
   };
   // SkinnyGemmFp8<kTok, k::SkinnyWarps(kTok, in_blocks)>.
   const auto skinny_tok = [&](auto tok) -> absl::Status {

@@ -130,8 +130,9 @@ __host__ __device__ constexpr int SkinnyWarps(int tok, int64_t k_blocks) {
 template <int kTok, int kWarps>
 __global__ void __launch_bounds__(kWarps * 32)
     SkinnyGemmFp8(const float* x, int64_t m, int64_t ldx, const uint8_t* w, const float* ws, int64_t in,
-                  int64_t out, int64_t ldy, float* y) {
-  PrefetchTileL2(w, in, blockIdx.x * int64_t{16}, MinI64(blockIdx.x * int64_t{16} + 16, out), 0, in);
+                  int64_t out, int64_t ldy, float* y, bool prefetch) {
+  if (prefetch)
+    PrefetchTileL2(w, in, blockIdx.x * int64_t{16}, MinI64(blockIdx.x * int64_t{16} + 16, out), 0, in);
   PdlEnter();
   static_assert(kWarps * kTok <= 32, "the shared totals stay within 16 KiB");
   __shared__ float red[kWarps][kTok][32][4];
@@ -209,7 +210,8 @@ __global__ void __launch_bounds__(kWarps * 32)
 template <int kTok, int kWarps>
 __global__ void __launch_bounds__(kWarps * 32)
     RowsGemmFp8(const uint8_t* xq, const float* xs, int64_t m, int64_t ldx, const uint8_t* w, const float* ws,
-                int64_t in, int64_t out, int64_t ldy, float* y, float* partial, unsigned* counters) {
+                int64_t in, int64_t out, int64_t ldy, float* y, float* partial, unsigned* counters,
+                bool prefetch) {
   const int warp = static_cast<int>(threadIdx.x / 32), lane = static_cast<int>(threadIdx.x % 32);
   const int g = lane / 4, t = lane % 4;
   const int64_t nb0 = static_cast<int64_t>(blockIdx.x) * 16 * kWarps, n0 = nb0 + warp * 16;
@@ -217,7 +219,7 @@ __global__ void __launch_bounds__(kWarps * 32)
   const int64_t kbs = in / kFp8Block, xbs = ldx / kFp8Block;
   const int splits = static_cast<int>(gridDim.y), s = static_cast<int>(blockIdx.y);
   const int64_t kb0 = kbs * s / splits, kb1 = kbs * (s + 1) / splits;
-  PrefetchTileL2(w, in, nb0, MinI64(nb0 + 16 * kWarps, out), kb0 * kFp8Block, kb1 * kFp8Block);
+  if (prefetch) PrefetchTileL2(w, in, nb0, MinI64(nb0 + 16 * kWarps, out), kb0 * kFp8Block, kb1 * kFp8Block);
   PdlEnter();
   const uint8_t* w0 = w + r0 * in + t * 16;
   const uint8_t* w1 = w + r1 * in + t * 16;

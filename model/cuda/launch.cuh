@@ -5,9 +5,9 @@
 // attribute, a kernel's blocks may be scheduled while the kernel before it in the stream is still running;
 // it then waits (griddepcontrol.wait) for that kernel to complete and its writes to be visible before it
 // touches anything another kernel produces or reads. Weight-streaming kernels start their weights' loads
-// into L2 before that wait (PrefetchL2), so a small latency-bound kernel (a norm, the router, attention at
-// batch 1) no longer leaves HBM idle. Under stream capture the attribute becomes a programmatic edge of the
-// CUDA graph, so decode graphs keep it.
+// into L2 before that wait (PrefetchTileL2, only with PDL on), so a small latency-bound kernel (a norm, the
+// router, attention at batch 1) no longer leaves HBM idle. Under stream capture the attribute becomes a
+// programmatic edge of the CUDA graph, so decode graphs keep it.
 //
 // The rule that makes this safe: every kernel launched through LaunchKernel calls PdlEnter() before it reads
 // or writes memory that another kernel writes or reads (the only work before it is reading weights). A
@@ -71,7 +71,7 @@ __device__ __forceinline__ void PrefetchTileL2(const void* base, int64_t ld, int
 }  // namespace kernels
 
 // kernel<<<grid, block, smem, stream>>>(args...), with the programmatic-serialization attribute when `pdl`;
-// the launch's error as a Status.
+// the launch's error as a Status (and cleared, so that no later check reports it again).
 template <class... Params, class... Args>
 absl::Status LaunchKernel(bool pdl, cudaStream_t stream, void (*kernel)(Params...), dim3 grid, dim3 block,
                           size_t smem, Args&&... args) {
@@ -85,8 +85,9 @@ absl::Status LaunchKernel(bool pdl, cudaStream_t stream, void (*kernel)(Params..
   cfg.stream = stream;
   cfg.attrs = attr;
   cfg.numAttrs = pdl ? 1 : 0;
-  V4_CUDA_RETURN_IF_ERROR(cudaLaunchKernelEx(&cfg, kernel, std::forward<Args>(args)...));
-  return absl::OkStatus();
+  const cudaError_t err = cudaLaunchKernelEx(&cfg, kernel, std::forward<Args>(args)...);
+  if (err != cudaSuccess) (void)cudaGetLastError();  // Reported here: not again by a later check.
+  return CudaStatus(err, "cudaLaunchKernelEx", __FILE__, __LINE__);
 }
 
 }  // namespace v4serve::model::cuda

@@ -487,58 +487,79 @@ TEST(CudaModelTest, DecodeGraphsMatchTheEagerSteps) {
 // logit, final stream and state equals, bit for bit, what the same kernels give launched plainly, with CUDA
 // graphs (the attribute captured as graph edges) and without; a kernel that read or wrote before its wait
 // would race and differ. Prefill (700 tokens: the GEMM and tile kernels) and decode at 4, 2 and 1 rows, FP8
-// and BF16 weights.
+// and BF16 weights, with and without the row GEMMs (whose weights are prefetched ahead of the wait).
 TEST(CudaModelTest, ProgrammaticLaunchGivesTheSameBitsAsPlainLaunches) {
   SKIP_WITHOUT_GPU();
   absl::StatusOr<ModelConfig> config = LoadModelConfig(TinyDir());
   absl::StatusOr<std::unique_ptr<Checkpoint>> ckpt = Checkpoint::Open(TinyDir());
   ASSERT_TRUE(config.ok() && ckpt.ok());
-  for (const CudaWeights weights : {CudaWeights::kFp8, CudaWeights::kBf16}) {
-    for (const char* graphs : {"1", "0"}) {
-      SCOPED_TRACE(absl::StrCat("weights ", static_cast<int>(weights), ", graphs ", graphs));
-      auto load = [&](const char* pdl) {
-        return LoadWithEnv(*config, **ckpt, weights,
-                           {{"V4SERVE_CUDA_GRAPHS", graphs}, {"V4SERVE_CUDA_PDL", pdl}});
-      };
-      ExpectRefused(load("on"), "V4SERVE_CUDA_PDL");
-      auto pm = load("1"), lm = load("0");
-      ASSERT_TRUE(pm.ok() && lm.ok()) << pm.status() << lm.status();
-      Model& pdl = **pm;
-      Model& plain = **lm;
-      EXPECT_NE(pdl.backend().Describe().find("programmatic launch"), std::string::npos)
-          << pdl.backend().Describe();
-      EXPECT_EQ(plain.backend().Describe().find("programmatic launch"), std::string::npos);
-      std::vector<SequenceState> ps, ls;
-      const std::vector<int64_t> lens = {700, 33, 101, 45};
-      for (size_t i = 0; i < lens.size(); ++i) {
-        ps.push_back(pdl.NewState());
-        ls.push_back(plain.NewState());
-        const std::vector<int32_t> prompt = Prompt(lens[i], static_cast<uint32_t>(80 + i));
-        auto a = pdl.Prefill(&ps.back(), prompt), b = plain.Prefill(&ls.back(), prompt);
-        ASSERT_TRUE(a.ok() && b.ok()) << a.status() << b.status();
-        EXPECT_EQ(RelL2(*a, *b), 0.0) << "prefill " << i;
+  struct Case {
+    CudaWeights weights;
+    const char* graphs;
+    const char* rows_gemm;  // The row GEMMs prefetch their weights ahead of the wait.
+  };
+  for (const Case& cs : {Case{CudaWeights::kFp8, "1", "0"}, Case{CudaWeights::kFp8, "1", "1"},
+                         Case{CudaWeights::kFp8, "0", "1"}, Case{CudaWeights::kBf16, "1", "1"},
+                         Case{CudaWeights::kBf16, "0", "0"}}) {
+    const char* graphs = cs.graphs;
+    SCOPED_TRACE(absl::StrCat("weights ", static_cast<int>(cs.weights), ", graphs ", graphs, ", row GEMMs ",
+                              cs.rows_gemm));
+    auto load = [&](const char* pdl) {
+      return LoadWithEnv(*config, **ckpt, cs.weights,
+                         {{"V4SERVE_CUDA_GRAPHS", graphs},
+                          {"V4SERVE_CUDA_PDL", pdl},
+                          {"V4SERVE_CUDA_ROWS_GEMM", cs.rows_gemm}});
+    };
+    ExpectRefused(load("on"), "V4SERVE_CUDA_PDL");
+    auto pm = load("1"), lm = load("0");
+    ASSERT_TRUE(pm.ok() && lm.ok()) << pm.status() << lm.status();
+    Model& pdl = **pm;
+    Model& plain = **lm;
+    EXPECT_NE(pdl.backend().Describe().find("programmatic launch"), std::string::npos)
+        << pdl.backend().Describe();
+    EXPECT_EQ(plain.backend().Describe().find("programmatic launch"), std::string::npos);
+    const bool want_graphs = std::string(graphs) == "1";
+    // Captured with the attribute (a capture that failed would turn graphs off and hide the graph path).
+    EXPECT_EQ(pdl.backend().Describe().find("CUDA graphs for decode") != std::string::npos, want_graphs)
+        << pdl.backend().Describe();
+    int64_t replayed = 0;
+    std::vector<SequenceState> ps, ls;
+    const std::vector<int64_t> lens = {700, 33, 101, 45};
+    for (size_t i = 0; i < lens.size(); ++i) {
+      ps.push_back(pdl.NewState());
+      ls.push_back(plain.NewState());
+      const std::vector<int32_t> prompt = Prompt(lens[i], static_cast<uint32_t>(80 + i));
+      auto a = pdl.Prefill(&ps.back(), prompt), b = plain.Prefill(&ls.back(), prompt);
+      ASSERT_TRUE(a.ok() && b.ok()) << a.status() << b.status();
+      EXPECT_EQ(RelL2(*a, *b), 0.0) << "prefill " << i;
+    }
+    std::vector<int32_t> next = {5, 77, 301, 42};
+    const int64_t vocab = config->vocab_size;
+    for (const int k : {4, 4, 4, 2, 2, 2, 1, 1, 1}) {
+      std::vector<SequenceState*> pp, lp;
+      for (int i = 0; i < k; ++i) {
+        pp.push_back(&ps[i]);
+        lp.push_back(&ls[i]);
       }
-      std::vector<int32_t> next = {5, 77, 301, 42};
-      const int64_t vocab = config->vocab_size;
-      for (const int k : {4, 4, 4, 2, 2, 2, 1, 1, 1}) {
-        std::vector<SequenceState*> pp, lp;
-        for (int i = 0; i < k; ++i) {
-          pp.push_back(&ps[i]);
-          lp.push_back(&ls[i]);
-        }
-        const std::vector<int32_t> tok(next.begin(), next.begin() + k);
-        std::vector<float> pstreams, lstreams;
-        auto a = pdl.Decode(pp, tok, &pstreams);
-        auto b = plain.Decode(lp, tok, &lstreams);
-        ASSERT_TRUE(a.ok() && b.ok()) << a.status() << b.status();
-        EXPECT_EQ(RelL2(*a, *b), 0.0) << "batch " << k;
-        EXPECT_EQ(RelL2(pstreams, lstreams), 0.0) << "batch " << k;
-        for (int i = 0; i < k; ++i) {
-          const float* row = &(*a)[static_cast<size_t>(i) * vocab];
-          next[i] = static_cast<int32_t>(std::max_element(row, row + vocab) - row);
-        }
+      const std::vector<int32_t> tok(next.begin(), next.begin() + k);
+      std::vector<float> pstreams, lstreams;
+      auto a = pdl.Decode(pp, tok, &pstreams);
+      auto b = plain.Decode(lp, tok, &lstreams);
+      ASSERT_TRUE(a.ok() && b.ok()) << a.status() << b.status();
+      EXPECT_EQ(RelL2(*a, *b), 0.0) << "batch " << k;
+      EXPECT_EQ(RelL2(pstreams, lstreams), 0.0) << "batch " << k;
+      absl::StatusOr<cuda::ForwardCounters> pc = cuda::LastForwardCounters(pdl.backend());
+      ASSERT_TRUE(pc.ok());
+      EXPECT_EQ(pc->graphs_off, !want_graphs) << pdl.backend().Describe();
+      replayed += pc->graph_sections;
+      for (int i = 0; i < k; ++i) {
+        const float* row = &(*a)[static_cast<size_t>(i) * vocab];
+        next[i] = static_cast<int32_t>(std::max_element(row, row + vocab) - row);
       }
-      for (size_t i = 0; i < ps.size(); ++i) EXPECT_EQ(StateRelL2(ps[i], ls[i]), 0.0) << "state " << i;
+    }
+    for (size_t i = 0; i < ps.size(); ++i) EXPECT_EQ(StateRelL2(ps[i], ls[i]), 0.0) << "state " << i;
+    if (want_graphs) {
+      EXPECT_GT(replayed, 0);
     }
   }
 }
