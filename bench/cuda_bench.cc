@@ -82,6 +82,16 @@ class ScopedEnv {
   std::optional<std::string> old_;
 };
 
+// ||y - ref|| / ||ref|| over two outputs of one shape.
+double RelL2(const std::vector<float>& y, const std::vector<float>& ref) {
+  double num = 0, den = 0;
+  for (size_t i = 0; i < ref.size(); ++i) {
+    num += (y[i] - ref[i]) * static_cast<double>(y[i] - ref[i]);
+    den += ref[i] * static_cast<double>(ref[i]);
+  }
+  return std::sqrt(num / std::max(den, 1e-30));
+}
+
 #define CK(call)                                                                                          \
   do {                                                                                                    \
     cudaError_t e_ = (call);                                                                              \
@@ -418,11 +428,7 @@ void LinearKernels(const ModelConfig& c, double copy_bw, double fp8_gemm, std::v
                      std::string((a.ok() ? b.status() : a.status()).message()).c_str());
         return;
       }
-      double num = 0, den = 0;  // FP8 against BF16: the two roundings' distance, for the record.
-      for (size_t i = 0; i < a->size(); ++i) {
-        num += ((*b)[i] - (*a)[i]) * static_cast<double>((*b)[i] - (*a)[i]);
-        den += (*a)[i] * static_cast<double>((*a)[i]);
-      }
+      const double rel = RelL2(*b, *a);  // FP8 against BF16: the two roundings' distance, for the record.
       // Each FP8 kernel forced (0 where it does not take this row count).
       double ts = 0, tt = 0, tl = 0, tr = 0;
       for (const auto& [path, t] : {std::pair<cuda::Fp8Path, double*>{cuda::Fp8Path::kSkinny, &ts},
@@ -447,7 +453,7 @@ void LinearKernels(const ModelConfig& c, double copy_bw, double fp8_gemm, std::v
             "**%.2fx** faster; rel. L2 to BF16 %.1e |",
             sh.name, static_cast<long long>(sh.out), static_cast<long long>(sh.in), static_cast<long long>(m),
             t8 * 1e6, ts * 1e6, tr * 1e6, tl * 1e6, tt * 1e6, tb * 1e6, b8 / t8 / 1e9, b16 / tb / 1e9,
-            100.0 * b8 / t8 / copy_bw, tb / t8, std::sqrt(num / std::max(den, 1e-30)));
+            100.0 * b8 / t8 / copy_bw, tb / t8, rel);
       } else {
         std::snprintf(
             line, sizeof(line),
@@ -456,7 +462,7 @@ void LinearKernels(const ModelConfig& c, double copy_bw, double fp8_gemm, std::v
             "rel. L2 to BF16 %.1e |",
             sh.name, static_cast<long long>(sh.out), static_cast<long long>(sh.in), static_cast<long long>(m),
             t8 * 1e6, tl * 1e6, tt * 1e6, tb * 1e6, flops / 1e9, flops / t8 / 1e12, flops / tb / 1e12,
-            100.0 * flops / t8 / fp8_gemm, tb / t8, std::sqrt(num / std::max(den, 1e-30)));
+            100.0 * flops / t8 / fp8_gemm, tb / t8, rel);
       }
       rows->push_back(line);
       std::printf("%s\n", line);
@@ -490,11 +496,7 @@ void LinearKernels(const ModelConfig& c, double copy_bw, double fp8_gemm, std::v
                      std::string((a.ok() ? b.status() : a.status()).message()).c_str());
         return;
       }
-      double num = 0, den = 0;
-      for (size_t i = 0; i < a->size(); ++i) {
-        num += ((*b)[i] - (*a)[i]) * static_cast<double>((*b)[i] - (*a)[i]);
-        den += (*b)[i] * static_cast<double>((*b)[i]);
-      }
+      const double rel = RelL2(*a, *b);
       const double bytes = 4.0 * sh.out * sh.in;
       char line[512];
       std::snprintf(
@@ -503,8 +505,7 @@ void LinearKernels(const ModelConfig& c, double copy_bw, double fp8_gemm, std::v
           "%.0f / %.0f GB/s of weights | %.1f%% of copy bw | **%.2fx** faster; rel. L2 between them "
           "%.1e |",
           sh.name, static_cast<long long>(sh.out), static_cast<long long>(sh.in), static_cast<long long>(m),
-          tr * 1e6, tc * 1e6, bytes / tr / 1e9, bytes / tc / 1e9, 100.0 * bytes / tr / copy_bw, tc / tr,
-          std::sqrt(num / std::max(den, 1e-30)));
+          tr * 1e6, tc * 1e6, bytes / tr / 1e9, bytes / tc / 1e9, 100.0 * bytes / tr / copy_bw, tc / tr, rel);
       rows->push_back(line);
       std::printf("%s\n", line);
       std::fflush(stdout);

@@ -266,7 +266,6 @@ class Session : public std::enable_shared_from_this<Session> {
   uint64_t generation_ = 0;  // requests started on this connection
 };
 
-// Forwards to the Session on its strand, so handlers may respond from any thread.
 // Forwards to the Session on its strand, so handlers may respond from any thread. Bound to the request it
 // was made for: on a keep-alive connection a late call (or the destructor's fallback answer) from an earlier
 // request's responder must not touch the request being served now.

@@ -31,6 +31,7 @@
 #include "model/numeric_formats.h"
 #include "model/safetensors.h"
 #include "model/state_rollback.h"
+#include "services/status_macros.h"
 #include "tests/model/cuda_test_util.h"
 
 namespace v4serve::model {
@@ -76,6 +77,30 @@ absl::StatusOr<std::unique_ptr<Model>> LoadWithEnv(
   auto m = Model::FromCheckpoint(config, ckpt, o);
   for (const auto& [name, value] : env) unsetenv(name);
   return m;
+}
+
+// One decode step of the same tokens (the first k of `next`) on two models, each over its first k states;
+// `next` then holds the first model's argmaxes for the following step.
+struct TwinStep {
+  std::vector<float> logits_a, logits_b, streams_a, streams_b;
+};
+absl::StatusOr<TwinStep> DecodeTwins(Model& a, Model& b, std::vector<SequenceState>& states_a,
+                                     std::vector<SequenceState>& states_b, int k, int64_t vocab,
+                                     std::vector<int32_t>* next) {
+  std::vector<SequenceState*> pa, pb;
+  for (int i = 0; i < k; ++i) {
+    pa.push_back(&states_a[static_cast<size_t>(i)]);
+    pb.push_back(&states_b[static_cast<size_t>(i)]);
+  }
+  const std::vector<int32_t> tok(next->begin(), next->begin() + k);
+  TwinStep t;
+  ASSIGN_OR_RETURN(t.logits_a, a.Decode(pa, tok, &t.streams_a));
+  ASSIGN_OR_RETURN(t.logits_b, b.Decode(pb, tok, &t.streams_b));
+  for (int i = 0; i < k; ++i) {
+    const float* row = &t.logits_a[static_cast<size_t>(i) * vocab];
+    (*next)[static_cast<size_t>(i)] = static_cast<int32_t>(std::max_element(row, row + vocab) - row);
+  }
+  return t;
 }
 
 // A switch's value other than 0 or 1 fails the load with INVALID_ARGUMENT naming the switch.
@@ -445,18 +470,10 @@ TEST(CudaModelTest, DecodeGraphsMatchTheEagerSteps) {
       EXPECT_LT(RelL2(*lg, *le), 1e-5);
     }
     const int k = batches[step];
-    std::vector<SequenceState*> gp, ep;
-    for (int i = 0; i < k; ++i) {
-      gp.push_back(&gs[i]);
-      ep.push_back(&es[i]);
-    }
-    const std::vector<int32_t> tok(next.begin(), next.begin() + k);
-    std::vector<float> gstreams, estreams;
-    auto lg = graphs.Decode(gp, tok, &gstreams);
-    auto le = eager.Decode(ep, tok, &estreams);
-    ASSERT_TRUE(lg.ok() && le.ok()) << lg.status() << le.status();
-    EXPECT_LT(RelL2(*lg, *le), 1e-5) << "step " << step << ", batch " << k;
-    EXPECT_LT(RelL2(gstreams, estreams), 1e-5) << "step " << step;
+    absl::StatusOr<TwinStep> t = DecodeTwins(graphs, eager, gs, es, k, vocab, &next);
+    ASSERT_TRUE(t.ok()) << t.status();
+    EXPECT_LT(RelL2(t->logits_a, t->logits_b), 1e-5) << "step " << step << ", batch " << k;
+    EXPECT_LT(RelL2(t->streams_a, t->streams_b), 1e-5) << "step " << step;
     absl::StatusOr<cuda::ForwardCounters> gc = cuda::LastForwardCounters(graphs.backend());
     absl::StatusOr<cuda::ForwardCounters> ec = cuda::LastForwardCounters(eager.backend());
     ASSERT_TRUE(gc.ok() && ec.ok());
@@ -469,10 +486,6 @@ TEST(CudaModelTest, DecodeGraphsMatchTheEagerSteps) {
     replayed += gc->graph_sections;
     captured += gc->graph_captures;
     if (step == 10) captured_after_move = gc->graph_captures;
-    for (int i = 0; i < k; ++i) {
-      const float* row = &(*lg)[static_cast<size_t>(i) * vocab];
-      next[i] = static_cast<int32_t>(std::max_element(row, row + vocab) - row);
-    }
   }
   for (size_t i = 0; i < gs.size(); ++i) EXPECT_LT(StateRelL2(gs[i], es[i]), 1e-5) << "state " << i;
   // Sections: 5 (4 layers) a forward. Row counts 4, 2, 1 each capture once (their second forward), 4 and 2
@@ -536,26 +549,14 @@ TEST(CudaModelTest, ProgrammaticLaunchGivesTheSameBitsAsPlainLaunches) {
     std::vector<int32_t> next = {5, 77, 301, 42};
     const int64_t vocab = config->vocab_size;
     for (const int k : {4, 4, 4, 2, 2, 2, 1, 1, 1}) {
-      std::vector<SequenceState*> pp, lp;
-      for (int i = 0; i < k; ++i) {
-        pp.push_back(&ps[i]);
-        lp.push_back(&ls[i]);
-      }
-      const std::vector<int32_t> tok(next.begin(), next.begin() + k);
-      std::vector<float> pstreams, lstreams;
-      auto a = pdl.Decode(pp, tok, &pstreams);
-      auto b = plain.Decode(lp, tok, &lstreams);
-      ASSERT_TRUE(a.ok() && b.ok()) << a.status() << b.status();
-      EXPECT_EQ(RelL2(*a, *b), 0.0) << "batch " << k;
-      EXPECT_EQ(RelL2(pstreams, lstreams), 0.0) << "batch " << k;
+      absl::StatusOr<TwinStep> t = DecodeTwins(pdl, plain, ps, ls, k, vocab, &next);
+      ASSERT_TRUE(t.ok()) << t.status();
+      EXPECT_EQ(RelL2(t->logits_a, t->logits_b), 0.0) << "batch " << k;
+      EXPECT_EQ(RelL2(t->streams_a, t->streams_b), 0.0) << "batch " << k;
       absl::StatusOr<cuda::ForwardCounters> pc = cuda::LastForwardCounters(pdl.backend());
       ASSERT_TRUE(pc.ok());
       EXPECT_EQ(pc->graphs_off, !want_graphs) << pdl.backend().Describe();
       replayed += pc->graph_sections;
-      for (int i = 0; i < k; ++i) {
-        const float* row = &(*a)[static_cast<size_t>(i) * vocab];
-        next[i] = static_cast<int32_t>(std::max_element(row, row + vocab) - row);
-      }
     }
     for (size_t i = 0; i < ps.size(); ++i) EXPECT_EQ(StateRelL2(ps[i], ls[i]), 0.0) << "state " << i;
     if (want_graphs) {
