@@ -125,51 +125,42 @@ void ParallelFor(int64_t n, int64_t min_chunk, const std::function<void(int64_t,
   });
 }
 
-void MatmulWt(const float* x, int64_t m, int64_t in, const float* w, int64_t out, std::vector<float>* y) {
+namespace {
+
+// y = x · wᵀ with Acc accumulators (four of them over k, summed pairwise). Parallel over output features;
+// each weight row is streamed once for all m rows.
+template <typename Acc>
+void MatmulWtAcc(const float* x, int64_t m, int64_t in, const float* w, int64_t out, std::vector<float>* y) {
   y->assign(static_cast<size_t>(m * out), 0.0f);
   float* yp = y->data();
-  // Parallel over output features; each weight row is streamed once for all m rows.
   ParallelFor(out, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, in)), [&](int64_t b, int64_t e) {
     for (int64_t o = b; o < e; ++o) {
       const float* wr = w + o * in;
       for (int64_t r = 0; r < m; ++r) {
         const float* xr = x + r * in;
-        float acc0 = 0, acc1 = 0, acc2 = 0, acc3 = 0;
+        Acc acc0 = 0, acc1 = 0, acc2 = 0, acc3 = 0;
         int64_t k = 0;
         for (; k + 4 <= in; k += 4) {
-          acc0 += xr[k] * wr[k];
-          acc1 += xr[k + 1] * wr[k + 1];
-          acc2 += xr[k + 2] * wr[k + 2];
-          acc3 += xr[k + 3] * wr[k + 3];
+          acc0 += static_cast<Acc>(xr[k]) * wr[k];
+          acc1 += static_cast<Acc>(xr[k + 1]) * wr[k + 1];
+          acc2 += static_cast<Acc>(xr[k + 2]) * wr[k + 2];
+          acc3 += static_cast<Acc>(xr[k + 3]) * wr[k + 3];
         }
-        for (; k < in; ++k) acc0 += xr[k] * wr[k];
-        yp[r * out + o] = (acc0 + acc1) + (acc2 + acc3);
+        for (; k < in; ++k) acc0 += static_cast<Acc>(xr[k]) * wr[k];
+        yp[r * out + o] = static_cast<float>((acc0 + acc1) + (acc2 + acc3));
       }
     }
   });
 }
 
+}  // namespace
+
+void MatmulWt(const float* x, int64_t m, int64_t in, const float* w, int64_t out, std::vector<float>* y) {
+  MatmulWtAcc<float>(x, m, in, w, out, y);
+}
+
 void MatmulWtF64(const float* x, int64_t m, int64_t in, const float* w, int64_t out, std::vector<float>* y) {
-  y->assign(static_cast<size_t>(m * out), 0.0f);
-  float* yp = y->data();
-  ParallelFor(out, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, in)), [&](int64_t b, int64_t e) {
-    for (int64_t o = b; o < e; ++o) {
-      const float* wr = w + o * in;
-      for (int64_t r = 0; r < m; ++r) {
-        const float* xr = x + r * in;
-        double acc0 = 0, acc1 = 0, acc2 = 0, acc3 = 0;
-        int64_t k = 0;
-        for (; k + 4 <= in; k += 4) {
-          acc0 += static_cast<double>(xr[k]) * wr[k];
-          acc1 += static_cast<double>(xr[k + 1]) * wr[k + 1];
-          acc2 += static_cast<double>(xr[k + 2]) * wr[k + 2];
-          acc3 += static_cast<double>(xr[k + 3]) * wr[k + 3];
-        }
-        for (; k < in; ++k) acc0 += static_cast<double>(xr[k]) * wr[k];
-        yp[r * out + o] = static_cast<float>((acc0 + acc1) + (acc2 + acc3));
-      }
-    }
-  });
+  MatmulWtAcc<double>(x, m, in, w, out, y);
 }
 
 void RmsNorm(float* x, int64_t rows, int64_t dim, const float* weight, double eps) {
