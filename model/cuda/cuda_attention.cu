@@ -222,9 +222,8 @@ absl::Status CudaBackend::Compress(const CompressJob& job, int64_t layer,
     RETURN_IF_ERROR(pooled.Alloc(ne * width));
     RETURN_IF_ERROR(
         Launch(k::PoolEntries, ne, 128, 0, d_pk.get(), d_ps.get(), d_begin.get(), width, pooled.get()));
-    RETURN_IF_ERROR(Launch(k::RmsNorm, ne, 256, 0, pooled.get(), width, job.w->norm, c_.rms_norm_eps));
-    RETURN_IF_ERROR(Launch(k::Rope, Blocks(ne * rd / 2, 256), 256, 0, pooled.get(), ne, width, width - rd, rd,
-                           d_epos.get(), 1, inv_comp_, false));
+    RETURN_IF_ERROR(Launch(k::RmsNormRope, ne, 256, 0, pooled.get(), width, job.w->norm, c_.rms_norm_eps,
+                           width - rd, rd, d_epos.get(), 1, inv_comp_));
     // Into the copies' pages (reserved by the caller), a span per page the new entries reach.
     const int64_t pp = state_cache_->page_layout().per_page[li];
     for (size_t i = 0; i < ns; ++i) {
@@ -282,9 +281,11 @@ absl::Status CudaBackend::AttentionIn(const LayerW& w, int64_t layer, const floa
   RETURN_IF_ERROR(Linear(x, n, w.wq_a, qr.get()));
   RETURN_IF_ERROR(Launch(k::RmsNorm, n, 256, 0, qr.get(), c.q_lora_rank, w.q_norm, eps));
   RETURN_IF_ERROR(Linear(qr.get(), n, w.wq_b, b->q.get()));
-  RETURN_IF_ERROR(Launch(k::RmsNorm, n * h, 128, 0, b->q.get(), hd, nullptr, eps));
+  RETURN_IF_ERROR(
+      Launch(k::RmsNormRope, n * h, 128, 0, b->q.get(), hd, nullptr, eps, hd - rd, rd, d_pos, h, inv));
   RETURN_IF_ERROR(Linear(x, n, w.wkv, b->kv.get()));
-  RETURN_IF_ERROR(Launch(k::RmsNorm, n, 128, 0, b->kv.get(), hd, w.kv_norm, eps));
+  RETURN_IF_ERROR(
+      Launch(k::RmsNormRope, n, 128, 0, b->kv.get(), hd, w.kv_norm, eps, hd - rd, rd, d_pos, 1, inv));
   if (ratio > 0) {
     RETURN_IF_ERROR(Linear(x, n, w.compressor.wkv, b->ckv.get()));
     RETURN_IF_ERROR(Linear(x, n, w.compressor.wgate, b->cscore.get()));
@@ -295,10 +296,6 @@ absl::Status CudaBackend::AttentionIn(const LayerW& w, int64_t layer, const floa
     RETURN_IF_ERROR(Linear(x, n, w.indexer_compressor.wkv, b->ikv.get()));
     RETURN_IF_ERROR(Linear(x, n, w.indexer_compressor.wgate, b->iscore.get()));
   }
-  RETURN_IF_ERROR(Launch(k::Rope, Blocks(n * h * rd / 2, 256), 256, 0, b->q.get(), n * h, hd, hd - rd, rd,
-                         d_pos, h, inv, false));
-  RETURN_IF_ERROR(Launch(k::Rope, Blocks(n * rd / 2, 256), 256, 0, b->kv.get(), n, hd, hd - rd, rd, d_pos, 1,
-                         inv, false));
   if (csa) {
     RETURN_IF_ERROR(Launch(k::Rope, Blocks(n * ih * rd / 2, 256), 256, 0, b->iq.get(), n * ih, id, id - rd,
                            rd, d_pos, ih, inv, false));

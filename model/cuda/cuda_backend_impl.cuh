@@ -576,8 +576,9 @@ class CudaBackend final : public ForwardBackend {
  private:
   absl::Status PutVec(const float* host, int64_t n, WInit init, float** p);
   absl::Status LoadLayer(const cpu::BlockWeights* b, int64_t layer, LayerW* l);
-  absl::Status HcPre(const HcW& w, const float* streams, int64_t n, float* collapsed, float* post,
-                     float* comb) const;
+  // The mHC pre-mix and the norm after it (`norm`: attn_norm or ffn_norm) into collapsed.
+  absl::Status HcPre(const HcW& w, const float* norm, const float* streams, int64_t n, float* collapsed,
+                     float* post, float* comb) const;
   // Attention in three parts. AttentionIn: the projections of x (and their norms, RoPE) into b's q, kv,
   // compressor and indexer rows. AttentionCore: per sequence, the compressors, key staging, indexer and the
   // attention kernel into b->o, planned on the host for each call's positions; `copies[i]` is the device

@@ -111,22 +111,20 @@ absl::Status CudaBackend::Section(int64_t n, int64_t index, bool graph,
   return absl::OkStatus();
 }
 
-absl::Status CudaBackend::HcPre(const HcW& w, const float* streams, int64_t n, float* collapsed, float* post,
-                                float* comb) const {
+absl::Status CudaBackend::HcPre(const HcW& w, const float* norm, const float* streams, int64_t n,
+                                float* collapsed, float* post, float* comb) const {
   const ModelConfig& c = c_;
   const int64_t hc = c.hc_mult, d = c.hidden_size, mix = (2 + hc) * hc;
-  Buf<float> mixes(stream_), rs(stream_);
+  Buf<float> mixes(stream_);
   RETURN_IF_ERROR(mixes.Alloc(n * mix));
-  RETURN_IF_ERROR(rs.Alloc(n));
   RETURN_IF_ERROR(Linear(streams, n, w.fn, mixes.get()));
-  RETURN_IF_ERROR(Launch(k::RowRsqrt, n, 1024, 0, streams, hc * d, c.rms_norm_eps, rs.get()));
   // About two blocks an SM at small batches, up to 4 a token and slices of at least 128 values (the tiny
   // model's 256 take 2, so the tests run the split too).
   const int64_t parts = std::clamp<int64_t>(Blocks(2 * 132, n), 1, std::clamp<int64_t>(d / 128, 1, 4));
   RETURN_IF_ERROR(Launch(k::HcMix, dim3(static_cast<unsigned>(n), static_cast<unsigned>(parts)), 256, 0,
-                         mixes.get(), rs.get(), w.base, w.scale, static_cast<int>(hc),
+                         mixes.get(), c.rms_norm_eps, w.base, w.scale, static_cast<int>(hc),
                          static_cast<int>(c.hc_sinkhorn_iters), static_cast<float>(c.hc_eps), streams, d,
-                         collapsed, post, comb));
+                         norm, collapsed, post, comb));
   return absl::OkStatus();
 }
 
@@ -245,8 +243,7 @@ absl::Status CudaBackend::Run(absl::Span<const ForwardSegment> segments, absl::S
         RETURN_IF_ERROR(AttentionOut(w, l - 1, n, b, sub));
         RETURN_IF_ERROR(Launch(k::HcPost, Blocks(n * d, 256), 256, 0, streams, sub, post, comb, n,
                                static_cast<int>(hc), d));
-        RETURN_IF_ERROR(HcPre(w.hc_ffn, streams, n, collapsed, post, comb));
-        RETURN_IF_ERROR(Launch(k::RmsNorm, n, 256, 0, collapsed, d, w.ffn_norm, c.rms_norm_eps));
+        RETURN_IF_ERROR(HcPre(w.hc_ffn, w.ffn_norm, streams, n, collapsed, post, comb));
         RETURN_IF_ERROR(Mark(&counters_.s_mhc));
         RETURN_IF_ERROR(Moe(w, l - 1, c.is_hash_layer(l - 1), collapsed, b->tok.get(), n, sub));
         RETURN_IF_ERROR(Mark(&counters_.s_moe));
@@ -258,8 +255,7 @@ absl::Status CudaBackend::Run(absl::Span<const ForwardSegment> segments, absl::S
       }
       if (l == layers) return absl::OkStatus();
       const LayerW& w = layers_[static_cast<size_t>(l)];
-      RETURN_IF_ERROR(HcPre(w.hc_attn, streams, n, collapsed, post, comb));
-      RETURN_IF_ERROR(Launch(k::RmsNorm, n, 256, 0, collapsed, d, w.attn_norm, c.rms_norm_eps));
+      RETURN_IF_ERROR(HcPre(w.hc_attn, w.attn_norm, streams, n, collapsed, post, comb));
       RETURN_IF_ERROR(Mark(&counters_.s_mhc));
       return AttentionIn(w, l, collapsed, n, b);
     }));
@@ -269,7 +265,7 @@ absl::Status CudaBackend::Run(absl::Span<const ForwardSegment> segments, absl::S
   }
   // Final collapse, norm and head for the requested rows.
   const int64_t m = static_cast<int64_t>(logit_rows.size());
-  Buf<float> picked_rows(s), hidden(s), mixes(s), rs(s), logits(s);
+  Buf<float> picked_rows(s), hidden(s), mixes(s), logits(s);
   Buf<int32_t> d_rows(s);
   bool all_rows = m == n;  // Decode: every row, in order; the head reads the streams in place.
   for (int64_t i = 0; i < m && all_rows; ++i) all_rows = logit_rows[i] == i;
@@ -282,13 +278,10 @@ absl::Status CudaBackend::Run(absl::Span<const ForwardSegment> segments, absl::S
     picked = picked_rows.get();
   }
   RETURN_IF_ERROR(mixes.Alloc(m * hc));
-  RETURN_IF_ERROR(rs.Alloc(m));
   RETURN_IF_ERROR(hidden.Alloc(m * d));
   RETURN_IF_ERROR(Linear(picked, m, hc_head_.fn, mixes.get()));
-  RETURN_IF_ERROR(Launch(k::RowRsqrt, m, 1024, 0, picked, hc * d, c.rms_norm_eps, rs.get()));
-  RETURN_IF_ERROR(Launch(k::HcHeadMix, m, 256, 0, mixes.get(), rs.get(), hc_head_.base, hc_head_.scale,
-                         static_cast<int>(hc), static_cast<float>(c.hc_eps), picked, d, hidden.get()));
-  RETURN_IF_ERROR(Launch(k::RmsNorm, m, 256, 0, hidden.get(), d, norm_, c.rms_norm_eps));
+  RETURN_IF_ERROR(Launch(k::HcHeadMix, m, 256, 0, mixes.get(), c.rms_norm_eps, hc_head_.base, hc_head_.scale,
+                         static_cast<int>(hc), static_cast<float>(c.hc_eps), picked, d, norm_, hidden.get()));
   Buf<float>& lg = top != nullptr ? *top_logits_ : logits;  // Top: kept for TopLogits::full_row.
   RETURN_IF_ERROR(lg.Alloc(m * c.vocab_size));
   RETURN_IF_ERROR(Linear(hidden.get(), m, head_, lg.get()));

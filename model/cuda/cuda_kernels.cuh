@@ -111,10 +111,8 @@ __device__ __forceinline__ double RowSumSquares(const float* v, int64_t n) {
   return BlockSumD(ss);
 }
 
-// x = x / sqrt(mean(x^2) + eps) * w per row of `dim` (w may be null). One block per row.
-__global__ void RmsNorm(float* x, int64_t dim, const float* w, double eps) {
-  PdlEnter();
-  float* v = x + blockIdx.x * dim;
+// v = v / sqrt(mean(v^2) + eps) * w over one row of `dim` (w may be null), by the block.
+__device__ __forceinline__ void RmsNormRow(float* v, int64_t dim, const float* w, double eps) {
   const double ss = RowSumSquares(v, dim);
   const float inv = static_cast<float>(1.0 / sqrt(ss / static_cast<double>(dim) + eps));
   if (Vec4(v, dim) && (w == nullptr || Vec4(w, dim))) {
@@ -135,49 +133,117 @@ __global__ void RmsNorm(float* x, int64_t dim, const float* w, double eps) {
   for (int64_t i = threadIdx.x; i < dim; i += blockDim.x) v[i] = v[i] * inv * (w ? w[i] : 1.0f);
 }
 
-// rs[row] = 1 / sqrt(mean(x^2) + eps) over `len` values per row. One block per row.
-__global__ void RowRsqrt(const float* x, int64_t len, double eps, float* rs) {
+// x = x / sqrt(mean(x^2) + eps) * w per row of `dim` (w may be null). One block per row.
+__global__ void RmsNorm(float* x, int64_t dim, const float* w, double eps) {
   PdlEnter();
-  const double ss = RowSumSquares(x + blockIdx.x * len, len);
-  if (threadIdx.x == 0) rs[blockIdx.x] = static_cast<float>(1.0 / sqrt(ss / static_cast<double>(len) + eps));
+  RmsNormRow(x + blockIdx.x * dim, dim, w, eps);
 }
 
-// out[i] = sum_j pre[j] * x[j * d + i] for lo <= i < hi (default: all d; the mHC collapse of one token's hc
-// streams), by the block. lo a multiple of 4.
-__device__ __forceinline__ void CollapseStreams(const float* pre, int hc, const float* x, int64_t d,
-                                                float* out, int64_t lo = 0, int64_t hi = -1) {
-  if (hi < 0) hi = d;
-  if (Vec4(x, d) && Vec4(out, d) && lo % 4 == 0) {
+// The interleaved RoPE of pair i of the `rd` dims at v (angle pos * inv_freq[i]; inverse: the rotation
+// back), the arithmetic of cpu's RoPE.
+__device__ __forceinline__ void RopePair(float* v, int64_t i, int64_t pos, const float* inv_freq,
+                                         bool inverse) {
+  const float ang = static_cast<float>(pos) * inv_freq[i];
+  const float c = cosf(ang), s = inverse ? -sinf(ang) : sinf(ang);
+  const float a = v[2 * i], b = v[2 * i + 1];
+  v[2 * i] = a * c - b * s;
+  v[2 * i + 1] = a * s + b * c;
+}
+
+// RmsNorm of each row of `dim` (w may be null), then RoPE on its `rd` dims at offset `off` (row r at
+// positions[r / rows_per_pos]): the query heads' and the KV row's norm and rotation in one launch. One
+// block per row.
+__global__ void RmsNormRope(float* x, int64_t dim, const float* w, double eps, int64_t off, int64_t rd,
+                            const int64_t* positions, int64_t rows_per_pos, const float* inv_freq) {
+  PdlEnter();
+  float* v = x + blockIdx.x * dim;
+  RmsNormRow(v, dim, w, eps);
+  __syncthreads();  // A pair's two values may have been normed by two threads.
+  const int64_t pos = positions[blockIdx.x / rows_per_pos];
+  for (int64_t i = threadIdx.x; i < rd / 2; i += blockDim.x) RopePair(v + off, i, pos, inv_freq, false);
+}
+
+// 1 / sqrt(mean(x^2) + eps) over the `len` values of one row, by the block (every thread gets it): the mHC
+// mixes' row scale (cpu::HcPre's rs), computed where it is used rather than by a kernel of its own.
+__device__ __forceinline__ float RowRsqrt(const float* x, int64_t len, double eps) {
+  const double ss = RowSumSquares(x, len);
+  return static_cast<float>(1.0 / sqrt(ss / static_cast<double>(len) + eps));
+}
+
+// The mHC collapse of one token's hc streams at 4 consecutive features (x4[j * d4 + i]: feature 4i of
+// stream j), and at one feature.
+__device__ __forceinline__ float4 Collapse4(const float* pre, int hc, const float4* x4, int64_t d4,
+                                            int64_t i) {
+  float4 y = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+  for (int j = 0; j < hc; ++j) {
+    const float4 a = x4[j * d4 + i];
+    y.x += pre[j] * a.x;
+    y.y += pre[j] * a.y;
+    y.z += pre[j] * a.z;
+    y.w += pre[j] * a.w;
+  }
+  return y;
+}
+__device__ __forceinline__ float Collapse1(const float* pre, int hc, const float* x, int64_t d, int64_t i) {
+  float y = 0;
+  for (int j = 0; j < hc; ++j) y += pre[j] * x[j * d + i];
+  return y;
+}
+
+// out[i] = RmsNorm(sum_j pre[j] * x[j * d + i]) * w[i] for lo <= i < hi (w may be null: no weight), by the
+// block: the mHC collapse of one token's hc streams and the norm after it (attn_norm, ffn_norm, the final
+// norm) in one kernel. The norm needs the whole collapsed row, so a block that writes a slice computes the
+// row's sum of squares itself (the row is re-collapsed in registers; it is in L2); the collapsed values and
+// the sum's order are those of a collapse followed by RmsNorm's kernel on 256 threads. lo a multiple of 4.
+__device__ __forceinline__ void CollapseNorm(const float* pre, int hc, const float* x, int64_t d,
+                                             const float* w, double eps, float* out, int64_t lo, int64_t hi) {
+  const bool vec = Vec4(x, d) && Vec4(out, d) && (w == nullptr || Vec4(w, d)) && lo % 4 == 0;
+  double ss = 0;
+  if (vec) {
     const float4* x4 = reinterpret_cast<const float4*>(x);
+#pragma unroll 4
+    for (int64_t i = threadIdx.x; i < d / 4; i += blockDim.x) {
+      const float4 a = Collapse4(pre, hc, x4, d / 4, i);
+      ss += static_cast<double>(a.x) * a.x + static_cast<double>(a.y) * a.y + static_cast<double>(a.z) * a.z +
+            static_cast<double>(a.w) * a.w;
+    }
+  } else {
+    for (int64_t i = threadIdx.x; i < d; i += blockDim.x) {
+      const float a = Collapse1(pre, hc, x, d, i);
+      ss += static_cast<double>(a) * a;
+    }
+  }
+  const float inv = static_cast<float>(1.0 / sqrt(BlockSumD(ss) / static_cast<double>(d) + eps));
+  if (vec) {
+    const float4* x4 = reinterpret_cast<const float4*>(x);
+    const float4* w4 = reinterpret_cast<const float4*>(w);
     for (int64_t i = lo / 4 + threadIdx.x; i < hi / 4; i += blockDim.x) {
-      float4 y = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-      for (int j = 0; j < hc; ++j) {
-        const float4 a = x4[j * (d / 4) + i];
-        y.x += pre[j] * a.x;
-        y.y += pre[j] * a.y;
-        y.z += pre[j] * a.z;
-        y.w += pre[j] * a.w;
-      }
-      reinterpret_cast<float4*>(out)[i] = y;
+      float4 a = Collapse4(pre, hc, x4, d / 4, i);
+      const float4 g = w4 != nullptr ? w4[i] : make_float4(1.0f, 1.0f, 1.0f, 1.0f);
+      a.x = a.x * inv * g.x;
+      a.y = a.y * inv * g.y;
+      a.z = a.z * inv * g.z;
+      a.w = a.w * inv * g.w;
+      reinterpret_cast<float4*>(out)[i] = a;
     }
     return;
   }
   for (int64_t i = lo + threadIdx.x; i < hi; i += blockDim.x) {
-    float y = 0;
-    for (int j = 0; j < hc; ++j) y += pre[j] * x[j * d + i];
-    out[i] = y;
+    out[i] = Collapse1(pre, hc, x, d, i) * inv * (w ? w[i] : 1.0f);
   }
 }
 
-// mHC pre-mix of token blockIdx.x: from the raw mixes (fn · x) and rs, the pre/post weights and the
-// Sinkhorn-projected comb matrix (cpu::HcPre), then collapsed = sum_j pre_j * x_j. gridDim.y blocks a token
-// each collapse a slice of d (each computes the weights; the first writes post and comb): one block a token
-// left most SMs idle at decode batches.
-__global__ void HcMix(const float* mixes, const float* rs, const float* base, const float* scale, int hc,
-                      int iters, float eps, const float* streams, int64_t d, float* collapsed,
-                      float* post_out, float* comb_out) {
+// mHC pre-mix of token blockIdx.x: from the raw mixes (fn · x) and the streams' rms, the pre/post weights
+// and the Sinkhorn-projected comb matrix (cpu::HcPre), then collapsed = RmsNorm(sum_j pre_j * x_j) * norm_w
+// (the block's attn_norm or ffn_norm). gridDim.y blocks a token each write a slice of d (each computes the
+// weights and the norm; the first writes post and comb): one block a token left most SMs idle at decode
+// batches. 256 threads (the norm's sum in RmsNorm's order).
+__global__ void HcMix(const float* mixes, double norm_eps, const float* base, const float* scale, int hc,
+                      int iters, float eps, const float* streams, int64_t d, const float* norm_w,
+                      float* collapsed, float* post_out, float* comb_out) {
   PdlEnter();
   const int64_t t = blockIdx.x;
+  const float r = RowRsqrt(streams + t * hc * d, hc * d, norm_eps);
   const bool first = blockIdx.y == 0;
   const int mix = (2 + hc) * hc;
   __shared__ float pre[kMaxHc];
@@ -190,7 +256,6 @@ __global__ void HcMix(const float* mixes, const float* rs, const float* base, co
       const int lane = threadIdx.x, j = lane / hc, kc = lane % hc;
       const bool on = lane < hc * hc;
       const float* m = mixes + t * mix;
-      const float r = rs[t];
       if (lane < hc) {
         pre[lane] = SigmoidF((m[lane] * r) * scale[0] + base[lane]) + eps;
         if (first) post_out[t * hc + lane] = 2.0f * SigmoidF((m[hc + lane] * r) * scale[1] + base[hc + lane]);
@@ -218,7 +283,6 @@ __global__ void HcMix(const float* mixes, const float* rs, const float* base, co
     }
   } else if (threadIdx.x == 0) {
     const float* m = mixes + t * mix;
-    const float r = rs[t];
     for (int j = 0; j < hc; ++j) {
       pre[j] = SigmoidF((m[j] * r) * scale[0] + base[j]) + eps;
       if (first) post_out[t * hc + j] = 2.0f * SigmoidF((m[hc + j] * r) * scale[1] + base[hc + j]);
@@ -251,20 +315,22 @@ __global__ void HcMix(const float* mixes, const float* rs, const float* base, co
   }
   __syncthreads();
   const int64_t chunk = (d + 4 * gridDim.y - 1) / (4 * gridDim.y) * 4, lo = blockIdx.y * chunk;
-  CollapseStreams(pre, hc, streams + t * hc * d, d, collapsed + t * d, min(lo, d), min(lo + chunk, d));
+  CollapseNorm(pre, hc, streams + t * hc * d, d, norm_w, norm_eps, collapsed + t * d, min(lo, d),
+               min(lo + chunk, d));
 }
 
-// The final collapse (hc_head): sigmoid weights only.
-__global__ void HcHeadMix(const float* mixes, const float* rs, const float* base, const float* scale, int hc,
-                          float eps, const float* streams, int64_t d, float* out) {
+// The final collapse (hc_head: sigmoid weights only) and the final norm (norm_w). 256 threads.
+__global__ void HcHeadMix(const float* mixes, double norm_eps, const float* base, const float* scale, int hc,
+                          float eps, const float* streams, int64_t d, const float* norm_w, float* out) {
   PdlEnter();
   const int64_t t = blockIdx.x;
   __shared__ float pre[kMaxHc];
+  const float r = RowRsqrt(streams + t * hc * d, hc * d, norm_eps);
   if (threadIdx.x < hc) {
-    pre[threadIdx.x] = SigmoidF((mixes[t * hc + threadIdx.x] * rs[t]) * scale[0] + base[threadIdx.x]) + eps;
+    pre[threadIdx.x] = SigmoidF((mixes[t * hc + threadIdx.x] * r) * scale[0] + base[threadIdx.x]) + eps;
   }
   __syncthreads();
-  CollapseStreams(pre, hc, streams + t * hc * d, d, out + t * d);
+  CollapseNorm(pre, hc, streams + t * hc * d, d, norm_w, norm_eps, out + t * d, 0, d);
 }
 
 // streams[k] = post_k * out + sum_j comb[j][k] * streams[j], one thread per (token, feature).
@@ -295,12 +361,7 @@ __global__ void Rope(float* x, int64_t rows, int64_t stride, int64_t off, int64_
   const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (idx >= rows * half) return;
   const int64_t r = idx / half, i = idx % half;
-  const float ang = static_cast<float>(positions[r / rows_per_pos]) * inv_freq[i];
-  const float c = cosf(ang), s = inverse ? -sinf(ang) : sinf(ang);
-  float* v = x + r * stride + off;
-  const float a = v[2 * i], b = v[2 * i + 1];
-  v[2 * i] = a * c - b * s;
-  v[2 * i + 1] = a * s + b * c;
+  RopePair(x + r * stride + off, i, positions[r / rows_per_pos], inv_freq, inverse);
 }
 
 __global__ void Scale(float* x, int64_t n, float s) {
