@@ -20,9 +20,9 @@
 //     (V4SERVE_CUDA_GRAPHS=0: every kernel launched from the host, as before graphs; --compare-graphs=0
 //     skips it), and with the row GEMMs on (V4SERVE_CUDA_ROWS_GEMM=1: RowsGemmFp8 for the FP8 linears of
 //     9-64 rows, RowsGemmF32 for FP32 weights up to 64 rows; off by default; --compare-rows-gemm=0 skips
-//     it; FP8 mode only), and with programmatic dependent launch on (V4SERVE_CUDA_PDL=1,
+//     it; FP8 mode only), and with programmatic dependent launch off (V4SERVE_CUDA_PDL=0,
 //     model/cuda/launch.cuh: each kernel's blocks start while the one ahead finishes, weight GEMMs prefetch
-//     their weights into L2 first; off by default; --compare-pdl=0 skips it).
+//     their weights into L2 first; on by default on sm_90; --compare-pdl=0 skips it).
 // Usage: v4serve_cuda_bench [--layers=2] [--context=512] [--prefill=8192,32768] [--batches=1,8,64]
 //                           [--weights=fp8|bf16|fp32] [--experts=fp4|bf16] [--steps=10]
 //                           [--compare-state-cache=1] [--compare-graphs=1] [--compare-rows-gemm=1]
@@ -732,7 +732,7 @@ int Main(int argc, char** argv) {
       !compare_off("V4SERVE_CUDA_ROWS_GEMM", "row GEMMs", "1")) {
     return 1;
   }
-  if (compare_pdl && !compare_off("V4SERVE_CUDA_PDL", "programmatic launch", "1")) return 1;
+  if (compare_pdl && !compare_off("V4SERVE_CUDA_PDL", "programmatic launch")) return 1;
   // Prefill: one sequence, one chunk.
   for (int64_t n : Ints(prefill)) {
     SequenceState st = NewSequenceState(*config);

@@ -368,18 +368,18 @@ absl::Status CudaBackend::InitRuntime() {
   allocs_.push_back(split_counters_);
   V4_CUDA_RETURN_IF_ERROR(cudaMemsetAsync(split_counters_, 0, kSplitCounters * sizeof(unsigned), stream_));
   ASSIGN_OR_RETURN(rows_gemm_, EnvSwitch("V4SERVE_CUDA_ROWS_GEMM", false));
-  ASSIGN_OR_RETURN(pdl_, EnvSwitch("V4SERVE_CUDA_PDL", false));
-  if (pdl_) {
-    // The wait is compiled in for sm_90 only: programmatic launches of kernels built for an older target
-    // would race.
-    cudaFuncAttributes fa{};
-    V4_CUDA_RETURN_IF_ERROR(cudaFuncGetAttributes(&fa, k::RmsNorm));
-    if (prop.major < 9 || fa.binaryVersion < 90) {
-      return absl::FailedPreconditionError(absl::StrCat(
-          "V4SERVE_CUDA_PDL=1 needs a GPU of compute capability 9.0 and kernels built for it; this is ",
-          prop.major, ".", prop.minor, " with kernels built for ", fa.binaryVersion / 10, ".",
-          fa.binaryVersion % 10));
-    }
+  // Programmatic dependent launch: on by default where it can run (session 15, H100: 1.01-1.03x faster
+  // decode steps at batch 1-64, docs/PERFORMANCE.md). The wait is compiled in for sm_90 only: programmatic
+  // launches of kernels built for an older target would race, so V4SERVE_CUDA_PDL=1 is refused there.
+  cudaFuncAttributes fa{};
+  V4_CUDA_RETURN_IF_ERROR(cudaFuncGetAttributes(&fa, k::RmsNorm));
+  const bool pdl_runs = prop.major >= 9 && fa.binaryVersion >= 90;
+  ASSIGN_OR_RETURN(pdl_, EnvSwitch("V4SERVE_CUDA_PDL", pdl_runs));
+  if (pdl_ && !pdl_runs) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "V4SERVE_CUDA_PDL=1 needs a GPU of compute capability 9.0 and kernels built for it; this is ",
+        prop.major, ".", prop.minor, " with kernels built for ", fa.binaryVersion / 10, ".",
+        fa.binaryVersion % 10));
   }
   act_f16_->Track(&scratch_moves_, &capturing_);
   act_f16_inv_->Track(&scratch_moves_, &capturing_);

@@ -495,8 +495,8 @@ class CudaBackend final : public ForwardBackend {
   // cuBLASLt runs this FP8 GEMM (scales: VEC128 for x, BLK128x128 for W, both FP32).
   bool LtServes(const Mat& w) const { return lt_ != nullptr && (w.in / 128) % 4 == 0; }
   cudaStream_t stream() const { return stream_; }
-  // kernel<<<grid, block, smem, stream_>>>(args...), programmatic (launch.cuh) with V4SERVE_CUDA_PDL=1: every
-  // kernel of the forward goes through here, so each calls PdlEnter first.
+  // kernel<<<grid, block, smem, stream_>>>(args...), programmatic (launch.cuh) unless V4SERVE_CUDA_PDL=0:
+  // every kernel of the forward goes through here, so each calls PdlEnter first.
   template <class... Params, class... Args>
   absl::Status Launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, Args&&... args) const {
     return LaunchKernel(pdl_, stream_, kernel, grid, block, smem, std::forward<Args>(args)...);
@@ -667,7 +667,7 @@ class CudaBackend final : public ForwardBackend {
   unsigned* split_counters_ = nullptr;  // and their arrivals per feature group (zero between launches).
   int sm_count_ = 0;
   bool rows_gemm_ = false;  // V4SERVE_CUDA_ROWS_GEMM=1 (off unless set: the kernels have not run on a GPU).
-  bool pdl_ = false;  // V4SERVE_CUDA_PDL=1: programmatic dependent launch (launch.cuh; off until measured).
+  bool pdl_ = false;        // Programmatic dependent launch (launch.cuh): on sm_90 unless V4SERVE_CUDA_PDL=0.
   mutable std::unique_ptr<Buf<float>> top_logits_;  // ForwardTop's logits, for TopLogits::full_row.
   mutable uint64_t runs_ = 0;                       // Forwards so far (full_row checks its own is last).
   mutable std::unique_ptr<DeviceStateCache> state_cache_;

@@ -495,17 +495,25 @@ TEST(CudaModelTest, DecodeGraphsMatchTheEagerSteps) {
   EXPECT_GE(replayed, 5 * 6);
 }
 
-// Programmatic dependent launch (V4SERVE_CUDA_PDL=1, model/cuda/launch.cuh) only lets a kernel's blocks start
-// before the kernel ahead of it ends; each waits for that kernel before it touches its outputs. So every
-// logit, final stream and state equals, bit for bit, what the same kernels give launched plainly, with CUDA
-// graphs (the attribute captured as graph edges) and without; a kernel that read or wrote before its wait
-// would race and differ. Prefill (700 tokens: the GEMM and tile kernels) and decode at 4, 2 and 1 rows, FP8
-// and BF16 weights, with and without the row GEMMs (whose weights are prefetched ahead of the wait).
+// Programmatic dependent launch (V4SERVE_CUDA_PDL, on by default on sm_90; model/cuda/launch.cuh) only lets a
+// kernel's blocks start before the kernel ahead of it ends; each waits for that kernel before it touches its
+// outputs. So every logit, final stream and state equals, bit for bit, what the same kernels give launched
+// plainly, with CUDA graphs (the attribute captured as graph edges) and without; a kernel that read or wrote
+// before its wait would race and differ. Prefill (700 tokens: the GEMM and tile kernels) and decode at 4, 2
+// and 1 rows, FP8 and BF16 weights, with and without the row GEMMs (whose weights are prefetched ahead of the
+// wait).
 TEST(CudaModelTest, ProgrammaticLaunchGivesTheSameBitsAsPlainLaunches) {
   SKIP_WITHOUT_GPU();
   absl::StatusOr<ModelConfig> config = LoadModelConfig(TinyDir());
   absl::StatusOr<std::unique_ptr<Checkpoint>> ckpt = Checkpoint::Open(TinyDir());
   ASSERT_TRUE(config.ok() && ckpt.ok());
+  {
+    // Unset, the switch is on where the GPU and the kernels take it (sm_90, which the cases below need).
+    auto dm = LoadWithEnv(*config, **ckpt, CudaWeights::kFp8, {{"V4SERVE_CUDA_PDL", ""}});
+    ASSERT_TRUE(dm.ok()) << dm.status();
+    EXPECT_NE((*dm)->backend().Describe().find("programmatic launch"), std::string::npos)
+        << (*dm)->backend().Describe();
+  }
   struct Case {
     CudaWeights weights;
     const char* graphs;
