@@ -404,6 +404,8 @@ void ExpertKernels(const ModelConfig& c, double fp8_gemm, std::vector<std::strin
 // and inputs, and the FP8 kernels (fp8_gemm.cuh: inputs quantized per 128, weights in 128 x 128 tiles) on
 // V4-Flash's FP8 linears (wq_b, wo_b, shared w1) at decode and prefill row counts. Decode sizes report weight
 // bytes per second (against `copy_bw`), prefill sizes FLOP/s (against cuBLASLt's best FP8 GEMM `fp8_gemm`).
+// Each timed call reads its weights from HBM, as in a step (cuda::testing::Linear flushes the L2 before
+// each); until session 15 the calls ran back to back and matrices of a few MB were read from L2.
 void LinearKernels(const ModelConfig& c, double copy_bw, double fp8_gemm, std::vector<std::string>* rows) {
   struct Shape {
     const char* name;

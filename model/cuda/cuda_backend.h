@@ -107,8 +107,9 @@ absl::StatusOr<std::vector<std::vector<int64_t>>> TopK(const std::vector<float>&
                                                        int64_t n, int64_t k);
 // y = x W^T through the backend's GEMM path for `format` (kFp8: w stored as FP8 tiles, PutFp8, whatever its
 // source; `fp8_path` forces one of its kernels). With `seconds` set, also the mean device time of `repeats`
-// more calls (bench/), and the result is then that of one further call into an output of NaNs (tests: a
-// kernel that only works on a fresh backend shows).
+// more calls, each after the L2 was flushed (bench/: weights read from HBM, as in a step), and the result is
+// then that of one further call into an output of NaNs (tests: a kernel that only works on a fresh backend
+// shows).
 absl::StatusOr<std::vector<float>> Linear(const std::vector<float>& x, int64_t m, int64_t in,
                                           const std::vector<float>& w, int64_t out, CudaWeights format,
                                           int repeats = 0, double* seconds = nullptr,
