@@ -314,6 +314,22 @@ absl::Status CudaBackend::LinearFp8(const float* x, int64_t m, int64_t ldx, cons
 }  // namespace impl
 
 namespace testing {
+namespace {
+
+// Reads n 16-byte words (an L2 flush that leaves clean lines: the timed call after it evicts them without
+// writing back); `sink` is written only if the sum hits a value the zeroed buffer cannot give, so the loads
+// stay.
+__global__ void ReadAll(const int4* p, size_t n, int* sink) {
+  int acc = 0;
+  for (size_t i = blockIdx.x * static_cast<size_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<size_t>(gridDim.x) * blockDim.x) {
+    const int4 v = p[i];
+    acc += v.x ^ v.y ^ v.z ^ v.w;
+  }
+  if (acc == 0x7fffffff) *sink = acc;
+}
+
+}  // namespace
 
 using impl::Buf;
 using impl::CudaBackend;
@@ -346,9 +362,10 @@ absl::StatusOr<std::vector<float>> Linear(const std::vector<float>& x, int64_t m
   }
   RETURN_IF_ERROR(call());
   if (seconds != nullptr && repeats > 0) {
-    // Each timed call on its own, after twice the L2 of other bytes was written, so it reads its weights
-    // from HBM as it does in a decode step (which streams GBs between two uses of a matrix). Calls repeated
-    // back to back ran from L2 for matrices of a few MB, faster than in the step (session 15).
+    // Each timed call on its own, after twice the L2 of other bytes was read, so it reads its weights from
+    // HBM as it does in a decode step (which streams GBs between two uses of a matrix). Calls repeated back
+    // to back ran from L2 for matrices of a few MB, faster than in the step (session 15). The flush reads
+    // (a zeroed buffer), so the lines the call evicts are clean, as a step's weights are.
     int dev = 0, l2 = 0;
     V4_CUDA_RETURN_IF_ERROR(cudaGetDevice(&dev));
     V4_CUDA_RETURN_IF_ERROR(cudaDeviceGetAttribute(&l2, cudaDevAttrL2CacheSize, dev));
@@ -360,10 +377,14 @@ absl::StatusOr<std::vector<float>> Linear(const std::vector<float>& x, int64_t m
         if (e != nullptr) cudaEventDestroy(e);
       if (flush != nullptr) cudaFree(flush);
     };
-    V4_CUDA_RETURN_IF_ERROR(cudaMalloc(&flush, flush_bytes));
+    V4_CUDA_RETURN_IF_ERROR(cudaMalloc(&flush, flush_bytes + sizeof(int)));
+    V4_CUDA_RETURN_IF_ERROR(cudaMemsetAsync(flush, 0, flush_bytes + sizeof(int), b.stream()));
     for (cudaEvent_t& e : ev) V4_CUDA_RETURN_IF_ERROR(cudaEventCreate(&e));
+    const auto* words = static_cast<const int4*>(flush);
+    int* sink = reinterpret_cast<int*>(static_cast<char*>(flush) + flush_bytes);
     for (int i = 0; i < repeats; ++i) {
-      V4_CUDA_RETURN_IF_ERROR(cudaMemsetAsync(flush, i & 0xff, flush_bytes, b.stream()));
+      ReadAll<<<1024, 256, 0, b.stream()>>>(words, flush_bytes / sizeof(int4), sink);
+      V4_LAUNCH_CHECK(ReadAll);
       V4_CUDA_RETURN_IF_ERROR(cudaEventRecord(ev[2 * i], b.stream()));
       RETURN_IF_ERROR(call());
       V4_CUDA_RETURN_IF_ERROR(cudaEventRecord(ev[2 * i + 1], b.stream()));
