@@ -18,20 +18,21 @@
 //     uploads the window rings and compressed entries from the host states, as before the cache), on a
 //     second backend in the same process (--compare-state-cache=0 skips it), and with CUDA graphs off
 //     (V4SERVE_CUDA_GRAPHS=0: every kernel launched from the host, as before graphs; --compare-graphs=0
-//     skips it), and with the row GEMMs on (V4SERVE_CUDA_ROWS_GEMM=1: RowsGemmFp8 for the FP8 linears of
-//     9-64 rows, RowsGemmF32 for FP32 weights up to 64 rows; off by default; --compare-rows-gemm=0 skips
-//     it; FP8 mode only), and with programmatic dependent launch off (V4SERVE_CUDA_PDL=0,
+//     skips it), and with each row GEMM on (V4SERVE_CUDA_ROWS_GEMM=fp8: RowsGemmFp8 for the FP8 linears of
+//     9-64 rows; =f32: RowsGemmF32 for FP32 weights up to 64 rows; off by default; --compare-rows-gemm=0
+//     skips them; FP8 mode only), and with programmatic dependent launch off (V4SERVE_CUDA_PDL=0,
 //     model/cuda/launch.cuh: each kernel's blocks start while the one ahead finishes, weight GEMMs prefetch
 //     their weights into L2 first; on by default on sm_90; --compare-pdl=0 skips it).
 // Usage: v4serve_cuda_bench [--layers=2] [--context=512] [--prefill=8192,32768] [--batches=1,8,64]
 //                           [--weights=fp8|bf16|fp32] [--experts=fp4|bf16] [--steps=10]
 //                           [--compare-state-cache=1] [--compare-graphs=1] [--compare-rows-gemm=1]
 //                           [--compare-pdl=1]
-//                           [--ceilings=1] [--attention=1]
+//                           [--ceilings=1] [--attention=1] [--linear=wq_b:64]
 // (--experts=fp4: MXFP4 routed experts, as V4 ships them; other weights BF16 except the FP32 ones the
 // backend keeps: mHC mixes, router gate, compressor projections; --weights=fp8: the linears V4 ships in FP8
 // stay FP8, with 128 x 128 block scales. --attention=1 also times the attention, expert and linear kernels
-// side by side.)
+// side by side; --linear=NAME:ROWS (wq_b, wo_b, shared w1) times that one FP8 linear's kernels alone, 3 calls
+// each, and exits: the run to put under ncu.)
 // Prints a Markdown table (docs/PERFORMANCE.md holds the last one).
 #include <cublasLt.h>
 #include <cuda_fp8.h>
@@ -406,7 +407,10 @@ void ExpertKernels(const ModelConfig& c, double fp8_gemm, std::vector<std::strin
 // bytes per second (against `copy_bw`), prefill sizes FLOP/s (against cuBLASLt's best FP8 GEMM `fp8_gemm`).
 // Each timed call reads its weights from HBM, as in a step (cuda::testing::Linear flushes the L2 before
 // each); until session 15 the calls ran back to back and matrices of a few MB were read from L2.
-void LinearKernels(const ModelConfig& c, double copy_bw, double fp8_gemm, std::vector<std::string>* rows) {
+// `only` ("NAME:ROWS", --linear=): that FP8 shape at that row count alone, 3 calls a kernel (for ncu), no
+// FP32 table.
+void LinearKernels(const ModelConfig& c, double copy_bw, double fp8_gemm, std::vector<std::string>* rows,
+                   const std::string& only = "") {
   struct Shape {
     const char* name;
     int64_t out, in;
@@ -416,15 +420,22 @@ void LinearKernels(const ModelConfig& c, double copy_bw, double fp8_gemm, std::v
                           {"shared w1", c.moe_intermediate_size, c.hidden_size}};
   std::mt19937_64 rng(11);
   std::normal_distribution<float> nd(0.0f, 0.02f);
+  const size_t colon = only.rfind(':');
+  const std::string only_name = only.substr(0, colon);
+  const int64_t only_rows = colon == std::string::npos ? 0 : std::atoll(only.c_str() + colon + 1);
+  const int repeats = only.empty() ? 20 : 3;
   for (const Shape& sh : shapes) {
+    if (!only.empty() && only_name != sh.name) continue;
     std::vector<float> w(static_cast<size_t>(sh.out * sh.in));
     for (float& v : w) v = nd(rng);
-    for (const int64_t m : {1, 8, 16, 32, 64, 256, 8192}) {
+    for (const int64_t m : {int64_t{1}, int64_t{8}, int64_t{16}, int64_t{32}, int64_t{64}, int64_t{256},
+                            int64_t{8192}, only_rows}) {
+      if (only.empty() ? m == 0 : m != only_rows) continue;
       std::vector<float> x(static_cast<size_t>(m * sh.in));
       for (float& v : x) v = nd(rng);
       double tb = 0, t8 = 0;
-      auto a = cuda::testing::Linear(x, m, sh.in, w, sh.out, CudaWeights::kBf16, 20, &tb);
-      auto b = cuda::testing::Linear(x, m, sh.in, w, sh.out, CudaWeights::kFp8, 20, &t8);
+      auto a = cuda::testing::Linear(x, m, sh.in, w, sh.out, CudaWeights::kBf16, repeats, &tb);
+      auto b = cuda::testing::Linear(x, m, sh.in, w, sh.out, CudaWeights::kFp8, repeats, &t8);
       if (!a.ok() || !b.ok()) {
         std::fprintf(stderr, "linear kernels: %s\n",
                      std::string((a.ok() ? b.status() : a.status()).message()).c_str());
@@ -441,7 +452,7 @@ void LinearKernels(const ModelConfig& c, double copy_bw, double fp8_gemm, std::v
             (path == cuda::Fp8Path::kLt && m < 4)) {
           continue;
         }
-        if (!cuda::testing::Linear(x, m, sh.in, w, sh.out, CudaWeights::kFp8, 20, t, path).ok()) *t = 0;
+        if (!cuda::testing::Linear(x, m, sh.in, w, sh.out, CudaWeights::kFp8, repeats, t, path).ok()) *t = 0;
       }
       const double flops = 2.0 * static_cast<double>(m * sh.out * sh.in);
       const double b16 = 2.0 * sh.out * sh.in, b8 = 1.0 * sh.out * sh.in;
@@ -471,6 +482,7 @@ void LinearKernels(const ModelConfig& c, double copy_bw, double fp8_gemm, std::v
       std::fflush(stdout);
     }
   }
+  if (!only.empty()) return;
   // The FP32 weights the backend keeps (an mHC mix, a CSA compressor projection, the router gate) at decode
   // rows: RowsGemmF32 against cuBLAS's FP32 GEMM (V4SERVE_CUDA_ROWS_GEMM=0), both exact FP32 FMA sums.
   const int64_t hc = c.hc_mult, d = c.hidden_size;
@@ -517,7 +529,7 @@ void LinearKernels(const ModelConfig& c, double copy_bw, double fp8_gemm, std::v
 
 int Main(int argc, char** argv) {
   int64_t layers = 2, context = 512, steps = 10;
-  std::string prefill = "8192,32768", batches = "1,8,64", weights = "fp8", experts = "fp4";
+  std::string prefill = "8192,32768", batches = "1,8,64", weights = "fp8", experts = "fp4", linear_only;
   bool compare_cache = true, compare_graphs = true, compare_rows = true, compare_pdl = true, ceilings = true,
        attention = true;
   const char* src = std::getenv("V4SERVE_SOURCE_DIR");
@@ -553,6 +565,8 @@ int Main(int argc, char** argv) {
       compare_rows = std::string(v) != "0";
     } else if (const char* v = val("compare-pdl")) {
       compare_pdl = std::string(v) != "0";
+    } else if (const char* v = val("linear")) {
+      linear_only = v;
     } else if (const char* v = val("attention")) {
       attention = std::string(v) != "0";
     } else if (const char* v = val("ceilings")) {  // 0: skip them (profiling runs); ratios then print as 0.
@@ -605,6 +619,10 @@ int Main(int argc, char** argv) {
   std::fflush(stdout);
 
   std::vector<std::string> rows;
+  if (!linear_only.empty()) {  // One linear's kernels alone (ncu), nothing else.
+    LinearKernels(*config, copy_bw, fp8, &rows, linear_only);
+    return rows.empty() ? 1 : 0;
+  }
   if (attention) {
     AttentionKernels(*config, bf16, &rows);
     ExpertKernels(*config, fp8, &rows);
@@ -731,7 +749,8 @@ int Main(int argc, char** argv) {
   if (compare_cache && !compare_off("V4SERVE_CUDA_STATE_CACHE_MB", "state cache")) return 1;
   if (compare_graphs && !compare_off("V4SERVE_CUDA_GRAPHS", "CUDA graphs")) return 1;
   if (compare_rows && format == CudaWeights::kFp8 &&
-      !compare_off("V4SERVE_CUDA_ROWS_GEMM", "row GEMMs", "1")) {
+      (!compare_off("V4SERVE_CUDA_ROWS_GEMM", "FP8 row GEMMs", "fp8") ||
+       !compare_off("V4SERVE_CUDA_ROWS_GEMM", "FP32 row GEMMs", "f32"))) {
     return 1;
   }
   if (compare_pdl && !compare_off("V4SERVE_CUDA_PDL", "programmatic launch")) return 1;

@@ -30,10 +30,11 @@ done
 timeout 90 .gpu/v4serve_cuda_bench --weights=bf16 --ceilings=0 --attention=0 --batches=1,8,64 --compare-state-cache=0 --compare-graphs=0 --compare-rows-gemm=0 --compare-pdl=0 > $OUT/bench_bf16.txt 2>&1
 V4SERVE_CUDA_PROFILE=1 timeout 100 .gpu/v4serve_cuda_bench --ceilings=0 --attention=0 --prefill=8192 --compare-state-cache=0 --compare-graphs=0 --compare-rows-gemm=0 --compare-pdl=0 > $OUT/prof.txt 2>&1
 # Kernel by kernel (the machine has ncu, not nsys): one batch-1 and one batch-64 decode step, graphs off so
-# each kernel is a launch.
+# each kernel is a launch; at the clocks the GPU runs at (ncu locks them to base by default, which slows
+# latency- and compute-bound kernels more than the bandwidth-bound ones: tables before session 16 were so).
 NCU=$(command -v ncu || echo /usr/local/cuda/bin/ncu)
 for B in 1 64; do
-  V4SERVE_CUDA_GRAPHS=0 timeout 150 "$NCU" --metrics gpu__time_duration.sum --csv --print-units base \
+  V4SERVE_CUDA_GRAPHS=0 timeout 150 "$NCU" --clock-control none --metrics gpu__time_duration.sum --csv --print-units base \
     .gpu/v4serve_cuda_bench --ceilings=0 --attention=0 --prefill= --batches=$B --steps=1 --compare-state-cache=0 \
     --compare-graphs=0 --compare-rows-gemm=0 --compare-pdl=0 > /tmp/ncu_step.csv 2>/dev/null
   echo "batch $B" >> $OUT/prof.txt; python3 bench/ncu_step.py /tmp/ncu_step.csv >> $OUT/prof.txt 2>&1
