@@ -367,7 +367,16 @@ absl::Status CudaBackend::InitRuntime() {
   V4_CUDA_RETURN_IF_ERROR(cudaMalloc(&split_counters_, kSplitCounters * sizeof(unsigned)));
   allocs_.push_back(split_counters_);
   V4_CUDA_RETURN_IF_ERROR(cudaMemsetAsync(split_counters_, 0, kSplitCounters * sizeof(unsigned), stream_));
-  ASSIGN_OR_RETURN(rows_gemm_, EnvSwitch("V4SERVE_CUDA_ROWS_GEMM", false));
+  // The row GEMMs for decode batches: 1 both, fp8 RowsGemmFp8 only, f32 RowsGemmF32 only, 0 (unset) neither.
+  if (const char* v = std::getenv("V4SERVE_CUDA_ROWS_GEMM"); v != nullptr && *v != '\0') {
+    const std::string rows = v;
+    if (rows != "0" && rows != "1" && rows != "fp8" && rows != "f32") {
+      return absl::InvalidArgumentError(
+          absl::StrCat("V4SERVE_CUDA_ROWS_GEMM must be 0, 1, fp8 or f32, got \"", rows, "\""));
+    }
+    rows_fp8_ = rows == "1" || rows == "fp8";
+    rows_f32_ = rows == "1" || rows == "f32";
+  }
   // Programmatic dependent launch: on by default where it can run (session 15, H100: 1.01-1.03x faster
   // decode steps at batch 1-64, docs/PERFORMANCE.md). The wait is compiled in for sm_90 only: programmatic
   // launches of kernels built for an older target would race, so V4SERVE_CUDA_PDL=1 is refused there.
@@ -385,6 +394,7 @@ absl::Status CudaBackend::InitRuntime() {
   act_f16_inv_->Track(&scratch_moves_, &capturing_);
   top_logits_ = std::make_unique<Buf<float>>(stream_);
   RETURN_IF_ERROR(InitMoeKernels());
+  RETURN_IF_ERROR(InitLinearKernels());
   return InitAttentionKernels(prop);
 }
 

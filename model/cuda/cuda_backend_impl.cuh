@@ -404,7 +404,11 @@ class CudaBackend final : public ForwardBackend {
                            static_cast<double>(weight_bytes_) / (1ull << 30),
                            GraphsOn() ? absl::StrCat("for decode up to ", graph_max_rows_, " rows")
                                       : absl::StrCat("off (", graphs_off_why_, ")"),
-                           rows_gemm_ ? ", row GEMMs" : "", pdl_ ? ", programmatic launch" : "");
+                           rows_fp8_ && rows_f32_ ? ", row GEMMs"
+                           : rows_fp8_            ? ", FP8 row GEMMs"
+                           : rows_f32_            ? ", FP32 row GEMMs"
+                                                  : "",
+                           pdl_ ? ", programmatic launch" : "");
   }
 
   absl::Status Init(const cpu::ModelWeights* w, const cpu::RopeTable* rope_main,
@@ -415,6 +419,8 @@ class CudaBackend final : public ForwardBackend {
   absl::Status InitAttentionKernels(const cudaDeviceProp& prop);
   // The MoE kernels' shared memory limits (cuda_moe.cu).
   absl::Status InitMoeKernels();
+  // The linear kernels' shared memory limits (cuda_linear.cu).
+  absl::Status InitLinearKernels();
   // Uploads (or, with host null, draws) a weight matrix.
   absl::Status Put(const float* host, int64_t out, int64_t in, bool bf16, WInit init, Mat* m);
   // Uploads (or, with host null, draws) a weight matrix as FP8 tiles (in a multiple of 128), quantized on the
@@ -468,11 +474,11 @@ class CudaBackend final : public ForwardBackend {
   // RowsGemmFp8 up to kSkinnyMaxRows (64), cuBLASLt's block-scaled FP8 GEMM above, on the rows up to a
   // multiple of 4 (the 1-3 left, a second pass over the weights, by ours: padding them is not written). Where
   // cuBLASLt cannot (a library without block scales, inputs of other than a multiple of 512, a refused shape)
-  // GemmFp8 takes the rows above 64. RowsGemmFp8 serves kAuto only with V4SERVE_CUDA_ROWS_GEMM=1 (it has not
-  // run on a GPU yet); otherwise SkinnyGemmFp8 takes up to kSkinnyRows (16) and cuBLASLt the rows above.
-  // `path` forces one (bench/, tests). ldx a multiple of 128, x 16-byte aligned. FP32 weights (mixes, gate,
-  // compressors; every linear in the FP32 mode) on up to kRowsF32 rows take RowsGemmF32 (cuda_kernels.cuh)
-  // with V4SERVE_CUDA_ROWS_GEMM=1, cuBLAS otherwise.
+  // GemmFp8 takes the rows above 64. RowsGemmFp8 serves kAuto only with V4SERVE_CUDA_ROWS_GEMM=1 or fp8
+  // (session 15 measured its first version slower than cuBLASLt in the step); otherwise SkinnyGemmFp8 takes
+  // up to kSkinnyRows (16) and cuBLASLt the rows above. `path` forces one (bench/, tests). ldx a multiple of
+  // 128, x 16-byte aligned. FP32 weights (mixes, gate, compressors; every linear in the FP32 mode) on up to
+  // kRowsF32 rows take RowsGemmF32 (cuda_kernels.cuh) with V4SERVE_CUDA_ROWS_GEMM=1 or f32, cuBLAS otherwise.
   static constexpr int64_t kSkinnyRows = 16, kRowsFrom = 9, kRowsF32 = 64;
   absl::Status LinearF32Rows(const float* x, int64_t m, int64_t ldx, const Mat& w, int64_t ldy,
                              float* y) const;
@@ -480,16 +486,19 @@ class CudaBackend final : public ForwardBackend {
   // every SM with as many blocks as it holds at once (ResidentBlocks), each split at least `min_k` of the
   // `k_steps` (1 where the groups alone do, or are more than the counters), and above 1 the partial sums'
   // scratch for m x out outputs (split_partial_; null for 1). Filling by the occupancy, not a fixed 2 blocks
-  // an SM, keeps a kernel that fits one block an SM (RowsGemmFp8 at 64 rows: ~185 registers) to one wave.
+  // an SM, keeps a kernel that fits one block an SM (session 15's RowsGemmFp8 at 64 rows: ~185 registers) to
+  // one wave.
   struct SplitK {
     int64_t splits = 1;
     float* partial = nullptr;
   };
   absl::StatusOr<SplitK> RowsSplitK(const void* kernel, int threads, int64_t groups, int64_t k_steps,
-                                    int64_t min_k, int64_t m, int64_t out) const;
-  // Blocks of `threads` threads of `kernel` one SM holds at once (its registers and shared memory decide),
-  // asked of the runtime once a kernel.
-  absl::StatusOr<int> ResidentBlocks(const void* kernel, int threads) const;
+                                    int64_t min_k, int64_t m, int64_t out, size_t smem = 0) const;
+  // Blocks of `threads` threads of `kernel` with `smem` bytes of dynamic shared memory one SM holds at once
+  // (its registers and shared memory decide), asked of the runtime once a kernel.
+  absl::StatusOr<int> ResidentBlocks(const void* kernel, int threads, size_t smem = 0) const;
+  // RowsGemmFp8's warps a block (16 features each).
+  static constexpr int kRowsWarps = 8;
   absl::Status LinearFp8(const float* x, int64_t m, int64_t ldx, const Mat& w, int64_t ldy, float* y,
                          Fp8Path path = Fp8Path::kAuto) const;
   // cuBLASLt runs this FP8 GEMM (scales: VEC128 for x, BLK128x128 for W, both FP32).
@@ -646,7 +655,7 @@ class CudaBackend final : public ForwardBackend {
   static constexpr int64_t kSplitCounters = 4096;  // The row GEMMs' feature groups that may split k.
   // By (m, out, in, ldx, ldy); node-based: GetLtPlan hands out pointers to its entries.
   mutable absl::node_hash_map<std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t>, LtPlan> lt_plans_;
-  mutable absl::flat_hash_map<std::pair<const void*, int>, int> resident_blocks_;
+  mutable absl::flat_hash_map<std::tuple<const void*, int, size_t>, int> resident_blocks_;
   // Null when cuBLASLt refuses the shape (remembered).
   const LtPlan* GetLtPlan(int64_t m, int64_t out, int64_t in, int64_t ldx, int64_t ldy, const void* a_scale,
                           const void* b_scale) const;
@@ -666,8 +675,10 @@ class CudaBackend final : public ForwardBackend {
   mutable std::unique_ptr<Buf<float>> split_partial_;     // The row GEMMs' split-k partial sums
   unsigned* split_counters_ = nullptr;  // and their arrivals per feature group (zero between launches).
   int sm_count_ = 0;
-  bool rows_gemm_ = false;  // V4SERVE_CUDA_ROWS_GEMM=1 (off unless set: the kernels have not run on a GPU).
-  bool pdl_ = false;        // Programmatic dependent launch (launch.cuh): on sm_90 unless V4SERVE_CUDA_PDL=0.
+  // V4SERVE_CUDA_ROWS_GEMM=1 (both), =fp8 or =f32: RowsGemmFp8 / RowsGemmF32 for decode rows (off unless set:
+  // slower than cuBLASLt / cuBLAS in session 15's step).
+  bool rows_fp8_ = false, rows_f32_ = false;
+  bool pdl_ = false;  // Programmatic dependent launch (launch.cuh): on sm_90 unless V4SERVE_CUDA_PDL=0.
   mutable std::unique_ptr<Buf<float>> top_logits_;  // ForwardTop's logits, for TopLogits::full_row.
   mutable uint64_t runs_ = 0;                       // Forwards so far (full_row checks its own is last).
   mutable std::unique_ptr<DeviceStateCache> state_cache_;

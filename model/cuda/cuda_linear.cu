@@ -72,6 +72,19 @@ absl::Status CudaBackend::PutLinear(const cpu::Tensor* t, int64_t out, int64_t i
   return Put(host, out, in, bf16_, host != nullptr ? WInit::kHost : WInit::kRandom, m);
 }
 
+absl::Status CudaBackend::InitLinearKernels() {
+  // RowsGemmFp8's pipeline stages take more than the default 48 KiB at 4-8 token groups.
+  const auto allow = [](auto kernel, size_t smem) -> absl::Status {
+    V4_CUDA_RETURN_IF_ERROR(
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+    return absl::OkStatus();
+  };
+  RETURN_IF_ERROR(allow(k::RowsGemmFp8<1, kRowsWarps>, k::RowsFp8Smem(1, kRowsWarps)));
+  RETURN_IF_ERROR(allow(k::RowsGemmFp8<2, kRowsWarps>, k::RowsFp8Smem(2, kRowsWarps)));
+  RETURN_IF_ERROR(allow(k::RowsGemmFp8<4, kRowsWarps>, k::RowsFp8Smem(4, kRowsWarps)));
+  return allow(k::RowsGemmFp8<8, kRowsWarps>, k::RowsFp8Smem(8, kRowsWarps));
+}
+
 absl::Status CudaBackend::Linear(const float* x, int64_t m, const Mat& w, float* y) const {
   return LinearBatched(x, m, w.in, 0, w, 1, w.out, y);
 }
@@ -87,7 +100,7 @@ absl::Status CudaBackend::LinearBatched(const float* x, int64_t m, int64_t ldx, 
     if (groups != 1) return absl::InternalError("FP8 weights in a grouped projection");
     return LinearFp8(x, m, ldx, w, ldy, y);
   }
-  if (!w.bf16 && groups == 1 && rows_gemm_ && m <= kRowsF32 && in % 4 == 0 && ldx % 4 == 0 &&
+  if (!w.bf16 && groups == 1 && rows_f32_ && m <= kRowsF32 && in % 4 == 0 && ldx % 4 == 0 &&
       reinterpret_cast<uintptr_t>(x) % 16 == 0) {
     return LinearF32Rows(x, m, ldx, w, ldy, y);
   }
@@ -109,11 +122,11 @@ absl::Status CudaBackend::LinearBatched(const float* x, int64_t m, int64_t ldx, 
   return absl::OkStatus();
 }
 
-absl::StatusOr<int> CudaBackend::ResidentBlocks(const void* kernel, int threads) const {
-  const auto key = std::make_pair(kernel, threads);
+absl::StatusOr<int> CudaBackend::ResidentBlocks(const void* kernel, int threads, size_t smem) const {
+  const auto key = std::make_tuple(kernel, threads, smem);
   if (auto it = resident_blocks_.find(key); it != resident_blocks_.end()) return it->second;
   int blocks = 0;
-  V4_CUDA_RETURN_IF_ERROR(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, threads, 0));
+  V4_CUDA_RETURN_IF_ERROR(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, threads, smem));
   if (blocks < 1) return absl::InternalError(absl::StrCat("a kernel of ", threads, " threads fits no SM"));
   resident_blocks_.emplace(key, blocks);
   return blocks;
@@ -121,9 +134,9 @@ absl::StatusOr<int> CudaBackend::ResidentBlocks(const void* kernel, int threads)
 
 absl::StatusOr<CudaBackend::SplitK> CudaBackend::RowsSplitK(const void* kernel, int threads, int64_t groups,
                                                             int64_t k_steps, int64_t min_k, int64_t m,
-                                                            int64_t out) const {
+                                                            int64_t out, size_t smem) const {
   if (groups > kSplitCounters) return SplitK{};
-  ASSIGN_OR_RETURN(const int resident, ResidentBlocks(kernel, threads));
+  ASSIGN_OR_RETURN(const int resident, ResidentBlocks(kernel, threads, smem));
   const int64_t splits =
       std::clamp<int64_t>(resident * sm_count_ / groups, 1, std::max<int64_t>(1, k_steps / min_k));
   if (splits == 1) return SplitK{};
@@ -228,23 +241,24 @@ absl::Status CudaBackend::LinearFp8(const float* x, int64_t m, int64_t ldx, cons
   RETURN_IF_ERROR(act_fp8_->Alloc((m - 1) * ldx + w.in));
   RETURN_IF_ERROR(act_fp8_scales_->Alloc(m * row_blocks));
   const uint8_t* codes = static_cast<const uint8_t*>(w.p);
-  // kAuto's choice by rows (without V4SERVE_CUDA_ROWS_GEMM=1: SkinnyGemmFp8 up to kSkinnyRows and cuBLASLt
-  // above, the choice before RowsGemmFp8).
-  const int64_t skinny_rows = rows_gemm_ ? kRowsFrom - 1 : kSkinnyRows;
+  // kAuto's choice by rows (without V4SERVE_CUDA_ROWS_GEMM=1 or fp8: SkinnyGemmFp8 up to kSkinnyRows and
+  // cuBLASLt above, the choice before RowsGemmFp8).
+  const int64_t skinny_rows = rows_fp8_ ? kRowsFrom - 1 : kSkinnyRows;
   if (path == Fp8Path::kRows ||
-      (path == Fp8Path::kAuto && rows_gemm_ && m > skinny_rows && m <= k::kSkinnyMaxRows)) {
+      (path == Fp8Path::kAuto && rows_fp8_ && m > skinny_rows && m <= k::kSkinnyMaxRows)) {
     RETURN_IF_ERROR(Launch(k::QuantizeFp8Blocks, Blocks(m * row_blocks, 8), 256, 0, x, m, row_blocks,
                            in_blocks, 0, act_fp8_->get(), act_fp8_scales_->get()));
     // k split where the feature groups alone do not fill the SMs (each split at least 2 k blocks).
-    constexpr int kWarps = 8;
-    const int64_t groups = Blocks(w.out, 16 * kWarps);
+    const int64_t groups = Blocks(w.out, 16 * kRowsWarps);
     return WithTokGroups(m, [&](auto tok) -> absl::Status {
-      const auto kernel = k::RowsGemmFp8<decltype(tok)::value, kWarps>;
-      ASSIGN_OR_RETURN(const SplitK sk, RowsSplitK(reinterpret_cast<const void*>(kernel), 32 * kWarps, groups,
-                                                   in_blocks, 2, m, w.out));
+      constexpr int kTok = decltype(tok)::value;
+      const auto kernel = k::RowsGemmFp8<kTok, kRowsWarps>;
+      constexpr size_t kSmem = k::RowsFp8Smem(kTok, kRowsWarps);
+      ASSIGN_OR_RETURN(const SplitK sk, RowsSplitK(reinterpret_cast<const void*>(kernel), 32 * kRowsWarps,
+                                                   groups, in_blocks, 2, m, w.out, kSmem));
       return Launch(kernel, dim3(static_cast<unsigned>(groups), static_cast<unsigned>(sk.splits)),
-                    32 * kWarps, 0, act_fp8_->get(), act_fp8_scales_->get(), m, ldx, codes, w.tile_scales,
-                    w.in, w.out, ldy, y, sk.partial, split_counters_, pdl_);
+                    32 * kRowsWarps, kSmem, act_fp8_->get(), act_fp8_scales_->get(), m, ldx, codes,
+                    w.tile_scales, w.in, w.out, ldy, y, sk.partial, split_counters_);
     });
   }
   // cuBLASLt's rows (m4) take M-major scales ([k block][row]); the rest's row-major ones follow in the

@@ -199,65 +199,119 @@ __global__ void __launch_bounds__(kWarps * 32)
 }
 
 // y = x W^T for a decode batch's 9-64 rows (m <= 8 * kTok), from x's codes and row-major block scales
-// (QuantizeFp8Blocks): the weights are read once, as SkinnyGemmFp8 reads them (the MMA's A operand, 16
-// output features a warp, each lane 16 bytes of two weight rows in the same permuted k order), and the
-// input's codes are the B operand, loaded by each warp from L1 (the block's kWarps warps share them), so
-// the input is quantized once instead of once per 16 features. A block is kWarps x 16 features over the k
-// blocks of split blockIdx.y of gridDim.y (k blocks [kbs * s / S, kbs * (s + 1) / S)); each warp keeps the
-// next k block's weights in registers while it multiplies the current one. With S > 1 the splits' partial
-// sums meet in SplitKFinish (cuda_kernels.cuh: deterministic, no atomics on y). Grid (ceil(out / (16
-// kWarps)), S), 32 kWarps threads.
+// (QuantizeFp8Blocks). A block is kWarps x 16 output features over the k blocks of split blockIdx.y of
+// gridDim.y (k blocks [kbs * s / S, kbs * (s + 1) / S)); the weights are the MMA's A operand (16 features a
+// warp) and the input rows its B operand, in the permuted k order SkinnyGemmFp8 uses (lane t's 16 bytes at
+// 16t and 64 + 16t of a 128-byte block row stand for two k32 steps' fragments). Weights and inputs arrive
+// in shared memory through a kRowsStages-deep cp.async pipeline, one stage a 128-wide k block (16 kWarps
+// weight rows and 8 kTok input rows of 128 bytes), so a block keeps kRowsStages - 1 k blocks of weights in
+// flight (session 15's version held one in registers: ~185 registers, one block an SM, and it streamed
+// slower than cuBLASLt). The first stages' weights are asked for before PdlEnter (they do not depend on the
+// kernel ahead), the inputs after. Rows past m read row m - 1, features past out row out - 1 (neither is
+// stored). With S > 1 the splits' partial sums meet in SplitKFinish (cuda_kernels.cuh: deterministic, no
+// atomics on y). Grid (ceil(out / (16 kWarps)), S), 32 kWarps threads, RowsFp8Smem(kTok, kWarps) bytes of
+// dynamic shared memory (above 48 KiB: the backend raises the limit at start, InitLinearKernels).
+constexpr int kRowsStages = 4;
+__host__ __device__ constexpr size_t RowsFp8Smem(int tok, int warps) {
+  return static_cast<size_t>(kRowsStages) * (16 * warps + 8 * tok) * kFp8Block;
+}
+// Where 16-byte chunk c (0-7) of a stage's row `row` sits: rows of 128 bytes, chunks XOR 4 on odd rows, so
+// the 8 lanes of a quarter warp (rows g, g + 1 of one parity each, chunks t or t + 4) hit 8 different bank
+// groups.
+__device__ __forceinline__ int RowsChunk(int row, int c) {
+  return row * kFp8Block + ((c ^ ((row & 1) << 2)) << 4);
+}
+
+// Stage `stage` of RowsGemmFp8's shared memory (kRowsStages of them).
 template <int kTok, int kWarps>
-__global__ void __launch_bounds__(kWarps * 32)
+__device__ __forceinline__ unsigned char* RowsStage(int64_t stage) {
+  extern __shared__ __align__(128) unsigned char rows_smem[];
+  return rows_smem + stage * ((16 * kWarps + 8 * kTok) * kFp8Block);
+}
+// RowsGemmFp8's weights of k block kb (weight rows nb0 .. nb0 + 16 kWarps, clamped to out - 1) into stage
+// `stage`, by the block's threads, 4 chunks of 16 bytes each. It touches only the weights and the block's
+// own shared memory, so the kernel calls it ahead of PdlEnter for its first stages.
+template <int kTok, int kWarps>
+__device__ __forceinline__ void PrefetchRowsWeights(const uint8_t* w, int64_t in, int64_t out, int64_t nb0,
+                                                    int64_t kb, int64_t stage) {
+  constexpr int kThreads = 32 * kWarps;
+  unsigned char* dst = RowsStage<kTok, kWarps>(stage);
+  const int tid = static_cast<int>(threadIdx.x);
+#pragma unroll
+  for (int j = 0; j < 16 * kWarps * 8 / kThreads; ++j) {
+    const int c = tid + j * kThreads;
+    CpAsync16(dst + RowsChunk(c / 8, c % 8),
+              w + MinI64(nb0 + c / 8, out - 1) * in + kb * kFp8Block + (c % 8) * 16);
+  }
+}
+
+template <int kTok, int kWarps>
+__global__ void __launch_bounds__(kWarps * 32, 2)  // Two blocks an SM: 128 registers at most.
     RowsGemmFp8(const uint8_t* xq, const float* xs, int64_t m, int64_t ldx, const uint8_t* w, const float* ws,
-                int64_t in, int64_t out, int64_t ldy, float* y, float* partial, unsigned* counters,
-                bool prefetch) {
-  const int warp = static_cast<int>(threadIdx.x / 32), lane = static_cast<int>(threadIdx.x % 32);
+                int64_t in, int64_t out, int64_t ldy, float* y, float* partial, unsigned* counters) {
+  constexpr int kWr = 16 * kWarps, kXr = 8 * kTok, kThreads = 32 * kWarps;
+  const int tid = static_cast<int>(threadIdx.x), warp = tid / 32, lane = tid % 32;
   const int g = lane / 4, t = lane % 4;
-  const int64_t nb0 = static_cast<int64_t>(blockIdx.x) * 16 * kWarps, n0 = nb0 + warp * 16;
-  const int64_t r0 = min(n0 + g, out - 1), r1 = min(n0 + g + 8, out - 1);
+  const int64_t nb0 = static_cast<int64_t>(blockIdx.x) * kWr;
   const int64_t kbs = in / kFp8Block, xbs = ldx / kFp8Block;
   const int splits = static_cast<int>(gridDim.y), s = static_cast<int>(blockIdx.y);
-  const int64_t kb0 = kbs * s / splits, kb1 = kbs * (s + 1) / splits;
-  if (prefetch) PrefetchTileL2(w, in, nb0, MinI64(nb0 + 16 * kWarps, out), kb0 * kFp8Block, kb1 * kFp8Block);
+  const int64_t kb0 = kbs * s / splits, kb1 = kbs * (s + 1) / splits, nkb = kb1 - kb0;
+  for (int i = 0; i < kRowsStages - 1 && i < nkb; ++i)
+    PrefetchRowsWeights<kTok, kWarps>(w, in, out, nb0, kb0 + i, i);
   PdlEnter();
-  const uint8_t* w0 = w + r0 * in + t * 16;
-  const uint8_t* w1 = w + r1 * in + t * 16;
-  const float* ws0 = ws + (r0 / kFp8Block) * kbs;
-  const float* ws1 = ws + (r1 / kFp8Block) * kbs;
-  // This lane's B rows (tg * 8 + g) and the accumulator's columns' rows (tg * 8 + 2t, + 1), clamped to m.
-  int xo[kTok], so0[kTok], so1[kTok];  // Offsets (the inputs of a decode batch are well within 2^31).
+  const auto load_x = [&](int64_t i) {  // k block kb0 + i's input rows into stage i % kRowsStages.
+    unsigned char* dst = RowsStage<kTok, kWarps>(i % kRowsStages) + kWr * kFp8Block;
+    const int64_t k = (kb0 + i) * kFp8Block;
 #pragma unroll
-  for (int tg = 0; tg < kTok; ++tg) {
-    xo[tg] = static_cast<int>(MinI64(tg * 8 + g, m - 1) * ldx + t * 16);
-    so0[tg] = static_cast<int>(MinI64(tg * 8 + 2 * t, m - 1) * xbs);
-    so1[tg] = static_cast<int>(MinI64(tg * 8 + 2 * t + 1, m - 1) * xbs);
+    for (int j = 0; j < (kXr * 8 + kThreads - 1) / kThreads; ++j) {
+      const int c = tid + j * kThreads;
+      if (c < kXr * 8)
+        CpAsync16(dst + RowsChunk(c / 8, c % 8), xq + MinI64(c / 8, m - 1) * ldx + k + (c % 8) * 16);
+    }
+  };
+  // Group i holds stage i's inputs (group 0 also the first stages' weights): group i complete = stage i
+  // ready.
+  for (int i = 0; i < kRowsStages - 1; ++i) {
+    if (i < nkb) load_x(i);
+    CpAsyncCommit();
   }
+  const int wr = warp * 16;  // This warp's weight rows in a stage.
+  const int64_t f0 = MinI64(nb0 + wr + g, out - 1), f1 = MinI64(nb0 + wr + g + 8, out - 1);
+  const float* ws0 = ws + (f0 / kFp8Block) * kbs;
+  const float* ws1 = ws + (f1 / kFp8Block) * kbs;
+  // The accumulator's columns' rows (tg * 8 + 2t, + 1), clamped to m, give their block scales.
+  const int last = static_cast<int>(m - 1), sxbs = static_cast<int>(xbs);  // A decode batch's, < 2^31.
   float tot[kTok][4];
 #pragma unroll
   for (int tg = 0; tg < kTok; ++tg) tot[tg][0] = tot[tg][1] = tot[tg][2] = tot[tg][3] = 0.f;
-  uint4 a00, a01, a10, a11;
-  const auto load_w = [&](int64_t kb) {
-    const int64_t k = kb * kFp8Block;
-    a00 = *reinterpret_cast<const uint4*>(w0 + k);
-    a01 = *reinterpret_cast<const uint4*>(w0 + k + 64);
-    a10 = *reinterpret_cast<const uint4*>(w1 + k);
-    a11 = *reinterpret_cast<const uint4*>(w1 + k + 64);
-  };
-  if (kb0 < kb1) load_w(kb0);
-  for (int64_t kb = kb0; kb < kb1; ++kb) {
-    const uint4 c00 = a00, c01 = a01, c10 = a10, c11 = a11;
+  for (int64_t i = 0; i < nkb; ++i) {
+    CpAsyncWait<kRowsStages - 2>();
+    __syncthreads();  // Stage i is visible to every warp, and every warp is done with stage i - 1.
+    if (i + kRowsStages - 1 < nkb) {
+      PrefetchRowsWeights<kTok, kWarps>(w, in, out, nb0, kb0 + i + kRowsStages - 1,
+                                        (i + kRowsStages - 1) % kRowsStages);
+      load_x(i + kRowsStages - 1);
+    }
+    CpAsyncCommit();  // Empty near the end: the group count stays one a step.
+    const unsigned char* st = RowsStage<kTok, kWarps>(i % kRowsStages);
+    const unsigned char* xst = st + kWr * kFp8Block;
+    const int64_t kb = kb0 + i;
+    const uint4 a00 = *reinterpret_cast<const uint4*>(st + RowsChunk(wr + g, t)),
+                a01 = *reinterpret_cast<const uint4*>(st + RowsChunk(wr + g, t + 4)),
+                a10 = *reinterpret_cast<const uint4*>(st + RowsChunk(wr + g + 8, t)),
+                a11 = *reinterpret_cast<const uint4*>(st + RowsChunk(wr + g + 8, t + 4));
     const float sw0 = ws0[kb], sw1 = ws1[kb];
-    if (kb + 1 < kb1) load_w(kb + 1);
-    const int64_t k = kb * kFp8Block;
 #pragma unroll
     for (int tg = 0; tg < kTok; ++tg) {
-      const uint8_t* xr = xq + xo[tg] + k;
-      const uint4 b0 = *reinterpret_cast<const uint4*>(xr), b1 = *reinterpret_cast<const uint4*>(xr + 64);
-      const float sa0 = xs[so0[tg] + kb], sa1 = xs[so1[tg] + kb];
-      Fp8BlockMma(c00, c01, c10, c11, b0, b1, sw0, sw1, sa0, sa1, tot[tg]);
+      const uint4 b0 = *reinterpret_cast<const uint4*>(xst + RowsChunk(tg * 8 + g, t)),
+                  b1 = *reinterpret_cast<const uint4*>(xst + RowsChunk(tg * 8 + g, t + 4));
+      const float sa0 = xs[min(tg * 8 + 2 * t, last) * sxbs + kb],
+                  sa1 = xs[min(tg * 8 + 2 * t + 1, last) * sxbs + kb];
+      Fp8BlockMma(a00, a01, a10, a11, b0, b1, sw0, sw1, sa0, sa1, tot[tg]);
     }
   }
+  CpAsyncWait<0>();
+  const int64_t n0 = nb0 + wr;
   const SplitKOut dst = SplitKTarget(y, ldy, partial, m, out);
 #pragma unroll
   for (int tg = 0; tg < kTok; ++tg) {
@@ -267,7 +321,7 @@ __global__ void __launch_bounds__(kWarps * 32)
       if (n < out && r < m) dst.p[r * dst.ld + n] = tot[tg][j];
     }
   }
-  if (splits > 1) SplitKFinish(partial, counters, m, out, nb0, MinI64(16 * kWarps, out - nb0), ldy, y);
+  if (splits > 1) SplitKFinish(partial, counters, m, out, nb0, MinI64(kWr, out - nb0), ldy, y);
 }
 
 // The tile GEMM for longer inputs where cuBLASLt has no algorithm: the same y for any m, 64 x 128 output

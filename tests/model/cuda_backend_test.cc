@@ -514,13 +514,15 @@ TEST(CudaModelTest, ProgrammaticLaunchGivesTheSameBitsAsPlainLaunches) {
     EXPECT_NE((*dm)->backend().Describe().find("programmatic launch"), std::string::npos)
         << (*dm)->backend().Describe();
   }
+  ExpectRefused(LoadWithEnv(*config, **ckpt, CudaWeights::kFp8, {{"V4SERVE_CUDA_ROWS_GEMM", "fp16"}}),
+                "V4SERVE_CUDA_ROWS_GEMM");
   struct Case {
     CudaWeights weights;
     const char* graphs;
-    const char* rows_gemm;  // The row GEMMs prefetch their weights ahead of the wait.
+    const char* rows_gemm;  // The row GEMMs ask for their weights ahead of the wait.
   };
   for (const Case& cs : {Case{CudaWeights::kFp8, "1", "0"}, Case{CudaWeights::kFp8, "1", "1"},
-                         Case{CudaWeights::kFp8, "0", "1"}, Case{CudaWeights::kBf16, "1", "1"},
+                         Case{CudaWeights::kFp8, "0", "fp8"}, Case{CudaWeights::kBf16, "1", "f32"},
                          Case{CudaWeights::kBf16, "0", "0"}}) {
     const char* graphs = cs.graphs;
     SCOPED_TRACE(absl::StrCat("weights ", static_cast<int>(cs.weights), ", graphs ", graphs, ", row GEMMs ",

@@ -102,7 +102,7 @@ TEST(CudaKernelTest, LinearMatchesCpuInBothWeightFormats) {
 // cpu::MatmulWt add) away from it; a skipped row, feature or split is O(1).
 TEST(CudaKernelTest, Fp32RowsGemmMatchesCpu) {
   SKIP_WITHOUT_GPU();
-  setenv("V4SERVE_CUDA_ROWS_GEMM", "1", 1);  // Off by default until it ran on a GPU.
+  setenv("V4SERVE_CUDA_ROWS_GEMM", "f32", 1);  // Off by default (slower in session 15's step).
   absl::Cleanup unset = [] { unsetenv("V4SERVE_CUDA_ROWS_GEMM"); };
   for (const auto& [in, out] : {std::pair<int64_t, int64_t>{16384, 24}, {1028, 1000}}) {
     const std::vector<float> w = Random(out * in, 8, 0.03f);
@@ -206,6 +206,11 @@ TEST(CudaKernelTest, Fp8LinearMatchesTheFaithfulGemm) {
   // (17-32).
   CheckFp8Linear(512, 256, {8, 65});
   CheckFp8Linear(4096, 256, {1, 8, 13, 20, 40, 65});
+  // RowsGemmFp8's 4-stage ring wrapping around: 300 groups of 128 features take no k split (more than two
+  // blocks on each of an H100's or H200's 132 SMs), so each block walks all 8 k blocks; V4's wo_b (32 groups,
+  // 64 k blocks) splits k 8 ways of 8 blocks.
+  CheckFp8Linear(1024, 38400, {40});
+  CheckFp8Linear(8192, 4096, {64});
 }
 
 TEST(CudaKernelTest, ArgmaxRowsTakesTheLowestIndexOnTies) {

@@ -1,8 +1,9 @@
 // The rule programmatic dependent launch rests on (model/cuda/launch.cuh), checked on the sources so that CI
 // (no GPU) catches a kernel that would race: every kernel of model/cuda's headers, which CudaBackend::Launch
 // may start before the kernel ahead of it ends, calls PdlEnter() before it touches memory, so nothing ahead
-// of that call indexes an array, follows a pointer, synchronizes or uses atomics (weights' PrefetchTileL2 and
-// index arithmetic only). Kernels defined in .cu files are launched plainly and must not go through Launch.
+// of that call indexes an array, follows a pointer, synchronizes or uses atomics (the weights' Prefetch*
+// calls and index arithmetic only). Kernels defined in .cu files are launched plainly and must not go through
+// Launch.
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
@@ -94,8 +95,10 @@ TEST(PdlRuleTest, EveryHeaderKernelWaitsBeforeItTouchesMemory) {
       ++kernels;
       SCOPED_TRACE(k.file + ": " + k.name);
       ASSERT_TRUE(k.enters) << "no PdlEnter()";
-      // Code ahead of the wait: no memory access but the weights' L2 prefetch.
-      std::string ahead = std::regex_replace(k.before_enter, std::regex(R"(PrefetchTileL2\([^;]*;)"), "");
+      // Code ahead of the wait: no memory access but the weights' prefetch (Prefetch* functions: into L2, or
+      // into the block's own shared memory).
+      std::string ahead =
+          std::regex_replace(k.before_enter, std::regex(R"(Prefetch\w*(<[^>]*>)?\([^;]*;)"), "");
       ahead = std::regex_replace(ahead, std::regex(R"(//[^\n]*)"), "");
       for (const char* banned : {"[", "->", "*a", "__syncthreads", "atomic", "__ldg", "__ldcg"}) {
         EXPECT_EQ(ahead.find(banned), std::string::npos) << "'" << banned << "' before PdlEnter:\n" << ahead;
