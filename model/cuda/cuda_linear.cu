@@ -258,7 +258,7 @@ absl::Status CudaBackend::LinearFp8(const float* x, int64_t m, int64_t ldx, cons
                                                    groups, in_blocks, 2, m, w.out, kSmem));
       return Launch(kernel, dim3(static_cast<unsigned>(groups), static_cast<unsigned>(sk.splits)),
                     32 * kRowsWarps, kSmem, act_fp8_->get(), act_fp8_scales_->get(), m, ldx, codes,
-                    w.tile_scales, w.in, w.out, ldy, y, sk.partial, split_counters_);
+                    w.tile_scales, w.in, w.out, ldy, y, sk.partial, split_counters_, pdl_);
     });
   }
   // cuBLASLt's rows (m4) take M-major scales ([k block][row]); the rest's row-major ones follow in the

@@ -207,7 +207,8 @@ __global__ void __launch_bounds__(kWarps * 32)
 // weight rows and 8 kTok input rows of 128 bytes), so a block keeps kRowsStages - 1 k blocks of weights in
 // flight (session 15's version held one in registers: ~185 registers, one block an SM, and it streamed
 // slower than cuBLASLt). The first stages' weights are asked for before PdlEnter (they do not depend on the
-// kernel ahead), the inputs after. Rows past m read row m - 1, features past out row out - 1 (neither is
+// kernel ahead), the inputs after; with `prefetch` (PDL on) the later stages' weights are asked into L2 then
+// too, as SkinnyGemmFp8 does. Rows past m read row m - 1, features past out row out - 1 (neither is
 // stored). With S > 1 the splits' partial sums meet in SplitKFinish (cuda_kernels.cuh: deterministic, no
 // atomics on y). Grid (ceil(out / (16 kWarps)), S), 32 kWarps threads, RowsFp8Smem(kTok, kWarps) bytes of
 // dynamic shared memory (above 48 KiB: the backend raises the limit at start, InitLinearKernels).
@@ -248,7 +249,8 @@ __device__ __forceinline__ void PrefetchRowsWeights(const uint8_t* w, int64_t in
 template <int kTok, int kWarps>
 __global__ void __launch_bounds__(kWarps * 32, 2)  // Two blocks an SM: 128 registers at most.
     RowsGemmFp8(const uint8_t* xq, const float* xs, int64_t m, int64_t ldx, const uint8_t* w, const float* ws,
-                int64_t in, int64_t out, int64_t ldy, float* y, float* partial, unsigned* counters) {
+                int64_t in, int64_t out, int64_t ldy, float* y, float* partial, unsigned* counters,
+                bool prefetch) {
   constexpr int kWr = 16 * kWarps, kXr = 8 * kTok, kThreads = 32 * kWarps;
   const int tid = static_cast<int>(threadIdx.x), warp = tid / 32, lane = tid % 32;
   const int g = lane / 4, t = lane % 4;
@@ -258,6 +260,9 @@ __global__ void __launch_bounds__(kWarps * 32, 2)  // Two blocks an SM: 128 regi
   const int64_t kb0 = kbs * s / splits, kb1 = kbs * (s + 1) / splits, nkb = kb1 - kb0;
   for (int i = 0; i < kRowsStages - 1 && i < nkb; ++i)
     PrefetchRowsWeights<kTok, kWarps>(w, in, out, nb0, kb0 + i, i);
+  if (prefetch && nkb > kRowsStages - 1) {  // The later stages' weights into L2 (with PDL: during the wait).
+    PrefetchTileL2(w, in, nb0, MinI64(nb0 + kWr, out), (kb0 + kRowsStages - 1) * kFp8Block, kb1 * kFp8Block);
+  }
   PdlEnter();
   const auto load_x = [&](int64_t i) {  // k block kb0 + i's input rows into stage i % kRowsStages.
     unsigned char* dst = RowsStage<kTok, kWarps>(i % kRowsStages) + kWr * kFp8Block;
