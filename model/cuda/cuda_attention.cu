@@ -41,15 +41,14 @@ absl::Status LaunchAttention(const AttentionArgs& a, bool tensor_cores, size_t s
   if (a.n <= 0) return absl::OkStatus();
   if (tensor_cores && AttentionMmaFits(a.h, a.hd)) {
     const int h = static_cast<int>(a.h);
-    // Key splits, each at least two key tiles: up to 32 rows about two blocks an SM (H100/H200: 132) over
-    // the rows; 33-66 rows as many as keep to one block an SM (2 at 64 rows); above, one block a row. (H200,
-    // 64 rows x 640 keys: 5 splits took 159 us, one block a row 144, the partial outputs' traffic outweighing
-    // the idle SMs; one block a row leaves half the SMs idle at 64 rows, and each block streams its row's
-    // keys at ~9 GB/s.)
-    constexpr int64_t kSplitRows = 32, kSms = 132, kMaxSplits = k::kMaxAttentionSplits;
+    // Key splits up to 32 rows: about two blocks an SM (H200: 132) over the rows, each split at least two
+    // key tiles. Above, one block a row (H200, 64 rows x 640 keys: 5 splits took 159 us, one block a row 144:
+    // the partial outputs' traffic outweighs the idle SMs).
+    constexpr int64_t kSplitRows = 32, kSplitBlocks = 2 * 132, kMaxSplits = k::kMaxAttentionSplits;
     const int64_t tiles = Blocks(a.max_keys, k::kMmaKeyTile);
-    const int64_t splits = std::clamp<int64_t>(
-        std::min(a.n <= kSplitRows ? Blocks(2 * kSms, a.n) : kSms / a.n, tiles / 2), 1, kMaxSplits);
+    const int64_t splits =
+        a.n > kSplitRows ? 1
+                         : std::clamp<int64_t>(std::min(Blocks(kSplitBlocks, a.n), tiles / 2), 1, kMaxSplits);
     const int64_t split_keys = splits > 1 ? Blocks(tiles, splits) * k::kMmaKeyTile : 0;
     Buf<float> part(s), ml(s);
     if (splits > 1) {
