@@ -213,8 +213,12 @@ __global__ void __launch_bounds__(kWarps * 32)
 // atomics on y). Grid (ceil(out / (16 kWarps)), S), 32 kWarps threads, RowsFp8Smem(kTok, kWarps) bytes of
 // dynamic shared memory (above 48 KiB: the backend raises the limit at start, InitLinearKernels).
 constexpr int kRowsStages = 4;
+// One stage: 16 kWarps weight rows, then 8 kTok input rows, of 128 bytes each.
+__host__ __device__ constexpr int RowsStageBytes(int tok, int warps) {
+  return (16 * warps + 8 * tok) * kFp8Block;
+}
 __host__ __device__ constexpr size_t RowsFp8Smem(int tok, int warps) {
-  return static_cast<size_t>(kRowsStages) * (16 * warps + 8 * tok) * kFp8Block;
+  return static_cast<size_t>(kRowsStages) * RowsStageBytes(tok, warps);
 }
 // Where 16-byte chunk c (0-7) of a stage's row `row` sits: rows of 128 bytes, chunks XOR 4 on odd rows, so
 // the 8 lanes of a quarter warp (rows g, g + 1 of one parity each, chunks t or t + 4) hit 8 different bank
@@ -227,23 +231,28 @@ __device__ __forceinline__ int RowsChunk(int row, int c) {
 template <int kTok, int kWarps>
 __device__ __forceinline__ unsigned char* RowsStage(int64_t stage) {
   extern __shared__ __align__(128) unsigned char rows_smem[];
-  return rows_smem + stage * ((16 * kWarps + 8 * kTok) * kFp8Block);
+  return rows_smem + stage * RowsStageBytes(kTok, kWarps);
+}
+// kRows rows of 128 bytes at column k of src (row stride ld, rows r0 + r clamped to rmax) into dst in the
+// RowsChunk layout, as cp.async by the block's kThreads threads, a 16-byte chunk each at a time.
+template <int kRows, int kThreads>
+__device__ __forceinline__ void CpAsyncRows(unsigned char* dst, const uint8_t* src, int64_t ld, int64_t r0,
+                                            int64_t rmax, int64_t k) {
+  const int tid = static_cast<int>(threadIdx.x);
+#pragma unroll
+  for (int j = 0; j < (kRows * 8 + kThreads - 1) / kThreads; ++j) {
+    const int c = tid + j * kThreads;
+    if (kRows * 8 % kThreads == 0 || c < kRows * 8)
+      CpAsync16(dst + RowsChunk(c / 8, c % 8), src + MinI64(r0 + c / 8, rmax) * ld + k + (c % 8) * 16);
+  }
 }
 // RowsGemmFp8's weights of k block kb (weight rows nb0 .. nb0 + 16 kWarps, clamped to out - 1) into stage
-// `stage`, by the block's threads, 4 chunks of 16 bytes each. It touches only the weights and the block's
-// own shared memory, so the kernel calls it ahead of PdlEnter for its first stages.
+// `stage`. It touches only the weights and the block's own shared memory, so the kernel calls it ahead of
+// PdlEnter for its first stages.
 template <int kTok, int kWarps>
 __device__ __forceinline__ void PrefetchRowsWeights(const uint8_t* w, int64_t in, int64_t out, int64_t nb0,
                                                     int64_t kb, int64_t stage) {
-  constexpr int kThreads = 32 * kWarps;
-  unsigned char* dst = RowsStage<kTok, kWarps>(stage);
-  const int tid = static_cast<int>(threadIdx.x);
-#pragma unroll
-  for (int j = 0; j < 16 * kWarps * 8 / kThreads; ++j) {
-    const int c = tid + j * kThreads;
-    CpAsync16(dst + RowsChunk(c / 8, c % 8),
-              w + MinI64(nb0 + c / 8, out - 1) * in + kb * kFp8Block + (c % 8) * 16);
-  }
+  CpAsyncRows<16 * kWarps, 32 * kWarps>(RowsStage<kTok, kWarps>(stage), w, in, nb0, out - 1, kb * kFp8Block);
 }
 
 template <int kTok, int kWarps>
@@ -265,14 +274,8 @@ __global__ void __launch_bounds__(kWarps * 32, 2)  // Two blocks an SM: 128 regi
   }
   PdlEnter();
   const auto load_x = [&](int64_t i) {  // k block kb0 + i's input rows into stage i % kRowsStages.
-    unsigned char* dst = RowsStage<kTok, kWarps>(i % kRowsStages) + kWr * kFp8Block;
-    const int64_t k = (kb0 + i) * kFp8Block;
-#pragma unroll
-    for (int j = 0; j < (kXr * 8 + kThreads - 1) / kThreads; ++j) {
-      const int c = tid + j * kThreads;
-      if (c < kXr * 8)
-        CpAsync16(dst + RowsChunk(c / 8, c % 8), xq + MinI64(c / 8, m - 1) * ldx + k + (c % 8) * 16);
-    }
+    CpAsyncRows<kXr, kThreads>(RowsStage<kTok, kWarps>(i % kRowsStages) + kWr * kFp8Block, xq, ldx, 0, m - 1,
+                               (kb0 + i) * kFp8Block);
   };
   // Group i holds stage i's inputs (group 0 also the first stages' weights): group i complete = stage i
   // ready.
