@@ -420,17 +420,17 @@ void LinearKernels(const ModelConfig& c, double copy_bw, double fp8_gemm, std::v
                           {"shared w1", c.moe_intermediate_size, c.hidden_size}};
   std::mt19937_64 rng(11);
   std::normal_distribution<float> nd(0.0f, 0.02f);
-  const size_t colon = only.rfind(':');
+  const size_t colon = only.rfind(':');  // Main checked NAME:ROWS.
   const std::string only_name = only.substr(0, colon);
-  const int64_t only_rows = colon == std::string::npos ? 0 : std::atoll(only.c_str() + colon + 1);
+  const int64_t only_rows = only.empty() ? 0 : std::atoll(only.c_str() + colon + 1);
   const int repeats = only.empty() ? 20 : 3;
   for (const Shape& sh : shapes) {
     if (!only.empty() && only_name != sh.name) continue;
     std::vector<float> w(static_cast<size_t>(sh.out * sh.in));
     for (float& v : w) v = nd(rng);
-    for (const int64_t m : {int64_t{1}, int64_t{8}, int64_t{16}, int64_t{32}, int64_t{64}, int64_t{256},
-                            int64_t{8192}, only_rows}) {
-      if (only.empty() ? m == 0 : m != only_rows) continue;
+    const std::vector<int64_t> row_counts =
+        only.empty() ? std::vector<int64_t>{1, 8, 16, 32, 64, 256, 8192} : std::vector<int64_t>{only_rows};
+    for (const int64_t m : row_counts) {
       std::vector<float> x(static_cast<size_t>(m * sh.in));
       for (float& v : x) v = nd(rng);
       double tb = 0, t8 = 0;
@@ -567,6 +567,11 @@ int Main(int argc, char** argv) {
       compare_pdl = std::string(v) != "0";
     } else if (const char* v = val("linear")) {
       linear_only = v;
+      const size_t colon = linear_only.rfind(':');
+      if (colon == std::string::npos || std::atoll(v + colon + 1) <= 0) {
+        std::fprintf(stderr, "--linear takes NAME:ROWS (wq_b, wo_b or shared w1, rows > 0), got %s\n", v);
+        return 2;
+      }
     } else if (const char* v = val("attention")) {
       attention = std::string(v) != "0";
     } else if (const char* v = val("ceilings")) {  // 0: skip them (profiling runs); ratios then print as 0.
@@ -621,6 +626,8 @@ int Main(int argc, char** argv) {
   std::vector<std::string> rows;
   if (!linear_only.empty()) {  // One linear's kernels alone (ncu), nothing else.
     LinearKernels(*config, copy_bw, fp8, &rows, linear_only);
+    if (rows.empty())
+      std::fprintf(stderr, "--linear=%s: no such linear, or it failed\n", linear_only.c_str());
     return rows.empty() ? 1 : 0;
   }
   if (attention) {
