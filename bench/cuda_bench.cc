@@ -27,12 +27,15 @@
 //                           [--weights=fp8|bf16|fp32] [--experts=fp4|bf16] [--steps=10]
 //                           [--compare-state-cache=1] [--compare-graphs=1] [--compare-rows-gemm=1]
 //                           [--compare-pdl=1]
-//                           [--ceilings=1] [--attention=1] [--linear=wq_b:64]
+//                           [--ceilings=1] [--attention=1] [--linear=wq_b:64] [--trace=0]
 // (--experts=fp4: MXFP4 routed experts, as V4 ships them; other weights BF16 except the FP32 ones the
 // backend keeps: mHC mixes, router gate, compressor projections; --weights=fp8: the linears V4 ships in FP8
 // stay FP8, with 128 x 128 block scales. --attention=1 also times the attention, expert and linear kernels
 // side by side; --linear=NAME:ROWS (wq_b, wo_b, shared w1) times that one FP8 linear's kernels alone, 3 calls
-// each, and exits: the run to put under ncu.)
+// each, and exits: the run to put under ncu. --trace=N: after each greedy batch's timed steps, N more steps
+// recorded by CUPTI (bench/kernel_trace.h; not in the medians: tracing slows launches), and each prefill
+// once more, traced: where the wall time goes (host before and after the GPU, GPU busy, GPU idle between
+// kernels), the largest idle gaps and the kernels by time, at the GPU's own clocks with graphs on.)
 // Prints a Markdown table (docs/PERFORMANCE.md holds the last one).
 #include <cublasLt.h>
 #include <cuda_fp8.h>
@@ -51,6 +54,7 @@
 
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_split.h"
+#include "bench/kernel_trace.h"
 #include "model/backend.h"
 #include "model/config.h"
 #include "model/cuda/cuda_backend.h"
@@ -226,6 +230,18 @@ std::vector<int32_t> Tokens(int64_t n, int64_t vocab, int64_t salt) {
   std::vector<int32_t> t(static_cast<size_t>(n));
   for (int64_t i = 0; i < n; ++i) t[i] = static_cast<int32_t>(2 + ((i + salt * 131) * 7919) % (vocab - 2));
   return t;
+}
+
+// Stops `tracer` (if any) and prints its report over `windows`.
+void PrintTrace(std::unique_ptr<bench::KernelTrace> tracer,
+                const std::vector<std::pair<uint64_t, uint64_t>>& windows) {
+  if (tracer == nullptr) return;
+  absl::StatusOr<std::vector<bench::TraceRecord>> recs = tracer->Stop();
+  if (!recs.ok()) {
+    std::printf("    trace: %s\n", std::string(recs.status().message()).c_str());
+    return;
+  }
+  std::printf("%s", bench::SummarizeTrace(*recs, windows, 30).c_str());
 }
 
 double Seconds(std::chrono::steady_clock::time_point a) {
@@ -528,7 +544,7 @@ void LinearKernels(const ModelConfig& c, double copy_bw, double fp8_gemm, std::v
 }
 
 int Main(int argc, char** argv) {
-  int64_t layers = 2, context = 512, steps = 10;
+  int64_t layers = 2, context = 512, steps = 10, trace = 0;
   std::string prefill = "8192,32768", batches = "1,8,64", weights = "fp8", experts = "fp4", linear_only;
   bool compare_cache = true, compare_graphs = true, compare_rows = true, compare_pdl = true, ceilings = true,
        attention = true;
@@ -570,6 +586,11 @@ int Main(int argc, char** argv) {
       const size_t colon = linear_only.rfind(':');
       if (colon == std::string::npos || std::atoll(v + colon + 1) <= 0) {
         std::fprintf(stderr, "--linear takes NAME:ROWS (wq_b, wo_b or shared w1, rows > 0), got %s\n", v);
+        return 2;
+      }
+    } else if (const char* v = val("trace")) {
+      if (!absl::SimpleAtoi(v, &trace) || trace < 0) {
+        std::fprintf(stderr, "--trace takes a step count >= 0, got %s\n", v);
         return 2;
       }
     } else if (const char* v = val("attention")) {
@@ -676,10 +697,23 @@ int Main(int argc, char** argv) {
     std::vector<int32_t> next(static_cast<size_t>(b), 7);
     std::vector<int64_t> rows_idx(static_cast<size_t>(b));
     for (int64_t i = 0; i < b; ++i) rows_idx[i] = i;
-    for (int64_t s = 0; s < steps + 2; ++s) {
+    // Greedy batches: `trace` more steps under CUPTI after the timed ones.
+    const int64_t traced = mode == kGreedy ? trace : 0;
+    std::unique_ptr<bench::KernelTrace> tracer;
+    std::vector<std::pair<uint64_t, uint64_t>> windows;
+    for (int64_t s = 0; s < steps + 2 + traced; ++s) {
       segs.clear();
       for (int64_t i = 0; i < b; ++i) segs.push_back({&states[i], i, 1});
       CK(cudaDeviceSynchronize());
+      if (s == steps + 2) {
+        absl::StatusOr<std::unique_ptr<bench::KernelTrace>> t = bench::KernelTrace::Start();
+        if (!t.ok()) {
+          std::printf("    trace: %s\n", std::string(t.status().message()).c_str());
+          break;
+        }
+        tracer = *std::move(t);
+      }
+      const uint64_t trace_begin = bench::KernelTrace::Now();
       auto ts = std::chrono::steady_clock::now();
       absl::StatusOr<std::vector<int32_t>> tok;
       absl::StatusOr<std::vector<float>> lg;
@@ -703,7 +737,8 @@ int Main(int argc, char** argv) {
         for (int64_t i = 0; i < b; ++i) (*tok)[i] = top->ids[i * top->m];
       }
       if (tok.ok()) next = *tok;
-      if (s >= 2) {
+      if (tracer != nullptr) windows.emplace_back(trace_begin, bench::KernelTrace::Now());
+      if (s >= 2 && s < steps + 2) {
         times.push_back(dt);
         auto c = cuda::LastForwardCounters(backend);
         bytes = static_cast<double>(c->weight_bytes + c->kv_bytes);
@@ -725,6 +760,7 @@ int Main(int argc, char** argv) {
       std::printf("    last step: %lld sections replayed from CUDA graphs%s\n",
                   static_cast<long long>(c->graph_sections), c->graphs_off ? " (graphs off)" : "");
     }
+    PrintTrace(std::move(tracer), windows);
     std::fflush(stdout);
     return t;
   };
@@ -771,6 +807,21 @@ int Main(int argc, char** argv) {
     auto ts = std::chrono::steady_clock::now();
     auto r = (*be)->Forward(segs, toks, last, nullptr);
     const double t = Seconds(ts);
+    if (r.ok() && trace > 0) {  // The same prefill again (a fresh sequence), traced.
+      absl::StatusOr<std::unique_ptr<bench::KernelTrace>> tr = bench::KernelTrace::Start();
+      if (tr.ok()) {
+        SequenceState again = NewSequenceState(*config);
+        std::vector<ForwardSegment> segs2 = {{&again, 0, n}};
+        const uint64_t a = bench::KernelTrace::Now();
+        const bool ok = (*be)->Forward(segs2, toks, last, nullptr).ok();
+        const uint64_t e = bench::KernelTrace::Now();
+        std::printf("    traced prefill of %lld tokens%s:\n", static_cast<long long>(n),
+                    ok ? "" : " (failed)");
+        PrintTrace(*std::move(tr), {{a, e}});
+      } else {
+        std::printf("    trace: %s\n", std::string(tr.status().message()).c_str());
+      }
+    }
     if (!r.ok()) {
       std::fprintf(stderr, "prefill %lld: %s\n", static_cast<long long>(n),
                    std::string(r.status().message()).c_str());
