@@ -470,16 +470,22 @@ class CudaBackend final : public ForwardBackend {
   absl::Status LinearBatched(const float* x, int64_t m, int64_t ldx, int64_t stride_x, const Mat& w,
                              int64_t groups, int64_t ldy, float* y) const;
   // The FP8 GEMM: x quantized per row in blocks of 128 (model/cuda/fp8_gemm.cuh; SkinnyGemmFp8 quantizes as
-  // it reads, the others take QuantizeFp8Blocks's codes): SkinnyGemmFp8 for up to kRowsFrom - 1 rows,
-  // RowsGemmFp8 up to kSkinnyMaxRows (64), cuBLASLt's block-scaled FP8 GEMM above, on the rows up to a
-  // multiple of 4 (the 1-3 left, a second pass over the weights, by ours: padding them is not written). Where
-  // cuBLASLt cannot (a library without block scales, inputs of other than a multiple of 512, a refused shape)
-  // GemmFp8 takes the rows above 64. RowsGemmFp8 serves kAuto only with V4SERVE_CUDA_ROWS_GEMM=1 or fp8
-  // (session 15 measured its first version slower than cuBLASLt in the step); otherwise SkinnyGemmFp8 takes
-  // up to kSkinnyRows (16) and cuBLASLt the rows above. `path` forces one (bench/, tests). ldx a multiple of
-  // 128, x 16-byte aligned. FP32 weights (mixes, gate, compressors; every linear in the FP32 mode) on up to
-  // kRowsF32 rows take RowsGemmF32 (cuda_kernels.cuh) with V4SERVE_CUDA_ROWS_GEMM=1 or f32, cuBLAS otherwise.
-  static constexpr int64_t kSkinnyRows = 16, kRowsFrom = 9, kRowsF32 = 64;
+  // it reads, the others take QuantizeFp8Blocks's codes). kAuto's choice by rows and weight size, from the
+  // kernels timed side by side (docs/PERFORMANCE.md, "Session 17"; L2 flushed before each call):
+  //   - weights of at least kRowsBigWeights codes (wq_b, wo_b: 32 MiB): SkinnyGemmFp8 for 1 row,
+  //     RowsGemmFp8 for 2 to kRowsBigTo (12) rows, cuBLASLt above (wq_b at 8 rows: 18.6 us against the
+  //     skinny kernel's 23.0 and cuBLASLt's 24.1; at 16 rows cuBLASLt 20.9 against 36.9);
+  //   - smaller weights (shared expert 8 MiB, wq_a, wkv, indexer): SkinnyGemmFp8 up to kSkinnyRows (16),
+  //     cuBLASLt above (the row kernel loses to the skinny one there: 13.9 against 11.3 us at 8 rows).
+  // With V4SERVE_CUDA_ROWS_GEMM=1 or fp8, RowsGemmFp8 takes kRowsFrom (9) to kSkinnyMaxRows (64) rows of
+  // every weight, SkinnyGemmFp8 the fewer. cuBLASLt runs on the rows up to a multiple of 4 (the 1-3 left, a
+  // second pass over the weights, by ours: padding them is not written). Where cuBLASLt cannot (a library
+  // without block scales, inputs of other than a multiple of 512, a refused shape) GemmFp8 takes the rows
+  // above 64. `path` forces one (bench/, tests). ldx a multiple of 128, x 16-byte aligned. FP32 weights
+  // (mixes, gate, compressors; every linear in the FP32 mode) on up to kRowsF32 rows take RowsGemmF32
+  // (cuda_kernels.cuh) with V4SERVE_CUDA_ROWS_GEMM=1 or f32, cuBLAS otherwise.
+  static constexpr int64_t kSkinnyRows = 16, kRowsFrom = 9, kRowsF32 = 64, kRowsBigTo = 12;
+  static constexpr int64_t kRowsBigWeights = int64_t{16} << 20;
   absl::Status LinearF32Rows(const float* x, int64_t m, int64_t ldx, const Mat& w, int64_t ldy,
                              float* y) const;
   // A row GEMM's k split: `splits` so that `groups` feature groups of `kernel` (blocks of `threads`) fill

@@ -241,11 +241,13 @@ absl::Status CudaBackend::LinearFp8(const float* x, int64_t m, int64_t ldx, cons
   RETURN_IF_ERROR(act_fp8_->Alloc((m - 1) * ldx + w.in));
   RETURN_IF_ERROR(act_fp8_scales_->Alloc(m * row_blocks));
   const uint8_t* codes = static_cast<const uint8_t*>(w.p);
-  // kAuto's choice by rows (without V4SERVE_CUDA_ROWS_GEMM=1 or fp8: SkinnyGemmFp8 up to kSkinnyRows and
-  // cuBLASLt above, the choice before RowsGemmFp8).
-  const int64_t skinny_rows = rows_fp8_ ? kRowsFrom - 1 : kSkinnyRows;
-  if (path == Fp8Path::kRows ||
-      (path == Fp8Path::kAuto && rows_fp8_ && m > skinny_rows && m <= k::kSkinnyMaxRows)) {
+  // kAuto's choice by rows and weight size (cuda_backend_impl.cuh): the row kernel's rows [rows_from,
+  // rows_to], the skinny kernel's fewer, cuBLASLt's more.
+  const bool big = w.in * w.out >= kRowsBigWeights;
+  const int64_t rows_from = rows_fp8_ ? kRowsFrom : big ? 2 : kSkinnyRows + 1;
+  const int64_t rows_to = rows_fp8_ ? k::kSkinnyMaxRows : big ? kRowsBigTo : kSkinnyRows;
+  const int64_t skinny_rows = rows_from - 1 < rows_to ? rows_from - 1 : rows_to;
+  if (path == Fp8Path::kRows || (path == Fp8Path::kAuto && m >= rows_from && m <= rows_to)) {
     RETURN_IF_ERROR(Launch(k::QuantizeFp8Blocks, Blocks(m * row_blocks, 8), 256, 0, x, m, row_blocks,
                            in_blocks, 0, act_fp8_->get(), act_fp8_scales_->get()));
     // k split where the feature groups alone do not fill the SMs (each split at least 2 k blocks).

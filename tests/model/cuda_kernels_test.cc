@@ -211,6 +211,9 @@ TEST(CudaKernelTest, Fp8LinearMatchesTheFaithfulGemm) {
   // 64 k blocks) splits k 8 ways of 8 blocks.
   CheckFp8Linear(1024, 38400, {40});
   CheckFp8Linear(8192, 4096, {64});
+  // A weight of 16 Mi codes, where kAuto picks the row kernel at 2-12 rows and cuBLASLt (12 rows) with the
+  // skinny kernel (the 13th) above.
+  CheckFp8Linear(1024, 16384, {2, 12, 13});
 }
 
 TEST(CudaKernelTest, ArgmaxRowsTakesTheLowestIndexOnTies) {
