@@ -128,7 +128,7 @@ absl::Status CudaBackend::LinearBatched(const float* x, int64_t m, int64_t ldx, 
   if (w.bf16) {
     const int64_t n = (m - 1) * ldx + (groups - 1) * stride_x + in;
     RETURN_IF_ERROR(act_bf16_->Alloc(n));
-    RETURN_IF_ERROR(Launch(k::ToBf16, Blocks(n, 256), 256, 0, x, n, act_bf16_->get()));
+    RETURN_IF_ERROR(Launch(k::ToBf16, Blocks(Blocks(n, 4), 256), 256, 0, x, n, act_bf16_->get()));
     xin = act_bf16_->get();
     type = CUDA_R_16BF;
   }

@@ -129,7 +129,8 @@ absl::Status CudaBackend::ExpertGemmHost(const Mat& w, const float* xin, const s
   if (lowp) {
     const int64_t rows = g_off.back() + g_cnt.back();
     RETURN_IF_ERROR(act_bf16_->Alloc(rows * in));
-    RETURN_IF_ERROR(Launch(k::ToBf16, Blocks(rows * in, 256), 256, 0, xin, rows * in, act_bf16_->get()));
+    RETURN_IF_ERROR(
+        Launch(k::ToBf16, Blocks(Blocks(rows * in, 4), 256), 256, 0, xin, rows * in, act_bf16_->get()));
     x = act_bf16_->get();
   }
   const float alpha = 1.0f, beta = 0.0f;
@@ -162,7 +163,8 @@ absl::Status CudaBackend::GroupedGemmFp4(const Mat& w, const float* xin, int64_t
     return absl::OkStatus();
   }
   RETURN_IF_ERROR(act_bf16_->Alloc(rows * w.in));
-  RETURN_IF_ERROR(Launch(k::ToBf16, Blocks(rows * w.in, 256), 256, 0, xin, rows * w.in, act_bf16_->get()));
+  RETURN_IF_ERROR(
+      Launch(k::ToBf16, Blocks(Blocks(rows * w.in, 4), 256), 256, 0, xin, rows * w.in, act_bf16_->get()));
   RETURN_IF_ERROR(Launch(k::GroupedGemmFp4, grid, 256, k::kEgSmem, act_bf16_->get(), codes, w.scales, tiles,
                          w.in, w.out, y));
   return absl::OkStatus();
