@@ -121,7 +121,7 @@ absl::Status CudaBackend::HcPre(const HcW& w, const float* norm, const float* st
   // About two blocks an SM at small batches, up to 4 a token and slices of at least 128 values (the tiny
   // model's 256 take 2, so the tests run the split too).
   const int64_t parts = std::clamp<int64_t>(Blocks(2 * 132, n), 1, std::clamp<int64_t>(d / 128, 1, 4));
-  RETURN_IF_ERROR(Launch(k::HcMix, dim3(static_cast<unsigned>(n), static_cast<unsigned>(parts)), 256, 0,
+  RETURN_IF_ERROR(Launch(k::HcMix, dim3(static_cast<unsigned>(n), static_cast<unsigned>(parts + 1)), 256, 0,
                          mixes.get(), c.rms_norm_eps, w.base, w.scale, static_cast<int>(hc),
                          static_cast<int>(c.hc_sinkhorn_iters), static_cast<float>(c.hc_eps), streams, d,
                          norm, collapsed, post, comb));

@@ -235,19 +235,34 @@ __device__ __forceinline__ void CollapseNorm(const float* pre, int hc, const flo
 
 // mHC pre-mix of token blockIdx.x: from the raw mixes (fn · x) and the streams' rms, the pre/post weights
 // and the Sinkhorn-projected comb matrix (cpu::HcPre), then collapsed = RmsNorm(sum_j pre_j * x_j) * norm_w
-// (the block's attn_norm or ffn_norm). gridDim.y blocks a token each write a slice of d (each computes the
-// weights and the norm; the first writes post and comb): one block a token left most SMs idle at decode
-// batches. 256 threads (the norm's sum in RmsNorm's order).
+// (the block's attn_norm or ffn_norm). Grid (tokens, parts + 1): blocks y < parts each write a slice of d of
+// the collapse (each computes pre and the norm); block y == parts computes post and the Sinkhorn comb, in
+// parallel with the collapse (20 dependent iterations: in series with it they were a third of the kernel).
+// One block a token left most SMs idle at decode batches. 256 threads (the norm's sum in RmsNorm's order).
 __global__ void HcMix(const float* mixes, double norm_eps, const float* base, const float* scale, int hc,
                       int iters, float eps, const float* streams, int64_t d, const float* norm_w,
                       float* collapsed, float* post_out, float* comb_out) {
   PdlEnter();
   const int64_t t = blockIdx.x;
   const float r = RowRsqrt(streams + t * hc * d, hc * d, norm_eps);
-  const bool first = blockIdx.y == 0;
+  const int parts = static_cast<int>(gridDim.y) - 1;
   const int mix = (2 + hc) * hc;
+  const float* m = mixes + t * mix;
   __shared__ float pre[kMaxHc];
-  __shared__ float cm[kMaxHc * kMaxHc];
+  if (static_cast<int>(blockIdx.y) < parts) {
+    if (static_cast<int>(threadIdx.x) < hc) {
+      pre[threadIdx.x] = SigmoidF((m[threadIdx.x] * r) * scale[0] + base[threadIdx.x]) + eps;
+    }
+    __syncthreads();
+    const int64_t chunk = (d + 4 * parts - 1) / (4 * parts) * 4, lo = blockIdx.y * chunk;
+    CollapseNorm(pre, hc, streams + t * hc * d, d, norm_w, norm_eps, collapsed + t * d, min(lo, d),
+                 min(lo + chunk, d));
+    return;
+  }
+  if (static_cast<int>(threadIdx.x) < hc) {
+    const int j = static_cast<int>(threadIdx.x);
+    post_out[t * hc + j] = 2.0f * SigmoidF((m[hc + j] * r) * scale[1] + base[hc + j]);
+  }
   if (hc * hc <= 32) {
     // The first warp, a lane per comb element (j, k) = (lane / hc, lane % hc): the same operations in the
     // same order as the serial version below, sums read lane by lane through shuffles.
@@ -255,11 +270,6 @@ __global__ void HcMix(const float* mixes, double norm_eps, const float* base, co
       const unsigned full = 0xffffffffu;
       const int lane = threadIdx.x, j = lane / hc, kc = lane % hc;
       const bool on = lane < hc * hc;
-      const float* m = mixes + t * mix;
-      if (lane < hc) {
-        pre[lane] = SigmoidF((m[lane] * r) * scale[0] + base[lane]) + eps;
-        if (first) post_out[t * hc + lane] = 2.0f * SigmoidF((m[hc + lane] * r) * scale[1] + base[hc + lane]);
-      }
       float v = on ? (m[2 * hc + lane] * r) * scale[2] + base[2 * hc + lane] : 0.0f;
       auto row_at = [&](float x, int q) { return __shfl_sync(full, x, (j * hc + q) & 31); };
       auto col_at = [&](float x, int q) { return __shfl_sync(full, x, (q * hc + kc) & 31); };
@@ -279,14 +289,10 @@ __global__ void HcMix(const float* mixes, double norm_eps, const float* base, co
         for (int q = 0; q < hc; ++q) sum += col_at(v, q);
         v /= (sum + eps);
       }
-      if (on && first) comb_out[t * hc * hc + lane] = v;
+      if (on) comb_out[t * hc * hc + lane] = v;
     }
   } else if (threadIdx.x == 0) {
-    const float* m = mixes + t * mix;
-    for (int j = 0; j < hc; ++j) {
-      pre[j] = SigmoidF((m[j] * r) * scale[0] + base[j]) + eps;
-      if (first) post_out[t * hc + j] = 2.0f * SigmoidF((m[hc + j] * r) * scale[1] + base[hc + j]);
-    }
+    __shared__ float cm[kMaxHc * kMaxHc];
     for (int j = 0; j < hc; ++j) {
       float mx = -INFINITY;
       for (int k = 0; k < hc; ++k) {
@@ -311,12 +317,8 @@ __global__ void HcMix(const float* mixes, double norm_eps, const float* base, co
         for (int j = 0; j < hc; ++j) cm[j * hc + k] /= (s + eps);
       }
     }
-    for (int i = 0; first && i < hc * hc; ++i) comb_out[t * hc * hc + i] = cm[i];
+    for (int i = 0; i < hc * hc; ++i) comb_out[t * hc * hc + i] = cm[i];
   }
-  __syncthreads();
-  const int64_t chunk = (d + 4 * gridDim.y - 1) / (4 * gridDim.y) * 4, lo = blockIdx.y * chunk;
-  CollapseNorm(pre, hc, streams + t * hc * d, d, norm_w, norm_eps, collapsed + t * d, min(lo, d),
-               min(lo + chunk, d));
 }
 
 // The final collapse (hc_head: sigmoid weights only) and the final norm (norm_w). 256 threads.
