@@ -101,13 +101,6 @@ struct LtPlan {
   cublasLtMatmulDesc_t op = nullptr;
   cublasLtMatrixLayout_t a = nullptr, b = nullptr, d = nullptr;
   cublasLtMatmulAlgo_t algo{};
-  // The heuristic's first kLtCandidates algorithms: TuneLtPlan times them on the plan's first use outside a
-  // CUDA graph capture and keeps the fastest in `algo` (the heuristic's first until then).
-  // (A fixed array: nvcc 13.0's front end fails on a std::vector of the algorithm struct here.)
-  static constexpr int kMaxCandidates = 8;
-  cublasLtMatmulAlgo_t candidates[kMaxCandidates]{};
-  int num_candidates = 0;
-  bool tuned = false;
 };
 
 // A stream-ordered device buffer (cudaMallocAsync; freed on the same stream).
@@ -670,18 +663,8 @@ class CudaBackend final : public ForwardBackend {
   mutable absl::node_hash_map<std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t>, LtPlan> lt_plans_;
   mutable absl::flat_hash_map<std::tuple<const void*, int, size_t>, int> resident_blocks_;
   // Null when cuBLASLt refuses the shape (remembered).
-  LtPlan* GetLtPlan(int64_t m, int64_t out, int64_t in, int64_t ldx, int64_t ldy, const void* a_scale,
-                    const void* b_scale) const;
-  // Picks `p`'s algorithm for decode-sized shapes (up to kLtTuneRows rows) by timing its candidates through
-  // `run` (each call after an L2 flush, as in a step that streams GBs between two uses of a weight), once;
-  // prefill-sized shapes keep the heuristic's first. The choice is kept for the process by shape and
-  // device, so that every backend in it computes a shape with the same algorithm (the same bits). During a
-  // capture it does nothing (a later eager call tunes). cuBLASLt's heuristic took split-k with a separate
-  // reduction for shapes whose tiles fill the GPU alone (an H100 batch-64 step: 94 us of 12 reductions).
-  absl::Status TuneLtPlan(LtPlan* p, int64_t m, int64_t out, int64_t in, int64_t ldx, int64_t ldy,
-                          const std::function<absl::Status(const cublasLtMatmulAlgo_t&)>& run) const;
-  static constexpr int kLtCandidates = LtPlan::kMaxCandidates;
-  static constexpr int64_t kLtTuneRows = 128;
+  const LtPlan* GetLtPlan(int64_t m, int64_t out, int64_t in, int64_t ldx, int64_t ldy, const void* a_scale,
+                          const void* b_scale) const;
   cpu::RopeTable rope_main_, rope_comp_;
   float *inv_main_ = nullptr, *inv_comp_ = nullptr;
   Mat embed_, head_;

@@ -5,16 +5,11 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <cstring>
-#include <functional>
-#include <tuple>
 #include <type_traits>
 #include <vector>
 
 #include "absl/cleanup/cleanup.h"
-#include "absl/container/flat_hash_map.h"
 #include "absl/strings/str_cat.h"
-#include "absl/synchronization/mutex.h"
 #include "model/cpu/weights.h"
 #include "model/cuda/cuda_backend.h"
 #include "model/cuda/cuda_backend_impl.cuh"
@@ -29,19 +24,6 @@ namespace impl {
 namespace k = kernels;
 
 namespace {
-// Reads n 16-byte words (an L2 flush that leaves clean lines: the timed call after it evicts them without
-// writing back); `sink` is written only if the sum hits a value the zeroed buffer cannot give, so the loads
-// stay.
-__global__ void ReadAll(const int4* p, size_t n, int* sink) {
-  int acc = 0;
-  for (size_t i = blockIdx.x * static_cast<size_t>(blockDim.x) + threadIdx.x; i < n;
-       i += static_cast<size_t>(gridDim.x) * blockDim.x) {
-    const int4 v = p[i];
-    acc += v.x ^ v.y ^ v.z ^ v.w;
-  }
-  if (acc == 0x7fffffff) *sink = acc;
-}
-
 // f(std::integral_constant<int, kTok>) (its result) with the token groups of 8 that `rows` rows take in the
 // skinny FP8 kernels' instantiations: 1, 2, 4 or 8 (up to 64 rows).
 template <class F>
@@ -183,8 +165,8 @@ absl::Status CudaBackend::LinearF32Rows(const float* x, int64_t m, int64_t ldx, 
   return launch(k::RowsGemmF32<8, 8>, 8);
 }
 
-LtPlan* CudaBackend::GetLtPlan(int64_t m, int64_t out, int64_t in, int64_t ldx, int64_t ldy,
-                               const void* a_scale, const void* b_scale) const {
+const LtPlan* CudaBackend::GetLtPlan(int64_t m, int64_t out, int64_t in, int64_t ldx, int64_t ldy,
+                                     const void* a_scale, const void* b_scale) const {
   const auto key = std::make_tuple(m, out, in, ldx, ldy);
   if (auto it = lt_plans_.find(key); it != lt_plans_.end())
     return it->second.op != nullptr ? &it->second : nullptr;
@@ -205,114 +187,38 @@ LtPlan* CudaBackend::GetLtPlan(int64_t m, int64_t out, int64_t in, int64_t ldx, 
   const cublasLtMatmulMatrixScale_t a_mode = CUBLASLT_MATMUL_MATRIX_SCALE_BLK128x128_32F,
                                     b_mode = CUBLASLT_MATMUL_MATRIX_SCALE_VEC128_32F;
   const size_t ws = kLtWorkspace;
-  cublasLtMatmulHeuristicResult_t heur[kLtCandidates]{};
+  cublasLtMatmulHeuristicResult_t heur{};
   int found = 0;
-  const bool ok = api.desc_create(&p.op, CUBLAS_COMPUTE_32F, CUDA_R_32F) == CUBLAS_STATUS_SUCCESS &&
-                  api.desc_set(p.op, CUBLASLT_MATMUL_DESC_TRANSA, &ta, sizeof(ta)) == CUBLAS_STATUS_SUCCESS &&
-                  api.desc_set(p.op, CUBLASLT_MATMUL_DESC_TRANSB, &tb, sizeof(tb)) == CUBLAS_STATUS_SUCCESS &&
-                  api.desc_set(p.op, CUBLASLT_MATMUL_DESC_A_SCALE_MODE, &a_mode, sizeof(a_mode)) ==
-                      CUBLAS_STATUS_SUCCESS &&
-                  api.desc_set(p.op, CUBLASLT_MATMUL_DESC_B_SCALE_MODE, &b_mode, sizeof(b_mode)) ==
-                      CUBLAS_STATUS_SUCCESS &&
-                  // The heuristic refuses block-scaled modes without scale pointers (INVALID_VALUE); each
-                  // call sets its own.
-                  api.desc_set(p.op, CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, &a_scale, sizeof(a_scale)) ==
-                      CUBLAS_STATUS_SUCCESS &&
-                  api.desc_set(p.op, CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, &b_scale, sizeof(b_scale)) ==
-                      CUBLAS_STATUS_SUCCESS &&
-                  api.layout_create(&p.a, CUDA_R_8F_E4M3, in, out, in) == CUBLAS_STATUS_SUCCESS &&
-                  api.layout_create(&p.b, CUDA_R_8F_E4M3, in, m, ldx) == CUBLAS_STATUS_SUCCESS &&
-                  api.layout_create(&p.d, CUDA_R_32F, out, m, ldy) == CUBLAS_STATUS_SUCCESS &&
-                  api.pref_create(&pref) == CUBLAS_STATUS_SUCCESS &&
-                  api.pref_set(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof(ws)) ==
-                      CUBLAS_STATUS_SUCCESS &&
-                  api.heuristic(lt_, p.op, p.a, p.b, p.d, p.d, pref, kLtCandidates, heur, &found) ==
-                      CUBLAS_STATUS_SUCCESS &&
-                  found > 0;
+  const bool ok =
+      api.desc_create(&p.op, CUBLAS_COMPUTE_32F, CUDA_R_32F) == CUBLAS_STATUS_SUCCESS &&
+      api.desc_set(p.op, CUBLASLT_MATMUL_DESC_TRANSA, &ta, sizeof(ta)) == CUBLAS_STATUS_SUCCESS &&
+      api.desc_set(p.op, CUBLASLT_MATMUL_DESC_TRANSB, &tb, sizeof(tb)) == CUBLAS_STATUS_SUCCESS &&
+      api.desc_set(p.op, CUBLASLT_MATMUL_DESC_A_SCALE_MODE, &a_mode, sizeof(a_mode)) ==
+          CUBLAS_STATUS_SUCCESS &&
+      api.desc_set(p.op, CUBLASLT_MATMUL_DESC_B_SCALE_MODE, &b_mode, sizeof(b_mode)) ==
+          CUBLAS_STATUS_SUCCESS &&
+      // The heuristic refuses block-scaled modes without scale pointers (INVALID_VALUE); each call sets its
+      // own.
+      api.desc_set(p.op, CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, &a_scale, sizeof(a_scale)) ==
+          CUBLAS_STATUS_SUCCESS &&
+      api.desc_set(p.op, CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, &b_scale, sizeof(b_scale)) ==
+          CUBLAS_STATUS_SUCCESS &&
+      api.layout_create(&p.a, CUDA_R_8F_E4M3, in, out, in) == CUBLAS_STATUS_SUCCESS &&
+      api.layout_create(&p.b, CUDA_R_8F_E4M3, in, m, ldx) == CUBLAS_STATUS_SUCCESS &&
+      api.layout_create(&p.d, CUDA_R_32F, out, m, ldy) == CUBLAS_STATUS_SUCCESS &&
+      api.pref_create(&pref) == CUBLAS_STATUS_SUCCESS &&
+      api.pref_set(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof(ws)) ==
+          CUBLAS_STATUS_SUCCESS &&
+      api.heuristic(lt_, p.op, p.a, p.b, p.d, p.d, pref, 1, &heur, &found) == CUBLAS_STATUS_SUCCESS &&
+      found > 0;
   if (!ok) {
     release();
     lt_plans_.emplace(key, LtPlan{});
     return nullptr;
   }
   api.pref_destroy(pref);
-  for (int i = 0; i < found; ++i) {
-    if (heur[i].state == CUBLAS_STATUS_SUCCESS) p.candidates[p.num_candidates++] = heur[i].algo;
-  }
-  p.algo = p.num_candidates == 0 ? heur[0].algo : p.candidates[0];
+  p.algo = heur.algo;
   return &lt_plans_.emplace(key, p).first->second;
-}
-
-absl::Status CudaBackend::TuneLtPlan(
-    LtPlan* p, int64_t m, int64_t out, int64_t in, int64_t ldx, int64_t ldy,
-    const std::function<absl::Status(const cublasLtMatmulAlgo_t&)>& run) const {
-  if (p->tuned) return absl::OkStatus();
-  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
-  V4_CUDA_RETURN_IF_ERROR(cudaStreamIsCapturing(stream_, &capture));
-  if (capture != cudaStreamCaptureStatusNone) return absl::OkStatus();
-  p->tuned = true;
-  if (p->num_candidates <= 1 || m > kLtTuneRows) return absl::OkStatus();
-  int dev = 0, l2 = 0;
-  V4_CUDA_RETURN_IF_ERROR(cudaGetDevice(&dev));
-  using Key = std::tuple<int, int64_t, int64_t, int64_t, int64_t, int64_t>;
-  static absl::Mutex mu(absl::kConstInit);
-  static auto* chosen = new absl::flat_hash_map<Key, cublasLtMatmulAlgo_t>();
-  const Key key{dev, m, out, in, ldx, ldy};
-  {
-    absl::MutexLock l(&mu);
-    if (auto it = chosen->find(key); it != chosen->end()) {
-      for (int c = 0; c < p->num_candidates; ++c) {
-        if (std::memcmp(&p->candidates[c], &it->second, sizeof(it->second)) == 0) {
-          p->algo = p->candidates[c];
-          return absl::OkStatus();
-        }
-      }
-    }
-  }
-  constexpr int kRepeats = 3;
-  V4_CUDA_RETURN_IF_ERROR(cudaDeviceGetAttribute(&l2, cudaDevAttrL2CacheSize, dev));
-  const size_t flush_bytes = 2 * static_cast<size_t>(std::max(l2, 1 << 20));
-  Buf<int4> flush(stream_);
-  RETURN_IF_ERROR(flush.Alloc(static_cast<int64_t>(flush_bytes / sizeof(int4)) + 1));
-  V4_CUDA_RETURN_IF_ERROR(cudaMemsetAsync(flush.get(), 0, flush_bytes + sizeof(int4), stream_));
-  const size_t n = static_cast<size_t>(p->num_candidates);
-  std::vector<cudaEvent_t> ev(2 * kRepeats * n, nullptr);
-  absl::Cleanup release = [&] {
-    for (cudaEvent_t e : ev)
-      if (e != nullptr) cudaEventDestroy(e);
-  };
-  for (cudaEvent_t& e : ev) V4_CUDA_RETURN_IF_ERROR(cudaEventCreate(&e));
-  std::vector<bool> ok(n, true);
-  for (size_t c = 0; c < n; ++c) {
-    ok[c] = run(p->candidates[c]).ok();  // Warm-up (and whether it runs at all).
-    for (int r = 0; r < kRepeats && ok[c]; ++r) {
-      ReadAll<<<1024, 256, 0, stream_>>>(flush.get(), flush_bytes / sizeof(int4),
-                                         reinterpret_cast<int*>(flush.get() + flush_bytes / sizeof(int4)));
-      V4_LAUNCH_CHECK(ReadAll);
-      V4_CUDA_RETURN_IF_ERROR(cudaEventRecord(ev[(c * kRepeats + r) * 2], stream_));
-      ok[c] = run(p->candidates[c]).ok();
-      V4_CUDA_RETURN_IF_ERROR(cudaEventRecord(ev[(c * kRepeats + r) * 2 + 1], stream_));
-    }
-  }
-  V4_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream_));
-  size_t best = 0;
-  float best_ms = INFINITY;
-  for (size_t c = 0; c < n; ++c) {
-    if (!ok[c]) continue;
-    float t[kRepeats];
-    for (int r = 0; r < kRepeats; ++r) {
-      V4_CUDA_RETURN_IF_ERROR(
-          cudaEventElapsedTime(&t[r], ev[(c * kRepeats + r) * 2], ev[(c * kRepeats + r) * 2 + 1]));
-    }
-    std::sort(t, t + kRepeats);
-    if (t[kRepeats / 2] < best_ms) {
-      best_ms = t[kRepeats / 2];
-      best = c;
-    }
-  }
-  p->algo = p->candidates[best];
-  absl::MutexLock l(&mu);
-  chosen->try_emplace(key, p->algo);  // A backend that tuned first in another thread wins.
-  return absl::OkStatus();
 }
 
 // cuBLASLt takes a multiple of 4 rows (it has no algorithm for other counts with VEC128 scales: measured on
@@ -360,7 +266,7 @@ absl::Status CudaBackend::LinearFp8(const float* x, int64_t m, int64_t ldx, cons
   // cuBLASLt's rows (m4) take M-major scales ([k block][row]); the rest's row-major ones follow in the
   // buffer.
   int64_t m4 = 0;
-  LtPlan* plan = nullptr;
+  const LtPlan* plan = nullptr;
   const void* a_scale = w.tile_scales;
   const void* b_scale = act_fp8_scales_->get();
   if (LtServes(w) && m >= 4 && (path == Fp8Path::kLt || (path == Fp8Path::kAuto && m > skinny_rows))) {
@@ -380,14 +286,8 @@ absl::Status CudaBackend::LinearFp8(const float* x, int64_t m, int64_t ldx, cons
     V4_CUBLAS_RETURN_IF_ERROR(
         api.desc_set(plan->op, CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, &b_scale, sizeof(b_scale)));
     const float alpha = 1.0f, beta = 0.0f;
-    const auto run = [&](const cublasLtMatmulAlgo_t& algo) -> absl::Status {
-      V4_CUBLAS_RETURN_IF_ERROR(api.matmul(lt_, plan->op, &alpha, w.p, plan->a, act_fp8_->get(), plan->b,
-                                           &beta, y, plan->d, y, plan->d, &algo, lt_ws_, kLtWorkspace,
-                                           stream_));
-      return absl::OkStatus();
-    };
-    RETURN_IF_ERROR(TuneLtPlan(plan, m4, w.out, w.in, ldx, ldy, run));
-    RETURN_IF_ERROR(run(plan->algo));
+    V4_CUBLAS_RETURN_IF_ERROR(api.matmul(lt_, plan->op, &alpha, w.p, plan->a, act_fp8_->get(), plan->b, &beta,
+                                         y, plan->d, y, plan->d, &plan->algo, lt_ws_, kLtWorkspace, stream_));
     if (m4 == m) return absl::OkStatus();
   }
   // The other rows (all of them without cuBLASLt): SkinnyGemmFp8 up to its bound, else GemmFp8.
@@ -430,6 +330,22 @@ absl::Status CudaBackend::LinearFp8(const float* x, int64_t m, int64_t ldx, cons
 }  // namespace impl
 
 namespace testing {
+namespace {
+
+// Reads n 16-byte words (an L2 flush that leaves clean lines: the timed call after it evicts them without
+// writing back); `sink` is written only if the sum hits a value the zeroed buffer cannot give, so the loads
+// stay.
+__global__ void ReadAll(const int4* p, size_t n, int* sink) {
+  int acc = 0;
+  for (size_t i = blockIdx.x * static_cast<size_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<size_t>(gridDim.x) * blockDim.x) {
+    const int4 v = p[i];
+    acc += v.x ^ v.y ^ v.z ^ v.w;
+  }
+  if (acc == 0x7fffffff) *sink = acc;
+}
+
+}  // namespace
 
 using impl::Buf;
 using impl::CudaBackend;
@@ -483,7 +399,7 @@ absl::StatusOr<std::vector<float>> Linear(const std::vector<float>& x, int64_t m
     const auto* words = static_cast<const int4*>(flush);
     int* sink = reinterpret_cast<int*>(static_cast<char*>(flush) + flush_bytes);
     for (int i = 0; i < repeats; ++i) {
-      impl::ReadAll<<<1024, 256, 0, b.stream()>>>(words, flush_bytes / sizeof(int4), sink);
+      ReadAll<<<1024, 256, 0, b.stream()>>>(words, flush_bytes / sizeof(int4), sink);
       V4_LAUNCH_CHECK(ReadAll);
       V4_CUDA_RETURN_IF_ERROR(cudaEventRecord(ev[2 * i], b.stream()));
       RETURN_IF_ERROR(call());
