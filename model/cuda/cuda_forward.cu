@@ -57,6 +57,13 @@ void AddCounted(const ForwardCounters& d, ForwardCounters* c) {
   c->gemm_flops += d.gemm_flops;
   c->attention_flops += d.attention_flops;
 }
+
+// The collapse's slices a token (HcMix, HcHeadMix): about two blocks an SM at small batches, up to 4 a
+// token and slices of at least 128 values (the tiny model's 256 take 2, so the tests run the split too).
+int64_t HcParts(int64_t n, int64_t d) {
+  return std::clamp<int64_t>(Blocks(2 * 132, n), 1, std::clamp<int64_t>(d / 128, 1, 4));
+}
+
 }  // namespace
 
 absl::Status CudaBackend::Section(int64_t n, int64_t index, bool graph,
@@ -118,9 +125,7 @@ absl::Status CudaBackend::HcPre(const HcW& w, const float* norm, const float* st
   Buf<float> mixes(stream_);
   RETURN_IF_ERROR(mixes.Alloc(n * mix));
   RETURN_IF_ERROR(Linear(streams, n, w.fn, mixes.get()));
-  // About two blocks an SM at small batches, up to 4 a token and slices of at least 128 values (the tiny
-  // model's 256 take 2, so the tests run the split too).
-  const int64_t parts = std::clamp<int64_t>(Blocks(2 * 132, n), 1, std::clamp<int64_t>(d / 128, 1, 4));
+  const int64_t parts = HcParts(n, d);
   RETURN_IF_ERROR(Launch(k::HcMix, dim3(static_cast<unsigned>(n), static_cast<unsigned>(parts + 1)), 256, 0,
                          mixes.get(), c.rms_norm_eps, w.base, w.scale, static_cast<int>(hc),
                          static_cast<int>(c.hc_sinkhorn_iters), static_cast<float>(c.hc_eps), streams, d,
@@ -237,7 +242,9 @@ absl::Status CudaBackend::Run(absl::Span<const ForwardSegment> segments, absl::S
   for (int64_t l = 0; l <= layers; ++l) {
     RETURN_IF_ERROR(Section(n, l, graph, [&]() -> absl::Status {
       if (l == 0) {
-        RETURN_IF_ERROR(Launch(k::Embed, n, 256, 0, b->tok.get(), embed_.p, embed_.bf16, hc, d, streams));
+        RETURN_IF_ERROR(Launch(k::Embed,
+                               dim3(static_cast<unsigned>(n), static_cast<unsigned>(Blocks(d, 256))), 256, 0,
+                               b->tok.get(), embed_.p, embed_.bf16, hc, d, streams));
       } else {
         const LayerW& w = layers_[static_cast<size_t>(l - 1)];
         RETURN_IF_ERROR(AttentionOut(w, l - 1, n, b, sub));
@@ -280,7 +287,8 @@ absl::Status CudaBackend::Run(absl::Span<const ForwardSegment> segments, absl::S
   RETURN_IF_ERROR(mixes.Alloc(m * hc));
   RETURN_IF_ERROR(hidden.Alloc(m * d));
   RETURN_IF_ERROR(Linear(picked, m, hc_head_.fn, mixes.get()));
-  RETURN_IF_ERROR(Launch(k::HcHeadMix, m, 256, 0, mixes.get(), c.rms_norm_eps, hc_head_.base, hc_head_.scale,
+  RETURN_IF_ERROR(Launch(k::HcHeadMix, dim3(static_cast<unsigned>(m), static_cast<unsigned>(HcParts(m, d))),
+                         256, 0, mixes.get(), c.rms_norm_eps, hc_head_.base, hc_head_.scale,
                          static_cast<int>(hc), static_cast<float>(c.hc_eps), picked, d, norm_, hidden.get()));
   Buf<float>& lg = top != nullptr ? *top_logits_ : logits;  // Top: kept for TopLogits::full_row.
   RETURN_IF_ERROR(lg.Alloc(m * c.vocab_size));

@@ -77,12 +77,16 @@ __global__ void GatherRows(const float* x, const int32_t* perm, int64_t d, float
 }
 
 // Embedding rows copied into every mHC stream: streams[t, j, :] = embed[tokens[t], :].
+// Each of the hc streams of token blockIdx.x = its embedding row. Grid (tokens, any): block (t, b) takes
+// features b * blockDim.x + thread, strided by the grid (one block a token took ~10 us for a decode step's
+// few tokens: 16 dependent rounds of a load and 4 stores a thread).
 __global__ void Embed(const int32_t* tokens, const void* embed, bool bf16, int64_t hc, int64_t d,
                       float* streams) {
   PdlEnter();
   const int64_t t = blockIdx.x;
   const int64_t row = tokens[t];
-  for (int64_t i = threadIdx.x; i < d; i += blockDim.x) {
+  for (int64_t i = static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x; i < d;
+       i += static_cast<int64_t>(gridDim.y) * blockDim.x) {
     const float v = LoadW(embed, row * d + i, bf16);
     for (int64_t j = 0; j < hc; ++j) streams[(t * hc + j) * d + i] = v;
   }
@@ -322,6 +326,7 @@ __global__ void HcMix(const float* mixes, double norm_eps, const float* base, co
 }
 
 // The final collapse (hc_head: sigmoid weights only) and the final norm (norm_w). 256 threads.
+// Grid (tokens, parts): block y writes slice y of d, as HcMix's collapse blocks.
 __global__ void HcHeadMix(const float* mixes, double norm_eps, const float* base, const float* scale, int hc,
                           float eps, const float* streams, int64_t d, const float* norm_w, float* out) {
   PdlEnter();
@@ -332,7 +337,9 @@ __global__ void HcHeadMix(const float* mixes, double norm_eps, const float* base
     pre[threadIdx.x] = SigmoidF((mixes[t * hc + threadIdx.x] * r) * scale[0] + base[threadIdx.x]) + eps;
   }
   __syncthreads();
-  CollapseNorm(pre, hc, streams + t * hc * d, d, norm_w, norm_eps, out + t * d, 0, d);
+  const int64_t chunk = (d + 4 * gridDim.y - 1) / (4 * gridDim.y) * 4, lo = blockIdx.y * chunk;
+  CollapseNorm(pre, hc, streams + t * hc * d, d, norm_w, norm_eps, out + t * d, min(lo, d),
+               min(lo + chunk, d));
 }
 
 // streams[k] = post_k * out + sum_j comb[j][k] * streams[j], one thread per (token, feature).
