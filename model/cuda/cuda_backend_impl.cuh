@@ -572,15 +572,16 @@ class CudaBackend final : public ForwardBackend {
   };
   absl::Status PermuteOnDevice(const int32_t* sel, const float* wts, int64_t rows, int64_t k, int64_t ne,
                                int32_t* touched, DevicePermutation* p) const;
+  // xin_bf16, where given, is xin already in BF16 (the MXFP4 GEMM with BF16 inputs reads it, xin unused).
   absl::Status ExpertGemmHost(const Mat& w, const float* xin, const std::vector<int32_t>& g_expert,
-                              const std::vector<int32_t>& g_off, const std::vector<int32_t>& g_cnt,
-                              float* y) const;
+                              const std::vector<int32_t>& g_off, const std::vector<int32_t>& g_cnt, float* y,
+                              const __nv_bfloat16* xin_bf16 = nullptr) const;
   // The MXFP4 expert GEMM on tensor cores over `rows` rows of xin: GroupedGemmFp4Fp8 (FP8 inputs) in the FP8
   // mode, GroupedGemmFp4 (BF16 inputs) otherwise.
   // `tiles`: kernels::ExpertTiles's seven pointers (host tiles: expert, row0, rows; or device routing:
   // active, n_active, start, count), passed as such because that struct has internal linkage.
   absl::Status GroupedGemmFp4(const Mat& w, const float* xin, int64_t rows, const int32_t* const (&tiles)[7],
-                              dim3 grid, float* y) const;
+                              dim3 grid, float* y, const __nv_bfloat16* xin_bf16 = nullptr) const;
   // MXFP4 experts with FP8 inputs (GroupedGemmFp4Fp8; the GEMVs on FP8-rounded inputs): off in serving, where
   // the FP8 mode's experts take BF16 inputs, because our mma.sync kernel ran slower with FP8 inputs (the
   // per-value conversion to e4m3 costs more than the halved MMA count saves; docs/PERFORMANCE.md). On for

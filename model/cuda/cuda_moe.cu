@@ -96,7 +96,7 @@ absl::Status CudaBackend::ExpertGemmDevice(const Mat& w, int64_t groups, ExpertK
 
 absl::Status CudaBackend::ExpertGemmHost(const Mat& w, const float* xin, const std::vector<int32_t>& g_expert,
                                          const std::vector<int32_t>& g_off, const std::vector<int32_t>& g_cnt,
-                                         float* y) const {
+                                         float* y, const __nv_bfloat16* xin_bf16) const {
   const int64_t out = w.out, in = w.in;
   const int64_t groups = static_cast<int64_t>(g_expert.size());
   if (groups == 0) return absl::OkStatus();
@@ -124,7 +124,8 @@ absl::Status CudaBackend::ExpertGemmHost(const Mat& w, const float* xin, const s
         d_tiles.get(), d_tiles.get() + nt, d_tiles.get() + 2 * nt, nullptr, nullptr, nullptr, nullptr};
     // The upload is staged before cudaMemcpyAsync returns (pageable memory).
     return GroupedGemmFp4(w, xin, g_off.back() + g_cnt.back(), et,
-                          dim3(static_cast<unsigned>(nt), static_cast<unsigned>(Blocks(out, k::kEgBn))), y);
+                          dim3(static_cast<unsigned>(nt), static_cast<unsigned>(Blocks(out, k::kEgBn))), y,
+                          xin_bf16);
   }
   if (lowp) {
     const int64_t rows = g_off.back() + g_cnt.back();
@@ -149,7 +150,8 @@ absl::Status CudaBackend::ExpertGemmHost(const Mat& w, const float* xin, const s
 }
 
 absl::Status CudaBackend::GroupedGemmFp4(const Mat& w, const float* xin, int64_t rows,
-                                         const int32_t* const (&t)[7], dim3 grid, float* y) const {
+                                         const int32_t* const (&t)[7], dim3 grid, float* y,
+                                         const __nv_bfloat16* xin_bf16) const {
   const k::ExpertTiles tiles{t[0], t[1], t[2], t[3], t[4], t[5], t[6]};
   const uint8_t* codes = static_cast<const uint8_t*>(w.p);
   if (Fp8Experts(w)) {
@@ -162,11 +164,14 @@ absl::Status CudaBackend::GroupedGemmFp4(const Mat& w, const float* xin, int64_t
                            act_fp8_scales_->get(), codes, w.scales, tiles, w.in, w.out, y));
     return absl::OkStatus();
   }
-  RETURN_IF_ERROR(act_bf16_->Alloc(rows * w.in));
+  if (xin_bf16 == nullptr) {
+    RETURN_IF_ERROR(act_bf16_->Alloc(rows * w.in));
+    RETURN_IF_ERROR(
+        Launch(k::ToBf16, Blocks(Blocks(rows * w.in, 4), 256), 256, 0, xin, rows * w.in, act_bf16_->get()));
+    xin_bf16 = act_bf16_->get();
+  }
   RETURN_IF_ERROR(
-      Launch(k::ToBf16, Blocks(Blocks(rows * w.in, 4), 256), 256, 0, xin, rows * w.in, act_bf16_->get()));
-  RETURN_IF_ERROR(Launch(k::GroupedGemmFp4, grid, 256, k::kEgSmem, act_bf16_->get(), codes, w.scales, tiles,
-                         w.in, w.out, y));
+      Launch(k::GroupedGemmFp4, grid, 256, k::kEgSmem, xin_bf16, codes, w.scales, tiles, w.in, w.out, y));
   return absl::OkStatus();
 }
 
@@ -302,16 +307,28 @@ absl::Status CudaBackend::Moe(const LayerW& w, int64_t layer, bool hash, const f
   V4_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(touched, count.data(), ne * 4, cudaMemcpyHostToDevice, s));
   Buf<int32_t> d_perm(s), d_row_slots(s);
   Buf<float> d_slot_w(s), xin(s), eg(s), eu(s), ey(s);
+  Buf<__nv_bfloat16> xin_bf16(s);
   RETURN_IF_ERROR(d_perm.Upload(perm));
   RETURN_IF_ERROR(d_row_slots.Upload(row_slots));
   RETURN_IF_ERROR(d_slot_w.Upload(slot_w));
-  RETURN_IF_ERROR(xin.Alloc(slots * d));
-  RETURN_IF_ERROR(Launch(k::GatherRows, slots, 256, 0, x, d_perm.get(), d, xin.get()));
+  // The experts' inputs in the permuted order: straight to BF16 where both GEMMs read BF16 (one pass, no
+  // FP32 copy), else FP32.
+  const auto takes_bf16 = [&](const Mat& m) { return m.fp4 && !Fp8Experts(m) && m.in % k::kEgBk == 0; };
+  const bool bf16_in = takes_bf16(w.w1) && takes_bf16(w.w3);
+  if (bf16_in) {
+    RETURN_IF_ERROR(xin_bf16.Alloc(slots * d));
+    RETURN_IF_ERROR(Launch(k::GatherRowsBf16,
+                           dim3(static_cast<unsigned>(slots), static_cast<unsigned>(Blocks(d, 1024))), 256, 0,
+                           x, d_perm.get(), d, xin_bf16.get()));
+  } else {
+    RETURN_IF_ERROR(xin.Alloc(slots * d));
+    RETURN_IF_ERROR(Launch(k::GatherRows, slots, 256, 0, x, d_perm.get(), d, xin.get()));
+  }
   RETURN_IF_ERROR(eg.Alloc(slots * inter));
   RETURN_IF_ERROR(eu.Alloc(slots * inter));
   RETURN_IF_ERROR(ey.Alloc(slots * d));
-  RETURN_IF_ERROR(ExpertGemmHost(w.w1, xin.get(), g_expert, g_off, g_cnt, eg.get()));
-  RETURN_IF_ERROR(ExpertGemmHost(w.w3, xin.get(), g_expert, g_off, g_cnt, eu.get()));
+  RETURN_IF_ERROR(ExpertGemmHost(w.w1, xin.get(), g_expert, g_off, g_cnt, eg.get(), xin_bf16.get()));
+  RETURN_IF_ERROR(ExpertGemmHost(w.w3, xin.get(), g_expert, g_off, g_cnt, eu.get(), xin_bf16.get()));
   RETURN_IF_ERROR(Launch(k::SwiGlu, Blocks(slots * inter, 256), 256, 0, eg.get(), eu.get(), slots, inter,
                          d_slot_w.get(), lim));
   RETURN_IF_ERROR(ExpertGemmHost(w.w2, eg.get(), g_expert, g_off, g_cnt, ey.get()));
