@@ -106,8 +106,10 @@ __global__ void Route(const float* logits, int64_t n, int64_t ne, int64_t k, boo
   for (int64_t j = 0; j < k; ++j) w[j] = w[j] / sum * rsf;
 }
 
-// g = silu(min(g, L)) * clamp(u, -L, L) * w[row] (w may be null), in place in g.
-__global__ void SwiGlu(float* g, const float* u, int64_t rows, int64_t inter, const float* w, float lim) {
+// silu(min(g, L)) * clamp(u, -L, L) * w[row] (w may be null): in place in g, or, with out, into out in
+// BF16 (the prefill's w2 input, which its MXFP4 GEMM reads in BF16: no FP32 copy to convert).
+__global__ void SwiGlu(float* g, const float* u, int64_t rows, int64_t inter, const float* w, float lim,
+                       __nv_bfloat16* out) {
   PdlEnter();
   const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (idx >= rows * inter) return;
@@ -116,7 +118,12 @@ __global__ void SwiGlu(float* g, const float* u, int64_t rows, int64_t inter, co
     gate = fminf(gate, lim);
     up = fminf(fmaxf(up, -lim), lim);
   }
-  g[idx] = SiluF(gate) * up * (w ? w[idx / inter] : 1.0f);
+  const float v = SiluF(gate) * up * (w ? w[idx / inter] : 1.0f);
+  if (out != nullptr) {
+    out[idx] = __float2bfloat16_rn(v);
+  } else {
+    g[idx] = v;
+  }
 }
 
 // out[r, :] += sum_j y[row_slots[r, j], :] in j order (slots sorted by expert, the CPU's order).
