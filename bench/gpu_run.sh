@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Everything docs/PERFORMANCE.md reports, in one call on the GPU machine: the gpu tests, the CUDA bench
 # (ceilings, kernels side by side, greedy / sampled / logits decode, state cache on/off, prefill), a profiled
-# bench, transformers eager on the same shapes (and alternated with ours twice), and `v4serve up` on
+# bench, a CUPTI trace of decode steps and a prefill, transformers eager on the same shapes (and alternated
+# with ours twice), and `v4serve up` on
 # the GPU answering the README's tool-call request and a seeded sampled one; and the kernels of a batch-1 and
 # a batch-64 decode step timed by ncu (bench/ncu_step.py, appended to prof.txt). Logs go to $OUT (the device tool's
 # output folder; ./gpu-out elsewhere): 8 files, as many as the device tool brings back, so send this
@@ -15,7 +16,7 @@ OUT=${OUT:-gpu-out}
 mkdir -p "$OUT"
 export LD_LIBRARY_PATH=$PWD/.gpu/lib:/usr/local/cuda/lib64 V4SERVE_SOURCE_DIR=$PWD
 { date -u; nvidia-smi --query-gpu=name,driver_version --format=csv,noheader; } > $OUT/tests.txt
-for t in model_cuda_kernels_test model_cuda_backend_test model_cuda_kv_pages_test v4serve_engine_cuda_pages_test \
+for t in model_cuda_kernels_test model_cuda_backend_test model_cuda_kv_pages_test v4serve_engine_cuda_pages_test bench_kernel_trace_test \
   model_device_test v4serve_kv_transfer_nccl_gpu_test; do
   echo "== $t" >> $OUT/tests.txt; timeout 200 .gpu/$t >> $OUT/tests.txt 2>&1; echo "rc=$?" >> $OUT/tests.txt
 done
@@ -29,6 +30,11 @@ for cb in 8192:1,8 32768:1; do
 done
 timeout 90 .gpu/v4serve_cuda_bench --weights=bf16 --ceilings=0 --attention=0 --batches=1,8,64 --compare-state-cache=0 --compare-graphs=0 --compare-rows-gemm=0 --compare-pdl=0 > $OUT/bench_bf16.txt 2>&1
 V4SERVE_CUDA_PROFILE=1 timeout 100 .gpu/v4serve_cuda_bench --ceilings=0 --attention=0 --prefill=8192 --compare-state-cache=0 --compare-graphs=0 --compare-rows-gemm=0 --compare-pdl=0 > $OUT/prof.txt 2>&1
+# Where each step's wall time goes with graphs on, at the GPU's clocks and warm caches (CUPTI, --trace): host
+# before and after the GPU, GPU busy and idle, the kernels by time; PDL off, so that each kernel's record is
+# its own time, not also its wait for the one ahead. Appended to prof.txt.
+V4SERVE_CUDA_PDL=0 timeout 100 .gpu/v4serve_cuda_bench --ceilings=0 --attention=0 --prefill=8192 --batches=1,8,64 \
+  --trace=3 --compare-state-cache=0 --compare-graphs=0 --compare-rows-gemm=0 --compare-pdl=0 >> $OUT/prof.txt 2>&1
 # Kernel by kernel (the machine has ncu, not nsys): one batch-1 and one batch-64 decode step, graphs off so
 # each kernel is a launch; at the clocks the GPU runs at (ncu locks them to base by default, which slows
 # latency- and compute-bound kernels more than the bandwidth-bound ones: tables before session 16 were so).
@@ -81,5 +87,5 @@ kill -TERM $UP; wait $UP
 grep -E "^==|FAIL|PASSED|rc=|SKIPPED \]" $OUT/tests.txt; grep -E "^\| |faster|^GPU|^stack" $OUT/bench.txt | head -90
 grep -E "^\| (decode step, batch [0-9]+, context 512 \||prefill)|^stack" $OUT/bench_bf16.txt; tail -4 $OUT/hf.txt
 grep -E "^\| decode step, batch [0-9]+, context 512 \||batch|ms" $OUT/alt.txt | grep -v "^ *$" | head -20; rm -f $OUT/alt_ours.txt $OUT/alt_hf.txt
-grep -B1 phases $OUT/prof.txt | grep -v "^--"; grep -B1 -A14 "^ncu, forward" $OUT/prof.txt
+grep -B1 phases $OUT/prof.txt | grep -v "^--"; grep -B1 -A14 "^ncu, forward" $OUT/prof.txt; grep "trace, " $OUT/prof.txt
 grep "model runs" $OUT/up.log; head -c 400 $OUT/up.txt; tail -c 300 $OUT/up.txt
