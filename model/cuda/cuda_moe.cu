@@ -219,11 +219,7 @@ absl::Status CudaBackend::Moe(const LayerW& w, int64_t layer, bool hash, const f
   RETURN_IF_ERROR(Linear(x, n, w.gate, logits.get()));
   RETURN_IF_ERROR(sel.Alloc(n * kk));
   RETURN_IF_ERROR(wts.Alloc(n * kk));
-  if (ne > k::kRouteMaxExperts) {
-    return absl::UnimplementedError(
-        absl::StrCat("MoE routing over ", ne, " experts on the GPU (up to ", k::kRouteMaxExperts, ")"));
-  }
-  RETURN_IF_ERROR(Launch(k::Route, Blocks(n, 4), 128, 0, logits.get(), n, ne, kk, c.scoring_func == "sigmoid",
+  RETURN_IF_ERROR(Launch(k::Route, n, 128, 3 * ne * 4, logits.get(), ne, kk, c.scoring_func == "sigmoid",
                          hash ? nullptr : w.gate_bias, hash ? w.tid2eid : nullptr, d_tokens,
                          static_cast<float>(c.routed_scaling_factor), sel.get(), wts.get()));
   // Shared expert over every row, straight into `out`.

@@ -21,89 +21,83 @@ namespace {
 
 constexpr int kMaxGroupRows = 8;  // Rows per expert that the grouped GEMV handles in registers.
 
-// Routing, a warp a token (token blockIdx.x * 4 + warp; 128 threads): scores sigmoid(l) or sqrt(softplus(l))
-// of the gate logits; with tid2eid (hash layers) the token's table row, else k rounds of an argmax over
-// the experts not taken yet of score + bias, ties to the lowest index (the CPU's ascending scan with a
-// strict comparison); weights score / sum of the k scores (summed in selection order) * rsf. Lane l holds
-// experts l, l + 32, ... in registers (up to kRouteMaxExperts): a block a token with a block-wide argmax a
-// round took ~7 us a launch at decode batches, two barriers a round.
-constexpr int kRoutePerLane = 16;
-constexpr int64_t kRouteMaxExperts = 32 * kRoutePerLane;
-__device__ __forceinline__ float RouteScore(float l, bool sigmoid) {
-  if (sigmoid) return SigmoidF(l);
-  const float sp = l > 20.0f ? l : log1pf(expf(l));
-  return sqrtf(sp);
-}
-__global__ void Route(const float* logits, int64_t n, int64_t ne, int64_t k, bool sigmoid, const float* bias,
+// MoE routing of one row per block: scores (sqrt-softplus or sigmoid), top-k of score + bias (ties: lower
+// expert), or the token's hash experts; weights score / sum * routed_scaling.
+__global__ void Route(const float* logits, int64_t ne, int64_t k, bool sigmoid, const float* bias,
                       const int32_t* tid2eid, const int32_t* tokens, float rsf, int32_t* sel, float* wts) {
   PdlEnter();
-  const unsigned full = 0xffffffffu;
-  const int lane = static_cast<int>(threadIdx.x % 32);
-  const int64_t r = static_cast<int64_t>(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32;
-  if (r >= n) return;
-  const float* lg = logits + r * ne;
-  int32_t* out = sel + r * k;
-  float* w = wts + r * k;
-  if (tid2eid != nullptr) {
-    if (lane != 0) return;
-    float sum = 0;
-    for (int64_t j = 0; j < k; ++j) {
-      const int32_t e = tid2eid[static_cast<int64_t>(tokens[r]) * k + j];
-      out[j] = e;
-      w[j] = RouteScore(lg[e], sigmoid);
-      sum += w[j];
-    }
-    for (int64_t j = 0; j < k; ++j) w[j] = w[j] / sum * rsf;
-    return;
-  }
-  float sc[kRoutePerLane], bs[kRoutePerLane];
-  unsigned taken = 0;  // Bit q: expert q * 32 + lane taken (or past ne).
-#pragma unroll
-  for (int q = 0; q < kRoutePerLane; ++q) {
-    const int64_t e = q * 32 + lane;
-    if (e < ne) {
-      sc[q] = RouteScore(lg[e], sigmoid);
-      bs[q] = sc[q] + (bias ? bias[e] : 0.0f);
+  extern __shared__ float rsh[];
+  float* score = rsh;
+  float* biased = rsh + ne;
+  int* taken = reinterpret_cast<int*>(rsh + 2 * ne);
+  __shared__ float part_v[32];
+  __shared__ int part_i[32];
+  const int64_t r = blockIdx.x;
+  for (int64_t e = threadIdx.x; e < ne; e += blockDim.x) {
+    const float l = logits[r * ne + e];
+    float s;
+    if (sigmoid) {
+      s = SigmoidF(l);
     } else {
-      sc[q] = 0.0f;
-      bs[q] = -INFINITY;
-      taken |= 1u << q;
+      const float sp = l > 20.0f ? l : log1pf(expf(l));
+      s = sqrtf(sp);
+    }
+    score[e] = s;
+    biased[e] = s + (bias ? bias[e] : 0.0f);
+    taken[e] = 0;
+  }
+  __syncthreads();
+  int32_t* out = sel + r * k;
+  if (tid2eid != nullptr) {
+    for (int64_t j = threadIdx.x; j < k; j += blockDim.x)
+      out[j] = tid2eid[static_cast<int64_t>(tokens[r]) * k + j];
+  } else {
+    // k rounds of a block-wide argmax over the experts not taken yet; ties to the lowest index, as the CPU's
+    // ascending scan with a strict comparison.
+    const int warps = blockDim.x / 32, w = threadIdx.x / 32, lane = threadIdx.x % 32;
+    for (int64_t j = 0; j < k; ++j) {
+      float bv = -INFINITY;
+      int bi = -1;
+      for (int64_t e = threadIdx.x; e < ne; e += blockDim.x) {
+        if (taken[e]) continue;
+        if (bi < 0 || biased[e] > bv) {
+          bv = biased[e];
+          bi = static_cast<int>(e);
+        }
+      }
+      for (int o = 16; o > 0; o >>= 1) {
+        const float ov = __shfl_xor_sync(0xffffffffu, bv, o);
+        const int oi = __shfl_xor_sync(0xffffffffu, bi, o);
+        if (oi >= 0 && (bi < 0 || ov > bv || (ov == bv && oi < bi))) {
+          bv = ov;
+          bi = oi;
+        }
+      }
+      if (lane == 0) {
+        part_v[w] = bv;
+        part_i[w] = bi;
+      }
+      __syncthreads();
+      if (threadIdx.x == 0) {
+        float v = part_v[0];
+        int i = part_i[0];
+        for (int q = 1; q < warps; ++q) {
+          if (part_i[q] >= 0 && (i < 0 || part_v[q] > v || (part_v[q] == v && part_i[q] < i))) {
+            v = part_v[q];
+            i = part_i[q];
+          }
+        }
+        out[j] = i;
+        taken[i] = 1;
+      }
+      __syncthreads();
     }
   }
+  __syncthreads();
+  if (threadIdx.x != 0) return;
   float sum = 0;
-  for (int64_t j = 0; j < k; ++j) {
-    float bv = -INFINITY;
-    int bi = -1;
-#pragma unroll
-    for (int q = 0; q < kRoutePerLane; ++q) {
-      if (!((taken >> q) & 1u) && (bi < 0 || bs[q] > bv)) {
-        bv = bs[q];
-        bi = q * 32 + lane;
-      }
-    }
-    for (int o = 16; o > 0; o >>= 1) {
-      const float ov = __shfl_xor_sync(full, bv, o);
-      const int oi = __shfl_xor_sync(full, bi, o);
-      if (oi >= 0 && (bi < 0 || ov > bv || (ov == bv && oi < bi))) {
-        bv = ov;
-        bi = oi;
-      }
-    }
-    if (bi < 0) break;  // k > ne: refused by the config; nothing left to take.
-    const int owner = bi % 32, qs = bi / 32;
-    float s = 0.0f;
-#pragma unroll
-    for (int q = 0; q < kRoutePerLane; ++q) s = q == qs ? sc[q] : s;
-    s = __shfl_sync(full, s, owner);
-    if (lane == owner) taken |= 1u << qs;
-    if (lane == 0) {
-      out[j] = bi;
-      w[j] = s;
-      sum += s;
-    }
-  }
-  if (lane != 0) return;
-  for (int64_t j = 0; j < k; ++j) w[j] = w[j] / sum * rsf;
+  for (int64_t j = 0; j < k; ++j) sum += score[out[j]];
+  for (int64_t j = 0; j < k; ++j) wts[r * k + j] = score[out[j]] / sum * rsf;
 }
 
 // silu(min(g, L)) * clamp(u, -L, L) * w[row] (w may be null): in place in g, or, with out, into out in
