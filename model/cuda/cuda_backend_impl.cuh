@@ -578,8 +578,9 @@ class CudaBackend final : public ForwardBackend {
                               const __nv_bfloat16* xin_bf16 = nullptr) const;
   // The MXFP4 expert GEMM on tensor cores over `rows` rows of xin: GroupedGemmFp4Fp8 (FP8 inputs) in the FP8
   // mode, GroupedGemmFp4 (BF16 inputs) otherwise.
-  // `tiles`: kernels::ExpertTiles's seven pointers (host tiles: expert, row0, rows; or device routing:
-  // active, n_active, start, count), passed as such because that struct has internal linkage.
+  // `tiles`: kernels::ExpertTiles's seven pointers (host tiles: expert, row0, rows, grid (column blocks,
+  // tiles), any number of tiles; or device routing: active, n_active, start, count, grid (experts, column
+  // blocks, row tiles)), passed as such because that struct has internal linkage.
   absl::Status GroupedGemmFp4(const Mat& w, const float* xin, int64_t rows, const int32_t* const (&tiles)[7],
                               dim3 grid, float* y, const __nv_bfloat16* xin_bf16 = nullptr) const;
   // MXFP4 experts with FP8 inputs (GroupedGemmFp4Fp8; the GEMVs on FP8-rounded inputs): off in serving, where

@@ -127,7 +127,7 @@ absl::Status CudaBackend::ExpertGemmHost(const Mat& w, const float* xin, const s
         d_tiles.get(), d_tiles.get() + nt, d_tiles.get() + 2 * nt, nullptr, nullptr, nullptr, nullptr};
     // The upload is staged before cudaMemcpyAsync returns (pageable memory).
     return GroupedGemmFp4(w, xin, g_off.back() + g_cnt.back(), et,
-                          dim3(static_cast<unsigned>(nt), static_cast<unsigned>(Blocks(out, k::kEgBn))), y,
+                          dim3(static_cast<unsigned>(Blocks(out, k::kEgBn)), static_cast<unsigned>(nt)), y,
                           xin_bf16);
   }
   if (lowp) {
@@ -155,26 +155,41 @@ absl::Status CudaBackend::ExpertGemmHost(const Mat& w, const float* xin, const s
 absl::Status CudaBackend::GroupedGemmFp4(const Mat& w, const float* xin, int64_t rows,
                                          const int32_t* const (&t)[7], dim3 grid, float* y,
                                          const __nv_bfloat16* xin_bf16) const {
-  const k::ExpertTiles tiles{t[0], t[1], t[2], t[3], t[4], t[5], t[6]};
   const uint8_t* codes = static_cast<const uint8_t*>(w.p);
-  if (Fp8Experts(w)) {
+  const bool fp8 = Fp8Experts(w);
+  if (fp8) {
     RETURN_IF_ERROR(act_fp8_->Alloc(rows * w.in));
     RETURN_IF_ERROR(act_fp8_scales_->Alloc(rows * w.in / 128));
     const int64_t rb = w.in / 128;
     RETURN_IF_ERROR(Launch(k::QuantizeFp8Blocks, Blocks(rows * rb, 8), 256, 0, xin, rows, rb, rb, 0,
                            act_fp8_->get(), act_fp8_scales_->get()));
-    RETURN_IF_ERROR(Launch(k::GroupedGemmFp4Fp8, grid, 256, k::kEg8Smem, act_fp8_->get(),
-                           act_fp8_scales_->get(), codes, w.scales, tiles, w.in, w.out, y));
-    return absl::OkStatus();
-  }
-  if (xin_bf16 == nullptr) {
+  } else if (xin_bf16 == nullptr) {
     RETURN_IF_ERROR(act_bf16_->Alloc(rows * w.in));
     RETURN_IF_ERROR(
         Launch(k::ToBf16, Blocks(Blocks(rows * w.in, 4), 256), 256, 0, xin, rows * w.in, act_bf16_->get()));
     xin_bf16 = act_bf16_->get();
   }
-  RETURN_IF_ERROR(
-      Launch(k::GroupedGemmFp4, grid, 256, k::kEgSmem, xin_bf16, codes, w.scales, tiles, w.in, w.out, y));
+  // Host tiles (grid.y of them) in launches of at most 65535 (grid.y's bound), device tiles in one.
+  const bool host = t[0] != nullptr;
+  constexpr int64_t kMaxY = 65535;
+  const int64_t total = host ? grid.y : 1;
+  for (int64_t off = 0; off < total; off += kMaxY) {
+    dim3 g = grid;
+    k::ExpertTiles tiles{t[0], t[1], t[2], t[3], t[4], t[5], t[6]};
+    if (host) {
+      g.y = static_cast<unsigned>(std::min(kMaxY, total - off));
+      tiles.expert += off;
+      tiles.row0 += off;
+      tiles.rows += off;
+    }
+    if (fp8) {
+      RETURN_IF_ERROR(Launch(k::GroupedGemmFp4Fp8, g, 256, k::kEg8Smem, act_fp8_->get(),
+                             act_fp8_scales_->get(), codes, w.scales, tiles, w.in, w.out, y));
+    } else {
+      RETURN_IF_ERROR(
+          Launch(k::GroupedGemmFp4, g, 256, k::kEgSmem, xin_bf16, codes, w.scales, tiles, w.in, w.out, y));
+    }
+  }
   return absl::OkStatus();
 }
 

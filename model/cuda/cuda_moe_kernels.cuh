@@ -329,11 +329,11 @@ __device__ __forceinline__ void RunTwoStageK(int64_t steps, LoadA& load_a, Fetch
 }
 
 // The MXFP4 grouped expert GEMM on tensor cores, the weights dequantized in its main loop: for each tile of
-// up to kEgBm rows of one expert e, y[row0 + m, n] = x[row0 + m, :] . W_e[n, :] over output columns
-// blockIdx.y * kEgBn .. + kEgBn. Tiles come from the host (ExpertTiles::expert/row0/rows, tile blockIdx.x)
-// or, with `active` set, from the device's routing (blockIdx.x: the active[] index, past *n_active nothing;
-// blockIdx.z: the kEgBm-row tile within the expert's count[e] rows from start[e]), so a decode step needs no
-// host round trip.
+// up to kEgBm rows of one expert e, y[row0 + m, n] = x[row0 + m, :] . W_e[n, :] over the output columns of
+// ExpertColumnBlock (kEgBn of them). Tiles come from the host (ExpertTiles::expert/row0/rows, tile
+// blockIdx.y, column block blockIdx.x) or, with `active` set, from the device's routing (blockIdx.x: the
+// active[] index, past *n_active nothing; blockIdx.y: the column block; blockIdx.z: the kEgBm-row tile
+// within the expert's count[e] rows from start[e]), so a decode step needs no host round trip.
 // x is BF16 [slots, in] (in a multiple of kEgBk), y FP32 [slots, out]; W_e = expert e's [out, in] MXFP4 rows
 // (codes two per byte, one e8m0 scale per 32 values, scale bytes <= 248: see GroupedGemvFp4).
 // 256 threads: 8 warps as 2 (rows) x 4 (columns), 32 x 32 each, mma.sync m16n8k16 BF16 -> FP32. Per k-step of
@@ -349,6 +349,14 @@ struct ExpertTiles {
   const int32_t *active = nullptr, *n_active = nullptr, *start = nullptr, *count = nullptr;  // Device.
 };
 
+// Host tiles run on a grid of (column blocks, tiles): a tile's column blocks are adjacent in launch order, so
+// they run together and read the tile's rows of x while L2 holds them (ncu, H100, an 8192-token prefill's
+// w1 with tiles first: 8 GB from DRAM for 1 GB of weights and 0.4 GB of inputs, 51% of DRAM bandwidth, the
+// SMs 39% busy). Device tiles: (active experts, column blocks, row tiles).
+__device__ __forceinline__ int64_t ExpertColumnBlock(const ExpertTiles& tiles) {
+  return tiles.active != nullptr ? blockIdx.y : blockIdx.x;
+}
+
 // This block's tile of ExpertTiles: expert e, rows row0 .. + rows; false when it has none.
 __device__ __forceinline__ bool ExpertTile(const ExpertTiles& tiles, int64_t* e, int64_t* row0, int* rows) {
   if (tiles.active != nullptr) {
@@ -359,9 +367,9 @@ __device__ __forceinline__ bool ExpertTile(const ExpertTiles& tiles, int64_t* e,
     *row0 = tiles.start[*e] + m0;
     *rows = min(kEgBm, tiles.count[*e] - m0);
   } else {
-    *e = tiles.expert[blockIdx.x];
-    *row0 = tiles.row0[blockIdx.x];
-    *rows = tiles.rows[blockIdx.x];
+    *e = tiles.expert[blockIdx.y];
+    *row0 = tiles.row0[blockIdx.y];
+    *rows = tiles.rows[blockIdx.y];
   }
   return true;
 }
@@ -376,7 +384,7 @@ __global__ void __launch_bounds__(256)
   int64_t e, row0;
   int rows;
   if (!ExpertTile(tiles, &e, &row0, &rows)) return;
-  const int64_t n0 = static_cast<int64_t>(blockIdx.y) * kEgBn;
+  const int64_t n0 = ExpertColumnBlock(tiles) * kEgBn;
   const int tid = static_cast<int>(threadIdx.x), warp = tid / 32, lane = tid % 32;
   const int wm = warp / 4, wn = warp % 4;
   // This thread's weight slice: row n0 + tid / 2, values (tid % 2) * 32 .. + 32 of each k-step.
@@ -487,7 +495,7 @@ __global__ void __launch_bounds__(256)
   int64_t e, row0;
   int rows;
   if (!ExpertTile(tiles, &e, &row0, &rows)) return;
-  const int64_t n0 = static_cast<int64_t>(blockIdx.y) * kF8Bn;
+  const int64_t n0 = ExpertColumnBlock(tiles) * kF8Bn;
   const int tid = static_cast<int>(threadIdx.x), warp = tid / 32, lane = tid % 32;
   const int wm = warp / 4, wn = warp % 4, g = lane / 4, t = lane % 4;
   // This thread converts weight row n0 + tid / 2, values (tid % 2) * 64 .. + 64 of each k block.
