@@ -61,7 +61,7 @@ void AddCounted(const ForwardCounters& d, ForwardCounters* c) {
 // The collapse's slices a token (HcMix, HcHeadMix): about two blocks an SM at small batches, up to 4 a
 // token and slices of at least 128 values (the tiny model's 256 take 2, so the tests run the split too).
 int64_t HcParts(int64_t n, int64_t d) {
-  return std::clamp<int64_t>(Blocks(2 * 132, n), 1, std::clamp<int64_t>(d / 128, 1, 4));
+  return std::clamp<int64_t>(Blocks(2 * 132, std::max<int64_t>(n, 1)), 1, std::clamp<int64_t>(d / 128, 1, 4));
 }
 
 }  // namespace
@@ -286,13 +286,16 @@ absl::Status CudaBackend::Run(absl::Span<const ForwardSegment> segments, absl::S
   }
   RETURN_IF_ERROR(mixes.Alloc(m * hc));
   RETURN_IF_ERROR(hidden.Alloc(m * d));
-  RETURN_IF_ERROR(Linear(picked, m, hc_head_.fn, mixes.get()));
-  RETURN_IF_ERROR(Launch(k::HcHeadMix, dim3(static_cast<unsigned>(m), static_cast<unsigned>(HcParts(m, d))),
-                         256, 0, mixes.get(), c.rms_norm_eps, hc_head_.base, hc_head_.scale,
-                         static_cast<int>(hc), static_cast<float>(c.hc_eps), picked, d, norm_, hidden.get()));
   Buf<float>& lg = top != nullptr ? *top_logits_ : logits;  // Top: kept for TopLogits::full_row.
   RETURN_IF_ERROR(lg.Alloc(m * c.vocab_size));
-  RETURN_IF_ERROR(Linear(hidden.get(), m, head_, lg.get()));
+  if (m > 0) {  // No logit rows (a prefill chunk whose logits nobody reads): no head.
+    RETURN_IF_ERROR(Linear(picked, m, hc_head_.fn, mixes.get()));
+    RETURN_IF_ERROR(Launch(k::HcHeadMix, dim3(static_cast<unsigned>(m), static_cast<unsigned>(HcParts(m, d))),
+                           256, 0, mixes.get(), c.rms_norm_eps, hc_head_.base, hc_head_.scale,
+                           static_cast<int>(hc), static_cast<float>(c.hc_eps), picked, d, norm_,
+                           hidden.get()));
+    RETURN_IF_ERROR(Linear(hidden.get(), m, head_, lg.get()));
+  }
   // Top: m candidates a row and two sums. Greedy: the ids only. Otherwise decode-sized logits go through
   // page-locked memory (a pageable copy of batch 64's 33 MB ran at a few GB/s); larger ones (every row of a
   // long prefill) straight to pageable memory.

@@ -357,6 +357,35 @@ TEST(CudaModelTest, AStateMovingToAnotherBackendIsUploadedThere) {
   EXPECT_EQ(k->states_uploaded, 1);
 }
 
+// The backend's contract allows a forward with no logit rows (a prefill chunk whose logits nobody reads):
+// it returns none, runs no head, and leaves the state as a forward that asked for the last row's logits.
+TEST(CudaModelTest, AForwardWithoutLogitRowsAdvancesTheStateTheSame) {
+  SKIP_WITHOUT_GPU();
+  Pair p = LoadPair(CudaWeights::kF32);
+  ASSERT_TRUE(p.gpu);
+  SequenceState a = p.gpu->NewState(), b = p.gpu->NewState();
+  const std::vector<int32_t> prompt = Prompt(70, 43);
+  const ForwardBackend& be = p.gpu->backend();
+  const std::vector<ForwardSegment> sa = {{&a, 0, 70}}, sb = {{&b, 0, 70}};
+  absl::StatusOr<std::vector<float>> none = be.Forward(sa, prompt, {}, nullptr);
+  ASSERT_TRUE(none.ok()) << none.status();
+  EXPECT_TRUE(none->empty());
+  absl::StatusOr<std::vector<int32_t>> no_ids = be.ForwardGreedy(sb, prompt, {});
+  ASSERT_TRUE(no_ids.ok()) << no_ids.status();
+  EXPECT_TRUE(no_ids->empty());
+  EXPECT_EQ(a.position, 70);
+  EXPECT_EQ(b.position, 70);
+  SequenceState c = p.gpu->NewState();
+  const std::vector<ForwardSegment> sc = {{&c, 0, 70}};
+  ASSERT_TRUE(be.Forward(sc, prompt, std::vector<int64_t>{69}, nullptr).ok());
+  auto la = p.gpu->Decode({&a}, std::vector<int32_t>{9});
+  auto lb = p.gpu->Decode({&b}, std::vector<int32_t>{9});
+  auto lc = p.gpu->Decode({&c}, std::vector<int32_t>{9});
+  ASSERT_TRUE(la.ok() && lb.ok() && lc.ok()) << la.status() << lb.status() << lc.status();
+  EXPECT_EQ(*la, *lc);
+  EXPECT_EQ(*lb, *lc);
+}
+
 // Sampling's candidates on the device (ForwardTop: sums, TopK, bitonic sort) against the host's definition
 // (TopOfRows) of the same logits: the same forward run twice from equal states (nothing cached, so both
 // upload the same host states and compute the same bits). Ids and values exactly, sums to rounding, and
