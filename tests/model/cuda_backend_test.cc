@@ -382,8 +382,11 @@ TEST(CudaModelTest, AForwardWithoutLogitRowsAdvancesTheStateTheSame) {
   auto lb = p.gpu->Decode({&b}, std::vector<int32_t>{9});
   auto lc = p.gpu->Decode({&c}, std::vector<int32_t>{9});
   ASSERT_TRUE(la.ok() && lb.ok() && lc.ok()) << la.status() << lb.status() << lc.status();
-  EXPECT_EQ(*la, *lc);
-  EXPECT_EQ(*lb, *lc);
+  // The three steps run eagerly, captured and replayed (CUDA graphs): equal to
+  // DecodeGraphsMatchTheEagerSteps' 1e-5; a state left wrong (a position, an entry, a window row) moves the
+  // logits by O(1).
+  EXPECT_LT(RelL2(*la, *lc), 1e-5);
+  EXPECT_LT(RelL2(*lb, *lc), 1e-5);
 }
 
 // Sampling's candidates on the device (ForwardTop: sums, TopK, bitonic sort) against the host's definition
