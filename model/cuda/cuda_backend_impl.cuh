@@ -555,6 +555,8 @@ class CudaBackend final : public ForwardBackend {
   // x's rows (rows[r], or r where rows is null) for GroupedGemvFp4Mma: ToF16Rows into act_f16_ /
   // act_f16_inv_.
   absl::Status ToF16Input(const float* x, const int32_t* rows, int64_t n, int64_t in) const;
+  // x[0..n) in BF16 in act_bf16_ (the BF16 GEMMs' inputs): the converted copy.
+  absl::StatusOr<const __nv_bfloat16*> ToBf16Input(const float* x, int64_t n) const;
   // GroupedGemvFp4Mma over act_f16_ (ToF16Input's), routing as ExpertGemmDevice's. With w3, one launch takes
   // the gate (w) and up (w3) projections and writes SwiGLU(gate, up) (clamped at lim when lim > 0) times
   // slot_w[slot] (when given) to y: the decode MoE's first half.

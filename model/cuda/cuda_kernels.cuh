@@ -76,6 +76,15 @@ __global__ void GatherRows(const float* x, const int32_t* perm, int64_t d, float
   for (int64_t i = threadIdx.x; i < d; i += blockDim.x) xin[s * d + i] = src[i];
 }
 
+// dst[0..4) = bf16(a), one 8-byte store (dst 8-byte aligned).
+__device__ __forceinline__ void StoreBf16x4(const float4& a, __nv_bfloat16* dst) {
+  const __nv_bfloat162 lo = __floats2bfloat162_rn(a.x, a.y), hi = __floats2bfloat162_rn(a.z, a.w);
+  uint2 packed;
+  packed.x = *reinterpret_cast<const unsigned*>(&lo);
+  packed.y = *reinterpret_cast<const unsigned*>(&hi);
+  *reinterpret_cast<uint2*>(dst) = packed;
+}
+
 // xin[s, :] = bf16(x[perm[s], :]): GatherRows and ToBf16 in one pass (the prefill MoE's expert inputs, which
 // the MXFP4 GEMM reads in BF16: the FP32 copy was 805 MB at 8192 tokens, converted once for each of w1, w3).
 // Grid (slots, any), 4 values a thread where d is a multiple of 4 and x 16-byte aligned.
@@ -87,12 +96,7 @@ __global__ void GatherRowsBf16(const float* x, const int32_t* perm, int64_t d, _
   const int64_t stride = static_cast<int64_t>(gridDim.y) * blockDim.x;
   if (d % 4 == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0 && reinterpret_cast<uintptr_t>(xin) % 8 == 0) {
     for (int64_t i = static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x; i < d / 4; i += stride) {
-      const float4 a = reinterpret_cast<const float4*>(src)[i];
-      const __nv_bfloat162 lo = __floats2bfloat162_rn(a.x, a.y), hi = __floats2bfloat162_rn(a.z, a.w);
-      uint2 packed;
-      packed.x = *reinterpret_cast<const unsigned*>(&lo);
-      packed.y = *reinterpret_cast<const unsigned*>(&hi);
-      reinterpret_cast<uint2*>(dst)[i] = packed;
+      StoreBf16x4(reinterpret_cast<const float4*>(src)[i], dst + 4 * i);
     }
     return;
   }
@@ -262,6 +266,15 @@ __device__ __forceinline__ void CollapseNorm(const float* pre, int hc, const flo
   }
 }
 
+// CollapseNorm of slice `part` of `parts` (multiples of 4 values) of a token's d features: the collapse
+// blocks of HcMix and HcHeadMix, each computing the whole norm and writing its slice.
+__device__ __forceinline__ void CollapseNormSlice(const float* pre, int hc, const float* x, int64_t d,
+                                                  const float* w, double eps, float* out, int64_t part,
+                                                  int64_t parts) {
+  const int64_t chunk = (d + 4 * parts - 1) / (4 * parts) * 4, lo = part * chunk;
+  CollapseNorm(pre, hc, x, d, w, eps, out, min(lo, d), min(lo + chunk, d));
+}
+
 // mHC pre-mix of token blockIdx.x: from the raw mixes (fn · x) and the streams' rms, the pre/post weights
 // and the Sinkhorn-projected comb matrix (cpu::HcPre), then collapsed = RmsNorm(sum_j pre_j * x_j) * norm_w
 // (the block's attn_norm or ffn_norm). Grid (tokens, parts + 1): blocks y < parts each write a slice of d of
@@ -283,9 +296,8 @@ __global__ void HcMix(const float* mixes, double norm_eps, const float* base, co
       pre[threadIdx.x] = SigmoidF((m[threadIdx.x] * r) * scale[0] + base[threadIdx.x]) + eps;
     }
     __syncthreads();
-    const int64_t chunk = (d + 4 * parts - 1) / (4 * parts) * 4, lo = blockIdx.y * chunk;
-    CollapseNorm(pre, hc, streams + t * hc * d, d, norm_w, norm_eps, collapsed + t * d, min(lo, d),
-                 min(lo + chunk, d));
+    CollapseNormSlice(pre, hc, streams + t * hc * d, d, norm_w, norm_eps, collapsed + t * d, blockIdx.y,
+                      parts);
     return;
   }
   if (static_cast<int>(threadIdx.x) < hc) {
@@ -362,9 +374,7 @@ __global__ void HcHeadMix(const float* mixes, double norm_eps, const float* base
     pre[threadIdx.x] = SigmoidF((mixes[t * hc + threadIdx.x] * r) * scale[0] + base[threadIdx.x]) + eps;
   }
   __syncthreads();
-  const int64_t chunk = (d + 4 * gridDim.y - 1) / (4 * gridDim.y) * 4, lo = blockIdx.y * chunk;
-  CollapseNorm(pre, hc, streams + t * hc * d, d, norm_w, norm_eps, out + t * d, min(lo, d),
-               min(lo + chunk, d));
+  CollapseNormSlice(pre, hc, streams + t * hc * d, d, norm_w, norm_eps, out + t * d, blockIdx.y, gridDim.y);
 }
 
 // streams[k] = post_k * out + sum_j comb[j][k] * streams[j], one thread per (token, feature).
@@ -411,12 +421,7 @@ __global__ void ToBf16(const float* x, int64_t n, __nv_bfloat16* y) {
   const int64_t i = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * 4;
   if (i >= n) return;
   if (i + 4 <= n && reinterpret_cast<uintptr_t>(x) % 16 == 0 && reinterpret_cast<uintptr_t>(y) % 8 == 0) {
-    const float4 a = *reinterpret_cast<const float4*>(x + i);
-    const __nv_bfloat162 lo = __floats2bfloat162_rn(a.x, a.y), hi = __floats2bfloat162_rn(a.z, a.w);
-    uint2 packed;
-    packed.x = *reinterpret_cast<const unsigned*>(&lo);
-    packed.y = *reinterpret_cast<const unsigned*>(&hi);
-    *reinterpret_cast<uint2*>(y + i) = packed;
+    StoreBf16x4(*reinterpret_cast<const float4*>(x + i), y + i);
     return;
   }
   for (int64_t j = i; j < n && j < i + 4; ++j) y[j] = __float2bfloat16_rn(x[j]);

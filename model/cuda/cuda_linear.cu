@@ -91,6 +91,12 @@ absl::Status CudaBackend::Linear(const float* x, int64_t m, const Mat& w, float*
 
 // Groups g < `groups`: y[:, g*out_g ...] (row stride ldy) = x[:, g*stride_x ...] (row stride ldx) W_g^T, with
 // W_g the g-th block of w.out / groups rows. Column-major view: Y^T = W · X^T.
+absl::StatusOr<const __nv_bfloat16*> CudaBackend::ToBf16Input(const float* x, int64_t n) const {
+  RETURN_IF_ERROR(act_bf16_->Alloc(n));
+  RETURN_IF_ERROR(Launch(k::ToBf16, Blocks(Blocks(n, 4), 256), 256, 0, x, n, act_bf16_->get()));
+  return act_bf16_->get();
+}
+
 absl::Status CudaBackend::LinearBatched(const float* x, int64_t m, int64_t ldx, int64_t stride_x,
                                         const Mat& w, int64_t groups, int64_t ldy, float* y) const {
   if (m == 0) return absl::OkStatus();
@@ -108,10 +114,7 @@ absl::Status CudaBackend::LinearBatched(const float* x, int64_t m, int64_t ldx, 
   const void* xin = x;
   cudaDataType_t type = CUDA_R_32F;
   if (w.bf16) {
-    const int64_t n = (m - 1) * ldx + (groups - 1) * stride_x + in;
-    RETURN_IF_ERROR(act_bf16_->Alloc(n));
-    RETURN_IF_ERROR(Launch(k::ToBf16, Blocks(Blocks(n, 4), 256), 256, 0, x, n, act_bf16_->get()));
-    xin = act_bf16_->get();
+    ASSIGN_OR_RETURN(xin, ToBf16Input(x, (m - 1) * ldx + (groups - 1) * stride_x + in));
     type = CUDA_R_16BF;
   }
   V4_CUBLAS_RETURN_IF_ERROR(blas_api_->gemm_strided_batched(

@@ -131,11 +131,7 @@ absl::Status CudaBackend::ExpertGemmHost(const Mat& w, const float* xin, const s
                           xin_bf16);
   }
   if (lowp) {
-    const int64_t rows = g_off.back() + g_cnt.back();
-    RETURN_IF_ERROR(act_bf16_->Alloc(rows * in));
-    RETURN_IF_ERROR(
-        Launch(k::ToBf16, Blocks(Blocks(rows * in, 4), 256), 256, 0, xin, rows * in, act_bf16_->get()));
-    x = act_bf16_->get();
+    ASSIGN_OR_RETURN(x, ToBf16Input(xin, (g_off.back() + g_cnt.back()) * in));
   }
   const float alpha = 1.0f, beta = 0.0f;
   const cudaDataType_t type = lowp ? CUDA_R_16BF : CUDA_R_32F;
@@ -164,10 +160,7 @@ absl::Status CudaBackend::GroupedGemmFp4(const Mat& w, const float* xin, int64_t
     RETURN_IF_ERROR(Launch(k::QuantizeFp8Blocks, Blocks(rows * rb, 8), 256, 0, xin, rows, rb, rb, 0,
                            act_fp8_->get(), act_fp8_scales_->get()));
   } else if (xin_bf16 == nullptr) {
-    RETURN_IF_ERROR(act_bf16_->Alloc(rows * w.in));
-    RETURN_IF_ERROR(
-        Launch(k::ToBf16, Blocks(Blocks(rows * w.in, 4), 256), 256, 0, xin, rows * w.in, act_bf16_->get()));
-    xin_bf16 = act_bf16_->get();
+    ASSIGN_OR_RETURN(xin_bf16, ToBf16Input(xin, rows * w.in));
   }
   // Host tiles (grid.y of them) in launches of at most 65535 (grid.y's bound), device tiles in one.
   const bool host = t[0] != nullptr;
