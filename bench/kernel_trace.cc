@@ -58,7 +58,6 @@ std::string Demangle(const char* name) {
 
 std::mutex g_mu;
 std::vector<TraceRecord>* g_records = nullptr;  // under g_mu; set while a trace runs
-bool g_active = false;
 
 #ifdef V4SERVE_HAVE_CUPTI
 constexpr size_t kBufferBytes = 8 << 20;
@@ -114,8 +113,7 @@ absl::StatusOr<std::unique_ptr<KernelTrace>> KernelTrace::Start() {
 #ifdef V4SERVE_HAVE_CUPTI
   {
     std::lock_guard<std::mutex> l(g_mu);
-    if (g_active) return absl::FailedPreconditionError("a kernel trace is already running");
-    g_active = true;
+    if (g_records != nullptr) return absl::FailedPreconditionError("a kernel trace is already running");
     g_records = new std::vector<TraceRecord>();
   }
   absl::Status st = Cupti(cuptiActivityRegisterCallbacks(BufferRequested, BufferCompleted),
@@ -157,7 +155,6 @@ absl::StatusOr<std::vector<TraceRecord>> KernelTrace::Stop() {
     if (g_records != nullptr) out = std::move(*g_records);
     delete g_records;
     g_records = nullptr;
-    g_active = false;
   }
   if (!st.ok()) return st;
   std::sort(out.begin(), out.end(),
