@@ -7,6 +7,7 @@
 #include "model/cuda/attention_mma.cuh"
 #include "model/cuda/cuda_backend_impl.cuh"
 #include "model/cuda/cuda_kernels.cuh"
+#include "model/cuda/select_kernels.cuh"
 
 namespace v4serve::model::cuda::impl {
 

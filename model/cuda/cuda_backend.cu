@@ -23,6 +23,7 @@
 #include "model/cuda/cuda_device.h"
 #include "model/cuda/cuda_kernels.cuh"
 #include "model/cuda/device_state_cache.h"
+#include "model/cuda/select_kernels.cuh"
 #include "model/numeric_formats.h"
 #include "services/status_macros.h"
 
