@@ -145,9 +145,9 @@ absl::StatusOr<std::vector<TraceRecord>> KernelTrace::Stop() {
   stopped_ = true;
   absl::Status st;
 #ifdef V4SERVE_HAVE_CUPTI
-  st = Cupti(cuptiActivityFlushAll(1), "cuptiActivityFlushAll");
+  // No new records once the kinds are off; one forced flush then delivers every buffer still held.
   for (CUpti_ActivityKind k : kKinds) cuptiActivityDisable(k);
-  cuptiActivityFlushAll(1);
+  st = Cupti(cuptiActivityFlushAll(1), "cuptiActivityFlushAll");
 #endif
   std::vector<TraceRecord> out;
   {
