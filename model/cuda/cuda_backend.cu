@@ -395,6 +395,12 @@ absl::Status CudaBackend::InitRuntime() {
   act_f16_inv_->Track(&scratch_moves_, &capturing_);
   top_logits_ = std::make_unique<Buf<float>>(stream_);
   RETURN_IF_ERROR(InitMoeKernels());
+  // The prefill's expert GEMM on wgmma (GroupedGemmFp4Wg) where it runs, unless V4SERVE_CUDA_WGMMA=0.
+  ASSIGN_OR_RETURN(wgmma_, EnvSwitch("V4SERVE_CUDA_WGMMA", wgmma_runs_));
+  if (wgmma_ && !wgmma_runs_) {
+    return absl::FailedPreconditionError(
+        "V4SERVE_CUDA_WGMMA=1 needs a GPU of compute capability 9.x and kernels built for sm_90a");
+  }
   RETURN_IF_ERROR(InitLinearKernels());
   return InitAttentionKernels(prop);
 }

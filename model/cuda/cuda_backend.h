@@ -148,7 +148,8 @@ absl::StatusOr<std::vector<float>> IndexerScores(const std::vector<float>& iq, c
                                                  double* seconds = nullptr);
 // The MXFP4 expert GEMMs on host data: `w` [experts * out, in] FP32 rows (quantized to MXFP4 as the backend
 // loads experts), x [sum of rows_per_expert, in] with each expert's rows consecutive, in expert order; y
-// [rows, out]. kPrefill: the prefill path (tiles listed on the host, the tensor-core GEMM); kDecodeMma /
+// [rows, out]. kPrefill: the prefill path (tiles listed on the host, the tensor-core GEMM: wgmma where it
+// runs, CudaBackend::WgmmaExperts); kPrefillMmaSync: the same with the mma.sync GEMM; kDecodeMma /
 // kDecodeGemv / kDecodeGemvSimt: the decode path (routing on the device) with the tensor-core GEMM, the GEMV
 // on tensor cores (FP16 inputs with a scale per row), or the SIMT GEMV (FP32 inputs) a decode step of that
 // many rows would pick. `seconds` as SparseAttention's. `fp8`: FP8 inputs (quantized per row in blocks of
@@ -157,7 +158,10 @@ absl::StatusOr<std::vector<float>> IndexerScores(const std::vector<float>& iq, c
 // Fp8Experts). kDecodeGlu: the decode MoE's fused gate / up GEMV on tensor cores: `w` holds the gate stack
 // then the up stack (2 * experts * out rows) and y[s, :] = SwiGLU(x[s] . W1_e, x[s] . W3_e) (gate clamped
 // above at lim and up to [-lim, lim] when lim > 0) times slot_w[s] (none: 1).
-enum class ExpertPath { kPrefill, kDecodeMma, kDecodeGemv, kDecodeGemvSimt, kDecodeGlu };
+// Whether the prefill's MXFP4 expert GEMM runs on wgmma here (CudaBackend::WgmmaExperts: kernels built for
+// sm_90a, a GPU of compute capability 9.x, V4SERVE_CUDA_WGMMA not 0).
+absl::StatusOr<bool> PrefillExpertsOnWgmma();
+enum class ExpertPath { kPrefill, kPrefillMmaSync, kDecodeMma, kDecodeGemv, kDecodeGemvSimt, kDecodeGlu };
 absl::StatusOr<std::vector<float>> ExpertGemmFp4(const std::vector<float>& x, int64_t in,
                                                  const std::vector<float>& w, int64_t out,
                                                  const std::vector<int32_t>& rows_per_expert,

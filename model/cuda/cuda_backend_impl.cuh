@@ -591,6 +591,15 @@ class CudaBackend final : public ForwardBackend {
   // the tests and bench that measure it (set_fp8_expert_inputs).
   bool Fp8Experts(const Mat& w) const { return fp8_expert_inputs_ && w.fp4 && w.in % 128 == 0; }
   void set_fp8_expert_inputs(bool on) { fp8_expert_inputs_ = on; }
+  // Host-tiled MXFP4 expert GEMMs with BF16 inputs (the prefill's) on wgmma (GroupedGemmFp4Wg, 128-row
+  // tiles): on where the kernels were built for sm_90a and run on compute capability 9.x, unless
+  // V4SERVE_CUDA_WGMMA=0; GroupedGemmFp4 (mma.sync, 64-row tiles) otherwise. set_wgmma(false): the tests
+  // and bench that measure the mma.sync kernel on the same path.
+  bool WgmmaExperts(const Mat& w) const { return wgmma_ && w.fp4 && !Fp8Experts(w); }
+  // Whether the host-tiled expert GEMM of w reads BF16 inputs (MXFP4 on BF16 tensor cores, inputs a multiple
+  // of 64): the prefill MoE then writes its inputs in BF16 only (GatherRowsBf16, SwiGlu's BF16 output).
+  bool ExpertsTakeBf16(const Mat& w) const { return w.fp4 && !Fp8Experts(w) && w.in % 64 == 0; }
+  void set_wgmma(bool on) { wgmma_ = on && wgmma_runs_; }
 
  private:
   absl::Status PutVec(const float* host, int64_t n, WInit init, float** p);
@@ -651,6 +660,7 @@ class CudaBackend final : public ForwardBackend {
   bool bf16_;  // Low-precision mode (kBf16 or kFp8): BF16 weights, tensor-core attention, MXFP4 experts.
   bool fp8_;   // kFp8: the checkpoint's FP8 linears stay FP8 (PutLinear).
   bool fp8_expert_inputs_ = false;
+  bool wgmma_ = false, wgmma_runs_ = false;  // WgmmaExperts; InitMoeKernels.
   std::string gpu_name_;
   size_t smem_optin_ = 48 << 10;
   int64_t weight_bytes_ = 0;

@@ -1,5 +1,7 @@
 // The CUDA backend: MoE routing, token permutation and the expert GEMMs. See cuda_backend_impl.cuh.
 #include <cmath>
+#include <cstdlib>
+#include <string>
 
 #include "model/cuda/cuda_backend_impl.cuh"
 #include "model/cuda/cuda_moe_kernels.cuh"
@@ -110,10 +112,11 @@ absl::Status CudaBackend::ExpertGemmHost(const Mat& w, const float* xin, const s
       return absl::UnimplementedError(
           absl::StrCat("MXFP4 expert GEMM over ", in, " inputs (needs a multiple of ", k::kEgBk, ")"));
     }
+    const int32_t bm = WgmmaExperts(w) ? k::kWgBm : k::kEgBm;
     std::vector<int32_t> tiles;  // (expert, first row, rows) per tile.
     for (int64_t gi = 0; gi < groups; ++gi) {
-      for (int32_t r = 0; r < g_cnt[gi]; r += k::kEgBm) {
-        tiles.insert(tiles.end(), {g_expert[gi], g_off[gi] + r, std::min<int32_t>(k::kEgBm, g_cnt[gi] - r)});
+      for (int32_t r = 0; r < g_cnt[gi]; r += bm) {
+        tiles.insert(tiles.end(), {g_expert[gi], g_off[gi] + r, std::min<int32_t>(bm, g_cnt[gi] - r)});
       }
     }
     const int64_t nt = static_cast<int64_t>(tiles.size()) / 3;
@@ -126,6 +129,7 @@ absl::Status CudaBackend::ExpertGemmHost(const Mat& w, const float* xin, const s
     const int32_t* const et[7] = {
         d_tiles.get(), d_tiles.get() + nt, d_tiles.get() + 2 * nt, nullptr, nullptr, nullptr, nullptr};
     // The upload is staged before cudaMemcpyAsync returns (pageable memory).
+    static_assert(k::kWgBn == k::kEgBn, "both host-tiled kernels take 128-column blocks");
     return GroupedGemmFp4(w, xin, g_off.back() + g_cnt.back(), et,
                           dim3(static_cast<unsigned>(Blocks(out, k::kEgBn)), static_cast<unsigned>(nt)), y,
                           xin_bf16);
@@ -178,6 +182,13 @@ absl::Status CudaBackend::GroupedGemmFp4(const Mat& w, const float* xin, int64_t
     if (fp8) {
       RETURN_IF_ERROR(Launch(k::GroupedGemmFp4Fp8, g, 256, k::kEg8Smem, act_fp8_->get(),
                              act_fp8_scales_->get(), codes, w.scales, tiles, w.in, w.out, y));
+    } else if (host && WgmmaExperts(w)) {
+      static const bool skip = [] {  // EXPERIMENT (session 18): which variant; to be removed.
+        const char* v = std::getenv("V4SERVE_CUDA_WG_SKIP");
+        return v != nullptr && std::string(v) == "1";
+      }();
+      RETURN_IF_ERROR(Launch(skip ? k::GroupedGemmFp4Wg<true> : k::GroupedGemmFp4Wg<false>, g, 256,
+                             k::kWgSmem, xin_bf16, codes, w.scales, tiles, w.in, w.out, y));
     } else {
       RETURN_IF_ERROR(
           Launch(k::GroupedGemmFp4, g, 256, k::kEgSmem, xin_bf16, codes, w.scales, tiles, w.in, w.out, y));
@@ -189,6 +200,25 @@ absl::Status CudaBackend::GroupedGemmFp4(const Mat& w, const float* xin, int64_t
 absl::Status CudaBackend::InitMoeKernels() {
   V4_CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(k::GroupedGemmFp4, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                                static_cast<int>(k::kEgSmem)));
+  for (auto* f : {k::GroupedGemmFp4Wg<false>, k::GroupedGemmFp4Wg<true>}) {
+    V4_CUDA_RETURN_IF_ERROR(
+        cudaFuncSetAttribute(f, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(k::kWgSmem)));
+  }
+  // Whether GroupedGemmFp4Wg can run: built for sm_90a (the probe) on a GPU of compute capability 9.x.
+  int dev = 0, major = 0;
+  V4_CUDA_RETURN_IF_ERROR(cudaGetDevice(&dev));
+  V4_CUDA_RETURN_IF_ERROR(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
+  wgmma_runs_ = false;
+  if (major == 9) {
+    Buf<int32_t> built(stream_);
+    std::vector<int32_t> flag;
+    RETURN_IF_ERROR(built.Upload({0}));
+    k::WgmmaBuilt<<<1, 1, 0, stream_>>>(built.get());
+    V4_CUDA_RETURN_IF_ERROR(cudaGetLastError());
+    RETURN_IF_ERROR(built.Download(&flag));
+    V4_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream_));
+    wgmma_runs_ = flag.at(0) == 1;
+  }
   V4_CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(
       k::GroupedGemmFp4Fp8, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(k::kEg8Smem)));
   return absl::OkStatus();
@@ -322,8 +352,8 @@ absl::Status CudaBackend::Moe(const LayerW& w, int64_t layer, bool hash, const f
   RETURN_IF_ERROR(d_slot_w.Upload(slot_w));
   // The experts' inputs in the permuted order: straight to BF16 where both GEMMs read BF16 (one pass, no
   // FP32 copy), else FP32.
-  const auto takes_bf16 = [&](const Mat& m) { return m.fp4 && !Fp8Experts(m) && m.in % k::kEgBk == 0; };
-  const bool bf16_in = takes_bf16(w.w1) && takes_bf16(w.w3);
+  static_assert(k::kEgBk == 64 && k::kWgBk == 64, "ExpertsTakeBf16's multiple");
+  const bool bf16_in = ExpertsTakeBf16(w.w1) && ExpertsTakeBf16(w.w3);
   if (bf16_in) {
     RETURN_IF_ERROR(xin_bf16.Alloc(slots * d));
     RETURN_IF_ERROR(Launch(k::GatherRowsBf16,
@@ -340,7 +370,7 @@ absl::Status CudaBackend::Moe(const LayerW& w, int64_t layer, bool hash, const f
   RETURN_IF_ERROR(ExpertGemmHost(w.w3, xin.get(), g_expert, g_off, g_cnt, eu.get(), xin_bf16.get()));
   // w2's input straight to BF16 where its GEMM reads BF16.
   Buf<__nv_bfloat16> eg_bf16(s);
-  if (takes_bf16(w.w2)) RETURN_IF_ERROR(eg_bf16.Alloc(slots * inter));
+  if (ExpertsTakeBf16(w.w2)) RETURN_IF_ERROR(eg_bf16.Alloc(slots * inter));
   RETURN_IF_ERROR(Launch(k::SwiGlu, Blocks(slots * inter, 256), 256, 0, eg.get(), eu.get(), slots, inter,
                          d_slot_w.get(), lim, eg_bf16.get()));
   RETURN_IF_ERROR(ExpertGemmHost(w.w2, eg.get(), g_expert, g_off, g_cnt, ey.get(), eg_bf16.get()));
@@ -375,6 +405,8 @@ absl::StatusOr<std::vector<float>> ExpertGemmFp4(const std::vector<float>& x, in
   impl::CudaBackend b(ModelConfig{}, fp8 ? CudaWeights::kFp8 : CudaWeights::kBf16);  // Runtime only.
   RETURN_IF_ERROR(b.InitRuntime());
   b.set_fp8_expert_inputs(fp8);
+  if (path == ExpertPath::kPrefillMmaSync) b.set_wgmma(false);
+  const bool prefill = path == ExpertPath::kPrefill || path == ExpertPath::kPrefillMmaSync;
   impl::Mat m, m3;
   RETURN_IF_ERROR(b.PutFp4(w.data(), experts * out, in, &m));
   m.out = out;  // Per expert, as the layers' stacks.
@@ -408,7 +440,7 @@ absl::StatusOr<std::vector<float>> ExpertGemmFp4(const std::vector<float>& x, in
                                         ? impl::ExpertKernel::kGemvMma
                                         : impl::SimtExpertKernel(slots, experts);
   auto run = [&]() -> absl::Status {
-    if (path == ExpertPath::kPrefill) return b.ExpertGemmHost(m, dx.get(), g_expert, g_off, g_cnt, dy.get());
+    if (prefill) return b.ExpertGemmHost(m, dx.get(), g_expert, g_off, g_cnt, dy.get());
     if (glu) {
       RETURN_IF_ERROR(b.ToF16Input(dx.get(), nullptr, slots, in));
       return b.GemvFp4Mma(m, &m3, static_cast<int64_t>(g_expert.size()), active.get(), n_active.get(),
@@ -428,6 +460,14 @@ absl::StatusOr<std::vector<float>> ExpertGemmFp4(const std::vector<float>& x, in
     *seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() / repeats;
   }
   return y;
+}
+
+absl::StatusOr<bool> PrefillExpertsOnWgmma() {
+  impl::CudaBackend b(ModelConfig{}, CudaWeights::kBf16);  // Runtime only.
+  RETURN_IF_ERROR(b.InitRuntime());
+  impl::Mat m;
+  m.fp4 = true;
+  return b.WgmmaExperts(m);
 }
 
 absl::StatusOr<Permutation> Permute(const std::vector<int32_t>& sel, const std::vector<float>& wts,

@@ -15,6 +15,7 @@
 #include "model/cuda/fp8_gemm.cuh"
 #include "model/cuda/mma.cuh"
 #include "model/cuda/mxfp4_gemv.cuh"
+#include "model/cuda/wgmma.cuh"
 
 namespace v4serve::model::cuda::kernels {
 namespace {
@@ -471,6 +472,146 @@ __global__ void __launch_bounds__(256)
   };
   RunTwoStageK(steps, load_a, fetch_b, store_b, step);
   StoreWarpTile(acc, wm, wn, lane, row0, rows, n0, out, out, y);
+}
+
+// The prefill path's MXFP4 grouped expert GEMM on Hopper's warpgroup MMA (wgmma.cuh): GroupedGemmFp4's
+// contract and products (BF16 x, weights decoded to BF16 exactly, FP32 accumulation, FP32 y) over host tiles
+// of up to kWgBm = 128 rows of one expert (ExpertTiles' host fields; grid (column blocks of kWgBn = 128,
+// tiles)). 256 threads = two warpgroups, each the m64n128k16 MMAs of 64 of the tile's rows over its 128
+// columns, accumulators in registers (with kSkip, a warpgroup whose rows are all past the tile skips its
+// MMAs: ptxas then serializes the MMAs, C7518; without, it multiplies copies of the tile's last row). k steps
+// of 64 through kWgStages = 3 shared-memory stages in the 128-byte swizzle: x's tile arrives by cp.async two
+// steps ahead; each thread's 16 bytes of codes and its scale are loaded two steps ahead into registers and
+// decoded (Fp4x8 times the block scale) into the next stage while the tensor cores run this one, so
+// decoding, loads and MMAs overlap within the block and each step takes one barrier. Rows past the tile read
+// its last row and are not stored; columns past `out` read the last weight row and are not stored.
+// sm_90a only (V4SERVE_WGMMA; elsewhere it traps and CudaBackend keeps GroupedGemmFp4).
+constexpr int kWgBm = 128, kWgBn = 128, kWgBk = 64, kWgStages = 3;
+constexpr int kWgStageBytes = (kWgBm + kWgBn) * kWgBk * 2;    // x's tile, then the weights' (16 KiB each).
+constexpr size_t kWgSmem = kWgStages * kWgStageBytes + 1024;  // + the alignment of the stages to 1024.
+
+template <bool kSkip>
+__global__ void __launch_bounds__(256, 2)
+    GroupedGemmFp4Wg(const __nv_bfloat16* x, const uint8_t* codes, const uint8_t* scales, ExpertTiles tiles,
+                     int64_t in, int64_t out, float* y) {
+  PdlEnter();
+#if V4SERVE_WGMMA
+  extern __shared__ __align__(1024) unsigned char wg_smem[];
+  unsigned char* smem = wg_smem + ((1024u - (SmemAddr(wg_smem) & 1023u)) & 1023u);
+  const int64_t e = tiles.expert[blockIdx.y], row0 = tiles.row0[blockIdx.y];
+  const int rows = tiles.rows[blockIdx.y];
+  const int64_t n0 = static_cast<int64_t>(blockIdx.x) * kWgBn;
+  const int tid = static_cast<int>(threadIdx.x), wg = tid / 128;
+  const bool mma = wg * 64 < rows;
+  const int a_rows = rows > 64 ? kWgBm : 64;  // x's rows that some warpgroup reads.
+  // This thread's weight slice: row n0 + tid / 2, values (tid % 2) * 32 .. + 32 of each k step (one scale).
+  const int br = tid / 2, bh = tid % 2;
+  const int64_t wrow = e * out + min(n0 + br, out - 1);
+  const uint8_t* wcodes = codes + wrow * (in / 2) + bh * 16;
+  const uint8_t* wscales = scales + wrow * (in / 32) + bh;
+  const int64_t steps = in / kWgBk;
+  auto load_a = [&](int64_t kt, int stage) {
+    if (kt < steps) {
+      unsigned char* as = smem + stage * kWgStageBytes;
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int c = tid + i * 256, r = c / 8, cc = c % 8;
+        if (r < a_rows) {
+          CpAsync16(as + Swizzle128(r, cc), x + (row0 + min(r, rows - 1)) * in + kt * kWgBk + cc * 8);
+        }
+      }
+    }
+    CpAsyncCommit();  // Empty past the end: the wait below counts groups.
+  };
+  auto fetch_b = [&](int64_t kt, uint4* code, uint32_t* sc) {
+    if (kt < steps) {
+      *code = *reinterpret_cast<const uint4*>(wcodes + kt * kWgBk / 2);
+      *sc = wscales[kt * kWgBk / 32];
+    }
+  };
+  auto store_b = [&](int stage, const uint4& code, uint32_t sc_byte) {
+    unsigned char* bs = smem + stage * kWgStageBytes + kWgBm * kWgBk * 2;
+    const float sc = __int_as_float(static_cast<int>((sc_byte + 6u) << 23));  // Fp4x8: 2^-6 x value.
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      float v[8];
+      Fp4x8(Word(code, i), v);
+      *reinterpret_cast<uint4*>(bs + Swizzle128(br, 4 * bh + i)) =
+          make_uint4(PackBf16(v[0] * sc, v[1] * sc), PackBf16(v[2] * sc, v[3] * sc),
+                     PackBf16(v[4] * sc, v[5] * sc), PackBf16(v[6] * sc, v[7] * sc));
+    }
+  };
+  float acc[64];
+#pragma unroll
+  for (int i = 0; i < 64; ++i) acc[i] = 0.0f;
+  load_a(0, 0);
+  load_a(1, 1);
+  uint4 c_cur = make_uint4(0, 0, 0, 0), c_nxt = c_cur;
+  uint32_t s_cur = 0, s_nxt = 0;
+  fetch_b(0, &c_cur, &s_cur);
+  fetch_b(1, &c_nxt, &s_nxt);
+  store_b(0, c_cur, s_cur);
+  c_cur = c_nxt;  // Step 1's codes.
+  s_cur = s_nxt;
+  int stage = 0;  // kt % kWgStages.
+  for (int64_t kt = 0; kt < steps; ++kt) {
+    const int next = stage + 1 == kWgStages ? 0 : stage + 1, after = next + 1 == kWgStages ? 0 : next + 1;
+    fetch_b(kt + 2, &c_nxt, &s_nxt);
+    CpAsyncWait<1>();   // x's tile for step kt is here (step kt + 1's may still be in flight).
+    FenceProxyAsync();  // This thread's writes (cp.async, decoded weights) are visible to wgmma ...
+    __syncthreads();    // ... and everyone's are; every warpgroup is past step kt - 1's MMAs.
+    if (!kSkip || mma) {
+      const uint32_t as = SmemAddr(smem + stage * kWgStageBytes + wg * 64 * kWgBk * 2);
+      const uint32_t bs = SmemAddr(smem + stage * kWgStageBytes + kWgBm * kWgBk * 2);
+      WgFenceOperands(acc);
+      WgFence();
+#pragma unroll
+      for (int j = 0; j < kWgBk / 16; ++j) WgmmaBf16N128(acc, WgDesc(as + 32 * j), WgDesc(bs + 32 * j));
+      WgCommit();
+    }
+    // While the MMAs run: x for step kt + 2 into the stage step kt - 1 used, step kt + 1's weights into its
+    // stage (last read by step kt - 2).
+    load_a(kt + 2, after);
+    if (kt + 1 < steps) store_b(next, c_cur, s_cur);
+    c_cur = c_nxt;
+    s_cur = s_nxt;
+    if (!kSkip || mma) {
+      WgWait<0>();
+      WgFenceOperands(acc);
+    }
+    stage = next;
+  }
+  if (!mma) return;
+  // acc[4 j + q]: row 16 w + lane / 4 + 8 (q / 2) of the warpgroup's 64, column 8 j + 2 (lane % 4) + q % 2.
+  const int lane = tid % 32, w = (tid % 128) / 32;
+  const bool pairs = out % 2 == 0;
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int r = wg * 64 + w * 16 + lane / 4 + 8 * h;
+    if (r >= rows) continue;
+    float* dst = y + (row0 + r) * out;
+#pragma unroll
+    for (int j = 0; j < kWgBn / 8; ++j) {
+      const int64_t col = n0 + 8 * j + 2 * (lane % 4);
+      const float a = acc[4 * j + 2 * h], b = acc[4 * j + 2 * h + 1];
+      if (pairs && col + 1 < out) {
+        *reinterpret_cast<float2*>(dst + col) = make_float2(a, b);
+      } else {
+        if (col < out) dst[col] = a;
+        if (col + 1 < out) dst[col + 1] = b;
+      }
+    }
+  }
+#else
+  __trap();
+#endif
+}
+
+// 1 where the kernels were built with wgmma (sm_90a), 0 elsewhere: CudaBackend's check before it picks
+// GroupedGemmFp4Wg.
+__global__ void WgmmaBuilt(int* built) {
+  PdlEnter();
+  *built = V4SERVE_WGMMA;
 }
 
 // The MXFP4 grouped expert GEMM on FP8 tensor cores (the FP8 weight mode, CudaWeights::kFp8):

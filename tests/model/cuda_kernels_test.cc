@@ -7,6 +7,7 @@
 #include <cstdlib>
 #include <initializer_list>
 #include <random>
+#include <string>
 #include <vector>
 
 #include "absl/cleanup/cleanup.h"
@@ -16,6 +17,7 @@
 #include "model/cpu/numerics.h"
 #include "model/cpu/ops.h"
 #include "model/cuda/cuda_backend.h"
+#include "model/cuda/cuda_device.h"
 #include "model/numeric_formats.h"
 #include "tests/model/cuda_test_util.h"
 
@@ -373,22 +375,37 @@ TEST(CudaKernelTest, IndexerKernelsMatchTheReference) {
   }
 }
 
-// The MXFP4 expert GEMMs (the prefill path's tensor-core GEMM with host tiles, the decode path's with device
-// routing, and the decode GEMVs on tensor cores and on SIMT cores) against the host: weights drawn on the
-// MXFP4 grid (so that loading them is exact), activations as each kernel sees them (BF16-rounded for the
-// tensor-core GEMM, FP32 for the GEMVs), products summed in double. Expert row counts cover an empty expert,
-// one row, a partial tile, exactly one 64-row tile and several tiles (and more than one 8-row pass of the
-// GEMV); output widths cover a partial 128-column tile and a partial 16-row one; input widths cover 2, 4 and
-// 8 of the GEMV's 128-wide chunks. Rows scaled by 3e5 (past FP16's range) and 1e-6 check the GEMV's row
-// scales. Only FP32 summation order and the GEMV's FP16 rounding of x may differ; a wrong fragment layout,
-// nibble, scale or tile bound moves the result by O(1).
+// The MXFP4 expert GEMMs (the prefill path's tensor-core GEMMs with host tiles, on wgmma and on mma.sync, the
+// decode path's with device routing, and the decode GEMVs on tensor cores and on SIMT cores) against the
+// host: weights drawn on the MXFP4 grid (so that loading them is exact), activations as each kernel sees them
+// (BF16-rounded for the tensor-core GEMM, FP32 for the GEMVs), products summed in double. Expert row counts
+// cover an empty expert, one row, a partial tile, exactly one 64-row tile, a 128-row wgmma tile whose second
+// warpgroup has 36 rows, and several tiles (and more than one 8-row pass of the GEMV); output widths cover a
+// partial 128-column tile and a partial 16-row one; input widths cover 2, 4 and 8 of the GEMV's 128-wide
+// chunks. Rows scaled by 3e5 (past FP16's range) and 1e-6 check the GEMV's row scales. Only FP32 summation
+// order and the GEMV's FP16 rounding of x may differ; a wrong fragment layout, nibble, scale or tile bound
+// moves the result by O(1). On Hopper (9.x, these kernels built for sm_90a) the prefill's expert GEMM takes
+// wgmma unless turned off, so the test above covers the kernel serving runs; a probe that failed would
+// silently fall back to mma.sync.
+TEST(CudaKernelTest, PrefillExpertsRunOnWgmmaOnHopper) {
+  SKIP_WITHOUT_GPU();
+  absl::StatusOr<std::vector<GpuInfo>> gpus = cuda::ListDevices();
+  ASSERT_TRUE(gpus.ok()) << gpus.status();
+  ASSERT_FALSE(gpus->empty());
+  absl::StatusOr<bool> on = cuda::testing::PrefillExpertsOnWgmma();
+  ASSERT_TRUE(on.ok()) << on.status();
+  const char* env = std::getenv("V4SERVE_CUDA_WGMMA");
+  const bool off = env != nullptr && std::string(env) == "0";
+  EXPECT_EQ(*on, (*gpus)[0].sm_major == 9 && !off) << "sm " << (*gpus)[0].sm_major;
+}
+
 TEST(CudaKernelTest, Mxfp4ExpertGemmMatchesTheHost) {
   SKIP_WITHOUT_GPU();
   static constexpr float kGrid[8] = {0.0f, 0.5f, 1.0f, 1.5f, 2.0f, 3.0f, 4.0f, 6.0f};
   for (const auto& shape : {std::pair<int64_t, int64_t>{256, 192}, {512, 128}, {1024, 40}}) {
     const int64_t in = shape.first, out = shape.second;  // Plain locals: the lambdas below capture them.
     SCOPED_TRACE(testing::Message() << "in " << in << " out " << out);
-    const std::vector<int32_t> rows = {3, 0, 1, 64, 150, 37};
+    const std::vector<int32_t> rows = {3, 0, 1, 64, 150, 37, 100};
     const int64_t experts = static_cast<int64_t>(rows.size());
     std::mt19937 rng(21);
     std::vector<float> w(static_cast<size_t>(experts * out * in));
@@ -437,7 +454,8 @@ TEST(CudaKernelTest, Mxfp4ExpertGemmMatchesTheHost) {
       EXPECT_LT(worst, 10 * tol);
     };
     using Path = cuda::testing::ExpertPath;
-    for (const Path path : {Path::kPrefill, Path::kDecodeMma, Path::kDecodeGemv, Path::kDecodeGemvSimt}) {
+    for (const Path path : {Path::kPrefill, Path::kPrefillMmaSync, Path::kDecodeMma, Path::kDecodeGemv,
+                            Path::kDecodeGemvSimt}) {
       SCOPED_TRACE(testing::Message() << "path " << static_cast<int>(path));
       const bool gemv = path == Path::kDecodeGemv || path == Path::kDecodeGemvSimt;
       absl::StatusOr<std::vector<float>> y = cuda::testing::ExpertGemmFp4(x, in, w, out, rows, path);
