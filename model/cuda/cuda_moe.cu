@@ -1,7 +1,5 @@
 // The CUDA backend: MoE routing, token permutation and the expert GEMMs. See cuda_backend_impl.cuh.
 #include <cmath>
-#include <cstdlib>
-#include <string>
 
 #include "model/cuda/cuda_backend_impl.cuh"
 #include "model/cuda/cuda_moe_kernels.cuh"
@@ -183,12 +181,8 @@ absl::Status CudaBackend::GroupedGemmFp4(const Mat& w, const float* xin, int64_t
       RETURN_IF_ERROR(Launch(k::GroupedGemmFp4Fp8, g, 256, k::kEg8Smem, act_fp8_->get(),
                              act_fp8_scales_->get(), codes, w.scales, tiles, w.in, w.out, y));
     } else if (host && WgmmaExperts(w)) {
-      static const bool skip = [] {  // EXPERIMENT (session 18): which variant; to be removed.
-        const char* v = std::getenv("V4SERVE_CUDA_WG_SKIP");
-        return v != nullptr && std::string(v) == "1";
-      }();
-      RETURN_IF_ERROR(Launch(skip ? k::GroupedGemmFp4Wg<true> : k::GroupedGemmFp4Wg<false>, g, 256,
-                             k::kWgSmem, xin_bf16, codes, w.scales, tiles, w.in, w.out, y));
+      RETURN_IF_ERROR(
+          Launch(k::GroupedGemmFp4Wg, g, 256, k::kWgSmem, xin_bf16, codes, w.scales, tiles, w.in, w.out, y));
     } else {
       RETURN_IF_ERROR(
           Launch(k::GroupedGemmFp4, g, 256, k::kEgSmem, xin_bf16, codes, w.scales, tiles, w.in, w.out, y));
@@ -200,10 +194,8 @@ absl::Status CudaBackend::GroupedGemmFp4(const Mat& w, const float* xin, int64_t
 absl::Status CudaBackend::InitMoeKernels() {
   V4_CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(k::GroupedGemmFp4, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                                static_cast<int>(k::kEgSmem)));
-  for (auto* f : {k::GroupedGemmFp4Wg<false>, k::GroupedGemmFp4Wg<true>}) {
-    V4_CUDA_RETURN_IF_ERROR(
-        cudaFuncSetAttribute(f, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(k::kWgSmem)));
-  }
+  V4_CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(
+      k::GroupedGemmFp4Wg, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(k::kWgSmem)));
   // Whether GroupedGemmFp4Wg can run: built for sm_90a (the probe) on a GPU of compute capability 9.x.
   int dev = 0, major = 0;
   V4_CUDA_RETURN_IF_ERROR(cudaGetDevice(&dev));

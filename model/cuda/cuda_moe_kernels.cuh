@@ -478,8 +478,9 @@ __global__ void __launch_bounds__(256)
 // contract and products (BF16 x, weights decoded to BF16 exactly, FP32 accumulation, FP32 y) over host tiles
 // of up to kWgBm = 128 rows of one expert (ExpertTiles' host fields; grid (column blocks of kWgBn = 128,
 // tiles)). 256 threads = two warpgroups, each the m64n128k16 MMAs of 64 of the tile's rows over its 128
-// columns, accumulators in registers (with kSkip, a warpgroup whose rows are all past the tile skips its
-// MMAs: ptxas then serializes the MMAs, C7518; without, it multiplies copies of the tile's last row). k steps
+// columns, accumulators in registers. A warpgroup whose rows are all past the tile still runs its MMAs (on
+// shared memory nobody loaded; nothing is stored): skipping them put the MMAs on a divergent path, which
+// ptxas serializes (C7518), and measured slower (H100, prefill 32768 tokens: 277-287 against 235 ms). k steps
 // of 64 through kWgStages = 3 shared-memory stages in the 128-byte swizzle: x's tile arrives by cp.async two
 // steps ahead; each thread's 16 bytes of codes and its scale are loaded two steps ahead into registers and
 // decoded (Fp4x8 times the block scale) into the next stage while the tensor cores run this one, so
@@ -490,7 +491,6 @@ constexpr int kWgBm = 128, kWgBn = 128, kWgBk = 64, kWgStages = 3;
 constexpr int kWgStageBytes = (kWgBm + kWgBn) * kWgBk * 2;    // x's tile, then the weights' (16 KiB each).
 constexpr size_t kWgSmem = kWgStages * kWgStageBytes + 1024;  // + the alignment of the stages to 1024.
 
-template <bool kSkip>
 __global__ void __launch_bounds__(256, 2)
     GroupedGemmFp4Wg(const __nv_bfloat16* x, const uint8_t* codes, const uint8_t* scales, ExpertTiles tiles,
                      int64_t in, int64_t out, float* y) {
@@ -560,7 +560,7 @@ __global__ void __launch_bounds__(256, 2)
     CpAsyncWait<1>();   // x's tile for step kt is here (step kt + 1's may still be in flight).
     FenceProxyAsync();  // This thread's writes (cp.async, decoded weights) are visible to wgmma ...
     __syncthreads();    // ... and everyone's are; every warpgroup is past step kt - 1's MMAs.
-    if (!kSkip || mma) {
+    {  // Both warpgroups, whatever their rows: a branch here makes ptxas serialize the MMAs (C7518).
       const uint32_t as = SmemAddr(smem + stage * kWgStageBytes + wg * 64 * kWgBk * 2);
       const uint32_t bs = SmemAddr(smem + stage * kWgStageBytes + kWgBm * kWgBk * 2);
       WgFenceOperands(acc);
@@ -575,7 +575,7 @@ __global__ void __launch_bounds__(256, 2)
     if (kt + 1 < steps) store_b(next, c_cur, s_cur);
     c_cur = c_nxt;
     s_cur = s_nxt;
-    if (!kSkip || mma) {
+    {
       WgWait<0>();
       WgFenceOperands(acc);
     }
