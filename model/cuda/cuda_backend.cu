@@ -410,6 +410,10 @@ absl::Status CudaBackend::Init(const cpu::ModelWeights* w, const cpu::RopeTable*
   const ModelConfig& c = c_;
   seed_ = seed;
   if (c.hc_mult > k::kMaxHc) return absl::InvalidArgumentError("hc_mult above the CUDA backend's bound");
+  if (c.hidden_size % 4 != 0) {  // HcPost and the BF16 copies move four features at a time.
+    return absl::InvalidArgumentError(
+        absl::StrCat("the CUDA backend needs hidden_size a multiple of 4, got ", c.hidden_size));
+  }
   RETURN_IF_ERROR(InitRuntime());
   const char* prof = std::getenv("V4SERVE_CUDA_PROFILE");
   profile_ = prof != nullptr && std::string(prof) == "1";
