@@ -82,13 +82,45 @@ void AttentionKernels(const model::ModelConfig& c, double bf16_gemm, std::vector
 
 // The decode path's MXFP4 expert kernels side by side (cuda::testing::ExpertGemmFp4) on V4-Flash's w1
 // shape (in = hidden, out = expert inter) for the rows a decode batch gives: 16 experts stand for the 256
-// (host time), each batch's slots (batch x top-k) scaled by 16/256 and spread at random.
+// (host time), each batch's slots (batch x top-k) scaled by 16/256 and spread at random; first, the same for
+// a prefill of 8192 tokens.
 void ExpertKernels(const model::ModelConfig& c, double fp8_gemm, std::vector<std::string>* rows) {
   const int64_t experts = 16, in = c.hidden_size, out = c.moe_intermediate_size;
   std::mt19937_64 rng(3);
   std::normal_distribution<float> nd(0.0f, 0.02f);
   std::vector<float> w(static_cast<size_t>(experts * out * in));
   for (float& v : w) v = nd(rng);
+  // Prefill-sized (first: the decode rows take most of the table's time): 8192 tokens' 6 slots each over
+  // the 256 experts, 16 of them here (3072 rows).
+  {
+    const int64_t slots = 8192 * c.num_experts_per_tok * experts / c.n_routed_experts;
+    std::vector<int32_t> per(static_cast<size_t>(experts), 0);
+    for (int64_t i = 0; i < slots; ++i) ++per[rng() % experts];
+    std::vector<float> x(static_cast<size_t>(slots * in));
+    for (float& v : x) v = nd(rng);
+    // The serving kernel (BF16 inputs; wgmma where it runs), the mma.sync one, and FP8 inputs (mma.sync).
+    double b16 = 0, sync = 0, f8 = 0;
+    using P = cuda::testing::ExpertPath;
+    auto a = cuda::testing::ExpertGemmFp4(x, in, w, out, per, P::kPrefill, 10, &b16);
+    auto s = cuda::testing::ExpertGemmFp4(x, in, w, out, per, P::kPrefillMmaSync, 10, &sync);
+    auto b = cuda::testing::ExpertGemmFp4(x, in, w, out, per, P::kPrefill, 10, &f8, /*fp8=*/true);
+    const absl::StatusOr<bool> wg = cuda::testing::PrefillExpertsOnWgmma();
+    if (a.ok() && s.ok() && b.ok()) {
+      const double flops = 2.0 * static_cast<double>(slots * out * in);
+      char line[640];
+      std::snprintf(
+          line, sizeof(line),
+          "| MXFP4 experts (prefill 8192 tokens): %lld rows over 16 experts | BF16 inputs on %s %.1f us, "
+          "on mma.sync %.1f us, FP8 inputs (mma.sync) %.1f us | %.1f GFLOP | %.0f / %.0f / %.0f TFLOP/s | "
+          "serving kernel %.1f%% of FP8 GEMM; **%.2fx** mma.sync |",
+          static_cast<long long>(slots), wg.ok() && *wg ? "wgmma" : "mma.sync", b16 * 1e6, sync * 1e6,
+          f8 * 1e6, flops / 1e9, flops / b16 / 1e12, flops / sync / 1e12, flops / f8 / 1e12,
+          100.0 * flops / b16 / fp8_gemm, sync / b16);
+      rows->push_back(line);
+      std::printf("%s\n", line);
+      std::fflush(stdout);
+    }
+  }
   for (const int64_t batch : {8, 32, 64, 128, 256}) {
     const int64_t slots = std::max<int64_t>(1, batch * c.num_experts_per_tok * experts / c.n_routed_experts);
     std::vector<int32_t> per(static_cast<size_t>(experts), 0);
@@ -140,36 +172,6 @@ void ExpertKernels(const model::ModelConfig& c, double fp8_gemm, std::vector<std
     rows->push_back(line);
     std::printf("%s\n", line);
     std::fflush(stdout);
-  }
-  // Prefill-sized: 8192 tokens' 6 slots each over the 256 experts, 16 of them here (3072 rows).
-  {
-    const int64_t slots = 8192 * c.num_experts_per_tok * experts / c.n_routed_experts;
-    std::vector<int32_t> per(static_cast<size_t>(experts), 0);
-    for (int64_t i = 0; i < slots; ++i) ++per[rng() % experts];
-    std::vector<float> x(static_cast<size_t>(slots * in));
-    for (float& v : x) v = nd(rng);
-    // The serving kernel (BF16 inputs; wgmma where it runs), the mma.sync one, and FP8 inputs (mma.sync).
-    double b16 = 0, sync = 0, f8 = 0;
-    using P = cuda::testing::ExpertPath;
-    auto a = cuda::testing::ExpertGemmFp4(x, in, w, out, per, P::kPrefill, 10, &b16);
-    auto s = cuda::testing::ExpertGemmFp4(x, in, w, out, per, P::kPrefillMmaSync, 10, &sync);
-    auto b = cuda::testing::ExpertGemmFp4(x, in, w, out, per, P::kPrefill, 10, &f8, /*fp8=*/true);
-    const absl::StatusOr<bool> wg = cuda::testing::PrefillExpertsOnWgmma();
-    if (a.ok() && s.ok() && b.ok()) {
-      const double flops = 2.0 * static_cast<double>(slots * out * in);
-      char line[640];
-      std::snprintf(
-          line, sizeof(line),
-          "| MXFP4 experts (prefill 8192 tokens): %lld rows over 16 experts | BF16 inputs on %s %.1f us, "
-          "on mma.sync %.1f us, FP8 inputs (mma.sync) %.1f us | %.1f GFLOP | %.0f / %.0f / %.0f TFLOP/s | "
-          "serving kernel %.1f%% of FP8 GEMM; **%.2fx** mma.sync |",
-          static_cast<long long>(slots), wg.ok() && *wg ? "wgmma" : "mma.sync", b16 * 1e6, sync * 1e6,
-          f8 * 1e6, flops / 1e9, flops / b16 / 1e12, flops / sync / 1e12, flops / f8 / 1e12,
-          100.0 * flops / b16 / fp8_gemm, sync / b16);
-      rows->push_back(line);
-      std::printf("%s\n", line);
-      std::fflush(stdout);
-    }
   }
 }
 
