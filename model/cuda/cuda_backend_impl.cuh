@@ -607,6 +607,9 @@ class CudaBackend final : public ForwardBackend {
   // The mHC pre-mix and the norm after it (`norm`: attn_norm or ffn_norm) into collapsed.
   absl::Status HcPre(const HcW& w, const float* norm, const float* streams, int64_t n, float* collapsed,
                      float* post, float* comb) const;
+  // The mHC post-mix of a sublayer's output `out` back into the streams with HcPre's post and comb.
+  absl::Status HcPost(const float* out, const float* post, const float* comb, int64_t n,
+                      float* streams) const;
   // Attention in three parts. AttentionIn: the projections of x (and their norms, RoPE) into b's q, kv,
   // compressor and indexer rows. AttentionCore: per sequence, the compressors, key staging, indexer and the
   // attention kernel into b->o, planned on the host for each call's positions; `copies[i]` is the device

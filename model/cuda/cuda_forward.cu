@@ -134,6 +134,14 @@ absl::Status CudaBackend::HcPre(const HcW& w, const float* norm, const float* st
   return absl::OkStatus();
 }
 
+absl::Status CudaBackend::HcPost(const float* out, const float* post, const float* comb, int64_t n,
+                                 float* streams) const {
+  const int hc = static_cast<int>(c_.hc_mult);
+  const int64_t d = c_.hidden_size;
+  return Launch(k::HcPostKernel(hc), k::HcPostGrid(n, d), k::kHcPostThreads, 0, streams, out, post, comb, hc,
+                d);
+}
+
 absl::StatusOr<std::vector<float>> CudaBackend::Forward(absl::Span<const ForwardSegment> segments,
                                                         absl::Span<const int32_t> tokens,
                                                         absl::Span<const int64_t> logit_rows,
@@ -249,14 +257,12 @@ absl::Status CudaBackend::Run(absl::Span<const ForwardSegment> segments, absl::S
       } else {
         const LayerW& w = layers_[static_cast<size_t>(l - 1)];
         RETURN_IF_ERROR(AttentionOut(w, l - 1, n, b, sub));
-        RETURN_IF_ERROR(Launch(k::HcPostKernel(static_cast<int>(hc)), k::HcPostGrid(n, d), k::kHcPostThreads,
-                               0, streams, sub, post, comb, static_cast<int>(hc), d));
+        RETURN_IF_ERROR(HcPost(sub, post, comb, n, streams));
         RETURN_IF_ERROR(HcPre(w.hc_ffn, w.ffn_norm, streams, n, collapsed, post, comb));
         RETURN_IF_ERROR(Mark(&counters_.s_mhc));
         RETURN_IF_ERROR(Moe(w, l - 1, c.is_hash_layer(l - 1), collapsed, b->tok.get(), n, sub));
         RETURN_IF_ERROR(Mark(&counters_.s_moe));
-        RETURN_IF_ERROR(Launch(k::HcPostKernel(static_cast<int>(hc)), k::HcPostGrid(n, d), k::kHcPostThreads,
-                               0, streams, sub, post, comb, static_cast<int>(hc), d));
+        RETURN_IF_ERROR(HcPost(sub, post, comb, n, streams));
         counters_.activation_bytes +=
             n * hc * d * 4 * 6;  // Two sites: read for the mixes, read + write post.
         RETURN_IF_ERROR(Mark(&counters_.s_mhc));

@@ -105,8 +105,8 @@ __global__ void GatherRowsBf16(const float* x, const int32_t* perm, int64_t d, _
   }
 }
 
-// Embedding rows copied into every mHC stream: streams[t, j, :] = embed[tokens[t], :].
-// Each of the hc streams of token blockIdx.x = its embedding row. Grid (tokens, any): block (t, b) takes
+// Embedding rows copied into every mHC stream: streams[t, j, :] = embed[tokens[t], :], t = blockIdx.x.
+// Grid (tokens, any): block (t, b) takes
 // features b * blockDim.x + thread, strided by the grid (one block a token took ~10 us for a decode step's
 // few tokens: 16 dependent rounds of a load and 4 stores a thread).
 __global__ void Embed(const int32_t* tokens, const void* embed, bool bf16, int64_t hc, int64_t d,
