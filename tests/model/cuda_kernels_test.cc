@@ -384,21 +384,7 @@ TEST(CudaKernelTest, IndexerKernelsMatchTheReference) {
 // partial 128-column tile and a partial 16-row one; input widths cover 2, 4 and 8 of the GEMV's 128-wide
 // chunks. Rows scaled by 3e5 (past FP16's range) and 1e-6 check the GEMV's row scales. Only FP32 summation
 // order and the GEMV's FP16 rounding of x may differ; a wrong fragment layout, nibble, scale or tile bound
-// moves the result by O(1). On Hopper (9.x, these kernels built for sm_90a) the prefill's expert GEMM takes
-// wgmma unless turned off, so the test above covers the kernel serving runs; a probe that failed would
-// silently fall back to mma.sync.
-TEST(CudaKernelTest, PrefillExpertsRunOnWgmmaOnHopper) {
-  SKIP_WITHOUT_GPU();
-  absl::StatusOr<std::vector<GpuInfo>> gpus = cuda::ListDevices();
-  ASSERT_TRUE(gpus.ok()) << gpus.status();
-  ASSERT_FALSE(gpus->empty());
-  absl::StatusOr<bool> on = cuda::testing::PrefillExpertsOnWgmma();
-  ASSERT_TRUE(on.ok()) << on.status();
-  const char* env = std::getenv("V4SERVE_CUDA_WGMMA");
-  const bool off = env != nullptr && std::string(env) == "0";
-  EXPECT_EQ(*on, (*gpus)[0].sm_major == 9 && !off) << "sm " << (*gpus)[0].sm_major;
-}
-
+// moves the result by O(1).
 TEST(CudaKernelTest, Mxfp4ExpertGemmMatchesTheHost) {
   SKIP_WITHOUT_GPU();
   static constexpr float kGrid[8] = {0.0f, 0.5f, 1.0f, 1.5f, 2.0f, 3.0f, 4.0f, 6.0f};
@@ -500,6 +486,20 @@ TEST(CudaKernelTest, Mxfp4ExpertGemmMatchesTheHost) {
     ASSERT_TRUE(y.ok()) << y.status();
     compare(*y, glu, 1e-3);
   }
+}
+
+// On Hopper (9.x, these kernels built for sm_90a) the prefill's expert GEMM takes wgmma unless turned off, so
+// the test above covers the kernel serving runs; a probe that failed would silently fall back to mma.sync.
+TEST(CudaKernelTest, PrefillExpertsRunOnWgmmaOnHopper) {
+  SKIP_WITHOUT_GPU();
+  absl::StatusOr<std::vector<GpuInfo>> gpus = cuda::ListDevices();
+  ASSERT_TRUE(gpus.ok()) << gpus.status();
+  ASSERT_FALSE(gpus->empty());
+  absl::StatusOr<bool> on = cuda::testing::PrefillExpertsOnWgmma();
+  ASSERT_TRUE(on.ok()) << on.status();
+  const char* env = std::getenv("V4SERVE_CUDA_WGMMA");
+  const bool off = env != nullptr && std::string(env) == "0";
+  EXPECT_EQ(*on, (*gpus)[0].sm_major == 9 && !off) << "sm " << (*gpus)[0].sm_major;
 }
 
 // The decode MoE's permutation against the host path's (CudaBackend::Moe for longer batches): V4's 256
