@@ -483,7 +483,7 @@ __global__ void __launch_bounds__(256)
 // ptxas serializes (C7518), and measured slower (H100, prefill 32768 tokens: 277-287 against 235 ms). k steps
 // of 64 through kWgStages = 3 shared-memory stages in the 128-byte swizzle: x's tile arrives by cp.async two
 // steps ahead; each thread's 16 bytes of codes and its scale are loaded two steps ahead into registers and
-// decoded (Fp4x8 times the block scale) into the next stage while the tensor cores run this one, so
+// decoded (Fp4x8Bf16, exact) into the next stage while the tensor cores run this one, so
 // decoding, loads and MMAs overlap within the block and each step takes one barrier. Rows past the tile read
 // its last row and are not stored; columns past `out` read the last weight row and are not stored.
 // sm_90a only (V4SERVE_WGMMA; elsewhere it traps and CudaBackend keeps GroupedGemmFp4).
@@ -497,55 +497,67 @@ __global__ void __launch_bounds__(256, 2)
   PdlEnter();
 #if V4SERVE_WGMMA
   extern __shared__ __align__(1024) unsigned char wg_smem[];
-  unsigned char* smem = wg_smem + ((1024u - (SmemAddr(wg_smem) & 1023u)) & 1023u);
+  const uint32_t base = SmemAddr(wg_smem) + ((1024u - (SmemAddr(wg_smem) & 1023u)) & 1023u);
   const int64_t e = tiles.expert[blockIdx.y], row0 = tiles.row0[blockIdx.y];
   const int rows = tiles.rows[blockIdx.y];
   const int64_t n0 = static_cast<int64_t>(blockIdx.x) * kWgBn;
   const int tid = static_cast<int>(threadIdx.x), wg = tid / 128;
   const bool mma = wg * 64 < rows;
   const int a_rows = rows > 64 ? kWgBm : 64;  // x's rows that some warpgroup reads.
-  // This thread's weight slice: row n0 + tid / 2, values (tid % 2) * 32 .. + 32 of each k step (one scale).
+  // Addresses advance by a k step each step (the loop's address arithmetic was a fifth of its instructions):
+  // this thread's four 16-byte chunks of x's tile (row c / 8, chunk c % 8 for c = tid + 256 i) ...
+  const __nv_bfloat16* asrc[4];
+  uint32_t adst[4];
+  bool aon[4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const int c = tid + i * 256, r = c / 8, cc = c % 8;
+    asrc[i] = x + (row0 + min(r, rows - 1)) * in + cc * 8;
+    adst[i] = base + Swizzle128(r, cc);
+    aon[i] = r < a_rows;
+  }
+  // ... and its weight slice: row n0 + tid / 2, values (tid % 2) * 32 .. + 32 of each k step (one scale).
   const int br = tid / 2, bh = tid % 2;
   const int64_t wrow = e * out + min(n0 + br, out - 1);
   const uint8_t* wcodes = codes + wrow * (in / 2) + bh * 16;
   const uint8_t* wscales = scales + wrow * (in / 32) + bh;
-  const int64_t steps = in / kWgBk;
-  auto load_a = [&](int64_t kt, int stage) {
+  uint32_t bdst[4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) bdst[i] = base + kWgBm * kWgBk * 2 + Swizzle128(br, 4 * bh + i);
+  const int steps = static_cast<int>(in / kWgBk);
+  auto load_a = [&](int kt, uint32_t stage_off) {
     if (kt < steps) {
-      unsigned char* as = smem + stage * kWgStageBytes;
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
-        const int c = tid + i * 256, r = c / 8, cc = c % 8;
-        if (r < a_rows) {
-          CpAsync16(as + Swizzle128(r, cc), x + (row0 + min(r, rows - 1)) * in + kt * kWgBk + cc * 8);
-        }
+        if (aon[i]) CpAsync16(adst[i] + stage_off, asrc[i] + kt * kWgBk);
       }
     }
     CpAsyncCommit();  // Empty past the end: the wait below counts groups.
   };
-  auto fetch_b = [&](int64_t kt, uint4* code, uint32_t* sc) {
+  auto fetch_b = [&](int kt, uint4* code, uint32_t* sc) {
     if (kt < steps) {
-      *code = *reinterpret_cast<const uint4*>(wcodes + kt * kWgBk / 2);
-      *sc = wscales[kt * kWgBk / 32];
+      *code = *reinterpret_cast<const uint4*>(wcodes + kt * (kWgBk / 2));
+      *sc = wscales[kt * (kWgBk / 32)];
     }
   };
-  auto store_b = [&](int stage, const uint4& code, uint32_t sc_byte) {
-    unsigned char* bs = smem + stage * kWgStageBytes + kWgBm * kWgBk * 2;
-    const float sc = __int_as_float(static_cast<int>((sc_byte + 6u) << 23));  // Fp4x8: 2^-6 x value.
+  auto store_b = [&](uint32_t stage_off, const uint4& code, uint32_t sc_byte) {
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
-      float v[8];
-      Fp4x8(Word(code, i), v);
-      *reinterpret_cast<uint4*>(bs + Swizzle128(br, 4 * bh + i)) =
-          make_uint4(PackBf16(v[0] * sc, v[1] * sc), PackBf16(v[2] * sc, v[3] * sc),
-                     PackBf16(v[4] * sc, v[5] * sc), PackBf16(v[6] * sc, v[7] * sc));
+      uint32_t v[4];
+      Fp4x8Bf16(Word(code, i), sc_byte, v);
+      asm volatile("st.shared.v4.b32 [%0], {%1, %2, %3, %4};\n" ::"r"(bdst[i] + stage_off), "r"(v[0]),
+                   "r"(v[1]), "r"(v[2]), "r"(v[3])
+                   : "memory");
     }
   };
+  // Descriptors of stage 0's tiles (this warpgroup's 64 rows of x, the weights); a stage is kWgStageBytes
+  // further, the k-th 16-wide slice 32 k bytes (descriptor addresses count 16 bytes).
+  const uint64_t da0 = WgDesc(base + wg * 64 * kWgBk * 2), db0 = WgDesc(base + kWgBm * kWgBk * 2);
   float acc[64];
 #pragma unroll
   for (int i = 0; i < 64; ++i) acc[i] = 0.0f;
   load_a(0, 0);
-  load_a(1, 1);
+  load_a(1, kWgStageBytes);
   uint4 c_cur = make_uint4(0, 0, 0, 0), c_nxt = c_cur;
   uint32_t s_cur = 0, s_nxt = 0;
   fetch_b(0, &c_cur, &s_cur);
@@ -553,20 +565,21 @@ __global__ void __launch_bounds__(256, 2)
   store_b(0, c_cur, s_cur);
   c_cur = c_nxt;  // Step 1's codes.
   s_cur = s_nxt;
-  int stage = 0;  // kt % kWgStages.
-  for (int64_t kt = 0; kt < steps; ++kt) {
-    const int next = stage + 1 == kWgStages ? 0 : stage + 1, after = next + 1 == kWgStages ? 0 : next + 1;
+  uint32_t stage = 0;  // Byte offset of stage kt % kWgStages.
+  constexpr uint32_t kLast = (kWgStages - 1) * kWgStageBytes;
+  for (int kt = 0; kt < steps; ++kt) {
+    const uint32_t next = stage == kLast ? 0 : stage + kWgStageBytes;
+    const uint32_t after = next == kLast ? 0 : next + kWgStageBytes;
     fetch_b(kt + 2, &c_nxt, &s_nxt);
     CpAsyncWait<1>();   // x's tile for step kt is here (step kt + 1's may still be in flight).
     FenceProxyAsync();  // This thread's writes (cp.async, decoded weights) are visible to wgmma ...
     __syncthreads();    // ... and everyone's are; every warpgroup is past step kt - 1's MMAs.
     {  // Both warpgroups, whatever their rows: a branch here makes ptxas serialize the MMAs (C7518).
-      const uint32_t as = SmemAddr(smem + stage * kWgStageBytes + wg * 64 * kWgBk * 2);
-      const uint32_t bs = SmemAddr(smem + stage * kWgStageBytes + kWgBm * kWgBk * 2);
+      const uint64_t da = da0 + (stage >> 4), db = db0 + (stage >> 4);
       WgFenceOperands(acc);
       WgFence();
 #pragma unroll
-      for (int j = 0; j < kWgBk / 16; ++j) WgmmaBf16N128(acc, WgDesc(as + 32 * j), WgDesc(bs + 32 * j));
+      for (int j = 0; j < kWgBk / 16; ++j) WgmmaBf16N128(acc, da + 2 * j, db + 2 * j);
       WgCommit();
     }
     // While the MMAs run: x for step kt + 2 into the stage step kt - 1 used, step kt + 1's weights into its

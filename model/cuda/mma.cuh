@@ -88,6 +88,10 @@ __device__ __forceinline__ void StoreWarpTile(const float (&tot)[2][4][4], int w
 __device__ __forceinline__ void CpAsync16(void* smem, const void* gmem) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(SmemAddr(smem)), "l"(gmem) : "memory");
 }
+// The same to a shared-memory address (SmemAddr).
+__device__ __forceinline__ void CpAsync16(uint32_t smem, const void* gmem) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(smem), "l"(gmem) : "memory");
+}
 // The same, writing zeros instead when !valid (gmem must still be a valid address).
 __device__ __forceinline__ void CpAsync16OrZero(void* smem, const void* gmem, bool valid) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(SmemAddr(smem)), "l"(gmem),
