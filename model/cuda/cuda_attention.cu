@@ -287,15 +287,17 @@ absl::Status CudaBackend::AttentionIn(const LayerW& w, int64_t layer, const floa
   RETURN_IF_ERROR(Linear(x, n, w.wkv, b->kv.get()));
   RETURN_IF_ERROR(
       Launch(k::RmsNormRope, n, 128, 0, b->kv.get(), hd, w.kv_norm, eps, hd - rd, rd, d_pos, 1, inv));
-  if (ratio > 0) {
-    RETURN_IF_ERROR(Linear(x, n, w.compressor.wkv, b->ckv.get()));
-    RETURN_IF_ERROR(Linear(x, n, w.compressor.wgate, b->cscore.get()));
-  }
-  if (csa) {
+  if (csa) {  // The FP32 compressor projections, x split once where they run as 3xTF32.
+    RETURN_IF_ERROR(LinearsF32(x, n,
+                               {{&w.compressor.wkv, b->ckv.get()},
+                                {&w.compressor.wgate, b->cscore.get()},
+                                {&w.indexer_compressor.wkv, b->ikv.get()},
+                                {&w.indexer_compressor.wgate, b->iscore.get()}}));
     RETURN_IF_ERROR(Linear(qr.get(), n, w.indexer_wq_b, b->iq.get()));
     RETURN_IF_ERROR(Linear(x, n, w.indexer_weights, b->iw.get()));
-    RETURN_IF_ERROR(Linear(x, n, w.indexer_compressor.wkv, b->ikv.get()));
-    RETURN_IF_ERROR(Linear(x, n, w.indexer_compressor.wgate, b->iscore.get()));
+  } else if (ratio > 0) {
+    RETURN_IF_ERROR(
+        LinearsF32(x, n, {{&w.compressor.wkv, b->ckv.get()}, {&w.compressor.wgate, b->cscore.get()}}));
   }
   if (csa) {
     RETURN_IF_ERROR(Launch(k::Rope, Blocks(n * ih * rd / 2, 256), 256, 0, b->iq.get(), n * ih, id, id - rd,

@@ -401,6 +401,9 @@ absl::Status CudaBackend::InitRuntime() {
     return absl::FailedPreconditionError(
         "V4SERVE_CUDA_WGMMA=1 needs a GPU of compute capability 9.x and kernels built for sm_90a");
   }
+  // The compressors' prefill GEMMs as 3xTF32 (LinearsF32) outside the FP32 mode, unless
+  // V4SERVE_CUDA_TF32X3=0.
+  ASSIGN_OR_RETURN(tf32x3_, EnvSwitch("V4SERVE_CUDA_TF32X3", bf16_ && prop.major >= 8));
   RETURN_IF_ERROR(InitLinearKernels());
   return InitAttentionKernels(prop);
 }

@@ -114,6 +114,12 @@ absl::StatusOr<std::vector<float>> Linear(const std::vector<float>& x, int64_t m
                                           const std::vector<float>& w, int64_t out, CudaWeights format,
                                           int repeats = 0, double* seconds = nullptr,
                                           Fp8Path fp8_path = Fp8Path::kAuto);
+// y = x W^T for FP32 weights through CudaBackend::LinearsF32 (the compressors' projections) on a backend in
+// the BF16 mode: with `tf32x3` as its three TF32 tensor-core GEMMs at any row count, else cuBLAS's FP32
+// SGEMM. `repeats` and `seconds` as Linear's.
+absl::StatusOr<std::vector<float>> LinearF32(const std::vector<float>& x, int64_t m, int64_t in,
+                                             const std::vector<float>& w, int64_t out, bool tf32x3,
+                                             int repeats = 0, double* seconds = nullptr);
 // Interleaved RoPE (inv_freq as cpu::RopeTable holds it) on the last `rope_dim` dims of each row of `dim`,
 // row r at positions[r].
 absl::Status Rope(std::vector<float>* x, int64_t rows, int64_t dim, int64_t rope_dim,

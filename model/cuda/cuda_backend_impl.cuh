@@ -19,6 +19,7 @@
 #include <cstdint>
 #include <cstring>
 #include <functional>
+#include <initializer_list>
 #include <memory>
 #include <string>
 #include <tuple>
@@ -396,19 +397,19 @@ class CudaBackend final : public ForwardBackend {
   Device device() const override { return Device::kCuda; }
   std::string Describe() const override {
     const bool fp4 = bf16_ && c_.expert_dtype == "fp4";
-    return absl::StrFormat("cuda: %s, %s weights%s, %.2f GiB on device, CUDA graphs %s%s%s", gpu_name_,
-                           fp8_    ? "fp8 (checkpoint fp8 linears) + bf16"
-                           : bf16_ ? "bf16"
-                                   : "fp32",
-                           fp4 ? " (mxfp4 routed experts)" : "",
-                           static_cast<double>(weight_bytes_) / (1ull << 30),
-                           GraphsOn() ? absl::StrCat("for decode up to ", graph_max_rows_, " rows")
-                                      : absl::StrCat("off (", graphs_off_why_, ")"),
-                           rows_fp8_ && rows_f32_ ? ", row GEMMs"
-                           : rows_fp8_            ? ", FP8 row GEMMs"
-                           : rows_f32_            ? ", FP32 row GEMMs"
-                                                  : "",
-                           pdl_ ? ", programmatic launch" : "");
+    return absl::StrFormat(
+        "cuda: %s, %s weights%s, %.2f GiB on device, CUDA graphs %s%s%s%s", gpu_name_,
+        fp8_    ? "fp8 (checkpoint fp8 linears) + bf16"
+        : bf16_ ? "bf16"
+                : "fp32",
+        fp4 ? " (mxfp4 routed experts)" : "", static_cast<double>(weight_bytes_) / (1ull << 30),
+        GraphsOn() ? absl::StrCat("for decode up to ", graph_max_rows_, " rows")
+                   : absl::StrCat("off (", graphs_off_why_, ")"),
+        rows_fp8_ && rows_f32_ ? ", row GEMMs"
+        : rows_fp8_            ? ", FP8 row GEMMs"
+        : rows_f32_            ? ", FP32 row GEMMs"
+                               : "",
+        pdl_ ? ", programmatic launch" : "", tf32x3_ ? ", 3xTF32 compressor GEMMs in prefill" : "");
   }
 
   absl::Status Init(const cpu::ModelWeights* w, const cpu::RopeTable* rope_main,
@@ -469,6 +470,18 @@ class CudaBackend final : public ForwardBackend {
   absl::Status Linear(const float* x, int64_t m, const Mat& w, float* y) const;
   absl::Status LinearBatched(const float* x, int64_t m, int64_t ldx, int64_t stride_x, const Mat& w,
                              int64_t groups, int64_t ldy, float* y) const;
+  // y_i = x W_i^T for FP32 weights W_i [out_i, in] that read one x [n, in] (the compressors' projections).
+  // Outside the FP32 mode, from kTf32x3Rows rows (prefill; V4SERVE_CUDA_TF32X3=0 keeps SGEMM), each is three
+  // TF32 tensor-core GEMMs on hi/lo parts (kernels::SplitTf32; x split once for all of them):
+  // W_lo x_hi + W_hi x_lo + W_hi x_hi with FP32 accumulation (CUTLASS's "3xTF32"). The dropped W_lo x_lo and
+  // the parts' rounding are ~2^-21 of each product, below the FP32 sum's own rounding at these depths, so
+  // the result keeps FP32's accuracy (CudaKernelTest.Tf32x3KeepsFp32Accuracy). Else Linear for each.
+  struct F32Out {
+    const Mat* w;
+    float* y;
+  };
+  static constexpr int64_t kTf32x3Rows = 512;
+  absl::Status LinearsF32(const float* x, int64_t n, std::initializer_list<F32Out> outs) const;
   // The FP8 GEMM: x quantized per row in blocks of 128 (model/cuda/fp8_gemm.cuh; SkinnyGemmFp8 quantizes as
   // it reads, the others take QuantizeFp8Blocks's codes). kAuto's choice by rows and weight size, from the
   // kernels timed side by side (docs/PERFORMANCE.md, "Session 17"; L2 flushed before each call):
@@ -600,6 +613,11 @@ class CudaBackend final : public ForwardBackend {
   // of 64): the prefill MoE then writes its inputs in BF16 only (GatherRowsBf16, SwiGlu's BF16 output).
   bool ExpertsTakeBf16(const Mat& w) const { return w.fp4 && !Fp8Experts(w) && w.in % 64 == 0; }
   void set_wgmma(bool on) { wgmma_ = on && wgmma_runs_; }
+  // LinearsF32's 3xTF32 path on or off, from `min_rows` rows (the tests).
+  void set_tf32x3(bool on, int64_t min_rows) {
+    tf32x3_ = on;
+    tf32x3_rows_ = min_rows;
+  }
 
  private:
   absl::Status PutVec(const float* host, int64_t n, WInit init, float** p);
@@ -701,6 +719,8 @@ class CudaBackend final : public ForwardBackend {
   // V4SERVE_CUDA_ROWS_GEMM=1 (both), =fp8 or =f32: RowsGemmFp8 / RowsGemmF32 for decode rows (off unless set:
   // slower than cuBLASLt / cuBLAS in session 15's step).
   bool rows_fp8_ = false, rows_f32_ = false;
+  bool tf32x3_ = false;  // LinearsF32's 3xTF32 GEMMs: outside the FP32 mode unless V4SERVE_CUDA_TF32X3=0,
+  int64_t tf32x3_rows_ = kTf32x3Rows;  // from this many rows (the tests: any).
   bool pdl_ = false;  // Programmatic dependent launch (launch.cuh): on sm_90 unless V4SERVE_CUDA_PDL=0.
   mutable std::unique_ptr<Buf<float>> top_logits_;  // ForwardTop's logits, for TopLogits::full_row.
   mutable uint64_t runs_ = 0;                       // Forwards so far (full_row checks its own is last).

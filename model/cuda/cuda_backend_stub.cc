@@ -34,6 +34,10 @@ absl::StatusOr<std::vector<float>> Linear(const std::vector<float>&, int64_t, in
                                           Fp8Path) {
   return NotBuilt();
 }
+absl::StatusOr<std::vector<float>> LinearF32(const std::vector<float>&, int64_t, int64_t,
+                                             const std::vector<float>&, int64_t, bool, int, double*) {
+  return NotBuilt();
+}
 absl::Status Rope(std::vector<float>*, int64_t, int64_t, int64_t, const std::vector<double>&,
                   const std::vector<int64_t>&, bool) {
   return NotBuilt();

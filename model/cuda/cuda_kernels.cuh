@@ -453,6 +453,26 @@ __global__ void ToBf16(const float* x, int64_t n, __nv_bfloat16* y) {
   for (int64_t j = i; j < n && j < i + 4; ++j) y[j] = __float2bfloat16_rn(x[j]);
 }
 
+// x rounded to TF32 (10 stored mantissa bits; to nearest, ties away from zero, as cvt.rna.tf32.f32), in an
+// FP32 container whose low 13 bits are zero. Finite inputs below ~3.4e38 only (larger ones round to inf).
+__device__ __forceinline__ float RoundTf32(float x) {
+  return __uint_as_float((__float_as_uint(x) + 0x1000u) & 0xffffe000u);
+}
+
+// The operands of a 3xTF32 GEMM: hi = tf32(x), lo = tf32(x - hi) (x - hi is exact in FP32), so that
+// x = hi + lo to ~2^-22 relative and a tensor core reads both exactly whatever its own TF32 conversion.
+// 4 values a thread (n a multiple of 4, every pointer 16-byte aligned): launch Blocks(n / 4, 256) of 256.
+__global__ void SplitTf32(const float* x, int64_t n, float* hi, float* lo) {
+  PdlEnter();
+  const int64_t i = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * 4;
+  if (i >= n) return;
+  const float4 v = *reinterpret_cast<const float4*>(x + i);
+  const float4 h = make_float4(RoundTf32(v.x), RoundTf32(v.y), RoundTf32(v.z), RoundTf32(v.w));
+  *reinterpret_cast<float4*>(hi + i) = h;
+  *reinterpret_cast<float4*>(lo + i) =
+      make_float4(RoundTf32(v.x - h.x), RoundTf32(v.y - h.y), RoundTf32(v.z - h.z), RoundTf32(v.w - h.w));
+}
+
 // Where a row GEMM's block (RowsGemmF32 here, RowsGemmFp8 in fp8_gemm.cuh) stores its sums: y (row stride
 // ldy) when the k range is not split, else its split's partial sums partial[blockIdx.y][m][out], which
 // SplitKFinish adds.

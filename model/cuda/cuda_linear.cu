@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <functional>
 #include <type_traits>
 #include <vector>
 
@@ -123,6 +124,44 @@ absl::Status CudaBackend::LinearBatched(const float* x, int64_t m, int64_t ldx, 
       CUDA_R_32F, static_cast<int>(ldy), out, static_cast<int>(groups), CUBLAS_COMPUTE_32F,
       CUBLAS_GEMM_DEFAULT));
   return absl::OkStatus();
+}
+
+absl::Status CudaBackend::LinearsF32(const float* x, int64_t n, std::initializer_list<F32Out> outs) const {
+  if (outs.size() == 0 || n == 0) return absl::OkStatus();
+  const int64_t in = outs.begin()->w->in;
+  const auto aligned = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; };
+  bool split = tf32x3_ && n >= tf32x3_rows_ && in % 4 == 0 && aligned(x);
+  for (const F32Out& o : outs) {
+    split = split && !o.w->bf16 && !o.w->fp8 && !o.w->fp4 && o.w->in == in && aligned(o.w->p);
+  }
+  if (!split) {
+    for (const F32Out& o : outs) RETURN_IF_ERROR(Linear(x, n, *o.w, o.y));
+    return absl::OkStatus();
+  }
+  cudaStream_t s = stream_;
+  Buf<float> xs(s), ws(s);
+  RETURN_IF_ERROR(xs.Alloc(2 * n * in));
+  float *const x_hi = xs.get(), *const x_lo = x_hi + n * in;
+  RETURN_IF_ERROR(Launch(k::SplitTf32, Blocks(n * in / 4, 256), 256, 0, x, n * in, x_hi, x_lo));
+  for (const F32Out& o : outs) {
+    const int64_t out = o.w->out;
+    CountGemm(*o.w, n);
+    RETURN_IF_ERROR(ws.Alloc(2 * out * in));
+    float *const w_hi = ws.get(), *const w_lo = w_hi + out * in;
+    RETURN_IF_ERROR(Launch(k::SplitTf32, Blocks(out * in / 4, 256), 256, 0, static_cast<const float*>(o.w->p),
+                           out * in, w_hi, w_lo));
+    // Y^T [out, n] = W X^T column-major; the small products first, the large one added last.
+    const float one = 1.0f, zero = 0.0f;
+    const float* const terms[3][2] = {{w_lo, x_hi}, {w_hi, x_lo}, {w_hi, x_hi}};
+    for (int t = 0; t < 3; ++t) {
+      V4_CUBLAS_RETURN_IF_ERROR(blas_api_->gemm(
+          blas_, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(out), static_cast<int>(n), static_cast<int>(in),
+          &one, terms[t][0], CUDA_R_32F, static_cast<int>(in), terms[t][1], CUDA_R_32F, static_cast<int>(in),
+          t == 0 ? &zero : &one, o.y, CUDA_R_32F, static_cast<int>(out), CUBLAS_COMPUTE_32F_FAST_TF32,
+          CUBLAS_GEMM_DEFAULT));
+    }
+  }
+  return absl::OkStatus();  // xs and ws are freed in stream order, after the GEMMs.
 }
 
 absl::StatusOr<int> CudaBackend::ResidentBlocks(const void* kernel, int threads, size_t smem) const {
@@ -355,11 +394,61 @@ using impl::CudaBackend;
 using impl::Mat;
 using impl::WInit;
 
+namespace {
+// With `seconds` set and repeats > 0: the mean device time of `repeats` more calls of `call`, each on its own
+// after twice the L2 of other bytes was read, so it reads its weights from HBM as it does in a decode step
+// (which streams GBs between two uses of a matrix; calls repeated back to back ran from L2 for matrices of a
+// few MB, faster than in the step: session 15). The flush reads (a zeroed buffer), so the lines the call
+// evicts are clean, as a step's weights are. Then one more call into an output `y` of `ny` NaNs: what comes
+// back is that call's own, so a kernel that works only on a fresh backend (split-k counters not reset) shows
+// in the result.
+absl::Status TimeFlushed(const CudaBackend& b, int repeats, double* seconds,
+                         const std::function<absl::Status()>& call, float* y, int64_t ny) {
+  if (seconds == nullptr || repeats <= 0) return absl::OkStatus();
+  int dev = 0, l2 = 0;
+  V4_CUDA_RETURN_IF_ERROR(cudaGetDevice(&dev));
+  V4_CUDA_RETURN_IF_ERROR(cudaDeviceGetAttribute(&l2, cudaDevAttrL2CacheSize, dev));
+  const size_t flush_bytes = 2 * static_cast<size_t>(std::max(l2, 1 << 20));
+  void* flush = nullptr;
+  std::vector<cudaEvent_t> ev(2 * static_cast<size_t>(repeats), nullptr);
+  absl::Cleanup release = [&] {
+    for (cudaEvent_t e : ev)
+      if (e != nullptr) cudaEventDestroy(e);
+    if (flush != nullptr) cudaFree(flush);
+  };
+  V4_CUDA_RETURN_IF_ERROR(cudaMalloc(&flush, flush_bytes + sizeof(int)));
+  V4_CUDA_RETURN_IF_ERROR(cudaMemsetAsync(flush, 0, flush_bytes + sizeof(int), b.stream()));
+  for (cudaEvent_t& e : ev) V4_CUDA_RETURN_IF_ERROR(cudaEventCreate(&e));
+  const auto* words = static_cast<const int4*>(flush);
+  int* sink = reinterpret_cast<int*>(static_cast<char*>(flush) + flush_bytes);
+  for (int i = 0; i < repeats; ++i) {
+    ReadAll<<<1024, 256, 0, b.stream()>>>(words, flush_bytes / sizeof(int4), sink);
+    V4_LAUNCH_CHECK(ReadAll);
+    V4_CUDA_RETURN_IF_ERROR(cudaEventRecord(ev[2 * i], b.stream()));
+    RETURN_IF_ERROR(call());
+    V4_CUDA_RETURN_IF_ERROR(cudaEventRecord(ev[2 * i + 1], b.stream()));
+  }
+  V4_CUDA_RETURN_IF_ERROR(cudaEventSynchronize(ev.back()));
+  double total_ms = 0;
+  for (int i = 0; i < repeats; ++i) {
+    float ms = 0;
+    V4_CUDA_RETURN_IF_ERROR(cudaEventElapsedTime(&ms, ev[2 * i], ev[2 * i + 1]));
+    total_ms += ms;
+  }
+  *seconds = total_ms / 1e3 / repeats;
+  V4_CUDA_RETURN_IF_ERROR(cudaMemsetAsync(y, 0xff, ny * sizeof(float), b.stream()));
+  return call();
+}
+}  // namespace
+
 absl::StatusOr<std::vector<float>> Linear(const std::vector<float>& x, int64_t m, int64_t in,
                                           const std::vector<float>& w, int64_t out, CudaWeights format,
                                           int repeats, double* seconds, Fp8Path fp8_path) {
   if (static_cast<int64_t>(x.size()) != m * in || static_cast<int64_t>(w.size()) != out * in) {
     return absl::InvalidArgumentError("Linear: sizes do not match");
+  }
+  if (fp8_path != Fp8Path::kAuto && format != CudaWeights::kFp8) {
+    return absl::InvalidArgumentError("an FP8 kernel path needs CudaWeights::kFp8");
   }
   CudaBackend b(ModelConfig{}, format);  // Runtime only, no model weights.
   RETURN_IF_ERROR(b.InitRuntime());
@@ -376,51 +465,31 @@ absl::StatusOr<std::vector<float>> Linear(const std::vector<float>& x, int64_t m
     return fp8_path == Fp8Path::kAuto ? b.Linear(dx.get(), m, mat, dy.get())
                                       : b.LinearFp8(dx.get(), m, in, mat, out, dy.get(), fp8_path);
   };
-  if (fp8_path != Fp8Path::kAuto && format != CudaWeights::kFp8) {
-    return absl::InvalidArgumentError("an FP8 kernel path needs CudaWeights::kFp8");
-  }
   RETURN_IF_ERROR(call());
-  if (seconds != nullptr && repeats > 0) {
-    // Each timed call on its own, after twice the L2 of other bytes was read, so it reads its weights from
-    // HBM as it does in a decode step (which streams GBs between two uses of a matrix). Calls repeated back
-    // to back ran from L2 for matrices of a few MB, faster than in the step (session 15). The flush reads
-    // (a zeroed buffer), so the lines the call evicts are clean, as a step's weights are.
-    int dev = 0, l2 = 0;
-    V4_CUDA_RETURN_IF_ERROR(cudaGetDevice(&dev));
-    V4_CUDA_RETURN_IF_ERROR(cudaDeviceGetAttribute(&l2, cudaDevAttrL2CacheSize, dev));
-    const size_t flush_bytes = 2 * static_cast<size_t>(std::max(l2, 1 << 20));
-    void* flush = nullptr;
-    std::vector<cudaEvent_t> ev(2 * static_cast<size_t>(repeats), nullptr);
-    absl::Cleanup release = [&] {
-      for (cudaEvent_t e : ev)
-        if (e != nullptr) cudaEventDestroy(e);
-      if (flush != nullptr) cudaFree(flush);
-    };
-    V4_CUDA_RETURN_IF_ERROR(cudaMalloc(&flush, flush_bytes + sizeof(int)));
-    V4_CUDA_RETURN_IF_ERROR(cudaMemsetAsync(flush, 0, flush_bytes + sizeof(int), b.stream()));
-    for (cudaEvent_t& e : ev) V4_CUDA_RETURN_IF_ERROR(cudaEventCreate(&e));
-    const auto* words = static_cast<const int4*>(flush);
-    int* sink = reinterpret_cast<int*>(static_cast<char*>(flush) + flush_bytes);
-    for (int i = 0; i < repeats; ++i) {
-      ReadAll<<<1024, 256, 0, b.stream()>>>(words, flush_bytes / sizeof(int4), sink);
-      V4_LAUNCH_CHECK(ReadAll);
-      V4_CUDA_RETURN_IF_ERROR(cudaEventRecord(ev[2 * i], b.stream()));
-      RETURN_IF_ERROR(call());
-      V4_CUDA_RETURN_IF_ERROR(cudaEventRecord(ev[2 * i + 1], b.stream()));
-    }
-    V4_CUDA_RETURN_IF_ERROR(cudaEventSynchronize(ev.back()));
-    double total_ms = 0;
-    for (int i = 0; i < repeats; ++i) {
-      float ms = 0;
-      V4_CUDA_RETURN_IF_ERROR(cudaEventElapsedTime(&ms, ev[2 * i], ev[2 * i + 1]));
-      total_ms += ms;
-    }
-    *seconds = total_ms / 1e3 / repeats;
-    // One more call into an output of NaNs: what comes back is that call's own, so a kernel that works only
-    // on a fresh backend (split-k counters not reset) shows in the result.
-    V4_CUDA_RETURN_IF_ERROR(cudaMemsetAsync(dy.get(), 0xff, m * out * sizeof(float), b.stream()));
-    RETURN_IF_ERROR(call());
+  RETURN_IF_ERROR(TimeFlushed(b, repeats, seconds, call, dy.get(), m * out));
+  std::vector<float> y;
+  RETURN_IF_ERROR(dy.Download(&y));
+  V4_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(b.stream()));
+  return y;
+}
+
+absl::StatusOr<std::vector<float>> LinearF32(const std::vector<float>& x, int64_t m, int64_t in,
+                                             const std::vector<float>& w, int64_t out, bool tf32x3,
+                                             int repeats, double* seconds) {
+  if (static_cast<int64_t>(x.size()) != m * in || static_cast<int64_t>(w.size()) != out * in) {
+    return absl::InvalidArgumentError("LinearF32: sizes do not match");
   }
+  CudaBackend b(ModelConfig{}, CudaWeights::kBf16);  // Runtime only: FP32 weights as the compressors'.
+  RETURN_IF_ERROR(b.InitRuntime());
+  b.set_tf32x3(tf32x3, /*min_rows=*/1);
+  Mat mat;
+  RETURN_IF_ERROR(b.Put(w.data(), out, in, /*bf16=*/false, WInit::kHost, &mat));
+  Buf<float> dx(b.stream()), dy(b.stream());
+  RETURN_IF_ERROR(dx.Upload(x));
+  RETURN_IF_ERROR(dy.Alloc(m * out));
+  auto call = [&]() { return b.LinearsF32(dx.get(), m, {{&mat, dy.get()}}); };
+  RETURN_IF_ERROR(call());
+  RETURN_IF_ERROR(TimeFlushed(b, repeats, seconds, call, dy.get(), m * out));
   std::vector<float> y;
   RETURN_IF_ERROR(dy.Download(&y));
   V4_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(b.stream()));

@@ -8,6 +8,7 @@
 #include <initializer_list>
 #include <random>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "absl/cleanup/cleanup.h"
@@ -127,6 +128,38 @@ TEST(CudaKernelTest, Fp32RowsGemmMatchesCpu) {
       ASSERT_TRUE(again.ok()) << again.status();
       EXPECT_EQ(*again, *y) << m << " rows: a repeated FP32 row GEMM differs";
     }
+  }
+}
+
+// The compressors' prefill GEMMs as 3xTF32 (CudaBackend::LinearsF32) against the product in double: as close
+// as cuBLAS's FP32 SGEMM (~1e-7 rel. L2), where one TF32 pass (x and W rounded to 10 mantissa bits) or a
+// dropped cross term (W_lo x_hi or W_hi x_lo) is ~1e-4 off. Shapes: the indexer compressor's 256 x 4096 at
+// 600 rows, and partial tiles (200 x 1028 at 77 rows). A second backend's calls, the last into NaNs after
+// the scratch was reused, give the same sums.
+TEST(CudaKernelTest, Tf32x3KeepsFp32Accuracy) {
+  SKIP_WITHOUT_GPU();
+  for (const auto& [m, in, out] : {std::tuple<int64_t, int64_t, int64_t>{600, 4096, 256},
+                                   std::tuple<int64_t, int64_t, int64_t>{77, 1028, 200}}) {
+    SCOPED_TRACE(testing::Message() << m << " rows x " << in << " -> " << out);
+    const std::vector<float> w = Random(out * in, 31, 0.03f), x = Random(m * in, 32);
+    std::vector<float> ref;
+    cpu::MatmulWtF64(x.data(), m, in, w.data(), out, &ref);
+    absl::StatusOr<std::vector<float>> sgemm = cuda::testing::LinearF32(x, m, in, w, out, false);
+    ASSERT_TRUE(sgemm.ok()) << sgemm.status();
+    absl::StatusOr<std::vector<float>> y = cuda::testing::LinearF32(x, m, in, w, out, true);
+    ASSERT_TRUE(y.ok()) << y.status();
+    const double e_sgemm = RelL2(*sgemm, ref), e_tf32x3 = RelL2(*y, ref);
+    EXPECT_LT(e_sgemm, 1e-6);
+    EXPECT_LT(e_tf32x3, 1e-6) << "SGEMM's error " << e_sgemm;
+    for (int64_t r = 0; r < m; ++r) {  // A row the GEMMs skip shows here.
+      std::vector<float> yr(y->begin() + r * out, y->begin() + (r + 1) * out);
+      std::vector<float> rr(ref.begin() + r * out, ref.begin() + (r + 1) * out);
+      ASSERT_LT(RelL2(yr, rr), 1e-5) << "row " << r;
+    }
+    double seconds = 0;
+    absl::StatusOr<std::vector<float>> again = cuda::testing::LinearF32(x, m, in, w, out, true, 3, &seconds);
+    ASSERT_TRUE(again.ok()) << again.status();
+    EXPECT_EQ(*again, *y) << "a repeated 3xTF32 GEMM differs";
   }
 }
 
