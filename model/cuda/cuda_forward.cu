@@ -127,10 +127,10 @@ absl::Status CudaBackend::HcPre(const HcW& w, const float* norm, const float* st
   RETURN_IF_ERROR(mixes.Alloc(n * mix));
   RETURN_IF_ERROR(Linear(streams, n, w.fn, mixes.get()));
   const int64_t parts = HcParts(n, d);
-  RETURN_IF_ERROR(Launch(k::HcMix, dim3(static_cast<unsigned>(n), static_cast<unsigned>(parts + 1)), 256, 0,
-                         mixes.get(), c.rms_norm_eps, w.base, w.scale, static_cast<int>(hc),
+  RETURN_IF_ERROR(Launch(k::HcMix, static_cast<unsigned>(n * (parts + 1)), 256, 0, mixes.get(),
+                         c.rms_norm_eps, w.base, w.scale, static_cast<int>(hc),
                          static_cast<int>(c.hc_sinkhorn_iters), static_cast<float>(c.hc_eps), streams, d,
-                         norm, collapsed, post, comb));
+                         norm, collapsed, post, comb, static_cast<int>(parts)));
   return absl::OkStatus();
 }
 

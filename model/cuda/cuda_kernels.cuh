@@ -275,29 +275,109 @@ __device__ __forceinline__ void CollapseNormSlice(const float* pre, int hc, cons
   CollapseNorm(pre, hc, x, d, w, eps, out, min(lo, d), min(lo + chunk, d));
 }
 
-// mHC pre-mix of token blockIdx.x: from the raw mixes (fn · x) and the streams' rms, the pre/post weights
-// and the Sinkhorn-projected comb matrix (cpu::HcPre), then collapsed = RmsNorm(sum_j pre_j * x_j) * norm_w
-// (the block's attn_norm or ffn_norm). Grid (tokens, parts + 1): blocks y < parts each write a slice of d of
-// the collapse (each computes pre and the norm); block y == parts computes post and the Sinkhorn comb, in
+// CollapseNorm of a whole row for HcMix's one-slice (prefill-sized) launches, with the token's hc streams
+// read from memory once: thread i keeps features i + q * blockDim.x (q < kPer) of each stream in registers
+// (zeros past d), and the streams' sum of squares (r), the collapse and its norm come from them. Where
+// blockDim.x divides d / 4 the sums run in RowSumSquares's and CollapseNorm's order (the same bits as
+// RowRsqrt then CollapseNorm, which read the streams three times). For hc <= kHcRegStreams, kPer the
+// smallest of 1, 2, 4 with kPer * 4 * blockDim.x >= d (HcRegsPer: 0 where none is).
+constexpr int kHcRegStreams = 4;
+__device__ __forceinline__ int HcRegsPer(int hc, const float* x, int64_t d, const float* w,
+                                         const float* out) {
+  const int64_t d4 = d / 4, b = blockDim.x;
+  if (hc > kHcRegStreams || d % 4 != 0 || !Vec4(x, hc * d) || !Vec4(out, d) || (w != nullptr && !Vec4(w, d)))
+    return 0;
+  return d4 <= b ? 1 : d4 <= 2 * b ? 2 : d4 <= 4 * b ? 4 : 0;
+}
+template <int kPer>
+__device__ __forceinline__ void HcCollapseInRegisters(const float* m, double norm_eps, const float* base,
+                                                      const float* scale, int hc, float eps, const float* x,
+                                                      int64_t d, const float* w, float* out) {
+  const int64_t b = blockDim.x, i = threadIdx.x, d4 = d / 4;
+  const float4* x4 = reinterpret_cast<const float4*>(x);
+  float4 v[kHcRegStreams][kPer];
+  double ss = 0;
+#pragma unroll
+  for (int j = 0; j < kHcRegStreams; ++j) {
+#pragma unroll
+    for (int q = 0; q < kPer; ++q) {
+      const int64_t f = i + q * b;
+      v[j][q] = j < hc && f < d4 ? x4[j * d4 + f] : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+      ss += static_cast<double>(v[j][q].x) * v[j][q].x + static_cast<double>(v[j][q].y) * v[j][q].y +
+            static_cast<double>(v[j][q].z) * v[j][q].z + static_cast<double>(v[j][q].w) * v[j][q].w;
+    }
+  }
+  const float r = static_cast<float>(1.0 / sqrt(BlockSumD(ss) / static_cast<double>(hc * d) + norm_eps));
+  __shared__ float pre[kHcRegStreams];
+  if (i < hc) pre[i] = SigmoidF((m[i] * r) * scale[0] + base[i]) + eps;
+  __syncthreads();
+  float4 a[kPer];
+  double ss2 = 0;
+#pragma unroll
+  for (int q = 0; q < kPer; ++q) {
+    a[q] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+#pragma unroll
+    for (int j = 0; j < kHcRegStreams; ++j) {
+      if (j < hc) {
+        a[q].x += pre[j] * v[j][q].x;
+        a[q].y += pre[j] * v[j][q].y;
+        a[q].z += pre[j] * v[j][q].z;
+        a[q].w += pre[j] * v[j][q].w;
+      }
+    }
+    ss2 += static_cast<double>(a[q].x) * a[q].x + static_cast<double>(a[q].y) * a[q].y +
+           static_cast<double>(a[q].z) * a[q].z + static_cast<double>(a[q].w) * a[q].w;
+  }
+  const float inv = static_cast<float>(1.0 / sqrt(BlockSumD(ss2) / static_cast<double>(d) + norm_eps));
+  const float4* w4 = reinterpret_cast<const float4*>(w);
+#pragma unroll
+  for (int q = 0; q < kPer; ++q) {
+    const int64_t f = i + q * b;
+    if (f < d4) {
+      const float4 g = w4 != nullptr ? w4[f] : make_float4(1.0f, 1.0f, 1.0f, 1.0f);
+      reinterpret_cast<float4*>(out)[f] =
+          make_float4(a[q].x * inv * g.x, a[q].y * inv * g.y, a[q].z * inv * g.z, a[q].w * inv * g.w);
+    }
+  }
+}
+
+// mHC pre-mix of a token: from the raw mixes (fn · x) and the streams' rms, the pre/post weights and the
+// Sinkhorn-projected comb matrix (cpu::HcPre), then collapsed = RmsNorm(sum_j pre_j * x_j) * norm_w (the
+// block's attn_norm or ffn_norm). Grid n * (parts + 1), a token's blocks consecutive (launched together, so
+// that the later reads of its streams come from L2): blocks p < parts of token t each write a slice of d of
+// the collapse (each computes pre and the norm); block p == parts computes post and the Sinkhorn comb, in
 // parallel with the collapse (20 dependent iterations: in series with it they were a third of the kernel).
-// One block a token left most SMs idle at decode batches. 256 threads (the norm's sum in RmsNorm's order).
+// One block a token left most SMs idle at decode batches. With one slice (prefill sizes) the collapse reads
+// the streams once (HcCollapseInRegisters). 256 threads (the norm's sum in RmsNorm's order).
 __global__ void HcMix(const float* mixes, double norm_eps, const float* base, const float* scale, int hc,
                       int iters, float eps, const float* streams, int64_t d, const float* norm_w,
-                      float* collapsed, float* post_out, float* comb_out) {
+                      float* collapsed, float* post_out, float* comb_out, int parts) {
   PdlEnter();
-  const int64_t t = blockIdx.x;
-  const float r = RowRsqrt(streams + t * hc * d, hc * d, norm_eps);
-  const int parts = static_cast<int>(gridDim.y) - 1;
+  const int64_t t = blockIdx.x / (parts + 1);
+  const int part = static_cast<int>(blockIdx.x % (parts + 1));
   const int mix = (2 + hc) * hc;
   const float* m = mixes + t * mix;
+  const float* x = streams + t * hc * d;
+  if (part < parts && parts == 1) {
+    switch (HcRegsPer(hc, x, d, norm_w, collapsed + t * d)) {
+      case 1:
+        return HcCollapseInRegisters<1>(m, norm_eps, base, scale, hc, eps, x, d, norm_w, collapsed + t * d);
+      case 2:
+        return HcCollapseInRegisters<2>(m, norm_eps, base, scale, hc, eps, x, d, norm_w, collapsed + t * d);
+      case 4:
+        return HcCollapseInRegisters<4>(m, norm_eps, base, scale, hc, eps, x, d, norm_w, collapsed + t * d);
+      default:
+        break;
+    }
+  }
+  const float r = RowRsqrt(x, hc * d, norm_eps);
   __shared__ float pre[kMaxHc];
-  if (static_cast<int>(blockIdx.y) < parts) {
+  if (part < parts) {
     if (static_cast<int>(threadIdx.x) < hc) {
       pre[threadIdx.x] = SigmoidF((m[threadIdx.x] * r) * scale[0] + base[threadIdx.x]) + eps;
     }
     __syncthreads();
-    CollapseNormSlice(pre, hc, streams + t * hc * d, d, norm_w, norm_eps, collapsed + t * d, blockIdx.y,
-                      parts);
+    CollapseNormSlice(pre, hc, x, d, norm_w, norm_eps, collapsed + t * d, part, parts);
     return;
   }
   if (static_cast<int>(threadIdx.x) < hc) {
