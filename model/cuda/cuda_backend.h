@@ -177,12 +177,15 @@ absl::StatusOr<std::vector<float>> ExpertGemmFp4(const std::vector<float>& x, in
 // The decode MoE's token permutation on the device (kernels::Permute) for `rows` rows of k selections each
 // (sel, wts [rows, k]) over `experts` experts: per-expert counts and starts, each slot's row and weight (an
 // expert's slots in row order), each row's slots sorted by expert, the experts with rows in order.
+// tile_rows 0 with a decode-sized batch (kernels::PermuteFits): the one-block kernel; otherwise the prefill's
+// three launches, with tile_rows > 0 also the prefill GEMMs' tiles: (expert, first slot, rows) per tile of
+// up to tile_rows rows, in expert order (checked: no rows after the padding, which is dropped here).
 struct Permutation {
-  std::vector<int32_t> count, start, perm, row_slots, active;
+  std::vector<int32_t> count, start, perm, row_slots, active, tiles;
   std::vector<float> slot_w;
 };
 absl::StatusOr<Permutation> Permute(const std::vector<int32_t>& sel, const std::vector<float>& wts,
-                                    int64_t rows, int64_t k, int64_t experts);
+                                    int64_t rows, int64_t k, int64_t experts, int32_t tile_rows = 0);
 }  // namespace testing
 
 }  // namespace cuda

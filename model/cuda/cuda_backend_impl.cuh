@@ -576,17 +576,22 @@ class CudaBackend final : public ForwardBackend {
   absl::Status GemvFp4Mma(const Mat& w, const Mat* w3, int64_t groups, const int32_t* active,
                           const int32_t* n_active, const int32_t* d_start, const int32_t* d_count, float* y,
                           const float* slot_w, float lim) const;
-  // The decode MoE's token permutation on the device (kernels::Permute) of `rows` rows of k selections
-  // (sel, wts [rows, k] on the device) over ne experts, into p's buffers (allocated on this backend's
-  // stream); `touched` (may be null) receives the counts too. kernels::PermuteFits must hold.
+  // The MoE's token permutation on the device of `rows` rows of k selections (sel, wts [rows, k] on the
+  // device) over ne experts, into p's buffers (allocated on this backend's stream); `touched` (may be null)
+  // receives the counts too. Decode-sized (kernels::PermuteFits) with tile_rows 0: kernels::Permute, one
+  // block. Otherwise (k <= kPermuteMaxK) kernels::PermuteCount / PermuteScan / PermuteScatter, and with
+  // tile_rows > 0 also the prefill GEMMs' tiles of up to tile_rows rows (p->tiles, p->max_tiles of them, the
+  // ones past the last with 0 rows).
   struct DevicePermutation {
     explicit DevicePermutation(cudaStream_t s)
-        : count(s), start(s), perm(s), row_slots(s), active(s), n_active(s), slot_w(s) {}
-    Buf<int32_t> count, start, perm, row_slots, active, n_active;
+        : count(s), start(s), perm(s), row_slots(s), active(s), n_active(s), tiles(s), slot_w(s) {}
+    Buf<int32_t> count, start, perm, row_slots, active, n_active, tiles;
     Buf<float> slot_w;
+    int64_t max_tiles = 0;
   };
+  static constexpr int64_t kPermuteMaxK = 16;
   absl::Status PermuteOnDevice(const int32_t* sel, const float* wts, int64_t rows, int64_t k, int64_t ne,
-                               int32_t* touched, DevicePermutation* p) const;
+                               int32_t* touched, DevicePermutation* p, int32_t tile_rows = 0) const;
   // xin_bf16, where given, is xin already in BF16 (the MXFP4 GEMM with BF16 inputs reads it, xin unused).
   absl::Status ExpertGemmHost(const Mat& w, const float* xin, const std::vector<int32_t>& g_expert,
                               const std::vector<int32_t>& g_off, const std::vector<int32_t>& g_cnt, float* y,
@@ -609,6 +614,8 @@ class CudaBackend final : public ForwardBackend {
   // V4SERVE_CUDA_WGMMA=0; GroupedGemmFp4 (mma.sync, 64-row tiles) otherwise. set_wgmma(false): the tests
   // and bench that measure the mma.sync kernel on the same path.
   bool WgmmaExperts(const Mat& w) const { return wgmma_ && w.fp4 && !Fp8Experts(w); }
+  // The rows of a host-listed tile of GroupedGemmFp4's kernel for w (kernels::kWgBm on wgmma, else kEgBm).
+  int32_t ExpertTileRows(const Mat& w) const;
   // Whether the host-tiled expert GEMM of w reads BF16 inputs (MXFP4 on BF16 tensor cores, inputs a multiple
   // of 64): the prefill MoE then writes its inputs in BF16 only (GatherRowsBf16, SwiGlu's BF16 output).
   bool ExpertsTakeBf16(const Mat& w) const { return w.fp4 && !Fp8Experts(w) && w.in % 64 == 0; }

@@ -61,7 +61,7 @@ absl::StatusOr<std::vector<float>> ExpertGemmFp4(const std::vector<float>&, int6
   return NotBuilt();
 }
 absl::StatusOr<Permutation> Permute(const std::vector<int32_t>&, const std::vector<float>&, int64_t, int64_t,
-                                    int64_t) {
+                                    int64_t, int32_t) {
   return NotBuilt();
 }
 }  // namespace testing

@@ -97,6 +97,8 @@ absl::Status CudaBackend::ExpertGemmDevice(const Mat& w, int64_t groups, ExpertK
                 n_active, d_start, d_count, w.in, w.out, y);
 }
 
+int32_t CudaBackend::ExpertTileRows(const Mat& w) const { return WgmmaExperts(w) ? k::kWgBm : k::kEgBm; }
+
 absl::Status CudaBackend::ExpertGemmHost(const Mat& w, const float* xin, const std::vector<int32_t>& g_expert,
                                          const std::vector<int32_t>& g_off, const std::vector<int32_t>& g_cnt,
                                          float* y, const __nv_bfloat16* xin_bf16) const {
@@ -110,7 +112,7 @@ absl::Status CudaBackend::ExpertGemmHost(const Mat& w, const float* xin, const s
       return absl::UnimplementedError(
           absl::StrCat("MXFP4 expert GEMM over ", in, " inputs (needs a multiple of ", k::kEgBk, ")"));
     }
-    const int32_t bm = WgmmaExperts(w) ? k::kWgBm : k::kEgBm;
+    const int32_t bm = ExpertTileRows(w);
     std::vector<int32_t> tiles;  // (expert, first row, rows) per tile.
     for (int64_t gi = 0; gi < groups; ++gi) {
       for (int32_t r = 0; r < g_cnt[gi]; r += bm) {
@@ -217,9 +219,11 @@ absl::Status CudaBackend::InitMoeKernels() {
 }
 
 absl::Status CudaBackend::PermuteOnDevice(const int32_t* sel, const float* wts, int64_t rows, int64_t k,
-                                          int64_t ne, int32_t* touched, DevicePermutation* p) const {
+                                          int64_t ne, int32_t* touched, DevicePermutation* p,
+                                          int32_t tile_rows) const {
   const int64_t slots = rows * k;
-  if (!k::PermuteFits(rows, k, ne)) {
+  const bool one_block = tile_rows == 0 && k::PermuteFits(rows, k, ne);
+  if (!one_block && (k > kPermuteMaxK || tile_rows < 0 || ne * 4 > 48 * 1024)) {
     return absl::InternalError(
         absl::StrCat("device permutation of ", rows, " x ", k, " selections over ", ne, " experts"));
   }
@@ -230,10 +234,24 @@ absl::Status CudaBackend::PermuteOnDevice(const int32_t* sel, const float* wts, 
   RETURN_IF_ERROR(p->perm.Alloc(slots));
   RETURN_IF_ERROR(p->row_slots.Alloc(slots));
   RETURN_IF_ERROR(p->slot_w.Alloc(slots));
-  RETURN_IF_ERROR(Launch(k::Permute, 1, 256, k::PermuteSmem(slots, ne), sel, wts, rows, k, ne, p->count.get(),
-                         p->start.get(), p->perm.get(), p->slot_w.get(), p->row_slots.get(), touched,
-                         p->active.get(), p->n_active.get()));
-  return absl::OkStatus();
+  if (one_block) {
+    return Launch(k::Permute, 1, 256, k::PermuteSmem(slots, ne), sel, wts, rows, k, ne, p->count.get(),
+                  p->start.get(), p->perm.get(), p->slot_w.get(), p->row_slots.get(), touched,
+                  p->active.get(), p->n_active.get());
+  }
+  const int64_t chunks = k::PermuteChunks(rows);
+  Buf<int32_t> chunk(stream_);
+  RETURN_IF_ERROR(chunk.Alloc(chunks * ne));
+  p->max_tiles = tile_rows > 0 ? k::PermuteMaxTiles(slots, ne, tile_rows) : 0;
+  if (tile_rows > 0) RETURN_IF_ERROR(p->tiles.Alloc(3 * p->max_tiles));
+  RETURN_IF_ERROR(Launch(k::PermuteCount, static_cast<unsigned>(chunks), 256, static_cast<size_t>(ne * 4),
+                         sel, rows, k, ne, chunk.get()));
+  RETURN_IF_ERROR(Launch(k::PermuteScan, 1, 256, 0, chunks, ne, tile_rows, p->max_tiles, chunk.get(),
+                         p->count.get(), p->start.get(), touched, p->active.get(), p->n_active.get(),
+                         tile_rows > 0 ? p->tiles.get() : nullptr));
+  return Launch(k::PermuteScatter, static_cast<unsigned>(chunks), 256, k::PermuteChunkSmem(k), sel, wts, rows,
+                k, ne, static_cast<const int32_t*>(chunk.get()), p->perm.get(), p->slot_w.get(),
+                p->row_slots.get());  // `chunk` is freed in stream order, after the scatter.
 }
 
 absl::Status CudaBackend::Moe(const LayerW& w, int64_t layer, bool hash, const float* x,
@@ -298,50 +316,69 @@ absl::Status CudaBackend::Moe(const LayerW& w, int64_t layer, bool hash, const f
                            ey.get(), p.row_slots.get(), kk, d));
     return absl::OkStatus();
   }
-  // Token permutation on the host: slots grouped by expert (rows in order within an expert).
-  std::vector<int32_t> h_sel;
-  std::vector<float> h_wts;
-  RETURN_IF_ERROR(sel.Download(&h_sel));
-  RETURN_IF_ERROR(wts.Download(&h_wts));
-  RETURN_IF_ERROR(Sync());
-  std::vector<int32_t> count(static_cast<size_t>(ne), 0);
-  for (int32_t e : h_sel) {
-    if (e < 0 || e >= ne) return absl::InternalError(absl::StrCat("routing picked expert ", e));
-    ++count[e];
-  }
-  std::vector<int32_t> start(static_cast<size_t>(ne) + 1, 0);
-  for (int64_t e = 0; e < ne; ++e) start[e + 1] = start[e] + count[e];
-  std::vector<int32_t> perm(static_cast<size_t>(n * kk)), fill(start.begin(), start.end() - 1);
-  std::vector<float> slot_w(static_cast<size_t>(n * kk));
-  std::vector<int32_t> row_slots(static_cast<size_t>(n * kk));
-  for (int64_t r = 0; r < n; ++r) {
-    // The row's slots sorted by expert; slots grow with the expert (start[] is its exclusive scan), so by
-    // slot: an insertion sort in place (a vector and std::sort a row took ~1 ms a layer at 8192 tokens).
-    int32_t* rs = row_slots.data() + r * kk;
-    for (int64_t j = 0; j < kk; ++j) {
-      const int32_t e = h_sel[r * kk + j];
-      const int32_t slot = fill[e]++;
-      perm[slot] = static_cast<int32_t>(r);
-      slot_w[slot] = h_wts[r * kk + j];
-      int64_t i = j;
-      for (; i > 0 && rs[i - 1] > slot; --i) rs[i] = rs[i - 1];
-      rs[i] = slot;
-    }
-  }
+  // Prefill-sized. MXFP4 experts: the permutation and the GEMMs' tiles on the device, so the host queues
+  // the whole forward without waiting (the host permutation's synchronization left the GPU idle ~1 ms a
+  // layer at 8192 tokens). Other expert formats (a cuBLAS call an expert): on the host, whose groups those
+  // calls take. Both give slots grouped by expert, rows in order within an expert.
+  const bool device_tiles =
+      w.w1.fp4 && w.w3.fp4 && w.w2.fp4 && kk <= kPermuteMaxK && ExpertTileRows(w.w1) == ExpertTileRows(w.w2);
+  DevicePermutation p(s);
   std::vector<int32_t> g_expert, g_off, g_cnt;
-  for (int64_t e = 0; e < ne; ++e) {
-    if (count[e] == 0) continue;
-    g_expert.push_back(static_cast<int32_t>(e));
-    g_off.push_back(start[e]);
-    g_cnt.push_back(count[e]);
+  if (device_tiles) {
+    RETURN_IF_ERROR(PermuteOnDevice(sel.get(), wts.get(), n, kk, ne, touched, &p, ExpertTileRows(w.w1)));
+  } else {
+    std::vector<int32_t> h_sel;
+    std::vector<float> h_wts;
+    RETURN_IF_ERROR(sel.Download(&h_sel));
+    RETURN_IF_ERROR(wts.Download(&h_wts));
+    RETURN_IF_ERROR(Sync());
+    std::vector<int32_t> count(static_cast<size_t>(ne), 0);
+    for (int32_t e : h_sel) {
+      if (e < 0 || e >= ne) return absl::InternalError(absl::StrCat("routing picked expert ", e));
+      ++count[e];
+    }
+    std::vector<int32_t> start(static_cast<size_t>(ne) + 1, 0);
+    for (int64_t e = 0; e < ne; ++e) start[e + 1] = start[e] + count[e];
+    std::vector<int32_t> perm(static_cast<size_t>(n * kk)), fill(start.begin(), start.end() - 1);
+    std::vector<float> slot_w(static_cast<size_t>(n * kk));
+    std::vector<int32_t> row_slots(static_cast<size_t>(n * kk));
+    for (int64_t r = 0; r < n; ++r) {
+      // The row's slots sorted by expert; slots grow with the expert (start[] is its exclusive scan), so by
+      // slot: an insertion sort in place (a vector and std::sort a row took ~1 ms a layer at 8192 tokens).
+      int32_t* rs = row_slots.data() + r * kk;
+      for (int64_t j = 0; j < kk; ++j) {
+        const int32_t e = h_sel[r * kk + j];
+        const int32_t slot = fill[e]++;
+        perm[slot] = static_cast<int32_t>(r);
+        slot_w[slot] = h_wts[r * kk + j];
+        int64_t i = j;
+        for (; i > 0 && rs[i - 1] > slot; --i) rs[i] = rs[i - 1];
+        rs[i] = slot;
+      }
+    }
+    for (int64_t e = 0; e < ne; ++e) {
+      if (count[e] == 0) continue;
+      g_expert.push_back(static_cast<int32_t>(e));
+      g_off.push_back(start[e]);
+      g_cnt.push_back(count[e]);
+    }
+    V4_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(touched, count.data(), ne * 4, cudaMemcpyHostToDevice, s));
+    RETURN_IF_ERROR(p.perm.Upload(perm));
+    RETURN_IF_ERROR(p.row_slots.Upload(row_slots));
+    RETURN_IF_ERROR(p.slot_w.Upload(slot_w));
   }
-  V4_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(touched, count.data(), ne * 4, cudaMemcpyHostToDevice, s));
-  Buf<int32_t> d_perm(s), d_row_slots(s);
-  Buf<float> d_slot_w(s), xin(s), eg(s), eu(s), ey(s);
+  // y = the experts' GEMM over the permuted rows (x, or x16 where it is given in BF16).
+  auto experts = [&](const Mat& m, const float* x32, const __nv_bfloat16* x16, float* y) -> absl::Status {
+    if (!device_tiles) return ExpertGemmHost(m, x32, g_expert, g_off, g_cnt, y, x16);
+    const int32_t* t = p.tiles.get();
+    const int32_t* const et[7] = {t,       t + p.max_tiles, t + 2 * p.max_tiles, nullptr, nullptr,
+                                  nullptr, nullptr};
+    return GroupedGemmFp4(
+        m, x32, slots, et,
+        dim3(static_cast<unsigned>(Blocks(m.out, k::kEgBn)), static_cast<unsigned>(p.max_tiles)), y, x16);
+  };
+  Buf<float> xin(s), eg(s), eu(s), ey(s);
   Buf<__nv_bfloat16> xin_bf16(s);
-  RETURN_IF_ERROR(d_perm.Upload(perm));
-  RETURN_IF_ERROR(d_row_slots.Upload(row_slots));
-  RETURN_IF_ERROR(d_slot_w.Upload(slot_w));
   // The experts' inputs in the permuted order: straight to BF16 where both GEMMs read BF16 (one pass, no
   // FP32 copy), else FP32.
   static_assert(k::kEgBk == 64 && k::kWgBk == 64, "ExpertsTakeBf16's multiple");
@@ -350,25 +387,25 @@ absl::Status CudaBackend::Moe(const LayerW& w, int64_t layer, bool hash, const f
     RETURN_IF_ERROR(xin_bf16.Alloc(slots * d));
     RETURN_IF_ERROR(Launch(k::GatherRowsBf16,
                            dim3(static_cast<unsigned>(slots), static_cast<unsigned>(Blocks(d, 1024))), 256, 0,
-                           x, d_perm.get(), d, xin_bf16.get()));
+                           x, p.perm.get(), d, xin_bf16.get()));
   } else {
     RETURN_IF_ERROR(xin.Alloc(slots * d));
-    RETURN_IF_ERROR(Launch(k::GatherRows, slots, 256, 0, x, d_perm.get(), d, xin.get()));
+    RETURN_IF_ERROR(Launch(k::GatherRows, slots, 256, 0, x, p.perm.get(), d, xin.get()));
   }
   RETURN_IF_ERROR(eg.Alloc(slots * inter));
   RETURN_IF_ERROR(eu.Alloc(slots * inter));
   RETURN_IF_ERROR(ey.Alloc(slots * d));
-  RETURN_IF_ERROR(ExpertGemmHost(w.w1, xin.get(), g_expert, g_off, g_cnt, eg.get(), xin_bf16.get()));
-  RETURN_IF_ERROR(ExpertGemmHost(w.w3, xin.get(), g_expert, g_off, g_cnt, eu.get(), xin_bf16.get()));
+  RETURN_IF_ERROR(experts(w.w1, xin.get(), xin_bf16.get(), eg.get()));
+  RETURN_IF_ERROR(experts(w.w3, xin.get(), xin_bf16.get(), eu.get()));
   // w2's input straight to BF16 where its GEMM reads BF16.
   Buf<__nv_bfloat16> eg_bf16(s);
   if (ExpertsTakeBf16(w.w2)) RETURN_IF_ERROR(eg_bf16.Alloc(slots * inter));
   RETURN_IF_ERROR(Launch(k::SwiGlu, Blocks(slots * inter, 256), 256, 0, eg.get(), eu.get(), slots, inter,
-                         d_slot_w.get(), lim, eg_bf16.get()));
-  RETURN_IF_ERROR(ExpertGemmHost(w.w2, eg.get(), g_expert, g_off, g_cnt, ey.get(), eg_bf16.get()));
+                         p.slot_w.get(), lim, eg_bf16.get()));
+  RETURN_IF_ERROR(experts(w.w2, eg.get(), eg_bf16.get(), ey.get()));
   RETURN_IF_ERROR(Launch(k::CombineExperts,
                          dim3(static_cast<unsigned>(n), static_cast<unsigned>(Blocks(d, 256))), 256, 0, out,
-                         ey.get(), d_row_slots.get(), kk, d));
+                         ey.get(), p.row_slots.get(), kk, d));
   return absl::OkStatus();  // Pageable uploads are staged before cudaMemcpyAsync returns.
 }
 
@@ -463,10 +500,12 @@ absl::StatusOr<bool> PrefillExpertsOnWgmma() {
 }
 
 absl::StatusOr<Permutation> Permute(const std::vector<int32_t>& sel, const std::vector<float>& wts,
-                                    int64_t rows, int64_t k, int64_t experts) {
+                                    int64_t rows, int64_t k, int64_t experts, int32_t tile_rows) {
   using impl::Buf;
   const int64_t slots = rows * k;
-  if (rows < 1 || k < 1 || experts < 1 || !kernels::PermuteFits(rows, k, experts) ||
+  const bool one_block = tile_rows == 0 && kernels::PermuteFits(rows, k, experts);
+  if (rows < 1 || k < 1 || experts < 1 || tile_rows < 0 ||
+      (!one_block && (k > impl::CudaBackend::kPermuteMaxK || experts > 12 * 1024)) ||
       static_cast<int64_t>(sel.size()) != slots || static_cast<int64_t>(wts.size()) != slots) {
     return absl::InvalidArgumentError("Permute: sizes out of range");
   }
@@ -481,7 +520,7 @@ absl::StatusOr<Permutation> Permute(const std::vector<int32_t>& sel, const std::
   RETURN_IF_ERROR(d_sel.Upload(sel));
   RETURN_IF_ERROR(d_wts.Upload(wts));
   impl::CudaBackend::DevicePermutation d(s);
-  RETURN_IF_ERROR(b.PermuteOnDevice(d_sel.get(), d_wts.get(), rows, k, experts, nullptr, &d));
+  RETURN_IF_ERROR(b.PermuteOnDevice(d_sel.get(), d_wts.get(), rows, k, experts, nullptr, &d, tile_rows));
   Permutation p;
   std::vector<int32_t> na;
   RETURN_IF_ERROR(d.count.Download(&p.count));
@@ -491,8 +530,20 @@ absl::StatusOr<Permutation> Permute(const std::vector<int32_t>& sel, const std::
   RETURN_IF_ERROR(d.slot_w.Download(&p.slot_w));
   RETURN_IF_ERROR(d.active.Download(&p.active));
   RETURN_IF_ERROR(d.n_active.Download(&na));
+  std::vector<int32_t> tiles;
+  if (tile_rows > 0) RETURN_IF_ERROR(d.tiles.Download(&tiles));
   V4_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(s));
   p.active.resize(static_cast<size_t>(na.at(0)));
+  const int64_t mt = d.max_tiles;
+  for (int64_t t = 0; t < mt && tile_rows > 0; ++t) {
+    if (tiles[2 * mt + t] == 0) {  // The padding: every tile after it must be empty too.
+      for (int64_t u = t; u < mt; ++u) {
+        if (tiles[2 * mt + u] != 0) return absl::InternalError("a tile after the padding has rows");
+      }
+      break;
+    }
+    p.tiles.insert(p.tiles.end(), {tiles[t], tiles[mt + t], tiles[2 * mt + t]});
+  }
   return p;
 }
 

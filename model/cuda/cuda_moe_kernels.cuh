@@ -204,6 +204,46 @@ __global__ void GroupedGemv(const float* xin, const void* w, const int32_t* acti
   }
 }
 
+// A row's k <= 64 slots rs (placed in the order of its selections es) sorted by expert, by insertion sort:
+// stable, so an expert a row lists twice (hash routing) keeps its slots in order.
+__device__ __forceinline__ void SortRowSlots(const int32_t* es, int64_t k, int32_t* rs) {
+  int32_t ex[64];
+  for (int64_t j = 0; j < k; ++j) ex[j] = es[j];
+  for (int64_t j = 1; j < k; ++j) {
+    const int32_t ke = ex[j], ks = rs[j];
+    int64_t p = j - 1;
+    while (p >= 0 && ex[p] > ke) {
+      ex[p + 1] = ex[p];
+      rs[p + 1] = rs[p];
+      --p;
+    }
+    ex[p + 1] = ke;
+    rs[p + 1] = ks;
+  }
+}
+
+// Exclusive scan of one value a thread over the block (blockDim.x a multiple of 32, at most 1024); *total
+// gets the block's sum. Every thread must call it.
+__device__ __forceinline__ int32_t BlockExclusiveScan(int32_t v, int32_t* total) {
+  __shared__ int32_t warp_tot[32];
+  const int lane = static_cast<int>(threadIdx.x % 32), warp = static_cast<int>(threadIdx.x / 32);
+  int32_t inc = v;
+  for (int o = 1; o < 32; o <<= 1) {
+    const int32_t a = __shfl_up_sync(0xffffffffu, inc, o);
+    if (lane >= o) inc += a;
+  }
+  __syncthreads();  // warp_tot may still be read by a previous call.
+  if (lane == 31) warp_tot[warp] = inc;
+  __syncthreads();
+  int32_t before = inc - v, all = 0;
+  for (int w = 0; w < static_cast<int>(blockDim.x / 32); ++w) {
+    if (w < warp) before += warp_tot[w];
+    all += warp_tot[w];
+  }
+  *total = all;
+  return before;
+}
+
 // Token permutation on the device for decode-sized batches (one block, slots = rows * k <= kPermuteSlots):
 // per-expert counts and starts, slots grouped by expert with rows in order inside an expert (the CPU's
 // order), each slot's row and routing weight, and each row's slots sorted by expert.
@@ -226,7 +266,6 @@ __global__ void Permute(const int32_t* sel, const float* wts, int64_t rows, int6
                         int32_t* touched, int32_t* active, int32_t* n_active) {
   PdlEnter();
   extern __shared__ int4 psh[];  // PermuteSmem: the selections (padded with -1), counts, running starts.
-  __shared__ int32_t warp_tot[2][32];
   const int64_t slots = rows * k, padded = (slots + 3) / 4 * 4;
   int32_t* ssel = reinterpret_cast<int32_t*>(psh);
   int32_t* cnt = ssel + padded;
@@ -244,25 +283,9 @@ __global__ void Permute(const int32_t* sel, const float* wts, int64_t rows, int6
     mine += cnt[e];
     mine_active += cnt[e] > 0;
   }
-  const int lane = static_cast<int>(threadIdx.x % 32), warp = static_cast<int>(threadIdx.x / 32);
-  int32_t inc = mine, inc_active = mine_active;  // Inclusive within the warp.
-  for (int o = 1; o < 32; o <<= 1) {
-    const int32_t a = __shfl_up_sync(0xffffffffu, inc, o), b = __shfl_up_sync(0xffffffffu, inc_active, o);
-    if (lane >= o) {
-      inc += a;
-      inc_active += b;
-    }
-  }
-  if (lane == 31) {
-    warp_tot[0][warp] = inc;
-    warp_tot[1][warp] = inc_active;
-  }
-  __syncthreads();
-  int32_t run = inc - mine, na = inc_active - mine_active;
-  for (int w = 0; w < warp; ++w) {
-    run += warp_tot[0][w];
-    na += warp_tot[1][w];
-  }
+  int32_t all = 0;
+  int32_t run = BlockExclusiveScan(mine, &all);
+  int32_t na = BlockExclusiveScan(mine_active, &all);
   for (int64_t e = e0; e < e1; ++e) {
     fill[e] = run;
     count[e] = cnt[e];
@@ -293,23 +316,120 @@ __global__ void Permute(const int32_t* sel, const float* wts, int64_t rows, int6
     }
   }
   __syncthreads();
-  for (int64_t r = threadIdx.x; r < rows; r += blockDim.x) {  // Insertion sort of each row's slots by expert.
-    int32_t* rs = row_slots + r * k;
-    const int32_t* es = sel + r * k;
-    int32_t ex[64];
-    for (int64_t j = 0; j < k; ++j) ex[j] = es[j];
-    for (int64_t j = 1; j < k; ++j) {
-      const int32_t ke = ex[j], ks = rs[j];
-      int64_t p = j - 1;
-      while (p >= 0 && ex[p] > ke) {
-        ex[p + 1] = ex[p];
-        rs[p + 1] = rs[p];
-        --p;
+  for (int64_t r = threadIdx.x; r < rows; r += blockDim.x) SortRowSlots(sel + r * k, k, row_slots + r * k);
+}
+
+// The same permutation for any number of rows (the prefill's MoE), with the prefill GEMMs' tiles, in three
+// launches over chunks of kPermuteChunkRows rows (no host round trip: the host permutation's synchronization
+// left the GPU idle ~1 ms a layer at 8192 tokens):
+//   PermuteCount (grid chunks, 256 threads, ne * 4 bytes of shared memory): chunk c's selections per expert
+//     into chunk_cnt[c * ne + e].
+//   PermuteScan (one block of 256): per expert its rows (count, touched) and its start, then chunk_cnt[c * ne
+//     + e] becomes the first slot of expert e's rows in chunk c; the experts with rows (active, n_active);
+//     the GEMM tiles of up to bm rows of one expert, in expert order (tiles[t], tiles[max_tiles + t],
+//     tiles[2 * max_tiles + t]: expert, first slot, rows; the rest of max_tiles with 0 rows, which the GEMMs
+//     skip).
+//   PermuteScatter (grid chunks, 256 threads, PermuteChunkSmem): thread e walks chunk c's selections in
+//     order and places expert e's from its first slot (perm, slot_w, row_slots), then each row's slots are
+//     sorted by expert. Rows stay in order inside an expert: the host's order, bit for bit.
+constexpr int64_t kPermuteChunkRows = 256;
+__host__ __device__ constexpr int64_t PermuteChunks(int64_t rows) {
+  return (rows + kPermuteChunkRows - 1) / kPermuteChunkRows;
+}
+__host__ __device__ constexpr int64_t PermuteChunkSmem(int64_t k) {
+  return (kPermuteChunkRows * k + 3) / 4 * 16;
+}
+// Tiles of at most bm rows for `slots` slots over ne experts: sum of ceil(count_e / bm) is at most this.
+__host__ __device__ constexpr int64_t PermuteMaxTiles(int64_t slots, int64_t ne, int64_t bm) {
+  return (slots + ne * (bm - 1)) / bm;
+}
+__global__ void PermuteCount(const int32_t* sel, int64_t rows, int64_t k, int64_t ne, int32_t* chunk_cnt) {
+  PdlEnter();
+  extern __shared__ int32_t pcount[];
+  for (int64_t e = threadIdx.x; e < ne; e += blockDim.x) pcount[e] = 0;
+  __syncthreads();
+  const int64_t i0 = static_cast<int64_t>(blockIdx.x) * kPermuteChunkRows * k,
+                i1 = min(rows * k, i0 + kPermuteChunkRows * k);
+  for (int64_t i = i0 + threadIdx.x; i < i1; i += blockDim.x) atomicAdd(&pcount[sel[i]], 1);
+  __syncthreads();
+  for (int64_t e = threadIdx.x; e < ne; e += blockDim.x) chunk_cnt[blockIdx.x * ne + e] = pcount[e];
+}
+__global__ void PermuteScan(int64_t chunks, int64_t ne, int32_t bm, int64_t max_tiles, int32_t* chunk_cnt,
+                            int32_t* count, int32_t* start, int32_t* touched, int32_t* active,
+                            int32_t* n_active, int32_t* tiles) {
+  PdlEnter();
+  const int64_t per = (ne + blockDim.x - 1) / blockDim.x, e0 = threadIdx.x * per, e1 = min(ne, e0 + per);
+  int32_t mine = 0, mine_active = 0, mine_tiles = 0;
+  for (int64_t e = e0; e < e1; ++e) {
+    int32_t tot = 0;
+    for (int64_t c = 0; c < chunks; ++c) tot += chunk_cnt[c * ne + e];
+    count[e] = tot;
+    mine += tot;
+    mine_active += tot > 0;
+    mine_tiles += (tot + bm - 1) / bm;
+  }
+  int32_t all_slots = 0, all_active = 0, all_tiles = 0;
+  int32_t run = BlockExclusiveScan(mine, &all_slots);
+  int32_t na = BlockExclusiveScan(mine_active, &all_active);
+  int32_t t = BlockExclusiveScan(mine_tiles, &all_tiles);
+  for (int64_t e = e0; e < e1; ++e) {
+    const int32_t tot = count[e];
+    start[e] = run;
+    if (touched != nullptr) touched[e] = tot;
+    int32_t first = run;
+    for (int64_t c = 0; c < chunks; ++c) {
+      const int32_t v = chunk_cnt[c * ne + e];
+      chunk_cnt[c * ne + e] = first;
+      first += v;
+    }
+    if (tot > 0) active[na++] = static_cast<int32_t>(e);
+    if (tiles != nullptr) {
+      for (int32_t r = 0; r < tot; r += bm, ++t) {
+        tiles[t] = static_cast<int32_t>(e);
+        tiles[max_tiles + t] = run + r;
+        tiles[2 * max_tiles + t] = min(bm, tot - r);
       }
-      ex[p + 1] = ke;
-      rs[p + 1] = ks;
+    }
+    run += tot;
+  }
+  if (threadIdx.x == 0) *n_active = all_active;
+  if (tiles != nullptr) {
+    for (int64_t u = all_tiles + threadIdx.x; u < max_tiles; u += blockDim.x) {
+      tiles[u] = 0;
+      tiles[max_tiles + u] = 0;
+      tiles[2 * max_tiles + u] = 0;
     }
   }
+}
+__global__ void PermuteScatter(const int32_t* sel, const float* wts, int64_t rows, int64_t k, int64_t ne,
+                               const int32_t* chunk_first, int32_t* perm, float* slot_w, int32_t* row_slots) {
+  PdlEnter();
+  extern __shared__ int4 pscatter[];  // PermuteChunkSmem: the chunk's selections, padded with -1.
+  const int64_t r0 = static_cast<int64_t>(blockIdx.x) * kPermuteChunkRows,
+                nr = min(kPermuteChunkRows, rows - r0), n_sel = nr * k, padded = (n_sel + 3) / 4 * 4,
+                base = r0 * k;
+  int32_t* ssel = reinterpret_cast<int32_t*>(pscatter);
+  for (int64_t i = threadIdx.x; i < padded; i += blockDim.x) ssel[i] = i < n_sel ? sel[base + i] : -1;
+  __syncthreads();
+  for (int64_t e = threadIdx.x; e < ne; e += blockDim.x) {
+    int32_t slot = chunk_first[blockIdx.x * ne + e];
+    for (int64_t i4 = 0; i4 < padded / 4; ++i4) {
+      const int4 q = pscatter[i4];
+      const int32_t v[4] = {q.x, q.y, q.z, q.w};
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        if (v[j] != e) continue;
+        const int64_t i = base + 4 * i4 + j;
+        perm[slot] = static_cast<int32_t>(i / k);
+        slot_w[slot] = wts[i];
+        row_slots[i] = slot;
+        ++slot;
+      }
+    }
+  }
+  __syncthreads();
+  for (int64_t r = r0 + threadIdx.x; r < r0 + nr; r += blockDim.x)
+    SortRowSlots(sel + r * k, k, row_slots + r * k);
 }
 
 // The k loop of both MXFP4 expert GEMMs (GroupedGemmFp4, GroupedGemmFp4Fp8): x's first tile into stage 0,
@@ -372,7 +492,7 @@ __device__ __forceinline__ bool ExpertTile(const ExpertTiles& tiles, int64_t* e,
     *row0 = tiles.row0[blockIdx.y];
     *rows = tiles.rows[blockIdx.y];
   }
-  return true;
+  return *rows > 0;  // PermuteScan pads its tiles with empty ones.
 }
 
 __global__ void __launch_bounds__(256)
@@ -500,6 +620,7 @@ __global__ void __launch_bounds__(256, 2)
   const uint32_t base = SmemAddr(wg_smem) + ((1024u - (SmemAddr(wg_smem) & 1023u)) & 1023u);
   const int64_t e = tiles.expert[blockIdx.y], row0 = tiles.row0[blockIdx.y];
   const int rows = tiles.rows[blockIdx.y];
+  if (rows <= 0) return;  // PermuteScan pads its tiles with empty ones.
   const int64_t n0 = static_cast<int64_t>(blockIdx.x) * kWgBn;
   const int tid = static_cast<int>(threadIdx.x), wg = tid / 128;
   const bool mma = wg * 64 < rows;

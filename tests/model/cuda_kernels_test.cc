@@ -555,10 +555,17 @@ TEST(CudaKernelTest, PermuteMatchesTheHostOrder) {
   struct Case {
     int64_t rows, k, experts;
     bool repeats;
+    int32_t tile_rows;
   };
-  for (const Case& c : {Case{1, 6, 256, false}, Case{64, 6, 256, false}, Case{40, 8, 700, false},
-                        Case{341, 6, 256, false}, Case{16, 6, 16, true}}) {
-    SCOPED_TRACE(testing::Message() << "rows " << c.rows << " experts " << c.experts);
+  // tile_rows 0: the decode's one-block kernel (up to its 2048 slots); above, the prefill's three launches
+  // with their GEMM tiles (several chunks of 256 rows, a partial last one, hash routing's repeats, more
+  // experts than threads).
+  for (const Case& c : {Case{1, 6, 256, false, 0}, Case{64, 6, 256, false, 0}, Case{40, 8, 700, false, 0},
+                        Case{341, 6, 256, false, 0}, Case{16, 6, 16, true, 0}, Case{1, 6, 256, false, 128},
+                        Case{341, 6, 256, false, 64}, Case{3000, 6, 256, false, 128},
+                        Case{700, 8, 700, false, 128}, Case{600, 6, 16, true, 128}}) {
+    SCOPED_TRACE(testing::Message() << "rows " << c.rows << " experts " << c.experts << " tiles of "
+                                    << c.tile_rows);
     std::mt19937 rng(static_cast<uint32_t>(c.rows * 7 + c.experts));
     std::vector<int32_t> sel;
     std::vector<float> wts;
@@ -571,7 +578,8 @@ TEST(CudaKernelTest, PermuteMatchesTheHostOrder) {
       sel.insert(sel.end(), mine.begin(), mine.end());
     }
     for (size_t i = 0; i < sel.size(); ++i) wts.push_back(0.5f + static_cast<float>(i));
-    absl::StatusOr<cuda::testing::Permutation> p = cuda::testing::Permute(sel, wts, c.rows, c.k, c.experts);
+    absl::StatusOr<cuda::testing::Permutation> p =
+        cuda::testing::Permute(sel, wts, c.rows, c.k, c.experts, c.tile_rows);
     ASSERT_TRUE(p.ok()) << p.status();
     // The host's: counts, starts, slots in row order within an expert, each row's slots by expert.
     std::vector<int32_t> count(static_cast<size_t>(c.experts), 0), start(count.size(), 0), active;
@@ -599,6 +607,14 @@ TEST(CudaKernelTest, PermuteMatchesTheHostOrder) {
     EXPECT_EQ(p->perm, perm);
     EXPECT_EQ(p->slot_w, slot_w);
     EXPECT_EQ(p->row_slots, row_slots);
+    std::vector<int32_t> tiles;  // The host's GEMM tiles (CudaBackend::ExpertGemmHost lists them so).
+    for (int64_t e = 0; e < c.experts && c.tile_rows > 0; ++e) {
+      for (int32_t r = 0; r < count[e]; r += c.tile_rows) {
+        tiles.insert(tiles.end(),
+                     {static_cast<int32_t>(e), start[e] + r, std::min(c.tile_rows, count[e] - r)});
+      }
+    }
+    EXPECT_EQ(p->tiles, tiles);
   }
 }
 
