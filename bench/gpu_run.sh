@@ -32,6 +32,9 @@ done
 # bench.txt: the wgmma kernel's share of the prefill, side by side with the main run's prefill rows.
 V4SERVE_CUDA_WGMMA=0 timeout 90 .gpu/v4serve_cuda_bench --ceilings=0 --attention=0 --batches= --compare-state-cache=0 \
   --compare-graphs=0 --compare-rows-gemm=0 --compare-pdl=0 >> $OUT/bench.txt 2>&1
+# And with the compressors' GEMMs on cuBLAS's FP32 SGEMM instead of 3xTF32 (V4SERVE_CUDA_TF32X3=0).
+V4SERVE_CUDA_TF32X3=0 timeout 90 .gpu/v4serve_cuda_bench --ceilings=0 --attention=0 --batches= --compare-state-cache=0 \
+  --compare-graphs=0 --compare-rows-gemm=0 --compare-pdl=0 >> $OUT/bench.txt 2>&1
 timeout 90 .gpu/v4serve_cuda_bench --weights=bf16 --ceilings=0 --attention=0 --batches=1,8,64 --compare-state-cache=0 --compare-graphs=0 --compare-rows-gemm=0 --compare-pdl=0 > $OUT/bench_bf16.txt 2>&1
 V4SERVE_CUDA_PROFILE=1 timeout 100 .gpu/v4serve_cuda_bench --ceilings=0 --attention=0 --prefill=8192 --compare-state-cache=0 --compare-graphs=0 --compare-rows-gemm=0 --compare-pdl=0 > $OUT/prof.txt 2>&1
 # Where each step's wall time goes with graphs on, at the GPU's clocks and warm caches (CUPTI, --trace): host

@@ -127,11 +127,21 @@ absl::Status CudaBackend::HcPre(const HcW& w, const float* norm, const float* st
   RETURN_IF_ERROR(mixes.Alloc(n * mix));
   RETURN_IF_ERROR(Linear(streams, n, w.fn, mixes.get()));
   const int64_t parts = HcParts(n, d);
-  RETURN_IF_ERROR(Launch(k::HcMix, static_cast<unsigned>(n * (parts + 1)), 256, 0, mixes.get(),
-                         c.rms_norm_eps, w.base, w.scale, static_cast<int>(hc),
-                         static_cast<int>(c.hc_sinkhorn_iters), static_cast<float>(c.hc_eps), streams, d,
-                         norm, collapsed, post, comb, static_cast<int>(parts)));
-  return absl::OkStatus();
+  if (parts > 1) {  // Decode sizes: a token's collapse over several blocks, its Sinkhorn beside them.
+    return Launch(k::HcMix, static_cast<unsigned>(n * (parts + 1)), 256, 0, mixes.get(), c.rms_norm_eps,
+                  w.base, w.scale, static_cast<int>(hc), static_cast<int>(c.hc_sinkhorn_iters),
+                  static_cast<float>(c.hc_eps), streams, d, norm, collapsed, post, comb,
+                  static_cast<int>(parts));
+  }
+  // Prefill sizes: a block a token's collapse (its streams read once), then a warp a token's Sinkhorn.
+  Buf<float> rs(stream_);
+  RETURN_IF_ERROR(rs.Alloc(n));
+  RETURN_IF_ERROR(Launch(k::HcCollapseRows, static_cast<unsigned>(n), 256, 0, mixes.get(), c.rms_norm_eps,
+                         w.base, w.scale, static_cast<int>(hc), static_cast<float>(c.hc_eps), streams, d,
+                         norm, collapsed, rs.get()));
+  return Launch(k::HcPostCombRows, static_cast<unsigned>(Blocks(n, 8)), 256, 0, mixes.get(),
+                static_cast<const float*>(rs.get()), w.base, w.scale, static_cast<int>(hc),
+                static_cast<int>(c.hc_sinkhorn_iters), static_cast<float>(c.hc_eps), n, post, comb);
 }
 
 absl::Status CudaBackend::HcPost(const float* out, const float* post, const float* comb, int64_t n,

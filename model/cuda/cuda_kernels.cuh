@@ -275,12 +275,12 @@ __device__ __forceinline__ void CollapseNormSlice(const float* pre, int hc, cons
   CollapseNorm(pre, hc, x, d, w, eps, out, min(lo, d), min(lo + chunk, d));
 }
 
-// CollapseNorm of a whole row for HcMix's one-slice (prefill-sized) launches, with the token's hc streams
+// CollapseNorm of a whole row for HcCollapseRows (prefill sizes), with the token's hc streams
 // read from memory once: thread i keeps features i + q * blockDim.x (q < kPer) of each stream in registers
 // (zeros past d), and the streams' sum of squares (r), the collapse and its norm come from them. Where
 // blockDim.x divides d / 4 the sums run in RowSumSquares's and CollapseNorm's order (the same bits as
 // RowRsqrt then CollapseNorm, which read the streams three times). For hc <= kHcRegStreams, kPer the
-// smallest of 1, 2, 4 with kPer * 4 * blockDim.x >= d (HcRegsPer: 0 where none is).
+// smallest of 1, 2, 4 with kPer * 4 * blockDim.x >= d (HcRegsPer: 0 where none is). *r_out: the rsqrt.
 constexpr int kHcRegStreams = 4;
 __device__ __forceinline__ int HcRegsPer(int hc, const float* x, int64_t d, const float* w,
                                          const float* out) {
@@ -292,7 +292,7 @@ __device__ __forceinline__ int HcRegsPer(int hc, const float* x, int64_t d, cons
 template <int kPer>
 __device__ __forceinline__ void HcCollapseInRegisters(const float* m, double norm_eps, const float* base,
                                                       const float* scale, int hc, float eps, const float* x,
-                                                      int64_t d, const float* w, float* out) {
+                                                      int64_t d, const float* w, float* out, float* r_out) {
   const int64_t b = blockDim.x, i = threadIdx.x, d4 = d / 4;
   const float4* x4 = reinterpret_cast<const float4*>(x);
   float4 v[kHcRegStreams][kPer];
@@ -310,6 +310,7 @@ __device__ __forceinline__ void HcCollapseInRegisters(const float* m, double nor
   const float r = static_cast<float>(1.0 / sqrt(BlockSumD(ss) / static_cast<double>(hc * d) + norm_eps));
   __shared__ float pre[kHcRegStreams];
   if (i < hc) pre[i] = SigmoidF((m[i] * r) * scale[0] + base[i]) + eps;
+  if (i == 0) *r_out = r;
   __syncthreads();
   float4 a[kPer];
   double ss2 = 0;
@@ -341,35 +342,86 @@ __device__ __forceinline__ void HcCollapseInRegisters(const float* m, double nor
   }
 }
 
+// The mHC pre-mix's post weights and Sinkhorn-projected comb matrix of one token (cpu::HcPre) from its raw
+// mixes m and its streams' rsqrt r, by one warp: lanes < hc write post; the comb a lane per element (j, k) =
+// (lane / hc, lane % hc) where hc * hc <= 32 (the serial version's operations in its order, sums read lane by
+// lane through shuffles), else lane 0 serially in `cm` (kMaxHc * kMaxHc floats of shared memory).
+__device__ __forceinline__ void HcPostComb(const float* m, float r, const float* base, const float* scale,
+                                           int hc, int iters, float eps, float* post_out, float* comb_out,
+                                           float* cm) {
+  const unsigned full = 0xffffffffu;
+  const int lane = static_cast<int>(threadIdx.x % 32);
+  if (lane < hc) post_out[lane] = 2.0f * SigmoidF((m[hc + lane] * r) * scale[1] + base[hc + lane]);
+  if (hc * hc <= 32) {
+    const int j = lane / hc, kc = lane % hc;
+    const bool on = lane < hc * hc;
+    float v = on ? (m[2 * hc + lane] * r) * scale[2] + base[2 * hc + lane] : 0.0f;
+    auto row_at = [&](float x, int q) { return __shfl_sync(full, x, (j * hc + q) & 31); };
+    auto col_at = [&](float x, int q) { return __shfl_sync(full, x, (q * hc + kc) & 31); };
+    float mx = -INFINITY;
+    for (int q = 0; q < hc; ++q) mx = fmaxf(mx, row_at(v, q));
+    v = expf(v - mx);
+    float sum = 0;
+    for (int q = 0; q < hc; ++q) sum += row_at(v, q);
+    v = v / sum + eps;
+    for (int it = 0; it < iters; ++it) {
+      if (it > 0) {
+        sum = 0;
+        for (int q = 0; q < hc; ++q) sum += row_at(v, q);
+        v /= (sum + eps);
+      }
+      sum = 0;
+      for (int q = 0; q < hc; ++q) sum += col_at(v, q);
+      v /= (sum + eps);
+    }
+    if (on) comb_out[lane] = v;
+    return;
+  }
+  if (lane != 0) return;
+  for (int j = 0; j < hc; ++j) {
+    float mx = -INFINITY;
+    for (int k = 0; k < hc; ++k) {
+      cm[j * hc + k] = (m[2 * hc + j * hc + k] * r) * scale[2] + base[2 * hc + j * hc + k];
+      mx = fmaxf(mx, cm[j * hc + k]);
+    }
+    float s = 0;
+    for (int k = 0; k < hc; ++k) s += (cm[j * hc + k] = expf(cm[j * hc + k] - mx));
+    for (int k = 0; k < hc; ++k) cm[j * hc + k] = cm[j * hc + k] / s + eps;
+  }
+  for (int it = 0; it < iters; ++it) {
+    if (it > 0) {  // Row normalization from the second iteration on, as cpu::HcPre.
+      for (int j = 0; j < hc; ++j) {
+        float s = 0;
+        for (int k = 0; k < hc; ++k) s += cm[j * hc + k];
+        for (int k = 0; k < hc; ++k) cm[j * hc + k] /= (s + eps);
+      }
+    }
+    for (int k = 0; k < hc; ++k) {
+      float s = 0;
+      for (int j = 0; j < hc; ++j) s += cm[j * hc + k];
+      for (int j = 0; j < hc; ++j) cm[j * hc + k] /= (s + eps);
+    }
+  }
+  for (int i = 0; i < hc * hc; ++i) comb_out[i] = cm[i];
+}
+
 // mHC pre-mix of a token: from the raw mixes (fn · x) and the streams' rms, the pre/post weights and the
 // Sinkhorn-projected comb matrix (cpu::HcPre), then collapsed = RmsNorm(sum_j pre_j * x_j) * norm_w (the
 // block's attn_norm or ffn_norm). Grid n * (parts + 1), a token's blocks consecutive (launched together, so
-// that the later reads of its streams come from L2): blocks p < parts of token t each write a slice of d of
-// the collapse (each computes pre and the norm); block p == parts computes post and the Sinkhorn comb, in
-// parallel with the collapse (20 dependent iterations: in series with it they were a third of the kernel).
-// One block a token left most SMs idle at decode batches. With one slice (prefill sizes) the collapse reads
-// the streams once (HcCollapseInRegisters). 256 threads (the norm's sum in RmsNorm's order).
+// that the Sinkhorn block's read of the streams comes from L2): blocks p < parts of token t each write a
+// slice of d of the collapse (each computes pre and the norm); block p == parts computes post and the
+// Sinkhorn comb (HcPostComb, its first warp), in parallel with the collapse (20 dependent iterations: in
+// series with it they were a third of the kernel). One block a token left most SMs idle at decode batches;
+// with one slice a token (prefill sizes) HcCollapseRows and HcPostCombRows take over. 256 threads (the
+// norm's sum in RmsNorm's order).
 __global__ void HcMix(const float* mixes, double norm_eps, const float* base, const float* scale, int hc,
                       int iters, float eps, const float* streams, int64_t d, const float* norm_w,
                       float* collapsed, float* post_out, float* comb_out, int parts) {
   PdlEnter();
   const int64_t t = blockIdx.x / (parts + 1);
   const int part = static_cast<int>(blockIdx.x % (parts + 1));
-  const int mix = (2 + hc) * hc;
-  const float* m = mixes + t * mix;
+  const float* m = mixes + t * (2 + hc) * hc;
   const float* x = streams + t * hc * d;
-  if (part < parts && parts == 1) {
-    switch (HcRegsPer(hc, x, d, norm_w, collapsed + t * d)) {
-      case 1:
-        return HcCollapseInRegisters<1>(m, norm_eps, base, scale, hc, eps, x, d, norm_w, collapsed + t * d);
-      case 2:
-        return HcCollapseInRegisters<2>(m, norm_eps, base, scale, hc, eps, x, d, norm_w, collapsed + t * d);
-      case 4:
-        return HcCollapseInRegisters<4>(m, norm_eps, base, scale, hc, eps, x, d, norm_w, collapsed + t * d);
-      default:
-        break;
-    }
-  }
   const float r = RowRsqrt(x, hc * d, norm_eps);
   __shared__ float pre[kMaxHc];
   if (part < parts) {
@@ -380,66 +432,53 @@ __global__ void HcMix(const float* mixes, double norm_eps, const float* base, co
     CollapseNormSlice(pre, hc, x, d, norm_w, norm_eps, collapsed + t * d, part, parts);
     return;
   }
-  if (static_cast<int>(threadIdx.x) < hc) {
-    const int j = static_cast<int>(threadIdx.x);
-    post_out[t * hc + j] = 2.0f * SigmoidF((m[hc + j] * r) * scale[1] + base[hc + j]);
+  __shared__ float cm[kMaxHc * kMaxHc];
+  if (threadIdx.x < 32)
+    HcPostComb(m, r, base, scale, hc, iters, eps, post_out + t * hc, comb_out + t * hc * hc, cm);
+}
+
+// HcMix's collapse for prefill-sized launches, a block (256 threads) a token: from the streams in registers
+// where HcRegsPer allows (one read of them), else as HcMix's collapse blocks; also the streams' rsqrt into
+// rs[t], for HcPostCombRows.
+__global__ void HcCollapseRows(const float* mixes, double norm_eps, const float* base, const float* scale,
+                               int hc, float eps, const float* streams, int64_t d, const float* norm_w,
+                               float* collapsed, float* rs) {
+  PdlEnter();
+  const int64_t t = blockIdx.x;
+  const float* m = mixes + t * (2 + hc) * hc;
+  const float* x = streams + t * hc * d;
+  float* out = collapsed + t * d;
+  switch (HcRegsPer(hc, x, d, norm_w, out)) {
+    case 1:
+      return HcCollapseInRegisters<1>(m, norm_eps, base, scale, hc, eps, x, d, norm_w, out, rs + t);
+    case 2:
+      return HcCollapseInRegisters<2>(m, norm_eps, base, scale, hc, eps, x, d, norm_w, out, rs + t);
+    case 4:
+      return HcCollapseInRegisters<4>(m, norm_eps, base, scale, hc, eps, x, d, norm_w, out, rs + t);
+    default:
+      break;
   }
-  if (hc * hc <= 32) {
-    // The first warp, a lane per comb element (j, k) = (lane / hc, lane % hc): the same operations in the
-    // same order as the serial version below, sums read lane by lane through shuffles.
-    if (threadIdx.x < 32) {
-      const unsigned full = 0xffffffffu;
-      const int lane = threadIdx.x, j = lane / hc, kc = lane % hc;
-      const bool on = lane < hc * hc;
-      float v = on ? (m[2 * hc + lane] * r) * scale[2] + base[2 * hc + lane] : 0.0f;
-      auto row_at = [&](float x, int q) { return __shfl_sync(full, x, (j * hc + q) & 31); };
-      auto col_at = [&](float x, int q) { return __shfl_sync(full, x, (q * hc + kc) & 31); };
-      float mx = -INFINITY;
-      for (int q = 0; q < hc; ++q) mx = fmaxf(mx, row_at(v, q));
-      v = expf(v - mx);
-      float sum = 0;
-      for (int q = 0; q < hc; ++q) sum += row_at(v, q);
-      v = v / sum + eps;
-      for (int it = 0; it < iters; ++it) {
-        if (it > 0) {
-          sum = 0;
-          for (int q = 0; q < hc; ++q) sum += row_at(v, q);
-          v /= (sum + eps);
-        }
-        sum = 0;
-        for (int q = 0; q < hc; ++q) sum += col_at(v, q);
-        v /= (sum + eps);
-      }
-      if (on) comb_out[t * hc * hc + lane] = v;
-    }
-  } else if (threadIdx.x == 0) {
-    __shared__ float cm[kMaxHc * kMaxHc];
-    for (int j = 0; j < hc; ++j) {
-      float mx = -INFINITY;
-      for (int k = 0; k < hc; ++k) {
-        cm[j * hc + k] = (m[2 * hc + j * hc + k] * r) * scale[2] + base[2 * hc + j * hc + k];
-        mx = fmaxf(mx, cm[j * hc + k]);
-      }
-      float s = 0;
-      for (int k = 0; k < hc; ++k) s += (cm[j * hc + k] = expf(cm[j * hc + k] - mx));
-      for (int k = 0; k < hc; ++k) cm[j * hc + k] = cm[j * hc + k] / s + eps;
-    }
-    for (int it = 0; it < iters; ++it) {
-      if (it > 0) {  // Row normalization from the second iteration on, as cpu::HcPre.
-        for (int j = 0; j < hc; ++j) {
-          float s = 0;
-          for (int k = 0; k < hc; ++k) s += cm[j * hc + k];
-          for (int k = 0; k < hc; ++k) cm[j * hc + k] /= (s + eps);
-        }
-      }
-      for (int k = 0; k < hc; ++k) {
-        float s = 0;
-        for (int j = 0; j < hc; ++j) s += cm[j * hc + k];
-        for (int j = 0; j < hc; ++j) cm[j * hc + k] /= (s + eps);
-      }
-    }
-    for (int i = 0; i < hc * hc; ++i) comb_out[t * hc * hc + i] = cm[i];
-  }
+  const float r = RowRsqrt(x, hc * d, norm_eps);
+  __shared__ float pre[kMaxHc];
+  if (threadIdx.x < hc)
+    pre[threadIdx.x] = SigmoidF((m[threadIdx.x] * r) * scale[0] + base[threadIdx.x]) + eps;
+  if (threadIdx.x == 0) rs[t] = r;
+  __syncthreads();
+  CollapseNorm(pre, hc, x, d, norm_w, norm_eps, out, 0, d);
+}
+
+// HcMix's post weights and comb for prefill-sized launches: a warp a token (HcPostComb) from the rsqrt that
+// HcCollapseRows wrote, 8 tokens a block of 256 (the Sinkhorn's 20 dependent iterations no longer hold a
+// block of HcMix's registers a token).
+__global__ void HcPostCombRows(const float* mixes, const float* rs, const float* base, const float* scale,
+                               int hc, int iters, float eps, int64_t n, float* post_out, float* comb_out) {
+  PdlEnter();
+  __shared__ float cm[8][kMaxHc * kMaxHc];
+  const int w = static_cast<int>(threadIdx.x / 32);
+  const int64_t t = static_cast<int64_t>(blockIdx.x) * 8 + w;
+  if (t >= n) return;
+  HcPostComb(mixes + t * (2 + hc) * hc, rs[t], base, scale, hc, iters, eps, post_out + t * hc,
+             comb_out + t * hc * hc, cm[w]);
 }
 
 // The final collapse (hc_head: sigmoid weights only) and the final norm (norm_w). 256 threads.
