@@ -320,8 +320,9 @@ absl::Status CudaBackend::Moe(const LayerW& w, int64_t layer, bool hash, const f
   // the whole forward without waiting (the host permutation's synchronization left the GPU idle ~1 ms a
   // layer at 8192 tokens). Other expert formats (a cuBLAS call an expert): on the host, whose groups those
   // calls take. Both give slots grouped by expert, rows in order within an expert.
-  const bool device_tiles =
-      w.w1.fp4 && w.w3.fp4 && w.w2.fp4 && kk <= kPermuteMaxK && ExpertTileRows(w.w1) == ExpertTileRows(w.w2);
+  const bool device_tiles = w.w1.fp4 && w.w3.fp4 && w.w2.fp4 && kk <= kPermuteMaxK && ne * 4 <= 48 * 1024 &&
+                            ExpertTileRows(w.w1) == ExpertTileRows(w.w2) &&
+                            ExpertTileRows(w.w3) == ExpertTileRows(w.w2);
   DevicePermutation p(s);
   std::vector<int32_t> g_expert, g_off, g_cnt;
   if (device_tiles) {

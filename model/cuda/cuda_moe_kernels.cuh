@@ -366,7 +366,7 @@ __global__ void PermuteScan(int64_t chunks, int64_t ne, int32_t bm, int64_t max_
     count[e] = tot;
     mine += tot;
     mine_active += tot > 0;
-    mine_tiles += (tot + bm - 1) / bm;
+    if (bm > 0) mine_tiles += (tot + bm - 1) / bm;
   }
   int32_t all_slots = 0, all_active = 0, all_tiles = 0;
   int32_t run = BlockExclusiveScan(mine, &all_slots);
