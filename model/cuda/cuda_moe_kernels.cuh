@@ -222,6 +222,27 @@ __device__ __forceinline__ void SortRowSlots(const int32_t* es, int64_t k, int32
   }
 }
 
+// Expert e's selections among `padded` ones staged in shared memory (sel4; -1 past the last), in order, into
+// slots from `slot` on: each slot's row and weight, each selection's slot (selection i is base + its index
+// here). Four selections a shared-memory load; the threads of a warp read the same ones (a broadcast).
+__device__ __forceinline__ void PlaceExpertSlots(const int4* sel4, int64_t padded, int64_t base, int64_t k,
+                                                 int32_t e, int32_t slot, const float* wts, int32_t* perm,
+                                                 float* slot_w, int32_t* row_slots) {
+  for (int64_t i4 = 0; i4 < padded / 4; ++i4) {
+    const int4 q = sel4[i4];
+    const int32_t v[4] = {q.x, q.y, q.z, q.w};
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      if (v[j] != e) continue;
+      const int64_t i = base + 4 * i4 + j;
+      perm[slot] = static_cast<int32_t>(i / k);
+      slot_w[slot] = wts[i];
+      row_slots[i] = slot;
+      ++slot;
+    }
+  }
+}
+
 // Exclusive scan of one value a thread over the block (blockDim.x a multiple of 32, at most 1024); *total
 // gets the block's sum. Every thread must call it.
 __device__ __forceinline__ int32_t BlockExclusiveScan(int32_t v, int32_t* total) {
@@ -296,24 +317,10 @@ __global__ void Permute(const int32_t* sel, const float* wts, int64_t rows, int6
   }
   if (threadIdx.x == blockDim.x - 1) *n_active = na;
   __syncthreads();
-  // Each expert's slots in row order, four selections a shared-memory load (every thread of a warp reads
-  // the same ones: a broadcast).
+  // Each expert's slots in row order (PlaceExpertSlots).
   for (int64_t e = threadIdx.x; e < ne; e += blockDim.x) {
-    if (cnt[e] == 0) continue;
-    int32_t slot = fill[e];
-    for (int64_t i4 = 0; i4 < padded / 4; ++i4) {
-      const int4 q = psh[i4];
-      const int32_t v[4] = {q.x, q.y, q.z, q.w};
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        if (v[j] != e) continue;
-        const int64_t i = 4 * i4 + j;
-        perm[slot] = static_cast<int32_t>(i / k);
-        slot_w[slot] = wts[i];
-        row_slots[i] = slot;
-        ++slot;
-      }
-    }
+    if (cnt[e] > 0)
+      PlaceExpertSlots(psh, padded, 0, k, static_cast<int32_t>(e), fill[e], wts, perm, slot_w, row_slots);
   }
   __syncthreads();
   for (int64_t r = threadIdx.x; r < rows; r += blockDim.x) SortRowSlots(sel + r * k, k, row_slots + r * k);
@@ -412,20 +419,8 @@ __global__ void PermuteScatter(const int32_t* sel, const float* wts, int64_t row
   for (int64_t i = threadIdx.x; i < padded; i += blockDim.x) ssel[i] = i < n_sel ? sel[base + i] : -1;
   __syncthreads();
   for (int64_t e = threadIdx.x; e < ne; e += blockDim.x) {
-    int32_t slot = chunk_first[blockIdx.x * ne + e];
-    for (int64_t i4 = 0; i4 < padded / 4; ++i4) {
-      const int4 q = pscatter[i4];
-      const int32_t v[4] = {q.x, q.y, q.z, q.w};
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        if (v[j] != e) continue;
-        const int64_t i = base + 4 * i4 + j;
-        perm[slot] = static_cast<int32_t>(i / k);
-        slot_w[slot] = wts[i];
-        row_slots[i] = slot;
-        ++slot;
-      }
-    }
+    PlaceExpertSlots(pscatter, padded, base, k, static_cast<int32_t>(e), chunk_first[blockIdx.x * ne + e],
+                     wts, perm, slot_w, row_slots);
   }
   __syncthreads();
   for (int64_t r = r0 + threadIdx.x; r < r0 + nr; r += blockDim.x)
