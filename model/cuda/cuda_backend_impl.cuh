@@ -579,9 +579,9 @@ class CudaBackend final : public ForwardBackend {
   // The MoE's token permutation on the device of `rows` rows of k selections (sel, wts [rows, k] on the
   // device) over ne experts, into p's buffers (allocated on this backend's stream); `touched` (may be null)
   // receives the counts too. Decode-sized (kernels::PermuteFits) with tile_rows 0: kernels::Permute, one
-  // block. Otherwise (k <= kPermuteMaxK) kernels::PermuteCount / PermuteScan / PermuteScatter, and with
-  // tile_rows > 0 also the prefill GEMMs' tiles of up to tile_rows rows (p->tiles, p->max_tiles of them, the
-  // ones past the last with 0 rows).
+  // block. Otherwise (kernels::PermuteChunksFit) kernels::PermuteCount / PermuteScan / PermuteScatter, and
+  // with tile_rows > 0 also the prefill GEMMs' tiles of up to tile_rows rows (p->tiles, p->max_tiles of them,
+  // the ones past the last with 0 rows).
   struct DevicePermutation {
     explicit DevicePermutation(cudaStream_t s)
         : count(s), start(s), perm(s), row_slots(s), active(s), n_active(s), tiles(s), slot_w(s) {}
@@ -589,7 +589,6 @@ class CudaBackend final : public ForwardBackend {
     Buf<float> slot_w;
     int64_t max_tiles = 0;
   };
-  static constexpr int64_t kPermuteMaxK = 16;
   absl::Status PermuteOnDevice(const int32_t* sel, const float* wts, int64_t rows, int64_t k, int64_t ne,
                                int32_t* touched, DevicePermutation* p, int32_t tile_rows = 0) const;
   // xin_bf16, where given, is xin already in BF16 (the MXFP4 GEMM with BF16 inputs reads it, xin unused).

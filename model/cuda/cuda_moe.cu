@@ -223,7 +223,7 @@ absl::Status CudaBackend::PermuteOnDevice(const int32_t* sel, const float* wts, 
                                           int32_t tile_rows) const {
   const int64_t slots = rows * k;
   const bool one_block = tile_rows == 0 && k::PermuteFits(rows, k, ne);
-  if (!one_block && (k > kPermuteMaxK || tile_rows < 0 || ne * 4 > 48 * 1024)) {
+  if (!one_block && (tile_rows < 0 || !k::PermuteChunksFit(k, ne))) {
     return absl::InternalError(
         absl::StrCat("device permutation of ", rows, " x ", k, " selections over ", ne, " experts"));
   }
@@ -320,7 +320,7 @@ absl::Status CudaBackend::Moe(const LayerW& w, int64_t layer, bool hash, const f
   // the whole forward without waiting (the host permutation's synchronization left the GPU idle ~1 ms a
   // layer at 8192 tokens). Other expert formats (a cuBLAS call an expert): on the host, whose groups those
   // calls take. Both give slots grouped by expert, rows in order within an expert.
-  const bool device_tiles = w.w1.fp4 && w.w3.fp4 && w.w2.fp4 && kk <= kPermuteMaxK && ne * 4 <= 48 * 1024 &&
+  const bool device_tiles = w.w1.fp4 && w.w3.fp4 && w.w2.fp4 && k::PermuteChunksFit(kk, ne) &&
                             ExpertTileRows(w.w1) == ExpertTileRows(w.w2) &&
                             ExpertTileRows(w.w3) == ExpertTileRows(w.w2);
   DevicePermutation p(s);
@@ -506,8 +506,8 @@ absl::StatusOr<Permutation> Permute(const std::vector<int32_t>& sel, const std::
   const int64_t slots = rows * k;
   const bool one_block = tile_rows == 0 && kernels::PermuteFits(rows, k, experts);
   if (rows < 1 || k < 1 || experts < 1 || tile_rows < 0 ||
-      (!one_block && (k > impl::CudaBackend::kPermuteMaxK || experts > 12 * 1024)) ||
-      static_cast<int64_t>(sel.size()) != slots || static_cast<int64_t>(wts.size()) != slots) {
+      (!one_block && !kernels::PermuteChunksFit(k, experts)) || static_cast<int64_t>(sel.size()) != slots ||
+      static_cast<int64_t>(wts.size()) != slots) {
     return absl::InvalidArgumentError("Permute: sizes out of range");
   }
   for (int32_t e : sel) {

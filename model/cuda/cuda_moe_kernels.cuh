@@ -346,6 +346,12 @@ __host__ __device__ constexpr int64_t PermuteChunks(int64_t rows) {
 __host__ __device__ constexpr int64_t PermuteChunkSmem(int64_t k) {
   return (kPermuteChunkRows * k + 3) / 4 * 16;
 }
+// Whether the three launches take k selections a row over ne experts: SortRowSlots's k, PermuteChunkSmem
+// within and PermuteCount's ne counters in the default 48 KiB of dynamic shared memory.
+constexpr int64_t kPermuteChunkMaxK = 16;
+__host__ __device__ constexpr bool PermuteChunksFit(int64_t k, int64_t ne) {
+  return k >= 1 && k <= kPermuteChunkMaxK && ne * 4 <= 48 * 1024;
+}
 // Tiles of at most bm rows for `slots` slots over ne experts: sum of ceil(count_e / bm) is at most this.
 __host__ __device__ constexpr int64_t PermuteMaxTiles(int64_t slots, int64_t ne, int64_t bm) {
   return (slots + ne * (bm - 1)) / bm;
