@@ -275,6 +275,23 @@ __device__ __forceinline__ void CollapseNormSlice(const float* pre, int hc, cons
   CollapseNorm(pre, hc, x, d, w, eps, out, min(lo, d), min(lo + chunk, d));
 }
 
+// The mHC pre weight of stream j from a token's raw mixes m and its streams' rsqrt r (cpu::HcPre).
+__device__ __forceinline__ float HcPreWeight(const float* m, float r, const float* base, const float* scale,
+                                             int j, float eps) {
+  return SigmoidF((m[j] * r) * scale[0] + base[j]) + eps;
+}
+
+// The collapse blocks of HcMix, HcCollapseRows and HcHeadMix: the pre weights into shared memory, then
+// CollapseNormSlice's slice `part` of `parts`. Every thread of the block must call it.
+__device__ __forceinline__ void HcPreCollapse(const float* m, float r, const float* base, const float* scale,
+                                              int hc, float eps, const float* x, int64_t d, const float* w,
+                                              double norm_eps, float* out, int64_t part, int64_t parts) {
+  __shared__ float pre[kMaxHc];
+  if (static_cast<int>(threadIdx.x) < hc) pre[threadIdx.x] = HcPreWeight(m, r, base, scale, threadIdx.x, eps);
+  __syncthreads();
+  CollapseNormSlice(pre, hc, x, d, w, norm_eps, out, part, parts);
+}
+
 // CollapseNorm of a whole row for HcCollapseRows (prefill sizes), with the token's hc streams
 // read from memory once: thread i keeps features i + q * blockDim.x (q < kPer) of each stream in registers
 // (zeros past d), and the streams' sum of squares (r), the collapse and its norm come from them. Where
@@ -309,7 +326,7 @@ __device__ __forceinline__ void HcCollapseInRegisters(const float* m, double nor
   }
   const float r = static_cast<float>(1.0 / sqrt(BlockSumD(ss) / static_cast<double>(hc * d) + norm_eps));
   __shared__ float pre[kHcRegStreams];
-  if (i < hc) pre[i] = SigmoidF((m[i] * r) * scale[0] + base[i]) + eps;
+  if (i < hc) pre[i] = HcPreWeight(m, r, base, scale, static_cast<int>(i), eps);
   if (i == 0) *r_out = r;
   __syncthreads();
   float4 a[kPer];
@@ -423,15 +440,8 @@ __global__ void HcMix(const float* mixes, double norm_eps, const float* base, co
   const float* m = mixes + t * (2 + hc) * hc;
   const float* x = streams + t * hc * d;
   const float r = RowRsqrt(x, hc * d, norm_eps);
-  __shared__ float pre[kMaxHc];
-  if (part < parts) {
-    if (static_cast<int>(threadIdx.x) < hc) {
-      pre[threadIdx.x] = SigmoidF((m[threadIdx.x] * r) * scale[0] + base[threadIdx.x]) + eps;
-    }
-    __syncthreads();
-    CollapseNormSlice(pre, hc, x, d, norm_w, norm_eps, collapsed + t * d, part, parts);
-    return;
-  }
+  if (part < parts)
+    return HcPreCollapse(m, r, base, scale, hc, eps, x, d, norm_w, norm_eps, collapsed + t * d, part, parts);
   __shared__ float cm[kMaxHc * kMaxHc];
   if (threadIdx.x < 32)
     HcPostComb(m, r, base, scale, hc, iters, eps, post_out + t * hc, comb_out + t * hc * hc, cm);
@@ -459,12 +469,8 @@ __global__ void HcCollapseRows(const float* mixes, double norm_eps, const float*
       break;
   }
   const float r = RowRsqrt(x, hc * d, norm_eps);
-  __shared__ float pre[kMaxHc];
-  if (threadIdx.x < hc)
-    pre[threadIdx.x] = SigmoidF((m[threadIdx.x] * r) * scale[0] + base[threadIdx.x]) + eps;
   if (threadIdx.x == 0) rs[t] = r;
-  __syncthreads();
-  CollapseNorm(pre, hc, x, d, norm_w, norm_eps, out, 0, d);
+  HcPreCollapse(m, r, base, scale, hc, eps, x, d, norm_w, norm_eps, out, 0, 1);
 }
 
 // HcMix's post weights and comb for prefill-sized launches: a warp a token (HcPostComb) from the rsqrt that
@@ -487,13 +493,9 @@ __global__ void HcHeadMix(const float* mixes, double norm_eps, const float* base
                           float eps, const float* streams, int64_t d, const float* norm_w, float* out) {
   PdlEnter();
   const int64_t t = blockIdx.x;
-  __shared__ float pre[kMaxHc];
-  const float r = RowRsqrt(streams + t * hc * d, hc * d, norm_eps);
-  if (threadIdx.x < hc) {
-    pre[threadIdx.x] = SigmoidF((mixes[t * hc + threadIdx.x] * r) * scale[0] + base[threadIdx.x]) + eps;
-  }
-  __syncthreads();
-  CollapseNormSlice(pre, hc, streams + t * hc * d, d, norm_w, norm_eps, out + t * d, blockIdx.y, gridDim.y);
+  const float* x = streams + t * hc * d;
+  HcPreCollapse(mixes + t * hc, RowRsqrt(x, hc * d, norm_eps), base, scale, hc, eps, x, d, norm_w, norm_eps,
+                out + t * d, blockIdx.y, gridDim.y);
 }
 
 // streams[k] = post_k * out + sum_j comb[j][k] * streams[j]: token blockIdx.x, four features a thread from
