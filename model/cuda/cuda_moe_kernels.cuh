@@ -619,9 +619,9 @@ __global__ void __launch_bounds__(256, 2)
 #if V4SERVE_WGMMA
   extern __shared__ __align__(1024) unsigned char wg_smem[];
   const uint32_t base = SmemAddr(wg_smem) + ((1024u - (SmemAddr(wg_smem) & 1023u)) & 1023u);
-  const int64_t e = tiles.expert[blockIdx.y], row0 = tiles.row0[blockIdx.y];
-  const int rows = tiles.rows[blockIdx.y];
-  if (rows <= 0) return;  // PermuteScan pads its tiles with empty ones.
+  int64_t e, row0;
+  int rows;
+  if (!ExpertTile(tiles, &e, &row0, &rows)) return;  // Host tiles only (GroupedGemmFp4 picks this kernel so).
   const int64_t n0 = static_cast<int64_t>(blockIdx.x) * kWgBn;
   const int tid = static_cast<int>(threadIdx.x), wg = tid / 128;
   const bool mma = wg * 64 < rows;
