@@ -20,6 +20,7 @@
 #include "model/cuda/cuda_check.h"
 #include "model/cuda/cuda_kernels.cuh"
 #include "model/cuda/device_state_cache.h"
+#include "model/cuda/mhc_kernels.cuh"
 #include "model/cuda/select_kernels.cuh"
 #include "services/status_macros.h"
 
