@@ -1,7 +1,8 @@
 // Device kernels of the CUDA forward pass (model/cuda/cuda_backend.cu, cuda_attention.cu; the MoE ones are
-// in cuda_moe_kernels.cuh, top-k and sampling's in select_kernels.cuh, mHC's in mhc_kernels.cuh). Each mirrors one function of
-// model/cpu and keeps its arithmetic order where that is cheap (FP32 throughout; Sinkhorn, RoPE angles and
-// routing exactly as the CPU computes them), so the gpu tests can compare tightly in the FP32 weight mode.
+// in cuda_moe_kernels.cuh, top-k and sampling's in select_kernels.cuh, mHC's in mhc_kernels.cuh). Each
+// mirrors one function of model/cpu and keeps its arithmetic order where that is cheap (FP32 throughout;
+// Sinkhorn, RoPE angles and routing exactly as the CPU computes them), so the gpu tests can compare tightly
+// in the FP32 weight mode.
 #ifndef V4SERVE_MODEL_CUDA_CUDA_KERNELS_CUH_
 #define V4SERVE_MODEL_CUDA_CUDA_KERNELS_CUH_
 
