@@ -117,11 +117,8 @@ TEST(CudaKernelTest, Fp32RowsGemmMatchesCpu) {
       ASSERT_TRUE(y.ok()) << y.status();
       const double tol = m <= 64 ? 1e-6 : 1e-5;  // RowsGemmF32, or cuBLAS's running sums.
       EXPECT_LT(RelL2(*y, ref), tol) << m << " rows x " << in << " -> " << out;
-      for (int64_t r = 0; r < m; ++r) {  // A row or feature group the kernel skips shows here.
-        std::vector<float> yr(y->begin() + r * out, y->begin() + (r + 1) * out);
-        std::vector<float> rr(ref.begin() + r * out, ref.begin() + (r + 1) * out);
-        ASSERT_LT(RelL2(yr, rr), 10 * tol) << m << " rows, row " << r;
-      }
+      const WorstRow worst = WorstRowRelL2(*y, ref, out);  // A skipped row or feature group.
+      ASSERT_LT(worst.rel, 10 * tol) << m << " rows, row " << worst.row;
       double seconds = 0;  // Five calls on one backend, the last into NaNs: counters reset, sums repeat.
       absl::StatusOr<std::vector<float>> again =
           cuda::testing::Linear(x, m, in, w, out, CudaWeights::kF32, 3, &seconds);
@@ -151,11 +148,8 @@ TEST(CudaKernelTest, Tf32x3KeepsFp32Accuracy) {
     const double e_sgemm = RelL2(*sgemm, ref), e_tf32x3 = RelL2(*y, ref);
     EXPECT_LT(e_sgemm, 1e-6);
     EXPECT_LT(e_tf32x3, 1e-6) << "SGEMM's error " << e_sgemm;
-    for (int64_t r = 0; r < m; ++r) {  // A row the GEMMs skip shows here.
-      std::vector<float> yr(y->begin() + r * out, y->begin() + (r + 1) * out);
-      std::vector<float> rr(ref.begin() + r * out, ref.begin() + (r + 1) * out);
-      ASSERT_LT(RelL2(yr, rr), 1e-5) << "row " << r;
-    }
+    const WorstRow worst = WorstRowRelL2(*y, ref, out);  // A row the GEMMs skip.
+    ASSERT_LT(worst.rel, 1e-5) << "row " << worst.row;
     double seconds = 0;
     absl::StatusOr<std::vector<float>> again = cuda::testing::LinearF32(x, m, in, w, out, true, 3, &seconds);
     ASSERT_TRUE(again.ok()) << again.status();
@@ -212,12 +206,8 @@ void CheckFp8Linear(int64_t in, int64_t out, std::initializer_list<int64_t> row_
           cuda::testing::Linear(x, m, in, w, out, CudaWeights::kFp8, 0, nullptr, path);
       ASSERT_TRUE(y.ok()) << y.status();
       EXPECT_LT(RelL2(*y, ref), 2e-4) << m << " rows, path " << static_cast<int>(path);
-      for (int64_t r = 0; r < m;
-           ++r) {  // Every row on its own too (a row or tile the kernels skip shows here).
-        std::vector<float> yr(y->begin() + r * out, y->begin() + (r + 1) * out);
-        std::vector<float> rr(ref.begin() + r * out, ref.begin() + (r + 1) * out);
-        ASSERT_LT(RelL2(yr, rr), 5e-3) << m << " rows, row " << r << ", path " << static_cast<int>(path);
-      }
+      const WorstRow worst = WorstRowRelL2(*y, ref, out);  // Every row on its own too.
+      ASSERT_LT(worst.rel, 5e-3) << m << " rows, row " << worst.row << ", path " << static_cast<int>(path);
       if (path == cuda::Fp8Path::kRows) {
         // Five calls on one backend, the last into an output of NaNs: RowsGemmFp8's arrival counters are back
         // at zero after each launch, and its split-k sums come out the same whichever split arrives last.
@@ -472,13 +462,8 @@ TEST(CudaKernelTest, Mxfp4ExpertGemmMatchesTheHost) {
     auto compare = [&](const std::vector<float>& y, const std::vector<float>& want, double tol) {
       EXPECT_LT(RelL2(y, want), tol);
       // Every row and column is written (a missed tile would leave the allocation's garbage or zeros).
-      double worst = 0;
-      for (int64_t r = 0; r < slots; ++r) {
-        std::vector<float> a(y.begin() + r * out, y.begin() + (r + 1) * out),
-            b(want.begin() + r * out, want.begin() + (r + 1) * out);
-        worst = std::max(worst, RelL2(a, b));
-      }
-      EXPECT_LT(worst, 10 * tol);
+      const WorstRow worst = WorstRowRelL2(y, want, out);
+      EXPECT_LT(worst.rel, 10 * tol) << "row " << worst.row;
     };
     using Path = cuda::testing::ExpertPath;
     for (const Path path : {Path::kPrefill, Path::kPrefillMmaSync, Path::kDecodeMma, Path::kDecodeGemv,

@@ -40,6 +40,23 @@ inline double RelL2(const std::vector<float>& a, const std::vector<float>& b) {
   return std::sqrt(num / std::max(den, 1e-30));
 }
 
+// The largest RelL2 of a row of `cols` values of a from the same row of b, and that row: a row or tile a
+// kernel skips or misplaces shows here, where the whole output's distance may hide it.
+struct WorstRow {
+  double rel = 0;
+  int64_t row = -1;
+};
+inline WorstRow WorstRowRelL2(const std::vector<float>& a, const std::vector<float>& b, int64_t cols) {
+  EXPECT_EQ(a.size(), b.size());
+  WorstRow w;
+  for (int64_t r = 0; cols > 0 && (r + 1) * cols <= static_cast<int64_t>(std::min(a.size(), b.size())); ++r) {
+    const double d = RelL2(std::vector<float>(a.begin() + r * cols, a.begin() + (r + 1) * cols),
+                           std::vector<float>(b.begin() + r * cols, b.begin() + (r + 1) * cols));
+    if (w.row < 0 || d > w.rel) w = {d, r};
+  }
+  return w;
+}
+
 // The tiny V4 checkpoint of the tests (tests/model/testdata/tiny_v4).
 inline std::string TinyDir() {
   const char* src = std::getenv("V4SERVE_SOURCE_DIR");
