@@ -241,6 +241,15 @@ void PrintPhases(const ForwardBackend& be) {
       static_cast<long long>(c->states_uploaded));
 }
 
+// Where the last forward's host time went (no synchronization: the host enqueues ahead of the GPU, and
+// `wait` is what was left for the GPU to finish once everything was queued).
+void PrintHostTimes(const cuda::ForwardCounters& c) {
+  std::printf(
+      "    host (us): setup %.0f, sections %.0f, attention cores %.0f, head %.0f, wait %.0f, after %.0f\n",
+      c.host_setup * 1e6, c.host_sections * 1e6, c.host_cores * 1e6, c.host_head * 1e6, c.host_wait * 1e6,
+      c.host_finish * 1e6);
+}
+
 int Main(int argc, char** argv) {
   int64_t layers = 2, context = 512, steps = 10, trace = 0;
   std::string prefill = "8192,32768", batches = "1,8,64", weights = "fp8", experts = "fp4", linear_only;
@@ -463,6 +472,7 @@ int Main(int argc, char** argv) {
     if (auto c = cuda::LastForwardCounters(backend); c.ok()) {
       std::printf("    last step: %lld sections replayed from CUDA graphs%s\n",
                   static_cast<long long>(c->graph_sections), c->graphs_off ? " (graphs off)" : "");
+      PrintHostTimes(*c);
     }
     PrintTrace(std::move(tracer), windows);
     std::fflush(stdout);

@@ -73,6 +73,11 @@ struct ForwardCounters {
   // output projection, MoE, final head.
   double s_mhc = 0, s_attn_proj = 0, s_attn_host = 0, s_indexer = 0, s_attn_kernels = 0, s_attn_out = 0,
          s_moe = 0, s_head = 0;
+  // Host wall seconds of this Forward, always measured (clock reads only, no synchronization): setting up
+  // (uploads, state copies), enqueueing the sections (graph launches or eager launches) and the attention
+  // cores, the head and outputs, waiting in the one synchronization, and taking the results after it. A
+  // step whose `host_wait` is near zero was bound by the host's enqueueing, not by the GPU.
+  double host_setup = 0, host_sections = 0, host_cores = 0, host_head = 0, host_wait = 0, host_finish = 0;
 };
 // FAILED_PRECONDITION when `backend` is not a CUDA backend.
 absl::StatusOr<ForwardCounters> LastForwardCounters(const ForwardBackend& backend);

@@ -208,6 +208,13 @@ absl::Status CudaBackend::Run(absl::Span<const ForwardSegment> segments, absl::S
                               absl::Span<const int64_t> logit_rows, std::vector<float>* final_streams,
                               const Outputs& outputs) const {
   ++runs_;
+  using Clock = std::chrono::steady_clock;
+  Clock::time_point host_mark = Clock::now();
+  auto host_lap = [&host_mark](double* slot) {  // Host time since the last lap into `slot`.
+    const Clock::time_point now = Clock::now();
+    *slot += std::chrono::duration<double>(now - host_mark).count();
+    host_mark = now;
+  };
   std::vector<float>* logits_out = outputs.logits;
   std::vector<int32_t>* ids = outputs.ids;
   TopLogits* top = outputs.top;
@@ -259,6 +266,7 @@ absl::Status CudaBackend::Run(absl::Span<const ForwardSegment> segments, absl::S
   // Section l: layer l - 1's attention output, its MoE and mHC, then layer l's mHC and attention
   // projections (section 0: the embedding first); layer l's attention core after it.
   const int64_t layers = c.num_hidden_layers;
+  host_lap(&counters_.host_setup);
   for (int64_t l = 0; l <= layers; ++l) {
     RETURN_IF_ERROR(Section(n, l, graph, [&]() -> absl::Status {
       if (l == 0) {
@@ -284,8 +292,10 @@ absl::Status CudaBackend::Run(absl::Span<const ForwardSegment> segments, absl::S
       RETURN_IF_ERROR(Mark(&counters_.s_mhc));
       return AttentionIn(w, l, collapsed, n, b);
     }));
+    host_lap(&counters_.host_sections);
     if (l < layers) {
       RETURN_IF_ERROR(AttentionCore(layers_[static_cast<size_t>(l)], l, segments, copies, n, b, &finish));
+      host_lap(&counters_.host_cores);
     }
   }
   // Final collapse, norm and head for the requested rows.
@@ -378,7 +388,9 @@ absl::Status CudaBackend::Run(absl::Span<const ForwardSegment> segments, absl::S
   }
   if (final_streams != nullptr) RETURN_IF_ERROR(b->streams.Download(final_streams));
   // The forward's one synchronization; then the host states take what it computed, in order.
+  host_lap(&counters_.host_head);
   RETURN_IF_ERROR(Sync());
+  host_lap(&counters_.host_wait);
   in_flight_ = false;
   for (const std::function<void()>& f : finish) f();
   for (const ForwardSegment& seg : segments) seg.state->position += seg.count;
@@ -408,6 +420,7 @@ absl::Status CudaBackend::Run(absl::Span<const ForwardSegment> segments, absl::S
     }
   }
   RETURN_IF_ERROR(Mark(&counters_.s_head));
+  host_lap(&counters_.host_finish);
   return absl::OkStatus();
 }
 
