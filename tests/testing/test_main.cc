@@ -30,7 +30,9 @@ void OnFatalSignal(int sig) {
         : sig == SIGILL ? "SIGILL"
                         : "SIGABRT");
   Write(" in ");
-  // Reads what gtest already holds (no allocation): the test running, if any.
+  // The test running, if any, from what gtest already holds (no allocation). Not async-signal-safe: gtest
+  // takes its mutex here, so a crash inside gtest's own locked code would hang until ctest's timeout; the
+  // death-test children that re-run main get the name this way, which a listener's copy would miss.
   const ::testing::TestInfo* info = ::testing::UnitTest::GetInstance()->current_test_info();
   if (info != nullptr) {
     Write(info->test_suite_name());
