@@ -88,7 +88,7 @@ class Session : public std::enable_shared_from_this<Session> {
     std::string out = StatusLine(status);
     absl::StrAppend(&out, "Content-Type: ", content_type, "\r\nContent-Length: ", body.size(),
                     "\r\nX-Request-Id: ", request_id_, "\r\n", KeepAliveHeader(), "\r\n");
-    out += body;
+    if (!head_) out += body;  // HEAD: the headers a GET would get, no body (else it opens the next reply).
     Enqueue(std::move(out));
   }
   void StartStream(int status, const std::string& content_type) {
@@ -169,6 +169,7 @@ class Session : public std::enable_shared_from_this<Session> {
     req.request_id = services::IsValidRequestId(given) ? given : services::NewRequestId();
     request_id_ = req.request_id;
     keep_alive_ = msg.keep_alive();
+    head_ = msg.method() == http::verb::head;
     ended_ = streaming_ = gone_ = false;
     gone_callbacks_.clear();
     ++generation_;
@@ -260,6 +261,7 @@ class Session : public std::enable_shared_from_this<Session> {
   std::vector<std::function<void()>> gone_callbacks_;
   std::string request_id_;
   bool keep_alive_ = false;
+  bool head_ = false;  // The request is HEAD: Respond sends no body.
   bool ended_ = true;
   bool streaming_ = false;
   bool gone_ = false;

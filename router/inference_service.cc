@@ -7,6 +7,7 @@
 #include "absl/base/thread_annotations.h"
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
+#include "services/json_depth.h"
 #include "services/request_id.h"
 #include "services/status_mapping.h"
 
@@ -185,6 +186,10 @@ absl::StatusOr<OpenAiRequest> FromGenerateRequest(const v1::GenerateRequest& in)
       break;
     case v1::GenerateRequest::kChatJson: {
       r.endpoint = Endpoint::kChatCompletions;
+      if (!JsonDepthWithin(in.chat_json())) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("chat_json: nests deeper than ", kMaxJsonDepth, " levels"));
+      }
       nlohmann::ordered_json chat = nlohmann::ordered_json::parse(in.chat_json(), nullptr, false);
       if (chat.is_discarded() || !chat.is_object()) {
         return absl::InvalidArgumentError(

@@ -163,6 +163,23 @@ TEST_F(HttpServerTest, MalformedRequestGets400AndClose) {
   EXPECT_THAT(*raw, HasSubstr("invalid_request_error"));
 }
 
+// HEAD gets a GET's headers (its Content-Length too) and no body: a body would be read as the start of the
+// next response on a kept-alive connection.
+TEST_F(HttpServerTest, HeadGetsHeadersWithoutABody) {
+  auto conn = HttpConnection::Connect(server_->port());
+  ASSERT_TRUE(conn.ok());
+  auto raw = (*conn)->SendRaw(
+      "HEAD /echo HTTP/1.1\r\nHost: x\r\n\r\n"
+      "POST /echo HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: 2\r\n\r\nhi");
+  ASSERT_TRUE(raw.ok()) << raw.status();
+  const size_t first_end = raw->find("\r\n\r\n");
+  ASSERT_NE(first_end, std::string::npos) << *raw;
+  EXPECT_THAT(raw->substr(0, first_end), HasSubstr("Content-Length: 11"));  // "HEAD /echo "
+  EXPECT_EQ(raw->compare(first_end + 4, 9, "HTTP/1.1 "), 0) << "a body after HEAD's headers: " << *raw;
+  EXPECT_THAT(*raw, ::testing::Not(HasSubstr("HEAD /echo")));
+  EXPECT_THAT(*raw, HasSubstr("POST /echo hi"));
+}
+
 TEST_F(HttpServerTest, DroppedResponderStillAnswers) {
   auto r = HttpCall(server_->port(), "GET", "/drop");
   ASSERT_TRUE(r.ok()) << r.status();
