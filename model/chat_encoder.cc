@@ -186,9 +186,11 @@ std::string RenderMessage(size_t index, const std::vector<ChatJson>& messages,
 
 absl::StatusOr<std::string> RenderChatPrompt(const ChatJson& messages, const ChatJson& tools,
                                              const ChatEncodeOptions& options) {
-  RETURN_IF_ERROR(internal::ValidateMessages(messages));
+  ASSIGN_OR_RETURN(const std::optional<ChatJson> joined, internal::JoinTextParts(messages));
+  const ChatJson& msgs = joined ? *joined : messages;
+  RETURN_IF_ERROR(internal::ValidateMessages(msgs));
   RETURN_IF_ERROR(internal::ValidateTools(tools, "tools"));
-  std::vector<ChatJson> list(messages.begin(), messages.end());
+  std::vector<ChatJson> list(msgs.begin(), msgs.end());
   if (PyTruthy(tools)) {
     if (!list.empty() && (RoleIs(list[0], "system") || RoleIs(list[0], "developer"))) {
       if (PyTruthy(Get(list[0], "tools"))) {

@@ -151,7 +151,8 @@ bool ParseDsmlToolCallBlock(std::string_view text, std::vector<DsmlToolCall>& ca
   return false;  // no closing tag
 }
 
-DsmlParser::DsmlParser(Options options) : state_(options.thinking ? State::kReasoning : State::kContent) {}
+DsmlParser::DsmlParser(Options options)
+    : state_(options.thinking ? State::kReasoning : State::kContent), tool_calls_(options.tool_calls) {}
 
 void DsmlParser::Emit(ChatDelta::Kind kind, std::string_view text, std::vector<ChatDelta>& out) {
   if (text.empty()) return;
@@ -169,6 +170,11 @@ void DsmlParser::Step(bool final, std::vector<ChatDelta>& out) {
     if (state_ == State::kDone) {
       buffer_.clear();
       return;
+    }
+    if (state_ == State::kToolBlock && !tool_calls_) {  // No tools offered: the block is content.
+      Emit(ChatDelta::Kind::kContent, kBlockStart, out);
+      state_ = State::kContent;
+      continue;
     }
     if (state_ == State::kToolBlock) {
       // The block must open with ">\n"; anything else is not DSML.

@@ -48,6 +48,9 @@ class DsmlParser {
   struct Options {
     // True when the prompt ended with "<think>" (ThinkingMode::kThinking): output starts as reasoning.
     bool thinking = false;
+    // False where the request declared no tools (or tool_choice "none"): a DSML block is then plain
+    // content, as the model wrote it, never a tool call the client did not offer.
+    bool tool_calls = true;
   };
 
   explicit DsmlParser(Options options);
@@ -71,6 +74,7 @@ class DsmlParser {
   void Emit(ChatDelta::Kind kind, std::string_view text, std::vector<ChatDelta>& out);
 
   State state_;
+  bool tool_calls_;
   std::string buffer_;  // undecided text of the current state (for kToolBlock: the block after its marker)
   size_t block_scanned_ = 0;  // kToolBlock: bytes of buffer_ already searched for the closing tag
   int tool_calls_emitted_ = 0;

@@ -43,7 +43,7 @@ ChoiceStream::ChoiceStream(const model::Tokenizer& tokenizer, ChoiceStreamOption
     : tokenizer_(tokenizer),
       options_(std::move(options)),
       decoder_(tokenizer, {.skip_special_tokens = true}),
-      parser_({.thinking = options_.thinking}),
+      parser_({.thinking = options_.thinking, .tool_calls = options_.tool_calls}),
       stop_(options_.stop),
       in_reasoning_(options_.thinking) {}
 

@@ -42,6 +42,7 @@ struct ChoiceStreamOptions {
   std::vector<std::string> stop;
   bool logprobs = false;
   std::string tool_call_id_prefix;  // tool call ids are <prefix><choice>_<n>
+  bool tool_calls = true;  // false: the request offered no tools (or tool_choice "none"): DSML is content
 };
 
 class ChoiceStream {

@@ -83,13 +83,13 @@ class Call : public std::enable_shared_from_this<Call> {
     for (int32_t i = 0; i < req_.sampling.n; ++i) {
       choices_.push_back(std::make_unique<ChoiceStream>(
           ctx.model->tokenizer(),
-          ChoiceStreamOptions{
-              .index = i,
-              .thinking = prompt_.thinking,
-              .chat = req_.endpoint == Endpoint::kChatCompletions,
-              .stop = req_.sampling.stop,
-              .logprobs = req_.sampling.logprobs,
-              .tool_call_id_prefix = "call_" + services::NewRequestId().substr(4, 12) + "_"}));
+          ChoiceStreamOptions{.index = i,
+                              .thinking = prompt_.thinking,
+                              .chat = req_.endpoint == Endpoint::kChatCompletions,
+                              .stop = req_.sampling.stop,
+                              .logprobs = req_.sampling.logprobs,
+                              .tool_call_id_prefix = "call_" + services::NewRequestId().substr(4, 12) + "_",
+                              .tool_calls = OffersTools(req_)}));
       done_.push_back(false);
     }
     worker_request_ = ToWorkerRequest(req_, prompt_, ctx.model->id());

@@ -5,6 +5,7 @@
 #include <utility>
 
 #include "absl/strings/str_cat.h"
+#include "services/json_depth.h"
 #include "services/status_macros.h"
 
 namespace v4serve::router {
@@ -146,6 +147,9 @@ absl::Status ParseSampling(const Json& body, int32_t max_n, SamplingRequest* s) 
 
 absl::StatusOr<OpenAiRequest> ParseOpenAiRequest(Endpoint endpoint, const std::string& body_text,
                                                  int32_t max_n) {
+  if (!JsonDepthWithin(body_text)) {
+    return absl::InvalidArgumentError(absl::StrCat("body: nests deeper than ", kMaxJsonDepth, " levels"));
+  }
   Json body = Json::parse(body_text, nullptr, /*allow_exceptions=*/false);
   if (body.is_discarded()) return absl::InvalidArgumentError("body: is not valid JSON");
   if (!body.is_object()) return absl::InvalidArgumentError("body: must be a JSON object");
@@ -206,7 +210,17 @@ absl::StatusOr<OpenAiRequest> ParseOpenAiRequest(Endpoint endpoint, const std::s
                 (tc->is_object() && tc->contains("function"));
       if (!ok)
         return Bad("tool_choice", "must be \"none\", \"auto\", \"required\" or {\"type\":\"function\",...}");
+      // Forcing a call (one at all, or a named one) needs constrained decoding, which this server does
+      // not do: refused rather than ignored.
+      if (!tc->is_string() || *tc == "required") {
+        return Bad("tool_choice", "only \"auto\" and \"none\" are supported (no constrained decoding)");
+      }
       req.tool_choice = *tc;
+    }
+    if (auto rf = body.find("response_format"); rf != body.end() && !rf->is_null()) {
+      if (!rf->is_object() || !rf->contains("type") || (*rf)["type"] != "text") {
+        return Bad("response_format", "only {\"type\": \"text\"} is supported (no constrained decoding)");
+      }
     }
   } else {
     auto p = body.find("prompt");
@@ -228,9 +242,28 @@ absl::StatusOr<OpenAiRequest> ParseOpenAiRequest(Endpoint endpoint, const std::s
     } else {
       return Bad("prompt", "must be a string, an array of one string, or an array of token ids");
     }
-    RETURN_IF_ERROR(Bool(body, "echo", &req.echo));
+    bool echo = false;  // Accepted as false only: echoing the prompt is not implemented.
+    RETURN_IF_ERROR(Bool(body, "echo", &echo));
+    if (echo) return Bad("echo", "is not supported by this server");
+    if (!req.cache_handle.empty() || !req.quick_instruction.empty()) {
+      return Bad(req.cache_handle.empty() ? "v4serve.quick_instruction" : "v4serve.cache_handle",
+                 "only /v1/chat/completions takes it");
+    }
   }
   return req;
+}
+
+bool OffersTools(const OpenAiRequest& req) {
+  if (req.endpoint != Endpoint::kChatCompletions || req.tool_choice == "none") return false;
+  if (req.tools.is_array() && !req.tools.empty()) return true;
+  if (!req.messages.is_array()) return false;
+  for (const nlohmann::ordered_json& m : req.messages) {
+    if (m.is_object()) {
+      auto t = m.find("tools");
+      if (t != m.end() && t->is_array() && !t->empty()) return true;
+    }
+  }
+  return false;
 }
 
 }  // namespace v4serve::router

@@ -53,13 +53,16 @@ struct OpenAiRequest {
   // Completions: the prompt, as text or token ids.
   std::optional<std::string> prompt_text;
   std::optional<std::vector<int32_t>> prompt_ids;
-  bool echo = false;
   // Quick instructions (docs/API.md): a cached conversation to continue and the task to append.
   std::string cache_handle;
   std::string quick_instruction;
   // Set by the front end from the API key (router/tenants.h), never from the body.
   std::string tenant;
 };
+
+// Whether tool calls may come back: a chat request that offers tools (the body's `tools` or a message's) and
+// does not say tool_choice "none". Otherwise a DSML block in the output is returned as content.
+bool OffersTools(const OpenAiRequest& req);
 
 // Parses a request body. `max_n` bounds `n` (choices per request).
 absl::StatusOr<OpenAiRequest> ParseOpenAiRequest(Endpoint endpoint, const std::string& body,

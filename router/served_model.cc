@@ -88,7 +88,10 @@ absl::StatusOr<EncodedPrompt> ServedModel::Encode(const OpenAiRequest& req) cons
     out.thinking = o.thinking_mode == model::ThinkingMode::kThinking;
     model::ChatEncoder encoder(*tokenizer_);
     ASSIGN_OR_RETURN(nlohmann::ordered_json messages, WithQuickInstruction(req));
-    ASSIGN_OR_RETURN(model::ChatEncoder::Prompt prompt, encoder.Encode(messages, req.tools, o));
+    // tool_choice "none": the tools stay out of the prompt (and a DSML block in the output is content).
+    static const nlohmann::ordered_json kNoTools;
+    ASSIGN_OR_RETURN(model::ChatEncoder::Prompt prompt,
+                     encoder.Encode(messages, req.tool_choice == "none" ? kNoTools : req.tools, o));
     out.ids = std::move(prompt.ids);
   } else if (req.prompt_ids) {
     for (size_t i = 0; i < req.prompt_ids->size(); ++i) {

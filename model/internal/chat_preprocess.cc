@@ -5,6 +5,7 @@
 #include "absl/container/flat_hash_map.h"
 #include "absl/strings/str_cat.h"
 #include "model/internal/chat_py_json.h"
+#include "services/json_depth.h"
 #include "services/status_macros.h"
 
 namespace v4serve::model::internal {
@@ -35,6 +36,10 @@ absl::Status ValidateToolCalls(const ChatJson& calls, const std::string& path) {
     if (!arguments.is_string())
       return Invalid(at + ".function.arguments", "must be a string holding a JSON object");
     const std::string& text = arguments.get_ref<const std::string&>();
+    if (!JsonDepthWithin(text)) {
+      return Invalid(at + ".function.arguments",
+                     absl::StrCat("nests deeper than ", kMaxJsonDepth, " levels"));
+    }
     const ChatJson parsed = ChatJson::parse(text, nullptr, false);
     // nlohmann stops at a NUL byte; a JSON text never contains one.
     if (parsed.is_discarded() || text.find('\0') != std::string::npos) {
@@ -126,6 +131,32 @@ absl::Status ValidateTools(const ChatJson& tools, const std::string& path) {
     if (!Get(function, "name").is_string()) return Invalid(at + ".function.name", "missing or not a string");
   }
   return absl::OkStatus();
+}
+
+absl::StatusOr<std::optional<ChatJson>> JoinTextParts(const ChatJson& messages) {
+  auto has_parts = [](const ChatJson& m) { return !RoleIs(m, "tool") && Get(m, "content").is_array(); };
+  if (!messages.is_array() || std::none_of(messages.begin(), messages.end(), has_parts)) return std::nullopt;
+  ChatJson out = messages;
+  for (size_t i = 0; i < out.size(); ++i) {
+    if (!has_parts(out[i])) continue;
+    const ChatJson& parts = out[i]["content"];
+    std::string text;
+    for (size_t j = 0; j < parts.size(); ++j) {
+      const std::string at = absl::StrCat("messages[", i, "].content[", j, "]");
+      const ChatJson& type = Get(parts[j], "type");
+      if (!type.is_string()) return Invalid(at, "must be an object with a type");
+      if (type != "text") {
+        return Invalid(at + ".type", absl::StrCat("content parts of type ", type.dump(),
+                                                  " are not supported (this model reads text only)"));
+      }
+      const ChatJson& part_text = Get(parts[j], "text");
+      if (!part_text.is_string()) return Invalid(at + ".text", "must be a string");
+      if (j > 0) text += "\n";
+      text += part_text.get_ref<const std::string&>();
+    }
+    out[i]["content"] = std::move(text);
+  }
+  return out;
 }
 
 absl::Status ValidateMessages(const ChatJson& messages) {

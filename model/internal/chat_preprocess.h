@@ -4,16 +4,23 @@
 #ifndef V4SERVE_MODEL_INTERNAL_CHAT_PREPROCESS_H_
 #define V4SERVE_MODEL_INTERNAL_CHAT_PREPROCESS_H_
 
+#include <optional>
 #include <string>
 #include <vector>
 
 #include "absl/status/status.h"
+#include "absl/status/statusor.h"
 #include "nlohmann/json.hpp"
 
 namespace v4serve::model::internal {
 
 using ChatJson = nlohmann::ordered_json;
 
+// OpenAI's content parts, as the SDKs send them: each message but a tool's whose content is an array of
+// {"type": "text", "text": ...} parts gets its texts joined by newlines (as vLLM's "string" content format
+// does); any other part (image_url, input_audio, file, ...) is INVALID_ARGUMENT naming it (this model reads
+// text only). nullopt when no message has parts (nothing to copy). Runs before ValidateMessages.
+absl::StatusOr<std::optional<ChatJson>> JoinTextParts(const ChatJson& messages);
 // Checks every field the encoder reads; INVALID_ARGUMENT naming the field otherwise.
 absl::Status ValidateMessages(const ChatJson& messages);
 // Checks an OpenAI tools array; `path` names it in errors (e.g. "tools" or "messages[0].tools").

@@ -99,7 +99,11 @@ TEST(ChatEncoderTest, ErrorsNameTheField) {
        "messages[1].role"},
       {R"([{"content": "x"}])", "null", "messages[0].role"},
       {R"([{"role": "user", "content": 42}])", "null", "messages[0].content"},
-      {R"([{"role": "user", "content": [{"type": "text", "text": "hi"}]}])", "null", "messages[0].content"},
+      {R"([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}])", "null",
+       "messages[0].content[0].type: content parts of type \"image_url\" are not supported"},
+      {R"([{"role": "user", "content": [{"type": "text", "text": 5}]}])", "null",
+       "messages[0].content[0].text"},
+      {R"([{"role": "user", "content": [{"text": "no type"}]}])", "null", "messages[0].content[0]"},
       {R"([{"role": "system", "content": {"a": 1}}])", "null", "messages[0].content"},
       {R"([{"role": "developer", "content": ""}])", "null", "messages[0].content"},
       {R"([{"role": "tool", "content": 3}])", "null", "messages[0].content"},
@@ -126,6 +130,33 @@ TEST(ChatEncoderTest, ErrorsNameTheField) {
     EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument) << c.messages;
     EXPECT_THAT(status.message(), HasSubstr(c.field)) << c.messages;
   }
+}
+
+// OpenAI's text content parts (what the SDKs send) render as their texts joined by newlines.
+TEST(ChatEncoderTest, TextContentPartsJoinAsOneString) {
+  const Json parts = Json::parse(R"([{"role": "system", "content": [{"type": "text", "text": "be brief"}]},
+      {"role": "user", "content": [{"type": "text", "text": "hello"}, {"type": "text", "text": "world"}]}])");
+  const Json joined = Json::parse(R"([{"role": "system", "content": "be brief"},
+      {"role": "user", "content": "hello\nworld"}])");
+  absl::StatusOr<std::string> a = RenderChatPrompt(parts, Json(), {}),
+                              b = RenderChatPrompt(joined, Json(), {});
+  ASSERT_TRUE(a.ok()) << a.status();
+  ASSERT_TRUE(b.ok()) << b.status();
+  EXPECT_EQ(*a, *b);
+}
+
+// Tool-call arguments nested past kMaxJsonDepth are refused before they are parsed (a deep enough text
+// overflows the parser's stack).
+TEST(ChatEncoderTest, DeeplyNestedArgumentsAreRefused) {
+  Json messages = Json::array();
+  messages.push_back({{"role", "user"}, {"content", "x"}});
+  Json call = {{"function",
+                {{"name", "f"},
+                 {"arguments", "{\"a\":" + std::string(100000, '[') + std::string(100000, ']') + "}"}}}};
+  messages.push_back({{"role", "assistant"}, {"content", ""}, {"tool_calls", Json::array({call})}});
+  const absl::StatusOr<std::string> r = RenderChatPrompt(messages, Json(), {});
+  EXPECT_EQ(r.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(r.status().message(), HasSubstr("messages[1].tool_calls[0].function.arguments: nests deeper"));
 }
 
 TEST(ChatEncoderTest, KeyOrderOfToolSchemasIsPreserved) {

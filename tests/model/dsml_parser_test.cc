@@ -117,6 +117,26 @@ TEST(DsmlParserTest, ContentIsReleasedAsSoonAsNoMarkerCanStart) {
   EXPECT_EQ(d[0].text, "\nx");
 }
 
+// A request that offered no tools gets a well-formed DSML block back as the text the model wrote, whole
+// and at every split point, never as a tool call.
+TEST(DsmlParserTest, WithoutToolsAWellFormedBlockIsContent) {
+  const std::string text =
+      "Sure.\n\n<｜DSML｜tool_calls>\n<｜DSML｜invoke name=\"calculator\">\n"
+      "<｜DSML｜parameter name=\"expression\" string=\"true\">3141 * 59</｜DSML｜parameter>\n"
+      "</｜DSML｜invoke>\n</｜DSML｜tool_calls>";
+  const auto with = DsmlParser::ParseCompletion(text, {.thinking = false});
+  ASSERT_EQ(with.tool_calls.size(), 1u);  // The same text is a tool call where tools were offered.
+  const auto m = DsmlParser::ParseCompletion(text, {.thinking = false, .tool_calls = false});
+  EXPECT_TRUE(m.tool_calls.empty());
+  EXPECT_EQ(m.content, text);
+  for (size_t cut = 0; cut <= text.size(); ++cut) {
+    const auto s =
+        ParseChunked({text.substr(0, cut), text.substr(cut)}, {.thinking = false, .tool_calls = false});
+    EXPECT_EQ(s.content, text) << "cut " << cut;
+    EXPECT_TRUE(s.tool_calls.empty());
+  }
+}
+
 TEST(DsmlParserTest, MalformedDsmlIsReturnedAsContent) {
   // Each case is one std::string (parenthesized so the literal pieces are not taken for a missing comma).
   const std::string bad[] = {

@@ -65,6 +65,61 @@ TEST(OpenAiRequestTest, ErrorsNameTheField) {
   EXPECT_THAT(ChatError("{" + m + R"(, "seed": "x"})"), StartsWith("seed: "));
 }
 
+// A small body nested 200k deep overflowed the parser's stack and killed the router; it is refused before
+// parsing. Nesting at the limit still parses.
+TEST(OpenAiRequestTest, DeepNestingIsRefusedBeforeParsing) {
+  const int deep = 200000;
+  const std::string body = "{\"foo\":" + std::string(deep, '[') + std::string(deep, ']') +
+                           ",\"messages\":[{\"role\":\"user\",\"content\":\"hi\"}]}";
+  auto r = ParseOpenAiRequest(Endpoint::kChatCompletions, body);
+  EXPECT_EQ(r.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(r.status().message(), HasSubstr("body: nests deeper than 128 levels"));
+  const std::string ok = "{\"foo\":" + std::string(120, '[') + std::string(120, ']') +
+                         ",\"messages\":[{\"role\":\"user\",\"content\":\"[[[[\"}]}";
+  EXPECT_TRUE(ParseOpenAiRequest(Endpoint::kChatCompletions, ok).ok());
+}
+
+// Fields that would need constrained decoding or are not implemented are refused by name, not ignored.
+TEST(OpenAiRequestTest, UnsupportedChoicesAreRefusedByName) {
+  const std::string msgs = R"("messages": [{"role": "user", "content": "hi"}])";
+  EXPECT_THAT(ChatError("{" + msgs + R"(, "tool_choice": "required"})"),
+              HasSubstr("tool_choice: only \"auto\" and \"none\""));
+  EXPECT_THAT(ChatError("{" + msgs + R"(, "tool_choice": {"type": "function", "function": {"name": "f"}}})"),
+              HasSubstr("tool_choice: only"));
+  EXPECT_THAT(ChatError("{" + msgs + R"(, "response_format": {"type": "json_schema", "json_schema": {}}})"),
+              HasSubstr("response_format: only {\"type\": \"text\"}"));
+  EXPECT_TRUE(
+      ParseOpenAiRequest(Endpoint::kChatCompletions,
+                         "{" + msgs + R"(, "response_format": {"type": "text"}, "tool_choice": "none"})")
+          .ok());
+  auto completions = [](const std::string& body) {
+    return std::string(ParseOpenAiRequest(Endpoint::kCompletions, body).status().message());
+  };
+  EXPECT_THAT(completions(R"({"prompt": "hi", "echo": true})"), HasSubstr("echo: is not supported"));
+  EXPECT_TRUE(ParseOpenAiRequest(Endpoint::kCompletions, R"({"prompt": "hi", "echo": false})").ok());
+  EXPECT_THAT(completions(R"({"prompt": "hi", "v4serve": {"quick_instruction": "title"}})"),
+              HasSubstr("v4serve.quick_instruction: only /v1/chat/completions takes it"));
+  EXPECT_THAT(completions(R"({"prompt": "hi", "v4serve": {"cache_handle": "x"}})"),
+              HasSubstr("v4serve.cache_handle: only /v1/chat/completions takes it"));
+}
+
+// Tool calls come back only where the request offered tools and did not say tool_choice "none".
+TEST(OpenAiRequestTest, OffersToolsOnlyWhereToolsWereGiven) {
+  auto offers = [](const std::string& body) {
+    auto r = ParseOpenAiRequest(Endpoint::kChatCompletions, body);
+    EXPECT_TRUE(r.ok()) << r.status();
+    return r.ok() && OffersTools(*r);
+  };
+  const std::string tools = R"("tools": [{"type": "function", "function": {"name": "f"}}])";
+  EXPECT_FALSE(offers(R"({"messages": [{"role": "user", "content": "hi"}]})"));
+  EXPECT_FALSE(offers(R"({"messages": [{"role": "user", "content": "hi"}], "tools": []})"));
+  EXPECT_TRUE(offers(R"({"messages": [{"role": "user", "content": "hi"}], )" + tools + "}"));
+  EXPECT_FALSE(
+      offers(R"({"messages": [{"role": "user", "content": "hi"}], "tool_choice": "none", )" + tools + "}"));
+  EXPECT_TRUE(offers(R"({"messages": [{"role": "system", "content": "", )" + tools +
+                     R"(}, {"role": "user", "content": "hi"}]})"));
+}
+
 TEST(OpenAiRequestTest, ThinkingSwitchAndDefaults) {
   const std::string m = R"("messages": [{"role": "user", "content": "x"}])";
   auto def = ParseOpenAiRequest(Endpoint::kChatCompletions, "{" + m + "}");
@@ -84,11 +139,10 @@ TEST(OpenAiRequestTest, ThinkingSwitchAndDefaults) {
 
 TEST(OpenAiRequestTest, CompletionsPromptForms) {
   auto text =
-      ParseOpenAiRequest(Endpoint::kCompletions, R"({"prompt": "once", "logprobs": 2, "echo": true})");
+      ParseOpenAiRequest(Endpoint::kCompletions, R"({"prompt": "once", "logprobs": 2, "echo": false})");
   ASSERT_TRUE(text.ok()) << text.status();
   EXPECT_EQ(text->prompt_text, "once");
   EXPECT_EQ(text->sampling.top_logprobs, 2);
-  EXPECT_TRUE(text->echo);
   auto ids = ParseOpenAiRequest(Endpoint::kCompletions, R"({"prompt": [0, 5, 17]})");
   ASSERT_TRUE(ids.ok());
   EXPECT_THAT(*ids->prompt_ids, ::testing::ElementsAre(0, 5, 17));
