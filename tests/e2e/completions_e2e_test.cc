@@ -297,7 +297,8 @@ TEST_F(CompletionsE2eTest, GrpcGenerateStreamsTextAndToolCalls) {
                                      grpc::InsecureChannelCredentials());
   v1::Inference::Stub stub(channel);
   v1::GenerateRequest req;
-  req.set_chat_json(R"({"messages": [{"role": "user", "content": "Weather in Oslo?"}]})");
+  req.set_chat_json(R"({"messages": [{"role": "user", "content": "Weather in Oslo?"}],
+      "tools": [{"type": "function", "function": {"name": "get_weather"}}]})");
   req.set_reasoning_mode(v1::REASONING_MODE_THINK_HIGH);
   req.set_stream_text(true);
   grpc::ClientContext ctx;
@@ -322,6 +323,24 @@ TEST_F(CompletionsE2eTest, GrpcGenerateStreamsTextAndToolCalls) {
   EXPECT_EQ(Json::parse(calls[0].arguments()), Json({{"city", "Oslo"}}));
   EXPECT_EQ(finish, v1::FINISH_REASON_TOOL_CALLS);
   EXPECT_EQ(usage.completion_tokens(), tokens);
+
+  // The same output for a request that offered no tools: the block is content, not a call.
+  grpc::ClientContext plain_ctx;
+  v1::GenerateRequest plain = req;
+  plain.set_chat_json(R"({"messages": [{"role": "user", "content": "Weather in Oslo?"}]})");
+  auto plain_reader = stub.Generate(&plain_ctx, plain);
+  std::string text;
+  int plain_calls = 0;
+  finish = v1::FINISH_REASON_UNSPECIFIED;
+  while (plain_reader->Read(&msg)) {
+    text += msg.text_delta();
+    plain_calls += msg.tool_calls_size();
+    if (msg.finish_reason() != v1::FINISH_REASON_UNSPECIFIED) finish = msg.finish_reason();
+  }
+  ASSERT_TRUE(plain_reader->Finish().ok());
+  EXPECT_EQ(plain_calls, 0);
+  EXPECT_THAT(text, HasSubstr("<｜DSML｜invoke name=\"get_weather\">"));
+  EXPECT_EQ(finish, v1::FINISH_REASON_STOP);
 
   grpc::ClientContext bad_ctx;
   v1::GenerateRequest bad;
