@@ -1,5 +1,6 @@
 #include "router/http_api.h"
 
+#include <string_view>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
@@ -60,12 +61,20 @@ void HttpApi::Handle(HttpRequest req, std::shared_ptr<HttpResponder> responder) 
     tenant = backend_->Authenticate(req.Header("authorization"));
     if (!tenant.ok()) return ReplyError(req, *responder, tenant.status());
   }
+  auto model_json = [](const std::string& id) {
+    return nlohmann::json{{"id", id}, {"object", "model"}, {"created", 0}, {"owned_by", "v4serve"}};
+  };
   if (req.path == "/v1/models" && get) {
     nlohmann::json out = {{"object", "list"}, {"data", nlohmann::json::array()}};
-    for (const std::string& id : backend_->ModelIds()) {
-      out["data"].push_back({{"id", id}, {"object", "model"}, {"created", 0}, {"owned_by", "v4serve"}});
-    }
+    for (const std::string& id : backend_->ModelIds()) out["data"].push_back(model_json(id));
     return Reply(req, *responder, 200, kJson, out.dump());
+  }
+  if (constexpr std::string_view kModel = "/v1/models/"; req.path.rfind(kModel, 0) == 0 && get) {
+    const std::string id = req.path.substr(kModel.size());
+    for (const std::string& known : backend_->ModelIds()) {
+      if (known == id) return Reply(req, *responder, 200, kJson, model_json(id).dump());
+    }
+    return ReplyError(req, *responder, absl::NotFoundError(absl::StrCat("model '", id, "' does not exist")));
   }
   if (req.path == "/v1/chat/completions" || req.path == "/v1/completions") {
     if (req.method != "POST") {

@@ -52,6 +52,14 @@ TEST(UpE2eTest, ServesTheTinyModelAndMatchesTheFaithfulReference) {
   auto models = testing::HttpCall(port, "GET", "/v1/models");
   ASSERT_TRUE(models.ok());
   EXPECT_EQ(Json::parse(models->body)["data"][0]["id"], "tiny_v4");
+  auto one = testing::HttpCall(port, "GET", "/v1/models/tiny_v4");
+  ASSERT_TRUE(one.ok());
+  EXPECT_EQ(one->status, 200) << one->body;
+  EXPECT_EQ(Json::parse(one->body)["id"], "tiny_v4");
+  auto none = testing::HttpCall(port, "GET", "/v1/models/other");
+  ASSERT_TRUE(none.ok());
+  EXPECT_EQ(none->status, 404) << none->body;
+  EXPECT_EQ(Json::parse(none->body)["error"]["message"], "model 'other' does not exist");
 
   Json req = {
       {"model", "tiny_v4"}, {"prompt", fx["prompt"]}, {"max_tokens", want.size()}, {"temperature", 0}};
