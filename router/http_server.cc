@@ -8,6 +8,7 @@
 #include <utility>
 
 #include "absl/strings/ascii.h"
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
 #include "boost/asio.hpp"
@@ -138,11 +139,32 @@ class Session : public std::enable_shared_from_this<Session> {
     parser_->header_limit(64 * 1024);
     stream_.expires_after(
         std::chrono::microseconds(absl::ToInt64Microseconds(server_->options.read_timeout)));
+    reading_ = true;
+    http::async_read_header(
+        stream_, buffer_, *parser_,
+        [self = shared_from_this()](beast::error_code ec, size_t) { self->OnHeader(ec); });
+  }
+
+  // The header is in: a client that sent "Expect: 100-continue" waits for the interim answer before its body
+  // (curl does for large bodies, a second each otherwise); one whose body is too large gets 413 instead.
+  void OnHeader(beast::error_code ec) {
+    if (ec) return OnRead(ec);
+    const http::request<http::string_body>& h = parser_->get();
+    const auto expect = h[http::field::expect];
+    if (absl::EqualsIgnoreCase(absl::string_view(expect.data(), expect.size()), "100-continue") &&
+        !parser_->is_done()) {
+      if (parser_->content_length() &&
+          *parser_->content_length() > static_cast<uint64_t>(server_->options.max_body_bytes)) {
+        return OnRead(http::error::body_limit);
+      }
+      Enqueue("HTTP/1.1 100 Continue\r\n\r\n");
+    }
     http::async_read(stream_, buffer_, *parser_,
                      [self = shared_from_this()](beast::error_code ec, size_t) { self->OnRead(ec); });
   }
 
   void OnRead(beast::error_code ec) {
+    reading_ = false;
     if (ec == http::error::end_of_stream || ec == beast::error::timeout ||
         ec == net::error::operation_aborted) {
       return Close();
@@ -239,7 +261,8 @@ class Session : public std::enable_shared_from_this<Session> {
     }
     queue_.pop_front();
     if (!queue_.empty()) return WriteFront();
-    if (!ended_) return;  // streaming: more chunks will come
+    if (reading_) return;  // an interim "100 Continue" while the request's body is read
+    if (!ended_) return;   // streaming: more chunks will come
     if (keep_alive_ && !gone_) return DoRead();
     Close();
   }
@@ -261,7 +284,8 @@ class Session : public std::enable_shared_from_this<Session> {
   std::vector<std::function<void()>> gone_callbacks_;
   std::string request_id_;
   bool keep_alive_ = false;
-  bool head_ = false;  // The request is HEAD: Respond sends no body.
+  bool head_ = false;     // The request is HEAD: Respond sends no body.
+  bool reading_ = false;  // A request is being read (DoRead until OnRead).
   bool ended_ = true;
   bool streaming_ = false;
   bool gone_ = false;

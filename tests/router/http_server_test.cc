@@ -180,6 +180,26 @@ TEST_F(HttpServerTest, HeadGetsHeadersWithoutABody) {
   EXPECT_THAT(*raw, HasSubstr("POST /echo hi"));
 }
 
+// "Expect: 100-continue" gets the interim answer before the body is read (curl waits a second for it
+// otherwise), the connection stays usable, and a body over the limit gets 413 instead of the go-ahead.
+TEST_F(HttpServerTest, ExpectContinueGetsAnInterimAnswer) {
+  auto conn = HttpConnection::Connect(server_->port());
+  ASSERT_TRUE(conn.ok());
+  auto raw = (*conn)->SendRaw(
+      "POST /echo HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 2\r\n\r\nhi"
+      "POST /echo HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: 3\r\n\r\nyou");
+  ASSERT_TRUE(raw.ok()) << raw.status();
+  EXPECT_EQ(raw->rfind("HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200", 0), 0u) << *raw;
+  EXPECT_THAT(*raw, HasSubstr("POST /echo hi"));
+  EXPECT_THAT(*raw, HasSubstr("POST /echo you"));
+  auto big = HttpConnection::Connect(server_->port());
+  ASSERT_TRUE(big.ok());
+  auto refused = (*big)->SendRaw(
+      "POST /echo HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 5000\r\n\r\n");
+  ASSERT_TRUE(refused.ok()) << refused.status();
+  EXPECT_EQ(refused->rfind("HTTP/1.1 413", 0), 0u) << *refused;
+}
+
 TEST_F(HttpServerTest, DroppedResponderStillAnswers) {
   auto r = HttpCall(server_->port(), "GET", "/drop");
   ASSERT_TRUE(r.ok()) << r.status();
