@@ -51,18 +51,27 @@ absl::StatusOr<std::optional<int64_t>> Integer(const Json& body, const char* key
                                                          : it->get<int64_t>());
 }
 
-absl::Status Bool(const Json& body, const char* key, bool* out) {
+// `parent`: the object's own field name, for errors about a nested field ("stream_options.include_usage").
+std::string FieldName(const char* parent, const char* key) {
+  return parent == nullptr ? std::string(key) : absl::StrCat(parent, ".", key);
+}
+
+absl::Status Bool(const Json& body, const char* key, bool* out, const char* parent = nullptr) {
   auto it = body.find(key);
   if (it == body.end() || it->is_null()) return absl::OkStatus();
-  if (!it->is_boolean()) return Bad(key, absl::StrCat("must be a boolean, not ", TypeName(*it)));
+  if (!it->is_boolean()) {
+    return Bad(FieldName(parent, key), absl::StrCat("must be a boolean, not ", TypeName(*it)));
+  }
   *out = it->get<bool>();
   return absl::OkStatus();
 }
 
-absl::Status String(const Json& body, const char* key, std::string* out) {
+absl::Status String(const Json& body, const char* key, std::string* out, const char* parent = nullptr) {
   auto it = body.find(key);
   if (it == body.end() || it->is_null()) return absl::OkStatus();
-  if (!it->is_string()) return Bad(key, absl::StrCat("must be a string, not ", TypeName(*it)));
+  if (!it->is_string()) {
+    return Bad(FieldName(parent, key), absl::StrCat("must be a string, not ", TypeName(*it)));
+  }
   *out = it->get<std::string>();
   return absl::OkStatus();
 }
@@ -160,7 +169,7 @@ absl::StatusOr<OpenAiRequest> ParseOpenAiRequest(Endpoint endpoint, const std::s
   if (auto it = body.find("stream_options"); it != body.end() && !it->is_null()) {
     if (!it->is_object()) return Bad("stream_options", "must be an object");
     if (!req.stream) return Bad("stream_options", "is only allowed with stream: true");
-    RETURN_IF_ERROR(Bool(*it, "include_usage", &req.include_usage));
+    RETURN_IF_ERROR(Bool(*it, "include_usage", &req.include_usage, "stream_options"));
   }
   RETURN_IF_ERROR(ParseSampling(body, max_n, &req.sampling));
   if (endpoint == Endpoint::kChatCompletions) {
@@ -180,8 +189,8 @@ absl::StatusOr<OpenAiRequest> ParseOpenAiRequest(Endpoint endpoint, const std::s
   RETURN_IF_ERROR(ParseReasoning(body, &req.reasoning));
   if (auto it = body.find("v4serve"); it != body.end() && !it->is_null()) {
     if (!it->is_object()) return Bad("v4serve", "must be an object");
-    RETURN_IF_ERROR(String(*it, "cache_handle", &req.cache_handle));
-    RETURN_IF_ERROR(String(*it, "quick_instruction", &req.quick_instruction));
+    RETURN_IF_ERROR(String(*it, "cache_handle", &req.cache_handle, "v4serve"));
+    RETURN_IF_ERROR(String(*it, "quick_instruction", &req.quick_instruction, "v4serve"));
   }
   for (const char* unsupported : {"functions", "function_call", "audio", "modalities", "prediction",
                                   "logit_bias", "web_search_options", "best_of", "suffix"}) {

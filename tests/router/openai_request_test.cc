@@ -58,6 +58,10 @@ TEST(OpenAiRequestTest, ErrorsNameTheField) {
   EXPECT_THAT(ChatError("{" + m + R"(, "top_logprobs": 2})"), HasSubstr("requires logprobs"));
   EXPECT_THAT(ChatError("{" + m + R"(, "stream_options": {"include_usage": true}})"),
               StartsWith("stream_options: "));
+  EXPECT_THAT(ChatError("{" + m + R"(, "stream": true, "stream_options": {"include_usage": 1}})"),
+              StartsWith("stream_options.include_usage: must be a boolean"));
+  EXPECT_THAT(ChatError("{" + m + R"(, "v4serve": {"quick_instruction": 5}})"),
+              StartsWith("v4serve.quick_instruction: must be a string"));
   EXPECT_THAT(ChatError("{" + m + R"(, "reasoning_effort": "extreme"})"), StartsWith("reasoning_effort: "));
   EXPECT_THAT(ChatError("{" + m + R"(, "logit_bias": {"1": 5}})"),
               StartsWith("logit_bias: is not supported"));
