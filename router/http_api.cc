@@ -43,8 +43,18 @@ void HttpApi::ReplyError(const HttpRequest& req, HttpResponder& responder, const
   Reply(req, responder, code, kJson, services::OpenAiErrorJson(status));
 }
 
+void HttpApi::MethodNotAllowed(const HttpRequest& req, HttpResponder& responder, const char* allow) {
+  responder.AddHeader("Allow", allow);
+  Reply(req, responder, 405, kJson,
+        services::OpenAiErrorJson(
+            absl::InvalidArgumentError(absl::StrCat(req.path, " accepts ", allow, ", not ", req.method))));
+}
+
 void HttpApi::Handle(HttpRequest req, std::shared_ptr<HttpResponder> responder) {
   const bool get = req.method == "GET" || req.method == "HEAD";
+  const bool get_route = req.path == "/healthz" || req.path == "/readyz" || req.path == "/metrics" ||
+                         req.path == "/v1/models" || req.path.rfind("/v1/models/", 0) == 0;
+  if (get_route && !get) return MethodNotAllowed(req, *responder, "GET, HEAD");
   if (req.path == "/healthz" && get) {
     return Reply(req, *responder, 200, kJson, R"({"status":"ok"})");
   }
@@ -77,11 +87,7 @@ void HttpApi::Handle(HttpRequest req, std::shared_ptr<HttpResponder> responder) 
     return ReplyError(req, *responder, absl::NotFoundError(absl::StrCat("model '", id, "' does not exist")));
   }
   if (req.path == "/v1/chat/completions" || req.path == "/v1/completions") {
-    if (req.method != "POST") {
-      return ReplyError(
-          req, *responder,
-          absl::InvalidArgumentError(absl::StrCat(req.path, " accepts POST, not ", req.method)));
-    }
+    if (req.method != "POST") return MethodNotAllowed(req, *responder, "POST");
     absl::Status ready = backend_->Ready();
     if (!ready.ok()) return ReplyError(req, *responder, absl::UnavailableError(ready.message()));
     Endpoint endpoint = req.path == "/v1/completions" ? Endpoint::kCompletions : Endpoint::kChatCompletions;

@@ -42,6 +42,8 @@ class HttpApi : public HttpHandler {
   void Reply(const HttpRequest& req, HttpResponder& responder, int status, const std::string& content_type,
              std::string body);
   void ReplyError(const HttpRequest& req, HttpResponder& responder, const absl::Status& status);
+  // 405 with an Allow header naming the methods the path takes, and an OpenAI error body.
+  void MethodNotAllowed(const HttpRequest& req, HttpResponder& responder, const char* allow);
 
   RouterBackend* backend_;
   services::MetricsRegistry* metrics_;

@@ -81,6 +81,14 @@ class Session : public std::enable_shared_from_this<Session> {
   }
 
   // --- called through Responder, always on the strand ---
+  void AddHeader(const std::string& name, const std::string& value) {
+    // Names and values with CR or LF would split the header: they are dropped (handlers set fixed ones).
+    if (ended_ || streaming_ || absl::StrContains(name, '\r') || absl::StrContains(name, '\n') ||
+        absl::StrContains(value, '\r') || absl::StrContains(value, '\n')) {
+      return;
+    }
+    absl::StrAppend(&extra_headers_, name, ": ", value, "\r\n");
+  }
   void Respond(int status, const std::string& content_type, const std::string& body) {
     if (ended_) return;
     ended_ = true;
@@ -88,7 +96,7 @@ class Session : public std::enable_shared_from_this<Session> {
     if (gone_) return Close();
     std::string out = StatusLine(status);
     absl::StrAppend(&out, "Content-Type: ", content_type, "\r\nContent-Length: ", body.size(),
-                    "\r\nX-Request-Id: ", request_id_, "\r\n", KeepAliveHeader(), "\r\n");
+                    "\r\nX-Request-Id: ", request_id_, "\r\n", extra_headers_, KeepAliveHeader(), "\r\n");
     if (!head_) out += body;  // HEAD: the headers a GET would get, no body (else it opens the next reply).
     Enqueue(std::move(out));
   }
@@ -99,7 +107,7 @@ class Session : public std::enable_shared_from_this<Session> {
     std::string out = StatusLine(status);
     absl::StrAppend(&out, "Content-Type: ", content_type,
                     "\r\nCache-Control: no-cache\r\nTransfer-Encoding: chunked\r\nX-Request-Id: ",
-                    request_id_, "\r\n", KeepAliveHeader(), "\r\n");
+                    request_id_, "\r\n", extra_headers_, KeepAliveHeader(), "\r\n");
     Enqueue(std::move(out));
   }
   void Write(const std::string& chunk) {
@@ -192,6 +200,7 @@ class Session : public std::enable_shared_from_this<Session> {
     request_id_ = req.request_id;
     keep_alive_ = msg.keep_alive();
     head_ = msg.method() == http::verb::head;
+    extra_headers_.clear();
     ended_ = streaming_ = gone_ = false;
     gone_callbacks_.clear();
     ++generation_;
@@ -284,8 +293,9 @@ class Session : public std::enable_shared_from_this<Session> {
   std::vector<std::function<void()>> gone_callbacks_;
   std::string request_id_;
   bool keep_alive_ = false;
-  bool head_ = false;     // The request is HEAD: Respond sends no body.
-  bool reading_ = false;  // A request is being read (DoRead until OnRead).
+  bool head_ = false;          // The request is HEAD: Respond sends no body.
+  std::string extra_headers_;  // AddHeader's lines for this request's response.
+  bool reading_ = false;       // A request is being read (DoRead until OnRead).
   bool ended_ = true;
   bool streaming_ = false;
   bool gone_ = false;
@@ -305,6 +315,9 @@ class SessionResponder : public HttpResponder {
       s.Respond(500, "application/json",
                 services::OpenAiErrorJson(absl::InternalError("the request was dropped without a response")));
     });
+  }
+  void AddHeader(std::string name, std::string value) override {
+    Post([name = std::move(name), value = std::move(value)](Session& s) { s.AddHeader(name, value); });
   }
   void Respond(int status, const std::string& content_type, std::string body) override {
     Post([status, content_type, body = std::move(body)](Session& s) {

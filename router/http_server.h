@@ -50,6 +50,8 @@ struct HttpRequest {
 class HttpResponder {
  public:
   virtual ~HttpResponder() = default;
+  // A header line for the response about to be sent (Respond or StartStream), e.g. Allow with a 405.
+  virtual void AddHeader(std::string name, std::string value) = 0;
   virtual void Respond(int status, const std::string& content_type, std::string body) = 0;
   // Starts a chunked response (e.g. text/event-stream), then Write() chunks, then EndStream().
   virtual void StartStream(int status, const std::string& content_type) = 0;

@@ -5,6 +5,7 @@
 #include <gtest/gtest.h>
 
 #include <fstream>
+#include <tuple>
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_split.h"
@@ -184,6 +185,19 @@ TEST_F(CompletionsE2eTest, BadRequestsGetOpenAiErrors) {
   auto raw = HttpCall(port(), "POST", "/v1/chat/completions", "{not json");
   ASSERT_TRUE(raw.ok());
   EXPECT_EQ(raw->status, 400);
+  // A wrong method: 405 naming the ones the route takes, in an Allow header and an OpenAI error.
+  for (const auto& [method, path, allow] :
+       {std::tuple<const char*, const char*, const char*>{"GET", "/v1/chat/completions", "POST"},
+        {"PUT", "/v1/completions", "POST"},
+        {"POST", "/healthz", "GET, HEAD"},
+        {"DELETE", "/v1/models/tiny-chat", "GET, HEAD"}}) {
+    auto r = HttpCall(port(), method, path, "");
+    ASSERT_TRUE(r.ok()) << method << " " << path;
+    EXPECT_EQ(r->status, 405) << method << " " << path << ": " << r->body;
+    EXPECT_EQ(r->headers["allow"], allow) << method << " " << path;
+    EXPECT_THAT(Json::parse(r->body)["error"]["message"].get<std::string>(),
+                HasSubstr(" accepts " + std::string(allow)));
+  }
   EXPECT_EQ(worker.requests(), 0) << "invalid requests must not reach a worker";
 }
 
