@@ -18,7 +18,8 @@ absl::Status SamplingParams::Validate(int64_t vocab_size) const {
   if (top_k < 0) return bad("top_k", top_k);
   if (!(top_p > 0.0f && top_p <= 1.0f)) return bad("top_p", top_p);
   if (!(min_p >= 0.0f && min_p < 1.0f)) return bad("min_p", min_p);
-  if (!(repetition_penalty > 0.0f)) return bad("repetition_penalty", repetition_penalty);
+  if (!(repetition_penalty > 0.0f) || !std::isfinite(repetition_penalty))
+    return bad("repetition_penalty", repetition_penalty);
   if (!(presence_penalty >= -2.0f && presence_penalty <= 2.0f))
     return bad("presence_penalty", presence_penalty);
   if (!(frequency_penalty >= -2.0f && frequency_penalty <= 2.0f))

@@ -39,6 +39,7 @@ v1::GenerateRequest ToWorkerRequest(const OpenAiRequest& req, const EncodedPromp
   s->set_logprobs(in.logprobs);
   s->set_top_logprobs(in.top_logprobs);
   s->set_ignore_eos(in.ignore_eos);
+  s->mutable_stop_token_ids()->Add(in.stop_token_ids.begin(), in.stop_token_ids.end());
   // Stop strings are matched here on text; the worker stops on EOS and on token ids.
   return out;
 }

@@ -9,6 +9,7 @@
 #include "absl/synchronization/mutex.h"
 #include "services/json_depth.h"
 #include "services/request_id.h"
+#include "services/status_macros.h"
 #include "services/status_mapping.h"
 
 namespace v4serve::router {
@@ -175,6 +176,7 @@ absl::StatusOr<OpenAiRequest> FromGenerateRequest(const v1::GenerateRequest& in)
   switch (in.prompt_case()) {
     case v1::GenerateRequest::kText:
       r.endpoint = Endpoint::kCompletions;
+      if (in.text().empty()) return absl::InvalidArgumentError("text: the prompt is empty");
       r.prompt_text = in.text();
       break;
     case v1::GenerateRequest::kTokenIds:
@@ -208,12 +210,8 @@ absl::StatusOr<OpenAiRequest> FromGenerateRequest(const v1::GenerateRequest& in)
   const v1::SamplingParams& s = in.sampling();
   SamplingRequest& o = r.sampling;
   if (s.has_temperature()) o.temperature = s.temperature();
-  if (o.temperature < 0 || o.temperature > 2)
-    return absl::InvalidArgumentError("sampling.temperature: must be in [0, 2]");
   if (s.has_top_p()) o.top_p = s.top_p();
-  if (!(o.top_p > 0 && o.top_p <= 1)) return absl::InvalidArgumentError("sampling.top_p: must be in (0, 1]");
   if (s.has_top_k()) o.top_k = s.top_k();
-  if (o.top_k < 0) return absl::InvalidArgumentError("sampling.top_k: must be >= 0");
   if (s.has_min_p()) o.min_p = s.min_p();
   if (s.has_repetition_penalty()) o.repetition_penalty = s.repetition_penalty();
   if (s.has_presence_penalty()) o.presence_penalty = s.presence_penalty();
@@ -227,13 +225,18 @@ absl::StatusOr<OpenAiRequest> FromGenerateRequest(const v1::GenerateRequest& in)
   for (const std::string& stop : s.stop()) {
     if (!stop.empty()) o.stop.push_back(stop);
   }
+  o.stop_token_ids.assign(s.stop_token_ids().begin(), s.stop_token_ids().end());
   o.logprobs = s.logprobs();
-  if (s.top_logprobs() < 0 || s.top_logprobs() > 20) {
-    return absl::InvalidArgumentError("sampling.top_logprobs: must be in [0, 20]");
-  }
   o.top_logprobs = s.top_logprobs();
   o.ignore_eos = s.ignore_eos();
+  // Before anything runs: a NaN temperature or an out-of-range penalty used to reach the workers, fail the
+  // prefill there, and come back only after the decode worker's local retry.
+  RETURN_IF_ERROR(CheckSampling(o, 8, "sampling."));
   switch (in.reasoning_mode()) {
+    case v1::REASONING_MODE_UNSPECIFIED:
+    case v1::REASONING_MODE_NON_THINK:
+      r.reasoning = ReasoningMode::kNonThink;
+      break;
     case v1::REASONING_MODE_THINK_HIGH:
       r.reasoning = ReasoningMode::kThinkHigh;
       break;
@@ -241,7 +244,8 @@ absl::StatusOr<OpenAiRequest> FromGenerateRequest(const v1::GenerateRequest& in)
       r.reasoning = ReasoningMode::kThinkMax;
       break;
     default:
-      r.reasoning = ReasoningMode::kNonThink;
+      return absl::InvalidArgumentError(
+          absl::StrCat("reasoning_mode: unknown value ", static_cast<int>(in.reasoning_mode())));
   }
   r.cache_handle = in.cache_handle();
   r.quick_instruction = in.quick_instruction();

@@ -26,6 +26,16 @@ const char* TypeName(const Json& v) {
   return "an object";
 }
 
+// The sampling fields' ranges, for the HTTP parse (as it reads) and CheckSampling (gRPC's typed requests).
+struct Range {
+  const char* name;
+  double lo, hi;
+};
+constexpr Range kTemperature{"temperature", 0, 2}, kTopP{"top_p", 0, 1}, kMinP{"min_p", 0, 1},
+    kPresence{"presence_penalty", -2, 2}, kFrequency{"frequency_penalty", -2, 2},
+    kRepetition{"repetition_penalty", 0.01, 10};
+constexpr int64_t kMaxTopK = 1 << 20, kMaxTopLogprobs = 20, kMaxStops = 4;
+
 // Reads an optional number field into `out`, checking [lo, hi].
 absl::Status Number(const Json& body, const char* key, double lo, double hi, float* out) {
   auto it = body.find(key);
@@ -84,7 +94,9 @@ absl::Status ParseStop(const Json& body, std::vector<std::string>* out) {
     return absl::OkStatus();
   }
   if (!it->is_array()) return Bad("stop", "must be a string or an array of strings");
-  if (it->size() > 4) return Bad("stop", "at most 4 stop sequences");
+  if (static_cast<int64_t>(it->size()) > kMaxStops) {
+    return Bad("stop", absl::StrCat("at most ", kMaxStops, " stop sequences"));
+  }
   for (size_t i = 0; i < it->size(); ++i) {
     if (!(*it)[i].is_string()) return Bad(absl::StrCat("stop[", i, "]"), "must be a string");
     if (!(*it)[i].get<std::string>().empty()) out->push_back((*it)[i].get<std::string>());
@@ -126,14 +138,15 @@ absl::Status ParseReasoning(const Json& body, ReasoningMode* out) {
 }
 
 absl::Status ParseSampling(const Json& body, int32_t max_n, SamplingRequest* s) {
-  RETURN_IF_ERROR(Number(body, "temperature", 0, 2, &s->temperature));
-  RETURN_IF_ERROR(Number(body, "top_p", 0, 1, &s->top_p));
+  auto number = [&](const Range& r, float* out) { return Number(body, r.name, r.lo, r.hi, out); };
+  RETURN_IF_ERROR(number(kTemperature, &s->temperature));
+  RETURN_IF_ERROR(number(kTopP, &s->top_p));
   if (s->top_p <= 0) return Bad("top_p", "must be in (0, 1]");
-  RETURN_IF_ERROR(Number(body, "min_p", 0, 1, &s->min_p));
-  RETURN_IF_ERROR(Number(body, "presence_penalty", -2, 2, &s->presence_penalty));
-  RETURN_IF_ERROR(Number(body, "frequency_penalty", -2, 2, &s->frequency_penalty));
-  RETURN_IF_ERROR(Number(body, "repetition_penalty", 0.01, 10, &s->repetition_penalty));
-  ASSIGN_OR_RETURN(std::optional<int64_t> top_k, Integer(body, "top_k", 0, 1 << 20));
+  RETURN_IF_ERROR(number(kMinP, &s->min_p));
+  RETURN_IF_ERROR(number(kPresence, &s->presence_penalty));
+  RETURN_IF_ERROR(number(kFrequency, &s->frequency_penalty));
+  RETURN_IF_ERROR(number(kRepetition, &s->repetition_penalty));
+  ASSIGN_OR_RETURN(std::optional<int64_t> top_k, Integer(body, "top_k", 0, kMaxTopK));
   if (top_k) s->top_k = static_cast<int32_t>(*top_k);
   auto seed_it = body.find("seed");
   if (seed_it != body.end() && !seed_it->is_null()) {
@@ -174,7 +187,7 @@ absl::StatusOr<OpenAiRequest> ParseOpenAiRequest(Endpoint endpoint, const std::s
   RETURN_IF_ERROR(ParseSampling(body, max_n, &req.sampling));
   if (endpoint == Endpoint::kChatCompletions) {
     RETURN_IF_ERROR(Bool(body, "logprobs", &req.sampling.logprobs));
-    ASSIGN_OR_RETURN(std::optional<int64_t> top, Integer(body, "top_logprobs", 0, 20));
+    ASSIGN_OR_RETURN(std::optional<int64_t> top, Integer(body, "top_logprobs", 0, kMaxTopLogprobs));
     if (top) {
       if (!req.sampling.logprobs && *top > 0) return Bad("top_logprobs", "requires logprobs: true");
       req.sampling.top_logprobs = static_cast<int32_t>(*top);
@@ -260,6 +273,37 @@ absl::StatusOr<OpenAiRequest> ParseOpenAiRequest(Endpoint endpoint, const std::s
     }
   }
   return req;
+}
+
+absl::Status CheckSampling(const SamplingRequest& s, int32_t max_n, const std::string& prefix) {
+  auto in = [&](const Range& r, float v, bool open_low = false) -> absl::Status {
+    if (v >= r.lo && v <= r.hi && !(open_low && v == r.lo)) return absl::OkStatus();  // NaN fails both.
+    return absl::InvalidArgumentError(
+        absl::StrCat(prefix, r.name, ": must be in ", open_low ? "(" : "[", r.lo, ", ", r.hi, "], got ", v));
+  };
+  RETURN_IF_ERROR(in(kTemperature, s.temperature));
+  RETURN_IF_ERROR(in(kTopP, s.top_p, /*open_low=*/true));
+  RETURN_IF_ERROR(in(kMinP, s.min_p));
+  RETURN_IF_ERROR(in(kPresence, s.presence_penalty));
+  RETURN_IF_ERROR(in(kFrequency, s.frequency_penalty));
+  RETURN_IF_ERROR(in(kRepetition, s.repetition_penalty));
+  auto count = [&](const char* name, int64_t v, int64_t lo, int64_t hi) -> absl::Status {
+    if (v >= lo && v <= hi) return absl::OkStatus();
+    return absl::InvalidArgumentError(
+        absl::StrCat(prefix, name, ": must be in [", lo, ", ", hi, "], got ", v));
+  };
+  RETURN_IF_ERROR(count("top_k", s.top_k, 0, kMaxTopK));
+  RETURN_IF_ERROR(count("n", s.n, 1, max_n));
+  RETURN_IF_ERROR(count("top_logprobs", s.top_logprobs, 0, kMaxTopLogprobs));
+  RETURN_IF_ERROR(count("stop (strings)", static_cast<int64_t>(s.stop.size()), 0, kMaxStops));
+  RETURN_IF_ERROR(count("stop_token_ids (ids)", static_cast<int64_t>(s.stop_token_ids.size()), 0, 64));
+  for (size_t i = 0; i < s.stop_token_ids.size(); ++i) {
+    if (s.stop_token_ids[i] < 0) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(prefix, "stop_token_ids[", i, "]: must be a token id (non-negative)"));
+    }
+  }
+  return absl::OkStatus();
 }
 
 bool OffersTools(const OpenAiRequest& req) {

@@ -36,7 +36,8 @@ struct SamplingRequest {
   int32_t n = 1;
   bool logprobs = false;
   int32_t top_logprobs = 0;
-  bool ignore_eos = false;  // extension
+  bool ignore_eos = false;              // extension
+  std::vector<int32_t> stop_token_ids;  // gRPC only: stop after one of these (ServedModel checks the range)
 };
 
 struct OpenAiRequest {
@@ -59,6 +60,10 @@ struct OpenAiRequest {
   // Set by the front end from the API key (router/tenants.h), never from the body.
   std::string tenant;
 };
+
+// Every sampling field within its range (the HTTP parse checks them as it reads; gRPC requests arrive typed
+// and are checked here before anything runs): INVALID_ARGUMENT naming `prefix` + the field. NaN fails.
+absl::Status CheckSampling(const SamplingRequest& s, int32_t max_n, const std::string& prefix);
 
 // Whether tool calls may come back: a chat request that offers tools (the body's `tools` or a message's) and
 // does not say tool_choice "none". Otherwise a DSML block in the output is returned as content.

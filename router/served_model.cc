@@ -76,6 +76,13 @@ absl::StatusOr<nlohmann::ordered_json> WithQuickInstruction(const OpenAiRequest&
 
 absl::StatusOr<EncodedPrompt> ServedModel::Encode(const OpenAiRequest& req) const {
   EncodedPrompt out;
+  for (size_t i = 0; i < req.sampling.stop_token_ids.size(); ++i) {  // Their sign: CheckSampling.
+    if (req.sampling.stop_token_ids[i] >= tokenizer_->vocab_size()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("sampling.stop_token_ids[", i, "]: token id ", req.sampling.stop_token_ids[i],
+                       " is outside the vocabulary of ", tokenizer_->vocab_size()));
+    }
+  }
   const char* field = "prompt";
   if (req.endpoint == Endpoint::kChatCompletions) {
     field = "messages";

@@ -14,8 +14,20 @@ constexpr absl::string_view kPayloadTooLarge = "v4serve.payload_too_large";
 
 grpc::Status ToGrpcStatus(const absl::Status& status) {
   if (status.ok()) return grpc::Status::OK;
+  // The message travels in a header, which gRPC caps (16 KiB by default): an error quoting a long input
+  // (a 20 KB model name) reached the client as RESOURCE_EXHAUSTED "received metadata size exceeds hard
+  // limit" instead of itself. Long messages keep their start, which names the field.
+  constexpr size_t kMaxMessage = 4096;
+  std::string message(status.message());
+  if (message.size() > kMaxMessage) {
+    const size_t full = message.size();
+    size_t cut = kMaxMessage;
+    while (cut > 0 && (static_cast<unsigned char>(message[cut]) & 0xC0) == 0x80) --cut;  // Whole characters.
+    message.resize(cut);
+    absl::StrAppend(&message, "... (", full, " bytes)");
+  }
   // absl and gRPC share the canonical code numbering.
-  return grpc::Status(static_cast<grpc::StatusCode>(status.code()), std::string(status.message()));
+  return grpc::Status(static_cast<grpc::StatusCode>(status.code()), std::move(message));
 }
 
 absl::Status FromGrpcStatus(const grpc::Status& status) {

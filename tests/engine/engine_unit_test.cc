@@ -2,6 +2,7 @@
 // manager's handling of corrupt cached blocks, chunked prefill under the step budget, stop rules,
 // cancellation and request validation.
 #include <cmath>
+#include <limits>
 #include <numeric>
 #include <random>
 #include <set>
@@ -233,6 +234,11 @@ TEST(SamplerTest, ValidateNamesTheField) {
   p = SamplingParams();
   p.n = 0;
   EXPECT_THAT(p.Validate(512).message(), HasSubstr("n"));
+  p = SamplingParams();
+  p.repetition_penalty = std::numeric_limits<float>::infinity();
+  EXPECT_THAT(p.Validate(512).message(), HasSubstr("repetition_penalty"));
+  p.repetition_penalty = std::nanf("");
+  EXPECT_THAT(p.Validate(512).message(), HasSubstr("repetition_penalty"));
 }
 
 TEST(StateBlocksTest, StateRestoredFromBlocksIsBitIdentical) {

@@ -3,6 +3,9 @@
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
+#include <cmath>
+#include <limits>
+
 namespace v4serve::router {
 namespace {
 
@@ -105,6 +108,37 @@ TEST(OpenAiRequestTest, UnsupportedChoicesAreRefusedByName) {
               HasSubstr("v4serve.quick_instruction: only /v1/chat/completions takes it"));
   EXPECT_THAT(completions(R"({"prompt": "hi", "v4serve": {"cache_handle": "x"}})"),
               HasSubstr("v4serve.cache_handle: only /v1/chat/completions takes it"));
+}
+
+// CheckSampling (gRPC's typed requests): every range, NaN included, named with the caller's prefix.
+TEST(OpenAiRequestTest, CheckSamplingNamesTheFieldAndRefusesNaN) {
+  SamplingRequest ok;
+  EXPECT_TRUE(CheckSampling(ok, 8, "sampling.").ok());
+  auto message = [](SamplingRequest s) { return std::string(CheckSampling(s, 8, "sampling.").message()); };
+  SamplingRequest s;
+  s.temperature = std::nanf("");
+  EXPECT_THAT(message(s), StartsWith("sampling.temperature: must be in [0, 2]"));
+  s = SamplingRequest();
+  s.top_p = 0;
+  EXPECT_THAT(message(s), StartsWith("sampling.top_p: must be in (0, 1]"));
+  s = SamplingRequest();
+  s.min_p = 1.5f;
+  EXPECT_THAT(message(s), StartsWith("sampling.min_p: "));
+  s = SamplingRequest();
+  s.presence_penalty = -3;
+  EXPECT_THAT(message(s), StartsWith("sampling.presence_penalty: "));
+  s = SamplingRequest();
+  s.frequency_penalty = std::numeric_limits<float>::infinity();
+  EXPECT_THAT(message(s), StartsWith("sampling.frequency_penalty: "));
+  s = SamplingRequest();
+  s.repetition_penalty = 0;
+  EXPECT_THAT(message(s), StartsWith("sampling.repetition_penalty: "));
+  s = SamplingRequest();
+  s.top_logprobs = 21;
+  EXPECT_THAT(message(s), StartsWith("sampling.top_logprobs: "));
+  s = SamplingRequest();
+  s.stop_token_ids = {5, -1};
+  EXPECT_THAT(message(s), StartsWith("sampling.stop_token_ids[1]: "));
 }
 
 // Tool calls come back only where the request offered tools and did not say tool_choice "none".
