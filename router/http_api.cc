@@ -54,16 +54,16 @@ void HttpApi::Handle(HttpRequest req, std::shared_ptr<HttpResponder> responder) 
   const bool get = req.method == "GET" || req.method == "HEAD";
   const bool get_route = req.path == "/healthz" || req.path == "/readyz" || req.path == "/metrics" ||
                          req.path == "/v1/models" || req.path.rfind("/v1/models/", 0) == 0;
-  if (get_route && !get) return MethodNotAllowed(req, *responder, "GET, HEAD");
-  if (req.path == "/healthz" && get) {
+  if (get_route && !get) return MethodNotAllowed(req, *responder, "GET, HEAD");  // Below: GET or HEAD.
+  if (req.path == "/healthz") {
     return Reply(req, *responder, 200, kJson, R"({"status":"ok"})");
   }
-  if (req.path == "/readyz" && get) {
+  if (req.path == "/readyz") {
     absl::Status ready = backend_->Ready();
     if (!ready.ok()) return ReplyError(req, *responder, absl::UnavailableError(ready.message()));
     return Reply(req, *responder, 200, kJson, R"({"status":"ready"})");
   }
-  if (req.path == "/metrics" && get) {
+  if (req.path == "/metrics") {
     return Reply(req, *responder, 200, "text/plain; version=0.0.4", metrics_->Serialize());
   }
   absl::StatusOr<std::string> tenant;
@@ -74,12 +74,12 @@ void HttpApi::Handle(HttpRequest req, std::shared_ptr<HttpResponder> responder) 
   auto model_json = [](const std::string& id) {
     return nlohmann::json{{"id", id}, {"object", "model"}, {"created", 0}, {"owned_by", "v4serve"}};
   };
-  if (req.path == "/v1/models" && get) {
+  if (req.path == "/v1/models") {
     nlohmann::json out = {{"object", "list"}, {"data", nlohmann::json::array()}};
     for (const std::string& id : backend_->ModelIds()) out["data"].push_back(model_json(id));
     return Reply(req, *responder, 200, kJson, out.dump());
   }
-  if (constexpr std::string_view kModel = "/v1/models/"; req.path.rfind(kModel, 0) == 0 && get) {
+  if (constexpr std::string_view kModel = "/v1/models/"; req.path.rfind(kModel, 0) == 0) {
     const std::string id = req.path.substr(kModel.size());
     for (const std::string& known : backend_->ModelIds()) {
       if (known == id) return Reply(req, *responder, 200, kJson, model_json(id).dump());

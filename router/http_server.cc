@@ -83,8 +83,8 @@ class Session : public std::enable_shared_from_this<Session> {
   // --- called through Responder, always on the strand ---
   void AddHeader(const std::string& name, const std::string& value) {
     // Names and values with CR or LF would split the header: they are dropped (handlers set fixed ones).
-    if (ended_ || streaming_ || absl::StrContains(name, '\r') || absl::StrContains(name, '\n') ||
-        absl::StrContains(value, '\r') || absl::StrContains(value, '\n')) {
+    if (ended_ || streaming_ || name.find_first_of("\r\n") != std::string::npos ||
+        value.find_first_of("\r\n") != std::string::npos) {
       return;
     }
     absl::StrAppend(&extra_headers_, name, ": ", value, "\r\n");

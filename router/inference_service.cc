@@ -231,7 +231,7 @@ absl::StatusOr<OpenAiRequest> FromGenerateRequest(const v1::GenerateRequest& in)
   o.ignore_eos = s.ignore_eos();
   // Before anything runs: a NaN temperature or an out-of-range penalty used to reach the workers, fail the
   // prefill there, and come back only after the decode worker's local retry.
-  RETURN_IF_ERROR(CheckSampling(o, 8, "sampling."));
+  RETURN_IF_ERROR(CheckSampling(o, "sampling."));
   switch (in.reasoning_mode()) {
     case v1::REASONING_MODE_UNSPECIFIED:
     case v1::REASONING_MODE_NON_THINK:

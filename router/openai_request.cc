@@ -275,7 +275,7 @@ absl::StatusOr<OpenAiRequest> ParseOpenAiRequest(Endpoint endpoint, const std::s
   return req;
 }
 
-absl::Status CheckSampling(const SamplingRequest& s, int32_t max_n, const std::string& prefix) {
+absl::Status CheckSampling(const SamplingRequest& s, const std::string& prefix) {
   auto in = [&](const Range& r, float v, bool open_low = false) -> absl::Status {
     if (v >= r.lo && v <= r.hi && !(open_low && v == r.lo)) return absl::OkStatus();  // NaN fails both.
     return absl::InvalidArgumentError(
@@ -293,9 +293,7 @@ absl::Status CheckSampling(const SamplingRequest& s, int32_t max_n, const std::s
         absl::StrCat(prefix, name, ": must be in [", lo, ", ", hi, "], got ", v));
   };
   RETURN_IF_ERROR(count("top_k", s.top_k, 0, kMaxTopK));
-  RETURN_IF_ERROR(count("n", s.n, 1, max_n));
   RETURN_IF_ERROR(count("top_logprobs", s.top_logprobs, 0, kMaxTopLogprobs));
-  RETURN_IF_ERROR(count("stop (strings)", static_cast<int64_t>(s.stop.size()), 0, kMaxStops));
   RETURN_IF_ERROR(count("stop_token_ids (ids)", static_cast<int64_t>(s.stop_token_ids.size()), 0, 64));
   for (size_t i = 0; i < s.stop_token_ids.size(); ++i) {
     if (s.stop_token_ids[i] < 0) {

@@ -61,9 +61,11 @@ struct OpenAiRequest {
   std::string tenant;
 };
 
-// Every sampling field within its range (the HTTP parse checks them as it reads; gRPC requests arrive typed
-// and are checked here before anything runs): INVALID_ARGUMENT naming `prefix` + the field. NaN fails.
-absl::Status CheckSampling(const SamplingRequest& s, int32_t max_n, const std::string& prefix);
+// The sampling fields' ranges, for requests that arrive typed (gRPC; the HTTP parse checks the same ranges
+// as it reads): temperature, top_p, min_p, the penalties, top_k, top_logprobs and stop_token_ids (their
+// count and sign; the vocabulary bound is ServedModel's). `n` and the stop strings are the reader's, which
+// sees them before defaults and filtering. INVALID_ARGUMENT naming `prefix` + the field; NaN fails.
+absl::Status CheckSampling(const SamplingRequest& s, const std::string& prefix);
 
 // Whether tool calls may come back: a chat request that offers tools (the body's `tools` or a message's) and
 // does not say tool_choice "none". Otherwise a DSML block in the output is returned as content.

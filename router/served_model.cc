@@ -36,6 +36,17 @@ absl::StatusOr<std::unique_ptr<ServedModel>> ServedModel::Load(const std::string
                                        static_cast<int32_t>(config.eos_token_id));
 }
 
+// Token ids a client sent (prompt, stop_token_ids) below the vocabulary's size; `field` names the list.
+absl::Status IdsInVocabulary(const std::vector<int32_t>& ids, const char* field, int32_t vocab_size) {
+  for (size_t i = 0; i < ids.size(); ++i) {
+    if (ids[i] >= vocab_size) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(field, "[", i, "]: token id ", ids[i], " is outside the vocabulary of ", vocab_size));
+    }
+  }
+  return absl::OkStatus();
+}
+
 absl::StatusOr<nlohmann::ordered_json> WithQuickInstruction(const OpenAiRequest& req) {
   if (!req.cache_handle.empty()) {
     return absl::InvalidArgumentError(
@@ -76,13 +87,9 @@ absl::StatusOr<nlohmann::ordered_json> WithQuickInstruction(const OpenAiRequest&
 
 absl::StatusOr<EncodedPrompt> ServedModel::Encode(const OpenAiRequest& req) const {
   EncodedPrompt out;
-  for (size_t i = 0; i < req.sampling.stop_token_ids.size(); ++i) {  // Their sign: CheckSampling.
-    if (req.sampling.stop_token_ids[i] >= tokenizer_->vocab_size()) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("sampling.stop_token_ids[", i, "]: token id ", req.sampling.stop_token_ids[i],
-                       " is outside the vocabulary of ", tokenizer_->vocab_size()));
-    }
-  }
+  // Their sign was checked by CheckSampling.
+  RETURN_IF_ERROR(
+      IdsInVocabulary(req.sampling.stop_token_ids, "sampling.stop_token_ids", tokenizer_->vocab_size()));
   const char* field = "prompt";
   if (req.endpoint == Endpoint::kChatCompletions) {
     field = "messages";
@@ -101,13 +108,7 @@ absl::StatusOr<EncodedPrompt> ServedModel::Encode(const OpenAiRequest& req) cons
                      encoder.Encode(messages, req.tool_choice == "none" ? kNoTools : req.tools, o));
     out.ids = std::move(prompt.ids);
   } else if (req.prompt_ids) {
-    for (size_t i = 0; i < req.prompt_ids->size(); ++i) {
-      if ((*req.prompt_ids)[i] >= tokenizer_->vocab_size()) {
-        return absl::InvalidArgumentError(absl::StrCat("prompt[", i, "]: token id ", (*req.prompt_ids)[i],
-                                                       " is outside the vocabulary of ",
-                                                       tokenizer_->vocab_size()));
-      }
-    }
+    RETURN_IF_ERROR(IdsInVocabulary(*req.prompt_ids, "prompt", tokenizer_->vocab_size()));
     out.ids = *req.prompt_ids;
   } else {
     std::optional<model::TokenId> bos = tokenizer_->TokenToId("<｜begin▁of▁sentence｜>");

@@ -358,59 +358,52 @@ TEST_F(CompletionsE2eTest, GrpcGenerateStreamsTextAndToolCalls) {
   EXPECT_THAT(text, HasSubstr("<｜DSML｜invoke name=\"get_weather\">"));
   EXPECT_EQ(finish, v1::FINISH_REASON_STOP);
 
-  grpc::ClientContext bad_ctx;
-  v1::GenerateRequest bad;
-  bad.set_text("x");
-  bad.mutable_sampling()->set_temperature(7);
-  auto bad_reader = stub.Generate(&bad_ctx, bad);
-  while (bad_reader->Read(&msg)) {
-  }
-  grpc::Status st = bad_reader->Finish();
-  EXPECT_EQ(st.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
-  EXPECT_THAT(st.error_message(), HasSubstr("sampling.temperature"));
-
-  // Refused before any worker runs, each naming its field; a long quoted input is cut to fit gRPC's header.
-  auto refused = [&](v1::GenerateRequest r) {
+  // One whole Generate call (responses read and dropped): its final status.
+  auto call = [&](const v1::GenerateRequest& r) {
     grpc::ClientContext c;
     auto rd = stub.Generate(&c, r);
     while (rd->Read(&msg)) {
     }
     return rd->Finish();
   };
+  v1::GenerateRequest bad;
+  bad.set_text("x");
+  bad.mutable_sampling()->set_temperature(7);
+  grpc::Status st = call(bad);
+  EXPECT_EQ(st.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_THAT(st.error_message(), HasSubstr("sampling.temperature"));
+
+  // Refused before any worker runs, each naming its field; a long quoted input is cut to fit gRPC's header.
   const int before = worker.requests();
   v1::GenerateRequest r;
   r.set_text("x");
   r.mutable_sampling()->set_temperature(std::nanf(""));
-  EXPECT_THAT(refused(r).error_message(), HasSubstr("sampling.temperature"));
+  EXPECT_THAT(call(r).error_message(), HasSubstr("sampling.temperature"));
   r.mutable_sampling()->clear_temperature();
   r.mutable_sampling()->set_repetition_penalty(std::numeric_limits<float>::infinity());
-  EXPECT_THAT(refused(r).error_message(), HasSubstr("sampling.repetition_penalty"));
+  EXPECT_THAT(call(r).error_message(), HasSubstr("sampling.repetition_penalty"));
   r.mutable_sampling()->clear_repetition_penalty();
   r.set_reasoning_mode(static_cast<v1::ReasoningMode>(99));
-  EXPECT_THAT(refused(r).error_message(), HasSubstr("reasoning_mode: unknown value 99"));
+  EXPECT_THAT(call(r).error_message(), HasSubstr("reasoning_mode: unknown value 99"));
   r.set_reasoning_mode(v1::REASONING_MODE_UNSPECIFIED);
   r.mutable_sampling()->add_stop_token_ids(1 << 30);
-  EXPECT_THAT(refused(r).error_message(), HasSubstr("sampling.stop_token_ids[0]"));
+  EXPECT_THAT(call(r).error_message(), HasSubstr("sampling.stop_token_ids[0]"));
   r.mutable_sampling()->clear_stop_token_ids();
   r.set_text("");
-  EXPECT_THAT(refused(r).error_message(), HasSubstr("text: the prompt is empty"));
+  EXPECT_THAT(call(r).error_message(), HasSubstr("text: the prompt is empty"));
   r.set_text("x");
   r.set_model(std::string(20000, 'm'));
-  grpc::Status long_model = refused(r);
+  grpc::Status long_model = call(r);
   EXPECT_EQ(long_model.error_code(), grpc::StatusCode::NOT_FOUND)
       << long_model.error_message().substr(0, 200);
   EXPECT_THAT(long_model.error_message(), HasSubstr("bytes)"));
   EXPECT_EQ(worker.requests(), before);
 
   // stop_token_ids reach the worker (they were dropped).
-  grpc::ClientContext stop_ctx;
   v1::GenerateRequest with_stop;
   with_stop.set_text("x");
   with_stop.mutable_sampling()->add_stop_token_ids(7);
-  auto stop_reader = stub.Generate(&stop_ctx, with_stop);
-  while (stop_reader->Read(&msg)) {
-  }
-  ASSERT_TRUE(stop_reader->Finish().ok());
+  ASSERT_TRUE(call(with_stop).ok());
   ASSERT_EQ(worker.last_request().sampling().stop_token_ids_size(), 1);
   EXPECT_EQ(worker.last_request().sampling().stop_token_ids(0), 7);
 }

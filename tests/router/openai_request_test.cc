@@ -4,6 +4,7 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <initializer_list>
 #include <limits>
 
 namespace v4serve::router {
@@ -112,33 +113,29 @@ TEST(OpenAiRequestTest, UnsupportedChoicesAreRefusedByName) {
 
 // CheckSampling (gRPC's typed requests): every range, NaN included, named with the caller's prefix.
 TEST(OpenAiRequestTest, CheckSamplingNamesTheFieldAndRefusesNaN) {
-  SamplingRequest ok;
-  EXPECT_TRUE(CheckSampling(ok, 8, "sampling.").ok());
-  auto message = [](SamplingRequest s) { return std::string(CheckSampling(s, 8, "sampling.").message()); };
-  SamplingRequest s;
-  s.temperature = std::nanf("");
-  EXPECT_THAT(message(s), StartsWith("sampling.temperature: must be in [0, 2]"));
-  s = SamplingRequest();
-  s.top_p = 0;
-  EXPECT_THAT(message(s), StartsWith("sampling.top_p: must be in (0, 1]"));
-  s = SamplingRequest();
-  s.min_p = 1.5f;
-  EXPECT_THAT(message(s), StartsWith("sampling.min_p: "));
-  s = SamplingRequest();
-  s.presence_penalty = -3;
-  EXPECT_THAT(message(s), StartsWith("sampling.presence_penalty: "));
-  s = SamplingRequest();
-  s.frequency_penalty = std::numeric_limits<float>::infinity();
-  EXPECT_THAT(message(s), StartsWith("sampling.frequency_penalty: "));
-  s = SamplingRequest();
-  s.repetition_penalty = 0;
-  EXPECT_THAT(message(s), StartsWith("sampling.repetition_penalty: "));
-  s = SamplingRequest();
-  s.top_logprobs = 21;
-  EXPECT_THAT(message(s), StartsWith("sampling.top_logprobs: "));
-  s = SamplingRequest();
-  s.stop_token_ids = {5, -1};
-  EXPECT_THAT(message(s), StartsWith("sampling.stop_token_ids[1]: "));
+  EXPECT_TRUE(CheckSampling(SamplingRequest(), "sampling.").ok());
+  struct Case {
+    void (*set)(SamplingRequest&);
+    const char* message;  // The error's start.
+  };
+  for (const Case& c : std::initializer_list<Case>{
+           {[](SamplingRequest& s) { s.temperature = std::nanf(""); },
+            "sampling.temperature: must be in [0, 2]"},
+           {[](SamplingRequest& s) { s.top_p = 0; }, "sampling.top_p: must be in (0, 1]"},
+           {[](SamplingRequest& s) { s.min_p = 1.5f; }, "sampling.min_p: "},
+           {[](SamplingRequest& s) { s.presence_penalty = -3; }, "sampling.presence_penalty: "},
+           {[](SamplingRequest& s) { s.frequency_penalty = std::numeric_limits<float>::infinity(); },
+            "sampling.frequency_penalty: "},
+           {[](SamplingRequest& s) { s.repetition_penalty = 0; }, "sampling.repetition_penalty: "},
+           {[](SamplingRequest& s) { s.top_logprobs = 21; }, "sampling.top_logprobs: "},
+           {[](SamplingRequest& s) {
+              s.stop_token_ids = {5, -1};
+            },
+            "sampling.stop_token_ids[1]: "}}) {
+    SamplingRequest s;
+    c.set(s);
+    EXPECT_THAT(std::string(CheckSampling(s, "sampling.").message()), StartsWith(c.message));
+  }
 }
 
 // Tool calls come back only where the request offered tools and did not say tool_choice "none".
